@@ -1,0 +1,44 @@
+"""`patc mask`: the reference mask as a numpy file."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+
+from .. import ir
+from ..mask import dense_mask
+from ..source import PatternError
+from .common import add_file_options, load_program, positive_int, select_pattern
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "mask",
+        help="write the dense boolean mask of a pattern (.npy)",
+        description="Evaluate a static pattern at sequence length N and write a numpy bool array: "
+        "[N, N], or [H, N, N] for a heads pattern. mask[i, j] says whether query i may attend to key j.",
+    )
+    add_file_options(p)
+    p.add_argument("-N", dest="n", type=positive_int, required=True, help="sequence length")
+    p.add_argument("--heads", type=positive_int, help="head count, for a heads { } pattern (checked)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npy")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    program = load_program(args)
+    item = select_pattern(program, args.pattern, "mask")
+    if isinstance(item.body, ir.Heads) and args.heads is None:
+        raise PatternError(f"'{item.name}' is a heads pattern: give --heads {item.body.count}")
+    if not isinstance(item.body, ir.Heads) and args.heads is not None:
+        raise PatternError(f"'{item.name}' is the same for every head; drop --heads")
+    m = dense_mask(item.body, args.n, args.heads)
+    try:
+        np.save(args.output, m)
+    except OSError as e:
+        raise PatternError(f"cannot write {args.output}: {e.strerror}") from None
+    allowed = int(m.sum())
+    print(f"{args.output}: {'x'.join(map(str, m.shape))} bool, {allowed} allowed pairs ({allowed / m.size:.4%})")
+    return 0

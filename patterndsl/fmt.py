@@ -1,0 +1,183 @@
+"""Canonical text of a syntax tree: `patc fmt`.
+
+Printing from the tree (not the IR) keeps what the user wrote: lets, params, names and comments.
+Parentheses appear only where precedence needs them, so `parse(fmt(x))` has the same IR as `parse(x)`
+and `fmt(fmt(x)) == fmt(x)`.
+"""
+
+from __future__ import annotations
+
+from . import tree as T
+
+# Binding strength, loosest first (Python's order).
+_PREC = {"or": 1, "and": 2, "not": 3, "cmp": 4, "|": 5, "&": 6, "+": 7, "-": 7, "*": 8, "//": 8, "%": 8}
+_UNARY = 9
+_POW = 10
+_ATOM = 11
+
+INDENT = "    "
+
+
+def format_module(module: T.Module) -> str:
+    """The canonical text of a whole file, comments kept in place."""
+    lines: list[tuple[int, str]] = []  # (source line the text came from, text)
+    source = module.statements[0].span.source if module.statements else None
+    for stmt in module.statements:
+        lines.extend(_statement(stmt, stmt.span.line))
+    return _merge_comments(lines, module.comments, source.text if source else "")
+
+
+def format_expr(node: T.Node) -> str:
+    return _expr(node, 0)
+
+
+def _statement(stmt: T.Statement, line: int) -> list[tuple[int, str]]:
+    match stmt:
+        case T.ParamStmt(name, value):
+            return [(line, f"param {name} = {format_expr(value)}")]
+        case T.LetStmt(name, value):
+            return [(line, f"let {name} = {format_expr(value)}")]
+        case T.LayoutStmt(name, value):
+            return [(line, f"layout {name} = {format_expr(value)}")]
+        case T.PatternStmt(name, T.HeadsBlock() as heads):
+            return _block(f"pattern {name} = heads {{", line, [(e.span.line, f"{_slice(e.heads)} => ", e.body) for e in heads.entries], 1)
+        case T.PatternStmt(name, body):
+            return [(line, f"pattern {name} = {format_expr(body)}")]
+        case T.ModelStmt(name, layers, entries):
+            rows = [(e.span.line, _entry_key(e), e.body) for e in entries]
+            return _block(f"model {name} = layers({format_expr(layers)}) {{", line, rows, 1)
+    raise TypeError(stmt)
+
+
+def _entry_key(e: T.ModelEntry) -> str:
+    match e.kind:
+        case "every":
+            assert e.key is not None
+            return f"every {format_expr(e.key)} => "
+        case "range":
+            assert isinstance(e.key, T.Slice)
+            return f"{_slice(e.key)} => "
+    return "else => "
+
+
+def _block(head: str, line: int, rows: list[tuple[int, str, T.Node | T.HeadsBlock]], depth: int) -> list[tuple[int, str]]:
+    out = [(line, head)]
+    last = line
+    for row_line, key, body in rows:
+        pad = INDENT * depth
+        if isinstance(body, T.HeadsBlock):
+            inner = [(e.span.line, f"{_slice(e.heads)} => ", e.body) for e in body.entries]
+            nested = _block(f"{key}heads {{", row_line, inner, depth + 1)
+            out.extend((ln, (pad + text) if k == 0 else text) for k, (ln, text) in enumerate(nested))
+        else:
+            out.append((row_line, pad + key + format_expr(body)))
+        last = row_line
+    out.append((last, INDENT * (depth - 1) + "}"))
+    return out
+
+
+def _merge_comments(lines: list[tuple[int, str]], comments: tuple[T.Comment, ...], text: str) -> str:
+    src = text.splitlines()
+    blank_before = {k + 1 for k in range(1, len(src)) if src[k - 1].strip() == ""}
+    out: list[str] = []
+    pending = sorted(comments, key=lambda c: c.line)
+    k = 0
+    emitted_tags: list[int] = []
+    for tag, line_text in lines:
+        own = []
+        while k < len(pending) and pending[k].line < tag and pending[k].own_line:
+            own.append(pending[k])
+            k += 1
+        # Trailing comments that belong to earlier output lines.
+        while k < len(pending) and pending[k].line < tag and not pending[k].own_line:
+            if out:
+                out[-1] = f"{out[-1]}  {pending[k].text}"
+            k += 1
+        is_statement_start = not line_text.startswith((" ", "}"))
+        first_line = own[0].line if own else tag
+        if out and is_statement_start and first_line in blank_before:
+            out.append("")
+        for c in own:
+            indent = line_text[: len(line_text) - len(line_text.lstrip())] if not is_statement_start else ""
+            out.append(indent + c.text)
+        trailing = ""
+        while k < len(pending) and pending[k].line == tag and not pending[k].own_line and tag not in emitted_tags:
+            trailing += f"  {pending[k].text}"
+            k += 1
+        out.append(line_text + trailing)
+        emitted_tags.append(tag)
+    for c in pending[k:]:
+        if c.own_line:
+            if out and c.line in blank_before:
+                out.append("")
+            out.append(c.text)
+        elif out:
+            out[-1] = f"{out[-1]}  {c.text}"
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _prec(node: T.Node) -> int:
+    match node:
+        case T.Binary(op):
+            return _POW if op == "**" else _PREC[op]
+        case T.Unary("not"):
+            return _PREC["not"]
+        case T.Unary():
+            return _UNARY
+        case T.Compare():
+            return _PREC["cmp"]
+    return _ATOM
+
+
+def _wrap(node: T.Node, minimum: int) -> str:
+    text = _expr(node, minimum)
+    return f"({text})" if _prec(node) < minimum else text
+
+
+def _expr(node: T.Node, minimum: int = 0) -> str:
+    match node:
+        case T.Int(v):
+            return str(v)
+        case T.Float(v):
+            return repr(v)
+        case T.Name(name):
+            return name
+        case T.Unary("not", x):
+            return f"not {_wrap(x, _PREC['not'])}"
+        case T.Unary(op, x):
+            return f"{op}{_wrap(x, _UNARY)}"
+        case T.Binary("**", a, b):
+            return f"{_wrap(a, _POW + 1)} ** {_wrap(b, _UNARY)}"
+        case T.Binary(op, a, b):
+            p = _PREC[op]
+            # `a | (b & c)` keeps its parentheses: the precedence is Python's, but few readers know it.
+            lo = _PREC["&"] + 1 if op == "|" else p
+            return f"{_wrap(a, max(p, lo))} {op} {_wrap(b, max(p + 1, lo))}"
+        case T.Compare(operands, ops):
+            parts = [_wrap(operands[0], _PREC["cmp"] + 1)]
+            for op, x in zip(ops, operands[1:]):
+                parts.append(f"{op} {_wrap(x, _PREC['cmp'] + 1)}")
+            return " ".join(parts)
+        case T.Call(func, args, keywords):
+            items = [_arg(a) for a in args] + [f"{k.name}={_arg(k.value)}" for k in keywords]
+            return f"{func}({', '.join(items)})"
+        case T.TupleLit(items):
+            inner = ", ".join(_expr(x) for x in items)
+            return f"({inner},)" if len(items) == 1 else f"({inner})"
+        case T.ListLit(items):
+            return "[" + ", ".join(_expr(x) for x in items) + "]"
+        case T.Slice():
+            return _slice(node)
+    raise TypeError(node)
+
+
+def _arg(node: T.Node) -> str:
+    return _slice(node) if isinstance(node, T.Slice) else _expr(node)
+
+
+def _slice(s: T.Slice) -> str:
+    def part(x: T.Node | None) -> str:
+        return "" if x is None else _wrap(x, _PREC["|"])
+
+    text = f"{part(s.start)}:{part(s.stop)}"
+    return text + (f":{part(s.step)}" if s.step is not None else "")

@@ -1,0 +1,185 @@
+"""Reference semantics: the dense boolean mask of a static pattern, evaluated from its predicate.
+
+This is the one place that builds an N x N array, and only because the user asked for one (`patc mask`,
+`patc show`, tests). Rows are evaluated in chunks, terms that depend on one index stay one-dimensional
+([rows, 1] or [1, N]) and only the operations that mix i and j broadcast, so N = 16384 stays well under
+1 GiB beyond the result itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import check, ir
+from . import expr as E
+from .expr import Expr
+from .semantics import predicate, random_keys
+from .source import PatternError
+
+CHUNK_ELEMENTS = 1 << 22
+
+
+def dense_mask(body: ir.Body, n: int, heads: int | None = None) -> np.ndarray:
+    """[n, n] bool for a pattern; [heads, n, n] for a `heads` body (heads must match its ranges)."""
+    if isinstance(body, ir.Heads):
+        if heads is not None and heads != body.count:
+            raise PatternError(f"this pattern defines {body.count} heads, but {heads} were asked for")
+        out = np.empty((body.count, n, n), dtype=bool)
+        cache: dict[ir.Pattern, np.ndarray] = {}
+        for h in range(body.count):
+            p = body.pattern_for(h)
+            if p not in cache:
+                cache[p] = dense_mask(p, n)
+            out[h] = cache[p]
+        return out
+    return evaluate_mask(_static_predicate(body, n), n)
+
+
+def _static_predicate(p: ir.Pattern, n: int) -> Expr:
+    if n < 1:
+        raise PatternError(f"N must be at least 1, got {n}")
+    if ir.is_dynamic(p):
+        raise PatternError("this pattern holds a dynamic selector (topk/threshold): its mask depends on q and k")
+    check.validate(p, n)
+    return E.bind_n(predicate(p), n)
+
+
+def evaluate_mask(pred: Expr, n: int, rows: slice | None = None) -> np.ndarray:
+    """Evaluate a predicate (N already bound) for rows `rows` (default all) and every key."""
+    start, stop = (0, n) if rows is None else (rows.start or 0, rows.stop if rows.stop is not None else n)
+    out = np.empty((stop - start, n), dtype=bool)
+    step = max(1, CHUNK_ELEMENTS // max(1, n))
+    dtype = np.int32 if n < (1 << 30) // 4 else np.int64
+    j = np.arange(n, dtype=dtype)[None, :]
+    for lo in range(start, stop, step):
+        hi = min(stop, lo + step)
+        i = np.arange(lo, hi, dtype=dtype)[:, None]
+        out[lo - start : hi - start] = np.broadcast_to(eval_numpy(pred, i, j, n), (hi - lo, n))
+    return out
+
+
+def row_mask(pred: Expr, n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Evaluate for explicit index vectors (broadcasting like numpy)."""
+    return np.broadcast_to(eval_numpy(pred, i, j, n), np.broadcast_shapes(i.shape, j.shape))
+
+
+def eval_numpy(e: Expr, i: np.ndarray, j: np.ndarray, n: int) -> Any:
+    """numpy evaluation with Python's integer semantics (floor division and modulo)."""
+
+    def go(x: Expr) -> Any:
+        match x:
+            case E.Const(v):
+                return v
+            case E.Var("i"):
+                return i
+            case E.Var("j"):
+                return j
+            case E.Var("N"):
+                return n
+            case E.Arith(op, a, b):
+                return _arith(op, go(a), go(b))
+            case E.Abs(a):
+                return np.abs(go(a))
+            case E.Cmp(op, a, b):
+                return _compare(op, go(a), go(b))
+            case E.And(args):
+                out = go(args[0])
+                for a in args[1:]:
+                    out = np.logical_and(out, go(a))
+                return out
+            case E.Or(args):
+                out = go(args[0])
+                for a in args[1:]:
+                    out = np.logical_or(out, go(a))
+                return out
+            case E.Not(a):
+                return np.logical_not(go(a))
+            case E.IfElse(c, t, o):
+                return np.where(go(c), go(t), go(o))
+            case E.IsPow(a, base):
+                return is_power(np.asarray(go(a)), base)
+            case E.RandomMember(row, col, nn, r, seed):
+                return _random_member(go(row), go(col), go(nn), go(r), seed)
+        raise TypeError(f"cannot evaluate {x!r}")
+
+    return go(e)
+
+
+def _arith(op: str, a: Any, b: Any) -> Any:
+    match op:
+        case "+":
+            return a + b
+        case "-":
+            return a - b
+        case "*":
+            return a * b
+        case "//":
+            _positive(b)
+            return np.floor_divide(a, b)
+        case "%":
+            _positive(b)
+            return np.mod(a, b)
+        case "**":
+            return np.power(a, b)
+        case "min":
+            return np.minimum(a, b)
+        case "max":
+            return np.maximum(a, b)
+    raise ValueError(op)
+
+
+def _positive(b: Any) -> None:
+    if np.any(np.asarray(b) <= 0):
+        raise PatternError("a divisor in the pattern is zero or negative for this N")
+
+
+def _compare(op: str, a: Any, b: Any) -> Any:
+    match op:
+        case "==":
+            return np.equal(a, b)
+        case "!=":
+            return np.not_equal(a, b)
+        case "<":
+            return np.less(a, b)
+        case "<=":
+            return np.less_equal(a, b)
+        case ">":
+            return np.greater(a, b)
+        case ">=":
+            return np.greater_equal(a, b)
+    raise ValueError(op)
+
+
+def is_power(d: np.ndarray, base: int) -> np.ndarray:
+    """d == base**m for some m >= 0 (False for d < 1)."""
+    d = np.asarray(d, dtype=np.int64)
+    if base == 2:
+        return (d >= 1) & ((d & (d - 1)) == 0)
+    out = np.zeros(d.shape, dtype=bool)
+    p = 1
+    top = int(d.max()) if d.size else 0
+    while p <= top:
+        out |= d == p
+        p *= base
+    return out
+
+
+def _random_member(row: Any, col: Any, n: Any, r: Any, seed: int) -> np.ndarray:
+    """col in random_keys(row): rows are drawn once per distinct value (blockwise repeats them)."""
+    n, r = int(n), int(r)
+    row = np.asarray(row)
+    col = np.asarray(col)
+    shape = np.broadcast_shapes(row.shape, col.shape)
+    unique_rows, inverse = np.unique(row.reshape(-1) if row.ndim else row.reshape(1), return_inverse=True)
+    keys = random_keys(unique_rows, n, r, seed)  # [U, r]
+    if keys.shape[1] == 0:
+        return np.zeros(shape, dtype=bool)
+    row_b = np.broadcast_to(row, shape)
+    col_b = np.broadcast_to(col, shape)
+    idx = np.searchsorted(unique_rows, row_b)
+    hit = np.zeros(shape, dtype=bool)
+    for c in range(keys.shape[1]):
+        hit |= keys[idx, c] == col_b
+    return hit

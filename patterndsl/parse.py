@@ -1,0 +1,287 @@
+"""Text -> syntax tree, through the lark grammar in `grammar/`, with errors in the project's format."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lark
+from lark import Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import resources
+from . import tree as T
+from .source import PatternError, Source, Span
+
+MAX_SOURCE_BYTES = 1 << 20
+
+_TOKEN_NAMES = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "FLOAT": "a number",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "COLON": "':'",
+    "COMP_OP": "a comparison",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "DSLASH": "'//'",
+    "PERCENT": "'%'",
+    "DSTAR": "'**'",
+    "TILDE": "'~'",
+    "VBAR": "'|'",
+    "AMPERSAND": "'&'",
+    "$END": "end of file",
+}
+
+
+@functools.cache
+def _parser() -> lark.Lark:
+    return lark.Lark(
+        resources.grammar_text(),
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+def parse(text: str, path: str = "<input>") -> T.Module:
+    """Parse a whole `.pat` file; raises PatternError, never a lark or Python exception."""
+    source = Source(path, text)
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+        raise PatternError(f"file is larger than {MAX_SOURCE_BYTES} bytes", None)
+    bad = next((k for k, ch in enumerate(text) if ord(ch) > 127 or (ord(ch) < 32 and ch not in "\t\r\n")), None)
+    if bad is not None:
+        line = text.count("\n", 0, bad) + 1
+        col = bad - (text.rfind("\n", 0, bad) + 1) + 1
+        raise PatternError(
+            f"unexpected character {text[bad]!r}",
+            Span(source, line, col),
+            "patterns are plain ASCII; comments start with '#'",
+        )
+    comments: list[Token] = []
+    parser = _parser()
+    try:
+        raw = _parse_collecting(parser, text, comments)
+        module = _Build(source).transform(raw)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, source) from None
+    except VisitError as e:
+        if isinstance(e.orig_exc, PatternError):
+            raise e.orig_exc from None
+        raise
+    return T.Module(module.statements, tuple(_comment(c, text) for c in comments))
+
+
+def _parse_collecting(parser: lark.Lark, text: str, comments: list[Token]) -> Any:
+    # Comments are ignored by the grammar; a second lexer pass collects them for the formatter.
+    result = parser.parse(text)
+    for tok in parser.lex(text, dont_ignore=True):
+        if tok.type == "COMMENT":
+            comments.append(tok)
+    return result
+
+
+def _comment(tok: Token, text: str) -> T.Comment:
+    start = text.rfind("\n", 0, tok.start_pos) + 1
+    own_line = text[start : tok.start_pos].strip() == ""
+    return T.Comment(tok.line or 0, str(tok).rstrip(), own_line)
+
+
+def _describe(token: Token | None) -> str:
+    if token is None or token.type == "$END":
+        return "end of file"
+    return f"'{token}'"
+
+
+def _expected(names: set[str] | frozenset[str]) -> str:
+    words = sorted({_TOKEN_NAMES.get(n, f"'{n.lower()}'" if n.isupper() else n) for n in names})
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    return ", ".join(words)
+
+
+def _syntax_error(e: UnexpectedInput, source: Source) -> PatternError:
+    line = getattr(e, "line", None) or 1
+    column = getattr(e, "column", None) or 1
+    if line < 1:
+        line, column = max(1, source.text.count("\n") + 1), len(source.line(source.text.count("\n") + 1)) + 1
+    span = Span(source, line, column)
+    match e:
+        case UnexpectedCharacters():
+            ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else ""
+            return PatternError(f"unexpected character {ch!r}", span, _char_hint(ch))
+        case UnexpectedEOF():
+            return PatternError("unexpected end of file", span, f"expected {_expected(e.expected)}")
+        case UnexpectedToken():
+            tok = e.token
+            if tok.type == "$END":
+                last = source.text.rstrip()
+                line = last.count("\n") + 1
+                span = Span(source, line, len(source.line(line)) + 1)
+            else:
+                span = Span(source, tok.line or line, tok.column or column, max(1, len(str(tok))))
+            return PatternError(
+                f"unexpected {_describe(tok)}",
+                span,
+                f"expected {_expected(e.expected)}" + _token_hint(tok),
+            )
+    return PatternError("syntax error", span)
+
+
+def _char_hint(ch: str) -> str | None:
+    return {
+        "!": "negation is 'not' in where(...) and '~' for patterns",
+        "&": None,
+        "/": "integer division is '//'",
+        '"': "there are no strings in patterns",
+        "'": "there are no strings in patterns",
+        "=": None,
+        ";": "statements need no separator; start each one on a new line",
+    }.get(ch)
+
+
+def _token_hint(tok: Token) -> str:
+    if tok.type == "COMP_OP" and str(tok) == "=":
+        return "; comparison is '=='"
+    return ""
+
+
+def _span_of(source: Source, meta: Any) -> Span:
+    if getattr(meta, "empty", True):
+        return Span(source, 1, 1)
+    length = meta.end_pos - meta.start_pos if meta.line == meta.end_line else len(source.line(meta.line)) - meta.column + 1
+    return Span(source, meta.line, meta.column, max(1, length))
+
+
+def _token_span(source: Source, tok: Token) -> Span:
+    return Span(source, tok.line or 1, tok.column or 1, max(1, len(str(tok))))
+
+
+def _int(text: str, span: Span) -> int:
+    value = int(text.replace("_", ""))
+    if value >= 1 << 62:
+        raise PatternError("integer literal is too large", span, "values must be below 2**62")
+    return value
+
+
+@v_args(meta=True)
+class _Build(Transformer[Token, Any]):
+    """lark tree -> `tree` nodes, attaching a Span to each."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__()
+        self.src = source
+
+    def _s(self, meta: Any) -> Span:
+        return _span_of(self.src, meta)
+
+    def start(self, meta: Any, items: list[Any]) -> T.Module:
+        return T.Module(tuple(items))
+
+    def param_stmt(self, meta: Any, items: list[Any]) -> T.ParamStmt:
+        return T.ParamStmt(str(items[0]), items[1], self._s(meta))
+
+    def let_stmt(self, meta: Any, items: list[Any]) -> T.LetStmt:
+        return T.LetStmt(str(items[0]), items[1], self._s(meta))
+
+    def layout_stmt(self, meta: Any, items: list[Any]) -> T.LayoutStmt:
+        return T.LayoutStmt(str(items[0]), items[1], self._s(meta))
+
+    def pattern_stmt(self, meta: Any, items: list[Any]) -> T.PatternStmt:
+        return T.PatternStmt(str(items[0]), items[1], self._s(meta))
+
+    def model_stmt(self, meta: Any, items: list[Any]) -> T.ModelStmt:
+        return T.ModelStmt(str(items[0]), items[1], tuple(items[2:]), self._s(meta))
+
+    def heads(self, meta: Any, items: list[Any]) -> T.HeadsBlock:
+        return T.HeadsBlock(tuple(items), self._s(meta))
+
+    def head_entry(self, meta: Any, items: list[Any]) -> T.HeadEntry:
+        return T.HeadEntry(items[0], items[1], self._s(meta))
+
+    def every_entry(self, meta: Any, items: list[Any]) -> T.ModelEntry:
+        return T.ModelEntry("every", items[0], items[1], self._s(meta))
+
+    def range_entry(self, meta: Any, items: list[Any]) -> T.ModelEntry:
+        return T.ModelEntry("range", items[0], items[1], self._s(meta))
+
+    def else_entry(self, meta: Any, items: list[Any]) -> T.ModelEntry:
+        return T.ModelEntry("else", None, items[0], self._s(meta))
+
+    def or_op(self, meta: Any, items: list[Any]) -> T.Binary:
+        return T.Binary("or", items[0], items[1], self._s(meta))
+
+    def and_op(self, meta: Any, items: list[Any]) -> T.Binary:
+        return T.Binary("and", items[0], items[1], self._s(meta))
+
+    def not_op(self, meta: Any, items: list[Any]) -> T.Unary:
+        return T.Unary("not", items[0], self._s(meta))
+
+    def compare(self, meta: Any, items: list[Any]) -> T.Compare:
+        return T.Compare(tuple(items[0::2]), tuple(str(t) for t in items[1::2]), self._s(meta))
+
+    def union_op(self, meta: Any, items: list[Any]) -> T.Binary:
+        return T.Binary("|", items[0], items[1], self._s(meta))
+
+    def inter_op(self, meta: Any, items: list[Any]) -> T.Binary:
+        return T.Binary("&", items[0], items[1], self._s(meta))
+
+    def binary(self, meta: Any, items: list[Any]) -> T.Binary:
+        return T.Binary(str(items[1]), items[0], items[2], self._s(meta))
+
+    def unary(self, meta: Any, items: list[Any]) -> T.Unary:
+        return T.Unary(str(items[0]), items[1], self._s(meta))
+
+    def call(self, meta: Any, items: list[Any]) -> T.Call:
+        name, arguments = items[0], items[1] or []
+        args: list[T.Node] = []
+        keywords: list[T.Keyword] = []
+        for a in arguments:
+            if isinstance(a, T.Keyword):
+                if any(k.name == a.name for k in keywords):
+                    raise PatternError(f"argument '{a.name}' given twice", a.span)
+                keywords.append(a)
+            elif keywords:
+                raise PatternError(
+                    "positional argument after a keyword argument",
+                    a.span,
+                    "put positional arguments first",
+                )
+            else:
+                args.append(a)
+        return T.Call(str(name), tuple(args), tuple(keywords), self._s(meta))
+
+    def arguments(self, meta: Any, items: list[Any]) -> list[Any]:
+        return [x for x in items if x is not None]
+
+    def keyword(self, meta: Any, items: list[Any]) -> T.Keyword:
+        return T.Keyword(str(items[0]), items[1], self._s(meta))
+
+    def slice(self, meta: Any, items: list[Any]) -> T.Slice:
+        # items: start, COLON, stop, COLON|None, step
+        start, _, stop, _, step = (items + [None] * 5)[:5]
+        return T.Slice(start, stop, step, self._s(meta))
+
+    def tuple(self, meta: Any, items: list[Any]) -> T.TupleLit:
+        return T.TupleLit(tuple(x for x in items if x is not None), self._s(meta))
+
+    def list(self, meta: Any, items: list[Any]) -> T.ListLit:
+        return T.ListLit(tuple(x for x in items if x is not None), self._s(meta))
+
+    def name(self, meta: Any, items: list[Any]) -> T.Name:
+        return T.Name(str(items[0]), _token_span(self.src, items[0]))
+
+    def int(self, meta: Any, items: list[Any]) -> T.Int:
+        span = _token_span(self.src, items[0])
+        return T.Int(_int(str(items[0]), span), span)
+
+    def float(self, meta: Any, items: list[Any]) -> T.Float:
+        return T.Float(float(str(items[0]).replace("_", "")), _token_span(self.src, items[0]))

@@ -1,0 +1,172 @@
+"""The meaning of every construct, written once: a pattern lowers to a predicate `allowed(i, j)`.
+
+This module transcribes LANGUAGE.md's table. The reference mask, the block classifier, the Triton
+predicate and the analyser all start from `predicate(pattern)`; none of them knows what a window is.
+`random` is the one primitive that is a draw rather than arithmetic: `random_keys` is its definition
+and `expr.RandomMember` refers to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import expr as E
+from . import ir
+from .expr import Expr
+from .source import PatternError
+
+
+def predicate(p: ir.Pattern) -> Expr:
+    """`allowed(i, j)` of a static pattern, over the variables i, j and N."""
+    match p:
+        case ir.Full():
+            return E.TRUE
+        case ir.Empty():
+            return E.FALSE
+        case ir.Causal():
+            return E.cmp("<=", E.J, E.I)
+        case ir.Window(before, after, dilation):
+            d = E.sub(E.I, E.J)
+            return E.conj(
+                E.cmp(">=", d, E.mul(E.sub(E.const(0), after), dilation)),
+                E.cmp("<=", d, E.mul(before, dilation)),
+                E.cmp("==", E.mod(d, dilation), E.const(0)),
+            )
+        case ir.Stride(step):
+            return E.cmp("==", E.mod(E.sub(E.I, E.J), step), E.const(0))
+        case ir.Sink(count):
+            return E.cmp("<", E.J, count)
+        case ir.Global(tokens):
+            return E.disj(in_token_set(E.I, tokens), in_token_set(E.J, tokens))
+        case ir.Rows(tokens):
+            return in_token_set(E.I, tokens)
+        case ir.Cols(tokens):
+            return in_token_set(E.J, tokens)
+        case ir.Hops(base):
+            d = E.absolute(E.sub(E.I, E.J))
+            return E.disj(E.cmp("==", d, E.const(0)), E.IsPow(d, base))
+        case ir.Random(count, seed):
+            return E.RandomMember(E.I, E.J, E.N, count, seed)
+        case ir.Where(cond):
+            return cond
+        case ir.Blockwise(block, inner):
+            blocks = E.floordiv(E.add(E.N, E.sub(block, E.const(1))), block)
+            env: dict[E.VarName, Expr] = {
+                "i": E.floordiv(E.I, block),
+                "j": E.floordiv(E.J, block),
+                "N": blocks,
+            }
+            return E.substitute(predicate(inner), env)
+        case ir.Neighborhood(layout, kernel, dilation, stride, causal):
+            axes = [
+                _neighborhood_axis(
+                    coordinate(E.I, layout, a),
+                    coordinate(E.J, layout, a),
+                    layout.dims[a],
+                    kernel[a],
+                    dilation[a],
+                    stride[a],
+                    causal[a],
+                )
+                for a in range(len(layout.dims))
+            ]
+            return E.conj(*axes)
+        case ir.Union(a, b):
+            return E.disj(predicate(a), predicate(b))
+        case ir.Inter(a, b):
+            return E.conj(predicate(a), predicate(b))
+        case ir.Complement(a):
+            return E.negate(predicate(a))
+        case ir.TopK() | ir.Threshold():
+            raise PatternError(
+                "a dynamic selector has no static predicate: its blocks are chosen from q and k at run time",
+                getattr(p, "span", None),
+            )
+    raise TypeError(f"not a pattern: {p!r}")
+
+
+def coordinate(t: Expr, layout: ir.Grid, axis: int) -> Expr:
+    """Coordinate `axis` of token t on a row-major grid (the first axis needs no modulo: t < N)."""
+    c = E.floordiv(t, E.const(layout.strides[axis]))
+    return c if axis == 0 else E.mod(c, E.const(layout.dims[axis]))
+
+
+def _neighborhood_axis(x: Expr, y: Expr, n: int, k: int, d: int, s: int, causal: bool) -> Expr:
+    """NATTEN's 1-D neighborhood on one axis, exactly as LANGUAGE.md states it."""
+    dd = E.const(d)
+    g = E.mod(x, dd)
+    p = E.floordiv(x, dd)
+    m = E.floordiv(E.add(E.sub(E.const(n), g), E.const(d - 1)), dd)
+    same_group = E.cmp("==", E.mod(y, dd), g)
+    q = E.floordiv(y, dd)
+    if s > 1:
+        centre = E.add(E.mul(E.const(s), E.floordiv(p, E.const(s))), E.const((s - 1) // 2))
+        p = E.minimum(centre, E.sub(m, E.const(1)))
+    if causal:
+        lo = E.maximum(E.const(0), E.sub(p, E.const(k - 1)))
+        return E.conj(same_group, E.cmp("<=", lo, q), E.cmp("<=", q, p))
+    start = E.maximum(E.const(0), E.minimum(E.sub(p, E.const(k // 2)), E.sub(m, E.const(k))))
+    return E.conj(same_group, E.cmp("<=", start, q), E.cmp("<", q, E.add(start, E.const(k))))
+
+
+def in_token_set(t: Expr, tokens: ir.TokenSet) -> Expr:
+    """`t in S` for a token set, with Python slice semantics for negative and missing bounds."""
+    match tokens:
+        case ir.TokenList(items):
+            return E.disj(*(E.cmp("==", t, _from_end(x)) for x in items))
+        case ir.TokenSlice(start, stop, step):
+            lo = E.const(0) if start is None else _clip(_from_end(start))
+            hi = E.N if stop is None else _clip(_from_end(stop))
+            on_step = E.cmp("==", E.mod(E.sub(t, lo), step), E.const(0))
+            return E.conj(E.cmp(">=", t, lo), E.cmp("<", t, hi), on_step)
+    raise TypeError(f"not a token set: {tokens!r}")
+
+
+def _from_end(x: Expr) -> Expr:
+    return E.if_else(E.cmp("<", x, E.const(0)), E.add(x, E.N), x)
+
+
+def _clip(x: Expr) -> Expr:
+    return E.maximum(E.const(0), E.minimum(x, E.N))
+
+
+# --- random(r, seed): a counter-based draw, identical on every run and machine -------------------
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection on 64-bit words with full avalanche."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def counter_hash(seed: int, n: int, rows: np.ndarray, t: int) -> np.ndarray:
+    """A pseudo-random 64-bit word for each (seed, n, row, t): a pure function, no global RNG."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([(seed * 0x9E3779B97F4A7C15 + n) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+        x = key ^ (rows.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03))
+        x = _mix64(x ^ _mix64(np.full_like(x, np.uint64(t & 0xFFFFFFFFFFFFFFFF)) + key))
+    return x
+
+
+def random_keys(rows: np.ndarray, n: int, r: int, seed: int) -> np.ndarray:
+    """The keys `random(r, seed)` gives each query row: an int64 array [len(rows), min(r, n)].
+
+    Floyd's sampling: for t = n - r .. n - 1, draw v uniform in [0, t]; take v unless it is already
+    taken, then take t. Every row gets exactly min(r, n) distinct keys, and each step needs only the
+    counter (seed, n, row, t), so any backend can rebuild any row alone.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    r = max(0, min(int(r), int(n)))
+    keys = np.empty((rows.shape[0], r), dtype=np.int64)
+    for c, t in enumerate(range(n - r, n)):
+        v = (counter_hash(seed, n, rows, t) % np.uint64(t + 1)).astype(np.int64)
+        taken = (keys[:, :c] == v[:, None]).any(axis=1) if c else np.zeros(rows.shape[0], dtype=bool)
+        keys[:, c] = np.where(taken, t, v)
+    return keys
