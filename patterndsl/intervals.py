@@ -43,10 +43,17 @@ class Truth:
 def classify(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np) -> Any:
     """NONE / SOME / ALL (as int8) for each rectangle; `pred` must have N bound already."""
     t = truth(pred, i_lo, i_hi, j_lo, j_hi, xp)
-    may_true = _full(t.may_true, i_lo, xp)
-    may_false = _full(t.may_false, i_lo, xp)
-    out = xp.where(may_true, xp.where(may_false, SOME, ALL), NONE)
-    return out.astype(np.int8) if xp is np else out.to(dtype=_torch().int8)
+    if xp is np:
+        shape = np.broadcast_shapes(*(np.shape(a) for a in (i_lo, i_hi, j_lo, j_hi)))
+        may_true = np.broadcast_to(t.may_true, shape)
+        may_false = np.broadcast_to(t.may_false, shape)
+        return np.where(may_true, np.where(may_false, SOME, ALL), NONE).astype(np.int8)
+    torch = _torch()
+    shape = torch.broadcast_shapes(*(a.shape for a in (i_lo, i_hi, j_lo, j_hi)))
+    device = i_lo.device
+    may_true = torch.as_tensor(t.may_true, device=device).expand(shape)
+    may_false = torch.as_tensor(t.may_false, device=device).expand(shape)
+    return torch.where(may_true, torch.where(may_false, SOME, ALL), NONE).to(torch.int8)
 
 
 def truth(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np) -> Truth:
@@ -63,14 +70,6 @@ def _torch() -> Any:
     import torch
 
     return torch
-
-
-def _full(x: Any, like: Any, xp: Any) -> Any:
-    if isinstance(x, bool):
-        if xp is np:
-            return np.full(np.shape(like), x)
-        return _torch().full_like(like, x, dtype=_torch().bool)
-    return x
 
 
 def _const_interval(v: int) -> Interval:
