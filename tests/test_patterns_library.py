@@ -268,7 +268,8 @@ def _swin_reference(h: int, w: int, win: int, shift: int) -> np.ndarray:
     ys, xs = (y - shift) % h, (x - shift) % w  # position in the rolled map
     window = (ys // win) * (w // win) + xs // win
     region = label[ys, xs]
-    return (window[:, None] == window[None, :]) & (region[:, None] == region[None, :])
+    same: np.ndarray = (window[:, None] == window[None, :]) & (region[:, None] == region[None, :])
+    return same
 
 
 def test_swin_shifted_matches_cyclic_shift_with_mask() -> None:
@@ -326,7 +327,7 @@ def test_model_schedules() -> None:
     assert [k for k, b in enumerate(gemma2.schedule) if b == ir.Causal()] == list(range(1, 42, 2))
     tidal = _model("tidaldecode.pat", "tidaldecode")
     dense = [k for k, b in enumerate(tidal.schedule) if b == ir.Causal()]
-    assert dense == [0, 1, 2, 13] and all(ir.is_dynamic(b) for k, b in enumerate(tidal.schedule) if k not in dense)
+    assert dense == [0, 1, 2, 13] and all(_is_dynamic(b) for k, b in enumerate(tidal.schedule) if k not in dense)
 
 
 def test_longnet_heads_cover_every_token_in_dilated_segments() -> None:
@@ -349,7 +350,7 @@ def test_dynamic_patterns_are_dynamic() -> None:
                        ("seer.pat", "seer"), ("minference.pat", "block_sparse")]:  # fmt: skip
         assert _is_dynamic(_get(file, name)), name
     seer = _get("seer.pat", "seer")
-    assert any(isinstance(n, ir.TopK) and n.given for n in ir.walk(seer))
+    assert any(isinstance(n, ir.TopK) and n.given for n in _nodes(seer))
 
 
 def test_logsparse_keys_are_powers_of_two_back() -> None:
