@@ -165,6 +165,9 @@ def test_pattern_builds_a_mask_without_empty_rows(file: str, name: str) -> None:
         rows = masks.sum(axis=-1)
         empty = np.argwhere(rows == 0)
         assert empty.size == 0, f"{file}:{name} at N={n}: query {empty[0][-1]} has no key"
+        # Every library pattern lets a query see itself (a window, neighborhood or block around it).
+        blind = np.argwhere(~np.diagonal(masks, axis1=-2, axis2=-1))
+        assert blind.size == 0, f"{file}:{name} at N={n}: query {blind[0][-1]} does not see itself"
 
 
 # --- exact meanings --------------------------------------------------------------------------------
@@ -360,3 +363,10 @@ def test_logsparse_keys_are_powers_of_two_back() -> None:
     for i in (0, 1, 2, 3, 4, 100, 512):
         expect = {i} | {i - 2**e for e in range(12) if 2**e <= i}
         assert set(np.nonzero(m[i])[0]) == expect
+
+
+def test_image_transformer_local_1d_sees_its_block_and_the_previous_one() -> None:
+    n, lq = 1000, 256
+    m = dense_mask(_get("image_transformer.pat", "local_1d"), n)
+    i = np.arange(n)
+    assert (m.sum(axis=1) == i - np.maximum(i // lq - 1, 0) * lq + 1).all()
