@@ -1,0 +1,158 @@
+"""An independent brute-force reading of LANGUAGE.md: `allowed(i, j)` for every static primitive.
+
+Written from the spec's table, one plain Python loop over (i, j), on purpose sharing nothing with
+`patterndsl.semantics` or `patterndsl.expr` (not even their evaluator): the IR's integer arguments are
+walked here by class name. The one import from the library is `random_keys`, because for `random` the
+draw *is* the definition. Slow by design; keep N small (<= ~64).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from patterndsl import ir
+from patterndsl.semantics import random_keys
+
+
+def value(e: Any, n: int, i: int = 0, j: int = 0) -> Any:
+    """An index expression of the IR, evaluated with Python's integers (floor // and %)."""
+    kind = type(e).__name__
+    if kind == "Const":
+        return e.value
+    if kind == "Var":
+        return {"i": i, "j": j, "N": n}[e.name]
+    if kind == "Arith":
+        a, b = value(e.a, n, i, j), value(e.b, n, i, j)
+        ops = {
+            "+": lambda: a + b,
+            "-": lambda: a - b,
+            "*": lambda: a * b,
+            "//": lambda: a // b,
+            "%": lambda: a % b,
+            "**": lambda: a**b,
+            "min": lambda: min(a, b),
+            "max": lambda: max(a, b),
+        }
+        return ops[e.op]()
+    if kind == "Abs":
+        return abs(value(e.a, n, i, j))
+    if kind == "Cmp":
+        a, b = value(e.a, n, i, j), value(e.b, n, i, j)
+        return {"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[e.op]
+    if kind == "And":
+        return all(value(x, n, i, j) for x in e.args)
+    if kind == "Or":
+        return any(value(x, n, i, j) for x in e.args)
+    if kind == "Not":
+        return not value(e.a, n, i, j)
+    if kind == "IfElse":
+        return value(e.then, n, i, j) if value(e.cond, n, i, j) else value(e.other, n, i, j)
+    raise TypeError(f"the reference does not evaluate {kind} inside an argument")
+
+
+def in_token_set(t: int, tokens: ir.TokenSet, n: int) -> bool:
+    """`t in S`: slices as Python slices (negative bounds from N, clipped); list items counted from N."""
+    if isinstance(tokens, ir.TokenSlice):
+        start = None if tokens.start is None else value(tokens.start, n)
+        stop = None if tokens.stop is None else value(tokens.stop, n)
+        return t in range(*slice(start, stop, value(tokens.step, n)).indices(n))
+    for x in tokens.items:
+        v = value(x, n)
+        if (v + n if v < 0 else v) == t:
+            return True
+    return False
+
+
+def is_power(d: int, base: int) -> bool:
+    p = 1
+    while p < d:
+        p *= base
+    return p == d
+
+
+@functools.cache
+def _random_rows(n: int, r: int, seed: int) -> tuple[frozenset[int], ...]:
+    keys = random_keys(np.arange(n), n, r, seed)
+    return tuple(frozenset(int(k) for k in row) for row in keys)
+
+
+def coords(t: int, dims: tuple[int, ...]) -> list[int]:
+    """Row-major coordinates, last axis fastest."""
+    out = []
+    for d in reversed(dims):
+        out.append(t % d)
+        t //= d
+    return out[::-1]
+
+
+def neighborhood_axis(x: int, y: int, n: int, k: int, d: int, s: int, causal: bool) -> bool:
+    """One axis of NATTEN's neighborhood, read off LANGUAGE.md line by line."""
+    g = x % d
+    p = x // d
+    m = -(-(n - g) // d)  # ceil((n - g) / d)
+    if y % d != g:
+        return False
+    q = y // d
+    if s > 1:
+        p = min(s * (p // s) + (s - 1) // 2, m - 1)
+    if causal:
+        return max(0, p - k + 1) <= q <= p
+    start = min(max(p - k // 2, 0), m - k)
+    return start <= q < start + k
+
+
+def allowed(p: ir.Pattern, i: int, j: int, n: int) -> bool:
+    """LANGUAGE.md's `allowed(i, j)`, one primitive per branch."""
+    match p:
+        case ir.Full():
+            return True
+        case ir.Empty():
+            return False
+        case ir.Causal():
+            return j <= i
+        case ir.Window(before, after, dilation):
+            a, b, d = value(before, n), value(after, n), value(dilation, n)
+            return -b * d <= i - j <= a * d and (i - j) % d == 0
+        case ir.Stride(step):
+            return (i - j) % value(step, n) == 0
+        case ir.Sink(count):
+            return j < value(count, n)
+        case ir.Global(tokens):
+            return in_token_set(i, tokens, n) or in_token_set(j, tokens, n)
+        case ir.Rows(tokens):
+            return in_token_set(i, tokens, n)
+        case ir.Cols(tokens):
+            return in_token_set(j, tokens, n)
+        case ir.Hops(base):
+            dist = abs(i - j)
+            return dist == 0 or is_power(dist, base)
+        case ir.Blockwise(block, inner):
+            b = value(block, n)
+            return allowed(inner, i // b, j // b, -(-n // b))
+        case ir.Where(cond):
+            return bool(value(cond, n, i, j))
+        case ir.Random(count, seed):
+            return j in _random_rows(n, value(count, n), seed)[i]
+        case ir.Neighborhood(layout, kernel, dilation, stride, causal):
+            x, y = coords(i, layout.dims), coords(j, layout.dims)
+            return all(
+                neighborhood_axis(x[a], y[a], layout.dims[a], kernel[a], dilation[a], stride[a], causal[a])
+                for a in range(len(layout.dims))
+            )
+        case ir.Union(a, b):
+            return allowed(a, i, j, n) or allowed(b, i, j, n)
+        case ir.Inter(a, b):
+            return allowed(a, i, j, n) and allowed(b, i, j, n)
+        case ir.Complement(a):
+            return not allowed(a, i, j, n)
+    raise TypeError(f"the reference has no meaning for {p!r}")
+
+
+def reference_mask(body: ir.Body, n: int) -> np.ndarray:
+    """[n, n] bool (or [H, n, n] for heads) by brute force."""
+    if isinstance(body, ir.Heads):
+        return np.stack([reference_mask(body.pattern_for(h), n) for h in range(body.count)])
+    return np.array([[allowed(body, i, j, n) for j in range(n)] for i in range(n)], dtype=bool).reshape(n, n)
