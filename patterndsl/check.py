@@ -6,6 +6,7 @@ are checked again by `validate(pattern, n)` when N is known, with the same messa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -27,6 +28,7 @@ PRIMITIVES = frozenset(
     }
 )  # fmt: skip
 RESERVED = KEYWORDS | PRIMITIVES
+MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
 
 
 # --- values the checker computes -------------------------------------------------------------
@@ -136,7 +138,7 @@ class _Checker:
                     layouts.append(grid)
                     self.values[name] = LayoutV(grid)
                 case T.PatternStmt(name, body):
-                    b = self._body(body)
+                    b = self._body(body, f"the right side of 'pattern {name} ='")
                     if isinstance(b, ir.Heads):
                         self.bodies[name] = b
                     else:
@@ -218,10 +220,10 @@ class _Checker:
         dims = tuple(self._const_int(a, None, "a grid axis length", minimum=1) for a in node.args)
         return ir.Grid(name, dims, node.span)
 
-    def _body(self, node: T.Node | T.HeadsBlock) -> ir.Body:
+    def _body(self, node: T.Node | T.HeadsBlock, what: str) -> ir.Body:
         if isinstance(node, T.HeadsBlock):
             return self._heads(node)
-        return self.pattern(node, None, "the pattern")
+        return self.pattern(node, None, what)
 
     def _heads(self, node: T.HeadsBlock) -> ir.Heads:
         if not node.entries:
@@ -262,7 +264,7 @@ class _Checker:
             raise PatternError(f"{layers} layers is more than the 100000 supported", layers_node.span)
         schedule: list[ir.Body | None] = [None] * layers
         for k, entry in enumerate(entries):
-            body = self._body(entry.body)
+            body = self._body(entry.body, f"a layer's pattern in model '{name}'")
             match entry.kind:
                 case "every":
                     assert entry.key is not None
@@ -286,9 +288,7 @@ class _Checker:
         missing = [layer for layer, b in enumerate(schedule) if b is None]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-            raise PatternError(
-                f"model '{name}' gives no pattern to layers {shown}", span, "add an entry 'else => ...'"
-            )
+            raise PatternError(f"model '{name}' gives no pattern to layers {shown}", span, "add an entry 'else => ...'")
         return ir.Model(name, tuple(b for b in schedule if b is not None), span)
 
     # expressions
@@ -335,7 +335,7 @@ class _Checker:
                 return TupleV(tuple(self.value(x, scope) for x in items))
             case T.ListLit(items):
                 return SetV(ir.TokenList(tuple(self.integer(x, None, "a token index") for x in items), node.span))
-            case T.Slice(start, stop, step):
+            case T.Slice():
                 return SetV(self._slice(node))
         raise PatternError("unsupported expression", getattr(node, "span", None))
 
@@ -370,9 +370,9 @@ class _Checker:
                 span,
                 f"move the definition of '{name}' above this line",
             )
-        known = set(self.values) | set(_BUILTIN_NAMES) | set(_CALL_ONLY) | (
-            {"q", "k"} if scope is not None else set()
-        )
+        known = set(self.values) | set(_BUILTIN_NAMES) | set(_CALL_ONLY) | ({"q", "k"} if scope is not None else set())
+        if scope is None and (name in ("q", "k") or len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit()):
+            raise PatternError(f"'{name}' exists only inside where(...)", span, f"e.g. where({name} % 64 == 0)")
         raise PatternError(f"unknown name '{name}'", span, did_you_mean(name, known))
 
     def _coordinate(self, name: str, span: Span, scope: WhereScope) -> Expr:
@@ -380,7 +380,7 @@ class _Checker:
 
         if scope.layout is None:
             raise PatternError(
-                f"'{name}' needs a layout", span, f"name one first: where(my_grid, ...) with layout my_grid = grid(...)"
+                f"'{name}' needs a layout", span, "name one first: where(my_grid, ...) with layout my_grid = grid(...)"
             )
         axis = int(name[2])
         if axis >= len(scope.layout.dims):
@@ -425,7 +425,7 @@ class _Checker:
             case "or", BoolV(x), BoolV(y):
                 return BoolV(E.disj(x, y))
             case "+" | "-" | "*" | "//" | "%" | "**", IntV(x), IntV(y):
-                return IntV(self._arith(op, x, y, right.span))
+                return IntV(self._arith(op, x, y, right.span, span))
             case "+" | "-" | "*", IntV() | FloatV(), IntV() | FloatV() if not (
                 isinstance(a, IntV) and E.free_vars(a.expr) or isinstance(b, IntV) and E.free_vars(b.expr)
             ):
@@ -442,7 +442,7 @@ class _Checker:
             raise PatternError(f"'{op}' combines conditions; combine patterns with '{sym}'", span)
         raise PatternError(f"'{op}' cannot combine {kind(a)} and {kind(b)}", span)
 
-    def _arith(self, op: str, x: Expr, y: Expr, rspan: Span) -> Expr:
+    def _arith(self, op: str, x: Expr, y: Expr, rspan: Span, span: Span) -> Expr:
         if op in ("//", "%"):
             if E.free_vars(y) & {"i", "j"}:
                 raise PatternError(
@@ -456,9 +456,20 @@ class _Checker:
                 raise PatternError("an exponent must be a non-negative constant", rspan)
             if int(y.value) > 64:
                 raise PatternError("an exponent above 64 is not supported", rspan)
-        return E.arith(op, x, y)  # type: ignore[arg-type]
+            if (
+                isinstance(x, E.Const)
+                and abs(int(x.value)) >= 2
+                and (abs(int(x.value)).bit_length() - 1) * int(y.value) >= 62
+            ):
+                raise PatternError(f"{x.value} ** {y.value} is too large", span, "integers must stay below 2**62")
+        out = E.arith(op, x, y)  # type: ignore[arg-type]
+        if isinstance(out, E.Const) and abs(int(out.value)) >= MAX_INT:
+            raise PatternError(f"the value {out.value} is too large", span, "integers must stay below 2**62")
+        return out
 
-    def _compare(self, operands: tuple[T.Node, ...], ops: tuple[str, ...], span: Span, scope: WhereScope | None) -> Value:
+    def _compare(
+        self, operands: tuple[T.Node, ...], ops: tuple[str, ...], span: Span, scope: WhereScope | None
+    ) -> Value:
         if scope is None:
             raise PatternError("comparisons belong inside where(...)", span, "e.g. where(k % 128 >= 120)")
         values = [self.integer(x, scope, "a compared value") for x in operands]
@@ -480,7 +491,9 @@ class _Checker:
 # --- argument binding ----------------------------------------------------------------------------
 
 
-def _bind(node: T.Call, positional: tuple[str, ...], required: int, keywords: tuple[str, ...] = ()) -> dict[str, T.Node]:
+def _bind(
+    node: T.Call, positional: tuple[str, ...], required: int, keywords: tuple[str, ...] = ()
+) -> dict[str, T.Node]:
     """Match a call's arguments to a signature, with messages that name the function."""
     names = positional + tuple(k for k in keywords if k not in positional)
     if len(node.args) > len(positional):
@@ -490,7 +503,7 @@ def _bind(node: T.Call, positional: tuple[str, ...], required: int, keywords: tu
             node.args[len(positional)].span,
             f"signature: {_signature(node.func, positional, required, keywords)}",
         )
-    bound: dict[str, T.Node] = dict(zip(positional, node.args))
+    bound: dict[str, T.Node] = dict(zip(positional, node.args, strict=False))
     for kw in node.keywords:
         if kw.name not in names:
             raise PatternError(
@@ -529,9 +542,7 @@ def _token_set(c: _Checker, node: T.Node, func: str) -> ir.TokenSet:
             return tokens
         case IntV(e):
             return ir.TokenList((e,), node.span)
-    raise PatternError(
-        f"{func} takes a token set, not {kind(v)}", node.span, "e.g. 0:16, -16:, 0:N:64 or [0, 5, 9]"
-    )
+    raise PatternError(f"{func} takes a token set, not {kind(v)}", node.span, "e.g. 0:16, -16:, 0:N:64 or [0, 5, 9]")
 
 
 def _call_window(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
@@ -588,12 +599,20 @@ def _call_where(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     if scope is not None:
         raise PatternError("where(...) cannot be nested", node.span)
     if node.keywords:
-        raise PatternError("where takes no keyword arguments", node.keywords[0].span)
+        raise PatternError("where takes no keyword arguments", node.keywords[0].span,
+                           "to compare, write '==': where(q == k)")  # fmt: skip
     if len(node.args) not in (1, 2):
         raise PatternError(f"where takes a condition (and optionally a layout first), got {len(node.args)} arguments",
                            node.span, "where(q - k < 8) or where(image, abs(qc0 - kc0) <= 1)")  # fmt: skip
     layout = None
     if len(node.args) == 2:
+        if (
+            isinstance(node.args[0], T.Compare)
+            or isinstance(node.args[0], T.Binary | T.Unary)
+            and node.args[0].op in ("and", "or", "not")
+        ):
+            raise PatternError("where takes one condition; with two arguments the first is a layout",
+                               node.args[0].span, "combine conditions with 'and' / 'or': where(a and b)")  # fmt: skip
         lv = c.value(node.args[0], None)
         if not isinstance(lv, LayoutV):
             raise PatternError(f"where's first argument must be a layout, not {kind(lv)}", node.args[0].span)
@@ -657,9 +676,12 @@ def _call_neighborhood(c: _Checker, node: T.Call, scope: WhereScope | None) -> V
             raise PatternError(f"dilation {d} is larger than axis {a} (length {n})", args["dilation"].span)
         positions = n // d
         if not causal[a] and k > positions:
-            per = f" ({positions} positions per dilation group)" if d > 1 else ""
-            raise PatternError(f"kernel {k} is larger than axis {a} (length {n}{per})", where_k,
-                               "a non-causal neighborhood needs at least kernel positions on every axis")  # fmt: skip
+            if d > 1:
+                msg = (f"kernel {k} does not fit axis {a}: length {n} with dilation {d} leaves "
+                       f"{positions} position{'s' if positions != 1 else ''} per dilation group")  # fmt: skip
+            else:
+                msg = f"kernel {k} is larger than axis {a} (length {n})"
+            raise PatternError(msg, where_k, "a non-causal neighborhood needs at least kernel positions on every axis")
     return PatV(ir.Neighborhood(grid, kernel, dilation, stride, causal))
 
 
@@ -680,7 +702,9 @@ def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
 def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     args = _bind(node, ("mass", "block"), 1, ("block",))
     mv = c.value(args["mass"], None)
-    mass = _as_float(mv) if isinstance(mv, FloatV | IntV) and not (isinstance(mv, IntV) and E.free_vars(mv.expr)) else None
+    mass = (
+        _as_float(mv) if isinstance(mv, FloatV | IntV) and not (isinstance(mv, IntV) and E.free_vars(mv.expr)) else None
+    )
     if mass is None:
         raise PatternError(f"threshold's mass must be a number, not {kind(mv)}", args["mass"].span)
     if not 0.0 < mass <= 1.0:
@@ -778,13 +802,20 @@ def _as_float(v: Value) -> float:
 def _parse_define(name: str, text: str) -> int | float:
     t = text.strip().replace("_", "")
     try:
-        return int(t)
+        value = int(t)
     except ValueError:
         pass
+    else:
+        if abs(value) >= MAX_INT:
+            raise PatternError(f"-D {name}={text}: the value is too large", None, "integers must stay below 2**62")
+        return value
     try:
-        return float(t)
+        f = float(t)
     except ValueError:
-        raise PatternError(f"-D {name}={text}: the value must be a number", None) from None
+        raise PatternError(f"-D {name}={text}: the value must be a number", None, f"e.g. -D {name}=256") from None
+    if not math.isfinite(f):
+        raise PatternError(f"-D {name}={text}: the value must be a finite number", None)
+    return f
 
 
 def _names_in(node: T.Node | T.HeadsBlock | None) -> Iterator[str]:

@@ -51,13 +51,80 @@ def evaluate_mask(pred: Expr, n: int, rows: slice | None = None) -> np.ndarray:
     start, stop = (0, n) if rows is None else (rows.start or 0, rows.stop if rows.stop is not None else n)
     out = np.empty((stop - start, n), dtype=bool)
     step = max(1, CHUNK_ELEMENTS // max(1, n))
-    dtype = np.int32 if n < (1 << 30) // 4 else np.int64
+    dtype = index_dtype(pred, n)
     j = np.arange(n, dtype=dtype)[None, :]
     for lo in range(start, stop, step):
         hi = min(stop, lo + step)
         i = np.arange(lo, hi, dtype=dtype)[:, None]
         out[lo - start : hi - start] = np.broadcast_to(eval_numpy(pred, i, j, n), (hi - lo, n))
     return out
+
+
+def index_dtype(pred: Expr, n: int) -> type[np.signedinteger[Any]]:
+    """int32 when no intermediate value can leave its range, else int64; an error past int64.
+
+    numpy integers wrap silently, so the bound is proved up front from the expression (|i|, |j| < N)
+    instead of trusted: a pattern like `where(q * 2**40 < k)` must not quietly mean something else.
+    """
+    bound = magnitude_bound(pred, n)
+    if bound < 1 << 31:
+        return np.int32
+    if bound < 1 << 63:
+        return np.int64
+    raise PatternError(
+        f"the pattern's integer arithmetic leaves the 64-bit range at N = {n}",
+        None,
+        "keep the values in where(...) and in arguments below 2**62",
+    )
+
+
+_HUGE = 1 << 80  # "does not fit", kept small so bounds of towers of ** stay cheap
+
+
+def magnitude_bound(e: Expr, n: int) -> int:
+    """An upper bound on |value| over every node of `e` for 0 <= i, j < n (capped at _HUGE)."""
+    worst = 0
+
+    def go(x: Expr) -> int:
+        nonlocal worst
+        match x:
+            case E.Const(v):
+                b = abs(int(v))
+            case E.Var("N"):
+                b = n
+            case E.Var():
+                b = max(0, n - 1)
+            case E.Arith(op, a, c):
+                ba, bc = go(a), go(c)
+                match op:
+                    case "+" | "-":
+                        b = ba + bc
+                    case "*":
+                        b = ba * bc
+                    case "//" | "min" | "max":
+                        b = max(ba, bc)
+                    case "%":
+                        b = max(ba, bc)
+                    case _:  # "**": the exponent is a constant (the checker insists)
+                        b = _HUGE if ba >= 2 and (ba.bit_length() * bc) > 81 else ba**bc
+            case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+                b = go(a)
+            case E.Cmp(_, a, c):
+                b = max(go(a), go(c))
+            case E.And(args) | E.Or(args):
+                b = max(go(a) for a in args)
+            case E.IfElse(c, t, o):
+                b = max(go(c), go(t), go(o))
+            case E.RandomMember(row, col):
+                b = max(go(row), go(col))  # n and r are plain Python ints by now, never arrays
+            case _:
+                raise TypeError(f"not an index expression: {x!r}")
+        b = min(b, _HUGE)
+        worst = max(worst, b)
+        return b
+
+    go(e)
+    return worst
 
 
 def row_mask(pred: Expr, n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import lark
@@ -101,8 +102,19 @@ def _describe(token: Token | None) -> str:
     return f"'{token}'"
 
 
+def _token_word(name: str) -> str:
+    """How a terminal reads in a message: its text for keywords and anonymous ones like '=>'."""
+    if name in _TOKEN_NAMES:
+        return _TOKEN_NAMES[name]
+    try:
+        pattern = _parser().get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    return f"'{pattern.value}'" if pattern.type == "str" else name.lower()
+
+
 def _expected(names: set[str] | frozenset[str]) -> str:
-    words = sorted({_TOKEN_NAMES.get(n, f"'{n.lower()}'" if n.isupper() else n) for n in names})
+    words = sorted({_token_word(n) for n in names})
     if len(words) > 6:
         words = words[:6] + ["..."]
     return ", ".join(words)
@@ -157,7 +169,9 @@ def _token_hint(tok: Token) -> str:
 def _span_of(source: Source, meta: Any) -> Span:
     if getattr(meta, "empty", True):
         return Span(source, 1, 1)
-    length = meta.end_pos - meta.start_pos if meta.line == meta.end_line else len(source.line(meta.line)) - meta.column + 1
+    length = (
+        meta.end_pos - meta.start_pos if meta.line == meta.end_line else len(source.line(meta.line)) - meta.column + 1
+    )
     return Span(source, meta.line, meta.column, max(1, length))
 
 
@@ -284,4 +298,8 @@ class _Build(Transformer[Token, Any]):
         return T.Int(_int(str(items[0]), span), span)
 
     def float(self, meta: Any, items: list[Any]) -> T.Float:
-        return T.Float(float(str(items[0]).replace("_", "")), _token_span(self.src, items[0]))
+        span = _token_span(self.src, items[0])
+        value = float(str(items[0]).replace("_", ""))
+        if not math.isfinite(value):
+            raise PatternError("number literal is too large", span, "numbers must be finite")
+        return T.Float(value, span)
