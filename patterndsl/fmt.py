@@ -40,12 +40,13 @@ def _statement(stmt: T.Statement, line: int) -> list[tuple[int, str]]:
         case T.LayoutStmt(name, value):
             return [(line, f"layout {name} = {format_expr(value)}")]
         case T.PatternStmt(name, T.HeadsBlock() as heads):
-            return _block(f"pattern {name} = heads {{", line, [(e.span.line, f"{_slice(e.heads)} => ", e.body) for e in heads.entries], 1)
+            rows = [(e.span.line, f"{_slice(e.heads)} => ", e.body) for e in heads.entries]
+            return _block(f"pattern {name} = heads {{", line, rows, 1, heads.end_line)
         case T.PatternStmt(name, body):
             return [(line, f"pattern {name} = {format_expr(body)}")]
         case T.ModelStmt(name, layers, entries):
             rows = [(e.span.line, _entry_key(e), e.body) for e in entries]
-            return _block(f"model {name} = layers({format_expr(layers)}) {{", line, rows, 1)
+            return _block(f"model {name} = layers({format_expr(layers)}) {{", line, rows, 1, stmt.end_line)
     raise TypeError(stmt)
 
 
@@ -60,19 +61,22 @@ def _entry_key(e: T.ModelEntry) -> str:
     return "else => "
 
 
-def _block(head: str, line: int, rows: list[tuple[int, str, T.Node | T.HeadsBlock]], depth: int) -> list[tuple[int, str]]:
+def _block(
+    head: str, line: int, rows: list[tuple[int, str, T.Node | T.HeadsBlock]], depth: int, end_line: int
+) -> list[tuple[int, str]]:
     out = [(line, head)]
     last = line
     for row_line, key, body in rows:
         pad = INDENT * depth
         if isinstance(body, T.HeadsBlock):
             inner = [(e.span.line, f"{_slice(e.heads)} => ", e.body) for e in body.entries]
-            nested = _block(f"{key}heads {{", row_line, inner, depth + 1)
+            nested = _block(f"{key}heads {{", row_line, inner, depth + 1, body.end_line)
             out.extend((ln, (pad + text) if k == 0 else text) for k, (ln, text) in enumerate(nested))
         else:
             out.append((row_line, pad + key + format_expr(body)))
         last = row_line
-    out.append((last, INDENT * (depth - 1) + "}"))
+    # The '}' keeps its own source line, so a comment just above it stays inside the block.
+    out.append((max(last, end_line), INDENT * (depth - 1) + "}"))
     return out
 
 
@@ -85,20 +89,23 @@ def _merge_comments(lines: list[tuple[int, str]], comments: tuple[T.Comment, ...
     emitted_tags: list[int] = []
     for tag, line_text in lines:
         own = []
-        while k < len(pending) and pending[k].line < tag and pending[k].own_line:
-            own.append(pending[k])
-            k += 1
-        # Trailing comments that belong to earlier output lines.
-        while k < len(pending) and pending[k].line < tag and not pending[k].own_line:
-            if out:
+        # Comments between the previous output line and this one, in source order: a trailing comment
+        # of a line that has no output line of its own (a continued expression) joins the previous
+        # output line, unless own-line comments came first (then it becomes one of them).
+        while k < len(pending) and pending[k].line < tag:
+            if pending[k].own_line or own or not out:
+                own.append(pending[k])
+            else:
                 out[-1] = f"{out[-1]}  {pending[k].text}"
             k += 1
         is_statement_start = not line_text.startswith((" ", "}"))
         first_line = own[0].line if own else tag
         if out and is_statement_start and first_line in blank_before:
             out.append("")
+        indent = "" if is_statement_start else line_text[: len(line_text) - len(line_text.lstrip())]
+        if line_text.lstrip().startswith("}"):
+            indent += INDENT  # a comment just above a '}' belongs to the block's body
         for c in own:
-            indent = line_text[: len(line_text) - len(line_text.lstrip())] if not is_statement_start else ""
             out.append(indent + c.text)
         trailing = ""
         while k < len(pending) and pending[k].line == tag and not pending[k].own_line and tag not in emitted_tags:
@@ -155,7 +162,7 @@ def _expr(node: T.Node, minimum: int = 0) -> str:
             return f"{_wrap(a, max(p, lo))} {op} {_wrap(b, max(p + 1, lo))}"
         case T.Compare(operands, ops):
             parts = [_wrap(operands[0], _PREC["cmp"] + 1)]
-            for op, x in zip(ops, operands[1:]):
+            for op, x in zip(ops, operands[1:], strict=True):
                 parts.append(f"{op} {_wrap(x, _PREC['cmp'] + 1)}")
             return " ".join(parts)
         case T.Call(func, args, keywords):

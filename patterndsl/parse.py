@@ -175,6 +175,10 @@ def _span_of(source: Source, meta: Any) -> Span:
     return Span(source, meta.line, meta.column, max(1, length))
 
 
+def _end_line(meta: Any) -> int:
+    return 0 if getattr(meta, "empty", True) else int(meta.end_line)
+
+
 def _token_span(source: Source, tok: Token) -> Span:
     return Span(source, tok.line or 1, tok.column or 1, max(1, len(str(tok))))
 
@@ -213,10 +217,10 @@ class _Build(Transformer[Token, Any]):
         return T.PatternStmt(str(items[0]), items[1], self._s(meta))
 
     def model_stmt(self, meta: Any, items: list[Any]) -> T.ModelStmt:
-        return T.ModelStmt(str(items[0]), items[1], tuple(items[2:]), self._s(meta))
+        return T.ModelStmt(str(items[0]), items[1], tuple(items[2:]), self._s(meta), _end_line(meta))
 
     def heads(self, meta: Any, items: list[Any]) -> T.HeadsBlock:
-        return T.HeadsBlock(tuple(items), self._s(meta))
+        return T.HeadsBlock(tuple(items), self._s(meta), _end_line(meta))
 
     def head_entry(self, meta: Any, items: list[Any]) -> T.HeadEntry:
         return T.HeadEntry(items[0], items[1], self._s(meta))

@@ -105,6 +105,7 @@ class HeadEntry:
 class HeadsBlock:
     entries: tuple[HeadEntry, ...]
     span: Span = _span
+    end_line: int = field(default=0, compare=False, repr=False)  # the line of its '}', for comments
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,7 @@ class ModelStmt:
     layers: Node
     entries: tuple[ModelEntry, ...]
     span: Span = _span
+    end_line: int = field(default=0, compare=False, repr=False)  # the line of its '}', for comments
 
 
 Statement: TypeAlias = ParamStmt | LetStmt | LayoutStmt | PatternStmt | ModelStmt
