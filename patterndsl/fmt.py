@@ -93,7 +93,7 @@ def _merge_comments(lines: list[tuple[int, str]], comments: tuple[T.Comment, ...
         # of a line that has no output line of its own (a continued expression) joins the previous
         # output line, unless own-line comments came first (then it becomes one of them).
         while k < len(pending) and pending[k].line < tag:
-            if pending[k].own_line or own or not out:
+            if pending[k].own_line or own or not out or "#" in out[-1]:  # '#' only ever starts a comment
                 own.append(pending[k])
             else:
                 out[-1] = f"{out[-1]}  {pending[k].text}"
@@ -118,8 +118,10 @@ def _merge_comments(lines: list[tuple[int, str]], comments: tuple[T.Comment, ...
             if out and c.line in blank_before:
                 out.append("")
             out.append(c.text)
-        elif out:
+        elif out and "#" not in out[-1]:
             out[-1] = f"{out[-1]}  {c.text}"
+        else:
+            out.append(c.text)
     return "\n".join(out) + "\n" if out else ""
 
 
