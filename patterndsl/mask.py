@@ -132,10 +132,57 @@ def row_mask(pred: Expr, n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return np.broadcast_to(eval_numpy(pred, i, j, n), np.broadcast_shapes(i.shape, j.shape))
 
 
+def _repeated(e: Expr) -> dict[int, int]:
+    """id(node) -> a shared slot, for the compound nodes that occur more than once (by value) in e."""
+    slots: dict[Expr, int] = {}
+    ids: dict[int, int] = {}
+    count: dict[int, int] = {}
+
+    def visit(x: Expr) -> None:
+        if isinstance(x, E.Const | E.Var):
+            return
+        slot = slots.setdefault(x, len(slots))
+        ids[id(x)] = slot
+        count[slot] = count.get(slot, 0) + 1
+        for child in _children(x):
+            visit(child)
+
+    visit(e)
+    return {k: slot for k, slot in ids.items() if count[slot] > 1}
+
+
+def _children(x: Expr) -> tuple[Expr, ...]:
+    match x:
+        case E.Arith(_, a, b) | E.Cmp(_, a, b):
+            return (a, b)
+        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+            return (a,)
+        case E.And(args) | E.Or(args):
+            return args
+        case E.IfElse(c, t, o):
+            return (c, t, o)
+        case E.RandomMember(row, col, nn, r, _):
+            return (row, col, nn, r)
+    return ()
+
+
 def eval_numpy(e: Expr, i: np.ndarray, j: np.ndarray, n: int) -> Any:
-    """numpy evaluation with Python's integer semantics (floor division and modulo)."""
+    """numpy evaluation with Python's integer semantics (floor division and modulo).
+
+    A subexpression that occurs several times (a window's `i - j`) is computed once per call.
+    """
+    repeated = _repeated(e)
+    memo: dict[int, Any] = {}
 
     def go(x: Expr) -> Any:
+        slot = repeated.get(id(x))
+        if slot is None:
+            return compute(x)
+        if slot not in memo:
+            memo[slot] = compute(x)
+        return memo[slot]
+
+    def compute(x: Expr) -> Any:
         match x:
             case E.Const(v):
                 return v
@@ -171,7 +218,10 @@ def eval_numpy(e: Expr, i: np.ndarray, j: np.ndarray, n: int) -> Any:
                 return _random_member(go(row), go(col), go(nn), go(r), seed)
         raise TypeError(f"cannot evaluate {x!r}")
 
-    return go(e)
+    try:
+        return go(e)
+    finally:
+        memo.clear()  # go and compute form a reference cycle: free the arrays now, not at the next GC
 
 
 def _arith(op: str, a: Any, b: Any) -> Any:
@@ -184,9 +234,13 @@ def _arith(op: str, a: Any, b: Any) -> Any:
             return a * b
         case "//":
             _positive(b)
+            if _is_pow2_array_op(a, b):
+                return np.right_shift(a, int(b).bit_length() - 1)  # arithmetic shift: floors, like //
             return np.floor_divide(a, b)
         case "%":
             _positive(b)
+            if _is_pow2_array_op(a, b):
+                return np.bitwise_and(a, int(b) - 1)  # two's complement: the floor modulo, like %
             return np.mod(a, b)
         case "**":
             return np.power(a, b)
@@ -195,6 +249,18 @@ def _arith(op: str, a: Any, b: Any) -> Any:
         case "max":
             return np.maximum(a, b)
     raise ValueError(op)
+
+
+def _is_pow2_array_op(a: Any, b: Any) -> bool:
+    """A power-of-two constant divisor of an integer array: a shift or a mask, several times faster."""
+    return (
+        isinstance(b, int)
+        and not isinstance(b, bool)
+        and b > 0
+        and b & (b - 1) == 0
+        and isinstance(a, np.ndarray)
+        and a.dtype.kind == "i"
+    )
 
 
 def _positive(b: Any) -> None:
