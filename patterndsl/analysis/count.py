@@ -1,0 +1,391 @@
+"""Exact allowed-pair counts and per-query key spans at a given N, without an N x N mask.
+
+The one question every other figure of the analyser starts from: for each query row i, how many keys
+does the pattern allow, and which is the first and the last. Four exact strategies, tried in order:
+
+- offset form: a predicate of `i - j` alone (windows, causal, stride, hops) is evaluated once per
+  offset (2N - 1 values) and rows are read off prefix sums;
+- block form: a predicate of `i // b` and `j // b` alone (`blockwise`) is counted on the block grid and
+  scaled, the partial last block corrected;
+- a neighborhood is a product over axes: each axis is counted alone;
+- `... | random(r)`: the rest is counted, then the r drawn keys of each row that the rest misses added;
+- anything else: quad-tree subdivision of the (i, j) square with `intervals.classify` (ALL rectangles
+  count their area, NONE nothing, SOME split), rectangles of 16 x 16 or less evaluated pair by pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import check, ir
+from .. import expr as E
+from ..expr import Expr
+from ..intervals import ALL, SOME, classify
+from ..mask import eval_numpy
+from ..semantics import _neighborhood_axis, predicate, random_keys
+from ..source import PatternError
+
+LEAF = 16  # quad-tree rectangles this small are evaluated pair by pair
+DENSE_ELEMENTS = 1 << 21  # pairs evaluated per numpy call at the leaves
+
+
+@dataclass(frozen=True, slots=True)
+class RowStats:
+    """Per query row: allowed keys, first and last allowed key (n and -1 for an empty row)."""
+
+    n: int
+    counts: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    method: str
+
+    @property
+    def pairs(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def empty_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.counts == 0)
+
+
+def bound_predicate(p: ir.Pattern, n: int) -> Expr:
+    """The predicate of a static pattern with N fixed, after the same validation as the mask."""
+    if n < 1:
+        raise PatternError(f"N must be at least 1, got {n}")
+    if ir.is_dynamic(p):
+        raise PatternError(
+            "this pattern holds a dynamic selector (topk/threshold): its pairs depend on q and k",
+            None,
+            "analyse its static part, e.g. the pattern without the topk/threshold term",
+        )
+    check.validate(p, n)
+    return E.bind_n(predicate(p), n)
+
+
+def row_stats(p: ir.Pattern, n: int) -> RowStats:
+    """Exact per-row statistics of a static pattern at sequence length n."""
+    pred = bound_predicate(p, n)
+    if isinstance(p, ir.Neighborhood):
+        return _neighborhood(p, n)
+    return predicate_stats(pred, n)
+
+
+def count_pairs(p: ir.Pattern, n: int) -> int:
+    return row_stats(p, n).pairs
+
+
+def predicate_stats(pred: Expr, n: int) -> RowStats:
+    """Exact per-row statistics of a predicate whose N is bound."""
+    if isinstance(pred, E.Const):
+        ones = np.full(n, n if pred.value else 0, dtype=np.int64)
+        first = np.zeros(n, np.int64) if pred.value else np.full(n, n, np.int64)
+        last = np.full(n, n - 1 if pred.value else -1, np.int64)
+        return RowStats(n, ones, first, last, "constant")
+    offset = offset_form(pred)
+    if offset is not None:
+        return _offset_stats(offset, n)
+    blocked = block_form(pred)
+    if blocked is not None:
+        return _block_stats(blocked[0], blocked[1], n)
+    if isinstance(pred, E.Or):
+        sparse = [a for a in pred.args if _is_plain_random(a)]
+        if sparse:
+            return _random_union(E.disj(*(a for a in pred.args if a not in sparse)), sparse, n)
+        banded = [a for a in pred.args if offset_form(a) is not None]
+        if banded and len(banded) < len(pred.args):
+            return _union(E.disj(*banded), E.disj(*(a for a in pred.args if a not in banded)), n)
+    if _is_plain_random(pred):
+        return _random_union(E.FALSE, [pred], n)
+    return _quadtree(pred, n)
+
+
+# --- offset form: predicates of d = i - j --------------------------------------------------------
+
+_D = E.I  # in an offset form, the variable i stands for d = i - j
+
+
+def offset_form(e: Expr) -> Expr | None:
+    """The predicate rewritten over d = i - j alone (as the variable i), or None when it is not."""
+    match e:
+        case E.Const() | E.Var("N"):
+            return e
+        case E.Var():
+            return None
+        case E.Arith("-", E.Var("i"), E.Var("j")):
+            return _D
+        case E.Arith("-", E.Var("j"), E.Var("i")):
+            return E.sub(E.const(0), _D)
+        case E.Cmp(op, E.Var("j"), E.Var("i")):
+            return E.cmp(op, E.const(0), _D)
+        case E.Cmp(op, E.Var("i"), E.Var("j")):
+            return E.cmp(op, _D, E.const(0))
+        case E.Arith(op, a, b):
+            x, y = offset_form(a), offset_form(b)
+            return None if x is None or y is None else E.Arith(op, x, y)
+        case E.Cmp(op, a, b):
+            x, y = offset_form(a), offset_form(b)
+            return None if x is None or y is None else E.Cmp(op, x, y)
+        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+            x = offset_form(a)
+            if x is None:
+                return None
+            if isinstance(e, E.Abs):
+                return E.Abs(x)
+            return E.Not(x) if isinstance(e, E.Not) else E.IsPow(x, e.base)
+        case E.And(args) | E.Or(args):
+            xs = [offset_form(a) for a in args]
+            if any(x is None for x in xs):
+                return None
+            return E.And(tuple(xs)) if isinstance(e, E.And) else E.Or(tuple(xs))  # type: ignore[arg-type]
+        case E.IfElse(c, t, o):
+            xs3 = [offset_form(a) for a in (c, t, o)]
+            return None if any(x is None for x in xs3) else E.IfElse(*xs3)  # type: ignore[arg-type]
+    return None
+
+
+def _offset_stats(form: Expr, n: int) -> RowStats:
+    d = np.arange(-(n - 1), n, dtype=np.int64)
+    allowed = np.broadcast_to(eval_numpy(form, d, np.zeros(1, np.int64), n), d.shape).astype(bool)
+    idx = np.arange(2 * n - 1, dtype=np.int64)  # idx = d + n - 1; row i uses idx in [i, i + n - 1]
+    prefix = np.concatenate([[0], np.cumsum(allowed, dtype=np.int64)])
+    rows = np.arange(n, dtype=np.int64)
+    counts = prefix[rows + n] - prefix[rows]
+    last_at = np.maximum.accumulate(np.where(allowed, idx, -1))[rows + n - 1]  # largest allowed d
+    next_at = np.minimum.accumulate(np.where(allowed, idx, 1 << 62)[::-1])[::-1][rows]  # smallest
+    has = counts > 0
+    first = np.where(has, rows - (last_at - (n - 1)), n)
+    last = np.where(has, rows - (next_at - (n - 1)), -1)
+    return RowStats(n, counts, first, last, "offset form (exact, O(N))")
+
+
+def _union(a: Expr, b: Expr, n: int) -> RowStats:
+    """|A or B| = |A| + |B| - |A and B| per row; the first and last keys are the extremes of both."""
+    sa, sb, both = predicate_stats(a, n), predicate_stats(b, n), predicate_stats(E.conj(a, b), n)
+    counts = sa.counts + sb.counts - both.counts
+    method = f"inclusion-exclusion: {sa.method} | {sb.method}"
+    return RowStats(n, counts, np.minimum(sa.first, sb.first), np.maximum(sa.last, sb.last), method)
+
+
+# --- block form: predicates of i // b and j // b -----------------------------------------------------
+
+
+def block_form(e: Expr) -> tuple[int, Expr] | None:
+    """(b, predicate over block indices) when i and j only appear as i // b and j // b."""
+    b = _find_block(e)
+    if b is None or b < 2:
+        return None
+    out = _unblock(e, b)
+    return None if out is None else (b, out)
+
+
+def _find_block(e: Expr) -> int | None:
+    match e:
+        case E.Arith("//", E.Var("i" | "j"), E.Const(b)):
+            return int(b)
+        case E.Arith(_, a, b) | E.Cmp(_, a, b):
+            return _find_block(a) or _find_block(b)
+        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+            return _find_block(a)
+        case E.And(args) | E.Or(args):
+            for a in args:
+                found = _find_block(a)
+                if found:
+                    return found
+        case E.IfElse(c, t, o):
+            return _find_block(c) or _find_block(t) or _find_block(o)
+        case E.RandomMember(row, col, _, _, _):
+            return _find_block(row) or _find_block(col)
+    return None
+
+
+def _unblock(e: Expr, b: int) -> Expr | None:
+    match e:
+        case E.Arith("//", E.Var("i" | "j") as v, E.Const(c)) if int(c) == b:
+            return v
+        case E.Var("i" | "j"):
+            return None
+        case E.Const() | E.Var():
+            return e
+        case E.Arith(op, x, y) | E.Cmp(op, x, y):
+            ux, uy = _unblock(x, b), _unblock(y, b)
+            if ux is None or uy is None:
+                return None
+            return E.Arith(op, ux, uy) if isinstance(e, E.Arith) else E.Cmp(op, ux, uy)  # type: ignore[arg-type]
+        case E.Abs(x):
+            a = _unblock(x, b)
+            return None if a is None else E.Abs(a)
+        case E.Not(x):
+            a = _unblock(x, b)
+            return None if a is None else E.Not(a)
+        case E.IsPow(x, base):
+            a = _unblock(x, b)
+            return None if a is None else E.IsPow(a, base)
+        case E.And(args) | E.Or(args):
+            xs = [_unblock(a, b) for a in args]
+            if any(x is None for x in xs):
+                return None
+            return E.And(tuple(xs)) if isinstance(e, E.And) else E.Or(tuple(xs))  # type: ignore[arg-type]
+        case E.IfElse(c, t, o):
+            xs3 = [_unblock(a, b) for a in (c, t, o)]
+            return None if any(x is None for x in xs3) else E.IfElse(*xs3)  # type: ignore[arg-type]
+        case E.RandomMember(row, col, nn, r, seed):
+            rr, cc = _unblock(row, b), _unblock(col, b)
+            return None if rr is None or cc is None else E.RandomMember(rr, cc, nn, r, seed)
+    return None
+
+
+def _block_stats(b: int, inner: Expr, n: int) -> RowStats:
+    nb = -(-n // b)
+    tail = n - b * (nb - 1)  # tokens in the last block
+    s = predicate_stats(inner, nb)
+    blocks = np.arange(nb, dtype=np.int64)
+    last_col = np.broadcast_to(eval_numpy(inner, blocks, np.full(1, nb - 1, np.int64), nb), (nb,)).astype(np.int64)
+    per_block = b * s.counts - (b - tail) * last_col
+    rows = np.arange(n, dtype=np.int64) // b
+    has = s.counts[rows] > 0
+    first = np.where(has, b * s.first[rows], n)
+    last = np.where(has, np.minimum(n - 1, b * s.last[rows] + b - 1), -1)
+    return RowStats(n, per_block[rows], first, last, f"blocks of {b} ({s.method} on {nb} blocks)")
+
+
+# --- union with random(r): count the rest, then the draws it misses -----------------------------------
+
+
+def _is_plain_random(e: Expr) -> bool:
+    return isinstance(e, E.RandomMember) and e.row == E.I and e.col == E.J
+
+
+def _random_union(rest: Expr, draws: list[Expr], n: int) -> RowStats:
+    base = predicate_stats(rest, n)
+    rows = np.arange(n, dtype=np.int64)
+    keys = np.concatenate(
+        [
+            random_keys(rows, E.evaluate_int(d.n), E.evaluate_int(d.r), d.seed)
+            for d in draws
+            if isinstance(d, E.RandomMember)
+        ],
+        axis=1,
+    )
+    if keys.shape[1] == 0:
+        return base
+    keys.sort(axis=1)
+    fresh = np.ones(keys.shape, dtype=bool)
+    fresh[:, 1:] = keys[:, 1:] != keys[:, :-1]
+    if not isinstance(rest, E.Const) or rest.value:
+        fresh &= ~np.broadcast_to(eval_numpy(rest, rows[:, None], keys, n), keys.shape).astype(bool)
+    counts = base.counts + fresh.sum(axis=1)
+    first = np.minimum(base.first, np.where(fresh, keys, n).min(axis=1))
+    last = np.maximum(base.last, np.where(fresh, keys, -1).max(axis=1))
+    return RowStats(n, counts, first, last, f"{base.method} + enumerated random draws")
+
+
+# --- neighborhoods: a product over axes ----------------------------------------------------------------
+
+
+def _neighborhood(p: ir.Neighborhood, n: int) -> RowStats:
+    dims = p.layout.dims
+    per_axis = [
+        predicate_stats(
+            E.bind_n(
+                _neighborhood_axis(E.I, E.J, dims[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a]), dims[a]
+            ),
+            dims[a],
+        )
+        for a in range(len(dims))
+    ]
+    counts = np.ones(1, dtype=np.int64)
+    first = np.zeros(1, dtype=np.int64)
+    last = np.zeros(1, dtype=np.int64)
+    for a, s in enumerate(per_axis):
+        stride = p.layout.strides[a]
+        counts = (counts[:, None] * s.counts[None, :]).reshape(-1)
+        first = (first[:, None] + stride * s.first[None, :]).reshape(-1)
+        last = (last[:, None] + stride * s.last[None, :]).reshape(-1)
+    has = counts > 0
+    return RowStats(
+        n, counts, np.where(has, first, n), np.where(has, last, -1), "neighborhood: product of per-axis counts"
+    )
+
+
+# --- generic: quad-tree subdivision with interval reasoning -------------------------------------------
+
+
+def _quadtree(pred: Expr, n: int) -> RowStats:
+    diff = np.zeros(n + 1, dtype=np.int64)
+    first = np.full(n, n, dtype=np.int64)
+    last = np.full(n, -1, dtype=np.int64)
+    size = 1 << max(0, (n - 1).bit_length())
+    i_lo = np.zeros(1, dtype=np.int64)
+    j_lo = np.zeros(1, dtype=np.int64)
+    while i_lo.size:
+        i_hi = np.minimum(i_lo + size - 1, n - 1)
+        j_hi = np.minimum(j_lo + size - 1, n - 1)
+        verdict = classify(pred, i_lo, i_hi, j_lo, j_hi)
+        full = verdict == ALL
+        if full.any():
+            a, b, c, d = i_lo[full], i_hi[full], j_lo[full], j_hi[full]
+            width = d - c + 1
+            np.add.at(diff, a, width)
+            np.add.at(diff, b + 1, -width)
+            _span_update(first, last, a // size, c, d, size, n)
+        some = verdict == SOME
+        i_lo, j_lo = i_lo[some], j_lo[some]
+        if size <= LEAF or i_lo.size * size * size <= DENSE_ELEMENTS:
+            _dense_leaves(pred, n, i_lo, j_lo, size, diff, first, last)
+            break
+        half = size // 2
+        kids_i = np.concatenate([i_lo, i_lo, i_lo + half, i_lo + half])
+        kids_j = np.concatenate([j_lo, j_lo + half, j_lo, j_lo + half])
+        keep = (kids_i < n) & (kids_j < n)
+        i_lo, j_lo, size = kids_i[keep], kids_j[keep], half
+    counts = np.cumsum(diff[:n])
+    return RowStats(n, counts, first, last, "interval subdivision (exact)")
+
+
+def _span_update(
+    first: np.ndarray, last: np.ndarray, tile: np.ndarray, lo: np.ndarray, hi: np.ndarray, size: int, n: int
+) -> None:
+    """first/last per row from ALL rectangles aligned on tiles of `size` rows."""
+    tiles = -(-n // size)
+    if tile.size * 8 < tiles:  # few rectangles: update their rows directly
+        for t, a, b in zip(tile.tolist(), lo.tolist(), hi.tolist(), strict=True):
+            sl = slice(t * size, min(n, (t + 1) * size))
+            np.minimum(first[sl], a, out=first[sl])
+            np.maximum(last[sl], b, out=last[sl])
+        return
+    tmin = np.full(tiles, n, dtype=np.int64)
+    tmax = np.full(tiles, -1, dtype=np.int64)
+    np.minimum.at(tmin, tile, lo)
+    np.maximum.at(tmax, tile, hi)
+    np.minimum(first, np.repeat(tmin, size)[:n], out=first)
+    np.maximum(last, np.repeat(tmax, size)[:n], out=last)
+
+
+def _dense_leaves(
+    pred: Expr, n: int, i_lo: np.ndarray, j_lo: np.ndarray, size: int,
+    diff: np.ndarray, first: np.ndarray, last: np.ndarray,
+) -> None:  # fmt: skip
+    if i_lo.size == 0:
+        return
+    ar = np.arange(size, dtype=np.int64)
+    step = max(1, DENSE_ELEMENTS // (size * size))
+    for s in range(0, i_lo.size, step):
+        ii = i_lo[s : s + step, None, None] + ar[None, :, None]
+        jj = j_lo[s : s + step, None, None] + ar[None, None, :]
+        m = np.broadcast_to(
+            eval_numpy(pred, np.minimum(ii, n - 1), np.minimum(jj, n - 1), n), (ii.shape[0], size, size)
+        )
+        m = m & (ii < n) & (jj < n)
+        rows = ii[:, :, 0].reshape(-1)
+        flat = m.reshape(-1, size)
+        live = rows < n
+        rows, flat = rows[live], flat[live]
+        cnt = flat.sum(axis=1)
+        np.add.at(diff, rows, cnt)
+        np.add.at(diff, rows + 1, -cnt)
+        hit = cnt > 0
+        base = np.repeat(j_lo[s : s + step], size)[live]
+        np.minimum.at(first, rows[hit], base[hit] + flat[hit].argmax(axis=1))
+        np.maximum.at(last, rows[hit], base[hit] + size - 1 - flat[hit][:, ::-1].argmax(axis=1))

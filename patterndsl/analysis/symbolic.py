@@ -1,0 +1,277 @@
+"""Symbolic pair counts nnz(N) with sympy, and the range of N where each holds.
+
+Patterns built from `full`, `none`, `causal`, `window` (any before/after/dilation), `sink`, `global`,
+`rows` and `cols` with fixed arguments, combined by any of `| & - ~`, are counted exactly by one
+decomposition: every such pattern is a boolean function of the offset d = i - j (through sets of the
+form "a union of the half-lines d < 0, d = 0, d > 0, with finitely many offsets flipped") and of the
+membership of i and of j in finite token sets U_r and U_c. Splitting the pairs by whether i is in U_r
+and j in U_c leaves four parts, each a sum of offset-set counts, all polynomial in N once N exceeds the
+largest offset and token involved. `hops`, `stride` (alone or with `causal`), `blockwise` of a countable
+pattern (N a multiple of the block) and `neighborhood` (a product over axes) have closed forms of their
+own. Everything else says plainly that it has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sympy  # type: ignore[import-untyped]
+
+from .. import expr as E
+from .. import ir
+
+NSYM = sympy.Symbol("N", integer=True, positive=True)
+_FAR = 1 << 62  # an offset farther than any flipped one: d = +-_FAR reads the half-lines
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """nnz as a sympy expression of N, valid for N >= valid_from (and `condition`, when not empty)."""
+
+    expr: Any  # sympy.Expr
+    valid_from: int
+    condition: str = ""
+    derivation: str = ""
+
+    def text(self) -> str:
+        cond = f"N >= {self.valid_from}" + (f", {self.condition}" if self.condition else "")
+        return f"{sympy.sstr(self.expr)}  ({cond})"
+
+    def at(self, n: int) -> int:
+        return int(self.expr.subs(NSYM, n))
+
+
+@dataclass(frozen=True, slots=True)
+class NoClosed:
+    reason: str
+
+    def text(self) -> str:
+        return f"no closed form ({self.reason})"
+
+
+Symbolic = Closed | NoClosed
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def nnz(p: ir.Pattern) -> Symbolic:
+    """The symbolic pair count of a pattern, or why there is none."""
+    try:
+        return _special(p) or _offset_rows_cols(p)
+    except _Unsupported as e:
+        return NoClosed(str(e))
+
+
+def _int(e: E.Expr, what: str) -> int:
+    if E.free_vars(e):
+        raise _Unsupported(f"{what} depends on N")
+    return E.evaluate_int(e)
+
+
+# --- the offset / rows / cols class --------------------------------------------------------------
+
+Member = Callable[[int | None, int | None, int], bool]  # (i or None, j or None, d) -> allowed
+
+
+@dataclass
+class _Parts:
+    rows: set[int]
+    cols: set[int]
+    offsets: set[int]  # every flipped offset of any offset atom
+
+
+def _tokens(t: ir.TokenSet) -> frozenset[int]:
+    match t:
+        case ir.TokenSlice(start, stop, step):
+            if stop is None:
+                raise _Unsupported("a token slice without an end grows with N")
+            a = 0 if start is None else _int(start, "a token slice bound")
+            b = _int(stop, "a token slice bound")
+            s = _int(step, "a token slice step")
+            if a < 0 or b < 0:
+                raise _Unsupported("a negative token bound counts from N")
+            return frozenset(range(a, b, s))
+        case ir.TokenList(items):
+            vals = [_int(x, "a token") for x in items]
+            if any(v < 0 for v in vals):
+                raise _Unsupported("a negative token counts from N")
+            return frozenset(vals)
+    raise _Unsupported("unknown token set")
+
+
+def _build(p: ir.Pattern, parts: _Parts) -> Member:
+    match p:
+        case ir.Full():
+            return lambda i, j, d: True
+        case ir.Empty():
+            return lambda i, j, d: False
+        case ir.Causal():
+            return lambda i, j, d: d >= 0
+        case ir.Window(before, after, dilation):
+            a, b, s = _int(before, "window"), _int(after, "window"), _int(dilation, "dilation")
+            offs = frozenset(x for x in range(-b * s, a * s + 1) if x % s == 0)
+            parts.offsets |= offs
+            return lambda i, j, d: d in offs
+        case ir.Sink(count):
+            c = frozenset(range(_int(count, "sink")))
+            parts.cols |= c
+            return lambda i, j, d: j is not None and j in c
+        case ir.Global(tokens):
+            t = _tokens(tokens)
+            parts.rows |= t
+            parts.cols |= t
+            return lambda i, j, d: (i is not None and i in t) or (j is not None and j in t)
+        case ir.Rows(tokens):
+            t = _tokens(tokens)
+            parts.rows |= t
+            return lambda i, j, d: i is not None and i in t
+        case ir.Cols(tokens):
+            t = _tokens(tokens)
+            parts.cols |= t
+            return lambda i, j, d: j is not None and j in t
+        case ir.Union(a, b):
+            fa, fb = _build(a, parts), _build(b, parts)
+            return lambda i, j, d: fa(i, j, d) or fb(i, j, d)
+        case ir.Inter(a, b):
+            fa, fb = _build(a, parts), _build(b, parts)
+            return lambda i, j, d: fa(i, j, d) and fb(i, j, d)
+        case ir.Complement(a):
+            fa = _build(a, parts)
+            return lambda i, j, d: not fa(i, j, d)
+        case ir.Random():
+            raise _Unsupported("random(r) overlaps the other terms by an amount that depends on the draw")
+        case ir.Hops() | ir.Stride():
+            raise _Unsupported(f"{type(p).__name__.lower()} has a closed form alone or with causal, not combined so")
+    raise _Unsupported(f"{type(p).__name__.lower()} is outside the countable class")
+
+
+@dataclass(frozen=True)
+class _OffsetSet:
+    """{d : member(d)} as half-line bits (d < 0, d = 0, d > 0) and the offsets where it differs."""
+
+    neg: bool
+    zero: bool
+    pos: bool
+    flips: dict[int, bool]  # offset -> True when added to the half-lines, False when removed
+
+    def has(self, d: int) -> bool:
+        return self.flips.get(d, self.neg if d < 0 else self.pos if d > 0 else self.zero)
+
+    def count(self) -> Any:
+        n = NSYM
+        tri = n * (n - 1) / 2
+        out = int(self.neg) * tri + int(self.zero) * n + int(self.pos) * tri
+        for d, added in self.flips.items():
+            out += (1 if added else -1) * (n - abs(d))
+        return out
+
+    def row(self, i: int) -> Any:
+        """Keys of fixed query i: d = i - j runs over [i - N + 1, i]."""
+        out = int(self.pos) * i + int(self.zero) + int(self.neg) * (NSYM - 1 - i)
+        return out + sum((1 if a else -1) for d, a in self.flips.items() if d <= i)
+
+    def col(self, j: int) -> Any:
+        """Queries of fixed key j: d runs over [-j, N - 1 - j]."""
+        out = int(self.neg) * j + int(self.zero) + int(self.pos) * (NSYM - 1 - j)
+        return out + sum((1 if a else -1) for d, a in self.flips.items() if d >= -j)
+
+
+def _offset_set(f: Callable[[int], bool], offsets: set[int]) -> _OffsetSet:
+    neg, zero, pos = f(-_FAR), f(0), f(_FAR)
+    flips = {}
+    for d in offsets:
+        if d == 0:
+            continue
+        if f(d) != (neg if d < 0 else pos):
+            flips[d] = f(d)
+    return _OffsetSet(neg, zero, pos, flips)
+
+
+def _offset_rows_cols(p: ir.Pattern) -> Closed:
+    parts = _Parts(set(), set(), set())
+    member = _build(p, parts)
+    ur, uc = sorted(parts.rows), sorted(parts.cols)
+    g0 = _offset_set(lambda d: member(None, None, d), parts.offsets)
+    total = g0.count() - sum(g0.row(i) for i in ur) - sum(g0.col(j) for j in uc)
+    total += sum(int(g0.has(i - j)) for i in ur for j in uc)
+    for i in ur:
+        gi = _offset_set(lambda d, i=i: member(i, None, d), parts.offsets)  # type: ignore[misc]
+        total += gi.row(i) - sum(int(gi.has(i - j)) for j in uc)
+    for j in uc:
+        gj = _offset_set(lambda d, j=j: member(None, j, d), parts.offsets)  # type: ignore[misc]
+        total += gj.col(j) - sum(int(gj.has(i - j)) for i in ur)
+    total += sum(int(member(i, j, i - j)) for i in ur for j in uc)
+    dmax = max((abs(d) for d in parts.offsets), default=0)
+    umax = max([*ur, *uc], default=-1)
+    valid = max(1, dmax, umax + 1 + (dmax + 1 if umax >= 0 else 0))
+    how = "offset sets split by membership of i and j in the finite token sets (inclusion-exclusion)"
+    return Closed(sympy.expand(total), valid, "", how)
+
+
+# --- primitives with closed forms of their own -------------------------------------------------------
+
+
+def _special(p: ir.Pattern) -> Closed | None:
+    n = NSYM
+    causal = False
+    core = p
+    match p:
+        case ir.Inter(ir.Causal(), x) | ir.Inter(x, ir.Causal()) if isinstance(x, ir.Hops | ir.Stride):
+            causal, core = True, x
+    match core:
+        case ir.Hops(base):
+            m = sympy.floor(sympy.log(n - 1, base))
+            far = (m + 1) * n - (sympy.Integer(base) ** (m + 1) - 1) / (base - 1)
+            expr = n + far if causal else n + 2 * far
+            return Closed(expr, 2, "", "offset 0 and the offsets +-base**m < N, each on N - |d| pairs")
+        case ir.Stride(step):
+            s = _int(step, "stride")
+            q = sympy.floor((n - 1) / s)
+            far = q * n - s * q * (q + 1) / 2
+            expr = n + far if causal else n + 2 * far
+            return Closed(expr, 1, "", "offsets k*s, |k| <= (N-1)//s, each on N - |d| pairs")
+        case ir.Random(count):
+            r = _int(count, "random")
+            return Closed(r * n, r, "", "exactly r keys per query")
+        case ir.Blockwise(block, inner):
+            b = _int(block, "block")
+            f = nnz(inner)
+            if isinstance(f, NoClosed):
+                raise _Unsupported(f"inside blockwise: {f.reason}")
+            expr = sympy.expand(b * b * f.expr.subs(n, n / b))
+            return Closed(expr, b * f.valid_from, f"N a multiple of {b}", f"block count {b}**2 * nnz_blocks(N/{b})")
+        case ir.Neighborhood():
+            return _neighborhood(core)
+    return None
+
+
+def _neighborhood(p: ir.Neighborhood) -> Closed:
+    """Product over axes of the per-axis counts (axis lengths as symbols n0, n1, ...)."""
+    total: Any = sympy.Integer(1)
+    conds = []
+    subs = {}
+    for a, size in enumerate(p.layout.dims):
+        k, d, s, c = p.kernel[a], p.dilation[a], p.stride[a], p.causal[a]
+        na = sympy.Symbol(f"n{a}", integer=True, positive=True)
+        subs[na] = size
+        if c and s > 1:
+            raise _Unsupported("a causal axis with a stride")
+        axis = na * k - (d * k * (k - 1) / 2 if c else 0)
+        conds.append(f"n{a} >= {k * d}")  # every dilation group holds a whole kernel
+        if size < k * d:
+            raise _Unsupported(f"axis {a} holds fewer than kernel*dilation = {k * d} tokens")
+        total *= axis
+    expr = sympy.expand(total)
+    if not any(p.causal):
+        expr = NSYM * sympy.Integer(int(total / sympy.Mul(*subs)))
+    return Closed(
+        expr,
+        p.layout.size,
+        f"N fixed by the grid {'x'.join(map(str, p.layout.dims))}; " + ", ".join(conds),
+        f"per axis: n*K{' - d*K*(K-1)/2 on causal axes' if any(p.causal) else ''}; multiplied over axes"
+        + ("" if not any(p.causal) else f"; in axis lengths: {sympy.sstr(sympy.expand(total))}"),
+    )
