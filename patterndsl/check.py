@@ -429,8 +429,8 @@ class _Checker:
             case "+" | "-" | "*", IntV() | FloatV(), IntV() | FloatV() if not (
                 isinstance(a, IntV) and E.free_vars(a.expr) or isinstance(b, IntV) and E.free_vars(b.expr)
             ):
-                x, y = _as_float(a), _as_float(b)
-                return FloatV(x + y if op == "+" else x - y if op == "-" else x * y)
+                fa, fb = _as_float(a), _as_float(b)
+                return FloatV(fa + fb if op == "+" else fa - fb if op == "-" else fa * fb)
         if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
             word = "or" if op == "|" else "and"
             raise PatternError(
@@ -840,9 +840,9 @@ def _names_in(node: T.Node | T.HeadsBlock | None) -> Iterator[str]:
         case T.TupleLit(items) | T.ListLit(items):
             for x in items:
                 yield from _names_in(x)
-        case T.Slice(a, b, s):
-            for x in (a, b, s):
-                yield from _names_in(x)
+        case T.Slice(start, stop, step):
+            for bound in (start, stop, step):
+                yield from _names_in(bound)
         case T.HeadsBlock(entries):
             for e in entries:
                 yield from _names_in(e.body)

@@ -16,7 +16,8 @@ def downsample(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
     counts = np.zeros((rows, cols))
     np.add.at(counts, (ri[:, None], ci[None, :]), mask.astype(np.float64))
     sizes = np.bincount(ri, minlength=rows)[:, None] * np.bincount(ci, minlength=cols)[None, :]
-    return counts / np.maximum(sizes, 1)
+    fraction: np.ndarray = counts / np.maximum(sizes, 1)
+    return fraction
 
 
 def unicode_picture(mask: np.ndarray, width: int = 64) -> str:

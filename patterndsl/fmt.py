@@ -7,6 +7,8 @@ and `fmt(fmt(x)) == fmt(x)`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from . import tree as T
 
 # Binding strength, loosest first (Python's order).
@@ -40,9 +42,12 @@ def _statement(stmt: T.Statement, line: int) -> list[tuple[int, str]]:
         case T.LayoutStmt(name, value):
             return [(line, f"layout {name} = {format_expr(value)}")]
         case T.PatternStmt(name, T.HeadsBlock() as heads):
-            rows = [(e.span.line, f"{_slice(e.heads)} => ", e.body) for e in heads.entries]
+            rows: list[tuple[int, str, T.Node | T.HeadsBlock]] = [
+                (e.span.line, f"{_slice(e.heads)} => ", e.body) for e in heads.entries
+            ]
             return _block(f"pattern {name} = heads {{", line, rows, 1, heads.end_line)
         case T.PatternStmt(name, body):
+            assert not isinstance(body, T.HeadsBlock)
             return [(line, f"pattern {name} = {format_expr(body)}")]
         case T.ModelStmt(name, layers, entries):
             rows = [(e.span.line, _entry_key(e), e.body) for e in entries]
@@ -62,7 +67,7 @@ def _entry_key(e: T.ModelEntry) -> str:
 
 
 def _block(
-    head: str, line: int, rows: list[tuple[int, str, T.Node | T.HeadsBlock]], depth: int, end_line: int
+    head: str, line: int, rows: Sequence[tuple[int, str, T.Node | T.HeadsBlock]], depth: int, end_line: int
 ) -> list[tuple[int, str]]:
     out = [(line, head)]
     last = line
@@ -88,7 +93,7 @@ def _merge_comments(lines: list[tuple[int, str]], comments: tuple[T.Comment, ...
     k = 0
     emitted_tags: list[int] = []
     for tag, line_text in lines:
-        own = []
+        own: list[T.Comment] = []
         # Comments between the previous output line and this one, in source order: a trailing comment
         # of a line that has no output line of its own (a continued expression) joins the previous
         # output line, unless own-line comments came first (then it becomes one of them).

@@ -289,7 +289,8 @@ def is_power(d: np.ndarray, base: int) -> np.ndarray:
     """d == base**m for some m >= 0 (False for d < 1)."""
     d = np.asarray(d, dtype=np.int64)
     if base == 2:
-        return (d >= 1) & ((d & (d - 1)) == 0)
+        powers: np.ndarray = (d >= 1) & ((d & (d - 1)) == 0)
+        return powers
     out = np.zeros(d.shape, dtype=bool)
     p = 1
     top = int(d.max()) if d.size else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import lark
@@ -113,8 +114,8 @@ def _token_word(name: str) -> str:
     return f"'{pattern.value}'" if pattern.type == "str" else name.lower()
 
 
-def _expected(names: set[str] | frozenset[str]) -> str:
-    words = sorted({_token_word(n) for n in names})
+def _expected(names: Iterable[Any]) -> str:
+    words = sorted({_token_word(str(n)) for n in names})
     if len(words) > 6:
         words = words[:6] + ["..."]
     return ", ".join(words)
@@ -128,7 +129,8 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> PatternError:
     span = Span(source, line, column)
     match e:
         case UnexpectedCharacters():
-            ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else ""
+            pos = e.pos_in_stream or 0
+            ch = source.text[pos] if pos < len(source.text) else ""
             return PatternError(f"unexpected character {ch!r}", span, _char_hint(ch))
         case UnexpectedEOF():
             return PatternError("unexpected end of file", span, f"expected {_expected(e.expected)}")
@@ -288,10 +290,10 @@ class _Build(Transformer[Token, Any]):
         start, _, stop, _, step = (items + [None] * 5)[:5]
         return T.Slice(start, stop, step, self._s(meta))
 
-    def tuple(self, meta: Any, items: list[Any]) -> T.TupleLit:
+    def tuple_lit(self, meta: Any, items: list[Any]) -> T.TupleLit:
         return T.TupleLit(tuple(x for x in items if x is not None), self._s(meta))
 
-    def list(self, meta: Any, items: list[Any]) -> T.ListLit:
+    def list_lit(self, meta: Any, items: list[Any]) -> T.ListLit:
         return T.ListLit(tuple(x for x in items if x is not None), self._s(meta))
 
     def name(self, meta: Any, items: list[Any]) -> T.Name:
