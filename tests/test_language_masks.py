@@ -210,6 +210,19 @@ def test_spelled_out_primitives_match_brute_force(src: str, n: int) -> None:
     _assert_same(src, n)
 
 
+@given(cond=_cond(), n=lengths)
+def test_where_condition_means_what_python_says(cond: str, n: int) -> None:
+    """where(...) has Python's precedence and Python's floor // and %: Python itself is the reference."""
+    code = compile(cond, "<cond>", "eval")
+    expected = np.array(
+        [
+            [bool(eval(code, {"q": i, "k": j, "N": n, "abs": abs, "min": min, "max": max})) for j in range(n)]
+            for i in range(n)
+        ]
+    ).reshape(n, n)
+    np.testing.assert_array_equal(_m(f"where({cond})", n), expected, err_msg=cond)
+
+
 # --- layouts: neighborhoods and where over coordinates -------------------------------------------
 
 
