@@ -104,7 +104,10 @@ class WhereScope:
 
 def check(module: T.Module, path: str = "<input>", defines: Mapping[str, str] | None = None) -> ir.Program:
     """Check a parsed file and build its IR; `defines` are the `-D name=value` overrides."""
-    return _Checker(module, path, dict(defines or {})).run()
+    try:
+        return _Checker(module, path, dict(defines or {})).run()
+    except RecursionError:
+        raise PatternError(f"{path}: definitions are nested too deeply", None, "flatten chains of 'let'") from None
 
 
 class _Checker:

@@ -99,7 +99,7 @@ Expr: TypeAlias = Const | Var | Arith | Abs | Cmp | And | Or | Not | IfElse | Is
 
 TRUE = Const(True)
 FALSE = Const(False)
-I = Var("i")
+I = Var("i")  # noqa: E741 (the query index, as in the papers)
 J = Var("j")
 N = Var("N")
 

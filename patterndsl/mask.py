@@ -23,6 +23,13 @@ CHUNK_ELEMENTS = 1 << 22
 
 def dense_mask(body: ir.Body, n: int, heads: int | None = None) -> np.ndarray:
     """[n, n] bool for a pattern; [heads, n, n] for a `heads` body (heads must match its ranges)."""
+    try:
+        return _dense_mask(body, n, heads)
+    except RecursionError:
+        raise PatternError("the pattern is nested too deeply to evaluate", None, "flatten chains of 'let'") from None
+
+
+def _dense_mask(body: ir.Body, n: int, heads: int | None) -> np.ndarray:
     if isinstance(body, ir.Heads):
         if heads is not None and heads != body.count:
             raise PatternError(f"this pattern defines {body.count} heads, but {heads} were asked for")
@@ -31,7 +38,7 @@ def dense_mask(body: ir.Body, n: int, heads: int | None = None) -> np.ndarray:
         for h in range(body.count):
             p = body.pattern_for(h)
             if p not in cache:
-                cache[p] = dense_mask(p, n)
+                cache[p] = _dense_mask(p, n, None)
             out[h] = cache[p]
         return out
     return evaluate_mask(_static_predicate(body, n), n)

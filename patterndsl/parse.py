@@ -16,6 +16,8 @@ from . import tree as T
 from .source import PatternError, Source, Span
 
 MAX_SOURCE_BYTES = 1 << 20
+# Deeper expressions are refused with a message: every stage after the parser recurses over the tree.
+MAX_NESTING = 200
 
 _TOKEN_NAMES = {
     "NAME": "a name",
@@ -72,6 +74,7 @@ def parse(text: str, path: str = "<input>") -> T.Module:
     parser = _parser()
     try:
         raw = _parse_collecting(parser, text, comments)
+        _check_nesting(raw, source)
         module = _Build(source).transform(raw)
     except UnexpectedInput as e:
         raise _syntax_error(e, source) from None
@@ -89,6 +92,20 @@ def _parse_collecting(parser: lark.Lark, text: str, comments: list[Token]) -> An
         if tok.type == "COMMENT":
             comments.append(tok)
     return result
+
+
+def _check_nesting(raw: lark.Tree[Token], source: Source) -> None:
+    """Refuse expressions nested deeper than MAX_NESTING (walked without recursion)."""
+    stack: list[tuple[lark.Tree[Token], int]] = [(raw, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise PatternError(
+                f"expression nested more than {MAX_NESTING} levels deep",
+                _span_of(source, node.meta),
+                "name parts of it with 'let'",
+            )
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
 
 
 def _comment(tok: Token, text: str) -> T.Comment:

@@ -340,3 +340,40 @@ def test_patc_check_on_garbage_exits_0_or_2_without_traceback(text: str) -> None
     assert "Traceback" not in err.getvalue() and "internal error" not in err.getvalue()
     if code == 2:
         assert "error: " in err.getvalue()
+
+
+# --- deep nesting: a message, never a RecursionError ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        "pattern p = " + "~" * 3000 + "causal",
+        "pattern p = " + " | ".join(["window(1)"] * 3000),
+        "pattern p = sink(" + "-" * 3000 + "1)",
+        "pattern p = where(" + " and ".join(["q < 5"] * 3000) + ")",
+        "pattern p = where(" + "not " * 3000 + "q < 5)",
+    ],
+    ids=["tilde", "union", "minus", "and", "not"],
+)
+def test_deep_nesting_is_refused_with_a_position(src: str) -> None:
+    with pytest.raises(P.PatternError) as info:
+        P.loads(src, "t.pat")
+    err = info.value
+    assert err.message == "expression nested more than 200 levels deep"
+    assert err.span is not None and err.span.line == 1 and err.hint == "name parts of it with 'let'"
+
+
+def test_nesting_up_to_the_limit_works_everywhere() -> None:
+    src = "pattern p = " + " | ".join(f"window({k})" for k in range(150))
+    assert dense_mask(P.loads(src).patterns[0].body, 8).all()
+    assert P.loads("pattern p = " + "(" * 3000 + "causal" + ")" * 3000).patterns[0].body == P.pattern("causal")
+
+
+def test_a_very_long_let_chain_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = ["let a0 = causal"] + [f"let a{k} = a{k - 1} | window({k})" for k in range(1, 3000)]
+    path = tmp_path / "chain.pat"
+    path.write_text("\n".join(lines) + "\npattern p = a2999\n", encoding="utf-8")
+    assert patc(["mask", str(path), "-N", "16", "-o", str(tmp_path / "m.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "nested too deeply" in err and "Traceback" not in err

@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PatternError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_USER_ERROR
+    except RecursionError:
+        print("error: the pattern is nested too deeply for patc", file=sys.stderr)
+        print("  hint: name parts of it with 'let' and keep chains of 'let' shallow", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
