@@ -1,0 +1,205 @@
+"""What a pattern costs: FLOPs (useful and executed by a block-sparse kernel), bytes moved, tile efficiency.
+
+Counting conventions (stated once here, repeated in the report):
+- forward: 4 * D FLOPs per allowed pair and head (2 * D for q . k, 2 * D for p * v);
+- backward: 10 * D per pair, FlashAttention-2 style with recomputation (q . k again, dV, dP, dQ, dK:
+  2 * D each), i.e. 2.5 x the forward;
+- a block-sparse kernel with BQ x BK tiles computes every pair of every tile it visits (FULL or
+  PARTIAL), padded tiles included: executed = visited * BQ * BK * 4 * D per head;
+- bytes (forward, bf16 = 2 bytes per element): every query row of Q read once and of O written once,
+  and the K and V tiles (BK x D each) read once per visited tile. Softmax statistics are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import expr as E
+from ..expr import Expr
+from ..intervals import ALL, NONE, SOME, classify
+from ..semantics import random_keys
+from .count import _is_plain_random, block_form
+
+FWD_PER_PAIR = 4
+BWD_PER_PAIR = 10
+BYTES_PER_ELEMENT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCounts:
+    """Per query block: key blocks that are FULL (every pair allowed) and PARTIAL (some may be)."""
+
+    block_q: int
+    block_k: int
+    full: np.ndarray
+    partial: np.ndarray
+    source: str
+
+    @property
+    def visited(self) -> int:
+        return int(self.full.sum() + self.partial.sum())
+
+
+@dataclass(frozen=True, slots=True)
+class TileRects:
+    """Rectangles of the block grid (block indices, half-open) whose tiles are all FULL, or one PARTIAL tile each."""
+
+    q_lo: np.ndarray
+    q_hi: np.ndarray
+    k_lo: np.ndarray
+    k_hi: np.ndarray
+    full: np.ndarray  # bool: the rectangle is FULL; else it is a single tile that may be partial
+
+
+def tile_rects(pred: Expr, n: int, block_q: int, block_k: int) -> TileRects:
+    """Every non-empty tile of the BQ x BK grid, by quad-tree subdivision of the block grid.
+
+    The classification is the sound one of `intervals.classify` (what the kernel's block tables use):
+    a tile it cannot prove empty counts as visited, one it cannot prove full as partial.
+    """
+    blocked = block_form(pred)
+    if blocked is not None and block_q % blocked[0] == 0 and block_k % blocked[0] == 0:
+        b = blocked[0]  # the same tiles, asked of the pattern's own block grid (far fewer rows per tile)
+        return tile_rects(blocked[1], -(-n // b), block_q // b, block_k // b)
+    if isinstance(pred, E.Or) and any(_is_plain_random(a) for a in pred.args):
+        return _random_tiles(pred, n, block_q, block_k)
+    nq, nk = -(-n // block_q), -(-n // block_k)
+    size = 1 << max(0, (max(nq, nk) - 1).bit_length())
+    qb = np.zeros(1, dtype=np.int64)
+    kb = np.zeros(1, dtype=np.int64)
+    out: list[tuple[np.ndarray, ...]] = []
+    while qb.size:
+        q_hi = np.minimum(qb + size, nq)  # exclusive, in blocks
+        k_hi = np.minimum(kb + size, nk)
+        verdict = classify(
+            pred, qb * block_q, np.minimum(q_hi * block_q, n) - 1, kb * block_k, np.minimum(k_hi * block_k, n) - 1
+        )
+        keep = verdict == ALL if size > 1 else verdict != NONE
+        out.append((qb[keep], q_hi[keep], kb[keep], k_hi[keep], verdict[keep] == ALL))
+        if size == 1:
+            break
+        some = verdict == SOME
+        qb, kb = qb[some], kb[some]
+        half = size // 2
+        kids_q = np.concatenate([qb, qb, qb + half, qb + half])
+        kids_k = np.concatenate([kb, kb + half, kb, kb + half])
+        inside = (kids_q < nq) & (kids_k < nk)
+        qb, kb, size = kids_q[inside], kids_k[inside], half
+    q_lo, q_hi_all, k_lo, k_hi_all, full = (np.concatenate(parts) for parts in zip(*out, strict=True))
+    return TileRects(q_lo, q_hi_all, k_lo, k_hi_all, full)
+
+
+def _random_tiles(pred: E.Or, n: int, block_q: int, block_k: int) -> TileRects:
+    """`rest | random(r)`: the tiles of the rest, plus the tiles of the drawn keys that the rest misses.
+
+    A tile that the rest already has is left as it is (a tile the rest calls partial may in fact be filled
+    up by the draws; calling it partial is the sound side).
+    """
+    draws = [a for a in pred.args if isinstance(a, E.RandomMember) and _is_plain_random(a)]
+    rest = E.disj(*(a for a in pred.args if a not in draws))
+    base = tile_rects(rest, n, block_q, block_k)
+    rows = np.arange(n, dtype=np.int64)
+    keys = np.concatenate([random_keys(rows, E.evaluate_int(d.n), E.evaluate_int(d.r), d.seed) for d in draws], axis=1)
+    nk = -(-n // block_k)
+    tiles = np.unique((rows[:, None] // block_q * nk + keys // block_k).reshape(-1))
+    tq, tk = tiles // nk, tiles % nk
+    verdict = classify(
+        rest, tq * block_q, np.minimum((tq + 1) * block_q, n) - 1, tk * block_k, np.minimum((tk + 1) * block_k, n) - 1
+    )
+    new = verdict == NONE
+    return TileRects(
+        np.concatenate([base.q_lo, tq[new]]), np.concatenate([base.q_hi, tq[new] + 1]),
+        np.concatenate([base.k_lo, tk[new]]), np.concatenate([base.k_hi, tk[new] + 1]),
+        np.concatenate([base.full, np.zeros(int(new.sum()), dtype=bool)]),
+    )  # fmt: skip
+
+
+def block_counts(pred: Expr, n: int, block_q: int, block_k: int) -> BlockCounts:
+    """FULL and PARTIAL key blocks per query block."""
+    nq = -(-n // block_q)
+    r = tile_rects(pred, n, block_q, block_k)
+    diff = np.zeros(nq + 1, dtype=np.int64)
+    width = r.k_hi[r.full] - r.k_lo[r.full]
+    np.add.at(diff, r.q_lo[r.full], width)
+    np.add.at(diff, r.q_hi[r.full], -width)
+    full = np.cumsum(diff[:nq])
+    partial = np.bincount(r.q_lo[~r.full], minlength=nq).astype(np.int64)
+    return BlockCounts(block_q, block_k, full, partial, "interval classification of BQ x BK tiles")
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    pairs: int
+    n: int
+    heads: int
+    head_dim: int
+    batch: int
+    block_q: int
+    block_k: int
+    visited: int
+    full_blocks: int
+    partial_blocks: int
+
+    @property
+    def scale(self) -> int:
+        return self.head_dim * self.heads * self.batch
+
+    @property
+    def fwd_flops(self) -> int:
+        return FWD_PER_PAIR * self.pairs * self.scale
+
+    @property
+    def bwd_flops(self) -> int:
+        return BWD_PER_PAIR * self.pairs * self.scale
+
+    @property
+    def executed_fwd_flops(self) -> int:
+        return FWD_PER_PAIR * self.visited * self.block_q * self.block_k * self.scale
+
+    @property
+    def executed_bwd_flops(self) -> int:
+        return BWD_PER_PAIR * self.visited * self.block_q * self.block_k * self.scale
+
+    @property
+    def tile_efficiency(self) -> float:
+        tiles = self.visited * self.block_q * self.block_k
+        return self.pairs / tiles if tiles else 1.0
+
+    @property
+    def fwd_bytes(self) -> int:
+        elems = 2 * self.n * self.head_dim + 2 * self.visited * self.block_k * self.head_dim
+        return BYTES_PER_ELEMENT * elems * self.heads * self.batch
+
+    @property
+    def intensity(self) -> float:
+        """Executed forward FLOPs per byte moved."""
+        return self.executed_fwd_flops / self.fwd_bytes if self.fwd_bytes else 0.0
+
+    @property
+    def dense_fwd_flops(self) -> int:
+        return FWD_PER_PAIR * self.n * self.n * self.scale
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "pairs": self.pairs,
+            "fwd_flops": self.fwd_flops,
+            "bwd_flops": self.bwd_flops,
+            "dense_fwd_flops": self.dense_fwd_flops,
+            "visited_blocks": self.visited,
+            "full_blocks": self.full_blocks,
+            "partial_blocks": self.partial_blocks,
+            "executed_fwd_flops": self.executed_fwd_flops,
+            "executed_bwd_flops": self.executed_bwd_flops,
+            "tile_efficiency": self.tile_efficiency,
+            "fwd_bytes": self.fwd_bytes,
+            "arithmetic_intensity": self.intensity,
+        }
+
+
+def cost(pairs: int, blocks: BlockCounts, n: int, heads: int, head_dim: int, batch: int) -> Cost:
+    return Cost(
+        pairs, n, heads, head_dim, batch, blocks.block_q, blocks.block_k, blocks.visited,
+        int(blocks.full.sum()), int(blocks.partial.sum()),
+    )  # fmt: skip

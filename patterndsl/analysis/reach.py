@@ -1,0 +1,220 @@
+"""Receptive field: which keys a query can reach through a stack of attention layers.
+
+Layer l lets query q read token k when layer l's pattern allows (q, k); through layers 1..L the reach is
+the boolean product R_L = A_L . R_(L-1), R_0 the identity. Sets are bit-packed rows (uint64 words).
+
+Two granularities, always named in the output:
+- token: exact, for N <= TOKEN_LIMIT (A from the reference mask);
+- block of G tokens, for larger N: an upper bound (a block pair counts as connected when any pair in it
+  may be allowed) and a lower bound (only through FULL block pairs, where every query of the block sees
+  every key of the other). Coverage is then given as the fraction of block pairs, between the two bounds.
+
+Coverage at depth L: reached pairs / the pairs full attention would give (causal attention when every
+layer is causal). Iteration stops when the target is covered, when the reach stops changing, or after
+max_depth layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import expr as E
+from .. import ir
+from ..mask import dense_mask, eval_numpy
+from .cost import tile_rects
+from .count import bound_predicate
+
+TOKEN_LIMIT = 2048
+BLOCK_UNITS = 1024  # at most this many blocks per side at block granularity
+GATHER_WORDS = 1 << 24
+
+
+@dataclass(frozen=True, slots=True)
+class Adjacency:
+    """CSR lists per unit (token or block): units it reads from; `full` marks FULL block pairs."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    full: np.ndarray
+
+    @property
+    def units(self) -> int:
+        return self.indptr.size - 1
+
+
+@dataclass
+class Reach:
+    granularity: str  # "token" or "block of G tokens"
+    unit: int
+    units: int
+    causal_target: bool
+    coverage: list[float] = field(default_factory=list)  # per depth 1.., exact or upper bound
+    coverage_lower: list[float] | None = None  # block granularity only
+    depth: int | None = None  # first depth with full coverage (exact, or a lower bound at block level)
+    depth_upper: int | None = None  # block level: full coverage guaranteed by this depth
+    stopped: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "granularity": self.granularity,
+            "unit_tokens": self.unit,
+            "units": self.units,
+            "target": "causal" if self.causal_target else "full",
+            "coverage": self.coverage,
+            "coverage_lower": self.coverage_lower,
+            "depth_full_coverage": self.depth,
+            "depth_full_coverage_upper": self.depth_upper,
+            "stopped": self.stopped,
+        }
+
+
+def _body_predicate(body: ir.Body, n: int) -> E.Expr:
+    return E.disj(*(bound_predicate(p, n) for p in ir.body_patterns(body)))
+
+
+def token_adjacency(body: ir.Body, n: int) -> Adjacency:
+    m: np.ndarray = dense_mask(body, n)
+    if m.ndim == 3:
+        m = np.any(m, axis=0)  # a token reaches what any head reaches
+    counts = m.sum(axis=1)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    indices = np.nonzero(m)[1].astype(np.int64)
+    return Adjacency(indptr, indices, np.ones(indices.size, dtype=bool))
+
+
+def block_adjacency(body: ir.Body, n: int, g: int) -> Adjacency:
+    r = tile_rects(_body_predicate(body, n), n, g, g)
+    units = -(-n // g)
+    width = r.k_hi - r.k_lo
+    sizes = (r.q_hi - r.q_lo) * width
+    rect = np.repeat(np.arange(sizes.size), sizes)
+    offset = np.arange(rect.size, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    q = r.q_lo[rect] + offset // width[rect]
+    k = r.k_lo[rect] + offset % width[rect]
+    f = r.full[rect]
+    order = np.lexsort((k, q))
+    q, k, f = q[order], k[order], f[order]
+    # A tile classified twice (FULL and PARTIAL) cannot happen: the quad tree visits each tile once.
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(q, minlength=units))]).astype(np.int64)
+    return Adjacency(indptr, k, f)
+
+
+def _step(adj: Adjacency, reach: np.ndarray, only_full: bool = False) -> np.ndarray:
+    """R' = A . R on bit-packed rows: OR of the reach rows of every unit each unit reads from."""
+    units, words = reach.shape
+    indptr, indices = adj.indptr, adj.indices
+    if only_full:
+        keep = adj.full
+        indices = indices[keep]
+        owner = np.repeat(np.arange(units), np.diff(adj.indptr))
+        counts = np.bincount(owner[keep], minlength=units)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+    out = np.zeros_like(reach)
+    if indices.size == 0:
+        return out
+    if indices.size * words > 4 * GATHER_WORDS:  # dense: one boolean matrix product
+        a = np.zeros((units, units), dtype=np.float32)
+        rows = np.repeat(np.arange(units), np.diff(indptr))
+        a[rows, indices] = 1.0
+        dense = np.unpackbits(reach.view(np.uint8), axis=1, bitorder="little")[:, :units].astype(np.float32)
+        prod = (a @ dense) > 0
+        packed = np.packbits(prod, axis=1, bitorder="little")
+        out.view(np.uint8)[:, : packed.shape[1]] = packed
+        return out
+    rows_per = max(1, GATHER_WORDS // max(1, words * max(1, indices.size // units)))
+    for lo in range(0, units, rows_per):
+        hi = min(units, lo + rows_per)
+        a, b = indptr[lo], indptr[hi]
+        if a == b:
+            continue
+        gathered = reach[indices[a:b]]
+        starts = indptr[lo:hi] - a
+        nonempty = np.diff(indptr[lo : hi + 1]) > 0
+        block = out[lo:hi]
+        block[nonempty] = np.bitwise_or.reduceat(gathered, starts[nonempty], axis=0)
+    return out
+
+
+def _target(units: int, causal: bool) -> np.ndarray:
+    words = -(-units // 64)
+    dense = np.tril(np.ones((units, units), dtype=bool)) if causal else np.ones((units, units), dtype=bool)
+    packed = np.packbits(dense, axis=1, bitorder="little")
+    out = np.zeros((units, words), dtype=np.uint64)
+    out.view(np.uint8)[:, : packed.shape[1]] = packed
+    return out
+
+
+def _popcount(x: np.ndarray) -> int:
+    return int(np.bitwise_count(x).sum())
+
+
+def receptive_field(
+    schedule: Sequence[ir.Body], n: int, causal: bool, max_depth: int | None = None, repeat: bool = True
+) -> Reach:
+    """Coverage per depth through `schedule` (repeated when `repeat`, for a single pattern)."""
+    if n <= TOKEN_LIMIT:
+        unit, granularity = 1, "token (exact)"
+    else:
+        unit = 1 << math.ceil(math.log2(n / BLOCK_UNITS))
+        granularity = f"block of {unit} tokens (bounds)"
+    units = -(-n // unit)
+    cache: dict[ir.Body, Adjacency] = {}
+    diagonal: dict[ir.Body, bool] = {}
+
+    def sees_itself(body: ir.Body) -> bool:
+        if body not in diagonal:
+            t = np.arange(n, dtype=np.int64)
+            pred = _body_predicate(body, n)
+            diagonal[body] = bool(np.all(np.broadcast_to(eval_numpy(pred, t, t, n), (n,))))
+        return diagonal[body]
+
+    def adj(body: ir.Body) -> Adjacency:
+        if body not in cache:
+            cache[body] = token_adjacency(body, n) if unit == 1 else block_adjacency(body, n, unit)
+        return cache[body]
+
+    limit = max_depth if max_depth is not None else (units + 1 if repeat else len(schedule))
+    if not repeat:
+        limit = min(limit, len(schedule))
+    words = -(-units // 64)
+    target = _target(units, causal)
+    total = _popcount(target)
+    ident = np.zeros((units, words), dtype=np.uint64)
+    ident[np.arange(units), np.arange(units) // 64] = np.uint64(1) << (np.arange(units) % 64).astype(np.uint64)
+    upper, lower = ident, ident
+    out = Reach(granularity, unit, units, causal)
+    if unit > 1:
+        out.coverage_lower = []
+    lower_settled = unit == 1
+    for depth in range(1, limit + 1):
+        body = schedule[(depth - 1) % len(schedule)]
+        a = adj(body)
+        new_upper = _step(a, upper)
+        out.coverage.append(_popcount(new_upper & target) / total)
+        done = out.coverage[-1] >= 1.0
+        if out.depth is None and done:
+            out.depth = depth
+        settled = repeat and len(schedule) == 1 and np.array_equal(new_upper, upper)
+        upper = new_upper
+        if out.coverage_lower is not None:
+            new_lower = _step(a, lower, only_full=True)
+            if sees_itself(body):  # a token that keeps its own state keeps what it reached
+                new_lower |= lower
+            lower_settled = repeat and len(schedule) == 1 and np.array_equal(new_lower, lower)
+            lower = new_lower
+            out.coverage_lower.append(_popcount(lower & target) / total)
+            if out.depth_upper is None and out.coverage_lower[-1] >= 1.0:
+                out.depth_upper = depth
+        lower_done = out.coverage_lower is None or out.depth_upper is not None or lower_settled
+        if (done or settled) and lower_done:
+            out.stopped = "target covered" if done else "reach stopped changing"
+            break
+    else:
+        out.stopped = f"after {limit} layers" if repeat else "end of the model"
+    if unit == 1:
+        out.depth_upper = out.depth
+    return out
