@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import sympy  # type: ignore[import-untyped]
@@ -149,6 +150,25 @@ def _build(p: ir.Pattern, parts: _Parts) -> Member:
     raise _Unsupported(f"{type(p).__name__.lower()} is outside the countable class")
 
 
+Poly = tuple[Fraction, Fraction, Fraction]  # c2*N**2 + c1*N + c0, summed with plain integers (fast)
+
+
+def _poly(c2: float | Fraction = 0, c1: float | Fraction = 0, c0: float | Fraction = 0) -> Poly:
+    return (Fraction(c2), Fraction(c1), Fraction(c0))
+
+
+def _add(*ps: Poly) -> Poly:
+    return (
+        sum((p[0] for p in ps), Fraction(0)),
+        sum((p[1] for p in ps), Fraction(0)),
+        sum((p[2] for p in ps), Fraction(0)),
+    )
+
+
+def _neg(p: Poly) -> Poly:
+    return (-p[0], -p[1], -p[2])
+
+
 @dataclass(frozen=True)
 class _OffsetSet:
     """{d : member(d)} as half-line bits (d < 0, d = 0, d > 0) and the offsets where it differs."""
@@ -161,23 +181,25 @@ class _OffsetSet:
     def has(self, d: int) -> bool:
         return self.flips.get(d, self.neg if d < 0 else self.pos if d > 0 else self.zero)
 
-    def count(self) -> Any:
-        n = NSYM
-        tri = n * (n - 1) / 2
-        out = int(self.neg) * tri + int(self.zero) * n + int(self.pos) * tri
-        for d, added in self.flips.items():
-            out += (1 if added else -1) * (n - abs(d))
-        return out
+    def count(self) -> Poly:
+        half = Fraction(int(self.neg) + int(self.pos), 2)  # each half-line holds N(N-1)/2 pairs
+        c1 = -half + int(self.zero)
+        c0 = Fraction(0)
+        for d, added in self.flips.items():  # offset d holds N - |d| pairs
+            sign = 1 if added else -1
+            c1 += sign
+            c0 -= sign * abs(d)
+        return (half, c1, c0)
 
-    def row(self, i: int) -> Any:
+    def row(self, i: int) -> Poly:
         """Keys of fixed query i: d = i - j runs over [i - N + 1, i]."""
-        out = int(self.pos) * i + int(self.zero) + int(self.neg) * (NSYM - 1 - i)
-        return out + sum((1 if a else -1) for d, a in self.flips.items() if d <= i)
+        flips = sum((1 if a else -1) for d, a in self.flips.items() if d <= i)
+        return _poly(0, int(self.neg), int(self.pos) * i + int(self.zero) - int(self.neg) * (1 + i) + flips)
 
-    def col(self, j: int) -> Any:
+    def col(self, j: int) -> Poly:
         """Queries of fixed key j: d runs over [-j, N - 1 - j]."""
-        out = int(self.neg) * j + int(self.zero) + int(self.pos) * (NSYM - 1 - j)
-        return out + sum((1 if a else -1) for d, a in self.flips.items() if d >= -j)
+        flips = sum((1 if a else -1) for d, a in self.flips.items() if d >= -j)
+        return _poly(0, int(self.pos), int(self.neg) * j + int(self.zero) - int(self.pos) * (1 + j) + flips)
 
 
 def _offset_set(f: Callable[[int], bool], offsets: set[int]) -> _OffsetSet:
@@ -195,16 +217,21 @@ def _offset_rows_cols(p: ir.Pattern) -> Closed:
     parts = _Parts(set(), set(), set())
     member = _build(p, parts)
     ur, uc = sorted(parts.rows), sorted(parts.cols)
+    if len(ur) * len(uc) > 1 << 20 or len(parts.offsets) * (1 + len(ur) + len(uc)) > 1 << 22:
+        raise _Unsupported("too many token and offset terms to expand")
     g0 = _offset_set(lambda d: member(None, None, d), parts.offsets)
-    total = g0.count() - sum(g0.row(i) for i in ur) - sum(g0.col(j) for j in uc)
-    total += sum(int(g0.has(i - j)) for i in ur for j in uc)
+    terms = [g0.count(), *(_neg(g0.row(i)) for i in ur), *(_neg(g0.col(j)) for j in uc)]
+    terms.append(_poly(0, 0, sum(int(g0.has(i - j)) for i in ur for j in uc)))
     for i in ur:
         gi = _offset_set(lambda d, i=i: member(i, None, d), parts.offsets)  # type: ignore[misc]
-        total += gi.row(i) - sum(int(gi.has(i - j)) for j in uc)
+        terms += [gi.row(i), _poly(0, 0, -sum(int(gi.has(i - j)) for j in uc))]
     for j in uc:
         gj = _offset_set(lambda d, j=j: member(None, j, d), parts.offsets)  # type: ignore[misc]
-        total += gj.col(j) - sum(int(gj.has(i - j)) for i in ur)
-    total += sum(int(member(i, j, i - j)) for i in ur for j in uc)
+        terms += [gj.col(j), _poly(0, 0, -sum(int(gj.has(i - j)) for i in ur))]
+    terms.append(_poly(0, 0, sum(int(member(i, j, i - j)) for i in ur for j in uc)))
+    c2, c1, c0 = _add(*terms)
+    total = sympy.Rational(c2.numerator, c2.denominator) * NSYM**2
+    total += sympy.Rational(c1.numerator, c1.denominator) * NSYM + sympy.Rational(c0.numerator, c0.denominator)
     dmax = max((abs(d) for d in parts.offsets), default=0)
     umax = max([*ur, *uc], default=-1)
     valid = max(1, dmax, umax + 1 + (dmax + 1 if umax >= 0 else 0))

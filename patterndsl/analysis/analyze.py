@@ -1,0 +1,425 @@
+"""The whole analysis of one pattern or model at one N: every figure `patc analyze` shows, as plain data.
+
+`analyze` returns a JSON-ready dict (what `--json` prints); `report.py` only formats it. Figures per
+distinct pattern (a `heads` body and a `model` hold several), totals over heads and layers, the
+receptive field through depth, and warnings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import expr as E
+from .. import ir
+from ..source import PatternError
+from . import cost as C
+from .count import RowStats, block_form, bound_predicate, row_stats
+from .reach import receptive_field
+from .symbolic import Closed, nnz
+
+LOW_EFFICIENCY = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    n: int
+    heads: int | None = None
+    head_dim: int = 128
+    batch: int = 1
+    block_q: int = 128
+    block_k: int = 128
+    layers: int | None = None
+
+
+@dataclass
+class _Use:
+    pattern: ir.Pattern
+    heads: int = 0  # head-layers that run it
+    layers: list[int] | None = None
+    head_ranges: list[str] | None = None
+
+
+def _uses(item: ir.PatternDef | ir.Model, heads: int) -> list[_Use]:
+    schedule = item.schedule if isinstance(item, ir.Model) else (item.body,)
+    out: dict[ir.Pattern, _Use] = {}
+    for layer, body in enumerate(schedule):
+        if isinstance(body, ir.Heads):
+            parts = [(r.pattern, r.stop - r.start, f"{r.start}:{r.stop}") for r in body.ranges]
+        else:
+            parts = [(body, heads, "")]
+        for p, count, label in parts:
+            use = out.setdefault(p, _Use(p, 0, [], []))
+            use.heads += count
+            assert use.layers is not None and use.head_ranges is not None
+            if layer not in use.layers:
+                use.layers.append(layer)
+            if label and label not in use.head_ranges:
+                use.head_ranges.append(label)
+    return list(out.values())
+
+
+def _head_count(item: ir.PatternDef | ir.Model, asked: int | None) -> int:
+    schedule = item.schedule if isinstance(item, ir.Model) else (item.body,)
+    counts = {b.count for b in schedule if isinstance(b, ir.Heads)}
+    if len(counts) > 1:
+        raise PatternError(f"'{item.name}' has heads blocks of different sizes: {sorted(counts)}")
+    if counts:
+        (count,) = counts
+        if asked is not None and asked != count:
+            raise PatternError(
+                f"'{item.name}' defines {count} heads, but --heads {asked} was given", None, f"use --heads {count}"
+            )
+        return count
+    return asked or 1
+
+
+def _summary(x: np.ndarray) -> dict[str, float]:
+    if x.size == 0:
+        return {"min": 0, "mean": 0.0, "max": 0}
+    return {"min": int(x.min()), "mean": float(x.mean()), "max": int(x.max())}
+
+
+def _rows(s: RowStats) -> dict[str, Any]:
+    has = s.counts > 0
+    i = np.arange(s.n)[has]
+    empty = s.empty_rows
+    return {
+        "keys_per_query": _summary(s.counts),
+        "reach_back": _summary(i - s.first[has]),  # i - nearest-to-start allowed key
+        "reach_forward": _summary(s.last[has] - i),
+        "first_key": _summary(s.first[has]),
+        "last_key": _summary(s.last[has]),
+        "empty_rows": int(empty.size),
+        "first_empty_row": int(empty[0]) if empty.size else None,
+        "sees_future": bool((s.last[has] > i).any()),
+        "first_future_row": int(i[s.last[has] > i][0]) if (s.last[has] > i).any() else None,
+    }
+
+
+def _symbolic(p: ir.Pattern, exact_at: Any) -> dict[str, Any]:
+    s = nnz(p)
+    if not isinstance(s, Closed):
+        return {"closed_form": None, "reason": s.reason, "text": s.text()}
+    # The derivation proves the formula from valid_from on; below it, check exactly and widen the range.
+    holds_from = s.valid_from
+    step = 1
+    if s.condition.startswith("N a multiple of"):
+        step = int(s.condition.split()[-1])
+    elif s.condition.startswith("N fixed"):
+        step = 0
+    while step and holds_from - step >= 1 and _matches(s, holds_from - step, exact_at):
+        holds_from -= step
+    cond = f"N >= {holds_from}" + (f", {s.condition}" if s.condition else "")
+    if s.condition.startswith("N fixed"):
+        cond = s.condition
+    import sympy  # type: ignore[import-untyped]
+
+    return {
+        "closed_form": sympy.sstr(s.expr),
+        "holds": cond,
+        "holds_from": holds_from,
+        "derived_from": s.valid_from,
+        "derivation": s.derivation,
+        "text": f"{sympy.sstr(s.expr)}  ({cond})",
+    }
+
+
+def _matches(s: Closed, m: int, exact_at: Any) -> bool:
+    try:
+        return bool(s.at(m) == exact_at(m))
+    except (TypeError, ValueError, ZeroDivisionError):  # the formula is undefined there (log of 0)
+        return False
+
+
+def _pattern_text(p: ir.Pattern) -> str:
+    """A readable one-line rendering of a checked pattern (params already folded in)."""
+    return _text(p, 0)
+
+
+_PREC = {"|": 1, "&": 2, "-": 3, "~": 4}
+
+
+def _text(p: ir.Pattern, outer: int) -> str:
+    def arg(e: E.Expr) -> str:
+        return E.to_source(e)
+
+    def tokens(t: ir.TokenSet) -> str:
+        if isinstance(t, ir.TokenList):
+            return "[" + ", ".join(arg(x) for x in t.items) + "]"
+        a = "" if t.start is None else arg(t.start)
+        b = "" if t.stop is None else arg(t.stop)
+        step = "" if t.step == E.Const(1) else f":{arg(t.step)}"
+        return f"{a}:{b}{step}"
+
+    def op(sym: str, a: ir.Pattern, b: ir.Pattern) -> str:
+        text = f"{_text(a, _PREC[sym])} {sym} {_text(b, _PREC[sym] + 1)}"
+        return f"({text})" if _PREC[sym] < outer else text
+
+    match p:
+        case ir.Full():
+            return "full"
+        case ir.Empty():
+            return "none"
+        case ir.Causal():
+            return "causal"
+        case ir.Window(before, after, dilation):
+            inner = arg(before) if before == after else f"{arg(before)}, {arg(after)}"
+            return f"window({inner}" + ("" if dilation == E.Const(1) else f", dilation={arg(dilation)}") + ")"
+        case ir.Stride(step):
+            return f"stride({arg(step)})"
+        case ir.Sink(count):
+            return f"sink({arg(count)})"
+        case ir.Global(t):
+            return f"global({tokens(t)})"
+        case ir.Rows(t):
+            return f"rows({tokens(t)})"
+        case ir.Cols(t):
+            return f"cols({tokens(t)})"
+        case ir.Hops(base):
+            return f"hops({base})"
+        case ir.Random(count, seed):
+            return f"random({arg(count)}, seed={seed})"
+        case ir.Neighborhood(layout, kernel, dilation, stride, causal):
+            extra = "" if set(dilation) == {1} else f", dilation={dilation}"
+            extra += "" if set(stride) == {1} else f", stride={stride}"
+            extra += "" if not any(causal) else f", causal={causal}"
+            return f"neighborhood({layout.name}, kernel={kernel}{extra})"
+        case ir.Where(cond):
+            return f"where({arg(cond)})"
+        case ir.Blockwise(block, inner):
+            return f"blockwise({arg(block)}, {_text(inner, 0)})"
+        case ir.TopK(count, block):
+            return f"topk({count}, block={block})"
+        case ir.Threshold(mass, block):
+            return f"threshold({mass}, block={block})"
+        case ir.Union(a, b):
+            return op("|", a, b)
+        case ir.Inter(a, b):
+            return op("&", a, b)
+        case ir.Complement(a):
+            return f"~{_text(a, _PREC['~'])}"
+    return type(p).__name__
+
+
+def _reach_closed_form(p: ir.Pattern, n: int) -> str | None:
+    causal = False
+    core = p
+    match p:
+        case ir.Inter(ir.Causal(), x) | ir.Inter(x, ir.Causal()):
+            causal, core = True, x
+    match core:
+        case ir.Window(before, after, dilation):
+            try:
+                a, b, d = (int(x.value) for x in (before, after, dilation))  # type: ignore[union-attr]
+            except AttributeError:
+                return None
+            if causal:
+                b = 0
+            if d > 1:
+                return f"window dilated by {d}: only offsets that are multiples of {d}, so never full (L*{a * d} back)"
+            need = max(
+                math.ceil((n - 1) / a) if a else math.inf, 0 if causal else (math.ceil((n - 1) / b) if b else math.inf)
+            )
+            shown = "never" if need == math.inf else str(int(need))
+            return (
+                f"window: L layers reach L*{a} back"
+                + ("" if causal else f", L*{b} forward")
+                + f"; full at depth ceil((N-1)/r) = {shown}"
+            )
+        case ir.Hops(base):
+            return f"hops base {base}: about log_{base} N = {math.log(n, base):.1f} layers"
+    return None
+
+
+def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
+    """Every figure of `patc analyze` for a pattern or model at N = opts.n."""
+    n = opts.n
+    heads = _head_count(item, opts.heads)
+    uses = _uses(item, heads)
+    is_model = isinstance(item, ir.Model)
+    entries: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    totals: dict[str, float] = {}
+    causal_flags: list[bool] = []
+    for use in uses:
+        p = use.pattern
+        stats = row_stats(p, n)
+        pred = bound_predicate(p, n)
+        blocks = C.block_counts(pred, n, opts.block_q, opts.block_k)
+        c = C.cost(stats.pairs, blocks, n, use.heads, opts.head_dim, opts.batch)
+        rows = _rows(stats)
+        causal_flags.append(not rows["sees_future"])
+        label = _pattern_text(p)
+        where = []
+        if is_model and use.layers is not None:
+            where.append(f"layers {_ranges(use.layers)}")
+        if use.head_ranges:
+            where.append(f"heads {', '.join(use.head_ranges)}")
+        entry: dict[str, Any] = {
+            "pattern": label,
+            "used_by": "; ".join(where) or item.name,
+            "head_layers": use.heads,
+            "pairs": stats.pairs,
+            "density": stats.pairs / (n * n),
+            "count_method": stats.method,
+            "nnz": _symbolic(p, lambda m, p=p: row_stats(p, m).pairs if _fits(p, m) else None),
+            "rows": rows,
+            "blocks": {
+                "full": int(blocks.full.sum()),
+                "partial": int(blocks.partial.sum()),
+                "classified_by": blocks.source,
+            },
+            "cost": c.as_dict(),
+        }
+        entries.append(entry)
+        for k, v in c.as_dict().items():
+            if k not in ("tile_efficiency", "arithmetic_intensity"):
+                totals[k] = totals.get(k, 0) + v
+        if rows["empty_rows"]:
+            warnings.append(
+                f"{entry['used_by']}: {rows['empty_rows']} quer{'y has' if rows['empty_rows'] == 1 else 'ies have'} no key "
+                f"(first: row {rows['first_empty_row']}); they output zeros with log-sum-exp -inf"
+            )
+        if c.tile_efficiency < LOW_EFFICIENCY:
+            warnings.append(_efficiency_warning(entry, p, pred, n, stats.pairs, c, opts))
+        if rows["sees_future"] and "causal" in item.name.lower():
+            warnings.append(
+                f"{entry['used_by']}: lets query {rows['first_future_row']} see a later key, but '{item.name}' is named causal"
+            )
+    if is_model and any(causal_flags) and not all(causal_flags):
+        for e, flag in zip(entries, causal_flags, strict=True):
+            if not flag:
+                warnings.append(
+                    f"{e['used_by']}: lets queries see the future while other layers of '{item.name}' are causal"
+                )
+    tiles = totals.get("visited_blocks", 0) * opts.block_q * opts.block_k
+    totals["tile_efficiency"] = totals.get("pairs", 0) / tiles if tiles else 1.0
+    totals["arithmetic_intensity"] = (
+        totals["executed_fwd_flops"] / totals["fwd_bytes"] if totals.get("fwd_bytes") else 0.0
+    )
+    all_causal = all(causal_flags)
+    if is_model:
+        assert isinstance(item, ir.Model)
+        schedule = list(item.schedule)
+        if opts.layers is not None and opts.layers != len(schedule):
+            warnings.append(f"--layers {opts.layers} ignored: the model '{item.name}' has {len(schedule)} layers")
+        reach = receptive_field(schedule, n, all_causal, repeat=False)
+        closed = None
+    else:
+        assert isinstance(item, ir.PatternDef)
+        reach = receptive_field([item.body], n, all_causal, max_depth=None)
+        closed = _reach_closed_form(item.body, n) if not isinstance(item.body, ir.Heads) else None
+    rf = reach.as_dict()
+    rf["closed_form"] = closed
+    rf["depth_text"] = _depth_text(reach.depth, reach.depth_upper, reach.unit > 1, reach.stopped)
+    if opts.layers is not None and not is_model:
+        rf["coverage_at_layers"] = _at(reach.coverage, opts.layers)
+        if reach.coverage_lower is not None:
+            rf["coverage_lower_at_layers"] = _at(reach.coverage_lower, opts.layers)
+    return {
+        "file": None,
+        "name": item.name,
+        "kind": "model" if is_model else "pattern",
+        "N": n,
+        "heads": heads,
+        "head_dim": opts.head_dim,
+        "batch": opts.batch,
+        "block": [opts.block_q, opts.block_k],
+        "layers": len(item.schedule) if isinstance(item, ir.Model) else opts.layers,
+        "conventions": {
+            "fwd_flops": "4 * pairs * D * H * B (2D for q.k, 2D for p.v per pair)",
+            "bwd_flops": "10 * pairs * D * H * B (FlashAttention-2 with recomputation: 2.5 x forward)",
+            "executed_flops": "visited tiles * BQ * BK * 4 * D * H * B (padded tiles included)",
+            "fwd_bytes": "bf16: Q and O once per query row, K and V tiles once per visited tile",
+            "tile_classification": "sound interval reasoning: a tile not provably empty is visited",
+        },
+        "patterns": entries,
+        "totals": totals,
+        "causal": all_causal,
+        "receptive_field": rf,
+        "warnings": warnings,
+    }
+
+
+def _fits(p: ir.Pattern, m: int) -> bool:
+    try:
+        bound_predicate(p, m)
+    except PatternError:
+        return False
+    return True
+
+
+def _at(cov: list[float], layers: int) -> float | None:
+    if not cov:
+        return None
+    return cov[layers - 1] if layers <= len(cov) else cov[-1]
+
+
+def _depth_text(depth: int | None, upper: int | None, bounds: bool, stopped: str) -> str:
+    if not bounds:
+        return str(depth) if depth is not None else f"never ({stopped})"
+    lo = "?" if depth is None else str(depth)
+    hi = "unknown at this granularity" if upper is None else str(upper)
+    if depth is None:
+        return f"never ({stopped}; upper bound on reach)"
+    return f"between {lo} and {hi}" if hi != lo else lo
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out: list[str] = []
+    start = prev = xs[0]
+    for x in [*xs[1:], -1]:
+        if x != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = x
+        prev = x
+    return ",".join(out)
+
+
+def _efficiency_warning(
+    entry: dict[str, Any], p: ir.Pattern, pred: Any, n: int, pairs: int, c: C.Cost, opts: Options
+) -> str:
+    tries = []
+    candidates = {(opts.block_q, max(16, opts.block_k // 2)), (max(16, opts.block_q // 2), max(16, opts.block_k // 2))}
+    blocked = block_form(pred)
+    for bq, bk in sorted(candidates, reverse=True):
+        if (bq, bk) == (opts.block_q, opts.block_k) or bq * bk >= opts.block_q * opts.block_k:
+            continue
+        if blocked is not None and (bq % blocked[0] or bk % blocked[0]):
+            continue  # tiles that cut the pattern's own blocks cannot beat tiles that follow them
+        b = C.block_counts(pred, n, bq, bk)
+        tries.append((pairs / max(1, b.visited * bq * bk), bq, bk))
+    best = max(tries) if tries else None
+    hint = f"; {best[1]}x{best[2]} tiles would reach {best[0]:.0%}" if best and best[0] > c.tile_efficiency else ""
+    layout = ""
+    if any(isinstance(x, ir.Neighborhood | ir.Where) for x in ir.walk(p)):
+        layout = "; for a grid pattern, a tiled token order (tokens of one tile contiguous) helps"
+    return (
+        f"{entry['used_by']}: tile efficiency {c.tile_efficiency:.0%} at {opts.block_q}x{opts.block_k} "
+        f"(under {LOW_EFFICIENCY:.0%}){hint}{layout}"
+    )
+
+
+def density_curves(patterns: tuple[ir.Pattern, ...], n: int) -> dict[str, list[tuple[int, float, float | None]]]:
+    """Exact density (and the closed form's, where one holds) at N = 64, 128, ... up to n, per pattern."""
+    out: dict[str, list[tuple[int, float, float | None]]] = {}
+    sizes = sorted({*(2**k for k in range(6, 64) if 2**k < n), n})
+    for p in patterns:
+        s = nnz(p)
+        pts = []
+        for m in sizes:
+            if not _fits(p, m):
+                continue
+            exact = row_stats(p, m).pairs / (m * m)
+            sym = None
+            if isinstance(s, Closed) and m >= s.valid_from and not s.condition.startswith("N fixed"):
+                if not s.condition.startswith("N a multiple of") or m % int(s.condition.split()[-1]) == 0:
+                    sym = s.at(m) / (m * m)
+            pts.append((m, exact, sym))
+        out[_pattern_text(p)] = pts
+    return out

@@ -1,0 +1,135 @@
+"""Formatting of `analyze`'s figures: a rich table for people, JSON for programs, a plot for slides."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _stats(s: dict[str, float]) -> str:
+    return f"{s['min']} / {s['mean']:.1f} / {s['max']}"
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2, sort_keys=False)
+
+
+def render(result: dict[str, Any], console: Console | None = None) -> None:
+    """The human-readable report: one column per distinct pattern, then totals, reach and warnings."""
+    console = console or Console()
+    n = result["N"]
+    title = (
+        f"{result['kind']} {result['name']}  N={n:,}  H={result['heads']}  D={result['head_dim']}  "
+        f"B={result['batch']}  tiles {result['block'][0]}x{result['block'][1]}"
+    )
+    t = Table(title=title, show_lines=False, title_justify="left")
+    t.add_column("figure", style="bold")
+    for e in result["patterns"]:
+        t.add_column(f"{e['pattern']}\n[dim]{e['used_by']}[/dim]", overflow="fold")
+
+    def row(label: str, f: Any) -> None:
+        t.add_row(label, *(f(e) for e in result["patterns"]))
+
+    row("allowed pairs (exact)", lambda e: f"{e['pairs']:,}")
+    row("density", lambda e: f"{e['density']:.4%}")
+    row("counted by", lambda e: e["count_method"])
+    row("nnz(N)", lambda e: e["nnz"]["text"])
+    row("keys per query min/mean/max", lambda e: _stats(e["rows"]["keys_per_query"]))
+    row("reach back (i - first key)", lambda e: _stats(e["rows"]["reach_back"]))
+    row("reach forward (last key - i)", lambda e: _stats(e["rows"]["reach_forward"]))
+    row("queries with no key", lambda e: str(e["rows"]["empty_rows"]))
+    row("head-layers running it", lambda e: str(e["head_layers"]))
+    row("fwd FLOPs (useful)", lambda e: _si(e["cost"]["fwd_flops"]))
+    row("bwd FLOPs (useful, 2.5x)", lambda e: _si(e["cost"]["bwd_flops"]))
+    row("tiles full / partial", lambda e: f"{e['cost']['full_blocks']:,} / {e['cost']['partial_blocks']:,}")
+    row("fwd FLOPs executed", lambda e: _si(e["cost"]["executed_fwd_flops"]))
+    row("tile efficiency", lambda e: f"{e['cost']['tile_efficiency']:.1%}")
+    row("fwd bytes (bf16)", lambda e: _si(e["cost"]["fwd_bytes"]) + "B")
+    row("arithmetic intensity", lambda e: f"{e['cost']['arithmetic_intensity']:.1f} FLOP/B")
+    console.print(t)
+
+    tot = result["totals"]
+    tt = Table(title="totals over heads" + (" and layers" if result["kind"] == "model" else ""), title_justify="left")
+    for col in ("pairs", "fwd FLOPs", "bwd FLOPs", "executed fwd", "dense fwd", "tile eff.", "fwd bytes", "FLOP/B"):
+        tt.add_column(col)
+    tt.add_row(
+        f"{int(tot['pairs']):,}", _si(tot["fwd_flops"]), _si(tot["bwd_flops"]), _si(tot["executed_fwd_flops"]),
+        _si(tot["dense_fwd_flops"]), f"{tot['tile_efficiency']:.1%}", _si(tot["fwd_bytes"]) + "B",
+        f"{tot['arithmetic_intensity']:.1f}",
+    )  # fmt: skip
+    console.print(tt)
+
+    rf = result["receptive_field"]
+    rt = Table(
+        title=f"receptive field (granularity: {rf['granularity']}; target: {rf['target']} attention)",
+        title_justify="left",
+    )
+    rt.add_column("depth")
+    rt.add_column("coverage" + (" (upper bound)" if rf["coverage_lower"] is not None else ""))
+    if rf["coverage_lower"] is not None:
+        rt.add_column("coverage (lower bound)")
+    cov = rf["coverage"]
+    shown = sorted({1, 2, 3, 4, len(cov)} | {2**k for k in range(12) if 2**k <= len(cov)})
+    for d in (x for x in shown if 1 <= x <= len(cov)):
+        cells = [str(d), f"{cov[d - 1]:.4%}"]
+        if rf["coverage_lower"] is not None:
+            low = rf["coverage_lower"]
+            cells.append(f"{low[min(d, len(low)) - 1]:.4%}")
+        rt.add_row(*cells)
+    console.print(rt)
+    console.print(f"depth for full coverage: [bold]{rf['depth_text']}[/bold]  (stopped: {rf['stopped']})")
+    if rf.get("closed_form"):
+        console.print(f"closed form: {rf['closed_form']}")
+    if "coverage_at_layers" in rf:
+        console.print(f"coverage after {result['layers']} layers: {rf['coverage_at_layers']:.4%}")
+    console.print("[dim]" + "; ".join(f"{k}: {v}" for k, v in result["conventions"].items()) + "[/dim]")
+    for w in result["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def plot(result: dict[str, Any], density_curves: dict[str, list[tuple[int, float, float | None]]], path: str) -> None:
+    """Coverage vs depth (left) and density vs N (right), exact points and the closed form as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    rf = result["receptive_field"]
+    depths = list(range(1, len(rf["coverage"]) + 1))
+    bound = rf["coverage_lower"] is not None
+    a.plot(depths, rf["coverage"], label="coverage" + (" (upper bound)" if bound else ""))
+    if bound:
+        low = rf["coverage_lower"]
+        a.plot(range(1, len(low) + 1), low, label="coverage (lower bound)")
+    a.set_xlabel("depth (layers)")
+    a.set_ylabel(f"fraction of {rf['target']}-attention pairs reached")
+    a.set_title(f"receptive field, {rf['granularity']}")
+    a.set_ylim(0, 1.02)
+    a.legend()
+    for label, pts in density_curves.items():
+        ns = [p[0] for p in pts]
+        (line,) = b.plot(ns, [p[1] for p in pts], "o", label=f"{label} (exact)")
+        sym = [(p[0], p[2]) for p in pts if p[2] is not None]
+        if sym:
+            b.plot([s[0] for s in sym], [s[1] for s in sym], "-", color=line.get_color(), label=f"{label} (nnz(N))")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("N")
+    b.set_ylabel("density")
+    b.set_title("density vs N")
+    b.legend(fontsize="x-small")
+    fig.suptitle(f"{result['kind']} {result['name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""`patc analyze`: exact and symbolic cost, tile efficiency and receptive field of a pattern or model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .. import ir
+from ..source import PatternError
+from .common import add_file_options, load_program, positive_int, select
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="pairs, FLOPs, bytes, tile efficiency and receptive field of a pattern or model",
+        description="Count the allowed pairs of a static pattern at sequence length N exactly (no N x N "
+        "mask), give nnz(N) in closed form where one exists, the FLOPs and bytes of a block-sparse kernel "
+        "at the given tile size, and how far information travels through a stack of layers.",
+    )
+    add_file_options(p)
+    p.add_argument("-N", dest="n", type=positive_int, required=True, help="sequence length")
+    p.add_argument("--heads", type=positive_int, help="heads per layer (default: the heads block's count, else 1)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension D (default 128)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size B (default 1)")
+    p.add_argument("--block", default="128x128", metavar="BQxBK", help="kernel tile size (default 128x128)")
+    p.add_argument("--layers", type=positive_int, help="report coverage after L layers of the same pattern")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
+    p.add_argument("--plot", metavar="OUT.png", help="write coverage-vs-depth and density-vs-N plots")
+    p.set_defaults(run=run)
+
+
+def _block(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        q, k = (int(x) for x in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        raise PatternError(f"--block {text}: expected BQxBK, e.g. 128x64") from None
+    if q < 1 or k < 1:
+        raise PatternError(f"--block {text}: tile sides must be at least 1")
+    return q, k
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.analyze import Options, analyze, density_curves
+    from ..analysis.report import plot, render, to_json
+
+    program = load_program(args)
+    item = select(program, args.pattern)
+    bq, bk = _block(args.block)
+    opts = Options(args.n, args.heads, args.head_dim, args.batch, bq, bk, args.layers)
+    result = analyze(item, opts)
+    result["file"] = args.file
+    if args.plot:
+        patterns = ir.body_patterns(item.body) if isinstance(item, ir.PatternDef) else tuple(
+            p for body in item.distinct() for p in ir.body_patterns(body)
+        )  # fmt: skip
+        try:
+            plot(result, density_curves(patterns, args.n), args.plot)
+        except OSError as e:
+            raise PatternError(f"cannot write {args.plot}: {e.strerror}") from None
+        result["plot"] = args.plot
+    if args.json:
+        sys.stdout.write(to_json(result) + "\n")
+    else:
+        render(result)
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
