@@ -308,19 +308,18 @@ def is_power(d: np.ndarray, base: int) -> np.ndarray:
 
 
 def _random_member(row: Any, col: Any, n: Any, r: Any, seed: int) -> np.ndarray:
-    """col in random_keys(row): rows are drawn once per distinct value (blockwise repeats them)."""
+    """col in random_keys(row): each distinct row is drawn once (blockwise repeats them), its keys set
+    in a [rows, n] bitmap, and the answer gathered; so the cost is one pass over the output, whatever r."""
     n, r = int(n), int(r)
     row = np.asarray(row)
     col = np.asarray(col)
     shape = np.broadcast_shapes(row.shape, col.shape)
-    unique_rows, inverse = np.unique(row.reshape(-1) if row.ndim else row.reshape(1), return_inverse=True)
-    keys = random_keys(unique_rows, n, r, seed)  # [U, r]
-    if keys.shape[1] == 0:
+    if min(r, n) <= 0:
         return np.zeros(shape, dtype=bool)
-    row_b = np.broadcast_to(row, shape)
-    col_b = np.broadcast_to(col, shape)
-    idx = np.searchsorted(unique_rows, row_b)
-    hit = np.zeros(shape, dtype=bool)
-    for c in range(keys.shape[1]):
-        hit |= keys[idx, c] == col_b
-    return hit
+    unique_rows, inverse = np.unique(row, return_inverse=True)  # on row's own (small) shape
+    keys = random_keys(unique_rows, n, r, seed)  # [U, min(r, n)]
+    member = np.zeros((unique_rows.shape[0], n), dtype=bool)
+    member[np.arange(unique_rows.shape[0])[:, None], keys] = True
+    inside = (col >= 0) & (col < n)
+    hit: np.ndarray = member[inverse.reshape(row.shape), np.clip(col, 0, n - 1)] & inside
+    return np.broadcast_to(hit, shape)

@@ -165,6 +165,18 @@ def random_keys(rows: np.ndarray, n: int, r: int, seed: int) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     r = max(0, min(int(r), int(n)))
     keys = np.empty((rows.shape[0], r), dtype=np.int64)
+    if r > 16:  # the same draw, with "already taken?" read from a bitmap instead of r comparisons
+        block = max(1, (1 << 22) // max(1, n))
+        for lo in range(0, rows.shape[0], block):
+            part = rows[lo : lo + block]
+            taken_map = np.zeros((part.shape[0], n), dtype=bool)
+            at = np.arange(part.shape[0])
+            for c, t in enumerate(range(n - r, n)):
+                v = (counter_hash(seed, n, part, t) % np.uint64(t + 1)).astype(np.int64)
+                chosen = np.where(taken_map[at, v], t, v)
+                taken_map[at, chosen] = True
+                keys[lo : lo + block, c] = chosen
+        return keys
     for c, t in enumerate(range(n - r, n)):
         v = (counter_hash(seed, n, rows, t) % np.uint64(t + 1)).astype(np.int64)
         taken = (keys[:, :c] == v[:, None]).any(axis=1) if c else np.zeros(rows.shape[0], dtype=bool)

@@ -451,6 +451,7 @@ def test_video_causal_row_count_mixes_causal_time_with_full_space() -> None:
 GOLDEN = {
     ("random(3, seed=7)", 32): "aa2c0ac02ba7e18d0608af4075157316b21117ff12f6b3c3d62f9f95e841bfa3",
     ("blockwise(4, random(2, seed=1))", 40): "55a3a8c953b9fe8f389d23a5df863754f34a990fe740c3b5d4f09e1f5606d209",
+    ("random(20, seed=3)", 40): "b27cbe79fe20acf548e770d450b679d013309f54d7812694f9c5b8b2ea438c4e",  # bitmap path
 }
 
 
@@ -471,6 +472,36 @@ def test_random_is_deterministic_and_has_exactly_min_r_n_keys_per_row(r: int, se
     keys = random_keys(rows, n, r, seed)  # any row can be rebuilt alone
     for row, ks in zip(rows, keys, strict=True):
         assert sorted(ks.tolist()) == np.flatnonzero(first[row]).tolist()
+
+
+def _floyd(rows: np.ndarray, n: int, r: int, seed: int) -> np.ndarray:
+    """random_keys' docstring, literally: Floyd's sampling over the counter hash, one comparison at a time."""
+    from patterndsl.semantics import counter_hash
+
+    out = []
+    for row in rows.tolist():
+        chosen: list[int] = []
+        for t in range(n - min(r, n), n):
+            v = int(counter_hash(seed, n, np.array([row]), t)[0] % np.uint64(t + 1))
+            chosen.append(t if v in chosen else v)
+        out.append(chosen)
+    return np.array(out, dtype=np.int64).reshape(len(out), min(r, n))
+
+
+@given(n=st.integers(1, 120), r=st.integers(0, 130), seed=st.integers(0, 2**31), data=st.data())
+def test_random_keys_is_floyds_sampling_for_every_r(n: int, r: int, seed: int, data: st.DataObject) -> None:
+    """The fast paths (a bitmap for large r) draw exactly what the definition draws."""
+    rows = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=4)))
+    np.testing.assert_array_equal(random_keys(rows, n, r, seed), _floyd(rows, n, r, seed))
+
+
+def test_random_with_many_keys_is_fast() -> None:
+    import time
+
+    start = time.perf_counter()
+    m = _m("random(1500, seed=1)", 2048)
+    assert (m.sum(axis=1) == 1500).all()
+    assert time.perf_counter() - start < 10
 
 
 @given(seed=st.integers(0, 2**20), n=st.integers(16, 64))
