@@ -19,12 +19,23 @@ from .semantics import predicate, random_keys
 from .source import PatternError
 
 CHUNK_ELEMENTS = 1 << 22
+MAX_DENSE_BYTES = 1 << 40  # 1 TiB: no machine we run on has it, so refuse before allocating
 
 
 def dense_mask(body: ir.Body, n: int, heads: int | None = None) -> np.ndarray:
     """[n, n] bool for a pattern; [heads, n, n] for a `heads` body (heads must match its ranges)."""
+    count = body.count if isinstance(body, ir.Heads) else 1
+    too_big = PatternError(
+        f"a dense mask at N = {n} needs {count * n * n / 2**30:.1f} GiB, more than this machine can give",
+        None,
+        "dense masks are for checking and pictures; use a smaller N",
+    )
+    if count * n * n > MAX_DENSE_BYTES:
+        raise too_big  # refused up front: with memory overcommit numpy's allocation might not fail
     try:
         return _dense_mask(body, n, heads)
+    except MemoryError:
+        raise too_big from None
     except RecursionError:
         raise PatternError("the pattern is nested too deeply to evaluate", None, "flatten chains of 'let'") from None
 

@@ -377,3 +377,14 @@ def test_a_very_long_let_chain_is_a_user_error(tmp_path: Path, capsys: pytest.Ca
     assert patc(["mask", str(path), "-N", "16", "-o", str(tmp_path / "m.npy")]) == 2
     err = capsys.readouterr().err
     assert "nested too deeply" in err and "Traceback" not in err
+
+
+def test_a_mask_too_large_for_any_machine_is_refused_up_front(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(P.PatternError, match=r"a dense mask at N = 10000000 needs 93132\.3 GiB"):
+        dense_mask(P.pattern("causal"), 10_000_000)
+    src = tmp_path / "c.pat"
+    src.write_text("pattern p = causal\n")
+    assert patc(["mask", str(src), "-N", "10000000", "-o", str(tmp_path / "m.npy")]) == 2
+    assert "use a smaller N" in capsys.readouterr().err
