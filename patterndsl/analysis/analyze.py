@@ -277,6 +277,8 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         }
         entries.append(entry)
         for k, v in c.as_dict().items():
+            if k in ("pairs", "visited_blocks", "full_blocks", "partial_blocks"):
+                v *= use.heads  # per head and batch element; FLOPs and bytes already count every head
             if k not in ("tile_efficiency", "arithmetic_intensity"):
                 totals[k] = totals.get(k, 0) + v
         if rows["empty_rows"]:
@@ -335,7 +337,8 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
             "bwd_flops": "10 * pairs * D * H * B (FlashAttention-2 with recomputation: 2.5 x forward)",
             "executed_flops": "visited tiles * BQ * BK * 4 * D * H * B (padded tiles included)",
             "fwd_bytes": "bf16: Q and O once per query row, K and V tiles once per visited tile",
-            "tile_classification": "sound interval reasoning: a tile not provably empty is visited",
+            "tile_classification": "interval reasoning, then PARTIAL tiles checked pair by pair within a budget",
+            "totals": "pairs and tiles summed over heads and layers, per batch element; FLOPs and bytes for all",
         },
         "patterns": entries,
         "totals": totals,

@@ -4,6 +4,8 @@ Counting conventions (stated once here, repeated in the report):
 - forward: 4 * D FLOPs per allowed pair and head (2 * D for q . k, 2 * D for p * v);
 - backward: 10 * D per pair, FlashAttention-2 style with recomputation (q . k again, dV, dP, dQ, dK:
   2 * D each), i.e. 2.5 x the forward;
+- tiles are classified by interval reasoning, and PARTIAL tiles then checked pair by pair (up to
+  REFINE_ELEMENTS pairs in all), as the kernel's block tables settle them;
 - a block-sparse kernel with BQ x BK tiles computes every pair of every tile it visits (FULL or
   PARTIAL), padded tiles included: executed = visited * BQ * BK * 4 * D per head;
 - bytes (forward, bf16 = 2 bytes per element): every query row of Q read once and of O written once,
@@ -19,12 +21,14 @@ import numpy as np
 from .. import expr as E
 from ..expr import Expr
 from ..intervals import ALL, NONE, SOME, classify
+from ..mask import eval_numpy
 from ..semantics import random_keys
 from .count import _is_plain_random, block_form
 
 FWD_PER_PAIR = 4
 BWD_PER_PAIR = 10
 BYTES_PER_ELEMENT = 2
+REFINE_ELEMENTS = 1 << 23  # pairs of PARTIAL tiles settled one by one
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +92,39 @@ def tile_rects(pred: Expr, n: int, block_q: int, block_k: int) -> TileRects:
         inside = (kids_q < nq) & (kids_k < nk)
         qb, kb, size = kids_q[inside], kids_k[inside], half
     q_lo, q_hi_all, k_lo, k_hi_all, full = (np.concatenate(parts) for parts in zip(*out, strict=True))
-    return TileRects(q_lo, q_hi_all, k_lo, k_hi_all, full)
+    rects = TileRects(q_lo, q_hi_all, k_lo, k_hi_all, full)
+    return _refine(pred, n, block_q, block_k, rects)
+
+
+def _refine(pred: Expr, n: int, block_q: int, block_k: int, r: TileRects) -> TileRects:
+    """Settle PARTIAL tiles pair by pair, while their pairs fit REFINE_ELEMENTS: an empty one is dropped,
+    a full one promoted (as `blocks.py` settles them for the kernel). Tiles past the budget stay PARTIAL."""
+    part = np.flatnonzero(~r.full)
+    take = part[: max(0, REFINE_ELEMENTS // (block_q * block_k))]
+    if take.size == 0:
+        return r
+    keep = np.ones(r.full.size, dtype=bool)
+    full = r.full.copy()
+    aq = np.arange(block_q, dtype=np.int64)
+    ak = np.arange(block_k, dtype=np.int64)
+    step = max(1, (1 << 21) // (block_q * block_k))
+    for s in range(0, take.size, step):
+        t = take[s : s + step]
+        ii = r.q_lo[t, None, None] * block_q + aq[None, :, None]
+        jj = r.k_lo[t, None, None] * block_k + ak[None, None, :]
+        m = np.broadcast_to(
+            eval_numpy(pred, np.minimum(ii, n - 1), np.minimum(jj, n - 1), n), (t.size, block_q, block_k)
+        )
+        valid = (ii < n) & (jj < n)
+        keep[t] = (m & valid).any(axis=(1, 2))
+        full[t] = (m | ~valid).all(axis=(1, 2))
+    return TileRects(r.q_lo[keep], r.q_hi[keep], r.k_lo[keep], r.k_hi[keep], full[keep])
 
 
 def _random_tiles(pred: E.Or, n: int, block_q: int, block_k: int) -> TileRects:
     """`rest | random(r)`: the tiles of the rest, plus the tiles of the drawn keys that the rest misses.
 
-    A tile that the rest already has is left as it is (a tile the rest calls partial may in fact be filled
-    up by the draws; calling it partial is the sound side).
+    PARTIAL tiles are then settled against the whole predicate (the draws may fill one up).
     """
     draws = [a for a in pred.args if isinstance(a, E.RandomMember) and _is_plain_random(a)]
     rest = E.disj(*(a for a in pred.args if a not in draws))
@@ -109,11 +138,12 @@ def _random_tiles(pred: E.Or, n: int, block_q: int, block_k: int) -> TileRects:
         rest, tq * block_q, np.minimum((tq + 1) * block_q, n) - 1, tk * block_k, np.minimum((tk + 1) * block_k, n) - 1
     )
     new = verdict == NONE
-    return TileRects(
+    both = TileRects(
         np.concatenate([base.q_lo, tq[new]]), np.concatenate([base.q_hi, tq[new] + 1]),
         np.concatenate([base.k_lo, tk[new]]), np.concatenate([base.k_hi, tk[new] + 1]),
         np.concatenate([base.full, np.zeros(int(new.sum()), dtype=bool)]),
     )  # fmt: skip
+    return _refine(pred, n, block_q, block_k, both)  # the draws may fill a tile up
 
 
 def block_counts(pred: Expr, n: int, block_q: int, block_k: int) -> BlockCounts:
