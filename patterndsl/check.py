@@ -226,6 +226,8 @@ class _Checker:
     def _body(self, node: T.Node | T.HeadsBlock, what: str) -> ir.Body:
         if isinstance(node, T.HeadsBlock):
             return self._heads(node)
+        if isinstance(node, T.Name) and node.id in self.bodies:
+            return self.bodies[node.id]  # a heads pattern by name, alone: a model layer or an alias
         return self.pattern(node, None, what)
 
     def _heads(self, node: T.HeadsBlock) -> ir.Heads:
@@ -356,6 +358,8 @@ class _Checker:
             return builtin
         if name in _CALL_ONLY:
             raise PatternError(f"'{name}' needs arguments", span, f"e.g. {_CALL_ONLY[name]}")
+        if name in KEYWORDS:
+            raise PatternError(f"'{name}' is a keyword, not a value", span, _KEYWORD_HINTS.get(name))
         if name == "given":
             return GivenV()
         if scope is not None:
@@ -709,6 +713,8 @@ def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Valu
         _as_float(mv) if isinstance(mv, FloatV | IntV) and not (isinstance(mv, IntV) and E.free_vars(mv.expr)) else None
     )
     if mass is None:
+        if isinstance(mv, IntV):
+            raise PatternError("threshold's mass must be a constant (it may not depend on N)", args["mass"].span)
         raise PatternError(f"threshold's mass must be a number, not {kind(mv)}", args["mass"].span)
     if not 0.0 < mass <= 1.0:
         raise PatternError(f"threshold's mass must be in (0, 1], got {mass}", args["mass"].span)
@@ -761,6 +767,13 @@ _CALLS: dict[str, Callable[[_Checker, T.Call, WhereScope | None], Value]] = {
     "max": _call_minmax,
     "abs": _call_abs,
     "grid": _call_grid,
+}
+
+_KEYWORD_HINTS = {
+    "layers": "a model starts with it: model m = layers(24) { every 4 => causal  else => window(127) }",
+    "every": "'every n => ...' is an entry of a model's { }",
+    "else": "'else => ...' is the last entry of a model's { }",
+    "heads": "pattern p = heads { 0:4 => causal  4:8 => full }",
 }
 
 _BUILTIN_NAMES: dict[str, Value] = {

@@ -182,6 +182,8 @@ def _char_hint(ch: str) -> str | None:
 def _token_hint(tok: Token) -> str:
     if tok.type == "COMP_OP" and str(tok) == "=":
         return "; comparison is '=='"
+    if tok.type == "COLON":
+        return "; a token set like 0:16 is written as an argument, e.g. global(0:16)"
     return ""
 
 

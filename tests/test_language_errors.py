@@ -388,3 +388,23 @@ def test_a_mask_too_large_for_any_machine_is_refused_up_front(
     src.write_text("pattern p = causal\n")
     assert patc(["mask", str(src), "-N", "10000000", "-o", str(tmp_path / "m.npy")]) == 2
     assert "use a smaller N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("src", "message", "hint"),
+    [
+        ("pattern p = layers", "'layers' is a keyword, not a value", "model m = layers(24)"),
+        ("pattern p = 1:2", "unexpected ':'", "a token set like 0:16 is written as an argument"),
+        ("pattern p = threshold(N, block=4)", "threshold's mass must be a constant (it may not depend on N)", None),
+        ("model m = layers(4) {\n else => causal\n every 2 => full\n}", "'else' must be the last entry", None),
+        ("pattern p = window(before=3)", "window(before=...) needs after=... too", "window(r)"),
+        ("layout g = grid(N)", "a grid axis length must be a constant (it may not depend on N)", None),
+        ("param w = N", "param 'w' depends on N; a param must be a constant", "window(N // 8)"),
+    ],
+)
+def test_more_messages(src: str, message: str, hint: str | None) -> None:
+    with pytest.raises(P.PatternError) as info:
+        P.loads(src, "t.pat")
+    assert info.value.message == message
+    if hint is not None:
+        assert info.value.hint is not None and hint in info.value.hint
