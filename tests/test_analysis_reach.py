@@ -64,6 +64,7 @@ def test_block_bounds_enclose_token_coverage(src: str, monkeypatch: pytest.Monke
     exact = receptive_field([p], n, src.startswith("causal"))
     monkeypatch.setattr(reach, "TOKEN_LIMIT", 100)
     monkeypatch.setattr(reach, "BLOCK_UNITS", 64)
+    monkeypatch.setattr(reach, "offset_reach", lambda *a, **k: None)  # force the block bounds
     bounds = reach.receptive_field([p], n, src.startswith("causal"))
     assert bounds.unit == 16 and bounds.coverage_lower is not None
     for d, c in enumerate(exact.coverage[: len(bounds.coverage)]):
@@ -111,3 +112,41 @@ def test_flops_bytes_and_efficiency_follow_the_stated_conventions() -> None:
     assert c.tile_efficiency == pytest.approx(m.sum() / (tiles * 256))
     assert c.fwd_bytes == 2 * (2 * n * d + 2 * tiles * 16 * d) * h * b
     assert c.intensity == pytest.approx(c.executed_fwd_flops / c.fwd_bytes)
+
+
+OFFSET_SRCS = [
+    "causal & window(3)", "window(2)", "window(3, 1)", "causal & hops(2)", "causal & hops(3)",
+    "causal & window(2, dilation=2)", "causal & (window(3) | stride(7))", "causal & window(0)", "full", "causal",
+]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(OFFSET_SRCS), min_size=1, max_size=3), st.integers(1, 60), st.booleans())
+def test_offset_structure_reach_is_exact(srcs: list[str], n: int, repeat: bool) -> None:
+    from patterndsl.analysis.reach import offset_reach
+
+    schedule = [pattern(s) for s in srcs[:1]] if repeat else [pattern(s) for s in srcs]
+    got = offset_reach(schedule, n, repeat)
+    if got is None:  # a non-causal schedule that is not one window: not claimed
+        return
+    masks = [dense_mask(p, n) for p in schedule]
+    causal = not any(np.triu(m, 1).any() for m in masks)
+    assert got.causal_target == causal
+    want = brute_coverage(masks, causal, len(got.coverage))
+    assert got.coverage == pytest.approx(want)
+    full = [d + 1 for d, c in enumerate(want) if c >= 1.0]
+    if full:
+        assert got.depth == full[0]
+    elif got.depth is not None:  # read off the closed form past the listed depths
+        assert max(brute_coverage(masks, causal, got.depth)) < 1.0 or got.depth > len(want)
+
+
+def test_offset_structure_reaches_a_million_tokens_exactly() -> None:
+    from patterndsl.analysis.reach import receptive_field
+
+    n = 1 << 20
+    r = receptive_field([pattern("causal & window(4095)")], n, True)
+    assert r.granularity.startswith("token") and r.depth == 257
+    r = receptive_field([pattern("causal & hops(2)")], n, True)
+    assert r.depth == 20
+    r = receptive_field([pattern("window(256)")], n, False)
+    assert r.depth == 4096 and len(r.coverage) == 4096

@@ -26,7 +26,7 @@ from .. import expr as E
 from .. import ir
 from ..mask import dense_mask, eval_numpy
 from .cost import tile_rects
-from .count import bound_predicate
+from .count import bound_predicate, offset_form
 
 TOKEN_LIMIT = 2048
 BLOCK_UNITS = 1024  # at most this many blocks per side at block granularity
@@ -156,6 +156,10 @@ def receptive_field(
     schedule: Sequence[ir.Body], n: int, causal: bool, max_depth: int | None = None, repeat: bool = True
 ) -> Reach:
     """Coverage per depth through `schedule` (repeated when `repeat`, for a single pattern)."""
+    if n > TOKEN_LIMIT:
+        exact = offset_reach(schedule, n, repeat, max_depth)
+        if exact is not None:
+            return exact
     if n <= TOKEN_LIMIT:
         unit, granularity = 1, "token (exact)"
     else:
@@ -217,4 +221,159 @@ def receptive_field(
         out.stopped = f"after {limit} layers" if repeat else "end of the model"
     if unit == 1:
         out.depth_upper = out.depth
+    return out
+
+
+# --- exact reach at any N through offset structure ---------------------------------------------------
+
+RECORD_DEPTHS = 4096  # coverage is listed for at most this many depths
+RUN_WORK = 1 << 31  # element operations allowed for the run-by-run sumsets
+
+
+def _offsets(body: ir.Body, n: int) -> np.ndarray | None:
+    """allowed(d) for d = i - j in [-(n-1), n-1] when the body is a predicate of i - j alone, else None."""
+    form = offset_form(_body_predicate(body, n))
+    if form is None:
+        return None
+    d = np.arange(-(n - 1), n, dtype=np.int64)
+    return np.broadcast_to(eval_numpy(form, d, np.zeros(1, np.int64), n), d.shape).astype(bool)
+
+
+def _runs(s: np.ndarray) -> np.ndarray:
+    """[start, stop] (inclusive) of every run of True in s, as an [R, 2] array."""
+    edges = np.diff(np.concatenate([[0], s.astype(np.int8), [0]]))
+    return np.stack([np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1], axis=1)
+
+
+def offset_reach(schedule: Sequence[ir.Body], n: int, repeat: bool, max_depth: int | None = None) -> Reach | None:
+    """Exact token-level reach for schedules of offset patterns, at any N (None when it does not apply).
+
+    Causal offset sets (every allowed d = i - j >= 0): a path from i only moves to earlier tokens and
+    never leaves [0, i], so the offsets reachable in L layers are the L-fold sum of the layers' offset
+    sets, the same for every query. Non-causal: only contiguous windows [-b, a] around 0, whose reach is
+    [i - sum a, i + sum b] clipped to [0, N).
+    """
+    sets = []
+    for body in dict.fromkeys(schedule):
+        s = _offsets(body, n)
+        if s is None:
+            return None
+        sets.append((body, s))
+    table = dict(sets)
+    causal = all(not s[: n - 1].any() for _, s in sets)  # no d < 0
+    limit = max_depth if max_depth is not None else (RECORD_DEPTHS if repeat else len(schedule))
+    limit = min(limit, RECORD_DEPTHS) if repeat else min(limit, len(schedule))
+    out = Reach("token (exact, through offset structure)", 1, n, causal)
+    if causal:
+        return _causal_sumsets(schedule, table, n, repeat, limit, out)
+    windows = {}
+    for body, s in sets:
+        runs = _runs(s)
+        if runs.shape[0] != 1 or not runs[0, 0] <= n - 1 <= runs[0, 1]:
+            return None  # a gap, or 0 outside: boundaries would matter
+        windows[body] = (n - 1 - int(runs[0, 0]), int(runs[0, 1]) - (n - 1))  # (back a, forward b)
+    total = n * n
+    back = fwd = 0
+    for depth in range(1, limit + 1):
+        a, b = windows[schedule[(depth - 1) % len(schedule)]]
+        back, fwd = min(n, back + a), min(n, fwd + b)
+        out.coverage.append(_window_pairs(n, back, fwd) / total)
+        if out.depth is None and back >= n - 1 and fwd >= n - 1:
+            out.depth = depth
+            out.stopped = "target covered"
+            break
+        if a == 0 and b == 0 and len(windows) == 1:
+            out.stopped = "reach stopped changing"
+            break
+    else:
+        out.stopped = f"after {limit} layers" if repeat else "end of the model"
+        if repeat and len(windows) == 1:
+            a, b = next(iter(windows.values()))
+            if a and b:
+                out.depth = max(-(-(n - 1) // a), -(-(n - 1) // b))
+                out.stopped = f"depth from the closed form; coverage listed for {limit} layers"
+    out.depth_upper = out.depth
+    return out
+
+
+def _window_pairs(n: int, back: int, fwd: int) -> int:
+    """Pairs (i, j) with i - back <= j <= i + fwd inside [0, n)^2."""
+    k = max(0, n - fwd)
+    s1 = k * (k - 1) // 2 + k * fwd + (n - k) * (n - 1)  # sum of min(n - 1, i + fwd)
+    m = max(0, n - back)
+    s2 = m * (m - 1) // 2  # sum of max(0, i - back)
+    return s1 - s2 + n
+
+
+def _causal_sumsets(
+    schedule: Sequence[ir.Body], table: dict[ir.Body, np.ndarray], n: int, repeat: bool, limit: int, out: Reach
+) -> Reach | None:
+    pos = {body: s[n - 1 :] for body, s in table.items()}  # allowed d = 0 .. n-1
+    g = 0
+    for s in pos.values():
+        g = math.gcd(g, *np.flatnonzero(s).tolist()) if s.any() else g
+    g = max(g, 1)
+    m = (n - 1) // g + 1  # offsets 0, g, 2g, ... below n
+    reduced = {body: _runs(s[::g][:m]) for body, s in pos.items()}
+    weights = n - g * np.arange(m, dtype=np.int64)  # pairs at offset g*k
+    total = n * (n + 1) // 2
+    contiguous = all(r.shape[0] == 1 and r[0, 0] == 0 for r in reduced.values())
+    if contiguous:  # every layer is [0, b]: the reach is [0, sum b]
+        x = 0
+        for depth in range(1, limit + 1):
+            b = int(reduced[schedule[(depth - 1) % len(schedule)]][0, 1])
+            x = min(m - 1, x + b)
+            out.coverage.append(((x + 1) * n - g * x * (x + 1) // 2) / total)
+            if g == 1 and x >= n - 1:
+                out.depth, out.stopped = depth, "target covered"
+                break
+            if (b == 0 or x >= m - 1) and len(reduced) == 1:
+                out.stopped = "reach stopped changing"
+                break
+        else:
+            out.stopped = f"after {limit} layers" if repeat else "end of the model"
+            b = int(next(iter(reduced.values()))[0, 1])
+            if repeat and len(reduced) == 1 and b and g == 1:
+                out.depth = -(-(n - 1) // b)
+                out.stopped = f"depth from the closed form; coverage listed for {limit} layers"
+        if g > 1 and out.depth is None:
+            out.stopped += f"; every offset is a multiple of {g}, so never full"
+        out.depth_upper = out.depth
+        return out
+    reach = np.zeros(m, dtype=bool)
+    reach[0] = True
+    work = 0
+    for depth in range(1, limit + 1):
+        runs = reduced[schedule[(depth - 1) % len(schedule)]]
+        work += m * (runs.shape[0] + 20 * int((runs[:, 1] > runs[:, 0]).sum()))
+        if work > RUN_WORK:
+            return None if depth == 1 else _truncated(out, "offset sumsets grew too costly")
+        new = np.zeros(m, dtype=bool)
+        prefix: np.ndarray | None = None
+        for a, b in runs.tolist():
+            if a == b:
+                new[a:] |= reach[: m - a]
+                continue
+            if prefix is None:
+                prefix = np.concatenate([[0], np.cumsum(reach, dtype=np.int64)])
+            xs = np.arange(a, m, dtype=np.int64)  # x - b <= r <= x - a
+            new[a:] |= (prefix[xs - a + 1] - prefix[np.maximum(0, xs - b)]) > 0
+        settled = repeat and len(reduced) == 1 and np.array_equal(new, reach)
+        reach = new
+        out.coverage.append(float(weights[reach].sum()) / total)
+        if g == 1 and reach.all():
+            out.depth, out.stopped = depth, "target covered"
+            break
+        if settled:
+            out.stopped = "reach stopped changing"
+            break
+    else:
+        out.stopped = f"after {limit} layers" if repeat else "end of the model"
+    out.depth_upper = out.depth
+    return out
+
+
+def _truncated(out: Reach, why: str) -> Reach:
+    out.stopped = why
+    out.depth_upper = out.depth
     return out
