@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 import patterndsl as P
 from patterndsl.cli import main as patc
+from patterndsl.fmt import format_module
 from patterndsl.mask import dense_mask
+from patterndsl.parse import parse
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,8 @@ def _only_pattern_errors(text: str) -> None:
     except P.PatternError as e:
         e.render()  # rendering must not fail either
         return
+    formatted = format_module(parse(text, "fuzz.pat"))  # whatever checks also formats, to the same IR
+    assert P.loads(formatted, "fuzz.pat") == program, formatted
     for item in program.patterns:
         for n in (1, 5, 16):
             try:
@@ -320,6 +324,35 @@ def test_token_soup_only_raises_pattern_error(text: str) -> None:
 @settings(max_examples=300, suppress_health_check=list(HealthCheck))
 @given(random_text)
 def test_random_bytes_only_raise_pattern_error(text: str) -> None:
+    _only_pattern_errors(text)
+
+
+@st.composite
+def mutated_programs(draw: st.DrawFn) -> str:
+    """A valid program with a few random edits: deep into the checker, not only the parser."""
+    from test_language_masks import expressions, neighborhoods
+
+    text = draw(
+        st.one_of(
+            expressions(max_leaves=4).map(lambda e: f"param w = 3\nlet a = causal\npattern p = {e}\n"),
+            neighborhoods().map(lambda c: c[0]),
+        )
+    )
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(text)))
+        match draw(st.sampled_from(["delete", "insert", "replace"])):
+            case "delete":
+                text = text[:at] + text[at + draw(st.integers(1, 6)) :]
+            case "insert":
+                text = text[:at] + draw(st.sampled_from(TOKENS)) + text[at:]
+            case _:
+                text = text[:at] + draw(st.sampled_from(TOKENS)) + text[at + draw(st.integers(1, 6)) :]
+    return text
+
+
+@settings(max_examples=300, suppress_health_check=list(HealthCheck))
+@given(mutated_programs())
+def test_mutated_programs_only_raise_pattern_error(text: str) -> None:
     _only_pattern_errors(text)
 
 
