@@ -60,6 +60,11 @@ class TileRects:
 def tile_rects(pred: Expr, n: int, block_q: int, block_k: int) -> TileRects:
     """Every non-empty tile of the BQ x BK grid, by quad-tree subdivision of the block grid.
 
+    The same tables as `blocks.block_tables` (a test holds them equal), computed differently because
+    the analyser must answer at N = 2**20 in well under a second, on CPU, without importing torch:
+    the quad tree splits both block axes at once, a `blockwise` pattern is asked on its own block grid,
+    and `| random(r)` adds the drawn tiles instead of classifying the draws by intervals.
+
     The classification is the sound one of `intervals.classify` (what the kernel's block tables use):
     a tile it cannot prove empty counts as visited, one it cannot prove full as partial.
     """
