@@ -20,14 +20,23 @@ def downsample(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return fraction
 
 
+def terminal_cells(n: int, m: int, width: int = 64) -> tuple[int, int]:
+    """(rows, cols) of cells for a picture `width` characters wide (two cells per character each way)."""
+    cols = min(2 * width, m)
+    rows = min(max(1, round(n * cols / m)), 2 * width)
+    return rows + rows % 2, cols + cols % 2
+
+
 def unicode_picture(mask: np.ndarray, width: int = 64) -> str:
     """A mask as quadrant characters; a cell is drawn when any pair in it is allowed."""
     n, m = mask.shape
-    cols = min(2 * width, m)
-    rows = min(max(1, round(n * cols / m)), 2 * width)
-    rows += rows % 2
-    cols += cols % 2
-    cells = downsample(mask, rows, cols) > 0
+    rows, cols = terminal_cells(n, m, width)
+    return unicode_cells(downsample(mask, rows, cols) > 0)
+
+
+def unicode_cells(cells: np.ndarray) -> str:
+    """A grid of booleans (even sides) as quadrant characters, 2 x 2 cells each."""
+    rows, cols = cells.shape
     lines = []
     for r in range(0, rows, 2):
         line = []
@@ -40,14 +49,23 @@ def unicode_picture(mask: np.ndarray, width: int = 64) -> str:
 
 def save_png(mask: np.ndarray, path: str, title: str, max_pixels: int = 1024) -> None:
     """A picture with axes (query i down, key j across) and a title; density shading when downsampled."""
+    n, m = mask.shape
+    rows, cols = png_cells(n, m, max_pixels)
+    image = downsample(mask, rows, cols) if (rows, cols) != (n, m) else mask.astype(float)
+    save_image(image, n, m, path, title)
+
+
+def png_cells(n: int, m: int, max_pixels: int = 1024) -> tuple[int, int]:
+    return min(n, max_pixels), min(m, max_pixels)
+
+
+def save_image(image: np.ndarray, n: int, m: int, path: str, title: str) -> None:
+    """Cell densities (from `downsample` or `mask.cell_density`) over an n x m mask, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n, m = mask.shape
-    rows, cols = min(n, max_pixels), min(m, max_pixels)
-    image = downsample(mask, rows, cols) if (rows, cols) != (n, m) else mask.astype(float)
     fig, ax = plt.subplots(figsize=(6, 6 * n / max(m, 1) + 0.6), dpi=150)
     ax.imshow(image, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", extent=(0, m, n, 0))
     ax.set_xlabel("key j")

@@ -20,6 +20,7 @@ from .source import PatternError
 
 CHUNK_ELEMENTS = 1 << 22
 MAX_DENSE_BYTES = 1 << 40  # 1 TiB: no machine we run on has it, so refuse before allocating
+MAX_DRAWN_PAIRS = 1 << 36  # a picture evaluates every pair: beyond this it would take minutes
 
 
 def dense_mask(body: ir.Body, n: int, heads: int | None = None) -> np.ndarray:
@@ -53,6 +54,32 @@ def _dense_mask(body: ir.Body, n: int, heads: int | None) -> np.ndarray:
             out[h] = cache[p]
         return out
     return evaluate_mask(_static_predicate(body, n), n)
+
+
+def cell_density(p: ir.Pattern, n: int, rows: int, cols: int) -> np.ndarray:
+    """Fraction of allowed pairs in each cell of a rows x cols grid over the [n, n] mask, built a chunk of
+    queries at a time: pictures of any N without holding the mask (cells as in `draw.downsample`)."""
+    if n * n > MAX_DRAWN_PAIRS:
+        raise PatternError(f"N = {n} has too many pairs to draw ({n * n:.2e})", None, "draw at a smaller N")
+    try:
+        pred = _static_predicate(p, n)
+    except RecursionError:
+        raise PatternError("the pattern is nested too deeply to evaluate", None, "flatten chains of 'let'") from None
+    ri = (np.arange(n) * rows) // n
+    ci = (np.arange(n) * cols) // n
+    starts = np.searchsorted(ci, np.arange(cols), side="left")
+    ends = np.searchsorted(ci, np.arange(cols), side="right")
+    counts = np.zeros((rows, cols))
+    step = max(1, CHUNK_ELEMENTS // n)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        block = evaluate_mask(pred, n, slice(lo, hi))
+        csum = np.zeros((hi - lo, n + 1), dtype=np.int32 if n < 1 << 31 else np.int64)
+        np.cumsum(block, axis=1, out=csum[:, 1:])
+        np.add.at(counts, ri[lo:hi], csum[:, ends] - csum[:, starts])
+    sizes = np.bincount(ri, minlength=rows)[:, None] * (ends - starts)[None, :]
+    fraction: np.ndarray = counts / np.maximum(sizes, 1)
+    return fraction
 
 
 def _static_predicate(p: ir.Pattern, n: int) -> Expr:

@@ -269,3 +269,29 @@ def test_mask_of_longformer_at_16384_is_fast_and_lean(tmp_path: Path) -> None:
     result_mib, peak_mib = 16384 * 16384 / 2**20, int(peak_kib) / 1024
     assert peak_mib - result_mib < 512, f"peak RSS {peak_mib:.0f} MiB for a {result_mib:.0f} MiB mask"
     assert float(seconds) < 6.0, f"patc mask took {float(seconds):.2f} s"
+
+
+def test_show_density_and_picture_match_the_dense_mask(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from patterndsl.draw import unicode_picture
+
+    assert patc(["show", "two.pat", "-p", "sinks", "-N", "301", "--width", "23"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    m = dense_mask(P.pattern("causal & sink(3)"), 301)
+    assert lines[0] == f"sinks  N=301  density {m.mean():.2%}"
+    assert "\n".join(lines[1:]) == unicode_picture(m, 23)
+
+
+def test_show_at_large_n_needs_no_dense_mask(tmp_path: Path) -> None:
+    """Pictures are built from cell densities a chunk at a time: at N = 24000 the dense mask alone would
+    be 549 MiB; measured in a child process so other tests' memory does not count."""
+    script = (
+        "import resource\n"
+        "from patterndsl.cli import main\n"
+        f"code = main(['show', {str(EXAMPLES / 'longformer.pat')!r}, '-p', 'longformer', '-N', '24000', '--width', '16'])\n"
+        "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "longformer  N=24000  density" in done.stdout
+    code, peak_kib = done.stdout.split()[-2:]
+    assert code == "0" and int(peak_kib) / 1024 < 400, f"peak RSS {int(peak_kib) / 1024:.0f} MiB"

@@ -523,6 +523,25 @@ def test_random_differs_by_length_but_not_by_chunking() -> None:
         mask_module.CHUNK_ELEMENTS = old
 
 
+# --- pictures: cell densities without the dense mask ----------------------------------------------
+
+
+@given(src=expressions(max_leaves=3), n=lengths, rows=st.integers(1, 60), cols=st.integers(1, 60))
+def test_cell_density_equals_downsampled_dense_mask(src: str, n: int, rows: int, cols: int) -> None:
+    from patterndsl import mask as mask_module
+    from patterndsl.draw import downsample
+
+    body = P.pattern(src)
+    want = downsample(dense_mask(body, n), rows, cols)
+    old = mask_module.CHUNK_ELEMENTS
+    try:
+        mask_module.CHUNK_ELEMENTS = 5 * n  # several chunks even at small N
+        got = mask_module.cell_density(body, n, rows, cols)
+    finally:
+        mask_module.CHUNK_ELEMENTS = old
+    np.testing.assert_allclose(got, want, err_msg=src)
+
+
 # --- heads ---------------------------------------------------------------------------------------
 
 

@@ -6,9 +6,11 @@ import argparse
 import shutil
 from typing import Any
 
+import numpy as np
+
 from .. import ir
-from ..draw import save_png, unicode_picture
-from ..mask import dense_mask
+from ..draw import png_cells, save_image, terminal_cells, unicode_cells
+from ..mask import cell_density
 from ..source import PatternError
 from .common import add_file_options, load_program, positive_int, select_pattern
 
@@ -44,17 +46,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         bodies = [("", item.body)]
     width = args.width or max(16, min(64, shutil.get_terminal_size((80, 24)).columns - 2))
+    n = args.n
     for k, (label, body) in enumerate(bodies):
-        m = dense_mask(body, args.n)
-        title = f"{item.name}{' ' + label if label else ''}  N={args.n}  density {m.mean():.2%}"
+        # Cell densities are built a chunk of queries at a time: no N x N mask, whatever N.
+        rows, cols = png_cells(n, n) if args.output else terminal_cells(n, n, width)
+        cells = cell_density(body, n, rows, cols)
+        density = _overall_density(cells, n, rows, cols)
+        title = f"{item.name}{' ' + label if label else ''}  N={n}  density {density:.2%}"
         if args.output:
             path = args.output if len(bodies) == 1 else _numbered(args.output, k)
-            save_png(m, path, f"{program.path}: {title}")
+            save_image(cells, n, n, path, f"{program.path}: {title}")
             print(f"wrote {path}")
         else:
             print(title)
-            print(unicode_picture(m, width))
+            print(unicode_cells(cells > 0))
     return 0
+
+
+def _overall_density(cells: np.ndarray, n: int, rows: int, cols: int) -> float:
+    ri = np.bincount((np.arange(n) * rows) // n, minlength=rows)
+    ci = np.bincount((np.arange(n) * cols) // n, minlength=cols)
+    return float((cells * ri[:, None] * ci[None, :]).sum() / (n * n))
 
 
 def _numbered(path: str, k: int) -> str:
