@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -150,13 +151,11 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> PatternError:
             ch = source.text[pos] if pos < len(source.text) else ""
             return PatternError(f"unexpected character {ch!r}", span, _char_hint(ch))
         case UnexpectedEOF():
-            return PatternError("unexpected end of file", span, f"expected {_expected(e.expected)}")
+            return PatternError("unexpected end of file", _end_of_code(source), f"expected {_expected(e.expected)}")
         case UnexpectedToken():
             tok = e.token
             if tok.type == "$END":
-                last = source.text.rstrip()
-                line = last.count("\n") + 1
-                span = Span(source, line, len(source.line(line)) + 1)
+                span = _end_of_code(source)
             else:
                 span = Span(source, tok.line or line, tok.column or column, max(1, len(str(tok))))
             return PatternError(
@@ -165,6 +164,13 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> PatternError:
                 f"expected {_expected(e.expected)}" + _token_hint(tok),
             )
     return PatternError("syntax error", span)
+
+
+def _end_of_code(source: Source) -> Span:
+    """Just after the last character of code: trailing comments and blank lines are not where it ended."""
+    code = re.sub(r"#[^\n]*", "", source.text).rstrip()  # '#' always starts a comment: there are no strings
+    start_of_line = code.rfind("\n") + 1
+    return Span(source, code.count("\n") + 1, len(code) - start_of_line + 1)
 
 
 def _char_hint(ch: str) -> str | None:

@@ -441,3 +441,19 @@ def test_more_messages(src: str, message: str, hint: str | None) -> None:
     assert info.value.message == message
     if hint is not None:
         assert info.value.hint is not None and hint in info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("src", "line", "col"),
+    [
+        ("pattern p = causal |  # trailing\n# only comments\n\n", 1, 21),
+        ("pattern p = window(3)\r\n\r\npattern q = window(\r\n", 3, 20),
+        ("pattern p = (causal\n   # more to come\n", 1, 20),
+        ("param", 1, 6),
+    ],
+)
+def test_end_of_file_error_points_after_the_last_code(src: str, line: int, col: int) -> None:
+    with pytest.raises(P.PatternError) as info:
+        P.loads(src, "t.pat")
+    assert info.value.message == "unexpected end of file"
+    assert info.value.span is not None and (info.value.span.line, info.value.span.column) == (line, col)
