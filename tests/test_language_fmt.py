@@ -18,6 +18,7 @@ from patterndsl.fmt import format_module
 from patterndsl.parse import parse
 
 SPEC_EXAMPLES = sorted(glob.glob(str(Path(__file__).resolve().parents[2] / "shared/spec/examples/*.pat")))
+LIBRARY = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "patterns/*.pat")))
 
 
 def _ir(text: str) -> ir.Program:
@@ -44,8 +45,8 @@ def test_spec_examples_exist() -> None:
     assert len(SPEC_EXAMPLES) >= 8
 
 
-@pytest.mark.parametrize("path", SPEC_EXAMPLES, ids=lambda p: Path(p).name)
-def test_spec_example_round_trips(path: str) -> None:
+@pytest.mark.parametrize("path", SPEC_EXAMPLES + LIBRARY, ids=lambda p: f"{Path(p).parent.name}/{Path(p).name}")
+def test_spec_example_and_library_file_round_trips(path: str) -> None:
     assert_round_trip(Path(path).read_text(encoding="utf-8"))
 
 
