@@ -12,7 +12,7 @@ from pathlib import Path
 from . import ir
 from .source import PatternError
 
-__all__ = ["PatternError", "ir", "load", "loads", "pattern", "dense_mask"]
+__all__ = ["PatternError", "ir", "load", "loads", "pattern", "dense_mask", "compile"]
 __version__ = "0.1.0"
 
 
@@ -53,3 +53,9 @@ def dense_mask(body: ir.Body | str, n: int, heads: int | None = None):  # type: 
     from .mask import dense_mask as build
 
     return build(pattern(body) if isinstance(body, str) else body, n, heads)
+
+
+
+# The driver, bound to the package name `compile` (this import also keeps the submodule
+# `patterndsl.compile` from shadowing the function).
+from .compile import compile  # noqa: E402, A004

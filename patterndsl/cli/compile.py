@@ -1,0 +1,43 @@
+"""`patc compile`: a pattern becomes a self-contained Python module with its Triton kernel."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..source import PatternError
+from .common import add_file_options, parse_defines
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="write a Python module with the pattern's attention kernel",
+        description="Compile one pattern of a .pat file to a readable module that imports only torch and "
+        "triton and exposes attention(q, k, v, *, scale=None) with SDPA's [B, H, N, D] convention.",
+    )
+    add_file_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT.py", help="where to write the module")
+    p.add_argument("--block-m", type=int, help="query block size (default: tuned per head_dim)")
+    p.add_argument("--block-n", type=int, help="key block size (default: tuned per head_dim)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compile import compile_source
+
+    try:
+        compiled = compile_source(
+            Path(args.file), args.pattern, parse_defines(args.defines), block_m=args.block_m, block_n=args.block_n
+        )
+    except ValueError as e:
+        if isinstance(e, PatternError):
+            raise
+        raise PatternError(str(e)) from None
+    try:
+        Path(args.output).write_text(compiled.text, encoding="utf-8")
+    except OSError as e:
+        raise PatternError(f"cannot write {args.output}: {e.strerror}") from None
+    print(f"{args.output}: attention kernel for '{compiled.name}' (source sha256 {compiled.sha256[:12]})")
+    return 0

@@ -1,0 +1,289 @@
+"""Code generation: index expressions rendered as source, and whole kernel modules rendered from a template.
+
+Three renderers read the same `semantics.predicate` tree, so the kernel, the CPU path and the block
+classifier of a generated module cannot disagree with the reference mask about what a pattern means:
+
+- `render_triton`: the predicate over tiles (`i` [BLOCK_M, 1], `j` [1, BLOCK_N], `N` a run-time scalar)
+  as a `@triton.jit` function body. Triton's `//` and `%` truncate toward zero, so floor semantics are
+  rendered (`_fdiv`, `_fmod`) wherever the dividend may be negative.
+- `render_python`: the predicate with Python / torch semantics (`//` and `%` floor on torch tensors too),
+  for the CPU path and for checking arguments that depend on N.
+- `render_intervals`: the interval rules of `intervals.py`, step by step, as torch code: a generated
+  module classifies its tiles without importing patterndsl. `tests/test_codegen.py` checks it answers
+  exactly what `intervals.classify` answers.
+
+Only integers produced by `int()` and names matching `[A-Za-z_][A-Za-z0-9_]*` ever enter generated source;
+text (the pattern's source) enters only through `repr()` or an escaped docstring.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from . import expr as E
+from .expr import Expr
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+INT32_MAX = (1 << 31) - 1
+
+
+class CodegenError(ValueError):
+    """Something that cannot be rendered (a bug or an unsupported construct), never user text."""
+
+
+def safe_name(name: str) -> str:
+    """A name allowed into generated source, or ValueError."""
+    if not isinstance(name, str) or not _NAME.match(name) or name.isascii() is False:
+        raise ValueError(f"not a valid identifier for generated code: {name!r}")
+    return name
+
+
+def safe_int(v: object) -> str:
+    """An integer literal for generated source (bools are ints, anything else is refused)."""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if not isinstance(v, int):
+        raise ValueError(f"not an integer: {v!r}")
+    return str(int(v))
+
+
+def doc_text(text: str) -> str:
+    """Text made safe inside a triple-quoted (non-raw) docstring: it reads back exactly as `text`."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n" or (ch.isprintable() and ch not in "\r\x0b\x0c"):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+_CMP_OPS = frozenset({"==", "!=", "<", "<=", ">", ">="})
+
+
+def _op(op: str) -> str:
+    if op not in _CMP_OPS:
+        raise CodegenError(f"not a comparison: {op!r}")
+    return op
+
+
+def nonneg(e: Expr) -> bool:
+    """Provably >= 0 for every i, j in [0, N) (a sign analysis; sound, not complete)."""
+    match e:
+        case E.Const(v):
+            return int(v) >= 0
+        case E.Var():
+            return True
+        case E.Arith("+" | "*" | "//" | "%" | "min", a, b):
+            return nonneg(a) and nonneg(b)
+        case E.Arith("max", a, b):
+            return nonneg(a) or nonneg(b)
+        case E.Arith("**", a, E.Const(k)):
+            return nonneg(a) or int(k) % 2 == 0
+        case E.Abs():
+            return True
+        case E.IfElse(_, t, o):
+            return nonneg(t) and nonneg(o)
+    return False
+
+
+class _Emitter:
+    """SSA lines `tK = ...`, one per distinct subexpression (a window's `i - j` is computed once)."""
+
+    def __init__(self, prefix: str = "t") -> None:
+        self.lines: list[str] = []
+        self.memo: dict[Expr, str] = {}
+        self.prefix = prefix
+
+    def emit(self, text: str) -> str:
+        name = f"{self.prefix}{len(self.lines)}"
+        self.lines.append(f"{name} = {text}")
+        return name
+
+    def visit(self, e: Expr, render: Callable[[Expr], str]) -> str:
+        hit = self.memo.get(e)
+        if hit is None:
+            hit = render(e)
+            self.memo[e] = hit
+        return hit
+
+
+def _powers(base: int, limit: int) -> list[int]:
+    out, p = [], 1
+    while p <= limit:
+        out.append(p)
+        p *= base
+    return out
+
+
+def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]:
+    """SSA lines and the result name of the predicate over a tile, for a `@triton.jit` function of
+    `(i, j, N)`. `idx_max` bounds every intermediate value (powers for hops(base) stop there)."""
+    em = _Emitter()
+
+    def go(e: Expr) -> str:
+        return em.visit(e, render)
+
+    def render(e: Expr) -> str:
+        match e:
+            case E.Const(v) if isinstance(v, bool):
+                return em.emit("(i >= 0)" if v else "(i < 0)")
+            case E.Const(v):
+                return safe_int(v)
+            case E.Var(name):
+                return {"i": "i", "j": "j", "N": "N"}[name]
+            case E.Arith(op, a, b):
+                x, y = go(a), go(b)
+                match op:
+                    case "+" | "-" | "*":
+                        return em.emit(f"{x} {op} {y}")
+                    case "//":
+                        plain = nonneg(a) and nonneg(b)
+                        return em.emit(f"{x} // {y}" if plain else f"_fdiv({x}, {y})")
+                    case "%":
+                        plain = nonneg(a) and nonneg(b)
+                        return em.emit(f"{x} % {y}" if plain else f"_fmod({x}, {y})")
+                    case "min":
+                        return em.emit(f"tl.minimum({x}, {y})")
+                    case "max":
+                        return em.emit(f"tl.maximum({x}, {y})")
+                    case "**":
+                        if not isinstance(b, E.Const):
+                            raise CodegenError("a power's exponent must be a constant")
+                        k = int(b.value)
+                        return em.emit(" * ".join([x] * k) if k > 0 else "1")
+            case E.Abs(a):
+                return em.emit(f"tl.abs({go(a)})")
+            case E.Cmp(op, a, b):
+                return em.emit(f"{go(a)} {_op(op)} {go(b)}")
+            case E.And(args):
+                return em.emit(" & ".join(go(a) for a in args))
+            case E.Or(args):
+                return em.emit(" | ".join(go(a) for a in args))
+            case E.Not(a):
+                return em.emit(f"{go(a)} == 0")
+            case E.IfElse(c, t, o):
+                return em.emit(f"tl.where({go(c)}, {go(t)}, {go(o)})")
+            case E.IsPow(a, base):
+                x = go(a)
+                if base == 2:
+                    return em.emit(f"({x} > 0) & (({x} & ({x} - 1)) == 0)")
+                terms = " | ".join(f"({x} == {p})" for p in _powers(int(base), idx_max))
+                return em.emit(terms or "(i < 0)")
+            case E.RandomMember():
+                raise CodegenError("random(...) has no token-level Triton form yet")
+        raise CodegenError(f"cannot render {e!r}")
+
+    result = go(pred)
+    return em.lines, result
+
+
+def render_python(pred: Expr, names: dict[str, str] | None = None) -> tuple[list[str], str]:
+    """SSA lines and result for Python ints or torch tensors (floor `//` and `%` in both).
+
+    Helpers used: `_min`, `_max`, `_abs`, `_where`, `_ispow`, `_not` (defined in the module template).
+    `names` maps i, j, N to the names in scope."""
+    em = _Emitter("p")
+    env = {"i": "i", "j": "j", "N": "N", **(names or {})}
+
+    def go(e: Expr) -> str:
+        return em.visit(e, render)
+
+    def render(e: Expr) -> str:
+        match e:
+            case E.Const(v) if isinstance(v, bool):
+                return "True" if v else "False"
+            case E.Const(v):
+                return safe_int(v)
+            case E.Var(name):
+                return safe_name(env[name])
+            case E.Arith(op, a, b):
+                x, y = go(a), go(b)
+                match op:
+                    case "+" | "-" | "*" | "//" | "%":
+                        return em.emit(f"{x} {op} {y}")
+                    case "**":
+                        if not isinstance(b, E.Const):
+                            raise CodegenError("a power's exponent must be a constant")
+                        return em.emit(f"{x} ** {safe_int(b.value)}")
+                    case "min" | "max":
+                        return em.emit(f"_{op}({x}, {y})")
+            case E.Abs(a):
+                return em.emit(f"_abs({go(a)})")
+            case E.Cmp(op, a, b):
+                return em.emit(f"{go(a)} {_op(op)} {go(b)}")
+            case E.And(args):
+                return em.emit(" & ".join(f"({go(a)})" for a in args))
+            case E.Or(args):
+                return em.emit(" | ".join(f"({go(a)})" for a in args))
+            case E.Not(a):
+                return em.emit(f"_not({go(a)})")
+            case E.IfElse(c, t, o):
+                return em.emit(f"_where({go(c)}, {go(t)}, {go(o)})")
+            case E.IsPow(a, base):
+                return em.emit(f"_ispow({go(a)}, {safe_int(base)})")
+            case E.RandomMember():
+                raise CodegenError("random(...) is not compiled yet")
+        raise CodegenError(f"cannot render {e!r}")
+
+    return em.lines, go(pred)
+
+
+def render_intervals(pred: Expr) -> tuple[list[str], str]:
+    """SSA lines computing `(may_true, may_false)` of `pred` over rectangles, as `intervals.truth` does.
+
+    In scope: `I` = (i_lo, i_hi), `J` = (j_lo, j_hi) int64 tensors and `N` a Python int. Helpers `_iv_*`
+    and `_tv_*` come with the module template; each transcribes one rule of `intervals.py`."""
+    em = _Emitter("v")
+
+    def go(e: Expr) -> str:
+        return em.visit(e, render)
+
+    def render(e: Expr) -> str:
+        match e:
+            case E.Const(v) if isinstance(v, bool):
+                return em.emit(f"_tv_const({bool(v)}, I)")
+            case E.Const(v):
+                return em.emit(f"_iv_const({safe_int(v)}, I)")
+            case E.Var("i"):
+                return "I"
+            case E.Var("j"):
+                return "J"
+            case E.Var("N"):
+                return em.emit("_iv_const(N, I)")
+            case E.Arith(op, a, b):
+                fn = {"+": "add", "-": "sub", "*": "mul", "//": "floordiv", "%": "mod", "min": "min", "max": "max"}
+                if op == "**":
+                    if not isinstance(b, E.Const):
+                        raise CodegenError("a power's exponent must be a constant")
+                    return em.emit(f"_iv_pow({go(a)}, {safe_int(b.value)})")
+                return em.emit(f"_iv_{fn[op]}({go(a)}, {go(b)})")
+            case E.Abs(a):
+                return em.emit(f"_iv_abs({go(a)})")
+            case E.IfElse(c, t, o):
+                return em.emit(f"_iv_ifelse({go(c)}, {go(t)}, {go(o)})")
+            case E.Cmp(op, a, b):
+                return em.emit(f"_tv_cmp({_op(op)!r}, {go(a)}, {go(b)})")
+            case E.And(args):
+                return em.emit(f"_tv_and({', '.join(go(a) for a in args)})")
+            case E.Or(args):
+                return em.emit(f"_tv_or({', '.join(go(a) for a in args)})")
+            case E.Not(a):
+                return em.emit(f"_tv_not({go(a)})")
+            case E.IsPow(a, base):
+                return em.emit(f"_tv_ispow({go(a)}, {safe_int(base)})")
+            case E.RandomMember():
+                raise CodegenError("random(...) is not compiled yet")
+        raise CodegenError(f"cannot render {e!r}")
+
+    return em.lines, go(pred)
+
+
+def indent(lines: list[str], spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line for line in lines)

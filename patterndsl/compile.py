@@ -1,0 +1,287 @@
+"""The compiler driver: a `.pat` pattern becomes a self-contained Python module with a Triton kernel.
+
+`compile_source(...)` returns the module's text (byte-identical for identical input); `compile(...)`
+also loads it. The module imports only torch and triton: its predicates, its tile classifier and its
+argument checks are rendered here (`codegen.py`) from `semantics.predicate` and `check`'s constraints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from . import __version__, ir
+from . import expr as E
+from .check import _constraints
+from .codegen import (
+    INT32_MAX,
+    CodegenError,
+    doc_text,
+    indent,
+    render_intervals,
+    render_python,
+    render_triton,
+    safe_int,
+    safe_name,
+)
+from .mask import magnitude_bound
+from .resources import codegen_template
+from .semantics import predicate
+from .source import PatternError
+
+__all__ = ["Compiled", "compile", "compile_source", "DEFAULT_CONFIGS"]
+
+# (largest padded head_dim, (BLOCK_M, BLOCK_N, num_warps, num_stages)); tuned on the H100 (docs/perf-notes.md)
+DEFAULT_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
+    (64, (128, 64, 4, 3)),
+    (128, (128, 64, 8, 3)),
+    (256, (64, 64, 8, 2)),
+)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    name: str
+    text: str
+    sha256: str
+
+
+def _select(program: ir.Program, name: str | None) -> ir.PatternDef:
+    from .cli.common import select
+
+    item = select(program, name)
+    if isinstance(item, ir.Model):
+        raise PatternError(
+            f"'{item.name}' is a model; compiling models is not supported yet",
+            item.span,
+            "compile one layer's pattern with -p (a model's distinct patterns are its 'pattern' entries)",
+        )
+    return item
+
+
+def _distinct(body: ir.Body) -> tuple[tuple[ir.Pattern, ...], tuple[int, ...] | None]:
+    if not isinstance(body, ir.Heads):
+        return (body,), None
+    pats: list[ir.Pattern] = []
+    per_head: list[int] = []
+    for h in range(body.count):
+        p = body.pattern_for(h)
+        if p not in pats:
+            pats.append(p)
+        per_head.append(pats.index(p))
+    return tuple(pats), tuple(per_head)
+
+
+def _index_width(preds: list[E.Expr]) -> tuple[int, bool]:
+    """(MAX_N, IDX64): the largest power-of-two N whose arithmetic provably fits 32 bits (preferred
+    when it reaches 2**21) or else 64 bits."""
+    for limit, wide in ((INT32_MAX, False), ((1 << 63) - 1, True)):
+        n = 1 << 30
+        while n >= 1 and any(magnitude_bound(p, n) > limit for p in preds):
+            n >>= 1
+        if n >= (1 << 21) or (wide and n >= 1):
+            return n, wide
+    raise PatternError("the pattern's integer arithmetic does not fit 64 bits even at N = 1")
+
+
+def _check_lines(p: ir.Pattern, nvar: str, depth: int = 0) -> Iterator[str]:
+    """Python lines that raise ValueError when the pattern's arguments are out of range at N."""
+    for value, minimum, what, _span in _constraints(p):
+        if not E.free_vars(value):
+            continue  # a literal: the checker already proved it
+        lines, res = render_python(value, {"N": nvar})
+        yield from lines
+        msg = f"{what} must be at least {minimum}"
+        yield f"if {res} < {safe_int(minimum)}:"
+        yield f"    raise ValueError({msg!r} + f', got {{{res}}} at N = {{N}}')"
+    match p:
+        case ir.Neighborhood(layout) | ir.Where(_, layout) if layout is not None:
+            size = safe_int(layout.size)
+            msg = f"layout '{layout.name}' = grid{layout.dims} holds {layout.size} tokens"
+            yield f"if {nvar} != {size}:"
+            yield f"    raise ValueError({msg!r} + f' but N = {{{nvar}}}')"
+        case ir.Blockwise(block, inner):
+            lines, res = render_python(block, {"N": nvar})
+            yield from lines
+            inner_n = safe_name(f"n{depth + 1}")
+            yield f"{inner_n} = ({nvar} + {res} - 1) // {res}"
+            yield from _check_lines(inner, inner_n, depth + 1)
+            return
+    for child in ir.children(p):
+        yield from _check_lines(child, nvar, depth)
+
+
+def compile_source(
+    source: str | Path,
+    pattern: str | None = None,
+    defines: Mapping[str, str | int | float] | None = None,
+    *,
+    path: str | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Compiled:
+    """Render the kernel module for one pattern of a `.pat` file (a Path, a str ending in .pat or naming a
+    file, or else the file's text). Same input, byte-identical text."""
+    from . import loads
+
+    if isinstance(source, Path) or ("\n" not in source and (source.endswith(".pat") or Path(source).is_file())):
+        p = Path(source)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise PatternError(f"{p}: {e.strerror or 'cannot read'}") from None
+        path = path or str(p)
+    else:
+        text = source
+    path = path or "<string>"
+    clean_defines = {safe_name(str(k)): str(v) for k, v in sorted((defines or {}).items())}
+    program = loads(text, path, clean_defines)
+    item = _select(program, pattern)
+    name = safe_name(item.name)
+    pats, head_pattern = _distinct(item.body)
+    for pat in pats:
+        if ir.is_dynamic(pat):
+            raise PatternError(f"'{name}' holds a dynamic selector (topk/threshold): not compiled yet", item.span)
+    preds = [predicate(pat) for pat in pats]
+    for pred in preds:
+        if any(isinstance(x, E.RandomMember) for x in _nodes(pred)):
+            raise PatternError(
+                f"'{name}' uses random(...): its kernel table is not compiled yet", item.span,
+                "patc check / mask / analyze handle it; compiling it is a known gap",
+            )  # fmt: skip
+    max_n, idx64 = _index_width(preds)
+
+    tri, dispatch, pyp, ivs = [], [], [], []
+    try:
+        for k, pred in enumerate(preds):
+            lines, res = render_triton(pred, (1 << 63) - 1 if idx64 else INT32_MAX)
+            tri.append(f"@triton.jit\ndef _allowed_{k}(i, j, N):\n{indent(lines + [f'return {res}'], 4)}\n")
+            kw = "if" if k == 0 else "elif"
+            dispatch.append(f"    {kw} PAT == {k}:\n        r = _allowed_{k}(i, j, N)")
+            lines, res = render_python(pred)
+            pyp.append(f"def _allowed_py_{k}(i, j, N):\n{indent(lines + [f'return {res}'], 4)}\n")
+            lines, res = render_intervals(pred)
+            ivs.append(f"def _truth_{k}(I, J, N):\n{indent(lines + [f'return {res}'], 4)}\n")
+    except CodegenError as e:
+        raise PatternError(f"'{name}' cannot be compiled: {e}", item.span) from None
+    dispatch.append("    else:\n        r = i < 0\n    return r")
+    check: list[str] = []
+    for pat in pats:
+        check.extend(_check_lines(pat, "N"))
+    check_body = (
+        "    pass"
+        if not check
+        else "    try:\n"
+        + indent(check, 8)
+        + (
+            "\n    except ZeroDivisionError:\n"
+            "        raise ValueError(f'the pattern divides by zero at N = {N}') from None"
+        )
+    )
+
+    configs = DEFAULT_CONFIGS
+    if any(x is not None for x in (block_m, block_n, num_warps, num_stages)):
+        configs = tuple(
+            (d, (int(block_m or c[0]), int(block_n or c[1]), int(num_warps or c[2]), int(num_stages or c[3])))
+            for d, c in DEFAULT_CONFIGS
+        )
+    for _, cfg in configs:
+        for v in cfg:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"block sizes, warps and stages must be positive integers, got {cfg}")
+        if cfg[0] < 16 or cfg[1] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] & (cfg[1] - 1):
+            raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16, got {cfg[0]} and {cfg[1]}")
+
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    defines_doc = ", ".join(f"{k}={v}" for k, v in clean_defines.items()) or "none"
+    pattern_doc = "".join(
+        f"\nPredicate {k} (heads {_heads_of(head_pattern, k)}): allowed(i, j) = {E.to_source(p)}\n"
+        for k, p in enumerate(preds)
+    )
+    fields = {
+        "name": name,
+        "version": __version__,
+        "path": doc_text(path),
+        "sha256": sha,
+        "source_doc": indent(doc_text(text).rstrip("\n").split("\n"), 4),
+        "compiled_doc": f"pattern '{name}', params overridden: {doc_text(defines_doc)}",
+        "pattern_doc": doc_text(pattern_doc),
+        "name_repr": repr(name),
+        "sha256_repr": repr(sha),
+        "source_repr": repr(text),
+        "heads": "None" if head_pattern is None else safe_int(len(head_pattern)),
+        "head_pattern": "None" if head_pattern is None else "(" + ", ".join(map(safe_int, head_pattern)) + ",)",
+        "pattern_count": safe_int(len(preds)),
+        "max_n": safe_int(max_n),
+        "idx64": "True" if idx64 else "False",
+        "configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in configs)),
+        "triton_predicates": "\n\n".join(tri),
+        "triton_dispatch": "\n".join(dispatch),
+        "python_predicates": "\n\n".join(pyp)
+        + f"\n\n_PYPRED = ({', '.join(f'_allowed_py_{k}' for k in range(len(preds)))},)",
+        "interval_functions": "\n\n".join(ivs)
+        + f"\n\n_TRUTH = ({', '.join(f'_truth_{k}' for k in range(len(preds)))},)",
+        "check_lines": check_body,
+    }
+    module = Template(codegen_template("attention.py.tmpl")).substitute(fields)
+    return Compiled(name, module, sha)
+
+
+def _heads_of(head_pattern: tuple[int, ...] | None, k: int) -> str:
+    if head_pattern is None:
+        return "all"
+    return ", ".join(str(h) for h, p in enumerate(head_pattern) if p == k)
+
+
+def _nodes(e: E.Expr) -> Iterator[E.Expr]:
+    yield e
+    match e:
+        case E.Arith(_, a, b) | E.Cmp(_, a, b):
+            yield from _nodes(a)
+            yield from _nodes(b)
+        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+            yield from _nodes(a)
+        case E.And(args) | E.Or(args):
+            for a in args:
+                yield from _nodes(a)
+        case E.IfElse(c, t, o):
+            for a in (c, t, o):
+                yield from _nodes(a)
+
+
+def compile(  # noqa: A001 (the verb users look for)
+    source: str | Path,
+    pattern: str | None = None,
+    defines: Mapping[str, str | int | float] | None = None,
+    **options: int | None,
+) -> types.ModuleType:
+    """Compile a pattern and load the generated module (its `attention(q, k, v, *, scale=None)`)."""
+    compiled = compile_source(source, pattern, defines, **options)  # type: ignore[arg-type]
+    modname = f"patterndsl_kernel_{compiled.name}_{compiled.sha256[:12]}_{hashlib.sha256(compiled.text.encode()).hexdigest()[:8]}"
+    hit = sys.modules.get(modname)
+    if hit is not None:
+        return hit
+    import importlib.util
+    import tempfile
+
+    # Triton's @jit reads the function source from a file: write the module where inspect can find it.
+    folder = Path(tempfile.gettempdir()) / "patterndsl_kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / f"{modname}.py"
+    if not file.exists() or file.read_text(encoding="utf-8") != compiled.text:
+        tmp = file.with_suffix(f".{id(compiled)}.tmp")
+        tmp.write_text(compiled.text, encoding="utf-8")
+        tmp.replace(file)
+    spec = importlib.util.spec_from_file_location(modname, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    spec.loader.exec_module(module)
+    return module
