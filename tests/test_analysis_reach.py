@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -11,6 +13,8 @@ from patterndsl import dense_mask, pattern
 from patterndsl.analysis.cost import FWD_PER_PAIR, block_counts, cost
 from patterndsl.analysis.count import bound_predicate, row_stats
 from patterndsl.analysis.reach import receptive_field
+
+LIBRARY = Path(__file__).resolve().parents[1] / "patterns"
 
 SRCS = [
     "causal & window(3)", "window(2)", "causal & hops(2)", "window(2, dilation=2)", "window(1) | global(0:2)",
@@ -25,8 +29,8 @@ def brute_coverage(masks: list[np.ndarray], causal: bool, depth: int) -> list[fl
     reach = np.eye(n, dtype=bool)
     out = []
     for d in range(depth):
-        a = masks[d % len(masks)].astype(np.int64)
-        reach = (a @ reach.astype(np.int64)) > 0
+        a = masks[d % len(masks)].astype(np.float32)  # counts stay far below 2**24: exact
+        reach = (a @ reach.astype(np.float32)) > 0
         out.append(float((reach & target).sum() / target.sum()))
     return out
 
@@ -168,3 +172,44 @@ def test_tile_counts_agree_with_the_kernels_block_tables(src: str, n: int, block
     theirs = block_tables(p, n, bq, bk)
     assert ours.full.tolist() == theirs.full.counts.tolist()
     assert ours.partial.tolist() == theirs.partial.counts.tolist()
+
+
+@pytest.mark.parametrize(
+    "name, defines",
+    [("nat.pat", {"height": 9, "width": 11, "kernel": 3}), ("dinat.pat", {"kernel": 3}), ("", {})],
+)
+def test_neighborhood_reach_is_the_product_of_axes(name: str, defines: dict[str, int]) -> None:
+    from patterndsl import ir, load, loads
+    from patterndsl.analysis.reach import neighborhood_reach
+
+    if name:
+        prog = load(LIBRARY / name, defines)
+    else:  # strides and dilations differing per axis
+        prog = loads(
+            "layout g = grid(12, 10)\npattern p = neighborhood(g, kernel=(3, 5), stride=(2, 3), dilation=(1, 2))\n"
+        )
+    checked = 0
+    for item in [*prog.patterns, *prog.models]:
+        is_model = isinstance(item, ir.Model)
+        schedule = list(item.schedule) if is_model else [item.body]  # type: ignore[union-attr]
+        if not all(isinstance(b, ir.Neighborhood) and not any(b.causal) for b in schedule):
+            assert neighborhood_reach(schedule, 64, not is_model) is None
+            continue
+        n = schedule[0].layout.size  # type: ignore[union-attr]
+        got = neighborhood_reach(schedule, n, not is_model)
+        assert got is not None
+        masks = [dense_mask(b, n) for b in schedule]
+        assert got.coverage == pytest.approx(brute_coverage(masks, False, len(got.coverage)))
+        checked += 1
+    assert checked
+
+
+def test_a_global_token_bounds_the_depth_by_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    import patterndsl.analysis.reach as reach
+
+    monkeypatch.setattr(reach, "TOKEN_LIMIT", 100)
+    monkeypatch.setattr(reach, "BLOCK_UNITS", 16)
+    r = reach.receptive_field([pattern("window(5) | global(3:5)")], 600, False)
+    assert r.unit > 1 and r.depth == 2 and r.depth_upper == 2 and "token 3" in r.stopped
+    r = reach.receptive_field([pattern("window(5) | rows(3:5)")], 600, False)
+    assert r.depth_upper is None  # no key is seen by every query: no hub

@@ -25,8 +25,9 @@ import numpy as np
 from .. import expr as E
 from .. import ir
 from ..mask import dense_mask, eval_numpy
+from ..semantics import _neighborhood_axis
 from .cost import tile_rects
-from .count import bound_predicate, offset_form
+from .count import bound_predicate, offset_form, predicate_stats, row_stats
 
 TOKEN_LIMIT = 2048
 BLOCK_UNITS = 1024  # at most this many blocks per side at block granularity
@@ -157,7 +158,7 @@ def receptive_field(
 ) -> Reach:
     """Coverage per depth through `schedule` (repeated when `repeat`, for a single pattern)."""
     if n > TOKEN_LIMIT:
-        exact = offset_reach(schedule, n, repeat, max_depth)
+        exact = offset_reach(schedule, n, repeat, max_depth) or neighborhood_reach(schedule, n, repeat, max_depth)
         if exact is not None:
             return exact
     if n <= TOKEN_LIMIT:
@@ -216,12 +217,38 @@ def receptive_field(
         lower_done = out.coverage_lower is None or out.depth_upper is not None or lower_settled
         if (done or settled) and lower_done:
             out.stopped = "target covered" if done else "reach stopped changing"
+            if unit > 1 and out.depth_upper is None:
+                out.stopped = ("upper bound covers the target" if done else "upper bound stopped changing") + (
+                    "; lower bound stopped changing"
+                )
             break
     else:
         out.stopped = f"after {limit} layers" if repeat else "end of the model"
     if unit == 1:
         out.depth_upper = out.depth
+    elif repeat and len(schedule) == 1 and out.depth_upper is None:
+        _hub_bound(schedule[0], n, out)
     return out
+
+
+def _hub_bound(body: ir.Body, n: int, out: Reach) -> None:
+    """A token h that sees every key and is seen by every query (a global token) joins any query to any
+    key in two layers: the lower bound becomes exact from depth 2 on."""
+    pred = _body_predicate(body, n)
+    rows = row_stats(body, n) if not isinstance(body, ir.Heads) else predicate_stats(pred, n)
+    everyone = np.arange(n, dtype=np.int64)
+    for h in np.flatnonzero(rows.counts == n)[:8].tolist():
+        column = np.broadcast_to(eval_numpy(pred, everyone, np.full(1, h, np.int64), n), (n,))
+        if column.all():
+            assert out.coverage_lower is not None
+            while len(out.coverage_lower) < 2:
+                out.coverage_lower.append(out.coverage_lower[-1] if out.coverage_lower else 0.0)
+            out.coverage_lower[1:] = [1.0] * (len(out.coverage_lower) - 1)
+            out.depth_upper = 2 if (out.depth is None or out.depth >= 2) else out.depth
+            if out.depth is None:
+                out.depth = out.depth_upper  # depth 1 is not full (the upper bound says so) or it is
+            out.stopped += f"; token {h} sees every key and every query sees it, so depth <= 2"
+            return
 
 
 # --- exact reach at any N through offset structure ---------------------------------------------------
@@ -375,5 +402,62 @@ def _causal_sumsets(
 
 def _truncated(out: Reach, why: str) -> Reach:
     out.stopped = why
+    out.depth_upper = out.depth
+    return out
+
+
+# --- exact reach for neighborhoods: a product over axes ------------------------------------------------
+
+
+def neighborhood_reach(schedule: Sequence[ir.Body], n: int, repeat: bool, max_depth: int | None = None) -> Reach | None:
+    """Non-causal neighborhoods on one grid: the adjacency is a Kronecker product over axes, so L-layer
+    reach is the product of each axis's L-layer reach, computed exactly per axis (None otherwise)."""
+    bodies = list(dict.fromkeys(schedule))
+    if not all(isinstance(b, ir.Neighborhood) and not any(b.causal) for b in bodies):
+        return None
+    grids = {b.layout.dims for b in bodies if isinstance(b, ir.Neighborhood)}
+    if len(grids) != 1:
+        return None
+    (dims,) = grids
+    if max(dims) > TOKEN_LIMIT:
+        return None
+    axes: list[dict[ir.Body, Adjacency]] = []
+    for a, size in enumerate(dims):
+        per: dict[ir.Body, Adjacency] = {}
+        for b in bodies:
+            assert isinstance(b, ir.Neighborhood)
+            pred = E.bind_n(_neighborhood_axis(E.I, E.J, size, b.kernel[a], b.dilation[a], b.stride[a], False), size)
+            t = np.arange(size, dtype=np.int64)
+            m = np.broadcast_to(eval_numpy(pred, t[:, None], t[None, :], size), (size, size))
+            indptr = np.concatenate([[0], np.cumsum(m.sum(axis=1))]).astype(np.int64)
+            per[b] = Adjacency(indptr, np.nonzero(m)[1].astype(np.int64), np.ones(int(m.sum()), dtype=bool))
+        axes.append(per)
+    limit = max_depth if max_depth is not None else (RECORD_DEPTHS if repeat else len(schedule))
+    limit = min(limit, RECORD_DEPTHS if repeat else len(schedule))
+    reach = []
+    for size in dims:
+        words = -(-size // 64)
+        r = np.zeros((size, words), dtype=np.uint64)
+        r[np.arange(size), np.arange(size) // 64] = np.uint64(1) << (np.arange(size) % 64).astype(np.uint64)
+        reach.append(r)
+    targets = [_popcount(_target(size, False)) for size in dims]
+    out = Reach("token (exact, product of per-axis reach)", 1, n, False)
+    for depth in range(1, limit + 1):
+        body = schedule[(depth - 1) % len(schedule)]
+        new = [_step(axes[a][body], reach[a]) for a in range(len(dims))]
+        settled = repeat and len(bodies) == 1 and all(np.array_equal(x, y) for x, y in zip(new, reach, strict=True))
+        reach = new
+        cov = 1.0
+        for a in range(len(dims)):
+            cov *= _popcount(reach[a]) / targets[a]
+        out.coverage.append(cov)
+        if cov >= 1.0:
+            out.depth, out.stopped = depth, "target covered"
+            break
+        if settled:
+            out.stopped = "reach stopped changing"
+            break
+    else:
+        out.stopped = f"after {limit} layers" if repeat else "end of the model"
     out.depth_upper = out.depth
     return out

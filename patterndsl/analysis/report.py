@@ -71,7 +71,7 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
 
     rf = result["receptive_field"]
     rt = Table(
-        title=f"receptive field (granularity: {rf['granularity']}; target: {rf['target']} attention)",
+        title="receptive field",
         title_justify="left",
     )
     rt.add_column("depth")
@@ -87,6 +87,8 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
             cells.append(f"{low[min(d, len(low)) - 1]:.4%}")
         rt.add_row(*cells)
     console.print(rt)
+    what = "block pairs" if rf["coverage_lower"] is not None else "pairs"
+    console.print(f"granularity: {rf['granularity']}; coverage = reached {what} / {what} of {rf['target']} attention")
     console.print(f"depth for full coverage: [bold]{rf['depth_text']}[/bold]  (stopped: {rf['stopped']})")
     if rf.get("closed_form"):
         console.print(f"closed form: {rf['closed_form']}")
