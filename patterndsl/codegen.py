@@ -121,10 +121,26 @@ def _powers(base: int, limit: int) -> list[int]:
     return out
 
 
+def _known_nonneg(pred: Expr) -> frozenset[Expr]:
+    """Differences known >= 0 wherever the predicate can be true: a top-level conjunct `j <= i` (causal)
+    makes `i - j` non-negative in every other conjunct (where it is false, the whole AND is false)."""
+    conjuncts = pred.args if isinstance(pred, E.And) else (pred,)
+    out: set[Expr] = set()
+    for c in conjuncts:
+        match c:
+            case E.Cmp("<=", b, a) | E.Cmp(">=", a, b) if isinstance(a, E.Var) and isinstance(b, E.Var):
+                out.add(E.Arith("-", a, b))
+    return frozenset(out)
+
+
 def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]:
     """SSA lines and the result name of the predicate over a tile, for a `@triton.jit` function of
     `(i, j, N)`. `idx_max` bounds every intermediate value (powers for hops(base) stop there)."""
     em = _Emitter()
+    known = _known_nonneg(pred)
+
+    def pos(a: Expr) -> bool:
+        return a in known or nonneg(a)
 
     def go(e: Expr) -> str:
         return em.visit(e, render)
@@ -143,11 +159,15 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
                     case "+" | "-" | "*":
                         return em.emit(f"{x} {op} {y}")
                     case "//":
-                        plain = nonneg(a) and nonneg(b)
+                        plain = pos(a) and nonneg(b)
                         return em.emit(f"{x} // {y}" if plain else f"_fdiv({x}, {y})")
                     case "%":
-                        plain = nonneg(a) and nonneg(b)
-                        return em.emit(f"{x} % {y}" if plain else f"_fmod({x}, {y})")
+                        if pos(a) and nonneg(b):
+                            return em.emit(f"{x} % {y}")
+                        if isinstance(b, E.Const) and int(b.value) > 0:
+                            r = em.emit(f"{x} % {y}")  # truncated; shift negatives into [0, b)
+                            return em.emit(f"{r} + tl.where({r} < 0, {y}, 0)")
+                        return em.emit(f"_fmod({x}, {y})")
                     case "min":
                         return em.emit(f"tl.minimum({x}, {y})")
                     case "max":
