@@ -58,3 +58,41 @@ def test_gpu_kernel_matches_float64_reference(src: str, dtype: str) -> None:
 @pytest.mark.parametrize("d", [32, 64, 96, 256])
 def test_gpu_head_dims(d: int) -> None:
     assert _run("causal & window(200)", 1500, torch.bfloat16, d) < 1e-2
+
+
+def _layout_cases() -> list[Any]:
+    from pathlib import Path
+
+    from patterndsl import ir
+
+    root = Path(__file__).resolve().parent.parent / "patterns"
+    out = []
+    for f in sorted(root.glob("*.pat")):
+        for pdef in P.load(f).patterns:
+            pats = ir.body_patterns(pdef.body)
+            if any(ir.is_dynamic(p) or any(isinstance(x, ir.Random) for x in ir.walk(p)) for p in pats):
+                continue
+            sizes = [
+                x.layout.size
+                for p in pats
+                for x in ir.walk(p)
+                if isinstance(x, ir.Neighborhood | ir.Where) and x.layout is not None
+            ]
+            if sizes and sizes[0] <= 8192:
+                out.append(pytest.param(f, pdef.name, sizes[0], id=f"{f.stem}:{pdef.name}"))
+    return out
+
+
+@pytest.mark.parametrize("path, name, n", _layout_cases())
+def test_gpu_layout_patterns_match_float64_reference(path: Any, name: str, n: int) -> None:
+    body = P.load(path).get(name).body  # type: ignore[union-attr]
+    module = P.compile(path, name)
+    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    q, k, v = (torch.randn(1, 2, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    out, lse = module.attention_lse(q, k, v)
+    mask = torch.from_numpy(dense_mask(body, n)).cuda()
+    s = (q.double() @ k.double().transpose(-1, -2) * 64**-0.5).masked_fill(~mask, float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    ref = torch.where(torch.isinf(ref_lse)[..., None], 0.0, torch.exp(s - ref_lse[..., None])) @ v.double()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-3
