@@ -166,7 +166,9 @@ def _expr(node: T.Node, minimum: int = 0) -> str:
             p = _PREC[op]
             # `a | (b & c)` keeps its parentheses: the precedence is Python's, but few readers know it.
             lo = _PREC["&"] + 1 if op == "|" else p
-            return f"{_wrap(a, max(p, lo))} {op} {_wrap(b, max(p + 1, lo))}"
+            # a chain `a | b | c` is left-associative and needs no parentheses on its left operand
+            left = _expr(a, p) if isinstance(a, T.Binary) and a.op == op else _wrap(a, max(p, lo))
+            return f"{left} {op} {_wrap(b, max(p + 1, lo))}"
         case T.Compare(operands, ops):
             parts = [_wrap(operands[0], _PREC["cmp"] + 1)]
             for op, x in zip(ops, operands[1:], strict=True):

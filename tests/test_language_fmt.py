@@ -50,6 +50,28 @@ def test_spec_example_and_library_file_round_trips(path: str) -> None:
     assert_round_trip(Path(path).read_text(encoding="utf-8"))
 
 
+@pytest.mark.parametrize("path", SPEC_EXAMPLES + LIBRARY, ids=lambda p: f"{Path(p).parent.name}/{Path(p).name}")
+def test_spec_examples_and_library_are_already_canonical(path: str) -> None:
+    """They are written the way `patc fmt` prints, so `patc fmt --check` passes on them."""
+    text = Path(path).read_text(encoding="utf-8")
+    assert fmt(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("pattern p = a | b | c\n", "pattern p = a | b | c\n"),
+        ("pattern p = (a | b) | c\n", "pattern p = a | b | c\n"),
+        ("pattern p = a | (b | c)\n", "pattern p = a | (b | c)\n"),
+        ("pattern p = a & b & c | d\n", "pattern p = (a & b & c) | d\n"),
+        ("pattern p = a - b - c\n", "pattern p = a - b - c\n"),
+        ("pattern p = a - (b - c)\n", "pattern p = a - (b - c)\n"),
+    ],
+)  # fmt: skip
+def test_chains_print_without_redundant_parentheses(text: str, canonical: str) -> None:
+    assert format_module(parse(text, "x.pat")) == canonical
+
+
 @pytest.mark.parametrize(
     "text",
     [
