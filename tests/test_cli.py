@@ -295,3 +295,19 @@ def test_show_at_large_n_needs_no_dense_mask(tmp_path: Path) -> None:
     assert "longformer  N=24000  density" in done.stdout
     code, peak_kib = done.stdout.split()[-2:]
     assert code == "0" and int(peak_kib) / 1024 < 400, f"peak RSS {int(peak_kib) / 1024:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show", "one.pat", "-N", "16", "-o", "no/such/dir/x.png"],
+        ["compile", "one.pat", "-o", "no/such/dir/x.py"],
+        ["analyze", "one.pat", "-N", "64", "--plot", "no/such/dir/x.png"],
+    ],
+)
+def test_unwritable_outputs_are_user_errors_not_tracebacks(
+    work: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert patc(argv) == 2
+    err = capsys.readouterr().err
+    assert "no/such/dir/x." in err and "Traceback" not in err and "internal error" not in err

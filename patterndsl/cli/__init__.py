@@ -57,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception:
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename is not None:
+            # a path the user named cannot be read or written: their environment, not our bug
+            print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            print("  hint: check that the folder exists and that you may write there", file=sys.stderr)
+            return EXIT_USER_ERROR
         if os.environ.get("PATC_DEBUG"):
             raise
         print("patc: internal error, a bug in patterndsl; please report it with this output:", file=sys.stderr)
