@@ -133,6 +133,38 @@ def _known_nonneg(pred: Expr) -> frozenset[Expr]:
     return frozenset(out)
 
 
+RANDOM_UNROLL_MAX = 16
+
+
+def _random_count(r: Expr) -> str:
+    if not isinstance(r, E.Const) or isinstance(r.value, bool):
+        raise CodegenError("random(r, ...) compiles only when r is a number once params are set, not a function of N")
+    return safe_int(r.value)
+
+
+def _render_random_triton(em: _Emitter, row: str, col: str, n: str, r: str, seed: int) -> str:
+    """Floyd's sampling unrolled: keys k_0 .. k_{r-1} of each row, redrawn from the counter hash, then
+    `col == k_c` for some c. Rows are a [BLOCK_M, 1] vector, so the draw costs r hashes per row, not per pair;
+    the membership test is r compares per pair."""
+    count = int(r)
+    if count > RANDOM_UNROLL_MAX:
+        raise CodegenError(
+            f"random({count}, ...) draws more than {RANDOM_UNROLL_MAX} keys per row; the kernel unrolls the draw"
+        )
+    if count == 0:
+        return em.emit("(i < 0)")
+    seedg = (int(seed) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+    key = em.emit(f"_rkey({n}, {safe_int(seedg)})")
+    keys: list[tuple[str, str]] = []
+    for c in range(count):
+        t = em.emit(f"{n} - {count - c}")
+        v = em.emit(f"_rdraw({key}, {row}, {t})")
+        taken = " | ".join(f"(({t_prev} >= 0) & ({k_prev} == {v}))" for k_prev, t_prev in keys)
+        k = em.emit(f"tl.where({taken}, {t}.to(tl.int64), {v})" if taken else v)
+        keys.append((k, t))
+    return em.emit(" | ".join(f"(({t} >= 0) & ({col} == {k}))" for k, t in keys))
+
+
 def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]:
     """SSA lines and the result name of the predicate over a tile, for a `@triton.jit` function of
     `(i, j, N)`. `idx_max` bounds every intermediate value (powers for hops(base) stop there)."""
@@ -195,20 +227,20 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
                     return em.emit(f"({x} > 0) & (({x} & ({x} - 1)) == 0)")
                 terms = " | ".join(f"({x} == {p})" for p in _powers(int(base), idx_max))
                 return em.emit(terms or "(i < 0)")
-            case E.RandomMember():
-                raise CodegenError("random(...) has no token-level Triton form yet")
+            case E.RandomMember(row, col, n, r, seed):
+                return _render_random_triton(em, go(row), go(col), go(n), _random_count(r), seed)
         raise CodegenError(f"cannot render {e!r}")
 
     result = go(pred)
     return em.lines, result
 
 
-def render_python(pred: Expr, names: dict[str, str] | None = None) -> tuple[list[str], str]:
+def render_python(pred: Expr, names: dict[str, str] | None = None, prefix: str = "p") -> tuple[list[str], str]:
     """SSA lines and result for Python ints or torch tensors (floor `//` and `%` in both).
 
     Helpers used: `_min`, `_max`, `_abs`, `_where`, `_ispow`, `_not` (defined in the module template).
     `names` maps i, j, N to the names in scope."""
-    em = _Emitter("p")
+    em = _Emitter(prefix)
     env = {"i": "i", "j": "j", "N": "N", **(names or {})}
 
     def go(e: Expr) -> str:
@@ -247,8 +279,8 @@ def render_python(pred: Expr, names: dict[str, str] | None = None) -> tuple[list
                 return em.emit(f"_where({go(c)}, {go(t)}, {go(o)})")
             case E.IsPow(a, base):
                 return em.emit(f"_ispow({go(a)}, {safe_int(base)})")
-            case E.RandomMember():
-                raise CodegenError("random(...) is not compiled yet")
+            case E.RandomMember(row, col, n, r, seed):
+                return em.emit(f"_rmember({go(row)}, {go(col)}, {go(n)}, {_random_count(r)}, {safe_int(seed)})")
         raise CodegenError(f"cannot render {e!r}")
 
     return em.lines, go(pred)
@@ -297,8 +329,11 @@ def render_intervals(pred: Expr) -> tuple[list[str], str]:
                 return em.emit(f"_tv_not({go(a)})")
             case E.IsPow(a, base):
                 return em.emit(f"_tv_ispow({go(a)}, {safe_int(base)})")
-            case E.RandomMember():
-                raise CodegenError("random(...) is not compiled yet")
+            case E.RandomMember(row, col, n, r, seed):
+                # n depends on N alone: a Python int here, rendered as the CPU path renders it
+                lines, nv = render_python(n, prefix=f"{em.prefix}n{len(em.lines)}_")
+                em.lines.extend(lines)
+                return em.emit(f"_tv_random({go(row)}, {go(col)}, {nv}, {_random_count(r)}, {safe_int(seed)})")
         raise CodegenError(f"cannot render {e!r}")
 
     return em.lines, go(pred)

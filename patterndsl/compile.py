@@ -29,6 +29,7 @@ from .codegen import (
     safe_int,
     safe_name,
 )
+from .intervals import RANDOM_ROWS_ENUMERATED
 from .mask import magnitude_bound
 from .resources import codegen_template
 from .semantics import predicate
@@ -150,12 +151,6 @@ def compile_source(
         if ir.is_dynamic(pat):
             raise PatternError(f"'{name}' holds a dynamic selector (topk/threshold): not compiled yet", item.span)
     preds = [predicate(pat) for pat in pats]
-    for pred in preds:
-        if any(isinstance(x, E.RandomMember) for x in _nodes(pred)):
-            raise PatternError(
-                f"'{name}' uses random(...): its kernel table is not compiled yet", item.span,
-                "patc check / mask / analyze handle it; compiling it is a known gap",
-            )  # fmt: skip
     max_n, idx64 = _index_width(preds)
 
     tri, dispatch, pyp, ivs = [], [], [], []
@@ -229,6 +224,7 @@ def compile_source(
         "interval_functions": "\n\n".join(ivs)
         + f"\n\n_TRUTH = ({', '.join(f'_truth_{k}' for k in range(len(preds)))},)",
         "check_lines": check_body,
+        "random_rows": safe_int(RANDOM_ROWS_ENUMERATED),
     }
     module = Template(codegen_template("attention.py.tmpl")).substitute(fields)
     return Compiled(name, module, sha)

@@ -84,8 +84,8 @@ class IsPow:
 class RandomMember:
     """`col` is one of the keys that `random(r, seed)` draws for `row` in a sequence of `n`.
 
-    The draw itself is `semantics.random_keys`; backends that cannot evaluate it pointwise (Triton)
-    read a table built by that one function.
+    The draw itself is `semantics.random_keys`: a counter hash of (seed, n, row), so any backend can redraw
+    one row's keys where it needs them (the Triton kernel does, per query row, without a table).
     """
 
     row: Expr

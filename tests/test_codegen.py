@@ -67,7 +67,8 @@ def _tiles(offsets, indices) -> set[tuple[int, int]]:  # type: ignore[no-untyped
 
 
 @pytest.mark.parametrize("src", ["causal & (window(30) | sink(4))", "window(9, dilation=3) | global(0:5)",
-                                 "causal & blockwise(8, hops(2) | window(1))", "causal & hops(2)"])  # fmt: skip
+                                 "causal & blockwise(8, hops(2) | window(1))", "causal & hops(2)",
+                                 "blockwise(8, random(2, seed=3) | window(1))", "random(3, seed=1) | (causal & window(5))"])  # fmt: skip
 @pytest.mark.parametrize("n", [1, 50, 203])
 def test_module_tables_list_the_same_tiles_as_blocks_py(src: str, n: int) -> None:
     module = _module(src)

@@ -26,6 +26,8 @@ CASES = [
     "causal & window(255, dilation=4)",
     "causal & (window(127) | stride(128))",
     "where(q >= 100) & causal & window(300)",
+    "blockwise(64, random(3, seed=7) | window(1) | global(0:2))",
+    "(causal & window(100)) | random(5, seed=3)",
 ]
 
 
