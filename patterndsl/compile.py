@@ -216,6 +216,7 @@ def compile_source(
         "pattern_count": safe_int(len(preds)),
         "max_n": safe_int(max_n),
         "idx64": "True" if idx64 else "False",
+        "n_free": "(" + "".join("False, " if "N" in E.free_vars(p) else "True, " for p in preds) + ")",
         "configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in configs)),
         "triton_predicates": "\n\n".join(tri),
         "triton_dispatch": "\n".join(dispatch),

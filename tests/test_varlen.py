@@ -1,0 +1,273 @@
+"""Packed documents (`cu_seqlens`, LANGUAGE.md "Packed sequences") in Triton's CPU interpreter.
+
+The reference is block-diagonal and independent of the library: per document `[s, e)` the brute-force mask
+of `tests/reference.py` at N = e - s, nothing across documents, softmax in float64. Outputs are poisoned
+(NaN) before each run. Document splits are drawn by hypothesis (length-0 and length-1 documents,
+documents shorter than a window or a block). A document at which a pattern cannot run (a layout of
+another size, an argument out of range at that N) must give one clear error naming the document.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from reference import reference_mask  # noqa: E402
+from test_language_masks import expressions  # noqa: E402
+
+import patterndsl as P  # noqa: E402
+from patterndsl import ir  # noqa: E402
+from patterndsl.source import PatternError  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+SMALL = dict(block_m=16, block_n=16)
+# N-free predicates take the shared-table path; the others classify every tile at its own N
+PATTERNS = {
+    "swa_sink": "causal & (window(5) | sink(2))",
+    "power": "causal & blockwise(4, hops(2) | window(1))",
+    "longformer": "window(3) | global(0:2)",
+    "quarter": "window(N // 4) | global(-1:)",
+}
+_modules: dict[str, Any] = {}
+
+
+def module(src: str) -> Any:
+    if src not in _modules:
+        m = P.compile(f"pattern p = {src}\n", **SMALL)
+        m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        _modules[src] = m
+    return _modules[src]
+
+
+def doc_mask(body: ir.Body, lengths: list[int]) -> np.ndarray:
+    """[total, total] (or [H, total, total]): each document's brute-force mask on the diagonal."""
+    total = sum(lengths)
+    heads = body.count if isinstance(body, ir.Heads) else None
+    mask = np.zeros((total, total) if heads is None else (heads, total, total), dtype=bool)
+    s = 0
+    for n in lengths:
+        if n:
+            mask[..., s : s + n, s : s + n] = reference_mask(body, n)
+        s += n
+    return mask
+
+
+def cu_of(lengths: list[int]) -> Any:
+    return torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+
+
+def reference(q: Any, k: Any, v: Any, mask: np.ndarray, scale: float) -> tuple[Any, Any]:
+    """q, k, v [total, H, D]; float64 masked softmax -> ([total, H, D], lse [H, total])."""
+    group = q.shape[1] // k.shape[1]
+    qq = q.double().transpose(0, 1)
+    kk = k.double().transpose(0, 1).repeat_interleave(group, 0)
+    vv = v.double().transpose(0, 1).repeat_interleave(group, 0)
+    s = (qq @ kk.transpose(-1, -2) * scale).masked_fill(~torch.from_numpy(mask), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(torch.isinf(lse)[..., None], torch.zeros_like(s), torch.exp(s - lse[..., None]))
+    return (p @ vv).transpose(0, 1), lse
+
+
+def check(m: Any, body: ir.Body, lengths: list[int], h: int = 2, hkv: int | None = None, d: int = 16,
+          dtype: Any = torch.float32, seed: int = 0, four_d: bool = False) -> None:  # fmt: skip
+    total = sum(lengths)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(total, h, d, generator=g).to(dtype)
+    k, v = (torch.randn(total, hkv or h, d, generator=g).to(dtype) for _ in range(2))
+    cu = cu_of(lengths)
+    if four_d:
+        out4, lse4 = m.attention_lse(*(t.transpose(0, 1)[None] for t in (q, k, v)), cu_seqlens=cu)
+        assert out4.shape == (1, h, total, d) and lse4.shape == (1, h, total)
+        out, lse = out4[0].transpose(0, 1), lse4[0]
+    else:
+        out, lse = m.attention_lse(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))
+    want, want_lse = reference(q, k, v, doc_mask(body, lengths), d**-0.5)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (h, total)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten (NaN) elements"
+    tol = {torch.float32: 2e-5, torch.float16: 5e-3, torch.float64: 1e-12}[dtype]
+    err = (out.double() - want).abs().max().item() if total else 0.0
+    assert err < tol * max(1.0, want.abs().max().item() if total else 1.0), f"max |out - ref| = {err}"
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "rows with no key: lse -inf; others finite"
+    if finite.any():
+        assert (lse.double()[finite] - want_lse[finite]).abs().max().item() < 1e-3
+
+
+splits = st.lists(st.one_of(st.integers(0, 3), st.integers(1, 40)), min_size=1, max_size=6).filter(
+    lambda xs: 0 < sum(xs) <= 110
+)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=splits)
+def test_random_document_splits_match_block_diagonal_reference(name: str, lengths: list[int]) -> None:
+    src = PATTERNS[name]
+    check(module(src), P.pattern(src), lengths)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(src=expressions(max_leaves=3), lengths=splits)
+def test_random_patterns_on_random_splits(src: str, lengths: list[int]) -> None:
+    """Hypothesis-drawn patterns: a document at which the pattern is invalid must be a clear error."""
+    body = P.pattern(src)
+    assume(not any(isinstance(x, ir.Random) or ir.is_dynamic(x) for x in ir.walk(body)))
+    bad = []
+    for d, n in enumerate(lengths):
+        try:
+            reference_mask(body, n) if n else None
+            P.dense_mask(body, n) if n else None
+        except (PatternError, ValueError, ZeroDivisionError):
+            bad.append(d)
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if bad:
+        q = torch.randn(sum(lengths), 1, 16)
+        with pytest.raises(ValueError, match=r"document \d+ \(tokens \d+:\d+\)"):
+            m.attention(q, q, q, cu_seqlens=cu_of(lengths))
+        return
+    check(m, body, lengths, h=1)
+
+
+def test_length_one_and_short_documents() -> None:
+    """Length-1 documents see themselves; documents shorter than the window or a block keep their meaning."""
+    for name in ("swa_sink", "power"):
+        src = PATTERNS[name]
+        check(module(src), P.pattern(src), [1, 1, 3, 1, 17, 2, 1])
+    m = module("causal & (window(5) | sink(2))")
+    q = torch.randn(4, 1, 16)
+    out = m.attention(q, q, q, cu_seqlens=cu_of([1, 1, 1, 1]))
+    assert torch.allclose(out, q, atol=1e-6), "a length-1 document attends only to itself"
+
+
+def test_gqa_heads_patterns_layouts_and_four_d_input() -> None:
+    src = PATTERNS["swa_sink"]
+    check(module(src), P.pattern(src), [20, 33, 7], h=4, hkv=1)
+    check(module(src), P.pattern(src), [20, 33, 7], h=4, hkv=2, four_d=True)
+    text = "pattern m = heads {\n  0:1 => causal & window(3)\n  1:3 => sink(2) | window(0)\n}\n"
+    body = P.loads(text).patterns[0].body
+    m = P.compile(text, **SMALL)
+    m._empty = _modules[src]._empty
+    check(m, body, [9, 1, 30], h=3)
+    grid = "layout g = grid(3, 5)\npattern p = neighborhood(g, kernel=3) | where(g, abs(qc1 - kc1) == 4)\n"
+    body = P.loads(grid).patterns[0].body
+    gm = P.compile(grid, **SMALL)
+    gm._empty = _modules[src]._empty
+    check(gm, body, [15, 15, 15])
+
+
+def test_float16_and_cpu_reference_path() -> None:
+    src = PATTERNS["longformer"]
+    check(module(src), P.pattern(src), [25, 4, 40], dtype=torch.float16)
+    m = module(src)
+    m._warned_cpu.clear()
+    with pytest.warns(UserWarning, match="not the fast"):
+        check(m, P.pattern(src), [25, 0, 4, 40], dtype=torch.float64)  # float64 takes the PyTorch path
+
+
+@pytest.mark.parametrize("free", [True, False])
+def test_tables_are_sound_and_full_tiles_exact(free: bool) -> None:
+    """Every allowed pair lies in a listed tile; FULL tiles are entirely allowed and inside their document."""
+    src = "causal & (window(21) | stride(16))"
+    m = module(src)
+    lengths = [1, 40, 16, 0, 100, 33, 64, 2]
+    saved = m.N_FREE
+    m.N_FREE = (free,)
+    try:
+        tiles, f_off, f_idx, p_off, p_idx = m.varlen_tables(cu_of(lengths), lengths, 16, 16)
+    finally:
+        m.N_FREE = saved
+    starts = np.cumsum([0, *lengths])
+    tiles = [tuple(t) for t in tiles.view(-1, 2).tolist()]
+    assert sorted(tiles) == sorted((d, b) for d, n in enumerate(lengths) for b in range(-(-n // 16)))
+    work = []
+    for r, (d, qb) in enumerate(tiles):
+        n = lengths[d]
+        mask = reference_mask(P.pattern(src), n)[qb * 16 : (qb + 1) * 16]
+        full = f_idx[f_off[r] : f_off[r + 1]].tolist()
+        part = p_idx[p_off[r] : p_off[r + 1]].tolist()
+        assert not set(full) & set(part)
+        for kb in full:
+            assert (kb + 1) * 16 <= n and mask[:, kb * 16 : (kb + 1) * 16].all(), (d, qb, kb)
+        needed = {j // 16 for j in np.nonzero(mask.any(0))[0]}
+        assert needed <= set(full) | set(part), (d, qb)
+        assert all(kb < -(-n // 16) for kb in part)
+        work.append(len(full) + len(part))
+    assert work == sorted(work, reverse=True), "tiles are ordered heaviest first"
+    assert starts[-1] == sum(lengths)
+
+
+def test_fifty_calls_with_random_lengths_need_one_specialisation() -> None:
+    """Triton compiles one kernel per specialisation key; the keys of 50 calls with random documents
+    (computed by Triton's own binder) must all be equal. The same binder without do_not_specialize tells
+    them apart, so the check can fail."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    m = P.compile("pattern p = causal & (window(5) | sink(2))\n", **SMALL)
+    real = m._attn_fwd
+    launches: list[tuple[Any, Any]] = []
+
+    class Recorder:
+        def __getitem__(self, grid: Any) -> Any:
+            return lambda *a, **kw: launches.append((a, kw))
+
+    m._attn_fwd = Recorder()
+    binders = {}
+    for label, kw in (("ours", real.kwargs), ("specialised", {**real.kwargs, "do_not_specialize": []})):
+        jf = JITFunction(real.fn, **kw)
+        binders[label] = create_function_from_signature(jf.signature, jf.params, BaseBackend)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 300, rng.integers(1, 9)).tolist()
+        q = torch.randn(sum(lengths), 2, 16)
+        m.attention(q, q, q, cu_seqlens=cu_of(lengths))
+    assert len(launches) == 50
+    keys = {label: set() for label in binders}
+    for a, kw in launches:
+        for label, binder in binders.items():
+            _, spec, opts = binder(*a, **kw)
+            keys[label].add((repr(spec), repr(sorted(opts.items()))))
+    assert len(keys["ours"]) == 1, keys["ours"]
+    assert len(keys["specialised"]) > 1
+
+
+def test_bad_calls_raise_one_clear_error() -> None:
+    m = module(PATTERNS["swa_sink"])
+    q = torch.randn(10, 2, 16)
+    cu = cu_of([4, 6])
+    with pytest.raises(ValueError, match="start at 0 and end at the packed length 10"):
+        m.attention(q, q, q, cu_seqlens=cu_of([4, 5]))
+    with pytest.raises(ValueError, match="must not decrease"):
+        m.attention(q, q, q, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="1-D int32 or int64"):
+        m.attention(q, q, q, cu_seqlens=cu.float())
+    with pytest.raises(ValueError, match="1-D int32 or int64"):
+        m.attention(q, q, q, cu_seqlens=[0, 10])
+    with pytest.raises(ValueError, match="max_seqlen = 5 but document 1 holds 6 tokens"):
+        m.attention(q, q, q, cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="only meaningful with cu_seqlens"):
+        m.attention(q[None], q[None], q[None], max_seqlen=5)
+    with pytest.raises(ValueError, match=r"must all be \[total, heads, head_dim\]"):
+        m.attention(q, q[None], q, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"got q of shape \(2, 2, 10, 16\)"):
+        m.attention(torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="kv heads"):
+        m.attention(q, q[:, :1].expand(10, 3, 16).contiguous(), q[:, :1].expand(10, 3, 16).contiguous(), cu_seqlens=cu)
+    grid = P.compile("layout g = grid(2, 3)\npattern p = neighborhood(g, kernel=2)\n", **SMALL)
+    with pytest.raises(
+        ValueError, match=r"document 1 \(tokens 6:10\): layout 'g' = grid\(2, 3\) holds 6 tokens but N = 4"
+    ):
+        grid.attention(q, q, q, cu_seqlens=cu_of([6, 4]))
+    win = P.compile("pattern p = window(N // 4 - 1)\n", **SMALL)
+    with pytest.raises(ValueError, match=r"document 0 \(tokens 0:3\): window's size .* at N = 3"):
+        win.attention(q, q, q, cu_seqlens=cu_of([3, 7]))
