@@ -24,6 +24,7 @@ CASES = [
     "causal & window(1023)",  # N-free: rows cut from one shared table
     "causal & blockwise(64, hops(2) | window(1))",
     "window(128) | global(0:16)",  # reads N: every tile classified at its own N
+    "blockwise(64, window(1) | global(0:2) | random(3, seed=0))",  # BigBird: each document's own draw
 ]
 
 

@@ -36,6 +36,7 @@ PATTERNS = {
     "power": "causal & blockwise(4, hops(2) | window(1))",
     "longformer": "window(3) | global(0:2)",
     "quarter": "window(N // 4) | global(-1:)",
+    "bigbird": "blockwise(4, window(1) | global(0:1) | random(2, seed=3))",  # draws depend on each document's N
 }
 _modules: dict[str, Any] = {}
 
@@ -120,7 +121,7 @@ def test_random_document_splits_match_block_diagonal_reference(name: str, length
 def test_random_patterns_on_random_splits(src: str, lengths: list[int]) -> None:
     """Hypothesis-drawn patterns: a document at which the pattern is invalid must be a clear error."""
     body = P.pattern(src)
-    assume(not any(isinstance(x, ir.Random) or ir.is_dynamic(x) for x in ir.walk(body)))
+    assume(not any(ir.is_dynamic(x) for x in ir.walk(body)))
     bad = []
     for d, n in enumerate(lengths):
         try:
