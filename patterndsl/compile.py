@@ -52,30 +52,36 @@ class Compiled:
     sha256: str
 
 
-def _select(program: ir.Program, name: str | None) -> ir.PatternDef:
+def _select(program: ir.Program, name: str | None) -> ir.PatternDef | ir.Model:
     from .cli.common import select
 
-    item = select(program, name)
-    if isinstance(item, ir.Model):
-        raise PatternError(
-            f"'{item.name}' is a model; compiling models is not supported yet",
-            item.span,
-            "compile one layer's pattern with -p (a model's distinct patterns are its 'pattern' entries)",
-        )
-    return item
+    return select(program, name)
 
 
-def _distinct(body: ir.Body) -> tuple[tuple[ir.Pattern, ...], tuple[int, ...] | None]:
-    if not isinstance(body, ir.Heads):
-        return (body,), None
-    pats: list[ir.Pattern] = []
-    per_head: list[int] = []
-    for h in range(body.count):
-        p = body.pattern_for(h)
+def _assign(body: ir.Body, pats: list[ir.Pattern]) -> int | tuple[int, ...]:
+    """Index `body`'s patterns into `pats` (appending new ones): one int, or one per head."""
+
+    def index(p: ir.Pattern) -> int:
         if p not in pats:
             pats.append(p)
-        per_head.append(pats.index(p))
-    return tuple(pats), tuple(per_head)
+        return pats.index(p)
+
+    if isinstance(body, ir.Heads):
+        return tuple(index(body.pattern_for(h)) for h in range(body.count))
+    return index(body)
+
+
+def _distinct(
+    item: ir.PatternDef | ir.Model,
+) -> tuple[tuple[ir.Pattern, ...], tuple[int, ...] | None, tuple[int | tuple[int, ...], ...] | None]:
+    """The distinct patterns (one kernel predicate each), the per-head assignment of a pattern, and for a
+    model the assignment of every layer."""
+    pats: list[ir.Pattern] = []
+    if isinstance(item, ir.Model):
+        layers = tuple(_assign(body, pats) for body in item.schedule)
+        return tuple(pats), None, layers
+    got = _assign(item.body, pats)
+    return tuple(pats), (got if isinstance(got, tuple) else None), None
 
 
 def _index_width(preds: list[E.Expr]) -> tuple[int, bool]:
@@ -146,7 +152,7 @@ def compile_source(
     program = loads(text, path, clean_defines)
     item = _select(program, pattern)
     name = safe_name(item.name)
-    pats, head_pattern = _distinct(item.body)
+    pats, head_pattern, model_layers = _distinct(item)
     for pat in pats:
         if ir.is_dynamic(pat):
             raise PatternError(f"'{name}' holds a dynamic selector (topk/threshold): not compiled yet", item.span)
@@ -197,7 +203,7 @@ def compile_source(
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     defines_doc = ", ".join(f"{k}={v}" for k, v in clean_defines.items()) or "none"
     pattern_doc = "".join(
-        f"\nPredicate {k} (heads {_heads_of(head_pattern, k)}): allowed(i, j) = {E.to_source(p)}\n"
+        f"\nPredicate {k} ({_users(head_pattern, model_layers, k)}): allowed(i, j) = {E.to_source(p)}\n"
         for k, p in enumerate(preds)
     )
     fields = {
@@ -206,7 +212,8 @@ def compile_source(
         "path": doc_text(path),
         "sha256": sha,
         "source_doc": indent(doc_text(text).rstrip("\n").split("\n"), 4),
-        "compiled_doc": f"pattern '{name}', params overridden: {doc_text(defines_doc)}",
+        "compiled_doc": f"{_kind(model_layers)} '{name}', params overridden: {doc_text(defines_doc)}",
+        "kind": _kind(model_layers),
         "pattern_doc": doc_text(pattern_doc),
         "name_repr": repr(name),
         "sha256_repr": repr(sha),
@@ -225,16 +232,51 @@ def compile_source(
         "interval_functions": "\n\n".join(ivs)
         + f"\n\n_TRUTH = ({', '.join(f'_truth_{k}' for k in range(len(preds)))},)",
         "check_lines": check_body,
+        "model_layers": "None" if model_layers is None else _layers_literal(model_layers),
+        "call_doc": _call_doc(model_layers),
         "random_rows": safe_int(RANDOM_ROWS_ENUMERATED),
     }
     module = Template(codegen_template("attention.py.tmpl")).substitute(fields)
     return Compiled(name, module, sha)
 
 
-def _heads_of(head_pattern: tuple[int, ...] | None, k: int) -> str:
+def _users(head_pattern: tuple[int, ...] | None, layers: tuple[int | tuple[int, ...], ...] | None, k: int) -> str:
+    """Which heads (or layers and heads) run predicate k, for the module's docstring."""
+    if layers is not None:
+        parts = []
+        for n, x in enumerate(layers):
+            if x == k:
+                parts.append(f"{n}")
+            elif isinstance(x, tuple) and k in x:
+                parts.append(f"{n} (heads {', '.join(str(h) for h, p in enumerate(x) if p == k)})")
+        return "layers " + ", ".join(parts)
     if head_pattern is None:
-        return "all"
-    return ", ".join(str(h) for h, p in enumerate(head_pattern) if p == k)
+        return "heads all"
+    return "heads " + ", ".join(str(h) for h, p in enumerate(head_pattern) if p == k)
+
+
+def _kind(layers: object) -> str:
+    return "pattern" if layers is None else "model"
+
+
+def _layers_literal(layers: tuple[int | tuple[int, ...], ...]) -> str:
+    def one(x: int | tuple[int, ...]) -> str:
+        return safe_int(x) if isinstance(x, int) else "(" + ", ".join(map(safe_int, x)) + ",)"
+
+    return "(" + ", ".join(one(x) for x in layers) + ",)"
+
+
+def _call_doc(layers: tuple[int | tuple[int, ...], ...] | None) -> str:
+    if layers is None:
+        return (
+            "    attention(q, k, v, *, scale=None) -> out             # [B, H, N, D], as scaled_dot_product_attention\n"
+            "    attention_lse(q, k, v, *, scale=None) -> (out, lse)  # lse: [B, H, N] float32, natural log"
+        )
+    return (
+        f"    attention(q, k, v, *, layer, scale=None) -> out      # layer in 0..{len(layers) - 1}; [B, H, N, D]\n"
+        "    attention_lse(q, k, v, *, layer, scale=None) -> (out, lse)  # lse: [B, H, N] float32, natural log\n"
+        "    Each layer applies its own pattern of the model's schedule (see MODEL_LAYERS)."
+    )
 
 
 def _nodes(e: E.Expr) -> Iterator[E.Expr]:

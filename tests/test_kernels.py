@@ -255,3 +255,45 @@ def test_random_with_too_many_keys_or_n_dependent_count_is_refused_clearly() -> 
         P.compile("pattern p = random(17, seed=1)\n")
     with pytest.raises(PatternError, match="not a function of N"):
         P.compile("pattern p = random(N // 4)\n")
+
+
+MODEL = """\
+model m = layers(5) {
+    every 2 => causal & window(6)
+    3:4 => heads {
+        0:1 => causal
+        1:2 => window(3) | sink(2)
+    }
+    else => causal & sink(3)
+}
+"""
+
+
+def test_model_module_applies_each_layers_pattern() -> None:
+    program = P.loads(MODEL)
+    model = program.get("m")
+    module = P.compile(MODEL, **SMALL)
+    assert module.MODEL_LAYERS is not None and len(module.MODEL_LAYERS) == 5
+    assert module.PATTERNS == 4  # distinct patterns across the schedule, one predicate each
+    for layer, body in enumerate(model.schedule):  # type: ignore[union-attr]
+        mask = dense_mask(body, 37, 2 if isinstance(body, ir.Heads) else None)
+        q, k, v = (torch.randn(1, 2, 37, 16, dtype=torch.float64) for _ in range(3))
+        want = reference(q, k, v, mask, 0.25)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cpu = module.attention(q, k, v, layer=layer)
+        assert (cpu - want).abs().max().item() < 1e-12, layer
+        got = poisoned(module).attention(q.float(), k.float(), v.float(), layer=layer)  # the Triton kernel
+        assert (got.double() - want).abs().max().item() < 2e-5, layer
+
+
+def test_model_module_needs_a_valid_layer_and_a_pattern_module_takes_none() -> None:
+    module = P.compile(MODEL, **SMALL)
+    q = torch.randn(1, 2, 16, 16)
+    for bad in (None, 5, -1, True, "0"):
+        with pytest.raises(ValueError, match=r"has 5 layers: pass layer=0..4"):
+            module.attention(q, q, q, layer=bad)
+    with pytest.raises(ValueError, match="this layer of the model defines 2 heads, got 4"):
+        module.attention(*(torch.randn(1, 4, 16, 16) for _ in range(3)), layer=3)
+    with pytest.raises(TypeError, match="layer= is for modules compiled from a model"):
+        P.compile(STREAM, **SMALL).attention(q, q, q, layer=0)
