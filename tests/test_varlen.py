@@ -129,7 +129,12 @@ def test_random_patterns_on_random_splits(src: str, lengths: list[int]) -> None:
             P.dense_mask(body, n) if n else None
         except (PatternError, ValueError, ZeroDivisionError):
             bad.append(d)
-    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    try:
+        m = P.compile(f"pattern p = {src}\n", **SMALL)
+    except PatternError as e:  # the one documented refusal: random(r) with r depending on N
+        assert "random(r, ...) compiles only when r is a number" in str(e)
+        assume(False)
+        return
     m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     if bad:
         q = torch.randn(sum(lengths), 1, 16)
