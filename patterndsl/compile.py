@@ -45,6 +45,16 @@ DEFAULT_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
 )
 
 
+# Backward tiles: (largest padded head_dim, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages));
+# dK/dV run BLOCK_N1 keys against BLOCK_M1 queries, dQ BLOCK_M2 queries against BLOCK_N2 keys.
+DEFAULT_BWD_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int]], ...] = (
+    (64, (32, 128, 128, 32, 4, 3)),
+    (128, (32, 128, 128, 32, 4, 3)),
+    (256, (32, 64, 64, 32, 8, 2)),
+)
+_NS_MARK = "\x00ns\x00"  # cannot occur in rendered text otherwise: doc_text and repr escape NUL
+
+
 @dataclass(frozen=True)
 class Compiled:
     name: str
@@ -133,6 +143,7 @@ def compile_source(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    bwd_config: tuple[int, int, int, int, int, int] | None = None,
 ) -> Compiled:
     """Render the kernel module for one pattern of a `.pat` file (a Path, a str ending in .pat or naming a
     file, or else the file's text). Same input, byte-identical text."""
@@ -200,6 +211,15 @@ def compile_source(
         if cfg[0] < 16 or cfg[1] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] & (cfg[1] - 1):
             raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16, got {cfg[0]} and {cfg[1]}")
 
+    bwd_configs = DEFAULT_BWD_CONFIGS
+    if bwd_config is not None:
+        cfg = tuple(bwd_config)
+        if len(cfg) != 6 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg):
+            raise ValueError(f"bwd_config must be six positive integers (BM1, BN1, BM2, BN2, warps, stages), got {cfg}")
+        if any(x < 16 or x & (x - 1) for x in cfg[:4]):
+            raise ValueError(f"backward block sizes must be powers of two >= 16, got {cfg[:4]}")
+        bwd_configs = tuple((d, cfg) for d, _ in DEFAULT_BWD_CONFIGS)
+
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     defines_doc = ", ".join(f"{k}={v}" for k, v in clean_defines.items()) or "none"
     pattern_doc = "".join(
@@ -235,8 +255,14 @@ def compile_source(
         "model_layers": "None" if model_layers is None else _layers_literal(model_layers),
         "call_doc": _call_doc(model_layers),
         "random_rows": safe_int(RANDOM_ROWS_ENUMERATED),
+        "bwd_configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in bwd_configs)),
+        "op_namespace_repr": f"'patterndsl_{name}_{_NS_MARK}'",  # name: safe_name; the mark: 16 hex digits
     }
-    module = Template(codegen_template("attention.py.tmpl")).substitute(fields)
+    template = codegen_template("attention.py.tmpl") + codegen_template("backward.py.tmpl")
+    module = Template(template).substitute(fields)
+    # the custom ops' namespace: the pattern's name and a hash of the whole module text (two modules that
+    # differ in anything get different ops; the same text twice shares them)
+    module = module.replace(_NS_MARK, hashlib.sha256(module.encode("utf-8")).hexdigest()[:16])
     return Compiled(name, module, sha)
 
 
@@ -299,7 +325,7 @@ def compile(  # noqa: A001 (the verb users look for)
     source: str | Path,
     pattern: str | None = None,
     defines: Mapping[str, str | int | float] | None = None,
-    **options: int | None,
+    **options: int | tuple[int, ...] | None,
 ) -> types.ModuleType:
     """Compile a pattern and load the generated module (its `attention(q, k, v, *, scale=None)`)."""
     compiled = compile_source(source, pattern, defines, **options)  # type: ignore[arg-type]

@@ -1,0 +1,118 @@
+# ruff: noqa: B023  (the timing lambdas run inside their loop iteration)
+"""Forward + backward attention on the GPU, one run: patterndsl (Triton fwd + bwd over block tables) vs
+torch.compile'd FlexAttention (same pattern's block mask, backward through it) vs dense SDPA.
+
+B=1, H=16, N=16384, D=128, bf16, the five patterns of bench_forward.py. One step = forward, then
+torch.autograd.grad of (q, k, v) for a fixed dO (no .grad accumulation). Also our forward alone (no_grad),
+so backward = step - forward. FLOPs of a step = 3.5 * 4 * allowed pairs * D * H * B (the backward does
+five matrix products per tile against the forward's two: 2.5 x the forward's FLOPs).
+
+Phase 1 compiles everything (ours and Flex); if BENCH_WAIT_PID is set it then waits for that process
+(e.g. the GPU tests, run alongside to overlap compilation) before any timing. Writes JSON to argv[1]
+(default docs/benchmarks/) after every pattern, so a cut-off run still leaves its rows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import triton
+from bench_forward import DT, PATTERNS, B, D, H, N, allowed_pairs, med
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import patterndsl as P
+
+
+def _wait(pid: int) -> None:
+    while True:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.5)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main() -> None:
+    outdir = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
+    os.makedirs(outdir, exist_ok=True)
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=DT) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    flex = torch.compile(flex_attention, dynamic=False)
+    only = [x for x in os.environ.get("BENCH_ONLY", "").split(",") if x]
+    todo = [p for p in PATTERNS if not only or p[0] in only]
+
+    # phase 1: compile (and check gradients against Flex)
+    t0 = time.perf_counter()
+    prepared = []
+    for name, src, mm, causal in todo:
+        mod = P.compile(f"pattern p = {src}\n")
+        ours = torch.autograd.grad(mod.attention(q, k, v), (q, k, v), do)
+        bm = create_block_mask(mm, None, None, N, N, device="cuda")
+        theirs = torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do)
+        errs = {f"rel_err_{g}_vs_flex": _rel(a, b) for g, a, b in zip(("dq", "dk", "dv"), ours, theirs, strict=True)}
+        prepared.append((name, src, causal, mod, bm, errs))
+        print(f"compiled {name} ({time.perf_counter() - t0:.0f} s) {errs}", flush=True)
+    wait = os.environ.get("BENCH_WAIT_PID")
+    if wait:
+        _wait(int(wait))
+        print(f"waited for pid {wait} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    # phase 2: time
+    rows = []
+    for name, src, causal, mod, bm, errs in prepared:
+        with torch.no_grad():
+            t_fwd = med(lambda: mod.attention(q, k, v))
+        t_ours = med(lambda: torch.autograd.grad(mod.attention(q, k, v), (q, k, v), do))
+        t_flex = med(lambda: torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do))
+        t_sdpa = med(lambda: torch.autograd.grad(
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do))  # fmt: skip
+        pairs = allowed_pairs(mod)
+        flops = 3.5 * 4 * pairs * D * H * B
+        row = {
+            "pattern": name,
+            "source": src,
+            "density": pairs / N / N,
+            "ours_fwd_ms": t_fwd,
+            "ours_fwd_bwd_ms": t_ours,
+            "ours_bwd_ms": t_ours - t_fwd,
+            "flex_fwd_bwd_ms": t_flex,
+            "sdpa_dense_fwd_bwd_ms": t_sdpa,
+            "ours_tflops": flops / t_ours / 1e9,
+            "flex_tflops": flops / t_flex / 1e9,
+            "speedup_vs_flex": t_flex / t_ours,
+            "bwd_config": list(mod._bwd_config(D)),
+            **errs,
+        }
+        rows.append(row)
+        print(
+            f"{name:22s} ours {t_ours:7.3f} ms (fwd {t_fwd:.3f}) {row['ours_tflops']:6.1f} TF/s | flex {t_flex:7.3f} ms"
+            f" {row['flex_tflops']:6.1f} TF/s | sdpa {t_sdpa:7.3f} | x{t_flex / t_ours:.2f} vs flex",
+            flush=True,
+        )
+        result = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": torch.cuda.get_device_name(),
+            "host": platform.node(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "shape": {"B": B, "H": H, "N": N, "D": D, "dtype": "bfloat16"},
+            "fwd_bwd": rows,
+        }
+        with open(os.path.join(outdir, "fwd_bwd_h100.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Gradients of generated modules against float64 autograd through a dense masked softmax.
+
+The Triton backward kernels run in the CPU interpreter (`TRITON_INTERPRET=1`, fp32 / fp16; bf16 only on
+the GPU, see tests/test_gpu_backward.py); float64 takes the chunked PyTorch path. Output and gradient
+buffers are poisoned (NaN) before each run. The reference shares nothing with the module but the mask:
+softmax over allowed keys (masked logits at the most negative float64, exact zeros after exp), rows with
+no allowed key multiplied by zero, so its gradients there are exactly zero.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from test_kernels import _layout_n, _library, _static_and_compilable  # noqa: E402
+
+import patterndsl as P  # noqa: E402
+from patterndsl import ir  # noqa: E402
+from patterndsl.mask import dense_mask  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+SMALL = dict(block_m=16, block_n=16, bwd_config=(16, 16, 16, 16, 4, 1))
+STREAM_SRC = "causal & (window(20) | sink(4))"
+STREAM = f"pattern p = {STREAM_SRC}\n"
+
+
+def reference_grads(q: Any, k: Any, v: Any, mask: np.ndarray, scale: float, do: Any, dlse: Any = None) -> tuple[Any, ...]:
+    """(out, lse, dq, dk, dv) in float64; heads share the mask ([N, N]) or not ([H, N, N])."""
+    group = q.shape[1] // k.shape[1]
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    m = torch.from_numpy(np.ascontiguousarray(mask))
+    s = (qd @ kd.repeat_interleave(group, 1).transpose(-1, -2) * scale).masked_fill(~m, torch.finfo(torch.float64).min)
+    some = m.any(-1)
+    p = torch.softmax(s, -1) * some[..., None]
+    out = p @ vd.repeat_interleave(group, 1)
+    lse = torch.logsumexp(s, -1)
+    loss = (out * do.double()).sum()
+    if dlse is not None:
+        loss = loss + torch.where(some, lse * dlse.double(), 0.0).sum()
+    grads = torch.autograd.grad(loss, (qd, kd, vd))
+    return (out.detach(), torch.where(some, lse, float("-inf")).detach(), *grads)
+
+
+def poison(module: Any) -> Any:
+    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return module
+
+
+TOL = {torch.float64: 1e-6,  # the log-sum-exp is float32 by contract (p recomputed from it)
+       torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def check_grads(module: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int | None = None, d: int = 16,
+                dtype: Any = torch.float32, scale: float | None = None, with_lse: bool = False,
+                seed: int = 0) -> tuple[Any, ...]:  # fmt: skip
+    n = mask.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    hkv = hkv or h
+    q = torch.randn(b, h, n, d, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(b, hkv, n, d, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(b, hkv, n, d, generator=g).to(dtype).requires_grad_()
+    do = torch.randn(b, h, n, d, generator=g).to(dtype)
+    dlse = torch.randn(b, h, n, generator=g) if with_lse else None
+    out, lse = poison(module).attention_lse(q, k, v, scale=scale)
+    loss = (out.float() * do.float()).sum()
+    if with_lse:
+        loss = loss + torch.where(torch.isfinite(lse), lse * dlse, 0.0).sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    want = reference_grads(q, k, v, mask, d**-0.5 if scale is None else scale, do, dlse)
+    for name, x, ref in zip(("dq", "dk", "dv"), got, want[2:], strict=True):
+        assert x.dtype == dtype and x.shape == ref.shape, name
+        assert not torch.isnan(x).any(), f"{name} has NaN (unwritten or 0 * inf)"
+        err = ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        assert err < TOL[dtype], f"|{name} - ref| / |ref| = {err}"
+    return got
+
+
+@pytest.mark.parametrize("path, name", _library())
+def test_library_pattern_gradients(path: Path, name: str) -> None:
+    body = P.load(path).get(name).body  # type: ignore[union-attr]
+    if _static_and_compilable(body) is not None:
+        pytest.skip("dynamic / random patterns are not compiled (tests/test_kernels.py checks the error)")
+    heads = body.count if isinstance(body, ir.Heads) else 1
+    n = _layout_n(body) or (32 if heads > 4 else 45)
+    if n > 150 or heads > 16:
+        pytest.skip(f"N = {n}, {heads} heads: too large for the interpreter (tests/test_gpu_backward.py)")
+    module = P.compile(path, name, **SMALL)
+    check_grads(module, dense_mask(body, n, heads if isinstance(body, ir.Heads) else None), h=heads)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dtypes_and_ragged_n(dtype: str) -> None:
+    # N = 45: the last query and key blocks are ragged in both tile shapes (16 and 32)
+    module = P.compile(STREAM, block_m=16, block_n=16, bwd_config=(16, 32, 32, 16, 4, 1))
+    check_grads(module, P.dense_mask(STREAM_SRC, 45), dtype=getattr(torch, dtype), d=32)
+
+
+@pytest.mark.parametrize("h, hkv", [(4, 2), (4, 1)])
+def test_gqa_and_mqa_gradients_sum_over_the_group(h: int, hkv: int) -> None:
+    check_grads(P.compile(STREAM, **SMALL), P.dense_mask(STREAM_SRC, 40), b=2, h=h, hkv=hkv)
+
+
+def test_heads_pattern_whose_group_mixes_predicates() -> None:
+    text = "pattern m = heads {\n  0:1 => causal & window(5)\n  1:4 => sink(7) | window(0)\n}\n"
+    body = P.loads(text).patterns[0].body
+    # kv head 0 serves heads 0 (first predicate) and 1 (second): two launches add into dK / dV
+    check_grads(P.compile(text, **SMALL), dense_mask(body, 37, 4), h=4, hkv=2)
+
+
+def test_empty_rows_get_zero_gradients_and_no_nan() -> None:
+    src = "where(q >= 21) & causal & window(9)"
+    module = P.compile(f"pattern p = {src}\n", **SMALL)
+    dq, dk, dv = check_grads(module, P.dense_mask(src, 50), scale=0.3)
+    assert torch.equal(dq[:, :, :21], torch.zeros_like(dq[:, :, :21]))
+    assert dk.abs().sum() > 0  # keys before 21 still get gradients from rows >= 21
+
+
+def test_log_sum_exp_gradient_flows() -> None:
+    check_grads(P.compile(STREAM, **SMALL), P.dense_mask(STREAM_SRC, 33), with_lse=True)
+
+
+def test_cpu_path_gradients_float64_and_gradcheck() -> None:
+    module = P.compile(STREAM, **SMALL)
+    module._warned_cpu.append(True)
+    check_grads(module, P.dense_mask(STREAM_SRC, 60), h=4, hkv=2, dtype=torch.float64, with_lse=True)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 12, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: module.attention(a, b, c), (q, k, v))
+
+
+def test_torch_compile_fullgraph_trains_through_the_custom_op() -> None:
+    module = P.compile(STREAM, **SMALL)
+    module._warned_cpu.append(True)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48, dtype=torch.float64)
+
+        def forward(self, x: Any) -> Any:
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return module.attention(q, k, v).transpose(1, 2).reshape(x.shape).square().sum()
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    eager = torch.autograd.grad(model(x), model.qkv.weight)[0]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    got = torch.autograd.grad(compiled(x), model.qkv.weight)[0]
+    assert (got - eager).abs().max().item() < 1e-12
+
+
+def test_no_grad_and_grad_paths_agree() -> None:
+    module = P.compile(STREAM, **SMALL)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    with torch.no_grad():
+        a = module.attention(q, k, v)
+    b = module.attention(q.requires_grad_(), k, v)
+    assert b.requires_grad and torch.equal(a, b.detach())
+
+
+def test_transposed_tables_list_the_same_tiles() -> None:
+    from patterndsl.blocks import block_tables
+
+    module = P.compile("pattern p = causal & (window(30) | sink(4))\n")
+    for n in (1, 77, 203):
+        ft_off, ft_idx, pt_off, pt_idx = module.block_tables_t(n, 32, 16, torch.device("cpu"))
+        f_off, f_idx, p_off, p_idx = module.block_tables(n, 32, 16, torch.device("cpu"))
+        ref = block_tables(P.pattern("causal & (window(30) | sink(4))"), n, 32, 16)
+
+        def tiles(off: Any, idx: Any, swap: bool = False) -> set[tuple[int, int]]:
+            out = {(r, int(c)) for r in range(off.numel() - 1) for c in idx[int(off[r]) : int(off[r + 1])]}
+            return {(c, r) for r, c in out} if swap else out
+
+        assert tiles(ft_off, ft_idx, swap=True) == tiles(f_off, f_idx)
+        assert tiles(pt_off, pt_idx, swap=True) == tiles(p_off, p_idx)
+        ref_t = tiles(ref.full_t.offsets, ref.full_t.indices, True) | tiles(ref.partial_t.offsets, ref.partial_t.indices, True)
+        assert tiles(ft_off, ft_idx, True) | tiles(pt_off, pt_idx, True) == ref_t
+
+
+def test_op_namespace_is_per_module_and_bad_bwd_config_is_refused() -> None:
+    a = P.compile(STREAM, **SMALL)
+    b = P.compile(STREAM, block_m=16, block_n=16, bwd_config=(16, 32, 32, 16, 4, 1))
+    assert a.OP_NAMESPACE != b.OP_NAMESPACE and a.OP_NAMESPACE.startswith("patterndsl_p_")
+    with pytest.raises(ValueError, match="powers of two"):
+        P.compile(STREAM, bwd_config=(24, 16, 16, 16, 4, 1))
+    with pytest.raises(ValueError, match="six positive integers"):
+        P.compile(STREAM, bwd_config=(16, 16, 16, 16))
