@@ -10,6 +10,7 @@ five matrix products per tile against the forward's two: 2.5 x the forward's FLO
 Phase 1 compiles everything (ours and Flex); if BENCH_WAIT_PID is set it then waits for that process
 (e.g. the GPU tests, run alongside to overlap compilation) before any timing. Writes JSON to argv[1]
 (default docs/benchmarks/) after every pattern, so a cut-off run still leaves its rows.
+BENCH_ONLY=causal,... picks patterns; BENCH_BWD_CONFIG=BM1,BN1,BM2,BN2,warps,stages overrides the backward tiles.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> None:
     t0 = time.perf_counter()
     prepared = []
     for name, src, mm, causal in todo:
-        mod = P.compile(f"pattern p = {src}\n")
+        cfg = os.environ.get("BENCH_BWD_CONFIG")  # e.g. "32,64,64,32,8,3" (BM1, BN1, BM2, BN2, warps, stages)
+        mod = P.compile(f"pattern p = {src}\n", bwd_config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
         ours = torch.autograd.grad(mod.attention(q, k, v), (q, k, v), do)
         bm = create_block_mask(mm, None, None, N, N, device="cuda")
         theirs = torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do)

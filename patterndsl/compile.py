@@ -46,11 +46,13 @@ DEFAULT_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
 
 
 # Backward tiles: (largest padded head_dim, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages));
-# dK/dV run BLOCK_N1 keys against BLOCK_M1 queries, dQ BLOCK_M2 queries against BLOCK_N2 keys.
+# dK/dV run BLOCK_N1 keys against BLOCK_M1 queries, dQ BLOCK_M2 queries against BLOCK_N2 keys. Chosen by
+# register spills of the sm_90 build (ptxas -v, docs/perf-notes.md "backward v1"): dK/dV keeps K, V, dK, dV
+# of BLOCK_N1 rows in registers, so 128-key tiles spill kilobytes per thread at head_dim 128.
 DEFAULT_BWD_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int]], ...] = (
-    (64, (32, 128, 128, 32, 4, 3)),
-    (128, (32, 128, 128, 32, 4, 3)),
-    (256, (32, 64, 64, 32, 8, 2)),
+    (64, (32, 64, 64, 32, 4, 3)),
+    (128, (32, 64, 64, 32, 8, 3)),
+    (256, (32, 32, 32, 32, 8, 2)),
 )
 _NS_MARK = "\x00ns\x00"  # cannot occur in rendered text otherwise: doc_text and repr escape NUL
 
