@@ -181,35 +181,42 @@ def test_float16_and_cpu_reference_path() -> None:
 
 
 @pytest.mark.parametrize("free", [True, False])
-def test_tables_are_sound_and_full_tiles_exact(free: bool) -> None:
-    """Every allowed pair lies in a listed tile; FULL tiles are entirely allowed and inside their document."""
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tables_are_sound_and_full_tiles_exact(free: bool, transpose: bool) -> None:
+    """Every allowed pair lies in a listed tile; FULL tiles are entirely allowed and their keys inside
+    their document; per query block (or, transposed, per key block) the tiles come heaviest first."""
     src = "causal & (window(21) | stride(16))"
     m = module(src)
     lengths = [1, 40, 16, 0, 100, 33, 64, 2]
+    bm, bn = (16, 32) if transpose else (32, 16)
     saved = m.N_FREE
     m.N_FREE = (free,)
     try:
-        tiles, f_off, f_idx, p_off, p_idx = m.varlen_tables(cu_of(lengths), lengths, 16, 16)
+        tiles, f_off, f_idx, p_off, p_idx = m.varlen_tables(cu_of(lengths), lengths, bm, bn, transpose=transpose)
     finally:
         m.N_FREE = saved
-    starts = np.cumsum([0, *lengths])
     tiles = [tuple(t) for t in tiles.view(-1, 2).tolist()]
-    assert sorted(tiles) == sorted((d, b) for d, n in enumerate(lengths) for b in range(-(-n // 16)))
+    row_block = bn if transpose else bm
+    assert sorted(tiles) == sorted((d, b) for d, n in enumerate(lengths) for b in range(-(-n // row_block)))
     work = []
-    for r, (d, qb) in enumerate(tiles):
+    for r, (d, b) in enumerate(tiles):
         n = lengths[d]
-        mask = reference_mask(P.pattern(src), n)[qb * 16 : (qb + 1) * 16]
+        mask = reference_mask(P.pattern(src), n)
         full = f_idx[f_off[r] : f_off[r + 1]].tolist()
         part = p_idx[p_off[r] : p_off[r + 1]].tolist()
         assert not set(full) & set(part)
-        for kb in full:
-            assert (kb + 1) * 16 <= n and mask[:, kb * 16 : (kb + 1) * 16].all(), (d, qb, kb)
-        needed = {j // 16 for j in np.nonzero(mask.any(0))[0]}
-        assert needed <= set(full) | set(part), (d, qb)
-        assert all(kb < -(-n // 16) for kb in part)
+        if transpose:
+            cols = mask[:, b * bn : (b + 1) * bn]
+            needed = {i // bm for i in np.nonzero(cols.any(1))[0]}
+            assert all(cols[x * bm : (x + 1) * bm].all() and (b + 1) * bn <= n for x in full), (d, b)
+        else:
+            rows = mask[b * bm : (b + 1) * bm]
+            needed = {j // bn for j in np.nonzero(rows.any(0))[0]}
+            assert all(rows[:, x * bn : (x + 1) * bn].all() and (x + 1) * bn <= n for x in full), (d, b)
+        assert needed <= set(full) | set(part), (d, b)
+        assert all(x < -(-n // (bn if not transpose else bm)) for x in part)
         work.append(len(full) + len(part))
     assert work == sorted(work, reverse=True), "tiles are ordered heaviest first"
-    assert starts[-1] == sum(lengths)
 
 
 def test_fifty_calls_with_random_lengths_need_one_specialisation() -> None:
