@@ -60,7 +60,7 @@ TOL = {torch.float64: 1e-6,  # the log-sum-exp is float32 by contract (p recompu
 
 def check_grads(module: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int | None = None, d: int = 16,
                 dtype: Any = torch.float32, scale: float | None = None, with_lse: bool = False,
-                seed: int = 0) -> tuple[Any, ...]:  # fmt: skip
+                seed: int = 0, layer: int | None = None) -> tuple[Any, ...]:  # fmt: skip
     n = mask.shape[-1]
     g = torch.Generator().manual_seed(seed)
     hkv = hkv or h
@@ -69,7 +69,7 @@ def check_grads(module: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int 
     v = torch.randn(b, hkv, n, d, generator=g).to(dtype).requires_grad_()
     do = torch.randn(b, h, n, d, generator=g).to(dtype)
     dlse = torch.randn(b, h, n, generator=g) if with_lse else None
-    out, lse = poison(module).attention_lse(q, k, v, scale=scale)
+    out, lse = poison(module).attention_lse(q, k, v, scale=scale, layer=layer)
     loss = (out.float() * do.float()).sum()
     if with_lse:
         loss = loss + torch.where(torch.isfinite(lse), lse * dlse, 0.0).sum()
@@ -194,3 +194,15 @@ def test_op_namespace_is_per_module_and_bad_bwd_config_is_refused() -> None:
         P.compile(STREAM, bwd_config=(24, 16, 16, 16, 4, 1))
     with pytest.raises(ValueError, match="six positive integers"):
         P.compile(STREAM, bwd_config=(16, 16, 16, 16))
+
+
+def test_model_module_gradients_per_layer() -> None:
+    from test_kernels import MODEL
+
+    model = P.loads(MODEL).get("m")
+    module = P.compile(MODEL, **SMALL)
+    for layer in (1, 3):  # one predicate for all heads; a heads { } layer whose kv group mixes two
+        body = model.schedule[layer]  # type: ignore[union-attr]
+        mask = dense_mask(body, 29, 2 if isinstance(body, ir.Heads) else None)
+        check_grads(module, mask, h=2, hkv=1, layer=layer)
+
