@@ -1,0 +1,83 @@
+"""Registers, spill bytes and shared memory of a generated module's kernels on the H100 (sm_90), from CPU.
+
+No GPU needed: each kernel is built with `triton.compile` for `GPUTarget("cuda", 90, 128)` and its PTX
+assembled by `ptxas -v` from Triton's bundled toolkit. Spills (local-memory traffic per thread) are what
+made the first backward tiles slow (docs/perf-notes.md, backward v1); shared memory must stay under the
+H100's 227 KiB per block or the launch fails.
+
+    python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
+        --fwd 128,64,8,3 --bwd 32,64,64,32,8,3 --bwd 64,128,128,64,8,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import patterndsl as P  # noqa: E402
+
+INT32_TABLES = {"HEAD_IDS", "FULL_OFF", "FULL_IDX", "PART_OFF", "PART_IDX", "CU", "TILES", "KV_IDS", "QH_OFF", "QH_IDX"}
+FP32_BUFFERS = {"LSE", "LSE2", "DELTA", "DLSE"}
+INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N"}
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int) -> str:
+    sig = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in INTS or p.name.startswith("s_"):
+            sig[p.name] = "i32"
+        elif p.name in ("qk_scale", "scale"):
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "*i32" if p.name in INT32_TABLES else "*fp32" if p.name in FP32_BUFFERS else f"*{dtype}"
+    consts = {p.name: constexprs[p.name] for p in kernel.params if p.is_constexpr}
+    built = triton.compile(ASTSource(kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 128),
+                           options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(built.asm["ptx"])
+        log = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (f"{built.metadata.shared / 1024:6.1f} KiB smem, {regs.group(1) if regs else '?'} regs, "
+            f"spill st/ld {spill.group(1) if spill else '?'}/{spill.group(2) if spill else '?'} B")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--src", default="causal & window(1023)")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--fwd", action="append", default=[], help="BM,BN,warps,stages")
+    ap.add_argument("--bwd", action="append", default=[], help="BM1,BN1,BM2,BN2,warps,stages")
+    a = ap.parse_args()
+    m = P.compile(f"pattern p = {a.src}\n")
+    d_pad = max(16, triton.next_power_of_2(a.d))
+    common = dict(PAT=0, HEAD_DIM=a.d, D_PAD=d_pad, DOT_PREC="ieee" if a.dtype == "fp32" else "tf32",
+                  IDX64=m.IDX64, INTERPRET=False, VARLEN=False, ACCUM=False)  # fmt: skip
+    for cfg in a.fwd:
+        bm, bn, w, s = (int(x) for x in cfg.split(","))
+        print(f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s)}", flush=True)
+    for cfg in a.bwd or [",".join(map(str, m._bwd_config(d_pad)))]:
+        bm1, bn1, bm2, bn2, w, s = (int(x) for x in cfg.split(","))
+        dq = resources(m._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w, s)
+        dkdv = resources(m._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w, s)
+        print(f"bwd  {cfg:20s} dK/dV: {dkdv} | dQ: {dq}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
