@@ -206,3 +206,14 @@ def test_model_module_gradients_per_layer() -> None:
         mask = dense_mask(body, 29, 2 if isinstance(body, ir.Heads) else None)
         check_grads(module, mask, h=2, hkv=1, layer=layer)
 
+
+
+def test_custom_op_passes_opcheck() -> None:
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT dispatch (dynamic)."""
+    module = P.compile(STREAM, **SMALL)
+    module._warned_cpu.append(True)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 30, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    result = torch.library.opcheck(module._attention_forward.default, (q, k, v, 0.3, -1))
+    assert set(result.values()) == {"SUCCESS"}, result
