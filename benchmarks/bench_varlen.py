@@ -146,7 +146,18 @@ def main() -> None:
 
         step()
         fb = timed(step, 5)
-        res["results"]["ours"]["fwd+bwd"] = {"ms": float(np.median(fb)), "all_ms": fb, "tables_ms": float(np.median(tables))}
+        bm1, bn1, bm2, bn2 = m._bwd_config(max(16, triton.next_power_of_2(D)))[:4]
+
+        def all_tables() -> None:  # what one training step builds: forward, dQ and (transposed) dK/dV tables
+            m._check_docs(q.permute(1, 0, 2)[None], cu, None)
+            m.varlen_tables(cu, lengths, block_m, block_n)
+            m._docs(cu)
+            m.varlen_tables(cu, lengths, bm2, bn2)
+            m.varlen_tables(cu, lengths, bm1, bn1, transpose=True)
+
+        all_tables()
+        tb = timed(all_tables, 10)
+        res["results"]["ours"]["fwd+bwd"] = {"ms": float(np.median(fb)), "all_ms": fb, "tables_ms": float(np.median(tb)), "tables_all_ms": tb}
     except Exception as e:  # noqa: BLE001
         res["notes"].append(f"ours: no backward yet ({type(e).__name__}: {str(e)[:120]})")
     save()

@@ -83,8 +83,9 @@ def test_gpu_varlen_float16_and_thousands_of_documents() -> None:
     assert _check(m, src, lengths, torch.float16, h=2, hkv=1, d=64) < 2e-3
 
 
-def _compiled_kernels(kernel: Any) -> int:
-    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+def _compiled_kernels(m: Any) -> int:
+    kernels = [getattr(m, x) for x in ("_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv") if hasattr(m, x)]
+    return sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values())
 
 
 @pytest.mark.parametrize("src", [CASES[0], CASES[2]])
@@ -92,10 +93,43 @@ def test_gpu_fifty_random_length_calls_compile_once(src: str) -> None:
     m = _poisoned(src)
     rng = np.random.default_rng(4)
     counts = []
+    backward = hasattr(m, "_attn_bwd_dq")
     for _ in range(50):
         lengths = rng.integers(1, 5000, rng.integers(1, 12)).tolist()
-        q = torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
         cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device="cuda")
-        m.attention(q, q, q, cu_seqlens=cu)
-        counts.append(_compiled_kernels(m._attn_fwd))
+        out = m.attention(q, q, q, cu_seqlens=cu)
+        if backward:
+            out.sum().backward()
+        counts.append(_compiled_kernels(m))
     assert counts[0] >= 1 and counts[-1] == counts[0], counts
+
+
+def test_gpu_varlen_gradients_match_float64_reference() -> None:
+    src = CASES[0]
+    m = _poisoned(src)
+    if not hasattr(m, "_attn_bwd_dq"):
+        pytest.skip("no backward kernels in this build")
+    lengths = _lengths(5, 6000)
+    total, h, hkv, d = sum(lengths), 4, 2, 128
+    q = torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device="cuda")
+    got = torch.autograd.grad(m.attention(q, k, v, cu_seqlens=cu), (q, k, v), do)
+    want = [torch.zeros(t.shape, dtype=torch.float64, device="cuda") for t in (q, k, v)]
+    s0 = 0
+    for n in lengths:
+        part = slice(s0, s0 + n)
+        mask = torch.from_numpy(dense_mask(P.pattern(src), n)).cuda()
+        qq, kk, vv = (t.detach()[part].transpose(0, 1).double().requires_grad_() for t in (q, k, v))
+        kr, vr = kk.repeat_interleave(h // hkv, 0), vv.repeat_interleave(h // hkv, 0)
+        s = (qq @ kr.transpose(-1, -2) * d**-0.5).masked_fill(~mask, float("-inf"))
+        out = torch.softmax(s, -1) @ vr
+        for w, g in zip(want, torch.autograd.grad(out, (qq, kk, vv), do[part].transpose(0, 1).double()), strict=True):
+            w[part] = g.transpose(0, 1)
+        s0 += n
+    for name, x, ref in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert not torch.isnan(x).any(), name
+        err = ((x.double() - ref).norm() / ref.norm()).item()
+        assert err < 2e-2, (name, err)

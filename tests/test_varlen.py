@@ -220,38 +220,44 @@ def test_tables_are_sound_and_full_tiles_exact(free: bool, transpose: bool) -> N
 
 
 def test_fifty_calls_with_random_lengths_need_one_specialisation() -> None:
-    """Triton compiles one kernel per specialisation key; the keys of 50 calls with random documents
-    (computed by Triton's own binder) must all be equal. The same binder without do_not_specialize tells
-    them apart, so the check can fail."""
+    """Triton compiles one kernel per specialisation key; the keys of 50 forward+backward calls with
+    random documents (computed by Triton's own binder) must be one per kernel. The same binder without
+    do_not_specialize tells them apart, so the check can fail."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     m = P.compile("pattern p = causal & (window(5) | sink(2))\n", **SMALL)
-    real = m._attn_fwd
-    launches: list[tuple[Any, Any]] = []
+    names = [x for x in ("_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv") if hasattr(m, x)]
+    launches: dict[str, list[tuple[Any, Any]]] = {x: [] for x in names}
 
-    class Recorder:
+    class Recorder:  # records the launch instead of running it (the key is all that matters here)
+        def __init__(self, name: str) -> None:
+            self.name = name
+
         def __getitem__(self, grid: Any) -> Any:
-            return lambda *a, **kw: launches.append((a, kw))
+            return lambda *a, **kw: launches[self.name].append((a, kw))
 
-    m._attn_fwd = Recorder()
     binders = {}
-    for label, kw in (("ours", real.kwargs), ("specialised", {**real.kwargs, "do_not_specialize": []})):
-        jf = JITFunction(real.fn, **kw)
-        binders[label] = create_function_from_signature(jf.signature, jf.params, BaseBackend)
+    for x in names:
+        real = getattr(m, x)
+        for label, kw in (("ours", real.kwargs), ("specialised", {**real.kwargs, "do_not_specialize": []})):
+            jf = JITFunction(real.fn, **kw)
+            binders[x, label] = create_function_from_signature(jf.signature, jf.params, BaseBackend)
+        setattr(m, x, Recorder(x))
     rng = np.random.default_rng(0)
     for _ in range(50):
         lengths = rng.integers(1, 300, rng.integers(1, 9)).tolist()
-        q = torch.randn(sum(lengths), 2, 16)
-        m.attention(q, q, q, cu_seqlens=cu_of(lengths))
-    assert len(launches) == 50
-    keys = {label: set() for label in binders}
-    for a, kw in launches:
-        for label, binder in binders.items():
-            _, spec, opts = binder(*a, **kw)
-            keys[label].add((repr(spec), repr(sorted(opts.items()))))
-    assert len(keys["ours"]) == 1, keys["ours"]
-    assert len(keys["specialised"]) > 1
+        q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
+        m.attention(q, q, q, cu_seqlens=cu_of(lengths)).sum().backward()
+    for x in names:
+        assert len(launches[x]) == 50, x
+        keys: dict[str, set[str]] = {"ours": set(), "specialised": set()}
+        for a, kw in launches[x]:
+            for label in keys:
+                _, spec, opts = binders[x, label](*a, **kw)
+                keys[label].add(repr(spec) + repr(sorted(opts.items())))
+        assert len(keys["ours"]) == 1, (x, keys["ours"])
+        assert len(keys["specialised"]) > 1, x
 
 
 def test_bad_calls_raise_one_clear_error() -> None:

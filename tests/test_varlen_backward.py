@@ -1,0 +1,117 @@
+"""Gradients with packed documents (`cu_seqlens`) against float64 autograd through a block-diagonal
+masked softmax (each document's brute-force mask, `tests/reference.py`), in Triton's CPU interpreter;
+float64 takes the PyTorch path. Gradient buffers are poisoned (NaN) before each run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from test_backward import reference_grads  # noqa: E402
+from test_varlen import PATTERNS, cu_of, doc_mask, splits  # noqa: E402
+
+import patterndsl as P  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+SMALL = dict(block_m=16, block_n=16, bwd_config=(16, 16, 16, 16, 4, 1))
+_modules: dict[str, Any] = {}
+
+
+def module(src: str) -> Any:
+    if src not in _modules:
+        m = P.compile(f"pattern p = {src}\n", **SMALL)
+        m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        _modules[src] = m
+    return _modules[src]
+
+
+def check_grads(m: Any, src: str, lengths: list[int], h: int = 2, hkv: int | None = None, d: int = 16,
+                dtype: Any = torch.float32, with_lse: bool = False, four_d: bool = False) -> None:  # fmt: skip
+    total = sum(lengths)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(total, h, d, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(total, hkv or h, d, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    do = torch.randn(total, h, d, generator=g).to(dtype)
+    dlse = torch.randn(h, total, generator=g) if with_lse else None
+    if four_d:
+        out4, lse4 = m.attention_lse(*(t.transpose(0, 1)[None] for t in (q, k, v)), cu_seqlens=cu_of(lengths))
+        out, lse = out4[0].transpose(0, 1), lse4[0]
+    else:
+        out, lse = m.attention_lse(q, k, v, cu_seqlens=cu_of(lengths))
+    loss = (out.float() * do.float()).sum()
+    if with_lse:
+        loss = loss + torch.where(torch.isfinite(lse), lse * dlse, 0.0).sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    q4, k4, v4, do4 = (t.transpose(0, 1)[None] for t in (q, k, v, do))
+    want = reference_grads(q4, k4, v4, doc_mask(P.pattern(src), lengths), d**-0.5, do4,
+                           None if dlse is None else dlse[None])  # fmt: skip
+    tol = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2}[dtype]
+    for name, x, ref in zip(("dq", "dk", "dv"), got, want[2:], strict=True):
+        ref = ref[0].transpose(0, 1)
+        assert x.dtype == dtype and x.shape == ref.shape, name
+        assert not torch.isnan(x).any(), f"{name} has NaN (unwritten or 0 * inf)"
+        err = (x.double() - ref).abs().max().item()
+        assert err < tol * max(1.0, ref.abs().max().item()), f"{name}: max error {err}"
+
+
+@pytest.mark.parametrize("name", ["swa_sink", "quarter", "bigbird"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=splits)
+def test_gradients_on_random_document_splits(name: str, lengths: list[int]) -> None:
+    check_grads(module(PATTERNS[name]), PATTERNS[name], lengths)
+
+
+def test_gradients_gqa_lse_four_d_and_float64() -> None:
+    src = PATTERNS["swa_sink"]
+    check_grads(module(src), src, [1, 23, 3, 40], h=4, hkv=1, with_lse=True)
+    check_grads(module(src), src, [17, 1, 30], h=4, hkv=2, four_d=True)
+    check_grads(module(src), src, [17, 0, 1, 30], dtype=torch.float64, with_lse=True)
+
+
+def test_gradients_heads_pattern() -> None:
+    text = "pattern m = heads {\n  0:1 => causal & window(3)\n  1:3 => sink(2) | window(0)\n}\n"
+    m = P.compile(text, **SMALL)
+    m._empty = module(PATTERNS["swa_sink"])._empty
+    lengths = [9, 1, 30]
+    total = sum(lengths)
+    q = torch.randn(total, 3, 16, requires_grad=True)
+    out = m.attention(q, q, q, cu_seqlens=cu_of(lengths))
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    parts = []
+    s = 0
+    for n in lengths:  # each document alone through the dense path must give the same gradient
+        x = q.detach()[s : s + n].transpose(0, 1)[None].clone().requires_grad_()
+        (g,) = torch.autograd.grad(m.attention(x, x, x).sum(), (x,))
+        parts.append(g[0].transpose(0, 1))
+        s += n
+    assert (dq - torch.cat(parts)).abs().max().item() < 1e-4
+
+
+def test_model_layers_with_packed_documents() -> None:
+    """A module compiled from a model: layer= picks the pattern inside each document, forward and backward."""
+    text = "model m = layers(2) {\n  every 2 => causal & window(2)\n  else => sink(3) | window(1)\n}\n"
+    m = P.compile(text, **SMALL)
+    m._empty = module(PATTERNS["swa_sink"])._empty
+    lengths = [7, 1, 20]
+    for layer in (0, 1):
+        q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
+        out = m.attention(q, q, q, cu_seqlens=cu_of(lengths), layer=layer)
+        (dq,) = torch.autograd.grad((out * out).sum(), (q,))
+        want_out, want_dq, s = [], [], 0
+        for n in lengths:
+            x = q.detach()[s : s + n].transpose(0, 1)[None].clone().requires_grad_()
+            o = m.attention(x, x, x, layer=layer)
+            (g,) = torch.autograd.grad((o * o).sum(), (x,))
+            want_out.append(o.detach()[0].transpose(0, 1))
+            want_dq.append(g[0].transpose(0, 1))
+            s += n
+        assert (out.detach() - torch.cat(want_out)).abs().max().item() < 1e-5
+        assert (dq - torch.cat(want_dq)).abs().max().item() < 1e-4
