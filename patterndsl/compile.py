@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Any
 
 from . import __version__, ir
 from . import expr as E
@@ -30,6 +31,9 @@ from .codegen import (
     safe_name,
 )
 from .intervals import RANDOM_ROWS_ENUMERATED
+from .layout import Layout, choose, describe, layout_predicate, logical_index
+from .layout import rows as layout_rows
+from .layout import valid as layout_valid
 from .mask import magnitude_bound
 from .resources import codegen_template
 from .semantics import predicate
@@ -146,9 +150,12 @@ def compile_source(
     num_warps: int | None = None,
     num_stages: int | None = None,
     bwd_config: tuple[int, int, int, int, int, int] | None = None,
+    layout: bool | Layout = True,
 ) -> Compiled:
     """Render the kernel module for one pattern of a `.pat` file (a Path, a str ending in .pat or naming a
-    file, or else the file's text). Same input, byte-identical text."""
+    file, or else the file's text). Same input, byte-identical text. `layout=False` keeps every pattern in
+    the plain token order (no `patterndsl.layout`), for comparisons; a `layout.Layout` forces that one
+    (tests run every tile shape; a layout changes speed, never meaning)."""
     from . import loads
 
     if isinstance(source, Path) or ("\n" not in source and (source.endswith(".pat") or Path(source).is_file())):
@@ -171,6 +178,23 @@ def compile_source(
             raise PatternError(f"'{name}' holds a dynamic selector (topk/threshold): not compiled yet", item.span)
     preds = [predicate(pat) for pat in pats]
     max_n, idx64 = _index_width(preds)
+    configs = DEFAULT_CONFIGS
+    if any(x is not None for x in (block_m, block_n, num_warps, num_stages)):
+        configs = tuple(
+            (d, (int(block_m or c[0]), int(block_n or c[1]), int(num_warps or c[2]), int(num_stages or c[3])))
+            for d, c in DEFAULT_CONFIGS
+        )
+    for _, cfg in configs:
+        for v in cfg:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"block sizes, warps and stages must be positive integers, got {cfg}")
+        if cfg[0] < 16 or cfg[1] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] & (cfg[1] - 1):
+            raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16, got {cfg[0]} and {cfg[1]}")
+
+    if isinstance(layout, Layout):
+        layouts: list[Layout | None] = [layout] * len(pats)
+    else:
+        layouts = _layouts(pats, configs) if layout else [None] * len(pats)
 
     tri, dispatch, pyp, ivs = [], [], [], []
     try:
@@ -183,6 +207,7 @@ def compile_source(
             pyp.append(f"def _allowed_py_{k}(i, j, N):\n{indent(lines + [f'return {res}'], 4)}\n")
             lines, res = render_intervals(pred)
             ivs.append(f"def _truth_{k}(I, J, N):\n{indent(lines + [f'return {res}'], 4)}\n")
+        layout_functions, layout_tables = _render_layouts(preds, layouts, idx64)
     except CodegenError as e:
         raise PatternError(f"'{name}' cannot be compiled: {e}", item.span) from None
     dispatch.append("    else:\n        r = i < 0\n    return r")
@@ -199,19 +224,6 @@ def compile_source(
             "        raise ValueError(f'the pattern divides by zero at N = {N}') from None"
         )
     )
-
-    configs = DEFAULT_CONFIGS
-    if any(x is not None for x in (block_m, block_n, num_warps, num_stages)):
-        configs = tuple(
-            (d, (int(block_m or c[0]), int(block_n or c[1]), int(num_warps or c[2]), int(num_stages or c[3])))
-            for d, c in DEFAULT_CONFIGS
-        )
-    for _, cfg in configs:
-        for v in cfg:
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"block sizes, warps and stages must be positive integers, got {cfg}")
-        if cfg[0] < 16 or cfg[1] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] & (cfg[1] - 1):
-            raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16, got {cfg[0]} and {cfg[1]}")
 
     bwd_configs = DEFAULT_BWD_CONFIGS
     if bwd_config is not None:
@@ -259,6 +271,9 @@ def compile_source(
         "random_rows": safe_int(RANDOM_ROWS_ENUMERATED),
         "bwd_configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in bwd_configs)),
         "op_namespace_repr": f"'patterndsl_{name}_{_NS_MARK}'",  # name: safe_name; the mark: 16 hex digits
+        "layouts": repr(tuple(None if lay is None else describe(lay) for lay in layouts)),
+        "layout_functions": layout_functions,
+        "layout_tables": layout_tables,
     }
     template = codegen_template("attention.py.tmpl") + codegen_template("backward.py.tmpl")
     module = Template(template).substitute(fields)
@@ -266,6 +281,49 @@ def compile_source(
     # differ in anything get different ops; the same text twice shares them)
     module = module.replace(_NS_MARK, hashlib.sha256(module.encode("utf-8")).hexdigest()[:16])
     return Compiled(name, module, sha)
+
+
+def _layouts(pats: tuple[ir.Pattern, ...], configs: tuple[tuple[int, tuple[int, ...]], ...]) -> list[Layout | None]:
+    """Each pattern's token layout, chosen for the largest tiles any config uses (its tiles hold whole
+    blocks of every config: all are powers of two)."""
+    bq = max(c[0] for _, c in configs)
+    bk = max(c[1] for _, c in configs)
+    return [choose(p, bq, bk) for p in pats]
+
+
+def _render_layouts(preds: list[E.Expr], layouts: list[Layout | None], idx64: bool) -> tuple[str, str]:
+    """Triton index maps (physical row -> token, row holds a token) per pattern, their dispatch, and the
+    Python side: physical rows from N and the interval truth of the predicate in layout space."""
+    width = (1 << 63) - 1 if idx64 else INT32_MAX
+    tri: list[str] = []
+    index_dispatch: list[str] = []
+    valid_dispatch: list[str] = []
+    rows_fns: list[str] = []
+    truth_fns: list[str] = []
+    for k, (pred, lay) in enumerate(zip(preds, layouts, strict=True)):
+        if lay is None:
+            continue
+        kw = "if" if not index_dispatch else "elif"
+        for fn, expr, dispatch in (
+            ("_index", logical_index(lay), index_dispatch),
+            ("_valid", layout_valid(lay), valid_dispatch),
+        ):
+            lines, res = render_triton(expr, width)
+            tri.append(f"@triton.jit\ndef {fn}_{k}(i, N):\n{indent(lines + [f'return {res}'], 4)}\n")
+            dispatch.append(f"    {kw} PAT == {k}:\n        r = {fn}_{k}(i, N)")
+        lines, res = render_python(layout_rows(lay))
+        rows_fns.append(f"def _rows_{k}(N):\n{indent(lines + [f'return {res}'], 4)}\n")
+        lines, res = render_intervals(layout_predicate(pred, lay))
+        truth_fns.append(f"def _ltruth_{k}(I, J, N):\n{indent(lines + [f'return {res}'], 4)}\n")
+    index_dispatch.append("    else:\n        r = i\n    return r" if index_dispatch else "    return i")
+    valid_dispatch.append("    else:\n        r = i < N\n    return r" if valid_dispatch else "    return i < N")
+    tri.append("@triton.jit\ndef _layout_index(i, N, PAT: tl.constexpr):\n" + "\n".join(index_dispatch) + "\n")
+    tri.append("@triton.jit\ndef _layout_valid(i, N, PAT: tl.constexpr):\n" + "\n".join(valid_dispatch) + "\n")
+    names = [None if lay is None else k for k, lay in enumerate(layouts)]
+    tables = "\n\n".join(rows_fns + truth_fns)
+    tables += "\n\n_LAYOUT_ROWS = (" + "".join("None, " if k is None else f"_rows_{k}, " for k in names) + ")"
+    tables += "\n_LTRUTH = (" + "".join("None, " if k is None else f"_ltruth_{k}, " for k in names) + ")"
+    return "\n\n".join(tri), tables
 
 
 def _users(head_pattern: tuple[int, ...] | None, layers: tuple[int | tuple[int, ...], ...] | None, k: int) -> str:
@@ -327,10 +385,10 @@ def compile(  # noqa: A001 (the verb users look for)
     source: str | Path,
     pattern: str | None = None,
     defines: Mapping[str, str | int | float] | None = None,
-    **options: int | tuple[int, ...] | None,
+    **options: Any,
 ) -> types.ModuleType:
     """Compile a pattern and load the generated module (its `attention(q, k, v, *, scale=None)`)."""
-    compiled = compile_source(source, pattern, defines, **options)  # type: ignore[arg-type]
+    compiled = compile_source(source, pattern, defines, **options)
     modname = f"patterndsl_kernel_{compiled.name}_{compiled.sha256[:12]}_{hashlib.sha256(compiled.text.encode()).hexdigest()[:8]}"
     hit = sys.modules.get(modname)
     if hit is not None:

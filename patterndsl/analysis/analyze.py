@@ -274,6 +274,7 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
                 "classified_by": blocks.source,
             },
             "cost": c.as_dict(),
+            "layout": _layout_figures(p, pred, n, stats.pairs, c, opts),
         }
         entries.append(entry)
         for k, v in c.as_dict().items():
@@ -345,6 +346,24 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         "causal": all_causal,
         "receptive_field": rf,
         "warnings": warnings,
+    }
+
+
+def _layout_figures(p: ir.Pattern, pred: Any, n: int, pairs: int, c: C.Cost, opts: Options) -> dict[str, Any]:
+    """Tile efficiency with the token layout the compiler would choose (patterndsl.layout) and plain."""
+    from .. import layout as L
+
+    lay = L.choose(p, opts.block_q, opts.block_k)
+    if lay is None:
+        visited = c.visited
+    else:
+        visited = L.visited_tiles(pred, lay, n, opts.block_q, opts.block_k)
+    tiles = visited * opts.block_q * opts.block_k
+    return {
+        "chosen": L.describe(lay),
+        "visited_blocks": visited,
+        "tile_efficiency": pairs / tiles if tiles else 1.0,
+        "plain_tile_efficiency": c.tile_efficiency,
     }
 
 

@@ -54,6 +54,11 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
     row("tiles full / partial", lambda e: f"{e['cost']['full_blocks']:,} / {e['cost']['partial_blocks']:,}")
     row("fwd FLOPs executed", lambda e: _si(e["cost"]["executed_fwd_flops"]))
     row("tile efficiency", lambda e: f"{e['cost']['tile_efficiency']:.1%}")
+    row("token layout (compiler's choice)", lambda e: e["layout"]["chosen"])
+    row(
+        "tile efficiency with it",
+        lambda e: f"{e['layout']['tile_efficiency']:.1%} ({e['layout']['visited_blocks']:,} tiles)",
+    )
     row("fwd bytes (bf16)", lambda e: _si(e["cost"]["fwd_bytes"]) + "B")
     row("arithmetic intensity", lambda e: f"{e['cost']['arithmetic_intensity']:.1f} FLOP/B")
     console.print(t)
