@@ -36,6 +36,7 @@ from .layout import rows as layout_rows
 from .layout import valid as layout_valid
 from .mask import magnitude_bound
 from .resources import codegen_template
+from .selectors import Split, split
 from .semantics import predicate
 from .source import PatternError
 
@@ -173,10 +174,37 @@ def compile_source(
     item = _select(program, pattern)
     name = safe_name(item.name)
     pats, head_pattern, model_layers = _distinct(item)
-    for pat in pats:
-        if ir.is_dynamic(pat):
-            raise PatternError(f"'{name}' holds a dynamic selector (topk/threshold): not compiled yet", item.span)
-    preds = [predicate(pat) for pat in pats]
+    splits: list[Split | None] = [split(p, name) if ir.is_dynamic(p) else None for p in pats]
+    # predicates 0..len(pats)-1: each head pattern's static part (the kernel's PAT); then, per dynamic
+    # pattern, the pattern with its selector full (selected blocks) and the selector's context
+    preds = [predicate(p if sp is None else sp.static) for p, sp in zip(pats, splits, strict=True)]
+    selectors: list[str] = []
+    for sp in splits:
+        if sp is None:
+            selectors.append("None")
+            continue
+        sel = sp.selector
+        if sel.block % 16:
+            raise PatternError(
+                f"'{name}': a selector's block must be a multiple of 16 to compile (the kernel's smallest tile), "
+                f"got {sel.block}",
+                sel.span,
+            )
+        selectors.append(
+            "("
+            + ", ".join(
+                (
+                    repr("threshold" if isinstance(sel, ir.Threshold) else "topk"),
+                    repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count),
+                    safe_int(sel.block),
+                    "True" if isinstance(sel, ir.TopK) and sel.given else "False",
+                    safe_int(len(preds)),
+                    safe_int(len(preds) + 1),
+                )
+            )
+            + ")"
+        )
+        preds += [predicate(sp.selected), predicate(sp.context)]
     max_n, idx64 = _index_width(preds)
     configs = DEFAULT_CONFIGS
     if any(x is not None for x in (block_m, block_n, num_warps, num_stages)):
@@ -191,10 +219,14 @@ def compile_source(
         if cfg[0] < 16 or cfg[1] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] & (cfg[1] - 1):
             raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16, got {cfg[0]} and {cfg[1]}")
 
+    statics = tuple(p if sp is None else sp.static for p, sp in zip(pats, splits, strict=True))
     if isinstance(layout, Layout):
         layouts: list[Layout | None] = [layout] * len(pats)
     else:
-        layouts = _layouts(pats, configs) if layout else [None] * len(pats)
+        layouts = _layouts(statics, configs) if layout else [None] * len(pats)
+    # dynamic patterns run in token order (their per-(batch, head) tables are of logical blocks); the
+    # auxiliary predicates (selected part, context) never have a layout
+    layouts = [None if sp is not None else lay for lay, sp in zip(layouts, splits, strict=True)]
 
     tri, dispatch, pyp, ivs = [], [], [], []
     try:
@@ -207,7 +239,7 @@ def compile_source(
             pyp.append(f"def _allowed_py_{k}(i, j, N):\n{indent(lines + [f'return {res}'], 4)}\n")
             lines, res = render_intervals(pred)
             ivs.append(f"def _truth_{k}(I, J, N):\n{indent(lines + [f'return {res}'], 4)}\n")
-        layout_functions, layout_tables = _render_layouts(preds, layouts, idx64)
+        layout_functions, layout_tables = _render_layouts(preds, layouts + [None] * (len(preds) - len(pats)), idx64)
     except CodegenError as e:
         raise PatternError(f"'{name}' cannot be compiled: {e}", item.span) from None
     dispatch.append("    else:\n        r = i < 0\n    return r")
@@ -236,10 +268,22 @@ def compile_source(
 
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     defines_doc = ", ".join(f"{k}={v}" for k, v in clean_defines.items()) or "none"
-    pattern_doc = "".join(
-        f"\nPredicate {k} ({_users(head_pattern, model_layers, k)}): allowed(i, j) = {E.to_source(p)}\n"
-        for k, p in enumerate(preds)
-    )
+    pattern_doc = ""
+    for k in range(len(pats)):
+        sp = splits[k]
+        if sp is None:
+            pattern_doc += (
+                f"\nPredicate {k} ({_users(head_pattern, model_layers, k)}): allowed(i, j) = {E.to_source(preds[k])}\n"
+            )
+            continue
+        sk = _selector_source(sp.selector)
+        pattern_doc += (
+            f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P0(i, j) or "
+            f"(S[i // {sp.block}, j // {sp.block}] and P1(i, j)), S the key blocks {sk} picks per query block\n"
+            f"among those where C allows a pair.\n"
+            f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[len(pats) + 2 * _dyn_rank(splits, k)])}\n"
+            f"  C = {E.to_source(preds[len(pats) + 2 * _dyn_rank(splits, k) + 1])}\n"
+        )
     fields = {
         "name": name,
         "version": __version__,
@@ -254,7 +298,7 @@ def compile_source(
         "source_repr": repr(text),
         "heads": "None" if head_pattern is None else safe_int(len(head_pattern)),
         "head_pattern": "None" if head_pattern is None else "(" + ", ".join(map(safe_int, head_pattern)) + ",)",
-        "pattern_count": safe_int(len(preds)),
+        "pattern_count": safe_int(len(pats)),
         "max_n": safe_int(max_n),
         "idx64": "True" if idx64 else "False",
         "n_free": "(" + "".join("False, " if "N" in E.free_vars(p) else "True, " for p in preds) + ")",
@@ -274,6 +318,7 @@ def compile_source(
         "layouts": repr(tuple(None if lay is None else describe(lay) for lay in layouts)),
         "layout_functions": layout_functions,
         "layout_tables": layout_tables,
+        "selectors": "(" + "".join(x + ", " for x in selectors) + ")",
     }
     template = codegen_template("attention.py.tmpl") + codegen_template("backward.py.tmpl")
     module = Template(template).substitute(fields)
@@ -281,6 +326,16 @@ def compile_source(
     # differ in anything get different ops; the same text twice shares them)
     module = module.replace(_NS_MARK, hashlib.sha256(module.encode("utf-8")).hexdigest()[:16])
     return Compiled(name, module, sha)
+
+
+def _dyn_rank(splits: list[Split | None], k: int) -> int:
+    return sum(1 for sp in splits[:k] if sp is not None)
+
+
+def _selector_source(sel: ir.TopK | ir.Threshold) -> str:
+    if isinstance(sel, ir.Threshold):
+        return f"threshold({sel.mass}, block={sel.block})"
+    return f"topk({sel.count}, block={sel.block}{', score=given' if sel.given else ''})"
 
 
 def _layouts(pats: tuple[ir.Pattern, ...], configs: tuple[tuple[int, tuple[int, ...]], ...]) -> list[Layout | None]:

@@ -156,3 +156,84 @@ def reference_mask(body: ir.Body, n: int) -> np.ndarray:
     if isinstance(body, ir.Heads):
         return np.stack([reference_mask(body.pattern_for(h), n) for h in range(body.count)])
     return np.array([[allowed(body, i, j, n) for j in range(n)] for i in range(n)], dtype=bool).reshape(n, n)
+
+
+# --- dynamic selectors, read off LANGUAGE.md literally ---------------------------------------------
+
+
+def selection(
+    sel: ir.TopK | ir.Threshold, context: np.ndarray, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
+) -> np.ndarray:
+    """[B, H, nb, nb] bool: the key blocks the selector keeps per query block, in float64.
+
+    q [B, H, N, D], k [B, Hkv, N, D] (query head h reads kv head h // (H / Hkv)); `context` [N, N] is the
+    static part A of `A & sel` (only key blocks where A allows a pair are candidates); `given` the
+    caller's scores for score=given. Ties: the lower block index first (a stable sort on -score)."""
+    bsz, heads, n, d = q.shape
+    b = sel.block
+    nb = -(-n // b)
+    group = heads // k.shape[1]
+    out = np.zeros((bsz, heads, nb, nb), dtype=bool)
+    cand = np.zeros((nb, nb), dtype=bool)
+    for qb in range(nb):
+        for kb in range(nb):
+            cand[qb, kb] = bool(context[qb * b : (qb + 1) * b, kb * b : (kb + 1) * b].any())
+    for bi in range(bsz):
+        for h in range(heads):
+            for qb in range(nb):
+                qbar = q[bi, h, qb * b : (qb + 1) * b].astype(np.float64).mean(0)
+                scores = {}
+                for kb in range(nb):
+                    if not cand[qb, kb]:
+                        continue
+                    if given is not None:
+                        scores[kb] = float(given[bi, h, qb, kb])
+                    else:
+                        kbar = k[bi, h // group, kb * b : (kb + 1) * b].astype(np.float64).mean(0)
+                        scores[kb] = float(qbar @ kbar)
+                ranked = sorted(scores, key=lambda kb: (-scores[kb], kb))
+                if isinstance(sel, ir.TopK):
+                    keep = ranked[: sel.count]
+                else:
+                    z = {kb: scores[kb] / np.sqrt(d) for kb in ranked}
+                    top = max(z.values()) if z else 0.0
+                    total = sum(np.exp(v - top) for v in z.values())
+                    keep, mass = [], 0.0
+                    for kb in ranked:
+                        if mass >= sel.mass:
+                            break
+                        keep.append(kb)
+                        mass += np.exp(z[kb] - top) / total
+                for kb in keep:
+                    out[bi, h, qb, kb] = True
+    return out
+
+
+def dynamic_mask(
+    p: ir.Pattern, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """([B, H, N, N] allowed pairs, [B, H, nb, nb] selected blocks) of a pattern with one selector,
+    evaluated as sets node by node; a selector's candidates come from the intersections above it."""
+    bsz, heads, n, _ = q.shape
+    picked: list[np.ndarray] = []
+
+    def static(x: ir.Pattern) -> np.ndarray:
+        return np.array([[allowed(x, i, j, n) for j in range(n)] for i in range(n)], dtype=bool)
+
+    def go(x: ir.Pattern, ctx: np.ndarray) -> np.ndarray:
+        if not ir.is_dynamic(x):
+            return np.broadcast_to(static(x), (bsz, heads, n, n))
+        if isinstance(x, ir.TopK | ir.Threshold):
+            s = selection(x, ctx, q, k, given)
+            picked.append(s)
+            blk = np.arange(n) // x.block
+            return s[:, :, blk][:, :, :, blk]
+        if isinstance(x, ir.Union):
+            return go(x.a, ctx) | go(x.b, ctx)
+        assert isinstance(x, ir.Inter)
+        dyn, other = (x.a, x.b) if ir.is_dynamic(x.a) else (x.b, x.a)
+        o = static(other)
+        return o & go(dyn, ctx & o)
+
+    mask = go(p, np.ones((n, n), dtype=bool))
+    return np.ascontiguousarray(mask), (picked[0] if picked else None)

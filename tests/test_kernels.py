@@ -107,6 +107,8 @@ def _layout_n(body: ir.Body) -> int | None:
 def test_library_pattern_matches_dense_reference(path: Path, name: str) -> None:
     body = P.load(path).get(name).body  # type: ignore[union-attr]
     why = _static_and_compilable(body)
+    if why == "dynamic":
+        pytest.skip("dynamic selectors run against the literal reference in tests/test_selectors.py")
     if why is not None:
         with pytest.raises(PatternError, match="dynamic"):
             P.compile(path, name, **SMALL)

@@ -1,0 +1,205 @@
+"""Dynamic selectors (`topk`, `threshold`, `score=given`) in generated modules, against LANGUAGE.md read
+literally (`reference.dynamic_mask`: sets node by node, float64, ties to the lower block index).
+
+Inputs are small integers so that block means and scores are exact in float32 too: scores tie often, and
+the kernel's selection must equal the float64 one block for block. Attention outputs are compared with a
+float64 masked softmax over the reference's mask, outputs poisoned (NaN) before each run. The Triton
+kernels run in the CPU interpreter (set here before triton is first imported); float64 inputs take the
+module's PyTorch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import reference as R  # noqa: E402
+
+import patterndsl as P  # noqa: E402
+from patterndsl import ir  # noqa: E402
+from patterndsl.source import PatternError  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+SMALL = dict(block_m=16, block_n=16)
+
+CASES = {
+    "nsa": "causal & (window(15) | topk(2, block=16) | sink(16))",
+    "plain_topk": "topk(3, block=16)",
+    "threshold": "causal & threshold(0.7, block=32)",
+    "given": "causal & topk(2, block=32, score=given)",
+    "context_in_union": "(causal & topk(1, block=16)) | window(3)",
+    "nested_context": "causal & (window(8) | (where(k >= 16) & topk(2, block=16)))",
+}
+
+
+def _module(src: str, **kw: Any) -> Any:
+    m = P.compile(f"pattern p = {src}\n", **(kw or SMALL))
+    m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return m
+
+
+def _inputs(n: int, h: int = 4, hkv: int = 2, b: int = 2, d: int = 16, seed: int = 0, dtype: Any = None) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (b, h, n, d), generator=g).float()
+    k = torch.randint(-2, 3, (b, hkv, n, d), generator=g).float()
+    v = torch.randn(b, hkv, n, d, generator=g)
+    return tuple(x.to(dtype) if dtype is not None else x for x in (q, k, v))
+
+
+def _given(src: str, q: Any, blk: int, seed: int = 1) -> Any:
+    if "given" not in src:
+        return None
+    nb = -(-q.shape[2] // blk)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (q.shape[0], q.shape[1], nb, nb), generator=g).float()
+
+
+def _dense(q: Any, k: Any, v: Any, mask: np.ndarray, scale: float) -> tuple[Any, Any]:
+    group = q.shape[1] // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * scale
+    s = s.masked_fill(~torch.from_numpy(mask), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(torch.isinf(lse)[..., None], 0.0, torch.exp(s - lse[..., None]))
+    return p @ v.double().repeat_interleave(group, 1), lse
+
+
+def _block(src: str) -> int:
+    (sel,) = [x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK | ir.Threshold)]
+    return sel.block
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_selection_and_attention_match_the_literal_reference(name: str) -> None:
+    src = CASES[name]
+    n = 100  # ragged last block of 4 tokens: its mean stays exact
+    q, k, v = _inputs(n) if name == "nsa" else _inputs(n, h=2, hkv=1, b=1)  # GQA and batch once
+    scores = _given(src, q, _block(src))
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    m = _module(src)
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    out, lse = m.attention_lse(q, k, v, scores=scores)
+    want, want_lse = _dense(q, k, v, mask, 16**-0.5)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out.double() - want).abs().max().item() < 2e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+
+
+@pytest.mark.parametrize("name", ["nsa", "threshold", "given"])
+def test_pytorch_path_float64_matches_the_reference(name: str) -> None:
+    src = CASES[name]
+    q, k, v = (x.double() for x in _inputs(96, seed=3))
+    scores = _given(src, q, _block(src))
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    m = _module(src)
+    with pytest.warns(UserWarning, match="CPU tensors"):
+        m._warned_cpu.clear()
+        out, lse = m.attention_lse(q, k, v, scores=scores)
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    want, want_lse = _dense(q, k, v, mask, 16**-0.5)
+    assert (out - want).abs().max().item() < 1e-12
+
+
+def test_ties_go_to_the_lower_block_and_never_outside_the_context() -> None:
+    # every key block scores exactly the same (k = 0 and k = -0 halves): the first blocks are kept
+    q, k, v = _inputs(64, h=2, hkv=1, b=1)
+    k = torch.zeros_like(k)
+    k[..., 1::2, :] = -0.0
+    m = _module("causal & topk(2, block=16)")
+    got = m.selected_blocks(q, k)[0, 0]
+    want = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(got, want)
+
+
+def test_topk_keeps_min_of_n_and_candidates_per_query_block() -> None:
+    q, k, _ = _inputs(128, seed=5)
+    m = _module("causal & topk(3, block=16)")
+    got = m.selected_blocks(q, k)
+    counts = got.sum(-1)
+    expect = torch.clamp(torch.arange(1, 9), max=3)
+    assert torch.equal(counts, expect.expand_as(counts))
+    assert not torch.triu(got, 1).any()  # a later key block is never a causal candidate
+
+
+def test_threshold_of_one_keeps_every_candidate() -> None:
+    q, k, v = _inputs(64, seed=2)
+    m = _module("causal & threshold(1.0, block=16)")
+    got = m.selected_blocks(q, k)
+    assert torch.equal(got, torch.tril(torch.ones(4, 4, dtype=torch.bool)).expand_as(got))
+
+
+def test_heads_mix_static_and_dynamic_patterns() -> None:
+    src = "heads {\n  0:1 => causal & window(7)\n  1:2 => causal & (sink(16) | topk(1, block=16))\n}"
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    q, k, v = _inputs(80, h=2, hkv=1, b=1, seed=4)
+    body = P.loads(f"pattern p = {src}\n").patterns[0].body
+    assert isinstance(body, ir.Heads)
+    m0 = np.array([[j <= i and i - j <= 7 for j in range(80)] for i in range(80)])
+    m1, _ = R.dynamic_mask(body.ranges[1].pattern, q[:, 1:].numpy(), k.numpy())
+    mask = np.stack([np.broadcast_to(m0, (1, 80, 80)), m1[:, 0]], 1)
+    out = m.attention(q, k, v)
+    want, _ = _dense(q, k, v, mask, 16**-0.5)
+    assert (out.double() - want).abs().max().item() < 2e-5
+    picked = m.selected_blocks(q, k)
+    assert not picked[:, 0].any() and picked[:, 1].sum() == 5
+
+
+def test_half_precision_inputs_run_and_match() -> None:
+    src = CASES["nsa"]
+    q, k, v = _inputs(64, dtype=torch.float16, seed=7)
+    mask, picked = R.dynamic_mask(P.pattern(src), q.float().numpy(), k.float().numpy())
+    m = _module(src)
+    assert np.array_equal(m.selected_blocks(q, k).numpy(), picked)
+    out = m.attention(q, k, v)
+    want, _ = _dense(q, k, v, mask, 16**-0.5)
+    assert (out.double() - want).abs().max().item() < 5e-3
+
+
+def test_scores_misuse_is_one_clear_sentence() -> None:
+    q, k, v = _inputs(64)
+    given = _module("causal & topk(2, block=16, score=given)")
+    with pytest.raises(ValueError, match=r"score=given: pass scores="):
+        given.attention(q, k, v)
+    with pytest.raises(
+        ValueError, match=r"scores must be \[batch, heads, ceil\(N/16\), ceil\(N/16\)\] = \[2, 4, 4, 4\]"
+    ):
+        given.attention(q, k, v, scores=torch.zeros(2, 4, 4, 3))
+    with pytest.raises(TypeError, match="scores must be floating point"):
+        given.attention(q, k, v, scores=torch.zeros(2, 4, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="takes no scores"):
+        _module("causal & topk(2, block=16)").attention(q, k, v, scores=torch.zeros(2, 4, 4, 4))
+
+
+def test_uncompilable_selectors_are_refused_plainly() -> None:
+    with pytest.raises(PatternError, match="multiple of 16 to compile.*got 8"):
+        P.compile("pattern p = causal & topk(2, block=8)\n")
+    with pytest.raises(PatternError, match="holds 2 selectors; a compiled pattern may hold one"):
+        P.compile("pattern p = topk(2, block=16) | threshold(0.5, block=16)\n")
+
+
+@pytest.mark.parametrize(
+    "file, name",
+    [("nsa.pat", "nsa"), ("seer.pat", "seer_local"), ("flexprefill.pat", "prefill"), ("xattention.pat", "xattention")],
+)
+def test_library_selector_patterns_match_the_reference(file: str, name: str) -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "patterns" / file
+    pat = P.load(path).get(name).body  # type: ignore[union-attr]
+    assert isinstance(pat, ir.Pattern.__args__)  # type: ignore[attr-defined]
+    (sel,) = [x for x in ir.walk(pat) if isinstance(x, ir.TopK | ir.Threshold)]
+    n = 2 * sel.block + 16  # a ragged last block of 16 tokens
+    q, k, v = _inputs(n, h=2, hkv=1, b=1, seed=11)
+    scores = _given("given" if isinstance(sel, ir.TopK) and sel.given else "", q, sel.block)
+    mask, picked = R.dynamic_mask(pat, q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    m = P.compile(path, name, **SMALL)
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    want, _ = _dense(q, k, v, mask, 16**-0.5)
+    assert (m.attention(q, k, v, scores=scores).double() - want).abs().max().item() < 2e-5
