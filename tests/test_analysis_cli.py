@@ -129,9 +129,23 @@ def test_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert out.stat().st_size > 10_000
 
 
-def test_dynamic_patterns_are_refused_plainly(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["analyze", str(LIBRARY / "nsa.pat"), "-N", "1024"]) == 2
-    assert "dynamic selector" in capsys.readouterr().err
+def test_dynamic_pattern_reports_its_static_part_and_the_selection_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    n, heads, d = 1000, 2, 64
+    r = run_json(capsys, str(LIBRARY / "nsa.pat"), "-N", str(n), "--heads", str(heads), "--head-dim", str(d))
+    (e,) = r["patterns"]
+    # the static part causal & (window(511) | sink(64)), by brute force
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    assert e["pairs"] == int(((j <= i) & ((i - j <= 511) | (j < 64))).sum())
+    s = e["selector"]
+    nb = -(-n // 64)  # causal context: query block qb has qb + 1 candidate blocks; topk keeps 16
+    kept = sum(min(16, qb + 1) for qb in range(nb))
+    assert s["selected_blocks"] == kept and s["candidates_per_query_block"]["max"] == nb
+    assert s["extra_fwd_flops_max"] == 4 * kept * 64 * 64 * d * heads
+    assert s["scoring_flops"] == 2 * nb * nb * d * heads
+    assert s["fwd_flops_max"] == e["cost"]["fwd_flops"] + s["extra_fwd_flops_max"] + s["scoring_flops"]
+    r = run_json(capsys, str(LIBRARY / "xattention.pat"), "-N", "1024", "--selected", "3")
+    assert r["patterns"][0]["selector"]["selected_blocks"] == 1 + 2 + 3 * 6  # threshold at K = 3
+    assert r["patterns"][0]["pairs"] == 0  # nothing static: only what the selector picks
 
 
 def test_neighborhood_at_a_million_tokens_is_fast(capsys: pytest.CaptureFixture[str]) -> None:

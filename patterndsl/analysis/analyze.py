@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import expr as E
 from .. import ir
+from ..selectors import Split, split
 from ..source import PatternError
 from . import cost as C
 from .count import RowStats, block_form, bound_predicate, row_stats
@@ -33,6 +34,7 @@ class Options:
     block_q: int = 128
     block_k: int = 128
     layers: int | None = None
+    selected: int | None = None  # blocks a dynamic selector keeps per query block (default: topk's n)
 
 
 @dataclass
@@ -247,13 +249,15 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
     causal_flags: list[bool] = []
     for use in uses:
         p = use.pattern
+        sp = split(p, item.name) if ir.is_dynamic(p) else None
+        p = p if sp is None else sp.static  # a dynamic pattern's figures: its static part, plus "selector"
         stats = row_stats(p, n)
         pred = bound_predicate(p, n)
         blocks = C.block_counts(pred, n, opts.block_q, opts.block_k)
         c = C.cost(stats.pairs, blocks, n, use.heads, opts.head_dim, opts.batch)
         rows = _rows(stats)
         causal_flags.append(not rows["sees_future"])
-        label = _pattern_text(p)
+        label = _pattern_text(use.pattern)
         where = []
         if is_model and use.layers is not None:
             where.append(f"layers {_ranges(use.layers)}")
@@ -276,13 +280,22 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
             "cost": c.as_dict(),
             "layout": _layout_figures(p, pred, n, stats.pairs, c, opts),
         }
+        if sp is not None:
+            entry["selector"] = _selector_cost(sp, n, use.heads, opts, c.fwd_flops)
+            for key in ("extra_fwd_flops_max", "scoring_flops"):
+                totals[key] = totals.get(key, 0) + entry["selector"][key]
         entries.append(entry)
         for k, v in c.as_dict().items():
             if k in ("pairs", "visited_blocks", "full_blocks", "partial_blocks"):
                 v *= use.heads  # per head and batch element; FLOPs and bytes already count every head
             if k not in ("tile_efficiency", "arithmetic_intensity"):
                 totals[k] = totals.get(k, 0) + v
-        if rows["empty_rows"]:
+        if sp is not None:
+            warnings.append(
+                f"{entry['used_by']}: {_pattern_text(sp.selector)} picks blocks from the data: the figures and the "
+                f"receptive field are the static part's; the selector's rows give its cost at K blocks per query block"
+            )
+        elif rows["empty_rows"]:
             warnings.append(
                 f"{entry['used_by']}: {rows['empty_rows']} quer{'y has' if rows['empty_rows'] == 1 else 'ies have'} no key "
                 f"(first: row {rows['first_empty_row']}); they output zeros with log-sum-exp -inf"
@@ -310,12 +323,13 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         schedule = list(item.schedule)
         if opts.layers is not None and opts.layers != len(schedule):
             warnings.append(f"--layers {opts.layers} ignored: the model '{item.name}' has {len(schedule)} layers")
-        reach = receptive_field(schedule, n, all_causal, repeat=False)
+        reach = receptive_field([_static_body(b) for b in schedule], n, all_causal, repeat=False)
         closed = None
     else:
         assert isinstance(item, ir.PatternDef)
-        reach = receptive_field([item.body], n, all_causal, max_depth=None)
-        closed = _reach_closed_form(item.body, n) if not isinstance(item.body, ir.Heads) else None
+        body = _static_body(item.body)
+        reach = receptive_field([body], n, all_causal, max_depth=None)
+        closed = _reach_closed_form(body, n) if not isinstance(body, ir.Heads) else None
     rf = reach.as_dict()
     rf["closed_form"] = closed
     rf["depth_text"] = _depth_text(reach.depth, reach.depth_upper, reach.unit > 1, reach.stopped)
@@ -364,6 +378,43 @@ def _layout_figures(p: ir.Pattern, pred: Any, n: int, pairs: int, c: C.Cost, opt
         "visited_blocks": visited,
         "tile_efficiency": pairs / tiles if tiles else 1.0,
         "plain_tile_efficiency": c.tile_efficiency,
+    }
+
+
+def _static_body(body: ir.Body) -> ir.Body:
+    """The body with every dynamic pattern replaced by its static part (what holds whatever is picked)."""
+    if isinstance(body, ir.Heads):
+        return ir.Heads(tuple(ir.HeadRange(r.start, r.stop, _static_body(r.pattern)) for r in body.ranges))  # type: ignore[arg-type]
+    return split(body).static if ir.is_dynamic(body) else body
+
+
+def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: int) -> dict[str, Any]:
+    """Expected cost of a selector at a selection size: each query block keeps min(K, candidates) key
+    blocks of b x b pairs (at most; some may repeat the static part's), and scoring costs one dot product
+    of block means per (query block, key block) pair."""
+    from ..blocks import block_tables
+
+    sel = sp.selector
+    b = sel.block
+    nb = -(-n // b)
+    t = block_tables(sp.context, n, b, b)
+    cand = (t.full.counts + t.partial.counts).numpy().astype(np.int64)
+    k = opts.selected if opts.selected is not None else (sel.count if isinstance(sel, ir.TopK) else None)
+    kept = np.minimum(cand, k) if k is not None else cand
+    blocks = int(kept.sum())
+    extra = 4 * blocks * b * b * opts.head_dim * heads * opts.batch
+    scoring = 2 * nb * nb * opts.head_dim * heads * opts.batch
+    return {
+        "selector": _pattern_text(sel),
+        "block": b,
+        "selected_per_query_block": k,
+        "assumed": "--selected" if opts.selected is not None else ("topk's n" if k is not None else "every candidate"),
+        "candidates_per_query_block": _summary(cand),
+        "selected_blocks": blocks,
+        "extra_pairs_max": blocks * b * b,
+        "extra_fwd_flops_max": extra,
+        "scoring_flops": scoring,
+        "fwd_flops_max": static_fwd + extra + scoring,
     }
 
 

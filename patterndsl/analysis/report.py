@@ -61,6 +61,18 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
     )
     row("fwd bytes (bf16)", lambda e: _si(e["cost"]["fwd_bytes"]) + "B")
     row("arithmetic intensity", lambda e: f"{e['cost']['arithmetic_intensity']:.1f} FLOP/B")
+    if any("selector" in e for e in result["patterns"]):
+
+        def sel(f: Any) -> Any:
+            return lambda e: f(e["selector"]) if "selector" in e else "-"
+
+        row("selector (figures above: static part)", sel(lambda s: s["selector"]))
+        row("candidate blocks per query block", sel(lambda s: _stats(s["candidates_per_query_block"])))
+        row("kept per query block (K)", sel(lambda s: f"{s['selected_per_query_block'] or 'all'} ({s['assumed']})"))
+        row("selected pairs (at most)", sel(lambda s: f"{s['extra_pairs_max']:,}"))
+        row("selected fwd FLOPs (at most)", sel(lambda s: _si(s["extra_fwd_flops_max"])))
+        row("scoring FLOPs (block means)", sel(lambda s: _si(s["scoring_flops"])))
+        row("expected fwd FLOPs (at most)", sel(lambda s: _si(s["fwd_flops_max"])))
     console.print(t)
 
     tot = result["totals"]

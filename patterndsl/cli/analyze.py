@@ -26,6 +26,12 @@ def register(sub: Any) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="batch size B (default 1)")
     p.add_argument("--block", default="128x128", metavar="BQxBK", help="kernel tile size (default 128x128)")
     p.add_argument("--layers", type=positive_int, help="report coverage after L layers of the same pattern")
+    p.add_argument(
+        "--selected",
+        type=positive_int,
+        metavar="K",
+        help="key blocks a dynamic selector keeps per query block (default: topk's n; threshold: all candidates)",
+    )
     p.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
     p.add_argument("--plot", metavar="OUT.png", help="write coverage-vs-depth and density-vs-N plots")
     p.set_defaults(run=run)
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     program = load_program(args)
     item = select(program, args.pattern)
     bq, bk = _block(args.block)
-    opts = Options(args.n, args.heads, args.head_dim, args.batch, bq, bk, args.layers)
+    opts = Options(args.n, args.heads, args.head_dim, args.batch, bq, bk, args.layers, args.selected)
     result = analyze(item, opts)
     result["file"] = args.file
     if args.plot:

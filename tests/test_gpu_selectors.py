@@ -1,0 +1,82 @@
+"""Dynamic selectors on a CUDA GPU (the lent H100): selection block for block against the float64 literal
+reading of LANGUAGE.md (`reference.selection`), and the attention output against a float64 masked softmax
+over the same blocks. Integer-valued inputs keep block means and scores exact in every dtype (also under
+tf32 products), so selections must agree exactly, ties included.
+
+Run with `pytest -m gpu tests/test_gpu_selectors.py` on a machine with CUDA; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import reference as R
+
+import patterndsl as P
+from patterndsl import ir
+from patterndsl.mask import dense_mask
+from patterndsl.selectors import split
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CASES = [
+    "causal & (window(255) | topk(8, block=64) | sink(64))",
+    "causal & threshold(0.9, block=128)",
+    "causal & (window(63) | topk(4, block=64, score=given))",
+]
+
+
+def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv: int = 2) -> float:
+    pat = P.pattern(src)
+    sp = split(pat)
+    module = P.compile(f"pattern p = {src}\n")
+    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randint(-2, 3, (b, h, n, d), device="cuda", generator=g).to(dtype)
+    k = torch.randint(-2, 3, (b, hkv, n, d), device="cuda", generator=g).to(dtype)
+    v = torch.randn(b, hkv, n, d, device="cuda", generator=g).to(dtype)
+    nb = -(-n // sp.block)
+    given = None
+    if isinstance(sp.selector, ir.TopK) and sp.selector.given:
+        given = torch.randint(0, 4, (b, h, nb, nb), device="cuda", generator=g).float()
+    ctx = dense_mask(sp.context, n)
+    want_sel = R.selection(
+        sp.selector,
+        ctx,
+        q.float().cpu().numpy(),
+        k.float().cpu().numpy(),
+        None if given is None else given.cpu().numpy(),
+    )
+    got_sel = module.selected_blocks(q, k, scores=given).cpu().numpy()
+    assert np.array_equal(got_sel, want_sel), f"{int((got_sel != want_sel).sum())} blocks differ"
+    out, lse = module.attention_lse(q, k, v, scores=given)
+    blk = np.arange(n) // sp.block
+    mask = dense_mask(sp.static, n)[None, None] | (want_sel[:, :, blk][:, :, :, blk] & dense_mask(sp.selected, n))
+    m = torch.from_numpy(mask).cuda()
+    group = h // hkv
+    s = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * d**-0.5
+    s = s.masked_fill(~m, float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    p = torch.where(torch.isinf(ref_lse)[..., None], 0.0, torch.exp(s - ref_lse[..., None]))
+    ref = p @ v.double().repeat_interleave(group, 1)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "src, dtype", [(c, "bfloat16") for c in CASES] + [(CASES[0], "float16"), (CASES[0], "float32")]
+)
+def test_gpu_selection_and_attention_match_float64(src: str, dtype: str) -> None:
+    err = _run(src, 4096 - 32, getattr(torch, dtype))
+    assert err < {"bfloat16": 1e-2, "float16": 2e-3, "float32": 1e-4}[dtype], err
+
+
+def test_gpu_batch_and_mqa() -> None:
+    assert _run(CASES[0], 2048, torch.bfloat16, d=64, b=2, h=4, hkv=1) < 1e-2
