@@ -177,6 +177,15 @@ def test_scores_misuse_is_one_clear_sentence() -> None:
         _module("causal & topk(2, block=16)").attention(q, k, v, scores=torch.zeros(2, 4, 4, 4))
 
 
+def test_gradients_are_refused_plainly_and_no_grad_runs() -> None:
+    q, k, v = _inputs(64)
+    m = _module(CASES["nsa"])
+    with pytest.raises(ValueError, match="gradients through a dynamic selector pattern"):
+        m.attention(q.requires_grad_(), k, v)
+    with torch.no_grad():
+        assert not torch.isnan(m.attention(q, k, v)).any()
+
+
 def test_uncompilable_selectors_are_refused_plainly() -> None:
     with pytest.raises(PatternError, match="multiple of 16 to compile.*got 8"):
         P.compile("pattern p = causal & topk(2, block=8)\n")
