@@ -80,3 +80,28 @@ def test_gpu_selection_and_attention_match_float64(src: str, dtype: str) -> None
 
 def test_gpu_batch_and_mqa() -> None:
     assert _run(CASES[0], 2048, torch.bfloat16, d=64, b=2, h=4, hkv=1) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_gradients_match_float64_over_the_same_blocks(dtype: str) -> None:
+    src = CASES[0]
+    sp = split(P.pattern(src))
+    module = P.compile(f"pattern p = {src}\n")
+    n, d, h, hkv = 1024 - 32, 64, 4, 2
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k = (torch.randint(-2, 3, (1, x, n, d), device="cuda", generator=g).to(getattr(torch, dtype)) for x in (h, hkv))
+    v = torch.randn(1, hkv, n, d, device="cuda", generator=g).to(getattr(torch, dtype))
+    sel = module.selected_blocks(q, k).cpu().numpy()
+    blk = np.arange(n) // sp.block
+    mask = dense_mask(sp.static, n)[None, None] | (sel[:, :, blk][:, :, :, blk] & dense_mask(sp.selected, n))
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    w = torch.randn(q.shape, device="cuda", dtype=torch.float64, generator=g)
+    (module.attention(qs, ks, vs).double() * w).sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = qd @ kd.repeat_interleave(h // hkv, 1).transpose(-1, -2) * d**-0.5
+    s = s.masked_fill(~torch.from_numpy(mask).cuda(), float("-inf"))
+    ref = torch.softmax(s, -1) @ vd.repeat_interleave(h // hkv, 1)
+    (ref * w).sum().backward()
+    for got, want in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < {"bfloat16": 2e-2, "float32": 1e-4}[dtype], err

@@ -177,13 +177,30 @@ def test_scores_misuse_is_one_clear_sentence() -> None:
         _module("causal & topk(2, block=16)").attention(q, k, v, scores=torch.zeros(2, 4, 4, 4))
 
 
-def test_gradients_are_refused_plainly_and_no_grad_runs() -> None:
-    q, k, v = _inputs(64)
-    m = _module(CASES["nsa"])
-    with pytest.raises(ValueError, match="gradients through a dynamic selector pattern"):
-        m.attention(q.requires_grad_(), k, v)
-    with torch.no_grad():
-        assert not torch.isnan(m.attention(q, k, v)).any()
+@pytest.mark.parametrize("name, dtype", [("nsa", "float32"), ("threshold", "float32"), ("given", "float64")])
+def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str) -> None:
+    """Gradients of out and lse against float64 autograd over the reference mask (the selection fixed)."""
+    src = CASES[name]
+    q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, seed=9))
+    v = torch.randn_like(v)
+    scores = _given(src, q, _block(src))
+    mask, _ = R.dynamic_mask(
+        P.pattern(src), q.double().numpy(), k.double().numpy(), None if scores is None else scores.numpy()
+    )
+    m = _module(src)
+    g = torch.Generator().manual_seed(3)
+    w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = m.attention_lse(qs, ks, vs, scores=scores)
+    ((out.double() * w_out).sum() + (torch.where(torch.isinf(lse), 0, lse).double() * w_lse).sum()).backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want, want_lse = _dense(qd, kd, vd, mask, 16**-0.5)
+    ((want * w_out).sum() + (torch.where(torch.isinf(want_lse), 0, want_lse) * w_lse).sum()).backward()
+    tol = 1e-6 if dtype == "float64" else 2e-4  # lse is kept in float32
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None and not torch.isnan(got).any()
+        assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
 
 
 def test_uncompilable_selectors_are_refused_plainly() -> None:
