@@ -127,3 +127,21 @@ def test_gpu_kernels_with_layouts_match_float64_reference(src: str, n: int, dtyp
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     assert ((out.double() - ref).norm() / ref.norm()).item() < {"bfloat16": 1e-2, "float32": 1e-4}[dtype]
+
+
+@pytest.mark.parametrize("src, n", [LAYOUT_CASES[1], LAYOUT_CASES[2], LAYOUT_CASES[3]])
+def test_gpu_gradients_with_layouts_match_float64_reference(src: str, n: int) -> None:
+    body = P.loads(src).patterns[0].body
+    module = P.compile(src)
+    assert module.LAYOUTS[0] is not None
+    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    q, k, v = (torch.randn(1, 2, n, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 2, n, 64, device="cuda", dtype=torch.float16)
+    got = torch.autograd.grad(module.attention(q, k, v), (q, k, v), do)
+    mask = torch.from_numpy(dense_mask(body, n)).cuda()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (qd @ kd.transpose(-1, -2) * 64**-0.5).masked_fill(~mask, torch.finfo(torch.float64).min)
+    want = torch.autograd.grad((torch.softmax(s, -1) * mask.any(-1)[..., None]) @ vd, (qd, kd, vd), do.double())
+    for name, x, ref in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert not torch.isnan(x).any(), name
+        assert ((x.double() - ref).norm() / ref.norm()).item() < 5e-3, name

@@ -187,3 +187,30 @@ def test_analyze_reports_tile_efficiency_with_and_without_the_layout() -> None:
     assert fig["tile_efficiency"] == pytest.approx(pairs / (fig["visited_blocks"] * 64 * 32))
     plain = analyze(program.get("w"), Options(4096, block_q=64, block_k=32))["patterns"][0]["layout"]  # type: ignore[arg-type]
     assert plain["chosen"] == "contiguous" and plain["tile_efficiency"] == plain["plain_tile_efficiency"]
+
+
+# the kinds the gradient test covers: 1-D dilation not dividing N, 2-D dilation not dividing the axes, causal time
+BWD_CASES = [CASES[0], CASES[5], CASES[7]]
+
+
+@pytest.mark.parametrize("src, n", BWD_CASES)
+def test_gradients_with_layouts_match_reference(src: str, n: int) -> None:
+    from test_backward import check_grads
+
+    body = _body(src)
+    lay = _layouts(body, 16, 16)[0]
+    module = P.compile(src, block_m=16, block_n=16, bwd_config=(16, 16, 16, 16, 4, 1), layout=lay)
+    check_grads(module, reference_mask(body, n), h=2, hkv=1)
+    f_off, _, p_off, _ = module.block_tables_t(n, 16, 16, torch.device("cpu"))
+    assert f_off.numel() - 1 == -(-module._rows(0, n) // 16)  # dK/dV run over physical key blocks
+
+
+def test_grid_neighborhoods_get_smaller_tiles_and_windows_keep_the_defaults() -> None:
+    from patterndsl.compile import DEFAULT_CONFIGS, GRID_CONFIGS
+
+    na = "layout g = grid(64, 64)\npattern p = neighborhood(g, kernel=13)\n"
+    module = P.compile(na)
+    assert module.CONFIGS == GRID_CONFIGS
+    assert module.LAYOUTS[0] == L.describe(L.choose(_body(na), 64, 32))
+    assert P.compile(na, layout=False).CONFIGS == DEFAULT_CONFIGS
+    assert P.compile("pattern p = causal & window(255, dilation=4)\n").CONFIGS == DEFAULT_CONFIGS
