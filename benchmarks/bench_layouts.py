@@ -6,7 +6,8 @@ with its chosen token layout (and, for reference, in the plain order) vs torch.c
 B=1, H=16, D=128, bf16, N=16384 for all four. Effective TFLOP/s = 4 * allowed pairs * D * H * B / time
 (pairs counted exactly by patterndsl.analysis). Tile efficiency = allowed pairs / pairs of visited tiles.
 Writes JSON and a markdown table (argv[1], default docs/benchmarks/); `--markdown FILE.json` only
-re-renders the table from a JSON file.
+re-renders the table from a JSON file. BENCH_BWD=1 also times forward + backward (ours with the best
+forward config's module, Flex with its block mask); BENCH_ONLY=name,... runs some patterns.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def main() -> None:
     from patterndsl.analysis.count import row_stats
     from patterndsl.semantics import predicate
 
-    def med(fn) -> float:  # type: ignore[no-untyped-def]
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    def med(fn, grads=None) -> float:  # type: ignore[no-untyped-def]
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median"))
 
     outdir = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
     torch.manual_seed(0)
@@ -117,7 +118,7 @@ def main() -> None:
                 row.setdefault("ours_layout" if layout else "ours_plain", []).append(rec)
                 print(name, rec, flush=True)
                 if layout and (best is None or t < best[0]["ms"]):
-                    best = (rec, out)
+                    best = (rec, out, mod)
         assert best is not None
         bm = create_block_mask(_mask_mod(spec), None, None, N, N, device="cuda")
         fo = flex(q, k, v, block_mask=bm)
@@ -128,6 +129,20 @@ def main() -> None:
         bq, bk = bm.BLOCK_SIZE
         ts = med(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
         err = ((best[1].float() - fo.float()).norm() / fo.float().norm()).item()
+        if os.environ.get("BENCH_BWD"):  # forward + backward, FLOPs = 3.5 x the forward's (2.5 x for backward)
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            do = torch.randn_like(q)
+            mod = best[2]
+            t_fb = med(lambda: mod.attention(qg, kg, vg).backward(do), [qg, kg, vg])
+            tf_fb = med(lambda: flex(qg, kg, vg, block_mask=bm).backward(do), [qg, kg, vg])
+            row.update(
+                ours_fwd_bwd_ms=t_fb,
+                flex_fwd_bwd_ms=tf_fb,
+                ours_fwd_bwd_tflops=3.5 * flops / t_fb / 1e9,
+                flex_fwd_bwd_tflops=3.5 * flops / tf_fb / 1e9,
+                fwd_bwd_speedup_vs_flex=tf_fb / t_fb,
+            )
+            print(f"{name:32s} fwd+bwd ours {t_fb:.3f} ms | flex {tf_fb:.3f} ms | x{tf_fb / t_fb:.2f}", flush=True)
         plain_best = min(row["ours_plain"], key=lambda r: r["ms"]) if "ours_plain" in row else None
         row.update(
             ours=best[0],
@@ -186,6 +201,16 @@ def markdown(result: dict) -> str:
             f"{r['flex_tflops']:.1f} | {r['flex_tile_efficiency']:.1%} | {r['sdpa_dense_ms']:.3f} | "
             f"{r['speedup_vs_flex']:.2f}x |"
         )
+    fb = [r for r in result["forward"] if "ours_fwd_bwd_ms" in r]
+    if fb:
+        out += ["", "Forward + backward (FLOPs 3.5 x the forward's):", "",
+                "| pattern | ours ms | ours TFLOP/s | Flex ms | Flex TFLOP/s | ours / Flex speed |",
+                "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in fb:
+            out.append(
+                f"| {r['pattern']} | {r['ours_fwd_bwd_ms']:.3f} | {r['ours_fwd_bwd_tflops']:.1f} | "
+                f"{r['flex_fwd_bwd_ms']:.3f} | {r['flex_fwd_bwd_tflops']:.1f} | {r['fwd_bwd_speedup_vs_flex']:.2f}x |"
+            )
     return "\n".join(out) + "\n"
 
 
