@@ -192,7 +192,7 @@ def test_tables_are_sound_and_full_tiles_exact(free: bool, transpose: bool) -> N
     saved = m.N_FREE
     m.N_FREE = (free,)
     try:
-        tiles, f_off, f_idx, p_off, p_idx = m.varlen_tables(cu_of(lengths), lengths, bm, bn, transpose=transpose)
+        tiles, f_off, f_idx, p_off, p_idx = m._varlen_tables(cu_of(lengths), lengths, bm, bn, transpose=transpose)
     finally:
         m.N_FREE = saved
     tiles = [tuple(t) for t in tiles.view(-1, 2).tolist()]
@@ -290,3 +290,17 @@ def test_bad_calls_raise_one_clear_error() -> None:
     win = P.compile("pattern p = window(N // 4 - 1)\n", **SMALL)
     with pytest.raises(ValueError, match=r"document 0 \(tokens 0:3\): window's size .* at N = 3"):
         win.attention(q, q, q, cu_seqlens=cu_of([3, 7]))
+
+
+def test_tables_are_shared_by_calls_with_the_same_documents() -> None:
+    """Layers of one step (same cu_seqlens) share a build; other documents get their own tables."""
+    m = module(PATTERNS["swa_sink"])
+    m._VARLEN.clear()
+    a = m.varlen_tables(cu_of([5, 30]), [5, 30], 16, 16)
+    assert m.varlen_tables(cu_of([5, 30]), [5, 30], 16, 16) is a
+    b = m.varlen_tables(cu_of([30, 5]), [30, 5], 16, 16)
+    assert b is not a and not torch.equal(a[0], b[0])
+    for _ in range(40):
+        m.varlen_tables(cu_of([7, 1]), [7, 1], 16, 16, transpose=True)
+        m.varlen_tables(cu_of(list(range(1, 30))), list(range(1, 30)), 16, 16)
+    assert len(m._VARLEN) <= 17
