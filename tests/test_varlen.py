@@ -37,6 +37,7 @@ PATTERNS = {
     "longformer": "window(3) | global(0:2)",
     "quarter": "window(N // 4) | global(-1:)",
     "bigbird": "blockwise(4, window(1) | global(0:1) | random(2, seed=3))",  # draws depend on each document's N
+    "dilated": "causal & window(4, dilation=3)",  # has a token layout (residue classes); varlen keeps token order
 }
 _modules: dict[str, Any] = {}
 
