@@ -121,6 +121,11 @@ def _powers(base: int, limit: int) -> list[int]:
     return out
 
 
+def _pow2(e: Expr) -> bool:
+    """A constant power of two: `x // 2**k` and `x % 2**k` of a non-negative x are a shift and a mask."""
+    return isinstance(e, E.Const) and not isinstance(e.value, bool) and int(e.value) > 0 and int(e.value) & (int(e.value) - 1) == 0
+
+
 def _known_nonneg(pred: Expr) -> frozenset[Expr]:
     """Differences known >= 0 wherever the predicate can be true: a top-level conjunct `j <= i` (causal)
     makes `i - j` non-negative in every other conjunct (where it is false, the whole AND is false)."""
@@ -174,6 +179,13 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
     def pos(a: Expr) -> bool:
         return a in known or nonneg(a)
 
+    def always(c: Expr) -> bool:
+        """`x >= c` with x provably >= 0 and c <= 0 (a window's lower side under causal): always true."""
+        match c:
+            case E.Cmp(">=", a, E.Const(v)) | E.Cmp("<=", E.Const(v), a) if not isinstance(v, bool):
+                return int(v) <= 0 and pos(a)
+        return False
+
     def go(e: Expr) -> str:
         return em.visit(e, render)
 
@@ -192,8 +204,12 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
                         return em.emit(f"{x} {op} {y}")
                     case "//":
                         plain = pos(a) and nonneg(b)
+                        if plain and _pow2(b):
+                            return em.emit(f"{x} >> {int(b.value).bit_length() - 1}")
                         return em.emit(f"{x} // {y}" if plain else f"_fdiv({x}, {y})")
                     case "%":
+                        if pos(a) and _pow2(b):
+                            return em.emit(f"{x} & {int(b.value) - 1}")  # a bit mask, no division
                         if pos(a) and nonneg(b):
                             return em.emit(f"{x} % {y}")
                         if isinstance(b, E.Const) and int(b.value) > 0:
@@ -214,7 +230,8 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
             case E.Cmp(op, a, b):
                 return em.emit(f"{go(a)} {_op(op)} {go(b)}")
             case E.And(args):
-                return em.emit(" & ".join(go(a) for a in args))
+                needed = [a for a in args if not always(a)] or [E.Const(True)]
+                return em.emit(" & ".join(go(a) for a in needed))
             case E.Or(args):
                 return em.emit(" | ".join(go(a) for a in args))
             case E.Not(a):

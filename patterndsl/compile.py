@@ -40,7 +40,7 @@ from .selectors import Split, split
 from .semantics import predicate
 from .source import PatternError
 
-__all__ = ["Compiled", "compile", "compile_source", "DEFAULT_CONFIGS"]
+__all__ = ["Compiled", "compile", "compile_source", "DEFAULT_CONFIGS", "TUNE_CONFIGS"]
 
 # (largest padded head_dim, (BLOCK_M, BLOCK_N, num_warps, num_stages)); tuned on the H100 (docs/perf-notes.md)
 DEFAULT_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
@@ -56,6 +56,14 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
     (64, (64, 32, 4, 3)),
     (128, (64, 32, 4, 3)),
     (256, (64, 32, 8, 2)),
+)
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA 0/1) a generated module times on its first call
+# per head_dim (autotuning of the fast kernel; patterns with a token layout keep DEFAULT_CONFIGS). For
+# D = 128 the four best of the v3 sweep over the five benchmark patterns (docs/perf-notes.md).
+TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int], ...]], ...] = (
+    (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0))),
+    (128, ((128, 128, 8, 3, 1), (128, 128, 8, 3, 0), (128, 128, 8, 2, 1), (128, 64, 8, 3, 1))),
+    (256, ((64, 64, 8, 2, 1), (128, 64, 8, 2, 1), (64, 64, 4, 2, 0))),
 )
 
 
@@ -217,7 +225,8 @@ def compile_source(
     max_n, idx64 = _index_width(preds)
     grid_pattern = layout is not False and any(isinstance(x, ir.Neighborhood) for p in pats for x in ir.walk(p))
     configs = GRID_CONFIGS if grid_pattern else DEFAULT_CONFIGS
-    if any(x is not None for x in (block_m, block_n, num_warps, num_stages)):
+    explicit = any(x is not None for x in (block_m, block_n, num_warps, num_stages))
+    if explicit:
         configs = tuple(
             (d, (int(block_m or c[0]), int(block_n or c[1]), int(num_warps or c[2]), int(num_stages or c[3])))
             for d, c in DEFAULT_CONFIGS
@@ -330,8 +339,13 @@ def compile_source(
         "layout_tables": layout_tables,
         "selectors": "(" + "".join(x + ", " for x in selectors) + ")",
     }
-    template = codegen_template("attention.py.tmpl") + codegen_template("backward.py.tmpl")
-    module = Template(template).substitute(fields)
+    fields["autotune"] = "False" if explicit else "True"
+    fields["tune_configs"] = repr(tuple((int(d), tuple(tuple(int(x) for x in c) for c in cs)) for d, cs in TUNE_CONFIGS))
+    fields["kernel_id"] = "''"
+    template = Template(codegen_template("attention.py.tmpl") + codegen_template("backward.py.tmpl"))
+    # the autotuning cache is keyed by the module's own text (kernels and pattern), not by its file name
+    fields["kernel_id"] = repr(hashlib.sha256(template.substitute(fields).encode("utf-8")).hexdigest()[:16])
+    module = template.substitute(fields)
     # the custom ops' namespace: the pattern's name and a hash of the whole module text (two modules that
     # differ in anything get different ops; the same text twice shares them)
     module = module.replace(_NS_MARK, hashlib.sha256(module.encode("utf-8")).hexdigest()[:16])

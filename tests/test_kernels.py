@@ -299,3 +299,115 @@ def test_model_module_needs_a_valid_layer_and_a_pattern_module_takes_none() -> N
         module.attention(*(torch.randn(1, 4, 16, 16) for _ in range(3)), layer=3)
     with pytest.raises(TypeError, match="layer= is for modules compiled from a model"):
         P.compile(STREAM, **SMALL).attention(q, q, q, layer=0)
+
+SWITCHES = [
+    dict(TMA_MODE=0, FOLD=False, CONTIG=False, SPLIT_TILES=0),
+    dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2),
+    dict(TMA_MODE=1, FOLD=True, CONTIG=True, SPLIT_TILES=3),
+    dict(TMA_MODE=2, FOLD=True, CONTIG=False, SPLIT_TILES=None),
+]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize(
+    "src, n", [("window(9) | global(0:3)", 96), ("causal & window(40, dilation=4)", 77), ("where(q >= 21) & causal", 64)]
+)
+def test_kernel_switches_match_reference(switches: dict[str, Any], src: str, n: int) -> None:
+    """Every kernel path (pointer or TMA loads, folded scale, contiguous runs, heavy blocks split into
+    slices merged by the combine kernel) computes the same attention; outputs poisoned first."""
+    module = P.compile(f"pattern p = {src}\n", **SMALL)
+    saved = {k: getattr(module, k) for k in switches}
+    try:
+        for key, value in switches.items():
+            setattr(module, key, value)
+        check(module, P.dense_mask(src, n), h=2, hkv=1, b=2)
+        check(module, P.dense_mask(src, n), h=1, scale=-0.3)  # a negative scale cannot be folded
+    finally:
+        for key, value in saved.items():
+            setattr(module, key, value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=12),
+    chunk=st.sampled_from([None, 0, 1, 2, 5]),
+    step=st.sampled_from([1, 2]),
+)
+def test_work_list_covers_every_tile_once(counts: list[tuple[int, int]], chunk: int | None, step: int) -> None:
+    """The work items (whole query blocks or slices) visit each listed tile exactly once, slices of one
+    block get consecutive workspace slots named by the split table, and heavier items come first."""
+    module = P.compile(STREAM, **SMALL)
+    nf = torch.tensor([c[0] for c in counts])
+    npart = torch.tensor([c[1] for c in counts])
+    f_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(nf, 0)])
+    p_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(npart, 0)])
+    f_idx = torch.cat([torch.arange(int(c)) * step + 3 * r for r, c in enumerate(nf)]).long()
+    p_idx = torch.arange(int(npart.sum())).long()
+    tables = tuple(t.to(torch.int32) for t in (f_off, f_idx, p_off, p_idx))
+    saved = module.block_tables
+    module.block_tables = lambda *a, **k: tables
+    module._WORK.clear()
+    try:
+        work, splits, slots, contig = module.work_list(1, 16, 16, torch.device("cpu"), 0, chunk)
+    finally:
+        module.block_tables = saved
+        module._WORK.clear()
+    w = work.long()
+    seen_f = torch.zeros(int(nf.sum()), dtype=torch.int64)
+    seen_p = torch.zeros(int(npart.sum()), dtype=torch.int64)
+    for r, flo, fhi, kb0, plo, phi, _slot in w.tolist():
+        assert f_off[r] <= flo <= fhi <= f_off[r + 1] and p_off[r] <= plo <= phi <= p_off[r + 1]
+        seen_f[flo:fhi] += 1
+        seen_p[plo:phi] += 1
+        if flo < fhi:
+            assert kb0 == f_idx[flo]
+    assert (seen_f == 1).all() and (seen_p == 1).all()
+    assert sorted(set(w[:, 0].tolist())) == list(range(len(counts)))  # empty blocks still write zeros
+    sizes = (w[:, 2] - w[:, 1] + w[:, 5] - w[:, 4]).tolist()
+    assert sizes == sorted(sizes, reverse=True)
+    assert sorted(x for x in w[:, 6].tolist() if x >= 0) == list(range(slots))
+    for r, lo, hi in splits.long().tolist():
+        assert sorted(w[w[:, 0] == r, 6].tolist()) == list(range(lo, hi))
+    assert contig == (step == 1 or int(nf.max()) <= 1)
+
+
+def test_autotune_times_candidates_once_and_a_new_process_starts_tuned(tmp_path: Path, monkeypatch: Any) -> None:
+    """The first call times every candidate and keeps the fastest; the choice is written to the on-disk
+    cache, so a fresh module (another process) launches it without timing anything; a damaged cache file
+    is ignored. The GPU is simulated: the launches and timings are recorded, not run."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    fake = SimpleNamespace(
+        device=SimpleNamespace(type="cuda", index=0), shape=(1, 2, 5000, 128), dtype=torch.bfloat16, element_size=lambda: 2
+    )
+
+    def fresh() -> tuple[Any, list[Any]]:
+        module = P.compile(STREAM)  # autotuned: no explicit tiles
+        module._INTERPRET = False
+        launched: list[Any] = []
+        module._launch = lambda q, k, v, out, lse, cfg, *rest: launched.append(cfg)
+        speed = {c: 1.0 + i for i, c in enumerate(module._candidates(128, 1))}
+        fastest = module._candidates(128, 1)[2]
+        speed[fastest] = 0.5
+        module._time_ms = lambda fn, reps: (fn(), speed[launched[-1]])[1]
+        return module, launched
+
+    module, launched = fresh()
+    assert module.AUTOTUNE and len(module._candidates(128, 1)) >= 2
+    cfg = module._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1)
+    assert cfg == module._candidates(128, 1)[2]
+    assert set(launched) == set(module._candidates(128, 1))
+    n_launched = len(launched)
+    assert module._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg  # in memory
+    assert len(launched) == n_launched  # ... so nothing was launched again
+    module2, launched2 = fresh()
+    module2._TUNED.clear()  # a new process: nothing in memory, the cache file on disk
+    assert module2._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg and launched2 == []
+    # TMA not allowed for these tensors: a different key, candidates without TMA
+    assert all(c[4] == 0 for c in module2._candidates(128, 0))
+    (tmp_path / "autotune.json").write_text("{not json")
+    module2._TUNED.clear()
+    assert module2._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg and launched2  # tuned again
+    assert P.compile(STREAM, block_m=16).AUTOTUNE is False  # explicit tiles are never tuned over
