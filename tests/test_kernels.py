@@ -388,17 +388,17 @@ def test_autotune_times_candidates_once_and_a_new_process_starts_tuned(tmp_path:
         module._INTERPRET = False
         launched: list[Any] = []
         module._launch = lambda q, k, v, out, lse, cfg, *rest: launched.append(cfg)
-        speed = {c: 1.0 + i for i, c in enumerate(module._candidates(128, 1))}
-        fastest = module._candidates(128, 1)[2]
+        speed = {c: 1.0 + i for i, c in enumerate(module._tune_candidates(128, 1))}
+        fastest = module._tune_candidates(128, 1)[2]
         speed[fastest] = 0.5
         module._time_ms = lambda fn, reps: (fn(), speed[launched[-1]])[1]
         return module, launched
 
     module, launched = fresh()
-    assert module.AUTOTUNE and len(module._candidates(128, 1)) >= 2
+    assert module.AUTOTUNE and len(module._tune_candidates(128, 1)) >= 2
     cfg = module._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1)
-    assert cfg == module._candidates(128, 1)[2]
-    assert set(launched) == set(module._candidates(128, 1))
+    assert cfg == module._tune_candidates(128, 1)[2]
+    assert set(launched) == set(module._tune_candidates(128, 1))
     n_launched = len(launched)
     assert module._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg  # in memory
     assert len(launched) == n_launched  # ... so nothing was launched again
@@ -406,7 +406,7 @@ def test_autotune_times_candidates_once_and_a_new_process_starts_tuned(tmp_path:
     module2._TUNED.clear()  # a new process: nothing in memory, the cache file on disk
     assert module2._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg and launched2 == []
     # TMA not allowed for these tensors: a different key, candidates without TMA
-    assert all(c[4] == 0 for c in module2._candidates(128, 0))
+    assert all(c[4] == 0 for c in module2._tune_candidates(128, 0))
     (tmp_path / "autotune.json").write_text("{not json")
     module2._TUNED.clear()
     assert module2._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg and launched2  # tuned again
