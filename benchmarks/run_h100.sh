@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One H100 call (the `device` tool) that validates a version: the gpu-marked tests, then the forward and
+# the forward+backward benchmarks (ours vs FlexAttention vs SDPA, side by side). Each stage has a time
+# box so a slow one cannot starve the next; results are written as they come, under $OUT.
+#   run: bash benchmarks/run_h100.sh   (carry .whl/ with the lark wheel: that machine has no network)
+set -uo pipefail
+OUT=${OUT:-/tmp/patterndsl-h100}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PATTERNDSL_CACHE_DIR=${PATTERNDSL_CACHE_DIR:-/tmp/patterndsl-cache}
+log="$OUT/run.log"
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$log" 2>&1
+
+stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of its output in run.log
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.out" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s" >> "$log"
+  tail -n "${TAIL:-40}" "$OUT/$name.out" >> "$log"
+  rm -f "$OUT/$name.out"
+}
+
+stage gpu_tests "${T_TESTS:-150}" python3 -m pytest -q -m gpu tests/ -n 8 -p no:cacheprovider -rfE
+stage bench_forward "${T_FWD:-110}" python3 benchmarks/bench_forward.py "$OUT"
+TAIL=25 stage bench_backward "${T_BWD:-140}" python3 benchmarks/bench_backward.py "$OUT"
+ls -la "$OUT" >> "$log"
