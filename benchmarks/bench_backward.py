@@ -15,16 +15,14 @@ BENCH_ONLY=causal,... picks patterns; BENCH_BWD_CONFIG=BM1,BN1,BM2,BN2,warps,sta
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
-import triton
 from bench_forward import DT, PATTERNS, B, D, H, N, allowed_pairs, med
+from runinfo import run_info
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import patterndsl as P
@@ -104,11 +102,7 @@ def main() -> None:
             flush=True,
         )
         result = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": torch.cuda.get_device_name(),
-            "host": platform.node(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
+            **run_info(),
             "shape": {"B": B, "H": H, "N": N, "D": D, "dtype": "bfloat16"},
             "fwd_bwd": rows,
         }

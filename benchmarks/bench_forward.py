@@ -8,15 +8,14 @@ FLOPs = 4 * allowed pairs * D * H * B (allowed pairs counted exactly from the pa
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 import triton
+from runinfo import run_info
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import patterndsl as P
@@ -150,11 +149,7 @@ def warm_all(names: list[str], workers: int) -> dict:
 def save(outdir: str, rows: list) -> dict:
     """Write the JSON so far (a run cut short keeps what it measured)."""
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": torch.cuda.get_device_name() if DEV == "cuda" else "cpu dry run",
-        "host": platform.node(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **run_info(),
         "shape": {"B": B, "H": H, "N": N, "D": D, "dtype": str(DT).replace("torch.", "")},
         "forward": rows,
     }

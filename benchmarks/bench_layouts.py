@@ -12,10 +12,8 @@ forward config's module, Flex with its block mask); BENCH_ONLY=name,... runs som
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import sys
 
 B, H, D = 1, 16, 128
@@ -78,6 +76,7 @@ def _mask_mod(spec):  # type: ignore[no-untyped-def]
 def main() -> None:
     import torch
     import triton
+    from runinfo import run_info
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     import patterndsl as P
@@ -164,11 +163,7 @@ def main() -> None:
             flush=True,
         )
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": torch.cuda.get_device_name(),
-        "host": platform.node(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **run_info(),
         "shape": {"B": B, "H": H, "N": N, "D": D, "dtype": "bfloat16"},
         "forward": rows,
     }

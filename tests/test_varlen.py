@@ -39,15 +39,18 @@ PATTERNS = {
     "bigbird": "blockwise(4, window(1) | global(0:1) | random(2, seed=3))",  # draws depend on each document's N
     "dilated": "causal & window(4, dilation=3)",  # has a token layout (residue classes); varlen keeps token order
 }
-_modules: dict[str, Any] = {}
+_modules: dict[tuple[str, str], Any] = {}
 
 
-def module(src: str) -> Any:
-    if src not in _modules:
-        m = P.compile(f"pattern p = {src}\n", **SMALL)
+def module(src: str, **config: Any) -> Any:
+    """The compiled module of `src` (cached per source and tiles), its outputs poisoned with NaN."""
+    config = config or SMALL
+    key = (src, repr(sorted(config.items())))
+    if key not in _modules:
+        m = P.compile(f"pattern p = {src}\n", **config)
         m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-        _modules[src] = m
-    return _modules[src]
+        _modules[key] = m
+    return _modules[key]
 
 
 def doc_mask(body: ir.Body, lengths: list[int]) -> np.ndarray:

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from test_backward import reference_grads  # noqa: E402
 from test_varlen import PATTERNS, cu_of, doc_mask, splits  # noqa: E402
+from test_varlen import module as varlen_module  # noqa: E402
 
 import patterndsl as P  # noqa: E402
 
@@ -22,15 +23,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 SMALL = dict(block_m=16, block_n=16, bwd_config=(16, 16, 16, 16, 4, 1))
-_modules: dict[str, Any] = {}
 
 
 def module(src: str) -> Any:
-    if src not in _modules:
-        m = P.compile(f"pattern p = {src}\n", **SMALL)
-        m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-        _modules[src] = m
-    return _modules[src]
+    return varlen_module(src, **SMALL)
 
 
 def check_grads(m: Any, src: str, lengths: list[int], h: int = 2, hkv: int | None = None, d: int = 16,
