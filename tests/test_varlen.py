@@ -166,12 +166,12 @@ def test_gqa_heads_patterns_layouts_and_four_d_input() -> None:
     text = "pattern m = heads {\n  0:1 => causal & window(3)\n  1:3 => sink(2) | window(0)\n}\n"
     body = P.loads(text).patterns[0].body
     m = P.compile(text, **SMALL)
-    m._empty = _modules[src]._empty
+    m._empty = module(src)._empty
     check(m, body, [9, 1, 30], h=3)
     grid = "layout g = grid(3, 5)\npattern p = neighborhood(g, kernel=3) | where(g, abs(qc1 - kc1) == 4)\n"
     body = P.loads(grid).patterns[0].body
     gm = P.compile(grid, **SMALL)
-    gm._empty = _modules[src]._empty
+    gm._empty = module(src)._empty
     check(gm, body, [15, 15, 15])
 
 
