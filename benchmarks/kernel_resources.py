@@ -5,6 +5,9 @@ assembled by `ptxas -v` from Triton's bundled toolkit. Spills (local-memory traf
 made the first backward tiles slow (docs/perf-notes.md, backward v1); shared memory must stay under the
 H100's 227 KiB per block or the launch fails.
 
+`--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), not
+`_attn_fwd_fast` (whose TMA descriptor arguments this tool does not describe); switches it does not set are off.
+
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
         --fwd 128,64,8,3 --bwd 32,64,64,32,8,3 --bwd 64,128,128,64,8,3
 """
@@ -25,9 +28,21 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import patterndsl as P  # noqa: E402
 
-INT32_TABLES = {"HEAD_IDS", "FULL_OFF", "FULL_IDX", "PART_OFF", "PART_IDX", "CU", "TILES", "KV_IDS", "QH_OFF", "QH_IDX"}
+INT32_TABLES = {
+    "HEAD_IDS",
+    "FULL_OFF",
+    "FULL_IDX",
+    "PART_OFF",
+    "PART_IDX",
+    "CU",
+    "TILES",
+    "KV_IDS",
+    "QH_OFF",
+    "QH_IDX",
+    "QH_RANK",
+}
 FP32_BUFFERS = {"LSE", "LSE2", "DELTA", "DLSE"}
-INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N"}
+INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
@@ -42,7 +57,8 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int) -> 
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "*i32" if p.name in INT32_TABLES else "*fp32" if p.name in FP32_BUFFERS else f"*{dtype}"
-    consts = {p.name: constexprs[p.name] for p in kernel.params if p.is_constexpr}
+    # feature switches this tool does not set (token layout, selectors, ...) are off: the plain path
+    consts = {p.name: constexprs.get(p.name, False) for p in kernel.params if p.is_constexpr}
     built = triton.compile(ASTSource(kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 128),
                            options={"num_warps": warps, "num_stages": stages})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +87,9 @@ def main() -> None:
                   IDX64=m.IDX64, INTERPRET=False, VARLEN=False, ACCUM=False)  # fmt: skip
     for cfg in a.fwd:
         bm, bn, w, s = (int(x) for x in cfg.split(","))
-        print(f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s)}", flush=True)
+        print(
+            f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s)}", flush=True
+        )
     for cfg in a.bwd or [",".join(map(str, m._bwd_config(d_pad)))]:
         bm1, bn1, bm2, bn2, w, s = (int(x) for x in cfg.split(","))
         dq = resources(m._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w, s)
