@@ -1,0 +1,165 @@
+"""docs/benchmarks.md and docs/img/benchmarks.png from the committed H100 results (docs/benchmarks/*_h100.json).
+
+One command regenerates the page after any benchmark run: `python benchmarks/report.py`. Every figure on the
+page is read from a JSON file written by the run that measured it (ours, FlexAttention and SDPA side by side);
+nothing is typed in by hand. Needs no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}_h100.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def _stamp(d: dict[str, Any]) -> str:
+    meta = d.get("meta", d)
+    return f"{meta.get('machine') or meta.get('gpu')}, {meta.get('date', '?')}, torch {meta.get('torch')}, triton {meta.get('triton')}"
+
+
+def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
+    """Markdown lines and (group, label, ours-vs-Flex speed) bars for the plot."""
+    out: list[str] = []
+    bars: list[tuple[str, str, float]] = []
+    if fwd := _load(results, "forward"):
+        s = fwd["shape"]
+        out += [
+            "## Forward, 1-D patterns",
+            "",
+            f"{_stamp(fwd)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}.",
+            "",
+        ]
+        rows = []
+        for r in fwd["forward"]:
+            ratio = r["flex_ms"] / r["ours_ms"]
+            bars.append(("forward", r["pattern"], ratio))
+            rows.append([r["pattern"], f"{r['density']:.4f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.1f}",
+                         f"{r['flex_ms']:.3f}", f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
+        out += _table(
+            ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"], rows
+        )
+        out.append("")
+    if fb := _load(results, "fwd_bwd"):
+        s = fb["shape"]
+        out += [
+            "## Forward + backward, 1-D patterns",
+            "",
+            f"{_stamp(fb)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}.",
+            "",
+        ]
+        rows = []
+        for r in fb["fwd_bwd"]:
+            ratio = r["flex_fwd_bwd_ms"] / r["ours_fwd_bwd_ms"]
+            bars.append(("fwd+bwd", r["pattern"], ratio))
+            rows.append([r["pattern"], f"{r['ours_fwd_bwd_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_fwd_bwd_ms']:.3f}",
+                         f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
+        out += _table(["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"], rows)
+        out.append("")
+    if lay := _load(results, "layouts"):
+        s = lay["shape"]
+        out += [
+            "## Forward, patterns with a token layout",
+            "",
+            f"{_stamp(lay)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}.",
+            "",
+        ]
+        rows = []
+        for r in lay["forward"]:
+            o = r["ours"]
+            bars.append(("layouts", r["pattern"], r["speedup_vs_flex"]))
+            rows.append([r["pattern"], o["layout"], f"{o['ms']:.3f}", f"{o['tflops']:.1f}", f"{o['tile_efficiency']:.1%}",
+                         f"{r['flex_ms']:.3f}", f"{r['flex_tflops']:.1f}", f"{r['flex_tile_efficiency']:.1%}", f"{r['speedup_vs_flex']:.2f}x"])  # fmt: skip
+        out += _table(["pattern", "layout", "ours ms", "ours TFLOP/s", "ours tile eff.", "Flex ms", "Flex TFLOP/s", "Flex tile eff.", "ours / Flex"], rows)  # fmt: skip
+        out.append("")
+    if sel := _load(results, "selectors"):
+        out += [
+            "## Dynamic selectors, end to end",
+            "",
+            f"{_stamp(sel)}; `{sel['meta']['pattern']}`, B=1 H=16 D=128 bf16.",
+            "",
+        ]
+        rows = []
+        for r in sel["rows"]:
+            bars.append(("selectors", f"NSA-like N={r['N']}", r["flex_over_ours"]))
+            rows.append([str(r["N"]), f"{r['ours_ms']:.2f}", f"{r['selection_share']:.0%}", f"{r['sdpa_causal_ms']:.2f}",
+                         f"{r['speedup_vs_sdpa']:.2f}x", f"{r['flex_ms']:.2f}", f"{r['flex_over_ours']:.2f}x"])  # fmt: skip
+        out += _table(["N", "ours ms", "selection + tables share", "SDPA causal ms", "ours vs SDPA", "Flex (mask build incl.) ms", "ours / Flex"], rows)  # fmt: skip
+        out.append("")
+    if var := _load(results, "varlen"):
+        s, res = var["shape"], var["results"]
+        out += ["## Packed documents", "", f"{_stamp(var)}; {s['docs']} documents, {s['total']} tokens, causal window {s['window']}, H={s['H']} D={s['D']} {s['dtype']}; tables / masks built inside every timed call.", ""]  # fmt: skip
+        rows = []
+        for who, label in (
+            ("ours", "patterndsl"),
+            ("varlen_attn", "torch varlen_attn"),
+            ("flex", "Flex + create_block_mask"),
+        ):
+            if who in res:
+                fwd_ms = res[who].get("fwd", {}).get("ms")
+                both = res[who].get("fwd+bwd", {}).get("ms")
+                rows.append([label, f"{fwd_ms:.1f}" if fwd_ms else "-", f"{both:.1f}" if both else "not measured"])
+        if "flex" in res and "ours" in res:
+            bars.append(("varlen", "packed docs fwd", res["flex"]["fwd"]["ms"] / res["ours"]["fwd"]["ms"]))
+        out += _table(["", "fwd ms", "fwd+bwd ms"], rows)
+        out.append("")
+    return out, bars
+
+
+def plot(bars: list[tuple[str, str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(bars) + 1.2))
+    labels = [f"{g}: {name}" for g, name, _ in bars]
+    values = [v for _, _, v in bars]
+    ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(bars)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speed vs FlexAttention (time Flex / time ours), H100, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    results = Path(argv[0]) if argv else ROOT / "docs/benchmarks"
+    page = Path(argv[1]) if len(argv) > 1 else ROOT / "docs/benchmarks.md"
+    picture = page.parent / "img" / "benchmarks.png"
+    lines, bars = sections(results)
+    head = [
+        "# Benchmarks (H100)",
+        "",
+        "Generated by `python benchmarks/report.py` from the JSON files in docs/benchmarks/ (do not edit by hand).",
+        "Each section is one run of its benchmark script with ours, FlexAttention and SDPA side by side;",
+        "docs/perf-notes.md tells what each run changed, what was predicted and what came out.",
+        "",
+        f"![speed vs FlexAttention](img/{picture.name})",
+        "",
+    ]
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    plot(bars, picture)
+    page.write_text("\n".join(head + lines).rstrip("\n") + "\n", encoding="utf-8")
+    print(f"wrote {page} and {picture} ({len(bars)} measurements)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

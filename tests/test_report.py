@@ -1,0 +1,36 @@
+"""docs/benchmarks.md is generated from the committed JSON results, and stays in step with them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generate(tmp_path: Path) -> str:
+    results = tmp_path / "benchmarks"
+    shutil.copytree(ROOT / "docs/benchmarks", results)
+    page = tmp_path / "benchmarks.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/report.py"), str(results), str(page)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "img/benchmarks.png").stat().st_size > 10_000
+    return page.read_text(encoding="utf-8")
+
+
+def test_every_forward_ratio_on_the_page_is_computed_from_its_json(tmp_path: Path) -> None:
+    text = _generate(tmp_path)
+    fwd = json.loads((ROOT / "docs/benchmarks/forward_h100.json").read_text(encoding="utf-8"))
+    for r in fwd["forward"]:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {r['pattern']} | {r['density']:.4f}"))
+        assert row.endswith(f"| {r['flex_ms'] / r['ours_ms']:.2f}x |"), row
+
+
+def test_committed_page_is_regenerated_from_the_committed_results(tmp_path: Path) -> None:
+    assert _generate(tmp_path) == (ROOT / "docs/benchmarks.md").read_text(encoding="utf-8"), (
+        "docs/benchmarks.md is stale: run `python benchmarks/report.py`"
+    )
