@@ -31,77 +31,59 @@ def _stamp(d: dict[str, Any]) -> str:
     return f"{meta.get('machine') or meta.get('gpu')}, {meta.get('date', '?')}, torch {meta.get('torch')}, triton {meta.get('triton')}"
 
 
+def _section(title: str, context: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"## {title}", "", context, "", *_table(header, rows), ""]
+
+
+def _shaped(d: dict[str, Any]) -> str:
+    s = d["shape"]
+    return f"{_stamp(d)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}."
+
+
 def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     """Markdown lines and (group, label, ours-vs-Flex speed) bars for the plot."""
     out: list[str] = []
     bars: list[tuple[str, str, float]] = []
     if fwd := _load(results, "forward"):
-        s = fwd["shape"]
-        out += [
-            "## Forward, 1-D patterns",
-            "",
-            f"{_stamp(fwd)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}.",
-            "",
-        ]
         rows = []
         for r in fwd["forward"]:
             ratio = r["flex_ms"] / r["ours_ms"]
             bars.append(("forward", r["pattern"], ratio))
             rows.append([r["pattern"], f"{r['density']:.4f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.1f}",
                          f"{r['flex_ms']:.3f}", f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
-        out += _table(
-            ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"], rows
-        )
-        out.append("")
+        header = ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"]
+        out += _section("Forward, 1-D patterns", _shaped(fwd), header, rows)
     if fb := _load(results, "fwd_bwd"):
-        s = fb["shape"]
-        out += [
-            "## Forward + backward, 1-D patterns",
-            "",
-            f"{_stamp(fb)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}.",
-            "",
-        ]
         rows = []
         for r in fb["fwd_bwd"]:
             ratio = r["flex_fwd_bwd_ms"] / r["ours_fwd_bwd_ms"]
             bars.append(("fwd+bwd", r["pattern"], ratio))
             rows.append([r["pattern"], f"{r['ours_fwd_bwd_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_fwd_bwd_ms']:.3f}",
                          f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
-        out += _table(["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"], rows)
-        out.append("")
+        header = ["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"]
+        out += _section("Forward + backward, 1-D patterns", _shaped(fb), header, rows)
     if lay := _load(results, "layouts"):
-        s = lay["shape"]
-        out += [
-            "## Forward, patterns with a token layout",
-            "",
-            f"{_stamp(lay)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}.",
-            "",
-        ]
         rows = []
         for r in lay["forward"]:
             o = r["ours"]
             bars.append(("layouts", r["pattern"], r["speedup_vs_flex"]))
             rows.append([r["pattern"], o["layout"], f"{o['ms']:.3f}", f"{o['tflops']:.1f}", f"{o['tile_efficiency']:.1%}",
                          f"{r['flex_ms']:.3f}", f"{r['flex_tflops']:.1f}", f"{r['flex_tile_efficiency']:.1%}", f"{r['speedup_vs_flex']:.2f}x"])  # fmt: skip
-        out += _table(["pattern", "layout", "ours ms", "ours TFLOP/s", "ours tile eff.", "Flex ms", "Flex TFLOP/s", "Flex tile eff.", "ours / Flex"], rows)  # fmt: skip
-        out.append("")
+        header = ["pattern", "layout", "ours ms", "ours TFLOP/s", "ours tile eff.", "Flex ms", "Flex TFLOP/s",
+                  "Flex tile eff.", "ours / Flex"]  # fmt: skip
+        out += _section("Forward, patterns with a token layout", _shaped(lay), header, rows)
     if sel := _load(results, "selectors"):
-        out += [
-            "## Dynamic selectors, end to end",
-            "",
-            f"{_stamp(sel)}; `{sel['meta']['pattern']}`, B=1 H=16 D=128 bf16.",
-            "",
-        ]
         rows = []
         for r in sel["rows"]:
             bars.append(("selectors", f"NSA-like N={r['N']}", r["flex_over_ours"]))
             rows.append([str(r["N"]), f"{r['ours_ms']:.2f}", f"{r['selection_share']:.0%}", f"{r['sdpa_causal_ms']:.2f}",
                          f"{r['speedup_vs_sdpa']:.2f}x", f"{r['flex_ms']:.2f}", f"{r['flex_over_ours']:.2f}x"])  # fmt: skip
-        out += _table(["N", "ours ms", "selection + tables share", "SDPA causal ms", "ours vs SDPA", "Flex (mask build incl.) ms", "ours / Flex"], rows)  # fmt: skip
-        out.append("")
+        header = ["N", "ours ms", "selection + tables share", "SDPA causal ms", "ours vs SDPA",
+                  "Flex (mask build incl.) ms", "ours / Flex"]  # fmt: skip
+        context = f"{_stamp(sel)}; `{sel['meta']['pattern']}`, B=1 H=16 D=128 bf16."
+        out += _section("Dynamic selectors, end to end", context, header, rows)
     if var := _load(results, "varlen"):
         s, res = var["shape"], var["results"]
-        out += ["## Packed documents", "", f"{_stamp(var)}; {s['docs']} documents, {s['total']} tokens, causal window {s['window']}, H={s['H']} D={s['D']} {s['dtype']}; tables / masks built inside every timed call.", ""]  # fmt: skip
         rows = []
         for who, label in (
             ("ours", "patterndsl"),
@@ -114,8 +96,9 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
                 rows.append([label, f"{fwd_ms:.1f}" if fwd_ms else "-", f"{both:.1f}" if both else "not measured"])
         if "flex" in res and "ours" in res:
             bars.append(("varlen", "packed docs fwd", res["flex"]["fwd"]["ms"] / res["ours"]["fwd"]["ms"]))
-        out += _table(["", "fwd ms", "fwd+bwd ms"], rows)
-        out.append("")
+        context = (f"{_stamp(var)}; {s['docs']} documents, {s['total']} tokens, causal window {s['window']}, "
+                   f"H={s['H']} D={s['D']} {s['dtype']}; tables / masks built inside every timed call.")  # fmt: skip
+        out += _section("Packed documents", context, ["", "fwd ms", "fwd+bwd ms"], rows)
     return out, bars
 
 
