@@ -315,7 +315,6 @@ def compile_source(
         "name_repr": repr(name),
         "sha256_repr": repr(sha),
         "source_repr": repr(text),
-        "heads": "None" if head_pattern is None else safe_int(len(head_pattern)),
         "head_pattern": "None" if head_pattern is None else "(" + ", ".join(map(safe_int, head_pattern)) + ",)",
         "pattern_count": safe_int(len(pats)),
         "max_n": safe_int(max_n),
