@@ -8,6 +8,7 @@ argument checks are rendered here (`codegen.py`) from `semantics.predicate` and 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import types
 from collections.abc import Iterator, Mapping
@@ -479,9 +480,11 @@ def compile(  # noqa: A001 (the verb users look for)
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{modname}.py"
     if not file.exists() or file.read_text(encoding="utf-8") != compiled.text:
-        tmp = file.with_suffix(f".{id(compiled)}.tmp")
-        tmp.write_text(compiled.text, encoding="utf-8")
-        tmp.replace(file)
+        # a name no other process can pick (parallel test workers compile the same pattern at once)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{modname}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(compiled.text)
+        os.replace(tmp, file)
     spec = importlib.util.spec_from_file_location(modname, file)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
