@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/patterndsl-h100}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PATTERNDSL_CACHE_DIR=${PATTERNDSL_CACHE_DIR:-/tmp/patterndsl-cache}
+export PYTHONPATH=/tmp/site:$PWD PATTERNDSL_CACHE_DIR=${PATTERNDSL_CACHE_DIR:-/tmp/patterndsl-cache} PATTERNDSL_FAILURE_LOG=$OUT/failures.txt
 log="$OUT/run.log"
 {
   date -u +%FT%TZ

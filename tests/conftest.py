@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -22,3 +23,38 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run in the CPU interpreter. It is set once, here, for the whole process:
+# set by one test module on a GPU machine it leaked into every module collected after it (2026-11-25: the
+# gpu tests ran their kernels interpreted, bf16 dots wrong, errors of 1e9).
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _default_tiles_on_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU tests launch the default tiles unless marked `autotune`: tuning compiles and times every candidate
+    in every test (minutes per file on the H100) and picks by timing, so a failure would depend on noise.
+    test_gpu_kernels.py runs each candidate on its own against the reference instead."""
+    if request.node.get_closest_marker("gpu") and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("gpu tests run compiled kernels; TRITON_INTERPRET=1 is set")
+    if request.node.get_closest_marker("gpu") and not request.node.get_closest_marker("autotune"):
+        monkeypatch.setenv("PATTERNDSL_AUTOTUNE", "0")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """PATTERNDSL_FAILURE_LOG=path appends each failure as it happens: a time-boxed GPU call that is killed
+    before pytest's summary still brings back why its tests failed."""
+    path = os.environ.get("PATTERNDSL_FAILURE_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # once, from the controller
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext[-4000:]}\n")

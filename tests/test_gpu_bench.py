@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.mark.autotune
 def test_bench_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "b.pat"
     f.write_text("pattern swa = causal & window(255)\n")
