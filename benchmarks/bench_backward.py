@@ -10,7 +10,7 @@ five matrix products per tile against the forward's two: 2.5 x the forward's FLO
 Phase 1 compiles everything (ours and Flex); if BENCH_WAIT_PID is set it then waits for that process
 (e.g. the GPU tests, run alongside to overlap compilation) before any timing. Writes JSON to argv[1]
 (default docs/benchmarks/) after every pattern, so a cut-off run still leaves its rows.
-BENCH_ONLY=causal,... picks patterns; BENCH_BWD_CONFIG=BM1,BN1,BM2,BN2,warps,stages overrides the backward tiles.
+BENCH_ONLY=causal,... picks patterns; BENCH_BWD_CONFIG=BM1,BN1,BM2,BN2,warps,stages (or ...,warps1,stages1,warps2,stages2) overrides the backward tiles.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def main() -> None:
             "flex_tflops": flops / t_flex / 1e9,
             "speedup_vs_flex": t_flex / t_ours,
             "bwd_config": list(mod._bwd_config(D)),
+            "bwd_tma": bool(mod.BWD_TMA),
+            "date": run_info()["date"],
             **errs,
         }
         rows.append(row)
@@ -108,6 +110,40 @@ def main() -> None:
         }
         with open(os.path.join(outdir, "fwd_bwd_h100.json"), "w") as f:
             json.dump(result, f, indent=1)
+        write_markdown(result, os.path.join(outdir, "fwd_bwd_h100.md"))
+
+
+def write_markdown(res: dict, path: str) -> None:
+    """The committed table (docs/benchmarks/fwd_bwd_h100.md) from the JSON; rows may come from different runs
+    (each row's `date`, when present, says which)."""
+    sh = res["shape"]
+    lines = [
+        f"# Forward + backward benchmark ({res['machine']}, {res['date']}, torch {res['torch']}, triton {res['triton']})",
+        "",
+        f"B={sh['B']}, H={sh['H']}, N={sh['N']}, D={sh['D']}, {sh['dtype']}. One step = forward + `torch.autograd.grad` "
+        "of q, k, v. Median of `triton.testing.do_bench`; ours, Flex and SDPA of a row measured side by side in one run. "
+        "TFLOP/s = 3.5 * 4 * allowed pairs * D * H * B / time. Backward tiles: (BM1, BN1, BM2, BN2, warps, stages), "
+        "or with separate dK/dV and dQ warps/stages (..., warps1, stages1, warps2, stages2); TMA: Q/dO and K/V tiles "
+        "through tensor descriptors. Gradient rel. error vs Flex: max over dq, dk, dv.",
+    ]
+    if res.get("note"):
+        lines += ["", res["note"] + "."]
+    lines += [
+        "",
+        "| pattern | density | ours fwd+bwd ms | ours fwd ms | ours bwd ms | ours TFLOP/s | Flex fwd+bwd ms | Flex TFLOP/s "
+        "| dense SDPA fwd+bwd ms | ours / Flex speed | grad rel. err vs Flex | backward tiles | TMA | measured |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res["fwd_bwd"]:
+        err = max(r[f"rel_err_{g}_vs_flex"] for g in ("dq", "dk", "dv"))
+        lines.append(
+            f"| {r['pattern']} | {r['density']:.4f} | {r['ours_fwd_bwd_ms']:.3f} | {r['ours_fwd_ms']:.3f} "
+            f"| {r['ours_bwd_ms']:.3f} | {r['ours_tflops']:.1f} | {r['flex_fwd_bwd_ms']:.3f} | {r['flex_tflops']:.1f} "
+            f"| {r['sdpa_dense_fwd_bwd_ms']:.3f} | {r['speedup_vs_flex']:.2f}x | {err:.1e} "
+            f"| {tuple(r['bwd_config'])} | {'yes' if r.get('bwd_tma') else 'no'} | {r.get('date', res['date'])} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

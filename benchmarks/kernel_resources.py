@@ -69,8 +69,9 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int) -> 
                              capture_output=True, text=True, check=True).stderr  # fmt: skip
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    mma = "wgmma" if "wgmma" in built.asm["ptx"] else "mma.sync"  # Hopper's warpgroup MMA, or the Ampere one
     return (f"{built.metadata.shared / 1024:6.1f} KiB smem, {regs.group(1) if regs else '?'} regs, "
-            f"spill st/ld {spill.group(1) if spill else '?'}/{spill.group(2) if spill else '?'} B")  # fmt: skip
+            f"spill st/ld {spill.group(1) if spill else '?'}/{spill.group(2) if spill else '?'} B, {mma}")  # fmt: skip
 
 
 def main() -> None:
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--fwd", action="append", default=[], help="BM,BN,warps,stages")
-    ap.add_argument("--bwd", action="append", default=[], help="BM1,BN1,BM2,BN2,warps,stages")
+    ap.add_argument("--bwd", action="append", default=[], help="BM1,BN1,BM2,BN2,warps,stages (both kernels) or BM1,BN1,BM2,BN2,warps1,stages1,warps2,stages2")
     a = ap.parse_args()
     m = P.compile(f"pattern p = {a.src}\n")
     d_pad = max(16, triton.next_power_of_2(a.d))
@@ -91,9 +92,10 @@ def main() -> None:
             f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s)}", flush=True
         )
     for cfg in a.bwd or [",".join(map(str, m._bwd_config(d_pad)))]:
-        bm1, bn1, bm2, bn2, w, s = (int(x) for x in cfg.split(","))
-        dq = resources(m._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w, s)
-        dkdv = resources(m._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w, s)
+        c = [int(x) for x in cfg.split(",")]
+        bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])
+        dq = resources(m._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w2, s2)
+        dkdv = resources(m._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w1, s1)
         print(f"bwd  {cfg:20s} dK/dV: {dkdv} | dQ: {dq}", flush=True)
 
 

@@ -59,8 +59,9 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
             ratio = r["flex_fwd_bwd_ms"] / r["ours_fwd_bwd_ms"]
             bars.append(("fwd+bwd", r["pattern"], ratio))
             rows.append([r["pattern"], f"{r['ours_fwd_bwd_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_fwd_bwd_ms']:.3f}",
-                         f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
-        header = ["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"]
+                         f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x",
+                         r.get("date", fb["date"])[:16].replace("T", " ")])  # fmt: skip
+        header = ["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex", "measured (UTC)"]
         out += _section("Forward + backward, 1-D patterns", _shaped(fb), header, rows)
     if lay := _load(results, "layouts"):
         rows = []

@@ -68,14 +68,15 @@ TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int], ...]], ...]
 )
 
 
-# Backward tiles: (largest padded head_dim, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages));
-# dK/dV run BLOCK_N1 keys against BLOCK_M1 queries, dQ BLOCK_M2 queries against BLOCK_N2 keys. Chosen by
-# register spills of the sm_90 build (ptxas -v, docs/perf-notes.md "backward v1"): dK/dV keeps K, V, dK, dV
-# of BLOCK_N1 rows in registers, so 128-key tiles spill kilobytes per thread at head_dim 128.
-DEFAULT_BWD_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int]], ...] = (
-    (64, (32, 64, 64, 32, 4, 3)),
-    (128, (32, 64, 64, 32, 8, 3)),
-    (256, (32, 32, 32, 32, 8, 2)),
+# Backward tiles: (largest padded head_dim, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2,
+# stages2)); dK/dV run BLOCK_N1 keys against BLOCK_M1 queries with warps1/stages1, dQ BLOCK_M2 queries against
+# BLOCK_N2 keys with warps2/stages2. Chosen by register spills of the sm_90 build (ptxas -v, docs/perf-notes.md
+# "backward v1"): dK/dV keeps K, V, dK, dV of BLOCK_N1 rows in registers, so 128-key tiles spill kilobytes per
+# thread at head_dim 128.
+DEFAULT_BWD_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int, int, int]], ...] = (
+    (64, (32, 64, 64, 32, 4, 3, 4, 3)),
+    (128, (32, 64, 128, 64, 4, 3, 8, 2)),
+    (256, (32, 32, 32, 32, 8, 2, 8, 2)),
 )
 _NS_MARK = "\x00ns\x00"  # cannot occur in rendered text otherwise: doc_text and repr escape NUL
 
@@ -168,7 +169,7 @@ def compile_source(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    bwd_config: tuple[int, int, int, int, int, int] | None = None,
+    bwd_config: tuple[int, ...] | None = None,
     layout: bool | Layout = True,
 ) -> Compiled:
     """Render the kernel module for one pattern of a `.pat` file (a Path, a str ending in .pat or naming a
@@ -280,10 +281,17 @@ def compile_source(
     bwd_configs = DEFAULT_BWD_CONFIGS
     if bwd_config is not None:
         cfg = tuple(bwd_config)
-        if len(cfg) != 6 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg):
-            raise ValueError(f"bwd_config must be six positive integers (BM1, BN1, BM2, BN2, warps, stages), got {cfg}")
+        if len(cfg) not in (6, 8) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg):
+            raise ValueError(
+                "bwd_config must be six positive integers (BM1, BN1, BM2, BN2, warps, stages) or eight (BM1, BN1, "
+                f"BM2, BN2, warps1, stages1, warps2, stages2: dK/dV's then dQ's), got {cfg}"
+            )
         if any(x < 16 or x & (x - 1) for x in cfg[:4]):
             raise ValueError(f"backward block sizes must be powers of two >= 16, got {cfg[:4]}")
+        if any(x & (x - 1) for x in cfg[4::2]):
+            raise ValueError(f"backward warp counts must be powers of two, got {cfg[4::2]}")
+        if len(cfg) == 6:  # one warps/stages for both kernels
+            cfg = (*cfg, cfg[4], cfg[5])
         bwd_configs = tuple((d, cfg) for d, _ in DEFAULT_BWD_CONFIGS)
 
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -103,6 +103,19 @@ def test_dtypes_and_ragged_n(dtype: str) -> None:
     check_grads(module, P.dense_mask(STREAM_SRC, 45), dtype=getattr(torch, dtype), d=32)
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_tma_and_pointer_loads_give_the_reference_gradients(tma: bool) -> None:
+    # descriptors zero-fill rows past N = 45 and columns past D = 24 (padded to 32); eight-number bwd_config:
+    # separate warps/stages for dK/dV and dQ
+    module = P.compile(STREAM, block_m=16, block_n=16, bwd_config=(16, 32, 32, 16, 4, 1, 2, 2))
+    module.BWD_TMA = tma
+    made: list[Any] = []
+    real = module._bwd_descriptor
+    module._bwd_descriptor = lambda *args: made.append(real(*args)) or made[-1]
+    check_grads(module, P.dense_mask(STREAM_SRC, 45), b=2, h=4, hkv=2, d=24)
+    assert made and all((x is not None) == tma for x in made)
+
+
 @pytest.mark.parametrize("h, hkv", [(4, 2), (4, 1)])
 def test_gqa_and_mqa_gradients_sum_over_the_group(h: int, hkv: int) -> None:
     check_grads(P.compile(STREAM, **SMALL), P.dense_mask(STREAM_SRC, 40), b=2, h=h, hkv=hkv)
@@ -194,6 +207,9 @@ def test_op_namespace_is_per_module_and_bad_bwd_config_is_refused() -> None:
         P.compile(STREAM, bwd_config=(24, 16, 16, 16, 4, 1))
     with pytest.raises(ValueError, match="six positive integers"):
         P.compile(STREAM, bwd_config=(16, 16, 16, 16))
+    with pytest.raises(ValueError, match="warp counts must be powers of two"):
+        P.compile(STREAM, bwd_config=(16, 16, 16, 16, 4, 1, 3, 1))
+    assert P.compile(STREAM, bwd_config=(16, 32, 32, 16, 4, 1))._bwd_config(16) == (16, 32, 32, 16, 4, 1, 4, 1)
 
 
 def test_model_module_gradients_per_layer() -> None:

@@ -1,0 +1,136 @@
+# ruff: noqa: B023  (the timing lambdas run inside their loop iteration)
+"""Backward tiles on the GPU, one run: each candidate (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2) with
+and without TMA descriptors, forward + backward step timed, and each backward kernel's own time from the
+profiler, so dK/dV's and dQ's tiles can be chosen separately. Gradients are checked against the first
+candidate's (the shipped default before this sweep).
+
+    python benchmarks/sweep_backward.py OUTDIR      (SWEEP_N=512 on CPU with TRITON_INTERPRET=1: a dry run)
+
+Candidates are compiled first in parallel worker processes (Triton's on-disk cache), then timed one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+from runinfo import run_info
+
+import patterndsl as P
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+B, D = 1, 128
+H = int(os.environ.get("SWEEP_H", 16))
+N = int(os.environ.get("SWEEP_N", 16384))
+DT = torch.bfloat16 if DEV == "cuda" else torch.float32
+PATTERNS = [("causal", "causal"), ("sliding_window_1024", "causal & window(1023)")]
+# (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA
+CANDIDATES = [
+    ((32, 64, 64, 32, 8, 3, 8, 3), False),  # the default before this sweep
+    ((32, 64, 64, 32, 8, 3, 8, 3), True),
+    ((64, 64, 64, 64, 8, 3, 8, 3), True),
+    ((64, 64, 128, 64, 8, 2, 8, 2), True),
+    ((32, 128, 128, 32, 8, 2, 8, 2), True),
+    ((64, 128, 128, 64, 8, 2, 8, 2), True),
+    ((64, 64, 64, 64, 4, 3, 4, 3), True),
+    ((32, 64, 64, 32, 4, 3, 4, 3), True),
+    ((64, 64, 64, 32, 8, 2, 4, 3), True),
+]
+
+
+def build(src: str, cfg: tuple[int, ...], tma: bool):
+    mod = P.compile(f"pattern p = {src}\n", bwd_config=cfg)
+    mod.BWD_TMA = tma
+    return mod
+
+
+def inputs(n: int):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, n, D, device=DEV, dtype=DT, generator=g) for _ in range(4))
+    return [t.requires_grad_() for t in (q, k, v)], do
+
+
+def step(mod, qkv, do):
+    return torch.autograd.grad(mod.attention(*qkv), qkv, do)
+
+
+def _warm(task: tuple[int, int]) -> str | None:
+    pi, ci = task
+    try:
+        qkv, do = inputs(1024 if DEV == "cuda" else N)
+        step(build(PATTERNS[pi][1], *CANDIDATES[ci]), qkv, do)
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001 (a candidate that cannot run is reported, not fatal)
+        return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def kernel_ms(fn) -> dict[str, float]:
+    """Mean device time per step of each backward kernel (profiler, five steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        for name in ("_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_pre"):
+            if e.key.startswith(name):
+                out[name] = out.get(name, 0.0) + e.device_time_total / 1e3 / 5
+    return out
+
+
+def main() -> None:
+    outdir = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
+    os.makedirs(outdir, exist_ok=True)
+    t0 = time.perf_counter()
+    tasks = [(pi, ci) for pi in range(len(PATTERNS)) for ci in range(len(CANDIDATES))]
+    failed = {}
+    if DEV == "cuda":
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(8, mp_context=mp.get_context("spawn")) as pool:
+            for task, err in zip(tasks, pool.map(_warm, tasks), strict=True):
+                if err:
+                    failed[task] = err
+    print(f"compiled {len(tasks)} in {time.perf_counter() - t0:.0f} s, failed: {failed}", flush=True)
+    qkv, do = inputs(N)
+    rows = []
+    for pi, (name, src) in enumerate(PATTERNS):
+        ref = None
+        for ci, (cfg, tma) in enumerate(CANDIDATES):
+            row = {"pattern": name, "config": list(cfg), "tma": tma}
+            if (pi, ci) in failed:
+                row["error"] = failed[(pi, ci)]
+                rows.append(row)
+                continue
+            mod = build(src, cfg, tma)
+            got = step(mod, qkv, do)
+            if ref is None:
+                ref = got
+            row["rel_err_vs_first"] = max(
+                ((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref, strict=True)
+            )
+            if DEV == "cuda":
+                import triton
+
+                row["step_ms"] = float(
+                    triton.testing.do_bench(lambda: step(mod, qkv, do), warmup=25, rep=150, return_mode="median")
+                )
+                row.update({f"{k}_ms": v for k, v in kernel_ms(lambda: step(mod, qkv, do)).items()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(os.path.join(outdir, "sweep_backward_h100.json"), "w") as f:
+                json.dump({**run_info(), "shape": {"B": B, "H": H, "N": N, "D": D, "dtype": str(DT)}, "rows": rows}, f, indent=1)
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
