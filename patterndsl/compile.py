@@ -70,10 +70,16 @@ TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int], ...]], ...]
 
 # Backward tiles: (largest padded head_dim, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2,
 # stages2)); dK/dV run BLOCK_N1 keys against BLOCK_M1 queries with warps1/stages1, dQ BLOCK_M2 queries against
-# BLOCK_N2 keys with warps2/stages2. Chosen by register spills of the sm_90 build (ptxas -v, docs/perf-notes.md
-# "backward v1"): dK/dV keeps K, V, dK, dV of BLOCK_N1 rows in registers, so 128-key tiles spill kilobytes per
-# thread at head_dim 128.
+# BLOCK_N2 keys with warps2/stages2. Float32 takes the row of a head_dim twice as wide.
+# Pointer loads (token layouts, packed documents, selectors): chosen by register spills of the sm_90 build
+# (docs/perf-notes.md "backward v1"). TMA loads (every other pattern): the H100 sweep of 2026-11-25
+# (benchmarks/sweep_backward.py, docs/benchmarks/sweep_backward_h100.json), D = 128 only; 64 and 256 unmeasured.
 DEFAULT_BWD_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int, int, int]], ...] = (
+    (64, (32, 64, 64, 32, 4, 3, 4, 3)),
+    (128, (32, 64, 64, 32, 8, 3, 8, 3)),
+    (256, (32, 32, 32, 32, 8, 2, 8, 2)),
+)
+DEFAULT_BWD_TMA_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int, int, int]], ...] = (
     (64, (32, 64, 64, 32, 4, 3, 4, 3)),
     (128, (32, 64, 128, 64, 4, 3, 8, 2)),
     (256, (32, 32, 32, 32, 8, 2, 8, 2)),
@@ -278,7 +284,7 @@ def compile_source(
         )
     )
 
-    bwd_configs = DEFAULT_BWD_CONFIGS
+    bwd_configs, bwd_tma_configs = DEFAULT_BWD_CONFIGS, DEFAULT_BWD_TMA_CONFIGS
     if bwd_config is not None:
         cfg = tuple(bwd_config)
         if len(cfg) not in (6, 8) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg):
@@ -292,7 +298,7 @@ def compile_source(
             raise ValueError(f"backward warp counts must be powers of two, got {cfg[4::2]}")
         if len(cfg) == 6:  # one warps/stages for both kernels
             cfg = (*cfg, cfg[4], cfg[5])
-        bwd_configs = tuple((d, cfg) for d, _ in DEFAULT_BWD_CONFIGS)
+        bwd_configs = bwd_tma_configs = tuple((d, cfg) for d, _ in DEFAULT_BWD_CONFIGS)
 
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     defines_doc = ", ".join(f"{k}={v}" for k, v in clean_defines.items()) or "none"
@@ -341,6 +347,7 @@ def compile_source(
         "call_doc": _call_doc(model_layers),
         "random_rows": safe_int(RANDOM_ROWS_ENUMERATED),
         "bwd_configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in bwd_configs)),
+        "bwd_tma_configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in bwd_tma_configs)),
         "op_namespace_repr": f"'patterndsl_{name}_{_NS_MARK}'",  # name: safe_name; the mark: 16 hex digits
         "layouts": repr(tuple(None if lay is None else describe(lay) for lay in layouts)),
         "layout_functions": layout_functions,
