@@ -92,7 +92,7 @@ def test_same_input_gives_byte_identical_module() -> None:
 def test_module_imports_only_torch_and_triton() -> None:
     text = compile_source("pattern p = causal & window(5)\n").text
     imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
-    assert imports <= {"json", "math", "os", "warnings", "torch", "triton"}  # stdlib + torch + triton
+    assert imports <= {"functools", "json", "math", "os", "warnings", "torch", "triton"}  # stdlib + torch + triton
 
 
 def test_source_text_cannot_inject_code(tmp_path: Path) -> None:
@@ -127,3 +127,36 @@ def test_patc_compile_writes_a_loadable_module(tmp_path: Path) -> None:
     mask = torch.from_numpy(np.asarray(P.dense_mask("causal & window(3)", 12)))
     s = (q @ q.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf"))
     assert torch.allclose(ns["attention"](q, q, q), torch.softmax(s, -1) @ q)  # type: ignore[operator]
+
+
+def test_kernels_launch_on_the_tensors_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the current CUDA device: tensors on cuda:1 while cuda:0 is current must switch to 1."""
+    module = P.compile("pattern p = causal\n")
+    entered: list[object] = []
+
+    class Guard:
+        def __init__(self, dev: object) -> None:
+            self.dev = dev
+
+        def __enter__(self) -> None:
+            entered.append(self.dev)
+
+        def __exit__(self, *exc: object) -> bool:
+            return False
+
+    class OnGpu:  # what the guard reads of a tensor
+        is_cuda = True
+
+        def __init__(self, index: int) -> None:
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen: list[tuple[str, list[object]]] = []
+    run = module._on_device_of(lambda t, x: seen.append((x, list(entered))) or x)
+    assert run(OnGpu(1), "a") == "a" and seen[-1] == ("a", [torch.device("cuda", 1)])
+    entered.clear()
+    assert run(OnGpu(0), "b") == "b" and seen[-1] == ("b", [])
+    assert run(torch.zeros(1), "c") == "c" and seen[-1] == ("c", [])
+    for fn in (module._forward, module._backward, module._picks, module._varlen_forward, module._varlen_backward):
+        assert getattr(fn, "__wrapped__", None) is not None, fn  # every entry point that launches kernels

@@ -171,3 +171,20 @@ def test_gpu_gradients_with_layouts_match_float64_reference(src: str, n: int) ->
     for name, x, ref in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert not torch.isnan(x).any(), name
         assert ((x.double() - ref).norm() / ref.norm()).item() < 5e-3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_the_second_gpu_while_the_first_is_current() -> None:
+    src = "causal & window(100)"
+    module = P.compile(f"pattern p = {src}\n")
+    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda:1", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    with torch.cuda.device(0):
+        out = module.attention(q, k, v)
+        got = torch.autograd.grad(out.float().sum(), (q, k, v))
+    mask = torch.from_numpy(dense_mask(P.pattern(src), 300)).to("cuda:1")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.softmax((qd @ kd.transpose(-1, -2) * 64**-0.5).masked_fill(~mask, float("-inf")), -1) @ vd
+    want = torch.autograd.grad(ref.sum(), (qd, kd, vd))
+    assert out.device == q.device and ((out.double() - ref).norm() / ref.norm()).item() < 2e-3
+    for x, y in zip(got, want, strict=True):
+        assert x.device == q.device and ((x.double() - y).norm() / y.norm()).item() < 5e-3
