@@ -21,7 +21,24 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.py", help="where to write the module")
     p.add_argument("--block-m", type=int, help="query block size (default: tuned per head_dim)")
     p.add_argument("--block-n", type=int, help="key block size (default: tuned per head_dim)")
+    p.add_argument(
+        "--bwd-tiles",
+        metavar="BM1,BN1,BM2,BN2,W,S[,W2,S2]",
+        help="backward tiles: dK/dV's query and key blocks, dQ's query and key blocks, warps and stages (one pair "
+        "for both kernels, or dK/dV's then dQ's); default: per head_dim, measured on the H100",
+    )
     p.set_defaults(run=run)
+
+
+def _bwd_tiles(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise PatternError(
+            f"--bwd-tiles takes comma-separated integers (BM1,BN1,BM2,BN2,warps,stages), got '{text}'"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         compiled = compile_source(
-            Path(args.file), args.pattern, parse_defines(args.defines), block_m=args.block_m, block_n=args.block_n
+            Path(args.file),
+            args.pattern,
+            parse_defines(args.defines),
+            block_m=args.block_m,
+            block_n=args.block_n,
+            bwd_config=_bwd_tiles(args.bwd_tiles),
         )
     except ValueError as e:
         if isinstance(e, PatternError):
