@@ -233,3 +233,16 @@ def test_custom_op_passes_opcheck() -> None:
     k, v = (torch.randn(1, 2, 30, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     result = torch.library.opcheck(module._attention_forward.default, (q, k, v, 0.3, -1))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_broadcast_output_gradient_takes_pointer_loads() -> None:
+    # an expanded dO (strides 0) is not given to a TMA descriptor; the gradients are the same
+    module = P.compile(STREAM, **SMALL)
+    assert module._tma_mode((torch.randn(1, 2, 40, 16),), 16, 1) == 1
+    assert module._tma_mode((torch.randn(16).expand(1, 2, 40, 16),), 16, 1) == 0
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    do = torch.randn(16).expand(1, 2, 40, 16)
+    got = torch.autograd.grad(poison(module).attention(q, k, v), (q, k, v), do)
+    want = reference_grads(q, k, v, P.dense_mask(STREAM_SRC, 40), 16**-0.5, do)[2:]
+    for name, x, ref in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert ((x.double() - ref).norm() / ref.norm()).item() < 1e-4, name
