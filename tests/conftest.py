@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -25,6 +26,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@functools.cache
 def _has_cuda() -> bool:
     try:
         import torch
@@ -40,13 +42,24 @@ if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`gpu` tests need compiled kernels on a CUDA GPU; `interpreter` tests need Triton's CPU interpreter."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    cuda = _has_cuda()
+    for item in items:
+        if item.get_closest_marker("gpu") and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        elif item.get_closest_marker("gpu") and interpret:
+            item.add_marker(pytest.mark.skip(reason="gpu tests run compiled kernels; TRITON_INTERPRET=1 is set"))
+        if item.get_closest_marker("interpreter") and not interpret:
+            item.add_marker(pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (set on machines without a GPU)"))
+
+
 @pytest.fixture(autouse=True)
 def _default_tiles_on_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU tests launch the default tiles unless marked `autotune`: tuning compiles and times every candidate
     in every test (minutes per file on the H100) and picks by timing, so a failure would depend on noise.
     test_gpu_kernels.py runs each candidate on its own against the reference instead."""
-    if request.node.get_closest_marker("gpu") and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("gpu tests run compiled kernels; TRITON_INTERPRET=1 is set")
     if request.node.get_closest_marker("gpu") and not request.node.get_closest_marker("autotune"):
         monkeypatch.setenv("PATTERNDSL_AUTOTUNE", "0")
 

@@ -9,7 +9,6 @@ no allowed key multiplied by zero, so its gradients there are exactly zero.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,7 @@ import patterndsl as P
 from patterndsl import ir
 from patterndsl.mask import dense_mask
 
-# Triton kernels run in the CPU interpreter here; tests/conftest.py turns it on where there is no GPU.
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set on machines without a GPU)")
+pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")

@@ -14,10 +14,7 @@ import patterndsl as P
 from patterndsl.mask import dense_mask
 
 torch = pytest.importorskip("torch")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
 
 BENCH = [
     "causal",

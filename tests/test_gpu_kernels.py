@@ -13,10 +13,7 @@ import patterndsl as P
 from patterndsl.mask import dense_mask
 
 torch = pytest.importorskip("torch")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
 
 CASES = [
     "causal",
@@ -173,7 +170,7 @@ def test_gpu_gradients_with_layouts_match_float64_reference(src: str, n: int) ->
         assert ((x.double() - ref).norm() / ref.norm()).item() < 5e-3, name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_gpu_tensors_on_the_second_gpu_while_the_first_is_current() -> None:
     src = "causal & window(100)"
     module = P.compile(f"pattern p = {src}\n")

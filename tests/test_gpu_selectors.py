@@ -20,10 +20,7 @@ from patterndsl.mask import dense_mask
 from patterndsl.selectors import split
 
 torch = pytest.importorskip("torch")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
 
 CASES = [
     "causal & (window(255) | topk(8, block=64) | sink(64))",

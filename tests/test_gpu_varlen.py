@@ -15,10 +15,7 @@ import patterndsl as P
 from patterndsl.mask import dense_mask
 
 torch = pytest.importorskip("torch")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
 
 CASES = [
     "causal & window(1023)",  # N-free: rows cut from one shared table

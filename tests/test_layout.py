@@ -7,7 +7,6 @@ causal time axes, strides, 1-D dilated windows. Outputs are poisoned (NaN) befor
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,7 @@ from patterndsl import layout as L
 from patterndsl.mask import eval_numpy
 from patterndsl.semantics import predicate
 
-# Triton kernels run in the CPU interpreter here; tests/conftest.py turns it on where there is no GPU.
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set on machines without a GPU)")
+pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")

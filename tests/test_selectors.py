@@ -10,7 +10,6 @@ module's PyTorch path.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -21,8 +20,7 @@ import patterndsl as P
 from patterndsl import ir
 from patterndsl.source import PatternError
 
-# Triton kernels run in the CPU interpreter here; tests/conftest.py turns it on where there is no GPU.
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set on machines without a GPU)")
+pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")

@@ -9,7 +9,6 @@ another size, an argument out of range at that N) must give one clear error nami
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -23,8 +22,7 @@ import patterndsl as P
 from patterndsl import ir
 from patterndsl.source import PatternError
 
-# Triton kernels run in the CPU interpreter here; tests/conftest.py turns it on where there is no GPU.
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set on machines without a GPU)")
+pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")

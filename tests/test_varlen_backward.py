@@ -5,7 +5,6 @@ float64 takes the PyTorch path. Gradient buffers are poisoned (NaN) before each 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -16,8 +15,7 @@ from test_varlen import module as varlen_module
 
 import patterndsl as P
 
-# Triton kernels run in the CPU interpreter here; tests/conftest.py turns it on where there is no GPU.
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set on machines without a GPU)")
+pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
