@@ -4,8 +4,8 @@ and without TMA descriptors, forward + backward step timed, and each backward ke
 profiler, so dK/dV's and dQ's tiles can be chosen separately. Gradients are checked against the first
 candidate's (the pointer-load default).
 
-    python benchmarks/sweep_backward.py OUTDIR      (SWEEP_D=64 for head_dim 64; SWEEP_N=80 SWEEP_H=2 on CPU
-                                                    with TRITON_INTERPRET=1: a dry run)
+    python benchmarks/sweep_backward.py OUTDIR      (SWEEP_D=64 for head_dim 64; a dry run on CPU:
+    BENCH_DEVICE=cpu TRITON_INTERPRET=1 SWEEP_N=80 SWEEP_H=2)
 
 Candidates are compiled first in parallel worker processes (Triton's on-disk cache), then timed one by one.
 """
@@ -18,6 +18,8 @@ import sys
 import time
 
 import torch
+from bench_backward import _rel
+from bench_forward import med
 from runinfo import run_info
 
 import patterndsl as P
@@ -119,15 +121,9 @@ def main() -> None:
             got = step(mod, qkv, do)
             if ref is None:
                 ref = got
-            row["rel_err_vs_first"] = max(
-                ((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref, strict=True)
-            )
+            row["rel_err_vs_first"] = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
+            row["step_ms"] = med(lambda: step(mod, qkv, do), quick=True)
             if DEV == "cuda":
-                import triton
-
-                row["step_ms"] = float(
-                    triton.testing.do_bench(lambda: step(mod, qkv, do), warmup=25, rep=150, return_mode="median")
-                )
                 row.update({f"{k}_ms": v for k, v in kernel_ms(lambda: step(mod, qkv, do)).items()})
             rows.append(row)
             print(json.dumps(row), flush=True)
