@@ -745,10 +745,6 @@ def _call_grid(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     raise PatternError("grid(...) defines a layout", node.span, "write: layout name = grid(...)")
 
 
-def _unsupported_here(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
-    raise PatternError(f"'{node.func}' is not a function", node.span)
-
-
 _CALLS: dict[str, Callable[[_Checker, T.Call, WhereScope | None], Value]] = {
     "window": _call_window,
     "stride": _call_one_int(ir.Stride, "step"),

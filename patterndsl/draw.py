@@ -47,14 +47,6 @@ def unicode_cells(cells: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def save_png(mask: np.ndarray, path: str, title: str, max_pixels: int = 1024) -> None:
-    """A picture with axes (query i down, key j across) and a title; density shading when downsampled."""
-    n, m = mask.shape
-    rows, cols = png_cells(n, m, max_pixels)
-    image = downsample(mask, rows, cols) if (rows, cols) != (n, m) else mask.astype(float)
-    save_image(image, n, m, path, title)
-
-
 def png_cells(n: int, m: int, max_pixels: int = 1024) -> tuple[int, int]:
     return min(n, max_pixels), min(m, max_pixels)
 

@@ -61,11 +61,6 @@ def truth(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np) 
     return _truth(pred, env, xp)
 
 
-def value_range(e: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np) -> Interval:
-    """Bounds of an integer expression over the rectangles."""
-    return _interval(e, {"i": Interval(i_lo, i_hi), "j": Interval(j_lo, j_hi)}, xp)
-
-
 def _torch() -> Any:
     import torch
 

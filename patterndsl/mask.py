@@ -172,11 +172,6 @@ def magnitude_bound(e: Expr, n: int) -> int:
     return worst
 
 
-def row_mask(pred: Expr, n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Evaluate for explicit index vectors (broadcasting like numpy)."""
-    return np.broadcast_to(eval_numpy(pred, i, j, n), np.broadcast_shapes(i.shape, j.shape))
-
-
 def _repeated(e: Expr) -> dict[int, int]:
     """id(node) -> a shared slot, for the compound nodes that occur more than once (by value) in e."""
     slots: dict[Expr, int] = {}
