@@ -306,3 +306,23 @@ def test_tables_are_shared_by_calls_with_the_same_documents() -> None:
         m.varlen_tables(cu_of([7, 1]), [7, 1], 16, 16, transpose=True)
         m.varlen_tables(cu_of(list(range(1, 30))), list(range(1, 30)), 16, 16)
     assert len(m._VARLEN) <= 17
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.one_of(st.just(1), st.integers(0, 3), st.integers(1, 300)), min_size=1, max_size=12),
+    tiles=st.sampled_from([(16, 16), (32, 16), (16, 64), (64, 32), (128, 64)]),
+    transpose=st.booleans(),
+    name=st.sampled_from(["swa", "mixed", "sink", "causal"]),
+)
+def test_sync_free_builder_equals_the_old_one(lengths: list[int], tiles: tuple[int, int], transpose: bool,
+                                              name: str) -> None:  # fmt: skip
+    """The N-free per-call builder (host counts, one gather) gives the old builder's tables bit for bit."""
+    src = {"swa": "causal & window(100)", "mixed": "causal & (window(21) | stride(16))",
+           "sink": "causal & (window(5) | sink(2))", "causal": "causal"}[name]  # fmt: skip
+    m = module(src)
+    assert m.N_FREE[0]
+    new = m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose)
+    old = m._varlen_tables_old(cu_of(lengths), lengths, *tiles, transpose=transpose)
+    for a, b in zip(new, old, strict=True):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
