@@ -71,18 +71,28 @@ TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int], ...]], ...]
 # Backward tiles: (largest padded head_dim, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2,
 # stages2)); dK/dV run BLOCK_N1 keys against BLOCK_M1 queries with warps1/stages1, dQ BLOCK_M2 queries against
 # BLOCK_N2 keys with warps2/stages2. Float32 takes the row of a head_dim twice as wide.
-# Pointer loads (token layouts, packed documents, selectors): chosen by register spills of the sm_90 build
-# (docs/perf-notes.md "backward v1"). TMA loads (every other pattern): the H100 sweep of 2026-11-25
-# (benchmarks/sweep_backward.py, docs/benchmarks/sweep_backward_h100.json), D = 128 only; 64 and 256 unmeasured.
+# Both rows from the H100 sweeps of 2026-11-25 17:10 (benchmarks/sweep_backward.py, docs/benchmarks/
+# sweep_backward{,_d64}_h100.json; D = 256 unmeasured): pointer loads (token layouts, packed documents,
+# selectors) with 4 warps and 2 stages took half the time of the earlier 8-warp, 3-stage tiles, though
+# ptxas reports more spills for them; TMA loads serve every other pattern.
 DEFAULT_BWD_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int, int, int]], ...] = (
-    (64, (32, 64, 64, 32, 4, 3, 4, 3)),
-    (128, (32, 64, 64, 32, 8, 3, 8, 3)),
+    (64, (32, 64, 64, 64, 4, 2, 4, 2)),
+    (128, (32, 64, 64, 64, 4, 2, 4, 2)),
     (256, (32, 32, 32, 32, 8, 2, 8, 2)),
 )
 DEFAULT_BWD_TMA_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int, int, int]], ...] = (
-    (64, (32, 64, 64, 32, 4, 3, 4, 3)),
-    (128, (32, 64, 128, 64, 4, 3, 8, 2)),
+    (64, (32, 64, 64, 64, 4, 2, 4, 2)),
+    (128, (64, 64, 64, 64, 4, 2, 4, 2)),
     (256, (32, 32, 32, 32, 8, 2, 8, 2)),
+)
+# What a module times on its first backward per shape (unless bwd_config is given): the dK/dV halves
+# (BM1, BN1, warps1, stages1) of these rows against each other, and their dQ halves (BM2, BN2, warps2, stages2),
+# besides the default row. The best of the 2026-11-25 17:10 sweep per pattern and kernel (causal preferred
+# dK/dV 64 x 64, a PowerAttention run the earlier 32 x 64 with 3 stages and dQ 128 x 64).
+BWD_TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int, int, int, int], ...]], ...] = (
+    (64, ((32, 64, 64, 64, 4, 2, 4, 2), (64, 64, 64, 64, 4, 2, 4, 2), (32, 64, 64, 32, 4, 3, 4, 3))),
+    (128, ((64, 64, 64, 64, 4, 2, 4, 2), (32, 64, 128, 64, 4, 3, 8, 2), (32, 64, 128, 128, 4, 2, 8, 2))),
+    (256, ((32, 32, 32, 32, 8, 2, 8, 2),)),
 )
 _NS_MARK = "\x00ns\x00"  # cannot occur in rendered text otherwise: doc_text and repr escape NUL
 
@@ -355,6 +365,10 @@ def compile_source(
         "selectors": "(" + "".join(x + ", " for x in selectors) + ")",
     }
     fields["autotune"] = "False" if explicit else "True"
+    fields["bwd_autotune"] = "False" if bwd_config is not None else "True"
+    fields["bwd_tune_configs"] = repr(
+        tuple((int(d), tuple(tuple(int(x) for x in c) for c in cs)) for d, cs in BWD_TUNE_CONFIGS)
+    )
     fields["tune_configs"] = repr(tuple((int(d), tuple(tuple(int(x) for x in c) for c in cs)) for d, cs in TUNE_CONFIGS))
     fields["kernel_id"] = "''"
     template = Template(codegen_template("attention.py.tmpl") + codegen_template("backward.py.tmpl"))

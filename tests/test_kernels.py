@@ -404,3 +404,42 @@ def test_autotune_times_candidates_once_and_a_new_process_starts_tuned(tmp_path:
     module2._TUNED.clear()
     assert module2._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg and launched2  # tuned again
     assert P.compile(STREAM, block_m=16).AUTOTUNE is False  # explicit tiles are never tuned over
+
+
+def test_backward_autotune_times_each_kernel_on_its_own(tmp_path: Path, monkeypatch: Any) -> None:
+    """dK/dV and dQ are tuned apart: each kernel's candidates (the default tile first, then the halves of
+    BWD_TUNE_CONFIGS) are timed once, the fastest of each is kept, also across a fresh module through the
+    disk cache; explicit backward tiles, the interpreter and PATTERNDSL_AUTOTUNE=0 keep the defaults."""
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    fields = ("bwd", 128, torch.bfloat16, 1, 0, 8192, (0, 0))
+
+    def fresh() -> tuple[Any, dict[str, list[Any]], Any]:
+        module = P.compile(STREAM)
+        module._INTERPRET = False
+        ran: dict[str, list[Any]] = {"dq": [], "dkdv": []}
+        speed = {"dq": {(128, 64, 8, 2): 0.5}, "dkdv": {(32, 64, 4, 2): 0.25}}
+        last: list[Any] = []
+        module._time_ms = lambda fn, reps: (fn(), speed[last[-1][0]].get(last[-1][1], 1.0))[1]
+
+        def runner(kind: str) -> Any:
+            return lambda tile: (ran[kind].append(tile), last.append((kind, tile)))
+
+        return module, ran, lambda: module._bwd_tiles(fields, 2, runner("dq"), runner("dkdv"))
+
+    module, ran, tiles = fresh()
+    default = module._bwd_config(128, 2, 1)
+    dq_cands = {(c[2], c[3], c[6], c[7]) for c in module._by_width(module.BWD_TUNE_CONFIGS, 128, 2)}
+    dkdv_cands = {(c[0], c[1], c[4], c[5]) for c in module._by_width(module.BWD_TUNE_CONFIGS, 128, 2)}
+    assert len(dq_cands) >= 2 and len(dkdv_cands) >= 2 and (128, 64, 8, 2) in dq_cands and (32, 64, 4, 2) in dkdv_cands
+    assert tiles() == ((32, 64, 4, 2), (128, 64, 8, 2))
+    assert set(ran["dq"]) == dq_cands | {(default[2], default[3], default[6], default[7])}
+    assert set(ran["dkdv"]) == dkdv_cands | {(default[0], default[1], default[4], default[5])}
+    count = len(ran["dq"]) + len(ran["dkdv"])
+    assert tiles() == ((32, 64, 4, 2), (128, 64, 8, 2)) and len(ran["dq"]) + len(ran["dkdv"]) == count
+    module2, ran2, tiles2 = fresh()  # another process: from the disk cache, nothing launched
+    assert tiles2() == ((32, 64, 4, 2), (128, 64, 8, 2)) and ran2 == {"dq": [], "dkdv": []}
+    monkeypatch.setenv("PATTERNDSL_AUTOTUNE", "0")
+    module3, ran3, tiles3 = fresh()
+    assert tiles3() == ((default[0], default[1], default[4], default[5]), (default[2], default[3], default[6], default[7]))
+    assert P.compile(STREAM, bwd_config=(32, 64, 64, 32, 4, 3)).BWD_AUTOTUNE is False
