@@ -47,6 +47,52 @@ def dense_blocks(off, idx, rows, cols):
     return out
 
 
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """The table of docs/benchmarks/selectors_h100.md."""
+    out = [
+        f"# Dynamic selection end to end ({meta['gpu']}, {meta['date']}, torch {meta['torch']}, "
+        f"triton {meta['triton']})",
+        "",
+        f"`{meta['pattern']}`, B={B}, H={H}, D={D}, bf16, random normal q, k, v. Median of "
+        "`triton.testing.do_bench`. Ours = one `attention(q, k, v)` call: block means + block scores + "
+        "top-16 + per-(batch, head) tables + attention. Pool = the block means alone; selection = pool + "
+        "scores + top-16 (`_selection`); tables = the merge with the static part's (`_dynamic_tables`). "
+        "Flex = `BlockMask.from_kv_blocks` built from the same selected blocks (selection included) + "
+        "compiled `flex_attention` (64 x 64 blocks).",
+        "",
+        "| N | ours ms | pool ms | selection ms | tables ms | selection + tables ms | share of ours "
+        "| attention ms (ours - sel. - tables) | dense causal SDPA ms | SDPA / ours | Flex total ms "
+        "| Flex mask build ms | Flex attention ms | Flex / ours | rel. err vs Flex |",
+        "| --- " * 15 + "|",
+    ]
+    for r in rows:
+        if "speedup_vs_sdpa" not in r:
+            continue
+        att = r["ours_ms"] - r["selection_and_tables_ms"]
+        cells = [
+            str(r["N"]), _f(r["ours_ms"]), _f(r["pool_ms"]), _f(r["selection_ms"]), _f(r["tables_ms"]),
+            _f(r["selection_and_tables_ms"]), _f(100 * r["selection_share"], ".1f") + "%", _f(att),
+            _f(r["sdpa_causal_ms"]), _f(r["speedup_vs_sdpa"], ".2f"), _f(r.get("flex_ms")),
+            _f(r.get("flex_mask_build_ms")), _f(r.get("flex_attention_ms")), _f(r.get("flex_over_ours"), ".2f"),
+            _f(r.get("rel_err_vs_flex"), ".1e"),
+        ]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    visited = [
+        f"{r['visited_tiles_per_head']:.0f} of {r['dense_causal_tiles_per_head']} causal at N = {r['N']}"
+        for r in rows
+        if "visited_tiles_per_head" in r
+    ]
+    out += ["", "Visited 64 x 64 tiles per head: " + ", ".join(visited) + "."]
+    notes = [f"N = {r['N']}: {r['flex_note']}" for r in rows if r.get("flex_note")]
+    if notes:
+        out += ["", "Flex: " + "; ".join(notes) + "."]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     outdir = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
     os.makedirs(outdir, exist_ok=True)
@@ -67,6 +113,8 @@ def main() -> None:
     def dump() -> None:
         with open(os.path.join(outdir, "selectors_h100.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(os.path.join(outdir, "selectors_h100.md"), "w") as f:
+            f.write(markdown(meta, rows))
 
     data = {}
     for n in NS:
@@ -77,14 +125,16 @@ def main() -> None:
         rows.append(row)
         out = mod.attention(q, k, v)
         row["ours_ms"] = med(lambda: mod.attention(q, k, v))
+        row["pool_ms"] = med(lambda: mod._pooled(q, k, BLK))
         row["selection_ms"] = med(lambda: mod._selection(0, q, k, None, heads, 1))
+        sel = mod._selection(0, q, k, None, heads, 1)
+        row["tables_ms"] = med(lambda: mod._dynamic_tables(0, sel, B, H, n, BLK, BLK, dev))
         row["selection_and_tables_ms"] = med(
             lambda: mod._dynamic_tables(0, mod._selection(0, q, k, None, heads, 1), B, H, n, BLK, BLK, dev)
         )
         row["selection_share"] = row["selection_and_tables_ms"] / row["ours_ms"]
-        sel = mod._selection(0, q, k, None, heads, 1)
         f_off, f_idx, p_off, p_idx = mod._dynamic_tables(0, sel, B, H, n, BLK, BLK, dev)
-        visited = int(f_idx.numel() + p_idx.numel())
+        visited = int(f_off[-1]) + int(p_off[-1])
         row["visited_tiles_per_head"] = visited / H
         row["dense_causal_tiles_per_head"] = (n // BLK) * (n // BLK + 1) // 2
         row["sdpa_causal_ms"] = med(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -92,7 +142,8 @@ def main() -> None:
         row["finite"] = bool(torch.isfinite(out).all())
         print(
             f"N={n:6d} ours {row['ours_ms']:8.3f} ms (selection+tables {row['selection_and_tables_ms']:.3f} ms, "
-            f"{100 * row['selection_share']:.1f}%) | sdpa causal {row['sdpa_causal_ms']:8.3f} ms | "
+            f"{100 * row['selection_share']:.1f}%: pool {row['pool_ms']:.3f}, selection {row['selection_ms']:.3f}, "
+            f"tables {row['tables_ms']:.3f}) | sdpa causal {row['sdpa_causal_ms']:8.3f} ms | "
             f"x{row['speedup_vs_sdpa']:.2f}",
             flush=True,
         )
@@ -120,10 +171,7 @@ def main() -> None:
         qi = torch.arange(nb, device=dev)
 
         def build():
-            bh, qb, kb = mod._selection(0, q, k, None, heads, 1)
-            sel = torch.zeros((B * H, nb, nb), dtype=torch.bool, device=dev)
-            sel[bh, qb, kb] = True
-            sel = sel.view(B, H, nb, nb)
+            sel = mod._sel_dense(mod._selection(0, q, k, None, heads, 1), nb).view(B, H, nb, nb)
             full1 = qi[None, :] < qi[:, None]
             full = (sel & full1) | (~sel & full0)
             part = ((sel & (qi[None, :] == qi[:, None])) | (~sel & part0)) & ~full

@@ -1,0 +1,139 @@
+"""The fused selection (`_topk_kernel`: scores and top-n in one launch) and the sync-free table merge
+(`_merge_kernel`) in the CPU interpreter, at sizes where rows span several key tiles of the kernel.
+
+- Selection against the float64 literal reading of LANGUAGE.md (`reference.selection`) on inputs whose
+  block scores are exact in float32 and tie often (ties go to the lower block), and against the sorting
+  path (`_block_scores` + `_pick`: int64 keys through torch.topk) on random floats.
+- Tables against a brute-force merge of the static part's block tables (P0) with the picked blocks'
+  tiles classified by P1's, row by row, including tiles smaller than the selector's block, static rows
+  wider than one chunk of the kernel and more picks per row than one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import reference as R
+
+import patterndsl as P
+from patterndsl.mask import dense_mask
+from patterndsl.selectors import split
+
+pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+SMALL = dict(block_m=16, block_n=16)
+
+
+def _heads(module: Any, h: int) -> Any:
+    return module._heads(0, 0, h, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "src, n",
+    [
+        ("causal & (window(15) | topk(5, block=16) | sink(16))", 16 * 140 - 5),  # 140 blocks: 3 key tiles
+        ("topk(20, block=16)", 16 * 70),  # no context, n not a power of two, more than a tile's worth
+        ("causal & (window(8) | (where(k >= 40) & topk(2, block=16)))", 16 * 80),
+        ("causal & (window(8) | (where(k % 64 < 16) & topk(3, block=16)))", 16 * 90),  # candidates not consecutive
+    ],
+)
+def test_fused_topk_matches_the_float64_rule_ties_included(src: str, n: int) -> None:
+    sp = split(P.pattern(src))
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, d = 1, 2, 1, 16
+    q = torch.randint(-1, 2, (b, h, n, d), generator=g).float()  # block means k/16: scores exact, many ties
+    k = torch.randint(-1, 2, (b, hkv, n, d), generator=g).float()
+    k[..., : n // 2 : 3, :] = 0.0  # whole blocks of equal scores
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    sel = m._selection(0, q, k, None, _heads(m, h), h // hkv)
+    assert sel.dtype == torch.int32 and sel.shape[-1] == 1 << (sp.selector.count - 1).bit_length()
+    got = m._sel_dense(sel, -(-n // sp.block)).view(b, h, -1, sel.shape[1]).numpy()
+    want = R.selection(sp.selector, dense_mask(sp.context, n), q.numpy(), k.numpy())
+    assert np.array_equal(got, want), f"{int((got != want).sum())} blocks differ"
+    # each picked block once per row, padding -1 only where the row has fewer candidates
+    s = sel.long()
+    picked = (s >= 0).sum(-1)
+    assert torch.equal(picked, torch.from_numpy(want.sum(-1)).view_as(picked))
+    srt = torch.sort(torch.where(s < 0, -1 - torch.arange(s.shape[-1]), s), -1).values
+    assert not (srt[..., 1:] == srt[..., :-1]).any()
+
+
+def test_fused_topk_equals_the_sorting_path_on_random_scores() -> None:
+    src = "causal & (window(15) | topk(7, block=16) | sink(16))"
+    n, h, hkv, d = 16 * 100 - 7, 2, 1, 16
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, h, n, d, generator=g)
+    k = torch.randn(1, hkv, n, d, generator=g)
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    heads = _heads(m, h)
+    fused = m._selection(0, q, k, None, heads, h // hkv)
+    nb = -(-n // 16)
+    keys = m._block_scores(0, q, k, m._pooled(q, k, 16), heads, h // hkv, 0, nb)  # the int64-key path
+    sorting = m._pick(0, keys.reshape(-1, nb), 1.0).view(h, nb, -1)
+    assert torch.equal(m._sel_dense(fused, nb), m._sel_dense(sorting, nb))
+
+
+def _brute_tables(m: Any, sel: Any, n: int, bm: int, bn: int, blk: int) -> dict[tuple[int, int], tuple[list, list]]:
+    """Per (bh, query tile): sorted FULL and PARTIAL entries, from the two static parts' block tables."""
+    p1 = m.SELECTORS[0][4]
+    nqt, nkt = -(-n // bm), -(-n // bn)
+    cls0: dict[tuple[int, int], int] = {}
+    cls1: dict[tuple[int, int], int] = {}
+    for pat, into in ((0, cls0), (p1, cls1)):
+        f_off, f_idx, p_off, p_idx = (t.tolist() for t in m.block_tables(n, bm, bn, torch.device("cpu"), pat))
+        for qt in range(nqt):
+            for t in range(f_off[qt], f_off[qt + 1]):
+                into[qt, f_idx[t]] = 0
+            for t in range(p_off[qt], p_off[qt + 1]):
+                into[qt, p_idx[t]] = 1
+    out = {}
+    for bh in range(sel.shape[0]):
+        for qt in range(nqt):
+            picked = {int(x) for x in sel[bh, qt * bm // blk] if x >= 0}
+            full, part = [], []
+            for kt in range(nkt):
+                if kt * bn // blk in picked:
+                    c = cls1.get((qt, kt))
+                    if c is not None:
+                        (full if c == 0 else part).append(kt if c == 0 else kt + (1 << 30))
+                elif (qt, kt) in cls0:
+                    (full if cls0[qt, kt] == 0 else part).append(kt)
+            out[bh, qt] = (sorted(full), sorted(part))
+    return out
+
+
+@pytest.mark.parametrize(
+    "src, n, tiles, width",
+    [
+        ("causal & (window(15) | topk(3, block=16) | sink(16))", 16 * 40 - 3, (16, 16), 4),
+        ("causal & (window(40) | topk(3, block=32) | sink(16))", 32 * 20 - 9, (16, 16), 3),  # 2 x 2 tiles a block
+        ("causal & (window(300) | topk(3, block=16))", 16 * 40, (16, 16), 20),  # static rows of ~20 tiles
+        ("(causal & topk(1, block=32)) | window(3)", 32 * 12 + 1, (32, 16), 17),  # picks beyond the context
+    ],
+)
+def test_merged_tables_equal_a_brute_force_merge(src: str, n: int, tiles: tuple[int, int], width: int) -> None:
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    blk = m.SELECTORS[0][2]
+    nb = -(-n // blk)
+    bh = 3
+    g = torch.Generator().manual_seed(2)
+    # random distinct picks per row (any block, also ones outside the context), -1 padding in random places
+    sel = torch.argsort(torch.rand(bh, nb, max(width, nb), generator=g), -1)[..., :width]
+    sel = torch.where(torch.rand(bh, nb, width, generator=g) < 0.3, -1, sel).to(torch.int32)
+    bm, bn = tiles
+    want = _brute_tables(m, sel, n, bm, bn, blk)
+    nqt = -(-n // bm)
+    for exact in (False, True):
+        f_off, f_idx, p_off, p_idx = (t.tolist() for t in m._dynamic_tables(0, sel, 1, bh, n, bm, bn, "cpu", exact))
+        assert len(f_off) == len(p_off) == bh * nqt + 1 and f_off[0] == p_off[0] == 0
+        if exact:
+            assert len(f_idx) == f_off[-1] and len(p_idx) == p_off[-1]
+        for (b, qt), (full, part) in want.items():
+            r = b * nqt + qt
+            assert sorted(f_idx[f_off[r] : f_off[r + 1]]) == full, (b, qt)
+            assert sorted(p_idx[p_off[r] : p_off[r + 1]]) == part, (b, qt)
