@@ -443,6 +443,10 @@ def test_backward_autotune_times_each_kernel_on_its_own(tmp_path: Path, monkeypa
     module3, ran3, tiles3 = fresh()
     assert tiles3() == ((default[0], default[1], default[4], default[5]), (default[2], default[3], default[6], default[7]))
     assert P.compile(STREAM, bwd_config=(32, 64, 64, 32, 4, 3)).BWD_AUTOTUNE is False
+    grid = P.compile("layout g = grid(8, 8)\npattern p = neighborhood(g, kernel=3)\n")
+    plain = dict(module.BWD_TUNE_CONFIGS)
+    assert all(set(cs) > set(plain[d]) for d, cs in grid.BWD_TUNE_CONFIGS)  # and 32-key tiles for grids
+    assert any(c[1] == 32 for c in dict(grid.BWD_TUNE_CONFIGS)[128])
     module4 = P.compile(STREAM, bwd_config=(32, 16, 16, 32, 4, 3))  # what a backward launched, for reports
     q, k, v = (torch.randn(1, 1, 40, 16, requires_grad=True) for _ in range(3))
     monkeypatch.setattr(module4, "_INTERPRET", True)
