@@ -128,12 +128,21 @@ def test_merged_tables_equal_a_brute_force_merge(src: str, n: int, tiles: tuple[
     bm, bn = tiles
     want = _brute_tables(m, sel, n, bm, bn, blk)
     nqt = -(-n // bm)
-    for exact in (False, True):
-        f_off, f_idx, p_off, p_idx = (t.tolist() for t in m._dynamic_tables(0, sel, 1, bh, n, bm, bn, "cpu", exact))
-        assert len(f_off) == len(p_off) == bh * nqt + 1 and f_off[0] == p_off[0] == 0
-        if exact:
-            assert len(f_idx) == f_off[-1] and len(p_idx) == p_off[-1]
-        for (b, qt), (full, part) in want.items():
-            r = b * nqt + qt
-            assert sorted(f_idx[f_off[r] : f_off[r + 1]]) == full, (b, qt)
-            assert sorted(p_idx[p_off[r] : p_off[r + 1]]) == part, (b, qt)
+    tables = m._dynamic_tables(0, sel, 1, bh, n, bm, bn, "cpu")
+    f_off, f_idx, p_off, p_idx = (t.tolist() for t in tables)
+    assert len(f_off) == len(p_off) == bh * nqt + 1 and f_off[0] == p_off[0] == 0
+    assert len(f_idx) >= f_off[-1] and len(p_idx) >= p_off[-1]  # sized by a bound, nothing read back
+    for (b, qt), (full, part) in want.items():
+        r = b * nqt + qt
+        assert sorted(f_idx[f_off[r] : f_off[r + 1]]) == full, (b, qt)
+        assert sorted(p_idx[p_off[r] : p_off[r + 1]]) == part, (b, qt)
+    # the backward's tables by key tile: the same entries, transposed, ascending query tile per row
+    nkt = -(-n // bn)
+    tf_off, tf_idx, tp_off, tp_idx = (t.tolist() for t in m._transpose_dynamic(tables, bh, nqt, nkt))
+    for t_off, t_idx, which in ((tf_off, tf_idx, 0), (tp_off, tp_idx, 1)):
+        assert len(t_off) == bh * nkt + 1 and t_off[0] == 0
+        got = {(r // nkt, r % nkt, x) for r in range(bh * nkt) for x in t_idx[t_off[r] : t_off[r + 1]]}
+        assert all(t_idx[t_off[r] : t_off[r + 1]] == sorted(t_idx[t_off[r] : t_off[r + 1]]) for r in range(bh * nkt))
+        flag = 1 << 30
+        expect = {(b, e & ~flag, qt + (e & flag)) for (b, qt), rows in want.items() for e in rows[which]}
+        assert got == expect and t_off[-1] == len(expect)
