@@ -324,3 +324,37 @@ def test_tables_are_shared_by_calls_with_the_same_documents() -> None:
         m.varlen_tables(cu_of([7, 1]), [7, 1], 16, 16, transpose=True)
         m.varlen_tables(cu_of(list(range(1, 30))), list(range(1, 30)), 16, 16)
     assert len(m._VARLEN) <= 17
+
+
+def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops() -> None:
+    """On a GPU a host sync costs more than the whole build (perf-notes, varlen v1): the per-call N-free
+    build must read no device value. On the meta device every such read (item, tolist, nonzero, boolean
+    masks, repeat_interleave without its size) raises, so the build running there (the shared table's
+    device part moved to meta) shows it; the same call on the CPU gives the shapes meta reports. The ops
+    that produce device tensors, views aside, are counted: a copy, the gather's few ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class DeviceOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            on_meta = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tree_flatten(out)[0])
+            if on_meta and not any(r.alias_info for r in func._schema.returns):
+                self.names.append(func.__name__)
+            return out
+
+    m = module("causal & window(100)")
+    lengths = [1, 300, 0, 77, 16, 129, 1]
+    for tiles, transpose in (((32, 16), False), ((16, 64), True)):
+        want = m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose)
+        sides, src, pad = m._free_source(0, 512, *tiles, "cpu")
+        m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), pad)
+        with DeviceOps() as ops:
+            got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
+        assert [x.device.type for x in got] == ["meta"] * 5
+        assert [x.shape for x in got] == [x.shape for x in want]
+        assert 1 <= len(ops.names) <= 8, ops.names
