@@ -358,3 +358,47 @@ def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops() -> N
         assert [x.device.type for x in got] == ["meta"] * 5
         assert [x.shape for x in got] == [x.shape for x in want]
         assert 1 <= len(ops.names) <= 8, ops.names
+
+
+def test_per_document_classifier_reads_the_device_once_per_round() -> None:
+    """Predicates that read N classify every tile at its own N, in rounds of halving key ranges (then of
+    splitting PARTIAL tiles): each round may read the device once (its outcomes' sizes, `_partition`),
+    never once per boolean mask. Counted by dispatch: boolean-mask indexing, nonzero, item, bincount."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.masks = self.scalars = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = func.__name__.split(".")[0]
+            if name == "index" and any(x is not None and x.dtype == torch.bool for x in args[1]):
+                self.masks += 1
+            self.scalars += name in ("nonzero", "_local_scalar_dense", "bincount")
+            return func(*args, **(kwargs or {}))
+
+    m = module(PATTERNS["quarter"])
+    assert not m.N_FREE[0]
+    lengths = [1, 300, 0, 77, 16, 129, 1, 64]
+    calls = {"classify": 0, "partition": 0}
+    real = {x: getattr(m, "_" + x) for x in calls}
+
+    def counted(x: str) -> Any:
+        def f(*a: Any, **kw: Any) -> Any:
+            calls[x] += 1
+            return real[x](*a, **kw)
+
+        return f
+
+    try:
+        for x in calls:
+            setattr(m, "_" + x, counted(x))
+        with Reads() as reads:
+            tables = m._varlen_tables(cu_of(lengths), lengths, 16, 16)
+    finally:
+        for x in calls:
+            setattr(m, "_" + x, real[x])
+    assert tables[0].numel() == 2 * sum(-(-n // 16) for n in lengths)
+    assert reads.masks == 0 and reads.scalars <= 2, (reads.masks, reads.scalars)
+    assert 1 <= calls["partition"] <= calls["classify"] + 1, calls
