@@ -98,7 +98,7 @@ def main() -> None:
     os.makedirs(outdir, exist_ok=True)
     dev = torch.device("cuda")
     mod = P.compile(f"pattern nsa = {SRC}\n")
-    heads = mod._heads(0, H, dev)
+    heads = mod._heads(0, 0, H, dev)
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
