@@ -78,6 +78,27 @@ def test_fused_topk_equals_the_sorting_path_on_random_scores() -> None:
     assert torch.equal(m._sel_dense(fused, nb), m._sel_dense(sorting, nb))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_given_scores_equal_the_sorting_path(dtype: str) -> None:
+    """score=given through `_topk_kernel`: ties (few distinct values, -0.0 beside 0.0) to the lower block,
+    NaN scores never picked, as `_ordered_keys` + torch.topk over the same scores."""
+    src = "causal & (window(15) | topk(6, block=16, score=given))"
+    n, h = 16 * 100 - 3, 2
+    nb = -(-n // 16)
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.zeros(1, h, n, 16), torch.zeros(1, 1, n, 16)
+    scores = torch.randint(-1, 3, (1, h, nb, nb), generator=g).to(getattr(torch, dtype))
+    scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, 0.0, -0.0).to(scores)
+    scores[torch.rand(scores.shape, generator=g) < 0.05] = float("nan")
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    fused = m._selection(0, q, k, scores, _heads(m, h), h)
+    cand = m._candidates(m.SELECTORS[0][5], n, 16, "cpu")
+    s = torch.where(cand, scores.float(), float("nan")).reshape(h * nb, nb)
+    sorting = m._pick(0, s, 1.0).view(h, nb, -1)
+    assert torch.equal(m._sel_dense(fused, nb), m._sel_dense(sorting, nb))
+    assert int((fused >= 0).sum()) == int((sorting >= 0).sum()) > 0
+
+
 def _brute_tables(m: Any, sel: Any, n: int, bm: int, bn: int, blk: int) -> dict[tuple[int, int], tuple[list, list]]:
     """Per (bh, query tile): sorted FULL and PARTIAL entries, from the two static parts' block tables."""
     p1 = m.SELECTORS[0][4]
