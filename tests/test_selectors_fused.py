@@ -167,3 +167,29 @@ def test_merged_tables_equal_a_brute_force_merge(src: str, n: int, tiles: tuple[
         flag = 1 << 30
         expect = {(b, e & ~flag, qt + (e & flag)) for (b, qt), rows in want.items() for e in rows[which]}
         assert got == expect and t_off[-1] == len(expect)
+
+
+def test_gradients_of_mixed_heads_with_a_dynamic_pattern_on_uneven_kv_groups() -> None:
+    """heads { 0:1 static, 1:3 dynamic, 3:4 static } over 2 kv heads: each kv head's dK/dV reads the dynamic
+    tables of its own query head (ranks 0 and 1 of the dynamic heads), against float64 autograd."""
+    static, dyn = "causal & window(7)", "causal & (sink(16) | topk(1, block=16))"
+    src = f"heads {{\n  0:1 => {static}\n  1:3 => {dyn}\n  3:4 => {static}\n}}"
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    n = 64
+    g = torch.Generator().manual_seed(6)
+    q = torch.randint(-2, 3, (1, 4, n, 16), generator=g).float()
+    k = torch.randint(-2, 3, (1, 2, n, 16), generator=g).float()
+    v = torch.randn(1, 2, n, 16, generator=g)
+    m0 = np.array([[j <= i and i - j <= 7 for j in range(n)] for i in range(n)])
+    m1, _ = R.dynamic_mask(P.pattern(dyn), q[:, 1:3].numpy(), k.numpy())  # query heads 1, 2 read kv heads 0, 1
+    mask = np.stack([m0, m1[0, 0], m1[0, 1], m0])[None]
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    w = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    (m.attention(qs, ks, vs).double() * w).sum().backward()
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    s = qd @ kd.repeat_interleave(2, 1).transpose(-1, -2) * 0.25
+    p = torch.softmax(s.masked_fill(~torch.from_numpy(mask), float("-inf")), -1)
+    ((p @ vd.repeat_interleave(2, 1)) * w).sum().backward()
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None
+        assert (got.double() - ref).abs().max().item() < 2e-4 * max(1.0, ref.abs().max().item())
