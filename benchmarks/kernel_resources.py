@@ -7,6 +7,8 @@ H100's 227 KiB per block or the launch fails.
 
 `--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), not
 `_attn_fwd_fast` (whose TMA descriptor arguments this tool does not describe); switches it does not set are off.
+`--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
+context, table merge) with the arguments `_selection` and `_dynamic_tables` give them.
 
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
         --fwd 128,64,8,3 --bwd 32,64,64,32,8,3 --bwd 64,128,128,64,8,3
@@ -46,10 +48,12 @@ INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int) -> str:
+def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, types: dict | None = None) -> str:
     sig = {}
     for p in kernel.params:
-        if p.is_constexpr:
+        if types and p.name in types:
+            sig[p.name] = types[p.name]
+        elif p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name in INTS or p.name.startswith("s_"):
             sig[p.name] = "i32"
@@ -74,13 +78,39 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int) -> 
             f"spill st/ld {spill.group(1) if spill else '?'}/{spill.group(2) if spill else '?'} B, {mma}")  # fmt: skip
 
 
+def selection(m, dtype: str, d: int, d_pad: int) -> None:
+    """The selection kernels of pattern 0's selector, as `_selection` / `_dynamic_tables` launch them."""
+    kind, n, blk, given, _, _ = m.SELECTORS[0]
+    names = ("NB", "NH", "H", "HKV", "GROUP", "HQ", "HK", "NQT", "NKT", "NQB", "W", "WS", "K1N", "ROWS")
+    ints = {x: "i32" for x in names} | {x: "*i32" for x in ("SPAN", "SEL", "ST_KT", "CNT", "OFF", "FIDX", "PIDX")}
+    pool = dict(BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=d, D_PAD=d_pad)
+    print(f"pool {'':20s} {resources(m._pool_kernel, dtype, pool, 4, 3, dict(ints, QM='*fp32', KM='*fp32'))}")
+    if kind == "topk" and int(n) <= 64:
+        bq, bk = 64, 32 if d_pad <= 128 else 16
+        for ranges in (True, False):
+            c = dict(N_SEL=int(n), NP=triton.next_power_of_2(int(n)), BQ=bq, BK=bk, D_PAD=16 if given else d_pad,
+                     DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges, GIVEN=bool(given))  # fmt: skip
+            t = dict(ints, QM="*fp32", KM="*fp32", SCORES="*fp32", CAND="*i32" if ranges else "*u8")
+            print(f"topk {'ranges' if ranges else 'bytes':20s} {resources(m._topk_kernel, dtype, c, 4, 3, t)}")
+    t = dict(ints, ST_CLS="*i8", K1="*i64", C1="*i8")
+    for write in (False, True):
+        c = dict(RQ=1, RK=1, BR=16, SC=16, WC=16, LOG=20, WRITE=write)
+        print(f"merge {'write' if write else 'count':19s} {resources(m._merge_kernel, dtype, c, 4, 3, t)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default="causal & window(1023)")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--fwd", action="append", default=[], help="BM,BN,warps,stages")
-    ap.add_argument("--bwd", action="append", default=[], help="BM1,BN1,BM2,BN2,warps,stages (both kernels) or BM1,BN1,BM2,BN2,warps1,stages1,warps2,stages2")
+    ap.add_argument(
+        "--bwd",
+        action="append",
+        default=[],
+        help="BM1,BN1,BM2,BN2,warps,stages (both kernels) or BM1,BN1,BM2,BN2,warps1,stages1,warps2,stages2",
+    )
+    ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
     a = ap.parse_args()
     m = P.compile(f"pattern p = {a.src}\n")
     d_pad = max(16, triton.next_power_of_2(a.d))
@@ -91,6 +121,8 @@ def main() -> None:
         print(
             f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s)}", flush=True
         )
+    if a.sel:
+        selection(m, a.dtype, a.d, d_pad)
     for cfg in a.bwd or [",".join(map(str, m._bwd_config(d_pad)))]:
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])
