@@ -353,8 +353,10 @@ def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops() -> N
         want = m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose)
         sides, src, pad = m._free_source(0, 512, *tiles, "cpu")
         m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), pad)
+        threads = torch.get_num_threads()
         with DeviceOps() as ops:
             got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
+        assert torch.get_num_threads() == threads, "the host part's single thread is given back"
         assert [x.device.type for x in got] == ["meta"] * 5
         assert [x.shape for x in got] == [x.shape for x in want]
         assert 1 <= len(ops.names) <= 8, ops.names
