@@ -27,10 +27,19 @@ stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of it
 
 # a few workers holding float64 references; failures go to failures.txt as they happen (2026-11-25: all
 # 108 passed in 198 s with -n 4 once the interpreter no longer leaked into them)
-TAIL=80 stage gpu_tests "${T_TESTS:-220}" python3 -m pytest -q -m gpu tests/ -n "${WORKERS:-4}" --maxfail=5 \
-  --tb=short -rfE -p no:cacheprovider -p no:benchmark
-stage bench_forward "${T_FWD:-110}" python3 benchmarks/bench_forward.py "$OUT"
-TAIL=25 stage bench_backward "${T_BWD:-140}" python3 benchmarks/bench_backward.py "$OUT"
-# SWEEP=1: also the backward tile sweep (about 80 s at D = 128; the three stages above leave ~130 s of a 600 s call)
+if [ -z "${ONLY_EXTRA:-}" ]; then
+  TAIL=80 stage gpu_tests "${T_TESTS:-240}" python3 -m pytest -q -m gpu tests/ -n "${WORKERS:-4}" --maxfail=5 \
+    --tb=short -rfE -p no:cacheprovider -p no:benchmark
+  stage bench_forward "${T_FWD:-110}" python3 benchmarks/bench_forward.py "$OUT"
+  TAIL=25 stage bench_backward "${T_BWD:-200}" python3 benchmarks/bench_backward.py "$OUT"
+fi
+# SWEEP=1: also the backward tile sweep (about 50 s at D = 128; the three stages above leave ~130 s of a 600 s call)
 if [ -n "${SWEEP:-}" ]; then TAIL=15 stage sweep_backward "${T_SWEEP:-120}" python3 benchmarks/sweep_backward.py "$OUT"; fi
+# ONLY_EXTRA=1 skips the three stages above; then any of these (each about 2-4 minutes with its peers):
+# SELECTORS=1 (issue 7, all three N, Flex included), VARLEN=1 (issue 9, Flex's fwd+bwd included), LAYOUTS=1
+# (issue 6, forward and forward+backward)
+if [ -n "${SELECTORS:-}" ]; then TAIL=20 stage bench_selectors "${T_SEL:-200}" python3 benchmarks/bench_selectors.py "$OUT"; fi
+if [ -n "${VARLEN:-}" ]; then TAIL=20 stage bench_varlen "${T_VARLEN:-240}" env BENCH_DEADLINE=$(( ${T_VARLEN:-240} - 20 )) \
+  python3 benchmarks/bench_varlen.py "$OUT/varlen_h100.json" "$OUT/varlen_h100.md"; fi
+if [ -n "${LAYOUTS:-}" ]; then TAIL=20 stage bench_layouts "${T_LAYOUTS:-200}" env BENCH_BWD=1 python3 benchmarks/bench_layouts.py "$OUT"; fi
 ls -la "$OUT" >> "$log"
