@@ -351,8 +351,8 @@ def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops() -> N
     lengths = [1, 300, 0, 77, 16, 129, 1]
     for tiles, transpose in (((32, 16), False), ((16, 64), True)):
         want = m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose)
-        sides, src, pad = m._free_source(0, 512, *tiles, "cpu")
-        m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), pad)
+        sides, src, pad, _ = m._free_source(0, 512, *tiles, "cpu")
+        m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), pad, ({}, {}))
         threads = torch.get_num_threads()
         with DeviceOps() as ops:
             got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
@@ -404,3 +404,29 @@ def test_per_document_classifier_reads_the_device_once_per_round() -> None:
     assert tables[0].numel() == 2 * sum(-(-n // 16) for n in lengths)
     assert reads.masks == 0 and reads.scalars <= 2, (reads.masks, reads.scalars)
     assert 1 <= calls["partition"] <= calls["classify"] + 1, calls
+
+
+def test_row_templates_are_bounded_and_give_the_same_tables() -> None:
+    """Per-document row templates (kept across calls, keyed by a document's block counts) stay under their
+    row budget, and tables built with a warm, a cleared or an evicting template cache are identical."""
+    m = module("causal & (window(21) | stride(16))")
+    rng = np.random.default_rng(7)
+    splits = [rng.integers(0, 200, rng.integers(1, 9)).tolist() for _ in range(30)]
+    splits = [s for s in splits if sum(s)]
+    warm = [m._varlen_tables(cu_of(s), s, 16, 32, transpose=t) for s in splits for t in (False, True)]
+    saved = m._TEMPLATE_ROWS
+    m._TEMPLATE_ROWS = 24
+    try:
+        for entry in m._FREE.values():
+            entry[3][0].clear()
+            entry[3][1].clear()
+        small = [m._varlen_tables(cu_of(s), s, 16, 32, transpose=t) for s in splits for t in (False, True)]
+        most = max(sum(-(-n // 16) for n in s) for s in splits)
+        for entry in m._FREE.values():
+            for templates in entry[3]:
+                rows = sum(x.shape[0] for k, x in templates.items() if k != "rows")
+                assert rows == templates.get("rows", 0) <= 24 + most
+    finally:
+        m._TEMPLATE_ROWS = saved
+    for a, b in zip(warm, small, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
