@@ -103,7 +103,30 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
         context = (f"{_stamp(var)}; {s['docs']} documents, {s['total']} tokens, causal window {s['window']}, "
                    f"H={s['H']} D={s['D']} {s['dtype']}; tables / masks built inside every timed call.")  # fmt: skip
         out += _section("Packed documents", context, ["", "fwd ms", "fwd+bwd ms"], rows)
+    if sc := _load(results, "scaling"):
+        out += _scaling(sc)
     return out, bars
+
+
+def _scaling(sc: dict[str, Any]) -> list[str]:
+    """One row per (pattern, head_dim, pass), one column per N: our time and its speed-up over Flex."""
+    rows = [r for r in sc["rows"] if "error" not in r]
+    ns = sorted({r["N"] for r in rows})
+    cells = {(r["pattern"], r["D"], r["pass"], r["N"]): r for r in rows}
+    table = []
+    for pat, d, which in sorted({(r["pattern"], r["D"], r["pass"]) for r in rows}):
+        line = [pat, str(d), which]
+        for n in ns:
+            r = cells.get((pat, d, which, n))
+            line.append("-" if r is None else f"{r['ours_ms']:.3f} ms, {r['speedup_vs_flex']:.2f}x")
+        table.append(line)
+    s = sc["shape"]
+    context = (f"{_stamp(sc)}; B={s['B']} H={s['H']} {s['dtype']}. Each cell: our median time and Flex's time / ours, "
+               "measured side by side.")  # fmt: skip
+    missing = [f"{r['pattern']} N={r['N']} D={r['D']} {r['pass']}: {r['error']}" for r in sc["rows"] if "error" in r]
+    missing += sc.get("not_measured", [])
+    tail = [f"Not measured: {'; '.join(missing)}.", ""] if missing else []
+    return _section("Scaling in N and head_dim, 1-D patterns", context, ["pattern", "D", "pass", *map(str, ns)], table) + tail
 
 
 def plot(bars: list[tuple[str, str, float]], path: Path) -> None:

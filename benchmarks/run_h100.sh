@@ -41,5 +41,12 @@ if [ -n "${SWEEP:-}" ]; then TAIL=15 stage sweep_backward "${T_SWEEP:-120}" pyth
 if [ -n "${SELECTORS:-}" ]; then TAIL=20 stage bench_selectors "${T_SEL:-200}" python3 benchmarks/bench_selectors.py "$OUT"; fi
 if [ -n "${VARLEN:-}" ]; then TAIL=20 stage bench_varlen "${T_VARLEN:-240}" env BENCH_DEADLINE=$(( ${T_VARLEN:-240} - 20 )) \
   python3 benchmarks/bench_varlen.py "$OUT/varlen_h100.json" "$OUT/varlen_h100.md"; fi
+# SCALING=1 (issue 8: the 1-D patterns at N 4096..131072, D 64 and 128, fwd and fwd+bwd; resumes the committed
+# grid, so each call adds the cells its box allows)
+if [ -n "${SCALING:-}" ]; then
+  prior=(); [ -f docs/benchmarks/scaling_h100.json ] && prior=(--resume docs/benchmarks/scaling_h100.json)
+  TAIL=10 stage bench_scaling "${T_SCALING:-300}" env BENCH_DEADLINE=$(( ${T_SCALING:-300} - 60 )) \
+    python3 benchmarks/bench_scaling.py "$OUT/scaling_h100.json" "${prior[@]}"
+fi
 if [ -n "${LAYOUTS:-}" ]; then TAIL=20 stage bench_layouts "${T_LAYOUTS:-200}" env BENCH_BWD=1 python3 benchmarks/bench_layouts.py "$OUT"; fi
 ls -la "$OUT" >> "$log"
