@@ -6,7 +6,8 @@ per-(batch, head) tables + attention, one `attention(q, k, v)` call. Against den
 FlexAttention given the same selected blocks (its BlockMask built from our selection with
 `BlockMask.from_kv_blocks`, that build included in its time; selection itself shared, counted too).
 Writes JSON to argv[1] (default docs/benchmarks/) after every measurement; prints a table.
-Env: BENCH_BUDGET_S (default 110) skips what would start after that many seconds.
+Env: BENCH_BUDGET_S (default 110) skips what would start after that many seconds; BENCH_NS picks the N;
+BENCH_TOPK_ROWS sets the fused top-k kernel's query blocks per program (the module's TOPK_ROWS).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main() -> None:
     os.makedirs(outdir, exist_ok=True)
     dev = torch.device("cuda")
     mod = P.compile(f"pattern nsa = {SRC}\n")
+    mod.TOPK_ROWS = int(os.environ.get("BENCH_TOPK_ROWS", mod.TOPK_ROWS))  # query blocks per top-k program
     heads = mod._heads(0, 0, H, dev)
     meta = {
         "gpu": torch.cuda.get_device_name(),

@@ -86,7 +86,7 @@ def selection(m, dtype: str, d: int, d_pad: int) -> None:
     pool = dict(BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=d, D_PAD=d_pad)
     print(f"pool {'':20s} {resources(m._pool_kernel, dtype, pool, 4, 3, dict(ints, QM='*fp32', KM='*fp32'))}")
     if kind == "topk" and int(n) <= 64:
-        bq, bk = 64, 32 if d_pad <= 128 else 16
+        bq, bk = m.TOPK_ROWS, 32 if d_pad <= 128 else 16
         for ranges in (True, False):
             c = dict(N_SEL=int(n), NP=triton.next_power_of_2(int(n)), BQ=bq, BK=bk, D_PAD=16 if given else d_pad,
                      DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges, GIVEN=bool(given))  # fmt: skip
@@ -111,8 +111,10 @@ def main() -> None:
         help="BM1,BN1,BM2,BN2,warps,stages (both kernels) or BM1,BN1,BM2,BN2,warps1,stages1,warps2,stages2",
     )
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
+    ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the module's TOPK_ROWS)")
     a = ap.parse_args()
     m = P.compile(f"pattern p = {a.src}\n")
+    m.TOPK_ROWS = a.topk_rows or m.TOPK_ROWS
     d_pad = max(16, triton.next_power_of_2(a.d))
     common = dict(PAT=0, HEAD_DIM=a.d, D_PAD=d_pad, DOT_PREC="ieee" if a.dtype == "fp32" else "tf32",
                   IDX64=m.IDX64, INTERPRET=False, VARLEN=False, ACCUM=False)  # fmt: skip

@@ -63,13 +63,15 @@ def test_fused_topk_matches_the_float64_rule_ties_included(src: str, n: int) -> 
     assert not (srt[..., 1:] == srt[..., :-1]).any()
 
 
-def test_fused_topk_equals_the_sorting_path_on_random_scores() -> None:
+@pytest.mark.parametrize("rows", [64, 16])  # query blocks per program (TOPK_ROWS)
+def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int) -> None:
     src = "causal & (window(15) | topk(7, block=16) | sink(16))"
     n, h, hkv, d = 16 * 100 - 7, 2, 1, 16
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, h, n, d, generator=g)
     k = torch.randn(1, hkv, n, d, generator=g)
     m = P.compile(f"pattern p = {src}\n", **SMALL)
+    m.TOPK_ROWS = rows
     heads = _heads(m, h)
     fused = m._selection(0, q, k, None, heads, h // hkv)
     nb = -(-n // 16)
