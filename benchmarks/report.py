@@ -40,27 +40,32 @@ def _shaped(d: dict[str, Any]) -> str:
     return f"{_stamp(d)}; B={s['B']} H={s['H']} N={s['N']} D={s['D']} {s['dtype']}."
 
 
+def _vs_flex(results: list[dict[str, Any]], group: str, ours: str, flex: str, bars: list[tuple[str, str, float]],
+             cells: Any) -> list[list[str]]:
+    """Table rows `cells(row, Flex time / ours)`, each ratio also a bar of the plot."""
+    rows = []
+    for r in results:
+        ratio = r[flex] / r[ours]
+        bars.append((group, r["pattern"], ratio))
+        rows.append(cells(r, ratio))
+    return rows
+
+
 def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     """Markdown lines and (group, label, ours-vs-Flex speed) bars for the plot."""
     out: list[str] = []
     bars: list[tuple[str, str, float]] = []
     if fwd := _load(results, "forward"):
-        rows = []
-        for r in fwd["forward"]:
-            ratio = r["flex_ms"] / r["ours_ms"]
-            bars.append(("forward", r["pattern"], ratio))
-            rows.append([r["pattern"], f"{r['density']:.4f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.1f}",
-                         f"{r['flex_ms']:.3f}", f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
+        rows = _vs_flex(fwd["forward"], "forward", "ours_ms", "flex_ms", bars, lambda r, ratio: [
+            r["pattern"], f"{r['density']:.4f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_ms']:.3f}",
+            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
         header = ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"]
         out += _section("Forward, 1-D patterns", _shaped(fwd), header, rows)
     if fb := _load(results, "fwd_bwd"):
-        rows = []
-        for r in fb["fwd_bwd"]:
-            ratio = r["flex_fwd_bwd_ms"] / r["ours_fwd_bwd_ms"]
-            bars.append(("fwd+bwd", r["pattern"], ratio))
-            rows.append([r["pattern"], f"{r['ours_fwd_bwd_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_fwd_bwd_ms']:.3f}",
-                         f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x",
-                         r.get("date", fb["date"])[:16].replace("T", " ")])  # fmt: skip
+        rows = _vs_flex(fb["fwd_bwd"], "fwd+bwd", "ours_fwd_bwd_ms", "flex_fwd_bwd_ms", bars, lambda r, ratio: [
+            r["pattern"], f"{r['ours_fwd_bwd_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_fwd_bwd_ms']:.3f}",
+            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x",
+            r.get("date", fb["date"])[:16].replace("T", " ")])  # fmt: skip
         header = ["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex", "measured (UTC)"]
         out += _section("Forward + backward, 1-D patterns", _shaped(fb), header, rows)
     if lay := _load(results, "layouts"):

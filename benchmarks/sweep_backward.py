@@ -34,10 +34,10 @@ PATTERNS = [("causal", "causal"), ("sliding_window_1024", "causal & window(1023)
 # (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA
 CANDIDATES = [
     ((32, 64, 64, 32, 8, 3, 8, 3), False),  # the pointer-load default (token layouts, packed documents)
-    ((32, 64, 64, 64, 4, 2, 4, 2), True),  # the TMA default since the 2026-11-25 17:05 sweep
+    ((32, 64, 64, 64, 4, 2, 4, 2), True),  # the TMA default after the 2026-11-25 17:00 sweep
     ((32, 64, 128, 64, 4, 3, 8, 2), True),  # the TMA default before it
-    # not yet measured: the new default's tiles with pointer loads (would serve layouts and packed
-    # documents), and small steps around it
+    # measured 17:10 (docs/benchmarks/sweep_backward*_h100.json): the first pointer-load row below became
+    # the pointer default, the last row the TMA default
     ((32, 64, 64, 64, 4, 2, 4, 2), False),
     ((32, 64, 64, 32, 4, 2, 4, 3), False),
     ((32, 64, 64, 64, 4, 2, 4, 3), True),
