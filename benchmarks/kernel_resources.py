@@ -86,12 +86,13 @@ def selection(m, dtype: str, d: int, d_pad: int) -> None:
     pool = dict(BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=d, D_PAD=d_pad)
     print(f"pool {'':20s} {resources(m._pool_kernel, dtype, pool, 4, 3, dict(ints, QM='*fp32', KM='*fp32'))}")
     if kind == "topk" and int(n) <= 64:
-        bq, bk = m.TOPK_ROWS, 32 if d_pad <= 128 else 16
+        bq, bk = m.TOPK_ROWS, m.TOPK_KEYS if d_pad <= 128 else 16
         for ranges in (True, False):
             c = dict(N_SEL=int(n), NP=triton.next_power_of_2(int(n)), BQ=bq, BK=bk, D_PAD=16 if given else d_pad,
-                     DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges, GIVEN=bool(given))  # fmt: skip
+                     DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges, GIVEN=bool(given),
+                     FILL=m.TOPK_FILL and triton.next_power_of_2(int(n)) <= bk)  # fmt: skip
             t = dict(ints, QM="*fp32", KM="*fp32", SCORES="*fp32", CAND="*i32" if ranges else "*u8")
-            print(f"topk {'ranges' if ranges else 'bytes':20s} {resources(m._topk_kernel, dtype, c, 4, 3, t)}")
+            print(f"topk {'ranges' if ranges else 'bytes':20s} {resources(m._topk_kernel, dtype, c, m.TOPK_WARPS, 3, t)}")
     t = dict(ints, ST_CLS="*i8", K1="*i64", C1="*i8")
     for write in (False, True):
         c = dict(RQ=1, RK=1, BR=16, SC=16, WC=16, LOG=20, WRITE=write)
@@ -112,9 +113,15 @@ def main() -> None:
     )
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
     ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the module's TOPK_ROWS)")
+    ap.add_argument("--topk-warps", type=int, help="its warps (TOPK_WARPS)")
+    ap.add_argument("--topk-keys", type=int, help="its key blocks per tile (TOPK_KEYS)")
+    ap.add_argument("--topk-fill", type=int, choices=[0, 1], help="its first tile by a bitonic top-k (TOPK_FILL)")
     a = ap.parse_args()
     m = P.compile(f"pattern p = {a.src}\n")
     m.TOPK_ROWS = a.topk_rows or m.TOPK_ROWS
+    m.TOPK_WARPS = a.topk_warps or m.TOPK_WARPS
+    m.TOPK_KEYS = a.topk_keys or m.TOPK_KEYS
+    m.TOPK_FILL = m.TOPK_FILL if a.topk_fill is None else bool(a.topk_fill)
     d_pad = max(16, triton.next_power_of_2(a.d))
     common = dict(PAT=0, HEAD_DIM=a.d, D_PAD=d_pad, DOT_PREC="ieee" if a.dtype == "fp32" else "tf32",
                   IDX64=m.IDX64, INTERPRET=False, VARLEN=False, ACCUM=False)  # fmt: skip

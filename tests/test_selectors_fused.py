@@ -63,15 +63,15 @@ def test_fused_topk_matches_the_float64_rule_ties_included(src: str, n: int) -> 
     assert not (srt[..., 1:] == srt[..., :-1]).any()
 
 
-@pytest.mark.parametrize("rows", [64, 16])  # query blocks per program (TOPK_ROWS)
-def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "fill"), [(64, False), (16, False), (64, True)])  # TOPK_ROWS, TOPK_FILL
+def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bool) -> None:
     src = "causal & (window(15) | topk(7, block=16) | sink(16))"
     n, h, hkv, d = 16 * 100 - 7, 2, 1, 16
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, h, n, d, generator=g)
     k = torch.randn(1, hkv, n, d, generator=g)
     m = P.compile(f"pattern p = {src}\n", **SMALL)
-    m.TOPK_ROWS = rows
+    m.TOPK_ROWS, m.TOPK_FILL = rows, fill
     heads = _heads(m, h)
     fused = m._selection(0, q, k, None, heads, h // hkv)
     nb = -(-n // 16)
@@ -80,8 +80,8 @@ def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int) -> None:
     assert torch.equal(m._sel_dense(fused, nb), m._sel_dense(sorting, nb))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_fused_given_scores_equal_the_sorting_path(dtype: str) -> None:
+@pytest.mark.parametrize(("dtype", "fill"), [("float32", False), ("float16", False), ("float16", True)])
+def test_fused_given_scores_equal_the_sorting_path(dtype: str, fill: bool) -> None:
     """score=given through `_topk_kernel`: ties (few distinct values, -0.0 beside 0.0) to the lower block,
     NaN scores never picked, as `_ordered_keys` + torch.topk over the same scores."""
     src = "causal & (window(15) | topk(6, block=16, score=given))"
@@ -93,6 +93,7 @@ def test_fused_given_scores_equal_the_sorting_path(dtype: str) -> None:
     scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, 0.0, -0.0).to(scores)
     scores[torch.rand(scores.shape, generator=g) < 0.05] = float("nan")
     m = P.compile(f"pattern p = {src}\n", **SMALL)
+    m.TOPK_FILL = fill  # ties and NaN through the bitonic first tile too
     fused = m._selection(0, q, k, scores, _heads(m, h), h)
     cand = m._candidates(m.SELECTORS[0][5], n, 16, "cpu")
     s = torch.where(cand, scores.float(), float("nan")).reshape(h * nb, nb)
