@@ -6,6 +6,7 @@ before every call, so host work ahead of the first launch counts), the sum of th
 profiler), the host time of one step when nothing waits on the GPU (a burst of steps after a sync), and
 whether the step synchronizes with the GPU anywhere (`torch.cuda.set_sync_debug_mode`). Then a cProfile of
 the host side of the window's steps, the top functions by own time. Writes host_overhead.json to argv[1].
+Env: BENCH_N (16384), BENCH_D (128), BENCH_ONLY (pattern names), BENCH_PROFILE (the pattern to cProfile).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import time
 import warnings
 
 import torch
-from bench_forward import DT, PATTERNS, B, D, H, N, med
+from bench_forward import DT, PATTERNS, B, H, med
 from runinfo import run_info
 
 import patterndsl as P
+
+N = int(os.environ.get("BENCH_N", "16384"))  # short sequences expose host time the most
+D = int(os.environ.get("BENCH_D", "128"))
 
 
 def kernel_ms(fn) -> float:
@@ -85,7 +89,7 @@ def main() -> None:
                "fwd_host_ms": host_ms(fwd), "step_syncs": syncs(step), "fwd_syncs": syncs(fwd)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if name == "sliding_window_1024":
+        if name == os.environ.get("BENCH_PROFILE", "sliding_window_1024"):
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(50):
@@ -96,7 +100,7 @@ def main() -> None:
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
             print(s.getvalue()[-6000:], flush=True)
     with open(os.path.join(outdir, "host_overhead_h100.json"), "w") as f:
-        json.dump({**run_info(), "rows": rows}, f, indent=1)
+        json.dump({**run_info(), "shape": {"B": B, "H": H, "N": N, "D": D}, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

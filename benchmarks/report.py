@@ -113,6 +113,15 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     return out, bars
 
 
+def _scaling_cell(r: dict[str, Any]) -> str:
+    """Our time and Flex's time / ours; a peer that ran out of memory says so instead of a ratio."""
+    if r.get("ours_ms") is None:
+        return "ours: out of memory"
+    if r.get("flex_ms") is None:
+        return f"{r['ours_ms']:.3f} ms, Flex out of memory"
+    return f"{r['ours_ms']:.3f} ms, {r['speedup_vs_flex']:.2f}x"
+
+
 def _scaling(sc: dict[str, Any]) -> list[str]:
     """One row per (pattern, head_dim, pass), one column per N: our time and its speed-up over Flex."""
     rows = [r for r in sc["rows"] if "error" not in r]
@@ -123,7 +132,7 @@ def _scaling(sc: dict[str, Any]) -> list[str]:
         line = [pat, str(d), which]
         for n in ns:
             r = cells.get((pat, d, which, n))
-            line.append("-" if r is None else f"{r['ours_ms']:.3f} ms, {r['speedup_vs_flex']:.2f}x")
+            line.append("-" if r is None else _scaling_cell(r))
         table.append(line)
     s = sc["shape"]
     context = (f"{_stamp(sc)}; B={s['B']} H={s['H']} {s['dtype']}. Each cell: our median time and Flex's time / ours, "
