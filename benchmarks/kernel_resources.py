@@ -86,8 +86,9 @@ def selection(m, dtype: str, d: int, d_pad: int) -> None:
     pool = dict(BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=d, D_PAD=d_pad)
     print(f"pool {'':20s} {resources(m._pool_kernel, dtype, pool, 4, 3, dict(ints, QM='*fp32', KM='*fp32'))}")
     if kind == "topk" and int(n) <= 64:
-        bq, bk = m.TOPK_ROWS, m.TOPK_KEYS if d_pad <= 128 else 16
+        bq = m.TOPK_ROWS
         for ranges in (True, False):
+            bk = 16 if d_pad > 128 else m.TOPK_KEYS if ranges else 32  # as `_selection` picks it
             c = dict(N_SEL=int(n), NP=triton.next_power_of_2(int(n)), BQ=bq, BK=bk, D_PAD=16 if given else d_pad,
                      DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges, GIVEN=bool(given),
                      FILL=m.TOPK_FILL and triton.next_power_of_2(int(n)) <= bk)  # fmt: skip

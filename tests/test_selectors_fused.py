@@ -63,15 +63,16 @@ def test_fused_topk_matches_the_float64_rule_ties_included(src: str, n: int) -> 
     assert not (srt[..., 1:] == srt[..., :-1]).any()
 
 
-@pytest.mark.parametrize(("rows", "fill"), [(64, False), (16, False), (64, True)])  # TOPK_ROWS, TOPK_FILL
-def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bool) -> None:
+@pytest.mark.parametrize(("rows", "fill", "keys"), [(64, False, 64), (16, False, 64), (64, True, 64), (64, True, 32)])
+def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bool, keys: int) -> None:
+    """TOPK_ROWS, TOPK_FILL, TOPK_KEYS: every variant picks what the sorting path picks."""
     src = "causal & (window(15) | topk(7, block=16) | sink(16))"
     n, h, hkv, d = 16 * 100 - 7, 2, 1, 16
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, h, n, d, generator=g)
     k = torch.randn(1, hkv, n, d, generator=g)
     m = P.compile(f"pattern p = {src}\n", **SMALL)
-    m.TOPK_ROWS, m.TOPK_FILL = rows, fill
+    m.TOPK_ROWS, m.TOPK_FILL, m.TOPK_KEYS = rows, fill, keys
     heads = _heads(m, h)
     fused = m._selection(0, q, k, None, heads, h // hkv)
     nb = -(-n // 16)
