@@ -6,7 +6,8 @@ before every call, so host work ahead of the first launch counts), the sum of th
 profiler), the host time of one step when nothing waits on the GPU (a burst of steps after a sync), and
 whether the step synchronizes with the GPU anywhere (`torch.cuda.set_sync_debug_mode`). Then a cProfile of
 the host side of the window's steps, the top functions by own time. Writes host_overhead.json to argv[1].
-Env: BENCH_N (16384), BENCH_D (128), BENCH_ONLY (pattern names), BENCH_PROFILE (the pattern to cProfile).
+Env: BENCH_N (16384), BENCH_D (128), BENCH_ONLY (pattern names), BENCH_PROFILE (the pattern to cProfile),
+BENCH_PROFILE_PASS (fwd: profile the forward alone instead of the step).
 """
 
 from __future__ import annotations
@@ -92,12 +93,14 @@ def main() -> None:
         if name == os.environ.get("BENCH_PROFILE", "sliding_window_1024"):
             prof = cProfile.Profile()
             prof.enable()
+            what = fwd if os.environ.get("BENCH_PROFILE_PASS") == "fwd" else step
             for _ in range(50):
-                step()
+                what()
             prof.disable()
             torch.cuda.synchronize()
             s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(30)
             print(s.getvalue()[-6000:], flush=True)
     with open(os.path.join(outdir, "host_overhead_h100.json"), "w") as f:
         json.dump({**run_info(), "shape": {"B": B, "H": H, "N": N, "D": D}, "rows": rows}, f, indent=1)
