@@ -1,5 +1,6 @@
 """First call of a compiled module from empty caches (compile + autotune) and from a warm cache, each in a
-fresh process (issue 8: under 30 s and under 3 s). Prints and writes JSON (argv[1], default stdout only).
+fresh process (issue 8: under 30 s and under 3 s), then its first forward+backward step (the backward's
+compile + tuning). Prints and writes JSON (argv[1], default stdout only).
 
 Measured inside the child: from `patterndsl.compile(...)` to the first `attention(...)` result on the GPU
 (import torch and CUDA start-up excluded, reported apart as process wall time).
@@ -24,6 +25,11 @@ m = P.compile("pattern p = causal & window(1023)\\n")
 m.attention(q, k, v)
 torch.cuda.synchronize()
 print("FIRST_CALL_S", time.perf_counter() - t0, m.LAST_CONFIG)
+qkv = [x.requires_grad_() for x in (q, k, v)]
+t0 = time.perf_counter()
+torch.autograd.grad(m.attention(*qkv), qkv, torch.randn_like(q))
+torch.cuda.synchronize()
+print("FIRST_STEP_S", time.perf_counter() - t0, m.LAST_BWD)
 """
 
 
@@ -31,9 +37,12 @@ def run_child(env: dict) -> dict:
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("FIRST_CALL_S"))
+    step = next(x for x in out.splitlines() if x.startswith("FIRST_STEP_S"))
     return {
         "first_call_s": float(line.split()[1]),
         "config": line.split(" ", 2)[2],
+        "first_backward_step_s": float(step.split()[1]),  # after that forward: the backward's compile + tuning
+        "backward_tiles": step.split(" ", 2)[2],
         "process_s": time.perf_counter() - t0,
     }
 
