@@ -8,7 +8,8 @@ H100's 227 KiB per block or the launch fails.
 `--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), not
 `_attn_fwd_fast` (whose TMA descriptor arguments this tool does not describe); switches it does not set are off.
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
-context, table merge) with the arguments `_selection` and `_dynamic_tables` give them.
+context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
+packed-document table kernels (`_free_tables`).
 
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
         --fwd 128,64,8,3 --bwd 32,64,64,32,8,3 --bwd 64,128,128,64,8,3
@@ -100,6 +101,17 @@ def selection(m, dtype: str, d: int, d_pad: int) -> None:
         print(f"merge {'write' if write else 'count':19s} {resources(m._merge_kernel, dtype, c, 4, 3, t)}")
 
 
+def tables(m) -> None:
+    """The packed-document table kernels of the N-free build (`_free_tables`), as it launches them."""
+    ints = {"rows": "i32", "docs": "i32", "steps": "i32"}
+    ptr = {x: "*i32" for x in ("DESC", "STORE", "KEY", "TROW", "RDOC", "TILES", "F_OFF", "P_OFF", "SORTED", "SRC",
+                               "F_IDX", "P_IDX")}  # fmt: skip
+    t = dict(ints, **ptr, ORDER="*i64")
+    for name, c, warps in (("_vl_rows", dict(BLOCK=m._VL_ROWS), 4), ("_vl_scan", dict(CHUNK=m._VL_CHUNK), 8),
+                           ("_vl_gather", dict(ROWS=m._VL_GATHER, ENTRIES=m._VL_ENTRIES), 4)):  # fmt: skip
+        print(f"{name:24s} {resources(getattr(m, name), 'i32', c, warps, 1, t)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default="causal & window(1023)")
@@ -113,6 +125,7 @@ def main() -> None:
         help="BM1,BN1,BM2,BN2,warps,stages (both kernels) or BM1,BN1,BM2,BN2,warps1,stages1,warps2,stages2",
     )
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
+    ap.add_argument("--tables", action="store_true", help="the packed-document table kernels (cu_seqlens)")
     ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the module's TOPK_ROWS)")
     ap.add_argument("--topk-warps", type=int, help="its warps (TOPK_WARPS)")
     ap.add_argument("--topk-keys", type=int, help="its key blocks per tile (TOPK_KEYS)")
@@ -133,6 +146,8 @@ def main() -> None:
         )
     if a.sel:
         selection(m, a.dtype, a.d, d_pad)
+    if a.tables:
+        tables(m)
     for cfg in a.bwd or [",".join(map(str, m._bwd_config(d_pad)))]:
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])

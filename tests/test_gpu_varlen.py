@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from reference_varlen import packed_tables
 
 import patterndsl as P
 from patterndsl.mask import dense_mask
@@ -131,3 +132,34 @@ def test_gpu_varlen_float16_and_thousands_of_documents() -> None:
     assert _check(m, src, _lengths(2, 6000), torch.float16) < 2e-3
     lengths = np.random.default_rng(3).integers(1, 40, 3000).tolist()
     assert _check(m, src, lengths, torch.float16) < 2e-3
+
+
+def test_gpu_n_free_tables_bit_identical_and_without_host_sync() -> None:
+    """The per-call N-free build on the GPU (row templates kept on the device, a sort, three Triton kernels)
+    against the plain Python assembly of tests/reference_varlen.py, bit for bit, at the forward, dQ and
+    transposed dK/dV tiles; the benchmark's shape, thousands of short documents, empty ones. Each build
+    (shared table already made) runs with torch's sync debug mode set to error: a synchronising CUDA call
+    fails it, with new document shapes (templates computed and copied) and with known ones."""
+    m = P.compile(f"pattern p = {CASES[0]}\n")
+    d_pad = 128
+    tiles = [(*m._config(d_pad)[:2], False)]
+    if hasattr(m, "_bwd_config"):
+        bm1, bn1, bm2, bn2 = m._bwd_config(d_pad)[:4]
+        tiles += [(bm2, bn2, False), (bm1, bn1, True)]
+    rng = np.random.default_rng(6)
+    splits = [rng.integers(1024, 32769, 32).tolist(), _lengths(7, 20000), rng.integers(1, 40, 3000).tolist(),
+              [0, 1, 0, 5000, 0], rng.integers(1024, 32769, 32).tolist()]
+    for lengths in splits + splits[:2]:  # the last two: every shape known
+        cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device="cuda")
+        for bm, bn, transpose in tiles:
+            top = max(1 << (max(lengths) - 1).bit_length(), bm, bn)
+            m._free_source(0, top, bm, bn, cu.device)  # the shared table: built once per length bucket (syncs)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = m._varlen_tables(cu, lengths, bm, bn, transpose=transpose)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            want = packed_tables(m.block_tables(top, bm, bn, "cpu", layout=False), lengths, bm, bn, transpose)
+            for name, x, y in zip(("tiles", "f_off", "f_idx", "p_off", "p_idx"), got, want, strict=True):
+                assert x.is_cuda and x.dtype == torch.int32 and torch.equal(x.cpu(), y), (bm, bn, transpose, name)

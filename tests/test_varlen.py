@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference import reference_mask
+from reference_varlen import packed_tables
 from test_language_masks import expressions
 
 import patterndsl as P
@@ -247,8 +248,11 @@ def test_fifty_calls_with_random_lengths_need_one_specialisation() -> None:
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     m = P.compile("pattern p = causal & (window(5) | sink(2))\n", **SMALL)
-    names = [x for x in ("_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv") if hasattr(m, x)]
+    kernels = ("_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv", "_vl_rows", "_vl_scan", "_vl_gather")
+    names = [x for x in kernels if hasattr(m, x)]
+    assert "_vl_rows" in names
     launches: dict[str, list[tuple[Any, Any]]] = {x: [] for x in names}
+    saved = {x: getattr(m, x) for x in names}
 
     class Recorder:  # records the launch instead of running it (the key is all that matters here)
         def __init__(self, name: str) -> None:
@@ -263,14 +267,20 @@ def test_fifty_calls_with_random_lengths_need_one_specialisation() -> None:
         for label, kw in (("ours", real.kwargs), ("specialised", {**real.kwargs, "do_not_specialize": []})):
             jf = JITFunction(real.fn, **kw)
             binders[x, label] = create_function_from_signature(jf.signature, jf.params, BaseBackend)
-        setattr(m, x, Recorder(x))
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        lengths = rng.integers(1, 300, rng.integers(1, 9)).tolist()
-        q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
-        m.attention(q, q, q, cu_seqlens=cu_of(lengths)).sum().backward()
+    try:  # (the module is shared with the other tests: its kernels are put back, its garbage tables dropped)
+        for x in names:
+            setattr(m, x, Recorder(x))
+        for _ in range(50):
+            lengths = rng.integers(1, 300, rng.integers(1, 9)).tolist()
+            q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
+            m.attention(q, q, q, cu_seqlens=cu_of(lengths)).sum().backward()
+    finally:
+        for x in names:
+            setattr(m, x, saved[x])
+        m._VARLEN.clear()
     for x in names:
-        assert len(launches[x]) == 50, x
+        assert len(launches[x]) == (150 if x.startswith("_vl_") else 50), x  # tables: forward, dQ, dK/dV
         keys: dict[str, set[str]] = {"ours": set(), "specialised": set()}
         for a, kw in launches[x]:
             for label in keys:
@@ -330,36 +340,92 @@ def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops() -> N
     """On a GPU a host sync costs more than the whole build (perf-notes, varlen v1): the per-call N-free
     build must read no device value. On the meta device every such read (item, tolist, nonzero, boolean
     masks, repeat_interleave without its size) raises, so the build running there (the shared table's
-    device part moved to meta) shows it; the same call on the CPU gives the shapes meta reports. The ops
-    that produce device tensors, views aside, are counted: a copy, the gather's few ops."""
+    device part moved to meta) shows it; the same call on the CPU gives the shapes meta reports. Triton
+    cannot launch on meta: its three table kernels are recorders there, which check that every argument is
+    a meta tensor or a Python int. Counted per call with the templates warm: the torch ops that produce
+    device tensors, views aside (the descriptor's copy, the buffer, the sort), and the launches."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
     class DeviceOps(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.names: list[str] = []
+            self.names: list[str] = []  # new device tensors
+            self.writes: list[str] = []  # every op with a device result, views and in-place ones too
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
             on_meta = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tree_flatten(out)[0])
+            if on_meta:
+                self.writes.append(func.__name__.split(".")[0])
             if on_meta and not any(r.alias_info for r in func._schema.returns):
-                self.names.append(func.__name__)
+                self.names.append(func.__name__.split(".")[0])
             return out
+
+    launches: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid: Any) -> Any:
+            def launch(*args: Any, **kwargs: Any) -> None:
+                assert all(type(x) is int and x > 0 for x in grid), grid
+                for x in (*args, *kwargs.values()):
+                    assert type(x) is int or (isinstance(x, torch.Tensor) and x.device.type == "meta"), type(x)
+                launches.append(self.name)
+
+            return launch
 
     m = module("causal & window(100)")
     lengths = [1, 300, 0, 77, 16, 129, 1]
+    kernels = ("_vl_rows", "_vl_scan", "_vl_gather")
+    saved = {x: getattr(m, x) for x in kernels}
     for tiles, transpose in (((32, 16), False), ((16, 64), True)):
         want = m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose)
-        sides, src, pad, _ = m._free_source(0, 512, *tiles, "cpu")
-        m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), pad, ({}, {}))
+        sides, src, _ = m._free_source(0, 512, *tiles, "cpu")
+        m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), ({}, {}))
         threads = torch.get_num_threads()
-        with DeviceOps() as ops:
-            got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
+        try:
+            for x in kernels:
+                setattr(m, x, Recorder(x))
+            with DeviceOps() as cold:
+                m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))  # templates made
+            launches.clear()
+            with DeviceOps() as ops:
+                got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
+        finally:
+            for x in kernels:
+                setattr(m, x, saved[x])
         assert torch.get_num_threads() == threads, "the host part's single thread is given back"
         assert [x.device.type for x in got] == ["meta"] * 5
         assert [x.shape for x in got] == [x.shape for x in want]
-        assert 1 <= len(ops.names) <= 8, ops.names
+        assert "copy_" in cold.writes and "copy_" not in ops.writes, (cold.writes, ops.writes)  # new templates
+        assert sorted(ops.names) == ["_to_copy", "empty", "sort"], ops.names
+        assert launches == list(kernels), launches
+
+
+def test_n_free_tables_match_a_brute_force_assembly_bit_for_bit() -> None:
+    """The device builder (templates kept across calls, a sort and three kernels) against the plain Python
+    assembly of tests/reference_varlen.py from the same shared table: random splits with empty, length-1
+    and block-edge documents, all empty, both orientations, five tile shapes, templates cold and warm."""
+    rng = np.random.default_rng(11)
+    shapes = [(16, 16), (32, 16), (16, 32), (64, 32), (16, 64)]
+    for src in ("causal & (window(21) | stride(16))", "window(21) | stride(16)"):
+        m = module(src)
+        assert m.N_FREE[0]
+        for case in range(14):
+            sizes = [0, 1, 2, 15, 16, 17, 31, 32, 33, int(rng.integers(1, 300)), int(rng.integers(1, 300))]
+            lengths = [int(x) for x in rng.choice(sizes, int(rng.integers(1, 10)))] if case else [0, 0]
+            bm, bn = shapes[case % len(shapes)]
+            top = max(1 << (max(lengths, default=1) - 1).bit_length(), bm, bn) if max(lengths) else max(bm, bn)
+            shared = m.block_tables(top, bm, bn, "cpu", layout=False)
+            for transpose in (False, True):
+                got = m._varlen_tables(cu_of(lengths), lengths, bm, bn, transpose=transpose)
+                want = packed_tables(shared, lengths, bm, bn, transpose)
+                assert all(x.dtype == torch.int32 and x.is_contiguous() for x in got)
+                for name, x, y in zip(("tiles", "f_off", "f_idx", "p_off", "p_idx"), got, want, strict=True):
+                    assert torch.equal(x, y), (src, lengths, bm, bn, transpose, name)
 
 
 def test_per_document_classifier_reads_the_device_once_per_round() -> None:
@@ -418,14 +484,15 @@ def test_row_templates_are_bounded_and_give_the_same_tables() -> None:
     m._TEMPLATE_ROWS = 24
     try:
         for entry in m._FREE.values():
-            entry[3][0].clear()
-            entry[3][1].clear()
+            entry[2][0].clear()
+            entry[2][1].clear()
         small = [m._varlen_tables(cu_of(s), s, 16, 32, transpose=t) for s in splits for t in (False, True)]
         most = max(sum(-(-n // 16) for n in s) for s in splits)
-        for entry in m._FREE.values():
-            for templates in entry[3]:
-                rows = sum(x.shape[0] for k, x in templates.items() if k != "rows")
-                assert rows == templates.get("rows", 0) <= 24 + most
+        stores = [store for entry in m._FREE.values() for store in entry[2] if store]
+        assert len(stores) >= 2
+        for store in stores:
+            rows = sum(k for _, k, _, _ in store["shape"].values())
+            assert rows == store["rows"] <= min(24 + most, store["t"].shape[0])
     finally:
         m._TEMPLATE_ROWS = saved
     for a, b in zip(warm, small, strict=True):
