@@ -117,7 +117,7 @@ def _scaling_cell(r: dict[str, Any]) -> str:
     """Our time and Flex's time / ours; a peer that ran out of memory says so instead of a ratio."""
     if r.get("ours_ms") is None:
         return "ours: out of memory"
-    if r.get("flex_ms") is None:
+    if "speedup_vs_flex" not in r:
         return f"{r['ours_ms']:.3f} ms, Flex out of memory"
     return f"{r['ours_ms']:.3f} ms, {r['speedup_vs_flex']:.2f}x"
 

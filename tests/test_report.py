@@ -42,7 +42,9 @@ def test_scaling_section_shows_every_measured_cell_and_says_what_is_missing(tmp_
     rows = [
         {"pattern": "causal", "N": n, "D": 128, "pass": "fwd", "ours_ms": n / 1000, "speedup_vs_flex": 1.5}
         for n in (4096, 16384)
-    ] + [{"pattern": "causal", "N": 131072, "D": 128, "pass": "fwd+bwd", "error": "out of memory: x"}]
+    ] + [{"pattern": "causal", "N": 131072, "D": 128, "pass": "fwd+bwd", "error": "out of memory: x"},
+         {"pattern": "causal", "N": 65536, "D": 128, "pass": "fwd", "ours_ms": 65.536, "flex_ms": None,
+          "flex_error": "out of memory: y"}]  # fmt: skip
     meta = {"machine": "GPU", "date": "d", "torch": "t", "triton": "r", "shape": {"B": 1, "H": 16, "dtype": "bf16"}}
     (results / "scaling_h100.json").write_text(json.dumps({**meta, "rows": rows, "not_measured": ["power N=4096"]}))
     page = tmp_path / "benchmarks.md"
@@ -50,5 +52,5 @@ def test_scaling_section_shows_every_measured_cell_and_says_what_is_missing(tmp_
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     text = page.read_text(encoding="utf-8")
-    assert "| causal | 128 | fwd | 4.096 ms, 1.50x | 16.384 ms, 1.50x |" in text
+    assert "| causal | 128 | fwd | 4.096 ms, 1.50x | 16.384 ms, 1.50x | 65.536 ms, Flex out of memory |" in text
     assert "causal N=131072 D=128 fwd+bwd: out of memory: x" in text and "power N=4096" in text
