@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TypeGuard
 
 from . import expr as E
 from .expr import Expr
@@ -121,7 +122,7 @@ def _powers(base: int, limit: int) -> list[int]:
     return out
 
 
-def _pow2(e: Expr) -> bool:
+def _pow2(e: Expr) -> TypeGuard[E.Const]:
     """A constant power of two: `x // 2**k` and `x % 2**k` of a non-negative x are a shift and a mask."""
     return isinstance(e, E.Const) and not isinstance(e.value, bool) and int(e.value) > 0 and int(e.value) & (int(e.value) - 1) == 0
 

@@ -304,19 +304,19 @@ def compile_source(
 
     bwd_configs, bwd_tma_configs = DEFAULT_BWD_CONFIGS, DEFAULT_BWD_TMA_CONFIGS
     if bwd_config is not None:
-        cfg = tuple(bwd_config)
-        if len(cfg) not in (6, 8) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg):
+        bwd: tuple[int, ...] = tuple(bwd_config)
+        if len(bwd) not in (6, 8) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in bwd):
             raise ValueError(
                 "bwd_config must be six positive integers (BM1, BN1, BM2, BN2, warps, stages) or eight (BM1, BN1, "
-                f"BM2, BN2, warps1, stages1, warps2, stages2: dK/dV's then dQ's), got {cfg}"
+                f"BM2, BN2, warps1, stages1, warps2, stages2: dK/dV's then dQ's), got {bwd}"
             )
-        if any(x < 16 or x & (x - 1) for x in cfg[:4]):
-            raise ValueError(f"backward block sizes must be powers of two >= 16, got {cfg[:4]}")
-        if any(x & (x - 1) for x in cfg[4::2]):
-            raise ValueError(f"backward warp counts must be powers of two, got {cfg[4::2]}")
-        if len(cfg) == 6:  # one warps/stages for both kernels
-            cfg = (*cfg, cfg[4], cfg[5])
-        bwd_configs = bwd_tma_configs = tuple((d, cfg) for d, _ in DEFAULT_BWD_CONFIGS)
+        if any(x < 16 or x & (x - 1) for x in bwd[:4]):
+            raise ValueError(f"backward block sizes must be powers of two >= 16, got {bwd[:4]}")
+        if any(x & (x - 1) for x in bwd[4::2]):
+            raise ValueError(f"backward warp counts must be powers of two, got {bwd[4::2]}")
+        w2, s2 = (bwd[4], bwd[5]) if len(bwd) == 6 else (bwd[6], bwd[7])  # six: one warps/stages for both kernels
+        full = (bwd[0], bwd[1], bwd[2], bwd[3], bwd[4], bwd[5], w2, s2)
+        bwd_configs = bwd_tma_configs = tuple((d, full) for d, _ in DEFAULT_BWD_CONFIGS)
 
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     defines_doc = ", ".join(f"{k}={v}" for k, v in clean_defines.items()) or "none"

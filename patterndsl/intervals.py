@@ -82,16 +82,16 @@ def _interval(e: Expr, env: dict[str, Interval], xp: Any) -> Interval:
         case E.Arith(op, a, b):
             return _arith(op, _interval(a, env, xp), _interval(b, env, xp), xp)
         case E.Abs(a):
-            x = _interval(a, env, xp)
-            lo = _where(_cmpv("<=", 0, x.lo), x.lo, _where(_cmpv("<=", x.hi, 0), -x.hi, 0, xp), xp)
-            return Interval(lo, _max(-x.lo, x.hi, xp))
+            iv = _interval(a, env, xp)
+            lo = _where(_cmpv("<=", 0, iv.lo), iv.lo, _where(_cmpv("<=", iv.hi, 0), -iv.hi, 0, xp), xp)
+            return Interval(lo, _max(-iv.lo, iv.hi, xp))
         case E.IfElse(c, t, o):
             ct = _truth(c, env, xp)
-            a, b = _interval(t, env, xp), _interval(o, env, xp)
+            at, ao = _interval(t, env, xp), _interval(o, env, xp)
             only_t = _not(ct.may_false, xp)
             only_o = _not(ct.may_true, xp)
-            lo = _where(only_t, a.lo, _where(only_o, b.lo, _min(a.lo, b.lo, xp), xp), xp)
-            hi = _where(only_t, a.hi, _where(only_o, b.hi, _max(a.hi, b.hi, xp), xp), xp)
+            lo = _where(only_t, at.lo, _where(only_o, ao.lo, _min(at.lo, ao.lo, xp), xp), xp)
+            hi = _where(only_t, at.hi, _where(only_o, ao.hi, _max(at.hi, ao.hi, xp), xp), xp)
             return Interval(lo, hi)
     raise TypeError(f"not an integer expression: {e!r}")
 

@@ -273,7 +273,8 @@ class Program:
         return [p.name for p in self.patterns] + [m.name for m in self.models]
 
     def get(self, name: str) -> PatternDef | Model | None:
-        for item in (*self.patterns, *self.models):
+        items: tuple[PatternDef | Model, ...] = (*self.patterns, *self.models)
+        for item in items:
             if item.name == name:
                 return item
         return None

@@ -138,7 +138,7 @@ def _flex_mask(module: Any, n: int) -> Any:
 def _timed(fn: Any, q: Any, k: Any, v: Any, grad: Any) -> float:
     """Median ms of fn(q, k, v) (and its backward when grad is given), after one untimed call."""
     import torch
-    import triton
+    import triton  # type: ignore[import-untyped]
 
     def step() -> None:
         out = fn(q, k, v)
@@ -150,7 +150,7 @@ def _timed(fn: Any, q: Any, k: Any, v: Any, grad: Any) -> float:
         return float(triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median"))
 
 
-def _measure(module: Any, pats: tuple[Any, ...], args: argparse.Namespace, heads: int, peers: list[str]) -> dict:
+def _measure(module: Any, pats: tuple[Any, ...], args: argparse.Namespace, heads: int, peers: list[str]) -> dict[str, Any]:
     import torch
     import triton
     from rich.progress import Progress
@@ -235,7 +235,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _table(res: dict) -> None:
+def _table(res: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -257,7 +257,7 @@ def _table(res: dict) -> None:
     print("ratio > 1: ours is faster; sdpa is dense (every pair), its TFLOP/s counts all N x N pairs")
 
 
-def _plot(res: dict, path: str) -> None:
+def _plot(res: dict[str, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
