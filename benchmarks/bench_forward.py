@@ -96,6 +96,11 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
         splits = ({"SPLIT_TILES": 0}, {"SPLIT_TILES": 8}, {"SPLIT_TILES": 32}) if "longformer" in name else ()
         for change in ({"FOLD": False}, {"CONTIG": False}, *splits):
             out.append((cfg, {"TMA_MODE": 1, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, **change}))
+    # the persistent forward (PERSIST, not yet measured): one or two programs per SM
+    for cfg, per_sm in (((128, 128, 8, 3), 1), ((128, 64, 8, 3), 1), ((128, 64, 8, 2), 2), ((64, 64, 4, 2), 2)):
+        for tma in (0, 1):
+            out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "PERSIST": True,
+                              "PERSIST_PER_SM": per_sm}))  # fmt: skip
     return out
 
 

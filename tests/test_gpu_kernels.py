@@ -28,8 +28,11 @@ CASES = [
 ]
 
 
-def _run(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, cfg: tuple[int, ...] | None = None) -> float:
+def _run(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, cfg: tuple[int, ...] | None = None,
+         switches: dict[str, Any] | None = None) -> float:
     module = P.compile(f"pattern p = {src}\n")
+    for key, value in (switches or {}).items():
+        setattr(module, key, value)
     if cfg is not None:  # launch exactly these tiles (BLOCK_M, BLOCK_N, warps, stages, TMA mode)
         module._choose = lambda *args, **kwargs: cfg
         module.TMA_MODE = max(1, cfg[4])  # the tuner offers a TMA mode only when the module is set to it
@@ -55,6 +58,14 @@ def _run(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, cfg: tu
 def test_gpu_kernel_matches_float64_reference(src: str, dtype: str) -> None:
     err = _run(src, 2000, getattr(torch, dtype), 128)
     assert err < {"bfloat16": 1e-2, "float16": 2e-3, "float32": 1e-4}[dtype], err
+
+
+@pytest.mark.parametrize("src", CASES)
+@pytest.mark.parametrize("tma", [0, 1])
+def test_gpu_persistent_kernel_matches_float64_reference(src: str, tma: int) -> None:
+    """The opt-in persistent forward (one loop over many work items a program), pointer and TMA loads."""
+    err = _run(src, 2000, torch.bfloat16, 128, switches={"PERSIST": True, "TMA_MODE": tma})
+    assert err < 1e-2, err
 
 
 @pytest.mark.parametrize("d", [32, 64, 96, 256])
