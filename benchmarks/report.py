@@ -91,6 +91,13 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
                   "Flex (mask build incl.) ms", "ours / Flex"]  # fmt: skip
         context = f"{_stamp(sel)}; `{sel['meta']['pattern']}`, B=1 H=16 D=128 bf16."
         out += _section("Dynamic selectors, end to end", context, header, rows)
+    if inc := _load(results, "selectors_incall"):  # a later run that also timed the attention alone (no Flex)
+        rows = [[str(r["N"]), f"{r['ours_ms']:.3f}", f"{r['attention_only_ms']:.3f}", f"{r['in_call_share']:.1%}",
+                 f"{r['selection_share']:.1%}", f"{r['speedup_vs_sdpa']:.2f}x"] for r in inc["rows"]]  # fmt: skip
+        header = ["N", "ours ms", "attention alone ms", "selection + tables inside the call", "timed apart",
+                  "ours vs SDPA causal"]  # fmt: skip
+        context = f"{_stamp(inc)}; the same call with the selection and its tables handed in, timed in the same run."
+        out += _section("Dynamic selectors: what selection adds inside a call", context, header, rows)
     if var := _load(results, "varlen"):
         s, res = var["shape"], var["results"]
         rows = []
