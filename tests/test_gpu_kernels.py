@@ -68,6 +68,14 @@ def test_gpu_persistent_kernel_matches_float64_reference(src: str, tma: int) -> 
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("src", CASES)
+@pytest.mark.parametrize("tma", [0, 1])
+def test_gpu_one_loop_kernel_matches_float64_reference(src: str, tma: int) -> None:
+    """The grid kernel with FULL and PARTIAL key blocks in one loop (ONE_LOOP), pointer and TMA loads."""
+    err = _run(src, 2000, torch.bfloat16, 128, switches={"ONE_LOOP": True, "TMA_MODE": tma})
+    assert err < 1e-2, err
+
+
 @pytest.mark.parametrize("d", [32, 64, 96, 256])
 def test_gpu_head_dims(d: int) -> None:
     assert _run("causal & window(200)", 1500, torch.bfloat16, d) < 1e-2

@@ -300,6 +300,8 @@ SWITCHES = [
     dict(TMA_MODE=2, FOLD=True, CONTIG=False, SPLIT_TILES=None),
     dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2, PERSIST=True),  # one loop over many items a program
     dict(TMA_MODE=1, FOLD=False, CONTIG=False, SPLIT_TILES=0, PERSIST=True),
+    dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2, ONE_LOOP=True),  # FULL and PARTIAL in one loop
+    dict(TMA_MODE=1, FOLD=False, CONTIG=False, SPLIT_TILES=0, ONE_LOOP=True),
 ]
 
 
@@ -320,6 +322,30 @@ def test_kernel_switches_match_reference(switches: dict[str, Any], src: str, n: 
     finally:
         for key, value in saved.items():
             setattr(module, key, value)
+
+
+def test_a_tuned_one_loop_candidate_runs_the_one_loop_kernel() -> None:
+    """The tuner's sixth field switches the grid kernel to one loop over FULL and PARTIAL blocks (without the
+    ONE_LOOP switch); 0 or a five-field candidate keeps two loops. Every variant computes the reference."""
+    src = "(causal & window(40)) | global(0:3)"  # no token layout: the fast kernels serve it
+    module = P.compile(f"pattern p = {src}\n", **SMALL)
+    launched: list[bool] = []
+    kernel = module._attn_fwd_fast
+
+    class Spy:
+        def __getitem__(self, grid: Any) -> Any:
+            def launch(*args: Any, **kwargs: Any) -> Any:
+                launched.append(kwargs["ONE_LOOP"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    module._attn_fwd_fast = Spy()
+    for cfg, one_loop in (((16, 16, 4, 1, 0, 1), True), ((16, 16, 4, 1, 0, 0), False)):
+        module._choose = lambda *args, cfg=cfg, **kwargs: cfg
+        launched.clear()
+        check(module, P.dense_mask(src, 77), h=2, hkv=1, b=2)
+        assert launched == [one_loop] and module.LAST_CONFIG == cfg
 
 
 @settings(max_examples=25, deadline=None)
