@@ -186,18 +186,23 @@ def write_markdown(res: dict, path: str) -> None:
         "",
         f"B={sh['B']}, H={sh['H']}, N={sh['N']}, D={sh['D']}, {sh['dtype']}. Median of `triton.testing.do_bench`, "
         "ours, Flex and SDPA in one run. TFLOP/s = 4 * allowed pairs * D * H * B / time. Ours: the compiled module "
-        "as users get it (autotuned on its first call; `tile` = BLOCK_M x BLOCK_N, warps, stages, TMA).",
+        "as users get it (autotuned on its first call; `tile` = BLOCK_M x BLOCK_N, warps, stages, TMA, one loop).",
+    ]
+    if res.get("note"):
+        lines += ["", res["note"] + "."]
+    lines += [
         "",
         "| pattern | density | ours ms | ours TFLOP/s | Flex ms | Flex TFLOP/s | SDPA ms (causal if the pattern is) "
-        "| ours / Flex speed | tile |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ours / Flex speed | tile | measured |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in res["forward"]:
         c, sw = r["best_config"], r["best_switches"]
-        tile = f"{c[0]}x{c[1]} w{c[2]} s{c[3]} tma{sw.get('TMA_MODE', '-')}"
+        tile = f"{c[0]}x{c[1]} w{c[2]} s{c[3]} tma{sw.get('TMA_MODE', '-')}{' one loop' if sw.get('ONE_LOOP') else ''}"
         lines.append(
             f"| {r['pattern']} | {r['density']:.4f} | {r['ours_ms']:.3f} | {r['ours_tflops']:.1f} | {r['flex_ms']:.3f} "
-            f"| {r['flex_tflops']:.1f} | {r['sdpa_dense_ms']:.3f} | {r['speedup_vs_flex']:.2f}x | {tile} |"
+            f"| {r['flex_tflops']:.1f} | {r['sdpa_dense_ms']:.3f} | {r['speedup_vs_flex']:.2f}x | {tile} "
+            f"| {r.get('date', res['date'])} |"
         )
     if res["forward"] and "sdpa_full_tflops" in res["forward"][0]:
         r0 = res["forward"][0]

@@ -58,8 +58,10 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     if fwd := _load(results, "forward"):
         rows = _vs_flex(fwd["forward"], "forward", "ours_ms", "flex_ms", bars, lambda r, ratio: [
             r["pattern"], f"{r['density']:.4f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_ms']:.3f}",
-            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x"])  # fmt: skip
-        header = ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex"]
+            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x",
+            r.get("date", fwd["date"])[:16].replace("T", " ")])  # fmt: skip
+        header = ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex",
+                  "measured (UTC)"]  # fmt: skip
         out += _section("Forward, 1-D patterns", _shaped(fwd), header, rows)
     if fb := _load(results, "fwd_bwd"):
         rows = _vs_flex(fb["fwd_bwd"], "fwd+bwd", "ours_fwd_bwd_ms", "flex_fwd_bwd_ms", bars, lambda r, ratio: [

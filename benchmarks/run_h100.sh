@@ -18,8 +18,13 @@ log="$OUT/run.log"
 stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of its output in run.log
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.out" 2>&1
+  # its own process group, killed whole afterwards: a timed-out pytest's xdist workers (or a benchmark's
+  # compile workers) must not keep the GPU and the CPU busy under the next stage's timings
+  setsid timeout "$secs" "$@" > "$OUT/$name.out" 2>&1 &
+  local pid=$!
+  wait "$pid"
   local rc=$?
+  kill -KILL -- "-$pid" 2>/dev/null
   echo "== $name: rc=$rc in $((SECONDS - t0)) s" >> "$log"
   tail -n "${TAIL:-40}" "$OUT/$name.out" >> "$log"
   rm -f "$OUT/$name.out"
