@@ -100,7 +100,8 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
     for tma in (0, 1):
         out.append(((64, 64, 4, 2), {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None}))
     # the grid kernel with FULL and PARTIAL blocks in one loop (ONE_LOOP; a tuning candidate at 128 x 128)
-    for cfg, tma in (((128, 128, 8, 3), 1), ((128, 128, 8, 3), 0), ((128, 64, 8, 3), 1), ((64, 64, 4, 2), 0)):
+    for cfg, tma in (((128, 128, 8, 3), 1), ((128, 128, 8, 3), 0), ((128, 64, 8, 3), 1), ((64, 64, 4, 2), 0),
+                     ((64, 64, 4, 2), 1)):
         out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "ONE_LOOP": True}))
     # the persistent forward (PERSIST): one or two programs per SM
     for cfg, per_sm in (((128, 128, 8, 3), 1), ((128, 64, 8, 3), 1), ((128, 64, 8, 2), 2), ((64, 64, 4, 2), 2)):
