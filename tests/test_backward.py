@@ -114,6 +114,35 @@ def test_tma_and_pointer_loads_give_the_reference_gradients(tma: bool) -> None:
     assert len(made) == (4 if tma else 0)
 
 
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("case", ["ragged", "mixed heads", "empty rows"])
+def test_one_loop_backward_gives_the_reference_gradients(tma: bool, case: str) -> None:
+    """BWD_ONE_LOOP walks FULL then PARTIAL blocks in one loop in both backward kernels (the predicate only
+    on PARTIAL steps): ragged N with GQA, a group mixing predicates (accumulated launches), rows without keys."""
+    if case == "mixed heads":
+        text = "pattern m = heads {\n  0:1 => causal & window(5)\n  1:4 => sink(7) | window(0)\n}\n"
+        module, mask, kw = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 37, 4), dict(h=4, hkv=2)
+    else:
+        src = STREAM_SRC if case == "ragged" else "where(q >= 21) & causal & window(9)"
+        module, mask, kw = P.compile(f"pattern p = {src}\n", **SMALL), P.dense_mask(src, 45), dict(b=2, h=4, hkv=2)
+    module.BWD_ONE_LOOP, module.BWD_TMA = True, tma
+    launched: list[Any] = []
+    for name in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
+        kernel = getattr(module, name)
+
+        class Spy:
+            def __getitem__(self, grid: Any, kernel: Any = kernel) -> Any:
+                def launch(*args: Any, **kwargs: Any) -> Any:
+                    launched.append(kwargs.get("ONE_LOOP"))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        setattr(module, name, Spy())
+    check_grads(module, mask, d=24, **kw)
+    assert launched and all(launched)
+
+
 @pytest.mark.parametrize("h, hkv", [(4, 2), (4, 1)])
 def test_gqa_and_mqa_gradients_sum_over_the_group(h: int, hkv: int) -> None:
     check_grads(P.compile(STREAM, **SMALL), P.dense_mask(STREAM_SRC, 40), b=2, h=h, hkv=hkv)

@@ -26,8 +26,11 @@ BENCH = [
 TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 2e-4}
 
 
-def _grads(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, b: int = 2) -> dict[str, float]:
+def _grads(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, b: int = 2,
+           switches: dict[str, Any] | None = None) -> dict[str, float]:
     module = P.compile(f"pattern p = {src}\n")
+    for key, value in (switches or {}).items():
+        setattr(module, key, value)
     module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     q = torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -50,6 +53,14 @@ def _grads(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, b: in
 @pytest.mark.parametrize("src", BENCH)
 def test_gpu_gradients_bf16_d128(src: str) -> None:
     errs = _grads(src, 2000, torch.bfloat16, 128)
+    assert max(errs.values()) < TOL[torch.bfloat16], errs
+
+
+@pytest.mark.parametrize("src", BENCH)
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_one_loop_backward_gradients(src: str, tma: bool) -> None:
+    """BWD_ONE_LOOP (FULL and PARTIAL blocks in one loop per row in both kernels), TMA and pointer loads."""
+    errs = _grads(src, 2000, torch.bfloat16, 128, switches={"BWD_ONE_LOOP": True, "BWD_TMA": tma})
     assert max(errs.values()) < TOL[torch.bfloat16], errs
 
 
