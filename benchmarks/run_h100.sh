@@ -31,8 +31,8 @@ stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of it
 }
 
 # a few workers holding float64 references; failures go to failures.txt as they happen (2026-11-25 21:07:
-# the whole suite, 154 passed in 137 s with -n 5); forward 150 s (its warm-up compile alone took 36 s with the
-# seven tuning candidates), backward 190 s: 580 s of a 600 s call
+# the whole suite, 154 passed in 137 s with -n 5); forward 150 s (its warm-up compile took 36 s with six tuning
+# candidates, there are seven now), backward 190 s: 580 s of a 600 s call
 if [ -z "${ONLY_EXTRA:-}" ]; then
   TAIL=80 stage gpu_tests "${T_TESTS:-240}" python3 -m pytest -q -m gpu tests/ -n "${WORKERS:-5}" --maxfail=5 \
     --tb=short -rfE -p no:cacheprovider -p no:benchmark
