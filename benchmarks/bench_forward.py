@@ -96,18 +96,14 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
         splits = ({"SPLIT_TILES": 0}, {"SPLIT_TILES": 8}, {"SPLIT_TILES": 32}) if "longformer" in name else ()
         for change in ({"FOLD": False}, {"CONTIG": False}, *splits):
             out.append((cfg, {"TMA_MODE": 1, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, **change}))
-    # the grid kernel at 64 x 64 (PowerAttention: 1.5x 128 x 128 on 2026-11-25 20:47; persistence added nothing)
+    # the grid kernel at 64 x 64 (PowerAttention: 1.5x 128 x 128 on 2026-11-25 20:47; a persistent kernel,
+    # since removed, added nothing there)
     for tma in (0, 1):
         out.append(((64, 64, 4, 2), {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None}))
-    # the grid kernel with FULL and PARTIAL blocks in one loop (ONE_LOOP; a tuning candidate at 128 x 128)
+    # the grid kernel with FULL and PARTIAL blocks in one loop (ONE_LOOP; a tuning candidate at 128 x 128 and 64 x 64)
     for cfg, tma in (((128, 128, 8, 3), 1), ((128, 128, 8, 3), 0), ((128, 64, 8, 3), 1), ((64, 64, 4, 2), 0),
                      ((64, 64, 4, 2), 1)):
         out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "ONE_LOOP": True}))
-    # the persistent forward (PERSIST): one or two programs per SM
-    for cfg, per_sm in (((128, 128, 8, 3), 1), ((128, 64, 8, 3), 1), ((128, 64, 8, 2), 2), ((64, 64, 4, 2), 2)):
-        for tma in (0, 1):
-            out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "PERSIST": True,
-                              "PERSIST_PER_SM": per_sm}))  # fmt: skip
     return out
 
 

@@ -62,14 +62,6 @@ def test_gpu_kernel_matches_float64_reference(src: str, dtype: str) -> None:
 
 @pytest.mark.parametrize("src", CASES)
 @pytest.mark.parametrize("tma", [0, 1])
-def test_gpu_persistent_kernel_matches_float64_reference(src: str, tma: int) -> None:
-    """The opt-in persistent forward (one loop over many work items a program), pointer and TMA loads."""
-    err = _run(src, 2000, torch.bfloat16, 128, switches={"PERSIST": True, "TMA_MODE": tma})
-    assert err < 1e-2, err
-
-
-@pytest.mark.parametrize("src", CASES)
-@pytest.mark.parametrize("tma", [0, 1])
 def test_gpu_one_loop_kernel_matches_float64_reference(src: str, tma: int) -> None:
     """The grid kernel with FULL and PARTIAL key blocks in one loop (ONE_LOOP), pointer and TMA loads."""
     err = _run(src, 2000, torch.bfloat16, 128, switches={"ONE_LOOP": True, "TMA_MODE": tma})

@@ -298,8 +298,6 @@ SWITCHES = [
     dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2),
     dict(TMA_MODE=1, FOLD=True, CONTIG=True, SPLIT_TILES=3),
     dict(TMA_MODE=2, FOLD=True, CONTIG=False, SPLIT_TILES=None),
-    dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2, PERSIST=True),  # one loop over many items a program
-    dict(TMA_MODE=1, FOLD=False, CONTIG=False, SPLIT_TILES=0, PERSIST=True),
     dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2, ONE_LOOP=True),  # FULL and PARTIAL in one loop
     dict(TMA_MODE=1, FOLD=False, CONTIG=False, SPLIT_TILES=0, ONE_LOOP=True),
 ]
