@@ -112,9 +112,16 @@ def label(cfg, sw) -> str:
     return f"{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}{flags}"
 
 
+SWITCHES = ("TMA_MODE", "FOLD", "CONTIG", "SPLIT_TILES", "ONE_LOOP")
+_DEFAULTS: dict[int, dict] = {}
+
+
 def build(src: str, cfg, sw):
+    """The module with tiles `cfg` and switches `sw`, the others at their defaults: P.compile returns one cached
+    module per source and tiles, so a switch set for an earlier variant would otherwise stay set."""
     mod = P.compile(f"pattern p = {src}\n", block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
-    for k, v in sw.items():
+    defaults = _DEFAULTS.setdefault(id(mod), {k: getattr(mod, k) for k in SWITCHES})
+    for k, v in {**defaults, **sw}.items():
         setattr(mod, k, v)
     return mod
 

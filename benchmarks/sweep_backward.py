@@ -31,7 +31,7 @@ H = int(os.environ.get("SWEEP_H", 16))
 N = int(os.environ.get("SWEEP_N", 16384))
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
 PATTERNS = [("causal", "causal"), ("sliding_window_1024", "causal & window(1023)")]
-# (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA[, BWD_ONE_LOOP]
+# (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA[, module switches]
 CANDIDATES: list[tuple] = [
     ((32, 64, 64, 32, 8, 3, 8, 3), False),  # the pointer-load default (token layouts, packed documents)
     ((32, 64, 64, 64, 4, 2, 4, 2), True),  # the TMA default after the 2026-11-25 17:00 sweep
@@ -48,15 +48,20 @@ CANDIDATES: list[tuple] = [
     ((64, 64, 64, 64, 4, 2, 4, 2), True),
     # FULL and PARTIAL blocks in one loop (BWD_ONE_LOOP; sm_90 compile at 64 x 64 pointer loads: dQ spills 4 B
     # instead of 720, dK/dV 1760 instead of 2304)
-    ((64, 64, 64, 64, 4, 2, 4, 2), True, True),
-    ((32, 64, 64, 64, 4, 2, 4, 2), True, True),
-    ((64, 64, 64, 64, 4, 2, 4, 2), False, True),
+    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_ONE_LOOP": True}),
+    ((32, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_ONE_LOOP": True}),
+    ((64, 64, 64, 64, 4, 2, 4, 2), False, {"BWD_ONE_LOOP": True}),
+    # the dQ kernel computes delta and lse2 (BWD_FUSE_PRE: the pre-pass launch and its 0.05 ms go)
+    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_FUSE_PRE": True}),
+    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_ONE_LOOP": True, "BWD_FUSE_PRE": True}),
 ]
 
 
-def build(src: str, cfg: tuple[int, ...], tma: bool, one_loop: bool = False):
-    mod = P.compile(f"pattern p = {src}\n", bwd_config=cfg)
-    mod.BWD_TMA, mod.BWD_ONE_LOOP = tma, one_loop
+def build(src: str, cfg: tuple[int, ...], tma: bool, switches: dict | None = None):
+    mod = P.compile(f"pattern p = {src}\n", bwd_config=cfg)  # cached per source: every switch is set each time
+    mod.BWD_TMA, mod.BWD_ONE_LOOP, mod.BWD_FUSE_PRE = tma, False, False
+    for key, value in (switches or {}).items():
+        setattr(mod, key, value)
     return mod
 
 
@@ -118,13 +123,13 @@ def main() -> None:
     rows = []
     for pi, (name, src) in enumerate(PATTERNS):
         ref = None
-        for ci, (cfg, tma, *one_loop) in enumerate(CANDIDATES):
-            row = {"pattern": name, "config": list(cfg), "tma": tma, "one_loop": bool(one_loop and one_loop[0])}
+        for ci, (cfg, tma, *switches) in enumerate(CANDIDATES):
+            row = {"pattern": name, "config": list(cfg), "tma": tma, "switches": switches[0] if switches else {}}
             if (pi, ci) in failed:
                 row["error"] = failed[(pi, ci)]
                 rows.append(row)
                 continue
-            mod = build(src, cfg, tma, row["one_loop"])
+            mod = build(src, cfg, tma, row["switches"])
             got = step(mod, qkv, do)
             if ref is None:
                 ref = got

@@ -114,33 +114,51 @@ def test_tma_and_pointer_loads_give_the_reference_gradients(tma: bool) -> None:
     assert len(made) == (4 if tma else 0)
 
 
+SWITCH_SETS = [("BWD_ONE_LOOP",), ("BWD_FUSE_PRE",), ("BWD_ONE_LOOP", "BWD_FUSE_PRE")]
+
+
+@pytest.mark.parametrize("switches", SWITCH_SETS, ids="+".join)
 @pytest.mark.parametrize("tma", [True, False])
-@pytest.mark.parametrize("case", ["ragged", "mixed heads", "empty rows"])
-def test_one_loop_backward_gives_the_reference_gradients(tma: bool, case: str) -> None:
-    """BWD_ONE_LOOP walks FULL then PARTIAL blocks in one loop in both backward kernels (the predicate only
-    on PARTIAL steps): ragged N with GQA, a group mixing predicates (accumulated launches), rows without keys."""
+@pytest.mark.parametrize("case", ["ragged", "mixed heads", "empty rows", "layout"])
+def test_backward_switches_give_the_reference_gradients(switches: tuple[str, ...], tma: bool, case: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """BWD_ONE_LOOP (FULL then PARTIAL blocks in one loop in both kernels, the predicate only on PARTIAL steps)
+    and BWD_FUSE_PRE (the dQ kernel computes delta and lse2 for the dK/dV kernel; no pre-pass launch), on ragged
+    N with GQA and an lse gradient, a group mixing predicates (accumulated launches), rows without keys and a
+    token layout."""
+    kw: dict[str, Any] = dict(b=2, h=4, hkv=2, with_lse=True)
     if case == "mixed heads":
         text = "pattern m = heads {\n  0:1 => causal & window(5)\n  1:4 => sink(7) | window(0)\n}\n"
-        module, mask, kw = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 37, 4), dict(h=4, hkv=2)
+        module, mask = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 37, 4)
+        kw = dict(h=4, hkv=2, with_lse=True)
+    elif case == "layout":
+        text = "layout g = grid(5, 7)\npattern p = neighborhood(g, kernel=3)\n"
+        module, mask = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 35)
     else:
         src = STREAM_SRC if case == "ragged" else "where(q >= 21) & causal & window(9)"
-        module, mask, kw = P.compile(f"pattern p = {src}\n", **SMALL), P.dense_mask(src, 45), dict(b=2, h=4, hkv=2)
-    module.BWD_ONE_LOOP, module.BWD_TMA = True, tma
-    launched: list[Any] = []
-    for name in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
+        module, mask = P.compile(f"pattern p = {src}\n", **SMALL), P.dense_mask(src, 45)
+    monkeypatch.setattr(module, "BWD_TMA", tma)  # modules are cached per source: every change is undone
+    for name in switches:
+        monkeypatch.setattr(module, name, True)
+    launched: list[tuple[str, Any, Any]] = []
+    for name in ("_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv"):
         kernel = getattr(module, name)
 
         class Spy:
-            def __getitem__(self, grid: Any, kernel: Any = kernel) -> Any:
+            def __getitem__(self, grid: Any, kernel: Any = kernel, name: str = name) -> Any:
                 def launch(*args: Any, **kwargs: Any) -> Any:
-                    launched.append(kwargs.get("ONE_LOOP"))
+                    launched.append((name, kwargs.get("ONE_LOOP"), kwargs.get("PRE")))
                     return kernel[grid](*args, **kwargs)
 
                 return launch
 
-        setattr(module, name, Spy())
+        monkeypatch.setattr(module, name, Spy())
     check_grads(module, mask, d=24, **kw)
-    assert launched and all(launched)
+    fused = "BWD_FUSE_PRE" in switches
+    assert any(n == "_attn_bwd_pre" for n, _, _ in launched) != fused
+    for name, one_loop, pre in launched:
+        if name != "_attn_bwd_pre":
+            assert bool(one_loop) == ("BWD_ONE_LOOP" in switches) and bool(pre) == (fused and name == "_attn_bwd_dq")
 
 
 @pytest.mark.parametrize("h, hkv", [(4, 2), (4, 1)])

@@ -29,25 +29,30 @@ TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 2e-4}
 def _grads(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, b: int = 2,
            switches: dict[str, Any] | None = None) -> dict[str, float]:
     module = P.compile(f"pattern p = {src}\n")
-    for key, value in (switches or {}).items():
-        setattr(module, key, value)
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    q = torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
-    v = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
-    do = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
-    got = torch.autograd.grad(module.attention(q, k, v), (q, k, v), do)
-    mask = torch.from_numpy(dense_mask(P.pattern(src), n)).cuda()
-    g = h // hkv
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    s = (qd @ kd.repeat_interleave(g, 1).transpose(-1, -2) * d**-0.5).masked_fill(~mask, torch.finfo(torch.float64).min)
-    out = (torch.softmax(s, -1) * mask.any(-1)[..., None]) @ vd.repeat_interleave(g, 1)
-    want = torch.autograd.grad(out, (qd, kd, vd), do.double())
-    errs = {}
-    for name, x, ref in zip(("dq", "dk", "dv"), got, want, strict=True):
-        assert not torch.isnan(x).any(), f"{name} has NaN"
-        errs[name] = ((x.double() - ref).norm() / ref.norm()).item()
-    return errs
+    saved = {key: getattr(module, key) for key in (switches or {})}  # modules are cached per source
+    try:
+        for key, value in (switches or {}).items():
+            setattr(module, key, value)
+        module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        q = torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
+        do = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+        got = torch.autograd.grad(module.attention(q, k, v), (q, k, v), do)
+        mask = torch.from_numpy(dense_mask(P.pattern(src), n)).cuda()
+        g = h // hkv
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        s = (qd @ kd.repeat_interleave(g, 1).transpose(-1, -2) * d**-0.5).masked_fill(~mask, torch.finfo(torch.float64).min)
+        out = (torch.softmax(s, -1) * mask.any(-1)[..., None]) @ vd.repeat_interleave(g, 1)
+        want = torch.autograd.grad(out, (qd, kd, vd), do.double())
+        errs = {}
+        for name, x, ref in zip(("dq", "dk", "dv"), got, want, strict=True):
+            assert not torch.isnan(x).any(), f"{name} has NaN"
+            errs[name] = ((x.double() - ref).norm() / ref.norm()).item()
+        return errs
+    finally:
+        for key, value in saved.items():
+            setattr(module, key, value)
 
 
 @pytest.mark.parametrize("src", BENCH)
@@ -58,9 +63,11 @@ def test_gpu_gradients_bf16_d128(src: str) -> None:
 
 @pytest.mark.parametrize("src", BENCH)
 @pytest.mark.parametrize("tma", [True, False])
-def test_gpu_one_loop_backward_gradients(src: str, tma: bool) -> None:
-    """BWD_ONE_LOOP (FULL and PARTIAL blocks in one loop per row in both kernels), TMA and pointer loads."""
-    errs = _grads(src, 2000, torch.bfloat16, 128, switches={"BWD_ONE_LOOP": True, "BWD_TMA": tma})
+def test_gpu_backward_switches_gradients(src: str, tma: bool) -> None:
+    """BWD_ONE_LOOP (FULL and PARTIAL blocks in one loop per row in both kernels) with BWD_FUSE_PRE (the dQ
+    kernel computes delta and lse2), TMA and pointer loads."""
+    errs = _grads(src, 2000, torch.bfloat16, 128,
+                  switches={"BWD_ONE_LOOP": True, "BWD_FUSE_PRE": True, "BWD_TMA": tma})  # fmt: skip
     assert max(errs.values()) < TOL[torch.bfloat16], errs
 
 

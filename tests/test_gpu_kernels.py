@@ -31,11 +31,21 @@ CASES = [
 def _run(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, cfg: tuple[int, ...] | None = None,
          switches: dict[str, Any] | None = None) -> float:
     module = P.compile(f"pattern p = {src}\n")
-    for key, value in (switches or {}).items():
-        setattr(module, key, value)
-    if cfg is not None:  # launch exactly these tiles (BLOCK_M, BLOCK_N, warps, stages, TMA mode)
-        module._choose = lambda *args, **kwargs: cfg
-        module.TMA_MODE = max(1, cfg[4])  # the tuner offers a TMA mode only when the module is set to it
+    changes = dict(switches or {})
+    if cfg is not None:  # launch exactly these tiles (BLOCK_M, BLOCK_N, warps, stages, TMA mode[, one loop])
+        changes["_choose"] = lambda *args, **kwargs: cfg
+        changes["TMA_MODE"] = max(1, cfg[4])  # the tuner offers a TMA mode only when the module is set to it
+    saved = {key: getattr(module, key) for key in changes}  # modules are cached per source: undone below
+    try:
+        for key, value in changes.items():
+            setattr(module, key, value)
+        return _run_module(module, src, n, dtype, d, h, hkv)
+    finally:
+        for key, value in saved.items():
+            setattr(module, key, value)
+
+
+def _run_module(module: Any, src: str, n: int, dtype: Any, d: int, h: int, hkv: int) -> float:
     module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     q = torch.randn(2, h, n, d, device="cuda", dtype=dtype)
     k = torch.randn(2, hkv, n, d, device="cuda", dtype=dtype)

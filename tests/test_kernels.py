@@ -322,7 +322,7 @@ def test_kernel_switches_match_reference(switches: dict[str, Any], src: str, n: 
             setattr(module, key, value)
 
 
-def test_a_tuned_one_loop_candidate_runs_the_one_loop_kernel() -> None:
+def test_a_tuned_one_loop_candidate_runs_the_one_loop_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuner's sixth field switches the grid kernel to one loop over FULL and PARTIAL blocks (without the
     ONE_LOOP switch); 0 or a five-field candidate keeps two loops. Every variant computes the reference."""
     src = "(causal & window(40)) | global(0:3)"  # no token layout: the fast kernels serve it
@@ -338,9 +338,9 @@ def test_a_tuned_one_loop_candidate_runs_the_one_loop_kernel() -> None:
 
             return launch
 
-    module._attn_fwd_fast = Spy()
+    monkeypatch.setattr(module, "_attn_fwd_fast", Spy())  # modules are cached per source: undone after the test
     for cfg, one_loop in (((16, 16, 4, 1, 0, 1), True), ((16, 16, 4, 1, 0, 0), False)):
-        module._choose = lambda *args, cfg=cfg, **kwargs: cfg
+        monkeypatch.setattr(module, "_choose", lambda *args, cfg=cfg, **kwargs: cfg)
         launched.clear()
         check(module, P.dense_mask(src, 77), h=2, hkv=1, b=2)
         assert launched == [one_loop] and module.LAST_CONFIG == cfg

@@ -175,9 +175,12 @@ def test_scores_misuse_is_one_clear_sentence() -> None:
         _module("causal & topk(2, block=16)").attention(q, k, v, scores=torch.zeros(2, 4, 4, 4))
 
 
+@pytest.mark.parametrize("fuse_pre", [False, True])
 @pytest.mark.parametrize("name, dtype", [("nsa", "float32"), ("threshold", "float32"), ("given", "float64")])
-def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str) -> None:
-    """Gradients of out and lse against float64 autograd over the reference mask (the selection fixed)."""
+def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str, fuse_pre: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients of out and lse against float64 autograd over the reference mask (the selection fixed); also
+    with the dQ kernel computing delta and lse2 itself (BWD_FUSE_PRE)."""
     src = CASES[name]
     q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, seed=9))
     v = torch.randn_like(v)
@@ -186,6 +189,7 @@ def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str
         P.pattern(src), q.double().numpy(), k.double().numpy(), None if scores is None else scores.numpy()
     )
     m = _module(src)
+    monkeypatch.setattr(m, "BWD_FUSE_PRE", fuse_pre)  # modules are cached per source: undone after the test
     g = torch.Generator().manual_seed(3)
     w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
     w_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)

@@ -63,11 +63,15 @@ def test_gradients_on_random_document_splits(name: str, lengths: list[int]) -> N
     check_grads(module(PATTERNS[name]), PATTERNS[name], lengths)
 
 
-def test_gradients_gqa_lse_four_d_and_float64() -> None:
+@pytest.mark.parametrize("fuse_pre", [False, True])
+def test_gradients_gqa_lse_four_d_and_float64(fuse_pre: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with BWD_FUSE_PRE: the dQ kernel's tiles (documents' query blocks) fill delta and lse2."""
     src = PATTERNS["swa_sink"]
-    check_grads(module(src), src, [1, 23, 3, 40], h=4, hkv=1, with_lse=True)
-    check_grads(module(src), src, [17, 1, 30], h=4, hkv=2, four_d=True)
-    check_grads(module(src), src, [17, 0, 1, 30], dtype=torch.float64, with_lse=True)
+    m = module(src)
+    monkeypatch.setattr(m, "BWD_FUSE_PRE", fuse_pre)  # the module is cached: undone after the test
+    check_grads(m, src, [1, 23, 3, 40], h=4, hkv=1, with_lse=True)
+    check_grads(m, src, [17, 1, 30], h=4, hkv=2, four_d=True)
+    check_grads(m, src, [17, 0, 1, 30], dtype=torch.float64, with_lse=True)
 
 
 def test_gradients_heads_pattern() -> None:
