@@ -63,9 +63,9 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
 # DEFAULT_CONFIGS). For D = 128 the four best of the v3 sweep over the five benchmark patterns
 # (docs/perf-notes.md); 64 x 64, which the 2026-11-25 20:47 sweep found 1.5x faster than 128 x 128 on
 # PowerAttention (its 64-token blocks; docs/benchmarks/forward_sweep_oneloop_h100.json); and the grid kernel
-# with FULL and PARTIAL blocks in one loop (the sixth field), 3% faster on the 1024 window at 128 x 128 and 3-5%
-# on the window and PowerAttention at 64 x 64 (pointer loads) in that sweep. D = 64 takes the same additions,
-# unmeasured there.
+# with FULL and PARTIAL blocks in one loop (the sixth field), 3-5% faster on the 1024 window and PowerAttention
+# in that sweep's quick medians, which wander by about as much: the tuner decides on the machine at hand.
+# D = 64 takes the same additions, unmeasured there.
 TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0), (64, 64, 4, 2, 1),
           (128, 128, 4, 3, 1, 1), (64, 64, 4, 2, 1, 1))),
