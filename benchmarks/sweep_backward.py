@@ -46,20 +46,25 @@ CANDIDATES: list[tuple] = [
     ((32, 64, 128, 128, 4, 2, 8, 2), True),
     ((32, 64, 64, 64, 8, 2, 4, 2), True),
     ((64, 64, 64, 64, 4, 2, 4, 2), True),
-    # FULL and PARTIAL blocks in one loop (BWD_ONE_LOOP; sm_90 compile at 64 x 64 pointer loads: dQ spills 4 B
-    # instead of 720, dK/dV 1760 instead of 2304)
-    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_ONE_LOOP": True}),
-    ((32, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_ONE_LOOP": True}),
-    ((64, 64, 64, 64, 4, 2, 4, 2), False, {"BWD_ONE_LOOP": True}),
-    # the dQ kernel computes delta and lse2 (BWD_FUSE_PRE: the pre-pass launch and its 0.05 ms go)
-    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_FUSE_PRE": True}),
-    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_ONE_LOOP": True, "BWD_FUSE_PRE": True}),
+    # the dQ kernel computes delta and lse2 (BWD_FUSE_PRE, the default since the 22:01 sweep: the pre-pass launch
+    # and its 0.05 ms go; BWD_ONE_LOOP measured slower there: dK/dV 0.735 against 0.664 ms, causal 5.16 vs 4.10)
+    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_FUSE_PRE": False}),
+    # 128-key dK/dV tiles and 32-key dQ tiles (Triton's tutorial shape: 32 x 128 / 128 x 32), never swept before
+    ((32, 128, 128, 32, 4, 3, 4, 3), True),
+    ((32, 128, 64, 64, 4, 2, 4, 2), True),
+    ((32, 128, 64, 64, 8, 2, 4, 2), True),
+    ((64, 128, 64, 64, 8, 2, 4, 2), True),
+    ((64, 128, 64, 64, 8, 3, 4, 2), True),
+    ((64, 64, 128, 32, 4, 2, 4, 3), True),
+    ((64, 64, 128, 32, 4, 2, 8, 2), True),
+    ((64, 64, 64, 32, 4, 2, 4, 3), True),
+    ((64, 64, 128, 64, 4, 2, 8, 2), True),
 ]
 
 
 def build(src: str, cfg: tuple[int, ...], tma: bool, switches: dict | None = None):
     mod = P.compile(f"pattern p = {src}\n", bwd_config=cfg)  # cached per source: every switch is set each time
-    mod.BWD_TMA, mod.BWD_ONE_LOOP, mod.BWD_FUSE_PRE = tma, False, False
+    mod.BWD_TMA, mod.BWD_FUSE_PRE = tma, True  # the template's defaults
     for key, value in (switches or {}).items():
         setattr(mod, key, value)
     return mod

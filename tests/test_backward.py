@@ -114,18 +114,14 @@ def test_tma_and_pointer_loads_give_the_reference_gradients(tma: bool) -> None:
     assert len(made) == (4 if tma else 0)
 
 
-SWITCH_SETS = [("BWD_ONE_LOOP",), ("BWD_FUSE_PRE",), ("BWD_ONE_LOOP", "BWD_FUSE_PRE")]
-
-
-@pytest.mark.parametrize("switches", SWITCH_SETS, ids="+".join)
+@pytest.mark.parametrize("fuse_pre", [True, False], ids=["fused delta", "pre-pass"])
 @pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("case", ["ragged", "mixed heads", "empty rows", "layout"])
-def test_backward_switches_give_the_reference_gradients(switches: tuple[str, ...], tma: bool, case: str,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """BWD_ONE_LOOP (FULL then PARTIAL blocks in one loop in both kernels, the predicate only on PARTIAL steps)
-    and BWD_FUSE_PRE (the dQ kernel computes delta and lse2 for the dK/dV kernel; no pre-pass launch), on ragged
-    N with GQA and an lse gradient, a group mixing predicates (accumulated launches), rows without keys and a
-    token layout."""
+def test_backward_delta_paths_give_the_reference_gradients(fuse_pre: bool, tma: bool, case: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """BWD_FUSE_PRE (the default: the dQ kernel computes delta and lse2 for the dK/dV kernel, no pre-pass
+    launch) and the pre-pass it replaces, on ragged N with GQA and an lse gradient, a group mixing predicates
+    (accumulated launches), rows without keys and a token layout."""
     kw: dict[str, Any] = dict(b=2, h=4, hkv=2, with_lse=True)
     if case == "mixed heads":
         text = "pattern m = heads {\n  0:1 => causal & window(5)\n  1:4 => sink(7) | window(0)\n}\n"
@@ -138,27 +134,25 @@ def test_backward_switches_give_the_reference_gradients(switches: tuple[str, ...
         src = STREAM_SRC if case == "ragged" else "where(q >= 21) & causal & window(9)"
         module, mask = P.compile(f"pattern p = {src}\n", **SMALL), P.dense_mask(src, 45)
     monkeypatch.setattr(module, "BWD_TMA", tma)  # modules are cached per source: every change is undone
-    for name in switches:
-        monkeypatch.setattr(module, name, True)
-    launched: list[tuple[str, Any, Any]] = []
+    monkeypatch.setattr(module, "BWD_FUSE_PRE", fuse_pre)
+    launched: list[tuple[str, Any]] = []
     for name in ("_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv"):
         kernel = getattr(module, name)
 
         class Spy:
             def __getitem__(self, grid: Any, kernel: Any = kernel, name: str = name) -> Any:
                 def launch(*args: Any, **kwargs: Any) -> Any:
-                    launched.append((name, kwargs.get("ONE_LOOP"), kwargs.get("PRE")))
+                    launched.append((name, kwargs.get("PRE")))
                     return kernel[grid](*args, **kwargs)
 
                 return launch
 
         monkeypatch.setattr(module, name, Spy())
     check_grads(module, mask, d=24, **kw)
-    fused = "BWD_FUSE_PRE" in switches
-    assert any(n == "_attn_bwd_pre" for n, _, _ in launched) != fused
-    for name, one_loop, pre in launched:
+    assert any(n == "_attn_bwd_pre" for n, _ in launched) != fuse_pre
+    for name, pre in launched:
         if name != "_attn_bwd_pre":
-            assert bool(one_loop) == ("BWD_ONE_LOOP" in switches) and bool(pre) == (fused and name == "_attn_bwd_dq")
+            assert bool(pre) == (fuse_pre and name == "_attn_bwd_dq")
 
 
 @pytest.mark.parametrize("h, hkv", [(4, 2), (4, 1)])

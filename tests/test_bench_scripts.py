@@ -28,8 +28,8 @@ def test_backward_sweep_variants_start_from_the_module_defaults() -> None:
     import sweep_backward
 
     cfg = (16, 16, 16, 16, 4, 1)
-    first = sweep_backward.build("causal & window(7)", cfg, False, {"BWD_ONE_LOOP": True, "BWD_FUSE_PRE": True})
-    assert first.BWD_ONE_LOOP and first.BWD_FUSE_PRE and not first.BWD_TMA
+    first = sweep_backward.build("causal & window(7)", cfg, False, {"BWD_FUSE_PRE": False})
+    assert not first.BWD_FUSE_PRE and not first.BWD_TMA
     second = sweep_backward.build("causal & window(7)", cfg, True)
     assert second is first
-    assert (second.BWD_ONE_LOOP, second.BWD_FUSE_PRE, second.BWD_TMA) == (False, False, True)
+    assert (second.BWD_FUSE_PRE, second.BWD_TMA) == (True, True)
