@@ -240,16 +240,20 @@ def test_tables_are_sound_and_full_tiles_exact(src: str, free: bool, transpose: 
     assert work == sorted(work, reverse=True), "tiles are ordered heaviest first"
 
 
-def test_fifty_calls_with_random_lengths_need_one_specialisation() -> None:
+@pytest.mark.parametrize("fuse_pre", [True, False])
+def test_fifty_calls_with_random_lengths_need_one_specialisation(fuse_pre: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton compiles one kernel per specialisation key; the keys of 50 forward+backward calls with
     random documents (computed by Triton's own binder) must be one per kernel. The same binder without
-    do_not_specialize tells them apart, so the check can fail."""
+    do_not_specialize tells them apart, so the check can fail. The delta pre-pass runs only without
+    BWD_FUSE_PRE (the dQ kernel computes delta by default)."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     m = P.compile("pattern p = causal & (window(5) | sink(2))\n", **SMALL)
-    kernels = ("_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv", "_vl_rows", "_vl_scan", "_vl_gather")
-    names = [x for x in kernels if hasattr(m, x)]
+    monkeypatch.setattr(m, "BWD_FUSE_PRE", fuse_pre)  # the module is cached: undone after the test
+    kernels = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_vl_rows", "_vl_scan", "_vl_gather")
+    names = [x for x in kernels + (() if fuse_pre else ("_attn_bwd_pre",)) if hasattr(m, x)]
     assert "_vl_rows" in names
     launches: dict[str, list[tuple[Any, Any]]] = {x: [] for x in names}
     saved = {x: getattr(m, x) for x in names}
