@@ -5,8 +5,13 @@ assembled by `ptxas -v` from Triton's bundled toolkit. Spills (local-memory traf
 made the first backward tiles slow (docs/perf-notes.md, backward v1); shared memory must stay under the
 H100's 227 KiB per block or the launch fails.
 
-`--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), not
-`_attn_fwd_fast` (whose TMA descriptor arguments this tool does not describe); switches it does not set are off.
+`--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), `--fast` the grid
+kernel `_attn_fwd_fast` of the other patterns with pointer loads (TMA descriptors are not described here);
+switches it does not set are off. Pointers and strides are marked divisible by 16, as a launch with aligned
+tensors specialises them: without that mark the loads are not vectorised (16-bit loads through registers
+instead of 128-bit asynchronous copies), and the registers and spills differ from what the GPU runs (this
+tool's figures before 2026-11-25 23:00 lacked it). A fifth field of --fwd / --fast caps registers per thread
+(maxnreg). `blocks/SM` is what registers, shared memory and threads allow on an H100.
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
@@ -49,7 +54,8 @@ INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, types: dict | None = None) -> str:
+def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, types: dict | None = None,
+              maxnreg: int = 0) -> str:  # fmt: skip
     sig = {}
     for p in kernel.params:
         if types and p.name in types:
@@ -60,12 +66,20 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             sig[p.name] = "i32"
         elif p.name in ("qk_scale", "scale"):
             sig[p.name] = "fp32"
+        elif p.name.endswith("_desc"):  # pointer loads: the descriptor arguments are unused
+            sig[p.name] = "constexpr"
         else:
             sig[p.name] = "*i32" if p.name in INT32_TABLES else "*fp32" if p.name in FP32_BUFFERS else f"*{dtype}"
     # feature switches this tool does not set (token layout, selectors, ...) are off: the plain path
     consts = {p.name: constexprs.get(p.name, False) for p in kernel.params if p.is_constexpr}
-    built = triton.compile(ASTSource(kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 128),
-                           options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    consts.update({p.name: None for p in kernel.params if sig[p.name] == "constexpr" and not p.is_constexpr})
+    # what a launch of contiguous [B, H, N, D] tensors with D a multiple of 16 specialises: 16-byte aligned
+    # pointers and strides divisible by 16 (every stride: a base pointer's alignment needs all of its terms)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
+             if sig[p.name].startswith("*") or p.name.startswith("s_")}  # fmt: skip
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    built = triton.compile(ASTSource(kernel, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 128), options=options)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -75,8 +89,11 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     mma = "wgmma" if "wgmma" in built.asm["ptx"] else "mma.sync"  # Hopper's warpgroup MMA, or the Ampere one
-    return (f"{built.metadata.shared / 1024:6.1f} KiB smem, {regs.group(1) if regs else '?'} regs, "
-            f"spill st/ld {spill.group(1) if spill else '?'}/{spill.group(2) if spill else '?'} B, {mma}")  # fmt: skip
+    n_regs = int(regs.group(1)) if regs else 255
+    blocks = min(227 * 1024 // max(built.metadata.shared, 1), 65536 // (n_regs * 32 * warps), 64 // warps)
+    return (f"{built.metadata.shared / 1024:6.1f} KiB smem, {n_regs} regs, "
+            f"spill st/ld {spill.group(1) if spill else '?'}/{spill.group(2) if spill else '?'} B, {mma}, "
+            f"{blocks} blocks/SM")  # fmt: skip
 
 
 def selection(m, dtype: str, d: int, d_pad: int) -> None:
@@ -117,7 +134,8 @@ def main() -> None:
     ap.add_argument("--src", default="causal & window(1023)")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--fwd", action="append", default=[], help="BM,BN,warps,stages")
+    ap.add_argument("--fwd", action="append", default=[], help="BM,BN,warps,stages[,maxnreg]")
+    ap.add_argument("--fast", action="append", default=[], help="BM,BN,warps,stages[,maxnreg]: the grid kernel")
     ap.add_argument(
         "--bwd",
         action="append",
@@ -140,15 +158,20 @@ def main() -> None:
     common = dict(PAT=0, HEAD_DIM=a.d, D_PAD=d_pad, DOT_PREC="ieee" if a.dtype == "fp32" else "tf32",
                   IDX64=m.IDX64, INTERPRET=False, VARLEN=False, ACCUM=False)  # fmt: skip
     for cfg in a.fwd:
-        bm, bn, w, s = (int(x) for x in cfg.split(","))
-        print(
-            f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s)}", flush=True
-        )
+        bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
+        c = dict(common, BLOCK_M=bm, BLOCK_N=bn)
+        print(f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, c, w, s, maxnreg=cap[0] if cap else 0)}", flush=True)
+    for cfg in a.fast:
+        bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
+        c = dict(common, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, FOLD=True, OFF32=True, CONTIG=True, TMA=0)
+        t = {"WORK": "*i32", "WS_O": "*fp32", "WS_L": "*fp32", **{x: "i32" for x in ("BHN", "SLOTS")}}
+        print(f"fast {cfg:20s} {resources(m._attn_fwd_fast, a.dtype, c, w, s, t, cap[0] if cap else 0)}", flush=True)
     if a.sel:
         selection(m, a.dtype, a.d, d_pad)
     if a.tables:
         tables(m)
-    for cfg in a.bwd or [",".join(map(str, m._bwd_config(d_pad)))]:
+    asked = a.fwd or a.fast or a.sel or a.tables  # the backward's default tiles when nothing else is asked
+    for cfg in a.bwd or ([] if asked else [",".join(map(str, m._bwd_config(d_pad)))]):
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])
         dq = resources(m._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w2, s2)
