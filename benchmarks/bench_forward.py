@@ -87,7 +87,8 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
         from patterndsl.compile import TUNE_CONFIGS
 
         cands = next(c for d, c in TUNE_CONFIGS if D <= d)
-        return [(c[:4], {"TMA_MODE": c[4]}) for c in cands]
+        return [(c[:4], {"TMA_MODE": c[4], "ONE_LOOP": bool(c[5:6] and c[5]), "MAXNREG": c[6] if len(c) > 6 else 0})
+                for c in cands]  # fmt: skip
     out = [((128, 128, 8, 3), BASE), ((128, 64, 8, 3), BASE)]
     for tma in (0, 1, 2):
         for cfg in CONFIGS:
@@ -104,6 +105,9 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
     for cfg, tma in (((128, 128, 8, 3), 1), ((128, 128, 8, 3), 0), ((128, 64, 8, 3), 1), ((64, 64, 4, 2), 0),
                      ((64, 64, 4, 2), 1)):
         out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "ONE_LOOP": True}))
+    # registers capped at 128 a thread: two 8-warp blocks of 128 x 64 (96 KiB of shared memory each) per SM
+    for cfg, tma in (((128, 64, 8, 2), 1), ((128, 64, 8, 2), 0), ((128, 128, 8, 2), 1)):
+        out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "MAXNREG": 128}))
     return out
 
 
@@ -112,7 +116,7 @@ def label(cfg, sw) -> str:
     return f"{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}{flags}"
 
 
-SWITCHES = ("TMA_MODE", "FOLD", "CONTIG", "SPLIT_TILES", "ONE_LOOP")
+SWITCHES = ("TMA_MODE", "FOLD", "CONTIG", "SPLIT_TILES", "ONE_LOOP", "MAXNREG")
 _DEFAULTS: dict[int, dict] = {}
 
 
@@ -202,7 +206,8 @@ def write_markdown(res: dict, path: str) -> None:
     ]
     for r in res["forward"]:
         c, sw = r["best_config"], r["best_switches"]
-        tile = f"{c[0]}x{c[1]} w{c[2]} s{c[3]} tma{sw.get('TMA_MODE', '-')}{' one loop' if sw.get('ONE_LOOP') else ''}"
+        tile = (f"{c[0]}x{c[1]} w{c[2]} s{c[3]} tma{sw.get('TMA_MODE', '-')}{' one loop' if sw.get('ONE_LOOP') else ''}"
+                + (f" r{sw['MAXNREG']}" if sw.get("MAXNREG") else ""))  # fmt: skip
         lines.append(
             f"| {r['pattern']} | {r['density']:.4f} | {r['ours_ms']:.3f} | {r['ours_tflops']:.1f} | {r['flex_ms']:.3f} "
             f"| {r['flex_tflops']:.1f} | {r['sdpa_dense_ms']:.3f} | {r['speedup_vs_flex']:.2f}x | {tile} "
@@ -267,7 +272,8 @@ def main() -> None:
             row["first_call_s"] = time.perf_counter() - t1
             err = ((out.float() - fo.float()).norm() / fo.float().norm()).item()
             cfg = mod.LAST_CONFIG
-            best = (0.0, cfg[:4], {"TMA_MODE": cfg[4], **({"ONE_LOOP": True} if cfg[5] else {})}, out, err)
+            best = (0.0, cfg[:4], {"TMA_MODE": cfg[4], **({"ONE_LOOP": True} if cfg[5] else {}),
+                                   **({"MAXNREG": cfg[6]} if cfg[6] else {})}, out, err)  # fmt: skip
             best_mod = mod
         for vi, (cfg, sw) in enumerate(variants(name) if SWEEP else ()):
             if ("ours", pi, vi) in failed:

@@ -58,7 +58,7 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
     (128, (64, 32, 4, 3)),
     (256, (64, 32, 8, 2)),
 )
-# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA 0/1[, one loop 0/1]) a generated module times on
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA 0/1[, one loop 0/1[, maxnreg]]) a generated module times on
 # its first call per head_dim (autotuning of the fast kernel; patterns with a token layout keep
 # DEFAULT_CONFIGS). For D = 128 the four best of the v3 sweep over the five benchmark patterns
 # (docs/perf-notes.md); 64 x 64, which the 2026-11-25 20:47 sweep found 1.5x faster than 128 x 128 on
@@ -66,11 +66,18 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
 # with FULL and PARTIAL blocks in one loop (the sixth field), 3-5% faster on the 1024 window and PowerAttention
 # in that sweep's quick medians, which wander by about as much: the tuner decides on the machine at hand.
 # D = 64 takes the same additions, unmeasured there.
+# The seventh field caps registers per thread (ptxas .maxnreg) so that two 8-warp blocks share an SM, the one
+# way left to overlap one block's softmax with another's matrix products (triton 3.6 does not warp-specialise
+# on sm_90). sm_90 compiles with triton 3.6 (benchmarks/kernel_resources.py --fast, 2026-11-25 23:00): D = 128,
+# 128 x 64, 2 stages at 128 registers spills 60 B for causal (3 stores and 4 loads a step of its FULL loop;
+# 116 B for the 1024 window) and fits 2 blocks per SM (96 KiB of shared memory each), against 1 block at 197
+# registers uncapped; D = 64: 128 x 64 fits in 128 registers uncapped, 128 x 128 at 128 spills 12 B. Not yet measured on a
+# GPU: the tuner keeps them only where they are faster.
 TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0), (64, 64, 4, 2, 1),
-          (128, 128, 4, 3, 1, 1), (64, 64, 4, 2, 1, 1))),
+          (128, 128, 4, 3, 1, 1), (64, 64, 4, 2, 1, 1), (128, 64, 8, 2, 1, 0, 128), (128, 128, 8, 2, 1, 0, 128))),
     (128, ((128, 128, 8, 3, 1), (128, 128, 8, 3, 0), (128, 128, 8, 2, 1), (128, 64, 8, 3, 1), (64, 64, 4, 2, 1),
-           (128, 128, 8, 3, 1, 1), (64, 64, 4, 2, 1, 1))),
+           (128, 128, 8, 3, 1, 1), (64, 64, 4, 2, 1, 1), (128, 64, 8, 2, 1, 0, 128), (128, 64, 8, 2, 0, 0, 128))),
     (256, ((64, 64, 8, 2, 1), (128, 64, 8, 2, 1), (64, 64, 4, 2, 0))),
 )
 

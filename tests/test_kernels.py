@@ -322,28 +322,43 @@ def test_kernel_switches_match_reference(switches: dict[str, Any], src: str, n: 
             setattr(module, key, value)
 
 
-def test_a_tuned_one_loop_candidate_runs_the_one_loop_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tuned_candidates_loop_and_register_fields_reach_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuner's sixth field switches the grid kernel to one loop over FULL and PARTIAL blocks (without the
-    ONE_LOOP switch); 0 or a five-field candidate keeps two loops. Every variant computes the reference."""
+    ONE_LOOP switch), its seventh caps registers per thread (ptxas maxnreg; the MAXNREG switch when 0);
+    0 keeps two loops and the compiler's registers. Every variant computes the reference."""
     src = "(causal & window(40)) | global(0:3)"  # no token layout: the fast kernels serve it
     module = P.compile(f"pattern p = {src}\n", **SMALL)
-    launched: list[bool] = []
+    launched: list[tuple[bool, Any]] = []
     kernel = module._attn_fwd_fast
 
     class Spy:
         def __getitem__(self, grid: Any) -> Any:
             def launch(*args: Any, **kwargs: Any) -> Any:
-                launched.append(kwargs["ONE_LOOP"])
+                launched.append((kwargs["ONE_LOOP"], kwargs.get("maxnreg")))
                 return kernel[grid](*args, **kwargs)
 
             return launch
 
     monkeypatch.setattr(module, "_attn_fwd_fast", Spy())  # modules are cached per source: undone after the test
-    for cfg, one_loop in (((16, 16, 4, 1, 0, 1), True), ((16, 16, 4, 1, 0, 0), False)):
+    cases = [((16, 16, 4, 1, 0, 1, 0), 0, (True, None)), ((16, 16, 4, 1, 0, 0, 0), 0, (False, None)),
+             ((16, 16, 4, 1, 0, 0, 128), 0, (False, 128)), ((16, 16, 4, 1, 0, 1, 0), 96, (True, 96)),
+             ((16, 16, 4, 1, 0, 0, 128), 96, (False, 128))]  # fmt: skip
+    for cfg, switch, expected in cases:
         monkeypatch.setattr(module, "_choose", lambda *args, cfg=cfg, **kwargs: cfg)
+        monkeypatch.setattr(module, "MAXNREG", switch)
         launched.clear()
         check(module, P.dense_mask(src, 77), h=2, hkv=1, b=2)
-        assert launched == [one_loop] and module.LAST_CONFIG == cfg
+        assert launched == [expected] and module.LAST_CONFIG == cfg
+
+
+def test_tuning_candidates_have_seven_fields() -> None:
+    """A register cap is offered for head_dims 64 and 128 (two 8-warp blocks per SM), TMA only where allowed."""
+    module = P.compile(STREAM)
+    for d_pad in (64, 128):
+        cands = module._tune_candidates(d_pad, 1)
+        assert all(len(c) == 7 for c in cands) and len(set(cands)) == len(cands)
+        assert any(c[6] == 128 and c[2] == 8 for c in cands)
+        assert all(c[4] == 0 for c in module._tune_candidates(d_pad, 0))
 
 
 @settings(max_examples=25, deadline=None)
