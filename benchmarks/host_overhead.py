@@ -102,6 +102,7 @@ def main() -> None:
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
             pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(30)
             print(s.getvalue()[-6000:], flush=True)
+            row["profile"] = s.getvalue()[-12000:]  # kept in the JSON: a call's output tail is too short for it
     with open(os.path.join(outdir, "host_overhead_h100.json"), "w") as f:
         json.dump({**run_info(), "shape": {"B": B, "H": H, "N": N, "D": D}, "rows": rows}, f, indent=1)
 
