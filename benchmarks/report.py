@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def _cell_names(rows: list[dict[str, Any]]) -> set[str]:
     return {f"{r['pattern']} N={r['N']} D={r['D']} {r['pass']}" for r in rows if "error" not in r}
 
 
-def _scaling(sc: dict[str, Any], title: str, elsewhere: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+def _scaling(sc: dict[str, Any], title: str, elsewhere: Collection[str] = ()) -> list[str]:
     """One row per (pattern, head_dim, pass), one column per N: our time and its speed-up over Flex."""
     rows = [r for r in sc["rows"] if "error" not in r]
     ns = sorted({r["N"] for r in rows})
