@@ -6,8 +6,9 @@ made the first backward tiles slow (docs/perf-notes.md, backward v1); shared mem
 H100's 227 KiB per block or the launch fails.
 
 `--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), `--fast` the grid
-kernel `_attn_fwd_fast` of the other patterns with pointer loads (TMA descriptors are not described here);
-switches it does not set are off. Pointers and strides are marked divisible by 16, as a launch with aligned
+kernel `_attn_fwd_fast` of the other patterns with pointer loads, or with `--tma` through host tensor
+descriptors ([B, H, N, D] with [1, 1, block, D] boxes, as `_descriptor` makes them); switches it does not set
+are off. Pointers and strides are marked divisible by 16, as a launch with aligned
 tensors specialises them: without that mark the loads are not vectorised (16-bit loads through registers
 instead of 128-bit asynchronous copies), and the registers and spills differ from what the GPU runs (this
 tool's figures before 2026-11-25 23:00 lacked it). A fifth field of --fwd / --fast caps registers per thread
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--fwd", action="append", default=[], help="BM,BN,warps,stages[,maxnreg]")
     ap.add_argument("--fast", action="append", default=[], help="BM,BN,warps,stages[,maxnreg]: the grid kernel")
+    ap.add_argument("--tma", action="store_true", help="--fast with host TMA descriptors instead of pointer loads")
     ap.add_argument(
         "--bwd",
         action="append",
@@ -163,9 +165,12 @@ def main() -> None:
         print(f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, c, w, s, maxnreg=cap[0] if cap else 0)}", flush=True)
     for cfg in a.fast:
         bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
-        c = dict(common, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, FOLD=True, OFF32=True, CONTIG=True, TMA=0)
+        c = dict(common, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, FOLD=True, OFF32=True, CONTIG=True, TMA=int(a.tma))
         t = {"WORK": "*i32", "WS_O": "*fp32", "WS_L": "*fp32", **{x: "i32" for x in ("BHN", "SLOTS")}}
-        print(f"fast {cfg:20s} {resources(m._attn_fwd_fast, a.dtype, c, w, s, t, cap[0] if cap else 0)}", flush=True)
+        if a.tma:
+            t.update({f"{x}_desc": f"tensordesc<{a.dtype}[1,1,{bm if x in 'qo' else bn},{d_pad}]>" for x in "qkvo"})
+        name = cfg + (" tma" if a.tma else "")
+        print(f"fast {name:20s} {resources(m._attn_fwd_fast, a.dtype, c, w, s, t, cap[0] if cap else 0)}", flush=True)
     if a.sel:
         selection(m, a.dtype, a.d, d_pad)
     if a.tables:

@@ -68,10 +68,11 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
 # D = 64 takes the same additions, unmeasured there.
 # The seventh field caps registers per thread (ptxas .maxnreg) so that two 8-warp blocks share an SM, the one
 # way left to overlap one block's softmax with another's matrix products (triton 3.6 does not warp-specialise
-# on sm_90). sm_90 compiles with triton 3.6 (benchmarks/kernel_resources.py --fast, 2026-11-25 23:00): D = 128,
-# 128 x 64, 2 stages at 128 registers spills 60 B for causal (3 stores and 4 loads a step of its FULL loop;
-# 116 B for the 1024 window) and fits 2 blocks per SM (96 KiB of shared memory each), against 1 block at 197
-# registers uncapped; D = 64: 128 x 64 fits in 128 registers uncapped, 128 x 128 at 128 spills 12 B. Not yet measured on a
+# on sm_90). sm_90 compiles with triton 3.6 (benchmarks/kernel_resources.py --fast [--tma], 2026-11-25 23:30):
+# D = 128, 128 x 64, 2 stages: with TMA 147 registers uncapped (1 block per SM), 124 capped at 128 without
+# spills (2 blocks of 96 KiB of shared memory); with pointer loads 197 uncapped, at 128 it spills 60 B for
+# causal (3 stores and 4 loads a step of its FULL loop; 116 B for the 1024 window). D = 64: 128 x 64 fits in 128
+# registers uncapped, 128 x 128 at 128 spills 12 B with pointer loads and none with TMA. Not yet measured on a
 # GPU: the tuner keeps them only where they are faster.
 TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0), (64, 64, 4, 2, 1),
