@@ -87,8 +87,7 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
         from patterndsl.compile import TUNE_CONFIGS
 
         cands = next(c for d, c in TUNE_CONFIGS if D <= d)
-        return [(c[:4], {"TMA_MODE": c[4], "ONE_LOOP": bool(c[5:6] and c[5]), "MAXNREG": c[6] if len(c) > 6 else 0})
-                for c in cands]  # fmt: skip
+        return [(c[:4], switches_of(c)) for c in cands]
     out = [((128, 128, 8, 3), BASE), ((128, 64, 8, 3), BASE)]
     for tma in (0, 1, 2):
         for cfg in CONFIGS:
@@ -109,6 +108,11 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
     for cfg, tma in (((128, 64, 8, 2), 1), ((128, 64, 8, 2), 0), ((128, 128, 8, 2), 1)):
         out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "MAXNREG": 128}))
     return out
+
+
+def switches_of(cfg) -> dict:
+    """The module switches that launch a tuner config (BM, BN, warps, stages, tma[, one_loop[, maxnreg]])."""
+    return {"TMA_MODE": cfg[4], "ONE_LOOP": len(cfg) > 5 and bool(cfg[5]), "MAXNREG": cfg[6] if len(cfg) > 6 else 0}
 
 
 def label(cfg, sw) -> str:
@@ -272,8 +276,7 @@ def main() -> None:
             row["first_call_s"] = time.perf_counter() - t1
             err = ((out.float() - fo.float()).norm() / fo.float().norm()).item()
             cfg = mod.LAST_CONFIG
-            best = (0.0, cfg[:4], {"TMA_MODE": cfg[4], **({"ONE_LOOP": True} if cfg[5] else {}),
-                                   **({"MAXNREG": cfg[6]} if cfg[6] else {})}, out, err)  # fmt: skip
+            best = (0.0, cfg[:4], switches_of(cfg), out, err)
             best_mod = mod
         for vi, (cfg, sw) in enumerate(variants(name) if SWEEP else ()):
             if ("ours", pi, vi) in failed:

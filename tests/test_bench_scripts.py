@@ -33,3 +33,19 @@ def test_backward_sweep_variants_start_from_the_module_defaults() -> None:
     second = sweep_backward.build("causal & window(7)", cfg, True)
     assert second is first
     assert (second.BWD_FUSE_PRE, second.BWD_TMA) == (True, True)
+
+
+def test_forward_warm_up_compiles_what_the_tuner_will_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without BENCH_SWEEP the workers compile the tuner's candidates ahead: each one's loop and register
+    fields become the switches its kernel is launched with."""
+    import bench_forward
+
+    from patterndsl.compile import TUNE_CONFIGS
+
+    monkeypatch.setattr(bench_forward, "SWEEP", False)
+    cands = next(c for d, c in TUNE_CONFIGS if bench_forward.D <= d)
+    got = bench_forward.variants("causal")
+    assert [cfg for cfg, _ in got] == [c[:4] for c in cands]
+    for c, (_, sw) in zip(cands, got, strict=True):
+        assert sw == {"TMA_MODE": c[4], "ONE_LOOP": len(c) > 5 and c[5] == 1, "MAXNREG": c[6] if len(c) > 6 else 0}
+    assert any(sw["MAXNREG"] for _, sw in got) and any(sw["ONE_LOOP"] for _, sw in got)
