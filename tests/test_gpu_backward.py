@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from switches import switched
 
 import patterndsl as P
 from patterndsl.mask import dense_mask
@@ -29,10 +30,7 @@ TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 2e-4}
 def _grads(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, b: int = 2,
            switches: dict[str, Any] | None = None) -> dict[str, float]:
     module = P.compile(f"pattern p = {src}\n")
-    saved = {key: getattr(module, key) for key in (switches or {})}  # modules are cached per source
-    try:
-        for key, value in (switches or {}).items():
-            setattr(module, key, value)
+    with switched(module, switches):
         module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
         q = torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -50,9 +48,6 @@ def _grads(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, b: in
             assert not torch.isnan(x).any(), f"{name} has NaN"
             errs[name] = ((x.double() - ref).norm() / ref.norm()).item()
         return errs
-    finally:
-        for key, value in saved.items():
-            setattr(module, key, value)
 
 
 @pytest.mark.parametrize("src", BENCH)

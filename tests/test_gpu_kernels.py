@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from switches import switched
 
 import patterndsl as P
 from patterndsl.mask import dense_mask
@@ -35,14 +36,8 @@ def _run(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, cfg: tu
     if cfg is not None:  # launch exactly these tiles (BLOCK_M, BLOCK_N, warps, stages, TMA mode[, one loop])
         changes["_choose"] = lambda *args, **kwargs: cfg
         changes["TMA_MODE"] = max(1, cfg[4])  # the tuner offers a TMA mode only when the module is set to it
-    saved = {key: getattr(module, key) for key in changes}  # modules are cached per source: undone below
-    try:
-        for key, value in changes.items():
-            setattr(module, key, value)
+    with switched(module, changes):
         return _run_module(module, src, n, dtype, d, h, hkv)
-    finally:
-        for key, value in saved.items():
-            setattr(module, key, value)
 
 
 def _run_module(module: Any, src: str, n: int, dtype: Any, d: int, h: int, hkv: int) -> float:
