@@ -256,7 +256,6 @@ def test_fifty_calls_with_random_lengths_need_one_specialisation(fuse_pre: bool,
     names = [x for x in kernels + (() if fuse_pre else ("_attn_bwd_pre",)) if hasattr(m, x)]
     assert "_vl_rows" in names
     launches: dict[str, list[tuple[Any, Any]]] = {x: [] for x in names}
-    saved = {x: getattr(m, x) for x in names}
 
     class Recorder:  # records the launch instead of running it (the key is all that matters here)
         def __init__(self, name: str) -> None:
@@ -272,17 +271,15 @@ def test_fifty_calls_with_random_lengths_need_one_specialisation(fuse_pre: bool,
             jf = JITFunction(real.fn, **kw)
             binders[x, label] = create_function_from_signature(jf.signature, jf.params, BaseBackend)
     rng = np.random.default_rng(0)
-    try:  # (the module is shared with the other tests: its kernels are put back, its garbage tables dropped)
-        for x in names:
-            setattr(m, x, Recorder(x))
+    for x in names:  # (the module is shared with the other tests: monkeypatch puts its kernels back)
+        monkeypatch.setattr(m, x, Recorder(x))
+    try:
         for _ in range(50):
             lengths = rng.integers(1, 300, rng.integers(1, 9)).tolist()
             q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
             m.attention(q, q, q, cu_seqlens=cu_of(lengths)).sum().backward()
     finally:
-        for x in names:
-            setattr(m, x, saved[x])
-        m._VARLEN.clear()
+        m._VARLEN.clear()  # the garbage tables of recorded launches
     for x in names:
         assert len(launches[x]) == (150 if x.startswith("_vl_") else 50), x  # tables: forward, dQ, dK/dV
         keys: dict[str, set[str]] = {"ours": set(), "specialised": set()}
@@ -340,7 +337,7 @@ def test_tables_are_shared_by_calls_with_the_same_documents() -> None:
     assert len(m._VARLEN) <= 17
 
 
-def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops() -> None:
+def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU a host sync costs more than the whole build (perf-notes, varlen v1): the per-call N-free
     build must read no device value. On the meta device every such read (item, tolist, nonzero, boolean
     masks, repeat_interleave without its size) raises, so the build running there (the shared table's
@@ -384,23 +381,19 @@ def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops() -> N
     m = module("causal & window(100)")
     lengths = [1, 300, 0, 77, 16, 129, 1]
     kernels = ("_vl_rows", "_vl_scan", "_vl_gather")
-    saved = {x: getattr(m, x) for x in kernels}
-    for tiles, transpose in (((32, 16), False), ((16, 64), True)):
-        want = m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose)
+    cases = (((32, 16), False), ((16, 64), True))
+    wants = [m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose) for tiles, transpose in cases]
+    for x in kernels:  # (the module is cached: monkeypatch puts its kernels back)
+        monkeypatch.setattr(m, x, Recorder(x))
+    for (tiles, transpose), want in zip(cases, wants, strict=True):
         sides, src, _ = m._free_source(0, 512, *tiles, "cpu")
         m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), ({}, {}))
         threads = torch.get_num_threads()
-        try:
-            for x in kernels:
-                setattr(m, x, Recorder(x))
-            with DeviceOps() as cold:
-                m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))  # templates made
-            launches.clear()
-            with DeviceOps() as ops:
-                got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
-        finally:
-            for x in kernels:
-                setattr(m, x, saved[x])
+        with DeviceOps() as cold:
+            m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))  # templates made
+        launches.clear()
+        with DeviceOps() as ops:
+            got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
         assert torch.get_num_threads() == threads, "the host part's single thread is given back"
         assert [x.device.type for x in got] == ["meta"] * 5
         assert [x.shape for x in got] == [x.shape for x in want]
