@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(results: Path, name: str, gpu: str = "h100") -> dict[str, Any] | None:
-    path = results / f"{name}_{gpu}.json"
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}_h100.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -118,11 +117,8 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
         context = (f"{_stamp(var)}; {s['docs']} documents, {s['total']} tokens, causal window {s['window']}, "
                    f"H={s['H']} D={s['D']} {s['dtype']}; tables / masks built inside every timed call.")  # fmt: skip
         out += _section("Packed documents", context, ["", "fwd ms", "fwd+bwd ms"], rows)
-    h200 = _load(results, "scaling", "h200")  # cells a lent H200 measured when the H100 time was spent
     if sc := _load(results, "scaling"):
-        out += _scaling(sc, "Scaling in N and head_dim, 1-D patterns", _cell_names(h200["rows"]) if h200 else set())
-    if h200:
-        out += _scaling(h200, "Scaling: cells measured on an H200 (their times are not comparable with the H100's)")
+        out += _scaling(sc, "Scaling in N and head_dim, 1-D patterns")
     return out, bars
 
 
@@ -135,11 +131,7 @@ def _scaling_cell(r: dict[str, Any]) -> str:
     return f"{r['ours_ms']:.3f} ms, {r['speedup_vs_flex']:.2f}x"
 
 
-def _cell_names(rows: list[dict[str, Any]]) -> set[str]:
-    return {f"{r['pattern']} N={r['N']} D={r['D']} {r['pass']}" for r in rows if "error" not in r}
-
-
-def _scaling(sc: dict[str, Any], title: str, elsewhere: Collection[str] = ()) -> list[str]:
+def _scaling(sc: dict[str, Any], title: str) -> list[str]:
     """One row per (pattern, head_dim, pass), one column per N: our time and its speed-up over Flex."""
     rows = [r for r in sc["rows"] if "error" not in r]
     ns = sorted({r["N"] for r in rows})
@@ -155,11 +147,8 @@ def _scaling(sc: dict[str, Any], title: str, elsewhere: Collection[str] = ()) ->
     context = (f"{_stamp(sc)}; B={s['B']} H={s['H']} {s['dtype']}. Each cell: our median time and Flex's time / ours, "
                "measured side by side.")  # fmt: skip
     missing = [f"{r['pattern']} N={r['N']} D={r['D']} {r['pass']}: {r['error']}" for r in sc["rows"] if "error" in r]
-    missing += [m for m in sc.get("not_measured", []) if m not in elsewhere]
+    missing += sc.get("not_measured", [])
     tail = [f"Not measured: {'; '.join(missing)}.", ""] if missing else []
-    moved = [m for m in sc.get("not_measured", []) if m in elsewhere]
-    if moved:
-        tail += [f"Measured on an H200 instead (next table): {len(moved)} cells.", ""]
     return _section(title, context, ["pattern", "D", "pass", *map(str, ns)], table) + tail
 
 
