@@ -49,3 +49,14 @@ def test_forward_warm_up_compiles_what_the_tuner_will_launch(monkeypatch: pytest
     for c, (_, sw) in zip(cands, got, strict=True):
         assert sw == {"TMA_MODE": c[4], "ONE_LOOP": len(c) > 5 and c[5] == 1, "MAXNREG": c[6] if len(c) > 6 else 0}
     assert any(sw["MAXNREG"] for _, sw in got) and any(sw["ONE_LOOP"] for _, sw in got)
+
+
+def test_forward_sweep_keep_filters_variants_by_label_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_forward
+
+    monkeypatch.setattr(bench_forward, "SWEEP", True)
+    every = [bench_forward.label(c, sw) for c, sw in bench_forward.variants("causal")]
+    monkeypatch.setenv("BENCH_SWEEP_KEEP", "128x64w8s2_tma_mode1,64x64w4s2")
+    kept = [bench_forward.label(c, sw) for c, sw in bench_forward.variants("causal")]
+    assert kept == [x for x in every if x.startswith(("128x64w8s2_tma_mode1", "64x64w4s2"))]
+    assert 0 < len(kept) < len(every) and any("maxnreg128" in x for x in kept)
