@@ -456,6 +456,7 @@ def test_tuner_interleaves_its_rounds_and_keeps_each_candidates_best(monkeypatch
     monkeypatch.setattr(module, "_time_ms", lambda fn, reps: fn() or times[calls[-1]][sum(x == calls[-1] for x in calls) - 2])
     runs = {c: (lambda c=c: calls.append(c)) for c in "abc"}
     assert module._fastest(runs, 5) == "a"
+    assert module.LAST_TUNING == {"a": 1.0, "b": 2.0, "c": 1.5}  # what a report shows of the tuning
     timed = calls[3:]  # after one warm launch each
     assert timed == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
 
