@@ -275,7 +275,7 @@ def main() -> None:
             if DEV == "cuda":
                 torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t1
-            if mod.LAST_TUNING:  # the tuner's own timings (ms), beside do_bench's below
+            if mod.LAST_TUNING:  # the tuner's own timings (ms per round), beside do_bench's below
                 row["tuner_ms"] = {",".join(map(str, c)): t for c, t in mod.LAST_TUNING.items()}
                 mod.LAST_TUNING = None
             err = ((out.float() - fo.float()).norm() / fo.float().norm()).item()
