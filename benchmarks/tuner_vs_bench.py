@@ -2,7 +2,7 @@
 """Does the forward tuner rank its candidates as the benchmarks do? On the GPU, one run, per pattern of
 bench_forward: each TUNE_CONFIGS candidate timed the tuner's way (`_time_ms`: back-to-back launches, warm L2)
 and do_bench's way (L2 flushed, median), then the tuner's pick from an empty cache, twice, with its do_bench
-time. Writes tuner_vs_bench.json to argv[1]. Env: BENCH_ONLY (pattern names)."""
+time. Writes tuner_vs_bench_h100.json to argv[1]. Env: BENCH_ONLY (pattern names)."""
 
 from __future__ import annotations
 

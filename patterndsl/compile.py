@@ -59,8 +59,9 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
     (256, (64, 32, 8, 2)),
 )
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA 0/1[, one loop 0/1[, maxnreg]]) a generated module times on
-# its first call per head_dim (autotuning of the fast kernel; patterns with a token layout keep
-# DEFAULT_CONFIGS). For D = 128 the four best of the v3 sweep over the five benchmark patterns
+# its first call per head_dim (autotuning of the fast kernel; patterns with a token layout time their own kernel
+# over DEFAULT_CONFIGS' tiles and these candidates' tiles, warps and stages, selectors keep DEFAULT_CONFIGS).
+# For D = 128 the four best of the v3 sweep over the five benchmark patterns
 # (docs/perf-notes.md); 64 x 64, which the 2026-11-25 20:47 sweep found 1.5x faster than 128 x 128 on
 # PowerAttention (its 64-token blocks; docs/benchmarks/forward_sweep_oneloop_h100.json); and the grid kernel
 # with FULL and PARTIAL blocks in one loop (the sixth field), 3-5% faster on the 1024 window and PowerAttention

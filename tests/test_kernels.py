@@ -462,7 +462,7 @@ def test_tuner_interleaves_its_rounds_and_keeps_each_candidates_best(monkeypatch
     assert module.LAST_TUNING == times
 
 
-def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(tmp_path: Path, monkeypatch: Any) -> None:
+def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeypatch: Any) -> None:
     """A pattern with a token layout (the dilated window) is tuned over its own candidates (the configured
     tiles first, then TUNE_CONFIGS' distinct tiles, warps, stages), and its kernel launches the tiles it is
     given: the interpreter's output with tiles other than CONFIGS' matches the float64 reference."""
