@@ -12,7 +12,8 @@ are off. Pointers and strides are marked divisible by 16, as a launch with align
 tensors specialises them: without that mark the loads are not vectorised (16-bit loads through registers
 instead of 128-bit asynchronous copies), and the registers and spills differ from what the GPU runs (this
 tool's figures before 2026-11-25 23:00 lacked it). A fifth field of --fwd / --fast caps registers per thread
-(maxnreg). `blocks/SM` is what registers, shared memory and threads allow on an H100.
+(maxnreg). `blocks/SM` is what registers, shared memory and threads allow on an H100. `wgmma serialized`: ptxas
+found too few registers to keep several warpgroup MMAs in flight (its C7512 note) and waits on each one.
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
@@ -90,6 +91,8 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     mma = "wgmma" if "wgmma" in built.asm["ptx"] else "mma.sync"  # Hopper's warpgroup MMA, or the Ampere one
+    if "C7512" in log:  # too few registers for wgmma's pipeline: ptxas waits on each wgmma before the next
+        mma += " serialized"
     n_regs = int(regs.group(1)) if regs else 255
     blocks = min(227 * 1024 // max(built.metadata.shared, 1), 65536 // (n_regs * 32 * warps), 64 // warps)
     return (f"{built.metadata.shared / 1024:6.1f} KiB smem, {n_regs} regs, "

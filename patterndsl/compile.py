@@ -73,8 +73,12 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
 # D = 128, 128 x 64, 2 stages: with TMA 147 registers uncapped (1 block per SM), 124 capped at 128 without
 # spills (2 blocks of 96 KiB of shared memory); with pointer loads 197 uncapped, at 128 it spills 60 B for
 # causal (3 stores and 4 loads a step of its FULL loop; 116 B for the 1024 window). D = 64: 128 x 64 fits in 128
-# registers uncapped, 128 x 128 at 128 spills 12 B with pointer loads and none with TMA. Not yet measured on a
-# GPU: the tuner keeps them only where they are faster.
+# registers uncapped, 128 x 128 at 128 spills 12 B with pointer loads and none with TMA. The tuner keeps them
+# only where they are faster: on the H100 (2026-11-25 23:17, N = 16384, D = 128) the capped TMA 128 x 64 won
+# causal (2.153 ms, 0.5% ahead of 128 x 128) and the 1024 window (0.345 ms, 6% ahead) and lost elsewhere; D = 64
+# unmeasured. At the cap ptxas serialises that tile's warpgroup MMAs (its note C7512: each one waited on before
+# the next; kernel_resources says `wgmma serialized`); 128 x 32 tiles fit two blocks per SM without a cap (114
+# registers, MMAs pipelined), unmeasured on a GPU (bench_forward's sweep has them).
 TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0), (64, 64, 4, 2, 1),
           (128, 128, 4, 3, 1, 1), (64, 64, 4, 2, 1, 1), (128, 64, 8, 2, 1, 0, 128), (128, 128, 8, 2, 1, 0, 128))),
