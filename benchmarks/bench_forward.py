@@ -125,17 +125,23 @@ def label(cfg, sw) -> str:
 
 
 SWITCHES = ("TMA_MODE", "FOLD", "CONTIG", "SPLIT_TILES", "ONE_LOOP", "MAXNREG")
-_DEFAULTS: dict[int, dict] = {}
+_DEFAULTS: dict[tuple[int, tuple[str, ...]], dict] = {}
 
 
-def build(src: str, cfg, sw):
-    """The module with tiles `cfg` and switches `sw`, the others at their defaults: P.compile returns one cached
-    module per source and tiles, so a switch set for an earlier variant would otherwise stay set."""
-    mod = P.compile(f"pattern p = {src}\n", block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
-    defaults = _DEFAULTS.setdefault(id(mod), {k: getattr(mod, k) for k in SWITCHES})
+def with_switches(mod, names: tuple[str, ...], sw: dict):
+    """`mod` with switches `sw` set and the rest of `names` at the values they had when this function first saw
+    it: P.compile returns one cached module per source and tiles, so a switch set for an earlier variant would
+    otherwise stay set."""
+    defaults = _DEFAULTS.setdefault((id(mod), names), {k: getattr(mod, k) for k in names})
     for k, v in {**defaults, **sw}.items():
         setattr(mod, k, v)
     return mod
+
+
+def build(src: str, cfg, sw):
+    """The module with tiles `cfg` and switches `sw`, the others at their defaults."""
+    mod = P.compile(f"pattern p = {src}\n", block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+    return with_switches(mod, SWITCHES, sw)
 
 
 def _warm(task):

@@ -31,8 +31,8 @@ stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of it
 }
 
 # a few workers holding float64 references; failures go to failures.txt as they happen (2026-11-25 21:07:
-# the whole suite, 154 passed in 137 s with -n 5); forward 150 s (its warm-up compile took 36 s with six tuning
-# candidates, there are seven now), backward 190 s: 580 s of a 600 s call
+# the whole suite, 154 passed in 137 s with -n 5; 2026-11-26: 158 tests, ~125 s); forward 150 s (its warm-up
+# compile took 20-23 s with nine tuning candidates), backward 190 s: 580 s of a 600 s call
 # a stage whose box is 0 (T_BWD=0, ...) is skipped
 if [ -z "${ONLY_EXTRA:-}" ]; then
   if [ "${T_TESTS:-240}" != 0 ]; then

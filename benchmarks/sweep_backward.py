@@ -19,7 +19,7 @@ import time
 
 import torch
 from bench_backward import _rel
-from bench_forward import med
+from bench_forward import med, with_switches
 from runinfo import run_info
 
 import patterndsl as P
@@ -63,11 +63,8 @@ CANDIDATES: list[tuple] = [
 
 
 def build(src: str, cfg: tuple[int, ...], tma: bool, switches: dict | None = None):
-    mod = P.compile(f"pattern p = {src}\n", bwd_config=cfg)  # cached per source: every switch is set each time
-    mod.BWD_TMA, mod.BWD_FUSE_PRE = tma, True  # the template's defaults
-    for key, value in (switches or {}).items():
-        setattr(mod, key, value)
-    return mod
+    mod = P.compile(f"pattern p = {src}\n", bwd_config=cfg)
+    return with_switches(mod, ("BWD_TMA", "BWD_FUSE_PRE"), {"BWD_TMA": tma, **(switches or {})})
 
 
 def inputs(n: int):
