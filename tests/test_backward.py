@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from switches import spy_launches
 from test_kernels import _layout_n, _library, _static_and_compilable
 
 import patterndsl as P
@@ -137,17 +138,7 @@ def test_backward_delta_paths_give_the_reference_gradients(fuse_pre: bool, tma: 
     monkeypatch.setattr(module, "BWD_FUSE_PRE", fuse_pre)
     launched: list[tuple[str, Any]] = []
     for name in ("_attn_bwd_pre", "_attn_bwd_dq", "_attn_bwd_dkdv"):
-        kernel = getattr(module, name)
-
-        class Spy:
-            def __getitem__(self, grid: Any, kernel: Any = kernel, name: str = name) -> Any:
-                def launch(*args: Any, **kwargs: Any) -> Any:
-                    launched.append((name, kwargs.get("PRE")))
-                    return kernel[grid](*args, **kwargs)
-
-                return launch
-
-        monkeypatch.setattr(module, name, Spy())
+        spy_launches(monkeypatch, module, name, launched, lambda kw, name=name: (name, kw.get("PRE")))
     check_grads(module, mask, d=24, **kw)
     assert any(n == "_attn_bwd_pre" for n, _ in launched) != fuse_pre
     for name, pre in launched:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from switches import spy_launches
 from test_language_masks import expressions
 
 import patterndsl as P
@@ -329,17 +330,7 @@ def test_a_tuned_candidates_loop_and_register_fields_reach_the_launch(monkeypatc
     src = "(causal & window(40)) | global(0:3)"  # no token layout: the fast kernels serve it
     module = P.compile(f"pattern p = {src}\n", **SMALL)
     launched: list[tuple[bool, Any]] = []
-    kernel = module._attn_fwd_fast
-
-    class Spy:
-        def __getitem__(self, grid: Any) -> Any:
-            def launch(*args: Any, **kwargs: Any) -> Any:
-                launched.append((kwargs["ONE_LOOP"], kwargs.get("maxnreg")))
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(module, "_attn_fwd_fast", Spy())  # modules are cached per source: undone after the test
+    spy_launches(monkeypatch, module, "_attn_fwd_fast", launched, lambda kw: (kw["ONE_LOOP"], kw.get("maxnreg")))
     cases = [((16, 16, 4, 1, 0, 1, 0), 0, (True, None)), ((16, 16, 4, 1, 0, 0, 0), 0, (False, None)),
              ((16, 16, 4, 1, 0, 0, 128), 0, (False, 128)), ((16, 16, 4, 1, 0, 1, 0), 96, (True, 96)),
              ((16, 16, 4, 1, 0, 0, 128), 96, (False, 128))]  # fmt: skip
@@ -474,17 +465,8 @@ def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeyp
     assert cands[0] == default and len(cands) == len(set(c[:4] for c in cands)) >= 3
     assert {c[:4] for c in cands} == {default[:4]} | {tuple(c[:4]) for c in dict(module.TUNE_CONFIGS)[128]}
     launched: list[Any] = []
-    real = module._attn_fwd
-
-    class Recorder:
-        def __getitem__(self, grid: Any) -> Any:
-            def launch(*args: Any, **kw: Any) -> Any:
-                launched.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(module, "_attn_fwd", Recorder())
+    spy_launches(monkeypatch, module, "_attn_fwd", launched,
+                 lambda kw: (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))  # fmt: skip
     n, d = 77, 32
     mask = P.dense_mask(src, n)
     g = torch.Generator().manual_seed(0)
