@@ -1,14 +1,16 @@
 # ruff: noqa: B023  (the timing lambda runs inside its loop iteration)
-"""Does the forward tuner rank its candidates as the benchmarks do? On the GPU, one run, per pattern of
-bench_forward: each TUNE_CONFIGS candidate timed the tuner's way (`_time_ms`: back-to-back launches, warm L2)
-and do_bench's way (L2 flushed, median), then the tuner's pick from an empty cache, twice, with its do_bench
-time. Writes tuner_vs_bench_h100.json to argv[1]. Env: BENCH_ONLY (pattern names)."""
+"""Does the forward tuner pick what the benchmarks measure fastest, every time? On the GPU, one run, per
+pattern of bench_forward: the tuner's pick from an empty cache, TUNINGS times (default 3), each with every
+round it timed (`LAST_TUNING`); then every candidate timed do_bench's way (L2 flushed, median) in three
+interleaved rounds, alternating in direction, so the H100's clock drift spreads over all of them.
+Writes tuner_rounds_h100.json to argv[1]. Env: BENCH_ONLY (pattern names), TUNE_EXTRA (more D = 128
+candidates to try, e.g. "128,32,8,2,1;128,32,8,3,1,0,128")."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -16,42 +18,69 @@ import time
 import bench_forward as bf
 import torch
 from runinfo import run_info
+from triton.testing import do_bench
 
 import patterndsl as P
 
 
+def extra_candidates(text: str) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(x) for x in c.split(",")) for c in text.split(";") if c.strip())
+
+
+def with_extra(table: tuple, extra: tuple) -> tuple:
+    """TUNE_CONFIGS with `extra` appended to its D = 128 row."""
+    return tuple((d, tuple(c) + extra) if d == 128 else (d, c) for d, c in table)
+
+
+def tune(mod, q, k, v) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["PATTERNDSL_CACHE_DIR"] = d
+        mod._TUNED.clear()
+        t0 = time.perf_counter()
+        mod.attention(q, k, v)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    rounds = {",".join(map(str, c)): t for c, t in mod.LAST_TUNING.items()}
+    return {"pick": list(mod.LAST_CONFIG), "seconds": seconds, "rounds_ms": rounds}
+
+
+def bench_rounds(mod, q, k, v, rounds: int = 3) -> dict:
+    """do_bench medians of every candidate of the last tuning, launched through the module as users do."""
+    fields = next(iter(mod._TUNED))
+    cands = list(mod.LAST_TUNING)
+    times: dict = {c: [] for c in cands}
+    for r in range(rounds):
+        for c in cands if r % 2 == 0 else reversed(cands):
+            mod._TUNED[fields] = c
+            times[c].append(do_bench(lambda: mod.attention(q, k, v), warmup=25, rep=100))
+    return {",".join(map(str, c)): t for c, t in times.items()}
+
+
 def main() -> None:
     only = [x for x in os.environ.get("BENCH_ONLY", "").split(",") if x]
-    names = [p[0] for p in bf.PATTERNS if not only or p[0] in only]
-    t0 = time.perf_counter()
-    bf.warm_all(names, 12)
-    print(f"warm-up compile {time.perf_counter() - t0:.0f} s", flush=True)
+    extra = extra_candidates(os.environ.get("TUNE_EXTRA", ""))
+    tunings = int(os.environ.get("TUNINGS", "3"))
+    torch.manual_seed(0)
     q, k, v = (torch.randn(bf.B, bf.H, bf.N, bf.D, device="cuda", dtype=bf.DT) for _ in range(3))
     res = []
     for name, src, _, _ in bf.PATTERNS:
-        if name not in names:
+        if only and name not in only:
             continue
-        rows = []
-        for cfg, sw in bf.variants(name):
-            mod = bf.build(src, cfg, sw)
-            fn = functools.partial(mod.attention, q, k, v)
-            fn()
-            tuner, bench = mod._time_ms(fn, 5), bf.med(fn)
-            rows.append({"variant": bf.label(cfg, sw), "tuner_ms": tuner, "do_bench_ms": bench})
-            print(f"{name:22s} {bf.label(cfg, sw):60s} tuner {tuner:.4f}  do_bench {bench:.4f}", flush=True)
+        mod = P.compile(f"pattern p = {src}\n")
+        mod.TUNE_CONFIGS = with_extra(mod.TUNE_CONFIGS, extra)
         picks = []
-        for _ in range(2):
-            with tempfile.TemporaryDirectory() as d:
-                os.environ["PATTERNDSL_CACHE_DIR"] = d
-                m = P.compile(f"pattern p = {src}\n")
-                m._TUNED.clear()
-                m.attention(q, k, v)
-                t = bf.med(lambda: m.attention(q, k, v))
-                picks.append({"config": list(m.LAST_CONFIG), "do_bench_ms": t})
-                print(f"{name:22s} tuner pick {m.LAST_CONFIG}  do_bench {t:.4f}", flush=True)
-        res.append({"pattern": name, "candidates": rows, "picks": picks})
-    with open(os.path.join(sys.argv[1], "tuner_vs_bench_h100.json"), "w") as f:
-        json.dump({**run_info(), "forward": res}, f, indent=1)
+        for i in range(tunings):
+            picks.append(tune(mod, q, k, v))
+            print(f"{name:22s} tuning {i}: pick {tuple(picks[-1]['pick'])} in {picks[-1]['seconds']:.1f} s", flush=True)
+            for c, ts in sorted(picks[-1]["rounds_ms"].items(), key=lambda x: sum(x[1]))[:4]:
+                print(f"    {c:26s} mean {statistics.fmean(ts):.4f}  rounds {' '.join(f'{t:.4f}' for t in ts)}")
+        bench = bench_rounds(mod, q, k, v)
+        for c, ts in sorted(bench.items(), key=lambda x: statistics.median(x[1])):
+            print(f"{name:22s} do_bench {c:26s} median {statistics.median(ts):.4f}  rounds "
+                  f"{' '.join(f'{t:.4f}' for t in ts)}", flush=True)
+        res.append({"pattern": name, "tunings": picks, "do_bench_ms": bench})
+        with open(os.path.join(sys.argv[1], "tuner_rounds_h100.json"), "w") as f:
+            json.dump({**run_info(), "extra_candidates": [list(c) for c in extra], "forward": res}, f, indent=1)
 
 
 if __name__ == "__main__":

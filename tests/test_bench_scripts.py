@@ -60,3 +60,13 @@ def test_forward_sweep_keep_filters_variants_by_label_prefix(monkeypatch: pytest
     kept = [bench_forward.label(c, sw) for c, sw in bench_forward.variants("causal")]
     assert kept == [x for x in every if x.startswith(("128x64w8s2_tma_mode1", "64x64w4s2"))]
     assert 0 < len(kept) < len(every) and any("maxnreg128" in x for x in kept)
+
+
+def test_tuner_check_adds_extra_candidates_to_the_d128_row_only() -> None:
+    import tuner_vs_bench
+
+    extra = tuner_vs_bench.extra_candidates("128,32,8,2,1; 128,32,8,3,1,0,128;")
+    assert extra == ((128, 32, 8, 2, 1), (128, 32, 8, 3, 1, 0, 128))
+    table = ((64, ((1, 2),)), (128, ((3, 4),)), (256, ((5, 6),)))
+    assert tuner_vs_bench.with_extra(table, extra) == ((64, ((1, 2),)), (128, ((3, 4), *extra)), (256, ((5, 6),)))
+    assert tuner_vs_bench.with_extra(table, ()) == table

@@ -438,19 +438,39 @@ def test_autotune_times_candidates_once_and_a_new_process_starts_tuned(tmp_path:
     assert P.compile(STREAM, block_m=16).AUTOTUNE is False  # explicit tiles are never tuned over
 
 
-def test_tuner_interleaves_its_rounds_and_keeps_each_candidates_best(monkeypatch: Any) -> None:
-    """Every candidate is timed once per round, rounds alternating in direction, and the pick is the best
-    round's minimum: a candidate slow in one round (the GPU's clock drifting) is not written off. Every
-    round's time is kept for reports."""
+def test_tuner_interleaves_its_rounds_and_picks_the_lowest_total(monkeypatch: Any) -> None:
+    """Every candidate is timed once per round, rounds alternating in direction after an untimed one, and the
+    pick is the lowest total: a clock drifting linearly while tuning (here faster than the candidates differ)
+    cannot hand the pick to the candidate timed first or last, nor can one fast round. Batches are sized
+    from one launch each; every timed round is kept for reports."""
     module = P.compile(STREAM)
-    calls: list[str] = []
-    times = {"a": [3.0, 1.0, 3.0, 3.0], "b": [2.0, 2.0, 2.0, 2.0], "c": [1.5, 9.0, 9.0, 9.0]}
-    monkeypatch.setattr(module, "_time_ms", lambda fn, reps: fn() or times[calls[-1]][sum(x == calls[-1] for x in calls) - 2])
-    runs = {c: (lambda c=c: calls.append(c)) for c in "abc"}
-    assert module._fastest(runs, 5) == "a"
-    timed = calls[3:]  # after one warm launch each
-    assert timed == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
-    assert module.LAST_TUNING == times
+    calls: list[tuple[str, int]] = []
+    state = {"launch_ms": 2.0, "fast_round": None}
+    base = {"a": 1.00, "b": 0.98, "c": 1.00}
+
+    def timed(fn: Any, reps: int) -> float:
+        fn()
+        cand = calls[-1][0]
+        calls[-1] = (cand, reps)
+        timed_round = (sum(c == cand for c, _ in calls) - 3, cand)  # after its sizing launch and untimed round
+        drift = 0.05 * len(calls) if state["fast_round"] is None else 0.0
+        fast = 0.15 if timed_round == state["fast_round"] else 0.0
+        return base[cand] * state["launch_ms"] + drift - fast
+
+    monkeypatch.setattr(module, "_time_ms", timed)
+    runs = {c: (lambda c=c: calls.append((c, 0))) for c in "abc"}
+    assert module._fastest(runs) == "b"  # a drift of 0.05 ms a batch against b's 0.04 ms lead
+    assert [c for c, _ in calls[:3]] == ["a", "b", "c"] and {r for _, r in calls[:3]} == {1}  # sizing launches
+    assert {r for _, r in calls[3:]} == {5}  # 2 ms launches: five to a batch of about 10 ms
+    assert "".join(c for c, _ in calls[3:]) == "abc" + "cba" + "abc" + "cba" + "abc" + "cba" + "abc"
+    assert all(len(t) == 6 for t in module.LAST_TUNING.values())
+    calls.clear()
+    state.update(fast_round=(2, "c"))  # no drift; c is faster than b once (by less than b leads it in total)
+    assert module._fastest(runs) == "b" and min(module.LAST_TUNING["c"]) < min(module.LAST_TUNING["b"])
+    calls.clear()
+    state.update(launch_ms=40.0)  # long launches: one to a batch
+    module._fastest(runs)
+    assert {r for _, r in calls} == {1}
 
 
 def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeypatch: Any) -> None:
