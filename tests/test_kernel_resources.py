@@ -39,3 +39,16 @@ def test_pointer_loads_are_pipelined_and_a_register_cap_doubles_the_blocks_per_s
     assert re.search(r"fast 128,64,8,2,128 tma .* spill st/ld 0/0 B, wgmma serialized, 2 blocks/SM", tma), tma
     assert re.search(r"fast 128,64,8,2 tma .* spill st/ld 0/0 B, wgmma, 1 blocks/SM", tma), tma
     assert re.search(r"fast 128,32,8,2 tma .* spill st/ld 0/0 B, wgmma, 2 blocks/SM", tma), tma
+
+
+@pytest.mark.parametrize("src, kernel", [("rows(0:100)", "--fast"), ("rows(0:100)", "--fwd"),
+                                         ("causal & threshold(0.9, block=128)", "--fwd")])  # fmt: skip
+def test_a_predicate_of_one_index_compiles_for_sm90(src: str, kernel: str) -> None:
+    """The interpreter does not type-check a jit function's returns; triton's compiler checks every return,
+    also one after a constexpr branch's return. A predicate of the query alone ([BLOCK_M, 1]: `rows`, or a
+    dynamic pattern's empty static part `i < 0`) once met the key bound's [BLOCK_M, BLOCK_N] there, and the
+    kernel compiled only in the interpreter (the H100's selector tests found it, 2026-11-26)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src", src, kernel,
+                          "64,64,4,2"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0 and re.search(r"KiB smem, \d+ regs", out.stdout), out.stderr[-2000:]
