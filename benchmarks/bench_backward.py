@@ -19,9 +19,10 @@ import json
 import os
 import sys
 import time
+from statistics import median
 
 import torch
-from bench_forward import DT, PATTERNS, B, D, H, N, allowed_pairs, med
+from bench_forward import DT, PATTERNS, B, D, H, N, allowed_pairs, med, side_by_side
 from runinfo import run_info
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -74,10 +75,13 @@ def main() -> None:
     for name, src, causal, mod, bm, errs in prepared:
         with torch.no_grad():
             t_fwd = med(lambda: mod.attention(q, k, v))
-        t_ours = med(lambda: torch.autograd.grad(mod.attention(q, k, v), (q, k, v), do))
-        t_flex = med(lambda: torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do))
-        t_sdpa = med(lambda: torch.autograd.grad(
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do))  # fmt: skip
+        rounds = side_by_side({
+            "ours": lambda: torch.autograd.grad(mod.attention(q, k, v), (q, k, v), do),
+            "flex": lambda: torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do),
+            "sdpa": lambda: torch.autograd.grad(
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do),
+        })  # fmt: skip
+        t_ours, t_flex, t_sdpa = (median(rounds[x]) for x in ("ours", "flex", "sdpa"))
         pairs = allowed_pairs(mod)
         flops = 3.5 * 4 * pairs * D * H * B
         row = {
@@ -94,6 +98,7 @@ def main() -> None:
             "speedup_vs_flex": t_flex / t_ours,
             "bwd_config": list(mod.LAST_BWD[0]),  # as launched (tuned): a token layout takes pointer loads
             "bwd_tma": bool(mod.LAST_BWD[1]),
+            "rounds_ms": rounds,
             "date": run_info()["date"],
             **errs,
         }
@@ -121,7 +126,8 @@ def write_markdown(res: dict, path: str) -> None:
         f"# Forward + backward benchmark ({res['machine']}, {res['date']}, torch {res['torch']}, triton {res['triton']})",
         "",
         f"B={sh['B']}, H={sh['H']}, N={sh['N']}, D={sh['D']}, {sh['dtype']}. One step = forward + `torch.autograd.grad` "
-        "of q, k, v. Median of `triton.testing.do_bench`; ours, Flex and SDPA of a row measured side by side in one run. "
+        "of q, k, v. Ours, Flex and SDPA of a row timed side by side in one run, in five interleaved rounds (alternating "
+        "order) of `triton.testing.do_bench` medians; the median round. "
         "TFLOP/s = 3.5 * 4 * allowed pairs * D * H * B / time. Backward tiles: (BM1, BN1, BM2, BN2, warps, stages), "
         "or with separate dK/dV and dQ warps/stages (..., warps1, stages1, warps2, stages2); TMA: Q/dO and K/V tiles "
         "through tensor descriptors. Gradient rel. error vs Flex: max over dq, dk, dv.",
