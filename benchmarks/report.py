@@ -51,6 +51,19 @@ def _vs_flex(results: list[dict[str, Any]], group: str, ours: str, flex: str, ba
     return rows
 
 
+def _by_round(r: dict[str, Any]) -> str:
+    """The spread of Flex / ours over the interleaved rounds a row was timed in ("-" for older rows)."""
+    rounds = r.get("rounds_ms")
+    if not rounds:
+        return "-"
+    ratios = [f / o for f, o in zip(rounds["flex"], rounds["ours"], strict=True)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+
+ROUNDS = (" Ours, Flex and SDPA in interleaved rounds (alternating order) of `do_bench` medians: each time is the "
+          "median round; `by round` is the spread of the per-round ratios (the GPU's clock drifts).")
+
+
 def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     """Markdown lines and (group, label, ours-vs-Flex speed) bars for the plot."""
     out: list[str] = []
@@ -58,18 +71,19 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     if fwd := _load(results, "forward"):
         rows = _vs_flex(fwd["forward"], "forward", "ours_ms", "flex_ms", bars, lambda r, ratio: [
             r["pattern"], f"{r['density']:.4f}", f"{r['ours_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_ms']:.3f}",
-            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x",
+            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_ms']:.3f}", f"{ratio:.2f}x", _by_round(r),
             r.get("date", fwd["date"])[:16].replace("T", " ")])  # fmt: skip
         header = ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex",
-                  "measured (UTC)"]  # fmt: skip
-        out += _section("Forward, 1-D patterns", _shaped(fwd), header, rows)
+                  "by round", "measured (UTC)"]  # fmt: skip
+        out += _section("Forward, 1-D patterns", _shaped(fwd) + ROUNDS, header, rows)
     if fb := _load(results, "fwd_bwd"):
         rows = _vs_flex(fb["fwd_bwd"], "fwd+bwd", "ours_fwd_bwd_ms", "flex_fwd_bwd_ms", bars, lambda r, ratio: [
             r["pattern"], f"{r['ours_fwd_bwd_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_fwd_bwd_ms']:.3f}",
-            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x",
+            f"{r['flex_tflops']:.1f}", f"{r['sdpa_dense_fwd_bwd_ms']:.3f}", f"{ratio:.2f}x", _by_round(r),
             r.get("date", fb["date"])[:16].replace("T", " ")])  # fmt: skip
-        header = ["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex", "measured (UTC)"]
-        out += _section("Forward + backward, 1-D patterns", _shaped(fb), header, rows)
+        header = ["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex", "by round",
+                  "measured (UTC)"]  # fmt: skip
+        out += _section("Forward + backward, 1-D patterns", _shaped(fb) + ROUNDS, header, rows)
     if lay := _load(results, "layouts"):
         rows = []
         for r in lay["forward"]:
