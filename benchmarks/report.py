@@ -133,7 +133,30 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
         out += _section("Packed documents", context, ["", "fwd ms", "fwd+bwd ms"], rows)
     if sc := _load(results, "scaling"):
         out += _scaling(sc, "Scaling in N and head_dim, 1-D patterns")
+    if gr := _load(results, "graphs"):
+        out += _graphs(gr)
     return out, bars
+
+
+def _graphs(gr: dict[str, Any]) -> list[str]:
+    """Forward+backward launched eagerly and replayed from a CUDA graph (benchmarks/bench_graphs.py)."""
+
+    def ms(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.3f}" if r.get(key) else "failed"
+
+    def speed(r: dict[str, Any], ours: str, flex: str) -> str:
+        return f"{r[flex] / r[ours]:.2f}x" if r.get(ours) and r.get(flex) else "-"
+
+    rows = [[r["pattern"], str(r["N"]), str(r["D"]), ms(r, "ours_ms"), ms(r, "flex_ms"), speed(r, "ours_ms", "flex_ms"),
+             ms(r, "ours_graph_ms"), ms(r, "flex_graph_ms"), speed(r, "ours_graph_ms", "flex_graph_ms")]
+            for r in gr["rows"]]  # fmt: skip
+    context = (f"{_stamp(gr)}; B=1 H=16 bf16. A forward + backward step launched eagerly and as a replayed "
+               "`torch.cuda.graph` (what torch.compile's reduce-overhead mode does), ours and Flex in interleaved "
+               "rounds. At N = 4096 our eager step is bound by host time; replayed, only the kernels count."
+               + (f" {gr['note']}." if gr.get("note") else ""))  # fmt: skip
+    header = ["pattern", "N", "D", "ours eager ms", "Flex eager ms", "eager ours / Flex", "ours graph ms",
+              "Flex graph ms", "graph ours / Flex"]  # fmt: skip
+    return _section("Short sequences: eager and as a CUDA graph", context, header, rows)
 
 
 def _scaling_cell(r: dict[str, Any]) -> str:

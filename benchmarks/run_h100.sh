@@ -59,5 +59,7 @@ if [ -n "${SCALING:-}" ]; then
   TAIL=10 stage bench_scaling "${T_SCALING:-300}" env BENCH_DEADLINE=$(( ${T_SCALING:-300} - 60 )) \
     python3 benchmarks/bench_scaling.py "$OUT/scaling_h100.json" "${prior[@]}"
 fi
+# GRAPHS=1: forward+backward eager and as a replayed CUDA graph at N = 4096 (about 4 minutes with Flex's compiles)
+if [ -n "${GRAPHS:-}" ]; then TAIL=15 stage bench_graphs "${T_GRAPHS:-280}" python3 benchmarks/bench_graphs.py "$OUT"; fi
 if [ -n "${LAYOUTS:-}" ]; then TAIL=20 stage bench_layouts "${T_LAYOUTS:-200}" env BENCH_BWD=1 python3 benchmarks/bench_layouts.py "$OUT"; fi
 ls -la "$OUT" >> "$log"

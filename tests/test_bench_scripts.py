@@ -81,3 +81,13 @@ def test_peers_are_timed_in_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) 
     got = bench_forward.side_by_side({x: (lambda x=x: calls.append(x)) for x in ("ours", "flex", "sdpa")}, rounds=4)
     assert "".join(c[0] for c in calls) == "ofs" + "sfo" + "ofs" + "sfo"
     assert got == {"ours": [1.0, 6.0, 7.0, 12.0], "flex": [2.0, 5.0, 8.0, 11.0], "sdpa": [3.0, 4.0, 9.0, 10.0]}
+
+
+def test_graph_table_marks_a_peer_that_could_not_be_captured(tmp_path: Path) -> None:
+    import bench_graphs
+
+    row = {"pattern": "p", "N": 4096, "D": 64, "ours_ms": 0.5, "flex_ms": 0.4, "ours_graph_ms": 0.2,
+           "flex_graph_error": "RuntimeError: capture"}  # fmt: skip
+    res = {"machine": "GPU", "date": "d", "torch": "t", "triton": "r", "rows": [row]}
+    bench_graphs.write_markdown(res, str(tmp_path / "g.md"))
+    assert "| p | 4096 | 64 | 0.500 | 0.400 | 0.80x | 0.200 | failed | - |" in (tmp_path / "g.md").read_text()
