@@ -17,6 +17,7 @@ from statistics import median
 
 import torch
 from bench_forward import PATTERNS, side_by_side
+from report import graphs_section
 from runinfo import run_info
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -67,31 +68,7 @@ def cell(name: str, src: str, mm, n: int, d: int, flex) -> dict:
 
 
 def write_markdown(res: dict, path: str) -> None:
-    lines = [
-        f"# Forward + backward, eager and as a CUDA graph ({res['machine']}, {res['date']}, torch {res['torch']}, "
-        f"triton {res['triton']})",
-        "",
-        f"B={B}, H={H}, bf16. One step = forward + `torch.autograd.grad` of q, k, v; `graph` = the step captured "
-        "with `torch.cuda.graph` and replayed. Ours and Flex (torch.compile'd) timed in five interleaved rounds of "
-        "`do_bench` medians; the median round." + (f" {res['note']}." if res.get("note") else ""),
-        "",
-        "| pattern | N | D | ours eager ms | Flex eager ms | eager ours / Flex | ours graph ms | Flex graph ms "
-        "| graph ours / Flex |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def ms(r: dict, key: str) -> str:
-        return f"{r[key]:.3f}" if r.get(key) is not None else "failed"
-
-    def ratio(r: dict, a: str, b: str) -> str:
-        return f"{r[b] / r[a]:.2f}x" if r.get(a) and r.get(b) else "-"
-
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['pattern']} | {r['N']} | {r['D']} | {ms(r, 'ours_ms')} | {ms(r, 'flex_ms')} | "
-            f"{ratio(r, 'ours_ms', 'flex_ms')} | {ms(r, 'ours_graph_ms')} | {ms(r, 'flex_graph_ms')} | "
-            f"{ratio(r, 'ours_graph_ms', 'flex_graph_ms')} |"
-        )
+    lines = [f"# {graphs_section(res)[0][3:]}", *graphs_section(res)[1:]]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

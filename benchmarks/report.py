@@ -134,12 +134,13 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
     if sc := _load(results, "scaling"):
         out += _scaling(sc, "Scaling in N and head_dim, 1-D patterns")
     if gr := _load(results, "graphs"):
-        out += _graphs(gr)
+        out += graphs_section(gr)
     return out, bars
 
 
-def _graphs(gr: dict[str, Any]) -> list[str]:
-    """Forward+backward launched eagerly and replayed from a CUDA graph (benchmarks/bench_graphs.py)."""
+def graphs_section(gr: dict[str, Any]) -> list[str]:
+    """Forward+backward launched eagerly and replayed from a CUDA graph (benchmarks/bench_graphs.py writes the
+    same section as its own table)."""
 
     def ms(r: dict[str, Any], key: str) -> str:
         return f"{r[key]:.3f}" if r.get(key) else "failed"
