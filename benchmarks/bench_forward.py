@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import patterndsl as P
 from patterndsl.blocks import block_tables, clear_cache
+from patterndsl.cli.bench import interleaved
 
 B, H, N, D = 1, 16, 16384, 128
 DT = torch.bfloat16
@@ -72,15 +73,8 @@ def med(fn, quick: bool = False) -> float:
 
 
 def side_by_side(fns: dict, rounds: int = 5) -> dict[str, list[float]]:
-    """Each of `fns` timed (do_bench's quick median) once per round, rounds alternating in direction: the
-    H100's clock drifts within seconds (one tile's tuner rounds spread 10-20% on 2026-11-26), and a ratio of
-    two timings taken a second apart carries that drift; interleaved, each peer sees the same moments."""
-    names = list(fns)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else reversed(names):
-            out[n].append(med(fns[n], quick=True))
-    return out
+    """Ours and the peers in interleaved rounds (`patc bench`'s timing), each a quick do_bench median."""
+    return interleaved(fns, lambda fn: med(fn, quick=True), rounds)
 
 
 def allowed_pairs(mod) -> int:

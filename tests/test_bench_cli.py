@@ -86,3 +86,13 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(bench.PatternError, match="cannot write"):
         bench._plot(_result(), str(tmp_path / "missing" / "t.png"))
+
+
+def test_peers_are_timed_in_interleaved_rounds() -> None:
+    """Ours and each peer once per round, rounds alternating in order, every round kept: a clock drifting
+    while the benchmark runs reaches every peer alike."""
+    calls: list[str] = []
+    fns = {x: (lambda x=x: calls.append(x)) for x in ("ours", "flex", "sdpa")}
+    got = bench.interleaved(fns, lambda fn: fn() or float(len(calls)), rounds=4)
+    assert "".join(c[0] for c in calls) == "ofs" + "sfo" + "ofs" + "sfo"
+    assert got == {"ours": [1.0, 6.0, 7.0, 12.0], "flex": [2.0, 5.0, 8.0, 11.0], "sdpa": [3.0, 4.0, 9.0, 10.0]}

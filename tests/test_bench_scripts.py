@@ -72,17 +72,6 @@ def test_tuner_check_adds_extra_candidates_to_the_d128_row_only() -> None:
     assert tuner_vs_bench.with_extra(table, ()) == table
 
 
-def test_peers_are_timed_in_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ours, Flex and SDPA share the GPU's moments: one timing each per round, rounds alternating in order."""
-    import bench_forward
-
-    calls: list[str] = []
-    monkeypatch.setattr(bench_forward, "med", lambda fn, quick=False: fn() or float(len(calls)))
-    got = bench_forward.side_by_side({x: (lambda x=x: calls.append(x)) for x in ("ours", "flex", "sdpa")}, rounds=4)
-    assert "".join(c[0] for c in calls) == "ofs" + "sfo" + "ofs" + "sfo"
-    assert got == {"ours": [1.0, 6.0, 7.0, 12.0], "flex": [2.0, 5.0, 8.0, 11.0], "sdpa": [3.0, 4.0, 9.0, 10.0]}
-
-
 def test_graph_table_marks_a_peer_that_could_not_be_captured(tmp_path: Path) -> None:
     import bench_graphs
 

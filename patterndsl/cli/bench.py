@@ -1,6 +1,7 @@
 """`patc bench`: time a compiled pattern on the GPU against FlexAttention and dense SDPA, in one run.
 
-For every N: median time (`triton.testing.do_bench`), effective TFLOP/s (4 * allowed pairs * D * H * B per
+For every N: median time (ours and each peer timed in five interleaved rounds of `triton.testing.do_bench`
+medians, the median round), effective TFLOP/s (4 * allowed pairs * D * H * B per
 forward; 2.5x that with --backward), tile efficiency (allowed pairs / pairs of the visited tiles) and the
 ratio of each peer's time to ours. JSON with --json, a time-vs-N plot with --plot.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..source import PatternError
@@ -135,19 +138,34 @@ def _flex_mask(module: Any, n: int) -> Any:
     return mask
 
 
-def _timed(fn: Any, q: Any, k: Any, v: Any, grad: Any) -> float:
-    """Median ms of fn(q, k, v) (and its backward when grad is given), after one untimed call."""
-    import torch
-    import triton  # type: ignore[import-untyped]
+def interleaved(fns: dict[str, Callable[[], Any]], time_one: Callable[[Callable[[], Any]], float],
+                rounds: int = 5) -> dict[str, list[float]]:  # fmt: skip
+    """Each of `fns` timed by `time_one` once per round, rounds alternating in order. A GPU's clock drifts
+    within seconds (the H100's rounds spread 10-20%, 2026-11-26): peers timed one after the other carry that
+    drift into their ratio; interleaved, each sees the same moments. Every round is returned."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else reversed(names):
+            out[n].append(time_one(fns[n]))
+    return out
+
+
+def _step(fn: Any, q: Any, k: Any, v: Any, grad: Any) -> Callable[[], None]:
+    """fn(q, k, v), and its backward when grad is given."""
 
     def step() -> None:
         out = fn(q, k, v)
         if grad is not None:
             out.backward(grad)
 
-    with torch.enable_grad() if grad is not None else torch.no_grad():
-        step()
-        return float(triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median"))
+    return step
+
+
+def _do_bench(step: Callable[[], Any]) -> float:
+    import triton  # type: ignore[import-untyped]
+
+    return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
 
 
 def _measure(module: Any, pats: tuple[Any, ...], args: argparse.Namespace, heads: int, peers: list[str]) -> dict[str, Any]:
@@ -167,18 +185,43 @@ def _measure(module: Any, pats: tuple[Any, ...], args: argparse.Namespace, heads
             )
             grad = torch.randn(b, heads, n, d, device="cuda", dtype=dtype) if args.backward else None
 
-            def timed(fn: Any, q: Any = q, k: Any = k, v: Any = v, grad: Any = grad) -> float:
-                return _timed(fn, q, k, v, grad)
-
             row: dict[str, Any] = {"N": n}
-            bar.update(task, description=f"N = {n}: ours")
-            try:
-                row["ours_ms"] = timed(module.attention)
-            except RuntimeError as e:
-                if args.backward and "grad" in str(e):
-                    raise PatternError("--backward: this compiled module has no backward pass yet") from None
-                raise
-            bar.advance(task)
+            bar.update(task, description=f"N = {n}: compiling")
+            steps_by_who: dict[str, Callable[[], None]] = {"ours": _step(module.attention, q, k, v, grad)}
+            for peer in peers:
+                try:
+                    if peer == "flex":
+                        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+                        bm = create_block_mask(_flex_mask(module, n), None, None, n, n, device="cuda")
+                        flex = torch.compile(flex_attention, dynamic=False)
+                        fn = lambda q, k, v, bm=bm, flex=flex: flex(q, k, v, block_mask=bm)  # noqa: E731
+                    else:
+                        fn = torch.nn.functional.scaled_dot_product_attention
+                    steps_by_who[peer] = _step(fn, q, k, v, grad)
+                except Exception as e:  # noqa: BLE001 (a peer that cannot run this pattern is reported)
+                    row[f"{peer}_ms"] = f"failed: {type(e).__name__}"
+            with torch.enable_grad() if args.backward else torch.no_grad():
+                for who, step in list(steps_by_who.items()):  # compile, tune, build tables: untimed
+                    try:
+                        step()
+                    except Exception as e:  # noqa: BLE001 (a peer that cannot run this pattern is reported)
+                        if who == "ours":
+                            if args.backward and isinstance(e, RuntimeError) and "grad" in str(e):
+                                raise PatternError("--backward: this compiled module has no backward pass yet") from None
+                            raise
+                        del steps_by_who[who]
+                        if isinstance(e, torch.OutOfMemoryError):
+                            row[f"{who}_ms"] = "out of memory"
+                            torch.cuda.empty_cache()
+                        else:
+                            row[f"{who}_ms"] = f"failed: {type(e).__name__}"
+                bar.update(task, description=f"N = {n}: timing {', '.join(steps_by_who)} in interleaved rounds")
+                rounds = interleaved(steps_by_who, _do_bench)
+            bar.advance(task, 1 + len(peers))
+            times = {who: statistics.median(ts) for who, ts in rounds.items()}
+            row["ours_ms"] = times["ours"]
+            row["rounds_ms"] = rounds
             pairs = _pairs(module, pats, n, heads)
             tiles, area, cfg = _tiles(module, n, q.device, heads)
             flops = 4 * pairs * d * b * (2.5 if args.backward else 1.0)
@@ -190,28 +233,13 @@ def _measure(module: Any, pats: tuple[Any, ...], args: argparse.Namespace, heads
                 ours_tflops=flops / row["ours_ms"] / 1e9,
             )
             for peer in peers:
-                bar.update(task, description=f"N = {n}: {peer}")
-                try:
-                    if peer == "flex":
-                        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-                        bm = create_block_mask(_flex_mask(module, n), None, None, n, n, device="cuda")
-                        flex = torch.compile(flex_attention, dynamic=False)
-                        t = timed(lambda q, k, v, bm=bm, flex=flex: flex(q, k, v, block_mask=bm))
-                        dense = None
-                    else:
-                        sdpa = torch.nn.functional.scaled_dot_product_attention
-                        t = timed(sdpa)
-                        dense = 4 * heads * n * n * d * b * (2.5 if args.backward else 1.0)
-                    row[f"{peer}_ms"] = t
-                    row[f"{peer}_tflops"] = (dense if dense is not None else flops) / t / 1e9
-                    row[f"{peer}_over_ours"] = t / row["ours_ms"]
-                except torch.OutOfMemoryError:
-                    row[f"{peer}_ms"] = "out of memory"
-                    torch.cuda.empty_cache()
-                except Exception as e:  # noqa: BLE001 (a peer that cannot run this pattern is reported)
-                    row[f"{peer}_ms"] = f"failed: {type(e).__name__}"
-                bar.advance(task)
+                if peer not in times:
+                    continue
+                t = times[peer]
+                dense = 4 * heads * n * n * d * b * (2.5 if args.backward else 1.0) if peer == "sdpa" else flops
+                row[f"{peer}_ms"] = t
+                row[f"{peer}_tflops"] = dense / t / 1e9
+                row[f"{peer}_over_ours"] = t / row["ours_ms"]
             rows.append(row)
             del q, k, v, grad
             torch.cuda.empty_cache()
