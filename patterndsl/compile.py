@@ -78,7 +78,7 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
 # causal (2.153 ms, 0.5% ahead of 128 x 128) and the 1024 window (0.345 ms, 6% ahead) and lost elsewhere; D = 64
 # unmeasured. At the cap ptxas serialises that tile's warpgroup MMAs (its note C7512: each one waited on before
 # the next; kernel_resources says `wgmma serialized`); 128 x 32 tiles fit two blocks per SM without a cap (114
-# registers, MMAs pipelined), unmeasured on a GPU (bench_forward's sweep has them).
+# registers, MMAs pipelined) but ran 11-20% slower on every benchmark pattern (H100, 2026-11-26 01:03): not here.
 TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0), (64, 64, 4, 2, 1),
           (128, 128, 4, 3, 1, 1), (64, 64, 4, 2, 1, 1), (128, 64, 8, 2, 1, 0, 128), (128, 128, 8, 2, 1, 0, 128))),

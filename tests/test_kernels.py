@@ -438,6 +438,17 @@ def test_autotune_times_candidates_once_and_a_new_process_starts_tuned(tmp_path:
     assert P.compile(STREAM, block_m=16).AUTOTUNE is False  # explicit tiles are never tuned over
 
 
+def test_host_sizes_match_triton_s_own() -> None:
+    """The generated module's host-side power of two and padded head width (plain Python, off triton's
+    constexpr-function wrapper) agree with triton.next_power_of_2 wherever a size can be."""
+    import triton
+
+    module = P.compile(STREAM)
+    for n in range(1, 5000):
+        assert module._pow2(n) == triton.next_power_of_2(n), n
+        assert module._d_pad(n) == max(16, triton.next_power_of_2(n)), n
+
+
 def test_tuner_interleaves_its_rounds_and_picks_the_lowest_total(monkeypatch: Any) -> None:
     """Every candidate is timed once per round, rounds alternating in direction after an untimed one, and the
     pick is the lowest total: a clock drifting linearly while tuning (here faster than the candidates differ)
