@@ -92,20 +92,26 @@ def coordinate(t: Expr, layout: ir.Grid, axis: int) -> Expr:
 
 
 def _neighborhood_axis(x: Expr, y: Expr, n: int, k: int, d: int, s: int, causal: bool) -> Expr:
-    """NATTEN's 1-D neighborhood on one axis, exactly as LANGUAGE.md states it."""
+    """NATTEN's 1-D neighborhood on one axis, exactly as LANGUAGE.md states it.
+
+    A stride group shares one window, placed by the group's leader: its centre query (the right-hand
+    one for even `s`) on a non-causal axis; on a causal axis its last query fixes where the window
+    starts, while each query's own position still ends it, so no query sees its future.
+    """
     dd = E.const(d)
     g = E.mod(x, dd)
     p = E.floordiv(x, dd)
     m = E.floordiv(E.add(E.sub(E.const(n), g), E.const(d - 1)), dd)
     same_group = E.cmp("==", E.mod(y, dd), g)
     q = E.floordiv(y, dd)
+    leader = p
     if s > 1:
-        centre = E.add(E.mul(E.const(s), E.floordiv(p, E.const(s))), E.const((s - 1) // 2))
-        p = E.minimum(centre, E.sub(m, E.const(1)))
+        group_start = E.mul(E.const(s), E.floordiv(p, E.const(s)))
+        leader = E.minimum(E.add(group_start, E.const(s - 1 if causal else s // 2)), E.sub(m, E.const(1)))
     if causal:
-        lo = E.maximum(E.const(0), E.sub(p, E.const(k - 1)))
+        lo = E.maximum(E.const(0), E.sub(leader, E.const(k - 1)))
         return E.conj(same_group, E.cmp("<=", lo, q), E.cmp("<=", q, p))
-    start = E.maximum(E.const(0), E.minimum(E.sub(p, E.const(k // 2)), E.sub(m, E.const(k))))
+    start = E.maximum(E.const(0), E.minimum(E.sub(leader, E.const(k // 2)), E.sub(m, E.const(k))))
     return E.conj(same_group, E.cmp("<=", start, q), E.cmp("<", q, E.add(start, E.const(k))))
 
 

@@ -96,11 +96,11 @@ def neighborhood_axis(x: int, y: int, n: int, k: int, d: int, s: int, causal: bo
     if y % d != g:
         return False
     q = y // d
-    if s > 1:
-        p = min(s * (p // s) + (s - 1) // 2, m - 1)
-    if causal:
-        return max(0, p - k + 1) <= q <= p
-    start = min(max(p - k // 2, 0), m - k)
+    if causal:  # the window starts where the stride group's last query's would, ends at the query
+        p_l = min(s * (p // s) + s - 1, m - 1)
+        return max(0, p_l - k + 1) <= q <= p
+    p_c = min(s * (p // s) + s // 2, m - 1)  # the group's centre query (right-hand one for even s)
+    start = min(max(p_c - k // 2, 0), m - k)
     return start <= q < start + k
 
 
