@@ -23,7 +23,7 @@ from statistics import median
 
 import torch
 from bench_forward import DT, PATTERNS, B, D, H, N, allowed_pairs, med, side_by_side
-from runinfo import run_info
+from runinfo import backward_launches, run_info
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import patterndsl as P
@@ -58,12 +58,13 @@ def main() -> None:
     prepared = []
     for name, src, mm, causal in todo:
         cfg = os.environ.get("BENCH_BWD_CONFIG")  # e.g. "32,64,64,32,8,3" (BM1, BN1, BM2, BN2, warps, stages)
-        mod = P.compile(f"pattern p = {src}\n", bwd_config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
-        ours = torch.autograd.grad(mod.attention(q, k, v), (q, k, v), do)
+        attn = P.compile(f"pattern p = {src}\n", bwd_config=tuple(int(x) for x in cfg.split(",")) if cfg else None)
+        with backward_launches() as launched:  # the backward tiles as launched (tuned): a token layout takes pointer loads
+            ours = torch.autograd.grad(attn(q, k, v), (q, k, v), do)
         bm = create_block_mask(mm, None, None, N, N, device="cuda")
         theirs = torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do)
         errs = {f"rel_err_{g}_vs_flex": _rel(a, b) for g, a, b in zip(("dq", "dk", "dv"), ours, theirs, strict=True)}
-        prepared.append((name, src, causal, mod, bm, errs))
+        prepared.append((name, src, causal, attn, bm, errs, launched))
         print(f"compiled {name} ({time.perf_counter() - t0:.0f} s) {errs}", flush=True)
     wait = os.environ.get("BENCH_WAIT_PID")
     if wait:
@@ -72,17 +73,17 @@ def main() -> None:
 
     # phase 2: time
     rows = []
-    for name, src, causal, mod, bm, errs in prepared:
+    for name, src, causal, attn, bm, errs, launched in prepared:
         with torch.no_grad():
-            t_fwd = med(lambda: mod.attention(q, k, v))
+            t_fwd = med(lambda: attn(q, k, v))
         rounds = side_by_side({
-            "ours": lambda: torch.autograd.grad(mod.attention(q, k, v), (q, k, v), do),
+            "ours": lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), do),
             "flex": lambda: torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do),
             "sdpa": lambda: torch.autograd.grad(
                 torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do),
         })  # fmt: skip
         t_ours, t_flex, t_sdpa = (median(rounds[x]) for x in ("ours", "flex", "sdpa"))
-        pairs = allowed_pairs(mod)
+        pairs = allowed_pairs(attn)
         flops = 3.5 * 4 * pairs * D * H * B
         row = {
             "pattern": name,
@@ -96,8 +97,8 @@ def main() -> None:
             "ours_tflops": flops / t_ours / 1e9,
             "flex_tflops": flops / t_flex / 1e9,
             "speedup_vs_flex": t_flex / t_ours,
-            "bwd_config": list(mod.LAST_BWD[0]),  # as launched (tuned): a token layout takes pointer loads
-            "bwd_tma": bool(mod.LAST_BWD[1]),
+            "bwd_config": list(launched["tiles"]),  # as launched (tuned): a token layout takes pointer loads
+            "bwd_tma": bool(launched["tma"]),
             "rounds_ms": rounds,
             "date": run_info()["date"],
             **errs,

@@ -12,7 +12,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from statistics import median
+from typing import Any
 
 import torch
 import triton
@@ -22,6 +24,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import patterndsl as P
 from patterndsl.blocks import block_tables, clear_cache
 from patterndsl.cli.bench import interleaved
+from patterndsl.runtime import tables as runtime_tables
+from patterndsl.runtime import tuning
+from patterndsl.runtime.evaluate import evaluate
+from patterndsl.runtime.options import Options
 
 B, H, N, D = 1, 16, 16384, 128
 DT = torch.bfloat16
@@ -58,10 +64,10 @@ PATTERNS = [
     ("power_b64", "causal & blockwise(64, hops(2) | window(1))", mm_power, True),
     ("dilated_4x1024", "causal & window(1023, dilation=4)", mm_dilated, True),
 ]
-# (BLOCK_M, BLOCK_N, warps, stages) x kernel switches (TMA_MODE, FOLD, CONTIG, SPLIT_TILES); the first is
-# the v2 kernel (pointer loads, scale not folded, index load per tile, no split) for reference.
+# (BLOCK_M, BLOCK_N, warps, stages) x kernel options (tma_mode, fold, contig, split_tiles: `attn.options(...)`);
+# the first is the v2 kernel (pointer loads, scale not folded, index load per tile, no split) for reference.
 CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 4)]
-BASE = {"TMA_MODE": 0, "FOLD": False, "CONTIG": False, "SPLIT_TILES": 0}
+BASE = {"tma_mode": 0, "fold": False, "contig": False, "split_tiles": 0}
 
 
 def med(fn, quick: bool = False) -> float:
@@ -77,13 +83,22 @@ def side_by_side(fns: dict, rounds: int = 5) -> dict[str, list[float]]:
     return interleaved(fns, lambda fn: med(fn, quick=True), rounds)
 
 
-def allowed_pairs(mod) -> int:
+def allowed_pairs(attn) -> int:
+    """Allowed (i, j) pairs of the compiled pattern's predicate at N, evaluated exactly (its index expression)."""
     total = 0
+    expr = attn.spec.predicates[0].expr
     j = torch.arange(N, device=DEV)[None, :]
     for r0 in range(0, N, 2048):
         i = torch.arange(r0, min(N, r0 + 2048), device=DEV)[:, None]
-        total += int(torch.broadcast_to(mod._PYPRED[0](i, j, N), (i.shape[0], N)).sum())
+        total += int(torch.broadcast_to(torch.as_tensor(evaluate(expr, i, j, N)), (i.shape[0], N)).sum())
     return total
+
+
+def last_tuning():
+    """The process's last tuning run (`patterndsl.runtime.tuning.records()`), None before the first: a call
+    that tuned leaves a new one (a choice read from the disk cache leaves none)."""
+    done = tuning.records()
+    return done[-1] if done else None
 
 
 SWEEP = bool(os.environ.get("BENCH_SWEEP"))  # time every variant below, not only the autotuned module
@@ -98,30 +113,30 @@ def variants(name: str) -> list[tuple[tuple[int, int, int, int], dict]]:
     out = [((128, 128, 8, 3), BASE), ((128, 64, 8, 3), BASE)]
     for tma in (0, 1, 2):
         for cfg in CONFIGS:
-            out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None}))
+            out.append((cfg, {"tma_mode": tma, "fold": True, "contig": True, "split_tiles": None}))
     for cfg in ((128, 64, 8, 3), (128, 128, 8, 3)):
-        splits = ({"SPLIT_TILES": 0}, {"SPLIT_TILES": 8}, {"SPLIT_TILES": 32}) if "longformer" in name else ()
-        for change in ({"FOLD": False}, {"CONTIG": False}, *splits):
-            out.append((cfg, {"TMA_MODE": 1, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, **change}))
+        splits = ({"split_tiles": 0}, {"split_tiles": 8}, {"split_tiles": 32}) if "longformer" in name else ()
+        for change in ({"fold": False}, {"contig": False}, *splits):
+            out.append((cfg, {"tma_mode": 1, "fold": True, "contig": True, "split_tiles": None, **change}))
     # the grid kernel at 64 x 64 (PowerAttention: 1.5x 128 x 128 on 2026-11-25 20:47; a persistent kernel,
     # since removed, added nothing there)
     for tma in (0, 1):
-        out.append(((64, 64, 4, 2), {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None}))
-    # the grid kernel with FULL and PARTIAL blocks in one loop (ONE_LOOP; a tuning candidate at 128 x 128 and 64 x 64)
+        out.append(((64, 64, 4, 2), {"tma_mode": tma, "fold": True, "contig": True, "split_tiles": None}))
+    # the grid kernel with FULL and PARTIAL blocks in one loop (one_loop; a tuning candidate at 128 x 128 and 64 x 64)
     for cfg, tma in (((128, 128, 8, 3), 1), ((128, 128, 8, 3), 0), ((128, 64, 8, 3), 1), ((64, 64, 4, 2), 0),
                      ((64, 64, 4, 2), 1)):
-        out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "ONE_LOOP": True}))
+        out.append((cfg, {"tma_mode": tma, "fold": True, "contig": True, "split_tiles": None, "one_loop": True}))
     # registers capped at 128 a thread: two 8-warp blocks of 128 x 64 (96 KiB of shared memory each) per SM
     for cfg, tma in (((128, 64, 8, 2), 1), ((128, 64, 8, 2), 0), ((128, 128, 8, 2), 1)):
-        out.append((cfg, {"TMA_MODE": tma, "FOLD": True, "CONTIG": True, "SPLIT_TILES": None, "MAXNREG": 128}))
+        out.append((cfg, {"tma_mode": tma, "fold": True, "contig": True, "split_tiles": None, "maxnreg": 128}))
     # (128 x 32 tiles, two 8-warp blocks per SM without the cap, lost by 11-20% on every pattern: 2026-11-26 01:03)
     keep = [x for x in os.environ.get("BENCH_SWEEP_KEEP", "").split(",") if x]  # label prefixes: a shorter sweep
     return [(c, sw) for c, sw in out if not keep or any(label(c, sw).startswith(x) for x in keep)]
 
 
 def switches_of(cfg) -> dict:
-    """The module switches that launch a tuner config (BM, BN, warps, stages, tma[, one_loop[, maxnreg]])."""
-    return {"TMA_MODE": cfg[4], "ONE_LOOP": len(cfg) > 5 and bool(cfg[5]), "MAXNREG": cfg[6] if len(cfg) > 6 else 0}
+    """The kernel options that launch a tuner config (BM, BN, warps, stages, tma[, one_loop[, maxnreg]])."""
+    return {"tma_mode": cfg[4], "one_loop": len(cfg) > 5 and bool(cfg[5]), "maxnreg": cfg[6] if len(cfg) > 6 else 0}
 
 
 def label(cfg, sw) -> str:
@@ -129,24 +144,32 @@ def label(cfg, sw) -> str:
     return f"{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}{flags}"
 
 
-SWITCHES = ("TMA_MODE", "FOLD", "CONTIG", "SPLIT_TILES", "ONE_LOOP", "MAXNREG")
-_DEFAULTS: dict[tuple[int, tuple[str, ...]], dict] = {}
+SWITCHES = ("tma_mode", "fold", "contig", "split_tiles", "one_loop", "maxnreg")
 
 
-def with_switches(mod, names: tuple[str, ...], sw: dict):
-    """`mod` with switches `sw` set and the rest of `names` at the values they had when this function first saw
-    it: P.compile returns one cached module per source and tiles, so a switch set for an earlier variant would
-    otherwise stay set."""
-    defaults = _DEFAULTS.setdefault((id(mod), names), {k: getattr(mod, k) for k in names})
-    for k, v in {**defaults, **sw}.items():
-        setattr(mod, k, v)
-    return mod
+@dataclass(frozen=True)
+class Variant:
+    """A compiled pattern and the kernel options it is launched with: `with variant.active(): attn(q, k, v)`.
+    P.compile returns one cached pattern per source and tiles; options live in the `with` block, never on
+    the pattern, so one variant's options cannot leak into the next one built on the same pattern."""
+
+    attn: Any
+    options: dict
+
+    def active(self) -> Any:
+        return self.attn.options(**self.options)
 
 
-def build(src: str, cfg, sw):
-    """The module with tiles `cfg` and switches `sw`, the others at their defaults."""
-    mod = P.compile(f"pattern p = {src}\n", block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
-    return with_switches(mod, SWITCHES, sw)
+def variant(attn, names: tuple[str, ...], sw: dict) -> Variant:
+    """`attn` launched with options `sw` and the rest of `names` at the runtime's defaults."""
+    defaults = Options()
+    return Variant(attn, {**{k: getattr(defaults, k) for k in names}, **sw})
+
+
+def build(src: str, cfg, sw) -> Variant:
+    """The pattern compiled with tiles `cfg` (no tuning), launched with options `sw`, the others at their defaults."""
+    attn = P.compile(f"pattern p = {src}\n", block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+    return variant(attn, SWITCHES, sw)
 
 
 def _warm(task):
@@ -157,7 +180,9 @@ def _warm(task):
         q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=DT) for _ in range(3))
         if kind == "ours":
             cfg, sw = variants(name)[vi]
-            build(src, cfg, sw).attention(q, k, v)
+            var = build(src, cfg, sw)
+            with var.active():
+                var.attn(q, k, v)
         else:
             bm = create_block_mask(mm, None, None, N, N, device=DEV)
             torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=bm)
@@ -225,8 +250,8 @@ def write_markdown(res: dict, path: str) -> None:
     ]
     for r in res["forward"]:
         c, sw = r["best_config"], r["best_switches"]
-        tile = (f"{c[0]}x{c[1]} w{c[2]} s{c[3]} tma{sw.get('TMA_MODE', '-')}{' one loop' if sw.get('ONE_LOOP') else ''}"
-                + (f" r{sw['MAXNREG']}" if sw.get("MAXNREG") else ""))  # fmt: skip
+        tile = (f"{c[0]}x{c[1]} w{c[2]} s{c[3]} tma{sw.get('tma_mode', '-')}{' one loop' if sw.get('one_loop') else ''}"
+                + (f" r{sw['maxnreg']}" if sw.get("maxnreg") else ""))  # fmt: skip
         lines.append(
             f"| {r['pattern']} | {r['density']:.4f} | {r['ours_ms']:.3f} | {r['ours_tflops']:.1f} | {r['flex_ms']:.3f} "
             f"| {r['flex_tflops']:.1f} | {r['sdpa_dense_ms']:.3f} | {r['speedup_vs_flex']:.2f}x | {tile} "
@@ -282,28 +307,30 @@ def main() -> None:
         bm = create_block_mask(mm, None, None, N, N, device=DEV)
         fo = flex(q, k, v, block_mask=bm)
         best = None
-        if not SWEEP:
-            mod = P.compile(f"pattern p = {src}\n")  # autotuned on its first call, as users get it
+        attn = P.compile(f"pattern p = {src}\n")
+        if not SWEEP:  # autotuned on its first call, as users get it (no options)
+            before = last_tuning()
             t1 = time.perf_counter()
-            out = mod.attention(q, k, v)
+            out = attn(q, k, v)
             if DEV == "cuda":
                 torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t1
-            if mod.LAST_TUNING:  # the tuner's own timings (ms per round), beside do_bench's below
-                row["tuner_ms"] = {",".join(map(str, c)): t for c, t in mod.LAST_TUNING.items()}
-                mod.LAST_TUNING = None
+            tuned = last_tuning()
+            if tuned is not None and tuned is not before:  # the tuner's own timings (ms per round), beside do_bench's
+                row["tuner_ms"] = {",".join(map(str, c)): list(t) for c, t in tuned.rounds.items()}
             err = ((out.float() - fo.float()).norm() / fo.float().norm()).item()
-            cfg = mod.LAST_CONFIG
+            cfg = attn.config(q, k, v)  # what that call launched (the tuned choice, from memory)
             best = (0.0, cfg[:4], switches_of(cfg), out, err)
-            best_mod = mod
+            best_var = Variant(attn, {})
         for vi, (cfg, sw) in enumerate(variants(name) if SWEEP else ()):
             if ("ours", pi, vi) in failed:
                 row["variants_ms"][label(cfg, sw)] = None
                 continue
             try:
-                mod = build(src, cfg, sw)
-                out = mod.attention(q, k, v)
-                t = med(lambda: mod.attention(q, k, v), quick=True)
+                var = build(src, cfg, sw)
+                with var.active():
+                    out = var.attn(q, k, v)
+                    t = med(lambda: var.attn(q, k, v), quick=True)
             except Exception as e:  # noqa: BLE001
                 row["variants_ms"][label(cfg, sw)] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue
@@ -316,15 +343,16 @@ def main() -> None:
             print(name, "no variant ran:", row["variants_ms"], flush=True)
             continue
         if SWEEP:
-            best_mod = build(src, best[1], best[2])
-        rounds = side_by_side({
-            "ours": lambda: best_mod.attention(q, k, v),
-            "flex": lambda: flex(q, k, v, block_mask=bm),
-            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
-        })  # fmt: skip
+            best_var = build(src, best[1], best[2])
+        with best_var.active():  # (the peers take no patterndsl options)
+            rounds = side_by_side({
+                "ours": lambda: best_var.attn(q, k, v),
+                "flex": lambda: flex(q, k, v, block_mask=bm),
+                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            })  # fmt: skip
         row["rounds_ms"] = rounds
         best = (median(rounds["ours"]), *best[1:])
-        pairs = allowed_pairs(mod)
+        pairs = allowed_pairs(attn)
         tf, ts = median(rounds["flex"]), median(rounds["sdpa"])
         base = row["variants_ms"].get(label((128, 128, 8, 3), BASE))
         flops = 4 * pairs * D * H * B
@@ -360,16 +388,16 @@ def main() -> None:
         print("block tables: skipped (BENCH_NO_TABLES)")
         return
     swa = P.pattern("causal & window(1023)")
-    mod = P.compile("pattern p = causal & window(1023)\n")
+    spec = P.compile("pattern p = causal & window(1023)\n").spec
     for n in (65536, 262144, 1048576):
         rec = {"n": n}
         for what, fn in (
             ("blocks_py", lambda: block_tables(swa, n, 128, 64, device=DEV)),
-            ("module", lambda: mod.block_tables(n, 128, 64, torch.device("cuda"))),
+            ("module", lambda: runtime_tables.block_tables(spec, n, 128, 64, torch.device("cuda"))),  # the runtime's tables
         ):
             fn()  # warm
             clear_cache()
-            mod._TABLES.clear()
+            runtime_tables._TABLES.clear()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

@@ -7,7 +7,7 @@ FlexAttention given the same selected blocks (its BlockMask built from our selec
 `BlockMask.from_kv_blocks`, that build included in its time; selection itself shared, counted too).
 Writes JSON to argv[1] (default docs/benchmarks/) after every measurement; prints a table.
 Env: BENCH_BUDGET_S (default 110) skips what would start after that many seconds; BENCH_NS picks the N;
-BENCH_TOPK_ROWS sets the fused top-k kernel's query blocks per program (the module's TOPK_ROWS).
+BENCH_TOPK_ROWS sets the fused top-k kernel's query blocks per program (the topk_rows option).
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ import torch
 import triton
 
 import patterndsl as P
+from patterndsl.runtime import forward
+from patterndsl.runtime.common import _heads
+from patterndsl.runtime.options import current_options
+from patterndsl.runtime.selection import _dynamic_tables, _pooled, _sel_dense, _selection
+from patterndsl.runtime.tables import block_tables
 
 B, H, D = 1, 16, 128
 NS = [int(x) for x in os.environ.get("BENCH_NS", "32768,65536,131072").split(",")]
@@ -99,12 +104,18 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def main() -> None:
+    attn = P.compile(f"pattern nsa = {SRC}\n")
+    rows = int(os.environ.get("BENCH_TOPK_ROWS", current_options().topk_rows))  # query blocks per top-k program
+    with attn.options(topk_rows=rows):  # every call below, ours and the selection Flex is given
+        run(attn)
+
+
+def run(attn) -> None:
     outdir = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
     os.makedirs(outdir, exist_ok=True)
     dev = torch.device("cuda")
-    mod = P.compile(f"pattern nsa = {SRC}\n")
-    mod.TOPK_ROWS = int(os.environ.get("BENCH_TOPK_ROWS", mod.TOPK_ROWS))  # query blocks per top-k program
-    heads = mod._heads(0, 0, H, dev)
+    spec = attn.spec
+    heads = _heads(0, 0, H, dev)
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -129,26 +140,26 @@ def main() -> None:
         data[n] = (q, k, v)
         row: dict = {"N": n}
         rows.append(row)
-        out = mod.attention(q, k, v)
-        row["ours_ms"] = med(lambda: mod.attention(q, k, v))
-        row["pool_ms"] = med(lambda: mod._pooled(q, k, BLK))
-        row["selection_ms"] = med(lambda: mod._selection(0, q, k, None, heads, 1))
-        sel = mod._selection(0, q, k, None, heads, 1)
-        row["tables_ms"] = med(lambda: mod._dynamic_tables(0, sel, B, H, n, BLK, BLK, dev))
+        out = attn(q, k, v)
+        row["ours_ms"] = med(lambda: attn(q, k, v))
+        row["pool_ms"] = med(lambda: _pooled(q, k, BLK))
+        row["selection_ms"] = med(lambda: _selection(spec, 0, q, k, None, heads, 1))
+        sel = _selection(spec, 0, q, k, None, heads, 1)
+        row["tables_ms"] = med(lambda: _dynamic_tables(spec, 0, sel, B, H, n, BLK, BLK, dev))
         row["selection_and_tables_ms"] = med(
-            lambda: mod._dynamic_tables(0, mod._selection(0, q, k, None, heads, 1), B, H, n, BLK, BLK, dev)
+            lambda: _dynamic_tables(spec, 0, _selection(spec, 0, q, k, None, heads, 1), B, H, n, BLK, BLK, dev)
         )
         row["selection_share"] = row["selection_and_tables_ms"] / row["ours_ms"]
         # the same call with this selection and its tables handed in: the attention kernel alone, so ours minus
         # this is what selection and tables add inside a call (where their launches overlap the GPU's work;
         # timed apart, each small launch waits for the host after do_bench's cache flush)
-        tabs = mod._dynamic_tables(0, sel, B, H, n, BLK, BLK, dev)
-        keep = mod._selection, mod._dynamic_tables
-        mod._selection, mod._dynamic_tables = (lambda *a, **kw: sel), (lambda *a, **kw: tabs)
+        tabs = _dynamic_tables(spec, 0, sel, B, H, n, BLK, BLK, dev)
+        keep = forward._selection, forward._dynamic_tables  # what the forward launch calls them by
+        forward._selection, forward._dynamic_tables = (lambda *a, **kw: sel), (lambda *a, **kw: tabs)
         try:
-            row["attention_only_ms"] = med(lambda: mod.attention(q, k, v))
+            row["attention_only_ms"] = med(lambda: attn(q, k, v))
         finally:
-            mod._selection, mod._dynamic_tables = keep
+            forward._selection, forward._dynamic_tables = keep
         row["in_call_share"] = (row["ours_ms"] - row["attention_only_ms"]) / row["ours_ms"]
         f_off, f_idx, p_off, p_idx = tabs
         visited = int(f_off[-1]) + int(p_off[-1])
@@ -183,13 +194,13 @@ def main() -> None:
             continue
         q, k, v = data[n]
         nb = -(-n // BLK)
-        s_off, s_idx, sp_off, sp_idx = mod.block_tables(n, BLK, BLK, dev, 0)  # static part P0
+        s_off, s_idx, sp_off, sp_idx = block_tables(spec, n, BLK, BLK, dev, 0)  # static part P0
         full0 = dense_blocks(s_off, s_idx, nb, nb)
         part0 = dense_blocks(sp_off, sp_idx, nb, nb)
         qi = torch.arange(nb, device=dev)
 
         def build():
-            sel = mod._sel_dense(mod._selection(0, q, k, None, heads, 1), nb).view(B, H, nb, nb)
+            sel = _sel_dense(_selection(spec, 0, q, k, None, heads, 1), nb).view(B, H, nb, nb)
             full1 = qi[None, :] < qi[:, None]
             full = (sel & full1) | (~sel & full0)
             part = ((sel & (qi[None, :] == qi[:, None])) | (~sel & part0)) & ~full
@@ -212,7 +223,7 @@ def main() -> None:
             fo = flex(q, k, v, block_mask=bm, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})
             torch.cuda.synchronize()
             row["flex_compile_s"] = time.perf_counter() - t0
-            ours = mod.attention(q, k, v)
+            ours = attn(q, k, v)
             row["rel_err_vs_flex"] = ((ours.float() - fo.float()).norm() / fo.float().norm()).item()
             row["flex_mask_build_ms"] = med(build)
             row["flex_attention_ms"] = med(

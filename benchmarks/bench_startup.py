@@ -16,21 +16,24 @@ import tempfile
 import time
 
 CHILD = """
-import time, torch
+import sys, time, torch
 torch.zeros(1, device="cuda"); torch.cuda.synchronize()
+sys.path.insert(0, BENCHMARKS)
 import patterndsl as P
 q, k, v = (torch.randn(1, 16, 16384, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 t0 = time.perf_counter()
 m = P.compile("pattern p = causal & window(1023)\\n")
 m.attention(q, k, v)
 torch.cuda.synchronize()
-print("FIRST_CALL_S", time.perf_counter() - t0, m.LAST_CONFIG)
+print("FIRST_CALL_S", time.perf_counter() - t0, m.config(q, k, v))  # what that call launched (tuned: from memory)
+from runinfo import backward_launches  # (after the first call: its imports, triton's, are part of that call)
 qkv = [x.requires_grad_() for x in (q, k, v)]
 t0 = time.perf_counter()
-torch.autograd.grad(m.attention(*qkv), qkv, torch.randn_like(q))
-torch.cuda.synchronize()
-print("FIRST_STEP_S", time.perf_counter() - t0, m.LAST_BWD)
-"""
+with backward_launches() as bwd:  # the backward's tiles as launched: ((dK/dV, dQ tiles, warps, stages), tma)
+    torch.autograd.grad(m.attention(*qkv), qkv, torch.randn_like(q))
+    torch.cuda.synchronize()
+print("FIRST_STEP_S", time.perf_counter() - t0, (bwd["tiles"], bwd["tma"]))
+""".replace("BENCHMARKS", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_child(env: dict) -> dict:

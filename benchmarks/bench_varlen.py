@@ -29,6 +29,12 @@ import torch
 import triton
 
 import patterndsl as P
+from patterndsl.runtime import tables as runtime_tables
+from patterndsl.runtime import varlen
+from patterndsl.runtime.backward import _bwd_config
+from patterndsl.runtime.checks import _check_docs
+from patterndsl.runtime.common import _docs
+from patterndsl.runtime.forward import _config
 
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # tiny sizes on CPU in the interpreter (checks the script)
 H, D, W, DOCS, LO, HI = (2, 32, 16, 4, 8, 40) if SMOKE else (16, 128, 1024, 32, 1024, 32768)
@@ -140,33 +146,40 @@ def main() -> None:
 
     # --- ours -------------------------------------------------------------------------------------------
     m = P.compile(f"pattern swa = causal & window({W - 1})\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
-    block_m, block_n = m._config(max(16, triton.next_power_of_2(D)))[:2]
+    spec = m.spec
+
+    def varlen_tables(c, ls, bm, bn, transpose=False):  # the runtime's packed-document tables of this pattern
+        return varlen.varlen_tables(spec, c, ls, bm, bn, transpose=transpose)
+
+    # the runtime's caches are shared by every pattern (keyed by spec.key): this run uses this pattern alone,
+    # so clearing them is clearing its own
+    block_m, block_n = _config(spec, max(16, triton.next_power_of_2(D)))[:2]
     t0 = time.perf_counter()
     m.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))
     sync()
     res["notes"].append(f"ours: first call (Triton compile + shared table) {time.perf_counter() - t0:.1f} s")
-    # the tables of a batch are kept for its other layers (m._VARLEN); cleared here: one layer, built per call
-    fwd = timed(lambda: (m._VARLEN.clear(), m.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))), 10)
-    tables = timed(lambda: (m._VARLEN.clear(), m._check_docs(q.permute(1, 0, 2)[None], cu, None), m.varlen_tables(cu, lengths, block_m, block_n)), 10)
+    # the tables of a batch are kept for its other layers (varlen._VARLEN); cleared here: one layer, built per call
+    fwd = timed(lambda: (varlen._VARLEN.clear(), m.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))), 10)
+    tables = timed(lambda: (varlen._VARLEN.clear(), _check_docs(spec, q.permute(1, 0, 2)[None], cu, None), varlen_tables(cu, lengths, block_m, block_n)), 10)
     # a new random split every call (training): per-document row templates kept from earlier calls, nothing else
     splits = [rng.integers(LO, HI + 1, DOCS).tolist() for _ in range(40)]
     splits = [(x, torch.tensor([0, *np.cumsum(x).tolist()], dtype=torch.int32, device=dev)) for x in splits]
     new_split = []
     for i, (ls, c) in enumerate(splits):
-        t = timed(lambda: m.varlen_tables(c, ls, block_m, block_n), 1)
+        t = timed(lambda: varlen_tables(c, ls, block_m, block_n), 1)
         if i >= 30:  # the last 10, after 30 splits of warm-up
             new_split += t
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if DEV == "cuda" else 0
-    tab = m.varlen_tables(cu, lengths, block_m, block_n)
+    tab = varlen_tables(cu, lengths, block_m, block_n)
     tab_mib = (torch.cuda.max_memory_allocated() - base) / 2**20 if DEV == "cuda" else 0.0
-    m._FREE.clear()
-    m._TABLES.clear()
-    cold = timed(lambda: (m._FREE.clear(), m._TABLES.clear(), m._VARLEN.clear(), m.varlen_tables(cu, lengths, block_m, block_n)), 3)
-    m._VARLEN.clear()
-    sync_tables = host_syncs(lambda: m.varlen_tables(cu, lengths, block_m, block_n))
-    m._VARLEN.clear()
+    varlen._FREE.clear()
+    runtime_tables._TABLES.clear()
+    cold = timed(lambda: (varlen._FREE.clear(), runtime_tables._TABLES.clear(), varlen._VARLEN.clear(), varlen_tables(cu, lengths, block_m, block_n)), 3)
+    varlen._VARLEN.clear()
+    sync_tables = host_syncs(lambda: varlen_tables(cu, lengths, block_m, block_n))
+    varlen._VARLEN.clear()
     sync_call = host_syncs(lambda: m.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths)))
     res["results"]["ours"] = {
         "fwd": {"ms": float(np.median(fwd)), "all_ms": fwd, "tables_ms": float(np.median(tables)),
@@ -187,27 +200,27 @@ def main() -> None:
         m.attention(qg, kg, vg, cu_seqlens=cu).backward(do)
 
         def step() -> None:
-            m._VARLEN.clear()
+            varlen._VARLEN.clear()
             m.attention(qg, kg, vg, cu_seqlens=cu, max_seqlen=max(lengths)).backward(do)
 
         step()
         fb = timed(step, 5)
         kernels = timed(lambda: m.attention(qg, kg, vg, cu_seqlens=cu, max_seqlen=max(lengths)).backward(do), 5)
-        bm1, bn1, bm2, bn2 = m._bwd_config(max(16, triton.next_power_of_2(D)))[:4]
+        bm1, bn1, bm2, bn2 = _bwd_config(spec, max(16, triton.next_power_of_2(D)))[:4]
 
         def all_tables() -> None:  # what one training step builds: forward, dQ and (transposed) dK/dV tables
-            m._VARLEN.clear()
-            m._check_docs(q.permute(1, 0, 2)[None], cu, None)
-            m.varlen_tables(cu, lengths, block_m, block_n)
-            m._docs(cu)
-            m.varlen_tables(cu, lengths, bm2, bn2)
-            m.varlen_tables(cu, lengths, bm1, bn1, transpose=True)
+            varlen._VARLEN.clear()
+            _check_docs(spec, q.permute(1, 0, 2)[None], cu, None)
+            varlen_tables(cu, lengths, block_m, block_n)
+            _docs(cu)
+            varlen_tables(cu, lengths, bm2, bn2)
+            varlen_tables(cu, lengths, bm1, bn1, transpose=True)
 
         all_tables()
         tb = timed(all_tables, 10)
         res["results"]["ours"]["fwd+bwd"] = {"ms": float(np.median(fb)), "all_ms": fb, "tables_ms": float(np.median(tb)), "tables_all_ms": tb,
                                              "ms_tables_kept": float(np.median(kernels)), "all_ms_tables_kept": kernels}
-        m._VARLEN.clear()
+        varlen._VARLEN.clear()
         sync_bwd = host_syncs(all_tables)
         res["results"]["ours"]["fwd+bwd"]["host_syncs_tables"] = sync_bwd
         res["notes"].append(f"ours fwd+bwd with the step's tables kept (other layers of a model): {np.median(kernels):.2f} ms; "

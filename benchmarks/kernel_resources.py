@@ -1,6 +1,9 @@
 """Registers, spill bytes and shared memory of a generated module's kernels on the H100 (sm_90), from CPU.
 
-No GPU needed: each kernel is built with `triton.compile` for `GPUTarget("cuda", 90, 128)` and its PTX
+No GPU needed: each runtime kernel (`patterndsl.runtime.fwd_kernels`, `bwd_kernels`, `selection`, `varlen`),
+specialised on the pattern's predicate (`PRED`, a constexpr @triton.jit function of the compiled pattern,
+`attn.spec.predicates[0].kernel`; a dynamic pattern's `SEL_PRED` too), is built with `triton.compile` for
+`GPUTarget("cuda", 90, 128)` and its PTX
 assembled by `ptxas -v` from Triton's bundled toolkit. Spills (local-memory traffic per thread) are what
 made the first backward tiles slow (docs/perf-notes.md, backward v1); shared memory must stay under the
 H100's 227 KiB per block or the launch fails.
@@ -8,7 +11,7 @@ H100's 227 KiB per block or the launch fails.
 `--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), `--fast` the grid
 kernel `_attn_fwd_fast` of the other patterns with pointer loads, or with `--tma` through host tensor
 descriptors ([B, H, N, D] with [1, 1, block, D] boxes, as `_descriptor` makes them); switches it does not set
-are off. Pointers and strides are marked divisible by 16, as a launch with aligned
+are off (at their defaults: no token layout, no packed documents). Pointers and strides are marked divisible by 16, as a launch with aligned
 tensors specialises them: without that mark the loads are not vectorised (16-bit loads through registers
 instead of 128-bit asynchronous copies), and the registers and spills differ from what the GPU runs (this
 tool's figures before 2026-11-25 23:00 lacked it). A fifth field of --fwd / --fast caps registers per thread
@@ -25,6 +28,7 @@ packed-document table kernels (`_free_tables`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -37,6 +41,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import patterndsl as P  # noqa: E402
+from patterndsl.runtime import bwd_kernels, fwd_kernels, selection, varlen  # noqa: E402
+from patterndsl.runtime.backward import _bwd_config  # noqa: E402
+from patterndsl.runtime.options import Options  # noqa: E402
 
 INT32_TABLES = {
     "HEAD_IDS",
@@ -72,8 +79,10 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             sig[p.name] = "constexpr"
         else:
             sig[p.name] = "*i32" if p.name in INT32_TABLES else "*fp32" if p.name in FP32_BUFFERS else f"*{dtype}"
-    # feature switches this tool does not set (token layout, selectors, ...) are off: the plain path
-    consts = {p.name: constexprs.get(p.name, False) for p in kernel.params if p.is_constexpr}
+    # feature switches this tool does not set (token layout, packed documents, ...) are off: the plain path,
+    # a switch with a default at it (LAYOUT=None: a constexpr function argument or None, tested `is not None`)
+    consts = {p.name: constexprs.get(p.name, p.default if p.has_default else False)
+              for p in kernel.params if p.is_constexpr}  # fmt: skip
     consts.update({p.name: None for p in kernel.params if sig[p.name] == "constexpr" and not p.is_constexpr})
     # what a launch of contiguous [B, H, N, D] tensors with D a multiple of 16 specialises: 16-byte aligned
     # pointers and strides divisible by 16 (every stride: a base pointer's alignment needs all of its terms)
@@ -100,37 +109,40 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             f"{blocks} blocks/SM")  # fmt: skip
 
 
-def selection(m, dtype: str, d: int, d_pad: int) -> None:
-    """The selection kernels of pattern 0's selector, as `_selection` / `_dynamic_tables` launch them."""
-    kind, n, blk, given, _, _ = m.SELECTORS[0]
+def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> None:
+    """The selection kernels of pattern 0's selector, as `_selection` / `_dynamic_tables` launch them with the
+    kernel options `opts`."""
+    kind, n, blk, given, _, _ = spec.selectors[0]
     names = ("NB", "NH", "H", "HKV", "GROUP", "HQ", "HK", "NQT", "NKT", "NQB", "W", "WS", "K1N", "ROWS")
     ints = {x: "i32" for x in names} | {x: "*i32" for x in ("SPAN", "SEL", "ST_KT", "CNT", "OFF", "FIDX", "PIDX")}
     pool = dict(BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=d, D_PAD=d_pad)
-    print(f"pool {'':20s} {resources(m._pool_kernel, dtype, pool, 4, 3, dict(ints, QM='*fp32', KM='*fp32'))}")
+    pool_kernel = resources(selection._pool_kernel, dtype, pool, opts.pool_warps, 3, dict(ints, QM="*fp32", KM="*fp32"))
+    print(f"pool {'':20s} {pool_kernel}")
     if kind == "topk" and int(n) <= 64:
-        bq = m.TOPK_ROWS
+        bq = opts.topk_rows
         for ranges in (True, False):
-            bk = 16 if d_pad > 128 else m.TOPK_KEYS if ranges else 32  # as `_selection` picks it
+            bk = 16 if d_pad > 128 else opts.topk_keys if ranges else 32  # as `_selection` picks it
             c = dict(N_SEL=int(n), NP=triton.next_power_of_2(int(n)), BQ=bq, BK=bk, D_PAD=16 if given else d_pad,
                      DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges, GIVEN=bool(given),
-                     FILL=m.TOPK_FILL and triton.next_power_of_2(int(n)) <= bk)  # fmt: skip
+                     FILL=opts.topk_fill and triton.next_power_of_2(int(n)) <= bk)  # fmt: skip
             t = dict(ints, QM="*fp32", KM="*fp32", SCORES="*fp32", CAND="*i32" if ranges else "*u8")
-            print(f"topk {'ranges' if ranges else 'bytes':20s} {resources(m._topk_kernel, dtype, c, m.TOPK_WARPS, 3, t)}")
+            topk = resources(selection._topk_kernel, dtype, c, opts.topk_warps, 3, t)
+            print(f"topk {'ranges' if ranges else 'bytes':20s} {topk}")
     t = dict(ints, ST_CLS="*i8", K1="*i64", C1="*i8")
     for write in (False, True):
         c = dict(RQ=1, RK=1, BR=16, SC=16, WC=16, LOG=20, WRITE=write)
-        print(f"merge {'write' if write else 'count':19s} {resources(m._merge_kernel, dtype, c, 4, 3, t)}")
+        print(f"merge {'write' if write else 'count':19s} {resources(selection._merge_kernel, dtype, c, 4, 3, t)}")
 
 
-def tables(m) -> None:
+def tables() -> None:
     """The packed-document table kernels of the N-free build (`_free_tables`), as it launches them."""
     ints = {"rows": "i32", "docs": "i32", "steps": "i32"}
     ptr = {x: "*i32" for x in ("DESC", "STORE", "KEY", "TROW", "RDOC", "TILES", "F_OFF", "P_OFF", "SORTED", "SRC",
                                "F_IDX", "P_IDX")}  # fmt: skip
     t = dict(ints, **ptr, ORDER="*i64")
-    for name, c, warps in (("_vl_rows", dict(BLOCK=m._VL_ROWS), 4), ("_vl_scan", dict(CHUNK=m._VL_CHUNK), 8),
-                           ("_vl_gather", dict(ROWS=m._VL_GATHER, ENTRIES=m._VL_ENTRIES), 4)):  # fmt: skip
-        print(f"{name:24s} {resources(getattr(m, name), 'i32', c, warps, 1, t)}", flush=True)
+    for name, c, warps in (("_vl_rows", dict(BLOCK=varlen._VL_ROWS), 4), ("_vl_scan", dict(CHUNK=varlen._VL_CHUNK), 8),
+                           ("_vl_gather", dict(ROWS=varlen._VL_GATHER, ENTRIES=varlen._VL_ENTRIES), 4)):  # fmt: skip
+        print(f"{name:24s} {resources(getattr(varlen, name), 'i32', c, warps, 1, t)}", flush=True)
 
 
 def main() -> None:
@@ -149,23 +161,25 @@ def main() -> None:
     )
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
     ap.add_argument("--tables", action="store_true", help="the packed-document table kernels (cu_seqlens)")
-    ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the module's TOPK_ROWS)")
-    ap.add_argument("--topk-warps", type=int, help="its warps (TOPK_WARPS)")
-    ap.add_argument("--topk-keys", type=int, help="its key blocks per tile (TOPK_KEYS)")
-    ap.add_argument("--topk-fill", type=int, choices=[0, 1], help="its first tile by a bitonic top-k (TOPK_FILL)")
+    ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the topk_rows option)")
+    ap.add_argument("--topk-warps", type=int, help="its warps (topk_warps)")
+    ap.add_argument("--topk-keys", type=int, help="its key blocks per tile (topk_keys)")
+    ap.add_argument("--topk-fill", type=int, choices=[0, 1], help="its first tile by a bitonic top-k (topk_fill)")
     a = ap.parse_args()
-    m = P.compile(f"pattern p = {a.src}\n")
-    m.TOPK_ROWS = a.topk_rows or m.TOPK_ROWS
-    m.TOPK_WARPS = a.topk_warps or m.TOPK_WARPS
-    m.TOPK_KEYS = a.topk_keys or m.TOPK_KEYS
-    m.TOPK_FILL = m.TOPK_FILL if a.topk_fill is None else bool(a.topk_fill)
+    spec = P.compile(f"pattern p = {a.src}\n").spec
+    given = {"topk_rows": a.topk_rows, "topk_warps": a.topk_warps, "topk_keys": a.topk_keys,
+             "topk_fill": None if a.topk_fill is None else bool(a.topk_fill)}  # fmt: skip
+    opts = dataclasses.replace(Options(), **{k: v for k, v in given.items() if v is not None})  # the defaults, and these
     d_pad = max(16, triton.next_power_of_2(a.d))
-    common = dict(PAT=0, HEAD_DIM=a.d, D_PAD=d_pad, DOT_PREC="ieee" if a.dtype == "fp32" else "tf32",
-                  IDX64=m.IDX64, INTERPRET=False, VARLEN=False, ACCUM=False)  # fmt: skip
+    sel = spec.selectors[0]  # a dynamic pattern's kernels also mask its selected blocks (SEL_PRED)
+    common = dict(PRED=spec.predicates[0].kernel, HEAD_DIM=a.d, D_PAD=d_pad,
+                  DOT_PREC="ieee" if a.dtype == "fp32" else "tf32", IDX64=spec.idx64, INTERPRET=False, ACCUM=False,
+                  SEL_PRED=None if sel is None else spec.predicates[sel.selected].kernel)  # fmt: skip
     for cfg in a.fwd:
         bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
         c = dict(common, BLOCK_M=bm, BLOCK_N=bn)
-        print(f"fwd  {cfg:20s} {resources(m._attn_fwd, a.dtype, c, w, s, maxnreg=cap[0] if cap else 0)}", flush=True)
+        fwd = resources(fwd_kernels._attn_fwd, a.dtype, c, w, s, maxnreg=cap[0] if cap else 0)
+        print(f"fwd  {cfg:20s} {fwd}", flush=True)
     for cfg in a.fast:
         bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
         c = dict(common, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, FOLD=True, OFF32=True, CONTIG=True, TMA=int(a.tma))
@@ -173,17 +187,18 @@ def main() -> None:
         if a.tma:
             t.update({f"{x}_desc": f"tensordesc<{a.dtype}[1,1,{bm if x in 'qo' else bn},{d_pad}]>" for x in "qkvo"})
         name = cfg + (" tma" if a.tma else "")
-        print(f"fast {name:20s} {resources(m._attn_fwd_fast, a.dtype, c, w, s, t, cap[0] if cap else 0)}", flush=True)
+        fast = resources(fwd_kernels._attn_fwd_fast, a.dtype, c, w, s, t, cap[0] if cap else 0)
+        print(f"fast {name:20s} {fast}", flush=True)
     if a.sel:
-        selection(m, a.dtype, a.d, d_pad)
+        selection_kernels(spec, opts, a.dtype, a.d, d_pad)
     if a.tables:
-        tables(m)
+        tables()
     asked = a.fwd or a.fast or a.sel or a.tables  # the backward's default tiles when nothing else is asked
-    for cfg in a.bwd or ([] if asked else [",".join(map(str, m._bwd_config(d_pad)))]):
+    for cfg in a.bwd or ([] if asked else [",".join(map(str, _bwd_config(spec, d_pad)))]):
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])
-        dq = resources(m._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w2, s2)
-        dkdv = resources(m._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w1, s1)
+        dq = resources(bwd_kernels._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w2, s2)
+        dkdv = resources(bwd_kernels._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w1, s1)
         print(f"bwd  {cfg:20s} dK/dV: {dkdv} | dQ: {dq}", flush=True)
 
 

@@ -1,9 +1,13 @@
-"""What every benchmark's JSON records about where it ran, so numbers from different runs are never mixed up."""
+"""What every benchmark's JSON records about where it ran, so numbers from different runs are never mixed up;
+and what a call launched (the runtime keeps no record of its last launch: its kernels' arguments say)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import platform
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import triton
@@ -17,3 +21,43 @@ def run_info() -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton.__version__,
     }
+
+
+class _Recorded:
+    """A kernel launched as before (`kernel[grid](...)`), each launch's keyword arguments appended to `log`."""
+
+    def __init__(self, kernel: Any, log: list[dict]) -> None:
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid: Any) -> Any:
+        launch = self.kernel[grid]
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self.log.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@contextlib.contextmanager
+def backward_launches() -> Iterator[dict[str, Any]]:
+    """Inside the block, the static backward's kernels record their launches; after it, the dict yielded holds
+    `tiles` (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2, stages2: dK/dV's, then dQ's) and
+    `tma` of the last backward launched (tuned or configured: what ran), if one ran. Tuning launches come
+    before the real ones, so the last launch of each kernel is the step's own."""
+    from patterndsl.runtime import backward
+
+    dq: list[dict] = []
+    dkdv: list[dict] = []
+    saved = backward._attn_bwd_dq, backward._attn_bwd_dkdv
+    backward._attn_bwd_dq, backward._attn_bwd_dkdv = _Recorded(saved[0], dq), _Recorded(saved[1], dkdv)
+    got: dict[str, Any] = {}
+    try:
+        yield got
+    finally:
+        backward._attn_bwd_dq, backward._attn_bwd_dkdv = saved
+        if dq and dkdv:
+            a, b = dkdv[-1], dq[-1]
+            got["tiles"] = (a["BLOCK_M"], a["BLOCK_N"], b["BLOCK_M"], b["BLOCK_N"], a["num_warps"], a["num_stages"],
+                            b["num_warps"], b["num_stages"])  # fmt: skip
+            got["tma"] = int(b.get("TMA", 0))

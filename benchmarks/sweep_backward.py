@@ -19,7 +19,7 @@ import time
 
 import torch
 from bench_backward import _rel
-from bench_forward import med, with_switches
+from bench_forward import Variant, med, variant
 from runinfo import run_info
 
 import patterndsl as P
@@ -31,7 +31,7 @@ H = int(os.environ.get("SWEEP_H", 16))
 N = int(os.environ.get("SWEEP_N", 16384))
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
 PATTERNS = [("causal", "causal"), ("sliding_window_1024", "causal & window(1023)")]
-# (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA[, module switches]
+# (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA (the bwd_tma option)[, more kernel options]
 CANDIDATES: list[tuple] = [
     ((32, 64, 64, 32, 8, 3, 8, 3), False),  # the pointer-load default (token layouts, packed documents)
     ((32, 64, 64, 64, 4, 2, 4, 2), True),  # the TMA default after the 2026-11-25 17:00 sweep
@@ -46,9 +46,9 @@ CANDIDATES: list[tuple] = [
     ((32, 64, 128, 128, 4, 2, 8, 2), True),
     ((32, 64, 64, 64, 8, 2, 4, 2), True),
     ((64, 64, 64, 64, 4, 2, 4, 2), True),
-    # the dQ kernel computes delta and lse2 (BWD_FUSE_PRE, the default since the 22:01 sweep: the pre-pass launch
+    # the dQ kernel computes delta and lse2 (bwd_fuse_pre, the default since the 22:01 sweep: the pre-pass launch
     # and its 0.05 ms go; BWD_ONE_LOOP measured slower there: dK/dV 0.735 against 0.664 ms, causal 5.16 vs 4.10)
-    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"BWD_FUSE_PRE": False}),
+    ((64, 64, 64, 64, 4, 2, 4, 2), True, {"bwd_fuse_pre": False}),
     # 128-key dK/dV tiles and 32-key dQ tiles (Triton's tutorial shape: 32 x 128 / 128 x 32), never swept before
     ((32, 128, 128, 32, 4, 3, 4, 3), True),
     ((32, 128, 64, 64, 4, 2, 4, 2), True),
@@ -62,9 +62,11 @@ CANDIDATES: list[tuple] = [
 ]
 
 
-def build(src: str, cfg: tuple[int, ...], tma: bool, switches: dict | None = None):
-    mod = P.compile(f"pattern p = {src}\n", bwd_config=cfg)
-    return with_switches(mod, ("BWD_TMA", "BWD_FUSE_PRE"), {"BWD_TMA": tma, **(switches or {})})
+def build(src: str, cfg: tuple[int, ...], tma: bool, switches: dict | None = None) -> Variant:
+    """The pattern compiled with backward tiles `cfg` (no backward tuning), launched with the bwd_tma option
+    `tma` and `switches`, the other backward options at their defaults."""
+    attn = P.compile(f"pattern p = {src}\n", bwd_config=cfg)
+    return variant(attn, ("bwd_tma", "bwd_fuse_pre"), {"bwd_tma": tma, **(switches or {})})
 
 
 def inputs(n: int):
@@ -73,15 +75,18 @@ def inputs(n: int):
     return [t.requires_grad_() for t in (q, k, v)], do
 
 
-def step(mod, qkv, do):
-    return torch.autograd.grad(mod.attention(*qkv), qkv, do)
+def step(var: Variant, qkv, do):
+    """One forward + backward step, inside `with var.active()` (the options are entered once, around the timing)."""
+    return torch.autograd.grad(var.attn(*qkv), qkv, do)
 
 
 def _warm(task: tuple[int, int]) -> str | None:
     pi, ci = task
     try:
         qkv, do = inputs(1024 if DEV == "cuda" else N)
-        step(build(PATTERNS[pi][1], *CANDIDATES[ci]), qkv, do)
+        var = build(PATTERNS[pi][1], *CANDIDATES[ci])
+        with var.active():
+            step(var, qkv, do)
         if DEV == "cuda":
             torch.cuda.synchronize()
         return None
@@ -131,14 +136,15 @@ def main() -> None:
                 row["error"] = failed[(pi, ci)]
                 rows.append(row)
                 continue
-            mod = build(src, cfg, tma, row["switches"])
-            got = step(mod, qkv, do)
-            if ref is None:
-                ref = got
-            row["rel_err_vs_first"] = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
-            row["step_ms"] = med(lambda: step(mod, qkv, do), quick=True)
-            if DEV == "cuda":
-                row.update({f"{k}_ms": v for k, v in kernel_ms(lambda: step(mod, qkv, do)).items()})
+            var = build(src, cfg, tma, row["switches"])
+            with var.active():
+                got = step(var, qkv, do)
+                if ref is None:
+                    ref = got
+                row["rel_err_vs_first"] = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
+                row["step_ms"] = med(lambda: step(var, qkv, do), quick=True)
+                if DEV == "cuda":
+                    row.update({f"{k}_ms": v for k, v in kernel_ms(lambda: step(var, qkv, do)).items()})
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(os.path.join(outdir, "sweep_backward_h100.json" if D == 128 else f"sweep_backward_d{D}_h100.json"), "w") as f:

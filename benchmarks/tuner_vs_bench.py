@@ -1,13 +1,14 @@
 # ruff: noqa: B023  (the timing lambda runs inside its loop iteration)
 """Does the forward tuner pick what the benchmarks measure fastest, every time? On the GPU, one run, per
 pattern of bench_forward: the tuner's pick from an empty cache, TUNINGS times (default 3), each with every
-round it timed (`LAST_TUNING`); then every candidate timed do_bench's way (L2 flushed, median) in three
+round it timed (`patterndsl.runtime.tuning.records()`); then every candidate timed do_bench's way (L2 flushed, median) in three
 interleaved rounds, alternating in direction, so the H100's clock drift spreads over all of them.
 Writes tuner_rounds_h100.json to argv[1]. Env: BENCH_ONLY (pattern names), TUNE_EXTRA (more D = 128
 candidates to try, e.g. "128,32,8,2,1;128,32,8,3,1,0,128")."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -21,6 +22,7 @@ from runinfo import run_info
 from triton.testing import do_bench
 
 import patterndsl as P
+from patterndsl.runtime import Attention, tuning
 
 
 def extra_candidates(text: str) -> tuple[tuple[int, ...], ...]:
@@ -32,27 +34,48 @@ def with_extra(table: tuple, extra: tuple) -> tuple:
     return tuple((d, tuple(c) + extra) if d == 128 else (d, c) for d, c in table)
 
 
-def tune(mod, q, k, v) -> dict:
+def with_candidates(attn, extra: tuple):
+    """The compiled pattern with `extra` tuning candidates in its D = 128 row: a spec of its own (its own key,
+    so its tuning is remembered apart from the pattern's), or the pattern itself when there are none."""
+    if not extra:
+        return attn
+    spec = attn.spec
+    return Attention(dataclasses.replace(spec, key=f"{spec.key}+extra", tune_configs=with_extra(spec.tune_configs, extra)))
+
+
+def _forget(attn) -> list:
+    """Drop this pattern's tuned choices from memory (a new process would start so); their keys."""
+    keys = [x for x in tuning._TUNED if x[0] == attn.spec.key]
+    for x in keys:
+        del tuning._TUNED[x]
+    return keys
+
+
+def tune(attn, q, k, v) -> dict:
     with tempfile.TemporaryDirectory() as d:
         os.environ["PATTERNDSL_CACHE_DIR"] = d
-        mod._TUNED.clear()
+        _forget(attn)
+        before = tuning.records()[-1] if tuning.records() else None
         t0 = time.perf_counter()
-        mod.attention(q, k, v)
+        attn(q, k, v)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    rounds = {",".join(map(str, c)): t for c, t in mod.LAST_TUNING.items()}
-    return {"pick": list(mod.LAST_CONFIG), "seconds": seconds, "rounds_ms": rounds}
+    record = tuning.records()[-1]
+    assert record is not before, "the call tuned (an empty cache)"
+    rounds = {",".join(map(str, c)): list(t) for c, t in record.rounds.items()}
+    return {"pick": list(attn.config(q, k, v)), "seconds": seconds, "rounds_ms": rounds}
 
 
-def bench_rounds(mod, q, k, v, rounds: int = 3) -> dict:
-    """do_bench medians of every candidate of the last tuning, launched through the module as users do."""
-    fields = next(iter(mod._TUNED))
-    cands = list(mod.LAST_TUNING)
+def bench_rounds(attn, q, k, v, rounds: int = 3) -> dict:
+    """do_bench medians of every candidate of the last tuning, launched through the pattern as users do (the
+    tuned choice in memory set to each candidate in turn)."""
+    (fields,) = [x for x in tuning._TUNED if x[0] == attn.spec.key and x[1][0] == "fwd"]
+    cands = list(tuning.records()[-1].rounds)
     times: dict = {c: [] for c in cands}
     for r in range(rounds):
         for c in cands if r % 2 == 0 else reversed(cands):
-            mod._TUNED[fields] = c
-            times[c].append(do_bench(lambda: mod.attention(q, k, v), warmup=25, rep=100))
+            tuning._TUNED[fields] = c
+            times[c].append(do_bench(lambda: attn(q, k, v), warmup=25, rep=100))
     return {",".join(map(str, c)): t for c, t in times.items()}
 
 
@@ -66,15 +89,14 @@ def main() -> None:
     for name, src, _, _ in bf.PATTERNS:
         if only and name not in only:
             continue
-        mod = P.compile(f"pattern p = {src}\n")
-        mod.TUNE_CONFIGS = with_extra(mod.TUNE_CONFIGS, extra)
+        attn = with_candidates(P.compile(f"pattern p = {src}\n"), extra)
         picks = []
         for i in range(tunings):
-            picks.append(tune(mod, q, k, v))
+            picks.append(tune(attn, q, k, v))
             print(f"{name:22s} tuning {i}: pick {tuple(picks[-1]['pick'])} in {picks[-1]['seconds']:.1f} s", flush=True)
             for c, ts in sorted(picks[-1]["rounds_ms"].items(), key=lambda x: sum(x[1]))[:4]:
                 print(f"    {c:26s} mean {statistics.fmean(ts):.4f}  rounds {' '.join(f'{t:.4f}' for t in ts)}")
-        bench = bench_rounds(mod, q, k, v)
+        bench = bench_rounds(attn, q, k, v)
         for c, ts in sorted(bench.items(), key=lambda x: statistics.median(x[1])):
             print(f"{name:22s} do_bench {c:26s} median {statistics.median(ts):.4f}  rounds "
                   f"{' '.join(f'{t:.4f}' for t in ts)}", flush=True)

@@ -16,8 +16,9 @@ echo "== patc show: the mask at N = 2048 (terminal, then $out/streaming.png)"
 patc show patterns/streaming.pat -p streaming -N 2048 -D w=256
 patc show patterns/streaming.pat -p streaming -N 2048 -D w=256 -o "$out/streaming.png"
 
-echo "== patc compile: $out/streaming_attn.py"
+echo "== patc compile: $out/streaming_attn.py (and a standalone package, $out/streaming_pkg)"
 patc compile patterns/streaming.pat -p streaming -D w=256 -o "$out/streaming_attn.py"
+patc compile patterns/streaming.pat -p streaming -D w=256 -o "$out/streaming_pkg" --standalone
 
 echo "== run the generated module on CPU tensors"
 python - "$out/streaming_attn.py" <<'PY'
@@ -44,5 +45,10 @@ ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v
 err = (out.double() - ref).abs().max().item()
 print(f"attention{tuple(q.shape)} on CPU: {dt * 1e3:.1f} ms, max |out - dense masked SDPA (float64)| = {err:.2e}")
 assert err < 1e-4, err
+
+sys.path.insert(0, str(__import__("pathlib").Path(sys.argv[1]).parent))
+import streaming_pkg  # the standalone package: its own copy of the runtime
+assert torch.equal(streaming_pkg.attention(q, k, v), out)
+print("the standalone package gives the same output")
 PY
 echo "tour done: files in $out"

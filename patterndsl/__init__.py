@@ -7,12 +7,14 @@ The pipeline, one module per stage: `parse` (text -> syntax tree) -> `check` (->
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import ir
 from .source import PatternError
 
-__all__ = ["PatternError", "ir", "load", "loads", "pattern", "dense_mask", "compile"]
+__all__ = ["Analysis", "PatternError", "analyze", "compile", "dense_mask", "ir", "load", "loads", "pattern"]
 __version__ = "0.1.0"
 
 
@@ -59,3 +61,56 @@ def dense_mask(body: ir.Body | str, n: int, heads: int | None = None):  # type: 
 # The driver, bound to the package name `compile` (this import also keeps the submodule
 # `patterndsl.compile` from shadowing the function).
 from .compile import compile  # noqa: E402, A004
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What `patc analyze` reports, as data: `figures` holds every number (pairs, FLOPs, tile efficiency,
+    bytes, receptive field through depth, warnings) under the same keys as `patc analyze --json`."""
+
+    name: str
+    n: int
+    figures: Mapping[str, Any]
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(dict(self.figures), indent=2, sort_keys=True)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.figures[key]
+
+
+def analyze(
+    source: str | Path | ir.Program | ir.Pattern,
+    name: str | None = None,
+    *,
+    N: int,  # noqa: N803 (the papers' name for the sequence length)
+    heads: int | None = None,
+    head_dim: int = 128,
+    batch: int = 1,
+    layers: int | None = None,
+    block_size: tuple[int, int] = (128, 128),
+    defines: Mapping[str, str | int | float] | None = None,
+) -> Analysis:
+    """Cost and reach of a pattern at sequence length N: the figures of `patc analyze` as an `Analysis`.
+    `source`: a `.pat` path or text, a checked Program, or one pattern (`pattern("causal & window(3)")`)."""
+    from .analysis.analyze import Options
+    from .analysis.analyze import analyze as run
+    from .cli.common import select
+
+    if isinstance(source, ir.Program):
+        item: ir.PatternDef | ir.Model = select(source, name)
+    elif ir.is_pattern(source):
+        item = ir.PatternDef(name or "pattern", source)  # type: ignore[arg-type]
+    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith(".pat")):
+        item = select(load(source, defines), name)
+    elif isinstance(source, str):
+        item = select(loads(source, "<string>", defines), name)
+    else:
+        raise TypeError(f"analyze takes a .pat path or text, a Program or a pattern, got {type(source).__name__}")
+    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+        raise ValueError(f"N must be a positive integer, got {N!r}")
+    bq, bk = block_size
+    opts = Options(n=N, heads=heads, head_dim=head_dim, batch=batch, block_q=bq, block_k=bk, layers=layers)
+    return Analysis(item.name, N, run(item, opts))

@@ -5,12 +5,10 @@ module lists, per query block, the key blocks whose pairs are all allowed (FULL:
 no predicate there) and those where some are (PARTIAL: the kernel evaluates the pattern's predicate per
 pair). Empty tiles are never listed, so the kernel never visits them.
 
-How: recursive subdivision over key-block ranges. Every query block starts with the range of all key
-blocks; `intervals.classify` judges all (query block, key range) rectangles at once; NONE ranges are
-dropped, ALL ranges become FULL blocks wholesale, SOME ranges are halved until they are one block wide
-(then PARTIAL). Time and memory grow with the number of listed blocks times log2(key blocks), never
-with N^2 / (block_q * block_k) unless the pattern is dense. Work happens on `device` (torch), so a GPU
-builds its own tables.
+How: `runtime.tables.tiles`, the one builder the kernels use too (interval reasoning over key-block
+ranges, then refinement of PARTIAL tiles). Time and memory grow with the number of listed blocks times
+log2(key blocks), never with N^2 / (block_q * block_k) unless the pattern is dense. Work happens on
+`device` (torch), so a GPU builds its own tables.
 
 The transposed tables (query blocks per key block) serve the backward pass (dK, dV by key block).
 Tables are cached per (predicate, N, block_q, block_k, device).
@@ -25,7 +23,6 @@ from typing import Any
 from . import expr as E
 from . import ir
 from .expr import Expr
-from .intervals import ALL, NONE, SOME, classify
 
 __all__ = ["BlockList", "BlockTables", "block_tables", "bound_predicate", "clear_cache"]
 
@@ -126,116 +123,12 @@ def clear_cache() -> None:
 
 
 def _build(pred: Expr, n: int, bq: int, bk: int, dev: Any) -> BlockTables:
-    import torch
+    """The runtime's one table builder (`runtime.tables.tiles`), in both orientations."""
+    from .runtime.common import _csr
+    from .runtime.tables import tiles
 
     qn, kn = -(-n // bq), -(-n // bk)
-    i64 = dict(dtype=torch.int64, device=dev)
-    q = torch.arange(qn, **i64)
-    lo = torch.zeros(qn, **i64)
-    hi = torch.full((qn,), kn, **i64)
-    full_q: list[Any] = []
-    full_lo: list[Any] = []
-    full_hi: list[Any] = []
-    part_q: list[Any] = []
-    part_k: list[Any] = []
-    while q.numel():
-        i_lo = q * bq
-        i_hi = torch.clamp((q + 1) * bq, max=n) - 1
-        j_lo = lo * bk
-        j_hi = torch.clamp(hi * bk, max=n) - 1
-        verdict = classify(pred, i_lo, i_hi, j_lo, j_hi, xp=torch)
-        is_all = verdict == ALL
-        full_q.append(q[is_all])
-        full_lo.append(lo[is_all])
-        full_hi.append(hi[is_all])
-        some = verdict == SOME
-        single = some & (hi - lo == 1)
-        part_q.append(q[single])
-        part_k.append(lo[single])
-        split = some & (hi - lo > 1)
-        sq, slo, shi = q[split], lo[split], hi[split]
-        mid = (slo + shi) // 2
-        q = torch.cat([sq, sq])
-        lo = torch.cat([slo, mid])
-        hi = torch.cat([mid, shi])
-        assert NONE == 0  # dropped: neither listed nor split
-    fq = torch.cat(full_q)
-    flo = torch.cat(full_lo)
-    fhi = torch.cat(full_hi)
-    width = fhi - flo
-    fq = torch.repeat_interleave(fq, width)
-    starts = torch.repeat_interleave(flo - (torch.cumsum(width, 0) - width), width)
-    fk = starts + torch.arange(fq.numel(), **i64)
-    pq, pk = torch.cat(part_q), torch.cat(part_k)
-    pq, pk, promoted = _refine(pred, n, bq, bk, pq, pk)
-    fq, fk = torch.cat([fq, pq[promoted]]), torch.cat([fk, pk[promoted]])
-    pq, pk = pq[~promoted], pk[~promoted]
-    return BlockTables(
-        n=n,
-        block_q=bq,
-        block_k=bk,
-        full=_csr(fq, fk, qn, kn),
-        partial=_csr(pq, pk, qn, kn),
-        full_t=_csr(fk, fq, kn, qn),
-        partial_t=_csr(pk, pq, kn, qn),
-    )
-
-
-def _refine(pred: Expr, n: int, bq: int, bk: int, pq: Any, pk: Any) -> tuple[Any, Any, Any]:
-    """Settle PARTIAL tiles that interval reasoning could not: split each into sub-rectangles until one
-    is seen allowed (ALL) and one disallowed (NONE). A tile with no allowed sub-rectangle is dropped, one
-    with no disallowed one becomes FULL. Bounded work: refinement stops once the frontier outgrows a
-    budget, and the tiles still unsettled stay PARTIAL (sound, only slower).
-    Returns the kept tiles and a mask of those promoted to FULL.
-    """
-    import torch
-
-    tiles = pq.numel()
-    dev = pq.device
-    seen_true = torch.zeros(tiles, dtype=torch.bool, device=dev)
-    seen_false = torch.zeros(tiles, dtype=torch.bool, device=dev)
-    unsettled = torch.zeros(tiles, dtype=torch.bool, device=dev)
-    t = torch.arange(tiles, dtype=torch.int64, device=dev)
-    i_lo, i_hi = pq * bq, torch.clamp((pq + 1) * bq, max=n) - 1
-    j_lo, j_hi = pk * bk, torch.clamp((pk + 1) * bk, max=n) - 1
-    budget = 8 * tiles + (1 << 16)
-    while t.numel():
-        if t.numel() > budget:
-            unsettled[t] = True
-            break
-        verdict = classify(pred, i_lo, i_hi, j_lo, j_hi, xp=torch)
-        seen_true[t[verdict == ALL]] = True
-        seen_false[t[verdict == NONE]] = True
-        keep = (verdict == SOME) & ~(seen_true[t] & seen_false[t])
-        t, i_lo, i_hi, j_lo, j_hi = t[keep], i_lo[keep], i_hi[keep], j_lo[keep], j_hi[keep]
-        # split the longer side in two (a SOME rectangle is never a single pair for an exact leaf test,
-        # but guard anyway: single pairs left SOME stay unsettled)
-        hgt, wid = i_hi - i_lo, j_hi - j_lo
-        single = (hgt == 0) & (wid == 0)
-        unsettled[t[single]] = True
-        t, i_lo, i_hi, j_lo, j_hi, hgt, wid = (x[~single] for x in (t, i_lo, i_hi, j_lo, j_hi, hgt, wid))
-        rows = hgt >= wid
-        i_mid = (i_lo + i_hi) // 2
-        j_mid = (j_lo + j_hi) // 2
-        t = torch.cat([t, t])
-        a_i_hi = torch.where(rows, i_mid, i_hi)
-        a_j_hi = torch.where(rows, j_hi, j_mid)
-        b_i_lo = torch.where(rows, i_mid + 1, i_lo)
-        b_j_lo = torch.where(rows, j_lo, j_mid + 1)
-        i_lo, i_hi = torch.cat([i_lo, b_i_lo]), torch.cat([a_i_hi, i_hi])
-        j_lo, j_hi = torch.cat([j_lo, b_j_lo]), torch.cat([a_j_hi, j_hi])
-    empty = ~seen_true & ~unsettled
-    promoted = ~seen_false & ~unsettled & seen_true
-    keep = ~empty
-    return pq[keep], pk[keep], promoted[keep]
-
-
-def _csr(rows: Any, cols: Any, nrows: int, ncols: int) -> BlockList:
-    import torch
-
-    order = torch.argsort(rows * ncols + cols)
-    rows, cols = rows[order], cols[order]
-    counts = torch.bincount(rows, minlength=nrows)
-    offsets = torch.zeros(nrows + 1, dtype=torch.int64, device=rows.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return BlockList(offsets.to(torch.int32), cols.to(torch.int32))
+    fq, fk, pq, pk = tiles(pred, n, n, bq, bk, dev)
+    lists = [BlockList(*_csr(r, c, nr, nc)) for r, c, nr, nc in
+             ((fq, fk, qn, kn), (pq, pk, qn, kn), (fk, fq, kn, qn), (pk, pq, kn, qn))]
+    return BlockTables(n=n, block_q=bq, block_k=bk, full=lists[0], partial=lists[1], full_t=lists[2], partial_t=lists[3])

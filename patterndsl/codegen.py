@@ -1,16 +1,9 @@
-"""Code generation: index expressions rendered as source, and whole kernel modules rendered from a template.
+"""Code generation: a predicate rendered as the body of a `@triton.jit` function.
 
-Three renderers read the same `semantics.predicate` tree, so the kernel, the CPU path and the block
-classifier of a generated module cannot disagree with the reference mask about what a pattern means:
-
-- `render_triton`: the predicate over tiles (`i` [BLOCK_M, 1], `j` [1, BLOCK_N], `N` a run-time scalar)
-  as a `@triton.jit` function body. Triton's `//` and `%` truncate toward zero, so floor semantics are
-  rendered (`_fdiv`, `_fmod`) wherever the dividend may be negative.
-- `render_python`: the predicate with Python / torch semantics (`//` and `%` floor on torch tensors too),
-  for the CPU path and for checking arguments that depend on N.
-- `render_intervals`: the interval rules of `intervals.py`, step by step, as torch code: a generated
-  module classifies its tiles without importing patterndsl. `tests/test_codegen.py` checks it answers
-  exactly what `intervals.classify` answers.
+Triton takes a pattern only as code, so this is the one renderer: the predicate over tiles (`i`
+[BLOCK_M, 1], `j` [1, BLOCK_N], `N` a run-time scalar) from the same `semantics.predicate` tree the reference
+mask, the block tables and the CPU path read as data. Triton's `//` and `%` truncate toward zero, so floor
+semantics are rendered (`fdiv`, `fmod` from `runtime.index`) wherever the dividend may be negative.
 
 Only integers produced by `int()` and names matching `[A-Za-z_][A-Za-z0-9_]*` ever enter generated source;
 text (the pattern's source) enters only through `repr()` or an escaped docstring.
@@ -160,11 +153,11 @@ def _render_random_triton(em: _Emitter, row: str, col: str, n: str, r: str, seed
     if count == 0:
         return em.emit("(i < 0)")
     seedg = (int(seed) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
-    key = em.emit(f"_rkey({n}, {safe_int(seedg)})")
+    key = em.emit(f"rkey({n}, {safe_int(seedg)})")
     keys: list[tuple[str, str]] = []
     for c in range(count):
         t = em.emit(f"{n} - {count - c}")
-        v = em.emit(f"_rdraw({key}, {row}, {t})")
+        v = em.emit(f"rdraw({key}, {row}, {t})")
         taken = " | ".join(f"(({t_prev} >= 0) & ({k_prev} == {v}))" for k_prev, t_prev in keys)
         k = em.emit(f"tl.where({taken}, {t}.to(tl.int64), {v})" if taken else v)
         keys.append((k, t))
@@ -207,7 +200,7 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
                         plain = pos(a) and nonneg(b)
                         if plain and _pow2(b):
                             return em.emit(f"{x} >> {int(b.value).bit_length() - 1}")
-                        return em.emit(f"{x} // {y}" if plain else f"_fdiv({x}, {y})")
+                        return em.emit(f"{x} // {y}" if plain else f"fdiv({x}, {y})")
                     case "%":
                         if pos(a) and _pow2(b):
                             return em.emit(f"{x} & {int(b.value) - 1}")  # a bit mask, no division
@@ -216,7 +209,7 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
                         if isinstance(b, E.Const) and int(b.value) > 0:
                             r = em.emit(f"{x} % {y}")  # truncated; shift negatives into [0, b)
                             return em.emit(f"{r} + tl.where({r} < 0, {y}, 0)")
-                        return em.emit(f"_fmod({x}, {y})")
+                        return em.emit(f"fmod({x}, {y})")
                     case "min":
                         return em.emit(f"tl.minimum({x}, {y})")
                     case "max":
@@ -251,110 +244,6 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
 
     result = go(pred)
     return em.lines, result
-
-
-def render_python(pred: Expr, names: dict[str, str] | None = None, prefix: str = "p") -> tuple[list[str], str]:
-    """SSA lines and result for Python ints or torch tensors (floor `//` and `%` in both).
-
-    Helpers used: `_min`, `_max`, `_abs`, `_where`, `_ispow`, `_not` (defined in the module template).
-    `names` maps i, j, N to the names in scope."""
-    em = _Emitter(prefix)
-    env = {"i": "i", "j": "j", "N": "N", **(names or {})}
-
-    def go(e: Expr) -> str:
-        return em.visit(e, render)
-
-    def render(e: Expr) -> str:
-        match e:
-            case E.Const(v) if isinstance(v, bool):
-                return "True" if v else "False"
-            case E.Const(v):
-                return safe_int(v)
-            case E.Var(name):
-                return safe_name(env[name])
-            case E.Arith(op, a, b):
-                x, y = go(a), go(b)
-                match op:
-                    case "+" | "-" | "*" | "//" | "%":
-                        return em.emit(f"{x} {op} {y}")
-                    case "**":
-                        if not isinstance(b, E.Const):
-                            raise CodegenError("a power's exponent must be a constant")
-                        return em.emit(f"{x} ** {safe_int(b.value)}")
-                    case "min" | "max":
-                        return em.emit(f"_{op}({x}, {y})")
-            case E.Abs(a):
-                return em.emit(f"_abs({go(a)})")
-            case E.Cmp(op, a, b):
-                return em.emit(f"{go(a)} {_op(op)} {go(b)}")
-            case E.And(args):
-                return em.emit(" & ".join(f"({go(a)})" for a in args))
-            case E.Or(args):
-                return em.emit(" | ".join(f"({go(a)})" for a in args))
-            case E.Not(a):
-                return em.emit(f"_not({go(a)})")
-            case E.IfElse(c, t, o):
-                return em.emit(f"_where({go(c)}, {go(t)}, {go(o)})")
-            case E.IsPow(a, base):
-                return em.emit(f"_ispow({go(a)}, {safe_int(base)})")
-            case E.RandomMember(row, col, n, r, seed):
-                return em.emit(f"_rmember({go(row)}, {go(col)}, {go(n)}, {_random_count(r)}, {safe_int(seed)})")
-        raise CodegenError(f"cannot render {e!r}")
-
-    return em.lines, go(pred)
-
-
-def render_intervals(pred: Expr) -> tuple[list[str], str]:
-    """SSA lines computing `(may_true, may_false)` of `pred` over rectangles, as `intervals.truth` does.
-
-    In scope: `I` = (i_lo, i_hi), `J` = (j_lo, j_hi) int64 tensors and `N` a Python int. Helpers `_iv_*`
-    and `_tv_*` come with the module template; each transcribes one rule of `intervals.py`."""
-    em = _Emitter("v")
-
-    def go(e: Expr) -> str:
-        return em.visit(e, render)
-
-    def render(e: Expr) -> str:
-        match e:
-            case E.Const(v) if isinstance(v, bool):
-                return em.emit(f"_tv_const({bool(v)}, I)")
-            case E.Const(v):
-                return em.emit(f"_iv_const({safe_int(v)}, I)")
-            case E.Var("i"):
-                return "I"
-            case E.Var("j"):
-                return "J"
-            case E.Var("N"):
-                return em.emit("_iv_const(N, I)")
-            case E.Arith(op, a, b):
-                fn = {"+": "add", "-": "sub", "*": "mul", "//": "floordiv", "%": "mod", "min": "min", "max": "max"}
-                if op == "**":
-                    if not isinstance(b, E.Const):
-                        raise CodegenError("a power's exponent must be a constant")
-                    return em.emit(f"_iv_pow({go(a)}, {safe_int(b.value)})")
-                return em.emit(f"_iv_{fn[op]}({go(a)}, {go(b)})")
-            case E.Abs(a):
-                return em.emit(f"_iv_abs({go(a)})")
-            case E.IfElse(c, t, o):
-                return em.emit(f"_iv_ifelse({go(c)}, {go(t)}, {go(o)})")
-            case E.Cmp(op, a, b):
-                return em.emit(f"_tv_cmp({_op(op)!r}, {go(a)}, {go(b)})")
-            case E.And(args):
-                return em.emit(f"_tv_and({', '.join(go(a) for a in args)})")
-            case E.Or(args):
-                return em.emit(f"_tv_or({', '.join(go(a) for a in args)})")
-            case E.Not(a):
-                return em.emit(f"_tv_not({go(a)})")
-            case E.IsPow(a, base):
-                return em.emit(f"_tv_ispow({go(a)}, {safe_int(base)})")
-            case E.RandomMember(row, col, n, r, seed):
-                # n depends on N alone: a Python int here, rendered as the CPU path renders it
-                lines, nv = render_python(n, prefix=f"{em.prefix}n{len(em.lines)}_")
-                em.lines.extend(lines)
-                return em.emit(f"_tv_random({go(row)}, {go(col)}, {nv}, {_random_count(r)}, {safe_int(seed)})")
-        raise CodegenError(f"cannot render {e!r}")
-
-    return em.lines, go(pred)
 
 
 def indent(lines: list[str], spaces: int) -> str:

@@ -1,16 +1,18 @@
-"""The compiler driver: a `.pat` pattern becomes a self-contained Python module with a Triton kernel.
+"""The compiler driver: a `.pat` pattern becomes a small Python module holding only what depends on it.
 
-`compile_source(...)` returns the module's text (byte-identical for identical input); `compile(...)`
-also loads it. The module imports only torch and triton: its predicates, its tile classifier and its
-argument checks are rendered here (`codegen.py`) from `semantics.predicate` and `check`'s constraints.
+`compile_source(...)` returns the module's text (byte-identical for identical input): the pattern's
+predicates as @triton.jit functions (`codegen.render_triton`) and as index expressions, its token layouts,
+selectors, requirements and tile tables, then one call into `patterndsl.runtime`, which holds the kernels,
+block tables, autotuning and autograd. `compile(...)` also loads it and returns its `runtime.Attention`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
-import types
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +22,7 @@ from typing import Any
 from . import __version__, ir
 from . import expr as E
 from .check import _constraints
-from .codegen import (
-    INT32_MAX,
-    CodegenError,
-    doc_text,
-    indent,
-    render_intervals,
-    render_python,
-    render_triton,
-    safe_int,
-    safe_name,
-)
-from .intervals import RANDOM_ROWS_ENUMERATED
+from .codegen import INT32_MAX, CodegenError, doc_text, indent, render_triton, safe_int, safe_name
 from .layout import Layout, choose, describe, layout_predicate, logical_index
 from .layout import rows as layout_rows
 from .layout import valid as layout_valid
@@ -122,7 +113,6 @@ BWD_GRID_TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int, int
     (128, ((64, 32, 64, 32, 4, 3, 4, 3), (32, 32, 32, 32, 4, 3, 4, 3))),
     (256, ((32, 32, 32, 32, 4, 2, 4, 2),)),
 )
-_NS_MARK = "\x00ns\x00"  # cannot occur in rendered text otherwise: doc_text and repr escape NUL
 
 
 @dataclass(frozen=True)
@@ -176,35 +166,26 @@ def _index_width(preds: list[E.Expr]) -> tuple[int, bool]:
     raise PatternError("the pattern's integer arithmetic does not fit 64 bits even at N = 1")
 
 
-def _check_lines(p: ir.Pattern, nvar: str, depth: int = 0) -> Iterator[str]:
-    """Python lines that raise ValueError when the pattern's arguments are out of range at N."""
+def _requirements(p: ir.Pattern, n: E.Expr = E.N) -> Iterator[tuple[E.Expr, int, str, bool]]:
+    """(value, minimum, what, exact) the pattern needs at run time, each an expression of the call's N
+    (`n`: N itself, or inside `blockwise` the number of blocks). Literal arguments the checker already
+    proved are left out."""
     for value, minimum, what, _span in _constraints(p):
-        if not E.free_vars(value):
-            continue  # a literal: the checker already proved it
-        lines, res = render_python(value, {"N": nvar})
-        yield from lines
-        msg = f"{what} must be at least {minimum}"
-        yield f"if {res} < {safe_int(minimum)}:"
-        yield f"    raise ValueError({msg!r} + f', got {{{res}}} at N = {{N}}')"
+        if E.free_vars(value):
+            yield E.substitute(value, {"N": n}), minimum, what, False
     match p:
         case ir.Neighborhood(layout) | ir.Where(_, layout) if layout is not None:
-            size = safe_int(layout.size)
-            msg = f"layout '{layout.name}' = grid{layout.dims} holds {layout.size} tokens"
-            yield f"if {nvar} != {size}:"
-            yield f"    raise ValueError({msg!r} + f' but N = {{{nvar}}}')"
+            yield n, layout.size, f"layout '{layout.name}' = grid{layout.dims} holds {layout.size} tokens", True
         case ir.Blockwise(block, inner):
-            lines, res = render_python(block, {"N": nvar})
-            yield from lines
-            inner_n = safe_name(f"n{depth + 1}")
-            yield f"{inner_n} = ({nvar} + {res} - 1) // {res}"
-            yield from _check_lines(inner, inner_n, depth + 1)
+            b = E.substitute(block, {"N": n})
+            yield from _requirements(inner, E.floordiv(E.add(n, E.sub(b, E.const(1))), b))
             return
     for child in ir.children(p):
-        yield from _check_lines(child, nvar, depth)
+        yield from _requirements(child, n)
 
 
 def compile_source(
-    source: str | Path,
+    source: str | Path | ir.Program | ir.PatternDef | ir.Model | ir.Pattern,
     pattern: str | None = None,
     defines: Mapping[str, str | int | float] | None = None,
     *,
@@ -215,14 +196,27 @@ def compile_source(
     num_stages: int | None = None,
     bwd_config: tuple[int, ...] | None = None,
     layout: bool | Layout = True,
+    standalone: bool = False,
 ) -> Compiled:
-    """Render the kernel module for one pattern of a `.pat` file (a Path, a str ending in .pat or naming a
-    file, or else the file's text). Same input, byte-identical text. `layout=False` keeps every pattern in
-    the plain token order (no `patterndsl.layout`), for comparisons; a `layout.Layout` forces that one
-    (tests run every tile shape; a layout changes speed, never meaning)."""
+    """Render the module for one pattern of a `.pat` file (a Path, a str ending in .pat or naming a file,
+    or else the file's text). Same input, byte-identical text; the source's path appears in one comment
+    only. `layout=False` keeps every pattern in the plain token order, for comparisons; a `layout.Layout`
+    forces that one (tests run every tile shape; a layout changes speed, never meaning). `standalone`: the
+    module imports the runtime from a package beside it (`patc compile --standalone`)."""
     from . import loads
 
-    if isinstance(source, Path) or ("\n" not in source and (source.endswith(".pat") or Path(source).is_file())):
+    checked: ir.PatternDef | ir.Model | None = None
+    if isinstance(source, ir.Program):
+        checked = _select(source, pattern)
+        text, path = f"# {checked.name}: a checked program from {source.path}\n", path or source.path
+    elif isinstance(source, ir.PatternDef | ir.Model):
+        checked, text = source, f"# {source.name}: a checked pattern\n"
+    elif not isinstance(source, str | Path):
+        if not ir.is_pattern(source):
+            raise TypeError(f"compile takes a .pat path or text, a Program or a pattern, got {type(source).__name__}")
+        checked = ir.PatternDef(pattern or "pattern", source)
+        text = f"# {checked.name}: built in Python, allowed(i, j) = {E.to_source(predicate(source)) if not ir.is_dynamic(source) else 'dynamic'}\n"
+    elif isinstance(source, Path) or ("\n" not in source and (source.endswith(".pat") or Path(source).is_file())):
         p = Path(source)
         try:
             text = p.read_text(encoding="utf-8")
@@ -233,13 +227,12 @@ def compile_source(
         text = source
     path = path or "<string>"
     clean_defines = {safe_name(str(k)): str(v) for k, v in sorted((defines or {}).items())}
-    program = loads(text, path, clean_defines)
-    item = _select(program, pattern)
+    item = checked if checked is not None else _select(loads(text, path, clean_defines), pattern)
     name = safe_name(item.name)
     pats, head_pattern, model_layers = _distinct(item)
     splits: list[Split | None] = [split(p, name) if ir.is_dynamic(p) else None for p in pats]
-    # predicates 0..len(pats)-1: each head pattern's static part (the kernel's PAT); then, per dynamic
-    # pattern, the pattern with its selector full (selected blocks) and the selector's context
+    # predicates 0..len(pats)-1: each head pattern's static part; then, per dynamic pattern, the pattern
+    # with its selector full (selected blocks) and the selector's context
     preds = [predicate(p if sp is None else sp.static) for p, sp in zip(pats, splits, strict=True)]
     selectors: list[str] = []
     for sp in splits:
@@ -253,19 +246,12 @@ def compile_source(
                 f"got {sel.block}",
                 sel.span,
             )
+        kind = "threshold" if isinstance(sel, ir.Threshold) else "topk"
+        param = repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count)
+        given = isinstance(sel, ir.TopK) and sel.given
         selectors.append(
-            "("
-            + ", ".join(
-                (
-                    repr("threshold" if isinstance(sel, ir.Threshold) else "topk"),
-                    repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count),
-                    safe_int(sel.block),
-                    "True" if isinstance(sel, ir.TopK) and sel.given else "False",
-                    safe_int(len(preds)),
-                    safe_int(len(preds) + 1),
-                )
-            )
-            + ")"
+            f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(len(preds))}, "
+            f"{safe_int(len(preds) + 1)})"
         )
         preds += [predicate(sp.selected), predicate(sp.context)]
     max_n, idx64 = _index_width(preds)
@@ -289,38 +275,37 @@ def compile_source(
         layouts: list[Layout | None] = [layout] * len(pats)
     else:
         layouts = _layouts(statics, configs) if layout else [None] * len(pats)
-    # dynamic patterns run in token order (their per-(batch, head) tables are of logical blocks); the
-    # auxiliary predicates (selected part, context) never have a layout
+    # dynamic patterns run in token order (their per-(batch, head) tables are of logical blocks)
     layouts = [None if sp is not None else lay for lay, sp in zip(layouts, splits, strict=True)]
 
-    tri, dispatch, pyp, ivs = [], [], [], []
+    width = (1 << 63) - 1 if idx64 else INT32_MAX
+    functions: list[str] = []
     try:
         for k, pred in enumerate(preds):
-            lines, res = render_triton(pred, (1 << 63) - 1 if idx64 else INT32_MAX)
-            tri.append(f"@triton.jit\ndef _allowed_{k}(i, j, N):\n{indent(lines + [f'return {res}'], 4)}\n")
-            kw = "if" if k == 0 else "elif"
-            dispatch.append(f"    {kw} PAT == {k}:\n        r = _allowed_{k}(i, j, N)")
-            lines, res = render_python(pred)
-            pyp.append(f"def _allowed_py_{k}(i, j, N):\n{indent(lines + [f'return {res}'], 4)}\n")
-            lines, res = render_intervals(pred)
-            ivs.append(f"def _truth_{k}(I, J, N):\n{indent(lines + [f'return {res}'], 4)}\n")
-        layout_functions, layout_tables = _render_layouts(preds, layouts + [None] * (len(preds) - len(pats)), idx64)
+            lines, res = render_triton(pred, width)
+            functions.append(f"@triton.jit\ndef allowed_{k}(i, j, N):\n{indent(lines + [f'return {res}'], 4)}\n")
+        layout_entries = []
+        for k, lay in enumerate(layouts):
+            if lay is None:
+                layout_entries.append("None")
+                continue
+            lines_i, res_i = render_triton(logical_index(lay), width)
+            lines_v, res_v = render_triton(layout_valid(lay), width)
+            both = lines_i + [_rename_ssa(line) for line in lines_v]  # a second SSA namespace
+            functions.append(
+                f"@triton.jit\ndef layout_{k}(i, N):\n{indent(both + [f'return {res_i}, {_rename_ssa(res_v)}'], 4)}\n"
+            )
+            layout_entries.append(
+                f"TokenLayout({describe(lay)!r}, {expr_source(layout_rows(lay))}, "
+                f"{expr_source(layout_predicate(preds[k], lay))}, layout_{k})"
+            )
     except CodegenError as e:
         raise PatternError(f"'{name}' cannot be compiled: {e}", item.span) from None
-    dispatch.append("    else:\n        r = i < 0\n    return r")
-    check: list[str] = []
-    for pat in pats:
-        check.extend(_check_lines(pat, "N"))
-    check_body = (
-        "    pass"
-        if not check
-        else "    try:\n"
-        + indent(check, 8)
-        + (
-            "\n    except ZeroDivisionError:\n"
-            "        raise ValueError(f'the pattern divides by zero at N = {N}') from None"
-        )
-    )
+    requirements = [
+        f"Requirement({expr_source(v)}, {safe_int(m)}, {what!r}{', True' if exact else ''})"
+        for pat in pats
+        for v, m, what, exact in dict.fromkeys(_requirements(pat))
+    ]
 
     bwd_configs, bwd_tma_configs = DEFAULT_BWD_CONFIGS, DEFAULT_BWD_TMA_CONFIGS
     if bwd_config is not None:
@@ -349,68 +334,132 @@ def compile_source(
             )
             continue
         sk = _selector_source(sp.selector)
+        rank = len(pats) + 2 * _dyn_rank(splits, k)
         pattern_doc += (
             f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P0(i, j) or "
             f"(S[i // {sp.block}, j // {sp.block}] and P1(i, j)), S the key blocks {sk} picks per query block\n"
             f"among those where C allows a pair.\n"
-            f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[len(pats) + 2 * _dyn_rank(splits, k)])}\n"
-            f"  C = {E.to_source(preds[len(pats) + 2 * _dyn_rank(splits, k) + 1])}\n"
+            f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[rank])}\n  C = {E.to_source(preds[rank + 1])}\n"
         )
+    body = "\n\n".join(functions)
+    helpers = sorted({h for h in ("fdiv", "fmod", "rdraw", "rkey") if re.search(rf"\b{h}\(", body)})
+    root = "._patterndsl" if standalone else "patterndsl"
+    tl_note = "" if "tl." in body else "  # noqa: F401 (Triton's interpreter looks for it beside a jit function)"
+    imports = ["import triton", f"import triton.language as tl{tl_note}"]
+    imports += ["", f"from {root} import expr as E"]  # the runtime: first-party (or relative) imports
+    spec_names = ["Attention", "PatternSpec", "Predicate"]
+    if any(lay is not None for lay in layouts):
+        spec_names.append("TokenLayout")
+    if requirements:
+        spec_names.append("Requirement")
+    if any(x != "None" for x in selectors):
+        spec_names.append("Selector")
+    imports.append(f"from {root}.runtime import {', '.join(sorted(spec_names))}")
+    if helpers:
+        imports.append(f"from {root}.runtime.index import {', '.join(helpers)}")
+    grid_extra = dict(BWD_GRID_TUNE_CONFIGS) if grid_pattern else {}
     fields = {
         "name": name,
         "version": __version__,
-        "path": doc_text(path),
+        "runtime": "copied beside this module" if standalone else "the installed patterndsl package",
+        "path": _comment_text(path),
         "sha256": sha,
         "source_doc": indent(doc_text(text).rstrip("\n").split("\n"), 4),
         "compiled_doc": f"{_kind(model_layers)} '{name}', params overridden: {doc_text(defines_doc)}",
         "kind": _kind(model_layers),
+        "kind_repr": repr(_kind(model_layers)),
         "pattern_doc": doc_text(pattern_doc),
+        "call_doc": _call_doc(model_layers),
         "name_repr": repr(name),
-        "sha256_repr": repr(sha),
         "source_repr": repr(text),
-        "head_pattern": "None" if head_pattern is None else "(" + ", ".join(map(safe_int, head_pattern)) + ",)",
+        "imports": "\n".join(imports),
+        "predicates": body.rstrip("\n"),
+        "predicate_list": "\n".join(f"        Predicate({expr_source(p)}, allowed_{k})," for k, p in enumerate(preds)),
         "pattern_count": safe_int(len(pats)),
+        "head_pattern": "None" if head_pattern is None else "(" + ", ".join(map(safe_int, head_pattern)) + ",)",
+        "model_layers": "None" if model_layers is None else _layers_literal(model_layers),
+        "layouts": "(" + "".join(x + ", " for x in layout_entries) + ")",
+        "selectors": "(" + "".join(x + ", " for x in selectors) + ")",
+        "requirements": "(" + "".join(x + ", " for x in requirements) + ")",
         "max_n": safe_int(max_n),
         "idx64": "True" if idx64 else "False",
-        "n_free": "(" + "".join("False, " if "N" in E.free_vars(p) else "True, " for p in preds) + ")",
-        "configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in configs)),
-        "triton_predicates": "\n\n".join(tri),
-        "triton_dispatch": "\n".join(dispatch),
-        "python_predicates": "\n\n".join(pyp)
-        + f"\n\n_PYPRED = ({', '.join(f'_allowed_py_{k}' for k in range(len(preds)))},)",
-        "interval_functions": "\n\n".join(ivs)
-        + f"\n\n_TRUTH = ({', '.join(f'_truth_{k}' for k in range(len(preds)))},)",
-        "check_lines": check_body,
-        "model_layers": "None" if model_layers is None else _layers_literal(model_layers),
-        "call_doc": _call_doc(model_layers),
-        "random_rows": safe_int(RANDOM_ROWS_ENUMERATED),
-        "bwd_configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in bwd_configs)),
-        "bwd_tma_configs": repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in bwd_tma_configs)),
-        "op_namespace_repr": f"'patterndsl_{name}_{_NS_MARK}'",  # name: safe_name; the mark: 16 hex digits
-        "layouts": repr(tuple(None if lay is None else describe(lay) for lay in layouts)),
-        "layout_functions": layout_functions,
-        "layout_tables": layout_tables,
-        "selectors": "(" + "".join(x + ", " for x in selectors) + ")",
+        "configs": _table(configs),
+        "tune_configs": repr(tuple((int(d), tuple(tuple(int(x) for x in c) for c in cs)) for d, cs in TUNE_CONFIGS)),
+        "bwd_configs": _table(bwd_configs),
+        "bwd_tma_configs": _table(bwd_tma_configs),
+        "bwd_tune_configs": repr(
+            tuple(
+                (int(d), tuple(tuple(int(x) for x in c) for c in (*cs, *grid_extra.get(d, ()))))
+                for d, cs in BWD_TUNE_CONFIGS
+            )
+        ),
+        "autotune": "False" if explicit else "True",
+        "bwd_autotune": "False" if bwd_config is not None else "True",
+        "key_repr": repr(_KEY_MARK),
     }
-    fields["autotune"] = "False" if explicit else "True"
-    fields["bwd_autotune"] = "False" if bwd_config is not None else "True"
-    grid_extra = dict(BWD_GRID_TUNE_CONFIGS) if grid_pattern else {}
-    fields["bwd_tune_configs"] = repr(
-        tuple(
-            (int(d), tuple(tuple(int(x) for x in c) for c in (*cs, *grid_extra.get(d, ()))))
-            for d, cs in BWD_TUNE_CONFIGS
-        )
-    )
-    fields["tune_configs"] = repr(tuple((int(d), tuple(tuple(int(x) for x in c) for c in cs)) for d, cs in TUNE_CONFIGS))
-    fields["kernel_id"] = "''"
-    template = Template(codegen_template("attention.py.tmpl") + codegen_template("backward.py.tmpl"))
-    # the autotuning cache is keyed by the module's own text (kernels and pattern), not by its file name
-    fields["kernel_id"] = repr(hashlib.sha256(template.substitute(fields).encode("utf-8")).hexdigest()[:16])
-    module = template.substitute(fields)
-    # the custom ops' namespace: the pattern's name and a hash of the whole module text (two modules that
-    # differ in anything get different ops; the same text twice shares them)
-    module = module.replace(_NS_MARK, hashlib.sha256(module.encode("utf-8")).hexdigest()[:16])
+    module = Template(codegen_template("module.py.tmpl")).substitute(fields)
+    # the key names the pattern in caches and the autotuning file: a hash of the module's text without its
+    # path comment, so it does not depend on where the source was compiled from
+    keyed = re.sub(r"(?m)^# compiled from: .*$", "", module)
+    key = f"{name}-{hashlib.sha256(keyed.encode('utf-8')).hexdigest()[:16]}"
+    module = module.replace(repr(_KEY_MARK), repr(key), 1)
     return Compiled(name, module, sha)
+
+
+_KEY_MARK = "\x00key\x00"  # cannot occur in rendered text otherwise: repr escapes NUL
+
+
+def _rename_ssa(line: str) -> str:
+    """A layout's valid-row function reuses the SSA names `tK`: rename them `uK` (index lines keep `tK`)."""
+    return re.sub(r"\bt(\d+)\b", r"u\1", line)
+
+
+def _comment_text(path: str) -> str:
+    """The source path on one comment line: control characters escaped."""
+    return path.encode("unicode_escape").decode("ascii")
+
+
+def _table(configs: tuple[tuple[int, tuple[int, ...]], ...]) -> str:
+    return repr(tuple((int(d), tuple(int(x) for x in c)) for d, c in configs))
+
+
+def expr_source(e: E.Expr) -> str:
+    """An index expression as Python source that rebuilds it (`E.Cmp('<=', E.Var('j'), E.Var('i'))`): only
+    integers, booleans, and the fixed operator and variable names enter."""
+    match e:
+        case E.Const(v) if isinstance(v, bool):
+            return f"E.Const({v})"
+        case E.Const(v):
+            return f"E.Const({safe_int(v)})"
+        case E.Var(name):
+            return f"E.Var({_choice(name, ('i', 'j', 'N'))!r})"
+        case E.Arith(op, a, b):
+            ops = ("+", "-", "*", "//", "%", "**", "min", "max")
+            return f"E.Arith({_choice(op, ops)!r}, {expr_source(a)}, {expr_source(b)})"
+        case E.Abs(a):
+            return f"E.Abs({expr_source(a)})"
+        case E.Cmp(op, a, b):
+            return f"E.Cmp({_choice(op, ('==', '!=', '<', '<=', '>', '>='))!r}, {expr_source(a)}, {expr_source(b)})"
+        case E.And(args):
+            return f"E.And(({''.join(expr_source(a) + ', ' for a in args)}))"
+        case E.Or(args):
+            return f"E.Or(({''.join(expr_source(a) + ', ' for a in args)}))"
+        case E.Not(a):
+            return f"E.Not({expr_source(a)})"
+        case E.IfElse(c, t, o):
+            return f"E.IfElse({expr_source(c)}, {expr_source(t)}, {expr_source(o)})"
+        case E.IsPow(a, base):
+            return f"E.IsPow({expr_source(a)}, {safe_int(base)})"
+        case E.RandomMember(row, col, n, r, seed):
+            parts = ", ".join(expr_source(x) for x in (row, col, n, r))
+            return f"E.RandomMember({parts}, {safe_int(seed)})"
+    raise CodegenError(f"cannot render {e!r}")
+
+
+def _choice(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise CodegenError(f"unexpected name {value!r}")
+    return value
 
 
 def _dyn_rank(splits: list[Split | None], k: int) -> int:
@@ -429,41 +478,6 @@ def _layouts(pats: tuple[ir.Pattern, ...], configs: tuple[tuple[int, tuple[int, 
     bq = max(c[0] for _, c in configs)
     bk = max(c[1] for _, c in configs)
     return [choose(p, bq, bk) for p in pats]
-
-
-def _render_layouts(preds: list[E.Expr], layouts: list[Layout | None], idx64: bool) -> tuple[str, str]:
-    """Triton index maps (physical row -> token, row holds a token) per pattern, their dispatch, and the
-    Python side: physical rows from N and the interval truth of the predicate in layout space."""
-    width = (1 << 63) - 1 if idx64 else INT32_MAX
-    tri: list[str] = []
-    index_dispatch: list[str] = []
-    valid_dispatch: list[str] = []
-    rows_fns: list[str] = []
-    truth_fns: list[str] = []
-    for k, (pred, lay) in enumerate(zip(preds, layouts, strict=True)):
-        if lay is None:
-            continue
-        kw = "if" if not index_dispatch else "elif"
-        for fn, expr, dispatch in (
-            ("_index", logical_index(lay), index_dispatch),
-            ("_valid", layout_valid(lay), valid_dispatch),
-        ):
-            lines, res = render_triton(expr, width)
-            tri.append(f"@triton.jit\ndef {fn}_{k}(i, N):\n{indent(lines + [f'return {res}'], 4)}\n")
-            dispatch.append(f"    {kw} PAT == {k}:\n        r = {fn}_{k}(i, N)")
-        lines, res = render_python(layout_rows(lay))
-        rows_fns.append(f"def _rows_{k}(N):\n{indent(lines + [f'return {res}'], 4)}\n")
-        lines, res = render_intervals(layout_predicate(pred, lay))
-        truth_fns.append(f"def _ltruth_{k}(I, J, N):\n{indent(lines + [f'return {res}'], 4)}\n")
-    index_dispatch.append("    else:\n        r = i\n    return r" if index_dispatch else "    return i")
-    valid_dispatch.append("    else:\n        r = i < N\n    return r" if valid_dispatch else "    return i < N")
-    tri.append("@triton.jit\ndef _layout_index(i, N, PAT: tl.constexpr):\n" + "\n".join(index_dispatch) + "\n")
-    tri.append("@triton.jit\ndef _layout_valid(i, N, PAT: tl.constexpr):\n" + "\n".join(valid_dispatch) + "\n")
-    names = [None if lay is None else k for k, lay in enumerate(layouts)]
-    tables = "\n\n".join(rows_fns + truth_fns)
-    tables += "\n\n_LAYOUT_ROWS = (" + "".join("None, " if k is None else f"_rows_{k}, " for k in names) + ")"
-    tables += "\n_LTRUTH = (" + "".join("None, " if k is None else f"_ltruth_{k}, " for k in names) + ")"
-    return "\n\n".join(tri), tables
 
 
 def _users(head_pattern: tuple[int, ...] | None, layers: tuple[int | tuple[int, ...], ...] | None, k: int) -> str:
@@ -505,38 +519,76 @@ def _call_doc(layers: tuple[int | tuple[int, ...], ...] | None) -> str:
     )
 
 
-def _nodes(e: E.Expr) -> Iterator[E.Expr]:
-    yield e
-    match e:
-        case E.Arith(_, a, b) | E.Cmp(_, a, b):
-            yield from _nodes(a)
-            yield from _nodes(b)
-        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
-            yield from _nodes(a)
-        case E.And(args) | E.Or(args):
-            for a in args:
-                yield from _nodes(a)
-        case E.IfElse(c, t, o):
-            for a in (c, t, o):
-                yield from _nodes(a)
-
-
 def compile(  # noqa: A001 (the verb users look for)
-    source: str | Path,
+    source: str | Path | ir.Program | ir.Pattern,
     pattern: str | None = None,
     defines: Mapping[str, str | int | float] | None = None,
     **options: Any,
-) -> types.ModuleType:
-    """Compile a pattern and load the generated module (its `attention(q, k, v, *, scale=None)`)."""
-    compiled = compile_source(source, pattern, defines, **options)
-    modname = f"patterndsl_kernel_{compiled.name}_{compiled.sha256[:12]}_{hashlib.sha256(compiled.text.encode()).hexdigest()[:8]}"
+) -> Any:
+    """Compile a pattern and load it: a `patterndsl.runtime.Attention`, callable as `attn(q, k, v)`.
+
+    `source`: a `.pat` file (path), its text, a checked `ir.Program` (`patterndsl.load`) or one pattern
+    expression (`patterndsl.pattern("causal & window(3)")`)."""
+    return load_module(compile_source(source, pattern, defines, **options)).ATTENTION
+
+
+# What a standalone module carries of patterndsl: the runtime and the two modules it reads expressions with.
+STANDALONE_FILES = ("expr.py", "intervals.py", "runtime/*.py")
+_STANDALONE_INIT = '''"""The parts of patterndsl a standalone module needs (copied by `patc compile --standalone`)."""
+'''
+
+
+def standalone_files() -> dict[str, bytes]:
+    """Relative path -> content of the package `_patterndsl/` that a standalone module imports: the runtime's
+    own files, copied unchanged (their relative imports hold there too), and a minimal `__init__.py`."""
+    root = Path(__file__).resolve().parent
+    out = {"__init__.py": _STANDALONE_INIT.encode("utf-8")}
+    for pattern in STANDALONE_FILES:
+        for file in sorted(root.glob(pattern)):
+            out[file.relative_to(root).as_posix()] = file.read_bytes()
+    return out
+
+
+def write_standalone(compiled: Compiled, folder: Path) -> None:
+    """Write a standalone package: `folder/__init__.py` (the module, compiled with standalone=True) and
+    `folder/_patterndsl/` (`standalone_files`). Built beside `folder` and moved into place, so an interrupted
+    write leaves the old folder whole."""
+    if "from ._patterndsl." not in compiled.text:
+        raise ValueError("write_standalone needs a module compiled with standalone=True")
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / "__init__.py").write_text(compiled.text, encoding="utf-8")
+        for rel, data in standalone_files().items():
+            target = tmp / "_patterndsl" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_module(compiled: Compiled) -> Any:
+    """Import a generated module's text. Triton's @jit reads a function's source from its file, so the text
+    is written (atomically, once per content) to a cache folder and imported from there."""
+    digest = hashlib.sha256(compiled.text.encode("utf-8")).hexdigest()[:16]
+    modname = f"patterndsl_kernel_{compiled.name}_{digest}"
     hit = sys.modules.get(modname)
     if hit is not None:
         return hit
     import importlib.util
-    import tempfile
 
-    # Triton's @jit reads the function source from a file: write the module where inspect can find it.
     folder = Path(tempfile.gettempdir()) / "patterndsl_kernels"
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{modname}.py"

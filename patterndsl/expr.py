@@ -314,6 +314,22 @@ def free_vars(e: Expr) -> frozenset[VarName]:
     raise TypeError(f"not an index expression: {e!r}")
 
 
+def children(e: Expr) -> tuple[Expr, ...]:
+    """The direct subexpressions of a node (the one generic traversal step every walker uses)."""
+    match e:
+        case Arith(_, a, b) | Cmp(_, a, b):
+            return (a, b)
+        case Abs(a) | Not(a) | IsPow(a, _):
+            return (a,)
+        case And(args) | Or(args):
+            return args
+        case IfElse(c, t, o):
+            return (c, t, o)
+        case RandomMember(row, col, n, r, _):
+            return (row, col, n, r)
+    return ()
+
+
 def bind_n(e: Expr, n: int) -> Expr:
     """Fix the sequence length, folding everything that only depended on it."""
     return substitute(e, {"N": Const(n)})

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import expr as E
 from .expr import Expr
-from .semantics import random_keys
+from .runtime.draw import random_keys
 
 NONE, SOME, ALL = 0, 1, 2
 
@@ -40,9 +40,10 @@ class Truth:
     may_false: Any
 
 
-def classify(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np) -> Any:
-    """NONE / SOME / ALL (as int8) for each rectangle; `pred` must have N bound already."""
-    t = truth(pred, i_lo, i_hi, j_lo, j_hi, xp)
+def classify(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np, n: Any = None) -> Any:
+    """NONE / SOME / ALL (as int8) for each rectangle. `n`: the sequence length (an int, or per rectangle an
+    array like the bounds: packed documents), or None when `pred` has N bound already."""
+    t = truth(pred, i_lo, i_hi, j_lo, j_hi, xp, n)
     if xp is np:
         shape = np.broadcast_shapes(*(np.shape(a) for a in (i_lo, i_hi, j_lo, j_hi)))
         may_true = np.broadcast_to(t.may_true, shape)
@@ -56,8 +57,10 @@ def classify(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = n
     return torch.where(may_true, torch.where(may_false, SOME, ALL), NONE).to(torch.int8)
 
 
-def truth(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np) -> Truth:
+def truth(pred: Expr, i_lo: Any, i_hi: Any, j_lo: Any, j_hi: Any, xp: Any = np, n: Any = None) -> Truth:
     env = {"i": Interval(i_lo, i_hi), "j": Interval(j_lo, j_hi)}
+    if n is not None:
+        env["N"] = Interval(n, n)
     return _truth(pred, env, xp)
 
 
@@ -75,7 +78,7 @@ def _interval(e: Expr, env: dict[str, Interval], xp: Any) -> Interval:
     match e:
         case E.Const(v):
             return _const_interval(int(v))
-        case E.Var("N"):
+        case E.Var("N") if "N" not in env:
             raise ValueError("bind N before interval reasoning")
         case E.Var(name):
             return env[name]
@@ -222,9 +225,10 @@ def _truth(e: Expr, env: dict[str, Interval], xp: Any) -> Truth:
         case E.IsPow(a, base):
             return _is_pow(_interval(a, env, xp), base, xp)
         case E.RandomMember(row, col, n, r, seed):
-            return _random(
-                _interval(row, env, xp), _interval(col, env, xp), E.evaluate_int(n), E.evaluate_int(r), seed, xp
-            )
+            rows, cols, count = _interval(row, env, xp), _interval(col, env, xp), _interval(n, env, xp).lo
+            if _scalar(count):
+                return _random(rows, cols, int(count), E.evaluate_int(r), seed, xp)
+            return _random_per_length(rows, cols, count, E.evaluate_int(r), seed, xp)
     raise TypeError(f"not a boolean expression: {e!r}")
 
 
@@ -259,6 +263,21 @@ def _is_pow(x: Interval, base: int, xp: Any) -> Truth:
         exact = _or(exact, _and(_cmpv("==", x.lo, p), _cmpv("==", x.hi, p)))
         p *= base
     return Truth(hit, _not(exact, None))
+
+
+def _random_per_length(row: Interval, col: Interval, n: Any, r: int, seed: int, xp: Any) -> Truth:
+    """`_random` where each rectangle has its own sequence length (packed documents): one draw per length."""
+    torch = _torch()
+    shape = torch.broadcast_shapes(*(torch.as_tensor(a).shape for a in (row.lo, row.hi, col.lo, col.hi, n)))
+    flat = [torch.broadcast_to(torch.as_tensor(a, device=n.device), shape).reshape(-1)
+            for a in (row.lo, row.hi, col.lo, col.hi, n)]
+    may_true = torch.empty(flat[4].shape, dtype=torch.bool, device=n.device)
+    may_false = torch.empty_like(may_true)
+    for value in torch.unique(flat[4]).tolist():
+        sel = torch.nonzero(flat[4] == value).reshape(-1)
+        t = _random(Interval(flat[0][sel], flat[1][sel]), Interval(flat[2][sel], flat[3][sel]), int(value), r, seed, xp)
+        may_true[sel], may_false[sel] = t.may_true, t.may_false
+    return Truth(may_true.reshape(shape), may_false.reshape(shape))
 
 
 def _random(row: Interval, col: Interval, n: int, r: int, seed: int, xp: Any) -> Truth:

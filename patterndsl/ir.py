@@ -297,6 +297,15 @@ def walk(p: Pattern) -> list[Pattern]:
     return out
 
 
+def is_pattern(x: object) -> bool:
+    """x is a pattern node (as `patterndsl.pattern()` returns), not a heads body, a program or text."""
+    return isinstance(
+        x,
+        Full | Empty | Causal | Window | Stride | Sink | Global | Rows | Cols | Hops | Random | Neighborhood | Where
+        | Blockwise | TopK | Threshold | Union | Inter | Complement,
+    )
+
+
 def is_dynamic(p: Pattern) -> bool:
     """True when the pattern needs q and k at run time (it holds a selector)."""
     return any(isinstance(n, TopK | Threshold) for n in walk(p))

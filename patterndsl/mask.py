@@ -15,8 +15,13 @@ import numpy as np
 from . import check, ir
 from . import expr as E
 from .expr import Expr
-from .semantics import predicate, random_keys
+from .runtime.evaluate import evaluate
+from .semantics import predicate
 from .source import PatternError
+
+__all__ = ["dense_mask", "eval_numpy", "evaluate_mask", "index_dtype", "magnitude_bound", "cell_density"]
+
+eval_numpy = evaluate  # the one evaluator (runtime/evaluate.py), on numpy arrays here
 
 CHUNK_ELEMENTS = 1 << 22
 MAX_DENSE_BYTES = 1 << 40  # 1 TiB: no machine we run on has it, so refuse before allocating
@@ -101,7 +106,11 @@ def evaluate_mask(pred: Expr, n: int, rows: slice | None = None) -> np.ndarray:
     for lo in range(start, stop, step):
         hi = min(stop, lo + step)
         i = np.arange(lo, hi, dtype=dtype)[:, None]
-        out[lo - start : hi - start] = np.broadcast_to(eval_numpy(pred, i, j, n), (hi - lo, n))
+        try:
+            value = eval_numpy(pred, i, j, n)
+        except ZeroDivisionError as e:
+            raise PatternError(str(e)) from None
+        out[lo - start : hi - start] = np.broadcast_to(value, (hi - lo, n))
     return out
 
 
@@ -170,189 +179,3 @@ def magnitude_bound(e: Expr, n: int) -> int:
 
     go(e)
     return worst
-
-
-def _repeated(e: Expr) -> dict[int, int]:
-    """id(node) -> a shared slot, for the compound nodes that occur more than once (by value) in e."""
-    slots: dict[Expr, int] = {}
-    ids: dict[int, int] = {}
-    count: dict[int, int] = {}
-
-    def visit(x: Expr) -> None:
-        if isinstance(x, E.Const | E.Var):
-            return
-        slot = slots.setdefault(x, len(slots))
-        ids[id(x)] = slot
-        count[slot] = count.get(slot, 0) + 1
-        for child in _children(x):
-            visit(child)
-
-    visit(e)
-    return {k: slot for k, slot in ids.items() if count[slot] > 1}
-
-
-def _children(x: Expr) -> tuple[Expr, ...]:
-    match x:
-        case E.Arith(_, a, b) | E.Cmp(_, a, b):
-            return (a, b)
-        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
-            return (a,)
-        case E.And(args) | E.Or(args):
-            return args
-        case E.IfElse(c, t, o):
-            return (c, t, o)
-        case E.RandomMember(row, col, nn, r, _):
-            return (row, col, nn, r)
-    return ()
-
-
-def eval_numpy(e: Expr, i: np.ndarray, j: np.ndarray, n: int) -> Any:
-    """numpy evaluation with Python's integer semantics (floor division and modulo).
-
-    A subexpression that occurs several times (a window's `i - j`) is computed once per call.
-    """
-    repeated = _repeated(e)
-    memo: dict[int, Any] = {}
-
-    def go(x: Expr) -> Any:
-        slot = repeated.get(id(x))
-        if slot is None:
-            return compute(x)
-        if slot not in memo:
-            memo[slot] = compute(x)
-        return memo[slot]
-
-    def compute(x: Expr) -> Any:
-        match x:
-            case E.Const(v):
-                return v
-            case E.Var("i"):
-                return i
-            case E.Var("j"):
-                return j
-            case E.Var("N"):
-                return n
-            case E.Arith(op, a, b):
-                return _arith(op, go(a), go(b))
-            case E.Abs(a):
-                return np.abs(go(a))
-            case E.Cmp(op, a, b):
-                return _compare(op, go(a), go(b))
-            case E.And(args):
-                out = go(args[0])
-                for a in args[1:]:
-                    out = np.logical_and(out, go(a))
-                return out
-            case E.Or(args):
-                out = go(args[0])
-                for a in args[1:]:
-                    out = np.logical_or(out, go(a))
-                return out
-            case E.Not(a):
-                return np.logical_not(go(a))
-            case E.IfElse(c, t, o):
-                return np.where(go(c), go(t), go(o))
-            case E.IsPow(a, base):
-                return is_power(np.asarray(go(a)), base)
-            case E.RandomMember(row, col, nn, r, seed):
-                return _random_member(go(row), go(col), go(nn), go(r), seed)
-        raise TypeError(f"cannot evaluate {x!r}")
-
-    try:
-        return go(e)
-    finally:
-        memo.clear()  # go and compute form a reference cycle: free the arrays now, not at the next GC
-
-
-def _arith(op: str, a: Any, b: Any) -> Any:
-    match op:
-        case "+":
-            return a + b
-        case "-":
-            return a - b
-        case "*":
-            return a * b
-        case "//":
-            _positive(b)
-            if _is_pow2_array_op(a, b):
-                return np.right_shift(a, int(b).bit_length() - 1)  # arithmetic shift: floors, like //
-            return np.floor_divide(a, b)
-        case "%":
-            _positive(b)
-            if _is_pow2_array_op(a, b):
-                return np.bitwise_and(a, int(b) - 1)  # two's complement: the floor modulo, like %
-            return np.mod(a, b)
-        case "**":
-            return np.power(a, b)
-        case "min":
-            return np.minimum(a, b)
-        case "max":
-            return np.maximum(a, b)
-    raise ValueError(op)
-
-
-def _is_pow2_array_op(a: Any, b: Any) -> bool:
-    """A power-of-two constant divisor of an integer array: a shift or a mask, several times faster."""
-    return (
-        isinstance(b, int)
-        and not isinstance(b, bool)
-        and b > 0
-        and b & (b - 1) == 0
-        and isinstance(a, np.ndarray)
-        and a.dtype.kind == "i"
-    )
-
-
-def _positive(b: Any) -> None:
-    if np.any(np.asarray(b) <= 0):
-        raise PatternError("a divisor in the pattern is zero or negative for this N")
-
-
-def _compare(op: str, a: Any, b: Any) -> Any:
-    match op:
-        case "==":
-            return np.equal(a, b)
-        case "!=":
-            return np.not_equal(a, b)
-        case "<":
-            return np.less(a, b)
-        case "<=":
-            return np.less_equal(a, b)
-        case ">":
-            return np.greater(a, b)
-        case ">=":
-            return np.greater_equal(a, b)
-    raise ValueError(op)
-
-
-def is_power(d: np.ndarray, base: int) -> np.ndarray:
-    """d == base**m for some m >= 0 (False for d < 1)."""
-    d = np.asarray(d, dtype=np.int64)
-    if base == 2:
-        powers: np.ndarray = (d >= 1) & ((d & (d - 1)) == 0)
-        return powers
-    out = np.zeros(d.shape, dtype=bool)
-    p = 1
-    top = int(d.max()) if d.size else 0
-    while p <= top:
-        out |= d == p
-        p *= base
-    return out
-
-
-def _random_member(row: Any, col: Any, n: Any, r: Any, seed: int) -> np.ndarray:
-    """col in random_keys(row): each distinct row is drawn once (blockwise repeats them), its keys set
-    in a [rows, n] bitmap, and the answer gathered; so the cost is one pass over the output, whatever r."""
-    n, r = int(n), int(r)
-    row = np.asarray(row)
-    col = np.asarray(col)
-    shape = np.broadcast_shapes(row.shape, col.shape)
-    if min(r, n) <= 0:
-        return np.zeros(shape, dtype=bool)
-    unique_rows, inverse = np.unique(row, return_inverse=True)  # on row's own (small) shape
-    keys = random_keys(unique_rows, n, r, seed)  # [U, min(r, n)]
-    member = np.zeros((unique_rows.shape[0], n), dtype=bool)
-    member[np.arange(unique_rows.shape[0])[:, None], keys] = True
-    inside = (col >= 0) & (col < n)
-    hit: np.ndarray = member[inverse.reshape(row.shape), np.clip(col, 0, n - 1)] & inside
-    return np.broadcast_to(hit, shape)

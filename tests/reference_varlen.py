@@ -1,6 +1,7 @@
 """Packed-document tables assembled the slow, obvious way (Python lists), from a pattern's block table at
 one length that covers every document (an N-free predicate: a document's tiles are that table's cut to the
-document). The reference the device builder (`_free_tables` of a generated module) must match bit for bit.
+document). The reference the device builder (`patterndsl.runtime.varlen._free_tables`) must match bit for
+bit.
 """
 
 from __future__ import annotations

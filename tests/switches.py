@@ -1,29 +1,17 @@
-"""Module attributes set for a block of a test and put back after it: P.compile caches one module per source,
-so a switch (or a stubbed function, or a spied-on kernel) left set would leak into every later test of the same
-pattern."""
+"""A spy on a runtime kernel, put back after the test: the runtime modules are shared by every compiled
+pattern, so a spied-on kernel left in place would leak into every later test. (Kernel options need no
+helper: `with attn.options(...)` sets them for one block and restores them on exit.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 
-@contextmanager
-def switched(module: Any, changes: dict[str, Any] | None) -> Iterator[Any]:
-    saved = {key: getattr(module, key) for key in changes or {}}
-    try:
-        for key, value in (changes or {}).items():
-            setattr(module, key, value)
-        yield module
-    finally:
-        for key, value in saved.items():
-            setattr(module, key, value)
-
-
 def spy_launches(monkeypatch: Any, module: Any, name: str, log: list[Any], record: Callable[[dict[str, Any]], Any]) -> None:
-    """Kernel `name` of `module` launched as before, each launch first appending `record(its keyword arguments)`
-    to `log`; undone with the test's monkeypatch."""
+    """Kernel `name` of runtime module `module` (e.g. `patterndsl.runtime.forward`, which launches
+    `_attn_fwd_fast`) launched as before, each launch first appending `record(its keyword arguments)` to
+    `log`; undone with the test's monkeypatch."""
     kernel = getattr(module, name)
 
     class Spy:

@@ -1,38 +1,82 @@
-"""The benchmark scripts' variant builders: P.compile returns one cached module per source and tiles, so a
-variant's switches must not leak into the next variant built on the same module (a leak timed the H100
-sweep's "best" window tile with the persistent kernel of an earlier variant, 0.460 ms instead of 0.366)."""
+"""The benchmark scripts' variant builders: P.compile returns one cached pattern per source and tiles, so a
+variant's switches must not leak into the next variant built on the same pattern (a leak timed the H100
+sweep's "best" window tile with the persistent kernel of an earlier variant, 0.460 ms instead of 0.366).
+Switches are kernel options now (`attn.options(...)`), set per variant and checked where they land: the
+kernels' launch arguments (recorded, not run)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-def test_forward_sweep_variants_start_from_the_module_defaults() -> None:
+def _record(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, fields: tuple[str, ...]) -> list[tuple]:
+    """Kernel `name` of `module` replaced by a recorder of these launch arguments (nothing runs)."""
+    log: list[tuple] = []
+
+    class Recorder:
+        def __getitem__(self, grid: Any) -> Any:
+            return lambda *args, **kwargs: log.append(tuple(kwargs.get(f) for f in fields))
+
+    monkeypatch.setattr(module, name, Recorder())
+    return log
+
+
+def _inputs() -> tuple[Any, int]:
+    """A small q (and k, v) where the kernels launch (a GPU, else the interpreter conftest.py sets), and the
+    TMA mode a launch there takes when asked for one (host descriptors need sm_90)."""
+    if torch.cuda.is_available():
+        return torch.randn(1, 2, 40, 16, device="cuda"), int(torch.cuda.get_device_capability()[0] >= 9)
+    return torch.randn(1, 2, 40, 16), 1
+
+
+def test_forward_sweep_variants_start_from_the_module_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     import bench_forward
 
-    first = bench_forward.build("causal & window(7)", (16, 16, 4, 1), {"ONE_LOOP": True, "TMA_MODE": 0})
-    assert first.ONE_LOOP and first.TMA_MODE == 0
-    second = bench_forward.build("causal & window(7)", (16, 16, 4, 1), {"FOLD": False})
-    assert second is first, "the same cached module, so the reset is what is being tested"
-    assert (second.ONE_LOOP, second.TMA_MODE, second.FOLD) == (False, 1, False)
+    from patterndsl.runtime import forward
+    from patterndsl.runtime.options import Options, current_options
+
+    first = bench_forward.build("causal & window(7)", (16, 16, 4, 1), {"one_loop": True, "tma_mode": 0})
+    assert first.options["one_loop"] and first.options["tma_mode"] == 0
+    second = bench_forward.build("causal & window(7)", (16, 16, 4, 1), {"fold": False})
+    assert second.attn is first.attn, "the same cached pattern, so the reset is what is being tested"
+    assert (second.options["one_loop"], second.options["tma_mode"], second.options["fold"]) == (False, 1, False)
+    launched = _record(monkeypatch, forward, "_attn_fwd_fast", ("BLOCK_M", "ONE_LOOP", "TMA", "FOLD"))
+    q, tma = _inputs()
+    for var in (first, second, first):
+        with var.active():
+            var.attn(q, q, q)
+    assert launched == [(16, True, 0, True), (16, False, tma, False), (16, True, 0, True)]
+    assert current_options() == Options(), "a variant's options end with its block"
 
 
-def test_backward_sweep_variants_start_from_the_module_defaults() -> None:
+def test_backward_sweep_variants_start_from_the_module_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     import sweep_backward
 
+    from patterndsl.runtime import backward
+
     cfg = (16, 16, 16, 16, 4, 1)
-    first = sweep_backward.build("causal & window(7)", cfg, False, {"BWD_FUSE_PRE": False})
-    assert not first.BWD_FUSE_PRE and not first.BWD_TMA
+    first = sweep_backward.build("causal & window(7)", cfg, False, {"bwd_fuse_pre": False})
+    assert not first.options["bwd_fuse_pre"] and not first.options["bwd_tma"]
     second = sweep_backward.build("causal & window(7)", cfg, True)
-    assert second is first
-    assert (second.BWD_FUSE_PRE, second.BWD_TMA) == (True, True)
+    assert second.attn is first.attn
+    assert (second.options["bwd_fuse_pre"], second.options["bwd_tma"]) == (True, True)
+    pre = _record(monkeypatch, backward, "_attn_bwd_pre", ("BLOCK_M",))
+    dq = _record(monkeypatch, backward, "_attn_bwd_dq", ("BLOCK_M", "PRE", "TMA"))
+    _record(monkeypatch, backward, "_attn_bwd_dkdv", ())
+    q, tma = _inputs()
+    lse = torch.zeros(1, 2, 40, device=q.device)
+    for var in (first, second):
+        with var.active():
+            var.attn.backward(q, q, q, q, q, lse)
+    assert len(pre) == 1 and dq == [(16, None, 0), (16, True, tma)]
 
 
 def test_forward_warm_up_compiles_what_the_tuner_will_launch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,8 +91,8 @@ def test_forward_warm_up_compiles_what_the_tuner_will_launch(monkeypatch: pytest
     got = bench_forward.variants("causal")
     assert [cfg for cfg, _ in got] == [c[:4] for c in cands]
     for c, (_, sw) in zip(cands, got, strict=True):
-        assert sw == {"TMA_MODE": c[4], "ONE_LOOP": len(c) > 5 and c[5] == 1, "MAXNREG": c[6] if len(c) > 6 else 0}
-    assert any(sw["MAXNREG"] for _, sw in got) and any(sw["ONE_LOOP"] for _, sw in got)
+        assert sw == {"tma_mode": c[4], "one_loop": len(c) > 5 and c[5] == 1, "maxnreg": c[6] if len(c) > 6 else 0}
+    assert any(sw["maxnreg"] for _, sw in got) and any(sw["one_loop"] for _, sw in got)
 
 
 def test_forward_sweep_keep_filters_variants_by_label_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -324,7 +324,7 @@ def test_unwritable_outputs_are_user_errors_not_tracebacks(
 def test_compile_takes_backward_tiles_and_refuses_bad_ones(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert patc(["compile", "one.pat", "-o", "m.py", "--bwd-tiles", "16,32,32,16,4,1,2,2"]) == 0
     text = (work / "m.py").read_text()
-    assert "(16, 32, 32, 16, 4, 1, 2, 2)" in text and "BWD_TMA_CONFIGS" in text
+    assert "(16, 32, 32, 16, 4, 1, 2, 2)" in text and "bwd_tma_configs=" in text and "bwd_autotune=False" in text
     capsys.readouterr()
     for bad, says in [("16,x", "comma-separated integers"), ("24,16,16,16,4,1", "powers of two"), ("16,16", "six")]:
         assert patc(["compile", "one.pat", "-o", "m.py", "--bwd-tiles", bad]) == 2

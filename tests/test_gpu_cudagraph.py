@@ -1,4 +1,4 @@
-"""A compiled module inside a CUDA graph (torch.cuda.graph; what torch.compile's "reduce-overhead" mode does):
+"""A compiled pattern inside a CUDA graph (torch.cuda.graph; what torch.compile's "reduce-overhead" mode does):
 at short sequences a training step is bound by host time (docs/perf-notes.md: ~0.6-0.75 ms a step at
 N = 4096 on the H100's host), and replaying a captured step is how a user removes it. Capture must not sync
 or allocate outside the graph's pool, and a replay must compute with the new values of the static inputs.
@@ -44,29 +44,29 @@ def _captured(step: Any, static: list[Any]) -> tuple[Any, Any]:
 
 @pytest.mark.parametrize("src", CASES)
 def test_forward_replays_with_new_inputs(src: str) -> None:
-    module = P.compile(f"pattern p = {src}\n")
+    attn = P.compile(f"pattern p = {src}\n")
     n, d = 1000, 64  # a partial last block
     static = _inputs(n, d, 0, False)
     with torch.no_grad():
-        graph, out = _captured(lambda q, k, v, _: module.attention(q, k, v), static)
+        graph, out = _captured(lambda q, k, v, _: attn.attention(q, k, v), static)
         for seed in (1, 2):
             fresh = _inputs(n, d, seed, False)
             for s, f in zip(static, fresh, strict=True):
                 s.copy_(f)
             out.fill_(float("nan"))  # what the replay does not write shows
             graph.replay()
-            want = module.attention(*fresh[:3])
+            want = attn.attention(*fresh[:3])
             assert torch.equal(out, want), f"replay differs from eager: {(out.float() - want.float()).abs().max()}"
 
 
 @pytest.mark.parametrize("src", CASES)
 def test_training_step_replays_with_new_inputs(src: str) -> None:
-    module = P.compile(f"pattern p = {src}\n")
+    attn = P.compile(f"pattern p = {src}\n")
     n, d = 1000, 64
     static = _inputs(n, d, 0, True)
 
     def step(q: Any, k: Any, v: Any, do: Any) -> Any:
-        return torch.autograd.grad(module.attention(q, k, v), (q, k, v), do)
+        return torch.autograd.grad(attn.attention(q, k, v), (q, k, v), do)
 
     graph, grads = _captured(step, static)
     for seed in (1, 2):

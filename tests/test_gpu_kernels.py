@@ -1,6 +1,8 @@
 """Generated kernels on a CUDA GPU (the lent H100) against a float64 dense reference, realistic sizes.
 
-Run with `pytest -m gpu tests/test_gpu_kernels.py` on a machine with CUDA; skipped elsewhere.
+Run with `pytest -m gpu tests/test_gpu_kernels.py` on a machine with CUDA; skipped elsewhere. Results are
+written into NaN-filled tensors (`out=`, `lse=`; `dq=`, `dk=`, `dv=` of `attn.backward`): an element a
+kernel leaves unwritten shows as NaN.
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from switches import switched
 
 import patterndsl as P
 from patterndsl.mask import dense_mask
@@ -29,23 +30,48 @@ CASES = [
 ]
 
 
+def _nan(shape: Any, dtype: Any) -> Any:
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device="cuda")
+
+
+def _forward(attn: Any, q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    """(out, lse) written into NaN-filled tensors (no autograd: out= and lse= take no gradients)."""
+    out, lse = _nan(q.shape, q.dtype), _nan(q.shape[:3], torch.float32)
+    with torch.no_grad():
+        got = attn.attention_lse(q, k, v, out=out, lse=lse)
+    assert got[0] is out and got[1] is lse, "out= and lse= are the tensors the results are written into"
+    return got
+
+
+def _backward(attn: Any, do: Any, q: Any, k: Any, v: Any) -> tuple[Any, ...]:
+    """(dq, dk, dv) of `attn.backward` written into NaN-filled tensors, from a forward's out and lse."""
+    q, k, v = (t.detach() for t in (q, k, v))
+    with torch.no_grad():
+        out, lse = attn.attention_lse(q, k, v)
+        grads = tuple(_nan(t.shape, t.dtype) for t in (q, k, v))
+        got = attn.backward(do, q, k, v, out, lse, dq=grads[0], dk=grads[1], dv=grads[2])
+    assert all(x is y for x, y in zip(got, grads, strict=True)), "dq=, dk=, dv= are written into"
+    return got
+
+
 def _run(src: str, n: int, dtype: Any, d: int, h: int = 4, hkv: int = 2, cfg: tuple[int, ...] | None = None,
-         switches: dict[str, Any] | None = None) -> float:
-    module = P.compile(f"pattern p = {src}\n")
-    changes = dict(switches or {})
-    if cfg is not None:  # launch exactly these tiles (BLOCK_M, BLOCK_N, warps, stages, TMA mode[, one loop])
-        changes["_choose"] = lambda *args, **kwargs: cfg
-        changes["TMA_MODE"] = max(1, cfg[4])  # the tuner offers a TMA mode only when the module is set to it
-    with switched(module, changes):
-        return _run_module(module, src, n, dtype, d, h, hkv)
+         options: dict[str, Any] | None = None) -> float:
+    attn = P.compile(f"pattern p = {src}\n")
+    changes = dict(options or {})
+    if cfg is not None:  # launch exactly these tiles (BLOCK_M, BLOCK_N, warps, stages, TMA mode, one loop, maxnreg)
+        changes["tiles"] = cfg
+        changes["tma_mode"] = max(1, cfg[4])  # tma_mode=2 sets up the device descriptors' allocator
+    with attn.options(**changes):
+        return _run_attn(attn, src, n, dtype, d, h, hkv, cfg)
 
 
-def _run_module(module: Any, src: str, n: int, dtype: Any, d: int, h: int, hkv: int) -> float:
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+def _run_attn(attn: Any, src: str, n: int, dtype: Any, d: int, h: int, hkv: int, cfg: tuple[int, ...] | None) -> float:
     q = torch.randn(2, h, n, d, device="cuda", dtype=dtype)
     k = torch.randn(2, hkv, n, d, device="cuda", dtype=dtype)
     v = torch.randn(2, hkv, n, d, device="cuda", dtype=dtype)
-    out, lse = module.attention_lse(q, k, v)
+    if cfg is not None:
+        assert attn.config(q, k, v) == tuple(cfg), "the call launches the tiles given"
+    out, lse = _forward(attn, q, k, v)
     mask = torch.from_numpy(dense_mask(P.pattern(src), n)).cuda()
     g = h // hkv
     s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * d**-0.5
@@ -69,7 +95,7 @@ def test_gpu_kernel_matches_float64_reference(src: str, dtype: str) -> None:
 @pytest.mark.parametrize("tma", [0, 1])
 def test_gpu_one_loop_kernel_matches_float64_reference(src: str, tma: int) -> None:
     """The grid kernel with FULL and PARTIAL key blocks in one loop (ONE_LOOP), pointer and TMA loads."""
-    err = _run(src, 2000, torch.bfloat16, 128, switches={"ONE_LOOP": True, "TMA_MODE": tma})
+    err = _run(src, 2000, torch.bfloat16, 128, options={"one_loop": True, "tma_mode": tma})
     assert err < 1e-2, err
 
 
@@ -79,11 +105,13 @@ def test_gpu_head_dims(d: int) -> None:
 
 
 def _candidates(d: int, itemsize: int) -> list[tuple[int, ...]]:
-    module = P.compile("pattern p = causal\n")
+    from patterndsl.runtime.tuning import _tune_candidates
+
+    spec = P.compile("pattern p = causal\n").spec
     d_pad = max(16, 1 << (d - 1).bit_length())
     out = []
     for mode in (1, 2):  # host and device tensor descriptors
-        for c in module._tune_candidates(d_pad, mode, itemsize):
+        for c in _tune_candidates(spec, d_pad, mode, itemsize):
             if c not in out:
                 out.append(c)
     return out
@@ -127,10 +155,9 @@ def _layout_cases() -> list[Any]:
 @pytest.mark.parametrize("path, name, n", _layout_cases())
 def test_gpu_layout_patterns_match_float64_reference(path: Any, name: str, n: int) -> None:
     body = P.load(path).get(name).body  # type: ignore[union-attr]
-    module = P.compile(path, name)
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    attn = P.compile(path, name)
     q, k, v = (torch.randn(1, 2, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    out, lse = module.attention_lse(q, k, v)
+    out, lse = _forward(attn, q, k, v)
     mask = torch.from_numpy(dense_mask(body, n)).cuda()
     s = (q.double() @ k.double().transpose(-1, -2) * 64**-0.5).masked_fill(~mask, float("-inf"))
     ref_lse = torch.logsumexp(s, -1)
@@ -153,12 +180,11 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gpu_kernels_with_layouts_match_float64_reference(src: str, n: int, dtype: str) -> None:
     body = P.loads(src).patterns[0].body
-    module = P.compile(src)
-    assert module.LAYOUTS[0] is not None, "these patterns are meant to run with a layout"
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    attn = P.compile(src)
+    assert attn.spec.layouts[0] is not None, "these patterns are meant to run with a layout"
     dt = getattr(torch, dtype)
     q, k, v = (torch.randn(1, 2, n, 128, device="cuda", dtype=dt) for _ in range(3))
-    out, lse = module.attention_lse(q, k, v)
+    out, lse = _forward(attn, q, k, v)
     mask = torch.from_numpy(dense_mask(body, n)).cuda()
     s = (q.double() @ k.double().transpose(-1, -2) * 128**-0.5).masked_fill(~mask, float("-inf"))
     ref_lse = torch.logsumexp(s, -1)
@@ -170,29 +196,31 @@ def test_gpu_kernels_with_layouts_match_float64_reference(src: str, n: int, dtyp
 
 @pytest.mark.parametrize("src, n", [LAYOUT_CASES[1], LAYOUT_CASES[2], LAYOUT_CASES[3]])
 def test_gpu_gradients_with_layouts_match_float64_reference(src: str, n: int) -> None:
+    """Through autograd, and through `attn.backward` into NaN-filled gradients."""
     body = P.loads(src).patterns[0].body
-    module = P.compile(src)
-    assert module.LAYOUTS[0] is not None
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    attn = P.compile(src)
+    assert attn.spec.layouts[0] is not None
     q, k, v = (torch.randn(1, 2, n, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
     do = torch.randn(1, 2, n, 64, device="cuda", dtype=torch.float16)
-    got = torch.autograd.grad(module.attention(q, k, v), (q, k, v), do)
+    got = torch.autograd.grad(attn.attention(q, k, v), (q, k, v), do)
+    written = _backward(attn, do, q, k, v)
     mask = torch.from_numpy(dense_mask(body, n)).cuda()
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     s = (qd @ kd.transpose(-1, -2) * 64**-0.5).masked_fill(~mask, torch.finfo(torch.float64).min)
     want = torch.autograd.grad((torch.softmax(s, -1) * mask.any(-1)[..., None]) @ vd, (qd, kd, vd), do.double())
-    for name, x, ref in zip(("dq", "dk", "dv"), got, want, strict=True):
-        assert not torch.isnan(x).any(), name
-        assert ((x.double() - ref).norm() / ref.norm()).item() < 5e-3, name
+    for how, grads in (("autograd", got), ("backward", written)):
+        for name, x, ref in zip(("dq", "dk", "dv"), grads, want, strict=True):
+            assert not torch.isnan(x).any(), (how, name)
+            assert ((x.double() - ref).norm() / ref.norm()).item() < 5e-3, (how, name)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_gpu_tensors_on_the_second_gpu_while_the_first_is_current() -> None:
     src = "causal & window(100)"
-    module = P.compile(f"pattern p = {src}\n")
+    attn = P.compile(f"pattern p = {src}\n")
     q, k, v = (torch.randn(1, 2, 300, 64, device="cuda:1", dtype=torch.float16, requires_grad=True) for _ in range(3))
     with torch.cuda.device(0):
-        out = module.attention(q, k, v)
+        out = attn.attention(q, k, v)
         got = torch.autograd.grad(out.float().sum(), (q, k, v))
     mask = torch.from_numpy(dense_mask(P.pattern(src), 300)).to("cuda:1")
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))

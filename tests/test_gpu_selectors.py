@@ -3,7 +3,8 @@ reading of LANGUAGE.md (`reference.selection`), and the attention output against
 over the same blocks. Integer-valued inputs keep block means and scores exact in every dtype (also under
 tf32 products), so selections must agree exactly, ties included.
 
-Run with `pytest -m gpu tests/test_gpu_selectors.py` on a machine with CUDA; skipped elsewhere.
+Run with `pytest -m gpu tests/test_gpu_selectors.py` on a machine with CUDA; skipped elsewhere. The attention
+is written into NaN-filled `out=` and `lse=`: an element a kernel leaves unwritten shows as NaN.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ CASES = [
 def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv: int = 2) -> float:
     pat = P.pattern(src)
     sp = split(pat)
-    module = P.compile(f"pattern p = {src}\n")
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    attn = P.compile(f"pattern p = {src}\n")
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randint(-2, 3, (b, h, n, d), device="cuda", generator=g).to(dtype)
     k = torch.randint(-2, 3, (b, hkv, n, d), device="cuda", generator=g).to(dtype)
@@ -50,9 +50,13 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
         k.float().cpu().numpy(),
         None if given is None else given.cpu().numpy(),
     )
-    got_sel = module.selected_blocks(q, k, scores=given).cpu().numpy()
+    got_sel = attn.selected_blocks(q, k, scores=given).cpu().numpy()
     assert np.array_equal(got_sel, want_sel), f"{int((got_sel != want_sel).sum())} blocks differ"
-    out, lse = module.attention_lse(q, k, v, scores=given)
+    nan_out = torch.full_like(q, float("nan"))
+    nan_lse = torch.full((b, h, n), float("nan"), dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        out, lse = attn.attention_lse(q, k, v, scores=given, out=nan_out, lse=nan_lse)
+    assert out is nan_out and lse is nan_lse, "out= and lse= are written into"
     blk = np.arange(n) // sp.block
     mask = dense_mask(sp.static, n)[None, None] | (want_sel[:, :, blk][:, :, :, blk] & dense_mask(sp.selected, n))
     m = torch.from_numpy(mask).cuda()
@@ -83,17 +87,17 @@ def test_gpu_batch_and_mqa() -> None:
 def test_gpu_gradients_match_float64_over_the_same_blocks(dtype: str) -> None:
     src = CASES[0]
     sp = split(P.pattern(src))
-    module = P.compile(f"pattern p = {src}\n")
+    attn = P.compile(f"pattern p = {src}\n")
     n, d, h, hkv = 1024 - 32, 64, 4, 2
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k = (torch.randint(-2, 3, (1, x, n, d), device="cuda", generator=g).to(getattr(torch, dtype)) for x in (h, hkv))
     v = torch.randn(1, hkv, n, d, device="cuda", generator=g).to(getattr(torch, dtype))
-    sel = module.selected_blocks(q, k).cpu().numpy()
+    sel = attn.selected_blocks(q, k).cpu().numpy()
     blk = np.arange(n) // sp.block
     mask = dense_mask(sp.static, n)[None, None] | (sel[:, :, blk][:, :, :, blk] & dense_mask(sp.selected, n))
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
     w = torch.randn(q.shape, device="cuda", dtype=torch.float64, generator=g)
-    (module.attention(qs, ks, vs).double() * w).sum().backward()
+    (attn.attention(qs, ks, vs).double() * w).sum().backward()
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
     s = qd @ kd.repeat_interleave(h // hkv, 1).transpose(-1, -2) * d**-0.5
     s = s.masked_fill(~torch.from_numpy(mask).cuda(), float("-inf"))
@@ -107,17 +111,20 @@ def test_gpu_gradients_match_float64_over_the_same_blocks(dtype: str) -> None:
 def test_gpu_fused_topk_equals_the_sorting_path_at_scale() -> None:
     """`_topk_kernel` (a running top-n per query block over many key tiles) against the int64 keys through
     torch.topk, at 512 blocks, on integer inputs: block means k/64, scores exact in tf32 and float32, many ties."""
+    from patterndsl.runtime.common import _heads
+    from patterndsl.runtime.selection import _block_scores, _pick, _pooled, _sel_dense, _selection
+
     src = CASES[0].replace("topk(8,", "topk(16,")
-    module = P.compile(f"pattern p = {src}\n")
+    spec = P.compile(f"pattern p = {src}\n").spec
     n, h, hkv, d, blk = 32768, 4, 2, 128, 64
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randint(-1, 2, (1, h, n, d), device="cuda", generator=g).to(torch.bfloat16)
     k = torch.randint(-1, 2, (1, hkv, n, d), device="cuda", generator=g).to(torch.bfloat16)
     k[..., : n // 2 : 5, :] = 0  # equal scores in whole stretches
-    heads = module._heads(0, 0, h, q.device)
-    fused = module._selection(0, q, k, None, heads, h // hkv)
+    heads = _heads(0, 0, h, q.device)
+    fused = _selection(spec, 0, q, k, None, heads, h // hkv)
     nb = n // blk
-    keys = module._block_scores(0, q, k, module._pooled(q, k, blk), heads, h // hkv, 0, nb)
-    sorting = module._pick(0, keys.reshape(-1, nb), 1.0).view(h, nb, -1)
-    assert torch.equal(module._sel_dense(fused, nb), module._sel_dense(sorting, nb))
+    keys = _block_scores(spec, 0, q, k, _pooled(q, k, blk), heads, h // hkv, 0, nb)
+    sorting = _pick(spec, 0, keys.reshape(-1, nb), 1.0).view(h, nb, -1)
+    assert torch.equal(_sel_dense(fused, nb), _sel_dense(sorting, nb))
     assert int((fused >= 0).sum()) == int((sorting >= 0).sum())

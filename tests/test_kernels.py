@@ -2,8 +2,8 @@
 
 Every static pattern of `patterns/` and of the spec's examples, hypothesis-drawn patterns, every dtype,
 head_dim 32..256, GQA/MQA, `scale=`, N not a multiple of the block, empty rows; outputs are poisoned (NaN)
-before each run so an element the kernel never writes shows. `TRITON_INTERPRET=1` is set here, before
-triton is first imported by the generated modules (no other test imports triton).
+before each run (`out=`, `lse=` filled with NaN) so an element the kernel never writes shows.
+`TRITON_INTERPRET=1` is set by tests/conftest.py (on machines without a GPU) before triton is first imported.
 """
 
 from __future__ import annotations
@@ -49,12 +49,18 @@ def reference(q: Any, k: Any, v: Any, mask: np.ndarray, scale: float) -> tuple[A
     return p @ vv, lse
 
 
-def poisoned(module: Any) -> Any:
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return module
+def poisoned(attn: Any, q: Any, k: Any, v: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """(out, lse) of a no-grad call that writes into NaN-filled `out=` and `lse=`: an element the kernel
+    never writes stays NaN."""
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(tuple(q.shape[:3]), float("nan"), dtype=torch.float32)
+    with torch.no_grad():
+        got, got_lse = attn(q, k, v, out=out, lse=lse, return_lse=True, **kwargs)
+    assert got is out and got_lse is lse, "the results must be written into out= and lse="
+    return got, got_lse
 
 
-def check(module: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int | None = None, d: int = 32,
+def check(attn: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int | None = None, d: int = 32,
           dtype: Any = torch.float32, scale: float | None = None, seed: int = 0) -> None:  # fmt: skip
     n = mask.shape[-1]
     g = torch.Generator().manual_seed(seed)
@@ -62,7 +68,7 @@ def check(module: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int | None
     q = torch.randn(b, h, n, d, generator=g).to(dtype)
     k = torch.randn(b, hkv, n, d, generator=g).to(dtype)
     v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
-    out, lse = poisoned(module).attention_lse(q, k, v, scale=scale)
+    out, lse = poisoned(attn, q, k, v, scale=scale)
     want, want_lse = reference(q, k, v, mask, d**-0.5 if scale is None else scale)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, n)
     assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
@@ -115,8 +121,8 @@ def test_library_pattern_matches_dense_reference(path: Path, name: str) -> None:
         )
     if heads > 16:
         pytest.skip(f"{heads} heads are too many for the CPU interpreter (heads patterns up to 16 heads run here)")
-    module = P.compile(path, name, **SMALL)
-    check(module, dense_mask(body, n, heads if isinstance(body, ir.Heads) else None), h=heads)
+    attn = P.compile(path, name, **SMALL)
+    check(attn, dense_mask(body, n, heads if isinstance(body, ir.Heads) else None), h=heads)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -130,12 +136,12 @@ def test_random_pattern_matches_dense_reference(src: str, n: int, blocks: tuple[
         assume(False)
         return
     try:
-        module = P.compile(f"pattern p = {src}\n", block_m=blocks[0], block_n=blocks[1])
+        attn = P.compile(f"pattern p = {src}\n", block_m=blocks[0], block_n=blocks[1])
     except PatternError as e:  # the one documented refusal: random(r) with r depending on N
         assert "random(r, ...) compiles only when r is a number" in str(e)
         assume(False)
         return
-    check(module, mask, h=1)
+    check(attn, mask, h=1)
 
 
 STREAM = "pattern p = causal & (window(20) | sink(4))\n"
@@ -150,33 +156,33 @@ INTERPRETER_BF16 = (
     "dtype", ["float32", "float16", pytest.param("bfloat16", marks=pytest.mark.skip(reason=INTERPRETER_BF16))]
 )
 def test_every_dtype_matches_reference(dtype: str) -> None:
-    module = P.compile(STREAM, **SMALL)
-    check(module, P.dense_mask("causal & (window(20) | sink(4))", 77), dtype=getattr(torch, dtype))
+    attn = P.compile(STREAM, **SMALL)
+    check(attn, P.dense_mask("causal & (window(20) | sink(4))", 77), dtype=getattr(torch, dtype))
 
 
 @pytest.mark.parametrize("d", [32, 64, 128, 256, 48])
 def test_head_dims_match_reference(d: int) -> None:
-    module = P.compile(STREAM, **SMALL)
-    check(module, P.dense_mask("causal & (window(20) | sink(4))", 40), d=d, h=1)
+    attn = P.compile(STREAM, **SMALL)
+    check(attn, P.dense_mask("causal & (window(20) | sink(4))", 40), d=d, h=1)
 
 
 @pytest.mark.parametrize("h, hkv", [(4, 2), (4, 1)])
 def test_gqa_and_mqa_match_reference(h: int, hkv: int) -> None:
-    module = P.compile(STREAM, **SMALL)
-    check(module, P.dense_mask("causal & (window(20) | sink(4))", 50), h=h, hkv=hkv, b=2)
+    attn = P.compile(STREAM, **SMALL)
+    check(attn, P.dense_mask("causal & (window(20) | sink(4))", 50), h=h, hkv=hkv, b=2)
 
 
 def test_scale_is_used() -> None:
-    module = P.compile(STREAM, **SMALL)
-    check(module, P.dense_mask("causal & (window(20) | sink(4))", 50), scale=0.37)
+    attn = P.compile(STREAM, **SMALL)
+    check(attn, P.dense_mask("causal & (window(20) | sink(4))", 50), scale=0.37)
 
 
 def test_empty_rows_give_zeros_and_minus_inf() -> None:
-    module = P.compile("pattern p = where(q >= 21) & causal\n", **SMALL)
+    attn = P.compile("pattern p = where(q >= 21) & causal\n", **SMALL)
     mask = P.dense_mask("where(q >= 21) & causal", 60)
-    check(module, mask)
+    check(attn, mask)
     q = torch.randn(1, 1, 60, 32)
-    out, lse = module.attention_lse(q, q, q)
+    out, lse = attn.attention_lse(q, q, q)
     assert torch.equal(out[0, 0, :21], torch.zeros(21, 32)) and torch.isinf(lse[0, 0, :21]).all()
 
 
@@ -186,32 +192,38 @@ def test_heads_pattern_uses_each_heads_predicate() -> None:
     check(P.compile(text, **SMALL), dense_mask(body, 45, 3), h=3)
 
 
-def test_cpu_path_matches_reference_and_warns_once() -> None:
-    module = P.compile(STREAM, **SMALL)
+def test_cpu_path_matches_reference_and_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from patterndsl.runtime import cpu
+
+    attn = P.compile(STREAM, **SMALL)
     mask = P.dense_mask("causal & (window(20) | sink(4))", 70)
     q, k, v = (torch.randn(2, 2, 70, 32, dtype=torch.float64) for _ in range(3))
-    module._warned_cpu.clear()
+    monkeypatch.setattr(cpu, "_warned_cpu", [])  # as in a fresh process
     with pytest.warns(UserWarning, match="not the fast"):
-        out, lse = module.attention_lse(q, k, v)  # float64 always takes the PyTorch path
+        out, lse = attn.attention_lse(q, k, v)  # float64 always takes the PyTorch path
     want, want_lse = reference(q, k, v, mask, 32**-0.5)
     assert (out - want).abs().max().item() < 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: a second call does not warn again
+        again, _ = attn.attention_lse(q, k, v)
+    assert torch.equal(again, out)
 
 
 def test_bad_calls_raise_one_clear_error() -> None:
-    module = P.compile(STREAM, **SMALL)
+    attn = P.compile(STREAM, **SMALL)
     q = torch.randn(1, 4, 32, 16)
     with pytest.raises(ValueError, match=r"q must be \[batch, heads, N, head_dim\]"):
-        module.attention(q[0], q, q)
+        attn.attention(q[0], q, q)
     with pytest.raises(TypeError, match="share one dtype"):
-        module.attention(q, q.half(), q)
+        attn.attention(q, q.half(), q)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        module.attention(q, q.numpy(), q)
+        attn.attention(q, q.numpy(), q)
     with pytest.raises(ValueError, match="kv heads"):
-        module.attention(q, q[:, :3], q[:, :3])
+        attn.attention(q, q[:, :3], q[:, :3])
     with pytest.raises(ValueError, match="k, v must be"):
-        module.attention(q, q[:, :, :16], q[:, :, :16])
+        attn.attention(q, q[:, :, :16], q[:, :, :16])
     with pytest.raises(TypeError, match="dtype must be one of"):
-        module.attention(q.int(), q.int(), q.int())
+        attn.attention(q.int(), q.int(), q.int())
     heads = P.compile("pattern m = heads {\n 0:2 => causal\n 2:4 => full\n}\n", **SMALL)
     with pytest.raises(ValueError, match="defines 4 heads, got 2"):
         heads.attention(q[:, :2], q[:, :2], q[:, :2])
@@ -237,12 +249,12 @@ RANDOM_CASES = [
 def test_random_is_compiled_from_the_same_draw(src: str, n: int) -> None:
     """The kernel redraws each row's keys from the counter hash; the mask draws them in numpy."""
     mask = dense_mask(P.pattern(src), n)
-    module = P.compile(f"pattern p = {src}\n", block_m=16, block_n=32 if n % 2 else 16)
-    check(module, mask, h=1)
+    attn = P.compile(f"pattern p = {src}\n", block_m=16, block_n=32 if n % 2 else 16)
+    check(attn, mask, h=1)
     q, k, v = (torch.randn(1, 1, n, 16, dtype=torch.float64) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out, _ = module.attention_lse(q, k, v)  # float64: the PyTorch path, same draw in torch
+        out, _ = attn.attention_lse(q, k, v)  # float64: the PyTorch path, same draw in torch
     assert (out - reference(q, k, v, mask, 16**-0.5)[0]).abs().max().item() < 1e-12
 
 
@@ -268,39 +280,41 @@ model m = layers(5) {
 def test_model_module_applies_each_layers_pattern() -> None:
     program = P.loads(MODEL)
     model = program.get("m")
-    module = P.compile(MODEL, **SMALL)
-    assert module.MODEL_LAYERS is not None and len(module.MODEL_LAYERS) == 5
-    assert module.PATTERNS == 4  # distinct patterns across the schedule, one predicate each
+    attn = P.compile(MODEL, **SMALL)
+    assert attn.spec.model_layers is not None and len(attn.spec.model_layers) == 5
+    assert attn.spec.patterns == 4  # distinct patterns across the schedule, one predicate each
     for layer, body in enumerate(model.schedule):  # type: ignore[union-attr]
         mask = dense_mask(body, 37, 2 if isinstance(body, ir.Heads) else None)
         q, k, v = (torch.randn(1, 2, 37, 16, dtype=torch.float64) for _ in range(3))
         want = reference(q, k, v, mask, 0.25)[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cpu = module.attention(q, k, v, layer=layer)
+            cpu = attn.attention(q, k, v, layer=layer)
         assert (cpu - want).abs().max().item() < 1e-12, layer
-        got = poisoned(module).attention(q.float(), k.float(), v.float(), layer=layer)  # the Triton kernel
+        got, _ = poisoned(attn, q.float(), k.float(), v.float(), layer=layer)  # the Triton kernel
+        assert not torch.isnan(got).any(), layer
         assert (got.double() - want).abs().max().item() < 2e-5, layer
 
 
 def test_model_module_needs_a_valid_layer_and_a_pattern_module_takes_none() -> None:
-    module = P.compile(MODEL, **SMALL)
+    attn = P.compile(MODEL, **SMALL)
     q = torch.randn(1, 2, 16, 16)
     for bad in (None, 5, -1, True, "0"):
         with pytest.raises(ValueError, match=r"has 5 layers: pass layer=0..4"):
-            module.attention(q, q, q, layer=bad)
+            attn.attention(q, q, q, layer=bad)
     with pytest.raises(ValueError, match="this layer of the model defines 2 heads, got 4"):
-        module.attention(*(torch.randn(1, 4, 16, 16) for _ in range(3)), layer=3)
+        attn.attention(*(torch.randn(1, 4, 16, 16) for _ in range(3)), layer=3)
     with pytest.raises(TypeError, match="layer= is for modules compiled from a model"):
         P.compile(STREAM, **SMALL).attention(q, q, q, layer=0)
 
+
 SWITCHES = [
-    dict(TMA_MODE=0, FOLD=False, CONTIG=False, SPLIT_TILES=0),
-    dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2),
-    dict(TMA_MODE=1, FOLD=True, CONTIG=True, SPLIT_TILES=3),
-    dict(TMA_MODE=2, FOLD=True, CONTIG=False, SPLIT_TILES=None),
-    dict(TMA_MODE=0, FOLD=True, CONTIG=True, SPLIT_TILES=2, ONE_LOOP=True),  # FULL and PARTIAL in one loop
-    dict(TMA_MODE=1, FOLD=False, CONTIG=False, SPLIT_TILES=0, ONE_LOOP=True),
+    dict(tma_mode=0, fold=False, contig=False, split_tiles=0),
+    dict(tma_mode=0, fold=True, contig=True, split_tiles=2),
+    dict(tma_mode=1, fold=True, contig=True, split_tiles=3),
+    dict(tma_mode=2, fold=True, contig=False, split_tiles=None),
+    dict(tma_mode=0, fold=True, contig=True, split_tiles=2, one_loop=True),  # FULL and PARTIAL in one loop
+    dict(tma_mode=1, fold=False, contig=False, split_tiles=0, one_loop=True),
 ]
 
 
@@ -311,45 +325,47 @@ SWITCHES = [
 def test_kernel_switches_match_reference(switches: dict[str, Any], src: str, n: int) -> None:
     """Every kernel path (pointer or TMA loads, folded scale, contiguous runs, heavy blocks split into
     slices merged by the combine kernel) computes the same attention; outputs poisoned first."""
-    module = P.compile(f"pattern p = {src}\n", **SMALL)
-    saved = {k: getattr(module, k) for k in switches}
-    try:
-        for key, value in switches.items():
-            setattr(module, key, value)
-        check(module, P.dense_mask(src, n), h=2, hkv=1, b=2)
-        check(module, P.dense_mask(src, n), h=1, scale=-0.3)  # a negative scale cannot be folded
-    finally:
-        for key, value in saved.items():
-            setattr(module, key, value)
+    attn = P.compile(f"pattern p = {src}\n", **SMALL)
+    with attn.options(**switches):
+        check(attn, P.dense_mask(src, n), h=2, hkv=1, b=2)
+        check(attn, P.dense_mask(src, n), h=1, scale=-0.3)  # a negative scale cannot be folded
 
 
 def test_a_tuned_candidates_loop_and_register_fields_reach_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuner's sixth field switches the grid kernel to one loop over FULL and PARTIAL blocks (without the
-    ONE_LOOP switch), its seventh caps registers per thread (ptxas maxnreg; the MAXNREG switch when 0);
+    one_loop option), its seventh caps registers per thread (ptxas maxnreg; the maxnreg option when 0);
     0 keeps two loops and the compiler's registers. Every variant computes the reference."""
+    from patterndsl.runtime import forward
+
     src = "(causal & window(40)) | global(0:3)"  # no token layout: the fast kernels serve it
-    module = P.compile(f"pattern p = {src}\n", **SMALL)
-    launched: list[tuple[bool, Any]] = []
-    spy_launches(monkeypatch, module, "_attn_fwd_fast", launched, lambda kw: (kw["ONE_LOOP"], kw.get("maxnreg")))
+    attn = P.compile(f"pattern p = {src}\n", **SMALL)
+    launched: list[tuple[Any, ...]] = []
+    spy_launches(monkeypatch, forward, "_attn_fwd_fast", launched,
+                 lambda kw: (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["TMA"],
+                             kw["ONE_LOOP"], kw.get("maxnreg")))  # fmt: skip
     cases = [((16, 16, 4, 1, 0, 1, 0), 0, (True, None)), ((16, 16, 4, 1, 0, 0, 0), 0, (False, None)),
              ((16, 16, 4, 1, 0, 0, 128), 0, (False, 128)), ((16, 16, 4, 1, 0, 1, 0), 96, (True, 96)),
              ((16, 16, 4, 1, 0, 0, 128), 96, (False, 128))]  # fmt: skip
+    q = torch.randn(2, 2, 77, 32)
+    kv = torch.randn(2, 1, 77, 32)
     for cfg, switch, expected in cases:
-        monkeypatch.setattr(module, "_choose", lambda *args, cfg=cfg, **kwargs: cfg)
-        monkeypatch.setattr(module, "MAXNREG", switch)
-        launched.clear()
-        check(module, P.dense_mask(src, 77), h=2, hkv=1, b=2)
-        assert launched == [expected] and module.LAST_CONFIG == cfg
+        with attn.options(tiles=cfg, maxnreg=switch):  # a full seven-field config: what the tuner hands the launch
+            assert attn.config(q, kv, kv) == cfg
+            launched.clear()
+            check(attn, P.dense_mask(src, 77), h=2, hkv=1, b=2)
+        assert launched == [(*cfg[:5], *expected)]
 
 
 def test_tuning_candidates_have_seven_fields() -> None:
     """A register cap is offered for head_dims 64 and 128 (two 8-warp blocks per SM), TMA only where allowed."""
-    module = P.compile(STREAM)
+    from patterndsl.runtime.tuning import _tune_candidates
+
+    spec = P.compile(STREAM).spec
     for d_pad in (64, 128):
-        cands = module._tune_candidates(d_pad, 1)
+        cands = _tune_candidates(spec, d_pad, 1)
         assert all(len(c) == 7 for c in cands) and len(set(cands)) == len(cands)
         assert any(c[6] == 128 and c[2] == 8 for c in cands)
-        assert all(c[4] == 0 for c in module._tune_candidates(d_pad, 0))
+        assert all(c[4] == 0 for c in _tune_candidates(spec, d_pad, 0))
 
 
 @settings(max_examples=25, deadline=None)
@@ -361,7 +377,9 @@ def test_tuning_candidates_have_seven_fields() -> None:
 def test_work_list_covers_every_tile_once(counts: list[tuple[int, int]], chunk: int | None, step: int) -> None:
     """The work items (whole query blocks or slices) visit each listed tile exactly once, slices of one
     block get consecutive workspace slots named by the split table, and heavier items come first."""
-    module = P.compile(STREAM, **SMALL)
+    from patterndsl.runtime import tables as T
+
+    spec = P.compile(STREAM, **SMALL).spec
     nf = torch.tensor([c[0] for c in counts])
     npart = torch.tensor([c[1] for c in counts])
     f_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(nf, 0)])
@@ -369,14 +387,10 @@ def test_work_list_covers_every_tile_once(counts: list[tuple[int, int]], chunk: 
     f_idx = torch.cat([torch.arange(int(c)) * step + 3 * r for r, c in enumerate(nf)]).long()
     p_idx = torch.arange(int(npart.sum())).long()
     tables = tuple(t.to(torch.int32) for t in (f_off, f_idx, p_off, p_idx))
-    saved = module.block_tables
-    module.block_tables = lambda *a, **k: tables
-    module._WORK.clear()
-    try:
-        work, splits, slots, contig = module.work_list(1, 16, 16, torch.device("cpu"), 0, chunk)
-    finally:
-        module.block_tables = saved
-        module._WORK.clear()
+    with pytest.MonkeyPatch.context() as m:  # hypothesis: no function-scoped fixture
+        m.setattr(T, "block_tables", lambda *a, **k: tables)
+        m.setattr(T, "_WORK", {})  # the runtime's cache of work lists, empty and put back after
+        work, splits, slots, contig = T.work_list(spec, 1, 16, 16, torch.device("cpu"), 0, chunk)
     w = work.long()
     seen_f = torch.zeros(int(nf.sum()), dtype=torch.int64)
     seen_p = torch.zeros(int(npart.sum()), dtype=torch.int64)
@@ -398,55 +412,62 @@ def test_work_list_covers_every_tile_once(counts: list[tuple[int, int]], chunk: 
 
 def test_autotune_times_candidates_once_and_a_new_process_starts_tuned(tmp_path: Path, monkeypatch: Any) -> None:
     """The first call times every candidate and keeps the fastest; the choice is written to the on-disk
-    cache, so a fresh module (another process) launches it without timing anything; a damaged cache file
-    is ignored. The GPU is simulated: the launches and timings are recorded, not run."""
+    cache, so another process (nothing tuned in memory) launches it without timing anything; a damaged cache
+    file is ignored. The GPU is simulated: the launches and timings are recorded, not run."""
     from types import SimpleNamespace
 
+    from patterndsl.runtime import forward, tuning
+
     monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PATTERNDSL_AUTOTUNE", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    monkeypatch.setattr(forward, "_INTERPRET", False)
+    monkeypatch.setattr(tuning, "_TUNED", {})  # this process's tuned choices: this test's own, put back after
     fake = SimpleNamespace(
         device=SimpleNamespace(type="cuda", index=0), shape=(1, 2, 5000, 128), dtype=torch.bfloat16, element_size=lambda: 2
     )
+    attn = P.compile(STREAM)  # autotuned: no explicit tiles
+    spec = attn.spec
+    cands = tuning._tune_candidates(spec, 128, 1)
+    launched: list[Any] = []
+    monkeypatch.setattr(forward, "_launch", lambda spec, q, k, v, out, lse, cfg, *rest: launched.append(cfg))
+    speed = {c: 1.0 + i for i, c in enumerate(cands)}
+    speed[cands[2]] = 0.5
+    monkeypatch.setattr(tuning, "_time_ms", lambda fn, reps: (fn(), speed[launched[-1]])[1])
 
-    def fresh() -> tuple[Any, list[Any]]:
-        module = P.compile(STREAM)  # autotuned: no explicit tiles
-        module._INTERPRET = False
-        launched: list[Any] = []
-        module._launch = lambda q, k, v, out, lse, cfg, *rest: launched.append(cfg)
-        speed = {c: 1.0 + i for i, c in enumerate(module._tune_candidates(128, 1))}
-        fastest = module._tune_candidates(128, 1)[2]
-        speed[fastest] = 0.5
-        module._time_ms = lambda fn, reps: (fn(), speed[launched[-1]])[1]
-        return module, launched
+    def choose() -> Any:
+        return forward._choose(spec, fake, fake, fake, None, None, 0.1, 1, 0, 1)
 
-    module, launched = fresh()
-    assert module.AUTOTUNE and len(module._tune_candidates(128, 1)) >= 2
-    cfg = module._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1)
-    assert cfg == module._tune_candidates(128, 1)[2]
-    assert set(launched) == set(module._tune_candidates(128, 1))
+    assert spec.autotune and len(cands) >= 2
+    cfg = choose()
+    assert cfg == cands[2]
+    assert set(launched) == set(cands)
+    record = tuning.records()[-1]
+    assert record.choice == cfg and set(record.rounds) == set(cands)
     n_launched = len(launched)
-    assert module._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg  # in memory
+    assert choose() == cfg  # in memory
     assert len(launched) == n_launched  # ... so nothing was launched again
-    module2, launched2 = fresh()
-    module2._TUNED.clear()  # a new process: nothing in memory, the cache file on disk
-    assert module2._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg and launched2 == []
+    tuning._TUNED.clear()  # a new process: nothing in memory, the cache file on disk
+    launched.clear()
+    assert choose() == cfg and launched == []
     # TMA not allowed for these tensors: a different key, candidates without TMA
-    assert all(c[4] == 0 for c in module2._tune_candidates(128, 0))
+    assert all(c[4] == 0 for c in tuning._tune_candidates(spec, 128, 0))
     (tmp_path / "autotune.json").write_text("{not json")
-    module2._TUNED.clear()
-    assert module2._choose(fake, fake, fake, None, None, 0.1, 1, 0, 1) == cfg and launched2  # tuned again
-    assert P.compile(STREAM, block_m=16).AUTOTUNE is False  # explicit tiles are never tuned over
+    tuning._TUNED.clear()
+    assert choose() == cfg and launched  # tuned again
+    assert P.compile(STREAM, block_m=16).spec.autotune is False  # explicit tiles are never tuned over
 
 
 def test_host_sizes_match_triton_s_own() -> None:
-    """The generated module's host-side power of two and padded head width (plain Python, off triton's
+    """The runtime's host-side power of two and padded head width (plain Python, off triton's
     constexpr-function wrapper) agree with triton.next_power_of_2 wherever a size can be."""
     import triton
 
-    module = P.compile(STREAM)
+    from patterndsl.runtime.common import _d_pad, _pow2
+
     for n in range(1, 5000):
-        assert module._pow2(n) == triton.next_power_of_2(n), n
-        assert module._d_pad(n) == max(16, triton.next_power_of_2(n)), n
+        assert _pow2(n) == triton.next_power_of_2(n), n
+        assert _d_pad(n) == max(16, triton.next_power_of_2(n)), n
 
 
 def test_tuner_interleaves_its_rounds_and_picks_the_lowest_total(monkeypatch: Any) -> None:
@@ -454,7 +475,8 @@ def test_tuner_interleaves_its_rounds_and_picks_the_lowest_total(monkeypatch: An
     pick is the lowest total: a clock drifting linearly while tuning (here faster than the candidates differ)
     cannot hand the pick to the candidate timed first or last, nor can one fast round. Batches are sized
     from one launch each; every timed round is kept for reports."""
-    module = P.compile(STREAM)
+    from patterndsl.runtime import tuning
+
     calls: list[tuple[str, int]] = []
     state = {"launch_ms": 2.0, "fast_round": None}
     base = {"a": 1.00, "b": 0.98, "c": 1.00}
@@ -468,35 +490,41 @@ def test_tuner_interleaves_its_rounds_and_picks_the_lowest_total(monkeypatch: An
         fast = 0.15 if timed_round == state["fast_round"] else 0.0
         return base[cand] * state["launch_ms"] + drift - fast
 
-    monkeypatch.setattr(module, "_time_ms", timed)
+    monkeypatch.setattr(tuning, "_time_ms", timed)
     runs = {c: (lambda c=c: calls.append((c, 0))) for c in "abc"}
-    assert module._fastest(runs) == "b"  # a drift of 0.05 ms a batch against b's 0.04 ms lead
+    pick, rounds = tuning._fastest(runs)
+    assert pick == "b"  # a drift of 0.05 ms a batch against b's 0.04 ms lead
     assert [c for c, _ in calls[:3]] == ["a", "b", "c"] and {r for _, r in calls[:3]} == {1}  # sizing launches
     assert {r for _, r in calls[3:]} == {5}  # 2 ms launches: five to a batch of about 10 ms
     assert "".join(c for c, _ in calls[3:]) == "abc" + "cba" + "abc" + "cba" + "abc" + "cba" + "abc"
-    assert all(len(t) == 6 for t in module.LAST_TUNING.values())
+    assert set(rounds) == set("abc") and all(len(t) == 6 for t in rounds.values())
     calls.clear()
     state.update(fast_round=(2, "c"))  # no drift; c is faster than b once (by less than b leads it in total)
-    assert module._fastest(runs) == "b" and min(module.LAST_TUNING["c"]) < min(module.LAST_TUNING["b"])
+    pick, rounds = tuning._fastest(runs)
+    assert pick == "b" and min(rounds["c"]) < min(rounds["b"])
     calls.clear()
     state.update(launch_ms=40.0)  # long launches: one to a batch
-    module._fastest(runs)
+    tuning._fastest(runs)
     assert {r for _, r in calls} == {1}
 
 
 def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeypatch: Any) -> None:
     """A pattern with a token layout (the dilated window) is tuned over its own candidates (the configured
-    tiles first, then TUNE_CONFIGS' distinct tiles, warps, stages), and its kernel launches the tiles it is
-    given: the interpreter's output with tiles other than CONFIGS' matches the float64 reference."""
+    tiles first, then the tuning configs' distinct tiles, warps, stages), and its kernel launches the tiles it
+    is given: the interpreter's output with tiles other than the configured ones matches the float64
+    reference."""
+    from patterndsl.runtime import forward, tuning
+
     src = "causal & window(40, dilation=4)"
-    module = P.compile(f"pattern p = {src}\n", **SMALL)
-    assert module._LAYOUT_ROWS[0] is not None and not module._fast(0)
-    default = (*module._config(128), 1, 0, 0)
-    cands = module._layout_candidates(128, 2, default)
+    attn = P.compile(f"pattern p = {src}\n", **SMALL)
+    spec = attn.spec
+    assert spec.layouts[0] is not None and not forward._fast(spec, 0)
+    default = (*forward._config(spec, 128), 1, 0, 0)
+    cands = tuning._layout_candidates(spec, 128, 2, default)
     assert cands[0] == default and len(cands) == len(set(c[:4] for c in cands)) >= 3
-    assert {c[:4] for c in cands} == {default[:4]} | {tuple(c[:4]) for c in dict(module.TUNE_CONFIGS)[128]}
+    assert {c[:4] for c in cands} == {default[:4]} | {tuple(c[:4]) for c in dict(spec.tune_configs)[128]}
     launched: list[Any] = []
-    spy_launches(monkeypatch, module, "_attn_fwd", launched,
+    spy_launches(monkeypatch, forward, "_attn_fwd", launched,
                  lambda kw: (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))  # fmt: skip
     n, d = 77, 32
     mask = P.dense_mask(src, n)
@@ -504,7 +532,7 @@ def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeyp
     q, k, v = (torch.randn(1, 2, n, d, generator=g) for _ in range(3))
     out = torch.full_like(q, float("nan"))
     lse = torch.full((1, 2, n), float("nan"))
-    module._launch(q, k, v, out, lse, (32, 32, 4, 1, 0, 0, 0), d**-0.5, 1, 0)
+    forward._launch(spec, q, k, v, out, lse, (32, 32, 4, 1, 0, 0, 0), d**-0.5, 1, 0)  # what the tuner runs
     assert launched == [(32, 32, 4, 1)]
     want, want_lse = reference(q, k, v, mask, d**-0.5)
     assert (out.double() - want).abs().max().item() < 2e-5
@@ -513,47 +541,65 @@ def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeyp
 
 def test_backward_autotune_times_each_kernel_on_its_own(tmp_path: Path, monkeypatch: Any) -> None:
     """dK/dV and dQ are tuned apart: each kernel's candidates (the default tile first, then the halves of
-    BWD_TUNE_CONFIGS) are timed once, the fastest of each is kept, also across a fresh module through the
-    disk cache; explicit backward tiles, the interpreter and PATTERNDSL_AUTOTUNE=0 keep the defaults."""
-    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
-    fields = ("bwd", 128, torch.bfloat16, 1, 0, 8192, (0, 0))
+    the backward tuning configs) are timed once, the fastest of each is kept, also in another process through
+    the disk cache; explicit backward tiles, the interpreter and PATTERNDSL_AUTOTUNE=0 keep the defaults."""
+    from patterndsl.runtime import backward, tuning
+    from patterndsl.runtime.common import _by_width
 
-    def fresh() -> tuple[Any, dict[str, list[Any]], Any]:
-        module = P.compile(STREAM)
-        module._INTERPRET = False
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PATTERNDSL_AUTOTUNE", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    monkeypatch.setattr(tuning, "_TUNED", {})  # this process's tuned choices: this test's own, put back after
+    fields = ("bwd", 128, torch.bfloat16, 1, 0, 8192, (0, 0))
+    spec = P.compile(STREAM).spec
+    speed = {"dq": {(128, 64, 8, 2): 0.5}, "dkdv": {(32, 64, 4, 2): 0.25}}
+
+    def fresh() -> tuple[dict[str, list[Any]], Any]:
         ran: dict[str, list[Any]] = {"dq": [], "dkdv": []}
-        speed = {"dq": {(128, 64, 8, 2): 0.5}, "dkdv": {(32, 64, 4, 2): 0.25}}
         last: list[Any] = []
-        module._time_ms = lambda fn, reps: (fn(), speed[last[-1][0]].get(last[-1][1], 1.0))[1]
 
         def runner(kind: str) -> Any:
             return lambda tile: (ran[kind].append(tile), last.append((kind, tile)))
 
-        return module, ran, lambda: module._bwd_tiles(fields, 2, runner("dq"), runner("dkdv"))
+        def tiles() -> Any:
+            with monkeypatch.context() as m:  # a simulated GPU: the kernels are not interpreted
+                m.setattr(backward, "_INTERPRET", False)
+                m.setattr(tuning, "_time_ms", lambda fn, reps: (fn(), speed[last[-1][0]].get(last[-1][1], 1.0))[1])
+                return backward._bwd_tiles(spec, fields, 2, runner("dq"), runner("dkdv"))
 
-    module, ran, tiles = fresh()
-    default = module._bwd_config(128, 2, 1)
-    dq_cands = {(c[2], c[3], c[6], c[7]) for c in module._by_width(module.BWD_TUNE_CONFIGS, 128, 2)}
-    dkdv_cands = {(c[0], c[1], c[4], c[5]) for c in module._by_width(module.BWD_TUNE_CONFIGS, 128, 2)}
+        return ran, tiles
+
+    ran, tiles = fresh()
+    default = backward._bwd_config(spec, 128, 2, 1)
+    dq_cands = {(c[2], c[3], c[6], c[7]) for c in _by_width(spec.bwd_tune_configs, 128, 2)}
+    dkdv_cands = {(c[0], c[1], c[4], c[5]) for c in _by_width(spec.bwd_tune_configs, 128, 2)}
     assert len(dq_cands) >= 2 and len(dkdv_cands) >= 2 and (128, 64, 8, 2) in dq_cands and (32, 64, 4, 2) in dkdv_cands
     assert tiles() == ((32, 64, 4, 2), (128, 64, 8, 2))
     assert set(ran["dq"]) == dq_cands | {(default[2], default[3], default[6], default[7])}
     assert set(ran["dkdv"]) == dkdv_cands | {(default[0], default[1], default[4], default[5])}
     count = len(ran["dq"]) + len(ran["dkdv"])
     assert tiles() == ((32, 64, 4, 2), (128, 64, 8, 2)) and len(ran["dq"]) + len(ran["dkdv"]) == count
-    module2, ran2, tiles2 = fresh()  # another process: from the disk cache, nothing launched
+    tuning._TUNED.clear()  # another process: from the disk cache, nothing launched
+    ran2, tiles2 = fresh()
     assert tiles2() == ((32, 64, 4, 2), (128, 64, 8, 2)) and ran2 == {"dq": [], "dkdv": []}
-    monkeypatch.setenv("PATTERNDSL_AUTOTUNE", "0")
-    module3, ran3, tiles3 = fresh()
-    assert tiles3() == ((default[0], default[1], default[4], default[5]), (default[2], default[3], default[6], default[7]))
-    assert P.compile(STREAM, bwd_config=(32, 64, 64, 32, 4, 3)).BWD_AUTOTUNE is False
-    grid = P.compile("layout g = grid(8, 8)\npattern p = neighborhood(g, kernel=3)\n")
-    plain = dict(module.BWD_TUNE_CONFIGS)
-    assert all(set(cs) > set(plain[d]) for d, cs in grid.BWD_TUNE_CONFIGS)  # and 32-key tiles for grids
-    assert any(c[1] == 32 for c in dict(grid.BWD_TUNE_CONFIGS)[128])
-    module4 = P.compile(STREAM, bwd_config=(32, 16, 16, 32, 4, 3))  # what a backward launched, for reports
+    tuning._TUNED.clear()
+    with monkeypatch.context() as m:
+        m.setenv("PATTERNDSL_AUTOTUNE", "0")
+        ran3, tiles3 = fresh()
+        assert tiles3() == ((default[0], default[1], default[4], default[5]),
+                            (default[2], default[3], default[6], default[7]))  # fmt: skip
+        assert ran3 == {"dq": [], "dkdv": []}
+    assert P.compile(STREAM, bwd_config=(32, 64, 64, 32, 4, 3)).spec.bwd_autotune is False
+    grid = P.compile("layout g = grid(8, 8)\npattern p = neighborhood(g, kernel=3)\n").spec
+    plain = dict(spec.bwd_tune_configs)
+    assert all(set(cs) > set(plain[d]) for d, cs in grid.bwd_tune_configs)  # and 32-key tiles for grids
+    assert any(c[1] == 32 for c in dict(grid.bwd_tune_configs)[128])
+    attn4 = P.compile(STREAM, bwd_config=(32, 16, 16, 32, 4, 3))  # what a backward launches
+    launched: list[Any] = []
+    for name in ("_attn_bwd_dq", "_attn_bwd_dkdv"):
+        spy_launches(monkeypatch, backward, name, launched,
+                     lambda kw, name=name: (name, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))  # fmt: skip
     q, k, v = (torch.randn(1, 1, 40, 16, requires_grad=True) for _ in range(3))
-    monkeypatch.setattr(module4, "_INTERPRET", True)
-    torch.autograd.grad(module4.attention(q, k, v).sum(), (q, k, v))
-    assert module4.LAST_BWD[0] == (32, 16, 16, 32, 4, 3, 4, 3)
+    torch.autograd.grad(attn4.attention(q, k, v).sum(), (q, k, v))
+    # (32, 16, 16, 32, 4, 3, 4, 3): dK/dV 32 queries x 16 keys, dQ 16 queries x 32 keys, 4 warps, 3 stages each
+    assert launched == [("_attn_bwd_dq", 16, 32, 4, 3), ("_attn_bwd_dkdv", 32, 16, 4, 3)]

@@ -43,6 +43,12 @@ CASES = [
 ]
 
 
+def _layout_of(attn: Any, k: int = 0) -> str | None:
+    """The description of predicate k's token layout, None where its rows are contiguous."""
+    lay = attn.spec.layouts[k]
+    return None if lay is None else lay.description
+
+
 def _body(src: str) -> Any:
     return P.loads(src).patterns[0].body
 
@@ -97,12 +103,15 @@ def test_kernel_with_layout_matches_reference_and_tables_are_sound(src: str, n: 
     body = _body(src)
     want = reference_mask(body, n)
     lay = _layouts(body, 16, 16)[0]  # the chosen one, else the first tile shape (forced)
-    module = P.compile(src, block_m=16, block_n=16, layout=lay)
-    assert module.LAYOUTS[0] == L.describe(lay)
-    check(module, want, h=2, hkv=1)
+    from patterndsl.compile import compile_source
+    from patterndsl.runtime import tables as T
+
+    attn = P.compile(src, block_m=16, block_n=16, layout=lay)
+    assert _layout_of(attn) == L.describe(lay)
+    check(attn, want, h=2, hkv=1)
     token, ok = _physical(lay, n)
-    assert module._rows(0, n) == token.size
-    f_off, f_idx, p_off, p_idx = module.block_tables(n, 16, 16, torch.device("cpu"))
+    assert T.rows(attn.spec, 0, n) == token.size
+    f_off, f_idx, p_off, p_idx = T.block_tables(attn.spec, n, 16, 16, torch.device("cpu"))
     full, part = _tiles(f_off, f_idx), _tiles(p_off, p_idx)
     t = np.where(ok, token, 0)
     phys = want[t[:, None], t[None, :]] & ok[:, None] & ok[None, :]
@@ -111,7 +120,9 @@ def test_kernel_with_layout_matches_reference_and_tables_are_sound(src: str, n: 
     for qb, kb in full:  # FULL: every pair of the tile allowed, every row a token
         assert phys[qb * 16 : qb * 16 + 16, kb * 16 : kb * 16 + 16].all()
     plain = P.compile(src, block_m=16, block_n=16, layout=False)
-    assert plain.LAYOUTS == (None,) and "_index_0" not in open(plain.__file__).read()
+    assert plain.spec.layouts == (None,) and _layout_of(plain) is None
+    assert "def layout_0" in compile_source(src, block_m=16, block_n=16, layout=lay).text
+    assert "def layout_0" not in compile_source(src, block_m=16, block_n=16, layout=False).text  # no index map
 
 
 @settings(max_examples=5, deadline=None)
@@ -149,9 +160,9 @@ def test_random_2d_neighborhoods_with_layouts_match_reference(
 @given(n=st.integers(1, 120), r=st.integers(0, 12), d=st.integers(2, 6), causal=st.booleans())
 def test_random_dilated_windows_with_layouts_match_reference(n: int, r: int, d: int, causal: bool) -> None:
     src = "pattern p = " + ("causal & " if causal else "") + f"window({r}, dilation={d})\n"
-    module = P.compile(src, block_m=16, block_n=16)
-    assert module.LAYOUTS[0] == f"residue classes mod {d}"
-    check(module, reference_mask(_body(src), n), h=1)
+    attn = P.compile(src, block_m=16, block_n=16)
+    assert _layout_of(attn) == f"residue classes mod {d}"
+    check(attn, reference_mask(_body(src), n), h=1)
 
 
 def test_layout_cuts_visited_tiles_of_the_benchmark_patterns() -> None:
@@ -197,18 +208,20 @@ def test_gradients_with_layouts_match_reference(src: str, n: int) -> None:
 
     body = _body(src)
     lay = _layouts(body, 16, 16)[0]
-    module = P.compile(src, block_m=16, block_n=16, bwd_config=(16, 16, 16, 16, 4, 1), layout=lay)
-    check_grads(module, reference_mask(body, n), h=2, hkv=1)
-    f_off, _, p_off, _ = module.block_tables_t(n, 16, 16, torch.device("cpu"))
-    assert f_off.numel() - 1 == -(-module._rows(0, n) // 16)  # dK/dV run over physical key blocks
+    from patterndsl.runtime import tables as T
+
+    attn = P.compile(src, block_m=16, block_n=16, bwd_config=(16, 16, 16, 16, 4, 1), layout=lay)
+    check_grads(attn, reference_mask(body, n), h=2, hkv=1)
+    f_off, _, p_off, _ = T.block_tables_t(attn.spec, n, 16, 16, torch.device("cpu"))
+    assert f_off.numel() - 1 == -(-T.rows(attn.spec, 0, n) // 16)  # dK/dV run over physical key blocks
 
 
 def test_grid_neighborhoods_get_smaller_tiles_and_windows_keep_the_defaults() -> None:
     from patterndsl.compile import DEFAULT_CONFIGS, GRID_CONFIGS
 
     na = "layout g = grid(64, 64)\npattern p = neighborhood(g, kernel=13)\n"
-    module = P.compile(na)
-    assert module.CONFIGS == GRID_CONFIGS
-    assert module.LAYOUTS[0] == L.describe(L.choose(_body(na), 64, 32))
-    assert P.compile(na, layout=False).CONFIGS == DEFAULT_CONFIGS
-    assert P.compile("pattern p = causal & window(255, dilation=4)\n").CONFIGS == DEFAULT_CONFIGS
+    attn = P.compile(na)
+    assert attn.spec.configs == GRID_CONFIGS
+    assert _layout_of(attn) == L.describe(L.choose(_body(na), 64, 32))
+    assert P.compile(na, layout=False).spec.configs == DEFAULT_CONFIGS
+    assert P.compile("pattern p = causal & window(255, dilation=4)\n").spec.configs == DEFAULT_CONFIGS

@@ -1,15 +1,17 @@
-"""Dynamic selectors (`topk`, `threshold`, `score=given`) in generated modules, against LANGUAGE.md read
+"""Dynamic selectors (`topk`, `threshold`, `score=given`) in compiled patterns, against LANGUAGE.md read
 literally (`reference.dynamic_mask`: sets node by node, float64, ties to the lower block index).
 
 Inputs are small integers so that block means and scores are exact in float32 too: scores tie often, and
 the kernel's selection must equal the float64 one block for block. Attention outputs are compared with a
-float64 masked softmax over the reference's mask, outputs poisoned (NaN) before each run. The Triton
-kernels run in the CPU interpreter (set here before triton is first imported); float64 inputs take the
-module's PyTorch path.
+float64 masked softmax over the reference's mask, outputs poisoned (NaN) before each run (`out=` and
+`lse=` filled with NaN; through autograd, `poisoned`). The Triton kernels run in the CPU interpreter
+(conftest.py); float64 inputs take the runtime's PyTorch path.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,8 @@ pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from patterndsl.runtime import autograd, cpu  # noqa: E402 (they import torch)
+
 SMALL = dict(block_m=16, block_n=16)
 
 CASES = {
@@ -38,9 +42,43 @@ CASES = {
 
 
 def _module(src: str, **kw: Any) -> Any:
-    m = P.compile(f"pattern p = {src}\n", **(kw or SMALL))
-    m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return m
+    return P.compile(f"pattern p = {src}\n", **(kw or SMALL))
+
+
+def _nan(shape: Any, dtype: Any, device: Any = "cpu") -> Any:
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+
+def _run(m: Any, q: Any, k: Any, v: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """`m.attention_lse` (no grad) into `out=` and `lse=` filled with NaN: an element the kernels leave
+    unwritten stays NaN. The results must be those very tensors."""
+    out, lse = _nan(q.shape, q.dtype), _nan(q.shape[:3], torch.float32)
+    with torch.no_grad():
+        got, got_lse = m.attention_lse(q, k, v, out=out, lse=lse, **kwargs)
+    assert got.data_ptr() == out.data_ptr() and got_lse.data_ptr() == lse.data_ptr(), "results not written in place"
+    return got, got_lse
+
+
+@contextlib.contextmanager
+def poisoned() -> Iterator[None]:
+    """Inside the block the autograd path (the functions `patterndsl.runtime.autograd` calls; a selector's
+    backward has no public entry with `dq=`) writes into NaN-filled tensors: out and lse of the forward,
+    dq, dk, dv of the backward, so an element the kernels leave unwritten shows as NaN (where dK, dV are
+    summed over head patterns the runtime zeroes them first, as it does its own)."""
+    fwd, bwd = autograd._forward, autograd._backward
+
+    def forward(spec: Any, q: Any, *args: Any, **kwargs: Any) -> Any:
+        return fwd(spec, q, *args, out=_nan(q.shape, q.dtype, q.device),
+                   lse=_nan(q.shape[:3], torch.float32, q.device), **kwargs)  # fmt: skip
+
+    def backward(spec: Any, do: Any, q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
+        grads = tuple(_nan(t.shape, t.dtype, t.device) for t in (q, k, v))
+        return bwd(spec, do, q, k, v, *args, grads=grads, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autograd, "_forward", forward)
+        mp.setattr(autograd, "_backward", backward)
+        yield
 
 
 def _inputs(n: int, h: int = 4, hkv: int = 2, b: int = 2, d: int = 16, seed: int = 0, dtype: Any = None) -> Any:
@@ -82,7 +120,7 @@ def test_selection_and_attention_match_the_literal_reference(name: str) -> None:
     mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
     m = _module(src)
     assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
-    out, lse = m.attention_lse(q, k, v, scores=scores)
+    out, lse = _run(m, q, k, v, scores=scores)
     want, want_lse = _dense(q, k, v, mask, 16**-0.5)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert (out.double() - want).abs().max().item() < 2e-5
@@ -97,8 +135,8 @@ def test_pytorch_path_float64_matches_the_reference(name: str) -> None:
     mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
     m = _module(src)
     with pytest.warns(UserWarning, match="CPU tensors"):
-        m._warned_cpu.clear()
-        out, lse = m.attention_lse(q, k, v, scores=scores)
+        cpu._warned_cpu.clear()  # the warning is given once a process
+        out, lse = _run(m, q, k, v, scores=scores)
     assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
     want, want_lse = _dense(q, k, v, mask, 16**-0.5)
     assert (out - want).abs().max().item() < 1e-12
@@ -135,14 +173,13 @@ def test_threshold_of_one_keeps_every_candidate() -> None:
 def test_heads_mix_static_and_dynamic_patterns() -> None:
     src = "heads {\n  0:1 => causal & window(7)\n  1:2 => causal & (sink(16) | topk(1, block=16))\n}"
     m = P.compile(f"pattern p = {src}\n", **SMALL)
-    m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     q, k, v = _inputs(80, h=2, hkv=1, b=1, seed=4)
     body = P.loads(f"pattern p = {src}\n").patterns[0].body
     assert isinstance(body, ir.Heads)
     m0 = np.array([[j <= i and i - j <= 7 for j in range(80)] for i in range(80)])
     m1, _ = R.dynamic_mask(body.ranges[1].pattern, q[:, 1:].numpy(), k.numpy())
     mask = np.stack([np.broadcast_to(m0, (1, 80, 80)), m1[:, 0]], 1)
-    out = m.attention(q, k, v)
+    out, _ = _run(m, q, k, v)
     want, _ = _dense(q, k, v, mask, 16**-0.5)
     assert (out.double() - want).abs().max().item() < 2e-5
     picked = m.selected_blocks(q, k)
@@ -155,7 +192,7 @@ def test_half_precision_inputs_run_and_match() -> None:
     mask, picked = R.dynamic_mask(P.pattern(src), q.float().numpy(), k.float().numpy())
     m = _module(src)
     assert np.array_equal(m.selected_blocks(q, k).numpy(), picked)
-    out = m.attention(q, k, v)
+    out, _ = _run(m, q, k, v)
     want, _ = _dense(q, k, v, mask, 16**-0.5)
     assert (out.double() - want).abs().max().item() < 5e-3
 
@@ -177,10 +214,9 @@ def test_scores_misuse_is_one_clear_sentence() -> None:
 
 @pytest.mark.parametrize("fuse_pre", [False, True])
 @pytest.mark.parametrize("name, dtype", [("nsa", "float32"), ("threshold", "float32"), ("given", "float64")])
-def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str, fuse_pre: bool,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str, fuse_pre: bool) -> None:
     """Gradients of out and lse against float64 autograd over the reference mask (the selection fixed); also
-    with the dQ kernel computing delta and lse2 itself (BWD_FUSE_PRE)."""
+    with the dQ kernel computing delta and lse2 itself (bwd_fuse_pre)."""
     src = CASES[name]
     q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, seed=9))
     v = torch.randn_like(v)
@@ -189,13 +225,14 @@ def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str
         P.pattern(src), q.double().numpy(), k.double().numpy(), None if scores is None else scores.numpy()
     )
     m = _module(src)
-    monkeypatch.setattr(m, "BWD_FUSE_PRE", fuse_pre)  # modules are cached per source: undone after the test
     g = torch.Generator().manual_seed(3)
     w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
     w_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = m.attention_lse(qs, ks, vs, scores=scores)
-    ((out.double() * w_out).sum() + (torch.where(torch.isinf(lse), 0, lse).double() * w_lse).sum()).backward()
+    with m.options(bwd_fuse_pre=fuse_pre), poisoned():
+        out, lse = m.attention_lse(qs, ks, vs, scores=scores)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        ((out.double() * w_out).sum() + (torch.where(torch.isinf(lse), 0, lse).double() * w_lse).sum()).backward()
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
     want, want_lse = _dense(qd, kd, vd, mask, 16**-0.5)
     ((want * w_out).sum() + (torch.where(torch.isinf(want_lse), 0, want_lse) * w_lse).sum()).backward()

@@ -1,5 +1,6 @@
 """The fused selection (`_topk_kernel`: scores and top-n in one launch) and the sync-free table merge
-(`_merge_kernel`) in the CPU interpreter, at sizes where rows span several key tiles of the kernel.
+(`_merge_kernel`) of `patterndsl.runtime.selection` in the CPU interpreter, at sizes where rows span
+several key tiles of the kernel.
 
 - Selection against the float64 literal reading of LANGUAGE.md (`reference.selection`) on inputs whose
   block scores are exact in float32 and tie often (ties go to the lower block), and against the sorting
@@ -26,11 +27,32 @@ pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from patterndsl.runtime import backward, selection, tables  # noqa: E402 (they import torch)
+from patterndsl.runtime.common import _heads as _head_ids  # noqa: E402
+
 SMALL = dict(block_m=16, block_n=16)
 
 
-def _heads(module: Any, h: int) -> Any:
-    return module._heads(0, 0, h, torch.device("cpu"))
+def _heads(h: int) -> Any:
+    """Query heads 0 .. h - 1, all running pattern 0 (int32, as the runtime passes them)."""
+    return _head_ids(0, 0, h, torch.device("cpu"))
+
+
+def _spy_topk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
+    """(BQ, BK, FILL) of every `_topk_kernel` launch from here on (the kernel still runs)."""
+    seen: list[tuple[int, int, bool]] = []
+    real = selection._topk_kernel
+
+    class Spy:
+        def __getitem__(self, grid: Any) -> Any:
+            def launch(*args: Any, **kwargs: Any) -> Any:
+                seen.append((kwargs["BQ"], kwargs["BK"], kwargs["FILL"]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(selection, "_topk_kernel", Spy())
+    return seen
 
 
 @pytest.mark.parametrize(
@@ -50,9 +72,9 @@ def test_fused_topk_matches_the_float64_rule_ties_included(src: str, n: int) -> 
     k = torch.randint(-1, 2, (b, hkv, n, d), generator=g).float()
     k[..., : n // 2 : 3, :] = 0.0  # whole blocks of equal scores
     m = P.compile(f"pattern p = {src}\n", **SMALL)
-    sel = m._selection(0, q, k, None, _heads(m, h), h // hkv)
+    sel = selection._selection(m.spec, 0, q, k, None, _heads(h), h // hkv)
     assert sel.dtype == torch.int32 and sel.shape[-1] == 1 << (sp.selector.count - 1).bit_length()
-    got = m._sel_dense(sel, -(-n // sp.block)).view(b, h, -1, sel.shape[1]).numpy()
+    got = selection._sel_dense(sel, -(-n // sp.block)).view(b, h, -1, sel.shape[1]).numpy()
     want = R.selection(sp.selector, dense_mask(sp.context, n), q.numpy(), k.numpy())
     assert np.array_equal(got, want), f"{int((got != want).sum())} blocks differ"
     # each picked block once per row, padding -1 only where the row has fewer candidates
@@ -64,25 +86,28 @@ def test_fused_topk_matches_the_float64_rule_ties_included(src: str, n: int) -> 
 
 
 @pytest.mark.parametrize(("rows", "fill", "keys"), [(64, False, 64), (16, False, 64), (64, True, 64), (64, True, 32)])
-def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bool, keys: int) -> None:
-    """TOPK_ROWS, TOPK_FILL, TOPK_KEYS: every variant picks what the sorting path picks."""
+def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bool, keys: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options topk_rows, topk_fill, topk_keys: every variant picks what the sorting path picks."""
     src = "causal & (window(15) | topk(7, block=16) | sink(16))"
     n, h, hkv, d = 16 * 100 - 7, 2, 1, 16
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, h, n, d, generator=g)
     k = torch.randn(1, hkv, n, d, generator=g)
     m = P.compile(f"pattern p = {src}\n", **SMALL)
-    m.TOPK_ROWS, m.TOPK_FILL, m.TOPK_KEYS = rows, fill, keys
-    heads = _heads(m, h)
-    fused = m._selection(0, q, k, None, heads, h // hkv)
+    heads = _heads(h)
+    launches = _spy_topk(monkeypatch)
+    with m.options(topk_rows=rows, topk_fill=fill, topk_keys=keys):
+        fused = selection._selection(m.spec, 0, q, k, None, heads, h // hkv)
+    assert launches == [(rows, keys, fill)]  # the variant asked for ran (top 8 columns fit a tile of keys)
     nb = -(-n // 16)
-    keys = m._block_scores(0, q, k, m._pooled(q, k, 16), heads, h // hkv, 0, nb)  # the int64-key path
-    sorting = m._pick(0, keys.reshape(-1, nb), 1.0).view(h, nb, -1)
-    assert torch.equal(m._sel_dense(fused, nb), m._sel_dense(sorting, nb))
+    scores = selection._block_scores(m.spec, 0, q, k, selection._pooled(q, k, 16), heads, h // hkv, 0, nb)
+    sorting = selection._pick(m.spec, 0, scores.reshape(-1, nb), 1.0).view(h, nb, -1)  # the int64-key path
+    assert torch.equal(selection._sel_dense(fused, nb), selection._sel_dense(sorting, nb))
 
 
 @pytest.mark.parametrize(("dtype", "fill"), [("float32", False), ("float16", False), ("float16", True)])
-def test_fused_given_scores_equal_the_sorting_path(dtype: str, fill: bool) -> None:
+def test_fused_given_scores_equal_the_sorting_path(dtype: str, fill: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """score=given through `_topk_kernel`: ties (few distinct values, -0.0 beside 0.0) to the lower block,
     NaN scores never picked, as `_ordered_keys` + torch.topk over the same scores."""
     src = "causal & (window(15) | topk(6, block=16, score=given))"
@@ -94,23 +119,25 @@ def test_fused_given_scores_equal_the_sorting_path(dtype: str, fill: bool) -> No
     scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, 0.0, -0.0).to(scores)
     scores[torch.rand(scores.shape, generator=g) < 0.05] = float("nan")
     m = P.compile(f"pattern p = {src}\n", **SMALL)
-    m.TOPK_FILL = fill  # ties and NaN through the bitonic first tile too
-    fused = m._selection(0, q, k, scores, _heads(m, h), h)
-    cand = m._candidates(m.SELECTORS[0][5], n, 16, "cpu")
+    launches = _spy_topk(monkeypatch)
+    with m.options(topk_fill=fill):  # ties and NaN through the bitonic first tile too
+        fused = selection._selection(m.spec, 0, q, k, scores, _heads(h), h)
+    assert [x[2] for x in launches] == [fill]
+    cand = selection._candidates(m.spec, m.spec.selectors[0].context, n, 16, "cpu")
     s = torch.where(cand, scores.float(), float("nan")).reshape(h * nb, nb)
-    sorting = m._pick(0, s, 1.0).view(h, nb, -1)
-    assert torch.equal(m._sel_dense(fused, nb), m._sel_dense(sorting, nb))
+    sorting = selection._pick(m.spec, 0, s, 1.0).view(h, nb, -1)
+    assert torch.equal(selection._sel_dense(fused, nb), selection._sel_dense(sorting, nb))
     assert int((fused >= 0).sum()) == int((sorting >= 0).sum()) > 0
 
 
 def _brute_tables(m: Any, sel: Any, n: int, bm: int, bn: int, blk: int) -> dict[tuple[int, int], tuple[list, list]]:
     """Per (bh, query tile): sorted FULL and PARTIAL entries, from the two static parts' block tables."""
-    p1 = m.SELECTORS[0][4]
+    p1 = m.spec.selectors[0].selected
     nqt, nkt = -(-n // bm), -(-n // bn)
     cls0: dict[tuple[int, int], int] = {}
     cls1: dict[tuple[int, int], int] = {}
     for pat, into in ((0, cls0), (p1, cls1)):
-        f_off, f_idx, p_off, p_idx = (t.tolist() for t in m.block_tables(n, bm, bn, torch.device("cpu"), pat))
+        f_off, f_idx, p_off, p_idx = (t.tolist() for t in tables.block_tables(m.spec, n, bm, bn, "cpu", pat))
         for qt in range(nqt):
             for t in range(f_off[qt], f_off[qt + 1]):
                 into[qt, f_idx[t]] = 0
@@ -143,7 +170,7 @@ def _brute_tables(m: Any, sel: Any, n: int, bm: int, bn: int, blk: int) -> dict[
 )
 def test_merged_tables_equal_a_brute_force_merge(src: str, n: int, tiles: tuple[int, int], width: int) -> None:
     m = P.compile(f"pattern p = {src}\n", **SMALL)
-    blk = m.SELECTORS[0][2]
+    blk = m.spec.selectors[0].block
     nb = -(-n // blk)
     bh = 3
     g = torch.Generator().manual_seed(2)
@@ -153,8 +180,8 @@ def test_merged_tables_equal_a_brute_force_merge(src: str, n: int, tiles: tuple[
     bm, bn = tiles
     want = _brute_tables(m, sel, n, bm, bn, blk)
     nqt = -(-n // bm)
-    tables = m._dynamic_tables(0, sel, 1, bh, n, bm, bn, "cpu")
-    f_off, f_idx, p_off, p_idx = (t.tolist() for t in tables)
+    merged = selection._dynamic_tables(m.spec, 0, sel, 1, bh, n, bm, bn, "cpu")
+    f_off, f_idx, p_off, p_idx = (t.tolist() for t in merged)
     assert len(f_off) == len(p_off) == bh * nqt + 1 and f_off[0] == p_off[0] == 0
     assert len(f_idx) >= f_off[-1] and len(p_idx) >= p_off[-1]  # sized by a bound, nothing read back
     for (b, qt), (full, part) in want.items():
@@ -163,7 +190,7 @@ def test_merged_tables_equal_a_brute_force_merge(src: str, n: int, tiles: tuple[
         assert sorted(p_idx[p_off[r] : p_off[r + 1]]) == part, (b, qt)
     # the backward's tables by key tile: the same entries, transposed, ascending query tile per row
     nkt = -(-n // bn)
-    tf_off, tf_idx, tp_off, tp_idx = (t.tolist() for t in m._transpose_dynamic(tables, bh, nqt, nkt))
+    tf_off, tf_idx, tp_off, tp_idx = (t.tolist() for t in backward._transpose_dynamic(merged, bh, nqt, nkt))
     for t_off, t_idx, which in ((tf_off, tf_idx, 0), (tp_off, tp_idx, 1)):
         assert len(t_off) == bh * nkt + 1 and t_off[0] == 0
         got = {(r // nkt, r % nkt, x) for r in range(bh * nkt) for x in t_idx[t_off[r] : t_off[r + 1]]}

@@ -20,7 +20,13 @@ def test_tour_runs_on_cpu_and_its_module_matches_the_reference(tmp_path: Path) -
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "max |out - dense masked SDPA (float64)|" in run.stdout
     assert (tmp_path / "streaming.png").stat().st_size > 1000
-    tree = ast.parse((tmp_path / "streaming_attn.py").read_text(encoding="utf-8"))
+    assert "the standalone package gives the same output" in run.stdout
+    assert _imports(tmp_path / "streaming_attn.py") == {"triton", "patterndsl"}
+    assert _imports(tmp_path / "streaming_pkg" / "__init__.py") == {"triton", "."}  # the runtime copied beside it
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert {"torch", "triton"} <= imported and not imported - {"torch", "triton"} - set(sys.stdlib_module_names)
+    imported |= {"." if n.level else (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    return imported - set(sys.stdlib_module_names)

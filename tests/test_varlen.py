@@ -2,7 +2,7 @@
 
 The reference is block-diagonal and independent of the library: per document `[s, e)` the brute-force mask
 of `tests/reference.py` at N = e - s, nothing across documents, softmax in float64. Outputs are poisoned
-(NaN) before each run. Document splits are drawn by hypothesis (length-0 and length-1 documents,
+(NaN: `out=` and `lse=` filled with NaN) before each run. Document splits are drawn by hypothesis (length-0 and length-1 documents,
 documents shorter than a window or a block). A document at which a pattern cannot run (a layout of
 another size, an argument out of range at that N) must give one clear error naming the document.
 """
@@ -28,6 +28,9 @@ pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from patterndsl.runtime import backward, cpu, forward, tables, varlen  # noqa: E402 (they import torch)
+from patterndsl.runtime.spec import PatternSpec  # noqa: E402
+
 SMALL = dict(block_m=16, block_n=16)
 # N-free predicates take the shared-table path; the others classify every tile at its own N
 PATTERNS = {
@@ -42,14 +45,23 @@ _modules: dict[tuple[str, str], Any] = {}
 
 
 def module(src: str, **config: Any) -> Any:
-    """The compiled module of `src` (cached per source and tiles), its outputs poisoned with NaN."""
+    """The compiled pattern `src` (an `Attention`, cached per source and tiles)."""
     config = config or SMALL
     key = (src, repr(sorted(config.items())))
     if key not in _modules:
-        m = P.compile(f"pattern p = {src}\n", **config)
-        m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-        _modules[key] = m
+        _modules[key] = P.compile(f"pattern p = {src}\n", **config)
     return _modules[key]
+
+
+def run(m: Any, q: Any, k: Any, v: Any, lse_shape: tuple[int, ...], **kwargs: Any) -> tuple[Any, Any]:
+    """`m.attention_lse` (no grad) into `out=` and `lse=` filled with NaN: an element the kernels leave
+    unwritten stays NaN. The results must be those very tensors."""
+    out = torch.full(tuple(q.shape), float("nan"), dtype=q.dtype)
+    lse = torch.full(lse_shape, float("nan"), dtype=torch.float32)
+    with torch.no_grad():
+        got, got_lse = m.attention_lse(q, k, v, out=out, lse=lse, **kwargs)
+    assert got.data_ptr() == out.data_ptr() and got_lse.data_ptr() == lse.data_ptr(), "results not written in place"
+    return got, got_lse
 
 
 def doc_mask(body: ir.Body, lengths: list[int]) -> np.ndarray:
@@ -89,11 +101,11 @@ def check(m: Any, body: ir.Body, lengths: list[int], h: int = 2, hkv: int | None
     k, v = (torch.randn(total, hkv or h, d, generator=g).to(dtype) for _ in range(2))
     cu = cu_of(lengths)
     if four_d:
-        out4, lse4 = m.attention_lse(*(t.transpose(0, 1)[None] for t in (q, k, v)), cu_seqlens=cu)
+        out4, lse4 = run(m, *(t.transpose(0, 1)[None] for t in (q, k, v)), (1, h, total), cu_seqlens=cu)
         assert out4.shape == (1, h, total, d) and lse4.shape == (1, h, total)
         out, lse = out4[0].transpose(0, 1), lse4[0]
     else:
-        out, lse = m.attention_lse(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))
+        out, lse = run(m, q, k, v, (h, total), cu_seqlens=cu, max_seqlen=max(lengths))
     want, want_lse = reference(q, k, v, doc_mask(body, lengths), d**-0.5)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (h, total)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten (NaN) elements"
@@ -138,7 +150,6 @@ def test_random_patterns_on_random_splits(src: str, lengths: list[int]) -> None:
         assert "random(r, ...) compiles only when r is a number" in str(e)
         assume(False)
         return
-    m._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     if bad:
         q = torch.randn(sum(lengths), 1, 16)
         with pytest.raises(ValueError, match=r"document \d+ \(tokens \d+:\d+\)"):
@@ -154,7 +165,7 @@ def test_length_one_and_short_documents() -> None:
         check(module(src), P.pattern(src), [1, 1, 3, 1, 17, 2, 1])
     m = module("causal & (window(5) | sink(2))")
     q = torch.randn(4, 1, 16)
-    out = m.attention(q, q, q, cu_seqlens=cu_of([1, 1, 1, 1]))
+    out, _ = run(m, q, q, q, (1, 4), cu_seqlens=cu_of([1, 1, 1, 1]))
     assert torch.allclose(out, q, atol=1e-6), "a length-1 document attends only to itself"
 
 
@@ -165,12 +176,10 @@ def test_gqa_heads_patterns_layouts_and_four_d_input() -> None:
     text = "pattern m = heads {\n  0:1 => causal & window(3)\n  1:3 => sink(2) | window(0)\n}\n"
     body = P.loads(text).patterns[0].body
     m = P.compile(text, **SMALL)
-    m._empty = module(src)._empty
     check(m, body, [9, 1, 30], h=3)
     grid = "layout g = grid(3, 5)\npattern p = neighborhood(g, kernel=3) | where(g, abs(qc1 - kc1) == 4)\n"
     body = P.loads(grid).patterns[0].body
     gm = P.compile(grid, **SMALL)
-    gm._empty = module(src)._empty
     check(gm, body, [15, 15, 15])
 
 
@@ -178,7 +187,7 @@ def test_float16_and_cpu_reference_path() -> None:
     src = PATTERNS["longformer"]
     check(module(src), P.pattern(src), [25, 4, 40], dtype=torch.float16)
     m = module(src)
-    m._warned_cpu.clear()
+    cpu._warned_cpu.clear()  # the warning is given once a process
     with pytest.warns(UserWarning, match="not the fast"):
         check(m, P.pattern(src), [25, 0, 4, 40], dtype=torch.float64)  # float64 takes the PyTorch path
 
@@ -202,15 +211,13 @@ def test_tables_are_sound_and_full_tiles_exact(src: str, free: bool, transpose: 
     the shared N-free table (free) and each tile classified at its own N. Without causal, a document's
     ragged last key block is entirely allowed: it must be listed PARTIAL."""
     m = module(src)
+    assert m.spec.n_free == (True,)
     bm, bn = tiles
-    saved = m.N_FREE
-    m.N_FREE = (free,)
-    try:
-        tables = m._varlen_tables(cu_of(lengths), lengths, bm, bn, transpose=transpose)
-    finally:
-        m.N_FREE = saved
-    assert all(x.dtype == torch.int32 and x.is_contiguous() for x in tables)
-    tiles_, f_off, f_idx, p_off, p_idx = tables
+    with pytest.MonkeyPatch.context() as mp:  # (not the fixture: hypothesis runs the test many times)
+        mp.setattr(PatternSpec, "n_free", property(lambda self: (free,)))  # False: classified per document
+        built = varlen._varlen_tables(m.spec, cu_of(lengths), lengths, bm, bn, transpose=transpose)
+    assert all(x.dtype == torch.int32 and x.is_contiguous() for x in built)
+    tiles_, f_off, f_idx, p_off, p_idx = built
     row_block = bn if transpose else bm
     rows = [tuple(t) for t in tiles_.view(-1, 2).tolist()]
     assert sorted(rows) == sorted((d, b) for d, n in enumerate(lengths) for b in range(-(-n // row_block)))
@@ -246,15 +253,15 @@ def test_fifty_calls_with_random_lengths_need_one_specialisation(fuse_pre: bool,
     """Triton compiles one kernel per specialisation key; the keys of 50 forward+backward calls with
     random documents (computed by Triton's own binder) must be one per kernel. The same binder without
     do_not_specialize tells them apart, so the check can fail. The delta pre-pass runs only without
-    BWD_FUSE_PRE (the dQ kernel computes delta by default)."""
+    bwd_fuse_pre (the dQ kernel computes delta by default). Each kernel is recorded where the runtime
+    launches it from (the module that imports it by name)."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     m = P.compile("pattern p = causal & (window(5) | sink(2))\n", **SMALL)
-    monkeypatch.setattr(m, "BWD_FUSE_PRE", fuse_pre)  # the module is cached: undone after the test
-    kernels = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_vl_rows", "_vl_scan", "_vl_gather")
-    names = [x for x in kernels + (() if fuse_pre else ("_attn_bwd_pre",)) if hasattr(m, x)]
-    assert "_vl_rows" in names
+    where = {"_attn_fwd": forward, "_attn_bwd_dq": backward, "_attn_bwd_dkdv": backward, "_vl_rows": varlen,
+             "_vl_scan": varlen, "_vl_gather": varlen, "_attn_bwd_pre": backward}
+    names = [x for x in where if x != "_attn_bwd_pre" or not fuse_pre]
     launches: dict[str, list[tuple[Any, Any]]] = {x: [] for x in names}
 
     class Recorder:  # records the launch instead of running it (the key is all that matters here)
@@ -266,27 +273,28 @@ def test_fifty_calls_with_random_lengths_need_one_specialisation(fuse_pre: bool,
 
     binders = {}
     for x in names:
-        real = getattr(m, x)
+        real = getattr(where[x], x)
         for label, kw in (("ours", real.kwargs), ("specialised", {**real.kwargs, "do_not_specialize": []})):
             jf = JITFunction(real.fn, **kw)
             binders[x, label] = create_function_from_signature(jf.signature, jf.params, BaseBackend)
     rng = np.random.default_rng(0)
-    for x in names:  # (the module is shared with the other tests: monkeypatch puts its kernels back)
-        monkeypatch.setattr(m, x, Recorder(x))
+    for x in names:  # (monkeypatch puts the runtime's kernels back after the test)
+        monkeypatch.setattr(where[x], x, Recorder(x))
     try:
-        for _ in range(50):
-            lengths = rng.integers(1, 300, rng.integers(1, 9)).tolist()
-            q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
-            m.attention(q, q, q, cu_seqlens=cu_of(lengths)).sum().backward()
+        with m.options(bwd_fuse_pre=fuse_pre):
+            for _ in range(50):
+                lengths = rng.integers(1, 300, rng.integers(1, 9)).tolist()
+                q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
+                m.attention(q, q, q, cu_seqlens=cu_of(lengths)).sum().backward()
     finally:
-        m._VARLEN.clear()  # the garbage tables of recorded launches
+        varlen._VARLEN.clear()  # the garbage tables of recorded launches
     for x in names:
         assert len(launches[x]) == (150 if x.startswith("_vl_") else 50), x  # tables: forward, dQ, dK/dV
         keys: dict[str, set[str]] = {"ours": set(), "specialised": set()}
         for a, kw in launches[x]:
             for label in keys:
-                _, spec, opts = binders[x, label](*a, **kw)
-                keys[label].add(repr(spec) + repr(sorted(opts.items())))
+                _, sig, opts = binders[x, label](*a, **kw)
+                keys[label].add(repr(sig) + repr(sorted(opts.items())))
         assert len(keys["ours"]) == 1, (x, keys["ours"])
         assert len(keys["specialised"]) > 1, x
 
@@ -325,16 +333,19 @@ def test_bad_calls_raise_one_clear_error() -> None:
 
 def test_tables_are_shared_by_calls_with_the_same_documents() -> None:
     """Layers of one step (same cu_seqlens) share a build; other documents get their own tables."""
-    m = module(PATTERNS["swa_sink"])
-    m._VARLEN.clear()
-    a = m.varlen_tables(cu_of([5, 30]), [5, 30], 16, 16)
-    assert m.varlen_tables(cu_of([5, 30]), [5, 30], 16, 16) is a
-    b = m.varlen_tables(cu_of([30, 5]), [30, 5], 16, 16)
+    sp = module(PATTERNS["swa_sink"]).spec
+    varlen._VARLEN.clear()
+    a = varlen.varlen_tables(sp, cu_of([5, 30]), [5, 30], 16, 16)
+    assert varlen.varlen_tables(sp, cu_of([5, 30]), [5, 30], 16, 16) is a
+    b = varlen.varlen_tables(sp, cu_of([30, 5]), [30, 5], 16, 16)
     assert b is not a and not torch.equal(a[0], b[0])
+    other = module(PATTERNS["power"]).spec  # another pattern, the same documents: its own tables
+    c = varlen.varlen_tables(other, cu_of([5, 30]), [5, 30], 16, 16)
+    assert c is not a and varlen.varlen_tables(other, cu_of([5, 30]), [5, 30], 16, 16) is c
     for _ in range(40):
-        m.varlen_tables(cu_of([7, 1]), [7, 1], 16, 16, transpose=True)
-        m.varlen_tables(cu_of(list(range(1, 30))), list(range(1, 30)), 16, 16)
-    assert len(m._VARLEN) <= 17
+        varlen.varlen_tables(sp, cu_of([7, 1]), [7, 1], 16, 16, transpose=True)
+        varlen.varlen_tables(sp, cu_of(list(range(1, 30))), list(range(1, 30)), 16, 16)
+    assert len(varlen._VARLEN) <= 17
 
 
 def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -378,22 +389,23 @@ def test_n_free_build_reads_no_device_value_and_launches_a_handful_of_ops(monkey
 
             return launch
 
-    m = module("causal & window(100)")
+    sp = module("causal & window(100)").spec
     lengths = [1, 300, 0, 77, 16, 129, 1]
     kernels = ("_vl_rows", "_vl_scan", "_vl_gather")
     cases = (((32, 16), False), ((16, 64), True))
-    wants = [m._varlen_tables(cu_of(lengths), lengths, *tiles, transpose=transpose) for tiles, transpose in cases]
-    for x in kernels:  # (the module is cached: monkeypatch puts its kernels back)
-        monkeypatch.setattr(m, x, Recorder(x))
+    wants = [varlen._varlen_tables(sp, cu_of(lengths), lengths, *tiles, transpose=transpose)
+             for tiles, transpose in cases]
+    for x in kernels:  # (monkeypatch puts the runtime's kernels back)
+        monkeypatch.setattr(varlen, x, Recorder(x))
     for (tiles, transpose), want in zip(cases, wants, strict=True):
-        sides, src, _ = m._free_source(0, 512, *tiles, "cpu")
-        m._FREE[(0, 512, *tiles, "meta")] = (sides, src.to("meta"), ({}, {}))
+        sides, src, _ = varlen._free_source(sp, 0, 512, *tiles, "cpu")
+        monkeypatch.setitem(varlen._FREE, (sp.key, 0, 512, *tiles, "meta"), (sides, src.to("meta"), ({}, {})))
         threads = torch.get_num_threads()
         with DeviceOps() as cold:
-            m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))  # templates made
+            varlen._free_tables(sp, 0, 512, lengths, *tiles, transpose, torch.device("meta"))  # templates made
         launches.clear()
         with DeviceOps() as ops:
-            got = m._free_tables(0, 512, lengths, *tiles, transpose, torch.device("meta"))
+            got = varlen._free_tables(sp, 0, 512, lengths, *tiles, transpose, torch.device("meta"))
         assert torch.get_num_threads() == threads, "the host part's single thread is given back"
         assert [x.device.type for x in got] == ["meta"] * 5
         assert [x.shape for x in got] == [x.shape for x in want]
@@ -409,26 +421,27 @@ def test_n_free_tables_match_a_brute_force_assembly_bit_for_bit() -> None:
     rng = np.random.default_rng(11)
     shapes = [(16, 16), (32, 16), (16, 32), (64, 32), (16, 64)]
     for src in ("causal & (window(21) | stride(16))", "window(21) | stride(16)"):
-        m = module(src)
-        assert m.N_FREE[0]
+        sp = module(src).spec
+        assert sp.n_free[0]
         for case in range(14):
             sizes = [0, 1, 2, 15, 16, 17, 31, 32, 33, int(rng.integers(1, 300)), int(rng.integers(1, 300))]
             lengths = [int(x) for x in rng.choice(sizes, int(rng.integers(1, 10)))] if case else [0, 0]
             bm, bn = shapes[case % len(shapes)]
             top = max(1 << (max(lengths, default=1) - 1).bit_length(), bm, bn) if max(lengths) else max(bm, bn)
-            shared = m.block_tables(top, bm, bn, "cpu", layout=False)
+            shared = tables.block_tables(sp, top, bm, bn, "cpu", layout=False)
             for transpose in (False, True):
-                got = m._varlen_tables(cu_of(lengths), lengths, bm, bn, transpose=transpose)
+                got = varlen._varlen_tables(sp, cu_of(lengths), lengths, bm, bn, transpose=transpose)
                 want = packed_tables(shared, lengths, bm, bn, transpose)
                 assert all(x.dtype == torch.int32 and x.is_contiguous() for x in got)
                 for name, x, y in zip(("tiles", "f_off", "f_idx", "p_off", "p_idx"), got, want, strict=True):
                     assert torch.equal(x, y), (src, lengths, bm, bn, transpose, name)
 
 
-def test_per_document_classifier_reads_the_device_once_per_round() -> None:
+def test_per_document_classifier_reads_the_device_once_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
     """Predicates that read N classify every tile at its own N, in rounds of halving key ranges (then of
-    splitting PARTIAL tiles): each round may read the device once (its outcomes' sizes, `_partition`),
-    never once per boolean mask. Counted by dispatch: boolean-mask indexing, nonzero, item, bincount."""
+    splitting PARTIAL tiles, `tables.refine`): each round may read the device once (its outcomes' sizes,
+    `_partition`), never once per boolean mask. Counted by dispatch: boolean-mask indexing, nonzero, item,
+    bincount; the rounds by spies on `classify` and `_partition` where varlen.py and tables.py call them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Reads(TorchDispatchMode):
@@ -443,54 +456,49 @@ def test_per_document_classifier_reads_the_device_once_per_round() -> None:
             self.scalars += name in ("nonzero", "_local_scalar_dense", "bincount")
             return func(*args, **(kwargs or {}))
 
-    m = module(PATTERNS["quarter"])
-    assert not m.N_FREE[0]
+    sp = module(PATTERNS["quarter"]).spec
+    assert not sp.n_free[0]
     lengths = [1, 300, 0, 77, 16, 129, 1, 64]
-    calls = {"classify": 0, "partition": 0}
-    real = {x: getattr(m, "_" + x) for x in calls}
+    calls = {"classify": 0, "_partition": 0}
 
-    def counted(x: str) -> Any:
+    def counted(x: str, real: Any) -> Any:
         def f(*a: Any, **kw: Any) -> Any:
             calls[x] += 1
-            return real[x](*a, **kw)
+            return real(*a, **kw)
 
         return f
 
-    try:
+    for where in (varlen, tables):
         for x in calls:
-            setattr(m, "_" + x, counted(x))
-        with Reads() as reads:
-            tables = m._varlen_tables(cu_of(lengths), lengths, 16, 16)
-    finally:
-        for x in calls:
-            setattr(m, "_" + x, real[x])
-    assert tables[0].numel() == 2 * sum(-(-n // 16) for n in lengths)
+            monkeypatch.setattr(where, x, counted(x, getattr(where, x)))
+    with Reads() as reads:
+        built = varlen._varlen_tables(sp, cu_of(lengths), lengths, 16, 16)
+    assert built[0].numel() == 2 * sum(-(-n // 16) for n in lengths)
     assert reads.masks == 0 and reads.scalars <= 2, (reads.masks, reads.scalars)
-    assert 1 <= calls["partition"] <= calls["classify"] + 1, calls
+    assert 1 <= calls["_partition"] <= calls["classify"] + 1, calls
 
 
 def test_row_templates_are_bounded_and_give_the_same_tables() -> None:
     """Per-document row templates (kept across calls, keyed by a document's block counts) stay under their
     row budget, and tables built with a warm, a cleared or an evicting template cache are identical."""
-    m = module("causal & (window(21) | stride(16))")
+    sp = module("causal & (window(21) | stride(16))").spec
     rng = np.random.default_rng(7)
     splits = [rng.integers(0, 200, rng.integers(1, 9)).tolist() for _ in range(30)]
     splits = [s for s in splits if sum(s)]
-    warm = [m._varlen_tables(cu_of(s), s, 16, 32, transpose=t) for s in splits for t in (False, True)]
-    saved = m._TEMPLATE_ROWS
-    m._TEMPLATE_ROWS = 24
-    try:
-        for entry in m._FREE.values():
+    warm = [varlen._varlen_tables(sp, cu_of(s), s, 16, 32, transpose=t) for s in splits for t in (False, True)]
+    mine = [entry for key, entry in varlen._FREE.items() if key[0] == sp.key]  # (the cache serves every pattern)
+    assert mine
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(varlen, "_TEMPLATE_ROWS", 24)
+        for entry in mine:
             entry[2][0].clear()
             entry[2][1].clear()
-        small = [m._varlen_tables(cu_of(s), s, 16, 32, transpose=t) for s in splits for t in (False, True)]
+        small = [varlen._varlen_tables(sp, cu_of(s), s, 16, 32, transpose=t) for s in splits for t in (False, True)]
         most = max(sum(-(-n // 16) for n in s) for s in splits)
-        stores = [store for entry in m._FREE.values() for store in entry[2] if store]
+        stores = [store for key, entry in varlen._FREE.items() if key[0] == sp.key for store in entry[2] if store]
         assert len(stores) >= 2
         for store in stores:
             rows = sum(k for _, k, _, _ in store["shape"].values())
             assert rows == store["rows"] <= min(24 + most, store["t"].shape[0])
-    finally:
-        m._TEMPLATE_ROWS = saved
     for a, b in zip(warm, small, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

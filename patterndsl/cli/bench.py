@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise PatternError(str(e)) from None
     module = compile_module(args.file, args.pattern, defines)
-    heads = args.heads or module.HEADS or 16
-    if module.HEADS is not None and heads != module.HEADS:
-        raise PatternError(f"--heads {heads}: the pattern defines {module.HEADS} heads")
+    heads = args.heads or module.spec.heads or 16
+    if module.spec.heads is not None and heads != module.spec.heads:
+        raise PatternError(f"--heads {heads}: the pattern defines {module.spec.heads} heads")
     for n in args.n:
         try:
             module.check_n(n)
@@ -105,18 +105,23 @@ def _pairs(module: Any, pats: tuple[Any, ...], n: int, heads: int) -> int:
     """Allowed pairs summed over heads, counted exactly (no N x N mask)."""
     from ..analysis.count import count_pairs
 
-    if module.HEAD_PATTERN is None:
+    head_pattern = module.spec.head_pattern
+    if head_pattern is None:
         return count_pairs(pats[0], n) * heads
-    return sum(count_pairs(pats[module.HEAD_PATTERN[h]], n) for h in range(heads))
+    return sum(count_pairs(pats[head_pattern[h]], n) for h in range(heads))
 
 
-def _tiles(module: Any, n: int, device: Any, heads: int) -> tuple[int, int, tuple[int, ...]]:
-    """(visited tiles summed over the heads, tile area, config of the last launch)."""
-    cfg = module.LAST_CONFIG
+def _tiles(module: Any, q: Any, k: Any, v: Any, heads: int) -> tuple[int, int, tuple[int, ...]]:
+    """(visited tiles summed over the heads, tile area, the config a call with these inputs launches)."""
+    from ..runtime import tables
+
+    n = q.shape[2]
+    cfg = module.config(q, k, v)
+    head_pattern = module.spec.head_pattern
     total = 0
-    for pat in range(module.PATTERNS):
-        f_off, _, p_off, _ = module.block_tables(n, cfg[0], cfg[1], device, pat)
-        uses = heads if module.HEAD_PATTERN is None else sum(1 for x in module.HEAD_PATTERN if x == pat)
+    for pat in range(module.spec.patterns):
+        f_off, _, p_off, _ = tables.block_tables(module.spec, n, cfg[0], cfg[1], q.device, pat)
+        uses = heads if head_pattern is None else sum(1 for x in head_pattern if x == pat)
         total += (int(f_off[-1]) + int(p_off[-1])) * uses
     return total, cfg[0] * cfg[1], cfg
 
@@ -124,15 +129,17 @@ def _tiles(module: Any, n: int, device: Any, heads: int) -> tuple[int, int, tupl
 def _flex_mask(module: Any, n: int) -> Any:
     import torch
 
-    preds = module._PYPRED
-    if module.HEAD_PATTERN is None:
-        return lambda b, h, q, k: preds[0](q, k, n)
-    which = torch.tensor(module.HEAD_PATTERN, device="cuda")
+    from ..runtime.evaluate import evaluate
+
+    preds = [p.expr for p in module.spec.predicates[: module.spec.patterns]]
+    if module.spec.head_pattern is None:
+        return lambda b, h, q, k: evaluate(preds[0], q, k, n)
+    which = torch.tensor(module.spec.head_pattern, device="cuda")
 
     def mask(b: Any, h: Any, q: Any, k: Any) -> Any:
-        out = preds[0](q, k, n)
+        out = evaluate(preds[0], q, k, n)
         for p in range(1, len(preds)):
-            out = torch.where(which[h] == p, preds[p](q, k, n), out)
+            out = torch.where(which[h] == p, evaluate(preds[p], q, k, n), out)
         return out
 
     return mask
@@ -163,7 +170,7 @@ def _step(fn: Any, q: Any, k: Any, v: Any, grad: Any) -> Callable[[], None]:
 
 
 def _do_bench(step: Callable[[], Any]) -> float:
-    import triton  # type: ignore[import-untyped]
+    import triton
 
     return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
 
@@ -223,7 +230,7 @@ def _measure(module: Any, pats: tuple[Any, ...], args: argparse.Namespace, heads
             row["ours_ms"] = times["ours"]
             row["rounds_ms"] = rounds
             pairs = _pairs(module, pats, n, heads)
-            tiles, area, cfg = _tiles(module, n, q.device, heads)
+            tiles, area, cfg = _tiles(module, q.detach(), k.detach(), v.detach(), heads)
             flops = 4 * pairs * d * b * (2.5 if args.backward else 1.0)
             row.update(
                 allowed_pairs=pairs * b,
@@ -245,7 +252,7 @@ def _measure(module: Any, pats: tuple[Any, ...], args: argparse.Namespace, heads
             torch.cuda.empty_cache()
     return {
         "file": args.file,
-        "pattern": module.PATTERN_NAME,
+        "pattern": module.name,
         "machine": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -1,4 +1,5 @@
-"""`patc compile`: a pattern becomes a self-contained Python module with its Triton kernel."""
+"""`patc compile`: a pattern becomes a small Python module (its predicates and one call into the runtime), or
+with --standalone a package that carries the runtime and imports only torch and triton."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "compile",
         help="write a Python module with the pattern's attention kernel",
-        description="Compile one pattern of a .pat file to a readable module that imports only torch and "
-        "triton and exposes attention(q, k, v, *, scale=None) with SDPA's [B, H, N, D] convention.",
+        description="Compile one pattern of a .pat file to a readable module holding the pattern's predicates, "
+        "which imports patterndsl's runtime (or, with --standalone, a copy of it) and exposes attention(q, k, v) "
+        "with SDPA's [B, H, N, D] convention.",
     )
     add_file_options(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.py", help="where to write the module")
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="write OUT as a package folder that imports only torch and triton (the runtime's files copied in)",
+    )
     p.add_argument("--block-m", type=int, help="query block size (default: tuned per head_dim)")
     p.add_argument("--block-n", type=int, help="key block size (default: tuned per head_dim)")
     p.add_argument(
@@ -52,13 +59,19 @@ def run(args: argparse.Namespace) -> int:
             block_m=args.block_m,
             block_n=args.block_n,
             bwd_config=_bwd_tiles(args.bwd_tiles),
+            standalone=args.standalone,
         )
     except ValueError as e:
         if isinstance(e, PatternError):
             raise
         raise PatternError(str(e)) from None
     try:
-        Path(args.output).write_text(compiled.text, encoding="utf-8")
+        if args.standalone:
+            from ..compile import write_standalone
+
+            write_standalone(compiled, Path(args.output))
+        else:
+            Path(args.output).write_text(compiled.text, encoding="utf-8")
     except OSError as e:
         raise PatternError(f"cannot write {args.output}: {e.strerror}") from None
     print(f"{args.output}: attention kernel for '{compiled.name}' (source sha256 {compiled.sha256[:12]})")

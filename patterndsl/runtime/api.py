@@ -1,0 +1,258 @@
+"""The typed user API of a compiled pattern: `Attention` (callable like SDPA) and `BlockMask`.
+
+`patterndsl.compile(...)` and every generated module hand out one `Attention` built from the pattern's
+`PatternSpec`. Options are per call or per block (`with attn.options(...)`), outputs may be passed in
+(`out=`, `lse=`), and a `BlockMask` built once (tables on the device) is reusable and can be captured in a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import autograd, tables
+from .backward import _backward, _varlen_backward
+from .checks import _check, _check_docs, _need_scores, check_n
+from .common import _d_pad, _head_patterns, _on_device_of, _tma_mode
+from .forward import _choose, _config, _forward, _varlen_forward
+from .options import options as _options
+from .selection import selected_blocks as _selected_blocks
+from .spec import PatternSpec
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """A pattern's block tables at one sequence length, for one layer: per predicate the FULL and PARTIAL
+    key blocks of each query block (CSR, int32, on `device`) and their transposes (query blocks per key block).
+    Built once by `Attention.block_mask`; passing it to a call launches with its tiles."""
+
+    n: int
+    block_m: int
+    block_n: int
+    device: torch.device
+    patterns: int | tuple[int, ...]  # the predicate of every head (an int: all heads alike)
+    tables: dict[int, tuple[Any, Any, Any, Any]]  # predicate -> (full_off, full_idx, part_off, part_idx)
+    tables_t: dict[int, tuple[Any, Any, Any, Any]]
+    layout: dict[int, str | None]  # predicate -> its token layout (None: contiguous rows)
+
+    def to_dense(self) -> torch.Tensor:
+        """[query blocks, key blocks] int8 per predicate: 0 none, 1 PARTIAL, 2 FULL (a view for inspection)."""
+        out = {}
+        for pat, (f_off, f_idx, p_off, p_idx) in self.tables.items():
+            rows = f_off.numel() - 1
+            cols = -(-self.n // self.block_n) if self.layout[pat] is None else int(max(
+                [int(f_idx.max()) + 1 if f_idx.numel() else 0, int(p_idx.max()) + 1 if p_idx.numel() else 0, 1]))
+            dense = torch.zeros((rows, cols), dtype=torch.int8, device=f_off.device)
+            for off, idx, value in ((f_off, f_idx, 2), (p_off, p_idx, 1)):
+                r = torch.repeat_interleave(torch.arange(rows, device=off.device), (off[1:] - off[:-1]).long())
+                dense[r, idx.long()] = value
+            out[pat] = dense
+        if isinstance(self.patterns, int):
+            return out[self.patterns]
+        return torch.stack([out[p] for p in self.patterns])
+
+    def sparsity(self) -> float:
+        """The fraction of tiles the kernels skip, over the heads' predicates."""
+        per: list[float] = []
+        heads = (self.patterns,) if isinstance(self.patterns, int) else self.patterns
+        for pat in heads:
+            f_off, f_idx, p_off, p_idx = self.tables[pat]
+            rows = f_off.numel() - 1
+            cols = -(-self.n // self.block_n)
+            per.append(1.0 - (f_idx.numel() + p_idx.numel()) / max(1, rows * cols))
+        return sum(per) / len(per)
+
+
+class Attention:
+    """A compiled pattern, callable as `attn(q, k, v)` with q [B, H, N, D] and k, v [B, Hkv, N, D] (Hkv
+    divides H: GQA, MQA), returning [B, H, N, D] like scaled_dot_product_attention."""
+
+    def __init__(self, spec: PatternSpec) -> None:
+        self.spec = autograd.register(spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def source(self) -> str:
+        return self.spec.source
+
+    def __repr__(self) -> str:
+        return f"<patterndsl.Attention {self.spec.kind} '{self.spec.name}'>"
+
+    def options(self, **changes: Any) -> Any:
+        """Kernel options for the calls inside a `with` block (see `patterndsl.runtime.options.Options`)."""
+        return _options(**changes)
+
+    def check_n(self, n: int) -> None:
+        """Raise ValueError when the pattern cannot run at sequence length n (its arguments, its layout)."""
+        check_n(self.spec, n)
+
+    def __call__(self, q: Any, k: Any, v: Any, *, block_mask: BlockMask | None = None, return_lse: bool = False,
+                 cu_seqlens: Any = None, max_seqlen: int | None = None, layer: int | None = None,
+                 scale: float | None = None, scores: Any = None, out: Any = None, lse: Any = None) -> Any:
+        """Attention with this pattern. `return_lse`: also the log-sum-exp [B, H, N] (float32, natural log).
+        `layer` (models only): which layer's pattern applies. `scores`: the caller's block scores of a
+        `topk(..., score=given)`. `cu_seqlens` (packed documents, FlashAttention's convention): q, k, v
+        [total, H, D] or [1, H, total, D], the pattern inside each document. `out`, `lse`: tensors to write
+        the results into (no autograd). `block_mask`: tables built by `block_mask()`, launched with its tiles.
+        A query with no allowed key gets zeros and log-sum-exp -inf."""
+        if block_mask is not None:
+            if not isinstance(block_mask, BlockMask):
+                raise TypeError(f"block_mask must come from attn.block_mask(...), got {type(block_mask).__name__}")
+            if torch.is_tensor(q) and q.dim() == 4 and q.shape[2] != block_mask.n:
+                raise ValueError(f"block_mask was built for N = {block_mask.n}, got N = {q.shape[2]}")
+            with _options(tiles=(block_mask.block_m, block_mask.block_n)):
+                got = self._call(q, k, v, cu_seqlens, max_seqlen, layer, scale, scores, out, lse)
+        else:
+            got = self._call(q, k, v, cu_seqlens, max_seqlen, layer, scale, scores, out, lse)
+        return got if return_lse else got[0]
+
+    def attention(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+        """`attn(q, k, v, ...)`: the output alone."""
+        return self(q, k, v, **kwargs)
+
+    def attention_lse(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+        """(out, lse): `attn(q, k, v, ..., return_lse=True)`."""
+        return self(q, k, v, return_lse=True, **kwargs)
+
+    def _call(self, q: Any, k: Any, v: Any, cu_seqlens: Any, max_seqlen: Any, layer: Any, scale: Any, scores: Any,
+              out: Any, lse: Any) -> tuple[Any, Any]:
+        spec = self.spec
+        patterns = _head_patterns(spec, layer)
+        dynamic = any(sel is not None for sel in spec.selectors)
+        code = -1 if layer is None else layer
+        if cu_seqlens is not None:
+            if dynamic:
+                raise ValueError("packed documents (cu_seqlens) are not supported for dynamic selectors yet")
+            return self._varlen(q, k, v, scale, cu_seqlens, max_seqlen, patterns, code, out, lse)
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+        group = _check(spec, q, k, v, scale, patterns)
+        _need_scores(spec, q, scores)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        given = _outputs(q, out, lse, (*q.shape[:3],))
+        if autograd.differentiable(q, k, v):
+            if given:
+                raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
+            if dynamic:
+                return autograd.DynamicAttention.apply(q, k, v, scale, code, scores, spec.key)  # type: ignore[no-untyped-call, no-any-return]
+            return autograd.static_attention(q, k, v, scale, code, spec.key)
+        return _forward(spec, q, k, v, scale, group, patterns, scores, None, out, lse)
+
+    def _varlen(self, q: Any, k: Any, v: Any, scale: Any, cu_seqlens: Any, max_seqlen: Any, patterns: Any,
+                code: int, out: Any, lse: Any) -> tuple[Any, Any]:
+        spec = self.spec
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not torch.is_tensor(t):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != q.dim() or t.dim() not in (3, 4) or (t.dim() == 4 and t.shape[0] != 1):
+                raise ValueError(f"with cu_seqlens, q, k, v must all be [total, heads, head_dim] or all "
+                                 f"[1, heads, total, head_dim], got {name} of shape {tuple(t.shape)}")
+        packed = q.dim() == 3
+        q4, k4, v4 = (t.permute(1, 0, 2)[None] if packed else t for t in (q, k, v))
+        _check(spec, q4, k4, v4, scale, patterns, check_length=False)
+        starts, lengths = _check_docs(spec, q4, cu_seqlens, max_seqlen)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        lse_shape = (q4.shape[1], q4.shape[2]) if packed else (1, q4.shape[1], q4.shape[2])
+        given = _outputs(q, out, lse, lse_shape)
+        if autograd.differentiable(q, k, v):
+            if given:
+                raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
+            o, lse_out = autograd.varlen_attention(q, k, v, cu_seqlens, scale, code, spec.key)
+        else:
+            l4 = None if lse is None else (lse[None] if packed else lse)
+            o, lse_out = _varlen_forward(spec, q, k, v, cu_seqlens, scale, patterns, starts, lengths, out, l4)
+        return o, (lse_out[0] if packed else lse_out)
+
+    def backward(self, do: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, dlse: Any = None,
+                 scale: float | None = None, layer: int | None = None, cu_seqlens: Any = None,
+                 dq: Any = None, dk: Any = None, dv: Any = None) -> tuple[Any, Any, Any]:
+        """(dq, dk, dv) for the output gradient `do` (and `dlse`) of a forward call that returned out, lse:
+        for callers that write their own autograd. dq, dk, dv: tensors to write into (contiguous, the inputs'
+        shapes and dtypes). Static patterns only (a selector's picks live in its forward's autograd)."""
+        spec = self.spec
+        if any(sel is not None for sel in spec.selectors):
+            raise ValueError("backward() serves static patterns; a selector's gradients come through autograd")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        grads = None
+        if dq is not None or dk is not None or dv is not None:
+            for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+                if g is None or g.shape != like.shape or g.dtype != like.dtype or not g.is_contiguous():
+                    raise ValueError(f"{name} must be a contiguous tensor shaped and typed like its input "
+                                     f"({tuple(like.shape)}, {like.dtype}) when any of dq, dk, dv is given")
+            grads = (dq, dk, dv)
+        code = -1 if layer is None else layer
+        if cu_seqlens is not None:
+            packed = q.dim() == 3
+            l4 = lse[None] if packed else lse
+            dl4 = None if dlse is None else (dlse[None] if packed else dlse)
+            return _varlen_backward(spec, do, q, k, v, out, l4, dl4, cu_seqlens, scale, code, grads)
+        _check(spec, q, k, v, scale, _head_patterns(spec, layer))
+        return _backward(spec, do, q, k, v, out, lse, dlse, scale, code, None, grads)
+
+    def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None) -> Any:
+        """The blocks the selectors pick, as a dense bool tensor [B, H, blocks, blocks] (heads with a static
+        pattern: all False), for inspection and tests."""
+        return _selected_blocks(self.spec, q, k, scores=scores, layer=layer)
+
+    def config(self, q: Any, k: Any, v: Any, *, layer: int | None = None) -> tuple[int, ...]:
+        """The forward config (BLOCK_M, BLOCK_N, warps, stages, tma, one_loop, maxnreg) a call with these
+        inputs launches, tuning first where a call would (scratch outputs; the inputs are not written)."""
+        spec = self.spec
+        patterns = _head_patterns(spec, layer)
+        group = _check(spec, q, k, v, None, patterns)
+        return _config_for(spec, q, k, v, group, patterns)
+
+    def block_mask(self, n: int, *, device: Any = "cpu", layer: int | None = None, block_size: tuple[int, int] |
+                   None = None, head_dim: int = 128, dtype: Any = torch.bfloat16) -> BlockMask:
+        """The block tables at sequence length n, built now on `device` (reused by later calls and safe to
+        capture in a CUDA graph): for tiles `block_size` (BLOCK_M, BLOCK_N), by default the configured tiles
+        for `head_dim` and `dtype`. Static patterns only."""
+        spec = self.spec
+        check_n(spec, n)
+        if any(sel is not None for sel in spec.selectors):
+            raise ValueError("a selector's blocks depend on q and k: block_mask() serves static patterns")
+        patterns = _head_patterns(spec, layer)
+        dev = torch.device(device)
+        if block_size is None:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            block_size = tuple(_config(spec, _d_pad(head_dim), itemsize)[:2])  # type: ignore[assignment]
+        bm, bn = (int(x) for x in block_size)  # type: ignore[union-attr]
+        if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+            raise ValueError(f"block_size must be powers of two >= 16, got {block_size}")
+        used = sorted({patterns} if isinstance(patterns, int) else set(patterns))
+        return BlockMask(
+            n=n, block_m=bm, block_n=bn, device=dev, patterns=patterns,
+            tables={p: tables.block_tables(spec, n, bm, bn, dev, p) for p in used},
+            tables_t={p: tables.block_tables_t(spec, n, bm, bn, dev, p) for p in used},
+            layout={p: None if spec.layouts[p] is None else spec.layouts[p].description for p in used},  # type: ignore[union-attr]
+        )
+
+
+@_on_device_of
+def _config_for(spec: PatternSpec, q: Any, k: Any, v: Any, group: int, patterns: Any) -> tuple[int, ...]:
+    B, H, N, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    tma = _tma_mode((q, k, v, out), _d_pad(D))
+    return tuple(_choose(spec, q, k, v, out, lse, scale, group, patterns, tma))
+
+
+def _outputs(q: Any, out: Any, lse: Any, lse_shape: tuple[int, ...]) -> bool:
+    """Check tensors passed in for the results: out like q, lse float32 `lse_shape`, both contiguous."""
+    if out is not None:
+        if not torch.is_tensor(out) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor like q ({tuple(q.shape)}, {q.dtype}, {q.device})")
+    if lse is not None:
+        if not torch.is_tensor(lse) or tuple(lse.shape) != tuple(lse_shape) or lse.dtype != torch.float32 \
+                or lse.device != q.device or not lse.is_contiguous():
+            raise ValueError(f"lse must be a contiguous float32 tensor of shape {list(lse_shape)} on {q.device}")
+    return out is not None or lse is not None

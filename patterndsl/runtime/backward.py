@@ -1,0 +1,367 @@
+"""The backward pass: gradients over the same block tables as the forward.
+
+dS = P * (dP - delta) with delta = rowsum(dO * O) (- dlse when the log-sum-exp has a gradient too);
+dQ = scale * dS K per query block over FULL then PARTIAL key blocks; dK = scale * dS^T Q and dV = P^T dO
+per key block over the transposed tables (query blocks per key block), summed inside the program over
+the query heads that share the key/value head (GQA/MQA): no atomics, no [B, H, N, D] float32 buffers.
+A row with no allowed key has lse = -inf; the preprocessing stores +inf there, so P = exp2(S - inf) = 0.
+Backward tiles per head_dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2, stages2):
+dK/dV use BLOCK_N1 keys x BLOCK_M1 queries, dQ BLOCK_M2 queries x BLOCK_N2 keys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import tables
+from .bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_pre
+from .common import (
+    _INTERPRET,
+    _LOG2E,
+    _by_width,
+    _d_pad,
+    _descriptor,
+    _docs,
+    _head_patterns,
+    _heads,
+    _heads_of,
+    _layout4,
+    _on_device_of,
+    _pow2,
+    _tma_mode,
+    _torch_path,
+    layout_kernel,
+    pred_kernel,
+)
+from .cpu import _attention_cpu_bwd
+from .options import current_options
+from .selection import _dynamic_tables, _tiles
+from .tables import block_tables, block_tables_t
+from .tuning import _tuned
+from .varlen import varlen_tables
+
+if TYPE_CHECKING:
+    from .spec import PatternSpec
+
+
+def _full_bwd_tiles(cfg: Iterable[int]) -> tuple[int, ...]:
+    """A backward config of six (one warps/stages pair for both kernels) or eight integers, as eight."""
+    cfg = tuple(int(x) for x in cfg)
+    if len(cfg) == 6:
+        return (*cfg[:6], cfg[4], cfg[5])
+    return cfg
+
+
+_KV_GROUPS: dict[tuple[Any, ...], Any] = {}  # _kv_groups' triples and _qh_rank's ranks
+
+
+def _kv_groups(pat: int, patterns: int | tuple[int, ...], H: int, group: int,
+               device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """(kv heads with a query head using predicate `pat`, CSR offsets, those query heads), int32."""
+    key = (pat, patterns, H, group, str(device))
+    hit: tuple[torch.Tensor, ...] | None = _KV_GROUPS.get(key)
+    if hit is None:
+        kv, off, idx = [], [0], []
+        for g in range(H // group):
+            hs = [h for h in _heads_of(patterns, pat, H) if h // group == g]
+            if hs:
+                kv.append(g)
+                idx.extend(hs)
+                off.append(len(idx))
+        hit = _KV_GROUPS[key] = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (kv, off, idx))
+    return hit
+
+
+def _bwd_config(spec: PatternSpec, D: int, itemsize: int = 2, tma: int = 0) -> tuple[int, ...]:
+    """Backward tiles for a padded head_dim: the `bwd_tiles` option, else the TMA path's or the pointer loads'."""
+    fixed = current_options().bwd_tiles
+    if fixed is not None:
+        return _full_bwd_tiles(fixed)
+    return _by_width(spec.bwd_tma_configs if tma else spec.bwd_configs, D, itemsize)
+
+
+def _bwd_tiles(spec: PatternSpec, fields: tuple[Any, ...], itemsize: int, run_dq: Callable[[tuple[int, ...]], object],
+               run_dkdv: Callable[[tuple[int, ...]], object]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(dK/dV tile, dQ tile), each (BLOCK_M, BLOCK_N, warps, stages): the configured tiles, or on a CUDA GPU
+    the fastest of the tuning rows' dK/dV halves and, on its own, of their dQ halves (the two kernels
+    share nothing, so 3 + 3 timings choose among 9 combinations). `run_*` launch into scratch outputs."""
+    _, d_pad, _, tma, device, _, _ = fields
+    cfg = _bwd_config(spec, d_pad, itemsize, tma)
+    dkdv, dq = (cfg[0], cfg[1], cfg[4], cfg[5]), (cfg[2], cfg[3], cfg[6], cfg[7])
+    opts = current_options()
+    if (opts.bwd_tiles is not None or _INTERPRET or device is None or not spec.bwd_autotune or not opts.autotune
+            or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
+        return dkdv, dq
+    def halves(first: tuple[int, ...], parts: tuple[int, ...]) -> Callable[[], list[tuple[int, ...]]]:
+        # the default first, then the tune rows' halves, each once
+        return lambda: list(dict.fromkeys([first, *(tuple(c[i] for i in parts)
+                                                     for c in _by_width(spec.bwd_tune_configs, d_pad, itemsize))]))
+
+    return (_tuned(spec, ("bwd-dkdv", *fields[1:]), halves(dkdv, (0, 1, 4, 5)), run_dkdv, dkdv),
+            _tuned(spec, ("bwd-dq", *fields[1:]), halves(dq, (2, 3, 6, 7)), run_dq, dq))
+
+
+def _delta_pass(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
+                d_pad: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(delta, lse2, the dQ kernel's extra arguments): with BWD_FUSE_PRE the dQ kernel fills delta and lse2
+    for the dK/dV kernel after it; otherwise `_attn_bwd_pre` does, here. o, do: [B, H, N, D]; lse: [B, H, N]."""
+    B, H, N = lse.shape
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=lse.device)
+    lse2 = torch.empty((B, H, N), dtype=torch.float32, device=lse.device)
+    if current_options().bwd_fuse_pre:
+        return delta, lse2, dict(O=o, LSE=lse, DLSE=lse if dlse is None else dlse, s_ob=o.stride(0),
+                                 s_oh=o.stride(1), s_on=o.stride(2), PRE=True, HAS_DLSE=dlse is not None)
+    _attn_bwd_pre[(-(-N // 64), B * H)](
+        o, do, lse, lse if dlse is None else dlse, delta, lse2,
+        *o.stride()[:3], *do.stride()[:3], N, H,
+        BLOCK_M=64, HEAD_DIM=o.shape[-1], D_PAD=d_pad, HAS_DLSE=dlse is not None,
+    )
+    return delta, lse2, {}
+
+
+def _launch_dq(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, heads: torch.Tensor, q: torch.Tensor,
+               k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, group: int, scale: float, prec: str, d_pad: int,
+               pre: dict[str, Any], dq: torch.Tensor) -> None:
+    B, H, N, D = q.shape
+    bm, bn, warps, stages = tile
+    f_off, f_idx, p_off, p_idx = block_tables(spec, N, bm, bn, q.device, pat)
+    kd = vd = None
+    if tma:  # dQ walks K/V tiles of BLOCK_N rows
+        kd, vd = _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad)
+    _attn_bwd_dq[(-(-rows // bm), B * heads.numel())](
+        q, k, v, do, dq, lse2, delta, heads, f_off, f_idx, p_off, p_idx,
+        *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3],
+        *dq.stride()[:3],
+        N, H, heads.numel(), group, scale * _LOG2E, scale,
+        PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+        IDX64=spec.idx64, INTERPRET=_INTERPRET, NP=rows, LAYOUT=layout_kernel(spec, pat) if layout else None,
+        k_desc=kd, v_desc=vd, TMA=tma,
+        num_warps=warps, num_stages=stages, **pre,
+    )
+
+
+def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, kv_ids: torch.Tensor,
+                 qh_off: torch.Tensor, qh_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, scale: float,
+                 accum: bool, prec: str, d_pad: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    B, H, N, D = q.shape
+    bm, bn, warps, stages = tile
+    f_off, f_idx, p_off, p_idx = block_tables_t(spec, N, bm, bn, q.device, pat)
+    qd = dod = None
+    if tma:  # dK/dV walks Q/dO tiles of BLOCK_M rows
+        qd, dod = _descriptor(q, bm, d_pad), _descriptor(do, bm, d_pad)
+    _attn_bwd_dkdv[(-(-rows // bn), B * kv_ids.numel())](
+        q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, f_off, f_idx, p_off, p_idx,
+        *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3],
+        N, H, kv_ids.numel(), scale * _LOG2E, scale,
+        PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+        IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, NP=rows,
+        LAYOUT=layout_kernel(spec, pat) if layout else None, q_desc=qd, do_desc=dod, TMA=tma,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+@_on_device_of
+def _backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, scale: float,
+              layer: int, picks: dict[int, torch.Tensor] | None = None,
+              grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of attention_lse at (q, k, v) for output gradient `do` (and `dlse`, or None).
+    `picks`: the blocks each dynamic pattern selected in the forward pass (`_selection`), reused here.
+    `grads`: (dq, dk, dv) to write into (contiguous, the inputs' shapes and dtypes), else new tensors."""
+    patterns = _head_patterns(spec, None if layer < 0 else layer)
+    B, H, N, D = q.shape
+    group = H // k.shape[1]
+    if _torch_path(q):
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        delta = (do.to(work) * o.to(work)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(work)
+        got = _attention_cpu_bwd(spec, do, q, k, v, lse, delta, scale, group, patterns, picks)
+        if grads is None:
+            return got
+        for dst, src in zip(grads, got, strict=True):
+            dst.copy_(src)
+        return grads
+    q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    d_pad = _d_pad(D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    delta, lse2, pre = _delta_pass(o, do, lse, dlse, d_pad)
+    accum = not isinstance(patterns, int) and len(set(patterns)) > 1
+    if grads is None:
+        alloc = torch.zeros if accum else torch.empty
+        dq = torch.empty(tuple(q.shape), dtype=q.dtype, device=q.device)
+        dk = alloc(tuple(k.shape), dtype=k.dtype, device=k.device)
+        dv = alloc(tuple(v.shape), dtype=v.dtype, device=v.device)
+    else:
+        dq, dk, dv = grads
+        if accum:
+            dk.zero_()
+            dv.zero_()
+    for pat in range(spec.patterns):
+        heads = _heads(pat, patterns, H, q.device)
+        nh = heads.numel()
+        if nh == 0:
+            continue
+        if spec.selectors[pat] is not None:
+            _dynamic_backward(spec, pat, picks[pat], q, k, v, do, dq, dk, dv, lse2, delta, heads, patterns, group, scale,  # type: ignore[index]
+                              accum, prec, d_pad, _bwd_config(spec, d_pad, q.element_size()), pre)
+            continue
+        rows, layout = tables.rows(spec, pat, N), spec.layouts[pat] is not None  # physical rows of its token layout
+        tma = 0 if layout else _tma_mode((q, k, v, do), d_pad, 1 if current_options().bwd_tma else 0)
+        kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
+        dq_args = (pat, rows, layout, tma, heads, q, k, v, do, lse2, delta, group, scale, prec, d_pad, pre)
+        dkdv_args = (pat, rows, layout, tma, kv_ids, qh_off, qh_idx, q, k, v, do, lse2, delta, scale, accum, prec,
+                     d_pad)
+        dkdv_tile, dq_tile = _bwd_tiles(
+            spec, ("bwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), (pat, patterns)), q.element_size(),
+            lambda t, a=dq_args: _launch_dq(spec, t, *a, torch.empty_like(dq)),  # type: ignore[misc, call-arg]
+            lambda t, a=dkdv_args: _launch_dkdv(spec, t, *a, torch.empty_like(dk), torch.empty_like(dv)),  # type: ignore[misc, call-arg]
+        )
+        _launch_dq(spec, dq_tile, *dq_args, dq)
+        _launch_dkdv(spec, dkdv_tile, *dkdv_args, dk, dv)
+    return dq, dk, dv
+
+
+def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                      dv: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, heads: torch.Tensor, patterns: int | tuple[int, ...], group: int, scale: float,
+                      accum: bool, prec: str, d_pad: int, cfg: tuple[int, ...], pre: dict[str, Any]) -> None:
+    """dQ and dK/dV of a dynamic pattern's heads over the per-(batch, head) tables of its forward picks."""
+    B, H, N, D = q.shape
+    bm1, bn1, bm2, bn2, w1, s1, w2, s2 = cfg
+    nh = heads.numel()
+    bm2, bn2 = _tiles(spec, pat, bm2, bn2)
+    f_off, f_idx, p_off, p_idx = _dynamic_tables(spec, pat, picked, B, nh, N, bm2, bn2, q.device)
+    _attn_bwd_dq[(-(-N // bm2), B * nh)](
+        q, k, v, do, dq, lse2, delta, heads, f_off, f_idx, p_off, p_idx,
+        *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3],
+        *dq.stride()[:3],
+        N, H, nh, group, scale * _LOG2E, scale,
+        PRED=pred_kernel(spec, pat), BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+        IDX64=spec.idx64, INTERPRET=_INTERPRET, SEL_PRED=pred_kernel(spec, spec.selectors[pat].selected), num_warps=w2 if bm2 >= 64 else min(w2, 4),  # type: ignore[union-attr]
+        num_stages=s2, **pre,
+    )
+    bm1, bn1 = _tiles(spec, pat, bm1, bn1)
+    nqt, nkt = -(-N // bm1), -(-N // bn1)
+    tables = _transpose_dynamic(_dynamic_tables(spec, pat, picked, B, nh, N, bm1, bn1, q.device), B * nh, nqt, nkt)
+    kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
+    qh_rank = _qh_rank(pat, patterns, H, group, q.device)
+    _attn_bwd_dkdv[(nkt, B * kv_ids.numel())](
+        q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, *tables,
+        *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3],
+        N, H, kv_ids.numel(), scale * _LOG2E, scale,
+        PRED=pred_kernel(spec, pat), BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+        IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, QH_RANK=qh_rank, NH_SEL=nh,
+        SEL_PRED=pred_kernel(spec, spec.selectors[pat].selected),  # type: ignore[union-attr]
+        num_warps=w1, num_stages=s1,
+    )
+
+
+def _qh_rank(pat: int, patterns: int | tuple[int, ...], H: int, group: int, device: torch.device | str) -> torch.Tensor:
+    """Per entry of `_kv_groups`' query heads, the head's rank among the heads running `pat` (cached)."""
+    key = ("rank", pat, patterns, H, group, str(device))
+    hit: torch.Tensor | None = _KV_GROUPS.get(key)
+    if hit is None:
+        heads = _heads_of(patterns, pat, H)
+        ranks = [r for g in range(H // group) for r, h in enumerate(heads) if h // group == g]
+        hit = _KV_GROUPS[key] = torch.tensor(ranks, dtype=torch.int32, device=device)
+    return hit
+
+
+def _transpose_dynamic(tables: Sequence[torch.Tensor], rows_bh: int, nqt: int, nkt: int) -> tuple[torch.Tensor, ...]:
+    """Per-(batch, head) tables by query tile -> by key tile (entries: query tiles, bit 30 kept), without a
+    host round trip: the index arrays may run past their offsets' last entry (`_dynamic_tables` sizes them
+    by a bound); those entries go to a bucket past the last row. Within a row, ascending query tile."""
+    out: list[torch.Tensor] = []
+    rows = rows_bh * nkt
+    for off, idx in zip(*[iter(tables)] * 2, strict=True):
+        dev = idx.device
+        off = off.long()
+        t = torch.arange(idx.numel(), device=dev)
+        r = torch.searchsorted(off, t, right=True) - 1  # the query row of entry t
+        e = idx.long()
+        flag = e & 1073741824
+        to = torch.where(t < off[-1], r // nqt * nkt + (e - flag), rows)
+        order = torch.argsort(to * (2 * 1073741824) + r % nqt + flag)
+        o = torch.zeros(rows + 2, dtype=torch.int64, device=dev)  # counts at row + 1; the bucket last
+        o.index_add_(0, to + 1, torch.ones_like(to))
+        out += [torch.cumsum(o[:-1], 0).to(torch.int32), (r % nqt + flag)[order].to(torch.int32)]
+    return tuple(out)
+
+
+@_on_device_of
+def _varlen_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
+                     cu_seqlens: torch.Tensor, scale: float, layer: int,
+                     grads: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in q's layout ([total, H, D] or [1, H, total, D]); lse, dlse: [1, H, total]. `grads`:
+    (dq, dk, dv) to write into, else new tensors."""
+    patterns = _head_patterns(spec, None if layer < 0 else layer)
+    starts, lengths = _docs(cu_seqlens)
+    q4, k4, v4, o4, do4 = _layout4(q, k, v, o, do)
+    _, H, total, D = q4.shape
+    group = H // k4.shape[1]
+    if grads is None:
+        grads = tuple(torch.empty(tuple(t.shape), dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = grads
+    dq4, dk4, dv4 = _layout4(dq, dk, dv)
+    if _torch_path(q):
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        delta = (do4.to(work) * o4.to(work)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(work)
+        for s, n in zip(starts, lengths, strict=True):
+            if n:
+                part = slice(s, s + n)
+                g = _attention_cpu_bwd(spec, do4[:, :, part], q4[:, :, part], k4[:, :, part], v4[:, :, part],
+                                       lse[:, :, part], delta[:, :, part], scale, group, patterns)
+                dq4[:, :, part], dk4[:, :, part], dv4[:, :, part] = g
+        return dq, dk, dv
+    q4, k4, v4, o4, do4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4, o4, do4))
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    d_pad = _d_pad(D)
+    bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    delta, lse2, pre = _delta_pass(o4, do4, lse, dlse, d_pad)
+    accum = not isinstance(patterns, int) and len(set(patterns)) > 1
+    if accum:
+        dk4.zero_()
+        dv4.zero_()
+    cu = cu_seqlens.to(torch.int32)
+    strides = (0, q4.stride(1), q4.stride(2), 0, k4.stride(1), k4.stride(2), 0, v4.stride(1), v4.stride(2),
+               0, do4.stride(1), do4.stride(2))
+    for pat in range(spec.patterns):
+        heads = _heads(pat, patterns, H, q.device)
+        nh = heads.numel()
+        if nh == 0 or total == 0:
+            continue
+        table, f_off, f_idx, p_off, p_idx = varlen_tables(spec, cu, lengths, bm2, bn2, pat)
+        _attn_bwd_dq[(table.numel() // 2, nh)](
+            q4, k4, v4, do4, dq4, lse2, delta, heads, f_off, f_idx, p_off, p_idx,
+            *strides, 0, dq4.stride(1), dq4.stride(2),
+            total, H, nh, group, scale * _LOG2E, scale,
+            PRED=pred_kernel(spec, pat), BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+            IDX64=spec.idx64, INTERPRET=_INTERPRET, CU=cu, TILES=table, LSE_N=total, VARLEN=True,
+            num_warps=w2, num_stages=s2, **pre,
+        )
+        kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
+        table, f_off, f_idx, p_off, p_idx = varlen_tables(spec, cu, lengths, bm1, bn1, pat, transpose=True)
+        _attn_bwd_dkdv[(table.numel() // 2, kv_ids.numel())](
+            q4, k4, v4, do4, dk4, dv4, lse2, delta, kv_ids, qh_off, qh_idx, f_off, f_idx, p_off, p_idx,
+            *strides, 0, dk4.stride(1), dk4.stride(2), 0, dv4.stride(1), dv4.stride(2),
+            total, H, kv_ids.numel(), scale * _LOG2E, scale,
+            PRED=pred_kernel(spec, pat), BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+            IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, CU=cu, TILES=table, LSE_N=total, VARLEN=True,
+            num_warps=w1, num_stages=s1,
+        )
+    return dq, dk, dv

@@ -1,0 +1,303 @@
+"""Backward kernels: dQ per query block and dK/dV per key block over the same (and transposed) block tables.
+
+The pattern's predicate, token layout and selected-block predicate arrive as in the forward kernels
+(`PRED`, `LAYOUT`, `SEL_PRED`: constexpr @triton.jit functions or None).
+"""
+
+import triton
+import triton.language as tl
+
+from .fwd_kernels import _allowed_at, _pair_ok
+
+
+@triton.jit(do_not_specialize=["N"])
+def _attn_bwd_pre(O, DO, LSE, DLSE, DELTA, LSE2, s_ob, s_oh, s_on, s_db, s_dh, s_dn, N, H,
+                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse; lse2 = lse * log2(e), +inf for rows with no key."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    rows = offs_m < N
+    mask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_on + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None].to(tl.int64) * s_dn + offs_d[None, :], mask=mask, other=0.0)
+    at = (b * H + h) * N + offs_m
+    lse2, delta = _delta_lse2(o, do, LSE, DLSE, at, rows, HAS_DLSE)
+    tl.store(DELTA + at, delta, mask=rows)
+    tl.store(LSE2 + at, lse2, mask=rows)
+
+
+@triton.jit
+def _delta_lse2(o, do, LSE, DLSE, at, rows, HAS_DLSE: tl.constexpr):
+    """(lse2, delta) of a tile's rows: lse * log2(e) (+inf for rows without a key or past the end, so P = 0
+    there) and rowsum(dO * O) - dlse."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + at, mask=rows, other=0.0)
+    lse = tl.load(LSE + at, mask=rows, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+
+
+@triton.jit
+def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn, N, qk_scale,
+                 PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None, k_desc=None,
+                 v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0):
+    # MASKED: a PARTIAL block (the predicate per pair), else FULL
+    cols = kb * BLOCK_N + offs_n
+    if LAYOUT is not None:  # the key tile's physical rows -> the caller's tokens (patterndsl.layout)
+        cols, kok = LAYOUT(cols, N)
+    else:
+        kok = cols < N
+    if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
+        kT = tl.trans(k_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
+        vT = tl.trans(v_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
+    else:
+        if MASKED:
+            kmask = kok[None, :] & (offs_d[:, None] < HEAD_DIM)
+        else:
+            kmask = offs_d[:, None] < HEAD_DIM
+        kT = tl.load(k_base + cols[None, :].to(tl.int64) * s_kn + offs_d[:, None], mask=kmask, other=0.0)
+        vT = tl.load(v_base + cols[None, :].to(tl.int64) * s_vn + offs_d[:, None], mask=kmask, other=0.0)
+    s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        # the forward's pair predicate; key bounds from kok (a token layout's padding too), query rows >= 0
+        p = tl.where(_pair_ok(offs_m, cols, N, PRED, IDX64, True) & kok[None, :] & (offs_m >= 0)[:, None], p, 0.0)
+    dp = tl.dot(do, vT, input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["N", "LSE_N", "NP"])
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
+                 s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_gb, s_gh, s_gn,
+                 N, H, NH, GROUP, qk_scale, scale,
+                 PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
+                 CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False, SEL_PRED: tl.constexpr = None, NP=0,
+                 LAYOUT: tl.constexpr = None, k_desc=None, v_desc=None, TMA: tl.constexpr = 0,
+                 O=None, LSE=None, DLSE=None, s_ob=0, s_oh=0, s_on=0,
+                 PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False):
+    # SEL_PRED is not None: a dynamic pattern's per-(batch, head) tables, as in _attn_fwd
+    # PRE: this tile's rows' delta and lse2 computed here (from O, dO, LSE, DLSE) and stored for the dK/dV
+    # kernel launched after it, instead of by _attn_bwd_pre (BWD_FUSE_PRE)
+    # TMA = 1: K and V tiles through host tensor descriptors (plain path: no layout, no packed documents)
+    # NP: with LAYOUT, the rows the tables tile (N padded to whole tiles of the pattern's token layout)
+    if VARLEN:  # packed documents, as in _attn_fwd: program r is tile r, indices local to its document
+        row = tl.program_id(0)
+        doc = tl.load(TILES + 2 * row)
+        pid_m = tl.load(TILES + 2 * row + 1)
+        start = tl.load(CU + doc).to(tl.int64)
+        N = tl.load(CU + doc + 1) - tl.load(CU + doc)
+        lse_n = LSE_N
+    elif LAYOUT is not None:
+        pid_m = tl.cdiv(NP, BLOCK_M) - 1 - tl.program_id(0)
+        row = pid_m
+        start = 0
+        lse_n = N
+    else:
+        pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
+        row = pid_m
+        if SEL_PRED is not None:
+            row = tl.program_id(1) * tl.cdiv(N, BLOCK_M) + pid_m
+        start = 0
+        lse_n = N
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    h = tl.load(HEAD_IDS + pid_bh % NH).to(tl.int64)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if LAYOUT is not None:  # the query tile's physical rows -> the caller's tokens
+        offs_m, rows = LAYOUT(offs_m, N)
+    else:
+        rows = offs_m < N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    qmask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row_off = offs_m[:, None].to(tl.int64) + start
+    q = tl.load(Q + b * s_qb + h * s_qh + row_off * s_qn + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + row_off * s_dn + offs_d[None, :], mask=qmask, other=0.0)
+    at = (b * H + h) * lse_n + start + offs_m
+    if PRE:
+        o = tl.load(O + b * s_ob + h * s_oh + row_off * s_on + offs_d[None, :], mask=qmask, other=0.0)
+        lse2, delta = _delta_lse2(o, do, LSE, DLSE, at, rows, HAS_DLSE)
+        tl.store(DELTA + at, delta, mask=rows)
+        tl.store(LSE2 + at, lse2, mask=rows)
+    else:
+        lse2 = tl.load(LSE2 + at, mask=rows, other=float("inf"))
+        delta = tl.load(DELTA + at, mask=rows, other=0.0)
+    k_base = K + b * s_kb + kvh * s_kh + start * s_kn
+    v_base = V + b * s_vb + kvh * s_vh + start * s_vn
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for stage in tl.static_range(2):  # 0: FULL key blocks, 1: PARTIAL
+        if stage == 0:
+            lo = tl.load(FULL_OFF + row)
+            hi = tl.load(FULL_OFF + row + 1)
+        else:
+            lo = tl.load(PART_OFF + row)
+            hi = tl.load(PART_OFF + row + 1)
+        if stage == 1 and SEL_PRED is not None:  # selected blocks (bit 30) take the predicate SEL_PRED
+            t = lo
+            while t < hi:
+                kb = tl.load(PART_IDX + t)
+                if kb >= 1073741824:
+                    dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb - 1073741824, offs_m, offs_n, offs_d,
+                                      s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64)
+                else:
+                    dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
+                                      N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64)
+                t += 1
+        elif INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
+            t = lo
+            while t < hi:
+                kb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
+                dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
+                                  N, qk_scale, PRED, stage == 1, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64, LAYOUT, k_desc,
+                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA)
+                t += 1
+        else:
+            for t in range(lo, hi):
+                kb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
+                dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
+                                  N, qk_scale, PRED, stage == 1, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64, LAYOUT, k_desc,
+                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA)
+    dq *= scale
+    tl.store(DQ + b * s_gb + h * s_gh + row_off * s_gn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n, offs_d, s_qn, s_dn,
+                   N, qk_scale, PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None,
+                   q_desc=None, do_desc=None, b=0, h=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0):
+    # rows past N (a ragged last query block, FULL or not) load q = dO = 0 and lse2 = +inf: P = 0 there;
+    # with LAYOUT the query tile's physical rows map to the caller's tokens (padding rows: as past N)
+    rows = mb * BLOCK_M + offs_m
+    if LAYOUT is not None:
+        rows, in_n = LAYOUT(rows, N)
+    else:
+        in_n = rows < N
+    if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
+        qT = tl.trans(q_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD))
+        do = do_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD)
+    else:
+        qT = tl.load(q_base + rows[None, :].to(tl.int64) * s_qn + offs_d[:, None],
+                     mask=in_n[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        do = tl.load(do_base + rows[:, None].to(tl.int64) * s_dn + offs_d[None, :],
+                     mask=in_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    lse2 = tl.load(lse_base + rows, mask=in_n, other=float("inf"))
+    delta = tl.load(delta_base + rows, mask=in_n, other=0.0)
+    sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N keys, BLOCK_M queries]
+    pT = tl.math.exp2(sT - lse2[None, :])
+    if MASKED:
+        pT = tl.where(_allowed_at(rows[None, :], offs_n[:, None], N, PRED, IDX64, False) & in_n[None, :], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["N", "LSE_N", "NP"])
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
+                   s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
+                   s_gb, s_gh, s_gn, s_wb, s_wh, s_wn,
+                   N, H, NKV, qk_scale, scale,
+                   PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, ACCUM: tl.constexpr,
+                   INTERPRET: tl.constexpr, CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False,
+                   QH_RANK=None, NH_SEL=0, SEL_PRED: tl.constexpr = None, NP=0,
+                   LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0):
+    # SEL_PRED is not None: per-(batch, head) transposed tables, row (batch * NH_SEL + head's rank) * key blocks + key
+    # block (QH_RANK: each listed query head's rank among the pattern's heads); bit 30 marks selected blocks
+    if VARLEN:  # packed documents: program r is key tile r (document, key block), indices local to it
+        row = tl.program_id(0)
+        doc = tl.load(TILES + 2 * row)
+        pid_n = tl.load(TILES + 2 * row + 1)
+        start = tl.load(CU + doc).to(tl.int64)
+        N = tl.load(CU + doc + 1) - tl.load(CU + doc)
+        lse_n = LSE_N
+    else:
+        pid_n = tl.program_id(0)
+        row = pid_n
+        start = 0
+        lse_n = N
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NKV).to(tl.int64)
+    slot = pid_bh % NKV
+    kvh = tl.load(KV_IDS + slot).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if LAYOUT is not None:  # the key tile's physical rows -> the caller's tokens (patterndsl.layout)
+        offs_n, kok = LAYOUT(offs_n, N)
+    else:
+        kok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    kvmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row_off = offs_n[:, None].to(tl.int64) + start
+    k = tl.load(K + b * s_kb + kvh * s_kh + row_off * s_kn + offs_d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(V + b * s_vb + kvh * s_vh + row_off * s_vn + offs_d[None, :], mask=kvmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    h_lo = tl.load(QH_OFF + slot)
+    h_hi = tl.load(QH_OFF + slot + 1)
+    th = h_lo
+    while th < h_hi:  # the query heads of this key/value head's group that use predicate PRED
+        h = tl.load(QH_IDX + th).to(tl.int64)
+        q_base = Q + b * s_qb + h * s_qh + start * s_qn
+        do_base = DO + b * s_db + h * s_dh + start * s_dn
+        lse_base = LSE2 + (b * H + h) * lse_n + start
+        delta_base = DELTA + (b * H + h) * lse_n + start
+        trow = row
+        if SEL_PRED is not None:
+            trow = ((pid_bh // NKV) * NH_SEL + tl.load(QH_RANK + th)) * tl.cdiv(N, BLOCK_N) + pid_n
+        for stage in tl.static_range(2):  # 0: FULL query blocks, 1: PARTIAL
+            if stage == 0:
+                lo = tl.load(FULL_OFF + trow)
+                hi = tl.load(FULL_OFF + trow + 1)
+            else:
+                lo = tl.load(PART_OFF + trow)
+                hi = tl.load(PART_OFF + trow + 1)
+            if stage == 1 and SEL_PRED is not None:  # selected blocks (bit 30) take the predicate SEL_PRED
+                t = lo
+                while t < hi:
+                    mb = tl.load(PART_IDX + t)
+                    if mb >= 1073741824:
+                        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb - 1073741824,
+                                                offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale, SEL_PRED, True, BLOCK_M,
+                                                HEAD_DIM, DOT_PREC, IDX64)
+                    else:
+                        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
+                                                offs_d, s_qn, s_dn, N, qk_scale, PRED, True, BLOCK_M, HEAD_DIM,
+                                                DOT_PREC, IDX64)
+                    t += 1
+            elif INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
+                t = lo
+                while t < hi:
+                    mb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
+                    dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
+                                            offs_d, s_qn, s_dn, N, qk_scale, PRED, stage == 1, BLOCK_M, HEAD_DIM,
+                                            DOT_PREC, IDX64, LAYOUT, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
+                                            D_PAD, TMA)
+                    t += 1
+            else:
+                for t in range(lo, hi):
+                    mb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
+                    dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
+                                            offs_d, s_qn, s_dn, N, qk_scale, PRED, stage == 1, BLOCK_M, HEAD_DIM,
+                                            DOT_PREC, IDX64, LAYOUT, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
+                                            D_PAD, TMA)
+        th += 1
+    dk *= scale
+    dk_ptr = DK + b * s_gb + kvh * s_gh + row_off * s_gn + offs_d[None, :]
+    dv_ptr = DV + b * s_wb + kvh * s_wh + row_off * s_wn + offs_d[None, :]
+    if ACCUM:  # a heads { } pattern whose group mixes predicates: one launch per predicate adds its share
+        dk += tl.load(dk_ptr, mask=kvmask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr, mask=kvmask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kvmask)
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kvmask)

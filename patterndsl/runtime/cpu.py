@@ -1,0 +1,112 @@
+"""The CPU path: the same predicates evaluated with torch's (floor) integer semantics, chunked softmax.
+
+Exact in float64 for float64 inputs (the tests' reference precision); otherwise float32 work. The
+forward warns once that it is not the fast path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from .common import _heads_of
+from .evaluate import evaluate
+from .selection import _sel_dense, _selection
+
+if TYPE_CHECKING:
+    from .spec import PatternSpec
+
+_warned_cpu: list[bool] = []
+
+
+def _attention_cpu(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int,
+                   patterns: int | tuple[int, ...], out: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor | None = None,
+                   picks: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward on CPU tensors into `out` and `lse`, a chunk of rows at a time (memory O(chunk * N))."""
+    if not _warned_cpu:
+        _warned_cpu.append(True)
+        warnings.warn(f"patterndsl '{spec.name}': CPU tensors take a PyTorch reference path, not the fast Triton kernel", stacklevel=3)
+    B, H, N, D = q.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kv_index = torch.arange(H) // group
+    j = torch.arange(N, dtype=torch.int64)[None, :]
+    for pat in range(spec.patterns):
+        heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64)
+        if heads.numel() == 0:
+            continue
+        kh = k[:, kv_index[heads]].to(work)
+        vh = v[:, kv_index[heads]].to(work)
+        chunk = max(1, (1 << 24) // max(1, B * heads.numel() * N))
+        if spec.selectors[pat] is not None and not (picks and pat in picks):
+            picks = dict(picks or {})
+            picks[pat] = _selection(spec, pat, q, k, scores, heads, group)
+        for r0 in range(0, N, chunk):
+            r1 = min(N, r0 + chunk)
+            i = torch.arange(r0, r1, dtype=torch.int64)[:, None]
+            ok = _dynamic_ok(spec, pat, i, j, N, B, heads.numel(), picks, r1 - r0)
+            s = torch.matmul(q[:, heads, r0:r1].to(work), kh.transpose(-1, -2)) * scale
+            s = s.masked_fill(~ok, float("-inf"))
+            mx = s.amax(-1, keepdim=True)
+            mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+            p = torch.exp(s - mx)
+            denom = p.sum(-1, keepdim=True)
+            o = torch.matmul(p, vh) / torch.where(denom == 0, torch.ones_like(denom), denom)
+            out[:, heads, r0:r1] = o.to(q.dtype)
+            lse[:, heads, r0:r1] = torch.where(denom == 0, float("-inf"), torch.log(denom) + mx).squeeze(-1).float()
+    return out, lse
+
+
+def _attention_cpu_bwd(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       lse: torch.Tensor, delta: torch.Tensor, scale: float, group: int, patterns: int | tuple[int, ...],
+                       picks: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU path's gradients, a chunk of rows at a time (memory O(chunk * N), never N^2)."""
+    B, H, N, D = q.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kv_index = torch.arange(H) // group
+    dq = torch.zeros(q.shape, dtype=work)
+    dk = torch.zeros(k.shape, dtype=work)
+    dv = torch.zeros(v.shape, dtype=work)
+    lse = lse.to(work)
+    lse = torch.where(lse == float("-inf"), float("inf"), lse)  # no key: P = exp(S - inf) = 0
+    j = torch.arange(N, dtype=torch.int64)[None, :]
+    for pat in range(spec.patterns):
+        heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64)
+        if heads.numel() == 0:
+            continue
+        kh = k[:, kv_index[heads]].to(work)
+        vh = v[:, kv_index[heads]].to(work)
+        dkh = torch.zeros(kh.shape, dtype=work)
+        dvh = torch.zeros(vh.shape, dtype=work)
+        chunk = max(1, (1 << 24) // max(1, B * heads.numel() * N))
+        for r0 in range(0, N, chunk):
+            r1 = min(N, r0 + chunk)
+            i = torch.arange(r0, r1, dtype=torch.int64)[:, None]
+            ok = _dynamic_ok(spec, pat, i, j, N, B, heads.numel(), picks, r1 - r0)
+            qc = q[:, heads, r0:r1].to(work)
+            doc = do[:, heads, r0:r1].to(work)
+            s = torch.matmul(qc, kh.transpose(-1, -2)) * scale
+            p = torch.exp(s - lse[:, heads, r0:r1, None]).masked_fill(~ok, 0.0)
+            ds = p * (torch.matmul(doc, vh.transpose(-1, -2)) - delta[:, heads, r0:r1, None])
+            dq[:, heads, r0:r1] = torch.matmul(ds, kh) * scale
+            dkh += torch.matmul(ds.transpose(-1, -2), qc) * scale
+            dvh += torch.matmul(p.transpose(-1, -2), doc)
+        dk.index_add_(1, kv_index[heads], dkh)  # GQA: the group's query heads sum into their kv head
+        dv.index_add_(1, kv_index[heads], dvh)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _dynamic_ok(spec: PatternSpec, pat: int, i: torch.Tensor, j: torch.Tensor, N: int, B: int, nh: int,
+                picks: dict[int, torch.Tensor] | None, rows: int) -> torch.Tensor:
+    """The CPU paths' mask rows: the pattern's predicate, or for a dynamic pattern P0 or (picked and P1),
+    [B, nh, rows, N] (picks[pat]: `_selection`'s picks)."""
+    ok = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[pat].expr, i, j, N)), (rows, N))
+    sel = spec.selectors[pat]
+    if sel is None:
+        return ok
+    nb = -(-N // sel[2])
+    hit = _sel_dense(picks[pat].cpu(), nb)  # type: ignore[index]  # a dynamic pattern: picked
+    hit = hit.view(B, nh, nb, nb)[:, :, i[:, 0] // sel[2]][..., j[0] // sel[2]]
+    ok1 = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[sel.selected].expr, i, j, N)), (rows, N))
+    return ok | (hit & ok1)

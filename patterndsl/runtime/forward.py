@@ -1,0 +1,207 @@
+"""The forward pass: per head pattern one launch over its block tables (the fast work-list kernel, or the
+general kernel for token layouts, selectors and packed documents), with autotuned tiles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import tables
+from .common import (
+    _INTERPRET,
+    _LOG2E,
+    _by_width,
+    _d_pad,
+    _descriptors,
+    _docs,
+    _heads,
+    _layout4,
+    _on_device_of,
+    _pow2,
+    _tma_mode,
+    _torch_path,
+    layout_kernel,
+    pred_kernel,
+)
+from .cpu import _attention_cpu
+from .fwd_kernels import _attn_combine, _attn_fwd, _attn_fwd_fast
+from .options import current_options
+from .selection import _dynamic_tables, _selection, _tiles
+from .tables import block_tables, work_list
+from .tuning import _layout_candidates, _tune_candidates, _tuned
+from .varlen import varlen_tables
+
+if TYPE_CHECKING:
+    from .spec import PatternSpec
+
+
+def _config(spec: PatternSpec, D: int, itemsize: int = 2) -> tuple[int, ...]:
+    return _by_width(spec.configs, D, itemsize)
+
+
+def _launch(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            cfg: tuple[int, ...], scale: float, group: int, patterns: int | tuple[int, ...],
+            scores: torch.Tensor | None = None, picks: dict[int, torch.Tensor] | None = None) -> None:
+    """Every pattern's kernel: the fast one with `cfg` = (BLOCK_M, BLOCK_N, warps, stages, tma, one_loop,
+    maxnreg) (one_loop: FULL and PARTIAL blocks in one loop, as the `one_loop` option; maxnreg: a cap on
+    registers per thread, as the `maxnreg` option, so that two blocks share an SM); patterns with a token
+    layout take `_attn_fwd` with cfg's tiles, warps and stages, those with a selector `_attn_fwd` with the
+    configured tiles."""
+    B, H, N, D = q.shape
+    block_m, block_n, warps, stages, tma, one_loop, maxnreg = cfg
+    opts = current_options()
+    cap = {"maxnreg": maxnreg or opts.maxnreg} if maxnreg or opts.maxnreg else {}
+    d_pad = _d_pad(D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * _LOG2E
+    descs = None
+    off32 = (N + max(block_m, block_n)) * max(q.stride(2), k.stride(2), v.stride(2)) + d_pad < 2**31
+    for pat in range(spec.patterns):
+        heads = _heads(pat, patterns, H, q.device)
+        nh = heads.numel()
+        if nh == 0:
+            continue
+        if not _fast(spec, pat):
+            cm, cn, cw, cs = cfg[:4] if spec.selectors[pat] is None else _config(spec, d_pad, q.element_size())
+            bm, bn = _tiles(spec, pat, cm, cn)
+            sel_pred = None
+            if spec.selectors[pat] is None:
+                f_off, f_idx, p_off, p_idx = block_tables(spec, N, bm, bn, q.device, pat)
+            else:
+                sel_pred = spec.predicates[spec.selectors[pat].selected].kernel  # type: ignore[union-attr]
+                picked = picks[pat] if picks else _selection(spec, pat, q, k, scores, heads, group)
+                f_off, f_idx, p_off, p_idx = _dynamic_tables(spec, pat, picked, B, nh, N, bm, bn, q.device)
+            rows = tables.rows(spec, pat, N)
+            _attn_fwd[(-(-rows // bm), B * nh)](
+                q, k, v, out, lse, heads, f_off, f_idx, p_off, p_idx, f_off, f_off,
+                *q.stride()[:3], *k.stride()[:3],
+                *v.stride()[:3], *out.stride()[:3],
+                N, H, nh, group, qk_scale, N, rows,
+                PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+                IDX64=spec.idx64, INTERPRET=_INTERPRET, LAYOUT=layout_kernel(spec, pat), SEL_PRED=sel_pred,
+                num_warps=cw if bm >= 128 else min(cw, 4), num_stages=cs,
+            )
+            continue
+        if descs is None:
+            descs = _descriptors(tma, q, k, v, out, block_m, block_n, d_pad)
+        q_desc, k_desc, v_desc, o_desc = descs
+        f_off, f_idx, p_off, p_idx = block_tables(spec, N, block_m, block_n, q.device, pat)
+        work, splits, slots, contig = work_list(spec, N, block_m, block_n, q.device, pat, opts.split_tiles, B * nh)
+        ws_o = ws_l = lse
+        if slots:
+            ws_o = torch.empty(B * nh * slots * block_m * d_pad, dtype=torch.float32, device=q.device)
+            ws_l = torch.empty(B * nh * slots * block_m, dtype=torch.float32, device=q.device)
+        bhn = B * nh
+        _attn_fwd_fast[(work.shape[0] * bhn,)](
+            q, k, v, out, lse, q_desc, k_desc, v_desc, o_desc, ws_o, ws_l, heads, work, f_idx, p_idx,
+            *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *out.stride()[:3],
+            N, H, nh, bhn, group, max(slots, 1), qk_scale,
+            PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+            IDX64=spec.idx64, EVEN=N % block_n == 0, FOLD=opts.fold and qk_scale > 0, OFF32=off32,
+            CONTIG=opts.contig and contig, TMA=tma, INTERPRET=_INTERPRET, ONE_LOOP=bool(one_loop or opts.one_loop),
+            num_warps=warps, num_stages=stages, **cap,
+        )
+        if slots:
+            _attn_combine[(splits.shape[0] * bhn,)](
+                out, lse, ws_o, ws_l, heads, splits, *out.stride()[:3],
+                N, H, nh, bhn, slots, BLOCK_M=block_m, HEAD_DIM=D, D_PAD=d_pad, num_warps=4,
+            )
+
+
+def _fast(spec: PatternSpec, pat: int) -> bool:
+    """The fast kernel serves this pattern: no token layout, no selector."""
+    return spec.layouts[pat] is None and spec.selectors[pat] is None
+
+
+def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            scale: float, group: int, patterns: int | tuple[int, ...], tma: int, scores: torch.Tensor | None = None,
+            picks: dict[int, torch.Tensor] | None = None) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, warps, stages, tma, one_loop, maxnreg) to launch: the `tiles` option, the configured
+    tiles, or the tuned choice on a CUDA GPU."""
+    d_pad = _d_pad(q.shape[-1])
+    fixed = current_options().tiles
+    if fixed is not None:
+        base = _config(spec, d_pad, q.element_size())
+        return (*fixed[:4], *base[len(fixed):4], *(fixed[4:7] if len(fixed) > 4 else (tma, 0, 0)))
+    used = {patterns} if isinstance(patterns, int) else set(patterns)
+    tuned = any(spec.selectors[p] is None for p in used)  # patterns with a selector keep CONFIGS
+    default = (*_config(spec, d_pad, q.element_size()), tma, 0, 0)
+    if (_INTERPRET or q.device.type != "cuda" or not spec.autotune or not tuned
+            or not current_options().autotune or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
+        return default
+    N = q.shape[2]
+    fields = ("fwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), patterns)
+    run = lambda cfg: _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)  # noqa: E731
+    if any(_fast(spec, p) for p in used):
+        return _tuned(spec, fields, lambda: _tune_candidates(spec, d_pad, tma, q.element_size()), run, default)
+    return _tuned(spec, fields, lambda: _layout_candidates(spec, d_pad, q.element_size(), default), run, default)
+
+
+@_on_device_of
+def _forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int,
+             patterns: int | tuple[int, ...], scores: torch.Tensor | None = None,
+             picks: dict[int, torch.Tensor] | None = None, out: torch.Tensor | None = None,
+             lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass without argument checks: (out, lse), into `out` / `lse` when given (checked by
+    the caller: contiguous, q's shape and dtype, float32 lse)."""
+    B, H, N, D = q.shape
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if lse is None else lse
+    if _torch_path(q):
+        return _attention_cpu(spec, q, k, v, scale, group, patterns, out, lse, scores, picks)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    d_pad = _d_pad(D)
+    tma = _tma_mode((q, k, v, out), d_pad)
+    cfg = _choose(spec, q, k, v, out, lse, scale, group, patterns, tma, scores, picks)
+    _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)
+    return out, lse
+
+
+@_on_device_of
+def _varlen_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                    scale: float, patterns: int | tuple[int, ...], starts: Sequence[int] | None = None,
+                    lengths: Sequence[int] | None = None, out: torch.Tensor | None = None,
+                    lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed documents without argument checks: (out in q's layout, lse [1, H, total])."""
+    if lengths is None:
+        starts, lengths = _docs(cu_seqlens)
+    packed = q.dim() == 3
+    q4, k4, v4 = _layout4(q, k, v)
+    _, H, total, D = q4.shape
+    group = H // k4.shape[1]
+    out = torch.empty(tuple(q.shape), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((1, H, total), dtype=torch.float32, device=q.device) if lse is None else lse
+    out4 = out.permute(1, 0, 2)[None] if packed else out
+    if _torch_path(q):
+        for s, n in zip(starts, lengths, strict=True):  # type: ignore[arg-type]  # starts come with lengths
+            if n:
+                part = slice(s, s + n)
+                _attention_cpu(spec, q4[:, :, part], k4[:, :, part], v4[:, :, part], scale, group, patterns,
+                               out4[:, :, part], lse[:, :, part])
+        return out, lse
+    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+    d_pad = _d_pad(D)
+    block_m, block_n, warps, stages = _config(spec, d_pad, q.element_size())
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    cu = cu_seqlens.to(torch.int32)
+    for pat in range(spec.patterns):
+        heads = _heads(pat, patterns, H, q.device)
+        nh = heads.numel()
+        tiles = sum(-(-n // block_m) for n in lengths)
+        if nh == 0 or tiles == 0:
+            continue
+        table, f_off, f_idx, p_off, p_idx = varlen_tables(spec, cu, lengths, block_m, block_n, pat)
+        _attn_fwd[(tiles, nh)](
+            q4, k4, v4, out4, lse, heads, f_off, f_idx, p_off, p_idx, cu, table,
+            0, q4.stride(1), q4.stride(2), 0, k4.stride(1), k4.stride(2),
+            0, v4.stride(1), v4.stride(2), 0, out4.stride(1), out4.stride(2),
+            total, H, nh, group, scale * _LOG2E, total, total,
+            PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad,
+            DOT_PREC=prec, IDX64=spec.idx64, INTERPRET=_INTERPRET, VARLEN=True,
+            num_warps=warps, num_stages=stages,
+        )
+    return out, lse

@@ -1,0 +1,81 @@
+"""Kernel options: per call or per block of code, never module globals.
+
+`with attn.options(one_loop=True, tiles=(64, 64)): ...` sets them for the calls inside the block, in this
+thread or task only (a context variable), and restores them on exit. The defaults are the choices the H100
+measurements settled (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Options:
+    """tma_mode: 0 pointer loads, 1 host tensor descriptors (TMA), 2 device tensor descriptors.
+    fold: fold the softmax scale into the exponent's multiply-add.
+    contig: walk a query block's FULL key blocks as one run when every block's run is contiguous.
+    one_loop: the fast kernel walks FULL and PARTIAL blocks in one loop (the tuner may also pick it).
+    maxnreg: > 0 caps the fast kernel's registers per thread (ptxas .maxnreg).
+    split_tiles: None splits a query block only when it would finish last by far; 0 never; k: slices of k tiles.
+    topk_rows, topk_warps, topk_keys, topk_fill, pool_warps: the fused top-k and block-mean kernels' shape.
+    bwd_fuse_pre: the dQ kernel computes delta and lse2 (one launch less).
+    bwd_tma: static patterns without a token layout read Q, dO and K, V tiles through TMA descriptors.
+    autotune: False launches the configured tiles (as PATTERNDSL_AUTOTUNE=0 does).
+    tiles: a forward config (BLOCK_M, BLOCK_N[, warps, stages[, tma, one_loop, maxnreg]]) to launch, no tuning.
+    bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning."""
+
+    tma_mode: int = 1
+    fold: bool = True
+    contig: bool = True
+    one_loop: bool = False
+    maxnreg: int = 0
+    split_tiles: int | None = None
+    topk_rows: int = 64
+    topk_warps: int = 4
+    topk_keys: int = 64
+    topk_fill: bool = True
+    pool_warps: int = 4
+    bwd_fuse_pre: bool = True
+    bwd_tma: bool = True
+    autotune: bool = True
+    tiles: tuple[int, ...] | None = None
+    bwd_tiles: tuple[int, ...] | None = None
+
+
+_CURRENT: ContextVar[Options] = ContextVar("patterndsl_options", default=Options())  # noqa: B039 (frozen)
+
+
+def current_options() -> Options:
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def restored(saved: Options) -> Iterator[Options]:
+    """Run a block under options captured earlier: the backward pass of a call runs under the options its
+    forward saw, also where autograd runs it on another thread (CUDA), which a context variable does not
+    reach."""
+    token = _CURRENT.set(saved)
+    try:
+        yield saved
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def options(**changes: Any) -> Iterator[Options]:
+    """Set kernel options for the calls inside the block (see `Options`); unknown names are an error."""
+    known = {f.name for f in dataclasses.fields(Options)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **changes))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)

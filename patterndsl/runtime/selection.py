@@ -1,0 +1,557 @@
+"""Dynamic selectors (topk / threshold): block scores, the selection, and per-(batch, head) tables.
+
+Triton kernels average q and k over each block and score mean(q) . mean(k) (float32; tf32 products for
+16-bit inputs), or take the caller's scores; the selector keeps its blocks among the context's (ties: lower
+block index first); the picked blocks are merged with the static part's into per-(batch, head) tables for
+the same forward and backward kernels. Selection is not differentiated: it is an argmax-like choice of
+blocks, and gradients flow through the attention over the chosen blocks only, never through the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import _check, _need_scores
+from .common import _d_pad, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
+from .options import current_options
+from .tables import _sorted_tiles, _static_rows, block_tables
+
+if TYPE_CHECKING:
+    from .spec import PatternSpec
+
+
+@triton.jit(do_not_specialize=["s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn"])  # type: ignore[untyped-decorator]
+def _pool_kernel(Q, K, QM, KM, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, N, NB, HQ, HK, BLK: tl.constexpr,  # type: ignore[no-untyped-def]
+                 CH: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Mean of each block of BLK tokens (the last may be shorter) of q and of k in one launch (program
+    row b * (HQ + HK) + h: q's heads, then k's), float32, D padded with zeros."""
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // (HQ + HK)).to(tl.int64)
+    h = (bh % (HQ + HK)).to(tl.int64)
+    if h < HQ:
+        base = Q + b * s_qb + h * s_qh
+        s_n = s_qn.to(tl.int64)
+        out = QM + ((b * HQ + h) * NB + kb) * D_PAD
+    else:
+        base = K + b * s_kb + (h - HQ) * s_kh
+        s_n = s_kn.to(tl.int64)
+        out = KM + ((b * HK + h - HQ) * NB + kb) * D_PAD
+    offs_d = tl.arange(0, D_PAD)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for t0 in range(0, BLK, CH):
+        rows = kb * BLK + t0 + tl.arange(0, CH)
+        x = tl.load(base + rows[:, None].to(tl.int64) * s_n + offs_d[None, :],
+                    mask=(rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    count = tl.minimum(N - kb * BLK, BLK).to(tl.float32)
+    tl.store(out + offs_d, acc / count)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _rule_key(s, kb, c, NB, BQ: tl.constexpr, BK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """int64 keys [BQ, BK] that order like the selection rule (as `_ordered_keys`): the float32 score's
+    order-preserving bits, then NB - 1 - block (ties to the lower block); the lowest key where `c` is False."""
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 and 0.0 tie
+    bits = s.to(tl.int32, bitcast=True)
+    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (NB - 1 - kb).to(tl.int64)[None, :]
+    return tl.where(c, key, tl.full([BQ, BK], -9223372036854775807, tl.int64) - 1)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _topk_keys(QM, KM, CAND, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ: tl.constexpr, BK: tl.constexpr,  # type: ignore[no-untyped-def]
+               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr, GIVEN: tl.constexpr, c_lo, c_hi):
+    """The int64 keys of key blocks k0 .. k0 + BK for the program's rows (the lowest key off the context)."""
+    kb = k0 + tl.arange(0, BK)
+    kmask = kb < NB
+    if GIVEN:
+        s = tl.load(s_row + kb[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    else:
+        km = tl.load(KM + ((b * HKV + kvh) * NB + kb[:, None]).to(tl.int64) * D_PAD + offs_d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        s = tl.dot(qm, tl.trans(km), input_precision=DOT_PREC)
+    if RANGES:  # each row's candidates are the key blocks [lo, hi) of CAND [NB, 2]
+        c = (kb[None, :] >= c_lo[:, None]) & (kb[None, :] < c_hi[:, None])
+    else:
+        c = tl.load(CAND + qb[:, None].to(tl.int64) * NB + kb[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0) != 0
+    if GIVEN:
+        c = c & (s == s)
+    return _rule_key(s, kb, c, NB, BQ, BK)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _topk_kernel(QM, KM, SCORES, CAND, SPAN, SEL, HEAD_IDS, NB, NH, H, HKV, GROUP, s_sb, s_sh, s_sq,  # type: ignore[no-untyped-def]
+                 N_SEL: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, D_PAD: tl.constexpr,
+                 DOT_PREC: tl.constexpr, RANGES: tl.constexpr, GIVEN: tl.constexpr, FILL: tl.constexpr = False):
+    """topk's selection fused with its scores: per query block the N_SEL key blocks of highest score
+    mean(q) . mean(k) among the candidates, ties to the lower block. Scores become int64 keys that order like
+    the rule (as `_ordered_keys`: the score's order-preserving bits, then NB - 1 - block; the lowest key off
+    the context), and each row keeps its N_SEL largest keys in registers: per tile of BK key blocks, the
+    tile's largest key replaces the row's smallest kept one while it is larger (at most N_SEL rounds).
+    SEL [B * NH, NB, NP] int32: the picked blocks, unordered, -1 where fewer than N_SEL candidates (or
+    NaN scores, which `_pick` drops too). SPAN: per program the key blocks [lo, hi) holding its candidates;
+    CAND: per row [lo, hi) (RANGES) or the byte matrix of candidates (see `_spans`). With RANGES nothing
+    but the dot fixes the tiles' register layout, so the rounds run without layout conversions.
+    GIVEN: the scores are the caller's SCORES [B, H, NB, NB] (last stride 1) instead, NaN ones not candidates
+    (as `_ordered_keys` has it)."""
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NH
+    h = tl.load(HEAD_IDS + pid_bh % NH)
+    kvh = h // GROUP
+    qb = pid_q * BQ + tl.arange(0, BQ)
+    rmask = qb < NB
+    offs_d = tl.arange(0, D_PAD)
+    if GIVEN:
+        s_row = SCORES + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + qb[:, None].to(tl.int64) * s_sq
+        qm = s_row  # (unused)
+    else:
+        qm = tl.load(QM + ((b * H + h) * NB + qb[:, None]).to(tl.int64) * D_PAD + offs_d[None, :],
+                     mask=rmask[:, None], other=0.0)
+        s_row = SCORES  # (unused)
+    cols = tl.arange(0, NP)
+    lowest = tl.full([BQ, NP], -9223372036854775807, tl.int64) - 1
+    # columns past N_SEL hold the largest key: never the smallest kept, never replaced
+    best = tl.where(cols[None, :] < N_SEL, lowest, tl.full([BQ, NP], 9223372036854775807, tl.int64))
+    c_lo = 0  # (unused without RANGES)
+    c_hi = 0
+    if RANGES:
+        c_lo = tl.load(CAND + 2 * qb, mask=rmask, other=0)
+        c_hi = tl.load(CAND + 2 * qb + 1, mask=rmask, other=0)
+    k0 = tl.load(SPAN + 2 * pid_q)
+    k1 = tl.load(SPAN + 2 * pid_q + 1)
+    if FILL:  # the first tile fills every row by a bitonic top-NP (its largest keys, descending) in one go
+        if k0 < k1:
+            key = _topk_keys(QM, KM, CAND, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ, BK, D_PAD,
+                             DOT_PREC, RANGES, GIVEN, c_lo, c_hi)
+            best = tl.where(cols[None, :] < N_SEL, tl.topk(key, NP, dim=1), best)
+            k0 += BK
+    while k0 < k1:  # (the CPU interpreter cannot take loaded scalars as range() bounds)
+        key = _topk_keys(QM, KM, CAND, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ, BK, D_PAD,
+                         DOT_PREC, RANGES, GIVEN, c_lo, c_hi)
+        low = tl.min(best, 1)
+        top = tl.max(key, 1)
+        more = tl.max((top > low).to(tl.int32), 0)
+        while more > 0:
+            slot = tl.min(tl.where(best == low[:, None], cols[None, :], NP), 1)
+            best = tl.where((cols[None, :] == slot[:, None]) & (top > low)[:, None], top[:, None], best)
+            key = tl.where(key == top[:, None], tl.full([BQ, BK], -9223372036854775807, tl.int64) - 1, key)
+            low = tl.min(best, 1)
+            top = tl.max(key, 1)
+            more = tl.max((top > low).to(tl.int32), 0)
+        k0 += BK
+    hi = (best >> 32).to(tl.int32)
+    score = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    valid = (best != lowest) & (score == score) & (cols[None, :] < N_SEL)
+    blk = (NB - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+    tl.store(SEL + (pid_bh * NB + qb[:, None]).to(tl.int64) * NP + cols[None, :], tl.where(valid, blk, -1),
+             mask=rmask[:, None])
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _score_kernel(QM, KM, CAND, S, HEAD_IDS, q0, ROWS, NB, NH, H, HKV, GROUP,  # type: ignore[no-untyped-def]
+                  BQ: tl.constexpr, BK: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Block scores mean(q) . mean(k) of query blocks q0 .. q0 + ROWS against every key block, written as
+    int64 keys that order like the selection rule (see `_ordered_keys`); the lowest key where the
+    selector's context allows no pair (not a candidate). S: [B * NH, ROWS, NB] int64."""
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NH
+    h = tl.load(HEAD_IDS + pid_bh % NH)
+    kvh = h // GROUP
+    r = pid_q * BQ + tl.arange(0, BQ)
+    rmask = r < ROWS
+    qb = q0 + r
+    offs_d = tl.arange(0, D_PAD)
+    qm = tl.load(QM + ((b * H + h) * NB + qb[:, None]).to(tl.int64) * D_PAD + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    k0 = 0
+    while k0 < NB:  # (the CPU interpreter cannot take scalar arguments as range() bounds)
+        kb = k0 + tl.arange(0, BK)
+        kmask = kb < NB
+        km = tl.load(KM + ((b * HKV + kvh) * NB + kb[:, None]).to(tl.int64) * D_PAD + offs_d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        s = tl.dot(qm, tl.trans(km), input_precision=DOT_PREC)
+        both = rmask[:, None] & kmask[None, :]
+        c = tl.load(CAND + qb[:, None].to(tl.int64) * NB + kb[None, :], mask=both, other=0)
+        s = _rule_key(s, kb, c != 0, NB, BQ, BK)
+        tl.store(S + (pid_bh * ROWS + r[:, None]).to(tl.int64) * NB + kb[None, :], s, mask=both)
+        k0 += BK
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQB, W, WS, K1N, ROWS,  # type: ignore[no-untyped-def]
+                  RQ: tl.constexpr, RK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr, WC: tl.constexpr,
+                  LOG: tl.constexpr, WRITE: tl.constexpr):
+    """One dynamic pattern's per-(batch, head) tables from the picks, no host round trip: program (tiles,
+    bh) merges, per query tile, the static part's row (ST_KT/ST_CLS [NQT, WS]: key tiles, 0 FULL / 1
+    PARTIAL, -1 padding) with the tiles of the picked blocks (SEL [bh, NQB, W], -1 padding), each tile
+    once: a static tile whose block is picked is dropped, the picked tile classified by P1 (K1: P1's
+    tiles as sorted keys query tile * NKT + key tile, C1: 0 FULL / 2 PARTIAL; not in P1: dropped).
+    WRITE=False counts the FULL and PARTIAL entries per row into CNT [2, ROWS + 1] (at row + 1, zeros at 0);
+    WRITE=True writes them at OFF (CNT's cumsum): FULL plain, PARTIAL of P1 with bit 30 set."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    qt = pid * BR + tl.arange(0, BR)
+    rmask = qt < NQT
+    qb = qt // RQ
+    row = bh * NQT + qt
+    sel_row = (bh * NQB + qb).to(tl.int64) * W
+    nf = tl.zeros([BR], dtype=tl.int32)
+    npart = tl.zeros([BR], dtype=tl.int32)
+    if WRITE:
+        nf = tl.load(OFF + row, mask=rmask, other=0)
+        npart = tl.load(OFF + ROWS + 1 + row, mask=rmask, other=0)
+    # the static part's entries whose block is not picked
+    s0 = 0
+    while s0 < WS:  # (the CPU interpreter cannot take scalar arguments as range() bounds)
+        sc = s0 + tl.arange(0, SC)
+        smask = rmask[:, None] & (sc < WS)[None, :]
+        kt = tl.load(ST_KT + qt[:, None].to(tl.int64) * WS + sc[None, :], mask=smask, other=-1)
+        cls = tl.load(ST_CLS + qt[:, None].to(tl.int64) * WS + sc[None, :], mask=smask, other=0)
+        kbs = tl.where(kt >= 0, kt // RK, -2)
+        hit = tl.zeros([BR, SC], dtype=tl.int32)
+        w0 = 0
+        while w0 < W:
+            wc = w0 + tl.arange(0, WC)
+            sb = tl.load(SEL + sel_row[:, None] + wc[None, :], mask=rmask[:, None] & (wc < W)[None, :], other=-1)
+            hit = tl.maximum(hit, tl.max((kbs[:, :, None] == sb[:, None, :]).to(tl.int32), 2))
+            w0 += WC
+        keep = (kt >= 0) & (hit == 0)
+        f = (keep & (cls == 0)).to(tl.int32)
+        p = (keep & (cls == 1)).to(tl.int32)
+        if WRITE:
+            tl.store(FIDX + nf[:, None] + tl.cumsum(f, 1) - f, kt, mask=f != 0)
+            tl.store(PIDX + npart[:, None] + tl.cumsum(p, 1) - p, kt, mask=p != 0)
+        nf += tl.sum(f, 1)
+        npart += tl.sum(p, 1)
+        s0 += SC
+    # the picked blocks' tiles, classified by P1
+    w0 = 0
+    while w0 < W:
+        wc = w0 + tl.arange(0, WC)
+        sb = tl.load(SEL + sel_row[:, None] + wc[None, :], mask=rmask[:, None] & (wc < W)[None, :], other=-1)
+        for d in tl.static_range(RK):
+            kt = sb * RK + d
+            ok = (sb >= 0) & (kt < NKT)
+            key = qt[:, None].to(tl.int64) * NKT + kt
+            lo = tl.zeros([BR, WC], dtype=tl.int64)
+            hi = tl.zeros([BR, WC], dtype=tl.int64) + K1N
+            for _ in tl.static_range(LOG):  # lower bound of key in K1
+                mid = (lo + hi) // 2
+                below = tl.load(K1 + mid, mask=mid < K1N, other=9223372036854775807) < key
+                lo = tl.where(below, mid + 1, lo)
+                hi = tl.where(below, hi, mid)
+            inside = ok & (lo < K1N)
+            found = inside & (tl.load(K1 + lo, mask=inside, other=-1) == key)
+            c1 = tl.load(C1 + lo, mask=found, other=3)
+            f = (found & (c1 == 0)).to(tl.int32)
+            p = (found & (c1 == 2)).to(tl.int32)
+            if WRITE:
+                tl.store(FIDX + nf[:, None] + tl.cumsum(f, 1) - f, kt, mask=f != 0)
+                tl.store(PIDX + npart[:, None] + tl.cumsum(p, 1) - p, kt + 1073741824, mask=p != 0)
+            nf += tl.sum(f, 1)
+            npart += tl.sum(p, 1)
+        w0 += WC
+    if not WRITE:
+        tl.store(CNT + 1 + row, nf, mask=rmask)
+        tl.store(CNT + ROWS + 2 + row, npart, mask=rmask)
+        two = tl.arange(0, 2)
+        tl.store(CNT + two * (ROWS + 1), tl.zeros([2], dtype=tl.int32), mask=(two < 2) & (pid == 0) & (bh == 0))
+
+
+_CANDIDATES: dict[tuple[Any, ...], Any] = {}  # _candidates' masks and _spans' triples
+
+
+def _candidates(spec: PatternSpec, ctx: int, n: int, blk: int, device: torch.device | str) -> torch.Tensor:
+    """[blocks, blocks] bool: key blocks where the selector's context allows at least one pair (cached).
+    One byte per block pair: 1 / blk**2 of a dense mask."""
+    key = (spec.key, ctx, n, blk, str(device))
+    hit: torch.Tensor | None = _CANDIDATES.get(key)
+    if hit is None:
+        nb = -(-n // blk)
+        f_off, f_idx, p_off, p_idx = block_tables(spec, n, blk, blk, device, ctx)
+        hit = torch.zeros((nb, nb), dtype=torch.bool, device=device)
+        for off, idx in ((f_off, f_idx), (p_off, p_idx)):
+            rows = torch.repeat_interleave(torch.arange(nb, device=device), (off[1:] - off[:-1]).long())
+            hit[rows, idx.long()] = True
+        if len(_CANDIDATES) >= 16:
+            _CANDIDATES.pop(next(iter(_CANDIDATES)))
+        _CANDIDATES[key] = hit
+    return hit
+
+
+def _spans(spec: PatternSpec, ctx: int, n: int, blk: int, rows: int,
+           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """What `_topk_kernel` reads of the context, cached: (cand, span, ranges). Where every query block's
+    candidates are consecutive key blocks (causal, windows, sinks...), ranges=True and cand is int32
+    [blocks, 2], each row's [lo, hi); else cand is the [blocks, blocks] byte matrix. span: int32 [groups, 2],
+    per group of `rows` query blocks the key blocks [lo, hi) holding all its candidates (causal: half)."""
+    key = (spec.key, "span", ctx, n, blk, rows, str(device))
+    hit: tuple[torch.Tensor, torch.Tensor, bool] | None = _CANDIDATES.get(key)
+    if hit is None:
+        cand = _candidates(spec, ctx, n, blk, device)
+        nb = cand.shape[0]
+        cols = torch.arange(nb, device=device)
+        lo = torch.where(cand, cols, nb).amin(1)
+        hi = torch.where(cand, cols + 1, 0).amax(1)
+        count = cand.sum(1)
+        ranges = bool(((count == 0) | (count == hi - lo)).all())
+        groups = -(-nb // rows)
+        pad = groups * rows - nb
+        g_lo = torch.cat([lo, lo.new_full((pad,), nb)]).view(groups, rows).amin(1)
+        g_hi = torch.cat([hi, hi.new_zeros(pad)]).view(groups, rows).amax(1)
+        span = torch.stack([torch.minimum(g_lo, g_hi), g_hi], 1).to(torch.int32).contiguous()
+        if ranges:
+            cand = torch.stack([torch.minimum(lo, hi), hi], 1).to(torch.int32).contiguous()
+        hit = (cand if ranges else cand.view(torch.uint8), span, ranges)
+        if len(_CANDIDATES) >= 16:
+            _CANDIDATES.pop(next(iter(_CANDIDATES)))
+        _CANDIDATES[key] = hit
+    return hit
+
+
+def _pool_torch(x: torch.Tensor, blk: int, work: torch.dtype) -> torch.Tensor:
+    B, H, N, D = x.shape
+    nb = -(-N // blk)
+    pad = torch.zeros((B, H, nb * blk - N, D), dtype=work, device=x.device)
+    sums = torch.cat([x.to(work), pad], 2).view(B, H, nb, blk, D).sum(3)
+    counts = torch.clamp(N - torch.arange(nb, device=x.device) * blk, max=blk).to(work)
+    return sums / counts[:, None]
+
+
+def _block_scores(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, pooled: tuple[torch.Tensor, torch.Tensor],
+                  heads: torch.Tensor, group: int, q0: int, rows: int) -> torch.Tensor:
+    """Scores of query blocks q0 .. q0 + rows for the heads running `pat`: [B * nh, rows, blocks]; NaN
+    marks key blocks outside the context. float32 (float64 for float64 inputs on the CPU path)."""
+    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    B, H, N, D = q.shape
+    nb = -(-N // blk)
+    cand = _candidates(spec, ctx, N, blk, q.device)
+    nh = heads.numel()
+    qm, km = pooled
+    if _torch_path(q):
+        s = torch.matmul(qm[:, heads.long(), q0:q0 + rows], km[:, heads.long() // group].transpose(-1, -2))
+        return torch.where(cand[q0:q0 + rows], s.reshape(B * nh, rows, nb), float("nan"))
+    d_pad = qm.shape[-1]
+    s = torch.empty((B * nh, rows, nb), dtype=torch.int64, device=q.device)
+    bq = 32 if d_pad <= 128 else 16
+    _score_kernel[(-(-rows // bq), B * nh)](
+        qm, km, cand.view(torch.uint8), s, heads, q0, rows, nb, nh, H, k.shape[1], group,
+        BQ=bq, BK=64, D_PAD=d_pad, DOT_PREC=_score_prec(q),
+    )
+    return s
+
+
+def _score_prec(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _pooled(q: torch.Tensor, k: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means of q and k: float32 [B, heads, blocks, D_PAD] (one Triton launch), or the PyTorch path's."""
+    if _torch_path(q):
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return _pool_torch(q, blk, work), _pool_torch(k, blk, work)
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    B, H, N, D = q.shape
+    hk = k.shape[1]
+    nb = -(-N // blk)
+    d_pad = _d_pad(D)
+    qm = torch.empty((B, H, nb, d_pad), dtype=torch.float32, device=q.device)
+    km = torch.empty((B, hk, nb, d_pad), dtype=torch.float32, device=q.device)
+    _pool_kernel[(nb, B * (H + hk))](q, k, qm, km, *q.stride()[:3], *k.stride()[:3],
+                                     N, nb, H, hk, BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=D,
+                                     D_PAD=d_pad, num_warps=current_options().pool_warps)
+    return qm, km
+
+
+def _ordered_keys(s: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort like the rule: higher score first, ties lower block first; non-candidates (NaN)
+    lowest. High word: the float32 score's bits made order-preserving as a signed integer; low word:
+    blocks - 1 - block index."""
+    nb = s.shape[-1]
+    s = torch.where(s == 0, 0.0, s).contiguous()  # -0.0 and 0.0 tie
+    bits = s.view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    keys = (ordered << 32) | (nb - 1 - torch.arange(nb, device=s.device))
+    return torch.where(torch.isnan(s), torch.iinfo(torch.int64).min, keys)
+
+
+def _scores_of(keys: torch.Tensor) -> torch.Tensor:
+    """The float32 scores inside `_ordered_keys`' keys (NaN for non-candidates)."""
+    hi = (keys >> 32).to(torch.int32)
+    bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+    return torch.where(keys == torch.iinfo(torch.int64).min, float("nan"), bits.view(torch.float32))
+
+
+def _pick(spec: PatternSpec, pat: int, s: torch.Tensor, scale: float) -> torch.Tensor:
+    """The selector's rule on one chunk [rows, blocks] of scores (NaN: not a candidate) or of
+    `_ordered_keys` keys (int64): [rows, width] int64, per row the blocks kept, -1 padding (topk: width
+    min(n, blocks); threshold: blocks, kept blocks first)."""
+    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    rows, nb = s.shape
+    if s.dtype == torch.float64:
+        order = torch.sort(torch.where(torch.isnan(s), float("-inf"), s), dim=-1, descending=True, stable=True).indices
+        if kind == "topk":
+            order = order[:, :min(int(param), nb)]
+        ss = torch.gather(s, 1, order)
+    else:
+        keys = s if s.dtype == torch.int64 else _ordered_keys(s.float())
+        if kind == "topk":
+            picked = torch.topk(keys, min(int(param), nb), dim=-1, sorted=True).values
+        else:
+            picked = torch.sort(keys, dim=-1, descending=True).values
+        order = nb - 1 - (picked & 0xFFFFFFFF)
+        ss = _scores_of(picked)
+    valid = ~torch.isnan(ss)
+    if kind == "threshold":
+        z = torch.where(valid, ss.double() * scale, float("-inf"))
+        top = z[:, :1]
+        e = torch.where(valid, torch.exp(z - torch.where(torch.isinf(top), 0.0, top)), 0.0)
+        mass = e / torch.clamp(e.sum(-1, keepdim=True), min=1e-300)
+        before = torch.cumsum(mass, -1) - mass
+        valid = valid & (before < float(param))
+    return torch.where(valid, order, -1)
+
+
+def _selection(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
+               heads: torch.Tensor, group: int) -> torch.Tensor:
+    """The blocks the selector of `pat` picks: int32 [B * nh, query blocks, width], per (batch * nh + the
+    head's rank among `heads`, query block) the key blocks kept, unordered, -1 padding.
+
+    topk (n <= 64) on the GPU and in the interpreter: one pooling launch (none for score=given) and
+    `_topk_kernel`, no host round trip. Otherwise (PyTorch path, float64 given scores, threshold, larger n) scores are chunked over query blocks (at most ~2**24 at
+    once) and `_pick` applies the rule; threshold reads its widest row back to size the result."""
+    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    B, H, N, D = q.shape
+    nb = -(-N // blk)
+    nh = heads.numel()
+    if (kind == "topk" and int(param) <= 64 and not _torch_path(q)  # (larger n: registers)
+            and not (given and scores.dtype == torch.float64)):  # (float64 scores: sorted in float64)
+        if given:
+            scores = scores if scores.stride(-1) == 1 else scores.contiguous()
+            qm = km = scores
+            d_pad = 16
+            strides = scores.stride()[:3]
+        else:
+            qm, km = _pooled(q, k, blk)
+            d_pad = qm.shape[-1]
+            strides = (0, 0, 0)
+        bq = current_options().topk_rows
+        np2 = _pow2(int(param))
+        sel = torch.empty((B * nh, nb, np2), dtype=torch.int32, device=q.device)
+        cand, span, ranges = _spans(spec, ctx, N, blk, bq, q.device)
+        # key blocks per tile: register pressure (ptxas sm_90: no spills with these)
+        bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
+        _topk_kernel[(-(-nb // bq), B * nh)](
+            qm, km, scores if given else qm, cand, span, sel, heads, nb, nh, H, k.shape[1], group, *strides,
+            N_SEL=int(param), NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
+            GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
+        )
+        return sel
+    chunk = max(1, (1 << 24) // max(1, B * nh * nb))
+    out = []
+    pooled = None if given else _pooled(q, k, blk)
+    for q0 in range(0, nb, chunk):
+        rows = min(chunk, nb - q0)
+        if given:
+            cand = _candidates(spec, ctx, N, blk, q.device)[q0:q0 + rows]
+            s = scores[:, heads.long(), q0:q0 + rows]
+            s = torch.where(cand, s if s.dtype == torch.float64 else s.float(), float("nan")).reshape(B * nh, rows, nb)
+        else:
+            s = _block_scores(spec, pat, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
+        out.append(_pick(spec, pat, s.reshape(B * nh * rows, nb), 1.0 / math.sqrt(D)).view(B * nh, rows, -1))
+    sel = torch.cat(out, 1)
+    if kind == "threshold":  # kept blocks come first in each row: cut the columns no row uses
+        sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
+    return sel.to(torch.int32).contiguous()
+
+
+def _sel_dense(sel: torch.Tensor, nb: int) -> torch.Tensor:
+    """`_selection`'s picks as a bool [rows, query blocks, nb] block mask."""
+    hit = torch.zeros((*sel.shape[:2], nb + 1), dtype=torch.bool, device=sel.device)
+    hit.scatter_(2, torch.where(sel < 0, nb, sel).long(), True)
+    return hit[..., :nb]
+
+
+def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: int, N: int, bm: int, bn: int,
+                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-(batch, head) CSR tables for the kernel: the static part's blocks and the selected ones merged,
+    each block once. Offsets [B * nh * query tiles + 1] (absolute), FULL entries plain, PARTIAL entries
+    with bit 30 set where the block is selected (masked with P1, else with the static part P0).
+
+    Two `_merge_kernel` launches around a cumsum, nothing read back: the index arrays are sized by an upper
+    bound (static entries + every picked tile) and only [0, offsets[-1]) is meaningful."""
+    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    nqt, nkt = -(-N // bm), -(-N // bn)
+    rq, rk = blk // bm, blk // bn  # the tiles divide the selector's block
+    st_kt, st_cls, n_full, n_part = _static_rows(spec, pat, N, bm, bn, device)
+    keys1, cls1 = _sorted_tiles(spec, p1, N, bm, bn, device)
+    bh, nqb, w = sel.shape
+    rows = bh * nqt
+    cnt = torch.empty((2, rows + 1), dtype=torch.int32, device=device)
+    f_idx = torch.empty(max(1, bh * (n_full + nqt * w * rk)), dtype=torch.int32, device=device)
+    p_idx = torch.empty(max(1, bh * (n_part + nqt * w * rk)), dtype=torch.int32, device=device)
+    br = 16
+    args = (sel, st_kt, st_cls, keys1, cls1)
+    meta = dict(RQ=rq, RK=rk, BR=br, SC=16, WC=16, LOG=max(1, keys1.numel().bit_length()))
+    grid = (-(-nqt // br), bh)
+    _merge_kernel[grid](*args, cnt, cnt, f_idx, p_idx, nqt, nkt, nqb, w, st_kt.shape[1], keys1.numel(), rows,
+                        WRITE=False, **meta)
+    off = torch.cumsum(cnt, 1, dtype=torch.int32)
+    _merge_kernel[grid](*args, cnt, off, f_idx, p_idx, nqt, nkt, nqb, w, st_kt.shape[1], keys1.numel(), rows,
+                        WRITE=True, **meta)
+    return off[0], f_idx, off[1], p_idx
+
+
+def _tiles(spec: PatternSpec, pat: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """Kernel tiles of a dynamic pattern divide its selector's block (a tile is selected or not)."""
+    sel = spec.selectors[pat]
+    if sel is None:
+        return block_m, block_n
+    p = sel[2] & -sel[2]
+    return min(block_m, p), min(block_n, p)
+
+
+def selected_blocks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, *, scores: torch.Tensor | None = None,
+                    layer: int | None = None) -> torch.Tensor:
+    """The blocks the selectors pick, as a dense bool tensor [B, H, blocks, blocks] (heads with a static
+    pattern: all False), for inspection and tests. Needs every dynamic pattern to share one block size."""
+    patterns = _head_patterns(spec, layer)
+    group = _check(spec, q, k, k, None, patterns)
+    _need_scores(spec, q, scores)
+    B, H, N, D = q.shape
+    blks = {sel[2] for sel in spec.selectors if sel is not None}
+    if len(blks) != 1:
+        raise ValueError("selected_blocks needs exactly one selector block size in the pattern")
+    (blk,) = blks
+    nb = -(-N // blk)
+    out = torch.zeros((B, H, nb, nb), dtype=torch.bool, device=q.device)
+    for pat in range(spec.patterns):
+        if spec.selectors[pat] is None:
+            continue
+        heads = _heads(pat, patterns, H, q.device)
+        if heads.numel() == 0:
+            continue
+        sel = _sel_dense(_selection(spec, pat, q, k, scores, heads, group), nb)
+        out[:, heads.long()] = sel.view(B, heads.numel(), nb, nb)
+    return out
+
+
+@_on_device_of
+def _picks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor | None, group: int,
+           patterns: int | tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """{pattern: `_selection`'s picks} for every dynamic pattern some head runs."""
+    out: dict[int, torch.Tensor] = {}
+    for pat in range(spec.patterns):
+        if spec.selectors[pat] is not None:
+            heads = _heads(pat, patterns, q.shape[1], q.device)
+            if heads.numel():
+                out[pat] = _selection(spec, pat, q, k, scores, heads, group)
+    return out

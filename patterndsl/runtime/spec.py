@@ -1,0 +1,104 @@
+"""What a compiled pattern hands the runtime: its predicates, token layouts, selectors and tile tables.
+
+A generated module builds one `PatternSpec` from literals and hands it to `runtime.Attention`; nothing in
+it is code except the `@triton.jit` functions (the only form in which Triton takes a predicate). The index
+expressions beside them are the same predicates as data: the block tables classify tiles with them
+(`patterndsl.intervals`), the CPU path evaluates them (`runtime.evaluate`), and the argument checks read
+the pattern's requirements from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ..expr import Expr
+
+# (largest padded head_dim, value) tables: the row of the first head_dim at least as wide applies
+Configs = tuple[tuple[int, tuple[int, ...]], ...]
+TuneConfigs = tuple[tuple[int, tuple[tuple[int, ...], ...]], ...]
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """One `allowed(i, j)`: as an index expression over i, j, N and as its Triton rendering."""
+
+    expr: Expr
+    kernel: Any  # a @triton.jit function (i, j, N) -> bool tile
+
+    @property
+    def n_free(self) -> bool:
+        """It does not read N: packed documents of every length share one block table."""
+        from ..expr import free_vars
+
+        return "N" not in free_vars(self.expr)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A pattern's token order in the kernel (patterndsl.layout): physical rows -> tokens."""
+
+    description: str
+    rows: Expr  # physical rows the kernel tiles, an expression of N
+    predicate: Expr  # the pattern's predicate over physical rows (intervals classify tiles with it)
+    kernel: Any  # a @triton.jit function (rows, N) -> (tokens, row holds a token)
+
+
+class Selector(NamedTuple):
+    """A dynamic pattern's selector: `kind` ('topk' or 'threshold'), its count or mass, its block, whether
+    the caller gives the scores, and which predicates mask the selected blocks (`selected`) and bound the
+    candidates (`context`), as indices into `PatternSpec.predicates`."""
+
+    kind: str
+    param: int | float
+    block: int
+    given: bool
+    selected: int
+    context: int
+
+
+class Requirement(NamedTuple):
+    """`value(N) >= minimum` (or `== minimum` when `exact`) must hold for the pattern to run at N."""
+
+    value: Expr
+    minimum: int
+    message: str
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """Everything pattern-dependent. Predicates 0 .. patterns - 1 are the head patterns' (static parts);
+    the rest serve selectors. `key` names the spec in caches, the autotuning file and the custom op's
+    registry: a hash of the generated module's content."""
+
+    name: str
+    kind: str  # "pattern" or "model"
+    key: str
+    source: str
+    predicates: tuple[Predicate, ...]
+    patterns: int
+    head_pattern: tuple[int, ...] | None
+    model_layers: tuple[int | tuple[int, ...], ...] | None
+    layouts: tuple[TokenLayout | None, ...]
+    selectors: tuple[Selector | None, ...]
+    requirements: tuple[Requirement, ...]
+    max_n: int
+    idx64: bool
+    configs: Configs
+    tune_configs: TuneConfigs
+    bwd_configs: Configs
+    bwd_tma_configs: Configs
+    bwd_tune_configs: TuneConfigs
+    autotune: bool = True
+    bwd_autotune: bool = True
+    _bound: dict[Any, Expr] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n_free(self) -> tuple[bool, ...]:
+        return tuple(p.n_free for p in self.predicates)
+
+    @property
+    def heads(self) -> int | None:
+        """The head count a `heads { }` pattern requires (None: any)."""
+        return None if self.head_pattern is None else len(self.head_pattern)

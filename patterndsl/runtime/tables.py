@@ -1,0 +1,303 @@
+"""Block tables: per query block the key blocks a kernel visits, FULL (no mask) or PARTIAL (masked).
+
+The one builder of tables in patterndsl: the kernels' tables here, `patterndsl.blocks` (the analysis's
+and the tests' view) and the selectors' candidate blocks all come from `tiles`. How: every query block
+starts with the range of all key blocks; `intervals.classify` judges all (query block, key range)
+rectangles at once; NONE ranges are dropped, ALL ranges become FULL blocks wholesale, SOME ranges are halved
+until one block wide (PARTIAL). `refine` then splits PARTIAL tiles until one part is seen ALL and one NONE
+(bounded work), promoting some to FULL and dropping empty ones. Time and memory grow with the listed blocks
+times log2(key blocks), never with N^2 unless the pattern is dense. Work happens on the tensors' device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from .. import expr as E
+from ..intervals import ALL, NONE, SOME, classify
+from .common import _csr, _partition, _sm_count
+
+if TYPE_CHECKING:
+    from ..expr import Expr
+    from .spec import PatternSpec, TokenLayout
+
+    # (full_offsets, full_index, partial_offsets, partial_index), int32
+    Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def tiles(pred: Expr, n: int, extent: int, bq: int, bk: int,
+          device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(full_q, full_k, partial_q, partial_k) int64: every tile of `pred` (at sequence length n; rows and
+    columns 0 .. extent - 1) that holds an allowed pair, FULL where all its pairs are allowed."""
+    fq, fk, pq, pk = _subdivide(pred, n, extent, bq, bk, device)
+    pq, pk, promoted = refine(pred, n, extent, bq, bk, pq, pk)
+    return torch.cat([fq, pq[promoted]]), torch.cat([fk, pk[promoted]]), pq[~promoted], pk[~promoted]
+
+
+def _layout(spec: PatternSpec, pat: int) -> TokenLayout | None:
+    """Predicate `pat`'s token layout or None: `spec.layouts` holds the head patterns' only (the predicates
+    serving selectors, past them, keep the plain token order)."""
+    return spec.layouts[pat] if pat < len(spec.layouts) else None
+
+
+def rows(spec: PatternSpec, pat: int, n: int) -> int:
+    """Rows the kernel tiles: N, or N padded to whole tiles of the pattern's token layout."""
+    lay = _layout(spec, pat)
+    return n if lay is None else E.evaluate_int(lay.rows, n)
+
+
+def _extent(spec: PatternSpec, pat: int, n: int, layout: bool) -> tuple[int, Expr]:
+    """(rows, predicate): over physical rows and the predicate in layout space when `layout`."""
+    lay = _layout(spec, pat)
+    if layout and lay is not None:
+        return rows(spec, pat, n), lay.predicate
+    return n, spec.predicates[pat].expr
+
+
+def _subdivide(pred: Expr, n: int, extent: int, bq: int, bk: int,
+               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query block the key-block ranges, halved until ALL / NONE / one PARTIAL block."""
+    qn, kn = -(-extent // bq), -(-extent // bk)
+    i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
+    q, lo, hi = torch.arange(qn, **i64), torch.zeros(qn, **i64), torch.full((qn,), kn, **i64)
+    fq: list[torch.Tensor] = []
+    flo: list[torch.Tensor] = []
+    fhi: list[torch.Tensor] = []
+    pq: list[torch.Tensor] = []
+    pk: list[torch.Tensor] = []
+    while q.numel():
+        verdict = classify(pred, q * bq, torch.clamp((q + 1) * bq, max=extent) - 1, lo * bk,
+                           torch.clamp(hi * bk, max=extent) - 1, torch, n)
+        is_all, some = verdict == ALL, verdict == SOME
+        fq.append(q[is_all])
+        flo.append(lo[is_all])
+        fhi.append(hi[is_all])
+        single = some & (hi - lo == 1)
+        pq.append(q[single])
+        pk.append(lo[single])
+        split = some & (hi - lo > 1)
+        sq, slo, shi = q[split], lo[split], hi[split]
+        mid = (slo + shi) // 2
+        q, lo, hi = torch.cat([sq, sq]), torch.cat([slo, mid]), torch.cat([mid, shi])
+    fq_all, flo_all, fhi_all = torch.cat(fq), torch.cat(flo), torch.cat(fhi)
+    width = fhi_all - flo_all
+    size = int(width.sum())  # explicit output sizes: repeat_interleave without one is slow on CPU, a sync on GPU
+    fq2 = torch.repeat_interleave(fq_all, width, output_size=size)
+    fk = torch.repeat_interleave(flo_all - (torch.cumsum(width, 0) - width), width, output_size=size) + torch.arange(size, **i64)
+    return fq2, fk, torch.cat(pq), torch.cat(pk)
+
+
+def refine(pred: Expr, n: int | torch.Tensor, extent: int | torch.Tensor, bq: int, bk: int, pq: torch.Tensor,
+           pk: torch.Tensor, tag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Settle PARTIAL tiles by splitting them until one part is seen ALL and one NONE (bounded work).
+
+    `n` is N, or per tile its document's length (a tensor like pq); `tag`, if given, is returned in pq's place.
+    One host sync per round of splitting, and one at the end."""
+    tiles, dev = pq.numel(), pq.device
+    seen_true = torch.zeros(tiles, dtype=torch.int32, device=dev)  # counts: index_put_ accumulates repeated tiles
+    seen_false = torch.zeros_like(seen_true)
+    unsettled = torch.zeros(tiles, dtype=torch.bool, device=dev)
+    t = torch.arange(tiles, dtype=torch.int64, device=dev)
+    i_lo, i_hi = pq * bq, torch.clamp((pq + 1) * bq, max=extent) - 1
+    j_lo, j_hi = pk * bk, torch.clamp((pk + 1) * bk, max=extent) - 1
+    budget = 8 * tiles + (1 << 16)
+    while t.numel():
+        if t.numel() > budget:
+            unsettled[t] = True
+            break
+        verdict = classify(pred, i_lo, i_hi, j_lo, j_hi, torch, n[t] if torch.is_tensor(n) else n)
+        seen_true.index_put_((t,), (verdict == ALL).int(), accumulate=True)
+        seen_false.index_put_((t,), (verdict == NONE).int(), accumulate=True)
+        keep = (verdict == SOME) & ~((seen_true[t] > 0) & (seen_false[t] > 0))
+        single = (i_hi == i_lo) & (j_hi == j_lo)
+        _, one, more = _partition(torch.where(keep, torch.where(single, 1, 2), 0), 3)
+        unsettled[t[one]] = True
+        t, i_lo, i_hi, j_lo, j_hi = (x[more] for x in (t, i_lo, i_hi, j_lo, j_hi))
+        rows = (i_hi - i_lo) >= (j_hi - j_lo)
+        i_mid, j_mid = (i_lo + i_hi) // 2, (j_lo + j_hi) // 2
+        t = torch.cat([t, t])
+        i_lo, i_hi = torch.cat([i_lo, torch.where(rows, i_mid + 1, i_lo)]), torch.cat([torch.where(rows, i_mid, i_hi), i_hi])
+        j_lo, j_hi = torch.cat([j_lo, torch.where(rows, j_lo, j_mid + 1)]), torch.cat([torch.where(rows, j_hi, j_mid), j_hi])
+    seen_true, seen_false = seen_true > 0, seen_false > 0
+    keep = torch.nonzero(seen_true | unsettled).squeeze(1)
+    promoted = ~seen_false & ~unsettled & seen_true
+    return (pq if tag is None else tag)[keep], pk[keep], promoted[keep]
+
+
+_TABLES: dict[tuple[Any, ...], Tables] = {}
+
+
+def block_tables(spec: PatternSpec, n: int, block_m: int, block_n: int, device: torch.device | str, pat: int = 0,
+                 layout: bool = True) -> Tables:
+    """(full_offsets, full_index, partial_offsets, partial_index) per query block, int32, on `device`.
+
+    FULL tiles are entirely allowed and lie inside the sequence (the ragged last key block is always
+    listed PARTIAL, so the kernel's FULL stage needs no bounds check). With the pattern's token layout
+    (`layout=False` ignores it) blocks are of physical rows, `rows(spec, pat, n)` of them, and no
+    padding row lies in a FULL tile. Cached per argument.
+    """
+    layout = bool(layout) and _layout(spec, pat) is not None
+    key = (spec.key, pat, n, block_m, block_n, str(device), layout)
+    hit = _TABLES.get(key)
+    if hit is None:
+        extent, pred = _extent(spec, pat, n, layout)
+        fq, fk, pq, pk = tiles(pred, n, extent, block_m, block_n, device)
+        ragged = (fk + 1) * block_n > extent
+        pq, pk = torch.cat([pq, fq[ragged]]), torch.cat([pk, fk[ragged]])
+        fq, fk = fq[~ragged], fk[~ragged]
+        qn, kn = -(-extent // block_m), -(-extent // block_n)
+        hit = (*_csr(fq, fk, qn, kn), *_csr(pq, pk, qn, kn))
+        if len(_TABLES) >= 64:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = hit
+    return hit
+
+
+_TABLES_T: dict[tuple[Any, ...], Tables] = {}
+
+
+def block_tables_t(spec: PatternSpec, n: int, block_m: int, block_n: int, device: torch.device | str, pat: int = 0,
+                   layout: bool = True) -> Tables:
+    """The tables of `block_tables` transposed: (full_offsets, full_index, partial_offsets, partial_index)
+    per KEY block, listing query blocks (the dK/dV loop). Same tiles, same FULL / PARTIAL verdicts (over
+    physical rows when the pattern has a token layout and `layout`)."""
+    layout = bool(layout) and _layout(spec, pat) is not None
+    key = (spec.key, pat, n, block_m, block_n, str(device), layout)
+    hit = _TABLES_T.get(key)
+    if hit is None:
+        extent = _extent(spec, pat, n, layout)[0]
+        qn, kn = -(-extent // block_m), -(-extent // block_n)
+        out: list[torch.Tensor] = []
+        for off, idx in zip(*[iter(block_tables(spec, n, block_m, block_n, device, pat, layout=layout))] * 2,
+                            strict=True):
+            rows = torch.repeat_interleave(torch.arange(qn, dtype=torch.int64, device=off.device), (off[1:] - off[:-1]).long(),
+                                           output_size=idx.numel())
+            out.extend(_csr(idx.long(), rows, kn, qn))
+        if len(_TABLES_T) >= 64:
+            _TABLES_T.pop(next(iter(_TABLES_T)))
+        hit = _TABLES_T[key] = cast("Tables", tuple(out))  # four: two per _csr
+    return hit
+
+
+_WORK: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, int, bool]] = {}
+
+
+def _split_chunk(count: torch.Tensor, programs: int, device: torch.device) -> int:
+    """Tiles per slice for the heavy query blocks (0: none is split). Heavy blocks start first, so one
+    only delays the end when it alone holds more than twice an even share of the work per SM (few heads
+    and a global row: Longformer at H = 1); then it is cut into slices of about one share."""
+    if count.numel() == 0:
+        return 0
+    share = float(count.sum()) * programs / _sm_count(device, 132)
+    top = int(count.max())
+    if top < 32 or top <= 2 * share:
+        return 0
+    return max(16, int(math.ceil(share)))
+
+
+def work_list(spec: PatternSpec, n: int, block_m: int, block_n: int, device: torch.device | str, pat: int = 0,
+              split: int | None = None, programs: int = 1) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """(work, splits, slots, contig): the kernel's work items, heaviest first.
+
+    work [W, 7] int32: query block, FULL range (lo, hi, first key block), PARTIAL range (lo, hi), slot
+    (-1: the item is the whole query block; else it is one slice, written to workspace `slot`).
+    splits [S, 3] int32: query block, first slot, end slot (merged by _attn_combine); contig: every
+    item's FULL key blocks are consecutive. `programs`: (batch, head) pairs sharing each item. Cached.
+    """
+    device = torch.device(device)
+    key = (spec.key, pat, n, block_m, block_n, str(device), split, programs)
+    hit = _WORK.get(key)
+    if hit is not None:
+        return hit
+    f_off, f_idx, p_off, p_idx = (t.cpu().long() for t in block_tables(spec, n, block_m, block_n, device, pat))
+    rows = f_off.numel() - 1
+    nf, npart = f_off[1:] - f_off[:-1], p_off[1:] - p_off[:-1]
+    count = nf + npart
+    chunk = _split_chunk(count, programs, device) if split is None else int(split)
+    pieces = torch.ones(rows, dtype=torch.int64)
+    if chunk > 0:
+        pieces = torch.clamp((count + chunk - 1) // chunk, min=1)
+    r = torch.repeat_interleave(torch.arange(rows), pieces)
+    first = torch.cumsum(pieces, 0) - pieces
+    part = torch.arange(r.numel()) - first[r]
+    if chunk > 0:
+        a = part * chunk
+        e = torch.minimum(a + chunk, count[r])
+    else:
+        a, e = torch.zeros_like(r), count[r]
+    f_lo, f_hi = f_off[r] + torch.minimum(a, nf[r]), f_off[r] + torch.minimum(e, nf[r])
+    p_lo, p_hi = p_off[r] + torch.clamp(a - nf[r], min=0), p_off[r] + torch.clamp(e - nf[r], min=0)
+    kb0 = f_idx[torch.clamp(f_lo, max=max(f_idx.numel() - 1, 0))] if f_idx.numel() else torch.zeros_like(r)
+    kb0 = torch.where(f_lo < f_hi, kb0, 0)
+    is_split = pieces[r] > 1
+    slot = torch.where(is_split, torch.cumsum(is_split.long(), 0) - 1, -1)
+    order = torch.sort(-(e - a), stable=True).indices
+    work = torch.stack([r, f_lo, f_hi, kb0, p_lo, p_hi, slot], 1)[order]
+    heavy = torch.nonzero(pieces > 1).flatten()
+    slot_lo = torch.cumsum(pieces[heavy], 0) - pieces[heavy]
+    splits = torch.stack([heavy, slot_lo, slot_lo + pieces[heavy]], 1)
+    same_row = torch.repeat_interleave(torch.arange(rows), nf)
+    same_row = same_row[1:] == same_row[:-1]
+    contig = bool(((f_idx[1:] - f_idx[:-1] == 1) | ~same_row).all())
+    hit = (work.to(torch.int32).contiguous().to(device), splits.to(torch.int32).contiguous().to(device),
+           int(is_split.sum()), contig)
+    if len(_WORK) >= 64:
+        _WORK.pop(next(iter(_WORK)))
+    _WORK[key] = hit
+    return hit
+
+
+_ROWS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
+def _static_rows(spec: PatternSpec, pat: int, n: int, bm: int, bn: int,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A static pattern's tiles per query tile, padded (cached): key tiles int32 [query tiles, width] (-1
+    padding), their class int8 (0 FULL, 1 PARTIAL), and the FULL and PARTIAL totals."""
+    key = (spec.key, "rows", pat, n, bm, bn, str(device))
+    hit = _ROWS.get(key)
+    if hit is None:
+        f_off, f_idx, p_off, p_idx = block_tables(spec, n, bm, bn, device, pat)
+        nqt = f_off.numel() - 1
+        nf, np_ = (f_off[1:] - f_off[:-1]).long(), (p_off[1:] - p_off[:-1]).long()
+        width = max(1, int((nf + np_).max())) if nqt else 1
+        kt = torch.full((nqt, width), -1, dtype=torch.int32, device=device)
+        cls = torch.zeros((nqt, width), dtype=torch.int8, device=device)
+        r = torch.arange(nqt, device=device)
+        for off, idx, count, first, c in ((f_off, f_idx, nf, torch.zeros_like(nf), 0), (p_off, p_idx, np_, nf, 1)):
+            rows = torch.repeat_interleave(r, count, output_size=idx.numel())
+            at = torch.arange(idx.numel(), device=device) - off[:-1].long()[rows] + first[rows]  # FULL, then PARTIAL
+            kt[rows, at] = idx
+            cls[rows, at] = c
+        hit = (kt, cls, f_idx.numel(), p_idx.numel())
+        if len(_ROWS) >= 64:
+            _ROWS.pop(next(iter(_ROWS)))
+        _ROWS[key] = hit
+    return hit
+
+
+def _sorted_tiles(spec: PatternSpec, pat: int, n: int, bm: int, bn: int,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static pattern's tiles as sorted int64 keys query tile * key tiles + key tile and their class int8
+    (0 FULL, 2 PARTIAL), cached: what `_merge_kernel` looks P1's class up in."""
+    key = (spec.key, "keys", pat, n, bm, bn, str(device))
+    hit = _ROWS.get(key)
+    if hit is None:
+        f_off, f_idx, p_off, p_idx = block_tables(spec, n, bm, bn, device, pat)
+        nkt = -(-n // bn)
+        keys: list[torch.Tensor] = []
+        cls: list[torch.Tensor] = []
+        for off, idx, c in ((f_off, f_idx, 0), (p_off, p_idx, 2)):
+            rows = torch.repeat_interleave(torch.arange(off.numel() - 1, device=device),
+                                           (off[1:] - off[:-1]).long(), output_size=idx.numel())
+            keys.append(rows * nkt + idx.long())
+            cls.append(torch.full((idx.numel(),), c, dtype=torch.int8, device=device))
+        sorted_keys, order = torch.sort(torch.cat(keys))
+        hit = (sorted_keys.contiguous(), torch.cat(cls)[order].contiguous())
+        if len(_ROWS) >= 64:
+            _ROWS.pop(next(iter(_ROWS)))
+        _ROWS[key] = hit
+    return hit
