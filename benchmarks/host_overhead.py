@@ -66,7 +66,7 @@ def syncs(fn) -> list[str]:
 
 
 def main() -> None:
-    outdir = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
+    outdir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     os.makedirs(outdir, exist_ok=True)
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=DT) for _ in range(4))

@@ -5,7 +5,7 @@ specialised on the pattern's predicate (`PRED`, a constexpr @triton.jit function
 `attn.spec.predicates[0].kernel`; a dynamic pattern's `SEL_PRED` too), is built with `triton.compile` for
 `GPUTarget("cuda", 90, 128)` and its PTX
 assembled by `ptxas -v` from Triton's bundled toolkit. Spills (local-memory traffic per thread) are what
-made the first backward tiles slow (docs/perf-notes.md, backward v1); shared memory must stay under the
+made the first backward tiles slow (docs/decisions.md, backward tiles); shared memory must stay under the
 H100's 227 KiB per block or the launch fails.
 
 `--fwd` builds `_attn_fwd` (the kernel of token layouts, selectors and packed documents), `--fast` the grid
@@ -14,7 +14,7 @@ descriptors ([B, H, N, D] with [1, 1, block, D] boxes, as `_descriptor` makes th
 are off (at their defaults: no token layout, no packed documents). Pointers and strides are marked divisible by 16, as a launch with aligned
 tensors specialises them: without that mark the loads are not vectorised (16-bit loads through registers
 instead of 128-bit asynchronous copies), and the registers and spills differ from what the GPU runs (this
-tool's figures before 2026-11-25 23:00 lacked it). A fifth field of --fwd / --fast caps registers per thread
+tool's earliest figures lacked the mark). A fifth field of --fwd / --fast caps registers per thread
 (maxnreg). `blocks/SM` is what registers, shared memory and threads allow on an H100. `wgmma serialized`: ptxas
 found too few registers to keep several warpgroup MMAs in flight (its C7512 note) and waits on each one.
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the

@@ -1,18 +1,34 @@
-"""docs/benchmarks.md and docs/img/benchmarks.png from the committed H100 results (docs/benchmarks/*_h100.json).
+"""docs/performance.md and docs/img/benchmarks.png from the committed H100 results (benchmarks/results/*_h100.json).
 
 One command regenerates the page after any benchmark run: `python benchmarks/report.py`. Every figure on the
 page is read from a JSON file written by the run that measured it (ours, FlexAttention and SDPA side by side);
-nothing is typed in by hand. Needs no GPU.
+nothing is typed in by hand: the environment comes from each file's run info and the known weak spots are the
+comparisons in those files where a peer took less time than ours. Needs no GPU.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# The files the page reads, in page order, with their sections' titles.
+SECTIONS = (
+    ("forward", "Forward, 1-D patterns"),
+    ("fwd_bwd", "Forward + backward, 1-D patterns"),
+    ("layouts", "Patterns with a token layout"),
+    ("selectors", "Dynamic selectors, end to end"),
+    ("selectors_incall", "Dynamic selectors: what selection adds inside a call"),
+    ("varlen", "Packed documents"),
+    ("scaling", "Scaling in N and head_dim, 1-D patterns"),
+    ("graphs", "Short sequences: eager and as a CUDA graph"),
+)
+TITLES = dict(SECTIONS)
 
 
 def _load(results: Path, name: str) -> dict[str, Any] | None:
@@ -75,7 +91,7 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
             r.get("date", fwd["date"])[:16].replace("T", " ")])  # fmt: skip
         header = ["pattern", "density", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex",
                   "by round", "measured (UTC)"]  # fmt: skip
-        out += _section("Forward, 1-D patterns", _shaped(fwd) + ROUNDS, header, rows)
+        out += _section(TITLES["forward"], _shaped(fwd) + ROUNDS, header, rows)
     if fb := _load(results, "fwd_bwd"):
         rows = _vs_flex(fb["fwd_bwd"], "fwd+bwd", "ours_fwd_bwd_ms", "flex_fwd_bwd_ms", bars, lambda r, ratio: [
             r["pattern"], f"{r['ours_fwd_bwd_ms']:.3f}", f"{r['ours_tflops']:.1f}", f"{r['flex_fwd_bwd_ms']:.3f}",
@@ -83,17 +99,20 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
             r.get("date", fb["date"])[:16].replace("T", " ")])  # fmt: skip
         header = ["pattern", "ours ms", "ours TFLOP/s", "Flex ms", "Flex TFLOP/s", "SDPA ms", "ours / Flex", "by round",
                   "measured (UTC)"]  # fmt: skip
-        out += _section("Forward + backward, 1-D patterns", _shaped(fb) + ROUNDS, header, rows)
+        out += _section(TITLES["fwd_bwd"], _shaped(fb) + ROUNDS, header, rows)
     if lay := _load(results, "layouts"):
         rows = []
         for r in lay["forward"]:
             o = r["ours"]
             bars.append(("layouts", r["pattern"], r["speedup_vs_flex"]))
+            fb = r.get("ours_fwd_bwd_ms") and r.get("flex_fwd_bwd_ms")
             rows.append([r["pattern"], o["layout"], f"{o['ms']:.3f}", f"{o['tflops']:.1f}", f"{o['tile_efficiency']:.1%}",
-                         f"{r['flex_ms']:.3f}", f"{r['flex_tflops']:.1f}", f"{r['flex_tile_efficiency']:.1%}", f"{r['speedup_vs_flex']:.2f}x"])  # fmt: skip
+                         f"{r['flex_ms']:.3f}", f"{r['flex_tflops']:.1f}", f"{r['flex_tile_efficiency']:.1%}", f"{r['speedup_vs_flex']:.2f}x",
+                         f"{r['ours_fwd_bwd_ms']:.3f}" if fb else "-", f"{r['flex_fwd_bwd_ms']:.3f}" if fb else "-",
+                         f"{r['flex_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.2f}x" if fb else "-"])  # fmt: skip
         header = ["pattern", "layout", "ours ms", "ours TFLOP/s", "ours tile eff.", "Flex ms", "Flex TFLOP/s",
-                  "Flex tile eff.", "ours / Flex"]  # fmt: skip
-        out += _section("Forward, patterns with a token layout", _shaped(lay), header, rows)
+                  "Flex tile eff.", "ours / Flex", "ours fwd+bwd ms", "Flex fwd+bwd ms", "fwd+bwd ours / Flex"]  # fmt: skip
+        out += _section(TITLES["layouts"], _shaped(lay), header, rows)
     if sel := _load(results, "selectors"):
         rows = []
         for r in sel["rows"]:
@@ -106,14 +125,14 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
         header = ["N", "ours ms", "selection + tables share", "SDPA causal ms", "ours vs SDPA",
                   "Flex (mask build incl.) ms", "ours / Flex"]  # fmt: skip
         context = f"{_stamp(sel)}; `{sel['meta']['pattern']}`, B=1 H=16 D=128 bf16."
-        out += _section("Dynamic selectors, end to end", context, header, rows)
+        out += _section(TITLES["selectors"], context, header, rows)
     if inc := _load(results, "selectors_incall"):  # a later run that also timed the attention alone (no Flex)
         rows = [[str(r["N"]), f"{r['ours_ms']:.3f}", f"{r['attention_only_ms']:.3f}", f"{r['in_call_share']:.1%}",
                  f"{r['selection_share']:.1%}", f"{r['speedup_vs_sdpa']:.2f}x"] for r in inc["rows"]]  # fmt: skip
         header = ["N", "ours ms", "attention alone ms", "selection + tables inside the call", "timed apart",
                   "ours vs SDPA causal"]  # fmt: skip
         context = f"{_stamp(inc)}; the same call with the selection and its tables handed in, timed in the same run."
-        out += _section("Dynamic selectors: what selection adds inside a call", context, header, rows)
+        out += _section(TITLES["selectors_incall"], context, header, rows)
     if var := _load(results, "varlen"):
         s, res = var["shape"], var["results"]
         rows = []
@@ -130,9 +149,9 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
             bars.append(("varlen", "packed docs fwd", res["flex"]["fwd"]["ms"] / res["ours"]["fwd"]["ms"]))
         context = (f"{_stamp(var)}; {s['docs']} documents, {s['total']} tokens, causal window {s['window']}, "
                    f"H={s['H']} D={s['D']} {s['dtype']}; tables / masks built inside every timed call.")  # fmt: skip
-        out += _section("Packed documents", context, ["", "fwd ms", "fwd+bwd ms"], rows)
+        out += _section(TITLES["varlen"], context, ["", "fwd ms", "fwd+bwd ms"], rows)
     if sc := _load(results, "scaling"):
-        out += _scaling(sc, "Scaling in N and head_dim, 1-D patterns")
+        out += _scaling(sc, TITLES["scaling"])
     if gr := _load(results, "graphs"):
         out += graphs_section(gr)
     return out, bars
@@ -157,7 +176,7 @@ def graphs_section(gr: dict[str, Any]) -> list[str]:
                + (f" {gr['note']}." if gr.get("note") else ""))  # fmt: skip
     header = ["pattern", "N", "D", "ours eager ms", "Flex eager ms", "eager ours / Flex", "ours graph ms",
               "Flex graph ms", "graph ours / Flex"]  # fmt: skip
-    return _section("Short sequences: eager and as a CUDA graph", context, header, rows)
+    return _section(TITLES["graphs"], context, header, rows)
 
 
 def _scaling_cell(r: dict[str, Any]) -> str:
@@ -190,6 +209,149 @@ def _scaling(sc: dict[str, Any], title: str) -> list[str]:
     return _section(title, context, ["pattern", "D", "pass", *map(str, ns)], table) + tail
 
 
+def _rows(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """A file's measured rows, whatever its benchmark calls them."""
+    for key in ("forward", "fwd_bwd", "rows"):
+        if isinstance(d.get(key), list):
+            return list(d[key])
+    return []
+
+
+def method(results: Path) -> list[str]:
+    """How the numbers were taken; which sections used interleaved rounds is read from the files."""
+    interleaved = [title for name, title in SECTIONS
+                   if (d := _load(results, name)) and any("rounds_ms" in r for r in _rows(d))]  # fmt: skip
+    return [
+        "## Method",
+        "",
+        "- Every section is one run of one benchmark script (`benchmarks/bench_*.py`) on one GPU: ours, "
+        "FlexAttention (`torch.compile`d `flex_attention` with the block mask of the same pattern) and SDPA "
+        "(`scaled_dot_product_attention`: causal where the pattern is causal, dense otherwise) on the same "
+        "inputs, in the same process, bf16 unless the section says otherwise.",
+        "- Each implementation is called once before timing (compilation, autotuning and block tables are not "
+        "timed, except where a section says that tables or masks are built inside every call).",
+        "- Times are medians of `triton.testing.do_bench` (it empties the L2 cache before each call). In "
+        + (", ".join(f"*{t}*" for t in interleaved) or "no section")
+        + ", the implementations are timed in five interleaved rounds, the order alternating from round to "
+        "round, and the reported time is the median round: a GPU's clock drifts within seconds, and peers timed "
+        "one after the other would carry that drift into their ratio. `by round` shows the spread of the "
+        "per-round ratios. The other sections time each implementation once, one after the other.",
+        "- Effective TFLOP/s = 4 * allowed pairs * head_dim * heads * batch / time for a forward pass (two "
+        "matrix products of 2 * head_dim FLOPs per allowed pair); forward + backward counts 3.5 times that (the "
+        "backward's five products against the forward's two). Pairs are counted exactly from the pattern. "
+        "SDPA's figure counts every pair it computes (all N * N, or half of them when causal).",
+        "- `ours / Flex` (and `ours vs SDPA`) is the peer's time divided by ours: above 1 ours is faster.",
+        "- Tile efficiency = allowed pairs / pairs in the tiles a kernel visits.",
+        "",
+    ]
+
+
+def _measured(d: dict[str, Any]) -> str:
+    """When a file's numbers were taken: its run's date, or the span of its rows' own dates."""
+    meta = d.get("meta", d)
+    dates = sorted({r["date"][:16].replace("T", " ") for r in _rows(d) if isinstance(r.get("date"), str)})
+    if len(dates) > 1:
+        return f"{dates[0]} to {dates[-1]} UTC"
+    date = dates[0] if dates else str(meta.get("date", "?"))[:16].replace("T", " ")
+    return f"{date} UTC" if date != "?" else "not recorded"
+
+
+def environment(results: Path) -> list[str]:
+    """The card, torch and triton of every section, from each file's run info."""
+    rows = []
+    for name, title in SECTIONS:
+        d = _load(results, name)
+        if d is None:
+            continue
+        meta = d.get("meta", d)
+        rows.append([title, str(meta.get("machine") or meta.get("gpu") or "not recorded"), str(meta.get("torch")),
+                     str(meta.get("triton")), _measured(d)])  # fmt: skip
+    context = "Where each section's numbers come from, as its benchmark recorded it."
+    return _section("Environment", context, ["section", "card", "torch", "triton", "measured"], rows)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One timed case: ours against one peer, in the same run."""
+
+    section: str
+    case: str
+    ours_ms: float
+    peer: str
+    peer_ms: float
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and x > 0 else None
+
+
+def _pairs(section: str, case: str, ours: Any, peers: list[tuple[str, Any]]) -> list[Comparison]:
+    """Comparisons for one case, leaving out what was not measured (skipped, failed, out of memory)."""
+    o = _number(ours)
+    return [Comparison(section, case, o, peer, t) for peer, x in peers if o is not None and (t := _number(x)) is not None]
+
+
+def comparisons(results: Path) -> list[Comparison]:
+    """Every ours-against-a-peer time pair in the committed files."""
+    out: list[Comparison] = []
+    if d := _load(results, "forward"):
+        for r in d["forward"]:
+            out += _pairs(TITLES["forward"], r["pattern"], r["ours_ms"],
+                          [("FlexAttention", r.get("flex_ms")), ("SDPA", r.get("sdpa_dense_ms"))])  # fmt: skip
+    if d := _load(results, "fwd_bwd"):
+        for r in d["fwd_bwd"]:
+            out += _pairs(TITLES["fwd_bwd"], r["pattern"], r["ours_fwd_bwd_ms"],
+                          [("FlexAttention", r.get("flex_fwd_bwd_ms")), ("SDPA", r.get("sdpa_dense_fwd_bwd_ms"))])  # fmt: skip
+    if d := _load(results, "layouts"):
+        for r in d["forward"]:
+            out += _pairs(TITLES["layouts"], f"{r['pattern']} fwd", r["ours"]["ms"], [("FlexAttention", r.get("flex_ms"))])
+            out += _pairs(TITLES["layouts"], f"{r['pattern']} fwd+bwd", r.get("ours_fwd_bwd_ms"),
+                          [("FlexAttention", r.get("flex_fwd_bwd_ms"))])  # fmt: skip
+    if d := _load(results, "selectors"):
+        for r in d["rows"]:
+            out += _pairs(TITLES["selectors"], f"N={r['N']}", r["ours_ms"],
+                          [("FlexAttention", r.get("flex_ms")), ("SDPA causal", r.get("sdpa_causal_ms"))])  # fmt: skip
+    if d := _load(results, "selectors_incall"):
+        for r in d["rows"]:
+            out += _pairs(TITLES["selectors_incall"], f"N={r['N']}", r["ours_ms"],
+                          [("SDPA causal", r.get("sdpa_causal_ms"))])  # fmt: skip
+    if d := _load(results, "varlen"):
+        res = d["results"]
+        for which in ("fwd", "fwd+bwd"):
+            ours = res.get("ours", {}).get(which, {}).get("ms")
+            out += _pairs(TITLES["varlen"], which, ours, [
+                ("torch varlen_attn", res.get("varlen_attn", {}).get(which, {}).get("ms")),
+                ("Flex + create_block_mask", res.get("flex", {}).get(which, {}).get("ms"))])  # fmt: skip
+    if d := _load(results, "scaling"):
+        for r in d["rows"]:
+            case = f"{r['pattern']} D={r['D']} {r['pass']} N={r['N']}"
+            out += _pairs(TITLES["scaling"], case, r.get("ours_ms"),
+                          [("FlexAttention", r.get("flex_ms")), ("SDPA", r.get("sdpa_dense_ms"))])  # fmt: skip
+    if d := _load(results, "graphs"):
+        for r in d["rows"]:
+            case = f"{r['pattern']} N={r['N']} D={r['D']}"
+            out += _pairs(TITLES["graphs"], f"{case} eager", r.get("ours_ms"), [("FlexAttention", r.get("flex_ms"))])
+            out += _pairs(TITLES["graphs"], f"{case} graph", r.get("ours_graph_ms"),
+                          [("FlexAttention", r.get("flex_graph_ms"))])  # fmt: skip
+    return out
+
+
+def weak_spots_section(comps: list[Comparison]) -> list[str]:
+    """Every comparison where the peer took less time than ours: by section in page order, then the largest
+    gap first."""
+    order = {title: k for k, (_, title) in enumerate(SECTIONS)}
+    weak = sorted((c for c in comps if c.peer_ms < c.ours_ms),
+                  key=lambda c: (order.get(c.section, len(order)), c.peer_ms / c.ours_ms))  # fmt: skip
+    if not weak:
+        return ["## Known weak spots", "", f"None: ours was the faster in all {len(comps)} comparisons.", ""]
+    context = (f"Derived from the files behind the tables above: the {len(weak)} of {len(comps)} comparisons (ours "
+               "against one peer, same run) in which the peer took less time than ours. A ratio within a few "
+               "percent of 1 is inside the spread that the `by round` columns show.")  # fmt: skip
+    rows = [[c.section, c.case, f"{c.ours_ms:.3f}", c.peer, f"{c.peer_ms:.3f}", f"{c.peer_ms / c.ours_ms:.3f}x"]
+            for c in weak]  # fmt: skip
+    return _section("Known weak spots", context, ["section", "case", "ours ms", "peer", "peer ms", "peer / ours"], rows)
+
+
 def plot(bars: list[tuple[str, str, float]], path: Path) -> None:
     import matplotlib
 
@@ -211,25 +373,35 @@ def plot(bars: list[tuple[str, str, float]], path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    results = Path(argv[0]) if argv else ROOT / "docs/benchmarks"
-    page = Path(argv[1]) if len(argv) > 1 else ROOT / "docs/benchmarks.md"
+    results = Path(argv[0]) if argv else ROOT / "benchmarks/results"
+    page = Path(argv[1]) if len(argv) > 1 else ROOT / "docs/performance.md"
     picture = page.parent / "img" / "benchmarks.png"
     lines, bars = sections(results)
     head = [
-        "# Benchmarks (H100)",
+        "# Performance",
         "",
-        "Generated by `python benchmarks/report.py` from the JSON files in docs/benchmarks/ (do not edit by hand).",
-        "Each section is one run of its benchmark script with ours, FlexAttention and SDPA side by side;",
-        "docs/perf-notes.md tells what each run changed, what was predicted and what came out.",
+        "Generated by `python benchmarks/report.py` from the JSON files in benchmarks/results/ (do not edit by hand).",
+        "",
+        *method(results),
+        *environment(results),
+        "## Results",
         "",
         f"![speed vs FlexAttention](img/{picture.name})",
         "",
     ]
     picture.parent.mkdir(parents=True, exist_ok=True)
     plot(bars, picture)
-    page.write_text("\n".join(head + lines).rstrip("\n") + "\n", encoding="utf-8")
+    text = "\n".join(head + lines + weak_spots_section(comparisons(results))).rstrip("\n") + "\n"
+    _write(page, text)
     print(f"wrote {page} and {picture} ({len(bars)} measurements)")
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically: a reader never sees half a page."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of it
   rm -f "$OUT/$name.out"
 }
 
-# a few workers holding float64 references; failures go to failures.txt as they happen (2026-11-25 21:07:
-# the whole suite, 154 passed in 137 s with -n 5; 2026-11-26: 158 tests, ~125 s); forward 150 s (its warm-up
-# compile took 20-23 s with nine tuning candidates), backward 190 s: 580 s of a 600 s call
+# a few workers holding float64 references; failures go to failures.txt as they happen (the whole gpu suite
+# takes about 125 s with -n 5); forward 150 s (its warm-up compiles the tuning candidates), backward 190 s:
+# 580 s of a 600 s call
 # a stage whose box is 0 (T_BWD=0, ...) is skipped
 if [ -z "${ONLY_EXTRA:-}" ]; then
   if [ "${T_TESTS:-240}" != 0 ]; then
@@ -53,9 +53,9 @@ if [ -n "${SELECTORS:-}" ]; then TAIL=20 stage bench_selectors "${T_SEL:-200}" p
 if [ -n "${VARLEN:-}" ]; then TAIL=20 stage bench_varlen "${T_VARLEN:-240}" env BENCH_DEADLINE=$(( ${T_VARLEN:-240} - 20 )) \
   python3 benchmarks/bench_varlen.py "$OUT/varlen_h100.json" "$OUT/varlen_h100.md"; fi
 # SCALING=1 (issue 8: the 1-D patterns at N 4096..131072, D 64 and 128, fwd and fwd+bwd; resumes the committed
-# grid, so each call adds the cells its box allows)
+# grid in benchmarks/results/, so each call adds the cells its box allows)
 if [ -n "${SCALING:-}" ]; then
-  prior=(); [ -f docs/benchmarks/scaling_h100.json ] && prior=(--resume docs/benchmarks/scaling_h100.json)
+  prior=(); [ -f benchmarks/results/scaling_h100.json ] && prior=(--resume benchmarks/results/scaling_h100.json)
   TAIL=10 stage bench_scaling "${T_SCALING:-300}" env BENCH_DEADLINE=$(( ${T_SCALING:-300} - 60 )) \
     python3 benchmarks/bench_scaling.py "$OUT/scaling_h100.json" "${prior[@]}"
 fi

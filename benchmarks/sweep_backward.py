@@ -33,11 +33,11 @@ DT = torch.bfloat16 if DEV == "cuda" else torch.float32
 PATTERNS = [("causal", "causal"), ("sliding_window_1024", "causal & window(1023)")]
 # (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA (the bwd_tma option)[, more kernel options]
 CANDIDATES: list[tuple] = [
-    ((32, 64, 64, 32, 8, 3, 8, 3), False),  # the pointer-load default (token layouts, packed documents)
-    ((32, 64, 64, 64, 4, 2, 4, 2), True),  # the TMA default after the 2026-11-25 17:00 sweep
-    ((32, 64, 128, 64, 4, 3, 8, 2), True),  # the TMA default before it
-    # measured 17:10 (docs/benchmarks/sweep_backward*_h100.json): the first pointer-load row below became
-    # the pointer default, the last row the TMA default
+    ((32, 64, 64, 32, 8, 3, 8, 3), False),  # the first pointer-load tiles (8 warps, 3 stages)
+    ((32, 64, 64, 64, 4, 2, 4, 2), True),  # the TMA tiles the first sweep chose
+    ((32, 64, 128, 64, 4, 3, 8, 2), True),  # the TMA tiles before that sweep
+    # the first pointer-load row below is the pointer default, the last row the TMA default (docs/decisions.md,
+    # backward tiles)
     ((32, 64, 64, 64, 4, 2, 4, 2), False),
     ((32, 64, 64, 32, 4, 2, 4, 3), False),
     ((32, 64, 64, 64, 4, 2, 4, 3), True),
@@ -46,8 +46,8 @@ CANDIDATES: list[tuple] = [
     ((32, 64, 128, 128, 4, 2, 8, 2), True),
     ((32, 64, 64, 64, 8, 2, 4, 2), True),
     ((64, 64, 64, 64, 4, 2, 4, 2), True),
-    # the dQ kernel computes delta and lse2 (bwd_fuse_pre, the default since the 22:01 sweep: the pre-pass launch
-    # and its 0.05 ms go; BWD_ONE_LOOP measured slower there: dK/dV 0.735 against 0.664 ms, causal 5.16 vs 4.10)
+    # the dQ kernel computes delta and lse2 by default (the bwd_fuse_pre option: the pre-pass launch goes);
+    # this row times the separate pre-pass (docs/decisions.md)
     ((64, 64, 64, 64, 4, 2, 4, 2), True, {"bwd_fuse_pre": False}),
     # 128-key dK/dV tiles and 32-key dQ tiles (Triton's tutorial shape: 32 x 128 / 128 x 32), never swept before
     ((32, 128, 128, 32, 4, 3, 4, 3), True),
@@ -112,7 +112,7 @@ def kernel_ms(fn) -> dict[str, float]:
 
 
 def main() -> None:
-    outdir = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
+    outdir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     os.makedirs(outdir, exist_ok=True)
     t0 = time.perf_counter()
     tasks = [(pi, ci) for pi in range(len(PATTERNS)) for ci in range(len(CANDIDATES))]

@@ -16,7 +16,7 @@ from patterndsl.cli import build_parser
 from patterndsl.cli import main as patc
 from patterndsl.mask import dense_mask
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared/spec/examples"
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 SPEC_EXAMPLES = sorted(glob.glob(str(EXAMPLES / "*.pat")))
 LIBRARY = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "patterns/*.pat")))
 

@@ -30,9 +30,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = ROOT.parent / "shared" / "spec" / "examples"
-if not SPEC.is_dir():
-    SPEC = Path("/work/shared/spec/examples")
+SPEC = ROOT / "tests" / "examples"
 SMALL = dict(block_m=16, block_n=16)
 
 

@@ -17,7 +17,7 @@ from patterndsl.check import check
 from patterndsl.fmt import format_module
 from patterndsl.parse import parse
 
-SPEC_EXAMPLES = sorted(glob.glob(str(Path(__file__).resolve().parents[2] / "shared/spec/examples/*.pat")))
+SPEC_EXAMPLES = sorted(glob.glob(str(Path(__file__).resolve().parent / "examples/*.pat")))
 LIBRARY = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "patterns/*.pat")))
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import patterndsl as P
 from patterndsl import ir
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared/spec/examples"
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
 def test_spec_masformer_schedule() -> None:

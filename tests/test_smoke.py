@@ -3,10 +3,10 @@ from pathlib import Path
 
 import patterndsl as P
 
-SPEC_EXAMPLES = sorted(glob.glob(str(Path(__file__).resolve().parents[2] / "shared/spec/examples/*.pat")))
+SPEC_EXAMPLES = sorted(glob.glob(str(Path(__file__).resolve().parent / "examples/*.pat")))
 
 
 def test_spec_examples_check() -> None:
-    assert SPEC_EXAMPLES, "../shared/spec/examples not found beside the checkout"
+    assert SPEC_EXAMPLES, "tests/examples holds no .pat file"
     for path in SPEC_EXAMPLES:
         P.load(path)

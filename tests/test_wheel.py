@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT.parent / "shared/spec/examples/longformer.pat"
+EXAMPLE = ROOT / "tests/examples/longformer.pat"
 
 _OFFLINE = (
     "No matching distribution found for hatchling",
