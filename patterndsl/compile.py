@@ -34,42 +34,24 @@ from .source import PatternError
 
 __all__ = ["Compiled", "compile", "compile_source", "DEFAULT_CONFIGS", "TUNE_CONFIGS"]
 
-# (largest padded head_dim, (BLOCK_M, BLOCK_N, num_warps, num_stages)); tuned on the H100 (docs/perf-notes.md)
+# Forward tiles per head_dim: (largest padded head_dim, (BLOCK_M, BLOCK_N, num_warps, num_stages)), the tiles a
+# module launches untuned (docs/decisions.md says how each was chosen).
 DEFAULT_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
     (64, (128, 64, 4, 3)),
     (128, (128, 64, 8, 3)),
     (256, (64, 64, 8, 2)),
 )
-# Grid neighborhoods run in a tiled token layout where no key tile is seen by every query of a query tile:
-# every tile is PARTIAL, and smaller tiles visit fewer wasted pairs. On the H100 (docs/benchmarks/
-# layouts_h100.json, D = 128) 64 x 32 beat 128 x 64 by 1.1x (2-D), 1.8x (dilated 2-D) and 1.4x (3-D video);
-# D = 64 and 256 are not measured.
+# Grid neighborhoods run in a tiled token layout where every tile is PARTIAL: smaller tiles visit fewer
+# wasted pairs (docs/decisions.md, grid-neighborhood tiles).
 GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
     (64, (64, 32, 4, 3)),
     (128, (64, 32, 4, 3)),
     (256, (64, 32, 8, 2)),
 )
-# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA 0/1[, one loop 0/1[, maxnreg]]) a generated module times on
-# its first call per head_dim (autotuning of the fast kernel; patterns with a token layout time their own kernel
-# over DEFAULT_CONFIGS' tiles and these candidates' tiles, warps and stages, selectors keep DEFAULT_CONFIGS).
-# For D = 128 the four best of the v3 sweep over the five benchmark patterns
-# (docs/perf-notes.md); 64 x 64, which the 2026-11-25 20:47 sweep found 1.5x faster than 128 x 128 on
-# PowerAttention (its 64-token blocks; docs/benchmarks/forward_sweep_oneloop_h100.json); and the grid kernel
-# with FULL and PARTIAL blocks in one loop (the sixth field), 3-5% faster on the 1024 window and PowerAttention
-# in that sweep's quick medians, which wander by about as much: the tuner decides on the machine at hand.
-# D = 64 takes the same additions, unmeasured there.
-# The seventh field caps registers per thread (ptxas .maxnreg) so that two 8-warp blocks share an SM, the one
-# way left to overlap one block's softmax with another's matrix products (triton 3.6 does not warp-specialise
-# on sm_90). sm_90 compiles with triton 3.6 (benchmarks/kernel_resources.py --fast [--tma], 2026-11-25 23:30):
-# D = 128, 128 x 64, 2 stages: with TMA 147 registers uncapped (1 block per SM), 124 capped at 128 without
-# spills (2 blocks of 96 KiB of shared memory); with pointer loads 197 uncapped, at 128 it spills 60 B for
-# causal (3 stores and 4 loads a step of its FULL loop; 116 B for the 1024 window). D = 64: 128 x 64 fits in 128
-# registers uncapped, 128 x 128 at 128 spills 12 B with pointer loads and none with TMA. The tuner keeps them
-# only where they are faster: on the H100 (2026-11-25 23:17, N = 16384, D = 128) the capped TMA 128 x 64 won
-# causal (2.153 ms, 0.5% ahead of 128 x 128) and the 1024 window (0.345 ms, 6% ahead) and lost elsewhere; D = 64
-# unmeasured. At the cap ptxas serialises that tile's warpgroup MMAs (its note C7512: each one waited on before
-# the next; kernel_resources says `wgmma serialized`); 128 x 32 tiles fit two blocks per SM without a cap (114
-# registers, MMAs pipelined) but ran 11-20% slower on every benchmark pattern (H100, 2026-11-26 01:03): not here.
+# The candidates autotuning times on a first call per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA
+# 0/1[, one loop 0/1[, maxnreg]]). Token-layout patterns time their own kernel over the default tiles and these
+# candidates' tiles, warps and stages; selectors keep the default tiles. The register cap lets two 8-warp
+# blocks share an SM; the tuner keeps any candidate only where it is faster (docs/decisions.md).
 TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0), (64, 64, 4, 2, 1),
           (128, 128, 4, 3, 1, 1), (64, 64, 4, 2, 1, 1), (128, 64, 8, 2, 1, 0, 128), (128, 128, 8, 2, 1, 0, 128))),
@@ -80,12 +62,9 @@ TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
 
 
 # Backward tiles: (largest padded head_dim, (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2,
-# stages2)); dK/dV run BLOCK_N1 keys against BLOCK_M1 queries with warps1/stages1, dQ BLOCK_M2 queries against
-# BLOCK_N2 keys with warps2/stages2. Float32 takes the row of a head_dim twice as wide.
-# Both rows from the H100 sweeps of 2026-11-25 17:10 (benchmarks/sweep_backward.py, docs/benchmarks/
-# sweep_backward{,_d64}_h100.json; D = 256 unmeasured): pointer loads (token layouts, packed documents,
-# selectors) with 4 warps and 2 stages took half the time of the earlier 8-warp, 3-stage tiles, though
-# ptxas reports more spills for them; TMA loads serve every other pattern.
+# stages2)); dK/dV run BLOCK_N1 keys against BLOCK_M1 queries, dQ BLOCK_M2 queries against BLOCK_N2 keys.
+# Float32 takes the row of a head_dim twice as wide. Pointer loads (token layouts, packed documents,
+# selectors) and TMA loads (every other pattern) each have their own row (docs/decisions.md, backward tiles).
 DEFAULT_BWD_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int, int, int]], ...] = (
     (64, (32, 64, 64, 64, 4, 2, 4, 2)),
     (128, (32, 64, 64, 64, 4, 2, 4, 2)),
@@ -96,18 +75,14 @@ DEFAULT_BWD_TMA_CONFIGS: tuple[tuple[int, tuple[int, int, int, int, int, int, in
     (128, (64, 64, 64, 64, 4, 2, 4, 2)),
     (256, (32, 32, 32, 32, 8, 2, 8, 2)),
 )
-# What a module times on its first backward per shape (unless bwd_config is given): the dK/dV halves
-# (BM1, BN1, warps1, stages1) of these rows against each other, and their dQ halves (BM2, BN2, warps2, stages2),
-# besides the default row. The best of the 2026-11-25 17:10 sweep per pattern and kernel (causal preferred
-# dK/dV 64 x 64, a PowerAttention run the earlier 32 x 64 with 3 stages and dQ 128 x 64).
+# What a first backward per shape times (unless bwd_config is given): the dK/dV halves of these rows against
+# each other, and their dQ halves, besides the default row.
 BWD_TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int, int, int, int], ...]], ...] = (
     (64, ((32, 64, 64, 64, 4, 2, 4, 2), (64, 64, 64, 64, 4, 2, 4, 2), (32, 64, 64, 32, 4, 3, 4, 3))),
     (128, ((64, 64, 64, 64, 4, 2, 4, 2), (32, 64, 128, 64, 4, 3, 8, 2), (32, 64, 128, 128, 4, 2, 8, 2))),
     (256, ((32, 32, 32, 32, 8, 2, 8, 2),)),
 )
-# Added for grid neighborhoods, whose forward runs fastest with 32-key tiles (layouts v2 in perf-notes: the
-# 2-D neighborhood's backward took 4x its forward with 64 x 64 tiles). Not yet measured: the tuner keeps
-# them only where they are faster.
+# Added for grid neighborhoods, whose forward runs fastest with 32-key tiles.
 BWD_GRID_TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, int, int, int, int, int, int, int], ...]], ...] = (
     (64, ((64, 32, 64, 32, 4, 3, 4, 3), (32, 32, 32, 32, 4, 3, 4, 3))),
     (128, ((64, 32, 64, 32, 4, 3, 4, 3), (32, 32, 32, 32, 4, 3, 4, 3))),
