@@ -14,9 +14,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import resources
 from . import tree as T
-from .source import PatternError, Source, Span
+from .source import MAX_SOURCE_BYTES, PatternError, Source, Span
 
-MAX_SOURCE_BYTES = 1 << 20
 # Deeper expressions are refused with a message: every stage after the parser recurses over the tree.
 MAX_NESTING = 200
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..source import PatternError
+from ..source import PatternError, read_source
 from .common import add_file_options, parse_defines, positive_int
 
 PEERS = ("flex", "sdpa")
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from ..compile import compile_source
 
     defines = parse_defines(args.defines)
+    read_source(args.file)  # refuses devices, FIFOs and oversized files before compile_source opens it
     try:
         compile_source(args.file, args.pattern, defines)  # user errors surface here, before any GPU work
     except ValueError as e:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..source import PatternError
+from ..source import PatternError, read_source
 from .common import add_file_options, parse_defines
 
 
@@ -44,6 +44,7 @@ def _bwd_tiles(text: str | None) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> int:
     from ..compile import compile_source
 
+    read_source(args.file)  # refuses devices, FIFOs and oversized files before compile_source opens it
     try:
         compiled = compile_source(
             Path(args.file),

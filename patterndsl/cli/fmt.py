@@ -10,7 +10,7 @@ from typing import Any
 from ..check import check
 from ..fmt import format_module
 from ..parse import parse
-from ..source import PatternError
+from ..source import read_source
 
 
 def register(sub: Any) -> None:
@@ -30,10 +30,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     changed = 0
     for path in args.files:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise PatternError(f"{path}: cannot read: {e}") from None
+        text = read_source(path)
         module = parse(text, path)
         check(module, path)  # never format a file that does not check
         out = format_module(module)
