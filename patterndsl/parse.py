@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,17 +59,18 @@ def _parser() -> lark.Lark:
 
 def parse(text: str, path: str = "<input>") -> T.Module:
     """Parse a whole `.pat` file; raises PatternError, never a lark or Python exception."""
+    text = text.removeprefix("\ufeff")  # a byte order mark some editors write: not part of the text
     source = Source(path, text)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
         raise PatternError(f"file is larger than {MAX_SOURCE_BYTES} bytes", None)
-    bad = next((k for k, ch in enumerate(text) if ord(ch) > 127 or (ord(ch) < 32 and ch not in "\t\r\n")), None)
+    bad = next((k for k, ch in enumerate(text) if _invisible(ch)), None)
     if bad is not None:
         line = text.count("\n", 0, bad) + 1
         col = bad - (text.rfind("\n", 0, bad) + 1) + 1
         raise PatternError(
-            f"unexpected character {text[bad]!r}",
+            f"invisible control character U+{ord(text[bad]):04X}",
             Span(source, line, col),
-            "patterns are plain ASCII; comments start with '#'",
+            "remove it: it can make the text look different from what patc reads",
         )
     comments: list[Token] = []
     parser = _parser()
@@ -83,6 +85,17 @@ def parse(text: str, path: str = "<input>") -> T.Module:
             raise e.orig_exc from None
         raise
     return T.Module(module.statements, tuple(_comment(c, text) for c in comments))
+
+
+# Bidirectional formatting characters: in a comment they can reorder how the rest of a line is displayed, so
+# that code looks commented out (or the reverse). Refused with control characters, everywhere.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _invisible(ch: str) -> bool:
+    """Characters a reader cannot see: control characters other than tab and newlines, and bidi controls.
+    Any other character is allowed in a comment; outside comments the grammar takes ASCII only."""
+    return ch in _BIDI or (unicodedata.category(ch) == "Cc" and ch not in "\t\r\n")
 
 
 def _parse_collecting(parser: lark.Lark, text: str, comments: list[Token]) -> Any:
@@ -173,6 +186,10 @@ def _end_of_code(source: Source) -> Span:
 
 
 def _char_hint(ch: str) -> str | None:
+    if ch.isspace():
+        return "a space other than the plain one (U+0020) or a tab; retype it"
+    if not ch.isascii():
+        return "names are ASCII letters, digits and '_'; other characters may appear only in comments"
     return {
         "!": "negation is 'not' in where(...) and '~' for patterns",
         "&": None,

@@ -60,7 +60,7 @@ CHECK_ERRORS: dict[str, Case] = {
     "missing_arrow": Case(HEADS + "    4:8 full\n}", 3, 9, 4, "unexpected 'full'", "'=>'"),
     "dangling_union": Case("\n\npattern p = causal |\n", 3, 21, 1, "unexpected end of file", "a name"),
     "semicolon": Case("pattern p = causal\n  ; pattern q = full", 2, 3, 1, "unexpected character ';'", "no separator"),
-    "non_ascii": Case("pattern p = cau\u00e9sal", 1, 16, 1, "unexpected character '\u00e9'", "plain ASCII"),
+    "non_ascii": Case("pattern p = cau\u00e9sal", 1, 16, 1, "unexpected character '\u00e9'", "names are ASCII letters"),
     "bang": Case("pattern p = causal ! full", 1, 20, 1, "unexpected character '!'", "'~' for patterns"),
     "huge_literal": Case("pattern p = sink(99999999999999999999)", 1, 18, 20, "integer literal is too large", "2**62"),
     "huge_power": Case("pattern p = sink(2 ** 70)", 1, 23, 2, "an exponent above 64 is not supported"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import patterndsl as P
 from patterndsl.cli import main as patc
 from patterndsl.parse import MAX_SOURCE_BYTES
 
@@ -86,3 +87,58 @@ def test_bytes_that_are_not_utf8_are_pointed_at(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"{bad}:2:4: error: not UTF-8 text (byte 22)"
     assert err[2] == "     ^" and err[3] == "  hint: save the file as UTF-8"
+
+
+# --- text beyond ASCII ------------------------------------------------------------------------
+
+UNICODE_COMMENTS = (
+    "# Gómez et al., «Attention», 2024 — ∑ over keys; 注意\n"
+    "param w = 3  # fenêtre\n"
+    "pattern p = causal & window(w)  # ✓\n"
+)
+
+
+def test_utf8_is_welcome_in_comments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "u.pat"
+    path.write_text(UNICODE_COMMENTS, encoding="utf-8")
+    assert P.load(path).patterns[0].body == P.pattern("causal & window(3)")
+    assert patc(["check", str(path)]) == 0
+    assert patc(["fmt", "--check", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: ok: p")
+
+
+def test_a_byte_order_mark_is_not_an_error() -> None:
+    assert P.loads("\ufeffpattern p = causal\n").patterns[0].body == P.pattern("causal")
+
+
+@pytest.mark.parametrize(
+    ("src", "col", "char"),
+    [("pattern p\u00e9 = causal", 10, "\u00e9"), ("pattern p = cau\u00e9sal", 16, "\u00e9"), ("param \u03b1 = 3", 7, "\u03b1")],
+)
+def test_names_stay_ascii_with_a_clear_message(src: str, col: int, char: str) -> None:
+    with pytest.raises(P.PatternError) as info:
+        P.loads(src, "t.pat")
+    err = info.value
+    assert err.message == f"unexpected character {char!r}"
+    assert err.span is not None and (err.span.line, err.span.column) == (1, col)
+    assert err.hint == "names are ASCII letters, digits and '_'; other characters may appear only in comments"
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029"])
+def test_line_numbers_count_newlines_only(sep: str) -> None:
+    """Python's splitlines() also breaks at these; lark and editors count '\\n' only."""
+    with pytest.raises(P.PatternError) as info:
+        P.loads(f"# one{sep}still the first line\npattern p = cusal\n", "t.pat")
+    lines = info.value.render().splitlines()
+    assert lines[0] == "t.pat:2:13: error: unknown name 'cusal'"
+    assert lines[1] == "  pattern p = cusal"
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u2066", "\u200f", "\x0c", "\x00", "\x85"])
+def test_invisible_control_characters_are_refused_even_in_comments(char: str) -> None:
+    """A bidirectional override in a comment can make code read differently from what it is."""
+    with pytest.raises(P.PatternError) as info:
+        P.loads(f"pattern p = causal  # a{char}b\n", "t.pat")
+    err = info.value
+    assert err.message == f"invisible control character U+{ord(char):04X}"
+    assert err.span is not None and (err.span.line, err.span.column) == (1, 24)
