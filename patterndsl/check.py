@@ -92,6 +92,18 @@ def kind(v: Value) -> str:
     return _KIND[type(v)]
 
 
+def index_role(name: str) -> str | None:
+    """What where(...) reads `name` as: the indices q and k, the coordinates qcD and kcD, or None.
+
+    These names are reserved everywhere: a param or let of that name would mean one thing inside where()
+    and another outside it (`param k = 3` then `where(q - k <= k) | window(k)`)."""
+    if name in ("q", "k"):
+        return "the query index" if name == "q" else "the key index"
+    if len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit():
+        return "a query coordinate" if name[0] == "q" else "a key coordinate"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class WhereScope:
     """Inside where(...): q and k exist, and coordinates when a layout is named."""
@@ -162,6 +174,12 @@ class _Checker:
         if stmt.name in RESERVED:
             what = "a keyword" if stmt.name in KEYWORDS else "a built-in name"
             raise PatternError(f"'{stmt.name}' is {what} and cannot be redefined", stmt.span, "choose another name")
+        role = index_role(stmt.name)
+        if role is not None:
+            raise PatternError(
+                f"'{stmt.name}' is {role} inside where(...) and cannot be redefined", stmt.span,
+                f"choose another name: inside where(...) '{stmt.name}' would still mean {role}",
+            )  # fmt: skip
         if stmt.name in self.defined:
             first = self.defined[stmt.name].span
             raise PatternError(f"'{stmt.name}' is defined twice (first at line {first.line})", stmt.span)
@@ -362,11 +380,12 @@ class _Checker:
             raise PatternError(f"'{name}' is a keyword, not a value", span, _KEYWORD_HINTS.get(name))
         if name == "given":
             return GivenV()
-        if scope is not None:
+        if index_role(name) is not None:
+            if scope is None:
+                raise PatternError(f"'{name}' exists only inside where(...)", span, f"e.g. where({name} % 64 == 0)")
             if name in ("q", "k"):
                 return IntV(E.I if name == "q" else E.J)
-            if len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit():
-                return IntV(self._coordinate(name, span, scope))
+            return IntV(self._coordinate(name, span, scope))
         if name in self.values:
             return self.values[name]
         if name in self.bodies:
@@ -378,8 +397,6 @@ class _Checker:
                 f"move the definition of '{name}' above this line",
             )
         known = set(self.values) | set(_BUILTIN_NAMES) | set(_CALL_ONLY) | ({"q", "k"} if scope is not None else set())
-        if scope is None and (name in ("q", "k") or len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit()):
-            raise PatternError(f"'{name}' exists only inside where(...)", span, f"e.g. where({name} % 64 == 0)")
         raise PatternError(f"unknown name '{name}'", span, did_you_mean(name, known))
 
     def _coordinate(self, name: str, span: Span, scope: WhereScope) -> Expr:
