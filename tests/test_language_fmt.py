@@ -89,7 +89,7 @@ def test_chains_print_without_redundant_parentheses(text: str, canonical: str) -
         "layout g = grid(8)\npattern p = neighborhood(g, kernel=(3,))\n",
         "# head\n\n# two\nparam w = 3 # trailing\n\n\nlet a = causal   # a\n# before p\npattern p = a & window(w)\n# end\n",
         "pattern moa = heads {  # moa\n  0:2 => causal # first\n  # own line\n  2:4 => full\n}\n# after\n",
-        "pattern p = (causal  # c\n  | full # d\n  # own\n  & sink(2))  # e\n# tail\npattern q = full # z\n",
+        "pattern p = (causal  # c\n  | full # d\n  # own\n  & sink(2))  # e\n# tail\npattern r = full # z\n",
         "pattern moa = heads { 0:2 => causal # a\n 2:4 => full }  # b\n",
         "pattern moa = heads {\n    0:2 => causal\n    # last\n}  # after the brace\n# own\nlet a = full  # t\n",
         "model m = layers(6) {\n every 3 => causal\n 1:2 => heads {\n 0:1 => full\n 1:2 => none\n }\n else => window(1)\n}\n",
