@@ -348,6 +348,8 @@ class _Checker:
                 return self._name(name, node.span, scope)
             case T.Unary(op, operand):
                 return self._unary(op, operand, node.span, scope)
+            case T.Binary(op) if op in _ASSOCIATIVE:
+                return self._chain(node, scope)
             case T.Binary(op, left, right):
                 return self._binary(op, left, right, node.span, scope)
             case T.Compare(operands, ops):
@@ -434,20 +436,38 @@ class _Checker:
                 raise PatternError("'not' negates a condition; complement a pattern with '~'", span)
         raise PatternError(f"'{op}' cannot be applied to {kind(v)}", span)
 
+    def _chain(self, node: T.Binary, scope: WhereScope | None) -> Value:
+        """`a | b | c | ...` (and likewise '&', 'and', 'or'): the parser nests a chain to the left, as deep as
+        it is long. Its operands are collected without recursion and checked pair by pair from the left (the
+        first mismatch is reported where it was before), then combined into a balanced tree: the stages after
+        the checker, which recurse, see a depth of log2(terms) whatever the chain's length."""
+        links: list[T.Binary] = []
+        first: T.Node = node
+        while isinstance(first, T.Binary) and first.op == node.op:
+            links.append(first)
+            first = first.left
+        values = [self.value(first, scope)]
+        for link in reversed(links):  # innermost first: each combines everything to its left with its right
+            v = self.value(link.right, scope)
+            if not (isinstance(values[0], PatV) and isinstance(v, PatV) and node.op in ("|", "&")
+                    or isinstance(values[0], BoolV) and isinstance(v, BoolV) and node.op in ("and", "or")):  # fmt: skip
+                raise _mismatch(node.op, values[0], v, link.span)
+            values.append(v)
+        match node.op:
+            case "|":
+                return PatV(_balanced([v.pattern for v in values if isinstance(v, PatV)], ir.Union))
+            case "&":
+                return PatV(_balanced([v.pattern for v in values if isinstance(v, PatV)], ir.Inter))
+            case "and":
+                return BoolV(E.conj(*(v.expr for v in values if isinstance(v, BoolV))))
+        return BoolV(E.disj(*(v.expr for v in values if isinstance(v, BoolV))))
+
     def _binary(self, op: str, left: T.Node, right: T.Node, span: Span, scope: WhereScope | None) -> Value:
         a, b = self.value(left, scope), self.value(right, scope)
         match op, a, b:
-            case "|", PatV(x), PatV(y):
-                return PatV(ir.Union(x, y))
-            case "&", PatV(x), PatV(y):
-                return PatV(ir.Inter(x, y))
             case "-", PatV(x), PatV(y):
                 _no_selector_under(y, "-", span)
                 return PatV(ir.Inter(x, ir.Complement(y)))
-            case "and", BoolV(x), BoolV(y):
-                return BoolV(E.conj(x, y))
-            case "or", BoolV(x), BoolV(y):
-                return BoolV(E.disj(x, y))
             case "+" | "-" | "*" | "//" | "%" | "**", IntV(x), IntV(y):
                 return IntV(self._arith(op, x, y, right.span, span))
             case "+" | "-" | "*", IntV() | FloatV(), IntV() | FloatV() if not (
@@ -455,16 +475,7 @@ class _Checker:
             ):
                 fa, fb = _as_float(a), _as_float(b)
                 return FloatV(fa + fb if op == "+" else fa - fb if op == "-" else fa * fb)
-        if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
-            word = "or" if op == "|" else "and"
-            raise PatternError(
-                f"'{op}' combines patterns; combine conditions with '{word}'", span,
-                f"write where(a {word} b); mind that '{op}' binds tighter than comparisons",
-            )  # fmt: skip
-        if op in ("and", "or") and isinstance(a, PatV) and isinstance(b, PatV):
-            sym = "|" if op == "or" else "&"
-            raise PatternError(f"'{op}' combines conditions; combine patterns with '{sym}'", span)
-        raise PatternError(f"'{op}' cannot combine {kind(a)} and {kind(b)}", span)
+        raise _mismatch(op, a, b, span)
 
     def _arith(self, op: str, x: Expr, y: Expr, rspan: Span, span: Span) -> Expr:
         if op in ("//", "%"):
@@ -847,34 +858,53 @@ def _parse_define(name: str, text: str) -> int | float:
     return f
 
 
-def _names_in(node: T.Node | T.HeadsBlock | None) -> Iterator[str]:
-    match node:
-        case None | T.Int() | T.Float():
-            return
-        case T.Name(name):
-            yield name
-        case T.Unary(_, x):
-            yield from _names_in(x)
-        case T.Binary(_, a, b):
-            yield from _names_in(a)
-            yield from _names_in(b)
-        case T.Compare(operands):
-            for x in operands:
-                yield from _names_in(x)
-        case T.Call(_, args, keywords):
-            for x in args:
-                yield from _names_in(x)
-            for k in keywords:
-                yield from _names_in(k.value)
-        case T.TupleLit(items) | T.ListLit(items):
-            for x in items:
-                yield from _names_in(x)
-        case T.Slice(start, stop, step):
-            for bound in (start, stop, step):
-                yield from _names_in(bound)
-        case T.HeadsBlock(entries):
-            for e in entries:
-                yield from _names_in(e.body)
+def _names_in(root: T.Node | T.HeadsBlock | None) -> Iterator[str]:
+    """Every name used in `root`, left to right (walked without recursion: chains may be long)."""
+    stack: list[T.Node | T.HeadsBlock | None] = [root]
+    while stack:
+        node = stack.pop()
+        parts: tuple[T.Node | T.HeadsBlock | None, ...] = ()
+        match node:
+            case T.Name(name):
+                yield name
+            case T.Unary(_, x):
+                parts = (x,)
+            case T.Binary(_, a, b):
+                parts = (a, b)
+            case T.Compare(operands) | T.TupleLit(operands) | T.ListLit(operands):
+                parts = operands
+            case T.Call(_, args, keywords):
+                parts = args + tuple(k.value for k in keywords)
+            case T.Slice(start, stop, step):
+                parts = (start, stop, step)
+            case T.HeadsBlock(entries):
+                parts = tuple(e.body for e in entries)
+        stack.extend(reversed(parts))
+
+
+_ASSOCIATIVE = frozenset({"|", "&", "and", "or"})
+
+
+def _mismatch(op: str, a: Value, b: Value, span: Span) -> PatternError:
+    """The error for operands `op` cannot combine, with the likely mix-up of '|' / 'or' and '&' / 'and'."""
+    if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
+        word = "or" if op == "|" else "and"
+        return PatternError(
+            f"'{op}' combines patterns; combine conditions with '{word}'", span,
+            f"write where(a {word} b); mind that '{op}' binds tighter than comparisons",
+        )  # fmt: skip
+    if op in ("and", "or") and isinstance(a, PatV) and isinstance(b, PatV):
+        sym = "|" if op == "or" else "&"
+        return PatternError(f"'{op}' combines conditions; combine patterns with '{sym}'", span)
+    return PatternError(f"'{op}' cannot combine {kind(a)} and {kind(b)}", span)
+
+
+def _balanced(items: list[ir.Pattern], make: Callable[[ir.Pattern, ir.Pattern], ir.Pattern]) -> ir.Pattern:
+    """Items combined by an associative `make` as a balanced tree; up to three, as the left-nested chain."""
+    if len(items) == 1:
+        return items[0]
+    mid = (len(items) + 1) // 2
+    return make(_balanced(items[:mid], make), _balanced(items[mid:], make))
 
 
 def _no_selector_under(p: ir.Pattern, op: str, span: Span) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import resources
@@ -107,18 +107,46 @@ def _parse_collecting(parser: lark.Lark, text: str, comments: list[Token]) -> An
     return result
 
 
+# Chains of one associative operator (`a | b | c`): the checker walks them without recursion and builds a
+# balanced tree, so a flat chain of any length costs no depth. Arithmetic is left nested as written.
+_FLAT_CHAINS = frozenset({"union_op", "inter_op", "and_op", "or_op"})
+_ARITH_GROUPS = ({"+", "-"}, {"*", "//", "%"})
+
+
+def _arith_group(node: lark.Tree[Token]) -> int | None:
+    """Which run of left-associative arithmetic operators `node` belongs to (None: not such a node)."""
+    if node.data != "binary":
+        return None
+    op = str(node.children[1])
+    return next((k for k, group in enumerate(_ARITH_GROUPS) if op in group), None)
+
+
 def _check_nesting(raw: lark.Tree[Token], source: Source) -> None:
-    """Refuse expressions nested deeper than MAX_NESTING (walked without recursion)."""
-    stack: list[tuple[lark.Tree[Token], int]] = [(raw, 0)]
+    """Refuse expressions deeper than MAX_NESTING (walked without recursion), in the terms the user wrote:
+    levels of nesting, or operators chained in a row (`1 + 1 + ...` nests as deep as it is long)."""
+    # (node, depth, chain): chain holds the operators of the runs of arithmetic on the way down to the node
+    stack: list[tuple[lark.Tree[Token], int, tuple[str, ...]]] = [(raw, 0, ())]
     while stack:
-        node, depth = stack.pop()
+        node, depth, chain = stack.pop()
         if depth > MAX_NESTING:
-            raise PatternError(
-                f"expression nested more than {MAX_NESTING} levels deep",
-                _span_of(source, node.meta),
-                "name parts of it with 'let'",
-            )
-        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+            span = _span_of(source, node.meta)
+            if 2 * len(chain) > MAX_NESTING:
+                ops = ", ".join(f"'{op}'" for op in sorted(set(chain)))
+                raise PatternError(
+                    f"more than {MAX_NESTING} operations chained with {ops}", span,
+                    "compute it in fewer steps; a param or a let can hold a part",
+                )  # fmt: skip
+            raise PatternError(f"expression nested more than {MAX_NESTING} levels deep", span, "name parts of it with 'let'")
+        group = _arith_group(node)
+        for k, child in enumerate(node.children):
+            if not isinstance(child, lark.Tree):
+                continue
+            if k == 0 and child.data == node.data and node.data in _FLAT_CHAINS:
+                stack.append((child, depth, chain))
+            elif k == 0 and group is not None and _arith_group(child) == group:
+                stack.append((child, depth + 1, (*chain, str(node.children[1]))))
+            else:
+                stack.append((child, depth + 1, chain))
 
 
 def _comment(tok: Token, text: str) -> T.Comment:
@@ -234,8 +262,8 @@ def _int(text: str, span: Span) -> int:
 
 
 @v_args(meta=True)
-class _Build(Transformer[Token, Any]):
-    """lark tree -> `tree` nodes, attaching a Span to each."""
+class _Build(Transformer_NonRecursive[Token, Any]):
+    """lark tree -> `tree` nodes, attaching a Span to each; without recursion, for long flat chains."""
 
     def __init__(self, source: Source) -> None:
         super().__init__()

@@ -382,9 +382,9 @@ def test_patc_check_on_garbage_exits_0_or_2_without_traceback(text: str) -> None
     "src",
     [
         "pattern p = " + "~" * 3000 + "causal",
-        "pattern p = " + " | ".join(["window(1)"] * 3000),
+        "pattern p = " + "(window(1) | " * 3000 + "full" + ")" * 3000,
         "pattern p = sink(" + "-" * 3000 + "1)",
-        "pattern p = where(" + " and ".join(["q < 5"] * 3000) + ")",
+        "pattern p = where(" + "(q < 5 and " * 3000 + "true" + ")" * 3000 + ")",
         "pattern p = where(" + "not " * 3000 + "q < 5)",
     ],
     ids=["tilde", "union", "minus", "and", "not"],
