@@ -29,6 +29,7 @@ PRIMITIVES = frozenset(
 )  # fmt: skip
 RESERVED = KEYWORDS | PRIMITIVES
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
+SELECTOR_BLOCK = 16  # a selector's block is a whole number of the kernel's smallest tile
 
 
 # --- values the checker computes -------------------------------------------------------------
@@ -154,6 +155,7 @@ class _Checker:
                     self.values[name] = LayoutV(grid)
                 case T.PatternStmt(name, body):
                     b = self._body(body, f"the right side of 'pattern {name} ='")
+                    _one_selector(name, b)
                     if isinstance(b, ir.Heads):
                         self.bodies[name] = b
                     else:
@@ -286,8 +288,10 @@ class _Checker:
         if layers > 100_000:
             raise PatternError(f"{layers} layers is more than the 100000 supported", layers_node.span)
         schedule: list[ir.Body | None] = [None] * layers
+        heads: tuple[int, Span] | None = None  # the first heads block's count, and where it is
         for k, entry in enumerate(entries):
             body = self._body(entry.body, f"a layer's pattern in model '{name}'")
+            _one_selector(name, body)
             match entry.kind:
                 case "every":
                     assert entry.key is not None
@@ -305,9 +309,20 @@ class _Checker:
                     if k != len(entries) - 1:
                         raise PatternError("'else' must be the last entry", entry.span)
                     chosen = range(layers)
+            used = False
             for layer in chosen:
                 if schedule[layer] is None:
                     schedule[layer] = body
+                    used = True
+            if used and isinstance(body, ir.Heads):
+                if heads is None:
+                    heads = (body.count, entry.body.span)
+                elif heads[0] != body.count:
+                    raise PatternError(
+                        f"model '{name}' has heads blocks of {heads[0]} and {body.count} heads; its layers must agree",
+                        entry.body.span,
+                        f"every layer of a model runs with the same head count (the first is at line {heads[1].line})",
+                    )
         missing = [layer for layer, b in enumerate(schedule) if b is None]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
@@ -720,12 +735,23 @@ def _call_neighborhood(c: _Checker, node: T.Call, scope: WhereScope | None) -> V
     return PatV(ir.Neighborhood(grid, kernel, dilation, stride, causal))
 
 
+def _selector_block(c: _Checker, node: T.Node, func: str) -> int:
+    block = c._const_int(node, None, f"{func}'s block", minimum=1)
+    if block % SELECTOR_BLOCK:
+        raise PatternError(
+            f"a selector's block must be a multiple of {SELECTOR_BLOCK} to compile (the kernel's smallest tile), "
+            f"got {block}", node.span,
+            f"e.g. block={max(SELECTOR_BLOCK, block // SELECTOR_BLOCK * SELECTOR_BLOCK)}",
+        )  # fmt: skip
+    return block
+
+
 def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     args = _bind(node, ("count", "block", "score"), 1, ("block", "score"))
     count = c._const_int(args["count"], None, "topk's count", minimum=1)
     if "block" not in args:
         raise PatternError("topk needs block=...", node.span, "e.g. topk(16, block=64)")
-    block = c._const_int(args["block"], None, "topk's block", minimum=1)
+    block = _selector_block(c, args["block"], "topk")
     given = False
     if "score" in args:
         if not isinstance(c.value(args["score"], None), GivenV):
@@ -748,7 +774,7 @@ def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Valu
         raise PatternError(f"threshold's mass must be in (0, 1], got {mass}", args["mass"].span)
     if "block" not in args:
         raise PatternError("threshold needs block=...", node.span, "e.g. threshold(0.9, block=128)")
-    block = c._const_int(args["block"], None, "threshold's block", minimum=1)
+    block = _selector_block(c, args["block"], "threshold")
     return PatV(ir.Threshold(mass, block, node.span))
 
 
@@ -885,6 +911,17 @@ def _names_in(root: T.Node | T.HeadsBlock | None) -> Iterator[str]:
 _ASSOCIATIVE = frozenset({"|", "&", "and", "or"})
 
 
+def _one_selector(name: str, body: ir.Body) -> None:
+    """One dynamic selector per pattern (per head's pattern, per layer's): the kernel runs one selection."""
+    for p in ir.body_patterns(body):
+        sels = [n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)]
+        if len(sels) > 1:
+            raise PatternError(
+                f"'{name}' holds {len(sels)} selectors; a compiled pattern may hold one", sels[1].span,
+                "give different heads different selectors with heads { ... }",
+            )  # fmt: skip
+
+
 def _mismatch(op: str, a: Value, b: Value, span: Span) -> PatternError:
     """The error for operands `op` cannot combine, with the likely mix-up of '|' / 'or' and '&' / 'and'."""
     if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
@@ -915,6 +952,57 @@ def _no_selector_under(p: ir.Pattern, op: str, span: Span) -> None:
                 span,
                 "intersect with it instead: A & topk(...)",
             )
+
+
+# --- what a kernel cannot do ----------------------------------------------------------------------
+
+INT64_MAX = (1 << 63) - 1
+
+
+def kernel_limits(item: ir.PatternDef | ir.Model) -> None:
+    """Refuse what `compile` cannot build though the language allows it. `patc check` applies this to every
+    pattern and model of a file, so that a file it passes compiles; `patc compile` to the one it compiles.
+    Masks and the analysis have none of these limits (`random(N // 4)` has a mask) and do not apply them."""
+    bodies = item.distinct() if isinstance(item, ir.Model) else (item.body,)
+    for p in dict.fromkeys(p for body in bodies for p in ir.body_patterns(body)):
+        _kernel_limits(p, item.span)
+
+
+def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
+    from .codegen import RANDOM_UNROLL_MAX
+    from .mask import magnitude_bound
+    from .selectors import split
+    from .semantics import predicate
+
+    for node in ir.walk(p):
+        if not isinstance(node, ir.Random):
+            continue
+        if not isinstance(node.count, E.Const):
+            raise PatternError(
+                "random(r, ...) compiles only when r is a number once params are set, not a function of N",
+                node.span, "masks and 'patc analyze' take it; a kernel needs a fixed count, e.g. random(3)",
+            )  # fmt: skip
+        if int(node.count.value) > RANDOM_UNROLL_MAX:
+            raise PatternError(
+                f"random({node.count.value}, ...) draws more than {RANDOM_UNROLL_MAX} keys per row; "
+                "the kernel unrolls the draw", node.span,
+                f"at most {RANDOM_UNROLL_MAX}; inside blockwise each key is a whole block of keys",
+            )  # fmt: skip
+
+    def too_wide(x: ir.Pattern) -> bool:
+        if ir.is_dynamic(x):
+            sp = split(x)
+            return any(too_wide(part) for part in (sp.static, sp.selected, sp.context))
+        return magnitude_bound(predicate(x), 1) > INT64_MAX
+
+    if too_wide(p):
+        # point at the smallest part that overflows on its own (a where(), a window's bounds)
+        parts = [x for x in ir.walk(p) if getattr(x, "span", None) is not None and not ir.is_dynamic(x)]
+        culprit = next((x for x in reversed(parts) if too_wide(x)), None)
+        raise PatternError(
+            "the pattern's integer arithmetic does not fit 64 bits even at N = 1",
+            getattr(culprit, "span", None) or where, "use smaller constants",
+        )  # fmt: skip
 
 
 # --- checks that need N ---------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_chains_print_without_redundant_parentheses(text: str, canonical: str) -
         "pattern p = where(q - (k - 1) >= 2 ** 3 ** 1 and not (q % 3 == 1 or k < 2))\n",
         "pattern p = where(-q + -(-k) < 4 < N // 2)\n",
         "pattern p = rows(-4:) | cols(:3:2) | global([0, -1,]) | rows(N // 2 : N - 1)\n",
-        "param f = 0.00001\npattern p = threshold(f * 10, block=8)\n",
+        "param f = 0.00001\npattern p = threshold(f * 10, block=16)\n",
         "param big = 1_000_000\npattern p = window(big // 100000)\n",
         "pattern p = topk(3, block=16, score=given) & causal\n",
         "layout g = grid(4, 4)\npattern p = neighborhood(g, kernel=(3,), dilation=1, causal=(true, false))\n".replace("(3,)", "(3, 3)"),

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..source import PatternError, read_source
-from .common import add_file_options, parse_defines
+from ..check import kernel_limits
+from ..source import PatternError
+from .common import add_file_options, load_program, parse_defines, select
 
 
 def register(sub: Any) -> None:
@@ -44,7 +45,8 @@ def _bwd_tiles(text: str | None) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> int:
     from ..compile import compile_source
 
-    read_source(args.file)  # refuses devices, FIFOs and oversized files before compile_source opens it
+    # the file's errors, and what a kernel cannot do, pointed at in the file before compile_source runs
+    kernel_limits(select(load_program(args), args.pattern))
     try:
         compiled = compile_source(
             Path(args.file),
