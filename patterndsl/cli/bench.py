@@ -17,6 +17,7 @@ from typing import Any
 
 from ..source import PatternError, read_source
 from .common import add_file_options, parse_defines, positive_int
+from .output import PICTURE, add_force_option, claim, picture_format, save_figure
 
 PEERS = ("flex", "sdpa")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -42,6 +43,7 @@ def register(sub: Any) -> None:
     p.add_argument("--vs", default="flex,sdpa", metavar="PEERS", help="comma-separated peers: flex, sdpa, or none")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--plot", metavar="OUT.png", help="write a plot of time vs N (matplotlib)")
+    add_force_option(p)
     p.set_defaults(run=run)
 
 
@@ -57,6 +59,9 @@ def _peers(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     peers = _peers(args.vs)
+    if args.plot:
+        claim(args.plot, "--plot", PICTURE, [args.file], args.force)
+        picture_format(args.plot, "--plot")
     from .. import ir
     from ..compile import compile as compile_module
     from ..compile import compile_source
@@ -307,9 +312,4 @@ def _plot(res: dict[str, Any], path: str) -> None:
     ax.set_title(f"{res['pattern']} {res['pass']} ({res['dtype']}, D={res['head_dim']})")
     ax.legend()
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise PatternError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, picture_format(path, "--plot"), dpi=120)

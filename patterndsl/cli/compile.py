@@ -9,6 +9,7 @@ from typing import Any
 from ..check import kernel_limits
 from ..source import PatternError
 from .common import add_file_options, load_program, parse_defines, select
+from .output import MODULE, add_force_option, claim, write_text
 
 
 def register(sub: Any) -> None:
@@ -20,6 +21,7 @@ def register(sub: Any) -> None:
     )
     add_file_options(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.py", help="where to write the module")
+    add_force_option(p)
     p.add_argument("--block-m", type=int, help="query block size (default: tuned per head_dim)")
     p.add_argument("--block-n", type=int, help="key block size (default: tuned per head_dim)")
     p.add_argument(
@@ -45,6 +47,7 @@ def _bwd_tiles(text: str | None) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> int:
     from ..compile import compile_source
 
+    claim(args.output, "-o", MODULE, [args.file], args.force)
     # the file's errors, and what a kernel cannot do, pointed at in the file before compile_source runs
     kernel_limits(select(load_program(args), args.pattern))
     try:
@@ -60,9 +63,6 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(e, PatternError):
             raise
         raise PatternError(str(e)) from None
-    try:
-        Path(args.output).write_text(compiled.text, encoding="utf-8")
-    except OSError as e:
-        raise PatternError(f"cannot write {args.output}: {e.strerror}") from None
+    write_text(args.output, compiled.text)
     print(f"{args.output}: attention kernel for '{compiled.name}' (source sha256 {compiled.sha256[:12]})")
     return 0

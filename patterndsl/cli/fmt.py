@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..check import check
 from ..fmt import format_module
 from ..parse import parse
 from ..source import read_source
+from .output import write_text
 
 
 def register(sub: Any) -> None:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{path}: would reformat")
         elif args.write:
             if out != text:
-                Path(path).write_text(out, encoding="utf-8")
+                write_text(path, out)  # in place: that is its job
                 print(f"reformatted {path}")
         else:
             sys.stdout.write(out)
