@@ -596,7 +596,13 @@ def _token_set(c: _Checker, node: T.Node, func: str) -> ir.TokenSet:
 
 
 def _call_window(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
-    args = _bind(node, ("before", "after", "dilation"), 0)
+    if len(node.args) == 3 and not node.keywords:
+        # LANGUAGE.md names it: window(a, b, dilation=d). A third number in a row reads as a third size.
+        from .fmt import format_expr
+
+        a, b, d = (format_expr(x) for x in node.args)
+        raise PatternError("window's dilation is given by name", node.args[2].span, f"write window({a}, {b}, dilation={d})")
+    args = _bind(node, ("before", "after"), 0, ("dilation",))
     if "before" not in args:
         raise PatternError("window needs a size", node.span, "window(r), window(a, b) or window(before=a, after=b)")
     before = c.integer(args["before"], None, "window's size")

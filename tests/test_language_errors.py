@@ -76,7 +76,7 @@ CHECK_ERRORS: dict[str, Case] = {
     "coordinate_axis": Case("layout g = grid(4, 8)\npattern p = where(g, qc2 == 1)", 2, 22, 3, "'qc2': layout 'g' has 2 axes (0..1)"),
     # argument count and type
     "missing_argument": Case("pattern p = stride()", 1, 13, 8, "stride is missing its argument 'step'", "stride(step)"),
-    "too_many_arguments": Case("pattern p = window(1, 2, 3, 4)", 1, 29, 1, "window takes at most 3 positional arguments, got 4", "signature: window("),
+    "too_many_arguments": Case("pattern p = window(1, 2, 3, 4)", 1, 26, 1, "window takes at most 2 positional arguments, got 4", "signature: window(before=..., after=..., dilation=...)"),
     "one_too_many": Case("pattern p = sink(1, 2)", 1, 21, 1, "sink takes at most 1 positional argument, got 2", "sink(count)"),
     "pattern_for_int": Case("pattern p = window(causal)", 1, 20, 6, "window's size must be an integer, not a pattern"),
     "float_for_int": Case("pattern p = sink(1.5)", 1, 18, 3, "sink's count must be an integer, not a number"),

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import ir
 from ..source import PatternError
-from .common import add_file_options, load_program, positive_int, select
+from .common import add_file_options, heads_given, load_program, positive_int, select
 from .output import PICTURE, add_force_option, claim, picture_format, write_atomically
 
 
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     program = load_program(args)
     item = select(program, args.pattern)
     bq, bk = _block(args.block)
+    heads_given(item, args.heads)  # a contradiction reads as in every command
     opts = Options(args.n, args.heads, args.head_dim, args.batch, bq, bk, args.layers, args.selected)
     result = analyze(item, opts)
     result["file"] = args.file

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..source import PatternError, read_source
-from .common import add_file_options, parse_defines, positive_int
+from ..source import PatternError
+from .common import add_file_options, heads_given, load_program, parse_defines, positive_int, select_pattern
 from .output import PICTURE, add_force_option, claim, picture_format, save_figure
 
 PEERS = ("flex", "sdpa")
@@ -63,21 +63,26 @@ def run(args: argparse.Namespace) -> int:
         claim(args.plot, "--plot", PICTURE, [args.file], args.force)
         picture_format(args.plot, "--plot")
     from .. import ir
+    from ..check import kernel_limits, validate
     from ..compile import compile as compile_module
     from ..compile import compile_source
 
+    # user errors first, in the words every command uses, before any GPU work
+    item = select_pattern(load_program(args), args.pattern, "bench")
+    kernel_limits(item)
+    heads = heads_given(item, args.heads) or 16
+    pats = ir.body_patterns(item.body)
+    for n in args.n:
+        for p in pats:
+            validate(p, n)
     defines = parse_defines(args.defines)
-    read_source(args.file)  # refuses devices, FIFOs and oversized files before compile_source opens it
     try:
-        compile_source(args.file, args.pattern, defines)  # user errors surface here, before any GPU work
+        compile_source(args.file, args.pattern, defines)
     except ValueError as e:
         if isinstance(e, PatternError):
             raise
         raise PatternError(str(e)) from None
     module = compile_module(args.file, args.pattern, defines)
-    heads = args.heads or module.HEADS or 16
-    if module.HEADS is not None and heads != module.HEADS:
-        raise PatternError(f"--heads {heads}: the pattern defines {module.HEADS} heads")
     for n in args.n:
         try:
             module.check_n(n)
@@ -90,11 +95,6 @@ def run(args: argparse.Namespace) -> int:
             "patc bench needs a CUDA GPU and none is visible here (torch.cuda.is_available() is False)",
             hint="run it on a machine with an NVIDIA GPU; 'patc analyze' estimates the cost without one",
         )
-    from ..cli.common import load_program, select
-
-    item = select(load_program(args), args.pattern)
-    assert isinstance(item, ir.PatternDef)
-    pats = ir.body_patterns(item.body)
     results = _measure(module, pats, args, heads, peers)
     if args.plot:
         _plot(results, args.plot)

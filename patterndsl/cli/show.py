@@ -12,7 +12,7 @@ from .. import ir
 from ..draw import picture, png_cells, terminal_cells, unicode_cells
 from ..mask import cell_density
 from ..source import PatternError
-from .common import add_file_options, load_program, positive_int, select_pattern
+from .common import add_file_options, load_program, no_heads, positive_int, select_pattern
 from .output import PICTURE, add_force_option, claim, picture_format, save_figure
 
 
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     program = load_program(args)
     item = select_pattern(program, args.pattern, "show")
     bodies: list[tuple[str, ir.Pattern]]
+    if args.head is not None and not isinstance(item.body, ir.Heads):
+        raise no_heads(item, "--head", args.head)
     if isinstance(item.body, ir.Heads):
         heads = range(item.body.count) if args.head is None else [args.head]
         if args.head is not None and not 0 <= args.head < item.body.count:
