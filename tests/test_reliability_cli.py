@@ -89,6 +89,12 @@ def test_a_head_option_on_a_pattern_without_heads_is_an_error(
     assert not Path("x.npy").exists()
 
 
+def test_show_draws_every_head_range_in_the_terminal(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert patc(["show", "f.pat", "-p", "moa", "-N", "8", "--width", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "moa heads 0:2  N=8" in out and "moa heads 2:5  N=8" in out
+
+
 # --- the same mistake, the same words --------------------------------------------------------------
 
 

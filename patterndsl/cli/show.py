@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
                 bodies.append((f"heads {hs[0]}:{hs[-1] + 1}", r.pattern))
     else:
         bodies = [("", item.body)]
-    paths = [args.output if len(bodies) == 1 else _numbered(args.output, k) for k in range(len(bodies))]
-    if args.output:
+    paths: list[str] = []
+    if args.output is not None:
+        paths = [args.output] if len(bodies) == 1 else [_numbered(args.output, k) for k in range(len(bodies))]
         for path in paths:
             claim(path, "-o", PICTURE, [args.file], args.force)
         fmt = picture_format(args.output, "-o")
