@@ -143,6 +143,13 @@ def test_an_interrupted_writer_leaves_the_old_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m.py"]
 
 
+def test_show_writes_no_picture_when_a_later_head_fails(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("d.pat").write_text("pattern h = heads {\n    0:1 => causal\n    1:2 => topk(1, block=16)\n}\n")
+    assert patc(["show", "d.pat", "-N", "16", "-o", "d.png"]) == 2
+    assert "dynamic selector" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["d.pat", "h.pat", "s.pat"]
+
+
 # --- exactly the file named ------------------------------------------------------------------------
 
 

@@ -60,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
         fmt = picture_format(args.output, "-o")
     width = args.width or max(16, min(64, shutil.get_terminal_size((80, 24)).columns - 2))
     n = args.n
-    for k, (label, body) in enumerate(bodies):
+    rows, cols = png_cells(n, n) if args.output else terminal_cells(n, n, width)
+    drawn = []
+    for label, body in bodies:  # every head range first: an error leaves no picture written
         # Cell densities are built a chunk of queries at a time: no N x N mask, whatever N.
-        rows, cols = png_cells(n, n) if args.output else terminal_cells(n, n, width)
         cells = cell_density(body, n, rows, cols)
         density = _overall_density(cells, n, rows, cols)
-        title = f"{item.name}{' ' + label if label else ''}  N={n}  density {density:.2%}"
+        drawn.append((f"{item.name}{' ' + label if label else ''}  N={n}  density {density:.2%}", cells))
+    for k, (title, cells) in enumerate(drawn):
         if args.output:
             save_figure(picture(cells, n, n, f"{program.path}: {title}"), paths[k], fmt)
             print(f"wrote {paths[k]}")
