@@ -255,7 +255,9 @@ def _token_span(source: Source, tok: Token) -> Span:
 
 
 def _int(text: str, span: Span) -> int:
-    value = int(text.replace("_", ""))
+    digits = text.replace("_", "").lstrip("0") or "0"
+    # 2**62 has 19 digits; a longer literal is refused before int() (Python refuses 4300 digits and more)
+    value = int(digits) if len(digits) <= 19 else 1 << 62
     if value >= 1 << 62:
         raise PatternError("integer literal is too large", span, "values must be below 2**62")
     return value

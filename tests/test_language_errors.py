@@ -63,6 +63,7 @@ CHECK_ERRORS: dict[str, Case] = {
     "non_ascii": Case("pattern p = cau\u00e9sal", 1, 16, 1, "unexpected character '\u00e9'", "names are ASCII letters"),
     "bang": Case("pattern p = causal ! full", 1, 20, 1, "unexpected character '!'", "'~' for patterns"),
     "huge_literal": Case("pattern p = sink(99999999999999999999)", 1, 18, 20, "integer literal is too large", "2**62"),
+    "huge_long_literal": Case("pattern p = sink(" + "9" * 5000 + ")", 1, 18, 5000, "integer literal is too large", "2**62"),
     "huge_power": Case("pattern p = sink(2 ** 70)", 1, 23, 2, "an exponent above 64 is not supported"),
     "huge_value": Case("param a = 2 ** 40\npattern p = sink(a * a)", 2, 18, 5, "the value 1208925819614629174706176 is too large", "2**62"),
     "huge_float": Case("param a = 1e999", 1, 11, 5, "number literal is too large", "finite"),
