@@ -28,16 +28,9 @@ def loads(text: str, path: str = "<string>", defines: Mapping[str, str | int | f
 
 def load(path: str | Path, defines: Mapping[str, str | int | float] | None = None) -> ir.Program:
     """Parse and check a `.pat` file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PatternError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise PatternError(f"{p}: is a directory, not a .pat file") from None
-    except UnicodeDecodeError as e:
-        raise PatternError(f"{p}: not UTF-8 text (byte {e.start})") from None
-    return loads(text, str(p), defines)
+    from .source import read_source
+
+    return loads(read_source(path), str(Path(path)), defines)
 
 
 def pattern(text: str, **params: int | float) -> ir.Pattern:

@@ -29,6 +29,7 @@ PRIMITIVES = frozenset(
 )  # fmt: skip
 RESERVED = KEYWORDS | PRIMITIVES
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
+SELECTOR_BLOCK = 16  # a selector's block is a whole number of the kernel's smallest tile
 
 
 # --- values the checker computes -------------------------------------------------------------
@@ -92,6 +93,18 @@ def kind(v: Value) -> str:
     return _KIND[type(v)]
 
 
+def index_role(name: str) -> str | None:
+    """What where(...) reads `name` as: the indices q and k, the coordinates qcD and kcD, or None.
+
+    These names are reserved everywhere: a param or let of that name would mean one thing inside where()
+    and another outside it (`param k = 3` then `where(q - k <= k) | window(k)`)."""
+    if name in ("q", "k"):
+        return "the query index" if name == "q" else "the key index"
+    if len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit():
+        return "a query coordinate" if name[0] == "q" else "a key coordinate"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class WhereScope:
     """Inside where(...): q and k exist, and coordinates when a layout is named."""
@@ -142,6 +155,7 @@ class _Checker:
                     self.values[name] = LayoutV(grid)
                 case T.PatternStmt(name, body):
                     b = self._body(body, f"the right side of 'pattern {name} ='")
+                    _one_selector(name, b)
                     if isinstance(b, ir.Heads):
                         self.bodies[name] = b
                     else:
@@ -162,6 +176,12 @@ class _Checker:
         if stmt.name in RESERVED:
             what = "a keyword" if stmt.name in KEYWORDS else "a built-in name"
             raise PatternError(f"'{stmt.name}' is {what} and cannot be redefined", stmt.span, "choose another name")
+        role = index_role(stmt.name)
+        if role is not None:
+            raise PatternError(
+                f"'{stmt.name}' is {role} inside where(...) and cannot be redefined", stmt.span,
+                f"choose another name: inside where(...) '{stmt.name}' would still mean {role}",
+            )  # fmt: skip
         if stmt.name in self.defined:
             first = self.defined[stmt.name].span
             raise PatternError(f"'{stmt.name}' is defined twice (first at line {first.line})", stmt.span)
@@ -268,8 +288,10 @@ class _Checker:
         if layers > 100_000:
             raise PatternError(f"{layers} layers is more than the 100000 supported", layers_node.span)
         schedule: list[ir.Body | None] = [None] * layers
+        heads: tuple[int, Span] | None = None  # the first heads block's count, and where it is
         for k, entry in enumerate(entries):
             body = self._body(entry.body, f"a layer's pattern in model '{name}'")
+            _one_selector(name, body)
             match entry.kind:
                 case "every":
                     assert entry.key is not None
@@ -287,9 +309,20 @@ class _Checker:
                     if k != len(entries) - 1:
                         raise PatternError("'else' must be the last entry", entry.span)
                     chosen = range(layers)
+            used = False
             for layer in chosen:
                 if schedule[layer] is None:
                     schedule[layer] = body
+                    used = True
+            if used and isinstance(body, ir.Heads):
+                if heads is None:
+                    heads = (body.count, entry.body.span)
+                elif heads[0] != body.count:
+                    raise PatternError(
+                        f"model '{name}' has heads blocks of {heads[0]} and {body.count} heads; its layers must agree",
+                        entry.body.span,
+                        f"every layer of a model runs with the same head count (the first is at line {heads[1].line})",
+                    )
         missing = [layer for layer, b in enumerate(schedule) if b is None]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
@@ -330,6 +363,8 @@ class _Checker:
                 return self._name(name, node.span, scope)
             case T.Unary(op, operand):
                 return self._unary(op, operand, node.span, scope)
+            case T.Binary(op) if op in _ASSOCIATIVE:
+                return self._chain(node, scope)
             case T.Binary(op, left, right):
                 return self._binary(op, left, right, node.span, scope)
             case T.Compare(operands, ops):
@@ -362,11 +397,12 @@ class _Checker:
             raise PatternError(f"'{name}' is a keyword, not a value", span, _KEYWORD_HINTS.get(name))
         if name == "given":
             return GivenV()
-        if scope is not None:
+        if index_role(name) is not None:
+            if scope is None:
+                raise PatternError(f"'{name}' exists only inside where(...)", span, f"e.g. where({name} % 64 == 0)")
             if name in ("q", "k"):
                 return IntV(E.I if name == "q" else E.J)
-            if len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit():
-                return IntV(self._coordinate(name, span, scope))
+            return IntV(self._coordinate(name, span, scope))
         if name in self.values:
             return self.values[name]
         if name in self.bodies:
@@ -378,8 +414,6 @@ class _Checker:
                 f"move the definition of '{name}' above this line",
             )
         known = set(self.values) | set(_BUILTIN_NAMES) | set(_CALL_ONLY) | ({"q", "k"} if scope is not None else set())
-        if scope is None and (name in ("q", "k") or len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit()):
-            raise PatternError(f"'{name}' exists only inside where(...)", span, f"e.g. where({name} % 64 == 0)")
         raise PatternError(f"unknown name '{name}'", span, did_you_mean(name, known))
 
     def _coordinate(self, name: str, span: Span, scope: WhereScope) -> Expr:
@@ -417,20 +451,38 @@ class _Checker:
                 raise PatternError("'not' negates a condition; complement a pattern with '~'", span)
         raise PatternError(f"'{op}' cannot be applied to {kind(v)}", span)
 
+    def _chain(self, node: T.Binary, scope: WhereScope | None) -> Value:
+        """`a | b | c | ...` (and likewise '&', 'and', 'or'): the parser nests a chain to the left, as deep as
+        it is long. Its operands are collected without recursion and checked pair by pair from the left (the
+        first mismatch is reported where it was before), then combined into a balanced tree: the stages after
+        the checker, which recurse, see a depth of log2(terms) whatever the chain's length."""
+        links: list[T.Binary] = []
+        first: T.Node = node
+        while isinstance(first, T.Binary) and first.op == node.op:
+            links.append(first)
+            first = first.left
+        values = [self.value(first, scope)]
+        for link in reversed(links):  # innermost first: each combines everything to its left with its right
+            v = self.value(link.right, scope)
+            if not (isinstance(values[0], PatV) and isinstance(v, PatV) and node.op in ("|", "&")
+                    or isinstance(values[0], BoolV) and isinstance(v, BoolV) and node.op in ("and", "or")):  # fmt: skip
+                raise _mismatch(node.op, values[0], v, link.span)
+            values.append(v)
+        match node.op:
+            case "|":
+                return PatV(_balanced([v.pattern for v in values if isinstance(v, PatV)], ir.Union))
+            case "&":
+                return PatV(_balanced([v.pattern for v in values if isinstance(v, PatV)], ir.Inter))
+            case "and":
+                return BoolV(E.conj(*(v.expr for v in values if isinstance(v, BoolV))))
+        return BoolV(E.disj(*(v.expr for v in values if isinstance(v, BoolV))))
+
     def _binary(self, op: str, left: T.Node, right: T.Node, span: Span, scope: WhereScope | None) -> Value:
         a, b = self.value(left, scope), self.value(right, scope)
         match op, a, b:
-            case "|", PatV(x), PatV(y):
-                return PatV(ir.Union(x, y))
-            case "&", PatV(x), PatV(y):
-                return PatV(ir.Inter(x, y))
             case "-", PatV(x), PatV(y):
                 _no_selector_under(y, "-", span)
                 return PatV(ir.Inter(x, ir.Complement(y)))
-            case "and", BoolV(x), BoolV(y):
-                return BoolV(E.conj(x, y))
-            case "or", BoolV(x), BoolV(y):
-                return BoolV(E.disj(x, y))
             case "+" | "-" | "*" | "//" | "%" | "**", IntV(x), IntV(y):
                 return IntV(self._arith(op, x, y, right.span, span))
             case "+" | "-" | "*", IntV() | FloatV(), IntV() | FloatV() if not (
@@ -438,16 +490,7 @@ class _Checker:
             ):
                 fa, fb = _as_float(a), _as_float(b)
                 return FloatV(fa + fb if op == "+" else fa - fb if op == "-" else fa * fb)
-        if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
-            word = "or" if op == "|" else "and"
-            raise PatternError(
-                f"'{op}' combines patterns; combine conditions with '{word}'", span,
-                f"write where(a {word} b); mind that '{op}' binds tighter than comparisons",
-            )  # fmt: skip
-        if op in ("and", "or") and isinstance(a, PatV) and isinstance(b, PatV):
-            sym = "|" if op == "or" else "&"
-            raise PatternError(f"'{op}' combines conditions; combine patterns with '{sym}'", span)
-        raise PatternError(f"'{op}' cannot combine {kind(a)} and {kind(b)}", span)
+        raise _mismatch(op, a, b, span)
 
     def _arith(self, op: str, x: Expr, y: Expr, rspan: Span, span: Span) -> Expr:
         if op in ("//", "%"):
@@ -553,7 +596,13 @@ def _token_set(c: _Checker, node: T.Node, func: str) -> ir.TokenSet:
 
 
 def _call_window(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
-    args = _bind(node, ("before", "after", "dilation"), 0)
+    if len(node.args) == 3 and not node.keywords:
+        # LANGUAGE.md names it: window(a, b, dilation=d). A third number in a row reads as a third size.
+        from .fmt import format_expr
+
+        a, b, d = (format_expr(x) for x in node.args)
+        raise PatternError("window's dilation is given by name", node.args[2].span, f"write window({a}, {b}, dilation={d})")
+    args = _bind(node, ("before", "after"), 0, ("dilation",))
     if "before" not in args:
         raise PatternError("window needs a size", node.span, "window(r), window(a, b) or window(before=a, after=b)")
     before = c.integer(args["before"], None, "window's size")
@@ -692,12 +741,23 @@ def _call_neighborhood(c: _Checker, node: T.Call, scope: WhereScope | None) -> V
     return PatV(ir.Neighborhood(grid, kernel, dilation, stride, causal))
 
 
+def _selector_block(c: _Checker, node: T.Node, func: str) -> int:
+    block = c._const_int(node, None, f"{func}'s block", minimum=1)
+    if block % SELECTOR_BLOCK:
+        raise PatternError(
+            f"a selector's block must be a multiple of {SELECTOR_BLOCK} to compile (the kernel's smallest tile), "
+            f"got {block}", node.span,
+            f"e.g. block={max(SELECTOR_BLOCK, block // SELECTOR_BLOCK * SELECTOR_BLOCK)}",
+        )  # fmt: skip
+    return block
+
+
 def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     args = _bind(node, ("count", "block", "score"), 1, ("block", "score"))
     count = c._const_int(args["count"], None, "topk's count", minimum=1)
     if "block" not in args:
         raise PatternError("topk needs block=...", node.span, "e.g. topk(16, block=64)")
-    block = c._const_int(args["block"], None, "topk's block", minimum=1)
+    block = _selector_block(c, args["block"], "topk")
     given = False
     if "score" in args:
         if not isinstance(c.value(args["score"], None), GivenV):
@@ -720,7 +780,7 @@ def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Valu
         raise PatternError(f"threshold's mass must be in (0, 1], got {mass}", args["mass"].span)
     if "block" not in args:
         raise PatternError("threshold needs block=...", node.span, "e.g. threshold(0.9, block=128)")
-    block = c._const_int(args["block"], None, "threshold's block", minimum=1)
+    block = _selector_block(c, args["block"], "threshold")
     return PatV(ir.Threshold(mass, block, node.span))
 
 
@@ -830,34 +890,64 @@ def _parse_define(name: str, text: str) -> int | float:
     return f
 
 
-def _names_in(node: T.Node | T.HeadsBlock | None) -> Iterator[str]:
-    match node:
-        case None | T.Int() | T.Float():
-            return
-        case T.Name(name):
-            yield name
-        case T.Unary(_, x):
-            yield from _names_in(x)
-        case T.Binary(_, a, b):
-            yield from _names_in(a)
-            yield from _names_in(b)
-        case T.Compare(operands):
-            for x in operands:
-                yield from _names_in(x)
-        case T.Call(_, args, keywords):
-            for x in args:
-                yield from _names_in(x)
-            for k in keywords:
-                yield from _names_in(k.value)
-        case T.TupleLit(items) | T.ListLit(items):
-            for x in items:
-                yield from _names_in(x)
-        case T.Slice(start, stop, step):
-            for bound in (start, stop, step):
-                yield from _names_in(bound)
-        case T.HeadsBlock(entries):
-            for e in entries:
-                yield from _names_in(e.body)
+def _names_in(root: T.Node | T.HeadsBlock | None) -> Iterator[str]:
+    """Every name used in `root`, left to right (walked without recursion: chains may be long)."""
+    stack: list[T.Node | T.HeadsBlock | None] = [root]
+    while stack:
+        node = stack.pop()
+        parts: tuple[T.Node | T.HeadsBlock | None, ...] = ()
+        match node:
+            case T.Name(name):
+                yield name
+            case T.Unary(_, x):
+                parts = (x,)
+            case T.Binary(_, a, b):
+                parts = (a, b)
+            case T.Compare(operands) | T.TupleLit(operands) | T.ListLit(operands):
+                parts = operands
+            case T.Call(_, args, keywords):
+                parts = args + tuple(k.value for k in keywords)
+            case T.Slice(start, stop, step):
+                parts = (start, stop, step)
+            case T.HeadsBlock(entries):
+                parts = tuple(e.body for e in entries)
+        stack.extend(reversed(parts))
+
+
+_ASSOCIATIVE = frozenset({"|", "&", "and", "or"})
+
+
+def _one_selector(name: str, body: ir.Body) -> None:
+    """One dynamic selector per pattern (per head's pattern, per layer's): the kernel runs one selection."""
+    for p in ir.body_patterns(body):
+        sels = [n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)]
+        if len(sels) > 1:
+            raise PatternError(
+                f"'{name}' holds {len(sels)} selectors; a compiled pattern may hold one", sels[1].span,
+                "give different heads different selectors with heads { ... }",
+            )  # fmt: skip
+
+
+def _mismatch(op: str, a: Value, b: Value, span: Span) -> PatternError:
+    """The error for operands `op` cannot combine, with the likely mix-up of '|' / 'or' and '&' / 'and'."""
+    if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
+        word = "or" if op == "|" else "and"
+        return PatternError(
+            f"'{op}' combines patterns; combine conditions with '{word}'", span,
+            f"write where(a {word} b); mind that '{op}' binds tighter than comparisons",
+        )  # fmt: skip
+    if op in ("and", "or") and isinstance(a, PatV) and isinstance(b, PatV):
+        sym = "|" if op == "or" else "&"
+        return PatternError(f"'{op}' combines conditions; combine patterns with '{sym}'", span)
+    return PatternError(f"'{op}' cannot combine {kind(a)} and {kind(b)}", span)
+
+
+def _balanced(items: list[ir.Pattern], make: Callable[[ir.Pattern, ir.Pattern], ir.Pattern]) -> ir.Pattern:
+    """Items combined by an associative `make` as a balanced tree; up to three, as the left-nested chain."""
+    if len(items) == 1:
+        return items[0]
+    mid = (len(items) + 1) // 2
+    return make(_balanced(items[:mid], make), _balanced(items[mid:], make))
 
 
 def _no_selector_under(p: ir.Pattern, op: str, span: Span) -> None:
@@ -868,6 +958,57 @@ def _no_selector_under(p: ir.Pattern, op: str, span: Span) -> None:
                 span,
                 "intersect with it instead: A & topk(...)",
             )
+
+
+# --- what a kernel cannot do ----------------------------------------------------------------------
+
+INT64_MAX = (1 << 63) - 1
+
+
+def kernel_limits(item: ir.PatternDef | ir.Model) -> None:
+    """Refuse what `compile` cannot build though the language allows it. `patc check` applies this to every
+    pattern and model of a file, so that a file it passes compiles; `patc compile` to the one it compiles.
+    Masks and the analysis have none of these limits (`random(N // 4)` has a mask) and do not apply them."""
+    bodies = item.distinct() if isinstance(item, ir.Model) else (item.body,)
+    for p in dict.fromkeys(p for body in bodies for p in ir.body_patterns(body)):
+        _kernel_limits(p, item.span)
+
+
+def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
+    from .codegen import RANDOM_UNROLL_MAX
+    from .mask import magnitude_bound
+    from .selectors import split
+    from .semantics import predicate
+
+    for node in ir.walk(p):
+        if not isinstance(node, ir.Random):
+            continue
+        if not isinstance(node.count, E.Const):
+            raise PatternError(
+                "random(r, ...) compiles only when r is a number once params are set, not a function of N",
+                node.span, "masks and 'patc analyze' take it; a kernel needs a fixed count, e.g. random(3)",
+            )  # fmt: skip
+        if int(node.count.value) > RANDOM_UNROLL_MAX:
+            raise PatternError(
+                f"random({node.count.value}, ...) draws more than {RANDOM_UNROLL_MAX} keys per row; "
+                "the kernel unrolls the draw", node.span,
+                f"at most {RANDOM_UNROLL_MAX}; inside blockwise each key is a whole block of keys",
+            )  # fmt: skip
+
+    def too_wide(x: ir.Pattern) -> bool:
+        if ir.is_dynamic(x):
+            sp = split(x)
+            return any(too_wide(part) for part in (sp.static, sp.selected, sp.context))
+        return magnitude_bound(predicate(x), 1) > INT64_MAX
+
+    if too_wide(p):
+        # point at the smallest part that overflows on its own (a where(), a window's bounds)
+        parts = [x for x in ir.walk(p) if getattr(x, "span", None) is not None and not ir.is_dynamic(x)]
+        culprit = next((x for x in reversed(parts) if too_wide(x)), None)
+        raise PatternError(
+            "the pattern's integer arithmetic does not fit 64 bits even at N = 1",
+            getattr(culprit, "span", None) or where, "use smaller constants",
+        )  # fmt: skip
 
 
 # --- checks that need N ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__, ir
 from . import expr as E
-from .check import _constraints
+from .check import _constraints, kernel_limits
 from .codegen import INT32_MAX, CodegenError, doc_text, indent, render_triton, safe_int, safe_name
 from .layout import Layout, choose, describe, layout_predicate, logical_index
 from .layout import rows as layout_rows
@@ -203,6 +203,7 @@ def compile_source(
     path = path or "<string>"
     clean_defines = {safe_name(str(k)): str(v) for k, v in sorted((defines or {}).items())}
     item = checked if checked is not None else _select(loads(text, path, clean_defines), pattern)
+    kernel_limits(item)  # what a kernel cannot do, pointed at in the source (the checker's one copy)
     name = safe_name(item.name)
     pats, head_pattern, model_layers = _distinct(item)
     splits: list[Split | None] = [split(p, name) if ir.is_dynamic(p) else None for p in pats]
@@ -215,12 +216,6 @@ def compile_source(
             selectors.append("None")
             continue
         sel = sp.selector
-        if sel.block % 16:
-            raise PatternError(
-                f"'{name}': a selector's block must be a multiple of 16 to compile (the kernel's smallest tile), "
-                f"got {sel.block}",
-                sel.span,
-            )
         kind = "threshold" if isinstance(sel, ir.Threshold) else "topk"
         param = repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count)
         given = isinstance(sel, ir.TopK) and sel.given

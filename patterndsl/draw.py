@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 # Quadrant blocks: one character shows 2 x 2 cells (bit 1: top-left, 2: top-right, 4: bottom-left, 8: bottom-right).
@@ -51,8 +53,9 @@ def png_cells(n: int, m: int, max_pixels: int = 1024) -> tuple[int, int]:
     return min(n, max_pixels), min(m, max_pixels)
 
 
-def save_image(image: np.ndarray, n: int, m: int, path: str, title: str) -> None:
-    """Cell densities (from `downsample` or `mask.cell_density`) over an n x m mask, as a PNG."""
+def picture(image: np.ndarray, n: int, m: int, title: str) -> Any:
+    """Cell densities (from `downsample` or `mask.cell_density`) over an n x m mask, as a matplotlib figure
+    with axes and a title; the caller saves it (`cli.output.save_figure`) and closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,5 +67,4 @@ def save_image(image: np.ndarray, n: int, m: int, path: str, title: str) -> None
     ax.set_ylabel("query i")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig

@@ -201,7 +201,7 @@ def cmp(op: CmpOp, a: Expr, b: Expr) -> Expr:
 
 def conj(*args: Expr) -> Expr:
     """Conjunction, flattened, with TRUE dropped and FALSE absorbing."""
-    flat: list[Expr] = []
+    flat: dict[Expr, None] = {}  # an ordered set: chains of a thousand terms stay linear
     for arg in args:
         match arg:
             case Const(False):
@@ -209,17 +209,17 @@ def conj(*args: Expr) -> Expr:
             case Const(True):
                 continue
             case And(inner):
-                flat.extend(x for x in inner if x not in flat)
-            case _ if arg not in flat:
-                flat.append(arg)
+                flat.update(dict.fromkeys(inner))
+            case _:
+                flat[arg] = None
     if not flat:
         return TRUE
-    return flat[0] if len(flat) == 1 else And(tuple(flat))
+    return next(iter(flat)) if len(flat) == 1 else And(tuple(flat))
 
 
 def disj(*args: Expr) -> Expr:
     """Disjunction, flattened, with FALSE dropped and TRUE absorbing."""
-    flat: list[Expr] = []
+    flat: dict[Expr, None] = {}  # an ordered set: chains of a thousand terms stay linear
     for arg in args:
         match arg:
             case Const(True):
@@ -227,12 +227,12 @@ def disj(*args: Expr) -> Expr:
             case Const(False):
                 continue
             case Or(inner):
-                flat.extend(x for x in inner if x not in flat)
-            case _ if arg not in flat:
-                flat.append(arg)
+                flat.update(dict.fromkeys(inner))
+            case _:
+                flat[arg] = None
     if not flat:
         return FALSE
-    return flat[0] if len(flat) == 1 else Or(tuple(flat))
+    return next(iter(flat)) if len(flat) == 1 else Or(tuple(flat))
 
 
 def negate(a: Expr) -> Expr:

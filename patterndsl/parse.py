@@ -5,18 +5,18 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import resources
 from . import tree as T
-from .source import PatternError, Source, Span
+from .source import MAX_SOURCE_BYTES, PatternError, Source, Span
 
-MAX_SOURCE_BYTES = 1 << 20
 # Deeper expressions are refused with a message: every stage after the parser recurses over the tree.
 MAX_NESTING = 200
 
@@ -59,17 +59,18 @@ def _parser() -> lark.Lark:
 
 def parse(text: str, path: str = "<input>") -> T.Module:
     """Parse a whole `.pat` file; raises PatternError, never a lark or Python exception."""
+    text = text.removeprefix("\ufeff")  # a byte order mark some editors write: not part of the text
     source = Source(path, text)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
         raise PatternError(f"file is larger than {MAX_SOURCE_BYTES} bytes", None)
-    bad = next((k for k, ch in enumerate(text) if ord(ch) > 127 or (ord(ch) < 32 and ch not in "\t\r\n")), None)
+    bad = next((k for k, ch in enumerate(text) if _invisible(ch)), None)
     if bad is not None:
         line = text.count("\n", 0, bad) + 1
         col = bad - (text.rfind("\n", 0, bad) + 1) + 1
         raise PatternError(
-            f"unexpected character {text[bad]!r}",
+            f"invisible control character U+{ord(text[bad]):04X}",
             Span(source, line, col),
-            "patterns are plain ASCII; comments start with '#'",
+            "remove it: it can make the text look different from what patc reads",
         )
     comments: list[Token] = []
     parser = _parser()
@@ -86,6 +87,17 @@ def parse(text: str, path: str = "<input>") -> T.Module:
     return T.Module(module.statements, tuple(_comment(c, text) for c in comments))
 
 
+# Bidirectional formatting characters: in a comment they can reorder how the rest of a line is displayed, so
+# that code looks commented out (or the reverse). Refused with control characters, everywhere.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _invisible(ch: str) -> bool:
+    """Characters a reader cannot see: control characters other than tab and newlines, and bidi controls.
+    Any other character is allowed in a comment; outside comments the grammar takes ASCII only."""
+    return ch in _BIDI or (unicodedata.category(ch) == "Cc" and ch not in "\t\r\n")
+
+
 def _parse_collecting(parser: lark.Lark, text: str, comments: list[Token]) -> Any:
     # Comments are ignored by the grammar; a second lexer pass collects them for the formatter.
     result = parser.parse(text)
@@ -95,18 +107,46 @@ def _parse_collecting(parser: lark.Lark, text: str, comments: list[Token]) -> An
     return result
 
 
+# Chains of one associative operator (`a | b | c`): the checker walks them without recursion and builds a
+# balanced tree, so a flat chain of any length costs no depth. Arithmetic is left nested as written.
+_FLAT_CHAINS = frozenset({"union_op", "inter_op", "and_op", "or_op"})
+_ARITH_GROUPS = ({"+", "-"}, {"*", "//", "%"})
+
+
+def _arith_group(node: lark.Tree[Token]) -> int | None:
+    """Which run of left-associative arithmetic operators `node` belongs to (None: not such a node)."""
+    if node.data != "binary":
+        return None
+    op = str(node.children[1])
+    return next((k for k, group in enumerate(_ARITH_GROUPS) if op in group), None)
+
+
 def _check_nesting(raw: lark.Tree[Token], source: Source) -> None:
-    """Refuse expressions nested deeper than MAX_NESTING (walked without recursion)."""
-    stack: list[tuple[lark.Tree[Token], int]] = [(raw, 0)]
+    """Refuse expressions deeper than MAX_NESTING (walked without recursion), in the terms the user wrote:
+    levels of nesting, or operators chained in a row (`1 + 1 + ...` nests as deep as it is long)."""
+    # (node, depth, chain): chain holds the operators of the runs of arithmetic on the way down to the node
+    stack: list[tuple[lark.Tree[Token], int, tuple[str, ...]]] = [(raw, 0, ())]
     while stack:
-        node, depth = stack.pop()
+        node, depth, chain = stack.pop()
         if depth > MAX_NESTING:
-            raise PatternError(
-                f"expression nested more than {MAX_NESTING} levels deep",
-                _span_of(source, node.meta),
-                "name parts of it with 'let'",
-            )
-        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+            span = _span_of(source, node.meta)
+            if 2 * len(chain) > MAX_NESTING:
+                ops = ", ".join(f"'{op}'" for op in sorted(set(chain)))
+                raise PatternError(
+                    f"more than {MAX_NESTING} operations chained with {ops}", span,
+                    "compute it in fewer steps; a param or a let can hold a part",
+                )  # fmt: skip
+            raise PatternError(f"expression nested more than {MAX_NESTING} levels deep", span, "name parts of it with 'let'")
+        group = _arith_group(node)
+        for k, child in enumerate(node.children):
+            if not isinstance(child, lark.Tree):
+                continue
+            if k == 0 and child.data == node.data and node.data in _FLAT_CHAINS:
+                stack.append((child, depth, chain))
+            elif k == 0 and group is not None and _arith_group(child) == group:
+                stack.append((child, depth + 1, (*chain, str(node.children[1]))))
+            else:
+                stack.append((child, depth + 1, chain))
 
 
 def _comment(tok: Token, text: str) -> T.Comment:
@@ -174,6 +214,10 @@ def _end_of_code(source: Source) -> Span:
 
 
 def _char_hint(ch: str) -> str | None:
+    if ch.isspace():
+        return "a space other than the plain one (U+0020) or a tab; retype it"
+    if not ch.isascii():
+        return "names are ASCII letters, digits and '_'; other characters may appear only in comments"
     return {
         "!": "negation is 'not' in where(...) and '~' for patterns",
         "&": None,
@@ -211,15 +255,17 @@ def _token_span(source: Source, tok: Token) -> Span:
 
 
 def _int(text: str, span: Span) -> int:
-    value = int(text.replace("_", ""))
+    digits = text.replace("_", "").lstrip("0") or "0"
+    # 2**62 has 19 digits; a longer literal is refused before int() (Python refuses 4300 digits and more)
+    value = int(digits) if len(digits) <= 19 else 1 << 62
     if value >= 1 << 62:
         raise PatternError("integer literal is too large", span, "values must be below 2**62")
     return value
 
 
 @v_args(meta=True)
-class _Build(Transformer[Token, Any]):
-    """lark tree -> `tree` nodes, attaching a Span to each."""
+class _Build(Transformer_NonRecursive[Token, Any]):
+    """lark tree -> `tree` nodes, attaching a Span to each; without recursion, for long flat chains."""
 
     def __init__(self, source: Source) -> None:
         super().__init__()

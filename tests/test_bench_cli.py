@@ -34,7 +34,7 @@ def test_without_a_gpu_one_clear_error(pat: Path, capsys: pytest.CaptureFixture[
     "argv, message",
     [
         (["-p", "swa", "--vs", "flex,xformers"], "unknown peer 'xformers'"),
-        (["-p", "img", "-N", "100"], "-N 100: layout 'g' = grid(4, 8) holds 32 tokens but N = 100"),
+        (["-p", "img", "-N", "100"], "error: layout 'g' = grid(4, 8) holds 32 tokens but N = 100"),
         (["-p", "nope"], "no pattern or model 'nope'"),
         (["-p", "swa", "--heads", "3", "--vs", "none"], None),
     ],

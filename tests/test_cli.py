@@ -103,8 +103,7 @@ def test_mask_of_heads_pattern_is_h_n_n(work: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["-p", "moa", "--heads", "4"], "error: this pattern defines 5 heads, but 4 were asked for"),
-        (["-p", "moa"], "error: 'moa' is a heads pattern: give --heads 5"),
+        (["-p", "moa", "--heads", "4"], "error: --heads 4: 'moa' defines 5 heads"),
         (["-p", "m"], "error: 'm' is a model; mask works on one pattern"),
     ],
 )
@@ -118,7 +117,7 @@ def test_mask_heads_mistakes_exit_2(
 
 def test_mask_heads_on_a_plain_pattern_is_an_error(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert patc(["mask", "one.pat", "-N", "8", "--heads", "4", "-o", "x.npy"]) == 2
-    assert "is the same for every head; drop --heads" in capsys.readouterr().err
+    assert "'only' has no heads block; it is the same for every head" in capsys.readouterr().err
 
 
 def test_mask_needs_a_name_when_a_file_has_several(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

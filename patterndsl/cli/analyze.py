@@ -8,7 +8,8 @@ from typing import Any
 
 from .. import ir
 from ..source import PatternError
-from .common import add_file_options, load_program, positive_int, select
+from .common import add_file_options, heads_given, load_program, positive_int, select
+from .output import PICTURE, add_force_option, claim, picture_format, write_atomically
 
 
 def register(sub: Any) -> None:
@@ -34,6 +35,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
     p.add_argument("--plot", metavar="OUT.png", help="write coverage-vs-depth and density-vs-N plots")
+    add_force_option(p)
     p.set_defaults(run=run)
 
 
@@ -52,9 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.analyze import Options, analyze, density_curves
     from ..analysis.report import plot, render, to_json
 
+    if args.plot:
+        claim(args.plot, "--plot", PICTURE, [args.file], args.force)
+        picture_format(args.plot, "--plot")
     program = load_program(args)
     item = select(program, args.pattern)
     bq, bk = _block(args.block)
+    heads_given(item, args.heads)  # a contradiction reads as in every command
     opts = Options(args.n, args.heads, args.head_dim, args.batch, bq, bk, args.layers, args.selected)
     result = analyze(item, opts)
     result["file"] = args.file
@@ -62,10 +68,8 @@ def run(args: argparse.Namespace) -> int:
         patterns = ir.body_patterns(item.body) if isinstance(item, ir.PatternDef) else tuple(
             p for body in item.distinct() for p in ir.body_patterns(body)
         )  # fmt: skip
-        try:
-            plot(result, density_curves(patterns, args.n), args.plot)
-        except OSError as e:
-            raise PatternError(f"cannot write {args.plot}: {e.strerror}") from None
+        curves = density_curves(patterns, args.n)
+        write_atomically(args.plot, lambda f: plot(result, curves, f.name))  # plot() writes to a path
         result["plot"] = args.plot
     if args.json:
         sys.stdout.write(to_json(result) + "\n")

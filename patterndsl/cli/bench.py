@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..source import PatternError
-from .common import add_file_options, parse_defines, positive_int
+from .common import add_file_options, heads_given, load_program, parse_defines, positive_int, select_pattern
+from .output import PICTURE, add_force_option, claim, picture_format, save_figure
 
 PEERS = ("flex", "sdpa")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -42,6 +43,7 @@ def register(sub: Any) -> None:
     p.add_argument("--vs", default="flex,sdpa", metavar="PEERS", help="comma-separated peers: flex, sdpa, or none")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--plot", metavar="OUT.png", help="write a plot of time vs N (matplotlib)")
+    add_force_option(p)
     p.set_defaults(run=run)
 
 
@@ -57,21 +59,30 @@ def _peers(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     peers = _peers(args.vs)
+    if args.plot:
+        claim(args.plot, "--plot", PICTURE, [args.file], args.force)
+        picture_format(args.plot, "--plot")
     from .. import ir
+    from ..check import kernel_limits, validate
     from ..compile import compile as compile_module
     from ..compile import compile_source
 
+    # user errors first, in the words every command uses, before any GPU work
+    item = select_pattern(load_program(args), args.pattern, "bench")
+    kernel_limits(item)
+    heads = heads_given(item, args.heads) or 16
+    pats = ir.body_patterns(item.body)
+    for n in args.n:
+        for p in pats:
+            validate(p, n)
     defines = parse_defines(args.defines)
     try:
-        compile_source(args.file, args.pattern, defines)  # user errors surface here, before any GPU work
+        compile_source(args.file, args.pattern, defines)
     except ValueError as e:
         if isinstance(e, PatternError):
             raise
         raise PatternError(str(e)) from None
     module = compile_module(args.file, args.pattern, defines)
-    heads = args.heads or module.spec.heads or 16
-    if module.spec.heads is not None and heads != module.spec.heads:
-        raise PatternError(f"--heads {heads}: the pattern defines {module.spec.heads} heads")
     for n in args.n:
         try:
             module.check_n(n)
@@ -84,11 +95,6 @@ def run(args: argparse.Namespace) -> int:
             "patc bench needs a CUDA GPU and none is visible here (torch.cuda.is_available() is False)",
             hint="run it on a machine with an NVIDIA GPU; 'patc analyze' estimates the cost without one",
         )
-    from ..cli.common import load_program, select
-
-    item = select(load_program(args), args.pattern)
-    assert isinstance(item, ir.PatternDef)
-    pats = ir.body_patterns(item.body)
     results = _measure(module, pats, args, heads, peers)
     if args.plot:
         _plot(results, args.plot)
@@ -313,9 +319,4 @@ def _plot(res: dict[str, Any], path: str) -> None:
     ax.set_title(f"{res['pattern']} {res['pass']} ({res['dtype']}, D={res['head_dim']})")
     ax.legend()
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise PatternError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, picture_format(path, "--plot"), dpi=120)

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from .. import ir, load
+from ..check import kernel_limits
 from ..source import PatternError
 
 
@@ -27,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             program = load(path)
+            items: list[ir.PatternDef | ir.Model] = [*program.patterns, *program.models]
+            for item in items:
+                kernel_limits(item)  # check ok means compile ok
         except PatternError as e:
             print(e.render(), file=sys.stderr)
             failed += 1

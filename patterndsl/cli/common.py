@@ -65,6 +65,26 @@ def select_pattern(program: ir.Program, name: str | None, what: str) -> ir.Patte
     return item
 
 
+def heads_given(item: ir.PatternDef | ir.Model, asked: int | None) -> int | None:
+    """The head count a command runs with: the one the file defines (a heads block), which --heads may
+    repeat but not contradict; else --heads; else None."""
+    schedule = item.schedule if isinstance(item, ir.Model) else (item.body,)
+    defined = next((b.count for b in schedule if isinstance(b, ir.Heads)), None)
+    if defined is not None and asked is not None and asked != defined:
+        raise PatternError(
+            f"--heads {asked}: '{item.name}' defines {defined} heads", None,
+            f"leave --heads out, or give --heads {defined}",
+        )  # fmt: skip
+    return defined if defined is not None else asked
+
+
+def no_heads(item: ir.PatternDef, option: str, value: int) -> PatternError:
+    """A per-head option given for a pattern that has no heads block (it is never silently ignored)."""
+    return PatternError(
+        f"{option} {value}: '{item.name}' has no heads block; it is the same for every head", None, f"drop {option}"
+    )
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text.replace("_", ""))

@@ -7,8 +7,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..check import kernel_limits
 from ..source import PatternError
-from .common import add_file_options, parse_defines
+from .common import add_file_options, load_program, parse_defines, select
+from .output import MODULE, add_force_option, claim, claim_folder, write_text
 
 
 def register(sub: Any) -> None:
@@ -26,6 +28,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="write OUT as a package folder that imports only torch and triton (the runtime's files copied in)",
     )
+    add_force_option(p)
     p.add_argument("--block-m", type=int, help="query block size (default: tuned per head_dim)")
     p.add_argument("--block-n", type=int, help="key block size (default: tuned per head_dim)")
     p.add_argument(
@@ -51,6 +54,12 @@ def _bwd_tiles(text: str | None) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> int:
     from ..compile import compile_source
 
+    if args.standalone:
+        claim_folder(args.output, "-o", [args.file], args.force)
+    else:
+        claim(args.output, "-o", MODULE, [args.file], args.force)
+    # the file's errors, and what a kernel cannot do, pointed at in the file before compile_source runs
+    kernel_limits(select(load_program(args), args.pattern))
     try:
         compiled = compile_source(
             Path(args.file),
@@ -65,14 +74,14 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(e, PatternError):
             raise
         raise PatternError(str(e)) from None
-    try:
-        if args.standalone:
-            from ..compile import write_standalone
+    if args.standalone:
+        from ..compile import write_standalone
 
+        try:
             write_standalone(compiled, Path(args.output))
-        else:
-            Path(args.output).write_text(compiled.text, encoding="utf-8")
-    except OSError as e:
-        raise PatternError(f"cannot write {args.output}: {e.strerror}") from None
+        except OSError as e:
+            raise PatternError(f"cannot write {args.output}: {e.strerror}") from None
+    else:
+        write_text(args.output, compiled.text)
     print(f"{args.output}: attention kernel for '{compiled.name}' (source sha256 {compiled.sha256[:12]})")
     return 0

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..check import check
 from ..fmt import format_module
 from ..parse import parse
-from ..source import PatternError
+from ..source import read_source
+from .output import write_text
 
 
 def register(sub: Any) -> None:
@@ -30,10 +30,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     changed = 0
     for path in args.files:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise PatternError(f"{path}: cannot read: {e}") from None
+        text = read_source(path)
         module = parse(text, path)
         check(module, path)  # never format a file that does not check
         out = format_module(module)
@@ -44,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{path}: would reformat")
         elif args.write:
             if out != text:
-                Path(path).write_text(out, encoding="utf-8")
+                write_text(path, out)  # in place: that is its job
                 print(f"reformatted {path}")
         else:
             sys.stdout.write(out)

@@ -9,8 +9,8 @@ import numpy as np
 
 from .. import ir
 from ..mask import dense_mask
-from ..source import PatternError
-from .common import add_file_options, load_program, positive_int, select_pattern
+from .common import add_file_options, heads_given, load_program, no_heads, positive_int, select_pattern
+from .output import MASK, add_force_option, claim, write_atomically
 
 
 def register(sub: Any) -> None:
@@ -22,23 +22,20 @@ def register(sub: Any) -> None:
     )
     add_file_options(p)
     p.add_argument("-N", dest="n", type=positive_int, required=True, help="sequence length")
-    p.add_argument("--heads", type=positive_int, help="head count, for a heads { } pattern (checked)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.npy")
+    p.add_argument("--heads", type=positive_int, help="for a heads { } pattern: its head count (optional, checked)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npy", help="the file to write, exactly as named")
+    add_force_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    claim(args.output, "-o", MASK, [args.file], args.force)
     program = load_program(args)
     item = select_pattern(program, args.pattern, "mask")
-    if isinstance(item.body, ir.Heads) and args.heads is None:
-        raise PatternError(f"'{item.name}' is a heads pattern: give --heads {item.body.count}")
     if not isinstance(item.body, ir.Heads) and args.heads is not None:
-        raise PatternError(f"'{item.name}' is the same for every head; drop --heads")
-    m = dense_mask(item.body, args.n, args.heads)
-    try:
-        np.save(args.output, m)
-    except OSError as e:
-        raise PatternError(f"cannot write {args.output}: {e.strerror}") from None
+        raise no_heads(item, "--heads", args.heads)
+    m = dense_mask(item.body, args.n, heads_given(item, args.heads))
+    write_atomically(args.output, lambda f: np.save(f, m, allow_pickle=False))  # np.save(name) adds '.npy'
     allowed = int(m.sum())
     print(f"{args.output}: {'x'.join(map(str, m.shape))} bool, {allowed} allowed pairs ({allowed / m.size:.4%})")
     return 0

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 
 from .. import ir
-from ..draw import png_cells, save_image, terminal_cells, unicode_cells
+from ..draw import picture, png_cells, terminal_cells, unicode_cells
 from ..mask import cell_density
 from ..source import PatternError
-from .common import add_file_options, load_program, positive_int, select_pattern
+from .common import add_file_options, load_program, no_heads, positive_int, select_pattern
+from .output import PICTURE, add_force_option, claim, picture_format, save_figure
 
 
 def register(sub: Any) -> None:
@@ -26,7 +27,11 @@ def register(sub: Any) -> None:
     p.add_argument("-N", dest="n", type=positive_int, required=True, help="sequence length")
     p.add_argument("--head", type=int, default=None, help="for a heads { } pattern: which head (default: all)")
     p.add_argument("--width", type=positive_int, default=None, help="characters across (default: terminal width)")
-    p.add_argument("-o", "--output", metavar="OUT.png", help="write a picture with axes and a title instead")
+    p.add_argument(
+        "-o", "--output", metavar="OUT.png",
+        help="write a picture with axes and a title instead (.png, .pdf, .svg, .eps or .ps)",
+    )  # fmt: skip
+    add_force_option(p)
     p.set_defaults(run=run)
 
 
@@ -34,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     program = load_program(args)
     item = select_pattern(program, args.pattern, "show")
     bodies: list[tuple[str, ir.Pattern]]
+    if args.head is not None and not isinstance(item.body, ir.Heads):
+        raise no_heads(item, "--head", args.head)
     if isinstance(item.body, ir.Heads):
         heads = range(item.body.count) if args.head is None else [args.head]
         if args.head is not None and not 0 <= args.head < item.body.count:
@@ -45,18 +52,25 @@ def run(args: argparse.Namespace) -> int:
                 bodies.append((f"heads {hs[0]}:{hs[-1] + 1}", r.pattern))
     else:
         bodies = [("", item.body)]
+    paths: list[str] = []
+    if args.output is not None:
+        paths = [args.output] if len(bodies) == 1 else [_numbered(args.output, k) for k in range(len(bodies))]
+        for path in paths:
+            claim(path, "-o", PICTURE, [args.file], args.force)
+        fmt = picture_format(args.output, "-o")
     width = args.width or max(16, min(64, shutil.get_terminal_size((80, 24)).columns - 2))
     n = args.n
-    for k, (label, body) in enumerate(bodies):
+    rows, cols = png_cells(n, n) if args.output else terminal_cells(n, n, width)
+    drawn = []
+    for label, body in bodies:  # every head range first: an error leaves no picture written
         # Cell densities are built a chunk of queries at a time: no N x N mask, whatever N.
-        rows, cols = png_cells(n, n) if args.output else terminal_cells(n, n, width)
         cells = cell_density(body, n, rows, cols)
         density = _overall_density(cells, n, rows, cols)
-        title = f"{item.name}{' ' + label if label else ''}  N={n}  density {density:.2%}"
+        drawn.append((f"{item.name}{' ' + label if label else ''}  N={n}  density {density:.2%}", cells))
+    for k, (title, cells) in enumerate(drawn):
         if args.output:
-            path = args.output if len(bodies) == 1 else _numbered(args.output, k)
-            save_image(cells, n, n, path, f"{program.path}: {title}")
-            print(f"wrote {path}")
+            save_figure(picture(cells, n, n, f"{program.path}: {title}"), paths[k], fmt)
+            print(f"wrote {paths[k]}")
         else:
             print(title)
             print(unicode_cells(cells > 0))
