@@ -75,6 +75,7 @@ def parse(text: str, path: str = "<input>") -> T.Module:
     parser = _parser()
     try:
         raw = _parse_collecting(parser, text, comments)
+        _fold_parens(raw)
         _check_nesting(raw, source)
         module = _Build(source).transform(raw)
     except UnexpectedInput as e:
@@ -95,6 +96,22 @@ def _parse_collecting(parser: lark.Lark, text: str, comments: list[Token]) -> An
     return result
 
 
+def _fold_parens(raw: lark.Tree[Token]) -> None:
+    """Nested parentheses `((x))` become one `paren` tree holding x and their count (walked without
+    recursion), so redundant parentheses cost no depth."""
+    stack = [raw]
+    while stack:
+        node = stack.pop()
+        for k, child in enumerate(node.children):
+            if isinstance(child, lark.Tree) and child.data == "paren" and len(child.children) == 1:
+                inner, count = child.children[0], 1
+                while isinstance(inner, lark.Tree) and inner.data == "paren":
+                    inner, count = inner.children[0], count + 1
+                node.children[k] = child = lark.Tree("paren", [inner, count], child.meta)  # type: ignore[list-item]
+            if isinstance(child, lark.Tree):
+                stack.append(child)
+
+
 def _check_nesting(raw: lark.Tree[Token], source: Source) -> None:
     """Refuse expressions nested deeper than MAX_NESTING (walked without recursion)."""
     stack: list[tuple[lark.Tree[Token], int]] = [(raw, 0)]
@@ -106,7 +123,8 @@ def _check_nesting(raw: lark.Tree[Token], source: Source) -> None:
                 _span_of(source, node.meta),
                 "name parts of it with 'let'",
             )
-        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+        step = 0 if node.data == "paren" else 1  # parentheses are what the user wrote, not nesting
+        stack.extend((c, depth + step) for c in node.children if isinstance(c, lark.Tree))
 
 
 def _comment(tok: Token, text: str) -> T.Comment:
@@ -314,6 +332,12 @@ class _Build(Transformer[Token, Any]):
         # items: start, COLON, stop, COLON|None, step
         start, _, stop, _, step = (items + [None] * 5)[:5]
         return T.Slice(start, stop, step, self._s(meta))
+
+    def paren(self, meta: Any, items: list[Any]) -> T.Node:
+        node, count = items  # see _fold_parens
+        for _ in range(count):
+            node = T.parenthesized(node)
+        return node  # type: ignore[no-any-return]
 
     def tuple_lit(self, meta: Any, items: list[Any]) -> T.TupleLit:
         return T.TupleLit(tuple(x for x in items if x is not None), self._s(meta))
