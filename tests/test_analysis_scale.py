@@ -262,3 +262,48 @@ def test_moderate_n_without_structure_stays_within_its_budget(
     assert elapsed < TIME_BOX and peak < 4 * MEMORY_CAP, (elapsed, peak)
     e = json.loads(out)["patterns"][0]
     assert e["pairs"]["lower"] <= 4 * 10**12 // 11 <= e["pairs"]["upper"]
+
+
+def _bounds_ordered(x: Any) -> bool:
+    if isinstance(x, dict):
+        if "lower" in x:
+            return x["upper"] is None or x["lower"] <= x["upper"]
+        return all(_bounds_ordered(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_bounds_ordered(v) for v in x)
+    return True
+
+
+@given(patterns(), st.integers(10**9, 2**60))
+@settings(max_examples=15, deadline=None)
+def test_any_pattern_at_any_n_is_served_and_consistent(src: str, n: int) -> None:
+    """Random patterns at random huge N: a result in bounded time, bounds ordered, and an exact pair count
+    equal to the closed form wherever that holds."""
+    item = check(parse(f"pattern p = {src}\n", "p.pat"), "p.pat").patterns[0]
+    t0 = time.perf_counter()
+    r = analyze(item, Options(n))
+    assert time.perf_counter() - t0 < TIME_BOX
+    assert _bounds_ordered(r)
+    e = r["patterns"][0]
+    closed = e["nnz"]
+    if closed["closed_form"] is not None and isinstance(e["pairs"], int) and n >= closed["holds_from"]:
+        if "multiple of" not in closed["holds"] or n % int(closed["holds"].split()[-1]) == 0:
+            from patterndsl.analysis.symbolic import nnz
+
+            assert e["pairs"] == nnz(item.body).at(n)  # type: ignore[arg-type, union-attr]
+
+
+@pytest.mark.parametrize(
+    "src, n",
+    [
+        ("causal | (window(2) - sink(2))", 7_920_383),  # the receptive field took 1000 block layers: 85 s
+        ("(global([1, -1]) | hops(3)) - (random(2, seed=1) | where((q + k) % 4 == 0))", 3_338_442),  # 72 s
+    ],
+)
+def test_work_budgets_count_what_the_work_costs(src: str, n: int) -> None:
+    """Found by running random patterns at random N: each finished, but past the time box."""
+    item = check(parse(f"pattern p = {src}\n", "p.pat"), "p.pat").patterns[0]
+    t0 = time.perf_counter()
+    r = analyze(item, Options(n))
+    assert time.perf_counter() - t0 < TIME_BOX
+    assert _bounds_ordered(r)

@@ -522,6 +522,8 @@ def _at(cov: list[float], layers: int) -> float | None:
 
 
 def _depth_text(depth: int | None, upper: int | None, bounds: bool, stopped: str) -> str:
+    if depth is None and stopped.startswith("work budget"):
+        return f"not within the layers measured ({stopped})"
     if not bounds:
         return str(depth) if depth is not None else f"never ({stopped})"
     lo = "?" if depth is None else str(depth)

@@ -19,6 +19,7 @@ import numpy as np
 from ..expr import Expr
 from ..intervals import ALL, SOME, classify
 from .bound import Bound, Value, make
+from .count import classify_cost
 
 FRONTIER = 1 << 18  # SOME rectangles one level may hold
 
@@ -38,6 +39,7 @@ class Rects:
 def quadtree(pred: Expr, n: int, unit_q: int = 1, unit_k: int = 1, frontier: int = FRONTIER) -> Rects:
     """ALL rectangles, and the SOME ones left when splitting would pass the frontier (or at single units)."""
     nq, nk = -(-n // unit_q), -(-n // unit_k)
+    frontier = max(4, frontier // classify_cost(pred))
     size = 1 << max(0, (max(nq, nk) - 1).bit_length())
     qb = np.zeros(1, dtype=np.int64)
     kb = np.zeros(1, dtype=np.int64)

@@ -24,7 +24,7 @@ from ..intervals import ALL, NONE, SOME, classify
 from ..mask import eval_numpy
 from ..semantics import random_keys
 from .bound import Value, ratio
-from .count import _is_plain_random, block_form, draw_width
+from .count import _is_plain_random, block_form, classify_cost, draw_width
 from .limits import ARRAY_LIMIT, Budget
 
 FWD_PER_PAIR = 4
@@ -86,7 +86,7 @@ def tile_rects(pred: Expr, n: int, block_q: int, block_k: int, budget: Budget | 
         q_hi = np.minimum(qb + size, nq)  # exclusive, in blocks
         k_hi = np.minimum(kb + size, nk)
         if budget is not None:
-            budget.spend(int(qb.size))
+            budget.spend(int(qb.size) * classify_cost(pred))
         verdict = classify(
             pred, qb * block_q, np.minimum(q_hi * block_q, n) - 1, kb * block_k, np.minimum(k_hi * block_k, n) - 1
         )

@@ -107,6 +107,14 @@ def predicate_stats(pred: Expr, n: int, budget: Budget | None = None) -> RowStat
 DRAW_BITS = 1 << 28  # bitmap bits evaluating `random` may take (one row of draw_width bits per query row)
 
 
+def classify_cost(pred: Expr) -> int:
+    """Work units one rectangle's classification costs: `random` enumerates the draws of narrow row
+    ranges (intervals.RANDOM_ROWS_ENUMERATED rows), everything else is a few interval operations."""
+    from ..intervals import RANDOM_ROWS_ENUMERATED
+
+    return RANDOM_ROWS_ENUMERATED if draw_width(pred) else 1
+
+
 def draw_width(e: Expr) -> int:
     """The widest `random` draw in the predicate (0 when none): evaluating its membership test costs a
     bitmap row of that many bits per distinct query row (see `mask.eval_numpy`)."""
@@ -347,7 +355,7 @@ def _quadtree(pred: Expr, n: int, budget: Budget | None) -> RowStats:
         i_hi = np.minimum(i_lo + size - 1, n - 1)
         j_hi = np.minimum(j_lo + size - 1, n - 1)
         if budget is not None:
-            budget.spend(int(i_lo.size))
+            budget.spend(int(i_lo.size) * classify_cost(pred))
         verdict = classify(pred, i_lo, i_hi, j_lo, j_hi)
         full = verdict == ALL
         if full.any():

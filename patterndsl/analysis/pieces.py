@@ -34,7 +34,7 @@ from .. import ir
 from ..expr import Expr
 from ..intervals import ALL, SOME, classify
 from ..mask import eval_numpy
-from .count import block_form, draw_width, offset_form
+from .count import block_form, classify_cost, draw_width, offset_form
 from .limits import ARRAY_LIMIT, Budget, OverBudget
 
 LEAF_1D = 64  # intervals this narrow are evaluated point by point
@@ -56,8 +56,9 @@ def runs_1d(pred: Expr, var: str, lo: int, hi: int, budget: Budget, n: int) -> n
     cur_hi = np.array([hi], dtype=np.int64)
     zero = np.zeros(1, dtype=np.int64)
     per_point = max(1, draw_width(pred) // 64)  # a draw costs a bitmap row per point
+    cost = classify_cost(pred)
     while cur_lo.size and lo <= hi:
-        budget.spend(int(cur_lo.size))
+        budget.spend(int(cur_lo.size) * cost)
         if var == "i":
             verdict = classify(pred, cur_lo, cur_hi, zero, zero)
         else:

@@ -196,9 +196,14 @@ def receptive_field(
     if unit > 1:
         out.coverage_lower = []
     lower_settled = unit == 1
+    work = 0
     for depth in range(1, limit + 1):
         body = schedule[(depth - 1) % len(schedule)]
         a = adj(body)
+        work += a.indices.size * words * (1 if out.coverage_lower is None else 2)
+        if work > REACH_WORK:
+            out.stopped = f"work budget reached after {depth - 1} layers"
+            break
         new_upper = _step(a, upper)
         out.coverage.append(_popcount(new_upper & target) / total)
         done = out.coverage[-1] >= 1.0
@@ -289,6 +294,7 @@ def _hub_bound(body: ir.Body, n: int, out: Reach) -> None:
 # --- exact reach at any N through offset structure ---------------------------------------------------
 
 RECORD_DEPTHS = 4096  # coverage is listed for at most this many depths
+REACH_WORK = 1 << 30  # 64-bit words the layer-by-layer products may touch in all (a few seconds)
 RUN_WORK = 1 << 31  # element operations allowed for the run-by-run sumsets
 
 
