@@ -308,10 +308,14 @@ def row_pieces(pred: Expr, n: int, budget: Budget | None = None) -> tuple[list[P
         tail = n - b * (nb - 1)
         st = structure(inner, nb, budget, row_edges=(nb - 1,), col_edges=(nb - 1,))
         pieces = _pieces(st, b, tail, n)
-        return pieces, f"blocks of {b}: {len(pieces)} affine pieces over {nb:,} blocks (exact)"
+        return pieces, f"blocks of {b}: {_count(pieces)} over {nb:,} blocks (exact)"
     st = structure(pred, n, budget)
     pieces = _pieces(st, 1, 1, n)
-    return pieces, f"offset and token-range runs: {len(pieces)} affine pieces (exact)"
+    return pieces, f"offset and token-range runs: {_count(pieces)} (exact)"
+
+
+def _count(pieces: list[Piece]) -> str:
+    return f"{len(pieces)} affine piece{'' if len(pieces) == 1 else 's'}"
 
 
 def _pieces(st: Structure, g: int, tail: int, n: int) -> list[Piece]:
