@@ -94,7 +94,8 @@ def test_parentheses_the_user_wrote_are_kept(text: str) -> None:
 def parenthesized(draw: st.DrawFn) -> str:
     """A random expression with extra parentheses around some of its atoms and around itself."""
     src = draw(expressions(max_leaves=5))
-    parts = re.split(r"(\b(?:window|causal|sink|global|rows|cols|stride|hops|full|none|where)\b(?:\([^()]*\))?)", src)
+    atom = r"\b(?:window|sink|global|rows|cols|stride|hops|random)\([^()]*\)|\b(?:causal|full|none)\b(?!\s*\()"
+    parts = re.split(f"({atom})", src)
     out = [f"({p})" if k % 2 == 1 and p and draw(st.booleans()) else p for k, p in enumerate(parts)]
     text = "".join(out)
     return f"({text})" if draw(st.booleans()) else text
