@@ -130,9 +130,9 @@ def main() -> None:
         runs = {"old": old[name].attention, "new": new.attention}
         steps: dict[str, Any] = {}
         for side, fn in runs.items():
-            steps[f"{side}_fwd"] = lambda fn=fn: fn(q, k, v)
+            steps[f"{side}_fwd"] = lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)
             qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-            steps[f"{side}_fwd_bwd"] = lambda fn=fn, qg=qg, kg=kg, vg=vg: fn(qg, kg, vg).backward(do)
+            steps[f"{side}_fwd_bwd"] = lambda fn=fn, qg=qg, kg=kg, vg=vg, do=do: fn(qg, kg, vg).backward(do)
         with torch.no_grad():
             same = torch.equal(old[name].attention(q, k, v), new.attention(q, k, v))
         for step in steps.values():  # compile everything before any timing

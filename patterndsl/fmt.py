@@ -1,8 +1,10 @@
 """Canonical text of a syntax tree: `patc fmt`.
 
-Printing from the tree (not the IR) keeps what the user wrote: lets, params, names and comments.
-Parentheses appear only where precedence needs them, so `parse(fmt(x))` has the same IR as `parse(x)`
-and `fmt(fmt(x)) == fmt(x)`.
+Printing from the tree (not the IR) keeps what the user wrote: lets, params, names, comments and
+parentheses. Every pair the user wrote is printed (the tree counts them), even where precedence makes
+it redundant: it was written for a reader. None is added where the user wrote none, except where
+precedence needs one in a tree built by a program rather than parsed. So `parse(fmt(x))` has the same
+IR as `parse(x)` and `fmt(fmt(x)) == fmt(x)`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def format_module(module: T.Module) -> str:
 
 
 def format_expr(node: T.Node) -> str:
-    return _expr(node, 0)
+    return _wrap(node, 0)
 
 
 def _statement(stmt: T.Statement, line: int) -> list[tuple[int, str]]:
@@ -144,11 +146,15 @@ def _prec(node: T.Node) -> int:
 
 
 def _wrap(node: T.Node, minimum: int) -> str:
-    text = _expr(node, minimum)
-    return f"({text})" if _prec(node) < minimum else text
+    """The node's text inside the parentheses the user wrote, or the one pair precedence needs."""
+    text = _expr(node)
+    count = 0 if isinstance(node, T.Slice) else node.parens
+    if count == 0 and _prec(node) < minimum:
+        count = 1
+    return "(" * count + text + ")" * count
 
 
-def _expr(node: T.Node, minimum: int = 0) -> str:
+def _expr(node: T.Node) -> str:
     match node:
         case T.Int(v):
             return str(v)
@@ -163,12 +169,8 @@ def _expr(node: T.Node, minimum: int = 0) -> str:
         case T.Binary("**", a, b):
             return f"{_wrap(a, _POW + 1)} ** {_wrap(b, _UNARY)}"
         case T.Binary(op, a, b):
-            p = _PREC[op]
-            # `a | (b & c)` keeps its parentheses: the precedence is Python's, but few readers know it.
-            lo = _PREC["&"] + 1 if op == "|" else p
-            # a chain `a | b | c` is left-associative and needs no parentheses on its left operand
-            left = _expr(a, p) if isinstance(a, T.Binary) and a.op == op else _wrap(a, max(p, lo))
-            return f"{left} {op} {_wrap(b, max(p + 1, lo))}"
+            p = _PREC[op]  # left-associative: only the right operand needs the next level
+            return f"{_wrap(a, p)} {op} {_wrap(b, p + 1)}"
         case T.Compare(operands, ops):
             parts = [_wrap(operands[0], _PREC["cmp"] + 1)]
             for op, x in zip(ops, operands[1:], strict=True):
@@ -178,17 +180,17 @@ def _expr(node: T.Node, minimum: int = 0) -> str:
             items = [_arg(a) for a in args] + [f"{k.name}={_arg(k.value)}" for k in keywords]
             return f"{func}({', '.join(items)})"
         case T.TupleLit(items):
-            inner = ", ".join(_expr(x) for x in items)
+            inner = ", ".join(_wrap(x, 0) for x in items)
             return f"({inner},)" if len(items) == 1 else f"({inner})"
         case T.ListLit(items):
-            return "[" + ", ".join(_expr(x) for x in items) + "]"
+            return "[" + ", ".join(_wrap(x, 0) for x in items) + "]"
         case T.Slice():
             return _slice(node)
     raise TypeError(node)
 
 
 def _arg(node: T.Node) -> str:
-    return _slice(node) if isinstance(node, T.Slice) else _expr(node)
+    return _slice(node) if isinstance(node, T.Slice) else _wrap(node, 0)
 
 
 def _slice(s: T.Slice) -> str:

@@ -76,6 +76,7 @@ def parse(text: str, path: str = "<input>") -> T.Module:
     parser = _parser()
     try:
         raw = _parse_collecting(parser, text, comments)
+        _fold_parens(raw)
         _check_nesting(raw, source)
         module = _Build(source).transform(raw)
     except UnexpectedInput as e:
@@ -121,6 +122,22 @@ def _arith_group(node: lark.Tree[Token]) -> int | None:
     return next((k for k, group in enumerate(_ARITH_GROUPS) if op in group), None)
 
 
+def _fold_parens(raw: lark.Tree[Token]) -> None:
+    """Nested parentheses `((x))` become one `paren` tree holding x and their count (walked without
+    recursion), so redundant parentheses cost no depth."""
+    stack = [raw]
+    while stack:
+        node = stack.pop()
+        for k, child in enumerate(node.children):
+            if isinstance(child, lark.Tree) and child.data == "paren" and len(child.children) == 1:
+                inner, count = child.children[0], 1
+                while isinstance(inner, lark.Tree) and inner.data == "paren":
+                    inner, count = inner.children[0], count + 1
+                node.children[k] = child = lark.Tree("paren", [inner, count], child.meta)  # type: ignore[list-item]
+            if isinstance(child, lark.Tree):
+                stack.append(child)
+
+
 def _check_nesting(raw: lark.Tree[Token], source: Source) -> None:
     """Refuse expressions deeper than MAX_NESTING (walked without recursion), in the terms the user wrote:
     levels of nesting, or operators chained in a row (`1 + 1 + ...` nests as deep as it is long)."""
@@ -141,7 +158,9 @@ def _check_nesting(raw: lark.Tree[Token], source: Source) -> None:
         for k, child in enumerate(node.children):
             if not isinstance(child, lark.Tree):
                 continue
-            if k == 0 and child.data == node.data and node.data in _FLAT_CHAINS:
+            if node.data == "paren":  # parentheses are what the user wrote, not nesting
+                stack.append((child, depth, chain))
+            elif k == 0 and child.data == node.data and node.data in _FLAT_CHAINS:
                 stack.append((child, depth, chain))
             elif k == 0 and group is not None and _arith_group(child) == group:
                 stack.append((child, depth + 1, (*chain, str(node.children[1]))))
@@ -360,6 +379,12 @@ class _Build(Transformer_NonRecursive[Token, Any]):
         # items: start, COLON, stop, COLON|None, step
         start, _, stop, _, step = (items + [None] * 5)[:5]
         return T.Slice(start, stop, step, self._s(meta))
+
+    def paren(self, meta: Any, items: list[Any]) -> T.Node:
+        node, count = items  # see _fold_parens
+        for _ in range(count):
+            node = T.parenthesized(node)
+        return node  # type: ignore[no-any-return]
 
     def tuple_lit(self, meta: Any, items: list[Any]) -> T.TupleLit:
         return T.TupleLit(tuple(x for x in items if x is not None), self._s(meta))

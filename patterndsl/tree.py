@@ -1,35 +1,41 @@
 """The syntax tree: what the user wrote, with a position on every node.
 
 The checker turns it into `ir`; the formatter prints it back. Types are not known here: `a - b` is a
-`Binary` whether it subtracts integers or sets.
+`Binary` whether it subtracts integers or sets. Each expression node counts the parentheses the user
+wrote around it (`parens`): they change no meaning, but the formatter keeps them, since a reader of
+`(q // C) * C` should not have to know that `//` and `*` bind alike and group left to right.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeAlias
 
 from .source import Span
 
 _span = field(compare=False, repr=False)
+_parens = field(default=0, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Name:
     id: str
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
 class Int:
     value: int
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
 class Float:
     value: float
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,7 @@ class Unary:
     op: str  # "-", "+", "~", "not"
     operand: Node
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +52,7 @@ class Binary:
     left: Node
     right: Node
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +62,7 @@ class Compare:
     operands: tuple[Node, ...]
     ops: tuple[str, ...]
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +78,21 @@ class Call:
     args: tuple[Node, ...]
     keywords: tuple[Keyword, ...]
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
 class TupleLit:
     items: tuple[Node, ...]
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
 class ListLit:
     items: tuple[Node, ...]
     span: Span = _span
+    parens: int = _parens
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,13 @@ class Slice:
 
 
 Node: TypeAlias = Name | Int | Float | Unary | Binary | Compare | Call | TupleLit | ListLit | Slice
+
+
+def parenthesized(node: Node) -> Node:
+    """The node as written inside one more pair of parentheses (a slice is never written so)."""
+    if isinstance(node, Slice):
+        raise TypeError("a slice cannot be parenthesized")
+    return replace(node, parens=node.parens + 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,13 @@ from .. import ir
 from ..selectors import Split, split
 from ..source import PatternError
 from . import cost as C
-from .count import RowStats, block_form, bound_predicate, row_stats
+from .bound import Bound, Value, jsonable, make, ratio, upper
+from .count import block_form, bound_predicate
+from .figures import block_rows, exact_pairs, row_figures, tile_figures
+from .limits import ARRAY_LIMIT, ARRAY_WORK, Budget, OverBudget
 from .reach import receptive_field
 from .symbolic import Closed, nnz
+from .tiles import per_block
 
 LOW_EFFICIENCY = 0.5
 
@@ -79,33 +83,14 @@ def _head_count(item: ir.PatternDef | ir.Model, asked: int | None) -> int:
     return asked or 1
 
 
-def _summary(x: np.ndarray) -> dict[str, float]:
-    if x.size == 0:
-        return {"min": 0, "mean": 0.0, "max": 0}
-    return {"min": int(x.min()), "mean": float(x.mean()), "max": int(x.max())}
+WIDEN_CHECKS = 4096  # exact counts below the derived range that may widen a closed form's range
 
 
-def _rows(s: RowStats) -> dict[str, Any]:
-    has = s.counts > 0
-    i = np.arange(s.n)[has]
-    empty = s.empty_rows
-    return {
-        "keys_per_query": _summary(s.counts),
-        "reach_back": _summary(i - s.first[has]),  # i - nearest-to-start allowed key
-        "reach_forward": _summary(s.last[has] - i),
-        "first_key": _summary(s.first[has]),
-        "last_key": _summary(s.last[has]),
-        "empty_rows": int(empty.size),
-        "first_empty_row": int(empty[0]) if empty.size else None,
-        "sees_future": bool((s.last[has] > i).any()),
-        "first_future_row": int(i[s.last[has] > i][0]) if (s.last[has] > i).any() else None,
-    }
-
-
-def _symbolic(p: ir.Pattern, exact_at: Any) -> dict[str, Any]:
+def _symbolic(p: ir.Pattern, n: int) -> tuple[dict[str, Any], int | None]:
+    """The closed form nnz(N) with the range where it holds, and its value at n when n is in it."""
     s = nnz(p)
     if not isinstance(s, Closed):
-        return {"closed_form": None, "reason": s.reason, "text": s.text()}
+        return {"closed_form": None, "reason": s.reason, "text": s.text()}, None
     # The derivation proves the formula from valid_from on; below it, check exactly and widen the range.
     holds_from = s.valid_from
     step = 1
@@ -113,13 +98,18 @@ def _symbolic(p: ir.Pattern, exact_at: Any) -> dict[str, Any]:
         step = int(s.condition.split()[-1])
     elif s.condition.startswith("N fixed"):
         step = 0
-    while step and holds_from - step >= 1 and _matches(s, holds_from - step, exact_at):
+    checks = 0
+    while step and holds_from - step >= 1 and checks < WIDEN_CHECKS and _matches(s, holds_from - step, p):
         holds_from -= step
+        checks += 1
     cond = f"N >= {holds_from}" + (f", {s.condition}" if s.condition else "")
     if s.condition.startswith("N fixed"):
         cond = s.condition
     import sympy  # type: ignore[import-untyped]
 
+    at_n = None
+    if s.condition.startswith("N fixed") or (n >= holds_from and (step <= 1 or n % step == 0)):
+        at_n = s.at(n)
     return {
         "closed_form": sympy.sstr(s.expr),
         "holds": cond,
@@ -127,12 +117,14 @@ def _symbolic(p: ir.Pattern, exact_at: Any) -> dict[str, Any]:
         "derived_from": s.valid_from,
         "derivation": s.derivation,
         "text": f"{sympy.sstr(s.expr)}  ({cond})",
-    }
+    }, at_n
 
 
-def _matches(s: Closed, m: int, exact_at: Any) -> bool:
+def _matches(s: Closed, m: int, p: ir.Pattern) -> bool:
+    if not _fits(p, m):
+        return False
     try:
-        return bool(s.at(m) == exact_at(m))
+        return bool(s.at(m) == exact_pairs(p, m))
     except (TypeError, ValueError, ZeroDivisionError):  # the formula is undefined there (log of 0)
         return False
 
@@ -245,18 +237,22 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
     is_model = isinstance(item, ir.Model)
     entries: list[dict[str, Any]] = []
     warnings: list[str] = []
-    totals: dict[str, float] = {}
+    totals: dict[str, Value] = {}
     causal_flags: list[bool] = []
     for use in uses:
         p = use.pattern
         sp = split(p, item.name) if ir.is_dynamic(p) else None
         p = p if sp is None else sp.static  # a dynamic pattern's figures: its static part, plus "selector"
-        stats = row_stats(p, n)
+        nnz_figures, closed_pairs = _symbolic(p, n)
+        fig = row_figures(p, n, closed_pairs)
         pred = bound_predicate(p, n)
-        blocks = C.block_counts(pred, n, opts.block_q, opts.block_k)
-        c = C.cost(stats.pairs, blocks, n, use.heads, opts.head_dim, opts.batch)
-        rows = _rows(stats)
-        causal_flags.append(not rows["sees_future"])
+        tiles = tile_figures(pred, n, opts.block_q, opts.block_k)
+        c = C.cost_of(
+            fig.pairs, tiles.visited, tiles.full, tiles.partial, n, use.heads, opts.head_dim, opts.batch,
+            opts.block_q, opts.block_k,
+        )  # fmt: skip
+        rows = fig.rows
+        causal_flags.append(rows["sees_future"] is False)
         label = _pattern_text(use.pattern)
         where = []
         if is_model and use.layers is not None:
@@ -267,19 +263,22 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
             "pattern": label,
             "used_by": "; ".join(where) or item.name,
             "head_layers": use.heads,
-            "pairs": stats.pairs,
-            "density": stats.pairs / (n * n),
-            "count_method": stats.method,
-            "nnz": _symbolic(p, lambda m, p=p: row_stats(p, m).pairs if _fits(p, m) else None),
+            "pairs": fig.pairs,
+            "density": ratio(fig.pairs, n * n),
+            "count_method": fig.method,
+            "nnz": nnz_figures,
             "rows": rows,
             "blocks": {
-                "full": int(blocks.full.sum()),
-                "partial": int(blocks.partial.sum()),
-                "classified_by": blocks.source,
+                "full": tiles.full,
+                "partial": tiles.partial,
+                "classified_by": tiles.source,
             },
             "cost": c.as_dict(),
-            "layout": _layout_figures(p, pred, n, stats.pairs, c, opts),
+            "layout": _layout_figures(p, pred, n, fig.pairs, c, opts),
         }
+        if not (fig.exact and tiles.exact):
+            entry["bounded"] = _bounded_note(fig.exact, tiles.exact, n)
+            warnings.append(f"{entry['used_by']}: {entry['bounded']}")
         if sp is not None:
             entry["selector"] = _selector_cost(sp, n, use.heads, opts, c.fwd_flops)
             for key in ("extra_fwd_flops_max", "scoring_flops"):
@@ -287,24 +286,35 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         entries.append(entry)
         for k, v in c.as_dict().items():
             if k in ("pairs", "visited_blocks", "full_blocks", "partial_blocks"):
-                v *= use.heads  # per head and batch element; FLOPs and bytes already count every head
+                v = use.heads * v  # per head and batch element; FLOPs and bytes already count every head
             if k not in ("tile_efficiency", "arithmetic_intensity"):
                 totals[k] = totals.get(k, 0) + v
+        empty = rows["empty_rows"]
         if sp is not None:
             warnings.append(
                 f"{entry['used_by']}: {_pattern_text(sp.selector)} picks blocks from the data: the figures and the "
                 f"receptive field are the static part's; the selector's rows give its cost at K blocks per query block"
             )
-        elif rows["empty_rows"]:
+        elif isinstance(empty, int) and empty:
             warnings.append(
-                f"{entry['used_by']}: {rows['empty_rows']} quer{'y has' if rows['empty_rows'] == 1 else 'ies have'} no key "
+                f"{entry['used_by']}: {empty} quer{'y has' if empty == 1 else 'ies have'} no key "
                 f"(first: row {rows['first_empty_row']}); they output zeros with log-sum-exp -inf"
             )
-        if c.tile_efficiency < LOW_EFFICIENCY:
-            warnings.append(_efficiency_warning(entry, p, pred, n, stats.pairs, c, opts))
+        elif isinstance(empty, Bound) and empty.lo:
+            warnings.append(
+                f"{entry['used_by']}: at least {empty.lo} queries have no key; they output zeros with log-sum-exp -inf"
+            )
+        if upper(c.tile_efficiency) < LOW_EFFICIENCY:
+            warnings.append(_efficiency_warning(entry, p, pred, n, fig.pairs, c, opts))
         if rows["sees_future"] and "causal" in item.name.lower():
             warnings.append(
-                f"{entry['used_by']}: lets query {rows['first_future_row']} see a later key, but '{item.name}' is named causal"
+                f"{entry['used_by']}: lets query {_text_of(rows['first_future_row'])} see a later key, but "
+                f"'{item.name}' is named causal"
+            )
+        if rows["sees_future"] is None:
+            warnings.append(
+                f"{entry['used_by']}: whether a query sees a later key is not decided at this N; "
+                "the receptive field is measured against full attention"
             )
     if is_model and any(causal_flags) and not all(causal_flags):
         for e, flag in zip(entries, causal_flags, strict=True):
@@ -312,11 +322,10 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
                 warnings.append(
                     f"{e['used_by']}: lets queries see the future while other layers of '{item.name}' are causal"
                 )
-    tiles = totals.get("visited_blocks", 0) * opts.block_q * opts.block_k
-    totals["tile_efficiency"] = totals.get("pairs", 0) / tiles if tiles else 1.0
-    totals["arithmetic_intensity"] = (
-        totals["executed_fwd_flops"] / totals["fwd_bytes"] if totals.get("fwd_bytes") else 0.0
+    totals["tile_efficiency"] = ratio(
+        totals.get("pairs", 0), opts.block_q * opts.block_k * totals.get("visited_blocks", 0), cap=1.0
     )
+    totals["arithmetic_intensity"] = ratio(totals.get("executed_fwd_flops", 0), totals.get("fwd_bytes", 0), empty=0.0)
     all_causal = all(causal_flags)
     if is_model:
         assert isinstance(item, ir.Model)
@@ -337,7 +346,18 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         rf["coverage_at_layers"] = _at(reach.coverage, opts.layers)
         if reach.coverage_lower is not None:
             rf["coverage_lower_at_layers"] = _at(reach.coverage_lower, opts.layers)
-    return {
+    conventions = {
+        "fwd_flops": "4 * pairs * D * H * B (2D for q.k, 2D for p.v per pair)",
+        "bwd_flops": "10 * pairs * D * H * B (FlashAttention-2 with recomputation: 2.5 x forward)",
+        "executed_flops": "visited tiles * BQ * BK * 4 * D * H * B (padded tiles included)",
+        "fwd_bytes": "bf16: Q and O once per query row, K and V tiles once per visited tile",
+        "tile_classification": "exact for patterns of conditions on q - k, q and k (lattice points of tile "
+        "offsets); else interval reasoning, then PARTIAL tiles checked pair by pair within a budget",
+        "totals": "pairs and tiles summed over heads and layers, per batch element; FLOPs and bytes for all",
+    }
+    if any("bounded" in e for e in entries):
+        conventions["bounds"] = "a figure written lo..hi (JSON: lower, upper) is bounded, not exact: see the warnings"
+    result: dict[str, Any] = jsonable({
         "file": None,
         "name": item.name,
         "kind": "model" if is_model else "pattern",
@@ -347,38 +367,65 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         "batch": opts.batch,
         "block": [opts.block_q, opts.block_k],
         "layers": len(item.schedule) if isinstance(item, ir.Model) else opts.layers,
-        "conventions": {
-            "fwd_flops": "4 * pairs * D * H * B (2D for q.k, 2D for p.v per pair)",
-            "bwd_flops": "10 * pairs * D * H * B (FlashAttention-2 with recomputation: 2.5 x forward)",
-            "executed_flops": "visited tiles * BQ * BK * 4 * D * H * B (padded tiles included)",
-            "fwd_bytes": "bf16: Q and O once per query row, K and V tiles once per visited tile",
-            "tile_classification": "interval reasoning, then PARTIAL tiles checked pair by pair within a budget",
-            "totals": "pairs and tiles summed over heads and layers, per batch element; FLOPs and bytes for all",
-        },
+        "conventions": conventions,
         "patterns": entries,
         "totals": totals,
         "causal": all_causal,
         "receptive_field": rf,
         "warnings": warnings,
-    }
+    })  # fmt: skip
+    return result
 
 
-def _layout_figures(p: ir.Pattern, pred: Any, n: int, pairs: int, c: C.Cost, opts: Options) -> dict[str, Any]:
-    """Tile efficiency with the token layout the compiler would choose (patterndsl.layout) and plain."""
+def _bounded_note(rows_exact: bool, tiles_exact: bool, n: int) -> str:
+    what = " and ".join(x for x, ok in (("row figures", rows_exact), ("tile counts", tiles_exact)) if not ok)
+    return (
+        f"{what} are bounds at N = {n:,}: the exact figures would need O(N) work or more for this pattern "
+        f"(exact up to N = {ARRAY_LIMIT:,}, or at any N for patterns of conditions on q - k, on q and on k)"
+    )
+
+
+def _text_of(x: Any) -> str:
+    if isinstance(x, Bound):
+        return f"between {x.lo} and {x.hi}"
+    if isinstance(x, dict):
+        return f"at or after {x['lower']}"
+    return str(x)
+
+
+GRID_AXIS_LIMIT = 4096  # choosing a layout builds one axis x axis mask per grid axis
+
+
+def _layout_figures(p: ir.Pattern, pred: Any, n: int, pairs: Value, c: C.Cost, opts: Options) -> dict[str, Any]:
+    """Tile efficiency with the token layout the compiler would choose (patterndsl.layout) and plain.
+
+    Choosing a layout for a grid pattern measures candidate tilings with per-axis masks and tile counts
+    that grow with N; past ARRAY_LIMIT (or for a grid axis past GRID_AXIS_LIMIT) the choice is not made
+    and the figure says so.
+    """
     from .. import layout as L
 
+    grid = [x for x in ir.walk(p) if isinstance(x, ir.Neighborhood) or (isinstance(x, ir.Where) and x.layout)]
+    axes = [d for x in grid for d in (x.layout.dims if x.layout is not None else ())]
+    if grid and (n > ARRAY_LIMIT or max(axes, default=0) > GRID_AXIS_LIMIT):
+        return _no_layout(c, "not evaluated: a grid pattern this large")
     lay = L.choose(p, opts.block_q, opts.block_k)
     if lay is None:
-        visited = c.visited
+        visited: Value = c.visited
+    elif n > ARRAY_LIMIT:
+        return _no_layout(c, f"{L.describe(lay)} (its tile count is not evaluated past N = {ARRAY_LIMIT:,})")
     else:
         visited = L.visited_tiles(pred, lay, n, opts.block_q, opts.block_k)
-    tiles = visited * opts.block_q * opts.block_k
     return {
         "chosen": L.describe(lay),
         "visited_blocks": visited,
-        "tile_efficiency": pairs / tiles if tiles else 1.0,
+        "tile_efficiency": ratio(pairs, opts.block_q * opts.block_k * visited, cap=1.0),
         "plain_tile_efficiency": c.tile_efficiency,
     }
+
+
+def _no_layout(c: C.Cost, why: str) -> dict[str, Any]:
+    return {"chosen": why, "visited_blocks": None, "tile_efficiency": None, "plain_tile_efficiency": c.tile_efficiency}
 
 
 def _static_body(body: ir.Body) -> ir.Body:
@@ -388,34 +435,76 @@ def _static_body(body: ir.Body) -> ir.Body:
     return split(body).static if ir.is_dynamic(body) else body
 
 
-def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: int) -> dict[str, Any]:
+def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: Value) -> dict[str, Any]:
     """Expected cost of a selector at a selection size: each query block keeps min(K, candidates) key
     blocks of b x b pairs (at most; some may repeat the static part's), and scoring costs one dot product
-    of block means per (query block, key block) pair."""
-    from ..blocks import block_tables
-
+    of block means per (query block, key block) pair. Candidates per query block are the context's
+    non-empty b x b tiles, counted in affine pieces of query blocks (any N), per block (N <= ARRAY_LIMIT),
+    or bounded."""
     sel = sp.selector
     b = sel.block
     nb = -(-n // b)
-    t = block_tables(sp.context, n, b, b)
-    cand = (t.full.counts + t.partial.counts).numpy().astype(np.int64)
     k = opts.selected if opts.selected is not None else (sel.count if isinstance(sel, ir.TopK) else None)
-    kept = np.minimum(cand, k) if k is not None else cand
-    blocks = int(kept.sum())
-    extra = 4 * blocks * b * b * opts.head_dim * heads * opts.batch
+    cand, blocks = _candidates(bound_predicate(sp.context, n), n, b, k)
+    extra = 4 * b * b * opts.head_dim * heads * opts.batch * blocks
     scoring = 2 * nb * nb * opts.head_dim * heads * opts.batch
     return {
         "selector": _pattern_text(sel),
         "block": b,
         "selected_per_query_block": k,
         "assumed": "--selected" if opts.selected is not None else ("topk's n" if k is not None else "every candidate"),
-        "candidates_per_query_block": _summary(cand),
+        "candidates_per_query_block": cand,
         "selected_blocks": blocks,
-        "extra_pairs_max": blocks * b * b,
+        "extra_pairs_max": b * b * blocks,
         "extra_fwd_flops_max": extra,
         "scoring_flops": scoring,
         "fwd_flops_max": static_fwd + extra + scoring,
     }
+
+
+def _candidates(ctx: E.Expr, n: int, b: int, k: int | None) -> tuple[dict[str, Value], Value]:
+    """min / mean / max candidate key blocks per query block, and the sum of min(candidates, K)."""
+    nb = -(-n // b)
+    t = block_rows(ctx, n, b)
+    if t is not None:
+        starts, values, slopes = per_block(t.visited, t.q_blocks)
+        stops = [*starts[1:].tolist(), t.q_blocks]
+        lo = hi = None
+        total = kept = 0
+        for s, e, v, r in zip(starts.tolist(), stops, values.tolist(), slopes.tolist(), strict=True):
+            m = e - s
+            ends = (v, v + r * (m - 1))
+            lo = min(ends) if lo is None else min(lo, *ends)
+            hi = max(ends) if hi is None else max(hi, *ends)
+            total += (ends[0] + ends[1]) * m // 2
+            kept += _sum_min(v, r, m, k)
+        return {"min": lo or 0, "mean": total / nb, "max": hi or 0}, kept
+    if n <= ARRAY_LIMIT:
+        try:
+            bc = C.block_counts(ctx, n, b, b, Budget(ARRAY_WORK))
+            cand = (bc.full + bc.partial).astype(np.int64)
+            kept_arr = np.minimum(cand, k) if k is not None else cand
+            return {"min": int(cand.min()), "mean": float(cand.mean()), "max": int(cand.max())}, int(kept_arr.sum())
+        except OverBudget:
+            pass
+    v = tile_figures(ctx, n, b, b).visited
+    cap = nb * k if k is not None else upper(v)
+    return {"min": Bound(0, nb), "mean": ratio(v, nb), "max": Bound(0, nb)}, make(0, min(upper(v), cap))
+
+
+def _sum_min(v: int, r: int, m: int, k: int | None) -> int:
+    """sum over x = 0..m-1 of min(v + r * x, k) (k None: no cap)."""
+    if k is None or m <= 0:
+        return (2 * v + r * (m - 1)) * m // 2 if m > 0 else 0
+    if r == 0:
+        return min(v, k) * m
+    if r > 0:
+        below = max(0, min(m, -(-(k - v) // r)))  # x with v + r x < k
+        return (2 * v + r * (below - 1)) * below // 2 + k * (m - below) if below else k * m
+    above = max(0, min(m, (v - k) // (-r) + 1)) if v >= k else 0  # x with v + r x >= k
+    rest = m - above
+    first = v + r * above
+    return k * above + ((2 * first + r * (rest - 1)) * rest // 2 if rest else 0)
 
 
 def _fits(p: ir.Pattern, m: int) -> bool:
@@ -433,6 +522,8 @@ def _at(cov: list[float], layers: int) -> float | None:
 
 
 def _depth_text(depth: int | None, upper: int | None, bounds: bool, stopped: str) -> str:
+    if depth is None and stopped.startswith("work budget"):
+        return f"not within the layers measured ({stopped})"
     if not bounds:
         return str(depth) if depth is not None else f"never ({stopped})"
     lo = "?" if depth is None else str(depth)
@@ -455,7 +546,7 @@ def _ranges(xs: list[int]) -> str:
 
 
 def _efficiency_warning(
-    entry: dict[str, Any], p: ir.Pattern, pred: Any, n: int, pairs: int, c: C.Cost, opts: Options
+    entry: dict[str, Any], p: ir.Pattern, pred: Any, n: int, pairs: Value, c: C.Cost, opts: Options
 ) -> str:
     tries = []
     candidates = {(opts.block_q, max(16, opts.block_k // 2)), (max(16, opts.block_q // 2), max(16, opts.block_k // 2))}
@@ -465,21 +556,27 @@ def _efficiency_warning(
             continue
         if blocked is not None and (bq % blocked[0] or bk % blocked[0]):
             continue  # tiles that cut the pattern's own blocks cannot beat tiles that follow them
-        b = C.block_counts(pred, n, bq, bk)
-        tries.append((pairs / max(1, b.visited * bq * bk), bq, bk))
+        t = tile_figures(pred, n, bq, bk)
+        if t.exact and isinstance(pairs, int) and isinstance(t.visited, int):
+            tries.append((pairs / max(1, t.visited * bq * bk), bq, bk))
     best = max(tries) if tries else None
-    hint = f"; {best[1]}x{best[2]} tiles would reach {best[0]:.0%}" if best and best[0] > c.tile_efficiency else ""
+    hint = (
+        f"; {best[1]}x{best[2]} tiles would reach {best[0]:.0%}" if best and best[0] > upper(c.tile_efficiency) else ""
+    )
     layout = ""
     if any(isinstance(x, ir.Neighborhood | ir.Where) for x in ir.walk(p)):
         layout = "; for a grid pattern, a tiled token order (tokens of one tile contiguous) helps"
+    eff = c.tile_efficiency
+    shown = f"{eff:.0%}" if not isinstance(eff, Bound) else f"at most {eff.hi:.0%}"
     return (
-        f"{entry['used_by']}: tile efficiency {c.tile_efficiency:.0%} at {opts.block_q}x{opts.block_k} "
+        f"{entry['used_by']}: tile efficiency {shown} at {opts.block_q}x{opts.block_k} "
         f"(under {LOW_EFFICIENCY:.0%}){hint}{layout}"
     )
 
 
 def density_curves(patterns: tuple[ir.Pattern, ...], n: int) -> dict[str, list[tuple[int, float, float | None]]]:
-    """Exact density (and the closed form's, where one holds) at N = 64, 128, ... up to n, per pattern."""
+    """Exact density (and the closed form's, where one holds) at N = 64, 128, ... up to n, per pattern;
+    sizes where no exact count is available in bounded work are left out."""
     out: dict[str, list[tuple[int, float, float | None]]] = {}
     sizes = sorted({*(2**k for k in range(6, 64) if 2**k < n), n})
     for p in patterns:
@@ -488,7 +585,10 @@ def density_curves(patterns: tuple[ir.Pattern, ...], n: int) -> dict[str, list[t
         for m in sizes:
             if not _fits(p, m):
                 continue
-            exact = row_stats(p, m).pairs / (m * m)
+            pairs = exact_pairs(p, m)
+            if pairs is None:
+                continue
+            exact = pairs / (m * m)
             sym = None
             if isinstance(s, Closed) and m >= s.valid_from and not s.condition.startswith("N fixed"):
                 if not s.condition.startswith("N a multiple of") or m % int(s.condition.split()[-1]) == 0:

@@ -26,6 +26,7 @@ from ..intervals import ALL, SOME, classify
 from ..mask import eval_numpy
 from ..semantics import _neighborhood_axis, predicate, random_keys
 from ..source import PatternError
+from .limits import Budget, check_arithmetic, check_n
 
 LEAF = 16  # quad-tree rectangles this small are evaluated pair by pair
 DENSE_ELEMENTS = 1 << 21  # pairs evaluated per numpy call at the leaves
@@ -52,8 +53,7 @@ class RowStats:
 
 def bound_predicate(p: ir.Pattern, n: int) -> Expr:
     """The predicate of a static pattern with N fixed, after the same validation as the mask."""
-    if n < 1:
-        raise PatternError(f"N must be at least 1, got {n}")
+    check_n(n)
     if ir.is_dynamic(p):
         raise PatternError(
             "this pattern holds a dynamic selector (topk/threshold): its pairs depend on q and k",
@@ -61,22 +61,25 @@ def bound_predicate(p: ir.Pattern, n: int) -> Expr:
             "analyse its static part, e.g. the pattern without the topk/threshold term",
         )
     check.validate(p, n)
-    return E.bind_n(predicate(p), n)
+    pred = predicate(p)
+    check_arithmetic(pred, n)
+    return E.bind_n(pred, n)
 
 
-def row_stats(p: ir.Pattern, n: int) -> RowStats:
-    """Exact per-row statistics of a static pattern at sequence length n."""
+def row_stats(p: ir.Pattern, n: int, budget: Budget | None = None) -> RowStats:
+    """Exact per-row statistics of a static pattern at sequence length n (O(N) memory: N <= ARRAY_LIMIT
+    is the caller's business). A budget bounds the interval subdivision (OverBudget past it)."""
     pred = bound_predicate(p, n)
     if isinstance(p, ir.Neighborhood):
         return _neighborhood(p, n)
-    return predicate_stats(pred, n)
+    return predicate_stats(pred, n, budget)
 
 
 def count_pairs(p: ir.Pattern, n: int) -> int:
     return row_stats(p, n).pairs
 
 
-def predicate_stats(pred: Expr, n: int) -> RowStats:
+def predicate_stats(pred: Expr, n: int, budget: Budget | None = None) -> RowStats:
     """Exact per-row statistics of a predicate whose N is bound."""
     if isinstance(pred, E.Const):
         ones = np.full(n, n if pred.value else 0, dtype=np.int64)
@@ -88,17 +91,45 @@ def predicate_stats(pred: Expr, n: int) -> RowStats:
         return _offset_stats(offset, n)
     blocked = block_form(pred)
     if blocked is not None:
-        return _block_stats(blocked[0], blocked[1], n)
+        return _block_stats(blocked[0], blocked[1], n, budget)
     if isinstance(pred, E.Or):
         sparse = [a for a in pred.args if _is_plain_random(a)]
         if sparse:
-            return _random_union(E.disj(*(a for a in pred.args if a not in sparse)), sparse, n)
+            return _random_union(E.disj(*(a for a in pred.args if a not in sparse)), sparse, n, budget)
         banded = [a for a in pred.args if offset_form(a) is not None]
         if banded and len(banded) < len(pred.args):
-            return _union(E.disj(*banded), E.disj(*(a for a in pred.args if a not in banded)), n)
+            return _union(E.disj(*banded), E.disj(*(a for a in pred.args if a not in banded)), n, budget)
     if _is_plain_random(pred):
-        return _random_union(E.FALSE, [pred], n)
-    return _quadtree(pred, n)
+        return _random_union(E.FALSE, [pred], n, budget)
+    return _quadtree(pred, n, budget)
+
+
+DRAW_BITS = 1 << 28  # bitmap bits evaluating `random` may take (one row of draw_width bits per query row)
+
+
+def classify_cost(pred: Expr) -> int:
+    """Work units one rectangle's classification costs: `random` enumerates the draws of narrow row
+    ranges (intervals.RANDOM_ROWS_ENUMERATED rows), everything else is a few interval operations."""
+    from ..intervals import RANDOM_ROWS_ENUMERATED
+
+    return RANDOM_ROWS_ENUMERATED if draw_width(pred) else 1
+
+
+def draw_width(e: Expr) -> int:
+    """The widest `random` draw in the predicate (0 when none): evaluating its membership test costs a
+    bitmap row of that many bits per distinct query row (see `mask.eval_numpy`)."""
+    match e:
+        case E.RandomMember(row, col, n, _, _):
+            return max(E.evaluate_int(n), draw_width(row), draw_width(col))
+        case E.Arith(_, a, b) | E.Cmp(_, a, b):
+            return max(draw_width(a), draw_width(b))
+        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+            return draw_width(a)
+        case E.And(args) | E.Or(args):
+            return max((draw_width(a) for a in args), default=0)
+        case E.IfElse(c, t, o):
+            return max(draw_width(c), draw_width(t), draw_width(o))
+    return 0
 
 
 # --- offset form: predicates of d = i - j --------------------------------------------------------
@@ -160,9 +191,10 @@ def _offset_stats(form: Expr, n: int) -> RowStats:
     return RowStats(n, counts, first, last, "offset form (exact, O(N))")
 
 
-def _union(a: Expr, b: Expr, n: int) -> RowStats:
+def _union(a: Expr, b: Expr, n: int, budget: Budget | None) -> RowStats:
     """|A or B| = |A| + |B| - |A and B| per row; the first and last keys are the extremes of both."""
-    sa, sb, both = predicate_stats(a, n), predicate_stats(b, n), predicate_stats(E.conj(a, b), n)
+    sa, sb = predicate_stats(a, n, budget), predicate_stats(b, n, budget)
+    both = predicate_stats(E.conj(a, b), n, budget)
     counts = sa.counts + sb.counts - both.counts
     method = f"inclusion-exclusion: {sa.method} | {sb.method}"
     return RowStats(n, counts, np.minimum(sa.first, sb.first), np.maximum(sa.last, sb.last), method)
@@ -236,10 +268,10 @@ def _unblock(e: Expr, b: int) -> Expr | None:
     return None
 
 
-def _block_stats(b: int, inner: Expr, n: int) -> RowStats:
+def _block_stats(b: int, inner: Expr, n: int, budget: Budget | None) -> RowStats:
     nb = -(-n // b)
     tail = n - b * (nb - 1)  # tokens in the last block
-    s = predicate_stats(inner, nb)
+    s = predicate_stats(inner, nb, budget)
     blocks = np.arange(nb, dtype=np.int64)
     last_col = np.broadcast_to(eval_numpy(inner, blocks, np.full(1, nb - 1, np.int64), nb), (nb,)).astype(np.int64)
     per_block = b * s.counts - (b - tail) * last_col
@@ -257,8 +289,8 @@ def _is_plain_random(e: Expr) -> bool:
     return isinstance(e, E.RandomMember) and e.row == E.I and e.col == E.J
 
 
-def _random_union(rest: Expr, draws: list[Expr], n: int) -> RowStats:
-    base = predicate_stats(rest, n)
+def _random_union(rest: Expr, draws: list[Expr], n: int, budget: Budget | None) -> RowStats:
+    base = predicate_stats(rest, n, budget)
     rows = np.arange(n, dtype=np.int64)
     keys = np.concatenate(
         [
@@ -312,7 +344,7 @@ def _neighborhood(p: ir.Neighborhood, n: int) -> RowStats:
 # --- generic: quad-tree subdivision with interval reasoning -------------------------------------------
 
 
-def _quadtree(pred: Expr, n: int) -> RowStats:
+def _quadtree(pred: Expr, n: int, budget: Budget | None) -> RowStats:
     diff = np.zeros(n + 1, dtype=np.int64)
     first = np.full(n, n, dtype=np.int64)
     last = np.full(n, -1, dtype=np.int64)
@@ -322,6 +354,8 @@ def _quadtree(pred: Expr, n: int) -> RowStats:
     while i_lo.size:
         i_hi = np.minimum(i_lo + size - 1, n - 1)
         j_hi = np.minimum(j_lo + size - 1, n - 1)
+        if budget is not None:
+            budget.spend(int(i_lo.size) * classify_cost(pred))
         verdict = classify(pred, i_lo, i_hi, j_lo, j_hi)
         full = verdict == ALL
         if full.any():
@@ -333,6 +367,8 @@ def _quadtree(pred: Expr, n: int) -> RowStats:
         some = verdict == SOME
         i_lo, j_lo = i_lo[some], j_lo[some]
         if size <= LEAF or i_lo.size * size * size <= DENSE_ELEMENTS:
+            if budget is not None:  # numpy evaluates pairs ~64x cheaper than a classification; draws cost N a row
+                budget.spend(int(i_lo.size) * size * max(size, draw_width(pred)) // 64)
             _dense_leaves(pred, n, i_lo, j_lo, size, diff, first, last)
             break
         half = size // 2

@@ -24,10 +24,13 @@ import numpy as np
 
 from .. import expr as E
 from .. import ir
+from ..intervals import ALL, classify
 from ..mask import dense_mask, eval_numpy
 from ..semantics import _neighborhood_axis
 from .cost import tile_rects
-from .count import bound_predicate, offset_form, predicate_stats, row_stats
+from .count import DRAW_BITS, bound_predicate, draw_width, offset_form, predicate_stats, row_stats
+from .limits import ARRAY_LIMIT, ARRAY_WORK, Budget, OverBudget
+from .pieces import merge_runs, runs_1d
 
 TOKEN_LIMIT = 2048
 BLOCK_UNITS = 1024  # at most this many blocks per side at block granularity
@@ -172,9 +175,7 @@ def receptive_field(
 
     def sees_itself(body: ir.Body) -> bool:
         if body not in diagonal:
-            t = np.arange(n, dtype=np.int64)
-            pred = _body_predicate(body, n)
-            diagonal[body] = bool(np.all(np.broadcast_to(eval_numpy(pred, t, t, n), (n,))))
+            diagonal[body] = _sees_itself(_body_predicate(body, n), n)
         return diagonal[body]
 
     def adj(body: ir.Body) -> Adjacency:
@@ -195,9 +196,14 @@ def receptive_field(
     if unit > 1:
         out.coverage_lower = []
     lower_settled = unit == 1
+    work = 0
     for depth in range(1, limit + 1):
         body = schedule[(depth - 1) % len(schedule)]
         a = adj(body)
+        work += a.indices.size * words * (1 if out.coverage_lower is None else 2)
+        if work > REACH_WORK:
+            out.stopped = f"work budget reached after {depth - 1} layers"
+            break
         new_upper = _step(a, upper)
         out.coverage.append(_popcount(new_upper & target) / total)
         done = out.coverage[-1] >= 1.0
@@ -231,45 +237,77 @@ def receptive_field(
     return out
 
 
+def _sees_itself(pred: E.Expr, n: int) -> bool:
+    """Every token may attend to itself (decided on the diagonal i = j; False when undecided in budget,
+    which only weakens the lower bound that uses it)."""
+    diag = E.substitute(pred, {"j": E.I})
+    try:
+        runs = runs_1d(diag, "i", 0, n - 1, Budget(), n)
+    except OverBudget:
+        if n > ARRAY_LIMIT or n * draw_width(pred) > DRAW_BITS:
+            return False
+        t = np.arange(n, dtype=np.int64)
+        return bool(np.all(np.broadcast_to(eval_numpy(pred, t, t, n), (n,))))
+    return runs.shape[0] == 1 and int(runs[0, 0]) == 0 and int(runs[0, 1]) == n - 1
+
+
+def _hubs(body: ir.Body, pred: E.Expr, n: int) -> list[int]:
+    """Tokens that see every key and are seen by every query: all of them (up to 8) where rows can be
+    counted, else those among the first 8 tokens that interval reasoning proves so."""
+    if n <= ARRAY_LIMIT and n * draw_width(pred) <= DRAW_BITS:
+        try:
+            budget = Budget(ARRAY_WORK)
+            rows = row_stats(body, n, budget) if not isinstance(body, ir.Heads) else predicate_stats(pred, n, budget)
+            everyone = np.arange(n, dtype=np.int64)
+            return [
+                h
+                for h in np.flatnonzero(rows.counts == n)[:8].tolist()
+                if np.broadcast_to(eval_numpy(pred, everyone, np.full(1, h, np.int64), n), (n,)).all()
+            ]
+        except OverBudget:
+            pass
+    out = []
+    for h in range(min(8, n)):
+        row = classify(pred, np.array([h]), np.array([h]), np.array([0]), np.array([n - 1]))
+        col = classify(pred, np.array([0]), np.array([n - 1]), np.array([h]), np.array([h]))
+        if int(row[0]) == ALL and int(col[0]) == ALL:
+            out.append(h)
+    return out
+
+
 def _hub_bound(body: ir.Body, n: int, out: Reach) -> None:
     """A token h that sees every key and is seen by every query (a global token) joins any query to any
     key in two layers: the lower bound becomes exact from depth 2 on."""
-    pred = _body_predicate(body, n)
-    rows = row_stats(body, n) if not isinstance(body, ir.Heads) else predicate_stats(pred, n)
-    everyone = np.arange(n, dtype=np.int64)
-    for h in np.flatnonzero(rows.counts == n)[:8].tolist():
-        column = np.broadcast_to(eval_numpy(pred, everyone, np.full(1, h, np.int64), n), (n,))
-        if column.all():
-            assert out.coverage_lower is not None
-            while len(out.coverage_lower) < 2:
-                out.coverage_lower.append(out.coverage_lower[-1] if out.coverage_lower else 0.0)
-            out.coverage_lower[1:] = [1.0] * (len(out.coverage_lower) - 1)
-            out.depth_upper = 2 if (out.depth is None or out.depth >= 2) else out.depth
-            if out.depth is None:
-                out.depth = out.depth_upper  # depth 1 is not full (the upper bound says so) or it is
-            out.stopped += f"; token {h} sees every key and every query sees it, so depth <= 2"
-            return
+    hubs = _hubs(body, _body_predicate(body, n), n)
+    if not hubs:
+        return
+    assert out.coverage_lower is not None
+    while len(out.coverage_lower) < 2:
+        out.coverage_lower.append(out.coverage_lower[-1] if out.coverage_lower else 0.0)
+    out.coverage_lower[1:] = [1.0] * (len(out.coverage_lower) - 1)
+    out.depth_upper = 2 if (out.depth is None or out.depth >= 2) else out.depth
+    if out.depth is None:
+        out.depth = out.depth_upper  # depth 1 is not full (the upper bound says so) or it is
+    out.stopped += f"; token {hubs[0]} sees every key and every query sees it, so depth <= 2"
 
 
 # --- exact reach at any N through offset structure ---------------------------------------------------
 
 RECORD_DEPTHS = 4096  # coverage is listed for at most this many depths
+REACH_WORK = 1 << 30  # 64-bit words the layer-by-layer products may touch in all (a few seconds)
 RUN_WORK = 1 << 31  # element operations allowed for the run-by-run sumsets
 
 
-def _offsets(body: ir.Body, n: int) -> np.ndarray | None:
-    """allowed(d) for d = i - j in [-(n-1), n-1] when the body is a predicate of i - j alone, else None."""
+def _offset_runs(body: ir.Body, n: int) -> np.ndarray | None:
+    """Runs [a, b] of allowed d = i - j in [-(n-1), n-1] when the body is a predicate of i - j alone
+    (found by interval subdivision, in work that does not grow with N), else None."""
     form = offset_form(_body_predicate(body, n))
     if form is None:
         return None
-    d = np.arange(-(n - 1), n, dtype=np.int64)
-    return np.broadcast_to(eval_numpy(form, d, np.zeros(1, np.int64), n), d.shape).astype(bool)
-
-
-def _runs(s: np.ndarray) -> np.ndarray:
-    """[start, stop] (inclusive) of every run of True in s, as an [R, 2] array."""
-    edges = np.diff(np.concatenate([[0], s.astype(np.int8), [0]]))
-    return np.stack([np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1], axis=1)
+    try:
+        return runs_1d(form, "i", -(n - 1), n - 1, Budget(), n)
+    except OverBudget:
+        return None
 
 
 def offset_reach(schedule: Sequence[ir.Body], n: int, repeat: bool, max_depth: int | None = None) -> Reach | None:
@@ -278,27 +316,26 @@ def offset_reach(schedule: Sequence[ir.Body], n: int, repeat: bool, max_depth: i
     Causal offset sets (every allowed d = i - j >= 0): a path from i only moves to earlier tokens and
     never leaves [0, i], so the offsets reachable in L layers are the L-fold sum of the layers' offset
     sets, the same for every query. Non-causal: only contiguous windows [-b, a] around 0, whose reach is
-    [i - sum a, i + sum b] clipped to [0, N).
+    [i - sum a, i + sum b] clipped to [0, N). Offset sets are runs, so windows cost nothing per token;
+    sums of gapped sets are computed on a bit array of the reachable offsets (N <= ARRAY_LIMIT).
     """
-    sets = []
+    table = {}
     for body in dict.fromkeys(schedule):
-        s = _offsets(body, n)
-        if s is None:
+        r = _offset_runs(body, n)
+        if r is None:
             return None
-        sets.append((body, s))
-    table = dict(sets)
-    causal = all(not s[: n - 1].any() for _, s in sets)  # no d < 0
+        table[body] = r
+    causal = all(r.shape[0] == 0 or r[0, 0] >= 0 for r in table.values())  # no d < 0
     limit = max_depth if max_depth is not None else (RECORD_DEPTHS if repeat else len(schedule))
     limit = min(limit, RECORD_DEPTHS) if repeat else min(limit, len(schedule))
     out = Reach("token (exact, through offset structure)", 1, n, causal)
     if causal:
         return _causal_sumsets(schedule, table, n, repeat, limit, out)
     windows = {}
-    for body, s in sets:
-        runs = _runs(s)
-        if runs.shape[0] != 1 or not runs[0, 0] <= n - 1 <= runs[0, 1]:
+    for body, runs in table.items():
+        if runs.shape[0] != 1 or not runs[0, 0] <= 0 <= runs[0, 1]:
             return None  # a gap, or 0 outside: boundaries would matter
-        windows[body] = (n - 1 - int(runs[0, 0]), int(runs[0, 1]) - (n - 1))  # (back a, forward b)
+        windows[body] = (-int(runs[0, 0]), int(runs[0, 1]))  # (a, b): the reach is symmetric in them
     total = n * n
     back = fwd = 0
     for depth in range(1, limit + 1):
@@ -335,14 +372,20 @@ def _window_pairs(n: int, back: int, fwd: int) -> int:
 def _causal_sumsets(
     schedule: Sequence[ir.Body], table: dict[ir.Body, np.ndarray], n: int, repeat: bool, limit: int, out: Reach
 ) -> Reach | None:
-    pos = {body: s[n - 1 :] for body, s in table.items()}  # allowed d = 0 .. n-1
-    g = 0
-    for s in pos.values():
-        g = math.gcd(g, *np.flatnonzero(s).tolist()) if s.any() else g
+    g = 0  # the gcd of every allowed offset d > 0
+    for runs in table.values():
+        for a, b in runs.tolist():
+            if b > max(a, 0) or a == 1:
+                g = 1  # two consecutive positive offsets, or the offset 1
+            elif b > 0:
+                g = math.gcd(g, b)
     g = max(g, 1)
     m = (n - 1) // g + 1  # offsets 0, g, 2g, ... below n
-    reduced = {body: _runs(s[::g][:m]) for body, s in pos.items()}
-    weights = n - g * np.arange(m, dtype=np.int64)  # pairs at offset g*k
+    reduced = {}
+    for body, runs in table.items():  # every allowed offset is a multiple of g: runs on the grid of g
+        lo, hi = -(-runs[:, 0] // g), np.minimum(runs[:, 1] // g, m - 1)
+        keep = lo <= hi
+        reduced[body] = merge_runs(np.stack([lo[keep], hi[keep]], axis=1))
     total = n * (n + 1) // 2
     contiguous = all(r.shape[0] == 1 and r[0, 0] == 0 for r in reduced.values())
     if contiguous:  # every layer is [0, b]: the reach is [0, sum b]
@@ -367,6 +410,9 @@ def _causal_sumsets(
             out.stopped += f"; every offset is a multiple of {g}, so never full"
         out.depth_upper = out.depth
         return out
+    if m > ARRAY_LIMIT:
+        return None  # gapped offset sets: the sumsets need a bit per offset
+    weights = n - g * np.arange(m, dtype=np.int64)  # pairs at offset g*k
     reach = np.zeros(m, dtype=bool)
     reach[0] = True
     work = 0

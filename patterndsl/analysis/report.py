@@ -9,15 +9,43 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+def _si(x: Any) -> str:
+    if _bounded(x):
+        return f"{_si(x['lower'])}..{_si(x['upper'])}"
+    if x is None:
+        return "-"
+    for unit, scale in (
+        ("Y", 1e24),
+        ("Z", 1e21),
+        ("E", 1e18),
+        ("P", 1e15),
+        ("T", 1e12),
+        ("G", 1e9),
+        ("M", 1e6),
+        ("k", 1e3),
+    ):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
-def _stats(s: dict[str, float]) -> str:
-    return f"{s['min']} / {s['mean']:.1f} / {s['max']}"
+def _bounded(x: Any) -> bool:
+    """A figure the analysis could only bound: {"lower": .., "upper": ..} (see analysis.bound)."""
+    return isinstance(x, dict) and "lower" in x
+
+
+def _fmt(x: Any, spec: str = "") -> str:
+    """A figure in `spec`, or its bounds as 'lo..hi' (an open upper end as 'lo..')."""
+    if _bounded(x):
+        hi = "" if x["upper"] is None else _fmt(x["upper"], spec)
+        return f"{_fmt(x['lower'], spec)}..{hi}"
+    if x is None:
+        return "-"
+    return format(x, spec)
+
+
+def _stats(s: dict[str, Any]) -> str:
+    return f"{_fmt(s['min'])} / {_fmt(s['mean'], '.1f')} / {_fmt(s['max'])}"
 
 
 def to_json(result: dict[str, Any]) -> str:
@@ -40,27 +68,31 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
     def row(label: str, f: Any) -> None:
         t.add_row(label, *(f(e) for e in result["patterns"]))
 
-    row("allowed pairs (exact)", lambda e: f"{e['pairs']:,}")
-    row("density", lambda e: f"{e['density']:.4%}")
+    bounded = any("bounded" in e for e in result["patterns"])
+    row("allowed pairs" + (" (exact or lo..hi)" if bounded else " (exact)"), lambda e: _fmt(e["pairs"], ","))
+    row("density", lambda e: _fmt(e["density"], ".4%"))
     row("counted by", lambda e: e["count_method"])
     row("nnz(N)", lambda e: e["nnz"]["text"])
     row("keys per query min/mean/max", lambda e: _stats(e["rows"]["keys_per_query"]))
     row("reach back (i - first key)", lambda e: _stats(e["rows"]["reach_back"]))
     row("reach forward (last key - i)", lambda e: _stats(e["rows"]["reach_forward"]))
-    row("queries with no key", lambda e: str(e["rows"]["empty_rows"]))
+    row("queries with no key", lambda e: _fmt(e["rows"]["empty_rows"]))
     row("head-layers running it", lambda e: str(e["head_layers"]))
     row("fwd FLOPs (useful)", lambda e: _si(e["cost"]["fwd_flops"]))
     row("bwd FLOPs (useful, 2.5x)", lambda e: _si(e["cost"]["bwd_flops"]))
-    row("tiles full / partial", lambda e: f"{e['cost']['full_blocks']:,} / {e['cost']['partial_blocks']:,}")
+    row(
+        "tiles full / partial",
+        lambda e: f"{_fmt(e['cost']['full_blocks'], ',')} / {_fmt(e['cost']['partial_blocks'], ',')}",
+    )
     row("fwd FLOPs executed", lambda e: _si(e["cost"]["executed_fwd_flops"]))
-    row("tile efficiency", lambda e: f"{e['cost']['tile_efficiency']:.1%}")
+    row("tile efficiency", lambda e: _fmt(e["cost"]["tile_efficiency"], ".1%"))
     row("token layout (compiler's choice)", lambda e: e["layout"]["chosen"])
     row(
         "tile efficiency with it",
-        lambda e: f"{e['layout']['tile_efficiency']:.1%} ({e['layout']['visited_blocks']:,} tiles)",
+        lambda e: f"{_fmt(e['layout']['tile_efficiency'], '.1%')} ({_fmt(e['layout']['visited_blocks'], ',')} tiles)",
     )
     row("fwd bytes (bf16)", lambda e: _si(e["cost"]["fwd_bytes"]) + "B")
-    row("arithmetic intensity", lambda e: f"{e['cost']['arithmetic_intensity']:.1f} FLOP/B")
+    row("arithmetic intensity", lambda e: f"{_fmt(e['cost']['arithmetic_intensity'], '.1f')} FLOP/B")
     if any("selector" in e for e in result["patterns"]):
 
         def sel(f: Any) -> Any:
@@ -69,7 +101,7 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
         row("selector (figures above: static part)", sel(lambda s: s["selector"]))
         row("candidate blocks per query block", sel(lambda s: _stats(s["candidates_per_query_block"])))
         row("kept per query block (K)", sel(lambda s: f"{s['selected_per_query_block'] or 'all'} ({s['assumed']})"))
-        row("selected pairs (at most)", sel(lambda s: f"{s['extra_pairs_max']:,}"))
+        row("selected pairs (at most)", sel(lambda s: _fmt(s["extra_pairs_max"], ",")))
         row("selected fwd FLOPs (at most)", sel(lambda s: _si(s["extra_fwd_flops_max"])))
         row("scoring FLOPs (block means)", sel(lambda s: _si(s["scoring_flops"])))
         row("expected fwd FLOPs (at most)", sel(lambda s: _si(s["fwd_flops_max"])))
@@ -80,9 +112,9 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
     for col in ("pairs", "fwd FLOPs", "bwd FLOPs", "executed fwd", "dense fwd", "tile eff.", "fwd bytes", "FLOP/B"):
         tt.add_column(col)
     tt.add_row(
-        f"{int(tot['pairs']):,}", _si(tot["fwd_flops"]), _si(tot["bwd_flops"]), _si(tot["executed_fwd_flops"]),
-        _si(tot["dense_fwd_flops"]), f"{tot['tile_efficiency']:.1%}", _si(tot["fwd_bytes"]) + "B",
-        f"{tot['arithmetic_intensity']:.1f}",
+        _fmt(tot["pairs"], ","), _si(tot["fwd_flops"]), _si(tot["bwd_flops"]), _si(tot["executed_fwd_flops"]),
+        _si(tot["dense_fwd_flops"]), _fmt(tot["tile_efficiency"], ".1%"), _si(tot["fwd_bytes"]) + "B",
+        _fmt(tot["arithmetic_intensity"], ".1f"),
     )  # fmt: skip
     console.print(tt)
 

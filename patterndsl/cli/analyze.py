@@ -7,6 +7,8 @@ import sys
 from typing import Any
 
 from .. import ir
+from ..analysis.limits import ARRAY_LIMIT, MAX_N
+from ..analysis.reach import BLOCK_UNITS, TOKEN_LIMIT
 from ..source import PatternError
 from .common import add_file_options, heads_given, load_program, positive_int, select
 from .output import PICTURE, add_force_option, claim, picture_format, write_atomically
@@ -19,9 +21,13 @@ def register(sub: Any) -> None:
         description="Count the allowed pairs of a static pattern at sequence length N exactly (no N x N "
         "mask), give nnz(N) in closed form where one exists, the FLOPs and bytes of a block-sparse kernel "
         "at the given tile size, and how far information travels through a stack of layers.",
+        epilog=LIMITS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_file_options(p)
-    p.add_argument("-N", dest="n", type=positive_int, required=True, help="sequence length")
+    p.add_argument(
+        "-N", dest="n", type=positive_int, required=True, help="sequence length, 1 to 2**60 (see limits below)"
+    )
     p.add_argument("--heads", type=positive_int, help="heads per layer (default: the heads block's count, else 1)")
     p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension D (default 128)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size B (default 1)")
@@ -37,6 +43,24 @@ def register(sub: Any) -> None:
     p.add_argument("--plot", metavar="OUT.png", help="write coverage-vs-depth and density-vs-N plots")
     add_force_option(p)
     p.set_defaults(run=run)
+
+
+LIMITS = f"""limits:
+  N               at most 2**60 = {MAX_N:,}: the analysis computes in 64-bit integers. A pattern
+                  whose own arithmetic (e.g. q * k) would pass 2**62 at that N is refused, with the
+                  largest N it allows.
+  exact at any N  in time and memory that do not grow with N: patterns built from conditions on
+                  q - k, on q and on k (causal, window, sink, global, rows, cols, hops, dilations and
+                  the set operations on them, and blockwise of those), neighborhoods with axes up to
+                  {ARRAY_LIMIT:,}, and every closed form nnz(N).
+  exact up to N = {ARRAY_LIMIT:,}
+                  any other static pattern whose rows can be counted within a fixed work budget
+                  (O(N) memory).
+  bounds          otherwise: each such figure is printed lo..hi (JSON: {{"lower": .., "upper": ..}}) and a
+                  warning says which figures are bounded and why.
+  receptive field at most {BLOCK_UNITS} blocks a side past N = {TOKEN_LIMIT:,}, unless exact through the
+                  offset structure (windows at any N).
+"""
 
 
 def _block(text: str) -> tuple[int, int]:
