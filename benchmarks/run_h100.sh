@@ -36,7 +36,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of it
 # a stage whose box is 0 (T_BWD=0, ...) is skipped
 if [ -z "${ONLY_EXTRA:-}" ]; then
   if [ "${T_TESTS:-240}" != 0 ]; then
-    TAIL=80 stage gpu_tests "${T_TESTS:-240}" python3 -m pytest -q -m gpu tests/ -n "${WORKERS:-5}" --maxfail=5 \
+    TAIL=80 stage gpu_tests "${T_TESTS:-240}" python3 -m pytest -q -m gpu tests/gpu/ -n "${WORKERS:-5}" --maxfail=5 \
       --tb=short -rfE -p no:cacheprovider -p no:benchmark
   fi
   if [ "${T_FWD:-150}" != 0 ]; then stage bench_forward "${T_FWD:-150}" python3 benchmarks/bench_forward.py "$OUT"; fi

@@ -21,7 +21,7 @@ index map substituted, then simplified by exact integer identities (`(a*m + b) /
 `(a*m + b) % m = b % m`, and `b // m = 0`, `b % m = b` where `0 <= b < m` holds for valid rows), so that
 interval reasoning sees the layout's structure (a residue class is one constant per tile, a coordinate
 one interval) instead of a wrapped-around modulus. The result is conjoined with both rows' validity, so
-it equals the composed predicate at every pair of physical rows (`tests/test_layout.py` checks it
+it equals the composed predicate at every pair of physical rows (`tests/compiler/test_layout.py` checks it
 pair by pair). The kernel itself evaluates `semantics.predicate` on logical indices: a layout changes
 speed, never meaning.
 

@@ -1,6 +1,12 @@
 """Test-wide settings: hypothesis profiles sized so the whole suite stays fast on two cores.
 
 `HYPOTHESIS_PROFILE=thorough` runs ten times the examples (for a bug hunt, not for CI).
+
+The tests mirror the package: language/, analysis/, compiler/, runtime/, gpu/ (the `gpu` marker), cli/ and
+benchmarks/ (the scripts in benchmarks/). No test module imports another: shared code lives in helpers.py,
+strategies.py (hypothesis strategies), reference.py and reference_varlen.py (brute-force readings of the
+language). They import by bare name because this file sits in tests/: pytest's default (prepend) import mode
+puts tests/ on sys.path to import it. Test module basenames stay unique (there is no __init__.py).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _default_tiles_on_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU tests launch the default tiles unless marked `autotune`: tuning compiles and times every candidate
     in every test (minutes per file on the H100) and picks by timing, so a failure would depend on noise.
-    test_gpu_kernels.py runs each candidate on its own against the reference instead."""
+    gpu/test_gpu_kernels.py runs each candidate on its own against the reference instead."""
     if request.node.get_closest_marker("gpu") and not request.node.get_closest_marker("autotune"):
         monkeypatch.setenv("PATTERNDSL_AUTOTUNE", "0")
 

@@ -1,12 +1,31 @@
-"""Packed-document tables assembled the slow, obvious way (Python lists), from a pattern's block table at
-one length that covers every document (an N-free predicate: a document's tiles are that table's cut to the
-document). The reference the device builder (`patterndsl.runtime.varlen._free_tables`) must match bit for
-bit.
+"""Packed documents read the obvious way: the block-diagonal mask of documents packed end to end (each
+document's brute-force mask of `reference.py`, nothing across documents), and packed-document tables assembled
+the slow way (Python lists) from a pattern's block table at one length that covers every document (an N-free
+predicate: a document's tiles are that table's cut to the document), the reference the device builder
+(`patterndsl.runtime.varlen._free_tables`) must match bit for bit.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
+from reference import reference_mask
+
+from patterndsl import ir
+
+
+def doc_mask(body: ir.Body, lengths: list[int]) -> np.ndarray:
+    """[total, total] (or [H, total, total]): each document's brute-force mask on the diagonal."""
+    total = sum(lengths)
+    heads = body.count if isinstance(body, ir.Heads) else None
+    mask = np.zeros((total, total) if heads is None else (heads, total, total), dtype=bool)
+    s = 0
+    for n in lengths:
+        if n:
+            mask[..., s : s + n, s : s + n] = reference_mask(body, n)
+        s += n
+    return mask
 
 
 def packed_tables(shared: Any, lengths: list[int], block_m: int, block_n: int, transpose: bool) -> list[Any]:

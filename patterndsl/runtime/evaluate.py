@@ -214,7 +214,7 @@ def random_member(row: Any, col: Any, n: int, r: int, seed: int) -> Any:
         inside = (col >= 0) & (col < n)
         hit = np.broadcast_to(member[inverse.reshape(row.shape), np.clip(col, 0, n - 1)] & inside, shape)
     if torch_mode:
-        return _torch().from_numpy(np.ascontiguousarray(hit)).to(device)
+        return _torch().from_numpy(np.array(hit)).to(device)  # a writable copy (a broadcast view is read-only)
     return hit if shape else bool(hit)
 
 

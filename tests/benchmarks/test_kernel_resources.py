@@ -1,0 +1,54 @@
+"""benchmarks/kernel_resources.py compiles kernels for the H100 on the CPU; its figures steer tile and register
+choices, so they must describe the kernel a launch runs. A launch specialises aligned pointers and strides
+divisible by 16; compiled without that mark the loads were 16-bit and unpipelined, and the backward's spills
+read 2304 B where the launched kernel has 352 (the reason BWD_ONE_LOOP was predicted faster and measured slower)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+
+@pytest.mark.slow  # compiles several kernels for sm_90 in a child process: about 6 s
+def test_pointer_loads_are_pipelined_and_a_register_cap_doubles_the_blocks_per_sm() -> None:
+    # its own process: a real compile for sm_90, which the interpreter's patched triton in this one cannot do
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src", "causal",
+                          "--d", "128", "--fast", "128,64,8,2", "--fast", "128,64,8,2,128"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout  # fmt: skip
+    rows = re.findall(r"fast (\S+)\s+([\d.]+) KiB smem, (\d+) regs, .* (\d+) blocks/SM", out)
+    assert [r[0] for r in rows] == ["128,64,8,2", "128,64,8,2,128"], out
+    (_, smem, regs, blocks), (_, smem_cap, regs_cap, blocks_cap) = rows
+    # 2 stages of 64 x 128 key and value tiles plus the 128 x 128 query tile, bf16: asynchronous, pipelined copies
+    assert float(smem) == (128 * 128 + 2 * 2 * 64 * 128) * 2 / 1024 and int(regs) > 128 and blocks == "1", out
+    assert smem_cap == smem and regs_cap == "128" and blocks_cap == "2", out
+    # through host TMA descriptors the capped kernel needs no spills either (fewer address registers), but
+    # ptxas then waits on each warpgroup MMA (too few registers to keep several in flight); 32-key tiles fit
+    # two blocks per SM without a cap and keep the MMAs pipelined
+    tma = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src", "causal",
+                          "--tma", "--fast", "128,64,8,2,128", "--fast", "128,64,8,2", "--fast", "128,32,8,2"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout  # fmt: skip
+    assert re.search(r"fast 128,64,8,2,128 tma .* spill st/ld 0/0 B, wgmma serialized, 2 blocks/SM", tma), tma
+    assert re.search(r"fast 128,64,8,2 tma .* spill st/ld 0/0 B, wgmma, 1 blocks/SM", tma), tma
+    assert re.search(r"fast 128,32,8,2 tma .* spill st/ld 0/0 B, wgmma, 2 blocks/SM", tma), tma
+
+
+@pytest.mark.parametrize("src, kernel", [("rows(0:100)", "--fast"), ("rows(0:100)", "--fwd"),
+                                         ("causal & threshold(0.9, block=128)", "--fwd")])  # fmt: skip
+def test_a_predicate_of_one_index_compiles_for_sm90(src: str, kernel: str) -> None:
+    """The interpreter does not type-check a jit function's returns; triton's compiler checks every return,
+    also one after a constexpr branch's return. A predicate of the query alone ([BLOCK_M, 1]: `rows`, or a
+    dynamic pattern's empty static part `i < 0`) once met the key bound's [BLOCK_M, BLOCK_N] there, and the
+    kernel compiled only in the interpreter (the H100's selector tests found it, 2026-11-26)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src", src, kernel,
+                          "64,64,4,2"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0 and re.search(r"KiB smem, \d+ regs", out.stdout), out.stderr[-2000:]

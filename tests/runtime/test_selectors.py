@@ -1,0 +1,272 @@
+"""Dynamic selectors (`topk`, `threshold`, `score=given`) in compiled patterns, against LANGUAGE.md read
+literally (`reference.dynamic_mask`: sets node by node, float64, ties to the lower block index).
+
+Inputs are small integers so that block means and scores are exact in float32 too: scores tie often, and
+the kernel's selection must equal the float64 one block for block. Attention outputs are compared with a
+float64 masked softmax over the reference's mask, outputs poisoned (NaN) before each run (`out=` and
+`lse=` filled with NaN; through autograd, `poisoned`). The Triton kernels run in the CPU interpreter
+(conftest.py); float64 inputs take the runtime's PyTorch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import reference as R
+from helpers import LIBRARY
+
+import patterndsl as P
+from patterndsl import ir
+from patterndsl.source import PatternError
+
+pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from patterndsl.runtime import autograd, cpu  # noqa: E402 (they import torch)
+
+SMALL = dict(block_m=16, block_n=16)
+
+CASES = {
+    "nsa": "causal & (window(15) | topk(2, block=16) | sink(16))",
+    "plain_topk": "topk(3, block=16)",
+    "threshold": "causal & threshold(0.7, block=32)",
+    "given": "causal & topk(2, block=32, score=given)",
+    "context_in_union": "(causal & topk(1, block=16)) | window(3)",
+    "nested_context": "causal & (window(8) | (where(k >= 16) & topk(2, block=16)))",
+}
+
+
+def _module(src: str, **kw: Any) -> Any:
+    return P.compile(f"pattern p = {src}\n", **(kw or SMALL))
+
+
+def _nan(shape: Any, dtype: Any, device: Any = "cpu") -> Any:
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+
+def _run(m: Any, q: Any, k: Any, v: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """`m.attention_lse` (no grad) into `out=` and `lse=` filled with NaN: an element the kernels leave
+    unwritten stays NaN. The results must be those very tensors."""
+    out, lse = _nan(q.shape, q.dtype), _nan(q.shape[:3], torch.float32)
+    with torch.no_grad():
+        got, got_lse = m.attention_lse(q, k, v, out=out, lse=lse, **kwargs)
+    assert got.data_ptr() == out.data_ptr() and got_lse.data_ptr() == lse.data_ptr(), "results not written in place"
+    return got, got_lse
+
+
+@contextlib.contextmanager
+def poisoned() -> Iterator[None]:
+    """Inside the block the autograd path (the functions `patterndsl.runtime.autograd` calls; a selector's
+    backward has no public entry with `dq=`) writes into NaN-filled tensors: out and lse of the forward,
+    dq, dk, dv of the backward, so an element the kernels leave unwritten shows as NaN (where dK, dV are
+    summed over head patterns the runtime zeroes them first, as it does its own)."""
+    fwd, bwd = autograd._forward, autograd._backward
+
+    def forward(spec: Any, q: Any, *args: Any, **kwargs: Any) -> Any:
+        return fwd(spec, q, *args, out=_nan(q.shape, q.dtype, q.device),
+                   lse=_nan(q.shape[:3], torch.float32, q.device), **kwargs)  # fmt: skip
+
+    def backward(spec: Any, do: Any, q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
+        grads = tuple(_nan(t.shape, t.dtype, t.device) for t in (q, k, v))
+        return bwd(spec, do, q, k, v, *args, grads=grads, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autograd, "_forward", forward)
+        mp.setattr(autograd, "_backward", backward)
+        yield
+
+
+def _inputs(n: int, h: int = 4, hkv: int = 2, b: int = 2, d: int = 16, seed: int = 0, dtype: Any = None) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (b, h, n, d), generator=g).float()
+    k = torch.randint(-2, 3, (b, hkv, n, d), generator=g).float()
+    v = torch.randn(b, hkv, n, d, generator=g)
+    return tuple(x.to(dtype) if dtype is not None else x for x in (q, k, v))
+
+
+def _given(src: str, q: Any, blk: int, seed: int = 1) -> Any:
+    if "given" not in src:
+        return None
+    nb = -(-q.shape[2] // blk)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (q.shape[0], q.shape[1], nb, nb), generator=g).float()
+
+
+def _dense(q: Any, k: Any, v: Any, mask: np.ndarray, scale: float) -> tuple[Any, Any]:
+    group = q.shape[1] // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * scale
+    s = s.masked_fill(~torch.from_numpy(mask), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(torch.isinf(lse)[..., None], 0.0, torch.exp(s - lse[..., None]))
+    return p @ v.double().repeat_interleave(group, 1), lse
+
+
+def _block(src: str) -> int:
+    (sel,) = [x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK | ir.Threshold)]
+    return sel.block
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_selection_and_attention_match_the_literal_reference(name: str) -> None:
+    src = CASES[name]
+    n = 100  # ragged last block of 4 tokens: its mean stays exact
+    q, k, v = _inputs(n) if name == "nsa" else _inputs(n, h=2, hkv=1, b=1)  # GQA and batch once
+    scores = _given(src, q, _block(src))
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    m = _module(src)
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    out, lse = _run(m, q, k, v, scores=scores)
+    want, want_lse = _dense(q, k, v, mask, 16**-0.5)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out.double() - want).abs().max().item() < 2e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+
+
+@pytest.mark.parametrize("name", ["nsa", "threshold", "given"])
+def test_pytorch_path_float64_matches_the_reference(name: str) -> None:
+    src = CASES[name]
+    q, k, v = (x.double() for x in _inputs(96, seed=3))
+    scores = _given(src, q, _block(src))
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    m = _module(src)
+    with pytest.warns(UserWarning, match="CPU tensors"):
+        cpu._warned_cpu.clear()  # the warning is given once a process
+        out, lse = _run(m, q, k, v, scores=scores)
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    want, want_lse = _dense(q, k, v, mask, 16**-0.5)
+    assert (out - want).abs().max().item() < 1e-12
+
+
+def test_ties_go_to_the_lower_block_and_never_outside_the_context() -> None:
+    # every key block scores exactly the same (k = 0 and k = -0 halves): the first blocks are kept
+    q, k, v = _inputs(64, h=2, hkv=1, b=1)
+    k = torch.zeros_like(k)
+    k[..., 1::2, :] = -0.0
+    m = _module("causal & topk(2, block=16)")
+    got = m.selected_blocks(q, k)[0, 0]
+    want = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(got, want)
+
+
+def test_topk_keeps_min_of_n_and_candidates_per_query_block() -> None:
+    q, k, _ = _inputs(128, seed=5)
+    m = _module("causal & topk(3, block=16)")
+    got = m.selected_blocks(q, k)
+    counts = got.sum(-1)
+    expect = torch.clamp(torch.arange(1, 9), max=3)
+    assert torch.equal(counts, expect.expand_as(counts))
+    assert not torch.triu(got, 1).any()  # a later key block is never a causal candidate
+
+
+def test_threshold_of_one_keeps_every_candidate() -> None:
+    q, k, v = _inputs(64, seed=2)
+    m = _module("causal & threshold(1.0, block=16)")
+    got = m.selected_blocks(q, k)
+    assert torch.equal(got, torch.tril(torch.ones(4, 4, dtype=torch.bool)).expand_as(got))
+
+
+def test_heads_mix_static_and_dynamic_patterns() -> None:
+    src = "heads {\n  0:1 => causal & window(7)\n  1:2 => causal & (sink(16) | topk(1, block=16))\n}"
+    m = P.compile(f"pattern p = {src}\n", **SMALL)
+    q, k, v = _inputs(80, h=2, hkv=1, b=1, seed=4)
+    body = P.loads(f"pattern p = {src}\n").patterns[0].body
+    assert isinstance(body, ir.Heads)
+    m0 = np.array([[j <= i and i - j <= 7 for j in range(80)] for i in range(80)])
+    m1, _ = R.dynamic_mask(body.ranges[1].pattern, q[:, 1:].numpy(), k.numpy())
+    mask = np.stack([np.broadcast_to(m0, (1, 80, 80)), m1[:, 0]], 1)
+    out, _ = _run(m, q, k, v)
+    want, _ = _dense(q, k, v, mask, 16**-0.5)
+    assert (out.double() - want).abs().max().item() < 2e-5
+    picked = m.selected_blocks(q, k)
+    assert not picked[:, 0].any() and picked[:, 1].sum() == 5
+
+
+def test_half_precision_inputs_run_and_match() -> None:
+    src = CASES["nsa"]
+    q, k, v = _inputs(64, dtype=torch.float16, seed=7)
+    mask, picked = R.dynamic_mask(P.pattern(src), q.float().numpy(), k.float().numpy())
+    m = _module(src)
+    assert np.array_equal(m.selected_blocks(q, k).numpy(), picked)
+    out, _ = _run(m, q, k, v)
+    want, _ = _dense(q, k, v, mask, 16**-0.5)
+    assert (out.double() - want).abs().max().item() < 5e-3
+
+
+def test_scores_misuse_is_one_clear_sentence() -> None:
+    q, k, v = _inputs(64)
+    given = _module("causal & topk(2, block=16, score=given)")
+    with pytest.raises(ValueError, match=r"score=given: pass scores="):
+        given.attention(q, k, v)
+    with pytest.raises(
+        ValueError, match=r"scores must be \[batch, heads, ceil\(N/16\), ceil\(N/16\)\] = \[2, 4, 4, 4\]"
+    ):
+        given.attention(q, k, v, scores=torch.zeros(2, 4, 4, 3))
+    with pytest.raises(TypeError, match="scores must be floating point"):
+        given.attention(q, k, v, scores=torch.zeros(2, 4, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="takes no scores"):
+        _module("causal & topk(2, block=16)").attention(q, k, v, scores=torch.zeros(2, 4, 4, 4))
+
+
+@pytest.mark.parametrize("fuse_pre", [False, True])
+@pytest.mark.parametrize("name, dtype", [("nsa", "float32"), ("threshold", "float32"), ("given", "float64")])
+def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str, fuse_pre: bool) -> None:
+    """Gradients of out and lse against float64 autograd over the reference mask (the selection fixed); also
+    with the dQ kernel computing delta and lse2 itself (bwd_fuse_pre)."""
+    src = CASES[name]
+    q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, seed=9))
+    v = torch.randn_like(v)
+    scores = _given(src, q, _block(src))
+    mask, _ = R.dynamic_mask(
+        P.pattern(src), q.double().numpy(), k.double().numpy(), None if scores is None else scores.numpy()
+    )
+    m = _module(src)
+    g = torch.Generator().manual_seed(3)
+    w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    with m.options(bwd_fuse_pre=fuse_pre), poisoned():
+        out, lse = m.attention_lse(qs, ks, vs, scores=scores)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        ((out.double() * w_out).sum() + (torch.where(torch.isinf(lse), 0, lse).double() * w_lse).sum()).backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want, want_lse = _dense(qd, kd, vd, mask, 16**-0.5)
+    ((want * w_out).sum() + (torch.where(torch.isinf(want_lse), 0, want_lse) * w_lse).sum()).backward()
+    tol = 1e-6 if dtype == "float64" else 2e-4  # lse is kept in float32
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None and not torch.isnan(got).any()
+        assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+
+
+def test_uncompilable_selectors_are_refused_plainly() -> None:
+    with pytest.raises(PatternError, match="multiple of 16 to compile.*got 8"):
+        P.compile("pattern p = causal & topk(2, block=8)\n")
+    with pytest.raises(PatternError, match="holds 2 selectors; a compiled pattern may hold one"):
+        P.compile("pattern p = topk(2, block=16) | threshold(0.5, block=16)\n")
+
+
+@pytest.mark.parametrize(
+    "file, name",
+    [
+        pytest.param("nsa.pat", "nsa", marks=pytest.mark.slow),  # about 5 s; CASES["nsa"] is its shape, fast tier
+        ("seer.pat", "seer_local"), ("flexprefill.pat", "prefill"), ("xattention.pat", "xattention"),
+    ],  # fmt: skip
+)
+def test_library_selector_patterns_match_the_reference(file: str, name: str) -> None:
+    path = LIBRARY / file
+    pat = P.load(path).get(name).body  # type: ignore[union-attr]
+    assert isinstance(pat, ir.Pattern.__args__)  # type: ignore[attr-defined]
+    (sel,) = [x for x in ir.walk(pat) if isinstance(x, ir.TopK | ir.Threshold)]
+    n = 2 * sel.block + 16  # a ragged last block of 16 tokens
+    q, k, v = _inputs(n, h=2, hkv=1, b=1, seed=11)
+    scores = _given("given" if isinstance(sel, ir.TopK) and sel.given else "", q, sel.block)
+    mask, picked = R.dynamic_mask(pat, q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    m = P.compile(path, name, **SMALL)
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    want, _ = _dense(q, k, v, mask, 16**-0.5)
+    assert (m.attention(q, k, v, scores=scores).double() - want).abs().max().item() < 2e-5
