@@ -7,6 +7,7 @@ forward warns once that it is not the fast path.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,19 @@ if TYPE_CHECKING:
 _warned_cpu: list[bool] = []
 
 
+def _head_groups(spec: PatternSpec, patterns: int | tuple[int, ...], k: torch.Tensor, v: torch.Tensor, H: int,
+                 group: int, work: torch.dtype) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Per predicate some head runs: (predicate, its query heads, their k and v in `work` precision, rows per
+    chunk so that a chunk's scores stay near 2**24 elements)."""
+    B, _, N, _ = k.shape
+    kv_index = torch.arange(H) // group
+    for pat in range(spec.patterns):
+        heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64)
+        if heads.numel():
+            chunk = max(1, (1 << 24) // max(1, B * heads.numel() * N))
+            yield pat, heads, k[:, kv_index[heads]].to(work), v[:, kv_index[heads]].to(work), chunk
+
+
 def _attention_cpu(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int,
                    patterns: int | tuple[int, ...], out: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor | None = None,
                    picks: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,15 +44,8 @@ def _attention_cpu(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
         warnings.warn(f"patterndsl '{spec.name}': CPU tensors take a PyTorch reference path, not the fast Triton kernel", stacklevel=3)
     B, H, N, D = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kv_index = torch.arange(H) // group
     j = torch.arange(N, dtype=torch.int64)[None, :]
-    for pat in range(spec.patterns):
-        heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64)
-        if heads.numel() == 0:
-            continue
-        kh = k[:, kv_index[heads]].to(work)
-        vh = v[:, kv_index[heads]].to(work)
-        chunk = max(1, (1 << 24) // max(1, B * heads.numel() * N))
+    for pat, heads, kh, vh, chunk in _head_groups(spec, patterns, k, v, H, group, work):
         if spec.selectors[pat] is not None and not (picks and pat in picks):
             picks = dict(picks or {})
             picks[pat] = _selection(spec, pat, q, k, scores, heads, group)
@@ -71,15 +78,9 @@ def _attention_cpu_bwd(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: 
     lse = lse.to(work)
     lse = torch.where(lse == float("-inf"), float("inf"), lse)  # no key: P = exp(S - inf) = 0
     j = torch.arange(N, dtype=torch.int64)[None, :]
-    for pat in range(spec.patterns):
-        heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64)
-        if heads.numel() == 0:
-            continue
-        kh = k[:, kv_index[heads]].to(work)
-        vh = v[:, kv_index[heads]].to(work)
+    for pat, heads, kh, vh, chunk in _head_groups(spec, patterns, k, v, H, group, work):
         dkh = torch.zeros(kh.shape, dtype=work)
         dvh = torch.zeros(vh.shape, dtype=work)
-        chunk = max(1, (1 << 24) // max(1, B * heads.numel() * N))
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             i = torch.arange(r0, r1, dtype=torch.int64)[:, None]
