@@ -6,6 +6,9 @@ forward warns once that it is not the fast path.
 
 from __future__ import annotations
 
+import os
+import sys
+import types
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -20,6 +23,17 @@ if TYPE_CHECKING:
     from .spec import PatternSpec
 
 _warned_cpu: list[bool] = []
+
+
+def _caller_level() -> int:
+    """The stack level of the first frame outside the patterndsl package, so a warning names the user's line
+    (however many runtime frames lie between: the API, autograd, the device guard)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _head_groups(spec: PatternSpec, patterns: int | tuple[int, ...], k: torch.Tensor, v: torch.Tensor, H: int,
@@ -41,7 +55,8 @@ def _attention_cpu(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
     """The forward on CPU tensors into `out` and `lse`, a chunk of rows at a time (memory O(chunk * N))."""
     if not _warned_cpu:
         _warned_cpu.append(True)
-        warnings.warn(f"patterndsl '{spec.name}': CPU tensors take a PyTorch reference path, not the fast Triton kernel", stacklevel=3)
+        warnings.warn(f"patterndsl '{spec.name}': CPU tensors take a PyTorch reference path, not the fast Triton kernel",
+                      stacklevel=_caller_level())
     B, H, N, D = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     j = torch.arange(N, dtype=torch.int64)[None, :]

@@ -143,3 +143,14 @@ def test_backward_runs_under_the_options_its_forward_saw(monkeypatch: pytest.Mon
     out.sum().backward()
     assert len(seen) == 1 and not seen[0].bwd_tma and seen[0].bwd_tiles == (16, 16, 16, 16, 4, 1)
     assert current_options() == Options()
+
+
+def test_the_cpu_path_warning_names_the_callers_line() -> None:
+    from patterndsl.runtime import cpu
+
+    cpu._warned_cpu.clear()
+    attn = P.compile("pattern cpu_warning = causal\n")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        attn(*_qkv())
+    assert [w.filename for w in seen] == [__file__]
