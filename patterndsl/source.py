@@ -54,11 +54,12 @@ class PatternError(Exception):
             text = f"error: {self.message}"
             return text + (f"\n  hint: {self.hint}" if self.hint else "")
         line = self.span.source.line(self.span.line).expandtabs(1)
-        caret_len = max(1, min(self.span.length, max(1, len(line) - self.span.column + 1)))
+        shown, at = _window(line, self.span.column - 1)
+        caret_len = max(1, min(self.span.length, max(1, len(shown) - at)))
         parts = [
             f"{self.span}: error: {self.message}",
-            f"  {line}",
-            "  " + " " * (self.span.column - 1) + "^" + "~" * (caret_len - 1),
+            f"  {shown}",
+            "  " + " " * at + "^" + "~" * (caret_len - 1),
         ]
         if self.hint:
             parts.append(f"  hint: {self.hint}")
@@ -66,6 +67,21 @@ class PatternError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+SHOWN_LINE = 100  # characters of a long source line shown around the error
+
+
+def _window(line: str, at: int) -> tuple[str, int]:
+    """A long line cut to SHOWN_LINE characters around column `at` (0-based), with '...' where it was cut,
+    and the caret's column in what is shown: a 5000-character line is not printed whole."""
+    if len(line) <= SHOWN_LINE:
+        return line, at
+    start = min(max(0, at - SHOWN_LINE // 3), len(line) - SHOWN_LINE)
+    end = start + SHOWN_LINE
+    head = "..." if start > 0 else ""
+    tail = "..." if end < len(line) else ""
+    return head + line[start:end] + tail, len(head) + at - start
 
 
 def did_you_mean(name: str, candidates: list[str] | tuple[str, ...] | set[str]) -> str | None:

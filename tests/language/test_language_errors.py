@@ -17,6 +17,7 @@ from patterndsl.cli import main as patc
 from patterndsl.fmt import format_module
 from patterndsl.mask import dense_mask
 from patterndsl.parse import parse
+from patterndsl.source import SHOWN_LINE, PatternError
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,15 @@ class Case:
 
 def _expected_lines(case: Case, path: str) -> list[str]:
     source_line = case.src.splitlines()[case.line - 1]
+    length = case.length
+    if len(source_line) > SHOWN_LINE:  # the cases' long lines err near their start: the first SHOWN_LINE shown
+        assert case.col <= SHOWN_LINE // 3
+        source_line = source_line[:SHOWN_LINE] + "..."
+        length = min(length, len(source_line) - case.col + 1)
     return [
         f"{path}:{case.line}:{case.col}: error: {case.message}",
         f"  {source_line}",
-        "  " + " " * (case.col - 1) + "^" + "~" * (case.length - 1),
+        "  " + " " * (case.col - 1) + "^" + "~" * (length - 1),
     ]
 
 
@@ -458,3 +464,16 @@ def test_end_of_file_error_points_after_the_last_code(src: str, line: int, col: 
         P.loads(src, "t.pat")
     assert info.value.message == "unexpected end of file"
     assert info.value.span is not None and (info.value.span.line, info.value.span.column) == (line, col)
+
+
+@pytest.mark.parametrize("at", [10, 2500, 4990])
+def test_an_error_in_a_long_line_shows_a_window_with_the_caret_under_it(at: int) -> None:
+    """A 5000-character line is cut to a window around the error, the caret still under the culprit."""
+    line = "pattern p = " + "full | " * ((at - 12) // 7) + "nope"
+    line += " | full" * ((5000 - len(line)) // 7)
+    with pytest.raises(PatternError) as info:
+        P.loads(line + "\n", "long.pat")
+    rendered = info.value.render().splitlines()
+    shown, caret = rendered[1], rendered[2]
+    assert len(shown) <= 2 + SHOWN_LINE + 6 and len(caret) <= len(shown)
+    assert shown[caret.index("^"): caret.index("^") + 4] == "nope"
