@@ -9,7 +9,7 @@ the pattern's requirements from them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..expr import Expr
@@ -92,7 +92,6 @@ class PatternSpec:
     bwd_tune_configs: TuneConfigs
     autotune: bool = True
     bwd_autotune: bool = True
-    _bound: dict[Any, Expr] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_free(self) -> tuple[bool, ...]:
