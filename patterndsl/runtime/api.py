@@ -201,6 +201,12 @@ class Attention:
         pattern: all False), for inspection and tests."""
         return _selected_blocks(self.spec, q, k, scores=scores, layer=layer)
 
+    def to_flex_block_mask(self, n: int, *, device: Any = "cpu", layer: int | None = None,
+                           block_size: int = 128) -> Any:
+        """FlexAttention's `BlockMask` for this pattern at length n, from the analytic tables (see
+        `to_flex_block_mask` in this module)."""
+        return to_flex_block_mask(self, n, device=device, layer=layer, block_size=block_size)
+
     def config(self, q: Any, k: Any, v: Any, *, layer: int | None = None) -> tuple[int, ...]:
         """The forward config (BLOCK_M, BLOCK_N, warps, stages, tma, one_loop, maxnreg) a call with these
         inputs launches, tuning first where a call would (scratch outputs; the inputs are not written)."""
@@ -233,6 +239,74 @@ class Attention:
             tables_t={p: tables.block_tables_t(spec, n, bm, bn, dev, p) for p in used},
             layout={p: None if spec.layouts[p] is None else spec.layouts[p].description for p in used},  # type: ignore[union-attr]
         )
+
+
+def to_flex_block_mask(attn: Attention, n: int, *, device: Any = "cpu", layer: int | None = None,
+                       block_size: int = 128) -> Any:
+    """FlexAttention's `BlockMask` for this pattern at length n, built from the analytic tables (no mask_mod
+    evaluated per block, as `create_block_mask` does), with a mask_mod that evaluates the pattern's predicate
+    for PARTIAL blocks. Flex's format holds a [query blocks, key blocks] index array per head, so memory grows
+    with (n / block_size)**2 int32s. One batch entry (broadcast); one head (broadcast) unless the pattern
+    gives heads their own predicates."""
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+    from .evaluate import evaluate
+
+    spec = attn.spec
+    check_n(spec, n)
+    if any(sel is not None for sel in spec.selectors):
+        raise ValueError("a selector's blocks depend on q and k: to_flex_block_mask() serves static patterns")
+    dev = torch.device(device)
+    patterns = _head_patterns(spec, layer)
+    heads = (patterns,) if isinstance(patterns, int) else tuple(patterns)
+    nq, nk = -(-n // block_size), -(-n // block_size)
+    per_pattern = {}
+    for pat in dict.fromkeys(heads):
+        if spec.layouts[pat] is not None:  # tables over the token order (a layout's are over physical rows)
+            tabs = tables.block_tables(spec, n, block_size, block_size, dev, pat, layout=False)
+        else:
+            tabs = tables.block_tables(spec, n, block_size, block_size, dev, pat)
+        per_pattern[pat] = tuple(_dense_lists(off, idx, nq, nk) for off, idx in zip(tabs[::2], tabs[1::2],
+                                                                                     strict=True))
+    kv_num = torch.stack([per_pattern[p][1][0] for p in heads])[None]
+    full_num = torch.stack([per_pattern[p][0][0] for p in heads])[None]
+    kv_idx, full_idx = (_stacked([per_pattern[p][side][1] for p in heads]) for side in (1, 0))
+    exprs = {p: spec.predicates[p].expr for p in heads}
+    if len(set(heads)) == 1:
+        only = exprs[heads[0]]
+
+        def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
+            return evaluate(only, q, k, n)
+    else:
+        which = torch.tensor(heads, device=dev)
+
+        def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
+            out = evaluate(exprs[heads[0]], q, k, n)
+            for p in dict.fromkeys(heads[1:]):
+                out = torch.where(which[h] == p, evaluate(exprs[p], q, k, n), out)
+            return out
+
+    return FlexBlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                       mask_mod=mask_mod, seq_lengths=(n, n))
+
+
+def _stacked(lists: list[Any]) -> Any:
+    """Per-head index arrays [rows, width_h] as one [1, heads, rows, max width] (zero padded)."""
+    width = max(x.shape[1] for x in lists)
+    return torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in lists])[None]
+
+
+def _dense_lists(off: Any, idx: Any, rows: int, cols: int) -> tuple[Any, Any]:
+    """A CSR table as Flex's (counts [rows] int32, indices [rows, cols] int32, listed first, the rest 0). Flex's
+    format is dense in key blocks (it transposes through a [rows, cols] block matrix), so this is the one
+    part that grows with (N / block)**2."""
+    counts = (off[1:] - off[:-1]).to(torch.int32)
+    out = torch.zeros((rows, cols), dtype=torch.int32, device=off.device)
+    if idx.numel():
+        r = torch.repeat_interleave(torch.arange(rows, device=off.device), counts.long(), output_size=idx.numel())
+        at = torch.arange(idx.numel(), device=off.device) - off[:-1].long()[r]
+        out[r, at] = idx.to(torch.int32)
+    return counts, out
 
 
 @_on_device_of

@@ -154,3 +154,37 @@ def test_the_cpu_path_warning_names_the_callers_line() -> None:
         warnings.simplefilter("always")
         attn(*_qkv())
     assert [w.filename for w in seen] == [__file__]
+
+
+@pytest.mark.parametrize(
+    ("src", "heads"),
+    [("causal & (window(40) | sink(8))", None), ("window(20) | global(0:9)", None),
+     ("heads {\n    0:1 => causal & window(30)\n    1:2 => causal\n}", 2)],
+)  # fmt: skip
+def test_flex_block_mask_from_the_tables_equals_create_block_mask(src: str, heads: int | None) -> None:
+    """The Flex BlockMask built from the analytic tables lists the same FULL and PARTIAL blocks per row as
+    FlexAttention's own create_block_mask, which evaluates the mask_mod on every block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    attn = P.compile(f"pattern p = {src}\n")
+    n, bs = 256, 32
+    ours = attn.to_flex_block_mask(n, block_size=bs)
+    theirs = create_block_mask(ours.mask_mod, None, heads, n, n, device="cpu", BLOCK_SIZE=bs)
+
+    def rows(counts, indices):  # type: ignore[no-untyped-def]
+        c, i = counts.expand(-1, heads or 1, -1), indices.expand(-1, heads or 1, -1, -1)
+        return [[sorted(i[0, h, r, : int(c[0, h, r])].tolist()) for r in range(c.shape[-1])] for h in range(c.shape[1])]
+
+    assert rows(ours.kv_num_blocks, ours.kv_indices) == rows(theirs.kv_num_blocks, theirs.kv_indices)
+    assert rows(ours.full_kv_num_blocks, ours.full_kv_indices) == rows(theirs.full_kv_num_blocks, theirs.full_kv_indices)
+
+
+def test_flex_attention_with_the_block_mask_equals_ours() -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attn = P.compile("pattern p = causal & (window(40) | sink(8))\n")
+    bm = attn.to_flex_block_mask(256, block_size=32)
+    q, k, v = _qkv(n=256, h=1, d=16)
+    assert torch.allclose(flex_attention(q, k, v, block_mask=bm), attn(q, k, v), atol=1e-12)
+    with pytest.raises(ValueError, match="selector"):
+        P.compile("pattern s = causal & topk(2, block=16)\n").to_flex_block_mask(64)
