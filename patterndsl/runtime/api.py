@@ -245,9 +245,11 @@ def to_flex_block_mask(attn: Attention, n: int, *, device: Any = "cpu", layer: i
                        block_size: int = 128) -> Any:
     """FlexAttention's `BlockMask` for this pattern at length n, built from the analytic tables (no mask_mod
     evaluated per block, as `create_block_mask` does), with a mask_mod that evaluates the pattern's predicate
-    for PARTIAL blocks. Flex's format holds a [query blocks, key blocks] index array per head, so memory grows
-    with (n / block_size)**2 int32s. One batch entry (broadcast); one head (broadcast) unless the pattern
-    gives heads their own predicates."""
+    for PARTIAL blocks. Both directions (key blocks per query block, and the query blocks per key block that
+    Flex's backward reads) come from our tables, each index array as wide as its longest row, so time and
+    memory follow the non-empty blocks, not (n / block_size)**2 as `BlockMask.from_kv_blocks`' dense
+    transpose does. One batch entry (broadcast); one head (broadcast) unless the pattern gives heads their
+    own predicates."""
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
     from .evaluate import evaluate
@@ -256,21 +258,22 @@ def to_flex_block_mask(attn: Attention, n: int, *, device: Any = "cpu", layer: i
     check_n(spec, n)
     if any(sel is not None for sel in spec.selectors):
         raise ValueError("a selector's blocks depend on q and k: to_flex_block_mask() serves static patterns")
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size}")
     dev = torch.device(device)
     patterns = _head_patterns(spec, layer)
     heads = (patterns,) if isinstance(patterns, int) else tuple(patterns)
-    nq, nk = -(-n // block_size), -(-n // block_size)
-    per_pattern = {}
+    nb = -(-n // block_size)
+    lists: dict[int, list[tuple[Any, Any]]] = {}
     for pat in dict.fromkeys(heads):
-        if spec.layouts[pat] is not None:  # tables over the token order (a layout's are over physical rows)
-            tabs = tables.block_tables(spec, n, block_size, block_size, dev, pat, layout=False)
-        else:
-            tabs = tables.block_tables(spec, n, block_size, block_size, dev, pat)
-        per_pattern[pat] = tuple(_dense_lists(off, idx, nq, nk) for off, idx in zip(tabs[::2], tabs[1::2],
-                                                                                     strict=True))
-    kv_num = torch.stack([per_pattern[p][1][0] for p in heads])[None]
-    full_num = torch.stack([per_pattern[p][0][0] for p in heads])[None]
-    kv_idx, full_idx = (_stacked([per_pattern[p][side][1] for p in heads]) for side in (1, 0))
+        # over the token order: a layout's default tables are over its physical rows
+        by_row = tables.block_tables(spec, n, block_size, block_size, dev, pat, layout=False)
+        by_col = tables.block_tables_t(spec, n, block_size, block_size, dev, pat, layout=False)
+        lists[pat] = [_flex_lists(off, idx, nb) for tabs in (by_row, by_col)
+                      for off, idx in zip(tabs[::2], tabs[1::2], strict=True)]
+    # per side: full KV, partial KV, full Q, partial Q (Flex's "kv" lists are the non-full blocks)
+    side = [(torch.stack([lists[p][s][0] for p in heads])[None], _stacked([lists[p][s][1] for p in heads]))
+            for s in range(4)]
     exprs = {p: spec.predicates[p].expr for p in heads}
     if len(set(heads)) == 1:
         only = exprs[heads[0]]
@@ -286,8 +289,10 @@ def to_flex_block_mask(attn: Attention, n: int, *, device: Any = "cpu", layer: i
                 out = torch.where(which[h] == p, evaluate(exprs[p], q, k, n), out)
             return out
 
-    return FlexBlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                       mask_mod=mask_mod, seq_lengths=(n, n))
+    return FlexBlockMask(seq_lengths=(n, n), kv_num_blocks=side[1][0], kv_indices=side[1][1],
+                         full_kv_num_blocks=side[0][0], full_kv_indices=side[0][1], q_num_blocks=side[3][0],
+                         q_indices=side[3][1], full_q_num_blocks=side[2][0], full_q_indices=side[2][1],
+                         BLOCK_SIZE=(block_size, block_size), mask_mod=mask_mod)
 
 
 def _stacked(lists: list[Any]) -> Any:
@@ -296,12 +301,13 @@ def _stacked(lists: list[Any]) -> Any:
     return torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in lists])[None]
 
 
-def _dense_lists(off: Any, idx: Any, rows: int, cols: int) -> tuple[Any, Any]:
-    """A CSR table as Flex's (counts [rows] int32, indices [rows, cols] int32, listed first, the rest 0). Flex's
-    format is dense in key blocks (it transposes through a [rows, cols] block matrix), so this is the one
-    part that grows with (N / block)**2."""
+def _flex_lists(off: Any, idx: Any, rows: int) -> tuple[Any, Any]:
+    """A CSR table as Flex's (counts [rows] int32, indices [rows, width] int32, listed first, the rest 0),
+    `width` the longest row's count (at least 1): Flex's kernels read a row's first `count` entries through
+    the array's strides, so the array need not span every block."""
     counts = (off[1:] - off[:-1]).to(torch.int32)
-    out = torch.zeros((rows, cols), dtype=torch.int32, device=off.device)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    out = torch.zeros((rows, width), dtype=torch.int32, device=off.device)
     if idx.numel():
         r = torch.repeat_interleave(torch.arange(rows, device=off.device), counts.long(), output_size=idx.numel())
         at = torch.arange(idx.numel(), device=off.device) - off[:-1].long()[r]

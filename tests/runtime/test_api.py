@@ -175,8 +175,10 @@ def test_flex_block_mask_from_the_tables_equals_create_block_mask(src: str, head
         c, i = counts.expand(-1, heads or 1, -1), indices.expand(-1, heads or 1, -1, -1)
         return [[sorted(i[0, h, r, : int(c[0, h, r])].tolist()) for r in range(c.shape[-1])] for h in range(c.shape[1])]
 
-    assert rows(ours.kv_num_blocks, ours.kv_indices) == rows(theirs.kv_num_blocks, theirs.kv_indices)
-    assert rows(ours.full_kv_num_blocks, ours.full_kv_indices) == rows(theirs.full_kv_num_blocks, theirs.full_kv_indices)
+    for side in ("kv", "full_kv", "q", "full_q"):
+        counts, indices = (getattr(ours, f"{side}_{what}") for what in ("num_blocks", "indices"))
+        assert rows(counts, indices) == rows(*(getattr(theirs, f"{side}_{what}") for what in ("num_blocks", "indices")))
+        assert indices.shape[-1] == max(1, int(counts.max()))  # as wide as the longest row, not every block
 
 
 def test_flex_attention_with_the_block_mask_equals_ours() -> None:
