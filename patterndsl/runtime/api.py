@@ -17,7 +17,7 @@ import torch
 from . import autograd, tables
 from .backward import _backward, _varlen_backward
 from .checks import _check, _check_docs, _need_scores, check_n
-from .common import _d_pad, _head_patterns, _on_device_of, _tma_mode
+from .common import _d_pad, _head_patterns, _on_device_of, _pow2, _tma_mode
 from .forward import _choose, _config, _forward, _varlen_forward
 from .options import options as _options
 from .selection import selected_blocks as _selected_blocks
@@ -133,6 +133,8 @@ class Attention:
             return self._varlen(q, k, v, scale, cu_seqlens, max_seqlen, patterns, code, out, lse)
         if max_seqlen is not None:
             raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+        if _suffix_rows(q, k, v):
+            return self._suffix(q, k, v, layer, scale, scores, out, lse)
         group = _check(spec, q, k, v, scale, patterns)
         _need_scores(spec, q, scores)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -144,6 +146,77 @@ class Attention:
                 return autograd.DynamicAttention.apply(q, k, v, scale, code, scores, spec.key)  # type: ignore[no-untyped-call, no-any-return]
             return autograd.static_attention(q, k, v, scale, code, spec.key)
         return _forward(spec, q, k, v, scale, group, patterns, scores, None, out, lse)
+
+    def _suffix(self, q: Any, k: Any, v: Any, layer: Any, scale: Any, scores: Any, out: Any,
+                lse: Any) -> tuple[Any, Any]:
+        """Fewer queries than keys (the last Nq rows of the pattern at N = Nk, FlashAttention's bottom-right
+        alignment), or v's head_dim unlike q's and k's: the same kernels and block tables at N = Nk, on
+        queries zero-padded at the top to Nk rows and head dims zero-padded to the wider one (zero columns
+        change no dot product; zero rows of dO give the padded queries no gradient). Empty inputs give
+        empty outputs."""
+        spec = self.spec
+        B, H, Nq, Dqk = q.shape
+        Nk, Dv = k.shape[2], v.shape[3]
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if not (q.device == k.device == v.device):
+            raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        if v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"k and v must have the same shape but for head_dim, got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
+        rows = q.new_empty((1, 1, 1, 1)).expand(B, H, Nk, Dqk)  # q's checks at Nk rows, no memory
+        _check(spec, rows, k, k, scale, _head_patterns(spec, layer), check_length=Nk > 0)
+        if Nq > Nk:
+            raise ValueError(f"k, v must hold at least as many positions as q to match q (its rows are the last "
+                             f"Nq of Nk), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        if any(sel is not None for sel in spec.selectors) and Nq < Nk:
+            raise ValueError("fewer queries than keys is not supported for dynamic selectors yet")
+        shape = (B, H, Nq, Dv)
+        for name, t, want, dtype in (("out", out, shape, q.dtype), ("lse", lse, shape[:3], torch.float32)):
+            if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != want or t.dtype != dtype
+                                  or t.device != q.device):
+                raise ValueError(f"{name} must be a tensor of shape {list(want)}, {dtype}, on {q.device}")
+        scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+        if Nq == 0:
+            o = q.new_zeros(shape)
+            if autograd.differentiable(q, k, v):
+                o = o + (q.sum() + k.sum() + v.sum()) * 0  # empty, yet a node autograd can reach q, k, v through
+            got = o, q.new_empty(shape[:3], dtype=torch.float32)
+        elif Nq * (H // k.shape[1]) <= 64 and not autograd.differentiable(q, k, v) and \
+                not any(sel is not None for sel in spec.selectors):
+            got = self._suffix_decode(q, k, v, layer, scale)
+        else:
+            D = max(Dqk, Dv)
+            pad = torch.nn.functional.pad
+            o, lse_all = self._call(pad(q, (0, D - Dqk, Nk - Nq, 0)), pad(k, (0, D - Dqk)), pad(v, (0, D - Dv)),
+                                    None, None, layer, scale, scores, None, None)
+            got = o[:, :, Nk - Nq:, :Dv], lse_all[:, :, Nk - Nq:]
+        if out is not None:
+            out.copy_(got[0])
+        if lse is not None:
+            lse.copy_(got[1])
+        return (got[0] if out is None else out), (got[1] if lse is None else lse)
+
+    def _suffix_decode(self, q: Any, k: Any, v: Any, layer: Any, scale: float) -> tuple[Any, Any]:
+        """A few queries without gradients: the decode kernel, k and v as a full contiguous cache (its run
+        tables at Nk, or for an N-free pattern at the next power of two, shared by nearby lengths)."""
+        from . import decode as dec
+
+        spec = self.spec
+        patterns = _head_patterns(spec, layer)
+        B, H, Nq, _ = q.shape
+        Nk = k.shape[2]
+        capacity = Nk
+        if dec.decode_consistent(spec, patterns):
+            try:
+                check_n(spec, _pow2(Nk))
+                capacity = _pow2(Nk)
+            except ValueError:
+                pass
+        seqlens = torch.full((B,), Nk, dtype=torch.int32, device=q.device)
+        out = torch.empty((B, H, Nq, v.shape[3]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+        return dec.decode(spec, q, k, v, seqlens, None, 0, scale, H // k.shape[1], patterns, capacity, out, lse)
 
     def _varlen(self, q: Any, k: Any, v: Any, scale: Any, cu_seqlens: Any, max_seqlen: Any, patterns: Any,
                 code: int, out: Any, lse: Any) -> tuple[Any, Any]:
@@ -195,6 +268,41 @@ class Attention:
             return _varlen_backward(spec, do, q, k, v, out, l4, dl4, cu_seqlens, scale, code, grads)
         _check(spec, q, k, v, scale, _head_patterns(spec, layer))
         return _backward(spec, do, q, k, v, out, lse, dlse, scale, code, None, grads)
+
+    def decode(self, q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, *, page_table: Any = None,
+               k_new: Any = None, v_new: Any = None, return_lse: bool = False, layer: int | None = None,
+               scale: float | None = None, out: Any = None, lse: Any = None) -> Any:
+        """A decode step: q [B, H, Nq, D] at positions seqlen - Nq .. seqlen - 1 of each sequence against a
+        contiguous cache k_cache [B, Hkv, max_seqlen, D], v_cache [B, Hkv, max_seqlen, Dv], or a paged one
+        [pages, page_size, Hkv, D] with `page_table` [B, max_pages] int32 (logical page p of sequence b is
+        physical page page_table[b, p]). `cache_seqlens` [B] int32 on the device: tokens in the cache;
+        `k_new`, `v_new` [B, Hkv, n, D] are written at cache_seqlens first, then seqlen = cache_seqlens + n.
+        No host synchronisation: a step is CUDA-graph capturable (after one warm-up call). Returns
+        [B, H, Nq, Dv] (and the log-sum-exp [B, H, Nq] with `return_lse`). No autograd."""
+        from . import decode as dec
+
+        spec = self.spec
+        patterns = _head_patterns(spec, layer)
+        group, capacity = dec.check_decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, k_new, v_new,
+                                           scale, patterns)
+        B, H, Nq, D = q.shape
+        shape = (B, H, Nq, v_cache.shape[-1])
+        if out is None:
+            out = torch.empty(shape, dtype=q.dtype, device=q.device)
+        elif not torch.is_tensor(out) or out.shape != shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be a tensor of shape {list(shape)}, {q.dtype}, on {q.device}")
+        _outputs(q, None, lse, (B, H, Nq))
+        if lse is None:
+            lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        with torch.no_grad():
+            n_new = 0
+            if k_new is not None:
+                dec.append(k_cache, v_cache, cache_seqlens, page_table, k_new, v_new)
+                n_new = k_new.shape[2]
+            dec.decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
+                       capacity, out, lse)
+        return (out, lse) if return_lse else out
 
     def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None) -> Any:
         """The blocks the selectors pick, as a dense bool tensor [B, H, blocks, blocks] (heads with a static
@@ -317,6 +425,13 @@ def _config_for(spec: PatternSpec, q: Any, k: Any, v: Any, group: int, patterns:
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tma = _tma_mode((q, k, v, out), _d_pad(D))
     return tuple(_choose(spec, q, k, v, out, lse, scale, group, patterns, tma))
+
+
+def _suffix_rows(q: Any, k: Any, v: Any) -> bool:
+    """Fewer queries than keys, empty inputs, or v's head_dim unlike k's: `Attention._suffix` serves them."""
+    if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v) and q.dim() == k.dim() == v.dim() == 4):
+        return False
+    return q.shape[2] != k.shape[2] or k.shape[2] == 0 or v.shape[3] != k.shape[3]
 
 
 def _outputs(q: Any, out: Any, lse: Any, lse_shape: tuple[int, ...]) -> bool:
