@@ -135,6 +135,58 @@ def captured(step: Any) -> Any:
     return graph.replay
 
 
+def measure(res: dict[str, Any], save: Any, name: str, attn: Any, mask_mod: Any, n: int, B: int) -> None:
+    """The rows of one (pattern, context, batch): a cache of n tokens per sequence, each Nq timed."""
+    kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+    vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+    kp, vp, table = paged(kc, vc)
+    for nq in NQS:
+        q = torch.randn(B, H, nq, D, device=DEV, dtype=DT)
+        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        fns: dict[str, Any] = {
+            "ours": lambda: attn.decode(q, kc, vc, seqlens),
+            "ours_paged": lambda: attn.decode(q, kp, vp, seqlens, page_table=table),
+            "sdpa_whole_cache": lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, kc, vc, enable_gqa=True),
+        }
+        if not SMOKE:  # the step replayed from a CUDA graph: the kernels' time without the host's
+            fns["ours_graph"] = captured(lambda: attn.decode(q, kc, vc, seqlens))
+        row: dict[str, Any] = {"pattern": name, "N": n, "B": B, "Nq": nq, "ms": {}, "all_ms": {}}
+        ref = attn.decode(q, kc, vc, seqlens).float()
+        row["paged_max_diff"] = (attn.decode(q, kp, vp, seqlens, page_table=table).float()
+                                 - ref).abs().max().item()
+        if (B, nq) in FLEX_AT and left() > 90:
+            try:
+                t0 = time.perf_counter()
+                build, run = flex_step(mask_mod, q, kc, vc, n)
+                sync()
+                row["flex_first_call_s"] = time.perf_counter() - t0
+                row["flex_max_diff"] = (run().float() - ref).abs().max().item()
+                row["flex_block_mask_ms"] = med(build)
+                fns["flex_decode"] = run
+            except Exception as e:  # noqa: BLE001
+                res["notes"].append(f"Flex {name} N={n} B={B} Nq={nq}: {type(e).__name__}: {str(e)[:160]}")
+        try:
+            fa4 = fa4_step(q, kp, vp, table, seqlens, W if name == "swa_sink" else None)
+            fa4()
+            fns["fa4_paged" + ("_window_no_sink" if name == "swa_sink" else "")] = fa4
+        except Exception as e:  # noqa: BLE001
+            if not any(x.startswith("FA4") for x in res["notes"]):
+                res["notes"].append(f"FA4: {type(e).__name__}: {str(e)[:160]}")
+        times = interleaved(fns, med, rounds=5)
+        reads = keys_read(attn, n, nq) * B * HKV * D * 2 * torch.empty((), dtype=DT).element_size()
+        for k, ts in times.items():
+            row["ms"][k] = median(ts)
+            row["all_ms"][k] = ts
+        row["bytes_kv"] = reads
+        row["GBps"] = {k: reads / (row["ms"][k] * 1e-3) / 1e9 for k in row["ms"] if k.startswith("ours")}
+        res["rows"].append(row)
+        print(f"{name:9s} N={n:7d} B={B:2d} Nq={nq}  " +
+              "  ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()) +
+              f"  ours {row['GBps']['ours']:.0f} GB/s", flush=True)
+        save()
+
+
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results", "decode.json")
     res: dict[str, Any] = {"run": run_info(), "shape": {"H": H, "Hkv": HKV, "D": D, "dtype": str(DT), "page": PAGE},
@@ -156,55 +208,7 @@ def main() -> None:
                 if left() < 20:
                     res["notes"].append(f"{name} N={n} B={B}: deadline, skipped")
                     continue
-                kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
-                vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
-                kp, vp, table = paged(kc, vc)
-                for nq in NQS:
-                    q = torch.randn(B, H, nq, D, device=DEV, dtype=DT)
-                    seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
-                    fns: dict[str, Any] = {
-                        "ours": lambda: attn.decode(q, kc, vc, seqlens),
-                        "ours_paged": lambda: attn.decode(q, kp, vp, seqlens, page_table=table),
-                        "sdpa_whole_cache": lambda: torch.nn.functional.scaled_dot_product_attention(
-                            q, kc, vc, enable_gqa=True),
-                    }
-                    if not SMOKE:  # the step replayed from a CUDA graph: the kernels' time without the host's
-                        fns["ours_graph"] = captured(lambda: attn.decode(q, kc, vc, seqlens))
-                    row: dict[str, Any] = {"pattern": name, "N": n, "B": B, "Nq": nq, "ms": {}, "all_ms": {}}
-                    ref = attn.decode(q, kc, vc, seqlens).float()
-                    row["paged_max_diff"] = (attn.decode(q, kp, vp, seqlens, page_table=table).float()
-                                             - ref).abs().max().item()
-                    if (B, nq) in FLEX_AT and left() > 90:
-                        try:
-                            t0 = time.perf_counter()
-                            build, run = flex_step(mask_mod, q, kc, vc, n)
-                            sync()
-                            row["flex_first_call_s"] = time.perf_counter() - t0
-                            row["flex_max_diff"] = (run().float() - ref).abs().max().item()
-                            row["flex_block_mask_ms"] = med(build)
-                            fns["flex_decode"] = run
-                        except Exception as e:  # noqa: BLE001
-                            res["notes"].append(f"Flex {name} N={n} B={B} Nq={nq}: {type(e).__name__}: {str(e)[:160]}")
-                    try:
-                        fa4 = fa4_step(q, kp, vp, table, seqlens, W if name == "swa_sink" else None)
-                        fa4()
-                        fns["fa4_paged" + ("_window_no_sink" if name == "swa_sink" else "")] = fa4
-                    except Exception as e:  # noqa: BLE001
-                        if not any(x.startswith("FA4") for x in res["notes"]):
-                            res["notes"].append(f"FA4: {type(e).__name__}: {str(e)[:160]}")
-                    times = interleaved(fns, med, rounds=5)
-                    reads = keys_read(attn, n, nq) * B * HKV * D * 2 * torch.empty((), dtype=DT).element_size()
-                    for k, ts in times.items():
-                        row["ms"][k] = median(ts)
-                        row["all_ms"][k] = ts
-                    row["bytes_kv"] = reads
-                    row["GBps"] = {k: reads / (row["ms"][k] * 1e-3) / 1e9 for k in row["ms"] if k.startswith("ours")}
-                    res["rows"].append(row)
-                    print(f"{name:9s} N={n:7d} B={B:2d} Nq={nq}  " +
-                          "  ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()) +
-                          f"  ours {row['GBps']['ours']:.0f} GB/s", flush=True)
-                    save()
-                del kc, vc, kp, vp
+                measure(res, save, name, attn, mask_mod, n, B)
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
     res["notes"].append("topk(16, block=64) | window(511) at decode: selectors do not decode yet (not measured)")
