@@ -85,7 +85,7 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
     # the query blocks the rows fall in, and the key blocks they list: T in all, this split's share
     qb_lo = tl.maximum(seqlen - NQ, 0) // TABLE_M
     qb_hi = tl.maximum(seqlen - 1, 0) // TABLE_M
-    total = 0
+    total = qb_lo * 0  # an int32 scalar (loop-carried)
     qb = qb_lo
     while qb <= qb_hi:
         total += tl.load(COUNT + qb)
@@ -93,7 +93,7 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
     share = tl.cdiv(total, SPLITS)
     lo = split * share
     hi = tl.minimum(lo + share, total)
-    seen = 0  # blocks of the earlier query blocks
+    seen = qb_lo * 0  # blocks of the earlier query blocks
     qb = qb_lo
     while (qb <= qb_hi) & (seen < hi):
         in_qb = rows & (ii // TABLE_M == qb)
