@@ -95,13 +95,21 @@ class Attention:
 
     def __call__(self, q: Any, k: Any, v: Any, *, block_mask: BlockMask | None = None, return_lse: bool = False,
                  cu_seqlens: Any = None, max_seqlen: int | None = None, layer: int | None = None,
-                 scale: float | None = None, scores: Any = None, out: Any = None, lse: Any = None) -> Any:
+                 scale: float | None = None, scores: Any = None, out: Any = None, lse: Any = None,
+                 cu_seqlens_q: Any = None, cu_seqlens_k: Any = None) -> Any:
         """Attention with this pattern. `return_lse`: also the log-sum-exp [B, H, N] (float32, natural log).
         `layer` (models only): which layer's pattern applies. `scores`: the caller's block scores of a
         `topk(..., score=given)`. `cu_seqlens` (packed documents, FlashAttention's convention): q, k, v
         [total, H, D] or [1, H, total, D], the pattern inside each document. `out`, `lse`: tensors to write
         the results into (no autograd). `block_mask`: tables built by `block_mask()`, launched with its tiles.
-        A query with no allowed key gets zeros and log-sum-exp -inf."""
+        A query with no allowed key gets zeros and log-sum-exp -inf. `cu_seqlens_q` with `cu_seqlens_k`
+        (chunked prefill): document d's queries are the last rows of its keys' pattern (q packed by
+        cu_seqlens_q, k and v by cu_seqlens_k)."""
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            if block_mask is not None or cu_seqlens is not None:
+                raise ValueError("cu_seqlens_q and cu_seqlens_k take neither cu_seqlens nor block_mask")
+            got = self._chunks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, layer, scale, out, lse)
+            return got if return_lse else got[0]
         if block_mask is not None:
             if not isinstance(block_mask, BlockMask):
                 raise TypeError(f"block_mask must come from attn.block_mask(...), got {type(block_mask).__name__}")
@@ -197,6 +205,59 @@ class Attention:
             lse.copy_(got[1])
         return (got[0] if out is None else out), (got[1] if lse is None else lse)
 
+    def _chunks(self, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_seqlen: Any, layer: Any, scale: Any,
+                out: Any, lse: Any) -> tuple[Any, Any]:
+        """Packed documents with fewer queries than keys: the packed-documents path at the keys' lengths, on
+        queries scattered to the last rows of their documents (zeros elsewhere) and head dims zero-padded
+        to the wider one, as `_suffix` does for one sequence."""
+        if cu_q is None or cu_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k come together")
+        for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+            if not torch.is_tensor(t):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        packed = q.dim() == 3
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != q.dim() or t.dim() not in (3, 4) or (t.dim() == 4 and t.shape[0] != 1):
+                raise ValueError(f"with cu_seqlens_q, q, k, v must all be [total, heads, head_dim] or all "
+                                 f"[1, heads, total, head_dim], got {name} of shape {tuple(t.shape)}")
+        q3, k3, v3 = (t if packed else t[0].transpose(0, 1) for t in (q, k, v))
+        if (cu_q.dim() != 1 or cu_q.shape != cu_k.shape or cu_q.dtype not in (torch.int32, torch.int64)
+                or cu_q.device != q.device):
+            raise ValueError(f"cu_seqlens_q must be a 1-D int32 or int64 tensor on q's device with as many "
+                             f"entries as cu_seqlens_k, got {tuple(cu_q.shape)}, {cu_q.dtype}, {cu_q.device}")
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        lq = [b - a for a, b in zip(cq[:-1], cq[1:], strict=True)]
+        lk = [b - a for a, b in zip(ck[:-1], ck[1:], strict=True)]
+        if cq[0] != 0 or cq[-1] != q3.shape[0] or min(lq, default=0) < 0:
+            raise ValueError(f"cu_seqlens_q must rise from 0 to q's packed length {q3.shape[0]}, got {cq}")
+        bad = [d for d in range(len(lq)) if lq[d] > lk[d]]
+        if bad:
+            raise ValueError(f"document {bad[0]} has {lq[bad[0]]} queries but {lk[bad[0]]} keys: at most as many "
+                             "queries as keys")
+        total, H, Dqk = q3.shape
+        Dv = v3.shape[-1]
+        scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+        doc = torch.repeat_interleave(torch.arange(len(lq), device=q.device), torch.tensor(lq, device=q.device),
+                                      output_size=total)
+        at = torch.arange(total, device=q.device) + (cu_k[1:] - cu_q[1:]).long()[doc]  # each query's key row
+        D = max(Dqk, Dv)
+        pad = torch.nn.functional.pad
+        if total == 0:
+            o = q3.new_zeros((0, H, Dv)) + (q3.sum() + k3.sum() + v3.sum()) * 0
+            got_l = q3.new_empty((H, 0), dtype=torch.float32)
+        else:
+            rows = q3.new_zeros((k3.shape[0], H, D)).index_copy(0, at, pad(q3, (0, D - Dqk)))
+            o, l_all = self._call(rows, pad(k3, (0, D - Dqk)), pad(v3, (0, D - Dv)), cu_k, max_seqlen, layer,
+                                  scale, None, None, None)
+            o, got_l = o[at, :, :Dv], l_all[:, at]
+        got = (o, got_l) if packed else (o.transpose(0, 1)[None], got_l[None])
+        for name, t, x in (("out", out, got[0]), ("lse", lse, got[1])):
+            if t is not None:
+                if not torch.is_tensor(t) or t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+                    raise ValueError(f"{name} must be a tensor of shape {list(x.shape)}, {x.dtype}, on {x.device}")
+                t.copy_(x)
+        return (got[0] if out is None else out), (got[1] if lse is None else lse)
+
     def _suffix_decode(self, q: Any, k: Any, v: Any, layer: Any, scale: float) -> tuple[Any, Any]:
         """A few queries without gradients: the decode kernel, k and v as a full contiguous cache (its run
         tables at Nk, or for an N-free pattern at the next power of two, shared by nearby lengths)."""
@@ -289,8 +350,9 @@ class Attention:
         shape = (B, H, Nq, v_cache.shape[-1])
         if out is None:
             out = torch.empty(shape, dtype=q.dtype, device=q.device)
-        elif not torch.is_tensor(out) or out.shape != shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must be a tensor of shape {list(shape)}, {q.dtype}, on {q.device}")
+        elif not torch.is_tensor(out) or out.shape != shape or out.dtype != q.dtype or out.device != q.device \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor of shape {list(shape)}, {q.dtype}, on {q.device}")
         _outputs(q, None, lse, (B, H, Nq))
         if lse is None:
             lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)

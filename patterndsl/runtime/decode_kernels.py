@@ -149,7 +149,7 @@ def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, S
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
     acc = tl.zeros([M, DV_PAD], dtype=tl.float32)
-    s = 0
+    s = pack * 0  # an int32 scalar (loop-carried)
     while s < SPLITS:
         ws = ((b * packs + pack) * SPLITS + s) * M
         ls = tl.load(WS_L + ws + r)

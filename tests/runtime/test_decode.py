@@ -245,3 +245,61 @@ def test_fewer_queries_decode_kernel() -> None:
     """A no-grad call with few rows takes the decode kernel, for an N-dependent pattern too (its tables at
     N = Nk)."""
     _suffix_case("window(N // 4) | global(-1:)", torch.float32, 3, 29, grad=False, decode_block=16)
+
+
+def _chunks_case(src: str, dtype: Any, lq: list[int], lk: list[int], d: int = 8, dv: int = 4) -> None:
+    """Packed documents of lk keys each, whose last lq rows are the queries (chunked prefill), against the
+    reference per document: outputs and gradients."""
+    attn, body = _attn(src), _body(src)
+    H = 4
+    g = torch.Generator().manual_seed(sum(lq) + 7 * sum(lk))
+    q = torch.randn(sum(lq), H, d, generator=g).to(dtype)
+    k = torch.randn(sum(lk), H // 2, d, generator=g).to(dtype)
+    v = torch.randn(sum(lk), H // 2, dv, generator=g).to(dtype)
+    do = torch.randn(sum(lq), H, dv, generator=g).to(dtype)
+    cu_q, cu_k = (torch.tensor(np.cumsum([0, *x]).tolist(), dtype=torch.int32) for x in (lq, lk))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    got, got_lse = attn(qg, kg, vg, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    grads = torch.autograd.grad((got * do).sum(), (qg, kg, vg))
+    assert got.shape == (sum(lq), H, dv) and got_lse.shape == (H, sum(lq))
+    for i, (nq, nk) in enumerate(zip(lq, lk, strict=True)):
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        if nq == 0:
+            assert float(grads[1][ks].abs().sum()) == 0.0
+            continue
+        per = (t[None].transpose(1, 2) for t in (q[qs], k[ks], v[ks], do[qs]))
+        qd, kd, vd, dod = per
+        out, lse, *ref = reference_grads(qd, kd, vd, _mask(body, H, range(nk - nq, nk), nk), d**-0.5, dod)
+        assert _err(got[qs].transpose(0, 1)[None], out) < 1e-9
+        finite = torch.isfinite(lse[0])
+        assert torch.equal(torch.isfinite(got_lse[:, qs]), finite)
+        for name, x, r in zip("qkv", (grads[0][qs], grads[1][ks], grads[2][ks]), ref, strict=True):
+            err = ((x.transpose(0, 1)[None].double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+            assert err < 1e-6, f"document {i}: d{name} {err}"
+
+
+def test_chunked_prefill_cpu() -> None:
+    """cu_seqlens_q / cu_seqlens_k: documents with fewer queries than keys, one with none, one empty."""
+    _chunks_case("causal & (window(5) | sink(2))", torch.float64, [3, 0, 9, 0], [20, 6, 9, 0])
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_chunked_prefill_kernels() -> None:
+    """float32 through the packed-documents kernels against the float64 CPU path (checked above)."""
+    attn = _attn("causal & (window(5) | sink(2))")
+    q, k = torch.randn(12, 4, 8), torch.randn(29, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 3, 12], dtype=torch.int32), torch.tensor([0, 20, 29], dtype=torch.int32)
+    got = attn(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    want = attn(q.double(), k.double(), k.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert (got.double() - want).abs().max().item() < 1e-5
+
+
+def test_chunked_prefill_misuse() -> None:
+    attn = _attn("causal")
+    q, k = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 4, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="document 1 has 2 queries but 0 keys"):
+        attn(torch.randn(6, 2, 8), k, k, cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 6, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="come together"):
+        attn(q, k, k, cu_seqlens_q=cu)
