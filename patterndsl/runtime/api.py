@@ -16,7 +16,7 @@ import torch
 
 from . import autograd, tables
 from .backward import _backward, _varlen_backward
-from .checks import _check, _check_docs, _need_scores, check_n
+from .checks import _check, _check_docs, _need_scores, check_dtypes, check_n
 from .common import _d_pad, _head_patterns, _on_device_of, _pow2, _tma_mode
 from .forward import _choose, _config, _forward, _varlen_forward
 from .options import options as _options
@@ -165,8 +165,7 @@ class Attention:
         spec = self.spec
         B, H, Nq, Dqk = q.shape
         Nk, Dv = k.shape[2], v.shape[3]
-        if not (q.dtype == k.dtype == v.dtype):
-            raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        check_dtypes(q, k, v)
         if not (q.device == k.device == v.device):
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         if v.shape[:3] != k.shape[:3]:

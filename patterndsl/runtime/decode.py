@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import tables
-from .checks import check_n
+from .checks import check_dtypes, check_n
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads_of, _on_device_of, _pow2, _sm_count, _torch_path, pred_kernel
 from .cpu import masked_softmax
 from .decode_kernels import _decode_merge, _decode_split
@@ -53,11 +53,7 @@ def check_decode(spec: PatternSpec, q: Any, k_cache: Any, v_cache: Any, cache_se
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if q.device.type == "cpu" else ())
-    if q.dtype not in allowed:
-        raise TypeError(f"dtype must be one of {', '.join(str(d) for d in allowed)}, got {q.dtype}")
+    check_dtypes(q, k_cache, v_cache, "q, k_cache, v_cache")
     for name, t in named[1:] + (("page_table", page_table), ("k_new", k_new), ("v_new", v_new)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")

@@ -15,6 +15,8 @@ loaded (masked loads): a paged cache's unreachable pages may point anywhere.
 import triton
 import triton.language as tl
 
+from .fwd_kernels import _merge_part, _online_softmax
+
 
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, seqlen, offs_n, offs_dk, offs_dv,
@@ -42,11 +44,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
     k = tl.load(K + k_rows[:, None] + offs_dk[None, :], mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, qk_scale, False, True)
     v = tl.load(V + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
@@ -154,13 +152,7 @@ def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, S
         ws = ((b * packs + pack) * SPLITS + s) * M
         ls = tl.load(WS_L + ws + r)
         o = tl.load(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :])
-        m_new = tl.maximum(m_i, ls)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        wt = tl.math.exp2(ls - m_use)
-        acc = acc * alpha[:, None] + o * wt[:, None]
-        l_i = l_i * alpha + wt
-        m_i = m_new
+        acc, l_i, m_i = _merge_part(acc, l_i, m_i, o, ls)
         s += 1
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
