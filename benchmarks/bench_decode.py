@@ -9,6 +9,7 @@ where the cache fits (at most CACHE_GB). Each row: median time over interleaved 
 bandwidth, bytes of K and V the pattern lets the step read (its allowed keys, counted from the predicate)
 over the time. Writes JSON to argv[1] (default benchmarks/results/decode.json) after every row, so a run cut
 short keeps what it measured; `BENCH_DEADLINE` (seconds, default 330) skips what would run past it.
+A sweep of the decode kernel's key block and splits at two cases starts the run.
 `BENCH_SMOKE=1`: tiny sizes on the CPU in the interpreter (checks the script, times nothing real).
 """
 
@@ -43,7 +44,7 @@ PATTERNS = {  # name: (source, Flex's mask_mod over absolute positions)
     "swa_sink": (f"causal & (window({W}) | sink(4))", lambda q, k: (k <= q) & ((q - k <= W) | (k < 4))),
     "causal": ("causal", lambda q, k: k <= q),
 }
-FLEX_AT = {(2, 1)} if SMOKE else {(8, 1)}  # (batch, Nq) rows Flex also runs (each shape compiles once: ~tens of seconds)
+FLEX_AT = {(2, 1, 64)} if SMOKE else {(8, 1, 8192), (8, 1, 131072)}  # (batch, Nq, N): each compiles (~10 s)
 START = time.perf_counter()
 DEADLINE = float(os.environ.get("BENCH_DEADLINE", "330"))
 
@@ -155,7 +156,7 @@ def measure(res: dict[str, Any], save: Any, name: str, attn: Any, mask_mod: Any,
         ref = attn.decode(q, kc, vc, seqlens).float()
         row["paged_max_diff"] = (attn.decode(q, kp, vp, seqlens, page_table=table).float()
                                  - ref).abs().max().item()
-        if (B, nq) in FLEX_AT and left() > 90:
+        if (B, nq, n) in FLEX_AT and left() > 90:
             try:
                 t0 = time.perf_counter()
                 build, run = flex_step(mask_mod, q, kc, vc, n)
@@ -198,6 +199,7 @@ def main() -> None:
             json.dump(res, f, indent=1)
 
     torch.manual_seed(0)
+    sweep(res, save)  # first: short, and what settles the kernel's defaults
     for name, (src, mask_mod) in PATTERNS.items():
         attn = P.compile(f"pattern p = {src}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
         for n in CONTEXTS:
@@ -213,6 +215,39 @@ def main() -> None:
                     torch.cuda.empty_cache()
     res["notes"].append("topk(16, block=64) | window(511) at decode: selectors do not decode yet (not measured)")
     save()
+
+
+SWEEP_AT = [("causal", 131072 if not SMOKE else 256, 8 if not SMOKE else 2), ("swa_sink", 131072 if not SMOKE else 256, 1)]
+
+
+def sweep(res: dict[str, Any], save: Any) -> None:
+    """The decode kernel's key block and split count around the defaults (`decode_block`, `decode_splits`
+    options), graph-replayed, at a dense and a windowed case: what settles the heuristics."""
+    res["sweep"] = []
+    for name, n, B in SWEEP_AT:
+        if left() < 40:
+            res["notes"].append(f"sweep {name}: deadline, skipped")
+            continue
+        attn = P.compile(f"pattern p = {PATTERNS[name][0]}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+        kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
+        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        fns: dict[str, Any] = {}
+        for block in (32, 64, 128) if not SMOKE else (16,):
+            for splits in (0, 1, 2, 4, 8, 16, 32, 64) if not SMOKE else (0, 2):
+                def step(block: int = block, splits: int = splits) -> Any:
+                    with attn.options(decode_block=block, decode_splits=splits):
+                        return attn.decode(q, kc, vc, seqlens)
+                try:
+                    fns[f"block{block}_splits{splits}"] = step if SMOKE else captured(step)
+                except Exception as e:  # noqa: BLE001  (a block too large for shared memory, say)
+                    res["notes"].append(f"sweep {name} block {block} splits {splits}: {type(e).__name__}: {str(e)[:120]}")
+        times = interleaved(fns, med, rounds=3)
+        reads = keys_read(attn, n, 1) * B * HKV * D * 2 * torch.empty((), dtype=DT).element_size()
+        res["sweep"].append({"pattern": name, "N": n, "B": B, "Nq": 1, "bytes_kv": reads,
+                             "ms": {k: median(v) for k, v in times.items()}})
+        save()
 
 
 if __name__ == "__main__":
