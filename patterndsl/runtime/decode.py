@@ -28,9 +28,10 @@ if TYPE_CHECKING:
     from .spec import PatternSpec
 
 
-def decode_consistent(spec: PatternSpec, patterns: int | tuple[int, ...]) -> bool:
-    """Whether a row's allowed keys are the same at every final length: no head's predicate reads N."""
-    used = {patterns} if isinstance(patterns, int) else set(patterns)
+def decode_consistent(spec: PatternSpec, patterns: int | tuple[int, ...] | None = None) -> bool:
+    """Whether a row's allowed keys are the same at every final length: no head's predicate reads N (of
+    `patterns`, the predicates of one call's heads; by default every head pattern of the spec)."""
+    used = range(spec.patterns) if patterns is None else _used(patterns)
     return all(spec.predicates[p].n_free for p in used)
 
 
