@@ -174,8 +174,8 @@ class Attention:
         rows = q.new_empty((1, 1, 1, 1)).expand(B, H, Nk, Dqk)  # q's checks at Nk rows, no memory
         _check(spec, rows, k, k, scale, _head_patterns(spec, layer), check_length=Nk > 0)
         if Nq > Nk:
-            raise ValueError(f"k, v must hold at least as many positions as q to match q (its rows are the last "
-                             f"Nq of Nk), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+            raise ValueError(f"k, v must be [{B}, kv_heads, Nk, {Dqk}] with Nk >= Nq to match q {tuple(q.shape)} "
+                             f"(its rows are the last Nq of Nk), got {tuple(k.shape)}")
         if any(sel is not None for sel in spec.selectors) and Nq < Nk:
             raise ValueError("fewer queries than keys is not supported for dynamic selectors yet")
         shape = (B, H, Nq, Dv)

@@ -140,7 +140,9 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"decode_block must be a power of two >= 16, got {block}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     paged = page_table is not None
-    pt = page_table if paged else cache_seqlens  # an unused pointer when contiguous
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels index both with unit inner strides
+    page_table = None if page_table is None else page_table.contiguous()
+    pt = page_table if page_table is not None else cache_seqlens  # an unused pointer when contiguous
     s_k: tuple[int, ...]
     s_v: tuple[int, ...]
     if paged:

@@ -168,7 +168,7 @@ def test_decode_kernel(page: int | None) -> None:
 
 @pytest.mark.interpreter
 @pytest.mark.slow
-@settings(max_examples=8)
+@settings(max_examples=15)
 @given(_steps(), st.sampled_from([1, 2, 3]))
 def test_decode_kernel_hypothesis(case: dict[str, Any], splits: int) -> None:
     _check_step(dtype=torch.float32, decode_block=16, decode_splits=splits, **case)
