@@ -71,7 +71,8 @@ def _step(p: ir.Pattern, n: int, block: int) -> tuple[int, int]:
 
 def _row(p: ir.Pattern, n: int) -> np.ndarray:
     if not ir.is_dynamic(p):
-        return evaluate_mask(bound_predicate(p, n), n, slice(n - 1, n))[0]
+        row: np.ndarray = evaluate_mask(bound_predicate(p, n), n, slice(n - 1, n))[0]
+        return row
     sp = split(p)
     static, reach = _row(sp.static, n), _row(sp.selected, n)
     if isinstance(sp.selector, ir.TopK):
@@ -80,5 +81,6 @@ def _row(p: ir.Pattern, n: int) -> np.ndarray:
         per_block = np.bincount(np.nonzero(extra)[0] // b, minlength=-(-n // b))
         keep = np.zeros(per_block.size, dtype=bool)
         keep[np.argsort(-per_block, kind="stable")[: sp.selector.count]] = True
-        return static | (extra & np.repeat(keep, b)[:n])
+        picked: np.ndarray = static | (extra & np.repeat(keep, b)[:n])
+        return picked
     return reach
