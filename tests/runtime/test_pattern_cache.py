@@ -130,3 +130,30 @@ def test_append_misuse_is_one_sentence() -> None:
     cache.append(ok, ok)
     with pytest.raises(ValueError, match="at most max_seqlen = 4 tokens"):
         cache.append(ok, ok)
+
+
+@pytest.mark.parametrize("src", ["causal & (window(5) | sink(2))", "causal & blockwise(4, hops(2) | window(1))",
+                                 "window(3) | sink(1)"])  # fmt: skip
+def test_attn_decode_through_the_pattern_cache_equals_the_full_context(src: str) -> None:
+    import patterndsl as P
+    from patterndsl.runtime.api import Attention
+
+    if not hasattr(Attention, "decode"):
+        pytest.skip("attn.decode is not in this build")
+    attn = P.compile(f"pattern p = {src}\n", block_m=16, block_n=16)
+    g = torch.Generator().manual_seed(1)
+    steps = [3, 1, 4, 1, 2, 4, 4, 1, 3, 2, 4, 4, 1]
+    total = sum(steps)
+    mask = reference_mask(pattern(src), total)
+    k, v, q = (torch.randn(B, h, total, D, generator=g, dtype=torch.float64) for h in (HKV, HKV, H))
+    cache = PatternKVCache(src, batch=B, kv_heads=HKV, head_dim=D, page_size=2, max_append=4, dtype=torch.float64)
+    n = 0
+    for t in steps:
+        cache.append(k[:, :, n : n + t], v[:, :, n : n + t])
+        n += t
+        got = attn.decode(q[:, :, n - t : n], cache.k_pages, cache.v_pages, cache.cache_seqlens,
+                          page_table=cache.page_table)  # fmt: skip
+        for r, i in enumerate(range(n - t, n)):
+            keys = np.nonzero(mask[i, :n])[0]
+            want = _decode_reference(q[:, :, i].numpy(), k[:, :, :n].numpy(), v[:, :, :n].numpy(), keys)
+            np.testing.assert_allclose(got[:, :, r].numpy(), want, rtol=1e-9, atol=1e-9, err_msg=f"query {i}")
