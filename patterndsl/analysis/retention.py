@@ -213,7 +213,11 @@ class Retention:
             span = t.span()
             if span is None:
                 return None
-            total += (-(-span // page_size) + 1) if span else 0
+            ends = [e for e in (t.hi, t.until) if e is not None]
+            if not t.tails and ends:  # a fixed range: exactly the pages it covers
+                total += max(0, -(-min(ends) // page_size) - t.lo // page_size)
+            elif span:  # a range that moves: it may straddle one page more
+                total += -(-span // page_size) + 1
         return total
 
     def alignment(self) -> int:
