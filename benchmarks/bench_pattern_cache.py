@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -54,14 +53,9 @@ def _host_ms(fn: Any, reps: int = 200) -> float:
 def _syncs(fn: Any) -> list[str]:
     if DEVICE != "cuda":
         return []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode(1)
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sorted({str(w.message)[:160] for w in caught})
+    from host_overhead import syncs
+
+    return syncs(fn)
 
 
 def _decode_ms(attn: Any, cache: PatternKVCache) -> float | None:
