@@ -12,9 +12,9 @@ not grow with the context.
 Host and device: every sequence of the batch has the same length, which the cache tracks as a Python
 int (the caller says how many tokens each `append` adds), so choosing pages to free and to fill is host
 arithmetic on a few intervals and the device only sees writes: `append` never reads a device value back
-(no synchronisation). A step's decode call sees tensors of fixed shape; they are reallocated only when a
-pattern whose retained set grows with the context (dense, strided, hops) outgrows its pages and no
-`max_seqlen` was given.
+(no synchronisation). A step's decode call sees tensors of fixed shape; without `max_seqlen` they are
+reallocated (doubled) when the context outgrows the page table, or, for a pattern whose retained set grows
+with the context (dense, strided, hops), its pages; a window's and sinks' pages never are.
 """
 
 from __future__ import annotations

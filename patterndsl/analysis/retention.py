@@ -167,13 +167,17 @@ class Term:
 
     def text(self) -> str:
         parts = []
-        if self.hi is not None:
+        if self.hi is not None and self.hi - self.lo == 1:
+            parts.append(f"key {self.lo}")
+        elif self.hi is not None:
             parts.append(f"keys {self.lo}..{self.hi - 1}" if self.lo else f"the first {self.hi}")
         elif self.lo:
             parts.append(f"keys from {self.lo}")
         for t in self.tails:
-            grid = "" if t.align == 1 else f" (whole blocks of {t.align})"
-            parts.append(f"the last {t.width}{grid}")
+            if t.align == 1:
+                parts.append(f"the last {t.width}")
+            else:
+                parts.append(f"the current block of {t.align} and the {t.width} keys before it")
         if not parts:
             parts.append("all")
         text = " and ".join(parts) + (f" while the next query is <= {self.until}" if self.until is not None else "")

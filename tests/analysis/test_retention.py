@@ -100,3 +100,10 @@ def test_layouts_heads_and_models_are_decided_per_part() -> None:
     assert "fixes N = 16" in found["local"] and found["mixed"].startswith("heads 2:4: ")
     assert found["m"].startswith("layer 1: ")
     assert decode_consistent(program.get("fine"))  == (True, None)  # type: ignore[arg-type]
+
+
+def test_heads_keep_the_union_of_their_keys_and_blocks_say_so() -> None:
+    program = loads("pattern p = heads {\n  0:1 => causal & window(3)\n  1:2 => causal & sink(2) | cols([9])\n}\n")
+    assert retention(program.patterns[0].body).text() == "the first 2; key 9; the last 3"
+    r = retention(pattern("blockwise(64, causal & window(2))"))
+    assert r.text() == "the current block of 64 and the 128 keys before it"
