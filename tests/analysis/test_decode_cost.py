@@ -17,7 +17,7 @@ _PATTERNS = st.one_of(exact_retention_patterns(), expressions(max_leaves=3)).fil
 )
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(_PATTERNS, st.integers(1, 40), st.sampled_from([1, 4, 16]))
 def test_a_decode_step_reads_the_blocks_of_the_last_rows_keys(src: str, n: int, block: int) -> None:
     p = pattern(src)

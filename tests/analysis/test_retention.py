@@ -28,7 +28,7 @@ def _kept(src: str, n: int) -> np.ndarray:
     return keep
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(expressions(max_leaves=3), st.integers(1, 12), st.integers(1, 6))
 def test_decode_consistent_rows_do_not_change_as_the_sequence_grows(src: str, n: int, more: int) -> None:
     ok, why = decode_consistent(pattern(src))
