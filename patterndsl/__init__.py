@@ -73,6 +73,14 @@ class Analysis:
     def __getitem__(self, key: str) -> Any:
         return self.figures[key]
 
+    @property
+    def decode_consistent(self) -> tuple[bool, str | None]:
+        """(True, None) when every pattern analysed can be decoded token by token, else (False, why)."""
+        for e in self.figures["patterns"]:
+            if not e["decode"]["consistent"]:
+                return False, e["decode"]["reason"]
+        return True, None
+
 
 def analyze(
     source: str | Path | ir.Program | ir.Pattern,
@@ -85,9 +93,11 @@ def analyze(
     layers: int | None = None,
     block_size: tuple[int, int] = (128, 128),
     defines: Mapping[str, str | int | float] | None = None,
+    decode: bool = False,
 ) -> Analysis:
     """Cost and reach of a pattern at sequence length N: the figures of `patc analyze` as an `Analysis`.
-    `source`: a `.pat` path or text, a checked Program, or one pattern (`pattern("causal & window(3)")`)."""
+    `source`: a `.pat` path or text, a checked Program, or one pattern (`pattern("causal & window(3)")`).
+    `decode=True` adds `patc analyze --decode`'s figures (each pattern's `["decode"]["steps"]`)."""
     from .analysis.analyze import Options
     from .analysis.analyze import analyze as run
     from .cli.common import select
@@ -105,5 +115,8 @@ def analyze(
     if isinstance(N, bool) or not isinstance(N, int) or N < 1:
         raise ValueError(f"N must be a positive integer, got {N!r}")
     bq, bk = block_size
-    opts = Options(n=N, heads=heads, head_dim=head_dim, batch=batch, block_q=bq, block_k=bk, layers=layers)
+    from .analysis.decode_cost import DECODE_SIZES
+
+    opts = Options(n=N, heads=heads, head_dim=head_dim, batch=batch, block_q=bq, block_k=bk, layers=layers,
+                   decode=DECODE_SIZES if decode else ())  # fmt: skip
     return Analysis(item.name, N, run(item, opts))

@@ -222,3 +222,29 @@ def analysis_patterns(draw: st.DrawFn, depth: int = 2) -> str:
 document_splits = st.lists(st.one_of(st.integers(0, 3), st.integers(1, 40)), min_size=1, max_size=6).filter(
     lambda xs: 0 < sum(xs) <= 110
 )
+
+
+# --- decoding: patterns whose retained keys (analysis.retention) are exact -----------------------------------
+
+_reach = st.integers(0, 6)
+_EXACT_RETENTION_ATOMS = st.one_of(
+    st.tuples(_reach, _reach, st.integers(1, 2)).map(lambda t: f"window({t[0]}, {t[1]}, dilation={t[2]})"),
+    _reach.map(lambda r: f"window({r})"),
+    small.map(lambda s: f"sink({s})"),
+    st.tuples(small, st.integers(1, 6)).map(lambda t: f"cols({t[0]}:{t[0] + t[1]})"),
+    st.tuples(small, st.integers(1, 6)).map(lambda t: f"global({t[0]}:{t[0] + t[1]})"),
+    st.lists(small, min_size=1, max_size=3).map(lambda xs: f"rows([{', '.join(map(str, xs))}])"),
+    st.just("causal"),
+)
+
+
+@st.composite
+def exact_retention_patterns(draw: st.DrawFn) -> str:
+    """Decode-consistent patterns whose retained-key closed form is exact: unions of windows, sinks, key and
+    row ranges under `causal &`, and blockwise of those."""
+    terms = draw(st.lists(_EXACT_RETENTION_ATOMS.filter(lambda a: a != "causal"), min_size=1, max_size=3))
+    body = " | ".join(terms)
+    src = f"causal & ({body})" if draw(st.booleans()) else body
+    if draw(st.integers(0, 3)) == 0:
+        src = f"blockwise({draw(st.integers(2, 3))}, {src})"
+    return src

@@ -20,6 +20,7 @@ from ..source import PatternError
 from . import cost as C
 from .bound import Bound, Value, jsonable, make, ratio, upper
 from .count import block_form, bound_predicate
+from .decode_cost import decode_figures
 from .figures import block_rows, exact_pairs, row_figures, tile_figures
 from .limits import ARRAY_LIMIT, ARRAY_WORK, Budget, OverBudget
 from .reach import receptive_field
@@ -39,6 +40,8 @@ class Options:
     block_k: int = 128
     layers: int | None = None
     selected: int | None = None  # blocks a dynamic selector keeps per query block (default: topk's n)
+    decode: tuple[int, ...] = ()  # context lengths for the decode-step and cache figures (--decode)
+    kv_bytes: int = 2  # bytes per cached key or value element (--kv-dtype)
 
 
 @dataclass
@@ -275,6 +278,7 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
             },
             "cost": c.as_dict(),
             "layout": _layout_figures(p, pred, n, fig.pairs, c, opts),
+            "decode": decode_figures(use.pattern, opts.decode, opts.head_dim, opts.kv_bytes, opts.block_k),
         }
         if not (fig.exact and tiles.exact):
             entry["bounded"] = _bounded_note(fig.exact, tiles.exact, n)

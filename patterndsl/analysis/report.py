@@ -93,6 +93,7 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
     )
     row("fwd bytes (bf16)", lambda e: _si(e["cost"]["fwd_bytes"]) + "B")
     row("arithmetic intensity", lambda e: f"{_fmt(e['cost']['arithmetic_intensity'], '.1f')} FLOP/B")
+    row("decoding keeps", _decode_keeps)
     if any("selector" in e for e in result["patterns"]):
 
         def sel(f: Any) -> Any:
@@ -106,6 +107,8 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
         row("scoring FLOPs (block means)", sel(lambda s: _si(s["scoring_flops"])))
         row("expected fwd FLOPs (at most)", sel(lambda s: _si(s["fwd_flops_max"])))
     console.print(t)
+
+    _render_decode(result, console)
 
     tot = result["totals"]
     tt = Table(title="totals over heads" + (" and layers" if result["kind"] == "model" else ""), title_justify="left")
@@ -146,6 +149,39 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
     console.print("[dim]" + "; ".join(f"{k}: {v}" for k, v in result["conventions"].items()) + "[/dim]")
     for w in result["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _decode_keeps(e: dict[str, Any]) -> str:
+    d = e["decode"]
+    return d["retained"] if d["consistent"] else f"not decode-consistent: {d['reason']}"
+
+
+def _render_decode(result: dict[str, Any], console: Console) -> None:
+    """`--decode`: per pattern and context length, one decode step's keys and the cache's size."""
+    for e in result["patterns"]:
+        if not e["decode"]["consistent"]:
+            console.print(f"{e['used_by']}: not decode-consistent: {e['decode']['reason']}")
+    entries = [e for e in result["patterns"] if e["decode"].get("steps")]
+    if not entries:
+        return
+    d0 = entries[0]["decode"]
+    t = Table(
+        title=f"decode step and cache, per KV head and sequence (D={d0['head_dim']}, "
+        f"{d0['bytes_per_element']} B per element, key tiles of {d0['block']})",
+        title_justify="left",
+    )
+    for col in ("pattern", "N", "keys", "keys read", "bytes read", "keys kept", "cache bytes"):
+        t.add_column(col)
+    for e in entries:
+        d = e["decode"]
+        bound = "<= " if d["upper_bounds"] else ""
+        for s in d["steps"]:
+            t.add_row(
+                e["pattern"], f"{s['N']:,}", f"{bound}{s['keys']:,}", f"{bound}{s['keys_read']:,}",
+                f"{bound}{_si(s['bytes_read'])}B", f"{s['retained_keys']:,}",
+                f"{_si(s['cache_bytes'])}B (pages of {d['page_size']})",
+            )  # fmt: skip
+    console.print(t)
 
 
 def plot(result: dict[str, Any], density_curves: dict[str, list[tuple[int, float, float | None]]], path: str) -> None:

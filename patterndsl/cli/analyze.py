@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from .. import ir
+from ..analysis.decode_cost import DECODE_SIZES, DTYPE_BYTES
 from ..analysis.limits import ARRAY_LIMIT, MAX_N
 from ..analysis.reach import BLOCK_UNITS, TOKEN_LIMIT
 from ..source import PatternError
@@ -38,6 +39,14 @@ def register(sub: Any) -> None:
         type=positive_int,
         metavar="K",
         help="key blocks a dynamic selector keeps per query block (default: topk's n; threshold: all candidates)",
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="per-token decode cost (keys and bytes read) and cache size kept, at N = 1k, 8k, 64k, 512k, 4M",
+    )
+    p.add_argument(
+        "--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="cached key/value type for --decode (bf16)"
     )
     p.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
     p.add_argument("--plot", metavar="OUT.png", help="write coverage-vs-depth and density-vs-N plots")
@@ -85,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     item = select(program, args.pattern)
     bq, bk = _block(args.block)
     heads_given(item, args.heads)  # a contradiction reads as in every command
-    opts = Options(args.n, args.heads, args.head_dim, args.batch, bq, bk, args.layers, args.selected)
+    opts = Options(args.n, args.heads, args.head_dim, args.batch, bq, bk, args.layers, args.selected,
+                   DECODE_SIZES if args.decode else (), DTYPE_BYTES[args.kv_dtype])  # fmt: skip
     result = analyze(item, opts)
     result["file"] = args.file
     if args.plot:

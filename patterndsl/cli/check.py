@@ -37,9 +37,20 @@ def run(args: argparse.Namespace) -> int:
             continue
         if not args.quiet:
             print(f"{path}: ok: {_summary(program)}")
+            _decode_notes(path, program)
     if len(args.files) > 1 and not args.quiet:
         print(f"{len(args.files) - failed} of {len(args.files)} files ok")
     return 2 if failed else 0
+
+
+def _decode_notes(path: str, program: ir.Program) -> None:
+    """A note (not an error) per pattern that cannot be decoded token by token: its rows read N."""
+    from ..analysis.retention import inconsistent_patterns
+
+    for name, why in inconsistent_patterns(program):
+        item = program.get(name)
+        where = str(item.span) if item is not None and item.span is not None else path
+        print(f"{where}: note: '{name}' is not decode-consistent: {why}", file=sys.stderr)
 
 
 def _summary(program: ir.Program) -> str:

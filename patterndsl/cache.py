@@ -1,0 +1,227 @@
+"""A paged KV cache that keeps only what a pattern can still read: StreamingLLM's rolling cache, derived.
+
+`PatternKVCache(pattern, ...)` holds keys and values in pages `[pages, page_size, Hkv, D]` with a page
+table `[B, max_pages]` (int32; logical page p of sequence b holds positions p * page_size .. and lives
+in physical page `page_table[b, p]`) and `cache_seqlens [B]` on the device: the layout
+`attn.decode(q, k_pages, v_pages, cache_seqlens, page_table=page_table)` reads. Which pages stay is
+`analysis.retention`'s closed form: after n tokens, a page is kept while some query at or after n may
+still read one of its keys. So a window keeps a ring of pages behind the newest token, sinks keep their
+first pages for ever, dense attention keeps every page, and `memory_bytes()` of a window plus sinks does
+not grow with the context.
+
+Host and device: every sequence of the batch has the same length, which the cache tracks as a Python
+int (the caller says how many tokens each `append` adds), so choosing pages to free and to fill is host
+arithmetic on a few intervals and the device only sees writes: `append` never reads a device value back
+(no synchronisation). A step's decode call sees tensors of fixed shape; without `max_seqlen` they are
+reallocated (doubled) when the context outgrows the page table, or, for a pattern whose retained set grows
+with the context (dense, strided, hops), its pages; a window's and sinks' pages never are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import ir
+from .analysis.retention import Retention, decode_consistent, merge_intervals, retention
+
+DEFAULT_PAGE = 64
+_FIRST_PAGES = 16  # pages per sequence to start with when the retained set grows with the context
+
+
+def default_page_size(r: Retention) -> int:
+    """A page holds whole blocks of the pattern's grid (blockwise), near DEFAULT_PAGE tokens, so a page
+    is retained or evicted with its block."""
+    a = r.alignment()
+    return a * max(1, DEFAULT_PAGE // a)
+
+
+class PatternKVCache:
+    """A paged KV cache for decoding with a decode-consistent pattern; see the module's doc.
+
+    `pattern`: pattern text, a pattern (`patterndsl.pattern(...)`) or a heads body (pages are kept for
+    the union of its heads). `max_append`: the most tokens one `append` adds (default: a page); pages are
+    sized so that the keys of those tokens' queries are all still held when they attend. `max_seqlen`:
+    the longest context (fixes the page table's width; without it the table and, for patterns that keep
+    every key, the pages grow by doubling)."""
+
+    def __init__(
+        self,
+        pattern: str | ir.Body,
+        *,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        page_size: int | None = None,
+        max_append: int | None = None,
+        max_seqlen: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if isinstance(pattern, str):
+            from . import pattern as parse_pattern
+
+            pattern = parse_pattern(pattern)
+        ok, why = decode_consistent(pattern)
+        if not ok:
+            raise ValueError(f"PatternKVCache needs a decode-consistent pattern: {why}")
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            _positive(name, value)
+        self.pattern = pattern
+        self.retention = retention(pattern)
+        self.page_size = _positive("page_size", page_size) if page_size is not None else default_page_size(
+            self.retention
+        )
+        self.max_append = _positive("max_append", max_append) if max_append is not None else self.page_size
+        self.max_seqlen = _positive("max_seqlen", max_seqlen) if max_seqlen is not None else None
+        self.batch, self.kv_heads = batch, kv_heads
+        self.head_dim, self.value_dim = head_dim, value_dim or head_dim
+        self.device = torch.device(device)
+        p = self.page_size
+        table = -(-self.max_seqlen // p) if self.max_seqlen else _FIRST_PAGES
+        need = self.retention.max_pages(p, self.max_append)
+        self._bounded = need is not None
+        slots = need if need is not None else table
+        if self.max_seqlen is not None:
+            slots = min(slots, table)
+        self._slots = slots
+        self.k_pages = torch.zeros(batch * slots, p, kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.v_pages = torch.zeros(batch * slots, p, kv_heads, self.value_dim, dtype=dtype, device=self.device)
+        self.page_table = torch.zeros(batch, table, dtype=torch.int32, device=self.device)
+        self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.device = self.page_table.device  # "cuda" made concrete ("cuda:0"), to compare with inputs
+        self._base = torch.arange(batch, dtype=torch.int32, device=self.device)[:, None] * slots
+        self._length = 0
+        self._resident: dict[int, int] = {}  # logical page -> slot within its sequence's share
+        self._free = list(range(slots - 1, -1, -1))
+        self._live: list[tuple[int, int]] = []  # pages that may be resident, as [first, stop)
+
+    @property
+    def length(self) -> int:
+        """Tokens appended so far (every sequence of the batch has this many)."""
+        return self._length
+
+    def memory_bytes(self) -> int:
+        """Bytes of the key and value pages (the page table adds 4 bytes per page of context and sequence)."""
+        return self.k_pages.nbytes + self.v_pages.nbytes
+
+    def resident_positions(self) -> list[tuple[int, int]]:
+        """The positions whose keys the cache still holds, as sorted [a, b) (host bookkeeping only)."""
+        p = self.page_size
+        pages = sorted(self._resident)
+        out: list[tuple[int, int]] = []
+        for lp in pages:
+            a, b = lp * p, min((lp + 1) * p, self._length)
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            elif a < b:
+                out.append((a, b))
+        return out
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Add T tokens' keys and values, `[B, Hkv, T, D]` (the layout of `attn`'s k and v), at positions
+        length .. length + T - 1, after freeing the pages no query from `length` on can read. Then the
+        queries of those T positions may attend (`attn.decode(..., page_table=cache.page_table)`)."""
+        t = self._check(k_new, v_new)
+        if t == 0:
+            return
+        n, p = self._length, self.page_size
+        live = merge_intervals([*self.retention.pages(n, p), (n // p, -(-(n + t) // p))])
+        for first, stop in _minus(self._live, live):
+            for lp in range(first, stop):
+                slot = self._resident.pop(lp, None)
+                if slot is not None:
+                    self._free.append(slot)
+        self._live = live
+        for lp in range(n // p, -(-(n + t) // p)):
+            if lp not in self._resident:
+                self._place(lp)
+        pos = torch.arange(n, n + t, device=self.device)
+        phys = self.page_table[:, pos // p].long()  # [B, T]
+        off = (pos % p)[None, :]
+        self.k_pages[phys, off] = k_new.transpose(1, 2)
+        self.v_pages[phys, off] = v_new.transpose(1, 2)
+        self._length = n + t
+        self.cache_seqlens.fill_(self._length)
+
+    def _place(self, lp: int) -> None:
+        if lp >= self.page_table.shape[1]:
+            if self.max_seqlen is not None:
+                raise ValueError(f"the cache holds at most max_seqlen = {self.max_seqlen} tokens")
+            wider = torch.zeros(self.batch, 2 * lp + 1, dtype=torch.int32, device=self.device)
+            wider[:, : self.page_table.shape[1]] = self.page_table
+            self.page_table = wider
+        if not self._free:
+            if self._bounded:  # max_pages is an upper bound on what is ever live: this is a bug
+                raise RuntimeError("PatternKVCache ran out of pages its retention bound promised")
+            self._grow()
+        slot = self._free.pop()
+        self._resident[lp] = slot
+        self.page_table[:, lp] = self._base[:, 0] + slot
+
+    def _grow(self) -> None:
+        """Double each sequence's pages (a retained set that grows with the context, no max_seqlen)."""
+        old, new = self._slots, 2 * self._slots
+        for name in ("k_pages", "v_pages"):
+            pages = getattr(self, name)
+            grown = pages.new_zeros((self.batch * new, *pages.shape[1:]))
+            grown.view(self.batch, new, *pages.shape[1:])[:, :old] = pages.view(self.batch, old, *pages.shape[1:])
+            setattr(self, name, grown)
+        shift = torch.arange(self.batch, dtype=torch.int32, device=self.device)[:, None] * (new - old)
+        self.page_table += shift
+        self._base = self._base // old * new
+        self._free.extend(range(new - 1, old - 1, -1))
+        self._slots = new
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        for name, x, d in (("k_new", k, self.head_dim), ("v_new", v, self.value_dim)):
+            if not torch.is_tensor(x) or x.dim() != 4:
+                raise ValueError(f"{name} must be a 4-d tensor [B, Hkv, T, D], got {_shape(x)}")
+            want = (self.batch, self.kv_heads, d)
+            if (x.shape[0], x.shape[1], x.shape[3]) != want:
+                raise ValueError(
+                    f"{name} must be [B={self.batch}, Hkv={self.kv_heads}, T, D={d}], got {list(x.shape)}"
+                )
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device} but the cache is on {self.device}")
+            if x.dtype != self.k_pages.dtype:
+                raise ValueError(f"{name} is {x.dtype} but the cache holds {self.k_pages.dtype}")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"k_new has {k.shape[2]} tokens but v_new has {v.shape[2]}")
+        t = int(k.shape[2])
+        if t > self.max_append:
+            raise ValueError(
+                f"append adds at most max_append = {self.max_append} tokens at a time, got {t} "
+                "(append in chunks, or build the cache with a larger max_append)"
+            )
+        if self.max_seqlen is not None and self._length + t > self.max_seqlen:
+            raise ValueError(f"the cache holds at most max_seqlen = {self.max_seqlen} tokens")
+        return t
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _shape(x: object) -> str:
+    return str(list(x.shape)) if torch.is_tensor(x) else type(x).__name__
+
+
+def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The integers of the sorted disjoint intervals a that are in none of b."""
+    out = []
+    for lo, hi in a:
+        cur = lo
+        for blo, bhi in b:
+            if bhi <= cur or blo >= hi:
+                continue
+            if blo > cur:
+                out.append((cur, blo))
+            cur = max(cur, bhi)
+        if cur < hi:
+            out.append((cur, hi))
+    return out
