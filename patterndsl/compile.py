@@ -21,6 +21,7 @@ from typing import Any
 
 from . import __version__, ir
 from . import expr as E
+from .analysis.retention import pattern_reads_n
 from .check import _constraints, kernel_limits
 from .codegen import INT32_MAX, CodegenError, doc_text, indent, render_triton, safe_int, safe_name
 from .layout import Layout, choose, describe, layout_predicate, logical_index
@@ -351,6 +352,7 @@ def compile_source(
         "layouts": "(" + "".join(x + ", " for x in layout_entries) + ")",
         "selectors": "(" + "".join(x + ", " for x in selectors) + ")",
         "requirements": "(" + "".join(x + ", " for x in requirements) + ")",
+        "decode": repr(tuple(pattern_reads_n(p) for p in pats)),
         "max_n": safe_int(max_n),
         "idx64": "True" if idx64 else "False",
         "configs": _table(configs),

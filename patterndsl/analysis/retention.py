@@ -58,15 +58,16 @@ def _body_reads_n(x: ir.Body | ir.PatternDef | ir.Model) -> str | None:
             return None
         case ir.Heads(ranges):
             for r in ranges:
-                why = _reads_n(r.pattern)
+                why = pattern_reads_n(r.pattern)
                 if why is not None:
                     return f"heads {r.start}:{r.stop}: {why}"
             return None
-    return _reads_n(x)
+    return pattern_reads_n(x)
 
 
-def _reads_n(p: ir.Pattern) -> str | None:
-    """Why `allowed(i, j)` of p depends on N, or None when it does not."""
+def pattern_reads_n(p: ir.Pattern) -> str | None:
+    """Why `allowed(i, j)` of p depends on N, or None when it does not (the sentence the runtime's decode
+    refuses with: compiled modules carry it per head pattern, `PatternSpec.decode`)."""
     from .analyze import _pattern_text
 
     def sized(*args: E.Expr) -> str | None:
@@ -100,11 +101,11 @@ def _reads_n(p: ir.Pattern) -> str | None:
                 return f"{_pattern_text(p)} reads N, so its rows change as the sequence grows"
             return None
         case ir.Blockwise(block, inner):
-            return sized(block) or _reads_n(inner)
+            return sized(block) or pattern_reads_n(inner)
         case ir.Union(a, b) | ir.Inter(a, b):
-            return _reads_n(a) or _reads_n(b)
+            return pattern_reads_n(a) or pattern_reads_n(b)
         case ir.Complement(a):
-            return _reads_n(a)
+            return pattern_reads_n(a)
     return None  # full, none, causal, hops, topk, threshold: nothing of N
 
 

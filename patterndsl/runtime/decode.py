@@ -29,10 +29,17 @@ if TYPE_CHECKING:
 
 
 def decode_consistent(spec: PatternSpec, patterns: int | tuple[int, ...] | None = None) -> bool:
-    """Whether a row's allowed keys are the same at every final length: no head's predicate reads N (of
-    `patterns`, the predicates of one call's heads; by default every head pattern of the spec)."""
+    """Whether a row's allowed keys are the same at every final length N > row (of `patterns`, the
+    predicates of one call's heads; by default every head pattern of the spec). The compiler decides it
+    from the pattern's constructs (`analysis.retention`) and records it in `spec.decode`: a predicate may
+    mention N and still be consistent (`global(0:16)` clips its slice to N). Such a pattern's predicate is
+    then evaluated at any N past the rows asked, here the cache's capacity."""
+    return _why_not(spec, patterns) is None
+
+
+def _why_not(spec: PatternSpec, patterns: int | tuple[int, ...] | None) -> str | None:
     used = range(spec.patterns) if patterns is None else _used(patterns)
-    return all(spec.predicates[p].n_free for p in used)
+    return next((spec.decode[p] for p in used if spec.decode[p] is not None), None)
 
 
 def _used(patterns: int | tuple[int, ...]) -> list[int]:
@@ -44,9 +51,10 @@ def check_decode(spec: PatternSpec, q: Any, k_cache: Any, v_cache: Any, cache_se
     """(group, capacity) after checking a decode call's arguments; each misuse is one sentence."""
     if any(spec.selectors[p] is not None for p in _used(patterns)):
         raise ValueError("decode() serves static patterns; dynamic selectors (topk, threshold) do not decode yet")
-    if not decode_consistent(spec, patterns):
-        raise ValueError(f"'{spec.name}' is not decode-consistent: its predicate reads N, so a row's allowed keys "
-                         "depend on the final length and a cache cannot be attended to row by row")
+    why = _why_not(spec, patterns)
+    if why is not None:
+        raise ValueError(f"'{spec.name}' is not decode-consistent ({why}): a row's allowed keys depend on the "
+                         "final length, so a cache cannot be attended to row by row")
     named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens))
     for name, t in named + (("page_table", page_table), ("k_new", k_new), ("v_new", v_new)):
         if t is not None and not torch.is_tensor(t):

@@ -83,6 +83,7 @@ class PatternSpec:
     layouts: tuple[TokenLayout | None, ...]
     selectors: tuple[Selector | None, ...]
     requirements: tuple[Requirement, ...]
+    decode: tuple[str | None, ...]  # per head pattern: None when decode-consistent, else why not
     max_n: int
     idx64: bool
     configs: Configs

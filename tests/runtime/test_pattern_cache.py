@@ -136,10 +136,6 @@ def test_append_misuse_is_one_sentence() -> None:
                                  "window(3) | sink(1)"])  # fmt: skip
 def test_attn_decode_through_the_pattern_cache_equals_the_full_context(src: str) -> None:
     import patterndsl as P
-    from patterndsl.runtime.api import Attention
-
-    if not hasattr(Attention, "decode"):
-        pytest.skip("attn.decode is not in this build")
     attn = P.compile(f"pattern p = {src}\n", block_m=16, block_n=16)
     g = torch.Generator().manual_seed(1)
     steps = [3, 1, 4, 1, 2, 4, 4, 1, 3, 2, 4, 4, 1]
