@@ -24,11 +24,12 @@ PRIMITIVES = frozenset(
     {
         "full", "none", "causal", "window", "stride", "sink", "global", "rows", "cols", "hops",
         "blockwise", "where", "random", "neighborhood", "grid", "topk", "threshold",
-        "min", "max", "abs", "true", "false", "given", "N",
+        "min", "max", "abs", "log2", "true", "false", "given", "N",
     }
 )  # fmt: skip
 RESERVED = KEYWORDS | PRIMITIVES
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
+MAX_GRID_AXES = 16  # a tile-major 3-D order takes 6 axes; the cap keeps layout search and messages small
 SELECTOR_BLOCK = 16  # a selector's block is a whole number of the kernel's smallest tile
 
 
@@ -100,7 +101,7 @@ def index_role(name: str) -> str | None:
     and another outside it (`param k = 3` then `where(q - k <= k) | window(k)`)."""
     if name in ("q", "k"):
         return "the query index" if name == "q" else "the key index"
-    if len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit():
+    if len(name) >= 3 and name[:2] in ("qc", "kc") and name[2:].isdigit():
         return "a query coordinate" if name[0] == "q" else "a key coordinate"
     return None
 
@@ -238,8 +239,8 @@ class _Checker:
             raise PatternError("a layout must be grid(n1, ..., nk)", node.span, "e.g. layout image = grid(64, 64)")
         if node.keywords:
             raise PatternError("grid takes no keyword arguments", node.keywords[0].span)
-        if not 1 <= len(node.args) <= 3:
-            raise PatternError(f"grid takes 1 to 3 axis lengths, not {len(node.args)}", node.span)
+        if not 1 <= len(node.args) <= MAX_GRID_AXES:
+            raise PatternError(f"grid takes 1 to {MAX_GRID_AXES} axis lengths, not {len(node.args)}", node.span)
         dims = tuple(self._const_int(a, None, "a grid axis length", minimum=1) for a in node.args)
         return ir.Grid(name, dims, node.span)
 
@@ -423,7 +424,7 @@ class _Checker:
             raise PatternError(
                 f"'{name}' needs a layout", span, "name one first: where(my_grid, ...) with layout my_grid = grid(...)"
             )
-        axis = int(name[2])
+        axis = int(name[2:])
         if axis >= len(scope.layout.dims):
             raise PatternError(
                 f"'{name}': layout '{scope.layout.name}' has {len(scope.layout.dims)} axes (0..{len(scope.layout.dims) - 1})",
@@ -801,6 +802,11 @@ def _call_abs(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     return IntV(E.absolute(c.integer(args["x"], scope, "abs's argument")))
 
 
+def _call_log2(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
+    args = _bind(node, ("x",), 1)
+    return IntV(E.log2(c.integer(args["x"], scope, "log2's argument")))
+
+
 def _call_grid(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     raise PatternError("grid(...) defines a layout", node.span, "write: layout name = grid(...)")
 
@@ -822,6 +828,7 @@ _CALLS: dict[str, Callable[[_Checker, T.Call, WhereScope | None], Value]] = {
     "min": _call_minmax,
     "max": _call_minmax,
     "abs": _call_abs,
+    "log2": _call_log2,
     "grid": _call_grid,
 }
 
@@ -858,6 +865,7 @@ _CALL_ONLY = {
     "min": "min(a, b)",
     "max": "max(a, b)",
     "abs": "abs(q - k)",
+    "log2": "log2(abs(q - k))",
     "grid": "layout image = grid(64, 64)",
 }
 
@@ -1047,7 +1055,7 @@ def _divisors(e: Expr) -> Iterator[Expr]:
         case E.Cmp(_, a, b):
             yield from _divisors(a)
             yield from _divisors(b)
-        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+        case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
             yield from _divisors(a)
         case E.And(args) | E.Or(args):
             for a in args:

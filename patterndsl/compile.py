@@ -408,6 +408,8 @@ def expr_source(e: E.Expr) -> str:
             return f"E.Arith({_choice(op, ops)!r}, {expr_source(a)}, {expr_source(b)})"
         case E.Abs(a):
             return f"E.Abs({expr_source(a)})"
+        case E.Log2(a):
+            return f"E.Log2({expr_source(a)})"
         case E.Cmp(op, a, b):
             return f"E.Cmp({_choice(op, ('==', '!=', '<', '<=', '>', '>='))!r}, {expr_source(a)}, {expr_source(b)})"
         case E.And(args):

@@ -249,6 +249,8 @@ class _Simplifier:
                 return E.arith(op, self.go(a), self.go(b))
             case E.Abs(a):
                 return E.absolute(self.go(a))
+            case E.Log2(a):
+                return E.log2(self.go(a))
             case E.Cmp(op, a, b):
                 return E.cmp(op, self.go(a), self.go(b))
             case E.And(args):

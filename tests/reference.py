@@ -39,6 +39,11 @@ def value(e: Any, n: int, i: int = 0, j: int = 0) -> Any:
         return ops[e.op]()
     if kind == "Abs":
         return abs(value(e.a, n, i, j))
+    if kind == "Log2":  # the largest m with 2**m <= x; -1 when there is none (x <= 0)
+        x, m = value(e.a, n, i, j), -1
+        while 2 ** (m + 1) <= x:
+            m += 1
+        return m
     if kind == "Cmp":
         a, b = value(e.a, n, i, j), value(e.b, n, i, j)
         return {"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[e.op]

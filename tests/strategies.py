@@ -57,6 +57,7 @@ def conditions() -> st.SearchStrategy[str]:
                 lambda x: f"({x[0]} {x[1]} {x[2]})"
             ),
             t.map(lambda x: f"abs({x})"),
+            t.map(lambda x: f"log2({x})"),
             st.tuples(st.sampled_from(["min", "max"]), t, t).map(lambda x: f"{x[0]}({x[1]}, {x[2]})"),
         ),
         max_leaves=4,
