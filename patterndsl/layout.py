@@ -33,7 +33,6 @@ shapes by the tiles they visit (`analysis.cost.tile_rects`), keeping the plain o
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,16 +342,24 @@ def _grid_of(p: ir.Pattern) -> tuple[ir.Grid, tuple[int, ...]] | None:
 
 
 def _pow2_shapes(volume: int, caps: list[int]) -> list[tuple[int, ...]]:
-    """Tuples of powers of two, each at most its cap, whose product is `volume`."""
+    """Tuples of powers of two, each at most its cap, whose product is `volume`, in lexicographic order of
+    their exponents (built axis by axis, so grids of many axes cost what they yield, not bits**axes)."""
     k = len(caps)
     bits = volume.bit_length() - 1
-    out = []
-    for split in itertools.product(range(bits + 1), repeat=k):
-        if sum(split) != bits:
-            continue
-        shape = tuple(1 << s for s in split)
-        if all(s <= c for s, c in zip(shape, caps, strict=True)):
-            out.append(shape)
+    limits = [max(0, c.bit_length() - 1) for c in caps]
+    room = [sum(limits[a:]) for a in range(k)] + [0]  # the most the axes from a on can take
+    out: list[tuple[int, ...]] = []
+
+    def go(a: int, left: int, shape: tuple[int, ...]) -> None:
+        if a == k:
+            if left == 0:
+                out.append(shape)
+            return
+        for s in range(min(left, limits[a]) + 1):
+            if left - s <= room[a + 1]:
+                go(a + 1, left - s, (*shape, 1 << s))
+
+    go(0, bits, ())
     return out
 
 
@@ -409,13 +416,18 @@ def _axis_visits(pred: Expr, n: int, dilation: int, tile: int, key: int) -> int:
 
 def _neighborhood_score(p: ir.Neighborhood, lay: Layout) -> int:
     """Tiles visited by a bare neighborhood: a product over axes, so a product of per-axis counts."""
-    from .semantics import _neighborhood_axis
-
     total = 1
     for a, axis in enumerate(lay.axes):
-        ax_pred = _neighborhood_axis(E.I, E.J, p.layout.dims[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a])
-        total *= _axis_visits(ax_pred, p.layout.dims[a], axis.dilation, axis.tile, axis.factors[-1])
+        args = (p.layout.dims[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a])
+        total *= _neighborhood_axis_visits(*args, axis.dilation, axis.tile, axis.factors[-1])
     return total
+
+
+@functools.lru_cache(maxsize=4096)  # candidates share axes: a 6-axis grid's thousand layouts use a few dozen
+def _neighborhood_axis_visits(n: int, k: int, d: int, s: int, causal: bool, dilation: int, tile: int, key: int) -> int:
+    from .semantics import _neighborhood_axis
+
+    return _axis_visits(_neighborhood_axis(E.I, E.J, n, k, d, s, causal), n, dilation, tile, key)
 
 
 @functools.lru_cache(maxsize=256)
