@@ -237,12 +237,16 @@ class _Checker:
     def _layout(self, name: str, node: T.Node) -> ir.Grid:
         if not (isinstance(node, T.Call) and node.func == "grid"):
             raise PatternError("a layout must be grid(n1, ..., nk)", node.span, "e.g. layout image = grid(64, 64)")
-        if node.keywords:
-            raise PatternError("grid takes no keyword arguments", node.keywords[0].span)
+        extra = {"prefix": 0, "suffix": 0}
+        for kw in node.keywords:
+            if kw.name not in extra:
+                raise PatternError(f"grid has no argument '{kw.name}'", kw.span,
+                                   "extra tokens before or after the grid: grid(16, 32, 32, prefix=226)")  # fmt: skip
+            extra[kw.name] = self._const_int(kw.value, None, f"grid's {kw.name}", minimum=0)
         if not 1 <= len(node.args) <= MAX_GRID_AXES:
             raise PatternError(f"grid takes 1 to {MAX_GRID_AXES} axis lengths, not {len(node.args)}", node.span)
         dims = tuple(self._const_int(a, None, "a grid axis length", minimum=1) for a in node.args)
-        return ir.Grid(name, dims, node.span)
+        return ir.Grid(name, dims, node.span, extra["prefix"], extra["suffix"])
 
     def _body(self, node: T.Node | T.HeadsBlock, what: str) -> ir.Body:
         if isinstance(node, T.HeadsBlock):
@@ -372,6 +376,8 @@ class _Checker:
                 return self._compare(operands, ops, node.span, scope)
             case T.Call():
                 return self._call(node, scope)
+            case T.Attribute(value, attr):
+                return self._layout_part(value, attr, node.span, scope)
             case T.TupleLit(items):
                 return TupleV(tuple(self.value(x, scope) for x in items))
             case T.ListLit(items):
@@ -379,6 +385,18 @@ class _Checker:
             case T.Slice():
                 return SetV(self._slice(node))
         raise PatternError("unsupported expression", getattr(node, "span", None))
+
+    def _layout_part(self, name: str, attr: str, span: Span, scope: WhereScope | None) -> Value:
+        """`L.prefix` / `L.suffix`: the extra tokens of a layout, as the token slice they occupy."""
+        lv = self._name(name, span, scope)
+        if not isinstance(lv, LayoutV):
+            raise PatternError(f"'{name}.{attr}': '{name}' is {kind(lv)}, not a layout", span)
+        g = lv.grid
+        parts = {"prefix": (0, g.prefix), "suffix": (g.prefix + g.cells, g.size)}
+        if attr not in parts:
+            raise PatternError(f"a layout has no part '{attr}'", span, f"{name}.prefix or {name}.suffix")
+        start, stop = parts[attr]
+        return SetV(ir.TokenSlice(E.const(start), E.const(stop), E.const(1), span))
 
     def _slice(self, node: T.Slice) -> ir.TokenSlice:
         start = None if node.start is None else self.integer(node.start, None, "a slice bound")
@@ -905,7 +923,7 @@ def _names_in(root: T.Node | T.HeadsBlock | None) -> Iterator[str]:
         node = stack.pop()
         parts: tuple[T.Node | T.HeadsBlock | None, ...] = ()
         match node:
-            case T.Name(name):
+            case T.Name(name) | T.Attribute(name):
                 yield name
             case T.Unary(_, x):
                 parts = (x,)
@@ -1085,7 +1103,7 @@ def validate(p: ir.Pattern, n: int | None) -> None:
         match p:
             case ir.Neighborhood(layout) | ir.Where(_, layout) if layout is not None and layout.size != n:
                 raise PatternError(
-                    f"layout '{layout.name}' = grid{layout.dims} holds {layout.size} tokens but N = {n}",
+                    f"layout '{layout.name}' = {layout.describe()} holds {layout.size} tokens but N = {n}",
                     layout.span,
                     f"use N = {layout.size}, or change the grid",
                 )

@@ -60,7 +60,13 @@ class Axis:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
+    """The tiled axes, and the extra tokens of a grid with a prefix or suffix (text, registers): they keep
+    their order and stay contiguous around the tiled cells, the prefix padded to whole tiles so no tile
+    mixes extra tokens and cells."""
+
     axes: tuple[Axis, ...]
+    prefix: int = 0
+    suffix: int = 0
 
     @property
     def volume(self) -> int:
@@ -77,6 +83,8 @@ def describe(layout: Layout | None) -> str:
     dil = [a.dilation for a in layout.axes]
     if any(d > 1 for d in dil):
         parts.append("residue classes mod " + "x".join(map(str, dil)))
+    if layout.prefix or layout.suffix:
+        parts.append(f"{layout.prefix} tokens before and {layout.suffix} after the grid")
     if len(layout.axes) > 1:
         levels = len(layout.axes[0].factors)
         shapes = []
@@ -118,10 +126,51 @@ def _digits(layout: Layout) -> list[tuple[str, int, int, Expr]]:
 
 
 def rows(layout: Layout | None) -> Expr:
-    """Physical rows (an expression over N): every axis padded to whole tiles of every group."""
+    """Physical rows (an expression over N): every axis padded to whole tiles of every group, and the
+    extra tokens around them (the prefix padded to whole tiles)."""
     if layout is None:
         return E.N
+    return E.add(E.add(_lead(layout), _grid_rows(layout)), E.const(layout.suffix))
+
+
+def _grid_rows(layout: Layout) -> Expr:
     return _prod([radix for _, _, _, radix in _digits(layout)])
+
+
+def _lead(layout: Layout) -> Expr:
+    """Rows before the tiled cells: the prefix, padded to whole tiles."""
+    return E.const(-(-layout.prefix // layout.volume) * layout.volume)
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    """Physical rows holding one kind of token: `valid` says a row is one of them; `token` is its logical
+    token, or None for the tiled cells (their tokens go through the digits of `row - lead`)."""
+
+    valid: Expr
+    token: Expr | None
+
+
+def _regions(layout: Layout, r: Expr) -> list[_Region]:
+    """The prefix's rows, the tiled cells' and the suffix's, in this order (the extra ones if any)."""
+    lead = _lead(layout)
+    out = [_Region(E.conj(E.cmp("<=", lead, r), _grid_valid(layout, E.sub(r, lead))), None)]
+    if layout.prefix:
+        out.insert(0, _Region(E.cmp("<", r, E.const(layout.prefix)), r))
+    if layout.suffix:
+        start = _suffix_start(layout)
+        inside = E.conj(E.cmp("<=", start, r), E.cmp("<", r, E.add(start, E.const(layout.suffix))))
+        out.append(_Region(inside, _suffix_token(layout, r)))
+    return out
+
+
+def _suffix_start(layout: Layout) -> Expr:
+    return E.add(_lead(layout), _grid_rows(layout))
+
+
+def _suffix_token(layout: Layout, r: Expr) -> Expr:
+    cells = _prod([a.size for a in layout.axes])
+    return E.add(E.sub(r, _suffix_start(layout)), E.add(E.const(layout.prefix), cells))
 
 
 def _digit_exprs(layout: Layout, r: Expr) -> dict[tuple[str, int, int], Expr]:
@@ -157,6 +206,15 @@ def _strides(layout: Layout) -> list[Expr]:
 
 def logical_index(layout: Layout, r: Expr = E.I) -> Expr:
     """The logical token of physical row r (meaningful where `valid`)."""
+    out = E.add(_grid_logical(layout, E.sub(r, _lead(layout))), E.const(layout.prefix))
+    if layout.suffix:
+        out = E.if_else(E.cmp(">=", r, _suffix_start(layout)), _suffix_token(layout, r), out)
+    if layout.prefix:
+        out = E.if_else(E.cmp("<", r, _lead(layout)), r, out)
+    return out
+
+
+def _grid_logical(layout: Layout, r: Expr) -> Expr:
     d = _digit_exprs(layout, r)
     coords = [_coordinate_from(layout, a, lambda kind, ax, lv: d[(kind, ax, lv)]) for a in range(len(layout.axes))]
     t: Expr = E.const(0)
@@ -167,12 +225,19 @@ def logical_index(layout: Layout, r: Expr = E.I) -> Expr:
 
 def valid(layout: Layout, r: Expr = E.I) -> Expr:
     """Physical row r holds a token (it is not padding)."""
+    if not (layout.prefix or layout.suffix):
+        return _grid_valid(layout, r)
+    return E.disj(*(region.valid for region in _regions(layout, r)))
+
+
+def _grid_valid(layout: Layout, r: Expr) -> Expr:
+    """Row r of the tiled cells (counted from their first row) holds a cell."""
     d = _digit_exprs(layout, r)
     inside = (
         E.cmp("<", _coordinate_from(layout, a, lambda kind, ax, lv: d[(kind, ax, lv)]), layout.axes[a].size)
         for a in range(len(layout.axes))
     )
-    return E.conj(E.cmp("<", r, rows(layout)), *inside)
+    return E.conj(E.cmp("<", r, _grid_rows(layout)), *inside)
 
 
 # --- the predicate in layout space ------------------------------------------------------------------
@@ -273,16 +338,37 @@ def layout_predicate(pred: Expr, layout: Layout | None) -> Expr:
     """`valid(i) & valid(j) & pred(L(i), L(j))` over physical rows i, j, simplified for interval reasoning.
 
     Exact at every pair of physical rows (the rewrites are integer identities, the ones that need
-    `0 <= c < n` only apply where validity holds, and validity is part of the result)."""
+    `0 <= c < n` only apply where validity holds, and validity is part of the result). With extra tokens
+    it is a union over the (query region, key region) pairs, each simplified on its own: a tile lies in
+    one region, so interval reasoning sees the cells' structure there and plain indices elsewhere."""
     if layout is None:
         return pred
+    if not (layout.prefix or layout.suffix):
+        return E.conj(valid(layout, E.I), valid(layout, E.J), _in_layout_space(pred, layout, None, None))
+    parts = [
+        E.conj(ri.valid, rj.valid, _in_layout_space(pred, layout, ri.token, rj.token))
+        for ri in _regions(layout, E.I)
+        for rj in _regions(layout, E.J)
+    ]
+    return E.disj(*parts)
+
+
+def _in_layout_space(pred: Expr, layout: Layout, token_i: Expr | None, token_j: Expr | None) -> Expr:
+    """pred with i and j replaced by the logical tokens of physical rows: `token_i` where given (an extra
+    token's), else through the digits of the row within the tiled cells, simplified."""
     k = len(layout.axes)
     strides = _strides(layout)
+    lead = _lead(layout)
+    flat = {"i": token_i, "j": token_j}
     # step 1: tokens as sums of coordinates; coordinates of valid rows lie in [0, n)
     env1: dict[E.VarName, Expr] = {}
     bounds1: dict[Expr, tuple[int, int]] = {}
     for side, var in (("i", "i"), ("j", "j")):
-        t: Expr = E.const(0)
+        given = flat[side]
+        if given is not None:
+            env1[var] = given  # type: ignore[index]
+            continue
+        t: Expr = E.const(layout.prefix)
         for a in range(k):
             c = _ph(side, "c", a)
             size = _const_size(layout.axes[a])
@@ -302,13 +388,12 @@ def layout_predicate(pred: Expr, layout: Layout | None) -> Expr:
                 bounds2[_ph(side, "f", a, lv)] = (0, f - 1)
             env2[f"{side}c{a}_0"] = _coordinate_from(layout, a, lambda kind, ax, lv, s=side: _ph(s, kind, ax, lv))
     step2 = _Simplifier(bounds2).go(E.substitute(step1, env2))
-    # step 3: digits as functions of the physical rows
+    # step 3: digits as functions of the physical rows (counted from the first row of the cells)
     env3: dict[Any, Expr] = {}
     for side, row in (("i", E.I), ("j", E.J)):
-        for (kind, a, lv), ex in _digit_exprs(layout, row).items():
+        for (kind, a, lv), ex in _digit_exprs(layout, E.sub(row, lead)).items():
             env3[f"{side}{kind}{a}_{lv}"] = ex
-    body = E.substitute(step2, env3)
-    return E.conj(valid(layout, E.I), valid(layout, E.J), body)
+    return E.substitute(step2, env3)
 
 
 # --- choosing a layout ------------------------------------------------------------------------------
@@ -379,7 +464,7 @@ def candidates(grid: ir.Grid, dilation: tuple[int, ...], block_q: int, block_k: 
                 Axis(E.const(n), d, (o // i, i) if small < big else (o,))
                 for n, d, o, i in zip(grid.dims, dilation, outer, inner, strict=True)
             )
-            out.append(Layout(axes))
+            out.append(Layout(axes, grid.prefix, grid.suffix))
     return out
 
 

@@ -70,7 +70,7 @@ def row_stats(p: ir.Pattern, n: int, budget: Budget | None = None) -> RowStats:
     """Exact per-row statistics of a static pattern at sequence length n (O(N) memory: N <= ARRAY_LIMIT
     is the caller's business). A budget bounds the interval subdivision (OverBudget past it)."""
     pred = bound_predicate(p, n)
-    if isinstance(p, ir.Neighborhood):
+    if isinstance(p, ir.Neighborhood) and not p.layout.has_extra_tokens:
         return _neighborhood(p, n)
     return predicate_stats(pred, n, budget)
 

@@ -41,6 +41,7 @@ CASES = [
     ("layout g = grid(9, 14)\npattern p = neighborhood(g, kernel=(3, 5), stride=(2, 3))\n", 126),
     ("layout g = grid(8, 12)\npattern p = neighborhood(g, kernel=3, causal=(true, false)) & causal\n", 96),
     ("layout g = grid(2, 3, 2, 4)\npattern p = neighborhood(g, kernel=(1, 2, 2, 4))\n", 48),  # tile-major 2-D
+    ("layout g = grid(3, 4, prefix=5, suffix=3)\npattern p = neighborhood(g, kernel=(1, 3)) | global(g.prefix) | cols(g.suffix)\n", 20),
     pytest.param("layout g = grid(3, 2, 3, 2, 2, 4)\npattern p = neighborhood(g, kernel=(2, 1, 2, 2, 2, 4))\n", 288,
                  marks=pytest.mark.slow, id="tile-major-3d"),  # about 10 s in the interpreter
 ]

@@ -88,3 +88,50 @@ def test_library_sta_matches_attention_gym_at_its_defaults(name: str, canvas: tu
     rows = np.arange(0, n, 97)  # every 97th query: the full 16k x 16k masks are slow to build
     got = eval_numpy(predicate(item.body), rows[:, None], np.arange(n)[None, :], n)
     assert (got == sta_reference(canvas, kernel, tile, queries=rows)).all()
+
+
+@pytest.mark.parametrize("canvas, kernel, tile, text", [
+    ((8, 8), (4, 4), (2, 2), 5),
+    ((12, 8), (6, 8), (2, 4), 3),
+    ((4, 8, 8), (2, 4, 4), (2, 2, 2), 7),
+])  # fmt: skip
+def test_sta_with_text_after_the_video_is_a_suffix(canvas: tuple[int, ...], kernel: tuple[int, ...],
+                                                   tile: tuple[int, ...], text: int) -> None:  # fmt: skip
+    """attention-gym's text_seq_len: text tokens after the video see every token and are seen by all."""
+    body = P.loads(_sta_source(canvas, kernel, tile, text)).get("p")
+    assert isinstance(body, ir.PatternDef)
+    n = math.prod(canvas) + text
+    assert (dense_mask(body.body, n) == sta_reference(canvas, kernel, tile, text)).all()
+
+
+def video_dit_reference(text: int, dims: tuple[int, int, int], kernel: tuple[int, int, int]) -> np.ndarray:
+    """Text tokens (the first `text`) see all and are seen by all; video tokens see a NATTEN 3-D
+    neighborhood: per axis, `kernel` positions starting at clamp(x - kernel // 2, 0, n - kernel)."""
+    n = text + math.prod(dims)
+    out = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        for j in range(n):
+            if i < text or j < text:
+                out[i, j] = True
+                continue
+            x = np.unravel_index(i - text, dims)
+            y = np.unravel_index(j - text, dims)
+            ok = True
+            for a in range(3):
+                start = min(max(int(x[a]) - kernel[a] // 2, 0), dims[a] - kernel[a])
+                ok = ok and start <= int(y[a]) < start + kernel[a]
+            out[i, j] = ok
+    return out
+
+
+@pytest.mark.parametrize("defines", [
+    {"text": 10, "frames": 4, "height": 6, "width": 5, "kt": 3, "ks": 3},
+    {"text": 3, "frames": 3, "height": 4, "width": 8, "kt": 2, "ks": 4},  # even kernels
+])  # fmt: skip
+def test_video_dit_text_is_global_and_video_is_a_3d_neighborhood(defines: dict[str, int]) -> None:
+    item = P.load(LIBRARY / "video_dit.pat", defines).get("video_dit")
+    assert isinstance(item, ir.PatternDef)
+    dims = (defines["frames"], defines["height"], defines["width"])
+    n = defines["text"] + math.prod(dims)
+    want = video_dit_reference(defines["text"], dims, (defines["kt"], defines["ks"], defines["ks"]))
+    assert (dense_mask(item.body, n) == want).all()
