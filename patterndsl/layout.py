@@ -83,8 +83,9 @@ def describe(layout: Layout | None) -> str:
     dil = [a.dilation for a in layout.axes]
     if any(d > 1 for d in dil):
         parts.append("residue classes mod " + "x".join(map(str, dil)))
-    if layout.prefix or layout.suffix:
-        parts.append(f"{layout.prefix} tokens before and {layout.suffix} after the grid")
+    extra = [f"{n} tokens {where}" for n, where in ((layout.prefix, "before"), (layout.suffix, "after")) if n]
+    if extra:
+        parts.append(" and ".join(extra) + " the grid")
     if len(layout.axes) > 1:
         levels = len(layout.axes[0].factors)
         shapes = []
@@ -515,6 +516,18 @@ def _neighborhood_axis_visits(n: int, k: int, d: int, s: int, causal: bool, dila
     return _axis_visits(_neighborhood_axis(E.I, E.J, n, k, d, s, causal), n, dilation, tile, key)
 
 
+def _cells_rule(p: ir.Pattern, grid: ir.Grid) -> ir.Neighborhood | None:
+    """The neighborhood that decides which tiles of the cells are visited: the pattern itself, or on a grid
+    with extra tokens its one neighborhood (terms on the extra tokens, `global(L.prefix)`, visit the same
+    rows and columns whatever the tiling of the cells)."""
+    if isinstance(p, ir.Neighborhood):
+        return p
+    if not grid.has_extra_tokens:
+        return None
+    found = [x for x in ir.walk(p) if isinstance(x, ir.Neighborhood) or isinstance(x, ir.Where) and x.layout]
+    return found[0] if len(found) == 1 and isinstance(found[0], ir.Neighborhood) else None
+
+
 @functools.lru_cache(maxsize=256)
 def _choose(p: ir.Pattern, block_q: int, block_k: int) -> Layout | None:
     pred = predicate(p)
@@ -529,9 +542,10 @@ def _choose(p: ir.Pattern, block_q: int, block_k: int) -> Layout | None:
         dilation = (d,)
     n = g.size
     cands = candidates(g, dilation, block_q, block_k)
-    if isinstance(p, ir.Neighborhood) and block_q >= block_k:
+    cells = _cells_rule(p, g)
+    if cells is not None and block_q >= block_k:
         # a product over axes: tiles visited = product of per-axis counts (exact, cheap); rank by it
-        scored = sorted((_neighborhood_score(p, lay), k) for k, lay in enumerate(cands))
+        scored = sorted((_neighborhood_score(cells, lay), k) for k, lay in enumerate(cands))
         cands = [cands[k] for _, k in scored[:2]]
     else:
         cands = cands[:: max(1, len(cands) // 12)]
