@@ -25,7 +25,7 @@ SMALL = dict(block_m=16, block_n=16, bwd_config=(16, 16, 16, 16, 4, 1))
 
 # (source or library file, pattern, defines, N)
 CASES: dict[str, tuple[str, str, dict[str, int], int]] = {
-    "log2": ("pattern p = causal & where(q == k or log2(q - k) % 2 == 0) | cols(log2(N))\n", "p", {}, 45),
+    "log2": ("pattern p = causal & where(q == k or log2(q - k) % 2 == 0) | cols(log2(N))\n", "p", {}, 31),
     "tile_major": ("layout g = grid(2, 3, 2, 4)\npattern p = neighborhood(g, kernel=(2, 2, 2, 4))\n", "p", {}, 48),
     "suffix": ("layout g = grid(3, 2, 2, 2, suffix=6)\npattern p = neighborhood(g, kernel=(2, 1, 2, 2)) "
                "| global(g.suffix)\n", "p", {}, 30),  # fmt: skip
