@@ -62,4 +62,6 @@ fi
 # GRAPHS=1: forward+backward eager and as a replayed CUDA graph at N = 4096 (about 4 minutes with Flex's compiles)
 if [ -n "${GRAPHS:-}" ]; then TAIL=15 stage bench_graphs "${T_GRAPHS:-280}" python3 benchmarks/bench_graphs.py "$OUT"; fi
 if [ -n "${LAYOUTS:-}" ]; then TAIL=20 stage bench_layouts "${T_LAYOUTS:-200}" env BENCH_BWD=1 python3 benchmarks/bench_layouts.py "$OUT"; fi
+# VIDEO_DIT=1 (issue 23: 226 text tokens before a 16 x 32 x 32 latent, vs Flex with its mask build and dense SDPA)
+if [ -n "${VIDEO_DIT:-}" ]; then TAIL=10 stage bench_video_dit "${T_VIDEO_DIT:-240}" python3 benchmarks/bench_video_dit.py "$OUT/video_dit_h100.json"; fi
 ls -la "$OUT" >> "$log"

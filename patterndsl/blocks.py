@@ -88,7 +88,7 @@ def bound_predicate(pattern_or_pred: ir.Pattern | Expr, n: int) -> Expr:
 
 def _is_expr(x: object) -> bool:
     return isinstance(
-        x, E.Const | E.Var | E.Arith | E.Abs | E.Cmp | E.And | E.Or | E.Not | E.IfElse | E.IsPow | E.RandomMember
+        x, E.Const | E.Var | E.Arith | E.Abs | E.Log2 | E.Cmp | E.And | E.Or | E.Not | E.IfElse | E.IsPow | E.RandomMember
     )
 
 

@@ -24,11 +24,12 @@ PRIMITIVES = frozenset(
     {
         "full", "none", "causal", "window", "stride", "sink", "global", "rows", "cols", "hops",
         "blockwise", "where", "random", "neighborhood", "grid", "topk", "threshold",
-        "min", "max", "abs", "true", "false", "given", "N",
+        "min", "max", "abs", "log2", "true", "false", "given", "N",
     }
 )  # fmt: skip
 RESERVED = KEYWORDS | PRIMITIVES
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
+MAX_GRID_AXES = 16  # a tile-major 3-D order takes 6 axes; the cap keeps layout search and messages small
 SELECTOR_BLOCK = 16  # a selector's block is a whole number of the kernel's smallest tile
 
 
@@ -100,7 +101,7 @@ def index_role(name: str) -> str | None:
     and another outside it (`param k = 3` then `where(q - k <= k) | window(k)`)."""
     if name in ("q", "k"):
         return "the query index" if name == "q" else "the key index"
-    if len(name) == 3 and name[:2] in ("qc", "kc") and name[2].isdigit():
+    if len(name) >= 3 and name[:2] in ("qc", "kc") and name[2:].isdigit():
         return "a query coordinate" if name[0] == "q" else "a key coordinate"
     return None
 
@@ -236,12 +237,16 @@ class _Checker:
     def _layout(self, name: str, node: T.Node) -> ir.Grid:
         if not (isinstance(node, T.Call) and node.func == "grid"):
             raise PatternError("a layout must be grid(n1, ..., nk)", node.span, "e.g. layout image = grid(64, 64)")
-        if node.keywords:
-            raise PatternError("grid takes no keyword arguments", node.keywords[0].span)
-        if not 1 <= len(node.args) <= 3:
-            raise PatternError(f"grid takes 1 to 3 axis lengths, not {len(node.args)}", node.span)
+        extra = {"prefix": 0, "suffix": 0}
+        for kw in node.keywords:
+            if kw.name not in extra:
+                raise PatternError(f"grid has no argument '{kw.name}'", kw.span,
+                                   "extra tokens before or after the grid: grid(16, 32, 32, prefix=226)")  # fmt: skip
+            extra[kw.name] = self._const_int(kw.value, None, f"grid's {kw.name}", minimum=0)
+        if not 1 <= len(node.args) <= MAX_GRID_AXES:
+            raise PatternError(f"grid takes 1 to {MAX_GRID_AXES} axis lengths, not {len(node.args)}", node.span)
         dims = tuple(self._const_int(a, None, "a grid axis length", minimum=1) for a in node.args)
-        return ir.Grid(name, dims, node.span)
+        return ir.Grid(name, dims, node.span, extra["prefix"], extra["suffix"])
 
     def _body(self, node: T.Node | T.HeadsBlock, what: str) -> ir.Body:
         if isinstance(node, T.HeadsBlock):
@@ -371,6 +376,8 @@ class _Checker:
                 return self._compare(operands, ops, node.span, scope)
             case T.Call():
                 return self._call(node, scope)
+            case T.Attribute(value, attr):
+                return self._layout_part(value, attr, node.span, scope)
             case T.TupleLit(items):
                 return TupleV(tuple(self.value(x, scope) for x in items))
             case T.ListLit(items):
@@ -378,6 +385,18 @@ class _Checker:
             case T.Slice():
                 return SetV(self._slice(node))
         raise PatternError("unsupported expression", getattr(node, "span", None))
+
+    def _layout_part(self, name: str, attr: str, span: Span, scope: WhereScope | None) -> Value:
+        """`L.prefix` / `L.suffix`: the extra tokens of a layout, as the token slice they occupy."""
+        lv = self._name(name, span, scope)
+        if not isinstance(lv, LayoutV):
+            raise PatternError(f"'{name}.{attr}': '{name}' is {kind(lv)}, not a layout", span)
+        g = lv.grid
+        parts = {"prefix": (0, g.prefix), "suffix": (g.prefix + g.cells, g.size)}
+        if attr not in parts:
+            raise PatternError(f"a layout has no part '{attr}'", span, f"{name}.prefix or {name}.suffix")
+        start, stop = parts[attr]
+        return SetV(ir.TokenSlice(E.const(start), E.const(stop), E.const(1), span))
 
     def _slice(self, node: T.Slice) -> ir.TokenSlice:
         start = None if node.start is None else self.integer(node.start, None, "a slice bound")
@@ -423,7 +442,7 @@ class _Checker:
             raise PatternError(
                 f"'{name}' needs a layout", span, "name one first: where(my_grid, ...) with layout my_grid = grid(...)"
             )
-        axis = int(name[2])
+        axis = int(name[2:])
         if axis >= len(scope.layout.dims):
             raise PatternError(
                 f"'{name}': layout '{scope.layout.name}' has {len(scope.layout.dims)} axes (0..{len(scope.layout.dims) - 1})",
@@ -801,6 +820,11 @@ def _call_abs(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     return IntV(E.absolute(c.integer(args["x"], scope, "abs's argument")))
 
 
+def _call_log2(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
+    args = _bind(node, ("x",), 1)
+    return IntV(E.log2(c.integer(args["x"], scope, "log2's argument")))
+
+
 def _call_grid(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     raise PatternError("grid(...) defines a layout", node.span, "write: layout name = grid(...)")
 
@@ -822,6 +846,7 @@ _CALLS: dict[str, Callable[[_Checker, T.Call, WhereScope | None], Value]] = {
     "min": _call_minmax,
     "max": _call_minmax,
     "abs": _call_abs,
+    "log2": _call_log2,
     "grid": _call_grid,
 }
 
@@ -858,6 +883,7 @@ _CALL_ONLY = {
     "min": "min(a, b)",
     "max": "max(a, b)",
     "abs": "abs(q - k)",
+    "log2": "log2(abs(q - k))",
     "grid": "layout image = grid(64, 64)",
 }
 
@@ -897,7 +923,7 @@ def _names_in(root: T.Node | T.HeadsBlock | None) -> Iterator[str]:
         node = stack.pop()
         parts: tuple[T.Node | T.HeadsBlock | None, ...] = ()
         match node:
-            case T.Name(name):
+            case T.Name(name) | T.Attribute(name):
                 yield name
             case T.Unary(_, x):
                 parts = (x,)
@@ -1047,7 +1073,7 @@ def _divisors(e: Expr) -> Iterator[Expr]:
         case E.Cmp(_, a, b):
             yield from _divisors(a)
             yield from _divisors(b)
-        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+        case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
             yield from _divisors(a)
         case E.And(args) | E.Or(args):
             for a in args:
@@ -1077,7 +1103,7 @@ def validate(p: ir.Pattern, n: int | None) -> None:
         match p:
             case ir.Neighborhood(layout) | ir.Where(_, layout) if layout is not None and layout.size != n:
                 raise PatternError(
-                    f"layout '{layout.name}' = grid{layout.dims} holds {layout.size} tokens but N = {n}",
+                    f"layout '{layout.name}' = {layout.describe()} holds {layout.size} tokens but N = {n}",
                     layout.span,
                     f"use N = {layout.size}, or change the grid",
                 )

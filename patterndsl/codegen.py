@@ -164,6 +164,19 @@ def _render_random_triton(em: _Emitter, row: str, col: str, n: str, r: str, seed
     return em.emit(" | ".join(f"(({t} >= 0) & ({col} == {k}))" for k, t in keys))
 
 
+def _render_log2(em: _Emitter, x: str, idx_max: int) -> str:
+    """`expr.ilog2` as a binary search by shifts (no float rounding, no libdevice): each step adds s to
+    the result and shifts the value right by s when it is at least 2**s; -1 where x <= 0."""
+    v = em.emit(f"tl.maximum({x}, 0)")
+    steps = []
+    for s in (32, 16, 8, 4, 2, 1):
+        if s < idx_max.bit_length():  # values stay below 2**bit_length, so larger steps never fire
+            steps.append(em.emit(f"tl.where({v} >= {1 << s}, {s}, 0)"))
+            if s > 1:  # the last step's shifted value is not needed
+                v = em.emit(f"{v} >> {steps[-1]}")
+    return em.emit(f"tl.where({x} > 0, {' + '.join(steps) or '0'}, -1)")
+
+
 def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]:
     """SSA lines and the result name of the predicate over a tile, for a `@triton.jit` function of
     `(i, j, N)`. `idx_max` bounds every intermediate value (powers for hops(base) stop there)."""
@@ -221,6 +234,8 @@ def render_triton(pred: Expr, idx_max: int = INT32_MAX) -> tuple[list[str], str]
                         return em.emit(" * ".join([x] * k) if k > 0 else "1")
             case E.Abs(a):
                 return em.emit(f"tl.abs({go(a)})")
+            case E.Log2(a):
+                return _render_log2(em, go(a), idx_max)
             case E.Cmp(op, a, b):
                 return em.emit(f"{go(a)} {_op(op)} {go(b)}")
             case E.And(args):

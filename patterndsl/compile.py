@@ -151,7 +151,7 @@ def _requirements(p: ir.Pattern, n: E.Expr = E.N) -> Iterator[tuple[E.Expr, int,
             yield E.substitute(value, {"N": n}), minimum, what, False
     match p:
         case ir.Neighborhood(layout) | ir.Where(_, layout) if layout is not None:
-            yield n, layout.size, f"layout '{layout.name}' = grid{layout.dims} holds {layout.size} tokens", True
+            yield n, layout.size, f"layout '{layout.name}' = {layout.describe()} holds {layout.size} tokens", True
         case ir.Blockwise(block, inner):
             b = E.substitute(block, {"N": n})
             yield from _requirements(inner, E.floordiv(E.add(n, E.sub(b, E.const(1))), b))
@@ -410,6 +410,8 @@ def expr_source(e: E.Expr) -> str:
             return f"E.Arith({_choice(op, ops)!r}, {expr_source(a)}, {expr_source(b)})"
         case E.Abs(a):
             return f"E.Abs({expr_source(a)})"
+        case E.Log2(a):
+            return f"E.Log2({expr_source(a)})"
         case E.Cmp(op, a, b):
             return f"E.Cmp({_choice(op, ('==', '!=', '<', '<=', '>', '>='))!r}, {expr_source(a)}, {expr_source(b)})"
         case E.And(args):

@@ -12,7 +12,7 @@ it), so a backend only has to guard against a zero or negative divisor that depe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 ArithOp: TypeAlias = Literal["+", "-", "*", "//", "%", "**", "min", "max"]
 CmpOp: TypeAlias = Literal["==", "!=", "<", "<=", ">", ">="]
@@ -38,6 +38,16 @@ class Arith:
 
 @dataclass(frozen=True, slots=True)
 class Abs:
+    a: Expr
+
+
+@dataclass(frozen=True, slots=True)
+class Log2:
+    """`log2(a)`: the floor of the base-2 logarithm of a positive `a`, and -1 for `a <= 0`.
+
+    Total and non-decreasing over all integers, so no input is an error at run time and interval
+    bounds are the values at the ends; `ilog2` is its one definition on Python integers."""
+
     a: Expr
 
 
@@ -95,7 +105,7 @@ class RandomMember:
     seed: int
 
 
-Expr: TypeAlias = Const | Var | Arith | Abs | Cmp | And | Or | Not | IfElse | IsPow | RandomMember
+Expr: TypeAlias = Const | Var | Arith | Abs | Log2 | Cmp | And | Or | Not | IfElse | IsPow | RandomMember
 
 TRUE = Const(True)
 FALSE = Const(False)
@@ -182,6 +192,33 @@ def absolute(a: Expr) -> Expr:
     if isinstance(a, Const):
         return Const(abs(int(a.value)))
     return Abs(a)
+
+
+def ilog2(x: int) -> int:
+    """floor(log2(x)) for x >= 1 and -1 for x <= 0 (the meaning of `log2` in the language)."""
+    return x.bit_length() - 1 if x > 0 else -1
+
+
+def ilog2_of(x: Any) -> Any:
+    """`ilog2` element by element on an integer, a numpy array or a torch tensor: a binary search by
+    shifts, exact at any width (a float log2 rounds up just below large powers of two)."""
+    if isinstance(x, int):
+        return ilog2(x)
+    bits = 8 * int(x.itemsize)
+    v = x * (x > 0)
+    out = v * 0
+    for s in (32, 16, 8, 4, 2, 1):
+        if s <= bits - 2:  # 1 << s must fit the dtype
+            big = (v >= (1 << s)) * s
+            out = out + big
+            v = v >> big
+    return out - (x <= 0) * 1
+
+
+def log2(a: Expr) -> Expr:
+    if isinstance(a, Const):
+        return Const(ilog2(int(a.value)))
+    return Log2(a)
 
 
 def cmp(op: CmpOp, a: Expr, b: Expr) -> Expr:
@@ -276,6 +313,8 @@ def substitute(e: Expr, env: dict[VarName, Expr]) -> Expr:
                 return arith(op, go(a), go(b))
             case Abs(a):
                 return absolute(go(a))
+            case Log2(a):
+                return log2(go(a))
             case Cmp(op, a, b):
                 return cmp(op, go(a), go(b))
             case And(args):
@@ -303,7 +342,7 @@ def free_vars(e: Expr) -> frozenset[VarName]:
             return frozenset({name})
         case Arith(_, a, b) | Cmp(_, a, b):
             return free_vars(a) | free_vars(b)
-        case Abs(a) | Not(a) | IsPow(a, _):
+        case Abs(a) | Log2(a) | Not(a) | IsPow(a, _):
             return free_vars(a)
         case And(args) | Or(args):
             return frozenset().union(*(free_vars(a) for a in args))
@@ -319,7 +358,7 @@ def children(e: Expr) -> tuple[Expr, ...]:
     match e:
         case Arith(_, a, b) | Cmp(_, a, b):
             return (a, b)
-        case Abs(a) | Not(a) | IsPow(a, _):
+        case Abs(a) | Log2(a) | Not(a) | IsPow(a, _):
             return (a,)
         case And(args) | Or(args):
             return args
@@ -365,6 +404,8 @@ def to_source(e: Expr) -> str:
                 return f"({text})" if p < outer else text
             case Abs(a):
                 return f"abs({go(a, 0)})"
+            case Log2(a):
+                return f"log2({go(a, 0)})"
             case Cmp(op, a, b):
                 text = f"{go(a, 5)} {op} {go(b, 5)}"
                 return f"({text})" if _PRECEDENCE["cmp"] < outer else text

@@ -179,6 +179,8 @@ def _expr(node: T.Node) -> str:
         case T.Call(func, args, keywords):
             items = [_arg(a) for a in args] + [f"{k.name}={_arg(k.value)}" for k in keywords]
             return f"{func}({', '.join(items)})"
+        case T.Attribute(value, attr):
+            return f"{value}.{attr}"
         case T.TupleLit(items):
             inner = ", ".join(_wrap(x, 0) for x in items)
             return f"({inner},)" if len(items) == 1 else f"({inner})"

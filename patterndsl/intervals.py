@@ -88,6 +88,9 @@ def _interval(e: Expr, env: dict[str, Interval], xp: Any) -> Interval:
             iv = _interval(a, env, xp)
             lo = _where(_cmpv("<=", 0, iv.lo), iv.lo, _where(_cmpv("<=", iv.hi, 0), -iv.hi, 0, xp), xp)
             return Interval(lo, _max(-iv.lo, iv.hi, xp))
+        case E.Log2(a):
+            iv = _interval(a, env, xp)  # log2 is non-decreasing: its bounds are its values at the ends
+            return Interval(E.ilog2_of(iv.lo), E.ilog2_of(iv.hi))
         case E.IfElse(c, t, o):
             ct = _truth(c, env, xp)
             at, ao = _interval(t, env, xp), _interval(o, env, xp)

@@ -100,18 +100,36 @@ class Random:
 
 @dataclass(frozen=True, slots=True)
 class Grid:
-    """`layout name = grid(n1, ..., nk)`: token t sits at row-major coordinates (last axis fastest)."""
+    """`layout name = grid(n1, ..., nk, prefix=p, suffix=s)`: `prefix` extra tokens (text, registers), then
+    the grid's cells in row-major order (last axis fastest), then `suffix` extra tokens. Layout patterns
+    hold between cells only; the extra tokens are the token sets `name.prefix` and `name.suffix`."""
 
     name: str
     dims: tuple[int, ...]
     span: Span | None = _span
+    prefix: int = 0
+    suffix: int = 0
 
     @property
-    def size(self) -> int:
+    def cells(self) -> int:
         size = 1
         for d in self.dims:
             size *= d
         return size
+
+    @property
+    def size(self) -> int:
+        """Every token of the layout: the sequence length N it describes."""
+        return self.prefix + self.cells + self.suffix
+
+    @property
+    def has_extra_tokens(self) -> bool:
+        return self.prefix > 0 or self.suffix > 0
+
+    def describe(self) -> str:
+        """`grid(16, 32, 32, prefix=226)` as written (for messages)."""
+        extra = "".join(f", {k}={v}" for k, v in (("prefix", self.prefix), ("suffix", self.suffix)) if v)
+        return f"grid({', '.join(map(str, self.dims))}{extra})"
 
     @property
     def strides(self) -> tuple[int, ...]:

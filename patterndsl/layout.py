@@ -33,7 +33,6 @@ shapes by the tiles they visit (`analysis.cost.tile_rects`), keeping the plain o
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +60,13 @@ class Axis:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
+    """The tiled axes, and the extra tokens of a grid with a prefix or suffix (text, registers): they keep
+    their order and stay contiguous around the tiled cells, the prefix padded to whole tiles so no tile
+    mixes extra tokens and cells."""
+
     axes: tuple[Axis, ...]
+    prefix: int = 0
+    suffix: int = 0
 
     @property
     def volume(self) -> int:
@@ -78,6 +83,9 @@ def describe(layout: Layout | None) -> str:
     dil = [a.dilation for a in layout.axes]
     if any(d > 1 for d in dil):
         parts.append("residue classes mod " + "x".join(map(str, dil)))
+    extra = [f"{n} tokens {where}" for n, where in ((layout.prefix, "before"), (layout.suffix, "after")) if n]
+    if extra:
+        parts.append(" and ".join(extra) + " the grid")
     if len(layout.axes) > 1:
         levels = len(layout.axes[0].factors)
         shapes = []
@@ -119,10 +127,51 @@ def _digits(layout: Layout) -> list[tuple[str, int, int, Expr]]:
 
 
 def rows(layout: Layout | None) -> Expr:
-    """Physical rows (an expression over N): every axis padded to whole tiles of every group."""
+    """Physical rows (an expression over N): every axis padded to whole tiles of every group, and the
+    extra tokens around them (the prefix padded to whole tiles)."""
     if layout is None:
         return E.N
+    return E.add(E.add(_lead(layout), _grid_rows(layout)), E.const(layout.suffix))
+
+
+def _grid_rows(layout: Layout) -> Expr:
     return _prod([radix for _, _, _, radix in _digits(layout)])
+
+
+def _lead(layout: Layout) -> Expr:
+    """Rows before the tiled cells: the prefix, padded to whole tiles."""
+    return E.const(-(-layout.prefix // layout.volume) * layout.volume)
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    """Physical rows holding one kind of token: `valid` says a row is one of them; `token` is its logical
+    token, or None for the tiled cells (their tokens go through the digits of `row - lead`)."""
+
+    valid: Expr
+    token: Expr | None
+
+
+def _regions(layout: Layout, r: Expr) -> list[_Region]:
+    """The prefix's rows, the tiled cells' and the suffix's, in this order (the extra ones if any)."""
+    lead = _lead(layout)
+    out = [_Region(E.conj(E.cmp("<=", lead, r), _grid_valid(layout, E.sub(r, lead))), None)]
+    if layout.prefix:
+        out.insert(0, _Region(E.cmp("<", r, E.const(layout.prefix)), r))
+    if layout.suffix:
+        start = _suffix_start(layout)
+        inside = E.conj(E.cmp("<=", start, r), E.cmp("<", r, E.add(start, E.const(layout.suffix))))
+        out.append(_Region(inside, _suffix_token(layout, r)))
+    return out
+
+
+def _suffix_start(layout: Layout) -> Expr:
+    return E.add(_lead(layout), _grid_rows(layout))
+
+
+def _suffix_token(layout: Layout, r: Expr) -> Expr:
+    cells = _prod([a.size for a in layout.axes])
+    return E.add(E.sub(r, _suffix_start(layout)), E.add(E.const(layout.prefix), cells))
 
 
 def _digit_exprs(layout: Layout, r: Expr) -> dict[tuple[str, int, int], Expr]:
@@ -158,6 +207,15 @@ def _strides(layout: Layout) -> list[Expr]:
 
 def logical_index(layout: Layout, r: Expr = E.I) -> Expr:
     """The logical token of physical row r (meaningful where `valid`)."""
+    out = E.add(_grid_logical(layout, E.sub(r, _lead(layout))), E.const(layout.prefix))
+    if layout.suffix:
+        out = E.if_else(E.cmp(">=", r, _suffix_start(layout)), _suffix_token(layout, r), out)
+    if layout.prefix:
+        out = E.if_else(E.cmp("<", r, _lead(layout)), r, out)
+    return out
+
+
+def _grid_logical(layout: Layout, r: Expr) -> Expr:
     d = _digit_exprs(layout, r)
     coords = [_coordinate_from(layout, a, lambda kind, ax, lv: d[(kind, ax, lv)]) for a in range(len(layout.axes))]
     t: Expr = E.const(0)
@@ -168,12 +226,19 @@ def logical_index(layout: Layout, r: Expr = E.I) -> Expr:
 
 def valid(layout: Layout, r: Expr = E.I) -> Expr:
     """Physical row r holds a token (it is not padding)."""
+    if not (layout.prefix or layout.suffix):
+        return _grid_valid(layout, r)
+    return E.disj(*(region.valid for region in _regions(layout, r)))
+
+
+def _grid_valid(layout: Layout, r: Expr) -> Expr:
+    """Row r of the tiled cells (counted from their first row) holds a cell."""
     d = _digit_exprs(layout, r)
     inside = (
         E.cmp("<", _coordinate_from(layout, a, lambda kind, ax, lv: d[(kind, ax, lv)]), layout.axes[a].size)
         for a in range(len(layout.axes))
     )
-    return E.conj(E.cmp("<", r, rows(layout)), *inside)
+    return E.conj(E.cmp("<", r, _grid_rows(layout)), *inside)
 
 
 # --- the predicate in layout space ------------------------------------------------------------------
@@ -249,6 +314,8 @@ class _Simplifier:
                 return E.arith(op, self.go(a), self.go(b))
             case E.Abs(a):
                 return E.absolute(self.go(a))
+            case E.Log2(a):
+                return E.log2(self.go(a))
             case E.Cmp(op, a, b):
                 return E.cmp(op, self.go(a), self.go(b))
             case E.And(args):
@@ -272,16 +339,37 @@ def layout_predicate(pred: Expr, layout: Layout | None) -> Expr:
     """`valid(i) & valid(j) & pred(L(i), L(j))` over physical rows i, j, simplified for interval reasoning.
 
     Exact at every pair of physical rows (the rewrites are integer identities, the ones that need
-    `0 <= c < n` only apply where validity holds, and validity is part of the result)."""
+    `0 <= c < n` only apply where validity holds, and validity is part of the result). With extra tokens
+    it is a union over the (query region, key region) pairs, each simplified on its own: a tile lies in
+    one region, so interval reasoning sees the cells' structure there and plain indices elsewhere."""
     if layout is None:
         return pred
+    if not (layout.prefix or layout.suffix):
+        return E.conj(valid(layout, E.I), valid(layout, E.J), _in_layout_space(pred, layout, None, None))
+    parts = [
+        E.conj(ri.valid, rj.valid, _in_layout_space(pred, layout, ri.token, rj.token))
+        for ri in _regions(layout, E.I)
+        for rj in _regions(layout, E.J)
+    ]
+    return E.disj(*parts)
+
+
+def _in_layout_space(pred: Expr, layout: Layout, token_i: Expr | None, token_j: Expr | None) -> Expr:
+    """pred with i and j replaced by the logical tokens of physical rows: `token_i` where given (an extra
+    token's), else through the digits of the row within the tiled cells, simplified."""
     k = len(layout.axes)
     strides = _strides(layout)
+    lead = _lead(layout)
+    flat = {"i": token_i, "j": token_j}
     # step 1: tokens as sums of coordinates; coordinates of valid rows lie in [0, n)
     env1: dict[E.VarName, Expr] = {}
     bounds1: dict[Expr, tuple[int, int]] = {}
     for side, var in (("i", "i"), ("j", "j")):
-        t: Expr = E.const(0)
+        given = flat[side]
+        if given is not None:
+            env1[var] = given  # type: ignore[index]
+            continue
+        t: Expr = E.const(layout.prefix)
         for a in range(k):
             c = _ph(side, "c", a)
             size = _const_size(layout.axes[a])
@@ -301,13 +389,12 @@ def layout_predicate(pred: Expr, layout: Layout | None) -> Expr:
                 bounds2[_ph(side, "f", a, lv)] = (0, f - 1)
             env2[f"{side}c{a}_0"] = _coordinate_from(layout, a, lambda kind, ax, lv, s=side: _ph(s, kind, ax, lv))
     step2 = _Simplifier(bounds2).go(E.substitute(step1, env2))
-    # step 3: digits as functions of the physical rows
+    # step 3: digits as functions of the physical rows (counted from the first row of the cells)
     env3: dict[Any, Expr] = {}
     for side, row in (("i", E.I), ("j", E.J)):
-        for (kind, a, lv), ex in _digit_exprs(layout, row).items():
+        for (kind, a, lv), ex in _digit_exprs(layout, E.sub(row, lead)).items():
             env3[f"{side}{kind}{a}_{lv}"] = ex
-    body = E.substitute(step2, env3)
-    return E.conj(valid(layout, E.I), valid(layout, E.J), body)
+    return E.substitute(step2, env3)
 
 
 # --- choosing a layout ------------------------------------------------------------------------------
@@ -341,16 +428,24 @@ def _grid_of(p: ir.Pattern) -> tuple[ir.Grid, tuple[int, ...]] | None:
 
 
 def _pow2_shapes(volume: int, caps: list[int]) -> list[tuple[int, ...]]:
-    """Tuples of powers of two, each at most its cap, whose product is `volume`."""
+    """Tuples of powers of two, each at most its cap, whose product is `volume`, in lexicographic order of
+    their exponents (built axis by axis, so grids of many axes cost what they yield, not bits**axes)."""
     k = len(caps)
     bits = volume.bit_length() - 1
-    out = []
-    for split in itertools.product(range(bits + 1), repeat=k):
-        if sum(split) != bits:
-            continue
-        shape = tuple(1 << s for s in split)
-        if all(s <= c for s, c in zip(shape, caps, strict=True)):
-            out.append(shape)
+    limits = [max(0, c.bit_length() - 1) for c in caps]
+    room = [sum(limits[a:]) for a in range(k)] + [0]  # the most the axes from a on can take
+    out: list[tuple[int, ...]] = []
+
+    def go(a: int, left: int, shape: tuple[int, ...]) -> None:
+        if a == k:
+            if left == 0:
+                out.append(shape)
+            return
+        for s in range(min(left, limits[a]) + 1):
+            if left - s <= room[a + 1]:
+                go(a + 1, left - s, (*shape, 1 << s))
+
+    go(0, bits, ())
     return out
 
 
@@ -370,7 +465,7 @@ def candidates(grid: ir.Grid, dilation: tuple[int, ...], block_q: int, block_k: 
                 Axis(E.const(n), d, (o // i, i) if small < big else (o,))
                 for n, d, o, i in zip(grid.dims, dilation, outer, inner, strict=True)
             )
-            out.append(Layout(axes))
+            out.append(Layout(axes, grid.prefix, grid.suffix))
     return out
 
 
@@ -407,13 +502,30 @@ def _axis_visits(pred: Expr, n: int, dilation: int, tile: int, key: int) -> int:
 
 def _neighborhood_score(p: ir.Neighborhood, lay: Layout) -> int:
     """Tiles visited by a bare neighborhood: a product over axes, so a product of per-axis counts."""
-    from .semantics import _neighborhood_axis
-
     total = 1
     for a, axis in enumerate(lay.axes):
-        ax_pred = _neighborhood_axis(E.I, E.J, p.layout.dims[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a])
-        total *= _axis_visits(ax_pred, p.layout.dims[a], axis.dilation, axis.tile, axis.factors[-1])
+        args = (p.layout.dims[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a])
+        total *= _neighborhood_axis_visits(*args, axis.dilation, axis.tile, axis.factors[-1])
     return total
+
+
+@functools.lru_cache(maxsize=4096)  # candidates share axes: a 6-axis grid's thousand layouts use a few dozen
+def _neighborhood_axis_visits(n: int, k: int, d: int, s: int, causal: bool, dilation: int, tile: int, key: int) -> int:
+    from .semantics import _neighborhood_axis
+
+    return _axis_visits(_neighborhood_axis(E.I, E.J, n, k, d, s, causal), n, dilation, tile, key)
+
+
+def _cells_rule(p: ir.Pattern, grid: ir.Grid) -> ir.Neighborhood | None:
+    """The neighborhood that decides which tiles of the cells are visited: the pattern itself, or on a grid
+    with extra tokens its one neighborhood (terms on the extra tokens, `global(L.prefix)`, visit the same
+    rows and columns whatever the tiling of the cells)."""
+    if isinstance(p, ir.Neighborhood):
+        return p
+    if not grid.has_extra_tokens:
+        return None
+    found = [x for x in ir.walk(p) if isinstance(x, ir.Neighborhood) or isinstance(x, ir.Where) and x.layout]
+    return found[0] if len(found) == 1 and isinstance(found[0], ir.Neighborhood) else None
 
 
 @functools.lru_cache(maxsize=256)
@@ -430,9 +542,10 @@ def _choose(p: ir.Pattern, block_q: int, block_k: int) -> Layout | None:
         dilation = (d,)
     n = g.size
     cands = candidates(g, dilation, block_q, block_k)
-    if isinstance(p, ir.Neighborhood) and block_q >= block_k:
+    cells = _cells_rule(p, g)
+    if cells is not None and block_q >= block_k:
         # a product over axes: tiles visited = product of per-axis counts (exact, cheap); rank by it
-        scored = sorted((_neighborhood_score(p, lay), k) for k, lay in enumerate(cands))
+        scored = sorted((_neighborhood_score(cells, lay), k) for k, lay in enumerate(cands))
         cands = [cands[k] for _, k in scored[:2]]
     else:
         cands = cands[:: max(1, len(cands) // 12)]

@@ -161,7 +161,7 @@ def magnitude_bound(e: Expr, n: int) -> int:
                         b = max(ba, bc)
                     case _:  # "**": the exponent is a constant (the checker insists)
                         b = _HUGE if ba >= 2 and (ba.bit_length() * bc) > 81 else ba**bc
-            case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+            case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
                 b = go(a)
             case E.Cmp(_, a, c):
                 b = max(go(a), go(c))

@@ -369,6 +369,9 @@ class _Build(Transformer_NonRecursive[Token, Any]):
                 args.append(a)
         return T.Call(str(name), tuple(args), tuple(keywords), self._s(meta))
 
+    def attribute(self, meta: Any, items: list[Any]) -> T.Attribute:
+        return T.Attribute(str(items[0]), str(items[1]), self._s(meta))
+
     def arguments(self, meta: Any, items: list[Any]) -> list[Any]:
         return [x for x in items if x is not None]
 

@@ -14,7 +14,7 @@ from .expr import Expr
 from .runtime.draw import counter_hash, random_keys
 from .source import PatternError
 
-__all__ = ["predicate", "coordinate", "in_token_set", "counter_hash", "random_keys"]
+__all__ = ["predicate", "coordinate", "on_grid", "in_token_set", "counter_hash", "random_keys"]
 
 
 def predicate(p: ir.Pattern) -> Expr:
@@ -48,8 +48,8 @@ def predicate(p: ir.Pattern) -> Expr:
             return E.disj(E.cmp("==", d, E.const(0)), E.IsPow(d, base))
         case ir.Random(count, seed):
             return E.RandomMember(E.I, E.J, E.N, count, seed)
-        case ir.Where(cond):
-            return cond
+        case ir.Where(cond, layout):
+            return cond if layout is None else E.conj(on_grid(E.I, layout), on_grid(E.J, layout), cond)
         case ir.Blockwise(block, inner):
             blocks = E.floordiv(E.add(E.N, E.sub(block, E.const(1))), block)
             env: dict[E.VarName, Expr] = {
@@ -71,7 +71,7 @@ def predicate(p: ir.Pattern) -> Expr:
                 )
                 for a in range(len(layout.dims))
             ]
-            return E.conj(*axes)
+            return E.conj(on_grid(E.I, layout), on_grid(E.J, layout), *axes)
         case ir.Union(a, b):
             return E.disj(predicate(a), predicate(b))
         case ir.Inter(a, b):
@@ -87,9 +87,18 @@ def predicate(p: ir.Pattern) -> Expr:
 
 
 def coordinate(t: Expr, layout: ir.Grid, axis: int) -> Expr:
-    """Coordinate `axis` of token t on a row-major grid (the first axis needs no modulo: t < N)."""
-    c = E.floordiv(t, E.const(layout.strides[axis]))
+    """Coordinate `axis` of token t on a row-major grid after the layout's prefix (meaningful where
+    `on_grid`; the first axis needs no modulo there)."""
+    c = E.floordiv(E.sub(t, E.const(layout.prefix)), E.const(layout.strides[axis]))
     return c if axis == 0 else E.mod(c, E.const(layout.dims[axis]))
+
+
+def on_grid(t: Expr, layout: ir.Grid) -> Expr:
+    """Token t is one of the grid's cells, not an extra token: a layout pattern holds between cells only.
+    TRUE for a grid without extra tokens (N is the cell count there, so every token is a cell)."""
+    if not layout.has_extra_tokens:
+        return E.TRUE
+    return E.conj(E.cmp(">=", t, E.const(layout.prefix)), E.cmp("<", t, E.const(layout.prefix + layout.cells)))
 
 
 def _neighborhood_axis(x: Expr, y: Expr, n: int, k: int, d: int, s: int, causal: bool) -> Expr:

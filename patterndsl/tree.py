@@ -82,6 +82,16 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class Attribute:
+    """`layout.part`: a named part of a layout (its extra tokens, `v.prefix` and `v.suffix`)."""
+
+    value: str
+    attr: str
+    span: Span = _span
+    parens: int = _parens
+
+
+@dataclass(frozen=True, slots=True)
 class TupleLit:
     items: tuple[Node, ...]
     span: Span = _span
@@ -103,7 +113,7 @@ class Slice:
     span: Span = _span
 
 
-Node: TypeAlias = Name | Int | Float | Unary | Binary | Compare | Call | TupleLit | ListLit | Slice
+Node: TypeAlias = Name | Int | Float | Unary | Binary | Compare | Call | Attribute | TupleLit | ListLit | Slice
 
 
 def parenthesized(node: Node) -> Node:

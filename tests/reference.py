@@ -39,6 +39,11 @@ def value(e: Any, n: int, i: int = 0, j: int = 0) -> Any:
         return ops[e.op]()
     if kind == "Abs":
         return abs(value(e.a, n, i, j))
+    if kind == "Log2":  # the largest m with 2**m <= x; -1 when there is none (x <= 0)
+        x, m = value(e.a, n, i, j), -1
+        while 2 ** (m + 1) <= x:
+            m += 1
+        return m
     if kind == "Cmp":
         a, b = value(e.a, n, i, j), value(e.b, n, i, j)
         return {"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[e.op]
@@ -88,6 +93,11 @@ def coords(t: int, dims: tuple[int, ...]) -> list[int]:
     return out[::-1]
 
 
+def on_cells(t: int, layout: ir.Grid) -> bool:
+    """Token t is a cell of the grid: after its `prefix` extra tokens, before its `suffix` ones."""
+    return layout.prefix <= t < layout.prefix + int(np.prod(layout.dims))
+
+
 def neighborhood_axis(x: int, y: int, n: int, k: int, d: int, s: int, causal: bool) -> bool:
     """One axis of NATTEN's neighborhood, read off LANGUAGE.md line by line."""
     g = x % d
@@ -132,12 +142,14 @@ def allowed(p: ir.Pattern, i: int, j: int, n: int) -> bool:
         case ir.Blockwise(block, inner):
             b = value(block, n)
             return allowed(inner, i // b, j // b, -(-n // b))
-        case ir.Where(cond):
-            return bool(value(cond, n, i, j))
+        case ir.Where(cond, layout):  # a layout's condition holds between its cells only
+            return (layout is None or on_cells(i, layout) and on_cells(j, layout)) and bool(value(cond, n, i, j))
         case ir.Random(count, seed):
             return j in _random_rows(n, value(count, n), seed)[i]
         case ir.Neighborhood(layout, kernel, dilation, stride, causal):
-            x, y = coords(i, layout.dims), coords(j, layout.dims)
+            if not (on_cells(i, layout) and on_cells(j, layout)):
+                return False  # the layout's extra tokens (prefix, suffix) have no coordinates
+            x, y = coords(i - layout.prefix, layout.dims), coords(j - layout.prefix, layout.dims)
             return all(
                 neighborhood_axis(x[a], y[a], layout.dims[a], kernel[a], dilation[a], stride[a], causal[a])
                 for a in range(len(layout.dims))

@@ -57,6 +57,7 @@ def conditions() -> st.SearchStrategy[str]:
                 lambda x: f"({x[0]} {x[1]} {x[2]})"
             ),
             t.map(lambda x: f"abs({x})"),
+            t.map(lambda x: f"log2({x})"),
             st.tuples(st.sampled_from(["min", "max"]), t, t).map(lambda x: f"{x[0]}({x[1]}, {x[2]})"),
         ),
         max_leaves=4,
@@ -150,6 +151,20 @@ def grids(draw: st.DrawFn) -> tuple[int, ...]:
     return tuple(draw(st.integers(1, top)) for _ in range(ndim))
 
 
+@st.composite
+def layout_shapes(draw: st.DrawFn) -> tuple[tuple[int, ...], int, int]:
+    """(dims, prefix, suffix): a grid of 1-3 axes or a tile-major one of 4-6 short axes, with extra tokens
+    before and after it half of the time."""
+    dims = draw(st.one_of(grids(), st.lists(st.integers(1, 2), min_size=4, max_size=6).map(tuple)))
+    prefix, suffix = draw(st.sampled_from([(0, 0), (0, 0), (3, 0), (0, 2), (1, 4)]))
+    return dims, prefix, suffix
+
+
+def layout_statement(dims: tuple[int, ...], prefix: int, suffix: int) -> str:
+    extra = (f", prefix={prefix}" if prefix else "") + (f", suffix={suffix}" if suffix else "")
+    return f"layout g = grid({', '.join(map(str, dims))}{extra})"
+
+
 def axis_values(values: list[Any], draw: st.DrawFn) -> str:
     def lit(v: Any) -> str:
         return str(v).lower()
@@ -161,7 +176,7 @@ def axis_values(values: list[Any], draw: st.DrawFn) -> str:
 
 @st.composite
 def neighborhoods(draw: st.DrawFn) -> tuple[str, int]:
-    dims = draw(grids())
+    dims, prefix, suffix = draw(layout_shapes())
     dil, ker, strd, caus = [], [], [], []
     for n in dims:
         d = draw(st.integers(1, max(1, min(n, 4))))
@@ -175,13 +190,15 @@ def neighborhoods(draw: st.DrawFn) -> tuple[str, int]:
         src += f", stride={axis_values(strd, draw)}"
     if draw(st.booleans()) or any(caus):
         src += f", causal={axis_values(caus, draw)}"
-    layout = f"layout g = grid({', '.join(map(str, dims))})"
-    return f"{layout}\npattern p = {src})\n", int(np.prod(dims))
+    src += ")"
+    if prefix or suffix:
+        src += draw(st.sampled_from(["", " | global(g.prefix)", " | cols(g.suffix)", " | rows(g.prefix) - causal"]))
+    return f"{layout_statement(dims, prefix, suffix)}\npattern p = {src}\n", int(np.prod(dims)) + prefix + suffix
 
 
 @st.composite
 def layout_wheres(draw: st.DrawFn) -> tuple[str, int]:
-    dims = draw(grids())
+    dims, prefix, suffix = draw(layout_shapes())
     names = [f"{side}c{a}" for a in range(len(dims)) for side in "qk"] + ["q", "k"]
     term = st.one_of(st.sampled_from(names), st.integers(0, 5).map(str))
     diff = st.tuples(term, term).map(lambda t: f"abs({t[0]} - {t[1]})")
@@ -190,7 +207,8 @@ def layout_wheres(draw: st.DrawFn) -> tuple[str, int]:
     )
     cond = draw(st.lists(cmp, min_size=1, max_size=3).map(lambda cs: " and ".join(cs)))
     extra = draw(st.sampled_from(["", " | causal", " & window(3)", " - sink(2)"]))
-    return f"layout g = grid({', '.join(map(str, dims))})\npattern p = where(g, {cond}){extra}\n", int(np.prod(dims))
+    n = int(np.prod(dims)) + prefix + suffix
+    return f"{layout_statement(dims, prefix, suffix)}\npattern p = where(g, {cond}){extra}\n", n
 
 
 # --- patterns for the analyser's counts: nested set operations and blockwise over a fixed set of atoms --------

@@ -70,7 +70,7 @@ def row_stats(p: ir.Pattern, n: int, budget: Budget | None = None) -> RowStats:
     """Exact per-row statistics of a static pattern at sequence length n (O(N) memory: N <= ARRAY_LIMIT
     is the caller's business). A budget bounds the interval subdivision (OverBudget past it)."""
     pred = bound_predicate(p, n)
-    if isinstance(p, ir.Neighborhood):
+    if isinstance(p, ir.Neighborhood) and not p.layout.has_extra_tokens:
         return _neighborhood(p, n)
     return predicate_stats(pred, n, budget)
 
@@ -123,7 +123,7 @@ def draw_width(e: Expr) -> int:
             return max(E.evaluate_int(n), draw_width(row), draw_width(col))
         case E.Arith(_, a, b) | E.Cmp(_, a, b):
             return max(draw_width(a), draw_width(b))
-        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+        case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
             return draw_width(a)
         case E.And(args) | E.Or(args):
             return max((draw_width(a) for a in args), default=0)
@@ -158,12 +158,12 @@ def offset_form(e: Expr) -> Expr | None:
         case E.Cmp(op, a, b):
             x, y = offset_form(a), offset_form(b)
             return None if x is None or y is None else E.Cmp(op, x, y)
-        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+        case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
             x = offset_form(a)
             if x is None:
                 return None
-            if isinstance(e, E.Abs):
-                return E.Abs(x)
+            if isinstance(e, E.Abs | E.Log2):
+                return type(e)(x)
             return E.Not(x) if isinstance(e, E.Not) else E.IsPow(x, e.base)
         case E.And(args) | E.Or(args):
             xs = [offset_form(a) for a in args]
@@ -218,7 +218,7 @@ def _find_block(e: Expr) -> int | None:
             return int(b)
         case E.Arith(_, a, b) | E.Cmp(_, a, b):
             return _find_block(a) or _find_block(b)
-        case E.Abs(a) | E.Not(a) | E.IsPow(a, _):
+        case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
             return _find_block(a)
         case E.And(args) | E.Or(args):
             for a in args:
@@ -245,9 +245,9 @@ def _unblock(e: Expr, b: int) -> Expr | None:
             if ux is None or uy is None:
                 return None
             return E.Arith(op, ux, uy) if isinstance(e, E.Arith) else E.Cmp(op, ux, uy)  # type: ignore[arg-type]
-        case E.Abs(x):
+        case E.Abs(x) | E.Log2(x):
             a = _unblock(x, b)
-            return None if a is None else E.Abs(a)
+            return None if a is None else type(e)(a)
         case E.Not(x):
             a = _unblock(x, b)
             return None if a is None else E.Not(a)

@@ -73,7 +73,7 @@ def row_figures(p: ir.Pattern, n: int, closed_pairs: int | None = None) -> RowFi
 
 
 def _exact_rows(p: ir.Pattern, pred: Expr, n: int) -> RowFigures | None:
-    if isinstance(p, ir.Neighborhood):
+    if isinstance(p, ir.Neighborhood) and not p.layout.has_extra_tokens:
         try:
             pairs, rows = neighborhood_summary(p, n)
             return RowFigures(pairs, rows, "neighborhood: per-axis rows, multiplied (exact)", True)

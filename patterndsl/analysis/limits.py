@@ -92,7 +92,7 @@ def _worst(pred: Expr, n: int) -> tuple[Expr, int] | None:
         match e:
             case E.Arith(_, a, b) | E.Cmp(_, a, b):
                 stack += [a, b]
-            case E.Abs(a) | E.IsPow(a, _) | E.Not(a):
+            case E.Abs(a) | E.Log2(a) | E.IsPow(a, _) | E.Not(a):
                 stack.append(a)
             case E.And(args) | E.Or(args):
                 stack += list(args)

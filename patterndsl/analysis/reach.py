@@ -459,7 +459,7 @@ def neighborhood_reach(schedule: Sequence[ir.Body], n: int, repeat: bool, max_de
     """Non-causal neighborhoods on one grid: the adjacency is a Kronecker product over axes, so L-layer
     reach is the product of each axis's L-layer reach, computed exactly per axis (None otherwise)."""
     bodies = list(dict.fromkeys(schedule))
-    if not all(isinstance(b, ir.Neighborhood) and not any(b.causal) for b in bodies):
+    if not all(isinstance(b, ir.Neighborhood) and not any(b.causal) and not b.layout.has_extra_tokens for b in bodies):
         return None
     grids = {b.layout.dims for b in bodies if isinstance(b, ir.Neighborhood)}
     if len(grids) != 1:

@@ -271,7 +271,7 @@ def _special(p: ir.Pattern) -> Closed | None:
                 raise _Unsupported(f"inside blockwise: {f.reason}")
             expr = sympy.expand(b * b * f.expr.subs(n, n / b))
             return Closed(expr, b * f.valid_from, f"N a multiple of {b}", f"block count {b}**2 * nnz_blocks(N/{b})")
-        case ir.Neighborhood():
+        case ir.Neighborhood() if not core.layout.has_extra_tokens:
             return _neighborhood(core)
     return None
 

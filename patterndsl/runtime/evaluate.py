@@ -55,6 +55,8 @@ def evaluate(e: Expr, i: Any, j: Any, n: int) -> Any:
                 return _arith(op, go(a), go(b), torch_mode)
             case E.Abs(a):
                 return abs(go(a))
+            case E.Log2(a):
+                return E.ilog2_of(go(a))
             case E.Cmp(op, a, b):
                 return _compare(op, go(a), go(b))
             case E.And(args):

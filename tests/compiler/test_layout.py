@@ -40,7 +40,12 @@ CASES = [
     ("layout g = grid(5, 6, 7)\npattern p = neighborhood(g, kernel=(2, 3, 3), causal=(true, false, false))\n", 210),
     ("layout g = grid(9, 14)\npattern p = neighborhood(g, kernel=(3, 5), stride=(2, 3))\n", 126),
     ("layout g = grid(8, 12)\npattern p = neighborhood(g, kernel=3, causal=(true, false)) & causal\n", 96),
+    ("layout g = grid(3, 4, prefix=5, suffix=3)\npattern p = neighborhood(g, kernel=(1, 3)) | global(g.prefix) | cols(g.suffix)\n", 20),
+    pytest.param("layout g = grid(3, 2, 3, 2, 2, 4)\npattern p = neighborhood(g, kernel=(2, 1, 2, 2, 2, 4))\n", 288,
+                 marks=pytest.mark.slow, id="tile-major-3d"),  # about 10 s in the interpreter
 ]
+# index maps and layout predicates only (the kernels of many-axis grids run the 3-D case above, under slow)
+EXACT_ONLY = [("layout g = grid(2, 3, 2, 4)\npattern p = neighborhood(g, kernel=(1, 2, 2, 4))\n", 48)]  # tile-major 2-D
 
 
 def _layout_of(attn: Any, k: int = 0) -> str | None:
@@ -73,7 +78,7 @@ def _layouts(body: Any, bq: int, bk: int) -> list[L.Layout]:
     return out
 
 
-@pytest.mark.parametrize("src, n", CASES)
+@pytest.mark.parametrize("src, n", CASES + EXACT_ONLY)
 def test_index_map_is_a_bijection_and_layout_predicate_is_exact(src: str, n: int) -> None:
     body = _body(src)
     pred = predicate(body)

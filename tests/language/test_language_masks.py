@@ -8,6 +8,7 @@ Hypothesis draws pattern *source text*, so the parser, checker, semantics and ma
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -90,9 +91,10 @@ def test_spelled_out_primitives_match_brute_force(src: str, n: int) -> None:
 def test_where_condition_means_what_python_says(cond: str, n: int) -> None:
     """where(...) has Python's precedence and Python's floor // and %: Python itself is the reference."""
     code = compile(cond, "<cond>", "eval")
+    names = {"abs": abs, "min": min, "max": max, "log2": lambda x: math.floor(math.log2(x)) if x > 0 else -1}
     expected = np.array(
         [
-            [bool(eval(code, {"q": i, "k": j, "N": n, "abs": abs, "min": min, "max": max})) for j in range(n)]
+            [bool(eval(code, {"q": i, "k": j, "N": n, **names})) for j in range(n)]
             for i in range(n)
         ]
     ).reshape(n, n)

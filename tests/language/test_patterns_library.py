@@ -19,7 +19,11 @@ from patterndsl.mask import dense_mask
 LIBRARY_FILES = sorted(LIBRARY.glob("*.pat"))
 
 # Smaller params for files whose defaults are slow to draw densely (the layout follows the params).
-SMALL = {"radial.pat": {"frames": 8, "tokens": 256, "w0": 128, "side": 16}}
+SMALL = {
+    "radial.pat": {"frames": 8, "tokens": 256, "w0": 128, "side": 16},
+    "sta.pat": {"tiles_t": 3, "tt": 2, "th": 4, "tw": 4},
+    "video_dit.pat": {"text": 10, "frames": 4, "height": 12, "width": 12},
+}
 
 # Sequence lengths for patterns without a layout: one a multiple of every block size, one not.
 LENGTHS_1D = (1000, 1024)

@@ -25,6 +25,7 @@ import patterndsl as P
         ("layout qc0 = grid(4, 4)\npattern p = full", 23, "a query coordinate"),
         ("pattern kc1 = causal", 20, "a key coordinate"),
         ("param kc7 = 1", 13, "a key coordinate"),
+        ("param qc10 = 1", 14, "a query coordinate"),  # grids have up to 16 axes
     ],
 )
 def test_index_names_cannot_be_defined(src: str, length: int, role: str) -> None:
@@ -39,7 +40,7 @@ def test_index_names_cannot_be_defined(src: str, length: int, role: str) -> None
     assert err.hint is not None and "choose another name" in err.hint
 
 
-@pytest.mark.parametrize("name", ["kk", "q1", "qc", "kcx", "key", "query", "Q", "K", "qc10"])
+@pytest.mark.parametrize("name", ["kk", "q1", "qc", "kcx", "key", "query", "Q", "K", "qc1x", "qcd10"])
 def test_names_near_the_index_names_are_fine(name: str) -> None:
     assert P.loads(f"param {name} = 3\npattern p = window({name})").params == ((name, 3),)
 
