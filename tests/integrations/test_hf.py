@@ -31,13 +31,14 @@ def _one_thread() -> Any:
     torch.set_num_threads(before)
 
 
-def _pair(config: Any, name: str, other: str = "sdpa") -> tuple[Any, Any]:
-    """The same random model twice: with attention `name` and with transformers' `other`."""
+def _pair(config: Any, name: str, other: str = "sdpa", dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """The same random model twice: with attention `name` and with transformers' `other`. float32 runs the
+    Triton kernels (in the interpreter here), float64 the CPU path (quicker, for the longer tests)."""
     torch.manual_seed(0)
     ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name,
-                                                         dtype=torch.float32)
+                                                         dtype=dtype)
     theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=other,
-                                                           dtype=torch.float32)
+                                                           dtype=dtype)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -112,7 +113,7 @@ def test_gemma2_through_patc_from_hf_equals_transformers(tmp_path: Path) -> None
 def test_packed_padded_and_separate_sequences_agree_and_gradients_reach_every_parameter() -> None:
     hf.register("pd_test_pack", "pattern p = causal & (window(5) | sink(2))")
     model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL),
-                                                          attn_implementation="pd_test_pack")
+                                                          attn_implementation="pd_test_pack", dtype=torch.float64)
     x = _tokens(1, 30)
     lengths = (11, 1, 18)
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -137,7 +138,8 @@ def test_packed_padded_and_separate_sequences_agree_and_gradients_reach_every_pa
 @pytest.mark.slow
 def test_greedy_generation_equals_eager_for_a_windowed_model() -> None:
     hf.register("pd_test_generate", "pattern p = causal & window(7)")
-    ours, theirs = _pair(transformers.MistralConfig(**SMALL, sliding_window=8), "pd_test_generate", "eager")
+    ours, theirs = _pair(transformers.MistralConfig(**SMALL, sliding_window=8), "pd_test_generate", "eager",
+                          torch.float64)
     prompt = _tokens(1, 6)
     with torch.no_grad():
         got = ours.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=False)
@@ -154,7 +156,7 @@ def test_torch_compile_fullgraph_without_recompiling_for_a_new_length() -> None:
 
     hf.register("pd_test_compile", "pattern p = causal & window(7)")
     model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1}),
-                                                          attn_implementation="pd_test_compile")
+                                                          attn_implementation="pd_test_compile", dtype=torch.float64)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")  # a graph break raises
