@@ -16,8 +16,8 @@ import torch
 
 from . import autograd, tables
 from .backward import _backward, _varlen_backward
-from .checks import _check, _check_docs, _need_scores, check_n
-from .common import _d_pad, _head_patterns, _on_device_of, _tma_mode
+from .checks import _check, _check_docs, _need_scores, check_dtypes, check_n
+from .common import _d_pad, _head_patterns, _on_device_of, _pow2, _tma_mode
 from .forward import _choose, _config, _forward, _varlen_forward
 from .options import options as _options
 from .selection import selected_blocks as _selected_blocks
@@ -95,13 +95,21 @@ class Attention:
 
     def __call__(self, q: Any, k: Any, v: Any, *, block_mask: BlockMask | None = None, return_lse: bool = False,
                  cu_seqlens: Any = None, max_seqlen: int | None = None, layer: int | None = None,
-                 scale: float | None = None, scores: Any = None, out: Any = None, lse: Any = None) -> Any:
+                 scale: float | None = None, scores: Any = None, out: Any = None, lse: Any = None,
+                 cu_seqlens_q: Any = None, cu_seqlens_k: Any = None) -> Any:
         """Attention with this pattern. `return_lse`: also the log-sum-exp [B, H, N] (float32, natural log).
         `layer` (models only): which layer's pattern applies. `scores`: the caller's block scores of a
         `topk(..., score=given)`. `cu_seqlens` (packed documents, FlashAttention's convention): q, k, v
         [total, H, D] or [1, H, total, D], the pattern inside each document. `out`, `lse`: tensors to write
         the results into (no autograd). `block_mask`: tables built by `block_mask()`, launched with its tiles.
-        A query with no allowed key gets zeros and log-sum-exp -inf."""
+        A query with no allowed key gets zeros and log-sum-exp -inf. `cu_seqlens_q` with `cu_seqlens_k`
+        (chunked prefill): document d's queries are the last rows of its keys' pattern (q packed by
+        cu_seqlens_q, k and v by cu_seqlens_k)."""
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            if block_mask is not None or cu_seqlens is not None:
+                raise ValueError("cu_seqlens_q and cu_seqlens_k take neither cu_seqlens nor block_mask")
+            got = self._chunks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, layer, scale, out, lse)
+            return got if return_lse else got[0]
         if block_mask is not None:
             if not isinstance(block_mask, BlockMask):
                 raise TypeError(f"block_mask must come from attn.block_mask(...), got {type(block_mask).__name__}")
@@ -133,6 +141,8 @@ class Attention:
             return self._varlen(q, k, v, scale, cu_seqlens, max_seqlen, patterns, code, out, lse)
         if max_seqlen is not None:
             raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+        if _suffix_rows(q, k, v):
+            return self._suffix(q, k, v, layer, scale, scores, out, lse)
         group = _check(spec, q, k, v, scale, patterns)
         _need_scores(spec, q, scores)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -144,6 +154,129 @@ class Attention:
                 return autograd.DynamicAttention.apply(q, k, v, scale, code, scores, spec.key)  # type: ignore[no-untyped-call, no-any-return]
             return autograd.static_attention(q, k, v, scale, code, spec.key)
         return _forward(spec, q, k, v, scale, group, patterns, scores, None, out, lse)
+
+    def _suffix(self, q: Any, k: Any, v: Any, layer: Any, scale: Any, scores: Any, out: Any,
+                lse: Any) -> tuple[Any, Any]:
+        """Fewer queries than keys (the last Nq rows of the pattern at N = Nk, FlashAttention's bottom-right
+        alignment), or v's head_dim unlike q's and k's: the same kernels and block tables at N = Nk, on
+        queries zero-padded at the top to Nk rows and head dims zero-padded to the wider one (zero columns
+        change no dot product; zero rows of dO give the padded queries no gradient). Empty inputs give
+        empty outputs."""
+        spec = self.spec
+        B, H, Nq, Dqk = q.shape
+        Nk, Dv = k.shape[2], v.shape[3]
+        check_dtypes(q, k, v)
+        if not (q.device == k.device == v.device):
+            raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        if v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"k and v must have the same shape but for head_dim, got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
+        rows = q.new_empty((1, 1, 1, 1)).expand(B, H, Nk, Dqk)  # q's checks at Nk rows, no memory
+        _check(spec, rows, k, k, scale, _head_patterns(spec, layer), check_length=Nk > 0)
+        if Nq > Nk:
+            raise ValueError(f"k, v must hold at least as many positions as q to match q (its rows are the last "
+                             f"Nq of Nk), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        if any(sel is not None for sel in spec.selectors) and Nq < Nk:
+            raise ValueError("fewer queries than keys is not supported for dynamic selectors yet")
+        shape = (B, H, Nq, Dv)
+        for name, t, want, dtype in (("out", out, shape, q.dtype), ("lse", lse, shape[:3], torch.float32)):
+            if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != want or t.dtype != dtype
+                                  or t.device != q.device):
+                raise ValueError(f"{name} must be a tensor of shape {list(want)}, {dtype}, on {q.device}")
+        scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+        if Nq == 0:
+            o = q.new_zeros(shape)
+            if autograd.differentiable(q, k, v):
+                o = o + (q.sum() + k.sum() + v.sum()) * 0  # empty, yet a node autograd can reach q, k, v through
+            got = o, q.new_empty(shape[:3], dtype=torch.float32)
+        elif Nq * (H // k.shape[1]) <= 64 and not autograd.differentiable(q, k, v) and \
+                not any(sel is not None for sel in spec.selectors):
+            got = self._suffix_decode(q, k, v, layer, scale)
+        else:
+            D = max(Dqk, Dv)
+            pad = torch.nn.functional.pad
+            o, lse_all = self._call(pad(q, (0, D - Dqk, Nk - Nq, 0)), pad(k, (0, D - Dqk)), pad(v, (0, D - Dv)),
+                                    None, None, layer, scale, scores, None, None)
+            got = o[:, :, Nk - Nq:, :Dv], lse_all[:, :, Nk - Nq:]
+        if out is not None:
+            out.copy_(got[0])
+        if lse is not None:
+            lse.copy_(got[1])
+        return (got[0] if out is None else out), (got[1] if lse is None else lse)
+
+    def _chunks(self, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_seqlen: Any, layer: Any, scale: Any,
+                out: Any, lse: Any) -> tuple[Any, Any]:
+        """Packed documents with fewer queries than keys: the packed-documents path at the keys' lengths, on
+        queries scattered to the last rows of their documents (zeros elsewhere) and head dims zero-padded
+        to the wider one, as `_suffix` does for one sequence."""
+        if cu_q is None or cu_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k come together")
+        for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+            if not torch.is_tensor(t):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        packed = q.dim() == 3
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != q.dim() or t.dim() not in (3, 4) or (t.dim() == 4 and t.shape[0] != 1):
+                raise ValueError(f"with cu_seqlens_q, q, k, v must all be [total, heads, head_dim] or all "
+                                 f"[1, heads, total, head_dim], got {name} of shape {tuple(t.shape)}")
+        q3, k3, v3 = (t if packed else t[0].transpose(0, 1) for t in (q, k, v))
+        if (cu_q.dim() != 1 or cu_q.shape != cu_k.shape or cu_q.dtype not in (torch.int32, torch.int64)
+                or cu_q.device != q.device):
+            raise ValueError(f"cu_seqlens_q must be a 1-D int32 or int64 tensor on q's device with as many "
+                             f"entries as cu_seqlens_k, got {tuple(cu_q.shape)}, {cu_q.dtype}, {cu_q.device}")
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        lq = [b - a for a, b in zip(cq[:-1], cq[1:], strict=True)]
+        lk = [b - a for a, b in zip(ck[:-1], ck[1:], strict=True)]
+        if cq[0] != 0 or cq[-1] != q3.shape[0] or min(lq, default=0) < 0:
+            raise ValueError(f"cu_seqlens_q must rise from 0 to q's packed length {q3.shape[0]}, got {cq}")
+        bad = [d for d in range(len(lq)) if lq[d] > lk[d]]
+        if bad:
+            raise ValueError(f"document {bad[0]} has {lq[bad[0]]} queries but {lk[bad[0]]} keys: at most as many "
+                             "queries as keys")
+        total, H, Dqk = q3.shape
+        Dv = v3.shape[-1]
+        scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+        doc = torch.repeat_interleave(torch.arange(len(lq), device=q.device), torch.tensor(lq, device=q.device),
+                                      output_size=total)
+        at = torch.arange(total, device=q.device) + (cu_k[1:] - cu_q[1:]).long()[doc]  # each query's key row
+        D = max(Dqk, Dv)
+        pad = torch.nn.functional.pad
+        if total == 0:
+            o = q3.new_zeros((0, H, Dv)) + (q3.sum() + k3.sum() + v3.sum()) * 0
+            got_l = q3.new_empty((H, 0), dtype=torch.float32)
+        else:
+            rows = q3.new_zeros((k3.shape[0], H, D)).index_copy(0, at, pad(q3, (0, D - Dqk)))
+            o, l_all = self._call(rows, pad(k3, (0, D - Dqk)), pad(v3, (0, D - Dv)), cu_k, max_seqlen, layer,
+                                  scale, None, None, None)
+            o, got_l = o[at, :, :Dv], l_all[:, at]
+        got = (o, got_l) if packed else (o.transpose(0, 1)[None], got_l[None])
+        for name, t, x in (("out", out, got[0]), ("lse", lse, got[1])):
+            if t is not None:
+                if not torch.is_tensor(t) or t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+                    raise ValueError(f"{name} must be a tensor of shape {list(x.shape)}, {x.dtype}, on {x.device}")
+                t.copy_(x)
+        return (got[0] if out is None else out), (got[1] if lse is None else lse)
+
+    def _suffix_decode(self, q: Any, k: Any, v: Any, layer: Any, scale: float) -> tuple[Any, Any]:
+        """A few queries without gradients: the decode kernel, k and v as a full contiguous cache (its run
+        tables at Nk, or for an N-free pattern at the next power of two, shared by nearby lengths)."""
+        from . import decode as dec
+
+        spec = self.spec
+        patterns = _head_patterns(spec, layer)
+        B, H, Nq, _ = q.shape
+        Nk = k.shape[2]
+        capacity = Nk
+        if dec.decode_consistent(spec, patterns):
+            try:
+                check_n(spec, _pow2(Nk))
+                capacity = _pow2(Nk)
+            except ValueError:
+                pass
+        seqlens = torch.full((B,), Nk, dtype=torch.int32, device=q.device)
+        out = torch.empty((B, H, Nq, v.shape[3]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+        return dec.decode(spec, q, k, v, seqlens, None, 0, scale, H // k.shape[1], patterns, capacity, out, lse)
 
     def _varlen(self, q: Any, k: Any, v: Any, scale: Any, cu_seqlens: Any, max_seqlen: Any, patterns: Any,
                 code: int, out: Any, lse: Any) -> tuple[Any, Any]:
@@ -195,6 +328,42 @@ class Attention:
             return _varlen_backward(spec, do, q, k, v, out, l4, dl4, cu_seqlens, scale, code, grads)
         _check(spec, q, k, v, scale, _head_patterns(spec, layer))
         return _backward(spec, do, q, k, v, out, lse, dlse, scale, code, None, grads)
+
+    def decode(self, q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, *, page_table: Any = None,
+               k_new: Any = None, v_new: Any = None, return_lse: bool = False, layer: int | None = None,
+               scale: float | None = None, out: Any = None, lse: Any = None) -> Any:
+        """A decode step: q [B, H, Nq, D] at positions seqlen - Nq .. seqlen - 1 of each sequence against a
+        contiguous cache k_cache [B, Hkv, max_seqlen, D], v_cache [B, Hkv, max_seqlen, Dv], or a paged one
+        [pages, page_size, Hkv, D] with `page_table` [B, max_pages] int32 (logical page p of sequence b is
+        physical page page_table[b, p]). `cache_seqlens` [B] int32 on the device: tokens in the cache;
+        `k_new`, `v_new` [B, Hkv, n, D] are written at cache_seqlens first, then seqlen = cache_seqlens + n.
+        No host synchronisation: a step is CUDA-graph capturable (after one warm-up call). Returns
+        [B, H, Nq, Dv] (and the log-sum-exp [B, H, Nq] with `return_lse`). No autograd."""
+        from . import decode as dec
+
+        spec = self.spec
+        patterns = _head_patterns(spec, layer)
+        group, capacity = dec.check_decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, k_new, v_new,
+                                           scale, patterns)
+        B, H, Nq, D = q.shape
+        shape = (B, H, Nq, v_cache.shape[-1])
+        if out is None:
+            out = torch.empty(shape, dtype=q.dtype, device=q.device)
+        elif not torch.is_tensor(out) or out.shape != shape or out.dtype != q.dtype or out.device != q.device \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor of shape {list(shape)}, {q.dtype}, on {q.device}")
+        _outputs(q, None, lse, (B, H, Nq))
+        if lse is None:
+            lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        with torch.no_grad():
+            n_new = 0
+            if k_new is not None:
+                dec.append(k_cache, v_cache, cache_seqlens, page_table, k_new, v_new)
+                n_new = k_new.shape[2]
+            dec.decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
+                       capacity, out, lse)
+        return (out, lse) if return_lse else out
 
     def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None) -> Any:
         """The blocks the selectors pick, as a dense bool tensor [B, H, blocks, blocks] (heads with a static
@@ -317,6 +486,13 @@ def _config_for(spec: PatternSpec, q: Any, k: Any, v: Any, group: int, patterns:
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tma = _tma_mode((q, k, v, out), _d_pad(D))
     return tuple(_choose(spec, q, k, v, out, lse, scale, group, patterns, tma))
+
+
+def _suffix_rows(q: Any, k: Any, v: Any) -> bool:
+    """Fewer queries than keys, empty inputs, or v's head_dim unlike k's: `Attention._suffix` serves them."""
+    if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v) and q.dim() == k.dim() == v.dim() == 4):
+        return False
+    return q.shape[2] != k.shape[2] or k.shape[2] == 0 or v.shape[3] != k.shape[3]
 
 
 def _outputs(q: Any, out: Any, lse: Any, lse_shape: tuple[int, ...]) -> bool:

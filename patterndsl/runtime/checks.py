@@ -34,6 +34,15 @@ def check_n(spec: PatternSpec, N: int) -> None:
     _requirements(spec, N)
 
 
+def check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str = "q, k, v") -> None:
+    """One dtype for the three, one the kernels take (float64 on the CPU path only)."""
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{names} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if q.device.type == "cpu" else ())
+    if q.dtype not in allowed:
+        raise TypeError(f"dtype must be one of {', '.join(str(d) for d in allowed)}, got {q.dtype}")
+
+
 def _check(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
            patterns: int | tuple[int, ...], check_length: bool = True) -> int:
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -41,11 +50,7 @@ def _check(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [batch, heads, N, head_dim], got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if q.device.type == "cpu" else ())
-    if q.dtype not in allowed:
-        raise TypeError(f"dtype must be one of {', '.join(str(d) for d in allowed)}, got {q.dtype}")
+    check_dtypes(q, k, v)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, H, N, D = q.shape

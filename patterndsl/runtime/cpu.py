@@ -68,16 +68,23 @@ def _attention_cpu(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
             r1 = min(N, r0 + chunk)
             i = torch.arange(r0, r1, dtype=torch.int64)[:, None]
             ok = _dynamic_ok(spec, pat, i, j, N, B, heads.numel(), picks, r1 - r0)
-            s = torch.matmul(q[:, heads, r0:r1].to(work), kh.transpose(-1, -2)) * scale
-            s = s.masked_fill(~ok, float("-inf"))
-            mx = s.amax(-1, keepdim=True)
-            mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
-            p = torch.exp(s - mx)
-            denom = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, vh) / torch.where(denom == 0, torch.ones_like(denom), denom)
+            o, rows_lse = masked_softmax(torch.matmul(q[:, heads, r0:r1].to(work), kh.transpose(-1, -2)) * scale,
+                                         ok, vh)
             out[:, heads, r0:r1] = o.to(q.dtype)
-            lse[:, heads, r0:r1] = torch.where(denom == 0, float("-inf"), torch.log(denom) + mx).squeeze(-1).float()
+            lse[:, heads, r0:r1] = rows_lse
     return out, lse
+
+
+def masked_softmax(s: torch.Tensor, ok: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(s over the pairs `ok`) @ v, its log-sum-exp as float32): rows with no allowed key give zeros
+    and -inf, never NaN."""
+    s = s.masked_fill(~ok, float("-inf"))
+    mx = s.amax(-1, keepdim=True)
+    mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    p = torch.exp(s - mx)
+    denom = p.sum(-1, keepdim=True)
+    o = torch.matmul(p, v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return o, torch.where(denom == 0, float("-inf"), torch.log(denom) + mx).squeeze(-1).float()
 
 
 def _attention_cpu_bwd(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -414,13 +414,7 @@ def _attn_combine(O, LSE, WS_O, WS_L, HEAD_IDS, SPLITS, s_ob, s_oh, s_on, N, H, 
         ws = (pid_bh.to(tl.int64) * SLOTS + s) * BLOCK_M
         ls = tl.load(WS_L + ws + rows)
         o = tl.load(WS_O + (ws + rows[:, None]) * D_PAD + offs_d[None, :])
-        m_new = tl.maximum(m_i, ls)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        wt = tl.math.exp2(ls - m_use)
-        acc = acc * alpha[:, None] + o * wt[:, None]
-        l_i = l_i * alpha + wt
-        m_i = m_new
+        acc, l_i, m_i = _merge_part(acc, l_i, m_i, o, ls)
         s += 1
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -430,3 +424,14 @@ def _attn_combine(O, LSE, WS_O, WS_L, HEAD_IDS, SPLITS, s_ob, s_oh, s_on, N, H, 
     tl.store(o_base + offs_m[:, None].to(tl.int64) * s_on + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + (b * H + h) * N + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _merge_part(acc, l_i, m_i, o, ls):
+    """One slice's partial result (rows normalised: o; their log2-sum-exp: ls, -inf where the slice saw no
+    key) into a running log-sum-exp merge (acc, l, m)."""
+    m_new = tl.maximum(m_i, ls)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    wt = tl.math.exp2(ls - m_use)
+    return acc * alpha[:, None] + o * wt[:, None], l_i * alpha + wt, m_new

@@ -28,7 +28,9 @@ class Options:
     bwd_tma: static patterns without a token layout read Q, dO and K, V tiles through TMA descriptors.
     autotune: False launches the configured tiles (as PATTERNDSL_AUTOTUNE=0 does).
     tiles: a forward config (BLOCK_M, BLOCK_N[, warps, stages[, tma, one_loop, maxnreg]]) to launch, no tuning.
-    bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning."""
+    bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning.
+    decode_block: the decode kernel's key block (a power of two >= 16; 0: by head_dim).
+    decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs)."""
 
     tma_mode: int = 1
     fold: bool = True
@@ -46,6 +48,8 @@ class Options:
     autotune: bool = True
     tiles: tuple[int, ...] | None = None
     bwd_tiles: tuple[int, ...] | None = None
+    decode_block: int = 0
+    decode_splits: int = 0
 
 
 _CURRENT: ContextVar[Options] = ContextVar("patterndsl_options", default=Options())  # noqa: B039 (frozen)

@@ -60,6 +60,20 @@ def _extent(spec: PatternSpec, pat: int, n: int, layout: bool) -> tuple[int, Exp
 def _subdivide(pred: Expr, n: int, extent: int, bq: int, bk: int,
                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per query block the key-block ranges, halved until ALL / NONE / one PARTIAL block."""
+    fq_all, flo_all, fhi_all, pq, pk = ranges(pred, n, extent, bq, bk, device)
+    i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
+    width = fhi_all - flo_all
+    size = int(width.sum())  # explicit output sizes: repeat_interleave without one is slow on CPU, a sync on GPU
+    fq2 = torch.repeat_interleave(fq_all, width, output_size=size)
+    fk = torch.repeat_interleave(flo_all - (torch.cumsum(width, 0) - width), width, output_size=size) + torch.arange(size, **i64)
+    return fq2, fk, pq, pk
+
+
+def ranges(pred: Expr, n: int, extent: int, bq: int, bk: int, device: torch.device | str
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(full_q, full_lo, full_hi, partial_q, partial_k) int64: the halving's verdicts, FULL ones as ranges
+    (query block full_q, key blocks full_lo .. full_hi - 1, every pair allowed), PARTIAL ones unrefined. Its
+    size grows with the ranges, not the blocks (about log2(key blocks) per query block for causal)."""
     qn, kn = -(-extent // bq), -(-extent // bk)
     i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
     q, lo, hi = torch.arange(qn, **i64), torch.zeros(qn, **i64), torch.full((qn,), kn, **i64)
@@ -82,12 +96,7 @@ def _subdivide(pred: Expr, n: int, extent: int, bq: int, bk: int,
         sq, slo, shi = q[split], lo[split], hi[split]
         mid = (slo + shi) // 2
         q, lo, hi = torch.cat([sq, sq]), torch.cat([slo, mid]), torch.cat([mid, shi])
-    fq_all, flo_all, fhi_all = torch.cat(fq), torch.cat(flo), torch.cat(fhi)
-    width = fhi_all - flo_all
-    size = int(width.sum())  # explicit output sizes: repeat_interleave without one is slow on CPU, a sync on GPU
-    fq2 = torch.repeat_interleave(fq_all, width, output_size=size)
-    fk = torch.repeat_interleave(flo_all - (torch.cumsum(width, 0) - width), width, output_size=size) + torch.arange(size, **i64)
-    return fq2, fk, torch.cat(pq), torch.cat(pk)
+    return torch.cat(fq), torch.cat(flo), torch.cat(fhi), torch.cat(pq), torch.cat(pk)
 
 
 def refine(pred: Expr, n: int | torch.Tensor, extent: int | torch.Tensor, bq: int, bk: int, pq: torch.Tensor,
@@ -128,6 +137,46 @@ def refine(pred: Expr, n: int | torch.Tensor, extent: int | torch.Tensor, bq: in
 
 
 _TABLES: dict[tuple[Any, ...], Tables] = {}
+_RUNS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+
+
+def run_tables(spec: PatternSpec, pat: int, n: int, block_m: int, block_n: int,
+               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The tiles of `tiles` (token order) as runs of consecutive key blocks, for kernels that walk a few
+    query rows' key blocks without a per-block list (decoding at any length up to n): (offsets [query
+    blocks + 1] int32, runs [R, 4] int32 = (first key block, end, PARTIAL?, blocks the row lists before the
+    run), key blocks per query block [query blocks] int32, the most of them). Memory grows with the runs
+    (one to three per query block for causal, windows and sinks), never with the blocks. Cached."""
+    key = (spec.key, pat, n, block_m, block_n, str(device))
+    hit = _RUNS.get(key)
+    if hit is None:
+        extent, pred = _extent(spec, pat, n, False)
+        fq, flo, fhi, pq, pk = ranges(pred, n, extent, block_m, block_n, device)
+        pq, pk, promoted = refine(pred, n, extent, block_m, block_n, pq, pk)
+        q, lo = torch.cat([fq, pq]), torch.cat([flo, pk])
+        hi, part = torch.cat([fhi, pk + 1]), torch.cat([torch.zeros_like(fq), (~promoted).long()])
+        kn = -(-extent // block_n)
+        order = torch.argsort(q * kn + lo)
+        q, lo, hi, part = q[order], lo[order], hi[order], part[order]
+        cont = torch.zeros_like(q, dtype=torch.bool)  # the tile continues the run before it
+        cont[1:] = (q[1:] == q[:-1]) & (hi[:-1] == lo[1:]) & (part[1:] == part[:-1])
+        run = torch.cumsum((~cont).long(), 0) - 1
+        starts = ~cont
+        rq, rlo, rpart = q[starts], lo[starts], part[starts]
+        rhi = torch.zeros_like(rlo).scatter_reduce_(0, run, hi, "amax")
+        width = rhi - rlo
+        qn = -(-extent // block_m)
+        off = torch.searchsorted(rq, torch.arange(qn + 1, dtype=torch.int64, device=rq.device))
+        done = torch.cumsum(width, 0) - width  # blocks of every run before this one
+        first = torch.cat([done, done.new_zeros(1) + width.sum()])  # at each row's start, the runs before it
+        before = done - first[off[rq]]
+        count = first[off[1:]] - first[off[:-1]]
+        runs = torch.stack([rlo, rhi, rpart, before], 1).to(torch.int32).contiguous()
+        hit = (off.to(torch.int32), runs, count.to(torch.int32), int(count.max()) if count.numel() else 0)
+        if len(_RUNS) >= 64:
+            _RUNS.pop(next(iter(_RUNS)))
+        _RUNS[key] = hit
+    return hit
 
 
 def block_tables(spec: PatternSpec, n: int, block_m: int, block_n: int, device: torch.device | str, pat: int = 0,

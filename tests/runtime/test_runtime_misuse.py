@@ -49,7 +49,7 @@ def _reference(q, k, v):  # type: ignore[no-untyped-def]
         (lambda q, k, v: (q, k.float(), v), TypeError, "share one dtype"),
         (lambda q, k, v: (q[0], k[0], v[0]), ValueError, "must be [batch, heads, N, head_dim]"),
         (lambda q, k, v: (q, k[:, :, :10], v[:, :, :10]), ValueError, "to match q"),
-        (lambda q, k, v: (q, k, v[..., :4]), ValueError, "same shape"),
+        (lambda q, k, v: (q, k, v[:, :, :10]), ValueError, "same shape"),
         (lambda q, k, v: (q, k.to("meta"), v), ValueError, "on one device"),
         (lambda q, k, v: (q, k[:, :0], v[:, :0]), ValueError, "must divide query heads"),
         (lambda q, k, v: (q[:0], k[:0], v[:0]), ValueError, "empty input"),

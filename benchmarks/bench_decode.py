@@ -1,0 +1,254 @@
+# ruff: noqa: B023  (the timing lambdas run inside their loop iteration)
+"""A decode step on the GPU (issue 21, item 7): `attn.decode` over a contiguous and a paged cache against
+FlexAttention's decode (same pattern's block mask; its build per step timed apart), SDPA over the whole
+cache and FlashAttention-4's `flash_attn_varlen_func` (paged, windowed) where it imports.
+
+`ours_graph` is the contiguous step replayed from a CUDA graph (the kernels without the host's time per
+call). Nq = 1 and 4, batch 1, 8 and 32, 32 query and 8 KV heads, D = 128, bf16, contexts 8k, 32k, 128k and 512k
+where the cache fits (at most CACHE_GB). Each row: median time over interleaved rounds and the achieved HBM
+bandwidth, bytes of K and V the pattern lets the step read (its allowed keys, counted from the predicate)
+over the time. Writes JSON to argv[1] (default benchmarks/results/decode.json) after every row, so a run cut
+short keeps what it measured; `BENCH_DEADLINE` (seconds, default 330) skips what would run past it.
+A sweep of the decode kernel's key block and splits at two cases starts the run.
+`BENCH_SMOKE=1`: tiny sizes on the CPU in the interpreter (checks the script, times nothing real).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from statistics import median
+from typing import Any
+
+import torch
+import triton
+from runinfo import run_info
+
+import patterndsl as P
+from patterndsl.cli.bench import interleaved
+from patterndsl.runtime.evaluate import evaluate
+
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+DEV = "cpu" if SMOKE else "cuda"
+DT = torch.float32 if SMOKE else torch.bfloat16
+H, HKV, D = (4, 2, 32) if SMOKE else (32, 8, 128)
+CONTEXTS = (64,) if SMOKE else (8192, 32768, 131072, 524288)
+BATCHES = (1, 2) if SMOKE else (1, 8, 32)
+NQS = (1, 4)
+PAGE = 16 if SMOKE else 64
+CACHE_GB = 30.0  # K and V of the largest cache (held twice: contiguous and paged; the H100 holds 80 GB)
+W = 16 if SMOKE else 1023
+PATTERNS = {  # name: (source, Flex's mask_mod over absolute positions)
+    "swa_sink": (f"causal & (window({W}) | sink(4))", lambda q, k: (k <= q) & ((q - k <= W) | (k < 4))),
+    "causal": ("causal", lambda q, k: k <= q),
+}
+FLEX_AT = {(2, 1, 64)} if SMOKE else {(8, 1, 8192), (8, 1, 131072)}  # (batch, Nq, N): each compiles (~10 s)
+START = time.perf_counter()
+DEADLINE = float(os.environ.get("BENCH_DEADLINE", "330"))
+
+
+def left() -> float:
+    return DEADLINE - (time.perf_counter() - START)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def med(fn: Any) -> float:
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def keys_read(attn: Any, n: int, nq: int) -> int:
+    """Keys the step's rows may attend to (their union per sequence), from the pattern's predicate."""
+    i = torch.arange(n - nq, n)[:, None]
+    j = torch.arange(n)[None, :]
+    ok = torch.broadcast_to(torch.as_tensor(evaluate(attn.spec.predicates[0].expr, i, j, n)), (nq, n))
+    return int(ok.any(0).sum())
+
+
+def paged(kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contiguous cache [B, Hkv, N, D] as shuffled pages [pages, PAGE, Hkv, D] and its page table."""
+    B, hkv, n, d = kc.shape
+    per = n // PAGE
+    order = torch.randperm(B * per, device=kc.device).view(B, per)
+    kp = torch.empty((B * per, PAGE, hkv, d), dtype=kc.dtype, device=kc.device)
+    vp = torch.empty_like(kp)
+    for b in range(B):  # one sequence at a time: the copy's scratch stays one sequence's size
+        kp[order[b]] = kc[b].view(hkv, per, PAGE, d).permute(1, 2, 0, 3)
+        vp[order[b]] = vc[b].view(hkv, per, PAGE, d).permute(1, 2, 0, 3)
+    return kp, vp, order.to(torch.int32)
+
+
+def flex_step(mask_mod: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n: int) -> tuple[Any, Any]:
+    """(build, run): Flex's block mask for the step's rows (bottom-right: query t at n - Nq + t) and its
+    decode call (BACKEND="TRITON_DECODE" where this torch takes the option)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    nq = q.shape[2]
+    flex = flex_attention if SMOKE else torch.compile(flex_attention, dynamic=False)
+
+    def mm(b: Any, h: Any, qi: Any, ki: Any) -> Any:
+        return mask_mod(qi + (n - nq), ki)
+
+    def build() -> Any:
+        return create_block_mask(mm, None, None, nq, n, device=DEV, _compile=not SMOKE)
+
+    bm = build()
+    opts: dict[str, Any] = {"BACKEND": "TRITON_DECODE"}
+    try:
+        flex(q, kc, vc, block_mask=bm, enable_gqa=True, kernel_options=opts)
+    except Exception:  # noqa: BLE001  (an older torch: the decode kernel is chosen by itself below 128 rows)
+        opts = {}
+    return build, lambda: flex(q, kc, vc, block_mask=bm, enable_gqa=True, kernel_options=opts)
+
+
+def fa4_step(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, table: torch.Tensor, seqlens: torch.Tensor,
+             window: int | None) -> Any:
+    """FlashAttention-4's varlen call over the paged cache (q [B * Nq, H, D]), or raise ImportError."""
+    from flash_attn.cute import flash_attn_varlen_func  # type: ignore[import-not-found]
+
+    B, h, nq, d = q.shape
+    qv = q.transpose(1, 2).reshape(B * nq, h, d).contiguous()
+    cu_q = torch.arange(0, B * nq + 1, nq, dtype=torch.int32, device=q.device)
+    win = (window, 0) if window is not None else (None, None)
+    return lambda: flash_attn_varlen_func(qv, kp, vp, cu_seqlens_q=cu_q, seqused_k=seqlens, page_table=table,
+                                          max_seqlen_q=nq, causal=True, window_size=win)
+
+
+def captured(step: Any) -> Any:
+    """A replay of `step` captured in a CUDA graph (warmed up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure(res: dict[str, Any], save: Any, name: str, attn: Any, mask_mod: Any, n: int, B: int) -> None:
+    """The rows of one (pattern, context, batch): a cache of n tokens per sequence, each Nq timed."""
+    kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+    vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+    kp, vp, table = paged(kc, vc)
+    for nq in NQS:
+        q = torch.randn(B, H, nq, D, device=DEV, dtype=DT)
+        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        fns: dict[str, Any] = {
+            "ours": lambda: attn.decode(q, kc, vc, seqlens),
+            "ours_paged": lambda: attn.decode(q, kp, vp, seqlens, page_table=table),
+            "sdpa_whole_cache": lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, kc, vc, enable_gqa=True),
+        }
+        if not SMOKE:  # the step replayed from a CUDA graph: the kernels' time without the host's
+            fns["ours_graph"] = captured(lambda: attn.decode(q, kc, vc, seqlens))
+        row: dict[str, Any] = {"pattern": name, "N": n, "B": B, "Nq": nq, "ms": {}, "all_ms": {}}
+        ref = attn.decode(q, kc, vc, seqlens).float()
+        row["paged_max_diff"] = (attn.decode(q, kp, vp, seqlens, page_table=table).float()
+                                 - ref).abs().max().item()
+        if (B, nq, n) in FLEX_AT and left() > 90:
+            try:
+                t0 = time.perf_counter()
+                build, run = flex_step(mask_mod, q, kc, vc, n)
+                sync()
+                row["flex_first_call_s"] = time.perf_counter() - t0
+                row["flex_max_diff"] = (run().float() - ref).abs().max().item()
+                row["flex_block_mask_ms"] = med(build)
+                fns["flex_decode"] = run
+            except Exception as e:  # noqa: BLE001
+                res["notes"].append(f"Flex {name} N={n} B={B} Nq={nq}: {type(e).__name__}: {str(e)[:160]}")
+        try:
+            fa4 = fa4_step(q, kp, vp, table, seqlens, W if name == "swa_sink" else None)
+            fa4()
+            fns["fa4_paged" + ("_window_no_sink" if name == "swa_sink" else "")] = fa4
+        except Exception as e:  # noqa: BLE001
+            if not any(x.startswith("FA4") for x in res["notes"]):
+                res["notes"].append(f"FA4: {type(e).__name__}: {str(e)[:160]}")
+        times = interleaved(fns, med, rounds=5)
+        reads = keys_read(attn, n, nq) * B * HKV * D * 2 * torch.empty((), dtype=DT).element_size()
+        for k, ts in times.items():
+            row["ms"][k] = median(ts)
+            row["all_ms"][k] = ts
+        row["bytes_kv"] = reads
+        row["GBps"] = {k: reads / (row["ms"][k] * 1e-3) / 1e9 for k in row["ms"] if k.startswith("ours")}
+        res["rows"].append(row)
+        print(f"{name:9s} N={n:7d} B={B:2d} Nq={nq}  " +
+              "  ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()) +
+              f"  ours {row['GBps']['ours']:.0f} GB/s", flush=True)
+        save()
+
+
+def main() -> None:
+    path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results", "decode.json")
+    res: dict[str, Any] = {"run": run_info(), "shape": {"H": H, "Hkv": HKV, "D": D, "dtype": str(DT), "page": PAGE},
+                           "notes": [], "rows": []}
+
+    def save() -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    torch.manual_seed(0)
+    sweep(res, save)  # first: short, and what settles the kernel's defaults
+    for name, (src, mask_mod) in PATTERNS.items():
+        attn = P.compile(f"pattern p = {src}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+        for n in CONTEXTS:
+            for B in BATCHES:
+                if 2 * B * HKV * n * D * 2 > CACHE_GB * 2**30:
+                    res["notes"].append(f"{name} N={n} B={B}: cache over {CACHE_GB} GB, skipped")
+                    continue
+                if left() < 20:
+                    res["notes"].append(f"{name} N={n} B={B}: deadline, skipped")
+                    continue
+                measure(res, save, name, attn, mask_mod, n, B)
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
+    res["notes"].append("topk(16, block=64) | window(511) at decode: selectors do not decode yet (not measured)")
+    save()
+
+
+SWEEP_AT = [("causal", 131072 if not SMOKE else 256, 8 if not SMOKE else 2), ("swa_sink", 131072 if not SMOKE else 256, 1)]
+
+
+def sweep(res: dict[str, Any], save: Any) -> None:
+    """The decode kernel's key block and split count around the defaults (`decode_block`, `decode_splits`
+    options), graph-replayed, at a dense and a windowed case: what settles the heuristics."""
+    res["sweep"] = []
+    for name, n, B in SWEEP_AT:
+        if left() < 40:
+            res["notes"].append(f"sweep {name}: deadline, skipped")
+            continue
+        attn = P.compile(f"pattern p = {PATTERNS[name][0]}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+        kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
+        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        fns: dict[str, Any] = {}
+        for block in (32, 64, 128) if not SMOKE else (16,):
+            for splits in (0, 1, 2, 4, 8, 16, 32, 64) if not SMOKE else (0, 2):
+                def step(block: int = block, splits: int = splits) -> Any:
+                    with attn.options(decode_block=block, decode_splits=splits):
+                        return attn.decode(q, kc, vc, seqlens)
+                try:
+                    fns[f"block{block}_splits{splits}"] = step if SMOKE else captured(step)
+                except Exception as e:  # noqa: BLE001  (a block too large for shared memory, say)
+                    res["notes"].append(f"sweep {name} block {block} splits {splits}: {type(e).__name__}: {str(e)[:120]}")
+        times = interleaved(fns, med, rounds=3)
+        reads = keys_read(attn, n, 1) * B * HKV * D * 2 * torch.empty((), dtype=DT).element_size()
+        res["sweep"].append({"pattern": name, "N": n, "B": B, "Nq": 1, "bytes_kv": reads,
+                             "ms": {k: median(v) for k, v in times.items()}})
+        save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Decoding: the last few query rows of each sequence against a KV cache (contiguous or paged).
+
+A decode step attends queries at positions seqlen - Nq .. seqlen - 1 (FlashAttention's bottom-right
+alignment) to the keys 0 .. seqlen - 1 the pattern allows, where seqlen = cache_seqlens[b] + Nq_new after
+k_new / v_new are written at cache_seqlens (FlashAttention's `flash_attn_with_kvcache` convention). The
+lengths stay on the device and every shape is fixed by the tensors, so a step can be captured in a CUDA
+graph and replayed with new lengths (warm up once first: the run tables are built on the first call).
+
+Only decode-consistent patterns decode: a row's allowed keys must not depend on the final length (no
+predicate reads N), so that one table, built at the cache's capacity, serves every length.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import tables
+from .checks import check_dtypes, check_n
+from .common import _INTERPRET, _LOG2E, _d_pad, _heads_of, _on_device_of, _pow2, _sm_count, _torch_path, pred_kernel
+from .cpu import masked_softmax
+from .decode_kernels import _decode_merge, _decode_split
+from .evaluate import evaluate
+from .options import current_options
+
+if TYPE_CHECKING:
+    from .spec import PatternSpec
+
+
+def decode_consistent(spec: PatternSpec, patterns: int | tuple[int, ...] | None = None) -> bool:
+    """Whether a row's allowed keys are the same at every final length: no head's predicate reads N (of
+    `patterns`, the predicates of one call's heads; by default every head pattern of the spec)."""
+    used = range(spec.patterns) if patterns is None else _used(patterns)
+    return all(spec.predicates[p].n_free for p in used)
+
+
+def _used(patterns: int | tuple[int, ...]) -> list[int]:
+    return [patterns] if isinstance(patterns, int) else sorted(set(patterns))
+
+
+def check_decode(spec: PatternSpec, q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, page_table: Any,
+                 k_new: Any, v_new: Any, scale: Any, patterns: int | tuple[int, ...]) -> tuple[int, int]:
+    """(group, capacity) after checking a decode call's arguments; each misuse is one sentence."""
+    if any(spec.selectors[p] is not None for p in _used(patterns)):
+        raise ValueError("decode() serves static patterns; dynamic selectors (topk, threshold) do not decode yet")
+    if not decode_consistent(spec, patterns):
+        raise ValueError(f"'{spec.name}' is not decode-consistent: its predicate reads N, so a row's allowed keys "
+                         "depend on the final length and a cache cannot be attended to row by row")
+    named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens))
+    for name, t in named + (("page_table", page_table), ("k_new", k_new), ("v_new", v_new)):
+        if t is not None and not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    check_dtypes(q, k_cache, v_cache, "q, k_cache, v_cache")
+    for name, t in named[1:] + (("page_table", page_table), ("k_new", k_new), ("v_new", v_new)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+    B, H, Nq, D = q.shape
+    Dv = v_cache.shape[-1]
+    if page_table is None:
+        hkv, capacity = k_cache.shape[1], k_cache.shape[2]
+        if k_cache.shape[0] != B or k_cache.shape[3] != D or tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+            raise ValueError(f"a contiguous cache is k_cache [{B}, kv_heads, max_seqlen, {D}] and v_cache [{B}, "
+                             f"kv_heads, max_seqlen, head_dim_v], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    else:
+        hkv = k_cache.shape[2]
+        if k_cache.shape[3] != D or tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+            raise ValueError(f"a paged cache is k_cache [pages, page_size, kv_heads, {D}] and v_cache [pages, "
+                             f"page_size, kv_heads, head_dim_v], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        if page_table.dim() != 2 or page_table.shape[0] != B or page_table.dtype != torch.int32:
+            raise ValueError(f"page_table must be an int32 tensor [{B}, max_pages], got "
+                             f"{tuple(page_table.shape)}, {page_table.dtype}")
+        capacity = page_table.shape[1] * k_cache.shape[1]
+    if (cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B or cache_seqlens.dtype != torch.int32):
+        raise ValueError(f"cache_seqlens must be an int32 tensor [{B}] on q's device, got "
+                         f"{tuple(cache_seqlens.shape)}, {cache_seqlens.dtype}")
+    if hkv < 1 or H % hkv:
+        raise ValueError(f"kv heads ({hkv}) must divide query heads ({H})")
+    if not isinstance(patterns, int) and H != len(patterns):
+        raise ValueError(f"this pattern defines {len(patterns)} heads, got {H} query heads")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new come together: pass both or neither")
+    if k_new is not None:
+        for name, t, d in (("k_new", k_new, D), ("v_new", v_new, Dv)):
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != hkv or t.shape[3] != d or t.dtype != q.dtype:
+                raise ValueError(f"{name} must be [{B}, {hkv}, new tokens, {d}] of {q.dtype}, got "
+                                 f"{tuple(t.shape)}, {t.dtype}")
+        if k_new.shape[2] != v_new.shape[2]:
+            raise ValueError(f"k_new and v_new must hold as many tokens, got {k_new.shape[2]} and {v_new.shape[2]}")
+    if Nq > capacity:
+        raise ValueError(f"{Nq} queries do not fit a cache of {capacity} positions")
+    if q.device.type != "cpu" and max(D, Dv) > 256:
+        raise ValueError(f"head_dim must be at most 256 on the GPU kernel, got {max(D, Dv)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {t.stride()}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    check_n(spec, capacity)
+    return H // hkv, capacity
+
+
+def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, page_table: torch.Tensor | None,
+           k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    """Write k_new, v_new [B, Hkv, n, D] at positions cache_seqlens[b] .. + n - 1 of each sequence (device
+    indices, no host sync)."""
+    B, _, n, _ = k_new.shape
+    pos = cache_seqlens.long()[:, None] + torch.arange(n, device=k_new.device)  # [B, n]
+    kn, vn = k_new.permute(0, 2, 1, 3), v_new.permute(0, 2, 1, 3)  # [B, n, Hkv, D]
+    if page_table is None:
+        b = torch.arange(B, device=k_new.device)[:, None].expand(B, n)
+        k_cache.permute(0, 2, 1, 3).index_put_((b, pos), kn)
+        v_cache.permute(0, 2, 1, 3).index_put_((b, pos), vn)
+    else:
+        size = k_cache.shape[1]
+        page = torch.gather(page_table, 1, (pos // size).to(torch.int64)).long()
+        k_cache.index_put_((page, pos % size), kn)
+        v_cache.index_put_((page, pos % size), vn)
+
+
+@_on_device_of
+def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           cache_seqlens: torch.Tensor, page_table: torch.Tensor | None, n_new: int, scale: float, group: int,
+           patterns: int | tuple[int, ...], capacity: int, out: torch.Tensor,
+           lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode step into `out` [B, H, Nq, Dv] and `lse` [B, H, Nq] (arguments checked, k_new appended)."""
+    if q.shape[2] == 0:
+        return out, lse
+    if _torch_path(q):
+        return _decode_cpu(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
+                           capacity, out, lse)
+    B, H, Nq, D = q.shape
+    Dv = v_cache.shape[-1]
+    opts = current_options()
+    block = opts.decode_block or (64 if max(D, Dv) <= 128 else 32)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"decode_block must be a power of two >= 16, got {block}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    paged = page_table is not None
+    pt = page_table if paged else cache_seqlens  # an unused pointer when contiguous
+    s_k: tuple[int, ...]
+    s_v: tuple[int, ...]
+    if paged:
+        s_k = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))  # (page, head, position in the page)
+        s_v = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+        page, s_pt = k_cache.shape[1], page_table.stride(0)  # type: ignore[union-attr]
+    else:
+        s_k, s_v = k_cache.stride()[:3], v_cache.stride()[:3]
+        page, s_pt = 1, 0
+    nq_pad = _pow2(Nq)
+    span = (Nq + block - 2) // block + 1  # query blocks the rows of one step may fall in
+    for pat in _used(patterns):
+        heads = _packs(patterns, pat, H, group, q.device)
+        packs, g = heads.shape
+        m = max(16, _pow2(g * nq_pad))
+        off, runs, count, most = tables.run_tables(spec, pat, capacity, block, block, q.device)
+        splits = opts.decode_splits or _splits(most * span, packs * B, q.device)
+        dv_pad = _d_pad(Dv)
+        ws_o = torch.empty(B * packs * splits * m * dv_pad, dtype=torch.float32, device=q.device)
+        ws_l = torch.empty(B * packs * splits * m, dtype=torch.float32, device=q.device)
+        _decode_split[(packs, B, splits)](
+            q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count, ws_o, ws_l,
+            *q.stride()[:3], *s_k, *s_v, s_pt,
+            Nq, n_new, capacity, page, group, splits, scale * _LOG2E,
+            PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=block, DQK=D,
+            DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, DOT_PREC="ieee" if q.dtype == torch.float32
+            else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET, num_warps=4,
+        )
+        _decode_merge[(packs, B)](
+            out, lse, heads, ws_o, ws_l, *out.stride()[:3], *lse.stride()[:2], Nq, splits,
+            G=g, NQ_PAD=nq_pad, M=m, DV=Dv, DV_PAD=dv_pad, num_warps=4,
+        )
+    return out, lse
+
+
+def _splits(blocks: int, programs: int, device: torch.device) -> int:
+    """Splits per row: about two programs per SM over the batch and head packs, but at least four key
+    blocks per split (a split's fixed cost, and the merge, outweigh fewer)."""
+    want = -(-2 * _sm_count(device, 8) // max(1, programs))
+    return max(1, min(want, -(-blocks // 4), 256))
+
+
+_PACKS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _packs(patterns: int | tuple[int, ...], pat: int, H: int, group: int, device: torch.device) -> torch.Tensor:
+    """[packs, G] int32: per KV head the query heads of predicate `pat` (-1 padding), one program's rows (GQA:
+    the heads share every K and V load). Cached."""
+    key = (patterns, pat, H, group, str(device))
+    hit = _PACKS.get(key)
+    if hit is None:
+        mine = set(_heads_of(patterns, pat, H))
+        rows = [[h for h in range(kv * group, (kv + 1) * group) if h in mine] for kv in range(H // group)]
+        rows = [r for r in rows if r]
+        g = max(len(r) for r in rows)
+        hit = torch.tensor([r + [-1] * (g - len(r)) for r in rows], dtype=torch.int32, device=device)
+        _PACKS[key] = hit
+    return hit
+
+
+def _decode_cpu(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                cache_seqlens: torch.Tensor, page_table: torch.Tensor | None, n_new: int, scale: float, group: int,
+                patterns: int | tuple[int, ...], capacity: int, out: torch.Tensor,
+                lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path: per sequence, only the positions some query row may attend to are gathered."""
+    B, H, Nq, _ = q.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for b, length in enumerate((cache_seqlens.long() + n_new).clamp(max=capacity).tolist()):
+        i = torch.arange(length - Nq, length, dtype=torch.int64)[:, None]
+        j = torch.arange(length, dtype=torch.int64)[None, :]
+        for pat in _used(patterns):
+            heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64)
+            ok = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[pat].expr, i, j, length)), (Nq, length))
+            ok = ok & (i >= 0)
+            at = torch.nonzero(ok.any(0)).flatten()  # the reachable positions: nothing else is read
+            if page_table is None:
+                k, v = k_cache[b][:, at], v_cache[b][:, at]
+            else:
+                size = k_cache.shape[1]
+                page = page_table[b].long()[at // size]
+                k, v = k_cache[page, at % size].transpose(0, 1), v_cache[page, at % size].transpose(0, 1)
+            kv = heads // group
+            s = torch.matmul(q[b, heads].to(work), k[kv].to(work).transpose(-1, -2)) * scale
+            o, rows_lse = masked_softmax(s, ok[:, at], v[kv].to(work))
+            out[b, heads] = o.to(out.dtype)
+            lse[b, heads] = rows_lse
+    return out, lse
+

@@ -1,0 +1,164 @@
+"""Decode kernels: a few query rows at the end of each sequence against a KV cache, split over key blocks.
+
+`_decode_split`: one program per (head pack, batch entry, split). A pack is the query heads of one KV head
+that share a predicate (GQA: their rows share every K and V load), times the Nq query rows. The rows'
+key blocks come from the pattern's run tables (`tables.run_tables`, built once at the cache's capacity):
+the query block of row i lists them, so the kernel reads a handful of runs, never the whole context. The
+blocks a row's query block lists are numbered 0 .. T - 1 and split `SPLITS` ways; each program writes its
+slice's partial softmax to a workspace and `_decode_merge` merges the slices by log-sum-exp.
+
+The sequence length is read on the device (`SEQ[b] + NNEW`), so a launch's grid and arguments stay fixed
+while lengths change (a CUDA graph replays it). Positions no row of the program may attend to are never
+loaded (masked loads): a paged cache's unreachable pages may point anywhere.
+"""
+
+import triton
+import triton.language as tl
+
+from .fwd_kernels import _merge_part, _online_softmax
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, seqlen, offs_n, offs_dk, offs_dv,
+                 s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, PRED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr,
+                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
+    """Key block kb into the running softmax of the rows `rows_ok` (query positions ii); `partial`: the
+    predicate decides per pair, else every pair of the block (inside the sequence) is allowed."""
+    cols = kb * BLOCK_N + offs_n
+    ci = cols
+    qi = ii
+    if IDX64:
+        ci = ci.to(tl.int64)
+        qi = qi.to(tl.int64)
+    ok = rows_ok[:, None] & (cols < seqlen)[None, :]
+    ok = ok & (PRED(qi[:, None], ci[None, :], seqlen) | (partial == 0))
+    col_ok = tl.max(ok.to(tl.int32), 0) > 0  # some row attends to this key: only those are read
+    if PAGED:
+        page = tl.load(PT + b * s_ptb + cols // PAGE, mask=col_ok, other=0).to(tl.int64)
+        k_rows = page * s_kb + (cols % PAGE).to(tl.int64) * s_kn + kvh * s_kh
+        v_rows = page * s_vb + (cols % PAGE).to(tl.int64) * s_vn + kvh * s_vh
+    else:
+        k_rows = b * s_kb + kvh * s_kh + cols.to(tl.int64) * s_kn
+        v_rows = b * s_vb + kvh * s_vh + cols.to(tl.int64) * s_vn
+    k = tl.load(K + k_rows[:, None] + offs_dk[None, :], mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.where(ok, s, float("-inf"))
+    p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, qk_scale, False, True)
+    v = tl.load(V + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS"])
+def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
+                  s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb,
+                  NQ, NNEW, CAP, PAGE, GROUP, SPLITS, qk_scale,
+                  PRED: tl.constexpr, G: tl.constexpr, NQ_PAD: tl.constexpr, M: tl.constexpr,
+                  TABLE_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, DQK_PAD: tl.constexpr,
+                  DV: tl.constexpr, DV_PAD: tl.constexpr, PAGED: tl.constexpr, DOT_PREC: tl.constexpr,
+                  IDX64: tl.constexpr, INTERPRET: tl.constexpr):
+    # rows r: head slot r // NQ_PAD of the pack, query t = r % NQ_PAD at position seqlen - NQ + t
+    pack = tl.program_id(0)
+    b32 = tl.program_id(1)
+    split = tl.program_id(2)
+    b = b32.to(tl.int64)
+    packs = tl.num_programs(0)
+    seqlen = tl.minimum(tl.load(SEQ + b) + NNEW, CAP)  # past the capacity: clamped, never read out of bounds
+    r = tl.arange(0, M)
+    slot = r // NQ_PAD
+    t = r % NQ_PAD
+    head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
+    kvh = (tl.load(HEADS + pack * G) // GROUP).to(tl.int64)
+    ii = seqlen - NQ + t
+    rows = (head >= 0) & (t < NQ) & (ii >= 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, DQK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q_rows = b * s_qb + head.to(tl.int64) * s_qh + t.to(tl.int64) * s_qn
+    q = tl.load(Q + q_rows[:, None] + offs_dk[None, :], mask=rows[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, DV_PAD], dtype=tl.float32)
+    # the query blocks the rows fall in, and the key blocks they list: T in all, this split's share
+    qb_lo = tl.maximum(seqlen - NQ, 0) // TABLE_M
+    qb_hi = tl.maximum(seqlen - 1, 0) // TABLE_M
+    total = qb_lo * 0  # an int32 scalar (loop-carried)
+    qb = qb_lo
+    while qb <= qb_hi:
+        total += tl.load(COUNT + qb)
+        qb += 1
+    share = tl.cdiv(total, SPLITS)
+    lo = split * share
+    hi = tl.minimum(lo + share, total)
+    seen = qb_lo * 0  # blocks of the earlier query blocks
+    qb = qb_lo
+    while (qb <= qb_hi) & (seen < hi):
+        in_qb = rows & (ii // TABLE_M == qb)
+        run = tl.load(RUN_OFF + qb)
+        run_end = tl.load(RUN_OFF + qb + 1)
+        while run < run_end:
+            k0 = tl.load(RUNS + run * 4)
+            k1 = tl.load(RUNS + run * 4 + 1)
+            partial = tl.load(RUNS + run * 4 + 2)
+            at = seen + tl.load(RUNS + run * 4 + 3)  # this run's first block in the numbering
+            a = tl.maximum(lo, at)
+            e = tl.minimum(hi, at + k1 - k0)
+            if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
+                x = a
+                while x < e:
+                    acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
+                                                 seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
+                                                 s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
+                                                 DOT_PREC, IDX64)
+                    x += 1
+            else:
+                for x in range(a, e):
+                    acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
+                                                 seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
+                                                 s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
+                                                 DOT_PREC, IDX64)
+            run += 1
+        seen += tl.load(COUNT + qb)
+        qb += 1
+    # this split's partial result: rows normalised, log2-sum-exp (-inf where it saw no allowed key)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    ws = ((b * packs + pack) * SPLITS + split) * M
+    tl.store(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], out)
+    tl.store(WS_L + ws + r, lse2)
+
+
+@triton.jit(do_not_specialize=["NQ", "SPLITS"])
+def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, SPLITS,
+                  G: tl.constexpr, NQ_PAD: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr):
+    """Merge a (pack, batch entry)'s splits by log-sum-exp into O [B, H, NQ, DV] and LSE [B, H, NQ]
+    (natural log; zeros and -inf for a row that no split saw a key for)."""
+    pack = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    packs = tl.num_programs(0)
+    r = tl.arange(0, M)
+    offs_dv = tl.arange(0, DV_PAD)
+    slot = r // NQ_PAD
+    t = r % NQ_PAD
+    head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
+    rows = (head >= 0) & (t < NQ)
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, DV_PAD], dtype=tl.float32)
+    s = pack * 0  # an int32 scalar (loop-carried)
+    while s < SPLITS:
+        ws = ((b * packs + pack) * SPLITS + s) * M
+        ls = tl.load(WS_L + ws + r)
+        o = tl.load(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :])
+        acc, l_i, m_i = _merge_part(acc, l_i, m_i, o, ls)
+        s += 1
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    h = head.to(tl.int64)
+    o_rows = b * s_ob + h * s_oh + t.to(tl.int64) * s_on
+    tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=rows[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + b * s_lb + h * s_lh + t, lse, mask=rows)
