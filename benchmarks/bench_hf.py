@@ -14,8 +14,8 @@ implementations take turns step by step (interleaved, after warm-up), so drift h
 Per implementation: training tokens/s (median step), peak memory, and the attention's own time in a
 step (forward and backward): CUDA events around each attention call and around its backward (an
 identity autograd node on each side), summed over layers, in separate profiled steps.
-Generation (32k context, window + sinks, against sdpa) needs patterndsl's decode path; without it the
-JSON says so. `BENCH_SMOKE=1`: tiny sizes on CPU (checks the script, no Flex).
+Generation: greedy decoding tokens/s after a 32k prompt with window + sinks against sdpa (transformers'
+KV cache; patterndsl's steps through its decode path), if the runtime has one; else the JSON says so. `BENCH_SMOKE=1`: tiny sizes on CPU (checks the script, no Flex).
 
     python benchmarks/bench_hf.py OUT.json
 """
@@ -144,6 +144,45 @@ def attention_ms(impl: str, model: Any, opt: Any, tokens: torch.Tensor) -> dict[
     return {"attention_fwd_ms": f, "attention_bwd_ms": b, "attention_ms": f + b}
 
 
+def generation(hf: Any) -> dict[str, Any]:
+    """Greedy decoding tokens/s after a GEN_N-token prompt: a Llama-style model of the same size (no
+    sliding_window: transformers keeps the whole cache) with `causal & (window(4095) | sink(4))` against
+    sdpa's full causal attention. Decode rate = (new - 1) tokens over the time past the first token."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    n = 256 if SMOKE else 32768
+    new = 4 if SMOKE else 64
+    window = WINDOW - 1
+    hf.register("patterndsl_streaming", f"pattern streaming = causal & (window({window}) | sink(4))")
+    cfg = LlamaConfig(**SIZE, max_position_embeddings=n + new, tie_word_embeddings=False)
+    prompt = torch.randint(0, SIZE["vocab_size"], (1, n), generator=torch.Generator().manual_seed(2)).to(DEV)
+    out: dict[str, Any] = {"prompt": n, "new_tokens": new, "pattern": f"causal & (window({window}) | sink(4))"}
+    for impl in ("patterndsl_streaming", "sdpa"):
+        if time.perf_counter() - START > DEADLINE:
+            out["note"] = "stopped at the deadline"
+            break
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl, dtype=DT).to(DEV).eval()
+        seconds = {}
+        with torch.no_grad():
+            model.generate(prompt[:, :64], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            for k in (1, new):
+                sync()
+                t = time.perf_counter()
+                model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+                sync()
+                seconds[k] = time.perf_counter() - t
+        out[impl] = {"prefill_and_first_s": seconds[1], "total_s": seconds[new],
+                     "decode_tokens_per_s": (new - 1) / max(seconds[new] - seconds[1], 1e-9)}
+        del model
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    if "sdpa" in out:
+        out["decode_speedup_vs_sdpa"] = (out["patterndsl_streaming"]["decode_tokens_per_s"]
+                                         / out["sdpa"]["decode_tokens_per_s"])
+    return out
+
+
 def main() -> None:
     out_path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results/hf_h100.json")
     warnings.filterwarnings("ignore", message="patterndsl .*not the fast")
@@ -202,8 +241,11 @@ def main() -> None:
         result["training"][f"patterndsl_vs_{other}"] = {
             "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
             "attention_speedup": (theirs["attention_ms"] / ours["attention_ms"]) if "attention_ms" in ours else None}
+    del models
     if not hasattr(attn, "decode"):
         result["generation"] = {"skipped": "patterndsl's runtime has no decode path (queries fewer than keys) yet"}
+    else:
+        result["generation"] = generation(hf)
     save()
     print(json.dumps(result["training"], indent=1))
     print(f"wrote {out_path}")

@@ -1,10 +1,10 @@
 """Greedy generation with a patterndsl pattern in a transformers model; prints tokens/s and cache memory.
 
 A Llama-style model from a config (random weights, no downloads) generates from a random prompt twice: with
-the pattern (a sliding window with attention sinks, StreamingLLM's) and with transformers' `sdpa`. While
-patterndsl's runtime has no decode path (queries fewer than keys), a pattern cannot read transformers' KV
-cache, so its generation recomputes the whole prefix for each token (`use_cache=False`); the script says
-which it ran.
+the pattern (a sliding window with attention sinks, StreamingLLM's) and with transformers' `sdpa`, both
+over transformers' KV cache (a pattern's step reads only the keys it allows: the window and the sinks).
+With a runtime that has no decode path (queries fewer than keys) the pattern's generation recomputes the
+prefix for each token instead (`use_cache=False`); the script says which it ran.
 
     python examples/generate.py                   # CPU, tiny
     python examples/generate.py --gpu             # a larger model and a 32k-token prompt on a CUDA GPU
@@ -82,7 +82,7 @@ def main() -> None:
     for impl, use_cache in (("patterndsl_streaming", decode), ("sdpa", True)):
         run(models[impl], prompt[:, :8], 2, use_cache)  # warm up (kernels, tables)
         tokens, rate, cache = run(models[impl], prompt, new, use_cache)
-        how = "KV cache" if use_cache else "no KV cache: the prefix recomputed for each token (no decode path yet)"
+        how = "KV cache" if use_cache else "no KV cache: the prefix recomputed for each token (no decode path)"
         print(f"{impl:>22}: {rate:9.1f} tokens/s, cache {cache / 2**20:8.2f} MiB ({how})")
 
 

@@ -10,7 +10,11 @@ honour is refused with one sentence on the first call that meets it, never run w
   is narrower than the pattern's reach: transformers keeps only that window in its cache;
 - a pattern that lets a query see a later key: the model is a causal language model;
 - attention dropout in training, learned sink logits (`s_aux`), score soft-capping (`softcap`);
-- a padding mask with holes, or a mask the model builds from its own overlays (image tokens).
+- a padding mask with holes, or a mask the model builds from its own overlays (image tokens);
+- over a KV cache: padding, or a sliding layer whose pattern reads absolute positions (its cache holds the
+  window only).
+
+Generation steps (fewer queries than keys) run bottom-right aligned: the queries are the last rows.
 
 Padding (left or right) and packed sequences (position ids restarting, as transformers' flattening collator
 writes them, or its `cu_seq_lens_q` keyword) run as packed documents (`cu_seqlens`): the pattern applies
@@ -92,16 +96,22 @@ class _Bridge:
         if spec.model_layers is not None:
             self._check_depth(module, layer)
         n_q, n_k = query.shape[2], key.shape[2]
-        if n_q != n_k:
+        if n_q != n_k and not hasattr(self.attn, "decode"):
             raise ValueError(f"{n_q} queries against {n_k} cached keys: generation with a KV cache needs "
                              f"patterndsl's decode path, not available yet (generate with use_cache=False)")
         longest = getattr(getattr(module, "config", None), "max_position_embeddings", None)
-        problem = self._reach_problem(layer, sliding_window, longest if isinstance(longest, int) else n_k)
+        stepping = n_q != n_k  # over a KV cache (a sliding layer's holds only its window)
+        problem = self._reach_problem(layer, sliding_window, longest if isinstance(longest, int) else n_k, stepping)
         if not problem and not torch.compiler.is_compiling() and not all(spec.n_free):
-            problem = self._reach_problem(layer, sliding_window, n_k)
+            problem = self._reach_problem(layer, sliding_window, n_k, stepping)
         if problem:
             raise ValueError(problem)
-        if attention_mask is not None:
+        if n_q != n_k:  # a step over a KV cache: the queries are the last rows (bottom-right aligned)
+            if attention_mask is not None:
+                raise ValueError("a padding mask with a KV cache is not supported by patterndsl attention: "
+                                 "generate unpadded sequences (one at a time, or of one length)")
+            out = self.attn(query, key, value, layer=layer, scale=scaling)
+        elif attention_mask is not None:
             out = self._padded(query, key, value, attention_mask, layer, scaling)
         else:
             cu = _documents(query, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
@@ -123,16 +133,17 @@ class _Bridge:
                              f"{type(module).__name__} has none")
 
     @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
-    def _reach_problem(self, layer: int | None, window: int | None, n: int) -> str:
+    def _reach_problem(self, layer: int | None, window: int | None, n: int, stepping: bool = False) -> str:
         """Why the pattern cannot run here, or "": it reaches a later key, or a key older than the layer's
         sliding window, at length n (exact per-row first and last keys from the analyser's counts). Checked
         once per layer at the model's longest length: a predicate that does not read N only grows its rows
         with N, so that check covers every shorter call; others are checked again at each new length
-        (eagerly; under torch.compile only at the longest). A constant to torch.compile: it runs while
-        tracing, not in the graph."""
-        if (layer, window, n) in self.checked:
+        (eagerly; under torch.compile only at the longest). `stepping` (a step over a KV cache): a sliding
+        layer's cache holds only the window, its keys counted from the window's start, so the pattern must
+        read only i - j there. A constant to torch.compile: it runs while tracing, not in the graph."""
+        if (layer, window, n, stepping) in self.checked:
             return ""
-        from ..analysis.count import predicate_stats
+        from ..analysis.count import offset_form, predicate_stats
         from ..runtime.common import _head_patterns
 
         spec = self.attn.spec
@@ -143,7 +154,12 @@ class _Bridge:
             sel = spec.selectors[pat]
             if sel is not None:
                 exprs.append(spec.predicates[sel.context].expr)
-            stats = predicate_stats(E.bind_n(E.disj(*exprs), n), n)
+            bound = E.bind_n(E.disj(*exprs), n)
+            if stepping and window is not None and offset_form(bound) is None:
+                return (f"pattern '{spec.name}'{where} reads absolute positions, but transformers' cache of a "
+                        f"sliding layer keeps only its window ({window} keys): drop the config's sliding_window "
+                        f"to generate with it")
+            stats = predicate_stats(bound, n)
             rows = np.flatnonzero(stats.counts)
             if np.any(stats.last[rows] > rows):
                 i = int(rows[np.argmax(stats.last[rows] > rows)])
@@ -154,7 +170,7 @@ class _Bridge:
                 return (f"the model's sliding_window{where} is {window} (each query sees {window - 1} keys back) "
                         f"but pattern '{spec.name}' lets query {i} see key {int(stats.first[i])} at N = {n}: "
                         f"widen or drop the config's sliding_window")
-        self.checked.add((layer, window, n))
+        self.checked.add((layer, window, n, stepping))
         return ""
 
     def _padded(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

@@ -136,16 +136,18 @@ def test_packed_padded_and_separate_sequences_agree_and_gradients_reach_every_pa
 
 
 @pytest.mark.slow
-def test_greedy_generation_equals_eager_for_a_windowed_model() -> None:
+def test_greedy_generation_with_the_cache_equals_eager_for_a_windowed_model() -> None:
     hf.register("pd_test_generate", "pattern p = causal & window(7)")
     ours, theirs = _pair(transformers.MistralConfig(**SMALL, sliding_window=8), "pd_test_generate", "eager",
-                          torch.float64)
+                         torch.float64)
     prompt = _tokens(1, 6)
     with torch.no_grad():
-        got = ours.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=False)
         want = theirs.generate(prompt, max_new_tokens=32, do_sample=False)
-    assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="decode path"):
+        assert torch.equal(ours.generate(prompt, max_new_tokens=32, do_sample=False), want)  # the decode path
+        assert torch.equal(ours.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=False), want)
+    hf.register("pd_test_absolute", "pattern p = causal & window(7) & ~sink(2)")
+    ours, _ = _pair(transformers.MistralConfig(**SMALL, sliding_window=8), "pd_test_absolute", "eager", torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match="reads absolute positions"):
         ours.generate(prompt, max_new_tokens=2, do_sample=False)
 
 
