@@ -100,10 +100,13 @@ class _Bridge:
             raise ValueError(f"{n_q} queries against {n_k} cached keys: generation with a KV cache needs "
                              f"patterndsl's decode path, not available yet (generate with use_cache=False)")
         longest = getattr(getattr(module, "config", None), "max_position_embeddings", None)
-        stepping = n_q != n_k  # over a KV cache (a sliding layer's holds only its window)
-        problem = self._reach_problem(layer, sliding_window, longest if isinstance(longest, int) else n_k, stepping)
+        at = longest if isinstance(longest, int) else int(n_k)
+        if n_q != n_k:  # over a KV cache (a sliding layer's holds only its window); a branch, not a tensor
+            problem = self._reach_problem(layer, sliding_window, at, True)
+        else:
+            problem = self._reach_problem(layer, sliding_window, at, False)
         if not problem and not torch.compiler.is_compiling() and not all(spec.n_free):
-            problem = self._reach_problem(layer, sliding_window, n_k, stepping)
+            problem = self._reach_problem(layer, sliding_window, n_k, n_q != n_k)
         if problem:
             raise ValueError(problem)
         if n_q != n_k:  # a step over a KV cache: the queries are the last rows (bottom-right aligned)
