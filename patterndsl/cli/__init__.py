@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ..source import PatternError
 
-COMMANDS = ("check", "show", "mask", "fmt", "analyze", "compile", "bench")
+COMMANDS = ("check", "show", "mask", "fmt", "analyze", "compile", "bench", "from-hf")
 
 EXIT_USER_ERROR = 2
 
@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f".{name}", __name__)
+            module = importlib.import_module(f".{name.replace('-', '_')}", __name__)
         except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{name}":
+            if e.name == f"{__name__}.{name.replace('-', '_')}":
                 continue  # a command not built yet
             raise
         module.register(sub)

@@ -1,0 +1,235 @@
+"""A compiled pattern as a Hugging Face transformers attention implementation.
+
+`register(name, source)` adds an attention function to transformers' `AttentionInterface` and a mask
+function to its `AttentionMaskInterface` under `name`, so `from_config(cfg, attn_implementation=name)` (or
+`from_pretrained`) runs the pattern in every attention layer; a `model` pattern gives layer
+`module.layer_idx` its own. Keys and values keep the model's key/value heads (GQA). What the pattern cannot
+honour is refused with one sentence on the first call that meets it, never run with another meaning:
+
+- a layer whose sliding window (transformers' `sliding_window`, the keys a query sees, itself included)
+  is narrower than the pattern's reach: transformers keeps only that window in its cache;
+- a pattern that lets a query see a later key: the model is a causal language model;
+- attention dropout in training, learned sink logits (`s_aux`), score soft-capping (`softcap`);
+- a padding mask with holes, or a mask the model builds from its own overlays (image tokens);
+- over a KV cache: padding, or a sliding layer whose pattern reads absolute positions (its cache holds the
+  window only).
+
+Generation steps (fewer queries than keys) run bottom-right aligned: the queries are the last rows.
+
+Padding (left or right) and packed sequences (position ids restarting, as transformers' flattening collator
+writes them, or its `cu_seq_lens_q` keyword) run as packed documents (`cu_seqlens`): the pattern applies
+within each document, counted from its first token, and no dense mask is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import expr as E
+from .. import ir
+
+__all__ = ["register"]
+
+
+def register(name: str, source: str | Path | ir.Program | ir.Pattern, pattern: str | None = None,
+             defines: Mapping[str, str | int | float] | None = None) -> Any:
+    """Compile `source` (`patterndsl.compile`'s arguments) and register it with transformers as attention
+    implementation `name`, with its mask function. Returns the compiled `Attention`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from .. import compile as compile_pattern
+
+    if not isinstance(name, str) or not name or name in AttentionInterface._global_mapping \
+            and not isinstance(getattr(AttentionInterface._global_mapping[name], "__self__", None), _Bridge):
+        raise ValueError(f"attention implementation name must be a new non-empty string, got {name!r}")
+    bridge = _Bridge(compile_pattern(source, pattern, defines))
+    AttentionInterface.register(name, bridge.attention)
+    AttentionMaskInterface.register(name, bridge.mask)
+    return bridge.attn
+
+
+@dataclass
+class _Bridge:
+    """One registered pattern: the attention and mask functions transformers calls, and the checks already
+    passed (per layer, window and length), so each is paid once."""
+
+    attn: Any
+    checked: set[tuple[Any, ...]] = field(default_factory=set)
+
+    def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+             mask_function: Any = None, attention_mask: torch.Tensor | None = None, use_vmap: bool = False,
+             **kwargs: Any) -> torch.Tensor | None:
+        """The 2-D padding mask [batch, keys] when some key is padding, else None: the pattern is the mask."""
+        if use_vmap:
+            raise ValueError("this model adds its own mask overlay (such as bidirectional image tokens), which a "
+                             "patterndsl pattern cannot express")
+        if attention_mask is None:
+            return None
+        padding = attention_mask[:, -kv_length:]
+        if padding.shape[1] == kv_length and bool(padding.all()):
+            return None
+        return padding
+
+    def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, *, scaling: float | None = None, dropout: float = 0.0,
+                  sliding_window: int | None = None, softcap: float | None = None,
+                  position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """transformers' attention signature: q [B, H, Nq, D], k, v [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
+        if dropout:
+            raise ValueError(f"attention dropout ({dropout}) in training is not supported by patterndsl "
+                             f"attention: set the config's attention_dropout to 0")
+        if softcap is not None:
+            raise ValueError(f"score soft-capping (softcap = {softcap}) is not supported by patterndsl attention: "
+                             f"set the config's attn_logit_softcapping to None")
+        if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+            raise ValueError("learned sink logits (s_aux) are not supported by patterndsl attention; a pattern's "
+                             "sink(n) keeps the first n keys instead")
+        spec = self.attn.spec
+        layer = getattr(module, "layer_idx", None) if spec.model_layers is not None else None
+        if spec.model_layers is not None:
+            self._check_depth(module, layer)
+        n_q, n_k = query.shape[2], key.shape[2]
+        if n_q != n_k and not hasattr(self.attn, "decode"):
+            raise ValueError(f"{n_q} queries against {n_k} cached keys: generation with a KV cache needs "
+                             f"patterndsl's decode path, not available yet (generate with use_cache=False)")
+        longest = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+        at = longest if isinstance(longest, int) else int(n_k)
+        if n_q != n_k:  # over a KV cache (a sliding layer's holds only its window); a branch, not a tensor
+            problem = self._reach_problem(layer, sliding_window, at, True)
+        else:
+            problem = self._reach_problem(layer, sliding_window, at, False)
+        if not problem and not torch.compiler.is_compiling() and not all(spec.n_free):
+            problem = self._reach_problem(layer, sliding_window, n_k, n_q != n_k)
+        if problem:
+            raise ValueError(problem)
+        if n_q != n_k:  # a step over a KV cache: the queries are the last rows (bottom-right aligned)
+            if attention_mask is not None:
+                raise ValueError("a padding mask with a KV cache is not supported by patterndsl attention: "
+                                 "generate unpadded sequences (one at a time, or of one length)")
+            out = self.attn(query, key, value, layer=layer, scale=scaling)
+        elif attention_mask is not None:
+            out = self._padded(query, key, value, attention_mask, layer, scaling)
+        else:
+            cu = _documents(query, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+            if cu is None:
+                out = self.attn(query, key, value, layer=layer, scale=scaling)
+            else:
+                out = _flat(self.attn(*(_pack(t) for t in (query, key, value)), cu_seqlens=cu, layer=layer,
+                                      scale=scaling), query.shape)
+        return out.transpose(1, 2), None
+
+    def _check_depth(self, module: torch.nn.Module, layer: Any) -> None:
+        spec = self.attn.spec
+        depth = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        if depth is not None and depth != len(spec.model_layers):
+            raise ValueError(f"model pattern '{spec.name}' has {len(spec.model_layers)} layers but the model has "
+                             f"{depth} (num_hidden_layers)")
+        if layer is None:
+            raise ValueError(f"model pattern '{spec.name}' needs each attention module's layer_idx; "
+                             f"{type(module).__name__} has none")
+
+    @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+    def _reach_problem(self, layer: int | None, window: int | None, n: int, stepping: bool = False) -> str:
+        """Why the pattern cannot run here, or "": it reaches a later key, or a key older than the layer's
+        sliding window, at length n (exact per-row first and last keys from the analyser's counts). Checked
+        once per layer at the model's longest length: a predicate that does not read N only grows its rows
+        with N, so that check covers every shorter call; others are checked again at each new length
+        (eagerly; under torch.compile only at the longest). `stepping` (a step over a KV cache): a sliding
+        layer's cache holds only the window, its keys counted from the window's start, so the pattern must
+        read only i - j there. A constant to torch.compile: it runs while tracing, not in the graph."""
+        if (layer, window, n, stepping) in self.checked:
+            return ""
+        from ..analysis.count import offset_form, predicate_stats
+        from ..runtime.common import _head_patterns
+
+        spec = self.attn.spec
+        pats = _head_patterns(spec, layer)
+        where = "" if layer is None else f" in layer {layer}"
+        for pat in sorted({pats} if isinstance(pats, int) else set(pats)):
+            exprs = [spec.predicates[pat].expr]
+            sel = spec.selectors[pat]
+            if sel is not None:
+                exprs.append(spec.predicates[sel.context].expr)
+            bound = E.bind_n(E.disj(*exprs), n)
+            if stepping and window is not None and offset_form(bound) is None:
+                return (f"pattern '{spec.name}'{where} reads absolute positions, but transformers' cache of a "
+                        f"sliding layer keeps only its window ({window} keys): drop the config's sliding_window "
+                        f"to generate with it")
+            stats = predicate_stats(bound, n)
+            rows = np.flatnonzero(stats.counts)
+            if np.any(stats.last[rows] > rows):
+                i = int(rows[np.argmax(stats.last[rows] > rows)])
+                return (f"pattern '{spec.name}'{where} lets query {i} see the later key {int(stats.last[i])} at "
+                        f"N = {n}: a causal language model cannot honour that")
+            if window is not None and rows.size and int(np.max(rows - stats.first[rows])) > window - 1:
+                i = int(rows[np.argmax(rows - stats.first[rows])])
+                return (f"the model's sliding_window{where} is {window} (each query sees {window - 1} keys back) "
+                        f"but pattern '{spec.name}' lets query {i} see key {int(stats.first[i])} at N = {n}: "
+                        f"widen or drop the config's sliding_window")
+        self.checked.add((layer, window, n, stepping))
+        return ""
+
+    def _padded(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                layer: int | None, scale: float | None) -> torch.Tensor:
+        """Left or right padding as packed documents: each row's run of real tokens is one document."""
+        if mask.dim() != 2 or mask.shape != (query.shape[0], key.shape[2]):
+            raise ValueError(f"patterndsl attention takes a 2-D padding mask [batch, keys] = "
+                             f"{[query.shape[0], key.shape[2]]}, got shape {list(mask.shape)}")
+        mask = mask.bool()
+        B, N = mask.shape
+        count = mask.sum(1)
+        first = torch.where(count > 0, mask.int().argmax(1), 0)
+        at = torch.arange(N, device=mask.device)
+        if not bool(torch.equal(mask, (at >= first[:, None]) & (at < (first + count)[:, None]))):
+            raise ValueError("the padding mask has gaps inside a row: patterndsl attention takes left or right "
+                             "padding (one run of real tokens per row)")
+        where = mask.reshape(-1).nonzero().squeeze(1)
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
+        cu[1:] = count.cumsum(0)
+        q, k, v = ((t.transpose(1, 2).reshape(B * N, t.shape[1], t.shape[3]))[where] for t in (query, key, value))
+        got = self.attn(q, k, v, cu_seqlens=cu, layer=layer, scale=scale)
+        out = query.new_zeros((B * N, query.shape[1], query.shape[3])).index_copy(0, where, got)
+        return out.view(B, N, query.shape[1], query.shape[3]).transpose(1, 2)
+
+
+def _documents(query: torch.Tensor, position_ids: torch.Tensor | None, cu_q: torch.Tensor | None,
+               cu_k: torch.Tensor | None) -> torch.Tensor | None:
+    """cu_seqlens over the batch rows laid end to end when the sequences are packed (transformers'
+    `cu_seq_lens_q`, or position ids that restart), else None (one dense call)."""
+    if cu_q is not None:
+        if cu_k is not None and not torch.equal(cu_q, cu_k):
+            raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: patterndsl attention packs one set of documents")
+        return cu_q.to(torch.int32)
+    B, _, N, _ = query.shape
+    if position_ids is None or N == 1:
+        return None
+    pos = position_ids.expand(B, N)
+    restart = torch.ones((B, N), dtype=torch.bool, device=pos.device)
+    restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if torch.compiler.is_compiling():
+        torch._assert_async(restart[:, 1:].any().logical_not(),
+                            "packed sequences under torch.compile need cu_seq_lens_q (return_flash_attn_kwargs)")
+        return None
+    if not bool(restart[:, 1:].any()):
+        return None
+    starts = restart.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+    return torch.cat([starts, starts.new_tensor([B * N])])
+
+
+def _pack(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] as one packed row [1, H, B * N, D] (batch rows end to end)."""
+    B, H, N, D = t.shape
+    return t.transpose(0, 1).reshape(1, H, B * N, D)
+
+
+def _flat(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of `_pack` for the output."""
+    B, H, N, D = shape
+    return out.reshape(H, B, N, D).transpose(0, 1)
