@@ -22,7 +22,7 @@ from ..runtime.positions import Positions, attention_at, attention_at_backward, 
 from ..runtime.spec import PatternSpec
 from . import exchange
 from .placement import Placement, _docs
-from .plan import plan
+from .plan import Terms, plan
 
 _PLANS: dict[tuple[Any, ...], RankPlan] = {}
 
@@ -73,7 +73,7 @@ def rank_plan(spec: PatternSpec, placement: Placement, rank: int, block: int, do
     key = (spec.key, placement, rank, block, docs, layer, str(device))
     hit = _PLANS.get(key)
     if hit is None:
-        full = plan(spec, placement, block, docs, layer)
+        full = plan(Terms.of_spec(spec, layer), placement, block, docs)
         on = dict(dtype=torch.int64, device=device)
         send = {r: torch.tensor(_local_index(placement, rank, _rows(full.recv[r][rank])), **on)  # type: ignore[arg-type]
                 for r in range(placement.world) if full.recv[r][rank].size}

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from ..runtime.api import Attention
+    from .plan import Terms
 
 BALANCED = 0.05  # candidates at most this imbalanced (max / mean - 1 of allowed pairs) count as balanced
 
@@ -50,6 +52,8 @@ class Placement:
 
     def positions(self, rank: int, device: Any = "cpu") -> torch.Tensor:
         """The global positions of rank's shard rows, int64."""
+        import torch
+
         parts = [torch.arange(a, b, dtype=torch.int64, device=device) for a, b in self.runs[rank]]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
 
@@ -58,6 +62,8 @@ class Placement:
         the default group when torch.distributed is initialised)."""
         if x.shape[dim] != self.n:
             raise ValueError(f"the placement is for N = {self.n}, got a tensor of length {x.shape[dim]} on dim {dim}")
+        import torch
+
         rank = _rank() if rank is None else rank
         return torch.cat([x.narrow(dim, a, b - a) for a, b in self.runs[rank]], dim) if self.runs[rank] else \
             x.narrow(dim, 0, 0)
@@ -65,6 +71,8 @@ class Placement:
     def unshard(self, shards: Sequence[torch.Tensor] | torch.Tensor, dim: int = 2, group: Any = None) -> torch.Tensor:
         """The whole sequence from every rank's shard: a list in rank order, or this rank's shard alone
         (then gathered from the group's ranks, a collective every rank calls)."""
+        import torch
+
         if torch.is_tensor(shards):
             shards = _gather(shards, [self.length(r) for r in range(self.world)], dim, group)
         if len(shards) != self.world:
@@ -103,17 +111,22 @@ class Placement:
                layer: int | None = None, head_dim: int = 128, itemsize: int = 2) -> Placement:
         """The candidate (balanced by cost, head-tail) with the fewest key bytes sent by the busiest rank among
         those balanced within 5 % in allowed pairs, else the best balanced one."""
+        from .plan import Terms
+
+        return Placement.best(Terms.of_spec(attn.spec, layer), n, world, _docs(cu_seqlens), block)
+
+    @staticmethod
+    def best(terms: Terms, n: int, world: int, docs: tuple[int, ...] | None = None, block: int = 128) -> Placement:
+        """`choose` for the pattern's terms (`plan.Terms`) and documents' boundaries `docs`."""
         from .plan import imbalance, plan, rank_costs, row_costs
 
-        docs = _docs(cu_seqlens)
-        spec = attn.spec
-        if any(sel is not None for sel in spec.selectors):
+        if terms.dynamic:
             return Placement.contiguous(n, world)  # a selector's cost depends on the data: even rows
-        cost = row_costs(spec, n, docs, layer)
+        cost = row_costs(terms, n, docs)
         block = max(1, min(block, n // (2 * world)))
         scored = []
         for cand in (Placement.balanced(n, world, cost, block), Placement.head_tail(n, world, block)):
-            sent = plan(spec, cand, block, docs, layer).tokens_sent()
+            sent = plan(terms, cand, block, docs).tokens_sent()
             scored.append((imbalance(rank_costs(cand, cost)), int(sent.max()), cand))
         fine = [s for s in scored if s[0] <= BALANCED]
         best = min(fine, key=lambda s: (s[1], s[0])) if fine else min(scored, key=lambda s: (s[0], s[1]))
@@ -124,7 +137,7 @@ def _docs(cu_seqlens: Any) -> tuple[int, ...] | None:
     """cu_seqlens as a tuple of ints (hashable, for the plans' caches), or None."""
     if cu_seqlens is None:
         return None
-    return tuple(int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens))
+    return tuple(int(x) for x in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens))
 
 
 def _cuts(row_cost: np.ndarray, parts: int, block: int, n: int) -> list[int]:
@@ -151,6 +164,7 @@ def _rank() -> int:
 
 def _gather(x: torch.Tensor, lengths: list[int], dim: int, group: Any) -> list[torch.Tensor]:
     """Every rank's shard (lengths known from the placement; padded to the longest for all_gather)."""
+    import torch
     import torch.distributed as dist
 
     top = max(lengths)

@@ -12,29 +12,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import expr as E
 from ..analysis.cost import tile_rects
 from ..analysis.count import predicate_stats
-from ..runtime.common import _head_patterns
-from ..runtime.spec import PatternSpec
 from .placement import Placement
 
-
-def used_predicates(spec: PatternSpec, layer: int | None = None) -> tuple[int, ...]:
-    """The predicates the heads use (one, or one per distinct head pattern), ascending."""
-    patterns = _head_patterns(spec, layer)
-    return tuple(sorted({patterns} if isinstance(patterns, int) else set(patterns)))
+if TYPE_CHECKING:
+    from ..runtime.spec import PatternSpec
 
 
-def head_weights(spec: PatternSpec, layer: int | None = None) -> dict[int, int]:
-    """How many heads use each predicate (1 for a pattern without `heads { }`)."""
-    patterns = _head_patterns(spec, layer)
-    if isinstance(patterns, int):
-        return {patterns: 1}
-    return {p: patterns.count(p) for p in set(patterns)}
+@dataclass(frozen=True)
+class Terms:
+    """What the exchange depends on: each predicate the heads use (N free) with how many heads (and
+    layers) use it, and whether a selector may pick blocks beyond them (then every key is needed)."""
+
+    predicates: tuple[tuple[E.Expr, int], ...]
+    dynamic: bool = False
+
+    @staticmethod
+    def of_spec(spec: PatternSpec, layer: int | None = None) -> Terms:
+        """A compiled pattern's terms (a model's at `layer`)."""
+        from ..runtime.common import _head_patterns
+
+        patterns = _head_patterns(spec, layer)
+        heads = (patterns,) if isinstance(patterns, int) else patterns
+        used = sorted(set(heads))
+        dynamic = any(spec.selectors[p] is not None for p in used)
+        return Terms(tuple((spec.predicates[p].expr, heads.count(p)) for p in used), dynamic)
 
 
 def doc_bounds(n: int, docs: tuple[int, ...] | None) -> list[tuple[int, int]]:
@@ -55,23 +63,20 @@ def _rects(expr: E.Expr, n: int, block: int) -> tuple[np.ndarray, ...]:
     return (r.q_lo * block, np.minimum(r.q_hi * block, n), r.k_lo * block, np.minimum(r.k_hi * block, n))
 
 
-def row_costs(spec: PatternSpec, n: int, docs: tuple[int, ...] | None = None, layer: int | None = None) -> np.ndarray:
+def row_costs(terms: Terms, n: int, docs: tuple[int, ...] | None = None) -> np.ndarray:
     """Allowed pairs per query row [n], summed over the heads (exact: the analyser's row counts)."""
     out = np.zeros(n, dtype=np.int64)
-    for pat, heads in head_weights(spec, layer).items():
-        expr = spec.predicates[pat].expr
+    for expr, heads in terms.predicates:
         for start, length in doc_bounds(n, docs):
             out[start:start + length] += heads * _row_counts(expr, length)
     return out
 
 
-def tiles(spec: PatternSpec, n: int, block: int, docs: tuple[int, ...] | None = None,
-          layer: int | None = None) -> tuple[np.ndarray, ...]:
+def tiles(terms: Terms, n: int, block: int, docs: tuple[int, ...] | None = None) -> tuple[np.ndarray, ...]:
     """(q_lo, q_hi, k_lo, k_hi) token intervals of rectangles covering every visited tile of every head's
     predicate (block x block tiles, per document)."""
     parts: list[tuple[np.ndarray, ...]] = []
-    for pat in used_predicates(spec, layer):
-        expr = spec.predicates[pat].expr
+    for expr, _ in terms.predicates:
         for start, length in doc_bounds(n, docs):
             parts.append(tuple(a + start for a in _rects(expr, length, block)))
     return tuple(np.concatenate(x) for x in zip(*parts, strict=True))
@@ -106,18 +111,17 @@ class Plan:
         return np.array([sum(int((iv[:, 1] - iv[:, 0]).sum()) for iv in row) for row in self.recv], dtype=np.int64)
 
 
-def plan(spec: PatternSpec, placement: Placement, block: int = 128, docs: tuple[int, ...] | None = None,
-         layer: int | None = None) -> Plan:
+def plan(terms: Terms, placement: Placement, block: int = 128, docs: tuple[int, ...] | None = None) -> Plan:
     """The keys each rank needs from each other rank for `placement` (see the module's docstring)."""
     w, n = placement.world, placement.n
     runs = sorted((a, b, r) for r, rr in enumerate(placement.runs) for a, b in rr if b > a)
     starts, stops, owner = (np.array([x[i] for x in runs], dtype=np.int64) for i in range(3))
     empty = np.zeros((0, 2), dtype=np.int64)
-    if any(sel is not None for sel in spec.selectors):  # a selector may pick any block: every key everywhere
+    if terms.dynamic:  # a selector may pick any block: every key everywhere
         return Plan(placement, block, tuple(tuple(empty if s == r else np.array(
             [[a, b] for a, b in placement.runs[s] if b > a], dtype=np.int64).reshape(-1, 2) for s in range(w))
             for r in range(w)))
-    q_lo, q_hi, k_lo, k_hi = tiles(spec, n, block, docs, layer)
+    q_lo, q_hi, k_lo, k_hi = tiles(terms, n, block, docs)
     rect, qrun = _expand(q_lo, q_hi, starts, stops)
     rect2, krun = _expand(k_lo[rect], k_hi[rect], starts, stops)
     rect, qrun = rect[rect2], qrun[rect2]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import compiled
 
-from patterndsl.distributed import Placement, plan
+from patterndsl.distributed import Placement, Terms, plan
 
 # (pattern source, N, heads, kv heads, cu_seqlens or None, placement: None (tensor_split) or "choose")
 FAST = [("causal & window(5) | global(0:2)", 37, 2, 1, None, None)]
@@ -86,7 +86,7 @@ def _case(rank: int, world: int, attn: Any, n: int, h: int, hkv: int, docs: Any,
                 attn.context_parallel(*mine, placement=pl, cu_seqlens=cu, block=8)
         finally:
             dist.batch_isend_irecv = real
-        tokens = plan(attn.spec, pl, 8, None if docs is None else tuple(docs)).tokens_sent()[rank]
+        tokens = plan(Terms.of_spec(attn.spec), pl, 8, None if docs is None else tuple(docs)).tokens_sent()[rank]
         assert sent[0] == tokens * 2 * hkv * 8 * 8, (where, sent[0], tokens)
 
 
