@@ -73,6 +73,8 @@ def attention_at(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.T
     _static(spec)
     B, H, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if k.shape[2] == 0:  # no key at all: every row is empty
+        return torch.zeros_like(q), torch.full((B, H, Nq), float("-inf"), device=q.device)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     return _attention_cpu(spec, q, k, v, scale, H // k.shape[1], _head_patterns(spec, layer), out, lse, at=at)
@@ -85,6 +87,8 @@ def attention_at_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, 
     """(dq, dk, dv) of `attention_at`. `out` and `lse` are the final ones of the queries (merged over every
     key set), so the key sets' dk, dv may be computed one set at a time and dq summed."""
     _static(spec)
+    if k.shape[2] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     delta = (do.to(work) * out.to(work)).sum(-1)
