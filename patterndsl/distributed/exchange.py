@@ -32,9 +32,18 @@ def _peer(group: Any, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
+_READY: set[Any] = set()  # groups whose communicator a collective has set up
+
+
 def start(sends: dict[int, torch.Tensor], receives: dict[int, torch.Tensor], group: Any) -> Pending:
     """Send `sends[peer]` to each peer and receive into `receives[peer]` (contiguous buffers of the sizes
-    both sides' plans give), without waiting."""
+    both sides' plans give), without waiting. Every rank of the group calls it, with or without transfers:
+    the first call is a barrier, since NCCL needs every rank in a group's first call (a rank whose plan
+    has nothing to send could otherwise leave a peer's first batch of transfers waiting)."""
+    key = dist.group.WORLD if group is None else group  # a new default group after re-initialisation
+    if key not in _READY:
+        dist.barrier(group=group)
+        _READY.add(key)
     ops = [dist.P2POp(dist.isend, t.contiguous(), _peer(group, p), group) for p, t in sorted(sends.items())]
     ops += [dist.P2POp(dist.irecv, t, _peer(group, p), group) for p, t in sorted(receives.items())]
     return Pending(dist.batch_isend_irecv(ops) if ops else [], receives)
