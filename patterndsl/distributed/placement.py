@@ -108,7 +108,7 @@ class Placement:
 
     @staticmethod
     def choose(attn: Attention, n: int, world: int, *, cu_seqlens: Any = None, block: int = 128,
-               layer: int | None = None, head_dim: int = 128, itemsize: int = 2) -> Placement:
+               layer: int | None = None) -> Placement:
         """The candidate (balanced by cost, head-tail) with the fewest key bytes sent by the busiest rank among
         those balanced within 5 % in allowed pairs, else the best balanced one."""
         from .plan import Terms
