@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import compiled, emulate_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_mask
@@ -174,3 +175,30 @@ def test_analyze_ranks_at_a_million(capsys: pytest.CaptureFixture[str], tmp_path
     assert r["ours"]["imbalance"] < 0.05
     if "window(4095)" in src:
         assert r["bytes_ratio"] >= 50
+
+
+@pytest.mark.slow
+@settings(max_examples=15)
+@given(expressions(max_leaves=3), st.integers(8, 40), st.integers(2, 4), st.sampled_from([4, 8]), st.booleans(),
+       st.integers(0, 2**31))
+def test_ranks_together_compute_the_single_call(src: str, n: int, world: int, block: int, chosen: bool,
+                                                 seed: int) -> None:
+    """Random patterns: every rank's rows against its own and its received keys, merged, and the
+    gradients sent home, add up to the single call (float64, CPU path)."""
+    attn = compiled(src)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(1, hh, n, 8, dtype=torch.float64, generator=g) for hh in (2, 1, 1, 2))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attn(*leaves, return_lse=True)
+    (out * do).sum().backward()
+    pl = Placement.choose(attn, n, world, block=block) if chosen else Placement.contiguous(n, world)
+    got = emulate_ranks(attn, q, k, v, do, pl, block)
+    for a, b in zip(got, (out, lse, *(t.grad for t in leaves)), strict=True):
+        torch.testing.assert_close(a.double(), b.detach().double(), atol=1e-5, rtol=1e-5)
+
+
+def test_context_parallel_without_a_process_group_says_so() -> None:
+    attn = compiled("causal")
+    x = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="torch.distributed initialised"):
+        attn.context_parallel(x, x, x)

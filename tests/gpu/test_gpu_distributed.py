@@ -13,10 +13,10 @@ import socket
 from typing import Any
 
 import pytest
+from helpers import emulate_ranks
 
 import patterndsl as P
-from patterndsl.distributed import Placement, Terms, plan
-from patterndsl.runtime.positions import Positions, attention_at, attention_at_backward, merge
+from patterndsl.distributed import Placement
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
@@ -52,31 +52,15 @@ def test_rank_pieces_match_the_single_call(src: str, docs: Any) -> None:
     n, world, block = 4000, 4, 128
     attn = P.compile(f"pattern p = {src}\n")
     q, k, v, do = _inputs(n, 0, "cuda")
-    out, lse, dq, dk, dv = _single(attn, q, k, v, do, docs)
-    terms = Terms.of_spec(attn.spec)
-    pl = Placement.best(terms, n, world, docs, block)
-    pieces = plan(terms, pl, block, docs)
-    cu = None if docs is None else torch.tensor(docs, device="cuda")
-    got_dq, got_dk, got_dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for r in range(world):
-        rows = pl.positions(r, "cuda")
-        recv = [torch.arange(a, b, device="cuda") for s in range(world) for a, b in pieces.recv[r][s].tolist()]
-        key_sets = [rows] + ([torch.cat(recv)] if recv else [])
-        parts = [attention_at(attn.spec, q[:, :, rows], k[:, :, ks], v[:, :, ks], Positions.of(rows, ks, n, cu))
-                 for ks in key_sets]
-        o_r, lse_r = merge(parts)
-        assert _rel(o_r, out[:, :, rows]) < 1e-3, (src, r)
-        finite = torch.isfinite(lse[:, :, rows])
-        assert torch.equal(torch.isfinite(lse_r), finite)
-        assert (lse_r[finite] - lse[:, :, rows][finite]).abs().max() < 1e-3
-        for ks in key_sets:
-            gq, gk, gv = attention_at_backward(attn.spec, do[:, :, rows], q[:, :, rows], k[:, :, ks], v[:, :, ks],
-                                               o_r, lse_r, Positions.of(rows, ks, n, cu))
-            got_dq[:, :, rows] += gq
-            got_dk[:, :, ks] += gk
-            got_dv[:, :, ks] += gv
-    for got, want in ((got_dq, dq), (got_dk, dk), (got_dv, dv)):
-        assert _rel(got, want) < 2e-3, src
+    want = _single(attn, q, k, v, do, docs)
+    pl = Placement.choose(attn, n, world, cu_seqlens=docs, block=block)
+    got = emulate_ranks(attn, q, k, v, do, pl, block, docs)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        if name == "lse":
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite) and (a[finite] - b[finite]).abs().max() < 1e-3, src
+        else:
+            assert _rel(a, b) < 2e-3, (src, name)
 
 
 # --- several GPUs: NCCL ------------------------------------------------------------------------------------
