@@ -10,6 +10,10 @@ BENCH_TOKENS (per GPU, default 262144), BENCH_HEADS (16), BENCH_DIM (128), BENCH
 BENCH_REPEAT (timed repetitions, 5), BENCH_RING=0 skips torch's ring. NCCL with NVLink multicast off
 (NCCL_NVLS_ENABLE=0, set here). A dry run on CPUs: BENCH_DEVICE=cpu BENCH_TOKENS=256 BENCH_HEADS=2
 BENCH_DIM=16 torchrun --nproc-per-node=2 ... (gloo, float32).
+
+Ours attends through the runtime's positions path (`patterndsl.runtime.positions`: PyTorch operations,
+chunks of rows against every gathered key), not the Triton kernels: its times measure that path. The JSON
+says which path ran (`ours_path`).
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ def main() -> None:
     from runinfo import run_info
 
     result: dict[str, Any] = {"run": run_info(), "gpus": world, "tokens_per_gpu": TOKENS, "heads": H, "head_dim": D,
-                              "dtype": str(DT), "rows": []}
+                              "dtype": str(DT), "rows": [],
+                              "ours_path": "runtime.positions (PyTorch operations, not the Triton kernels)"}
     for name, src in PATTERNS:
         if ONLY and name not in ONLY:
             continue
