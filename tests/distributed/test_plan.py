@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import compiled, emulate_ranks
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from reference import reference_mask
 from strategies import document_splits, expressions
@@ -20,6 +20,7 @@ from patterndsl import loads, semantics
 from patterndsl.cli import main
 from patterndsl.distributed import Placement, Terms, plan
 from patterndsl.distributed.plan import imbalance, rank_costs, row_costs
+from patterndsl.source import PatternError
 
 
 def _terms(src: str, n: int) -> tuple[Terms, np.ndarray]:
@@ -185,7 +186,10 @@ def test_ranks_together_compute_the_single_call(src: str, n: int, world: int, bl
                                                  seed: int) -> None:
     """Random patterns: every rank's rows against its own and its received keys, merged, and the
     gradients sent home, add up to the single call (float64, CPU path)."""
-    attn = compiled(src)
+    try:
+        attn = compiled(src)
+    except PatternError:  # e.g. random(N // 3): analysable, not compilable
+        assume(False)
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (torch.randn(1, hh, n, 8, dtype=torch.float64, generator=g) for hh in (2, 1, 1, 2))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
