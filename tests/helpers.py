@@ -312,3 +312,35 @@ def spy_launches(
             return launch
 
     monkeypatch.setattr(module, name, Spy())
+
+
+# --- context parallelism: every rank's share computed in one process ------------------------------------------
+
+
+def emulate_ranks(attn: Any, q: Any, k: Any, v: Any, do: Any, placement: Any, block: int, docs: Any = None) -> tuple[Any, ...]:
+    """(out, lse, dq, dk, dv) over the whole sequence, assembled from what each rank of `placement` computes:
+    its rows against its own keys and against the keys the plan sends it, merged by log-sum-exp, and the
+    gradients of both key sets (what `attn.context_parallel` runs, without the transfers)."""
+    from patterndsl.distributed import Terms, plan
+    from patterndsl.runtime.positions import Positions, attention_at, attention_at_backward, merge
+
+    n, dev = q.shape[2], q.device
+    pieces = plan(Terms.of_spec(attn.spec), placement, block, None if docs is None else tuple(docs))
+    cu = None if docs is None else torch.tensor(docs, device=dev)
+    out, dq = torch.zeros_like(q), torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=dev)
+    for r in range(placement.world):
+        rows = placement.positions(r, dev)
+        recv = [torch.arange(a, b, device=dev) for row in pieces.recv[r] for a, b in row.tolist()]
+        key_sets = [rows] + ([torch.cat(recv)] if recv else [])
+        parts = [attention_at(attn.spec, q[:, :, rows], k[:, :, ks], v[:, :, ks], Positions.of(rows, ks, n, cu))
+                 for ks in key_sets]
+        out[:, :, rows], lse[:, :, rows] = merge(parts)
+        for ks in key_sets:
+            g = attention_at_backward(attn.spec, do[:, :, rows], q[:, :, rows], k[:, :, ks], v[:, :, ks],
+                                      out[:, :, rows], lse[:, :, rows], Positions.of(rows, ks, n, cu))
+            dq[:, :, rows] += g[0]
+            dk[:, :, ks] += g[1]
+            dv[:, :, ks] += g[2]
+    return out, lse, dq, dk, dv

@@ -48,6 +48,15 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="cached key/value type for --decode (bf16)"
     )
+    p.add_argument(
+        "--ranks", type=positive_int, metavar="R",
+        help="context parallelism over R ranks: per-rank pairs, imbalance and bytes sent, ours beside a ring",
+    )  # fmt: skip
+    p.add_argument(
+        "--docs", metavar="COUNT|L1,L2,..",
+        help="with --ranks: packed documents, a count of random lengths (see --seed) or the lengths",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="with --docs COUNT: the random lengths' seed (default 0)")
     p.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
     p.add_argument("--plot", metavar="OUT.png", help="write coverage-vs-depth and density-vs-N plots")
     add_force_option(p)
@@ -98,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
                    DECODE_SIZES if args.decode else (), DTYPE_BYTES[args.kv_dtype])  # fmt: skip
     result = analyze(item, opts)
     result["file"] = args.file
+    if args.docs is not None and args.ranks is None:
+        raise PatternError("--docs describes the documents of a context-parallel run: it needs --ranks")
+    if args.ranks is not None:
+        result["context_parallel"] = _ranks(item, args)
     if args.plot:
         patterns = ir.body_patterns(item.body) if isinstance(item, ir.PatternDef) else tuple(
             p for body in item.distinct() for p in ir.body_patterns(body)
@@ -109,6 +122,24 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(to_json(result) + "\n")
     else:
         render(result)
+        if args.ranks is not None:
+            from ..distributed.report import render_ranks
+
+            render_ranks(result["context_parallel"])
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def _ranks(item: ir.PatternDef | ir.Model, args: argparse.Namespace) -> dict[str, Any]:
+    """The `--ranks` figures (tiles of --block's query side)."""
+    from ..analysis.analyze import _head_count
+    from ..analysis.limits import ARRAY_LIMIT as ROWS
+    from ..distributed.report import parse_docs, ranks_report, terms_of
+
+    if args.n > ROWS:
+        raise PatternError(f"--ranks counts every row's pairs: N up to {ROWS:,}, got {args.n:,}")
+    docs = None if args.docs is None else parse_docs(args.docs, args.n, args.seed)
+    heads = _head_count(item, args.heads)
+    return ranks_report(terms_of(item, args.heads), args.n, args.ranks, docs, _block(args.block)[0], heads,
+                        args.head_dim, args.batch)

@@ -303,6 +303,19 @@ class Attention:
             o, lse_out = _varlen_forward(spec, q, k, v, cu_seqlens, scale, patterns, starts, lengths, out, l4)
         return o, (lse_out[0] if packed else lse_out)
 
+    def context_parallel(self, q: Any, k: Any, v: Any, group: Any = None, *, placement: Any = None,
+                         return_lse: bool = False, cu_seqlens: Any = None, layer: int | None = None,
+                         scale: float | None = None, block: int = 128) -> Any:
+        """This rank's output rows [B, H, N_local, D] (and lse) of attention over a sequence spread over the
+        ranks of a torch.distributed `group`: q, k, v are the rank's shards, by default contiguous
+        (`x.tensor_split(world, dim=2)`), else as `placement` (`patterndsl.distributed.Placement`) holds.
+        Each rank receives exactly the key rows its queries need (tiles of `block`), with gradients.
+        `cu_seqlens`: packed documents over the whole sequence (batch 1)."""
+        from ..distributed.context_parallel import context_parallel
+
+        return context_parallel(self, q, k, v, group, placement=placement, return_lse=return_lse,
+                                cu_seqlens=cu_seqlens, layer=layer, scale=scale, block=block)
+
     def backward(self, do: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, dlse: Any = None,
                  scale: float | None = None, layer: int | None = None, cu_seqlens: Any = None,
                  dq: Any = None, dk: Any = None, dv: Any = None) -> tuple[Any, Any, Any]:

@@ -20,6 +20,7 @@ from .evaluate import evaluate
 from .selection import _sel_dense, _selection
 
 if TYPE_CHECKING:
+    from .positions import Positions
     from .spec import PatternSpec
 
 _warned_cpu: list[bool] = []
@@ -51,8 +52,9 @@ def _head_groups(spec: PatternSpec, patterns: int | tuple[int, ...], k: torch.Te
 
 def _attention_cpu(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int,
                    patterns: int | tuple[int, ...], out: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor | None = None,
-                   picks: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward on CPU tensors into `out` and `lse`, a chunk of rows at a time (memory O(chunk * N))."""
+                   picks: dict[int, torch.Tensor] | None = None, at: Positions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward on CPU tensors into `out` and `lse`, a chunk of rows at a time (memory O(chunk * N)).
+    `at`: the rows' and keys' own positions (`positions.Positions`; static patterns, any device)."""
     if not _warned_cpu:
         _warned_cpu.append(True)
         warnings.warn(f"patterndsl '{spec.name}': CPU tensors take a PyTorch reference path, not the fast Triton kernel",
@@ -67,7 +69,8 @@ def _attention_cpu(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             i = torch.arange(r0, r1, dtype=torch.int64)[:, None]
-            ok = _dynamic_ok(spec, pat, i, j, N, B, heads.numel(), picks, r1 - r0)
+            ok = _dynamic_ok(spec, pat, i, j, N, B, heads.numel(), picks, r1 - r0) if at is None else at.allowed(
+                spec.predicates[pat].expr, r0, r1)
             o, rows_lse = masked_softmax(torch.matmul(q[:, heads, r0:r1].to(work), kh.transpose(-1, -2)) * scale,
                                          ok, vh)
             out[:, heads, r0:r1] = o.to(q.dtype)
@@ -89,14 +92,16 @@ def masked_softmax(s: torch.Tensor, ok: torch.Tensor, v: torch.Tensor) -> tuple[
 
 def _attention_cpu_bwd(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        lse: torch.Tensor, delta: torch.Tensor, scale: float, group: int, patterns: int | tuple[int, ...],
-                       picks: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CPU path's gradients, a chunk of rows at a time (memory O(chunk * N), never N^2)."""
+                       picks: dict[int, torch.Tensor] | None = None,
+                       at: Positions | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU path's gradients, a chunk of rows at a time (memory O(chunk * N), never N^2); `at` as in
+    `_attention_cpu`."""
     B, H, N, D = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     kv_index = torch.arange(H) // group
-    dq = torch.zeros(q.shape, dtype=work)
-    dk = torch.zeros(k.shape, dtype=work)
-    dv = torch.zeros(v.shape, dtype=work)
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k.shape, dtype=work, device=k.device)
+    dv = torch.zeros(v.shape, dtype=work, device=v.device)
     lse = lse.to(work)
     lse = torch.where(lse == float("-inf"), float("inf"), lse)  # no key: P = exp(S - inf) = 0
     j = torch.arange(N, dtype=torch.int64)[None, :]
@@ -106,7 +111,8 @@ def _attention_cpu_bwd(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: 
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             i = torch.arange(r0, r1, dtype=torch.int64)[:, None]
-            ok = _dynamic_ok(spec, pat, i, j, N, B, heads.numel(), picks, r1 - r0)
+            ok = _dynamic_ok(spec, pat, i, j, N, B, heads.numel(), picks, r1 - r0) if at is None else at.allowed(
+                spec.predicates[pat].expr, r0, r1)
             qc = q[:, heads, r0:r1].to(work)
             doc = do[:, heads, r0:r1].to(work)
             s = torch.matmul(qc, kh.transpose(-1, -2)) * scale
@@ -115,8 +121,8 @@ def _attention_cpu_bwd(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: 
             dq[:, heads, r0:r1] = torch.matmul(ds, kh) * scale
             dkh += torch.matmul(ds.transpose(-1, -2), qc) * scale
             dvh += torch.matmul(p.transpose(-1, -2), doc)
-        dk.index_add_(1, kv_index[heads], dkh)  # GQA: the group's query heads sum into their kv head
-        dv.index_add_(1, kv_index[heads], dvh)
+        dk.index_add_(1, kv_index[heads].to(dk.device), dkh)  # GQA: the group's query heads sum into their kv head
+        dv.index_add_(1, kv_index[heads].to(dv.device), dvh)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -1,0 +1,111 @@
+"""Attention at given positions: query rows and key rows that are any subset of a longer sequence.
+
+The kernels read a row's position from its index in q or k. A rank of a context-parallel run holds its
+queries and the keys it gathered from other ranks in buffers whose row order is not the sequence's, so
+the predicate must see each row's own position: `Positions` carries them (and, for packed documents,
+each row's document), and the PyTorch path evaluates the pattern there. Static patterns only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..expr import Expr
+from .common import _head_patterns
+from .cpu import _attention_cpu, _attention_cpu_bwd
+from .evaluate import evaluate
+from .spec import PatternSpec
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Per query row and per key row: its position inside its document, the document's id and length
+    (one document of length N for a plain sequence). int64 tensors on the attention's device."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    q_doc: torch.Tensor
+    k_doc: torch.Tensor
+    q_len: torch.Tensor
+    k_len: torch.Tensor
+
+    @staticmethod
+    def of(q_pos: torch.Tensor, k_pos: torch.Tensor, n: int, cu_seqlens: torch.Tensor | None = None) -> Positions:
+        """From global positions in a sequence of n tokens, or in packed documents `cu_seqlens` (their
+        boundaries, FlashAttention's convention: the pattern applies inside each document)."""
+        q_pos, k_pos = q_pos.long(), k_pos.long()
+        if cu_seqlens is None:
+            zq, zk = torch.zeros_like(q_pos), torch.zeros_like(k_pos)
+            return Positions(q_pos, k_pos, zq, zk, zq + n, zk + n)
+        cu = cu_seqlens.to(device=q_pos.device, dtype=torch.int64)
+        parts: list[torch.Tensor] = []
+        for g in (q_pos, k_pos):
+            doc = torch.searchsorted(cu, g, right=True) - 1
+            parts.extend((g - cu[doc], doc, cu[doc + 1] - cu[doc]))
+        return Positions(parts[0], parts[3], parts[1], parts[4], parts[2], parts[5])
+
+    def allowed(self, pred: Expr, r0: int, r1: int) -> torch.Tensor:
+        """[r1 - r0, keys] bool: query rows r0 .. r1 - 1 against every key row."""
+        i, n = self.q[r0:r1, None], self.q_len[r0:r1, None]
+        same = self.q_doc[r0:r1, None] == self.k_doc[None, :]
+        lens = torch.unique(self.q_len[r0:r1])
+        if lens.numel() == 1:  # one length: N is a plain integer, as every expression expects
+            ok = evaluate(pred, i, self.k[None, :], int(lens[0]))
+        else:
+            ok = evaluate(pred, i, self.k[None, :], n)  # type: ignore[arg-type]  # lengths broadcast as N does
+        return torch.broadcast_to(torch.as_tensor(ok, device=same.device), same.shape) & same
+
+
+def _static(spec: PatternSpec) -> None:
+    if any(sel is not None for sel in spec.selectors):
+        raise ValueError("attention at given positions serves static patterns (a selector picks blocks of "
+                         "the whole sequence)")
+
+
+def attention_at(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions,
+                 scale: float | None = None, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of queries q [B, H, Nq, D] against keys k, v [B, Hkv, Nk, D] whose positions `at` gives.
+    A query with no allowed key among these gets zeros and lse -inf, so partial results over disjoint key
+    sets merge by log-sum-exp (`merge`)."""
+    _static(spec)
+    B, H, Nq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if k.shape[2] == 0:  # no key at all: every row is empty
+        return torch.zeros_like(q), torch.full((B, H, Nq), float("-inf"), device=q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    return _attention_cpu(spec, q, k, v, scale, H // k.shape[1], _head_patterns(spec, layer), out, lse, at=at)
+
+
+def attention_at_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse: torch.Tensor, at: Positions, dlse: torch.Tensor | None = None,
+                          scale: float | None = None,
+                          layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `attention_at`. `out` and `lse` are the final ones of the queries (merged over every
+    key set), so the key sets' dk, dv may be computed one set at a time and dq summed."""
+    _static(spec)
+    if k.shape[2] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = (do.to(work) * out.to(work)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(work)
+    return _attention_cpu_bwd(spec, do, q, k, v, lse, delta, scale, q.shape[1] // k.shape[1],
+                              _head_patterns(spec, layer), at=at)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (out, lse) from partial results over disjoint key sets, by log-sum-exp: each part's weight is
+    exp(lse_part - lse). Rows no part reaches stay zeros with lse -inf."""
+    lses = torch.stack([lse for _, lse in parts])
+    lse = torch.logsumexp(lses, 0)
+    safe = torch.where(torch.isinf(lse), 0.0, lse)
+    work = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32
+    out = torch.zeros_like(parts[0][0], dtype=work)
+    for o, part in parts:
+        out += o.to(work) * torch.exp(part.to(work) - safe)[..., None]
+    return out.to(parts[0][0].dtype), lse
