@@ -155,7 +155,6 @@ class _Checker:
                     self.values[name] = LayoutV(grid)
                 case T.PatternStmt(name, body):
                     b = self._body(body, f"the right side of 'pattern {name} ='")
-                    _one_selector(name, b)
                     if isinstance(b, ir.Heads):
                         self.bodies[name] = b
                     else:
@@ -291,7 +290,6 @@ class _Checker:
         heads: tuple[int, Span] | None = None  # the first heads block's count, and where it is
         for k, entry in enumerate(entries):
             body = self._body(entry.body, f"a layer's pattern in model '{name}'")
-            _one_selector(name, body)
             match entry.kind:
                 case "every":
                     assert entry.key is not None
@@ -441,7 +439,6 @@ class _Checker:
             case "+", IntV() | FloatV():
                 return v
             case "~", PatV(p):
-                _no_selector_under(p, "~", span)
                 return PatV(ir.Complement(p))
             case "not", BoolV(e):
                 return BoolV(E.negate(e))
@@ -481,7 +478,6 @@ class _Checker:
         a, b = self.value(left, scope), self.value(right, scope)
         match op, a, b:
             case "-", PatV(x), PatV(y):
-                _no_selector_under(y, "-", span)
                 return PatV(ir.Inter(x, ir.Complement(y)))
             case "+" | "-" | "*" | "//" | "%" | "**", IntV(x), IntV(y):
                 return IntV(self._arith(op, x, y, right.span, span))
@@ -917,17 +913,6 @@ def _names_in(root: T.Node | T.HeadsBlock | None) -> Iterator[str]:
 _ASSOCIATIVE = frozenset({"|", "&", "and", "or"})
 
 
-def _one_selector(name: str, body: ir.Body) -> None:
-    """One dynamic selector per pattern (per head's pattern, per layer's): the kernel runs one selection."""
-    for p in ir.body_patterns(body):
-        sels = [n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)]
-        if len(sels) > 1:
-            raise PatternError(
-                f"'{name}' holds {len(sels)} selectors; a compiled pattern may hold one", sels[1].span,
-                "give different heads different selectors with heads { ... }",
-            )  # fmt: skip
-
-
 def _mismatch(op: str, a: Value, b: Value, span: Span) -> PatternError:
     """The error for operands `op` cannot combine, with the likely mix-up of '|' / 'or' and '&' / 'and'."""
     if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
@@ -948,16 +933,6 @@ def _balanced(items: list[ir.Pattern], make: Callable[[ir.Pattern, ir.Pattern], 
         return items[0]
     mid = (len(items) + 1) // 2
     return make(_balanced(items[:mid], make), _balanced(items[mid:], make))
-
-
-def _no_selector_under(p: ir.Pattern, op: str, span: Span) -> None:
-    for sub in ir.walk(p):
-        if isinstance(sub, ir.TopK | ir.Threshold):
-            raise PatternError(
-                f"a selector cannot be complemented ('{op}'): the blocks it picks depend on the data",
-                span,
-                "intersect with it instead: A & topk(...)",
-            )
 
 
 # --- what a kernel cannot do ----------------------------------------------------------------------
@@ -995,10 +970,12 @@ def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
                 f"at most {RANDOM_UNROLL_MAX}; inside blockwise each key is a whole block of keys",
             )  # fmt: skip
 
+    _selector_limits(p)
+
     def too_wide(x: ir.Pattern) -> bool:
         if ir.is_dynamic(x):
             sp = split(x)
-            return any(too_wide(part) for part in (sp.static, sp.selected, sp.context))
+            return any(too_wide(part) for part in (sp.static, *sp.variants, *sp.contexts))
         return magnitude_bound(predicate(x), 1) > INT64_MAX
 
     if too_wide(p):
@@ -1008,6 +985,25 @@ def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
         raise PatternError(
             "the pattern's integer arithmetic does not fit 64 bits even at N = 1",
             getattr(culprit, "span", None) or where, "use smaller constants",
+        )  # fmt: skip
+
+
+def _selector_limits(p: ir.Pattern) -> None:
+    """A pattern's selectors share one block size (a kernel tile lies in one block of each) and are at
+    most MAX_SELECTORS (each subset of them that picks a block is a predicate of the module)."""
+    from .selectors import MAX_SELECTORS
+
+    sels = list(dict.fromkeys(n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)))
+    for s in sels[1:]:
+        if s.block != sels[0].block:
+            raise PatternError(
+                f"the selectors of one pattern share one block size to compile: block={s.block} here, "
+                f"block={sels[0].block} in the first", s.span, f"write block={sels[0].block}",
+            )  # fmt: skip
+    if len(sels) > MAX_SELECTORS:
+        raise PatternError(
+            f"a compiled pattern holds at most {MAX_SELECTORS} selectors, this one {len(sels)}",
+            sels[MAX_SELECTORS].span, "give different heads different selectors with heads { ... }",
         )  # fmt: skip
 
 

@@ -207,23 +207,34 @@ def compile_source(
     name = safe_name(item.name)
     pats, head_pattern, model_layers = _distinct(item)
     splits: list[Split | None] = [split(p, name) if ir.is_dynamic(p) else None for p in pats]
-    # predicates 0..len(pats)-1: each head pattern's static part; then, per dynamic pattern, the pattern
-    # with its selector full (selected blocks) and the selector's context
+    # predicates 0..len(pats)-1: each head pattern's static part; then, per dynamic pattern, its distinct
+    # selection cases P_v (the pattern where the selectors in v are full) and each selector's context
     preds = [predicate(p if sp is None else sp.static) for p, sp in zip(pats, splits, strict=True)]
     selectors: list[str] = []
+    cases: list[tuple[list[int], list[int], list[int]]] = []  # per dynamic pattern: variants, distinct, contexts
     for sp in splits:
         if sp is None:
             selectors.append("None")
             continue
-        sel = sp.selector
-        kind = "threshold" if isinstance(sel, ir.Threshold) else "topk"
-        param = repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count)
-        given = isinstance(sel, ir.TopK) and sel.given
-        selectors.append(
-            f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(len(preds))}, "
-            f"{safe_int(len(preds) + 1)})"
-        )
-        preds += [predicate(sp.selected), predicate(sp.context)]
+        first: dict[E.Expr, int] = {}  # a case that allows nothing (E.FALSE) has no tiles: index -1
+        variants = [-1 if e == E.FALSE else first.setdefault(e, len(preds) + len(first)) for e in map(predicate, sp.variants)]
+        preds += list(first)
+        contexts = list(range(len(preds), len(preds) + len(sp.contexts)))
+        preds += [predicate(c) for c in sp.contexts]
+        distinct = list(first.values())
+        cases.append((variants, distinct, contexts))
+        # the kernel's predicate for selected tiles: the one case, or a dispatch on the case's rank
+        selected = distinct[0] if distinct else len(selectors)
+        dispatch = f"selected_{len(cases) - 1}" if len(distinct) > 1 else "None"
+        entries = [
+            _selector_entry(s, selected if m == 0 else -1, c)
+            for m, (s, c) in enumerate(zip(sp.selectors, contexts, strict=True))
+        ]
+        if len(entries) == 1 and variants[0] >= 0:
+            selectors.append(entries[0] + ")")
+        else:
+            more = "".join(e + "), " for e in entries[1:])
+            selectors.append(f"{entries[0]}, ({more}), ({''.join(f'{safe_int(v)}, ' for v in variants)}), {dispatch})")
     max_n, idx64 = _index_width(preds)
     grid_pattern = layout is not False and any(isinstance(x, ir.Neighborhood) for p in pats for x in ir.walk(p))
     configs = GRID_CONFIGS if grid_pattern else DEFAULT_CONFIGS
@@ -303,14 +314,32 @@ def compile_source(
                 f"\nPredicate {k} ({_users(head_pattern, model_layers, k)}): allowed(i, j) = {E.to_source(preds[k])}\n"
             )
             continue
-        sk = _selector_source(sp.selector)
-        rank = len(pats) + 2 * _dyn_rank(splits, k)
+        variants, distinct, contexts = cases[_dyn_rank(splits, k)]
+        if len(sp.selectors) == 1:
+            pattern_doc += (
+                f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P0(i, j) or "
+                f"(S[i // {sp.block}, j // {sp.block}] and P1(i, j)), S the key blocks {_selector_source(sp.selector)} "
+                f"picks per query block\namong those where C allows a pair.\n"
+                f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[variants[0]]) if variants[0] >= 0 else 'false'}\n"
+                f"  C = {E.to_source(preds[contexts[0]])}\n"
+            )
+            continue
         pattern_doc += (
-            f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P0(i, j) or "
-            f"(S[i // {sp.block}, j // {sp.block}] and P1(i, j)), S the key blocks {sk} picks per query block\n"
-            f"among those where C allows a pair.\n"
-            f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[rank])}\n  C = {E.to_source(preds[rank + 1])}\n"
+            f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P_v(i, j), v the set "
+            f"of selectors S1 .. S{len(sp.selectors)} that picked block (i // {sp.block}, j // {sp.block}), each among "
+            f"the key blocks where its context Cm allows a pair.\n  P_0 = {E.to_source(preds[k])}\n"
         )
+        for m, (sel, c) in enumerate(zip(sp.selectors, contexts, strict=True)):
+            pattern_doc += f"  S{m + 1} = {_selector_source(sel)}, C{m + 1} = {E.to_source(preds[c])}\n"
+        for v, d in enumerate(variants, 1):
+            case = E.to_source(preds[d]) if d >= 0 else "false"
+            pattern_doc += f"  P_{{{', '.join(f'S{m + 1}' for m in range(len(sp.selectors)) if v >> m & 1)}}} = {case}\n"
+    for c, (_, distinct, _) in enumerate(cases):
+        if len(distinct) > 1:  # the kernels' predicate for a selected tile, by the rank of its case
+            calls = f"allowed_{distinct[-1]}(i, j, N)"
+            for d in range(len(distinct) - 2, -1, -1):
+                calls = f"tl.where(var == {d}, allowed_{distinct[d]}(i, j, N), {calls})"
+            functions.append(f"@triton.jit\ndef selected_{c}(i, j, N, var):\n    return {calls}\n")
     body = "\n\n".join(functions)
     helpers = sorted({h for h in ("fdiv", "fmod", "rdraw", "rkey") if re.search(rf"\b{h}\(", body)})
     root = "._patterndsl" if standalone else "patterndsl"
@@ -434,6 +463,14 @@ def _choice(value: str, allowed: tuple[str, ...]) -> str:
 
 def _dyn_rank(splits: list[Split | None], k: int) -> int:
     return sum(1 for sp in splits[:k] if sp is not None)
+
+
+def _selector_entry(sel: ir.TopK | ir.Threshold, selected: int, context: int) -> str:
+    """`Selector(kind, param, block, given, selected, context` of the generated module (left open)."""
+    kind = "threshold" if isinstance(sel, ir.Threshold) else "topk"
+    param = repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count)
+    given = isinstance(sel, ir.TopK) and sel.given
+    return f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(selected)}, {safe_int(context)}"
 
 
 def _selector_source(sel: ir.TopK | ir.Threshold) -> str:

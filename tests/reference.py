@@ -212,28 +212,49 @@ def selection(
 def dynamic_mask(
     p: ir.Pattern, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """([B, H, N, N] allowed pairs, [B, H, nb, nb] selected blocks) of a pattern with one selector,
-    evaluated as sets node by node; a selector's candidates come from the intersections above it."""
+    """([B, H, N, N] allowed pairs, [B, H, nb, nb] blocks some selector picked) of a pattern with any
+    number of selectors, evaluated as sets node by node. A selector's candidates are where the static
+    operands of the intersections above it allow a pair (`a - b` is `a & ~b`; a complement passes its
+    context through); a selector written twice is one selection, over the union of its contexts."""
     bsz, heads, n, _ = q.shape
-    picked: list[np.ndarray] = []
+    contexts: dict[ir.Pattern, np.ndarray] = {}
 
     def static(x: ir.Pattern) -> np.ndarray:
         return np.array([[allowed(x, i, j, n) for j in range(n)] for i in range(n)], dtype=bool)
 
-    def go(x: ir.Pattern, ctx: np.ndarray) -> np.ndarray:
+    def collect(x: ir.Pattern, ctx: np.ndarray) -> None:
+        if isinstance(x, ir.TopK | ir.Threshold):
+            contexts[x] = contexts.get(x, np.zeros_like(ctx)) | ctx
+        elif isinstance(x, ir.Union):
+            collect(x.a, ctx)
+            collect(x.b, ctx)
+        elif isinstance(x, ir.Inter):
+            collect(x.a, ctx if ir.is_dynamic(x.b) else ctx & static(x.b))
+            collect(x.b, ctx if ir.is_dynamic(x.a) else ctx & static(x.a))
+        elif isinstance(x, ir.Complement):
+            collect(x.a, ctx)
+
+    collect(p, np.ones((n, n), dtype=bool))
+    picked = {
+        x: selection(x, c, q, k, given if isinstance(x, ir.TopK) and x.given else None)  # type: ignore[arg-type]
+        for x, c in contexts.items()
+    }
+
+    def go(x: ir.Pattern) -> np.ndarray:
         if not ir.is_dynamic(x):
             return np.broadcast_to(static(x), (bsz, heads, n, n))
         if isinstance(x, ir.TopK | ir.Threshold):
-            s = selection(x, ctx, q, k, given)
-            picked.append(s)
             blk = np.arange(n) // x.block
-            return s[:, :, blk][:, :, :, blk]
+            return picked[x][:, :, blk][:, :, :, blk]
         if isinstance(x, ir.Union):
-            return go(x.a, ctx) | go(x.b, ctx)
+            return go(x.a) | go(x.b)
+        if isinstance(x, ir.Complement):
+            return ~go(x.a)
         assert isinstance(x, ir.Inter)
-        dyn, other = (x.a, x.b) if ir.is_dynamic(x.a) else (x.b, x.a)
-        o = static(other)
-        return o & go(dyn, ctx & o)
+        return go(x.a) & go(x.b)
 
-    mask = go(p, np.ones((n, n), dtype=bool))
-    return np.ascontiguousarray(mask), (picked[0] if picked else None)
+    mask = go(p)
+    some = None
+    for s in picked.values():
+        some = s if some is None else some | s
+    return np.ascontiguousarray(mask), some

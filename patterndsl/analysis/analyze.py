@@ -292,7 +292,8 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         empty = rows["empty_rows"]
         if sp is not None:
             warnings.append(
-                f"{entry['used_by']}: {_pattern_text(sp.selector)} picks blocks from the data: the figures and the "
+                f"{entry['used_by']}: {' and '.join(map(_pattern_text, sp.selectors))} pick"
+                f"{'s' if len(sp.selectors) == 1 else ''} blocks from the data: the figures and the "
                 f"receptive field are the static part's; the selector's rows give its cost at K blocks per query block"
             )
         elif isinstance(empty, int) and empty:
@@ -436,30 +437,41 @@ def _static_body(body: ir.Body) -> ir.Body:
 
 
 def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: Value) -> dict[str, Any]:
-    """Expected cost of a selector at a selection size: each query block keeps min(K, candidates) key
-    blocks of b x b pairs (at most; some may repeat the static part's), and scoring costs one dot product
-    of block means per (query block, key block) pair. Candidates per query block are the context's
-    non-empty b x b tiles, counted in affine pieces of query blocks (any N), per block (N <= ARRAY_LIMIT),
-    or bounded."""
-    sel = sp.selector
-    b = sel.block
-    nb = -(-n // b)
-    k = opts.selected if opts.selected is not None else (sel.count if isinstance(sel, ir.TopK) else None)
-    cand, blocks = _candidates(bound_predicate(sp.context, n), n, b, k)
-    extra = 4 * b * b * opts.head_dim * heads * opts.batch * blocks
-    scoring = 2 * nb * nb * opts.head_dim * heads * opts.batch
-    return {
-        "selector": _pattern_text(sel),
-        "block": b,
-        "selected_per_query_block": k,
-        "assumed": "--selected" if opts.selected is not None else ("topk's n" if k is not None else "every candidate"),
-        "candidates_per_query_block": cand,
-        "selected_blocks": blocks,
-        "extra_pairs_max": b * b * blocks,
-        "extra_fwd_flops_max": extra,
-        "scoring_flops": scoring,
-        "fwd_flops_max": static_fwd + extra + scoring,
-    }
+    """Expected cost of a pattern's selectors at a selection size: each query block keeps min(K,
+    candidates) key blocks of b x b pairs per selector (at most; some may repeat the static part's or
+    another selector's), and scoring costs one dot product of block means per (query block, key block)
+    pair and selector. Candidates per query block are the context's non-empty b x b tiles, counted in
+    affine pieces of query blocks (any N), per block (N <= ARRAY_LIMIT), or bounded. Several selectors:
+    the first's rows, the sums, and each one's rows under "each"."""
+    each: list[dict[str, Any]] = []
+    for sel, ctx in zip(sp.selectors, sp.contexts, strict=True):
+        b = sel.block
+        nb = -(-n // b)
+        k = opts.selected if opts.selected is not None else (sel.count if isinstance(sel, ir.TopK) else None)
+        cand, blocks = _candidates(bound_predicate(ctx, n), n, b, k)
+        extra = 4 * b * b * opts.head_dim * heads * opts.batch * blocks
+        scoring = 2 * nb * nb * opts.head_dim * heads * opts.batch
+        each.append({
+            "selector": _pattern_text(sel),
+            "block": b,
+            "selected_per_query_block": k,
+            "assumed": "--selected" if opts.selected is not None else ("topk's n" if k is not None else "every candidate"),
+            "candidates_per_query_block": cand,
+            "selected_blocks": blocks,
+            "extra_pairs_max": b * b * blocks,
+            "extra_fwd_flops_max": extra,
+            "scoring_flops": scoring,
+            "fwd_flops_max": static_fwd + extra + scoring,
+        })  # fmt: skip
+    if len(each) == 1:
+        return each[0]
+    out = dict(each[0], selector=" and ".join(e["selector"] for e in each), each=each)
+    ks = [e["selected_per_query_block"] for e in each]
+    out["selected_per_query_block"] = None if None in ks else sum(ks)
+    for key in ("selected_blocks", "extra_pairs_max", "extra_fwd_flops_max", "scoring_flops"):
+        out[key] = sum(e[key] for e in each)
+    out["fwd_flops_max"] = static_fwd + out["extra_fwd_flops_max"] + out["scoring_flops"]
+    return out
 
 
 def _candidates(ctx: E.Expr, n: int, b: int, k: int | None) -> tuple[dict[str, Value], Value]:

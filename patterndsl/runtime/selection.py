@@ -22,7 +22,7 @@ from .options import current_options
 from .tables import _sorted_tiles, _static_rows, block_tables
 
 if TYPE_CHECKING:
-    from .spec import PatternSpec
+    from .spec import PatternSpec, Selector
 
 
 @triton.jit(do_not_specialize=["s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn"])  # type: ignore[untyped-decorator]
@@ -186,16 +186,18 @@ def _score_kernel(QM, KM, CAND, S, HEAD_IDS, q0, ROWS, NB, NH, H, HKV, GROUP,  #
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQB, W, WS, K1N, ROWS,  # type: ignore[no-untyped-def]
+def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, VD, CNT, OFF, FIDX, PIDX, NQT, NKT, NQB, W, WS, K1N, ROWS,  # type: ignore[no-untyped-def]
                   RQ: tl.constexpr, RK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr, WC: tl.constexpr,
-                  LOG: tl.constexpr, WRITE: tl.constexpr):
+                  LOG: tl.constexpr, WRITE: tl.constexpr, CASES: tl.constexpr):
     """One dynamic pattern's per-(batch, head) tables from the picks, no host round trip: program (tiles,
     bh) merges, per query tile, the static part's row (ST_KT/ST_CLS [NQT, WS]: key tiles, 0 FULL / 1
     PARTIAL, -1 padding) with the tiles of the picked blocks (SEL [bh, NQB, W], -1 padding), each tile
-    once: a static tile whose block is picked is dropped, the picked tile classified by P1 (K1: P1's
-    tiles as sorted keys query tile * NKT + key tile, C1: 0 FULL / 2 PARTIAL; not in P1: dropped).
+    once: a static tile whose block is picked is dropped, the picked tile classified by its selection
+    case's pattern P_v (K1: the cases' tiles as sorted keys (case rank * NQT + query tile) * NKT + key
+    tile, C1: 0 FULL, else what a PARTIAL entry adds to its key tile; not found: dropped). CASES: several
+    selectors, each pick `block | (v - 1) << 24` and VD [2**k - 1] the rank of case v (-1: allows nothing).
     WRITE=False counts the FULL and PARTIAL entries per row into CNT [2, ROWS + 1] (at row + 1, zeros at 0);
-    WRITE=True writes them at OFF (CNT's cumsum): FULL plain, PARTIAL of P1 with bit 30 set."""
+    WRITE=True writes them at OFF (CNT's cumsum): FULL plain, PARTIAL with C1's flag (bit 30) added."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     qt = pid * BR + tl.arange(0, BR)
@@ -221,6 +223,8 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQ
         while w0 < W:
             wc = w0 + tl.arange(0, WC)
             sb = tl.load(SEL + sel_row[:, None] + wc[None, :], mask=rmask[:, None] & (wc < W)[None, :], other=-1)
+            if CASES:
+                sb = tl.where(sb >= 0, sb & 16777215, -1)
             hit = tl.maximum(hit, tl.max((kbs[:, :, None] == sb[:, None, :]).to(tl.int32), 2))
             w0 += WC
         keep = (kt >= 0) & (hit == 0)
@@ -237,10 +241,14 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQ
     while w0 < W:
         wc = w0 + tl.arange(0, WC)
         sb = tl.load(SEL + sel_row[:, None] + wc[None, :], mask=rmask[:, None] & (wc < W)[None, :], other=-1)
+        case = tl.zeros([BR, WC], dtype=tl.int64)
+        if CASES:
+            case = tl.load(VD + (sb >> 24), mask=sb >= 0, other=-1).to(tl.int64)
+            sb = tl.where(sb >= 0, sb & 16777215, -1)
         for d in tl.static_range(RK):
             kt = sb * RK + d
-            ok = (sb >= 0) & (kt < NKT)
-            key = qt[:, None].to(tl.int64) * NKT + kt
+            ok = (sb >= 0) & (kt < NKT) & (case >= 0)
+            key = (case * NQT + qt[:, None]) * NKT + kt
             lo = tl.zeros([BR, WC], dtype=tl.int64)
             hi = tl.zeros([BR, WC], dtype=tl.int64) + K1N
             for _ in tl.static_range(LOG):  # lower bound of key in K1
@@ -250,12 +258,12 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQ
                 hi = tl.where(below, hi, mid)
             inside = ok & (lo < K1N)
             found = inside & (tl.load(K1 + lo, mask=inside, other=-1) == key)
-            c1 = tl.load(C1 + lo, mask=found, other=3)
+            c1 = tl.load(C1 + lo, mask=found, other=-1)
             f = (found & (c1 == 0)).to(tl.int32)
-            p = (found & (c1 == 2)).to(tl.int32)
+            p = (found & (c1 > 0)).to(tl.int32)
             if WRITE:
                 tl.store(FIDX + nf[:, None] + tl.cumsum(f, 1) - f, kt, mask=f != 0)
-                tl.store(PIDX + npart[:, None] + tl.cumsum(p, 1) - p, kt + 1073741824, mask=p != 0)
+                tl.store(PIDX + npart[:, None] + tl.cumsum(p, 1) - p, kt + c1, mask=p != 0)
             nf += tl.sum(f, 1)
             npart += tl.sum(p, 1)
         w0 += WC
@@ -326,11 +334,11 @@ def _pool_torch(x: torch.Tensor, blk: int, work: torch.dtype) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def _block_scores(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, pooled: tuple[torch.Tensor, torch.Tensor],
+def _block_scores(spec: PatternSpec, sel: Selector, q: torch.Tensor, k: torch.Tensor, pooled: tuple[torch.Tensor, torch.Tensor],
                   heads: torch.Tensor, group: int, q0: int, rows: int) -> torch.Tensor:
-    """Scores of query blocks q0 .. q0 + rows for the heads running `pat`: [B * nh, rows, blocks]; NaN
+    """Scores of query blocks q0 .. q0 + rows for `heads` by selector `sel`: [B * nh, rows, blocks]; NaN
     marks key blocks outside the context. float32 (float64 for float64 inputs on the CPU path)."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    blk, ctx = sel.block, sel.context
     B, H, N, D = q.shape
     nb = -(-N // blk)
     cand = _candidates(spec, ctx, N, blk, q.device)
@@ -390,11 +398,11 @@ def _scores_of(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys == torch.iinfo(torch.int64).min, float("nan"), bits.view(torch.float32))
 
 
-def _pick(spec: PatternSpec, pat: int, s: torch.Tensor, scale: float) -> torch.Tensor:
+def _pick(sel: Selector, s: torch.Tensor, scale: float) -> torch.Tensor:
     """The selector's rule on one chunk [rows, blocks] of scores (NaN: not a candidate) or of
     `_ordered_keys` keys (int64): [rows, width] int64, per row the blocks kept, -1 padding (topk: width
     min(n, blocks); threshold: blocks, kept blocks first)."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    kind, param = sel.kind, sel.param
     rows, nb = s.shape
     if s.dtype == torch.float64:
         order = torch.sort(torch.where(torch.isnan(s), float("-inf"), s), dim=-1, descending=True, stable=True).indices
@@ -422,13 +430,46 @@ def _pick(spec: PatternSpec, pat: int, s: torch.Tensor, scale: float) -> torch.T
 
 def _selection(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
                heads: torch.Tensor, group: int) -> torch.Tensor:
-    """The blocks the selector of `pat` picks: int32 [B * nh, query blocks, width], per (batch * nh + the
-    head's rank among `heads`, query block) the key blocks kept, unordered, -1 padding.
+    """The blocks the selectors of `pat` pick: int32 [B * nh, query blocks, width], per (batch * nh + the
+    head's rank among `heads`, query block) the key blocks kept, unordered, -1 padding. With several
+    selectors each block once, as `block | (v - 1) << 24`, v the set of selectors that picked it."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    picks = [_select(spec, s, q, k, scores, heads, group) for s in sel.all]
+    if len(picks) == 1:
+        return picks[0]
+    if picks[0].shape[1] >= 1 << 24:
+        raise ValueError(f"'{spec.name}' has several selectors: at most {(1 << 24) - 1} blocks per row, got {picks[0].shape[1]}")
+    return _combine(picks)
+
+
+def _combine(picks: list[torch.Tensor]) -> torch.Tensor:
+    """Several selectors' picks [rows, query blocks, width_m] as one list per row, each block once, tagged
+    with the set v (bit m: selector m) of selectors that picked it: `block | (v - 1) << 24`, -1 padding.
+    Sorting (block, selector) codes puts a block's picks side by side (at most one per selector)."""
+    n = len(picks)
+    none = 1 << 62
+    codes = torch.cat([torch.where(p >= 0, p.long() * n + m, none) for m, p in enumerate(picks)], -1)
+    codes = torch.sort(codes, -1).values
+    valid = codes < none
+    blk = codes // n
+    bit = torch.where(valid, 1 << (codes % n), 0)
+    v = bit.clone()
+    for d in range(1, n):
+        v[..., :-d] |= torch.where((blk[..., d:] == blk[..., :-d]) & valid[..., d:], bit[..., d:], 0)
+    first = torch.ones_like(valid)
+    first[..., 1:] = blk[..., 1:] != blk[..., :-1]
+    return torch.where(valid & first, blk | ((v - 1) << 24), -1).to(torch.int32).contiguous()
+
+
+def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
+            heads: torch.Tensor, group: int) -> torch.Tensor:
+    """The blocks one selector picks for `heads`, as `_selection` (one selector).
 
     topk (n <= 64) on the GPU and in the interpreter: one pooling launch (none for score=given) and
     `_topk_kernel`, no host round trip. Otherwise (PyTorch path, float64 given scores, threshold, larger n) scores are chunked over query blocks (at most ~2**24 at
     once) and `_pick` applies the rule; threshold reads its widest row back to size the result."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    kind, param, blk, given, ctx = rule.kind, rule.param, rule.block, rule.given, rule.context
     B, H, N, D = q.shape
     nb = -(-N // blk)
     nh = heads.numel()
@@ -465,19 +506,23 @@ def _selection(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, sc
             s = scores[:, heads.long(), q0:q0 + rows]
             s = torch.where(cand, s if s.dtype == torch.float64 else s.float(), float("nan")).reshape(B * nh, rows, nb)
         else:
-            s = _block_scores(spec, pat, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
-        out.append(_pick(spec, pat, s.reshape(B * nh * rows, nb), 1.0 / math.sqrt(D)).view(B * nh, rows, -1))
+            s = _block_scores(spec, rule, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
+        out.append(_pick(rule, s.reshape(B * nh * rows, nb), 1.0 / math.sqrt(D)).view(B * nh, rows, -1))
     sel = torch.cat(out, 1)
     if kind == "threshold":  # kept blocks come first in each row: cut the columns no row uses
         sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
     return sel.to(torch.int32).contiguous()
 
 
-def _sel_dense(sel: torch.Tensor, nb: int) -> torch.Tensor:
-    """`_selection`'s picks as a bool [rows, query blocks, nb] block mask."""
-    hit = torch.zeros((*sel.shape[:2], nb + 1), dtype=torch.bool, device=sel.device)
-    hit.scatter_(2, torch.where(sel < 0, nb, sel).long(), True)
-    return hit[..., :nb]
+def _sel_dense(sel: torch.Tensor, nb: int, cases: bool = False) -> torch.Tensor:
+    """`_selection`'s picks as a bool [rows, query blocks, nb] block mask; with `cases` (several selectors)
+    as int8, per block the set v of selectors that picked it (0: none)."""
+    hit = torch.zeros((*sel.shape[:2], nb + 1), dtype=torch.int8, device=sel.device)
+    if cases:
+        hit.scatter_(2, torch.where(sel < 0, nb, sel & 0xFFFFFF).long(), torch.where(sel < 0, 0, (sel >> 24) + 1).to(torch.int8))
+        return hit[..., :nb]
+    hit.scatter_(2, torch.where(sel < 0, nb, sel).long(), 1)
+    return hit[..., :nb] > 0
 
 
 def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: int, N: int, bm: int, bn: int,
@@ -488,19 +533,21 @@ def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: 
 
     Two `_merge_kernel` launches around a cumsum, nothing read back: the index arrays are sized by an upper
     bound (static entries + every picked tile) and only [0, offsets[-1]) is meaningful."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    rec = spec.selectors[pat]
+    assert rec is not None
+    blk = rec.block
     nqt, nkt = -(-N // bm), -(-N // bn)
     rq, rk = blk // bm, blk // bn  # the tiles divide the selector's block
     st_kt, st_cls, n_full, n_part = _static_rows(spec, pat, N, bm, bn, device)
-    keys1, cls1 = _sorted_tiles(spec, p1, N, bm, bn, device)
+    keys1, cls1, vd = _case_tiles(spec, rec, N, bm, bn, device)
     bh, nqb, w = sel.shape
     rows = bh * nqt
     cnt = torch.empty((2, rows + 1), dtype=torch.int32, device=device)
     f_idx = torch.empty(max(1, bh * (n_full + nqt * w * rk)), dtype=torch.int32, device=device)
     p_idx = torch.empty(max(1, bh * (n_part + nqt * w * rk)), dtype=torch.int32, device=device)
     br = 16
-    args = (sel, st_kt, st_cls, keys1, cls1)
-    meta = dict(RQ=rq, RK=rk, BR=br, SC=16, WC=16, LOG=max(1, keys1.numel().bit_length()))
+    args = (sel, st_kt, st_cls, keys1, cls1, vd)
+    meta = dict(RQ=rq, RK=rk, BR=br, SC=16, WC=16, LOG=max(1, keys1.numel().bit_length()), CASES=bool(rec.more))
     grid = (-(-nqt // br), bh)
     _merge_kernel[grid](*args, cnt, cnt, f_idx, p_idx, nqt, nkt, nqb, w, st_kt.shape[1], keys1.numel(), rows,
                         WRITE=False, **meta)
@@ -508,6 +555,46 @@ def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: 
     _merge_kernel[grid](*args, cnt, off, f_idx, p_idx, nqt, nkt, nqb, w, st_kt.shape[1], keys1.numel(), rows,
                         WRITE=True, **meta)
     return off[0], f_idx, off[1], p_idx
+
+
+def _case_tiles(spec: PatternSpec, sel: Selector, n: int, bm: int, bn: int,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `_merge_kernel` classifies a picked tile with (cached): the distinct selection cases' tiles as
+    sorted int64 keys (rank * query tiles + query tile) * key tiles + key tile, what each adds to a
+    PARTIAL entry (0: FULL; bit 30, and with a dispatching predicate the rank in bits 24..29), and the
+    rank of each case v = 1 .. 2**k - 1 (int32, -1: the case allows nothing)."""
+    key = (spec.key, "cases", sel.cases, sel.dispatch is not None, n, bm, bn, str(device))
+    hit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = _CANDIDATES.get(key)
+    if hit is None:
+        distinct = sorted({c for c in sel.cases if c >= 0})
+        nqt, nkt = -(-n // bm), -(-n // bn)
+        if sel.dispatch is not None and nkt >= 1 << 24:
+            raise ValueError(f"'{spec.name}': its selection cases need fewer than {1 << 24} key tiles, got {nkt}")
+        keys = [torch.zeros(0, dtype=torch.int64, device=device)]
+        flags = [torch.zeros(0, dtype=torch.int32, device=device)]
+        for d, pred in enumerate(distinct):
+            k1, c1 = _sorted_tiles(spec, pred, n, bm, bn, device)
+            keys.append(k1 + d * nqt * nkt)
+            flags.append(torch.where(c1 == 0, 0, (1 << 30) + (d << 24 if sel.dispatch is not None else 0)).to(torch.int32))
+        vd = [distinct.index(c) if c >= 0 else -1 for c in sel.cases]
+        k_all, f_all = torch.cat(keys), torch.cat(flags)
+        if not k_all.numel():  # (a pointer for the kernel; K1N = 0 reads nothing)
+            k_all, f_all = torch.full((1,), -1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        hit = (k_all.contiguous(), f_all.contiguous(), torch.tensor(vd, dtype=torch.int32, device=device))
+        if len(_CANDIDATES) >= 16:
+            _CANDIDATES.pop(next(iter(_CANDIDATES)))
+        _CANDIDATES[key] = hit
+    return hit
+
+
+def sel_kernel(spec: PatternSpec, pat: int) -> tuple[Any, bool]:
+    """The kernels' predicate for a dynamic pattern's selected tiles, and whether it dispatches on the
+    selection case's rank (SEL_PRED, SEL_VARS)."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    if sel.dispatch is not None:
+        return sel.dispatch, True
+    return spec.predicates[sel.selected].kernel, False
 
 
 def _tiles(spec: PatternSpec, pat: int, block_m: int, block_n: int) -> tuple[int, int]:
@@ -527,7 +614,7 @@ def selected_blocks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, *, scor
     group = _check(spec, q, k, k, None, patterns)
     _need_scores(spec, q, scores)
     B, H, N, D = q.shape
-    blks = {sel[2] for sel in spec.selectors if sel is not None}
+    blks = {s.block for sel in spec.selectors if sel is not None for s in sel.all}
     if len(blks) != 1:
         raise ValueError("selected_blocks needs exactly one selector block size in the pattern")
     (blk,) = blks
@@ -539,7 +626,7 @@ def selected_blocks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, *, scor
         heads = _heads(pat, patterns, H, q.device)
         if heads.numel() == 0:
             continue
-        sel = _sel_dense(_selection(spec, pat, q, k, scores, heads, group), nb)
+        sel = _sel_dense(_selection(spec, pat, q, k, scores, heads, group), nb, bool(spec.selectors[pat].more)) != 0  # type: ignore[union-attr]
         out[:, heads.long()] = sel.view(B, heads.numel(), nb, nb)
     return out
 

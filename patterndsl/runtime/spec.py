@@ -47,7 +47,12 @@ class TokenLayout:
 class Selector(NamedTuple):
     """A dynamic pattern's selector: `kind` ('topk' or 'threshold'), its count or mass, its block, whether
     the caller gives the scores, and which predicates mask the selected blocks (`selected`) and bound the
-    candidates (`context`), as indices into `PatternSpec.predicates`."""
+    candidates (`context`), as indices into `PatternSpec.predicates`.
+
+    A pattern with several selectors lists the others in `more` (their `selected` is -1) and, in
+    `variants`, the predicate of each selection case v = 1 .. 2**k - 1 (bit m: selector m picked the
+    block; -1: the case allows nothing). Where the cases' predicates differ, `dispatch` is the
+    @triton.jit `(i, j, N, var)` that applies the one of rank `var` among them (ascending index)."""
 
     kind: str
     param: int | float
@@ -55,6 +60,19 @@ class Selector(NamedTuple):
     given: bool
     selected: int
     context: int
+    more: tuple[Selector, ...] = ()
+    variants: tuple[int, ...] = ()
+    dispatch: Any = None
+
+    @property
+    def all(self) -> tuple[Selector, ...]:
+        """The pattern's selectors, this one first."""
+        return (self, *self.more)
+
+    @property
+    def cases(self) -> tuple[int, ...]:
+        """Per selection case v = 1 .. 2**k - 1, the predicate index of P_v (-1: allows nothing)."""
+        return self.variants or (self.selected,)
 
 
 class Requirement(NamedTuple):

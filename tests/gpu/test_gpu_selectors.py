@@ -124,7 +124,46 @@ def test_gpu_fused_topk_equals_the_sorting_path_at_scale() -> None:
     heads = _heads(0, 0, h, q.device)
     fused = _selection(spec, 0, q, k, None, heads, h // hkv)
     nb = n // blk
-    keys = _block_scores(spec, 0, q, k, _pooled(q, k, blk), heads, h // hkv, 0, nb)
-    sorting = _pick(spec, 0, keys.reshape(-1, nb), 1.0).view(h, nb, -1)
+    keys = _block_scores(spec, spec.selectors[0], q, k, _pooled(q, k, blk), heads, h // hkv, 0, nb)  # type: ignore[arg-type]
+    sorting = _pick(spec.selectors[0], keys.reshape(-1, nb), 1.0).view(h, nb, -1)  # type: ignore[arg-type]
     assert torch.equal(_sel_dense(fused, nb), _sel_dense(sorting, nb))
     assert int((fused >= 0).sum()) == int((sorting >= 0).sum())
+
+
+SEVERAL = [
+    # NOSA's shape: one predicate for every selection case
+    "causal & (window(255) | sink(64) | topk(6, block=64) | topk(2, block=64, score=given))",
+    # distinct cases: the kernels dispatch on the case's rank
+    "(causal & topk(4, block=64)) | (window(300) & threshold(0.8, block=64)) | (causal - topk(2, block=64, score=given))",
+]
+
+
+@pytest.mark.parametrize("src", SEVERAL)
+def test_gpu_several_selectors_forward_and_backward_match_float64(src: str) -> None:
+    """Several selectors: the reference evaluates the pattern as sets node by node (`reference.dynamic_mask`
+    on a small N, float64), the kernels run at bf16 with the same selection."""
+    attn = P.compile(f"pattern p = {src}\n")
+    n, d, h, hkv = 1024 - 32, 64, 4, 2
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q, k = (torch.randint(-2, 3, (1, x, n, d), device="cuda", generator=g).to(torch.bfloat16) for x in (h, hkv))
+    v = torch.randn(1, hkv, n, d, device="cuda", generator=g).to(torch.bfloat16)
+    nb = -(-n // 64)
+    given = torch.randint(0, 4, (1, h, nb, nb), device="cuda", generator=g).float() if "given" in src else None
+    mask, picked = R.dynamic_mask(
+        P.pattern(src), q.float().cpu().numpy(), k.float().cpu().numpy(), None if given is None else given.cpu().numpy()
+    )
+    assert np.array_equal(attn.selected_blocks(q, k, scores=given).cpu().numpy(), picked)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    w = torch.randn(q.shape, device="cuda", dtype=torch.float64, generator=g)
+    out = attn.attention(qs, ks, vs, scores=given)
+    (out.double() * w).sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = qd @ kd.repeat_interleave(h // hkv, 1).transpose(-1, -2) * d**-0.5
+    s = s.masked_fill(~torch.from_numpy(mask).cuda(), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    ref = torch.where(torch.isinf(lse)[..., None], 0.0, torch.exp(s - lse[..., None])) @ vd.repeat_interleave(h // hkv, 1)
+    (ref * w).sum().backward()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    for got, want in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and want is not None
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2

@@ -11,6 +11,7 @@ float64 masked softmax over the reference's mask, outputs poisoned (NaN) before 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from helpers import LIBRARY
 
 import patterndsl as P
 from patterndsl import ir
+from patterndsl.cli import main as patc
 from patterndsl.source import PatternError
 
 pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
@@ -39,6 +41,15 @@ CASES = {
     "given": "causal & topk(2, block=32, score=given)",
     "context_in_union": "(causal & topk(1, block=16)) | window(3)",
     "nested_context": "causal & (window(8) | (where(k >= 16) & topk(2, block=16)))",
+}
+
+
+# several selectors in one pattern, combined by the set algebra (NOSA's shape first)
+MULTI = {
+    "nosa": "causal & (window(15) | topk(2, block=16) | topk(1, block=16, score=given))",
+    "difference": "causal & (topk(3, block=16) - topk(1, block=16, score=given))",
+    "cases": "(causal & topk(2, block=16)) | (window(20) & threshold(0.5, block=16))",
+    "complement": "causal & ~topk(2, block=32)",
 }
 
 
@@ -108,7 +119,7 @@ def _dense(q: Any, k: Any, v: Any, mask: np.ndarray, scale: float) -> tuple[Any,
 
 
 def _block(src: str) -> int:
-    (sel,) = [x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK | ir.Threshold)]
+    sel = next(x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK | ir.Threshold))
     return sel.block
 
 
@@ -243,11 +254,57 @@ def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str
         assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
 
 
-def test_uncompilable_selectors_are_refused_plainly() -> None:
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n == "nosa" else [pytest.mark.slow]) for n in MULTI]
+)
+def test_several_selectors_match_the_literal_reference(name: str) -> None:
+    """Each selector picks among its own context; a block takes the pattern with the selectors that
+    picked it full (the reference: sets node by node). Interpreter (float32) and PyTorch path (float64)."""
+    src = MULTI[name]
+    m = _module(src)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (x.to(dtype) for x in _inputs(64, h=1, hkv=1, b=1, seed=13))
+        scores = _given(src, q, _block(src))
+        mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+        assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
+            out, lse = _run(m, q, k, v, scores=scores)
+        want, want_lse = _dense(q, k, v, mask, 16**-0.5)
+        assert (out.double() - want).abs().max().item() < (1e-12 if dtype == torch.float64 else 2e-5)
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nosa", "cases"])
+def test_gradients_of_several_selectors(name: str) -> None:
+    """Backward over the merged picks, the selection cases' predicates dispatched in the kernels ("cases")."""
+    src = MULTI[name]
+    q, k, v = _inputs(80, h=2, hkv=1, b=1, seed=17)
+    scores = _given(src, q, _block(src))
+    mask, _ = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    with poisoned():
+        (_module(src).attention(qs, ks, vs, scores=scores).double() * w).sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    (_dense(qd, kd, vd, mask, 16**-0.5)[0] * w).sum().backward()
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None
+        assert (got.double() - ref).abs().max().item() < 2e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_uncompilable_selectors_are_refused_plainly(tmp_path: Any) -> None:
     with pytest.raises(PatternError, match="multiple of 16 to compile.*got 8"):
         P.compile("pattern p = causal & topk(2, block=8)\n")
-    with pytest.raises(PatternError, match="holds 2 selectors; a compiled pattern may hold one"):
-        P.compile("pattern p = topk(2, block=16) | threshold(0.5, block=16)\n")
+    text = "pattern p = causal & (topk(2, block=16) | threshold(0.5, block=32))\n"
+    with pytest.raises(PatternError, match="share one block size to compile: block=32 here, block=16 in the first"):
+        P.compile(text)
+    (tmp_path / "p.pat").write_text(text)
+    assert patc(["check", str(tmp_path / "p.pat")]) == 2  # check refuses what compile refuses
+    many = " | ".join(f"topk({n}, block=16)" for n in range(1, 8))
+    with pytest.raises(PatternError, match="at most 6 selectors, this one 7"):
+        P.compile(f"pattern p = {many}\n")
 
 
 @pytest.mark.parametrize(
@@ -255,16 +312,18 @@ def test_uncompilable_selectors_are_refused_plainly() -> None:
     [
         pytest.param("nsa.pat", "nsa", marks=pytest.mark.slow),  # about 5 s; CASES["nsa"] is its shape, fast tier
         ("seer.pat", "seer_local"), ("flexprefill.pat", "prefill"), ("xattention.pat", "xattention"),
+        pytest.param("nosa.pat", "nosa", marks=pytest.mark.slow),  # MULTI["nosa"] is its shape, fast tier
     ],  # fmt: skip
 )
 def test_library_selector_patterns_match_the_reference(file: str, name: str) -> None:
     path = LIBRARY / file
     pat = P.load(path).get(name).body  # type: ignore[union-attr]
     assert isinstance(pat, ir.Pattern.__args__)  # type: ignore[attr-defined]
-    (sel,) = [x for x in ir.walk(pat) if isinstance(x, ir.TopK | ir.Threshold)]
+    sel = next(x for x in ir.walk(pat) if isinstance(x, ir.TopK | ir.Threshold))
     n = 2 * sel.block + 16  # a ragged last block of 16 tokens
     q, k, v = _inputs(n, h=2, hkv=1, b=1, seed=11)
-    scores = _given("given" if isinstance(sel, ir.TopK) and sel.given else "", q, sel.block)
+    given = any(isinstance(x, ir.TopK) and x.given for x in ir.walk(pat))
+    scores = _given("given" if given else "", q, sel.block)
     mask, picked = R.dynamic_mask(pat, q.numpy(), k.numpy(), None if scores is None else scores.numpy())
     m = P.compile(path, name, **SMALL)
     assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
