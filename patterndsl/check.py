@@ -750,7 +750,20 @@ def _selector_block(c: _Checker, node: T.Node, func: str) -> int:
 
 def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     args = _bind(node, ("count", "block", "score"), 1, ("block", "score"))
-    count = c._const_int(args["count"], None, "topk's count", minimum=1)
+    count: int | E.Expr = 0
+    fraction = None
+    cv = c.value(args["count"], None)
+    if isinstance(cv, FloatV):  # a budget as a share of the candidates (SparseD: the top 30%)
+        fraction = _as_float(cv)
+        if not 0.0 < fraction <= 1.0:
+            raise PatternError(
+                f"topk's fraction must be in (0, 1], got {fraction}", args["count"].span,
+                "a count is a whole number (topk(16, ...)); a fraction of the candidates a number below 1",
+            )  # fmt: skip
+    elif isinstance(cv, IntV) and E.free_vars(cv.expr):
+        count = cv.expr  # a count that grows with N, checked at each N (`_constraints`)
+    else:
+        count = c._const_int(args["count"], None, "topk's count", minimum=1)
     if "block" not in args:
         raise PatternError("topk needs block=...", node.span, "e.g. topk(16, block=64)")
     block = _selector_block(c, args["block"], "topk")
@@ -759,7 +772,7 @@ def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
         if not isinstance(c.value(args["score"], None), GivenV):
             raise PatternError("topk's score can only be 'given' (scores supplied at run time)", args["score"].span)
         given = True
-    return PatV(ir.TopK(count, block, given, node.span))
+    return PatV(ir.TopK(count, block, given, node.span, fraction))
 
 
 def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
@@ -1025,6 +1038,8 @@ def _constraints(p: ir.Pattern) -> Iterator[tuple[Expr, int, str, Span | None]]:
             yield count, 0, "random's count", span
         case ir.Blockwise(block, _, span):
             yield block, 1, "blockwise's block size", span
+        case ir.TopK(count, _, _, span) if not isinstance(count, int):
+            yield count, 1, "topk's count", span
         case ir.Global(t) | ir.Rows(t) | ir.Cols(t):
             if isinstance(t, ir.TokenSlice):
                 yield t.step, 1, "a slice step", t.span

@@ -467,8 +467,13 @@ def _dyn_rank(splits: list[Split | None], k: int) -> int:
 
 def _selector_entry(sel: ir.TopK | ir.Threshold, selected: int, context: int) -> str:
     """`Selector(kind, param, block, given, selected, context` of the generated module (left open)."""
-    kind = "threshold" if isinstance(sel, ir.Threshold) else "topk"
-    param = repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count)
+    match sel:
+        case ir.Threshold(mass):
+            kind, param = "threshold", repr(float(mass))
+        case ir.TopK(_, _, _, _, fraction) if fraction is not None:
+            kind, param = "fraction", repr(float(fraction))
+        case ir.TopK(count):
+            kind, param = "topk", safe_int(count) if isinstance(count, int) else expr_source(count)
     given = isinstance(sel, ir.TopK) and sel.given
     return f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(selected)}, {safe_int(context)}"
 
@@ -476,7 +481,8 @@ def _selector_entry(sel: ir.TopK | ir.Threshold, selected: int, context: int) ->
 def _selector_source(sel: ir.TopK | ir.Threshold) -> str:
     if isinstance(sel, ir.Threshold):
         return f"threshold({sel.mass}, block={sel.block})"
-    return f"topk({sel.count}, block={sel.block}{', score=given' if sel.given else ''})"
+    count = sel.fraction if sel.fraction is not None else sel.count if isinstance(sel.count, int) else E.to_source(sel.count)
+    return f"topk({count}, block={sel.block}{', score=given' if sel.given else ''})"
 
 
 def _layouts(pats: tuple[ir.Pattern, ...], configs: tuple[tuple[int, tuple[int, ...]], ...]) -> list[Layout | None]:

@@ -149,10 +149,11 @@ class Blockwise:
 
 @dataclass(frozen=True, slots=True)
 class TopK:
-    count: int
+    count: int | Expr  # an Expr only when it depends on N
     block: int
     given: bool = False
     span: Span | None = _span
+    fraction: float | None = None  # keep ceil(fraction * candidates) blocks instead of `count`
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ draw *is* the definition. Slow by design; keep N small (<= ~64).
 from __future__ import annotations
 
 import functools
+import math
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -192,8 +194,10 @@ def selection(
                         kbar = k[bi, h // group, kb * b : (kb + 1) * b].astype(np.float64).mean(0)
                         scores[kb] = float(qbar @ kbar)
                 ranked = sorted(scores, key=lambda kb: (-scores[kb], kb))
-                if isinstance(sel, ir.TopK):
-                    keep = ranked[: sel.count]
+                if isinstance(sel, ir.TopK) and sel.fraction is not None:  # ceil(p * c), p the decimal written
+                    keep = ranked[: math.ceil(Decimal(repr(sel.fraction)) * len(ranked))]
+                elif isinstance(sel, ir.TopK):
+                    keep = ranked[: sel.count if isinstance(sel.count, int) else value(sel.count, n)]
                 else:
                     z = {kb: scores[kb] / np.sqrt(d) for kb in ranked}
                     top = max(z.values()) if z else 0.0

@@ -186,8 +186,9 @@ def _text(p: ir.Pattern, outer: int) -> str:
             return f"where({arg(cond)})"
         case ir.Blockwise(block, inner):
             return f"blockwise({arg(block)}, {_text(inner, 0)})"
-        case ir.TopK(count, block):
-            return f"topk({count}, block={block})"
+        case ir.TopK(count, block, given, _, fraction):
+            n = fraction if fraction is not None else arg(count) if not isinstance(count, int) else count
+            return f"topk({n}, block={block}{', score=given' if given else ''})"
         case ir.Threshold(mass, block):
             return f"threshold({mass}, block={block})"
         case ir.Union(a, b):
@@ -447,7 +448,9 @@ def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: Val
     for sel, ctx in zip(sp.selectors, sp.contexts, strict=True):
         b = sel.block
         nb = -(-n // b)
-        k = opts.selected if opts.selected is not None else (sel.count if isinstance(sel, ir.TopK) else None)
+        k = opts.selected
+        if k is None and isinstance(sel, ir.TopK) and sel.fraction is None:
+            k = sel.count if isinstance(sel.count, int) else max(0, E.evaluate_int(sel.count, n))
         cand, blocks = _candidates(bound_predicate(ctx, n), n, b, k)
         extra = 4 * b * b * opts.head_dim * heads * opts.batch * blocks
         scoring = 2 * nb * nb * opts.head_dim * heads * opts.batch
@@ -455,7 +458,9 @@ def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: Val
             "selector": _pattern_text(sel),
             "block": b,
             "selected_per_query_block": k,
-            "assumed": "--selected" if opts.selected is not None else ("topk's n" if k is not None else "every candidate"),
+            "assumed": "--selected" if opts.selected is not None else "topk's n" if k is not None else (
+                f"every candidate (at most; topk keeps a fraction {sel.fraction})" if isinstance(sel, ir.TopK)
+                else "every candidate"),
             "candidates_per_query_block": cand,
             "selected_blocks": blocks,
             "extra_pairs_max": b * b * blocks,

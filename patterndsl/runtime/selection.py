@@ -10,12 +10,14 @@ blocks, and gradients flow through the attention over the chosen blocks only, ne
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
 import triton.language as tl
 
+from ..expr import evaluate_int
 from .checks import _check, _need_scores
 from .common import _d_pad, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
 from .options import current_options
@@ -398,11 +400,14 @@ def _scores_of(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys == torch.iinfo(torch.int64).min, float("nan"), bits.view(torch.float32))
 
 
-def _pick(sel: Selector, s: torch.Tensor, scale: float) -> torch.Tensor:
+def _pick(sel: Selector, s: torch.Tensor, scale: float, count: int | None = None) -> torch.Tensor:
     """The selector's rule on one chunk [rows, blocks] of scores (NaN: not a candidate) or of
     `_ordered_keys` keys (int64): [rows, width] int64, per row the blocks kept, -1 padding (topk: width
-    min(n, blocks); threshold: blocks, kept blocks first)."""
-    kind, param = sel.kind, sel.param
+    min(n, blocks), `count` the n of a count that depends on N; threshold and fraction: blocks, kept
+    blocks first). A fraction p keeps ceil(p * c) of a row's c candidates, p read as the decimal written."""
+    kind, raw = sel.kind, (sel.param if count is None else count)
+    assert isinstance(raw, int | float), "a count that depends on N comes evaluated, as `count`"
+    param = raw
     rows, nb = s.shape
     if s.dtype == torch.float64:
         order = torch.sort(torch.where(torch.isnan(s), float("-inf"), s), dim=-1, descending=True, stable=True).indices
@@ -418,6 +423,10 @@ def _pick(sel: Selector, s: torch.Tensor, scale: float) -> torch.Tensor:
         order = nb - 1 - (picked & 0xFFFFFFFF)
         ss = _scores_of(picked)
     valid = ~torch.isnan(ss)
+    if kind == "fraction":
+        share = Fraction(repr(float(param)))
+        keep = -(-valid.sum(-1, keepdim=True) * share.numerator // share.denominator)
+        valid = valid & (torch.arange(nb, device=s.device) < keep)
     if kind == "threshold":
         z = torch.where(valid, ss.double() * scale, float("-inf"))
         top = z[:, :1]
@@ -471,9 +480,12 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     once) and `_pick` applies the rule; threshold reads its widest row back to size the result."""
     kind, param, blk, given, ctx = rule.kind, rule.param, rule.block, rule.given, rule.context
     B, H, N, D = q.shape
+    count = None
+    if kind == "topk":  # a count that depends on N: its value here (the requirements keep it >= 1)
+        count = param if isinstance(param, int) else evaluate_int(param, N)  # type: ignore[arg-type]
     nb = -(-N // blk)
     nh = heads.numel()
-    if (kind == "topk" and int(param) <= 64 and not _torch_path(q)  # (larger n: registers)
+    if (count is not None and count <= 64 and not _torch_path(q)  # (larger n: registers)
             and not (given and scores.dtype == torch.float64)):  # (float64 scores: sorted in float64)
         if given:
             scores = scores if scores.stride(-1) == 1 else scores.contiguous()
@@ -485,14 +497,14 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             d_pad = qm.shape[-1]
             strides = (0, 0, 0)
         bq = current_options().topk_rows
-        np2 = _pow2(int(param))
+        np2 = _pow2(count)
         sel = torch.empty((B * nh, nb, np2), dtype=torch.int32, device=q.device)
         cand, span, ranges = _spans(spec, ctx, N, blk, bq, q.device)
         # key blocks per tile: register pressure (ptxas sm_90: no spills with these)
         bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
         _topk_kernel[(-(-nb // bq), B * nh)](
             qm, km, scores if given else qm, cand, span, sel, heads, nb, nh, H, k.shape[1], group, *strides,
-            N_SEL=int(param), NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
+            N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
             GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
         )
         return sel
@@ -507,9 +519,9 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             s = torch.where(cand, s if s.dtype == torch.float64 else s.float(), float("nan")).reshape(B * nh, rows, nb)
         else:
             s = _block_scores(spec, rule, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
-        out.append(_pick(rule, s.reshape(B * nh * rows, nb), 1.0 / math.sqrt(D)).view(B * nh, rows, -1))
+        out.append(_pick(rule, s.reshape(B * nh * rows, nb), 1.0 / math.sqrt(D), count).view(B * nh, rows, -1))
     sel = torch.cat(out, 1)
-    if kind == "threshold":  # kept blocks come first in each row: cut the columns no row uses
+    if kind != "topk":  # kept blocks come first in each row: cut the columns no row uses
         sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
     return sel.to(torch.int32).contiguous()
 

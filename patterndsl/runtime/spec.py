@@ -45,7 +45,8 @@ class TokenLayout:
 
 
 class Selector(NamedTuple):
-    """A dynamic pattern's selector: `kind` ('topk' or 'threshold'), its count or mass, its block, whether
+    """A dynamic pattern's selector: `kind` ('topk', 'fraction' or 'threshold'), its count (an int, or an
+    expression of N), fraction of the candidates or mass, its block, whether
     the caller gives the scores, and which predicates mask the selected blocks (`selected`) and bound the
     candidates (`context`), as indices into `PatternSpec.predicates`.
 
@@ -55,7 +56,7 @@ class Selector(NamedTuple):
     @triton.jit `(i, j, N, var)` that applies the one of rank `var` among them (ascending index)."""
 
     kind: str
-    param: int | float
+    param: int | float | Expr
     block: int
     given: bool
     selected: int

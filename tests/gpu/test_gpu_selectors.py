@@ -71,8 +71,12 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+BUDGETS = ["causal & (window(255) | topk(0.1, block=64))", "causal & topk(N // 512, block=64)"]
+
+
 @pytest.mark.parametrize(
-    "src, dtype", [(c, "bfloat16") for c in CASES] + [(CASES[0], "float16"), (CASES[0], "float32")]
+    "src, dtype",
+    [(c, "bfloat16") for c in CASES + BUDGETS] + [(CASES[0], "float16"), (CASES[0], "float32")],
 )
 def test_gpu_selection_and_attention_match_float64(src: str, dtype: str) -> None:
     err = _run(src, 4096 - 32, getattr(torch, dtype))

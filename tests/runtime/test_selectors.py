@@ -275,6 +275,44 @@ def test_several_selectors_match_the_literal_reference(name: str) -> None:
         assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
 
 
+# budgets: a share of each query block's candidates, a count that grows with N
+BUDGETS = {
+    "fraction": "causal & (window(3) | topk(0.3, block=16))",
+    "fraction_given": "topk(0.5, block=16, score=given)",
+    "count_of_n": "causal & topk(N // 40, block=16)",
+}
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [pytest.param(n, d, marks=[] if (n, d) == ("fraction", "float64") else [pytest.mark.slow])
+     for n in sorted(BUDGETS) for d in ("float64", "float32")],
+)  # fmt: skip
+def test_budgets_match_the_literal_reference(name: str, dtype: str) -> None:
+    """topk(p, ...) keeps ceil(p * c) of c candidates (p the decimal written: 0.3 of 10 is 3); topk(f(N), ...)
+    keeps f(N) at that N. float64: the PyTorch path; float32: the interpreter's kernels."""
+    src = BUDGETS[name]
+    m = _module(src)
+    for n in (96, 160):  # 6 and 10 blocks: shares that round up and one that is exact; N // 40 = 2, then 4
+        q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(n, h=1, hkv=1, b=1, seed=19))
+        scores = _given(src, q, 16)
+        mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+        assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
+            out, _ = _run(m, q, k, v, scores=scores)
+        want, _ = _dense(q, k, v, mask, 16**-0.5)
+        assert (out.double() - want).abs().max().item() < (1e-12 if dtype == "float64" else 2e-5)
+
+
+def test_budget_misuse_is_refused_plainly() -> None:
+    with pytest.raises(PatternError, match=r"topk's fraction must be in \(0, 1\], got 1.5"):
+        P.compile("pattern p = causal & topk(1.5, block=16)\n")
+    q = torch.zeros(1, 1, 100, 16)
+    with pytest.raises(ValueError, match="topk's count must be at least 1, got 0 at N = 100"):
+        _module("causal & topk(N // 4096, block=16)").attention(q, q, q)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nosa", "cases"])
 def test_gradients_of_several_selectors(name: str) -> None:
@@ -313,6 +351,7 @@ def test_uncompilable_selectors_are_refused_plainly(tmp_path: Any) -> None:
         pytest.param("nsa.pat", "nsa", marks=pytest.mark.slow),  # about 5 s; CASES["nsa"] is its shape, fast tier
         ("seer.pat", "seer_local"), ("flexprefill.pat", "prefill"), ("xattention.pat", "xattention"),
         pytest.param("nosa.pat", "nosa", marks=pytest.mark.slow),  # MULTI["nosa"] is its shape, fast tier
+        pytest.param("sparsed.pat", "sparsed", marks=pytest.mark.slow),  # BUDGETS["fraction"], fast tier
     ],  # fmt: skip
 )
 def test_library_selector_patterns_match_the_reference(file: str, name: str) -> None:
