@@ -29,6 +29,7 @@ PRIMITIVES = frozenset(
 )  # fmt: skip
 RESERVED = KEYWORDS | PRIMITIVES
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
+SCORE_RULES = ("mean", "max", "quest", "compressed")  # topk's score=... (runtime/selection.py: _rule_scores)
 SELECTOR_BLOCK = 16  # a selector's block is a whole number of the kernel's smallest tile
 
 
@@ -749,7 +750,7 @@ def _selector_block(c: _Checker, node: T.Node, func: str) -> int:
 
 
 def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
-    args = _bind(node, ("count", "block", "score"), 1, ("block", "score"))
+    args = _bind(node, ("count", "block", "score", "share"), 1, ("block", "score", "share"))
     count: int | E.Expr = 0
     fraction = None
     cv = c.value(args["count"], None)
@@ -767,12 +768,27 @@ def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     if "block" not in args:
         raise PatternError("topk needs block=...", node.span, "e.g. topk(16, block=64)")
     block = _selector_block(c, args["block"], "topk")
-    given = False
+    given, score, share = False, "mean", False
     if "score" in args:
-        if not isinstance(c.value(args["score"], None), GivenV):
-            raise PatternError("topk's score can only be 'given' (scores supplied at run time)", args["score"].span)
-        given = True
-    return PatV(ir.TopK(count, block, given, node.span, fraction))
+        match args["score"]:
+            case T.Name(name) if name in SCORE_RULES:
+                score = name
+            case T.Name(name) if name != "given":
+                raise PatternError(
+                    f"topk has no scoring rule '{name}': " + ", ".join(SCORE_RULES) + " or given", args["score"].span,
+                )  # fmt: skip
+            case other if isinstance(c.value(other, None), GivenV):
+                given = True
+            case other:
+                raise PatternError(
+                    "topk's score is a rule: " + ", ".join(SCORE_RULES) + " or given (scores supplied at run time)",
+                    other.span,
+                )  # fmt: skip
+    if "share" in args:
+        if not (isinstance(args["share"], T.Name) and args["share"].id == "kv"):
+            raise PatternError("topk's share can only be 'kv' (one selection per KV head)", args["share"].span)
+        share = True
+    return PatV(ir.TopK(count, block, given, node.span, fraction, score, share))
 
 
 def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:

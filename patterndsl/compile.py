@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__, ir
 from . import expr as E
-from .check import _constraints, kernel_limits
+from .check import SCORE_RULES, _constraints, kernel_limits
 from .codegen import INT32_MAX, CodegenError, doc_text, indent, render_triton, safe_int, safe_name
 from .layout import Layout, choose, describe, layout_predicate, logical_index
 from .layout import rows as layout_rows
@@ -234,7 +234,8 @@ def compile_source(
             selectors.append(entries[0] + ")")
         else:
             more = "".join(e + "), " for e in entries[1:])
-            selectors.append(f"{entries[0]}, ({more}), ({''.join(f'{safe_int(v)}, ' for v in variants)}), {dispatch})")
+            cases_text = "".join(f"{safe_int(v)}, " for v in variants)
+            selectors.append(f"{entries[0]}, more=({more}), variants=({cases_text}), dispatch={dispatch})")
     max_n, idx64 = _index_width(preds)
     grid_pattern = layout is not False and any(isinstance(x, ir.Neighborhood) for p in pats for x in ir.walk(p))
     configs = GRID_CONFIGS if grid_pattern else DEFAULT_CONFIGS
@@ -475,14 +476,20 @@ def _selector_entry(sel: ir.TopK | ir.Threshold, selected: int, context: int) ->
         case ir.TopK(count):
             kind, param = "topk", safe_int(count) if isinstance(count, int) else expr_source(count)
     given = isinstance(sel, ir.TopK) and sel.given
-    return f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(selected)}, {safe_int(context)}"
+    extra = ""
+    if isinstance(sel, ir.TopK) and sel.score != "mean":
+        extra += f", score={_choice(sel.score, SCORE_RULES)!r}"
+    if isinstance(sel, ir.TopK) and sel.share:
+        extra += ", share=True"
+    return f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(selected)}, {safe_int(context)}{extra}"
 
 
 def _selector_source(sel: ir.TopK | ir.Threshold) -> str:
     if isinstance(sel, ir.Threshold):
         return f"threshold({sel.mass}, block={sel.block})"
     count = sel.fraction if sel.fraction is not None else sel.count if isinstance(sel.count, int) else E.to_source(sel.count)
-    return f"topk({count}, block={sel.block}{', score=given' if sel.given else ''})"
+    rule = ", score=given" if sel.given else f", score={sel.score}" if sel.score != "mean" else ""
+    return f"topk({count}, block={sel.block}{rule}{', share=kv' if sel.share else ''})"
 
 
 def _layouts(pats: tuple[ir.Pattern, ...], configs: tuple[tuple[int, tuple[int, ...]], ...]) -> list[Layout | None]:

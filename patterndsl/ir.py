@@ -154,6 +154,8 @@ class TopK:
     given: bool = False
     span: Span | None = _span
     fraction: float | None = None  # keep ceil(fraction * candidates) blocks instead of `count`
+    score: str = "mean"  # the scoring rule: mean, max, quest or compressed (given: the caller's)
+    share: bool = False  # share=kv: one selection per KV head, from its query heads' summed scores
 
 
 @dataclass(frozen=True, slots=True)

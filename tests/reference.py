@@ -180,19 +180,38 @@ def selection(
     for qb in range(nb):
         for kb in range(nb):
             cand[qb, kb] = bool(context[qb * b : (qb + 1) * b, kb * b : (kb + 1) * b].any())
+    rule = sel.score if isinstance(sel, ir.TopK) else "mean"
+
+    def score(bi: int, h: int, qb: int, kb: int) -> float:
+        if given is not None:
+            return float(given[bi, h, qb, kb])
+        qs = q[bi, h, qb * b : (qb + 1) * b].astype(np.float64)
+        qbar = qs.mean(0)
+        keys = k[bi, h // group, kb * b : (kb + 1) * b].astype(np.float64)
+        if rule == "mean":
+            return float(qbar @ keys.mean(0))
+        if rule == "max":
+            return max(float(qbar @ kj) for kj in keys)
+        if rule == "quest":
+            return sum(max(qbar[x] * keys[:, x].max(), qbar[x] * keys[:, x].min()) for x in range(d))
+        # compressed: each query's softmax over the candidates' mean keys, its share at kb, summed over the block
+        total = 0.0
+        for qi in qs:
+            z = {c: float(qi @ k[bi, h // group, c * b : (c + 1) * b].astype(np.float64).mean(0)) / np.sqrt(d)
+                 for c in range(nb) if cand[qb, c]}  # fmt: skip
+            top = max(z.values())
+            total += np.exp(z[kb] - top) / sum(np.exp(v - top) for v in z.values())
+        return total
+
     for bi in range(bsz):
         for h in range(heads):
+            # share=kv: the scores of every query head of h's KV head, summed
+            mates = [x for x in range(heads) if x // group == h // group] if getattr(sel, "share", False) else [h]
             for qb in range(nb):
-                qbar = q[bi, h, qb * b : (qb + 1) * b].astype(np.float64).mean(0)
                 scores = {}
                 for kb in range(nb):
-                    if not cand[qb, kb]:
-                        continue
-                    if given is not None:
-                        scores[kb] = float(given[bi, h, qb, kb])
-                    else:
-                        kbar = k[bi, h // group, kb * b : (kb + 1) * b].astype(np.float64).mean(0)
-                        scores[kb] = float(qbar @ kbar)
+                    if cand[qb, kb]:
+                        scores[kb] = sum(score(bi, x, qb, kb) for x in mates)
                 ranked = sorted(scores, key=lambda kb: (-scores[kb], kb))
                 if isinstance(sel, ir.TopK) and sel.fraction is not None:  # ceil(p * c), p the decimal written
                     keep = ranked[: math.ceil(Decimal(repr(sel.fraction)) * len(ranked))]

@@ -186,9 +186,10 @@ def _text(p: ir.Pattern, outer: int) -> str:
             return f"where({arg(cond)})"
         case ir.Blockwise(block, inner):
             return f"blockwise({arg(block)}, {_text(inner, 0)})"
-        case ir.TopK(count, block, given, _, fraction):
+        case ir.TopK(count, block, given, _, fraction, score, share):
             n = fraction if fraction is not None else arg(count) if not isinstance(count, int) else count
-            return f"topk({n}, block={block}{', score=given' if given else ''})"
+            rule = ", score=given" if given else f", score={score}" if score != "mean" else ""
+            return f"topk({n}, block={block}{rule}{', share=kv' if share else ''})"
         case ir.Threshold(mass, block):
             return f"threshold({mass}, block={block})"
         case ir.Union(a, b):

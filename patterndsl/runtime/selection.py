@@ -359,6 +359,56 @@ def _block_scores(spec: PatternSpec, sel: Selector, q: torch.Tensor, k: torch.Te
     return s
 
 
+def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
+                 heads: torch.Tensor, group: int, q0: int, rows: int) -> torch.Tensor:
+    """Block scores of query blocks q0 .. q0 + rows by a named rule, for `heads`: [B * nh, rows, blocks],
+    NaN off the context; float32 (float64 for float64 inputs). q-bar is a query block's mean query:
+
+    mean: q-bar . k-bar (k-bar the key block's mean key); max: the largest q-bar . k_j over the key block;
+    quest: sum over d of max(q-bar_d * max_j k_jd, q-bar_d * min_j k_jd), Quest's bound on q-bar . k_j;
+    compressed: the attention the block's queries pay to the pooled key k-bar in a softmax over the
+    candidate pooled keys (scale 1 / sqrt(head_dim)), summed over the block's queries (NSA). given: the
+    caller's. share=kv: each head scores with the sum over the heads of its KV head (among `heads`)."""
+    B, H, N, D = q.shape
+    blk = rule.block
+    nb = -(-N // blk)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    hl = heads.long()
+    kvh = hl // group
+    cand = _candidates(spec, rule.context, N, blk, q.device)[q0:q0 + rows]
+    if rule.given:
+        s = scores[:, hl, q0:q0 + rows].to(work)
+    else:
+        qm = _pool_torch(q[:, hl], blk, work)[:, :, q0:q0 + rows]
+        kt = k[:, kvh].to(work)
+        pad = nb * blk - N
+        match rule.score:
+            case "mean":
+                s = torch.matmul(qm, _pool_torch(k, blk, work)[:, kvh].transpose(-1, -2))
+            case "max":
+                logits = torch.nn.functional.pad(torch.matmul(qm, kt.transpose(-1, -2)), (0, pad), value=float("-inf"))
+                s = logits.view(B, hl.numel(), rows, nb, blk).amax(-1)
+            case "quest":
+                hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, blk, D).amax(3)
+                lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, blk, D).amin(3)
+                s = torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
+            case _:  # compressed
+                km = _pool_torch(k, blk, work)[:, kvh]
+                t0, t1 = q0 * blk, min(N, (q0 + rows) * blk)
+                z = torch.matmul(q[:, hl, t0:t1].to(work), km.transpose(-1, -2)) / math.sqrt(D)
+                ok = cand[torch.arange(t1 - t0, device=q.device) // blk]
+                z = z.masked_fill(~ok, float("-inf"))
+                top = z.amax(-1, keepdim=True)
+                e = torch.exp(z - torch.where(torch.isinf(top), 0.0, top))
+                p = e / torch.clamp(e.sum(-1, keepdim=True), min=torch.finfo(work).tiny)
+                p = torch.nn.functional.pad(p, (0, 0, 0, rows * blk - (t1 - t0)))
+                s = p.view(B, hl.numel(), rows, blk, nb).sum(3)
+    if rule.share:
+        total = torch.zeros((B, k.shape[1], rows, nb), dtype=s.dtype, device=s.device).index_add_(1, kvh, s)
+        s = total[:, kvh]
+    return torch.where(cand, s, float("nan")).reshape(B * hl.numel(), rows, nb)
+
+
 def _score_prec(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
@@ -485,7 +535,8 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
         count = param if isinstance(param, int) else evaluate_int(param, N)  # type: ignore[arg-type]
     nb = -(-N // blk)
     nh = heads.numel()
-    if (count is not None and count <= 64 and not _torch_path(q)  # (larger n: registers)
+    plain = rule.score == "mean" and not rule.share  # the Triton pooling and fused top-k serve this rule
+    if (plain and count is not None and count <= 64 and not _torch_path(q)  # (larger n: registers)
             and not (given and scores.dtype == torch.float64)):  # (float64 scores: sorted in float64)
         if given:
             scores = scores if scores.stride(-1) == 1 else scores.contiguous()
@@ -508,12 +559,14 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
         )
         return sel
-    chunk = max(1, (1 << 24) // max(1, B * nh * nb))
+    chunk = max(1, (1 << 24) // max(1, B * nh * (nb if plain or given else max(nb, N))))
     out = []
-    pooled = None if given else _pooled(q, k, blk)
+    pooled = None if given or not plain else _pooled(q, k, blk)
     for q0 in range(0, nb, chunk):
         rows = min(chunk, nb - q0)
-        if given:
+        if not plain:
+            s = _rule_scores(spec, rule, q, k, scores, heads, group, q0, rows)
+        elif given:
             cand = _candidates(spec, ctx, N, blk, q.device)[q0:q0 + rows]
             s = scores[:, heads.long(), q0:q0 + rows]
             s = torch.where(cand, s if s.dtype == torch.float64 else s.float(), float("nan")).reshape(B * nh, rows, nb)

@@ -64,6 +64,8 @@ class Selector(NamedTuple):
     more: tuple[Selector, ...] = ()
     variants: tuple[int, ...] = ()
     dispatch: Any = None
+    score: str = "mean"  # the scoring rule (topk): mean, max, quest or compressed
+    share: bool = False  # one selection per KV head, from the summed scores of its query heads
 
     @property
     def all(self) -> tuple[Selector, ...]:

@@ -71,7 +71,11 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-BUDGETS = ["causal & (window(255) | topk(0.1, block=64))", "causal & topk(N // 512, block=64)"]
+BUDGETS = [
+    "causal & (window(255) | topk(0.1, block=64))", "causal & topk(N // 512, block=64)",
+    # scoring rules (PyTorch operations on the device) and a selection shared by a KV head's query heads
+    "causal & (sink(64) | topk(8, block=64, score=quest, share=kv))", "causal & topk(8, block=64, score=max)",
+]
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,46 @@ def test_several_selectors_match_the_literal_reference(name: str) -> None:
         assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
 
 
+# scoring rules and selection shared by a KV head's query heads
+RULES = {
+    "max": "causal & topk(2, block=16, score=max)",
+    "quest": "causal & (sink(16) | topk(2, block=16, score=quest))",
+    "compressed_shared": "causal & (window(3) | topk(2, block=16, score=compressed, share=kv))",
+    "given_shared": "causal & topk(2, block=16, score=given, share=kv)",
+}
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [pytest.param(n, d, marks=[] if d == "float64" and n in ("quest", "given_shared") else [pytest.mark.slow])
+     for n in sorted(RULES) for d in ("float64", "float32") if not (n == "compressed_shared" and d == "float32")],
+)  # fmt: skip
+def test_scoring_rules_match_the_literal_reference(name: str, dtype: str) -> None:
+    """Each rule's block scores as the reference computes them pair by pair, GQA (two query heads per KV
+    head). float32 on integer inputs keeps max and quest exact; compressed (a softmax) runs in float64."""
+    src = RULES[name]
+    m = _module(src)
+    q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, h=4, hkv=2, b=1, seed=23))
+    scores = _given(src, q, 16)
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    got = m.selected_blocks(q, k, scores=scores)
+    assert np.array_equal(got.numpy(), picked)
+    if "shared" in name:  # the two query heads of a KV head pick alike
+        assert torch.equal(got[:, 0::2], got[:, 1::2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
+        out, _ = _run(m, q, k, v, scores=scores)
+    want, _ = _dense(q, k, v, mask, 16**-0.5)
+    assert (out.double() - want).abs().max().item() < (1e-12 if dtype == "float64" else 2e-5)
+
+
+def test_unknown_scoring_rules_are_refused_plainly() -> None:
+    with pytest.raises(PatternError, match="topk has no scoring rule 'avg': mean, max, quest, compressed or given"):
+        P.compile("pattern p = causal & topk(2, block=16, score=avg)\n")
+    with pytest.raises(PatternError, match="topk's share can only be 'kv'"):
+        P.compile("pattern p = causal & topk(2, block=16, share=q)\n")
+
+
 # budgets: a share of each query block's candidates, a count that grows with N
 BUDGETS = {
     "fraction": "causal & (window(3) | topk(0.3, block=16))",
@@ -352,6 +392,9 @@ def test_uncompilable_selectors_are_refused_plainly(tmp_path: Any) -> None:
         ("seer.pat", "seer_local"), ("flexprefill.pat", "prefill"), ("xattention.pat", "xattention"),
         pytest.param("nosa.pat", "nosa", marks=pytest.mark.slow),  # MULTI["nosa"] is its shape, fast tier
         pytest.param("sparsed.pat", "sparsed", marks=pytest.mark.slow),  # BUDGETS["fraction"], fast tier
+        pytest.param("nsa.pat", "nsa_shared", marks=pytest.mark.slow),  # RULES["compressed_shared"], fast tier
+        pytest.param("infllm_v2.pat", "infllm_v2", marks=pytest.mark.slow),
+        pytest.param("quest.pat", "quest_pages", marks=pytest.mark.slow),  # RULES["quest"], fast tier
     ],  # fmt: skip
 )
 def test_library_selector_patterns_match_the_reference(file: str, name: str) -> None:
