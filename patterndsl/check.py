@@ -738,6 +738,16 @@ def _call_neighborhood(c: _Checker, node: T.Call, scope: WhereScope | None) -> V
     return PatV(ir.Neighborhood(grid, kernel, dilation, stride, causal))
 
 
+def _selector_blocks(c: _Checker, node: T.Node, func: str) -> tuple[int, int | None]:
+    """`block=b` (square blocks) or `block=(bq, bk)`: query blocks of bq tokens, key blocks of bk (HiP)."""
+    if isinstance(node, T.TupleLit):
+        if len(node.items) != 2:
+            raise PatternError(f"{func}'s block is b or (query block, key block), got {len(node.items)} sizes", node.span)
+        bq, bk = (_selector_block(c, x, func) for x in node.items)
+        return bq, (bk if bk != bq else None)
+    return _selector_block(c, node, func), None
+
+
 def _selector_block(c: _Checker, node: T.Node, func: str) -> int:
     block = c._const_int(node, None, f"{func}'s block", minimum=1)
     if block % SELECTOR_BLOCK:
@@ -767,7 +777,7 @@ def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
         count = c._const_int(args["count"], None, "topk's count", minimum=1)
     if "block" not in args:
         raise PatternError("topk needs block=...", node.span, "e.g. topk(16, block=64)")
-    block = _selector_block(c, args["block"], "topk")
+    block, key_block = _selector_blocks(c, args["block"], "topk")
     given, score, share = False, "mean", False
     if "score" in args:
         match args["score"]:
@@ -788,7 +798,7 @@ def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
         if not (isinstance(args["share"], T.Name) and args["share"].id == "kv"):
             raise PatternError("topk's share can only be 'kv' (one selection per KV head)", args["share"].span)
         share = True
-    return PatV(ir.TopK(count, block, given, node.span, fraction, score, share))
+    return PatV(ir.TopK(count, block, given, node.span, fraction, score, share, key_block))
 
 
 def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
@@ -805,8 +815,8 @@ def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Valu
         raise PatternError(f"threshold's mass must be in (0, 1], got {mass}", args["mass"].span)
     if "block" not in args:
         raise PatternError("threshold needs block=...", node.span, "e.g. threshold(0.9, block=128)")
-    block = _selector_block(c, args["block"], "threshold")
-    return PatV(ir.Threshold(mass, block, node.span))
+    block, key_block = _selector_blocks(c, args["block"], "threshold")
+    return PatV(ir.Threshold(mass, block, node.span, key_block))
 
 
 def _call_minmax(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
@@ -1023,11 +1033,14 @@ def _selector_limits(p: ir.Pattern) -> None:
     from .selectors import MAX_SELECTORS
 
     sels = list(dict.fromkeys(n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)))
+    def size(s: ir.TopK | ir.Threshold) -> str:
+        return f"{s.block}" if s.key_block is None else f"({s.block}, {s.key_block})"
+
     for s in sels[1:]:
-        if s.block != sels[0].block:
+        if size(s) != size(sels[0]):
             raise PatternError(
-                f"the selectors of one pattern share one block size to compile: block={s.block} here, "
-                f"block={sels[0].block} in the first", s.span, f"write block={sels[0].block}",
+                f"the selectors of one pattern share one block size to compile: block={size(s)} here, "
+                f"block={size(sels[0])} in the first", s.span, f"write block={size(sels[0])}",
             )  # fmt: skip
     if len(sels) > MAX_SELECTORS:
         raise PatternError(

@@ -319,7 +319,7 @@ def compile_source(
         if len(sp.selectors) == 1:
             pattern_doc += (
                 f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P0(i, j) or "
-                f"(S[i // {sp.block}, j // {sp.block}] and P1(i, j)), S the key blocks {_selector_source(sp.selector)} "
+                f"(S[i // {sp.block}, j // {sp.key_block}] and P1(i, j)), S the key blocks {_selector_source(sp.selector)} "
                 f"picks per query block\namong those where C allows a pair.\n"
                 f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[variants[0]]) if variants[0] >= 0 else 'false'}\n"
                 f"  C = {E.to_source(preds[contexts[0]])}\n"
@@ -327,7 +327,7 @@ def compile_source(
             continue
         pattern_doc += (
             f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P_v(i, j), v the set "
-            f"of selectors S1 .. S{len(sp.selectors)} that picked block (i // {sp.block}, j // {sp.block}), each among "
+            f"of selectors S1 .. S{len(sp.selectors)} that picked block (i // {sp.block}, j // {sp.key_block}), each among "
             f"the key blocks where its context Cm allows a pair.\n  P_0 = {E.to_source(preds[k])}\n"
         )
         for m, (sel, c) in enumerate(zip(sp.selectors, contexts, strict=True)):
@@ -481,15 +481,21 @@ def _selector_entry(sel: ir.TopK | ir.Threshold, selected: int, context: int) ->
         extra += f", score={_choice(sel.score, SCORE_RULES)!r}"
     if isinstance(sel, ir.TopK) and sel.share:
         extra += ", share=True"
+    if sel.key_block is not None:
+        extra += f", key_block={safe_int(sel.key_block)}"
     return f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(selected)}, {safe_int(context)}{extra}"
 
 
 def _selector_source(sel: ir.TopK | ir.Threshold) -> str:
     if isinstance(sel, ir.Threshold):
-        return f"threshold({sel.mass}, block={sel.block})"
+        return f"threshold({sel.mass}, block={_block_text(sel)})"
     count = sel.fraction if sel.fraction is not None else sel.count if isinstance(sel.count, int) else E.to_source(sel.count)
     rule = ", score=given" if sel.given else f", score={sel.score}" if sel.score != "mean" else ""
-    return f"topk({count}, block={sel.block}{rule}{', share=kv' if sel.share else ''})"
+    return f"topk({count}, block={_block_text(sel)}{rule}{', share=kv' if sel.share else ''})"
+
+
+def _block_text(sel: ir.TopK | ir.Threshold) -> str:
+    return f"{sel.block}" if sel.key_block is None else f"({sel.block}, {sel.key_block})"
 
 
 def _layouts(pats: tuple[ir.Pattern, ...], configs: tuple[tuple[int, tuple[int, ...]], ...]) -> list[Layout | None]:

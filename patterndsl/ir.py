@@ -156,6 +156,7 @@ class TopK:
     fraction: float | None = None  # keep ceil(fraction * candidates) blocks instead of `count`
     score: str = "mean"  # the scoring rule: mean, max, quest or compressed (given: the caller's)
     share: bool = False  # share=kv: one selection per KV head, from its query heads' summed scores
+    key_block: int | None = None  # block=(queries, keys): key blocks of their own size (None: `block`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,7 @@ class Threshold:
     mass: float
     block: int
     span: Span | None = _span
+    key_block: int | None = None  # block=(queries, keys): key blocks of their own size (None: `block`)
 
 
 @dataclass(frozen=True, slots=True)

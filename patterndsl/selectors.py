@@ -45,6 +45,10 @@ class Split:
         return self.selectors[0].block
 
     @property
+    def key_block(self) -> int:
+        return self.selectors[0].key_block or self.selectors[0].block
+
+    @property
     def selected(self) -> ir.Pattern:
         """P with every selector full."""
         return self.variants[-1]

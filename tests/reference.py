@@ -166,20 +166,21 @@ def reference_mask(body: ir.Body, n: int) -> np.ndarray:
 def selection(
     sel: ir.TopK | ir.Threshold, context: np.ndarray, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
 ) -> np.ndarray:
-    """[B, H, nb, nb] bool: the key blocks the selector keeps per query block, in float64.
+    """[B, H, query blocks, key blocks] bool: the key blocks the selector keeps per query block, in float64.
 
     q [B, H, N, D], k [B, Hkv, N, D] (query head h reads kv head h // (H / Hkv)); `context` [N, N] is the
     static part A of `A & sel` (only key blocks where A allows a pair are candidates); `given` the
     caller's scores for score=given. Ties: the lower block index first (a stable sort on -score)."""
     bsz, heads, n, d = q.shape
-    b = sel.block
-    nb = -(-n // b)
+    b = sel.block  # query blocks
+    bk = sel.key_block or b  # key blocks
+    nb, nk = -(-n // b), -(-n // bk)
     group = heads // k.shape[1]
-    out = np.zeros((bsz, heads, nb, nb), dtype=bool)
-    cand = np.zeros((nb, nb), dtype=bool)
+    out = np.zeros((bsz, heads, nb, nk), dtype=bool)
+    cand = np.zeros((nb, nk), dtype=bool)
     for qb in range(nb):
-        for kb in range(nb):
-            cand[qb, kb] = bool(context[qb * b : (qb + 1) * b, kb * b : (kb + 1) * b].any())
+        for kb in range(nk):
+            cand[qb, kb] = bool(context[qb * b : (qb + 1) * b, kb * bk : (kb + 1) * bk].any())
     rule = sel.score if isinstance(sel, ir.TopK) else "mean"
 
     def score(bi: int, h: int, qb: int, kb: int) -> float:
@@ -187,7 +188,7 @@ def selection(
             return float(given[bi, h, qb, kb])
         qs = q[bi, h, qb * b : (qb + 1) * b].astype(np.float64)
         qbar = qs.mean(0)
-        keys = k[bi, h // group, kb * b : (kb + 1) * b].astype(np.float64)
+        keys = k[bi, h // group, kb * bk : (kb + 1) * bk].astype(np.float64)
         if rule == "mean":
             return float(qbar @ keys.mean(0))
         if rule == "max":
@@ -197,8 +198,8 @@ def selection(
         # compressed: each query's softmax over the candidates' mean keys, its share at kb, summed over the block
         total = 0.0
         for qi in qs:
-            z = {c: float(qi @ k[bi, h // group, c * b : (c + 1) * b].astype(np.float64).mean(0)) / np.sqrt(d)
-                 for c in range(nb) if cand[qb, c]}  # fmt: skip
+            z = {c: float(qi @ k[bi, h // group, c * bk : (c + 1) * bk].astype(np.float64).mean(0)) / np.sqrt(d)
+                 for c in range(nk) if cand[qb, c]}  # fmt: skip
             top = max(z.values())
             total += np.exp(z[kb] - top) / sum(np.exp(v - top) for v in z.values())
         return total
@@ -209,7 +210,7 @@ def selection(
             mates = [x for x in range(heads) if x // group == h // group] if getattr(sel, "share", False) else [h]
             for qb in range(nb):
                 scores = {}
-                for kb in range(nb):
+                for kb in range(nk):
                     if cand[qb, kb]:
                         scores[kb] = sum(score(bi, x, qb, kb) for x in mates)
                 ranked = sorted(scores, key=lambda kb: (-scores[kb], kb))
@@ -267,8 +268,8 @@ def dynamic_mask(
         if not ir.is_dynamic(x):
             return np.broadcast_to(static(x), (bsz, heads, n, n))
         if isinstance(x, ir.TopK | ir.Threshold):
-            blk = np.arange(n) // x.block
-            return picked[x][:, :, blk][:, :, :, blk]
+            rows, cols = np.arange(n) // x.block, np.arange(n) // (x.key_block or x.block)
+            return picked[x][:, :, rows][:, :, :, cols]
         if isinstance(x, ir.Union):
             return go(x.a) | go(x.b)
         if isinstance(x, ir.Complement):

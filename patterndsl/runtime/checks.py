@@ -119,10 +119,10 @@ def _check_scores(spec: PatternSpec, scores: object, q: torch.Tensor) -> None:
     B, H, N, D = q.shape
     for sel in (s for x in spec.selectors if x is not None for s in x.all):
         if sel.given:
-            nb = -(-N // sel[2])
-            if tuple(scores.shape) != (B, H, nb, nb):
-                raise ValueError(f"scores must be [batch, heads, ceil(N/{sel[2]}), ceil(N/{sel[2]})] = "
-                                 f"{[B, H, nb, nb]}, got {list(scores.shape)}")
+            nb, nk = -(-N // sel.block), -(-N // sel.kblock)
+            if tuple(scores.shape) != (B, H, nb, nk):
+                raise ValueError(f"scores must be [batch, heads, ceil(N/{sel.block}), ceil(N/{sel.kblock})] = "
+                                 f"{[B, H, nb, nk]}, got {list(scores.shape)}")
     if not scores.is_floating_point():
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
     if scores.device != q.device:

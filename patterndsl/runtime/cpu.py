@@ -121,9 +121,9 @@ def _dynamic_ok(spec: PatternSpec, pat: int, i: torch.Tensor, j: torch.Tensor, N
     sel = spec.selectors[pat]
     if sel is None:
         return ok
-    nb = -(-N // sel.block)
-    case = _sel_dense(picks[pat].cpu(), nb, bool(sel.more)).to(torch.int64)  # type: ignore[index]  # a dynamic pattern: picked
-    case = case.view(B, nh, nb, nb)[:, :, i[:, 0] // sel.block][..., j[0] // sel.block]
+    nb, nk = -(-N // sel.block), -(-N // sel.kblock)
+    case = _sel_dense(picks[pat].cpu(), nk, bool(sel.more)).to(torch.int64)  # type: ignore[index]  # a dynamic pattern: picked
+    case = case.view(B, nh, nb, nk)[:, :, i[:, 0] // sel.block][..., j[0] // sel.kblock]
     # a picked block takes P_v, v the set of selectors that picked it (one selector: P0 or (picked and P1))
     for v, c in enumerate(sel.cases, 1):
         ok_v = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[c].expr, i, j, N)), (rows, N)) if c >= 0 else False

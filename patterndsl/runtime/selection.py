@@ -279,15 +279,17 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, VD, CNT, OFF, FIDX, PIDX, NQT, NKT
 _CANDIDATES: dict[tuple[Any, ...], Any] = {}  # _candidates' masks and _spans' triples
 
 
-def _candidates(spec: PatternSpec, ctx: int, n: int, blk: int, device: torch.device | str) -> torch.Tensor:
-    """[blocks, blocks] bool: key blocks where the selector's context allows at least one pair (cached).
-    One byte per block pair: 1 / blk**2 of a dense mask."""
-    key = (spec.key, ctx, n, blk, str(device))
+def _candidates(spec: PatternSpec, ctx: int, n: int, blk: int, device: torch.device | str,
+                kblk: int | None = None) -> torch.Tensor:
+    """[query blocks, key blocks] bool: key blocks (of `kblk` tokens, default `blk`) where the selector's
+    context allows at least one pair (cached). One byte per block pair: 1 / (blk * kblk) of a dense mask."""
+    kblk = kblk or blk
+    key = (spec.key, ctx, n, blk, kblk, str(device))
     hit: torch.Tensor | None = _CANDIDATES.get(key)
     if hit is None:
         nb = -(-n // blk)
-        f_off, f_idx, p_off, p_idx = block_tables(spec, n, blk, blk, device, ctx)
-        hit = torch.zeros((nb, nb), dtype=torch.bool, device=device)
+        f_off, f_idx, p_off, p_idx = block_tables(spec, n, blk, kblk, device, ctx)
+        hit = torch.zeros((nb, -(-n // kblk)), dtype=torch.bool, device=device)
         for off, idx in ((f_off, f_idx), (p_off, p_idx)):
             rows = torch.repeat_interleave(torch.arange(nb, device=device), (off[1:] - off[:-1]).long())
             hit[rows, idx.long()] = True
@@ -370,30 +372,30 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
     candidate pooled keys (scale 1 / sqrt(head_dim)), summed over the block's queries (NSA). given: the
     caller's. share=kv: each head scores with the sum over the heads of its KV head (among `heads`)."""
     B, H, N, D = q.shape
-    blk = rule.block
-    nb = -(-N // blk)
+    blk, kblk = rule.block, rule.kblock
+    nb = -(-N // kblk)  # key blocks
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     hl = heads.long()
     kvh = hl // group
-    cand = _candidates(spec, rule.context, N, blk, q.device)[q0:q0 + rows]
+    cand = _candidates(spec, rule.context, N, blk, q.device, kblk)[q0:q0 + rows]
     if rule.given:
         s = scores[:, hl, q0:q0 + rows].to(work)
     else:
         qm = _pool_torch(q[:, hl], blk, work)[:, :, q0:q0 + rows]
         kt = k[:, kvh].to(work)
-        pad = nb * blk - N
+        pad = nb * kblk - N
         match rule.score:
             case "mean":
-                s = torch.matmul(qm, _pool_torch(k, blk, work)[:, kvh].transpose(-1, -2))
+                s = torch.matmul(qm, _pool_torch(k, kblk, work)[:, kvh].transpose(-1, -2))
             case "max":
                 logits = torch.nn.functional.pad(torch.matmul(qm, kt.transpose(-1, -2)), (0, pad), value=float("-inf"))
-                s = logits.view(B, hl.numel(), rows, nb, blk).amax(-1)
+                s = logits.view(B, hl.numel(), rows, nb, kblk).amax(-1)
             case "quest":
-                hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, blk, D).amax(3)
-                lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, blk, D).amin(3)
+                hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
+                lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
                 s = torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
             case _:  # compressed
-                km = _pool_torch(k, blk, work)[:, kvh]
+                km = _pool_torch(k, kblk, work)[:, kvh]
                 t0, t1 = q0 * blk, min(N, (q0 + rows) * blk)
                 z = torch.matmul(q[:, hl, t0:t1].to(work), km.transpose(-1, -2)) / math.sqrt(D)
                 ok = cand[torch.arange(t1 - t0, device=q.device) // blk]
@@ -497,8 +499,8 @@ def _selection(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, sc
     picks = [_select(spec, s, q, k, scores, heads, group) for s in sel.all]
     if len(picks) == 1:
         return picks[0]
-    if picks[0].shape[1] >= 1 << 24:
-        raise ValueError(f"'{spec.name}' has several selectors: at most {(1 << 24) - 1} blocks per row, got {picks[0].shape[1]}")
+    if -(-q.shape[2] // sel.kblock) >= 1 << 24:
+        raise ValueError(f"'{spec.name}' has several selectors: at most {(1 << 24) - 1} key blocks, got {-(-q.shape[2] // sel.kblock)}")
     return _combine(picks)
 
 
@@ -530,12 +532,13 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     once) and `_pick` applies the rule; threshold reads its widest row back to size the result."""
     kind, param, blk, given, ctx = rule.kind, rule.param, rule.block, rule.given, rule.context
     B, H, N, D = q.shape
+    nk = -(-N // rule.kblock)  # key blocks (nb: query blocks)
     count = None
     if kind == "topk":  # a count that depends on N: its value here (the requirements keep it >= 1)
         count = param if isinstance(param, int) else evaluate_int(param, N)  # type: ignore[arg-type]
     nb = -(-N // blk)
     nh = heads.numel()
-    plain = rule.score == "mean" and not rule.share  # the Triton pooling and fused top-k serve this rule
+    plain = rule.score == "mean" and not rule.share and rule.kblock == blk  # the Triton pooling and fused top-k
     if (plain and count is not None and count <= 64 and not _torch_path(q)  # (larger n: registers)
             and not (given and scores.dtype == torch.float64)):  # (float64 scores: sorted in float64)
         if given:
@@ -559,7 +562,7 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
         )
         return sel
-    chunk = max(1, (1 << 24) // max(1, B * nh * (nb if plain or given else max(nb, N))))
+    chunk = max(1, (1 << 24) // max(1, B * nh * (nb if plain else max(nk, N))))
     out = []
     pooled = None if given or not plain else _pooled(q, k, blk)
     for q0 in range(0, nb, chunk):
@@ -572,7 +575,7 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             s = torch.where(cand, s if s.dtype == torch.float64 else s.float(), float("nan")).reshape(B * nh, rows, nb)
         else:
             s = _block_scores(spec, rule, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
-        out.append(_pick(rule, s.reshape(B * nh * rows, nb), 1.0 / math.sqrt(D), count).view(B * nh, rows, -1))
+        out.append(_pick(rule, s.reshape(B * nh * rows, nk), 1.0 / math.sqrt(D), count).view(B * nh, rows, -1))
     sel = torch.cat(out, 1)
     if kind != "topk":  # kept blocks come first in each row: cut the columns no row uses
         sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
@@ -602,7 +605,7 @@ def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: 
     assert rec is not None
     blk = rec.block
     nqt, nkt = -(-N // bm), -(-N // bn)
-    rq, rk = blk // bm, blk // bn  # the tiles divide the selector's block
+    rq, rk = blk // bm, rec.kblock // bn  # the tiles divide the selector's blocks
     st_kt, st_cls, n_full, n_part = _static_rows(spec, pat, N, bm, bn, device)
     keys1, cls1, vd = _case_tiles(spec, rec, N, bm, bn, device)
     bh, nqb, w = sel.shape
@@ -667,8 +670,7 @@ def _tiles(spec: PatternSpec, pat: int, block_m: int, block_n: int) -> tuple[int
     sel = spec.selectors[pat]
     if sel is None:
         return block_m, block_n
-    p = sel[2] & -sel[2]
-    return min(block_m, p), min(block_n, p)
+    return min(block_m, sel.block & -sel.block), min(block_n, sel.kblock & -sel.kblock)
 
 
 def selected_blocks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, *, scores: torch.Tensor | None = None,
@@ -679,20 +681,20 @@ def selected_blocks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, *, scor
     group = _check(spec, q, k, k, None, patterns)
     _need_scores(spec, q, scores)
     B, H, N, D = q.shape
-    blks = {s.block for sel in spec.selectors if sel is not None for s in sel.all}
+    blks = {(s.block, s.kblock) for sel in spec.selectors if sel is not None for s in sel.all}
     if len(blks) != 1:
         raise ValueError("selected_blocks needs exactly one selector block size in the pattern")
-    (blk,) = blks
-    nb = -(-N // blk)
-    out = torch.zeros((B, H, nb, nb), dtype=torch.bool, device=q.device)
+    ((blk, kblk),) = blks
+    nb, nk = -(-N // blk), -(-N // kblk)
+    out = torch.zeros((B, H, nb, nk), dtype=torch.bool, device=q.device)
     for pat in range(spec.patterns):
         if spec.selectors[pat] is None:
             continue
         heads = _heads(pat, patterns, H, q.device)
         if heads.numel() == 0:
             continue
-        sel = _sel_dense(_selection(spec, pat, q, k, scores, heads, group), nb, bool(spec.selectors[pat].more)) != 0  # type: ignore[union-attr]
-        out[:, heads.long()] = sel.view(B, heads.numel(), nb, nb)
+        sel = _sel_dense(_selection(spec, pat, q, k, scores, heads, group), nk, bool(spec.selectors[pat].more)) != 0  # type: ignore[union-attr]
+        out[:, heads.long()] = sel.view(B, heads.numel(), nb, nk)
     return out
 
 

@@ -66,6 +66,12 @@ class Selector(NamedTuple):
     dispatch: Any = None
     score: str = "mean"  # the scoring rule (topk): mean, max, quest or compressed
     share: bool = False  # one selection per KV head, from the summed scores of its query heads
+    key_block: int = 0  # key blocks of their own size (block=(queries, keys)); 0: `block`
+
+    @property
+    def kblock(self) -> int:
+        """The key block's size (`block` is the query block's)."""
+        return self.key_block or self.block
 
     @property
     def all(self) -> tuple[Selector, ...]:

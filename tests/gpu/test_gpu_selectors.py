@@ -38,10 +38,10 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
     q = torch.randint(-2, 3, (b, h, n, d), device="cuda", generator=g).to(dtype)
     k = torch.randint(-2, 3, (b, hkv, n, d), device="cuda", generator=g).to(dtype)
     v = torch.randn(b, hkv, n, d, device="cuda", generator=g).to(dtype)
-    nb = -(-n // sp.block)
+    nb, nk = -(-n // sp.block), -(-n // sp.key_block)
     given = None
     if isinstance(sp.selector, ir.TopK) and sp.selector.given:
-        given = torch.randint(0, 4, (b, h, nb, nb), device="cuda", generator=g).float()
+        given = torch.randint(0, 4, (b, h, nb, nk), device="cuda", generator=g).float()
     ctx = dense_mask(sp.context, n)
     want_sel = R.selection(
         sp.selector,
@@ -57,8 +57,8 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
     with torch.no_grad():
         out, lse = attn.attention_lse(q, k, v, scores=given, out=nan_out, lse=nan_lse)
     assert out is nan_out and lse is nan_lse, "out= and lse= are written into"
-    blk = np.arange(n) // sp.block
-    mask = dense_mask(sp.static, n)[None, None] | (want_sel[:, :, blk][:, :, :, blk] & dense_mask(sp.selected, n))
+    rows, cols = np.arange(n) // sp.block, np.arange(n) // sp.key_block
+    mask = dense_mask(sp.static, n)[None, None] | (want_sel[:, :, rows][:, :, :, cols] & dense_mask(sp.selected, n))
     m = torch.from_numpy(mask).cuda()
     group = h // hkv
     s = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * d**-0.5
@@ -76,11 +76,12 @@ BUDGETS = [
     # scoring rules (PyTorch operations on the device) and a selection shared by a KV head's query heads
     "causal & (sink(64) | topk(8, block=64, score=quest, share=kv))", "causal & topk(8, block=64, score=max)",
 ]
+SHAPES = ["causal & (window(63) | topk(16, block=(64, 16)))", "causal & topk(4, block=(64, 128))"]
 
 
 @pytest.mark.parametrize(
     "src, dtype",
-    [(c, "bfloat16") for c in CASES + BUDGETS] + [(CASES[0], "float16"), (CASES[0], "float32")],
+    [(c, "bfloat16") for c in CASES + BUDGETS + SHAPES] + [(CASES[0], "float16"), (CASES[0], "float32")],
 )
 def test_gpu_selection_and_attention_match_float64(src: str, dtype: str) -> None:
     err = _run(src, 4096 - 32, getattr(torch, dtype))

@@ -315,6 +315,47 @@ def test_unknown_scoring_rules_are_refused_plainly() -> None:
         P.compile("pattern p = causal & topk(2, block=16, share=q)\n")
 
 
+# key blocks of their own size (HiP: many small key blocks per query block)
+SHAPES = {
+    "hip": "causal & (window(3) | topk(3, block=(32, 16)))",
+    "wide_keys": "causal & (topk(1, block=(16, 32)) | topk(2, block=(16, 32), score=given))",
+}
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [pytest.param(n, d, marks=[] if (n, d) == ("hip", "float64") else [pytest.mark.slow])
+     for n in sorted(SHAPES) for d in ("float64", "float32")],
+)  # fmt: skip
+def test_non_square_blocks_match_the_literal_reference(name: str, dtype: str) -> None:
+    """block=(bq, bk): query blocks of bq tokens pick key blocks of bk; forward and gradients."""
+    src = SHAPES[name]
+    m = _module(src)
+    q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, h=2, hkv=1, b=1, seed=29))
+    sel = next(x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK))
+    scores = None
+    if "given" in src:
+        g = torch.Generator().manual_seed(2)
+        scores = torch.randint(0, 3, (1, 2, -(-80 // sel.block), -(-80 // (sel.key_block or sel.block))), generator=g)
+        scores = scores.to(q.dtype)
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
+        out = m.attention(qs, ks, vs, scores=scores)
+    (out.double() * w).sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want, _ = _dense(qd, kd, vd, mask, 16**-0.5)
+    (want * w).sum().backward()
+    tol = 1e-6 if dtype == "float64" else 2e-4  # lse is kept in float32
+    assert (out.double() - want).abs().max().item() < tol
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None
+        assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+
+
 # budgets: a share of each query block's candidates, a count that grows with N
 BUDGETS = {
     "fraction": "causal & (window(3) | topk(0.3, block=16))",
@@ -395,6 +436,7 @@ def test_uncompilable_selectors_are_refused_plainly(tmp_path: Any) -> None:
         pytest.param("nsa.pat", "nsa_shared", marks=pytest.mark.slow),  # RULES["compressed_shared"], fast tier
         pytest.param("infllm_v2.pat", "infllm_v2", marks=pytest.mark.slow),
         pytest.param("quest.pat", "quest_pages", marks=pytest.mark.slow),  # RULES["quest"], fast tier
+        pytest.param("hip.pat", "hip", marks=pytest.mark.slow),  # SHAPES["hip"], fast tier
     ],  # fmt: skip
 )
 def test_library_selector_patterns_match_the_reference(file: str, name: str) -> None:
