@@ -381,16 +381,17 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
     if rule.given:
         s = scores[:, hl, q0:q0 + rows].to(work)
     else:
-        qm = _pool_torch(q[:, hl], blk, work)[:, :, q0:q0 + rows]
-        kt = k[:, kvh].to(work)
+        qm = _pool_torch(q[:, hl, q0 * blk:(q0 + rows) * blk], blk, work)  # (this chunk's query blocks)
         pad = nb * kblk - N
         match rule.score:
             case "mean":
                 s = torch.matmul(qm, _pool_torch(k, kblk, work)[:, kvh].transpose(-1, -2))
             case "max":
+                kt = k[:, kvh].to(work)
                 logits = torch.nn.functional.pad(torch.matmul(qm, kt.transpose(-1, -2)), (0, pad), value=float("-inf"))
                 s = logits.view(B, hl.numel(), rows, nb, kblk).amax(-1)
             case "quest":
+                kt = k[:, kvh].to(work)
                 hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
                 lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
                 s = torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
