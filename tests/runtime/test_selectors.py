@@ -284,11 +284,16 @@ RULES = {
 }
 
 
+def _dtype_cases(table: dict[str, str], fast: tuple[str, ...], skip: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+    """(name, dtype) cases of a table, float64 (the PyTorch path) and float32 (the interpreter), all slow
+    but float64 of the names in `fast`."""
+    return [pytest.param(n, d, marks=[] if d == "float64" and n in fast else [pytest.mark.slow])
+            for n in sorted(table) for d in ("float64", "float32") if (n, d) not in skip]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "name, dtype",
-    [pytest.param(n, d, marks=[] if d == "float64" and n in ("quest", "given_shared") else [pytest.mark.slow])
-     for n in sorted(RULES) for d in ("float64", "float32") if not (n == "compressed_shared" and d == "float32")],
-)  # fmt: skip
+    "name, dtype", _dtype_cases(RULES, ("quest", "given_shared"), skip=(("compressed_shared", "float32"),))
+)
 def test_scoring_rules_match_the_literal_reference(name: str, dtype: str) -> None:
     """Each rule's block scores as the reference computes them pair by pair, GQA (two query heads per KV
     head). float32 on integer inputs keeps max and quest exact; compressed (a softmax) runs in float64."""
@@ -322,11 +327,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize(
-    "name, dtype",
-    [pytest.param(n, d, marks=[] if (n, d) == ("hip", "float64") else [pytest.mark.slow])
-     for n in sorted(SHAPES) for d in ("float64", "float32")],
-)  # fmt: skip
+@pytest.mark.parametrize("name, dtype", _dtype_cases(SHAPES, ("hip",)))
 def test_non_square_blocks_match_the_literal_reference(name: str, dtype: str) -> None:
     """block=(bq, bk): query blocks of bq tokens pick key blocks of bk; forward and gradients."""
     src = SHAPES[name]
@@ -364,11 +365,7 @@ BUDGETS = {
 }
 
 
-@pytest.mark.parametrize(
-    "name, dtype",
-    [pytest.param(n, d, marks=[] if (n, d) == ("fraction", "float64") else [pytest.mark.slow])
-     for n in sorted(BUDGETS) for d in ("float64", "float32")],
-)  # fmt: skip
+@pytest.mark.parametrize("name, dtype", _dtype_cases(BUDGETS, ("fraction",)))
 def test_budgets_match_the_literal_reference(name: str, dtype: str) -> None:
     """topk(p, ...) keeps ceil(p * c) of c candidates (p the decimal written: 0.3 of 10 is 3); topk(f(N), ...)
     keeps f(N) at that N. float64: the PyTorch path; float32: the interpreter's kernels."""
