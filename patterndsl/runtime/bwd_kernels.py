@@ -145,13 +145,15 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
             t = lo
             while t < hi:
                 kb = tl.load(PART_IDX + t)
-                if kb >= 1073741824 and SEL_VARS:  # bits 24..29: the selection case's rank
-                    dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb & 16777215, offs_m, offs_n, offs_d,
-                                      s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64,
-                                      VAR=(kb >> 24) & 63)
-                elif kb >= 1073741824:
-                    dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb - 1073741824, offs_m, offs_n, offs_d,
-                                      s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64)
+                if kb >= 1073741824:
+                    if SEL_VARS:  # bits 24..29: the selection case's rank (a constexpr branch)
+                        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb & 16777215, offs_m, offs_n,
+                                          offs_d, s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC,
+                                          IDX64, VAR=(kb >> 24) & 63)
+                    else:
+                        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb - 1073741824, offs_m, offs_n,
+                                          offs_d, s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC,
+                                          IDX64)
                 else:
                     dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
                                       N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64)
@@ -272,14 +274,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                 t = lo
                 while t < hi:
                     mb = tl.load(PART_IDX + t)
-                    if mb >= 1073741824 and SEL_VARS:  # bits 24..29: the selection case's rank
-                        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb & 16777215,
-                                                offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale, SEL_PRED, True, BLOCK_M,
-                                                HEAD_DIM, DOT_PREC, IDX64, VAR=(mb >> 24) & 63)
-                    elif mb >= 1073741824:
-                        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb - 1073741824,
-                                                offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale, SEL_PRED, True, BLOCK_M,
-                                                HEAD_DIM, DOT_PREC, IDX64)
+                    if mb >= 1073741824:
+                        if SEL_VARS:  # bits 24..29: the selection case's rank (a constexpr branch)
+                            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb & 16777215,
+                                                    offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale, SEL_PRED, True,
+                                                    BLOCK_M, HEAD_DIM, DOT_PREC, IDX64, VAR=(mb >> 24) & 63)
+                        else:
+                            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                                    mb - 1073741824, offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale,
+                                                    SEL_PRED, True, BLOCK_M, HEAD_DIM, DOT_PREC, IDX64)
                     else:
                         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
                                                 offs_d, s_qn, s_dn, N, qk_scale, PRED, True, BLOCK_M, HEAD_DIM,
