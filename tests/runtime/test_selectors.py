@@ -254,6 +254,22 @@ def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str
         assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
 
 
+def _matches_reference(m: Any, src: str, q: Any, k: Any, v: Any, scores: Any) -> Any:
+    """The selection equals the reference's block for block and the output (into NaN-filled buffers) its
+    masked softmax: 1e-12 in float64 (the PyTorch path), 2e-5 in float32 (the interpreter). Returns the
+    selection."""
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    got = m.selected_blocks(q, k, scores=scores)
+    assert np.array_equal(got.numpy(), picked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
+        out, lse = _run(m, q, k, v, scores=scores)
+    want, want_lse = _dense(q, k, v, mask, 16**-0.5)
+    assert (out.double() - want).abs().max().item() < (1e-12 if q.dtype == torch.float64 else 2e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    return got
+
+
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=[] if n == "nosa" else [pytest.mark.slow]) for n in MULTI]
 )
@@ -264,15 +280,7 @@ def test_several_selectors_match_the_literal_reference(name: str) -> None:
     m = _module(src)
     for dtype in (torch.float32, torch.float64):
         q, k, v = (x.to(dtype) for x in _inputs(64, h=1, hkv=1, b=1, seed=13))
-        scores = _given(src, q, _block(src))
-        mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
-        assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
-            out, lse = _run(m, q, k, v, scores=scores)
-        want, want_lse = _dense(q, k, v, mask, 16**-0.5)
-        assert (out.double() - want).abs().max().item() < (1e-12 if dtype == torch.float64 else 2e-5)
-        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+        _matches_reference(m, src, q, k, v, _given(src, q, _block(src)))
 
 
 # scoring rules and selection shared by a KV head's query heads
@@ -300,17 +308,9 @@ def test_scoring_rules_match_the_literal_reference(name: str, dtype: str) -> Non
     src = RULES[name]
     m = _module(src)
     q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, h=4, hkv=2, b=1, seed=23))
-    scores = _given(src, q, 16)
-    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
-    got = m.selected_blocks(q, k, scores=scores)
-    assert np.array_equal(got.numpy(), picked)
+    got = _matches_reference(m, src, q, k, v, _given(src, q, 16))
     if "shared" in name:  # the two query heads of a KV head pick alike
         assert torch.equal(got[:, 0::2], got[:, 1::2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
-        out, _ = _run(m, q, k, v, scores=scores)
-    want, _ = _dense(q, k, v, mask, 16**-0.5)
-    assert (out.double() - want).abs().max().item() < (1e-12 if dtype == "float64" else 2e-5)
 
 
 def test_unknown_scoring_rules_are_refused_plainly() -> None:
@@ -373,14 +373,7 @@ def test_budgets_match_the_literal_reference(name: str, dtype: str) -> None:
     m = _module(src)
     for n in (96, 160):  # 6 and 10 blocks: shares that round up and one that is exact; N // 40 = 2, then 4
         q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(n, h=1, hkv=1, b=1, seed=19))
-        scores = _given(src, q, 16)
-        mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
-        assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
-            out, _ = _run(m, q, k, v, scores=scores)
-        want, _ = _dense(q, k, v, mask, 16**-0.5)
-        assert (out.double() - want).abs().max().item() < (1e-12 if dtype == "float64" else 2e-5)
+        _matches_reference(m, src, q, k, v, _given(src, q, 16))
 
 
 def test_budget_misuse_is_refused_plainly() -> None:
