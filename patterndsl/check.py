@@ -30,6 +30,7 @@ PRIMITIVES = frozenset(
 RESERVED = KEYWORDS | PRIMITIVES
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
 MAX_GRID_AXES = 16  # a tile-major 3-D order takes 6 axes; the cap keeps layout search and messages small
+SCORE_RULES = ("mean", "max", "quest", "compressed")  # topk's score=... (runtime/selection.py: _rule_scores)
 SELECTOR_BLOCK = 16  # a selector's block is a whole number of the kernel's smallest tile
 
 
@@ -156,7 +157,6 @@ class _Checker:
                     self.values[name] = LayoutV(grid)
                 case T.PatternStmt(name, body):
                     b = self._body(body, f"the right side of 'pattern {name} ='")
-                    _one_selector(name, b)
                     if isinstance(b, ir.Heads):
                         self.bodies[name] = b
                     else:
@@ -296,7 +296,6 @@ class _Checker:
         heads: tuple[int, Span] | None = None  # the first heads block's count, and where it is
         for k, entry in enumerate(entries):
             body = self._body(entry.body, f"a layer's pattern in model '{name}'")
-            _one_selector(name, body)
             match entry.kind:
                 case "every":
                     assert entry.key is not None
@@ -460,7 +459,6 @@ class _Checker:
             case "+", IntV() | FloatV():
                 return v
             case "~", PatV(p):
-                _no_selector_under(p, "~", span)
                 return PatV(ir.Complement(p))
             case "not", BoolV(e):
                 return BoolV(E.negate(e))
@@ -500,7 +498,6 @@ class _Checker:
         a, b = self.value(left, scope), self.value(right, scope)
         match op, a, b:
             case "-", PatV(x), PatV(y):
-                _no_selector_under(y, "-", span)
                 return PatV(ir.Inter(x, ir.Complement(y)))
             case "+" | "-" | "*" | "//" | "%" | "**", IntV(x), IntV(y):
                 return IntV(self._arith(op, x, y, right.span, span))
@@ -760,6 +757,16 @@ def _call_neighborhood(c: _Checker, node: T.Call, scope: WhereScope | None) -> V
     return PatV(ir.Neighborhood(grid, kernel, dilation, stride, causal))
 
 
+def _selector_blocks(c: _Checker, node: T.Node, func: str) -> tuple[int, int | None]:
+    """`block=b` (square blocks) or `block=(bq, bk)`: query blocks of bq tokens, key blocks of bk (HiP)."""
+    if isinstance(node, T.TupleLit):
+        if len(node.items) != 2:
+            raise PatternError(f"{func}'s block is b or (query block, key block), got {len(node.items)} sizes", node.span)
+        bq, bk = (_selector_block(c, x, func) for x in node.items)
+        return bq, (bk if bk != bq else None)
+    return _selector_block(c, node, func), None
+
+
 def _selector_block(c: _Checker, node: T.Node, func: str) -> int:
     block = c._const_int(node, None, f"{func}'s block", minimum=1)
     if block % SELECTOR_BLOCK:
@@ -772,17 +779,45 @@ def _selector_block(c: _Checker, node: T.Node, func: str) -> int:
 
 
 def _call_topk(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
-    args = _bind(node, ("count", "block", "score"), 1, ("block", "score"))
-    count = c._const_int(args["count"], None, "topk's count", minimum=1)
+    args = _bind(node, ("count", "block", "score", "share"), 1, ("block", "score", "share"))
+    count: int | E.Expr = 0
+    fraction = None
+    cv = c.value(args["count"], None)
+    if isinstance(cv, FloatV):  # a budget as a share of the candidates (SparseD: the top 30%)
+        fraction = _as_float(cv)
+        if not 0.0 < fraction <= 1.0:
+            raise PatternError(
+                f"topk's fraction must be in (0, 1], got {fraction}", args["count"].span,
+                "a count is a whole number (topk(16, ...)); a fraction of the candidates a number below 1",
+            )  # fmt: skip
+    elif isinstance(cv, IntV) and E.free_vars(cv.expr):
+        count = cv.expr  # a count that grows with N, checked at each N (`_constraints`)
+    else:
+        count = c._const_int(args["count"], None, "topk's count", minimum=1)
     if "block" not in args:
         raise PatternError("topk needs block=...", node.span, "e.g. topk(16, block=64)")
-    block = _selector_block(c, args["block"], "topk")
-    given = False
+    block, key_block = _selector_blocks(c, args["block"], "topk")
+    given, score, share = False, "mean", False
     if "score" in args:
-        if not isinstance(c.value(args["score"], None), GivenV):
-            raise PatternError("topk's score can only be 'given' (scores supplied at run time)", args["score"].span)
-        given = True
-    return PatV(ir.TopK(count, block, given, node.span))
+        match args["score"]:
+            case T.Name(name) if name in SCORE_RULES:
+                score = name
+            case T.Name(name) if name != "given":
+                raise PatternError(
+                    f"topk has no scoring rule '{name}': " + ", ".join(SCORE_RULES) + " or given", args["score"].span,
+                )  # fmt: skip
+            case other if isinstance(c.value(other, None), GivenV):
+                given = True
+            case other:
+                raise PatternError(
+                    "topk's score is a rule: " + ", ".join(SCORE_RULES) + " or given (scores supplied at run time)",
+                    other.span,
+                )  # fmt: skip
+    if "share" in args:
+        if not (isinstance(args["share"], T.Name) and args["share"].id == "kv"):
+            raise PatternError("topk's share can only be 'kv' (one selection per KV head)", args["share"].span)
+        share = True
+    return PatV(ir.TopK(count, block, given, node.span, fraction, score, share, key_block))
 
 
 def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
@@ -799,8 +834,8 @@ def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Valu
         raise PatternError(f"threshold's mass must be in (0, 1], got {mass}", args["mass"].span)
     if "block" not in args:
         raise PatternError("threshold needs block=...", node.span, "e.g. threshold(0.9, block=128)")
-    block = _selector_block(c, args["block"], "threshold")
-    return PatV(ir.Threshold(mass, block, node.span))
+    block, key_block = _selector_blocks(c, args["block"], "threshold")
+    return PatV(ir.Threshold(mass, block, node.span, key_block))
 
 
 def _call_minmax(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
@@ -943,17 +978,6 @@ def _names_in(root: T.Node | T.HeadsBlock | None) -> Iterator[str]:
 _ASSOCIATIVE = frozenset({"|", "&", "and", "or"})
 
 
-def _one_selector(name: str, body: ir.Body) -> None:
-    """One dynamic selector per pattern (per head's pattern, per layer's): the kernel runs one selection."""
-    for p in ir.body_patterns(body):
-        sels = [n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)]
-        if len(sels) > 1:
-            raise PatternError(
-                f"'{name}' holds {len(sels)} selectors; a compiled pattern may hold one", sels[1].span,
-                "give different heads different selectors with heads { ... }",
-            )  # fmt: skip
-
-
 def _mismatch(op: str, a: Value, b: Value, span: Span) -> PatternError:
     """The error for operands `op` cannot combine, with the likely mix-up of '|' / 'or' and '&' / 'and'."""
     if op in ("|", "&") and isinstance(a, BoolV | IntV) and isinstance(b, BoolV | IntV):
@@ -974,16 +998,6 @@ def _balanced(items: list[ir.Pattern], make: Callable[[ir.Pattern, ir.Pattern], 
         return items[0]
     mid = (len(items) + 1) // 2
     return make(_balanced(items[:mid], make), _balanced(items[mid:], make))
-
-
-def _no_selector_under(p: ir.Pattern, op: str, span: Span) -> None:
-    for sub in ir.walk(p):
-        if isinstance(sub, ir.TopK | ir.Threshold):
-            raise PatternError(
-                f"a selector cannot be complemented ('{op}'): the blocks it picks depend on the data",
-                span,
-                "intersect with it instead: A & topk(...)",
-            )
 
 
 # --- what a kernel cannot do ----------------------------------------------------------------------
@@ -1021,10 +1035,12 @@ def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
                 f"at most {RANDOM_UNROLL_MAX}; inside blockwise each key is a whole block of keys",
             )  # fmt: skip
 
+    _selector_limits(p)
+
     def too_wide(x: ir.Pattern) -> bool:
         if ir.is_dynamic(x):
             sp = split(x)
-            return any(too_wide(part) for part in (sp.static, sp.selected, sp.context))
+            return any(too_wide(part) for part in (sp.static, *sp.variants, *sp.contexts))
         return magnitude_bound(predicate(x), 1) > INT64_MAX
 
     if too_wide(p):
@@ -1034,6 +1050,28 @@ def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
         raise PatternError(
             "the pattern's integer arithmetic does not fit 64 bits even at N = 1",
             getattr(culprit, "span", None) or where, "use smaller constants",
+        )  # fmt: skip
+
+
+def _selector_limits(p: ir.Pattern) -> None:
+    """A pattern's selectors share one block size (a kernel tile lies in one block of each) and are at
+    most MAX_SELECTORS (each subset of them that picks a block is a predicate of the module)."""
+    from .selectors import MAX_SELECTORS
+
+    sels = list(dict.fromkeys(n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)))
+    def size(s: ir.TopK | ir.Threshold) -> str:
+        return f"{s.block}" if s.key_block is None else f"({s.block}, {s.key_block})"
+
+    for s in sels[1:]:
+        if size(s) != size(sels[0]):
+            raise PatternError(
+                f"the selectors of one pattern share one block size to compile: block={size(s)} here, "
+                f"block={size(sels[0])} in the first", s.span, f"write block={size(sels[0])}",
+            )  # fmt: skip
+    if len(sels) > MAX_SELECTORS:
+        raise PatternError(
+            f"a compiled pattern holds at most {MAX_SELECTORS} selectors, this one {len(sels)}",
+            sels[MAX_SELECTORS].span, "give different heads different selectors with heads { ... }",
         )  # fmt: skip
 
 
@@ -1055,6 +1093,8 @@ def _constraints(p: ir.Pattern) -> Iterator[tuple[Expr, int, str, Span | None]]:
             yield count, 0, "random's count", span
         case ir.Blockwise(block, _, span):
             yield block, 1, "blockwise's block size", span
+        case ir.TopK(count, _, _, span) if not isinstance(count, int):
+            yield count, 1, "topk's count", span
         case ir.Global(t) | ir.Rows(t) | ir.Cols(t):
             if isinstance(t, ir.TokenSlice):
                 yield t.step, 1, "a slice step", t.span

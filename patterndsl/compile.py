@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__, ir
 from . import expr as E
 from .analysis.retention import pattern_reads_n
-from .check import _constraints, kernel_limits
+from .check import SCORE_RULES, _constraints, kernel_limits
 from .codegen import INT32_MAX, CodegenError, doc_text, indent, render_triton, safe_int, safe_name
 from .layout import Layout, choose, describe, layout_predicate, logical_index
 from .layout import rows as layout_rows
@@ -208,23 +208,35 @@ def compile_source(
     name = safe_name(item.name)
     pats, head_pattern, model_layers = _distinct(item)
     splits: list[Split | None] = [split(p, name) if ir.is_dynamic(p) else None for p in pats]
-    # predicates 0..len(pats)-1: each head pattern's static part; then, per dynamic pattern, the pattern
-    # with its selector full (selected blocks) and the selector's context
+    # predicates 0..len(pats)-1: each head pattern's static part; then, per dynamic pattern, its distinct
+    # selection cases P_v (the pattern where the selectors in v are full) and each selector's context
     preds = [predicate(p if sp is None else sp.static) for p, sp in zip(pats, splits, strict=True)]
     selectors: list[str] = []
+    cases: list[tuple[list[int], list[int], list[int]]] = []  # per dynamic pattern: variants, distinct, contexts
     for sp in splits:
         if sp is None:
             selectors.append("None")
             continue
-        sel = sp.selector
-        kind = "threshold" if isinstance(sel, ir.Threshold) else "topk"
-        param = repr(float(sel.mass)) if isinstance(sel, ir.Threshold) else safe_int(sel.count)
-        given = isinstance(sel, ir.TopK) and sel.given
-        selectors.append(
-            f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(len(preds))}, "
-            f"{safe_int(len(preds) + 1)})"
-        )
-        preds += [predicate(sp.selected), predicate(sp.context)]
+        first: dict[E.Expr, int] = {}  # a case that allows nothing (E.FALSE) has no tiles: index -1
+        variants = [-1 if e == E.FALSE else first.setdefault(e, len(preds) + len(first)) for e in map(predicate, sp.variants)]
+        preds += list(first)
+        contexts = list(range(len(preds), len(preds) + len(sp.contexts)))
+        preds += [predicate(c) for c in sp.contexts]
+        distinct = list(first.values())
+        cases.append((variants, distinct, contexts))
+        # the kernel's predicate for selected tiles: the one case, or a dispatch on the case's rank
+        selected = distinct[0] if distinct else len(selectors)
+        dispatch = f"selected_{len(cases) - 1}" if len(distinct) > 1 else "None"
+        entries = [
+            _selector_entry(s, selected if m == 0 else -1, c)
+            for m, (s, c) in enumerate(zip(sp.selectors, contexts, strict=True))
+        ]
+        if len(entries) == 1 and variants[0] >= 0:
+            selectors.append(entries[0] + ")")
+        else:
+            more = "".join(e + "), " for e in entries[1:])
+            cases_text = "".join(f"{safe_int(v)}, " for v in variants)
+            selectors.append(f"{entries[0]}, more=({more}), variants=({cases_text}), dispatch={dispatch})")
     max_n, idx64 = _index_width(preds)
     grid_pattern = layout is not False and any(isinstance(x, ir.Neighborhood) for p in pats for x in ir.walk(p))
     configs = GRID_CONFIGS if grid_pattern else DEFAULT_CONFIGS
@@ -304,14 +316,32 @@ def compile_source(
                 f"\nPredicate {k} ({_users(head_pattern, model_layers, k)}): allowed(i, j) = {E.to_source(preds[k])}\n"
             )
             continue
-        sk = _selector_source(sp.selector)
-        rank = len(pats) + 2 * _dyn_rank(splits, k)
+        variants, distinct, contexts = cases[_dyn_rank(splits, k)]
+        if len(sp.selectors) == 1:
+            pattern_doc += (
+                f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P0(i, j) or "
+                f"(S[i // {sp.block}, j // {sp.key_block}] and P1(i, j)), S the key blocks {_selector_source(sp.selector)} "
+                f"picks per query block\namong those where C allows a pair.\n"
+                f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[variants[0]]) if variants[0] >= 0 else 'false'}\n"
+                f"  C = {E.to_source(preds[contexts[0]])}\n"
+            )
+            continue
         pattern_doc += (
-            f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P0(i, j) or "
-            f"(S[i // {sp.block}, j // {sp.block}] and P1(i, j)), S the key blocks {sk} picks per query block\n"
-            f"among those where C allows a pair.\n"
-            f"  P0 = {E.to_source(preds[k])}\n  P1 = {E.to_source(preds[rank])}\n  C = {E.to_source(preds[rank + 1])}\n"
+            f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: allowed(i, j) = P_v(i, j), v the set "
+            f"of selectors S1 .. S{len(sp.selectors)} that picked block (i // {sp.block}, j // {sp.key_block}), each among "
+            f"the key blocks where its context Cm allows a pair.\n  P_0 = {E.to_source(preds[k])}\n"
         )
+        for m, (sel, c) in enumerate(zip(sp.selectors, contexts, strict=True)):
+            pattern_doc += f"  S{m + 1} = {_selector_source(sel)}, C{m + 1} = {E.to_source(preds[c])}\n"
+        for v, d in enumerate(variants, 1):
+            case = E.to_source(preds[d]) if d >= 0 else "false"
+            pattern_doc += f"  P_{{{', '.join(f'S{m + 1}' for m in range(len(sp.selectors)) if v >> m & 1)}}} = {case}\n"
+    for c, (_, distinct, _) in enumerate(cases):
+        if len(distinct) > 1:  # the kernels' predicate for a selected tile, by the rank of its case
+            calls = f"allowed_{distinct[-1]}(i, j, N)"
+            for d in range(len(distinct) - 2, -1, -1):
+                calls = f"tl.where(var == {d}, allowed_{distinct[d]}(i, j, N), {calls})"
+            functions.append(f"@triton.jit\ndef selected_{c}(i, j, N, var):\n    return {calls}\n")
     body = "\n\n".join(functions)
     helpers = sorted({h for h in ("fdiv", "fmod", "rdraw", "rkey") if re.search(rf"\b{h}\(", body)})
     root = "._patterndsl" if standalone else "patterndsl"
@@ -440,10 +470,36 @@ def _dyn_rank(splits: list[Split | None], k: int) -> int:
     return sum(1 for sp in splits[:k] if sp is not None)
 
 
+def _selector_entry(sel: ir.TopK | ir.Threshold, selected: int, context: int) -> str:
+    """`Selector(kind, param, block, given, selected, context` of the generated module (left open)."""
+    match sel:
+        case ir.Threshold(mass):
+            kind, param = "threshold", repr(float(mass))
+        case ir.TopK(_, _, _, _, fraction) if fraction is not None:
+            kind, param = "fraction", repr(float(fraction))
+        case ir.TopK(count):
+            kind, param = "topk", safe_int(count) if isinstance(count, int) else expr_source(count)
+    given = isinstance(sel, ir.TopK) and sel.given
+    extra = ""
+    if isinstance(sel, ir.TopK) and sel.score != "mean":
+        extra += f", score={_choice(sel.score, SCORE_RULES)!r}"
+    if isinstance(sel, ir.TopK) and sel.share:
+        extra += ", share=True"
+    if sel.key_block is not None:
+        extra += f", key_block={safe_int(sel.key_block)}"
+    return f"Selector({kind!r}, {param}, {safe_int(sel.block)}, {given}, {safe_int(selected)}, {safe_int(context)}{extra}"
+
+
 def _selector_source(sel: ir.TopK | ir.Threshold) -> str:
     if isinstance(sel, ir.Threshold):
-        return f"threshold({sel.mass}, block={sel.block})"
-    return f"topk({sel.count}, block={sel.block}{', score=given' if sel.given else ''})"
+        return f"threshold({sel.mass}, block={_block_text(sel)})"
+    count = sel.fraction if sel.fraction is not None else sel.count if isinstance(sel.count, int) else E.to_source(sel.count)
+    rule = ", score=given" if sel.given else f", score={sel.score}" if sel.score != "mean" else ""
+    return f"topk({count}, block={_block_text(sel)}{rule}{', share=kv' if sel.share else ''})"
+
+
+def _block_text(sel: ir.TopK | ir.Threshold) -> str:
+    return f"{sel.block}" if sel.key_block is None else f"({sel.block}, {sel.key_block})"
 
 
 def _layouts(pats: tuple[ir.Pattern, ...], configs: tuple[tuple[int, tuple[int, ...]], ...]) -> list[Layout | None]:

@@ -167,10 +167,14 @@ class Blockwise:
 
 @dataclass(frozen=True, slots=True)
 class TopK:
-    count: int
+    count: int | Expr  # an Expr only when it depends on N
     block: int
     given: bool = False
     span: Span | None = _span
+    fraction: float | None = None  # keep ceil(fraction * candidates) blocks instead of `count`
+    score: str = "mean"  # the scoring rule: mean, max, quest or compressed (given: the caller's)
+    share: bool = False  # share=kv: one selection per KV head, from its query heads' summed scores
+    key_block: int | None = None  # block=(queries, keys): key blocks of their own size (None: `block`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +182,7 @@ class Threshold:
     mass: float
     block: int
     span: Span | None = _span
+    key_block: int | None = None  # block=(queries, keys): key blocks of their own size (None: `block`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,20 @@
 
 LANGUAGE.md: a selector picks key blocks of `b` tokens per query block from the data; inside an
 intersection `A & sel` it picks only among key blocks where `A` allows at least one pair, and `A` still
-applies token by token. Selectors never sit under a complement (the checker refuses it), so a pattern is
-monotone in its selector, and Shannon's expansion gives its exact meaning with one selector `S`:
+applies token by token. A pattern may hold any number of selectors combined by the set algebra like any
+other term (`|`, `&`, `-`, `~`). Once the data has been seen, each selector `S_m` is a block mask, so a
+pattern with selectors `S_1 .. S_k` of one block size `b` means, by Shannon's expansion,
 
-    allowed(i, j) = P0(i, j) or (S[i // b, j // b] and P1(i, j))
+    allowed(i, j) = P_v(i, j),  v = the set of selectors that picked block (i // b, j // b)
 
-with `P0` the pattern where the selector is `none` (the static part: what holds whatever is picked) and
-`P1` the pattern where it is `full`. The candidates the selector picks among are the key blocks where the
-context `C` allows at least one pair; `C` is the intersection of every static operand `A` of an `A & ...`
-on the way from the root down to the selector (`full` when there is none). `P0` is a subset of `P1`, so a
-selected block's allowed pairs are exactly `P1`'s there: the kernel classifies them with `P1`'s tables.
+with `P_v` the pattern where the selectors in `v` are `full` and the others `none`. `P_0` (nothing picked)
+is the static part. A kernel tile lies inside one block, so it is classified with the `P_v` of its block:
+the tables hold the static part's tiles where no selector picked the block and `P_v`'s where some did.
+
+The candidates a selector picks among are the key blocks where its context allows at least one pair: the
+intersection of every static operand on the way from the root down to the selector (`A` of `A & ...`, `~B`
+of `... - B`, `A` of `A - ...`; `full` when there is none). A selector used twice is one selection; its
+candidates are the union of its contexts.
 """
 
 from __future__ import annotations
@@ -19,32 +23,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import ir
-from .source import PatternError
 
-__all__ = ["Split", "split"]
+__all__ = ["Split", "split", "variant"]
+
+MAX_SELECTORS = 6  # 2**6 - 1 selection cases per tile, each a predicate of the generated module
 
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    selector: ir.TopK | ir.Threshold
-    static: ir.Pattern  # P0: the selector replaced by none
-    selected: ir.Pattern  # P1: the selector replaced by full
-    context: ir.Pattern  # C: where the selector may pick
+    selectors: tuple[ir.TopK | ir.Threshold, ...]  # in source order, each once
+    static: ir.Pattern  # P_0: every selector none
+    variants: tuple[ir.Pattern, ...]  # P_v for v = 1 .. 2**k - 1 (bit m of v: selector m full)
+    contexts: tuple[ir.Pattern, ...]  # where each selector may pick
+
+    @property
+    def selector(self) -> ir.TopK | ir.Threshold:
+        return self.selectors[0]
 
     @property
     def block(self) -> int:
-        return self.selector.block
+        return self.selectors[0].block
+
+    @property
+    def key_block(self) -> int:
+        return self.selectors[0].key_block or self.selectors[0].block
+
+    @property
+    def selected(self) -> ir.Pattern:
+        """P with every selector full."""
+        return self.variants[-1]
+
+    @property
+    def context(self) -> ir.Pattern:
+        return self.contexts[0]
 
 
-def _replace(p: ir.Pattern, by: ir.Pattern) -> ir.Pattern:
+def variant(p: ir.Pattern, picked: frozenset[ir.TopK | ir.Threshold]) -> ir.Pattern:
+    """The pattern where the selectors in `picked` are full and every other selector none."""
     match p:
         case ir.TopK() | ir.Threshold():
-            return by
+            return ir.Full() if p in picked else ir.Empty()
         case ir.Union(a, b):
-            return _simplify(ir.Union(_replace(a, by), _replace(b, by)))
+            return _simplify(ir.Union(variant(a, picked), variant(b, picked)))
         case ir.Inter(a, b):
-            return _simplify(ir.Inter(_replace(a, by), _replace(b, by)))
-    return p  # complements and blockwise hold no selector (the checker refuses them there)
+            return _simplify(ir.Inter(variant(a, picked), variant(b, picked)))
+        case ir.Complement(a):
+            return _simplify(ir.Complement(variant(a, picked)))
+    return p  # blockwise holds no selector (the checker refuses it there)
 
 
 def _simplify(p: ir.Pattern) -> ir.Pattern:
@@ -55,34 +80,36 @@ def _simplify(p: ir.Pattern) -> ir.Pattern:
             return ir.Full()
         case ir.Inter(ir.Empty(), _) | ir.Inter(_, ir.Empty()):
             return ir.Empty()
+        case ir.Complement(ir.Full()):
+            return ir.Empty()
+        case ir.Complement(ir.Empty()):
+            return ir.Full()
     return p
 
 
-def _context(p: ir.Pattern) -> ir.Pattern | None:
-    """The conjunction of the static operands of the intersections above the selector (None: no selector)."""
+def _contexts(p: ir.Pattern, acc: ir.Pattern, out: dict[ir.TopK | ir.Threshold, ir.Pattern]) -> None:
+    """Each selector's context: `acc` is the conjunction of the static operands above `p`."""
     match p:
         case ir.TopK() | ir.Threshold():
-            return ir.Full()
+            out[p] = acc if p not in out else _simplify(ir.Union(out[p], acc))
         case ir.Union(a, b):
-            return _context(a) if ir.is_dynamic(a) else _context(b) if ir.is_dynamic(b) else None
+            _contexts(a, acc, out)
+            _contexts(b, acc, out)
         case ir.Inter(a, b):
-            inner, other = (a, b) if ir.is_dynamic(a) else (b, a)
-            c = _context(inner)
-            return None if c is None else _simplify(ir.Inter(other, c))
-    return None
+            _contexts(a, acc if ir.is_dynamic(b) else _simplify(ir.Inter(acc, b)), out)
+            _contexts(b, acc if ir.is_dynamic(a) else _simplify(ir.Inter(acc, a)), out)
+        case ir.Complement(a):
+            _contexts(a, acc, out)
 
 
 def split(p: ir.Pattern, name: str = "pattern") -> Split:
-    """The selector of a dynamic pattern and its static parts; one selector per pattern is compiled."""
-    sels = [n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)]
+    """The selectors of a dynamic pattern, its static part, its selection cases and the selectors' contexts."""
+    sels = tuple(dict.fromkeys(n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)))
     if not sels:
         raise ValueError("not a dynamic pattern")
-    if len(sels) > 1:
-        raise PatternError(
-            f"'{name}' holds {len(sels)} selectors; a compiled pattern may hold one",
-            sels[1].span,
-            "give different heads different selectors with heads { ... }",
-        )
-    ctx = _context(p)
-    assert ctx is not None
-    return Split(sels[0], _replace(p, ir.Empty()), _replace(p, ir.Full()), ctx)
+    ctx: dict[ir.TopK | ir.Threshold, ir.Pattern] = {}
+    _contexts(p, ir.Full(), ctx)
+    cases = tuple(
+        variant(p, frozenset(s for m, s in enumerate(sels) if v >> m & 1)) for v in range(1, 1 << min(len(sels), MAX_SELECTORS))
+    )
+    return Split(sels, variant(p, frozenset()), cases, tuple(ctx[s] for s in sels))

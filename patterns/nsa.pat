@@ -9,3 +9,7 @@ param n = 16
 param b = 64
 let local = window(w - 1) | sink(b)
 pattern nsa = causal & (local | topk(n, block=b))
+# Closer to the paper: block scores from the compressed branch (each query's softmax over the mean-pooled
+# keys, summed over the query block) and one selection per KV head from the sum over its query heads, as
+# NSA's GQA-shared selection. NSA's compression is a learned MLP over overlapping blocks; here the mean.
+pattern nsa_shared = causal & (local | topk(n, block=b, score=compressed, share=kv))

@@ -9,6 +9,8 @@ draw *is* the definition. Slow by design; keep N small (<= ~64).
 from __future__ import annotations
 
 import functools
+import math
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -176,36 +178,58 @@ def reference_mask(body: ir.Body, n: int) -> np.ndarray:
 def selection(
     sel: ir.TopK | ir.Threshold, context: np.ndarray, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
 ) -> np.ndarray:
-    """[B, H, nb, nb] bool: the key blocks the selector keeps per query block, in float64.
+    """[B, H, query blocks, key blocks] bool: the key blocks the selector keeps per query block, in float64.
 
     q [B, H, N, D], k [B, Hkv, N, D] (query head h reads kv head h // (H / Hkv)); `context` [N, N] is the
     static part A of `A & sel` (only key blocks where A allows a pair are candidates); `given` the
     caller's scores for score=given. Ties: the lower block index first (a stable sort on -score)."""
     bsz, heads, n, d = q.shape
-    b = sel.block
-    nb = -(-n // b)
+    b = sel.block  # query blocks
+    bk = sel.key_block or b  # key blocks
+    nb, nk = -(-n // b), -(-n // bk)
     group = heads // k.shape[1]
-    out = np.zeros((bsz, heads, nb, nb), dtype=bool)
-    cand = np.zeros((nb, nb), dtype=bool)
+    out = np.zeros((bsz, heads, nb, nk), dtype=bool)
+    cand = np.zeros((nb, nk), dtype=bool)
     for qb in range(nb):
-        for kb in range(nb):
-            cand[qb, kb] = bool(context[qb * b : (qb + 1) * b, kb * b : (kb + 1) * b].any())
+        for kb in range(nk):
+            cand[qb, kb] = bool(context[qb * b : (qb + 1) * b, kb * bk : (kb + 1) * bk].any())
+    rule = sel.score if isinstance(sel, ir.TopK) else "mean"
+
+    def score(bi: int, h: int, qb: int, kb: int) -> float:
+        if given is not None:
+            return float(given[bi, h, qb, kb])
+        qs = q[bi, h, qb * b : (qb + 1) * b].astype(np.float64)
+        qbar = qs.mean(0)
+        keys = k[bi, h // group, kb * bk : (kb + 1) * bk].astype(np.float64)
+        if rule == "mean":
+            return float(qbar @ keys.mean(0))
+        if rule == "max":
+            return max(float(qbar @ kj) for kj in keys)
+        if rule == "quest":
+            return sum(max(qbar[x] * keys[:, x].max(), qbar[x] * keys[:, x].min()) for x in range(d))
+        # compressed: each query's softmax over the candidates' mean keys, its share at kb, summed over the block
+        total = 0.0
+        for qi in qs:
+            z = {c: float(qi @ k[bi, h // group, c * bk : (c + 1) * bk].astype(np.float64).mean(0)) / np.sqrt(d)
+                 for c in range(nk) if cand[qb, c]}  # fmt: skip
+            top = max(z.values())
+            total += np.exp(z[kb] - top) / sum(np.exp(v - top) for v in z.values())
+        return total
+
     for bi in range(bsz):
         for h in range(heads):
+            # share=kv: the scores of every query head of h's KV head, summed
+            mates = [x for x in range(heads) if x // group == h // group] if getattr(sel, "share", False) else [h]
             for qb in range(nb):
-                qbar = q[bi, h, qb * b : (qb + 1) * b].astype(np.float64).mean(0)
                 scores = {}
-                for kb in range(nb):
-                    if not cand[qb, kb]:
-                        continue
-                    if given is not None:
-                        scores[kb] = float(given[bi, h, qb, kb])
-                    else:
-                        kbar = k[bi, h // group, kb * b : (kb + 1) * b].astype(np.float64).mean(0)
-                        scores[kb] = float(qbar @ kbar)
+                for kb in range(nk):
+                    if cand[qb, kb]:
+                        scores[kb] = sum(score(bi, x, qb, kb) for x in mates)
                 ranked = sorted(scores, key=lambda kb: (-scores[kb], kb))
-                if isinstance(sel, ir.TopK):
-                    keep = ranked[: sel.count]
+                if isinstance(sel, ir.TopK) and sel.fraction is not None:  # ceil(p * c), p the decimal written
+                    keep = ranked[: math.ceil(Decimal(repr(sel.fraction)) * len(ranked))]
+                elif isinstance(sel, ir.TopK):
+                    keep = ranked[: sel.count if isinstance(sel.count, int) else value(sel.count, n)]
                 else:
                     z = {kb: scores[kb] / np.sqrt(d) for kb in ranked}
                     top = max(z.values()) if z else 0.0
@@ -224,28 +248,49 @@ def selection(
 def dynamic_mask(
     p: ir.Pattern, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """([B, H, N, N] allowed pairs, [B, H, nb, nb] selected blocks) of a pattern with one selector,
-    evaluated as sets node by node; a selector's candidates come from the intersections above it."""
+    """([B, H, N, N] allowed pairs, [B, H, nb, nb] blocks some selector picked) of a pattern with any
+    number of selectors, evaluated as sets node by node. A selector's candidates are where the static
+    operands of the intersections above it allow a pair (`a - b` is `a & ~b`; a complement passes its
+    context through); a selector written twice is one selection, over the union of its contexts."""
     bsz, heads, n, _ = q.shape
-    picked: list[np.ndarray] = []
+    contexts: dict[ir.Pattern, np.ndarray] = {}
 
     def static(x: ir.Pattern) -> np.ndarray:
         return np.array([[allowed(x, i, j, n) for j in range(n)] for i in range(n)], dtype=bool)
 
-    def go(x: ir.Pattern, ctx: np.ndarray) -> np.ndarray:
+    def collect(x: ir.Pattern, ctx: np.ndarray) -> None:
+        if isinstance(x, ir.TopK | ir.Threshold):
+            contexts[x] = contexts.get(x, np.zeros_like(ctx)) | ctx
+        elif isinstance(x, ir.Union):
+            collect(x.a, ctx)
+            collect(x.b, ctx)
+        elif isinstance(x, ir.Inter):
+            collect(x.a, ctx if ir.is_dynamic(x.b) else ctx & static(x.b))
+            collect(x.b, ctx if ir.is_dynamic(x.a) else ctx & static(x.a))
+        elif isinstance(x, ir.Complement):
+            collect(x.a, ctx)
+
+    collect(p, np.ones((n, n), dtype=bool))
+    picked = {
+        x: selection(x, c, q, k, given if isinstance(x, ir.TopK) and x.given else None)  # type: ignore[arg-type]
+        for x, c in contexts.items()
+    }
+
+    def go(x: ir.Pattern) -> np.ndarray:
         if not ir.is_dynamic(x):
             return np.broadcast_to(static(x), (bsz, heads, n, n))
         if isinstance(x, ir.TopK | ir.Threshold):
-            s = selection(x, ctx, q, k, given)
-            picked.append(s)
-            blk = np.arange(n) // x.block
-            return s[:, :, blk][:, :, :, blk]
+            rows, cols = np.arange(n) // x.block, np.arange(n) // (x.key_block or x.block)
+            return picked[x][:, :, rows][:, :, :, cols]
         if isinstance(x, ir.Union):
-            return go(x.a, ctx) | go(x.b, ctx)
+            return go(x.a) | go(x.b)
+        if isinstance(x, ir.Complement):
+            return ~go(x.a)
         assert isinstance(x, ir.Inter)
-        dyn, other = (x.a, x.b) if ir.is_dynamic(x.a) else (x.b, x.a)
-        o = static(other)
-        return o & go(dyn, ctx & o)
+        return go(x.a) & go(x.b)
 
-    mask = go(p, np.ones((n, n), dtype=bool))
-    return np.ascontiguousarray(mask), (picked[0] if picked else None)
+    mask = go(p)
+    some = None
+    for s in picked.values():
+        some = s if some is None else some | s
+    return np.ascontiguousarray(mask), some

@@ -189,10 +189,13 @@ def _text(p: ir.Pattern, outer: int) -> str:
             return f"where({arg(cond)})"
         case ir.Blockwise(block, inner):
             return f"blockwise({arg(block)}, {_text(inner, 0)})"
-        case ir.TopK(count, block):
-            return f"topk({count}, block={block})"
-        case ir.Threshold(mass, block):
-            return f"threshold({mass}, block={block})"
+        case ir.TopK(count, block, given, _, fraction, score, share, sel_kb):
+            n = fraction if fraction is not None else arg(count) if not isinstance(count, int) else count
+            rule = ", score=given" if given else f", score={score}" if score != "mean" else ""
+            size = block if sel_kb is None else f"({block}, {sel_kb})"
+            return f"topk({n}, block={size}{rule}{', share=kv' if share else ''})"
+        case ir.Threshold(mass, block, _, sel_kb):
+            return f"threshold({mass}, block={block if sel_kb is None else (block, sel_kb)})"
         case ir.Union(a, b):
             return op("|", a, b)
         case ir.Inter(a, b):
@@ -296,7 +299,8 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         empty = rows["empty_rows"]
         if sp is not None:
             warnings.append(
-                f"{entry['used_by']}: {_pattern_text(sp.selector)} picks blocks from the data: the figures and the "
+                f"{entry['used_by']}: {' and '.join(map(_pattern_text, sp.selectors))} pick"
+                f"{'s' if len(sp.selectors) == 1 else ''} blocks from the data: the figures and the "
                 f"receptive field are the static part's; the selector's rows give its cost at K blocks per query block"
             )
         elif isinstance(empty, int) and empty:
@@ -440,36 +444,52 @@ def _static_body(body: ir.Body) -> ir.Body:
 
 
 def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: Value) -> dict[str, Any]:
-    """Expected cost of a selector at a selection size: each query block keeps min(K, candidates) key
-    blocks of b x b pairs (at most; some may repeat the static part's), and scoring costs one dot product
-    of block means per (query block, key block) pair. Candidates per query block are the context's
-    non-empty b x b tiles, counted in affine pieces of query blocks (any N), per block (N <= ARRAY_LIMIT),
-    or bounded."""
-    sel = sp.selector
-    b = sel.block
-    nb = -(-n // b)
-    k = opts.selected if opts.selected is not None else (sel.count if isinstance(sel, ir.TopK) else None)
-    cand, blocks = _candidates(bound_predicate(sp.context, n), n, b, k)
-    extra = 4 * b * b * opts.head_dim * heads * opts.batch * blocks
-    scoring = 2 * nb * nb * opts.head_dim * heads * opts.batch
-    return {
-        "selector": _pattern_text(sel),
-        "block": b,
-        "selected_per_query_block": k,
-        "assumed": "--selected" if opts.selected is not None else ("topk's n" if k is not None else "every candidate"),
-        "candidates_per_query_block": cand,
-        "selected_blocks": blocks,
-        "extra_pairs_max": b * b * blocks,
-        "extra_fwd_flops_max": extra,
-        "scoring_flops": scoring,
-        "fwd_flops_max": static_fwd + extra + scoring,
-    }
+    """Expected cost of a pattern's selectors at a selection size: each query block keeps min(K,
+    candidates) key blocks of b x b pairs per selector (at most; some may repeat the static part's or
+    another selector's), and scoring costs one dot product of block means per (query block, key block)
+    pair and selector. Candidates per query block are the context's non-empty b x b tiles, counted in
+    affine pieces of query blocks (any N), per block (N <= ARRAY_LIMIT), or bounded. Several selectors:
+    the first's rows, the sums, and each one's rows under "each"."""
+    each: list[dict[str, Any]] = []
+    for sel, ctx in zip(sp.selectors, sp.contexts, strict=True):
+        b, bk = sel.block, sel.key_block or sel.block
+        nb, nk = -(-n // b), -(-n // bk)
+        k = opts.selected
+        if k is None and isinstance(sel, ir.TopK) and sel.fraction is None:
+            k = sel.count if isinstance(sel.count, int) else max(0, E.evaluate_int(sel.count, n))
+        cand, blocks = _candidates(bound_predicate(ctx, n), n, b, k, bk)
+        extra = 4 * b * bk * opts.head_dim * heads * opts.batch * blocks
+        scoring = 2 * nb * nk * opts.head_dim * heads * opts.batch
+        each.append({
+            "selector": _pattern_text(sel),
+            "block": b,
+            "selected_per_query_block": k,
+            "assumed": "--selected" if opts.selected is not None else "topk's n" if k is not None else (
+                f"every candidate (at most; topk keeps a fraction {sel.fraction})" if isinstance(sel, ir.TopK)
+                else "every candidate"),
+            "candidates_per_query_block": cand,
+            "selected_blocks": blocks,
+            "extra_pairs_max": b * bk * blocks,
+            "extra_fwd_flops_max": extra,
+            "scoring_flops": scoring,
+            "fwd_flops_max": static_fwd + extra + scoring,
+        })  # fmt: skip
+    if len(each) == 1:
+        return each[0]
+    out = dict(each[0], selector=" and ".join(e["selector"] for e in each), each=each)
+    ks = [e["selected_per_query_block"] for e in each]
+    out["selected_per_query_block"] = None if None in ks else sum(ks)
+    for key in ("selected_blocks", "extra_pairs_max", "extra_fwd_flops_max", "scoring_flops"):
+        out[key] = sum(e[key] for e in each)
+    out["fwd_flops_max"] = static_fwd + out["extra_fwd_flops_max"] + out["scoring_flops"]
+    return out
 
 
-def _candidates(ctx: E.Expr, n: int, b: int, k: int | None) -> tuple[dict[str, Value], Value]:
-    """min / mean / max candidate key blocks per query block, and the sum of min(candidates, K)."""
-    nb = -(-n // b)
-    t = block_rows(ctx, n, b)
+def _candidates(ctx: E.Expr, n: int, b: int, k: int | None, bk: int | None = None) -> tuple[dict[str, Value], Value]:
+    """min / mean / max candidate key blocks (of `bk` tokens, default `b`) per query block of `b`, and the
+    sum of min(candidates, K)."""
+    nb, bk = -(-n // b), bk or b
+    t = block_rows(ctx, n, b) if bk == b else None
     if t is not None:
         starts, values, slopes = per_block(t.visited, t.q_blocks)
         stops = [*starts[1:].tolist(), t.q_blocks]
@@ -485,15 +505,16 @@ def _candidates(ctx: E.Expr, n: int, b: int, k: int | None) -> tuple[dict[str, V
         return {"min": lo or 0, "mean": total / nb, "max": hi or 0}, kept
     if n <= ARRAY_LIMIT:
         try:
-            bc = C.block_counts(ctx, n, b, b, Budget(ARRAY_WORK))
+            bc = C.block_counts(ctx, n, b, bk, Budget(ARRAY_WORK))
             cand = (bc.full + bc.partial).astype(np.int64)
             kept_arr = np.minimum(cand, k) if k is not None else cand
             return {"min": int(cand.min()), "mean": float(cand.mean()), "max": int(cand.max())}, int(kept_arr.sum())
         except OverBudget:
             pass
-    v = tile_figures(ctx, n, b, b).visited
+    v = tile_figures(ctx, n, b, bk).visited
     cap = nb * k if k is not None else upper(v)
-    return {"min": Bound(0, nb), "mean": ratio(v, nb), "max": Bound(0, nb)}, make(0, min(upper(v), cap))
+    nk = -(-n // bk)
+    return {"min": Bound(0, nk), "mean": ratio(v, nb), "max": Bound(0, nk)}, make(0, min(upper(v), cap))
 
 
 def _sum_min(v: int, r: int, m: int, k: int | None) -> int:

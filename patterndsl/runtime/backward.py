@@ -39,7 +39,7 @@ from .common import (
 )
 from .cpu import _attention_cpu_bwd
 from .options import current_options
-from .selection import _dynamic_tables, _tiles
+from .selection import _dynamic_tables, _tiles, sel_kernel
 from .tables import block_tables, block_tables_t
 from .tuning import _tuned
 from .varlen import varlen_tables
@@ -238,6 +238,7 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
     bm1, bn1, bm2, bn2, w1, s1, w2, s2 = cfg
     nh = heads.numel()
     bm2, bn2 = _tiles(spec, pat, bm2, bn2)
+    sel_pred, sel_vars = sel_kernel(spec, pat)
     f_off, f_idx, p_off, p_idx = _dynamic_tables(spec, pat, picked, B, nh, N, bm2, bn2, q.device)
     _attn_bwd_dq[(-(-N // bm2), B * nh)](
         q, k, v, do, dq, lse2, delta, heads, f_off, f_idx, p_off, p_idx,
@@ -246,12 +247,13 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
         *dq.stride()[:3],
         N, H, nh, group, scale * _LOG2E, scale,
         PRED=pred_kernel(spec, pat), BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
-        IDX64=spec.idx64, INTERPRET=_INTERPRET, SEL_PRED=pred_kernel(spec, spec.selectors[pat].selected), num_warps=w2 if bm2 >= 64 else min(w2, 4),  # type: ignore[union-attr]
+        IDX64=spec.idx64, INTERPRET=_INTERPRET, SEL_PRED=sel_pred, SEL_VARS=sel_vars, num_warps=w2 if bm2 >= 64 else min(w2, 4),
         num_stages=s2, **pre,
     )
     bm1, bn1 = _tiles(spec, pat, bm1, bn1)
     nqt, nkt = -(-N // bm1), -(-N // bn1)
-    tables = _transpose_dynamic(_dynamic_tables(spec, pat, picked, B, nh, N, bm1, bn1, q.device), B * nh, nqt, nkt)
+    tables = _transpose_dynamic(_dynamic_tables(spec, pat, picked, B, nh, N, bm1, bn1, q.device), B * nh, nqt, nkt,
+                                16777215 if sel_vars else 1073741823)
     kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
     qh_rank = _qh_rank(pat, patterns, H, group, q.device)
     _attn_bwd_dkdv[(nkt, B * kv_ids.numel())](
@@ -262,7 +264,7 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
         N, H, kv_ids.numel(), scale * _LOG2E, scale,
         PRED=pred_kernel(spec, pat), BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, QH_RANK=qh_rank, NH_SEL=nh,
-        SEL_PRED=pred_kernel(spec, spec.selectors[pat].selected),  # type: ignore[union-attr]
+        SEL_PRED=sel_pred, SEL_VARS=sel_vars,
         num_warps=w1, num_stages=s1,
     )
 
@@ -278,8 +280,10 @@ def _qh_rank(pat: int, patterns: int | tuple[int, ...], H: int, group: int, devi
     return hit
 
 
-def _transpose_dynamic(tables: Sequence[torch.Tensor], rows_bh: int, nqt: int, nkt: int) -> tuple[torch.Tensor, ...]:
-    """Per-(batch, head) tables by query tile -> by key tile (entries: query tiles, bit 30 kept), without a
+def _transpose_dynamic(tables: Sequence[torch.Tensor], rows_bh: int, nqt: int, nkt: int,
+                       low: int = 1073741823) -> tuple[torch.Tensor, ...]:
+    """Per-(batch, head) tables by query tile -> by key tile (entries: query tiles, the flag bits above
+    `low`, the tile's mask, kept), without a
     host round trip: the index arrays may run past their offsets' last entry (`_dynamic_tables` sizes them
     by a bound); those entries go to a bucket past the last row. Within a row, ascending query tile."""
     out: list[torch.Tensor] = []
@@ -290,7 +294,7 @@ def _transpose_dynamic(tables: Sequence[torch.Tensor], rows_bh: int, nqt: int, n
         t = torch.arange(idx.numel(), device=dev)
         r = torch.searchsorted(off, t, right=True) - 1  # the query row of entry t
         e = idx.long()
-        flag = e & 1073741824
+        flag = e & (0x7FFFFFFF ^ low)
         to = torch.where(t < off[-1], r // nqt * nkt + (e - flag), rows)
         order = torch.argsort(to * (2 * 1073741824) + r % nqt + flag)
         o = torch.zeros(rows + 2, dtype=torch.int64, device=dev)  # counts at row + 1; the bucket last

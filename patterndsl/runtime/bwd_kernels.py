@@ -45,8 +45,8 @@ def _delta_lse2(o, do, LSE, DLSE, at, rows, HAS_DLSE: tl.constexpr):
 def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn, N, qk_scale,
                  PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None, k_desc=None,
-                 v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0):
-    # MASKED: a PARTIAL block (the predicate per pair), else FULL
+                 v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0, VAR=None):
+    # MASKED: a PARTIAL block (the predicate per pair), else FULL; VAR: a selection case's rank (_allowed_at)
     cols = kb * BLOCK_N + offs_n
     if LAYOUT is not None:  # the key tile's physical rows -> the caller's tokens (patterndsl.layout)
         cols, kok = LAYOUT(cols, N)
@@ -66,7 +66,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, off
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         # the forward's pair predicate; key bounds from kok (a token layout's padding too), query rows >= 0
-        p = tl.where(_pair_ok(offs_m, cols, N, PRED, IDX64, True) & kok[None, :] & (offs_m >= 0)[:, None], p, 0.0)
+        p = tl.where(_pair_ok(offs_m, cols, N, PRED, IDX64, True, VAR) & kok[None, :] & (offs_m >= 0)[:, None], p, 0.0)
     dp = tl.dot(do, vT, input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
@@ -79,7 +79,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
                  N, H, NH, GROUP, qk_scale, scale,
                  PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
-                 CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False, SEL_PRED: tl.constexpr = None, NP=0,
+                 CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
                  LAYOUT: tl.constexpr = None, k_desc=None, v_desc=None, TMA: tl.constexpr = 0,
                  O=None, LSE=None, DLSE=None, s_ob=0, s_oh=0, s_on=0,
                  PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False):
@@ -146,8 +146,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
             while t < hi:
                 kb = tl.load(PART_IDX + t)
                 if kb >= 1073741824:
-                    dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb - 1073741824, offs_m, offs_n, offs_d,
-                                      s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64)
+                    if SEL_VARS:  # bits 24..29: the selection case's rank (a constexpr branch)
+                        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb & 16777215, offs_m, offs_n,
+                                          offs_d, s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC,
+                                          IDX64, VAR=(kb >> 24) & 63)
+                    else:
+                        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb - 1073741824, offs_m, offs_n,
+                                          offs_d, s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC,
+                                          IDX64)
                 else:
                     dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
                                       N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64)
@@ -174,7 +180,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n, offs_d, s_qn, s_dn,
                    N, qk_scale, PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None,
-                   q_desc=None, do_desc=None, b=0, h=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0):
+                   q_desc=None, do_desc=None, b=0, h=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0,
+                   VAR=None):
     # rows past N (a ragged last query block, FULL or not) load q = dO = 0 and lse2 = +inf: P = 0 there;
     # with LAYOUT the query tile's physical rows map to the caller's tokens (padding rows: as past N)
     rows = mb * BLOCK_M + offs_m
@@ -195,7 +202,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs
     sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N keys, BLOCK_M queries]
     pT = tl.math.exp2(sT - lse2[None, :])
     if MASKED:
-        pT = tl.where(_allowed_at(rows[None, :], offs_n[:, None], N, PRED, IDX64, False) & in_n[None, :], pT, 0.0)
+        pT = tl.where(_allowed_at(rows[None, :], offs_n[:, None], N, PRED, IDX64, False, VAR) & in_n[None, :], pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
@@ -211,7 +218,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                    PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, ACCUM: tl.constexpr,
                    INTERPRET: tl.constexpr, CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False,
-                   QH_RANK=None, NH_SEL=0, SEL_PRED: tl.constexpr = None, NP=0,
+                   QH_RANK=None, NH_SEL=0, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
                    LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0):
     # SEL_PRED is not None: per-(batch, head) transposed tables, row (batch * NH_SEL + head's rank) * key blocks + key
     # block (QH_RANK: each listed query head's rank among the pattern's heads); bit 30 marks selected blocks
@@ -268,9 +275,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                 while t < hi:
                     mb = tl.load(PART_IDX + t)
                     if mb >= 1073741824:
-                        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb - 1073741824,
-                                                offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale, SEL_PRED, True, BLOCK_M,
-                                                HEAD_DIM, DOT_PREC, IDX64)
+                        if SEL_VARS:  # bits 24..29: the selection case's rank (a constexpr branch)
+                            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb & 16777215,
+                                                    offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale, SEL_PRED, True,
+                                                    BLOCK_M, HEAD_DIM, DOT_PREC, IDX64, VAR=(mb >> 24) & 63)
+                        else:
+                            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                                    mb - 1073741824, offs_m, offs_n, offs_d, s_qn, s_dn, N, qk_scale,
+                                                    SEL_PRED, True, BLOCK_M, HEAD_DIM, DOT_PREC, IDX64)
                     else:
                         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
                                                 offs_d, s_qn, s_dn, N, qk_scale, PRED, True, BLOCK_M, HEAD_DIM,

@@ -109,7 +109,7 @@ def _check_docs(spec: PatternSpec, q: torch.Tensor, cu_seqlens: torch.Tensor,
 
 
 def _need_scores(spec: PatternSpec, q: torch.Tensor, scores: torch.Tensor | None) -> None:
-    given = any(sel is not None and sel[3] for sel in spec.selectors)
+    given = any(s.given for sel in spec.selectors if sel is not None for s in sel.all)
     if given and scores is None:
         raise ValueError("this pattern's topk has score=given: pass scores=[batch, heads, blocks, blocks]")
     if not given and scores is not None:
@@ -122,12 +122,12 @@ def _check_scores(spec: PatternSpec, scores: object, q: torch.Tensor) -> None:
     if not torch.is_tensor(scores):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     B, H, N, D = q.shape
-    for sel in spec.selectors:
-        if sel is not None and sel[3]:
-            nb = -(-N // sel[2])
-            if tuple(scores.shape) != (B, H, nb, nb):
-                raise ValueError(f"scores must be [batch, heads, ceil(N/{sel[2]}), ceil(N/{sel[2]})] = "
-                                 f"{[B, H, nb, nb]}, got {list(scores.shape)}")
+    for sel in (s for x in spec.selectors if x is not None for s in x.all):
+        if sel.given:
+            nb, nk = -(-N // sel.block), -(-N // sel.kblock)
+            if tuple(scores.shape) != (B, H, nb, nk):
+                raise ValueError(f"scores must be [batch, heads, ceil(N/{sel.block}), ceil(N/{sel.kblock})] = "
+                                 f"{[B, H, nb, nk]}, got {list(scores.shape)}")
     if not scores.is_floating_point():
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
     if scores.device != q.device:

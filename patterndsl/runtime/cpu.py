@@ -134,8 +134,11 @@ def _dynamic_ok(spec: PatternSpec, pat: int, i: torch.Tensor, j: torch.Tensor, N
     sel = spec.selectors[pat]
     if sel is None:
         return ok
-    nb = -(-N // sel[2])
-    hit = _sel_dense(picks[pat].cpu(), nb)  # type: ignore[index]  # a dynamic pattern: picked
-    hit = hit.view(B, nh, nb, nb)[:, :, i[:, 0] // sel[2]][..., j[0] // sel[2]]
-    ok1 = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[sel.selected].expr, i, j, N)), (rows, N))
-    return ok | (hit & ok1)
+    nb, nk = -(-N // sel.block), -(-N // sel.kblock)
+    case = _sel_dense(picks[pat].cpu(), nk, bool(sel.more)).to(torch.int64)  # type: ignore[index]  # a dynamic pattern: picked
+    case = case.view(B, nh, nb, nk)[:, :, i[:, 0] // sel.block][..., j[0] // sel.kblock]
+    # a picked block takes P_v, v the set of selectors that picked it (one selector: P0 or (picked and P1))
+    for v, c in enumerate(sel.cases, 1):
+        ok_v = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[c].expr, i, j, N)), (rows, N)) if c >= 0 else False
+        ok = torch.where(case == v, ok_v, ok)
+    return ok

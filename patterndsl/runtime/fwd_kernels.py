@@ -17,8 +17,9 @@ import triton.language as tl
 @triton.jit
 def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn, N, qk_scale,
                PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr):
+               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr, VAR=None):
     # offs_m: the query tile's logical tokens; cols: the key tile's physical rows, read at logical tokens
+    # VAR: None, or the selection case's rank that a dispatching PRED(i, j, N, VAR) takes
     cols = kb * BLOCK_N + offs_n
     if LAYOUT is not None:
         cols, kok = LAYOUT(cols, N)
@@ -33,7 +34,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_k
     k = tl.load(k_base + cols[None, :].to(tl.int64) * s_kn + offs_d[:, None], mask=kmask, other=0.0)
     s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
     if MASKED:  # key bounds from kok (a token layout's padding too), query rows >= 0
-        ok = _pair_ok(offs_m, cols, N, PRED, IDX64, True) & kok[None, :] & (offs_m >= 0)[:, None]
+        ok = _pair_ok(offs_m, cols, N, PRED, IDX64, True, VAR) & kok[None, :] & (offs_m >= 0)[:, None]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -54,10 +55,12 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
               N, H, NH, GROUP, qk_scale, LSE_N, NP,
               PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
-              VARLEN: tl.constexpr = False, LAYOUT: tl.constexpr = None, SEL_PRED: tl.constexpr = None):
+              VARLEN: tl.constexpr = False, LAYOUT: tl.constexpr = None, SEL_PRED: tl.constexpr = None,
+              SEL_VARS: tl.constexpr = False):
     # NP: rows the kernel tiles (N, or with LAYOUT N padded to whole tiles of the pattern's token layout)
     # SEL_PRED is not None (a dynamic pattern): the tables are per (batch, head), rows pid_bh * query blocks +
-    # pid_m, and PARTIAL entries with bit 30 set are selected blocks masked with predicate SEL_PRED
+    # pid_m, and PARTIAL entries with bit 30 set are selected blocks masked with predicate SEL_PRED; with
+    # SEL_VARS, bits 24..29 hold the selection case's rank that SEL_PRED(i, j, N, rank) dispatches on
     if VARLEN:
         # packed documents: program r is tile r (document, query block within it), tiles heaviest first;
         # N becomes that document's length and every index below is local to the document
@@ -115,9 +118,14 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
         while t < hi:
             kb = tl.load(PART_IDX + t)
             if kb >= 1073741824:
-                acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb - 1073741824, offs_m, offs_n,
-                                           offs_d, s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM,
-                                           D_PAD, DOT_PREC, IDX64, LAYOUT)
+                if SEL_VARS:  # (a constexpr branch: a 3-argument SEL_PRED never meets a rank)
+                    acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb & 16777215, offs_m, offs_n,
+                                               offs_d, s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM,
+                                               D_PAD, DOT_PREC, IDX64, LAYOUT, (kb >> 24) & 63)
+                else:
+                    acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb - 1073741824, offs_m, offs_n,
+                                               offs_d, s_kn, s_vn, N, qk_scale, SEL_PRED, True, BLOCK_N, HEAD_DIM,
+                                               D_PAD, DOT_PREC, IDX64, LAYOUT)
             else:
                 acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn,
                                            s_vn, N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64,
@@ -172,23 +180,26 @@ def _load_rows(base, desc, b, h, row0, rows, offs_d, s_n, N, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _allowed_at(ii, jj, N, PRED: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr):
+def _allowed_at(ii, jj, N, PRED: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr, VAR=None):
     """The pattern allows query ii and key jj (index tensors broadcast against each other, in either
     orientation: [queries, keys] in the forward and dQ, [keys, queries] in dK/dV), and the key exists (EVEN
-    says every key block is whole)."""
+    says every key block is whole). VAR: a selection case's rank for a dispatching PRED, or None."""
     if IDX64:
         ii = ii.to(tl.int64)
         jj = jj.to(tl.int64)
-    ok = PRED(ii, jj, N)
+    if VAR is None:
+        ok = PRED(ii, jj, N)
+    else:
+        ok = PRED(ii, jj, N, VAR)
     if not EVEN:  # one return: triton compiles (and type-checks) a return after a constexpr branch's return too
         ok = ok & (jj < N)
     return ok
 
 
 @triton.jit
-def _pair_ok(offs_m, cols, N, PRED: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr):
+def _pair_ok(offs_m, cols, N, PRED: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr, VAR=None):
     """[queries, keys]: _allowed_at for query rows offs_m and key columns cols."""
-    return _allowed_at(offs_m[:, None], cols[None, :], N, PRED, IDX64, EVEN)
+    return _allowed_at(offs_m[:, None], cols[None, :], N, PRED, IDX64, EVEN, VAR)
 
 
 @triton.jit

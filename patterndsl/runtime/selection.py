@@ -10,19 +10,21 @@ blocks, and gradients flow through the attention over the chosen blocks only, ne
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
 import triton.language as tl
 
+from ..expr import evaluate_int
 from .checks import _check, _need_scores
 from .common import _d_pad, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
 from .options import current_options
 from .tables import _sorted_tiles, _static_rows, block_tables
 
 if TYPE_CHECKING:
-    from .spec import PatternSpec
+    from .spec import PatternSpec, Selector
 
 
 @triton.jit(do_not_specialize=["s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn"])  # type: ignore[untyped-decorator]
@@ -186,16 +188,18 @@ def _score_kernel(QM, KM, CAND, S, HEAD_IDS, q0, ROWS, NB, NH, H, HKV, GROUP,  #
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQB, W, WS, K1N, ROWS,  # type: ignore[no-untyped-def]
+def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, VD, CNT, OFF, FIDX, PIDX, NQT, NKT, NQB, W, WS, K1N, ROWS,  # type: ignore[no-untyped-def]
                   RQ: tl.constexpr, RK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr, WC: tl.constexpr,
-                  LOG: tl.constexpr, WRITE: tl.constexpr):
+                  LOG: tl.constexpr, WRITE: tl.constexpr, CASES: tl.constexpr):
     """One dynamic pattern's per-(batch, head) tables from the picks, no host round trip: program (tiles,
     bh) merges, per query tile, the static part's row (ST_KT/ST_CLS [NQT, WS]: key tiles, 0 FULL / 1
     PARTIAL, -1 padding) with the tiles of the picked blocks (SEL [bh, NQB, W], -1 padding), each tile
-    once: a static tile whose block is picked is dropped, the picked tile classified by P1 (K1: P1's
-    tiles as sorted keys query tile * NKT + key tile, C1: 0 FULL / 2 PARTIAL; not in P1: dropped).
+    once: a static tile whose block is picked is dropped, the picked tile classified by its selection
+    case's pattern P_v (K1: the cases' tiles as sorted keys (case rank * NQT + query tile) * NKT + key
+    tile, C1: 0 FULL, else what a PARTIAL entry adds to its key tile; not found: dropped). CASES: several
+    selectors, each pick `block | (v - 1) << 24` and VD [2**k - 1] the rank of case v (-1: allows nothing).
     WRITE=False counts the FULL and PARTIAL entries per row into CNT [2, ROWS + 1] (at row + 1, zeros at 0);
-    WRITE=True writes them at OFF (CNT's cumsum): FULL plain, PARTIAL of P1 with bit 30 set."""
+    WRITE=True writes them at OFF (CNT's cumsum): FULL plain, PARTIAL with C1's flag (bit 30) added."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     qt = pid * BR + tl.arange(0, BR)
@@ -221,6 +225,8 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQ
         while w0 < W:
             wc = w0 + tl.arange(0, WC)
             sb = tl.load(SEL + sel_row[:, None] + wc[None, :], mask=rmask[:, None] & (wc < W)[None, :], other=-1)
+            if CASES:
+                sb = tl.where(sb >= 0, sb & 16777215, -1)
             hit = tl.maximum(hit, tl.max((kbs[:, :, None] == sb[:, None, :]).to(tl.int32), 2))
             w0 += WC
         keep = (kt >= 0) & (hit == 0)
@@ -237,10 +243,14 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQ
     while w0 < W:
         wc = w0 + tl.arange(0, WC)
         sb = tl.load(SEL + sel_row[:, None] + wc[None, :], mask=rmask[:, None] & (wc < W)[None, :], other=-1)
+        case = tl.zeros([BR, WC], dtype=tl.int64)
+        if CASES:
+            case = tl.load(VD + (sb >> 24), mask=sb >= 0, other=-1).to(tl.int64)
+            sb = tl.where(sb >= 0, sb & 16777215, -1)
         for d in tl.static_range(RK):
             kt = sb * RK + d
-            ok = (sb >= 0) & (kt < NKT)
-            key = qt[:, None].to(tl.int64) * NKT + kt
+            ok = (sb >= 0) & (kt < NKT) & (case >= 0)
+            key = (case * NQT + qt[:, None]) * NKT + kt
             lo = tl.zeros([BR, WC], dtype=tl.int64)
             hi = tl.zeros([BR, WC], dtype=tl.int64) + K1N
             for _ in tl.static_range(LOG):  # lower bound of key in K1
@@ -250,12 +260,12 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQ
                 hi = tl.where(below, hi, mid)
             inside = ok & (lo < K1N)
             found = inside & (tl.load(K1 + lo, mask=inside, other=-1) == key)
-            c1 = tl.load(C1 + lo, mask=found, other=3)
+            c1 = tl.load(C1 + lo, mask=found, other=-1)
             f = (found & (c1 == 0)).to(tl.int32)
-            p = (found & (c1 == 2)).to(tl.int32)
+            p = (found & (c1 > 0)).to(tl.int32)
             if WRITE:
                 tl.store(FIDX + nf[:, None] + tl.cumsum(f, 1) - f, kt, mask=f != 0)
-                tl.store(PIDX + npart[:, None] + tl.cumsum(p, 1) - p, kt + 1073741824, mask=p != 0)
+                tl.store(PIDX + npart[:, None] + tl.cumsum(p, 1) - p, kt + c1, mask=p != 0)
             nf += tl.sum(f, 1)
             npart += tl.sum(p, 1)
         w0 += WC
@@ -269,15 +279,17 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, CNT, OFF, FIDX, PIDX, NQT, NKT, NQ
 _CANDIDATES: dict[tuple[Any, ...], Any] = {}  # _candidates' masks and _spans' triples
 
 
-def _candidates(spec: PatternSpec, ctx: int, n: int, blk: int, device: torch.device | str) -> torch.Tensor:
-    """[blocks, blocks] bool: key blocks where the selector's context allows at least one pair (cached).
-    One byte per block pair: 1 / blk**2 of a dense mask."""
-    key = (spec.key, ctx, n, blk, str(device))
+def _candidates(spec: PatternSpec, ctx: int, n: int, blk: int, device: torch.device | str,
+                kblk: int | None = None) -> torch.Tensor:
+    """[query blocks, key blocks] bool: key blocks (of `kblk` tokens, default `blk`) where the selector's
+    context allows at least one pair (cached). One byte per block pair: 1 / (blk * kblk) of a dense mask."""
+    kblk = kblk or blk
+    key = (spec.key, ctx, n, blk, kblk, str(device))
     hit: torch.Tensor | None = _CANDIDATES.get(key)
     if hit is None:
         nb = -(-n // blk)
-        f_off, f_idx, p_off, p_idx = block_tables(spec, n, blk, blk, device, ctx)
-        hit = torch.zeros((nb, nb), dtype=torch.bool, device=device)
+        f_off, f_idx, p_off, p_idx = block_tables(spec, n, blk, kblk, device, ctx)
+        hit = torch.zeros((nb, -(-n // kblk)), dtype=torch.bool, device=device)
         for off, idx in ((f_off, f_idx), (p_off, p_idx)):
             rows = torch.repeat_interleave(torch.arange(nb, device=device), (off[1:] - off[:-1]).long())
             hit[rows, idx.long()] = True
@@ -326,11 +338,11 @@ def _pool_torch(x: torch.Tensor, blk: int, work: torch.dtype) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def _block_scores(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, pooled: tuple[torch.Tensor, torch.Tensor],
+def _block_scores(spec: PatternSpec, sel: Selector, q: torch.Tensor, k: torch.Tensor, pooled: tuple[torch.Tensor, torch.Tensor],
                   heads: torch.Tensor, group: int, q0: int, rows: int) -> torch.Tensor:
-    """Scores of query blocks q0 .. q0 + rows for the heads running `pat`: [B * nh, rows, blocks]; NaN
+    """Scores of query blocks q0 .. q0 + rows for `heads` by selector `sel`: [B * nh, rows, blocks]; NaN
     marks key blocks outside the context. float32 (float64 for float64 inputs on the CPU path)."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    blk, ctx = sel.block, sel.context
     B, H, N, D = q.shape
     nb = -(-N // blk)
     cand = _candidates(spec, ctx, N, blk, q.device)
@@ -347,6 +359,57 @@ def _block_scores(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor,
         BQ=bq, BK=64, D_PAD=d_pad, DOT_PREC=_score_prec(q),
     )
     return s
+
+
+def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
+                 heads: torch.Tensor, group: int, q0: int, rows: int) -> torch.Tensor:
+    """Block scores of query blocks q0 .. q0 + rows by a named rule, for `heads`: [B * nh, rows, blocks],
+    NaN off the context; float32 (float64 for float64 inputs). q-bar is a query block's mean query:
+
+    mean: q-bar . k-bar (k-bar the key block's mean key); max: the largest q-bar . k_j over the key block;
+    quest: sum over d of max(q-bar_d * max_j k_jd, q-bar_d * min_j k_jd), Quest's bound on q-bar . k_j;
+    compressed: the attention the block's queries pay to the pooled key k-bar in a softmax over the
+    candidate pooled keys (scale 1 / sqrt(head_dim)), summed over the block's queries (NSA). given: the
+    caller's. share=kv: each head scores with the sum over the heads of its KV head (among `heads`)."""
+    B, H, N, D = q.shape
+    blk, kblk = rule.block, rule.kblock
+    nb = -(-N // kblk)  # key blocks
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    hl = heads.long()
+    kvh = hl // group
+    cand = _candidates(spec, rule.context, N, blk, q.device, kblk)[q0:q0 + rows]
+    if rule.given:
+        s = scores[:, hl, q0:q0 + rows].to(work)
+    else:
+        qm = _pool_torch(q[:, hl, q0 * blk:(q0 + rows) * blk], blk, work)  # (this chunk's query blocks)
+        pad = nb * kblk - N
+        match rule.score:
+            case "mean":
+                s = torch.matmul(qm, _pool_torch(k, kblk, work)[:, kvh].transpose(-1, -2))
+            case "max":
+                kt = k[:, kvh].to(work)
+                logits = torch.nn.functional.pad(torch.matmul(qm, kt.transpose(-1, -2)), (0, pad), value=float("-inf"))
+                s = logits.view(B, hl.numel(), rows, nb, kblk).amax(-1)
+            case "quest":
+                kt = k[:, kvh].to(work)
+                hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
+                lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
+                s = torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
+            case _:  # compressed
+                km = _pool_torch(k, kblk, work)[:, kvh]
+                t0, t1 = q0 * blk, min(N, (q0 + rows) * blk)
+                z = torch.matmul(q[:, hl, t0:t1].to(work), km.transpose(-1, -2)) / math.sqrt(D)
+                ok = cand[torch.arange(t1 - t0, device=q.device) // blk]
+                z = z.masked_fill(~ok, float("-inf"))
+                top = z.amax(-1, keepdim=True)
+                e = torch.exp(z - torch.where(torch.isinf(top), 0.0, top))
+                p = e / torch.clamp(e.sum(-1, keepdim=True), min=torch.finfo(work).tiny)
+                p = torch.nn.functional.pad(p, (0, 0, 0, rows * blk - (t1 - t0)))
+                s = p.view(B, hl.numel(), rows, blk, nb).sum(3)
+    if rule.share:
+        total = torch.zeros((B, k.shape[1], rows, nb), dtype=s.dtype, device=s.device).index_add_(1, kvh, s)
+        s = total[:, kvh]
+    return torch.where(cand, s, float("nan")).reshape(B * hl.numel(), rows, nb)
 
 
 def _score_prec(q: torch.Tensor) -> str:
@@ -390,11 +453,14 @@ def _scores_of(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys == torch.iinfo(torch.int64).min, float("nan"), bits.view(torch.float32))
 
 
-def _pick(spec: PatternSpec, pat: int, s: torch.Tensor, scale: float) -> torch.Tensor:
+def _pick(sel: Selector, s: torch.Tensor, scale: float, count: int | None = None) -> torch.Tensor:
     """The selector's rule on one chunk [rows, blocks] of scores (NaN: not a candidate) or of
     `_ordered_keys` keys (int64): [rows, width] int64, per row the blocks kept, -1 padding (topk: width
-    min(n, blocks); threshold: blocks, kept blocks first)."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    min(n, blocks), `count` the n of a count that depends on N; threshold and fraction: blocks, kept
+    blocks first). A fraction p keeps ceil(p * c) of a row's c candidates, p read as the decimal written."""
+    kind, raw = sel.kind, (sel.param if count is None else count)
+    assert isinstance(raw, int | float), "a count that depends on N comes evaluated, as `count`"
+    param = raw
     rows, nb = s.shape
     if s.dtype == torch.float64:
         order = torch.sort(torch.where(torch.isnan(s), float("-inf"), s), dim=-1, descending=True, stable=True).indices
@@ -410,6 +476,10 @@ def _pick(spec: PatternSpec, pat: int, s: torch.Tensor, scale: float) -> torch.T
         order = nb - 1 - (picked & 0xFFFFFFFF)
         ss = _scores_of(picked)
     valid = ~torch.isnan(ss)
+    if kind == "fraction":
+        share = Fraction(repr(float(param)))
+        keep = -(-valid.sum(-1, keepdim=True) * share.numerator // share.denominator)
+        valid = valid & (torch.arange(nb, device=s.device) < keep)
     if kind == "threshold":
         z = torch.where(valid, ss.double() * scale, float("-inf"))
         top = z[:, :1]
@@ -422,17 +492,55 @@ def _pick(spec: PatternSpec, pat: int, s: torch.Tensor, scale: float) -> torch.T
 
 def _selection(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
                heads: torch.Tensor, group: int) -> torch.Tensor:
-    """The blocks the selector of `pat` picks: int32 [B * nh, query blocks, width], per (batch * nh + the
-    head's rank among `heads`, query block) the key blocks kept, unordered, -1 padding.
+    """The blocks the selectors of `pat` pick: int32 [B * nh, query blocks, width], per (batch * nh + the
+    head's rank among `heads`, query block) the key blocks kept, unordered, -1 padding. With several
+    selectors each block once, as `block | (v - 1) << 24`, v the set of selectors that picked it."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    picks = [_select(spec, s, q, k, scores, heads, group) for s in sel.all]
+    if len(picks) == 1:
+        return picks[0]
+    if -(-q.shape[2] // sel.kblock) >= 1 << 24:
+        raise ValueError(f"'{spec.name}' has several selectors: at most {(1 << 24) - 1} key blocks, got {-(-q.shape[2] // sel.kblock)}")
+    return _combine(picks)
+
+
+def _combine(picks: list[torch.Tensor]) -> torch.Tensor:
+    """Several selectors' picks [rows, query blocks, width_m] as one list per row, each block once, tagged
+    with the set v (bit m: selector m) of selectors that picked it: `block | (v - 1) << 24`, -1 padding.
+    Sorting (block, selector) codes puts a block's picks side by side (at most one per selector)."""
+    n = len(picks)
+    none = 1 << 62
+    codes = torch.cat([torch.where(p >= 0, p.long() * n + m, none) for m, p in enumerate(picks)], -1)
+    codes = torch.sort(codes, -1).values
+    valid = codes < none
+    blk = codes // n
+    bit = torch.where(valid, 1 << (codes % n), 0)
+    v = bit.clone()
+    for d in range(1, n):
+        v[..., :-d] |= torch.where((blk[..., d:] == blk[..., :-d]) & valid[..., d:], bit[..., d:], 0)
+    first = torch.ones_like(valid)
+    first[..., 1:] = blk[..., 1:] != blk[..., :-1]
+    return torch.where(valid & first, blk | ((v - 1) << 24), -1).to(torch.int32).contiguous()
+
+
+def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
+            heads: torch.Tensor, group: int) -> torch.Tensor:
+    """The blocks one selector picks for `heads`, as `_selection` (one selector).
 
     topk (n <= 64) on the GPU and in the interpreter: one pooling launch (none for score=given) and
     `_topk_kernel`, no host round trip. Otherwise (PyTorch path, float64 given scores, threshold, larger n) scores are chunked over query blocks (at most ~2**24 at
     once) and `_pick` applies the rule; threshold reads its widest row back to size the result."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    kind, param, blk, given, ctx = rule.kind, rule.param, rule.block, rule.given, rule.context
     B, H, N, D = q.shape
+    nk = -(-N // rule.kblock)  # key blocks (nb: query blocks)
+    count = None
+    if kind == "topk":  # a count that depends on N: its value here (the requirements keep it >= 1)
+        count = param if isinstance(param, int) else evaluate_int(param, N)  # type: ignore[arg-type]
     nb = -(-N // blk)
     nh = heads.numel()
-    if (kind == "topk" and int(param) <= 64 and not _torch_path(q)  # (larger n: registers)
+    plain = rule.score == "mean" and not rule.share and rule.kblock == blk  # the Triton pooling and fused top-k
+    if (plain and count is not None and count <= 64 and not _torch_path(q)  # (larger n: registers)
             and not (given and scores.dtype == torch.float64)):  # (float64 scores: sorted in float64)
         if given:
             scores = scores if scores.stride(-1) == 1 else scores.contiguous()
@@ -444,40 +552,46 @@ def _selection(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, sc
             d_pad = qm.shape[-1]
             strides = (0, 0, 0)
         bq = current_options().topk_rows
-        np2 = _pow2(int(param))
+        np2 = _pow2(count)
         sel = torch.empty((B * nh, nb, np2), dtype=torch.int32, device=q.device)
         cand, span, ranges = _spans(spec, ctx, N, blk, bq, q.device)
         # key blocks per tile: register pressure (ptxas sm_90: no spills with these)
         bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
         _topk_kernel[(-(-nb // bq), B * nh)](
             qm, km, scores if given else qm, cand, span, sel, heads, nb, nh, H, k.shape[1], group, *strides,
-            N_SEL=int(param), NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
+            N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
             GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
         )
         return sel
-    chunk = max(1, (1 << 24) // max(1, B * nh * nb))
+    chunk = max(1, (1 << 24) // max(1, B * nh * (nb if plain else max(nk, N))))
     out = []
-    pooled = None if given else _pooled(q, k, blk)
+    pooled = None if given or not plain else _pooled(q, k, blk)
     for q0 in range(0, nb, chunk):
         rows = min(chunk, nb - q0)
-        if given:
+        if not plain:
+            s = _rule_scores(spec, rule, q, k, scores, heads, group, q0, rows)
+        elif given:
             cand = _candidates(spec, ctx, N, blk, q.device)[q0:q0 + rows]
             s = scores[:, heads.long(), q0:q0 + rows]
             s = torch.where(cand, s if s.dtype == torch.float64 else s.float(), float("nan")).reshape(B * nh, rows, nb)
         else:
-            s = _block_scores(spec, pat, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
-        out.append(_pick(spec, pat, s.reshape(B * nh * rows, nb), 1.0 / math.sqrt(D)).view(B * nh, rows, -1))
+            s = _block_scores(spec, rule, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
+        out.append(_pick(rule, s.reshape(B * nh * rows, nk), 1.0 / math.sqrt(D), count).view(B * nh, rows, -1))
     sel = torch.cat(out, 1)
-    if kind == "threshold":  # kept blocks come first in each row: cut the columns no row uses
+    if kind != "topk":  # kept blocks come first in each row: cut the columns no row uses
         sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
     return sel.to(torch.int32).contiguous()
 
 
-def _sel_dense(sel: torch.Tensor, nb: int) -> torch.Tensor:
-    """`_selection`'s picks as a bool [rows, query blocks, nb] block mask."""
-    hit = torch.zeros((*sel.shape[:2], nb + 1), dtype=torch.bool, device=sel.device)
-    hit.scatter_(2, torch.where(sel < 0, nb, sel).long(), True)
-    return hit[..., :nb]
+def _sel_dense(sel: torch.Tensor, nb: int, cases: bool = False) -> torch.Tensor:
+    """`_selection`'s picks as a bool [rows, query blocks, nb] block mask; with `cases` (several selectors)
+    as int8, per block the set v of selectors that picked it (0: none)."""
+    hit = torch.zeros((*sel.shape[:2], nb + 1), dtype=torch.int8, device=sel.device)
+    if cases:
+        hit.scatter_(2, torch.where(sel < 0, nb, sel & 0xFFFFFF).long(), torch.where(sel < 0, 0, (sel >> 24) + 1).to(torch.int8))
+        return hit[..., :nb]
+    hit.scatter_(2, torch.where(sel < 0, nb, sel).long(), 1)
+    return hit[..., :nb] > 0
 
 
 def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: int, N: int, bm: int, bn: int,
@@ -488,19 +602,21 @@ def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: 
 
     Two `_merge_kernel` launches around a cumsum, nothing read back: the index arrays are sized by an upper
     bound (static entries + every picked tile) and only [0, offsets[-1]) is meaningful."""
-    kind, param, blk, given, p1, ctx = spec.selectors[pat]  # type: ignore[misc]  # a dynamic pattern's Selector
+    rec = spec.selectors[pat]
+    assert rec is not None
+    blk = rec.block
     nqt, nkt = -(-N // bm), -(-N // bn)
-    rq, rk = blk // bm, blk // bn  # the tiles divide the selector's block
+    rq, rk = blk // bm, rec.kblock // bn  # the tiles divide the selector's blocks
     st_kt, st_cls, n_full, n_part = _static_rows(spec, pat, N, bm, bn, device)
-    keys1, cls1 = _sorted_tiles(spec, p1, N, bm, bn, device)
+    keys1, cls1, vd = _case_tiles(spec, rec, N, bm, bn, device)
     bh, nqb, w = sel.shape
     rows = bh * nqt
     cnt = torch.empty((2, rows + 1), dtype=torch.int32, device=device)
     f_idx = torch.empty(max(1, bh * (n_full + nqt * w * rk)), dtype=torch.int32, device=device)
     p_idx = torch.empty(max(1, bh * (n_part + nqt * w * rk)), dtype=torch.int32, device=device)
     br = 16
-    args = (sel, st_kt, st_cls, keys1, cls1)
-    meta = dict(RQ=rq, RK=rk, BR=br, SC=16, WC=16, LOG=max(1, keys1.numel().bit_length()))
+    args = (sel, st_kt, st_cls, keys1, cls1, vd)
+    meta = dict(RQ=rq, RK=rk, BR=br, SC=16, WC=16, LOG=max(1, keys1.numel().bit_length()), CASES=bool(rec.more))
     grid = (-(-nqt // br), bh)
     _merge_kernel[grid](*args, cnt, cnt, f_idx, p_idx, nqt, nkt, nqb, w, st_kt.shape[1], keys1.numel(), rows,
                         WRITE=False, **meta)
@@ -510,13 +626,52 @@ def _dynamic_tables(spec: PatternSpec, pat: int, sel: torch.Tensor, B: int, nh: 
     return off[0], f_idx, off[1], p_idx
 
 
+def _case_tiles(spec: PatternSpec, sel: Selector, n: int, bm: int, bn: int,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `_merge_kernel` classifies a picked tile with (cached): the distinct selection cases' tiles as
+    sorted int64 keys (rank * query tiles + query tile) * key tiles + key tile, what each adds to a
+    PARTIAL entry (0: FULL; bit 30, and with a dispatching predicate the rank in bits 24..29), and the
+    rank of each case v = 1 .. 2**k - 1 (int32, -1: the case allows nothing)."""
+    key = (spec.key, "cases", sel.cases, sel.dispatch is not None, n, bm, bn, str(device))
+    hit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = _CANDIDATES.get(key)
+    if hit is None:
+        distinct = sorted({c for c in sel.cases if c >= 0})
+        nqt, nkt = -(-n // bm), -(-n // bn)
+        if sel.dispatch is not None and nkt >= 1 << 24:
+            raise ValueError(f"'{spec.name}': its selection cases need fewer than {1 << 24} key tiles, got {nkt}")
+        keys = [torch.zeros(0, dtype=torch.int64, device=device)]
+        flags = [torch.zeros(0, dtype=torch.int32, device=device)]
+        for d, pred in enumerate(distinct):
+            k1, c1 = _sorted_tiles(spec, pred, n, bm, bn, device)
+            keys.append(k1 + d * nqt * nkt)
+            flags.append(torch.where(c1 == 0, 0, (1 << 30) + (d << 24 if sel.dispatch is not None else 0)).to(torch.int32))
+        vd = [distinct.index(c) if c >= 0 else -1 for c in sel.cases]
+        k_all, f_all = torch.cat(keys), torch.cat(flags)
+        if not k_all.numel():  # (a pointer for the kernel; K1N = 0 reads nothing)
+            k_all, f_all = torch.full((1,), -1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        hit = (k_all.contiguous(), f_all.contiguous(), torch.tensor(vd, dtype=torch.int32, device=device))
+        if len(_CANDIDATES) >= 16:
+            _CANDIDATES.pop(next(iter(_CANDIDATES)))
+        _CANDIDATES[key] = hit
+    return hit
+
+
+def sel_kernel(spec: PatternSpec, pat: int) -> tuple[Any, bool]:
+    """The kernels' predicate for a dynamic pattern's selected tiles, and whether it dispatches on the
+    selection case's rank (SEL_PRED, SEL_VARS)."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    if sel.dispatch is not None:
+        return sel.dispatch, True
+    return spec.predicates[sel.selected].kernel, False
+
+
 def _tiles(spec: PatternSpec, pat: int, block_m: int, block_n: int) -> tuple[int, int]:
     """Kernel tiles of a dynamic pattern divide its selector's block (a tile is selected or not)."""
     sel = spec.selectors[pat]
     if sel is None:
         return block_m, block_n
-    p = sel[2] & -sel[2]
-    return min(block_m, p), min(block_n, p)
+    return min(block_m, sel.block & -sel.block), min(block_n, sel.kblock & -sel.kblock)
 
 
 def selected_blocks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, *, scores: torch.Tensor | None = None,
@@ -527,20 +682,20 @@ def selected_blocks(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, *, scor
     group = _check(spec, q, k, k, None, patterns)
     _need_scores(spec, q, scores)
     B, H, N, D = q.shape
-    blks = {sel[2] for sel in spec.selectors if sel is not None}
+    blks = {(s.block, s.kblock) for sel in spec.selectors if sel is not None for s in sel.all}
     if len(blks) != 1:
         raise ValueError("selected_blocks needs exactly one selector block size in the pattern")
-    (blk,) = blks
-    nb = -(-N // blk)
-    out = torch.zeros((B, H, nb, nb), dtype=torch.bool, device=q.device)
+    ((blk, kblk),) = blks
+    nb, nk = -(-N // blk), -(-N // kblk)
+    out = torch.zeros((B, H, nb, nk), dtype=torch.bool, device=q.device)
     for pat in range(spec.patterns):
         if spec.selectors[pat] is None:
             continue
         heads = _heads(pat, patterns, H, q.device)
         if heads.numel() == 0:
             continue
-        sel = _sel_dense(_selection(spec, pat, q, k, scores, heads, group), nb)
-        out[:, heads.long()] = sel.view(B, heads.numel(), nb, nb)
+        sel = _sel_dense(_selection(spec, pat, q, k, scores, heads, group), nk, bool(spec.selectors[pat].more)) != 0  # type: ignore[union-attr]
+        out[:, heads.long()] = sel.view(B, heads.numel(), nb, nk)
     return out
 
 

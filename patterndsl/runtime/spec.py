@@ -45,16 +45,43 @@ class TokenLayout:
 
 
 class Selector(NamedTuple):
-    """A dynamic pattern's selector: `kind` ('topk' or 'threshold'), its count or mass, its block, whether
+    """A dynamic pattern's selector: `kind` ('topk', 'fraction' or 'threshold'), its count (an int, or an
+    expression of N), fraction of the candidates or mass, its block, whether
     the caller gives the scores, and which predicates mask the selected blocks (`selected`) and bound the
-    candidates (`context`), as indices into `PatternSpec.predicates`."""
+    candidates (`context`), as indices into `PatternSpec.predicates`.
+
+    A pattern with several selectors lists the others in `more` (their `selected` is -1) and, in
+    `variants`, the predicate of each selection case v = 1 .. 2**k - 1 (bit m: selector m picked the
+    block; -1: the case allows nothing). Where the cases' predicates differ, `dispatch` is the
+    @triton.jit `(i, j, N, var)` that applies the one of rank `var` among them (ascending index)."""
 
     kind: str
-    param: int | float
+    param: int | float | Expr
     block: int
     given: bool
     selected: int
     context: int
+    more: tuple[Selector, ...] = ()
+    variants: tuple[int, ...] = ()
+    dispatch: Any = None
+    score: str = "mean"  # the scoring rule (topk): mean, max, quest or compressed
+    share: bool = False  # one selection per KV head, from the summed scores of its query heads
+    key_block: int = 0  # key blocks of their own size (block=(queries, keys)); 0: `block`
+
+    @property
+    def kblock(self) -> int:
+        """The key block's size (`block` is the query block's)."""
+        return self.key_block or self.block
+
+    @property
+    def all(self) -> tuple[Selector, ...]:
+        """The pattern's selectors, this one first."""
+        return (self, *self.more)
+
+    @property
+    def cases(self) -> tuple[int, ...]:
+        """Per selection case v = 1 .. 2**k - 1, the predicate index of P_v (-1: allows nothing)."""
+        return self.variants or (self.selected,)
 
 
 class Requirement(NamedTuple):

@@ -130,7 +130,7 @@ def test_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_dynamic_pattern_reports_its_static_part_and_the_selection_cost(capsys: pytest.CaptureFixture[str]) -> None:
     n, heads, d = 1000, 2, 64
-    r = run_json(capsys, str(LIBRARY / "nsa.pat"), "-N", str(n), "--heads", str(heads), "--head-dim", str(d))
+    r = run_json(capsys, str(LIBRARY / "nsa.pat"), "-p", "nsa", "-N", str(n), "--heads", str(heads), "--head-dim", str(d))
     (e,) = r["patterns"]
     # the static part causal & (window(511) | sink(64)), by brute force
     i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")

@@ -38,10 +38,10 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
     q = torch.randint(-2, 3, (b, h, n, d), device="cuda", generator=g).to(dtype)
     k = torch.randint(-2, 3, (b, hkv, n, d), device="cuda", generator=g).to(dtype)
     v = torch.randn(b, hkv, n, d, device="cuda", generator=g).to(dtype)
-    nb = -(-n // sp.block)
+    nb, nk = -(-n // sp.block), -(-n // sp.key_block)
     given = None
     if isinstance(sp.selector, ir.TopK) and sp.selector.given:
-        given = torch.randint(0, 4, (b, h, nb, nb), device="cuda", generator=g).float()
+        given = torch.randint(0, 4, (b, h, nb, nk), device="cuda", generator=g).float()
     ctx = dense_mask(sp.context, n)
     want_sel = R.selection(
         sp.selector,
@@ -57,8 +57,8 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
     with torch.no_grad():
         out, lse = attn.attention_lse(q, k, v, scores=given, out=nan_out, lse=nan_lse)
     assert out is nan_out and lse is nan_lse, "out= and lse= are written into"
-    blk = np.arange(n) // sp.block
-    mask = dense_mask(sp.static, n)[None, None] | (want_sel[:, :, blk][:, :, :, blk] & dense_mask(sp.selected, n))
+    rows, cols = np.arange(n) // sp.block, np.arange(n) // sp.key_block
+    mask = dense_mask(sp.static, n)[None, None] | (want_sel[:, :, rows][:, :, :, cols] & dense_mask(sp.selected, n))
     m = torch.from_numpy(mask).cuda()
     group = h // hkv
     s = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * d**-0.5
@@ -71,8 +71,17 @@ def _run(src: str, n: int, dtype: Any, d: int = 128, b: int = 1, h: int = 4, hkv
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+BUDGETS = [
+    "causal & (window(255) | topk(0.1, block=64))", "causal & topk(N // 512, block=64)",
+    # scoring rules (PyTorch operations on the device) and a selection shared by a KV head's query heads
+    "causal & (sink(64) | topk(8, block=64, score=quest, share=kv))", "causal & topk(8, block=64, score=max)",
+]
+SHAPES = ["causal & (window(63) | topk(16, block=(64, 16)))", "causal & topk(4, block=(64, 128))"]
+
+
 @pytest.mark.parametrize(
-    "src, dtype", [(c, "bfloat16") for c in CASES] + [(CASES[0], "float16"), (CASES[0], "float32")]
+    "src, dtype",
+    [(c, "bfloat16") for c in CASES + BUDGETS + SHAPES] + [(CASES[0], "float16"), (CASES[0], "float32")],
 )
 def test_gpu_selection_and_attention_match_float64(src: str, dtype: str) -> None:
     err = _run(src, 4096 - 32, getattr(torch, dtype))
@@ -124,7 +133,46 @@ def test_gpu_fused_topk_equals_the_sorting_path_at_scale() -> None:
     heads = _heads(0, 0, h, q.device)
     fused = _selection(spec, 0, q, k, None, heads, h // hkv)
     nb = n // blk
-    keys = _block_scores(spec, 0, q, k, _pooled(q, k, blk), heads, h // hkv, 0, nb)
-    sorting = _pick(spec, 0, keys.reshape(-1, nb), 1.0).view(h, nb, -1)
+    keys = _block_scores(spec, spec.selectors[0], q, k, _pooled(q, k, blk), heads, h // hkv, 0, nb)  # type: ignore[arg-type]
+    sorting = _pick(spec.selectors[0], keys.reshape(-1, nb), 1.0).view(h, nb, -1)  # type: ignore[arg-type]
     assert torch.equal(_sel_dense(fused, nb), _sel_dense(sorting, nb))
     assert int((fused >= 0).sum()) == int((sorting >= 0).sum())
+
+
+SEVERAL = [
+    # NOSA's shape: one predicate for every selection case
+    "causal & (window(255) | sink(64) | topk(6, block=64) | topk(2, block=64, score=given))",
+    # distinct cases: the kernels dispatch on the case's rank
+    "(causal & topk(4, block=64)) | (window(300) & threshold(0.8, block=64)) | (causal - topk(2, block=64, score=given))",
+]
+
+
+@pytest.mark.parametrize("src", SEVERAL)
+def test_gpu_several_selectors_forward_and_backward_match_float64(src: str) -> None:
+    """Several selectors: the reference evaluates the pattern as sets node by node (`reference.dynamic_mask`
+    on a small N, float64), the kernels run at bf16 with the same selection."""
+    attn = P.compile(f"pattern p = {src}\n")
+    n, d, h, hkv = 1024 - 32, 64, 4, 2
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q, k = (torch.randint(-2, 3, (1, x, n, d), device="cuda", generator=g).to(torch.bfloat16) for x in (h, hkv))
+    v = torch.randn(1, hkv, n, d, device="cuda", generator=g).to(torch.bfloat16)
+    nb = -(-n // 64)
+    given = torch.randint(0, 4, (1, h, nb, nb), device="cuda", generator=g).float() if "given" in src else None
+    mask, picked = R.dynamic_mask(
+        P.pattern(src), q.float().cpu().numpy(), k.float().cpu().numpy(), None if given is None else given.cpu().numpy()
+    )
+    assert np.array_equal(attn.selected_blocks(q, k, scores=given).cpu().numpy(), picked)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    w = torch.randn(q.shape, device="cuda", dtype=torch.float64, generator=g)
+    out = attn.attention(qs, ks, vs, scores=given)
+    (out.double() * w).sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = qd @ kd.repeat_interleave(h // hkv, 1).transpose(-1, -2) * d**-0.5
+    s = s.masked_fill(~torch.from_numpy(mask).cuda(), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    ref = torch.where(torch.isinf(lse)[..., None], 0.0, torch.exp(s - lse[..., None])) @ vd.repeat_interleave(h // hkv, 1)
+    (ref * w).sum().backward()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    for got, want in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and want is not None
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2

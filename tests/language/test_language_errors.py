@@ -106,7 +106,6 @@ CHECK_ERRORS: dict[str, Case] = {
     "neighborhood_of_pattern": Case("pattern p = neighborhood(causal, kernel=3)", 1, 26, 6, "neighborhood's first argument must be a layout, not a pattern"),
     "kernel_axes": Case("layout g = grid(4, 4)\npattern p = neighborhood(g, kernel=(3, 3, 3))", 2, 36, 9, "kernel has 3 values but the layout has 2 axes"),
     "selector_in_blockwise": Case("pattern p = blockwise(4, topk(2, block=16))", 1, 26, 17, "topk cannot be used inside blockwise", "block="),
-    "complemented_selector": Case("pattern p = ~topk(3, block=16)", 1, 13, 18, "a selector cannot be complemented ('~'): the blocks it picks depend on the data"),
     # unknown keyword arguments
     "unknown_keyword": Case("pattern p = window(3, foo=2)", 1, 23, 5, "window has no argument 'foo'", "signature: window("),
     "misspelt_keyword": Case("pattern p = window(3, dilaton=2)", 1, 23, 9, "window has no argument 'dilaton'", "did you mean 'dilation'?"),

@@ -125,17 +125,20 @@ def test_limits_speak_of_what_the_user_wrote(src: str, message: str) -> None:
 
 COMPILE_RULES = {
     # language rules: every command refuses them
-    "two_selectors": (
+    "two_selector_blocks": (
         "let a = causal & topk(2, block=16)\npattern p = a | threshold(0.5, block=32)",
-        (2, 17, 24), "'p' holds 2 selectors; a compiled pattern may hold one", "heads { ... }",
+        (2, 17, 24), "the selectors of one pattern share one block size to compile: block=32 here, block=16 in the first",
+        "write block=16",
     ),
-    "two_selectors_in_a_head": (
-        "pattern p = heads {\n    0:1 => topk(1, block=16)\n    1:2 => topk(1, block=16) & topk(2, block=16)\n}",
-        (3, 32, 17), "'p' holds 2 selectors; a compiled pattern may hold one", None,
+    "two_selector_blocks_in_a_head": (
+        "pattern p = heads {\n    0:1 => topk(1, block=16)\n    1:2 => topk(1, block=16) & topk(2, block=32)\n}",
+        (3, 32, 17), "the selectors of one pattern share one block size to compile: block=32 here, block=16 in the first",
+        None,
     ),
-    "two_selectors_in_a_model": (
-        "model m = layers(2) {\n    else => topk(1, block=16) | topk(2, block=16)\n}",
-        (2, 33, 17), "'m' holds 2 selectors; a compiled pattern may hold one", None,
+    "two_selector_blocks_in_a_model": (
+        "model m = layers(2) {\n    else => topk(1, block=16) | topk(2, block=64)\n}",
+        (2, 33, 17), "the selectors of one pattern share one block size to compile: block=64 here, block=16 in the first",
+        None,
     ),
     "selector_block": (
         "pattern p = causal & topk(2, block=8)", (1, 36, 1),

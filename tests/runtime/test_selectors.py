@@ -11,6 +11,7 @@ float64 masked softmax over the reference's mask, outputs poisoned (NaN) before 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from helpers import LIBRARY
 
 import patterndsl as P
 from patterndsl import ir
+from patterndsl.cli import main as patc
 from patterndsl.source import PatternError
 
 pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
@@ -39,6 +41,15 @@ CASES = {
     "given": "causal & topk(2, block=32, score=given)",
     "context_in_union": "(causal & topk(1, block=16)) | window(3)",
     "nested_context": "causal & (window(8) | (where(k >= 16) & topk(2, block=16)))",
+}
+
+
+# several selectors in one pattern, combined by the set algebra (NOSA's shape first)
+MULTI = {
+    "nosa": "causal & (window(15) | topk(2, block=16) | topk(1, block=16, score=given))",
+    "difference": "causal & (topk(3, block=16) - topk(1, block=16, score=given))",
+    "cases": "(causal & topk(2, block=16)) | (window(20) & threshold(0.5, block=16))",
+    "complement": "causal & ~topk(2, block=32)",
 }
 
 
@@ -108,7 +119,7 @@ def _dense(q: Any, k: Any, v: Any, mask: np.ndarray, scale: float) -> tuple[Any,
 
 
 def _block(src: str) -> int:
-    (sel,) = [x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK | ir.Threshold)]
+    sel = next(x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK | ir.Threshold))
     return sel.block
 
 
@@ -243,11 +254,166 @@ def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str
         assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
 
 
-def test_uncompilable_selectors_are_refused_plainly() -> None:
+def _matches_reference(m: Any, src: str, q: Any, k: Any, v: Any, scores: Any) -> Any:
+    """The selection equals the reference's block for block and the output (into NaN-filled buffers) its
+    masked softmax: 1e-12 in float64 (the PyTorch path), 2e-5 in float32 (the interpreter). Returns the
+    selection."""
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    got = m.selected_blocks(q, k, scores=scores)
+    assert np.array_equal(got.numpy(), picked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
+        out, lse = _run(m, q, k, v, scores=scores)
+    want, want_lse = _dense(q, k, v, mask, 16**-0.5)
+    assert (out.double() - want).abs().max().item() < (1e-12 if q.dtype == torch.float64 else 2e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    return got
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n == "nosa" else [pytest.mark.slow]) for n in MULTI]
+)
+def test_several_selectors_match_the_literal_reference(name: str) -> None:
+    """Each selector picks among its own context; a block takes the pattern with the selectors that
+    picked it full (the reference: sets node by node). Interpreter (float32) and PyTorch path (float64)."""
+    src = MULTI[name]
+    m = _module(src)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (x.to(dtype) for x in _inputs(64, h=1, hkv=1, b=1, seed=13))
+        _matches_reference(m, src, q, k, v, _given(src, q, _block(src)))
+
+
+# scoring rules and selection shared by a KV head's query heads
+RULES = {
+    "max": "causal & topk(2, block=16, score=max)",
+    "quest": "causal & (sink(16) | topk(2, block=16, score=quest))",
+    "compressed_shared": "causal & (window(3) | topk(2, block=16, score=compressed, share=kv))",
+    "given_shared": "causal & topk(2, block=16, score=given, share=kv)",
+}
+
+
+def _dtype_cases(table: dict[str, str], fast: tuple[str, ...], skip: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+    """(name, dtype) cases of a table, float64 (the PyTorch path) and float32 (the interpreter), all slow
+    but float64 of the names in `fast`."""
+    return [pytest.param(n, d, marks=[] if d == "float64" and n in fast else [pytest.mark.slow])
+            for n in sorted(table) for d in ("float64", "float32") if (n, d) not in skip]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, dtype", _dtype_cases(RULES, ("quest", "given_shared"), skip=(("compressed_shared", "float32"),))
+)
+def test_scoring_rules_match_the_literal_reference(name: str, dtype: str) -> None:
+    """Each rule's block scores as the reference computes them pair by pair, GQA (two query heads per KV
+    head). float32 on integer inputs keeps max and quest exact; compressed (a softmax) runs in float64."""
+    src = RULES[name]
+    m = _module(src)
+    q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, h=4, hkv=2, b=1, seed=23))
+    got = _matches_reference(m, src, q, k, v, _given(src, q, 16))
+    if "shared" in name:  # the two query heads of a KV head pick alike
+        assert torch.equal(got[:, 0::2], got[:, 1::2])
+
+
+def test_unknown_scoring_rules_are_refused_plainly() -> None:
+    with pytest.raises(PatternError, match="topk has no scoring rule 'avg': mean, max, quest, compressed or given"):
+        P.compile("pattern p = causal & topk(2, block=16, score=avg)\n")
+    with pytest.raises(PatternError, match="topk's share can only be 'kv'"):
+        P.compile("pattern p = causal & topk(2, block=16, share=q)\n")
+
+
+# key blocks of their own size (HiP: many small key blocks per query block)
+SHAPES = {
+    "hip": "causal & (window(3) | topk(3, block=(32, 16)))",
+    "wide_keys": "causal & (topk(1, block=(16, 32)) | topk(2, block=(16, 32), score=given))",
+}
+
+
+@pytest.mark.parametrize("name, dtype", _dtype_cases(SHAPES, ("hip",)))
+def test_non_square_blocks_match_the_literal_reference(name: str, dtype: str) -> None:
+    """block=(bq, bk): query blocks of bq tokens pick key blocks of bk; forward and gradients."""
+    src = SHAPES[name]
+    m = _module(src)
+    q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(80, h=2, hkv=1, b=1, seed=29))
+    sel = next(x for x in ir.walk(P.pattern(src)) if isinstance(x, ir.TopK))
+    scores = None
+    if "given" in src:
+        g = torch.Generator().manual_seed(2)
+        scores = torch.randint(0, 3, (1, 2, -(-80 // sel.block), -(-80 // (sel.key_block or sel.block))), generator=g)
+        scores = scores.to(q.dtype)
+    mask, picked = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the CPU path's notice
+        out = m.attention(qs, ks, vs, scores=scores)
+    (out.double() * w).sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want, _ = _dense(qd, kd, vd, mask, 16**-0.5)
+    (want * w).sum().backward()
+    tol = 1e-6 if dtype == "float64" else 2e-4  # lse is kept in float32
+    assert (out.double() - want).abs().max().item() < tol
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None
+        assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+
+
+# budgets: a share of each query block's candidates, a count that grows with N
+BUDGETS = {
+    "fraction": "causal & (window(3) | topk(0.3, block=16))",
+    "fraction_given": "topk(0.5, block=16, score=given)",
+    "count_of_n": "causal & topk(N // 40, block=16)",
+}
+
+
+@pytest.mark.parametrize("name, dtype", _dtype_cases(BUDGETS, ("fraction",)))
+def test_budgets_match_the_literal_reference(name: str, dtype: str) -> None:
+    """topk(p, ...) keeps ceil(p * c) of c candidates (p the decimal written: 0.3 of 10 is 3); topk(f(N), ...)
+    keeps f(N) at that N. float64: the PyTorch path; float32: the interpreter's kernels."""
+    src = BUDGETS[name]
+    m = _module(src)
+    for n in (96, 160):  # 6 and 10 blocks: shares that round up and one that is exact; N // 40 = 2, then 4
+        q, k, v = (x.to(getattr(torch, dtype)) for x in _inputs(n, h=1, hkv=1, b=1, seed=19))
+        _matches_reference(m, src, q, k, v, _given(src, q, 16))
+
+
+def test_budget_misuse_is_refused_plainly() -> None:
+    with pytest.raises(PatternError, match=r"topk's fraction must be in \(0, 1\], got 1.5"):
+        P.compile("pattern p = causal & topk(1.5, block=16)\n")
+    q = torch.zeros(1, 1, 100, 16)
+    with pytest.raises(ValueError, match="topk's count must be at least 1, got 0 at N = 100"):
+        _module("causal & topk(N // 4096, block=16)").attention(q, q, q)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nosa", "cases"])
+def test_gradients_of_several_selectors(name: str) -> None:
+    """Backward over the merged picks, the selection cases' predicates dispatched in the kernels ("cases")."""
+    src = MULTI[name]
+    q, k, v = _inputs(80, h=2, hkv=1, b=1, seed=17)
+    scores = _given(src, q, _block(src))
+    mask, _ = R.dynamic_mask(P.pattern(src), q.numpy(), k.numpy(), None if scores is None else scores.numpy())
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    with poisoned():
+        (_module(src).attention(qs, ks, vs, scores=scores).double() * w).sum().backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    (_dense(qd, kd, vd, mask, 16**-0.5)[0] * w).sum().backward()
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None
+        assert (got.double() - ref).abs().max().item() < 2e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_uncompilable_selectors_are_refused_plainly(tmp_path: Any) -> None:
     with pytest.raises(PatternError, match="multiple of 16 to compile.*got 8"):
         P.compile("pattern p = causal & topk(2, block=8)\n")
-    with pytest.raises(PatternError, match="holds 2 selectors; a compiled pattern may hold one"):
-        P.compile("pattern p = topk(2, block=16) | threshold(0.5, block=16)\n")
+    text = "pattern p = causal & (topk(2, block=16) | threshold(0.5, block=32))\n"
+    with pytest.raises(PatternError, match="share one block size to compile: block=32 here, block=16 in the first"):
+        P.compile(text)
+    (tmp_path / "p.pat").write_text(text)
+    assert patc(["check", str(tmp_path / "p.pat")]) == 2  # check refuses what compile refuses
+    many = " | ".join(f"topk({n}, block=16)" for n in range(1, 8))
+    with pytest.raises(PatternError, match="at most 6 selectors, this one 7"):
+        P.compile(f"pattern p = {many}\n")
 
 
 @pytest.mark.parametrize(
@@ -255,16 +421,23 @@ def test_uncompilable_selectors_are_refused_plainly() -> None:
     [
         pytest.param("nsa.pat", "nsa", marks=pytest.mark.slow),  # about 5 s; CASES["nsa"] is its shape, fast tier
         ("seer.pat", "seer_local"), ("flexprefill.pat", "prefill"), ("xattention.pat", "xattention"),
+        pytest.param("nosa.pat", "nosa", marks=pytest.mark.slow),  # MULTI["nosa"] is its shape, fast tier
+        pytest.param("sparsed.pat", "sparsed", marks=pytest.mark.slow),  # BUDGETS["fraction"], fast tier
+        pytest.param("nsa.pat", "nsa_shared", marks=pytest.mark.slow),  # RULES["compressed_shared"], fast tier
+        pytest.param("infllm_v2.pat", "infllm_v2", marks=pytest.mark.slow),
+        pytest.param("quest.pat", "quest_pages", marks=pytest.mark.slow),  # RULES["quest"], fast tier
+        pytest.param("hip.pat", "hip", marks=pytest.mark.slow),  # SHAPES["hip"], fast tier
     ],  # fmt: skip
 )
 def test_library_selector_patterns_match_the_reference(file: str, name: str) -> None:
     path = LIBRARY / file
     pat = P.load(path).get(name).body  # type: ignore[union-attr]
     assert isinstance(pat, ir.Pattern.__args__)  # type: ignore[attr-defined]
-    (sel,) = [x for x in ir.walk(pat) if isinstance(x, ir.TopK | ir.Threshold)]
+    sel = next(x for x in ir.walk(pat) if isinstance(x, ir.TopK | ir.Threshold))
     n = 2 * sel.block + 16  # a ragged last block of 16 tokens
     q, k, v = _inputs(n, h=2, hkv=1, b=1, seed=11)
-    scores = _given("given" if isinstance(sel, ir.TopK) and sel.given else "", q, sel.block)
+    given = any(isinstance(x, ir.TopK) and x.given for x in ir.walk(pat))
+    scores = _given("given" if given else "", q, sel.block)
     mask, picked = R.dynamic_mask(pat, q.numpy(), k.numpy(), None if scores is None else scores.numpy())
     m = P.compile(path, name, **SMALL)
     assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)

@@ -103,8 +103,8 @@ def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bo
         fused = selection._selection(m.spec, 0, q, k, None, heads, h // hkv)
     assert launches == [(rows, keys, fill)]  # the variant asked for ran (top 8 columns fit a tile of keys)
     nb = -(-n // 16)
-    scores = selection._block_scores(m.spec, 0, q, k, selection._pooled(q, k, 16), heads, h // hkv, 0, nb)
-    sorting = selection._pick(m.spec, 0, scores.reshape(-1, nb), 1.0).view(h, nb, -1)  # the int64-key path
+    scores = selection._block_scores(m.spec, m.spec.selectors[0], q, k, selection._pooled(q, k, 16), heads, h // hkv, 0, nb)
+    sorting = selection._pick(m.spec.selectors[0], scores.reshape(-1, nb), 1.0).view(h, nb, -1)  # the int64-key path
     assert torch.equal(selection._sel_dense(fused, nb), selection._sel_dense(sorting, nb))
 
 
@@ -127,7 +127,7 @@ def test_fused_given_scores_equal_the_sorting_path(dtype: str, fill: bool, monke
     assert [x[2] for x in launches] == [fill]
     cand = selection._candidates(m.spec, m.spec.selectors[0].context, n, 16, "cpu")
     s = torch.where(cand, scores.float(), float("nan")).reshape(h * nb, nb)
-    sorting = selection._pick(m.spec, 0, s, 1.0).view(h, nb, -1)
+    sorting = selection._pick(m.spec.selectors[0], s, 1.0).view(h, nb, -1)
     assert torch.equal(selection._sel_dense(fused, nb), selection._sel_dense(sorting, nb))
     assert int((fused >= 0).sum()) == int((sorting >= 0).sum()) > 0
 

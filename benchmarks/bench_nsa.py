@@ -1,0 +1,90 @@
+"""NSA's attention layer on the GPU: the three branches (compressed, selected, window) with their gates,
+against dense causal SDPA, forward and forward+backward.
+
+B=1, N = 65536 (BENCH_NS), 64 query heads over 4 KV heads (GQA), D=128, bf16, random normal inputs.
+Branches: `runtime.compressed_attention` (block means of 64 tokens), the selected branch
+`causal & (sink(64) | window(63) | topk(16, block=64, score=compressed, share=kv))` and the window
+`causal & window(511)`, mixed by per-head gates as examples/nsa_model.py does (the gates are inputs here,
+no projections). SDPA: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`. Median of
+`triton.testing.do_bench`. Writes JSON to argv[1] (default benchmarks/results/nsa.json) after every
+measurement; BENCH_BUDGET_S (default 300) skips what would start after that many seconds.
+Run: python benchmarks/bench_nsa.py OUT.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+import triton
+
+import patterndsl as P
+from patterndsl.runtime import compressed_attention
+
+B, HQ, HKV, D, BLK = 1, 64, 4, 128, 64
+NS = [int(x) for x in os.environ.get("BENCH_NS", "65536").split(",")]
+SELECTED = f"causal & (sink({BLK}) | window({BLK - 1}) | topk(16, block={BLK}, score=compressed, share=kv))"
+WINDOW = "causal & window(511)"
+T0 = time.perf_counter()
+BUDGET = float(os.environ.get("BENCH_BUDGET_S", "300"))
+
+
+def med(fn: Any) -> float:
+    return float(triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"))
+
+
+def measure(n: int, slc: Any, win: Any) -> dict[str, Any]:
+    """One sequence length: the layer and each branch, forward and forward+backward."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k, v = (torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))
+    gates = torch.rand(3, B, HQ, n, 1, device="cuda", dtype=torch.bfloat16, generator=g)
+    do = torch.randn_like(q)
+
+    def nsa() -> torch.Tensor:
+        o_cmp, _ = compressed_attention(q, k, v, BLK)
+        return gates[0] * o_cmp + gates[1] * slc.attention(q, k, v) + gates[2] * win.attention(q, k, v)
+
+    def sdpa() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    row: dict[str, Any] = {"N": n}
+    for name, fn in (("nsa", nsa), ("sdpa", sdpa)):
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = med(fn)
+        row[f"{name}_fwd_bwd_ms"] = med(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), do))
+        torch.cuda.empty_cache()
+    with torch.no_grad():
+        row["compressed_fwd_ms"] = med(lambda: compressed_attention(q, k, v, BLK))
+        row["selected_fwd_ms"] = med(lambda: slc.attention(q, k, v))
+        row["window_fwd_ms"] = med(lambda: win.attention(q, k, v))
+    row["speedup_fwd"] = row["sdpa_fwd_ms"] / row["nsa_fwd_ms"]
+    row["speedup_fwd_bwd"] = row["sdpa_fwd_bwd_ms"] / row["nsa_fwd_bwd_ms"]
+    return row
+
+
+def main() -> None:
+    path = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/nsa.json"
+    slc, win = P.compile(f"pattern slc = {SELECTED}\n"), P.compile(f"pattern win = {WINDOW}\n")
+    meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "selected": SELECTED, "window": WINDOW,
+            "B": B, "HQ": HQ, "HKV": HKV, "D": D, "block": BLK, "dtype": "bfloat16"}
+    rows: list[dict[str, Any]] = []
+    for n in NS:
+        if BUDGET - (time.perf_counter() - T0) < 30:
+            break
+        rows.append(measure(n, slc, win))
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(json.dumps(rows[-1]))
+
+
+if __name__ == "__main__":
+    main()
