@@ -376,10 +376,11 @@ def candidates(grid: ir.Grid, dilation: tuple[int, ...], block_q: int, block_k: 
 
 def visited_tiles(pred: Expr, layout: Layout | None, n: int, block_q: int, block_k: int) -> int:
     """Tiles a kernel with this layout visits at length n (pred with N free or bound)."""
+    from .analysis.limits import REFINE_PAIRS
     from .tiling import tiling
 
     bound = E.bind_n(layout_predicate(pred, layout), n)
-    return tiling(bound, E.evaluate_int(rows(layout), n), block_q, block_k).visited
+    return tiling(bound, E.evaluate_int(rows(layout), n), block_q, block_k, refine_pairs=REFINE_PAIRS).visited
 
 
 def _cdiv_int(a: int, b: int) -> int:

@@ -124,20 +124,23 @@ def partition(code: Any, k: int) -> list[Any]:
 
 
 def tiling(pred: Expr, extent: int, bq: int, bk: int, *, n: int | None = None, xp: Any = np, device: Any = None,
-           spend: Spend | None = None) -> Tiling:
+           spend: Spend | None = None, refine_pairs: int | None = None) -> Tiling:
     """Every tile of the BQ x BK grid over rows and columns 0 .. extent - 1 that holds an allowed pair of
     `pred`, FULL where all its pairs are allowed. `n`: the value of N in `pred` (None when N is bound).
-    `spend`, if given, is charged per rectangle the quad tree classifies (and may raise to stop it)."""
+    `spend`, if given, is charged per rectangle the quad tree classifies (and may raise to stop it);
+    `refine_pairs`, if given, bounds refinement to the PARTIAL tiles whose pairs fit it (the others stay
+    PARTIAL): the analyser's time box, where the kernels' tables refine every tile."""
     ops = _Ops(xp, device)
     blocked = block_form(pred)
     if blocked is not None and bq % blocked[0] == 0 and bk % blocked[0] == 0:
         b = blocked[0]  # the same tiles, on the pattern's own block grid
-        return tiling(blocked[1], -(-extent // b), bq // b, bk // b, n=n, xp=xp, device=device, spend=spend)
+        return tiling(blocked[1], -(-extent // b), bq // b, bk // b, n=n, xp=xp, device=device, spend=spend,
+                      refine_pairs=None if refine_pairs is None else refine_pairs // (b * b))
     draws = [a for a in pred.args if isinstance(a, E.RandomMember) and is_plain_random(a)] if isinstance(pred, E.Or) else []
     if draws and extent <= DRAWS_ENUMERATED and all(E.evaluate_int(d.n, n) == extent for d in draws):
-        return _with_draws(pred, draws, extent, bq, bk, n, ops, spend)
+        return _with_draws(pred, draws, extent, bq, bk, n, ops, spend, refine_pairs)
     fq_lo, fq_hi, fk_lo, fk_hi, pq, pk = _quad_tree(pred, extent, bq, bk, n, ops, spend)
-    return _settle(pred, extent, bq, bk, n, ops, (fq_lo, fq_hi, fk_lo, fk_hi), pq, pk)
+    return _settle(pred, extent, bq, bk, n, ops, (fq_lo, fq_hi, fk_lo, fk_hi), pq, pk, refine_pairs)
 
 
 def _quad_tree(pred: Expr, extent: int, bq: int, bk: int, n: int | None, ops: _Ops,
@@ -181,7 +184,7 @@ def _quad_tree(pred: Expr, extent: int, bq: int, bk: int, n: int | None, ops: _O
 
 
 def _with_draws(pred: Expr, draws: list[E.RandomMember], extent: int, bq: int, bk: int, n: int | None, ops: _Ops,
-                spend: Spend | None) -> Tiling:
+                spend: Spend | None, refine_pairs: int | None) -> Tiling:
     """`rest | random(r)`: the tiles of the rest, plus the tiles of the drawn keys that the rest misses
     (PARTIAL), all then settled against the whole predicate (the draws may fill a tile up)."""
     assert isinstance(pred, E.Or)
@@ -197,17 +200,19 @@ def _with_draws(pred: Expr, draws: list[E.RandomMember], extent: int, bq: int, b
                        ops.xp, n)
     new = partition(verdict, 3)[NONE]
     return _settle(pred, extent, bq, bk, n, ops, (fq_lo, fq_hi, fk_lo, fk_hi), ops.cat([pq, tq[new]]),
-                   ops.cat([pk, tk[new]]))
+                   ops.cat([pk, tk[new]]), refine_pairs)
 
 
 def _settle(pred: Expr, extent: int, bq: int, bk: int, n: int | None, ops: _Ops, full: tuple[Any, ...], pq: Any,
-            pk: Any) -> Tiling:
-    """The tiling with its PARTIAL tiles refined: empty ones dropped, full ones promoted to 1 x 1 rectangles."""
-    pq, pk, promoted = refine(pred, n, extent, bq, bk, pq, pk, xp=ops.xp)
+            pk: Any, refine_pairs: int | None) -> Tiling:
+    """The tiling with its PARTIAL tiles refined (the first ones, within `refine_pairs`): empty ones dropped,
+    full ones promoted to 1 x 1 rectangles."""
+    take = int(pq.shape[0]) if refine_pairs is None else max(0, refine_pairs // (bq * bk))
+    rq, rk, promoted = refine(pred, n, extent, bq, bk, pq[:take], pk[:take], xp=ops.xp)
     stay, up = partition(promoted, 2)
     q_lo, q_hi, k_lo, k_hi = full
-    return Tiling(ops.cat([q_lo, pq[up]]), ops.cat([q_hi, pq[up] + 1]), ops.cat([k_lo, pk[up]]),
-                  ops.cat([k_hi, pk[up] + 1]), pq[stay], pk[stay])
+    return Tiling(ops.cat([q_lo, rq[up]]), ops.cat([q_hi, rq[up] + 1]), ops.cat([k_lo, rk[up]]),
+                  ops.cat([k_hi, rk[up] + 1]), ops.cat([rq[stay], pq[take:]]), ops.cat([rk[stay], pk[take:]]))
 
 
 def refine(pred: Expr, n: Any, extent: Any, bq: int, bk: int, pq: Any, pk: Any, tag: Any = None,

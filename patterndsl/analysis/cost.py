@@ -5,7 +5,8 @@ Counting conventions (stated once here, repeated in the report):
 - backward: 10 * D per pair, FlashAttention-2 style with recomputation (q . k again, dV, dP, dQ, dK:
   2 * D each), i.e. 2.5 x the forward;
 - tiles are those of the kernel's block tables (`patterndsl.tiling`): classified by interval reasoning,
-  PARTIAL ones then settled by splitting them (bounded work);
+  PARTIAL ones then settled by splitting them, up to REFINE_PAIRS pairs of them (the kernel's tables settle
+  all), so at large N a few tiles may count as PARTIAL (or visited) that the kernel lists FULL (or drops);
 - a block-sparse kernel with BQ x BK tiles computes every pair of every tile it visits (FULL or
   PARTIAL), padded tiles included: executed = visited * BQ * BK * 4 * D per head;
 - bytes (forward, bf16 = 2 bytes per element): every query row of Q read once and of O written once,
@@ -22,7 +23,7 @@ from ..expr import Expr
 from ..tiling import Tiling, tiling
 from .bound import Value, ratio
 from .count import classify_cost
-from .limits import Budget
+from .limits import REFINE_PAIRS, Budget
 
 FWD_PER_PAIR = 4
 BWD_PER_PAIR = 10
@@ -51,7 +52,7 @@ def tiles_of(pred: Expr, n: int, block_q: int, block_k: int, budget: Budget | No
     full as partial. With a budget, a subdivision that outgrows it raises OverBudget.
     """
     spend = None if budget is None else lambda count, p: budget.spend(count * classify_cost(p))
-    return tiling(pred, n, block_q, block_k, spend=spend)
+    return tiling(pred, n, block_q, block_k, spend=spend, refine_pairs=REFINE_PAIRS)
 
 
 def block_counts(pred: Expr, n: int, block_q: int, block_k: int, budget: Budget | None = None) -> BlockCounts:
