@@ -5,10 +5,11 @@ module lists, per query block, the key blocks whose pairs are all allowed (FULL:
 no predicate there) and those where some are (PARTIAL: the kernel evaluates the pattern's predicate per
 pair). Empty tiles are never listed, so the kernel never visits them.
 
-How: `runtime.tables.tiles`, the one builder the kernels use too (interval reasoning over key-block
-ranges, then refinement of PARTIAL tiles). Time and memory grow with the number of listed blocks times
-log2(key blocks), never with N^2 / (block_q * block_k) unless the pattern is dense. Work happens on
-`device` (torch), so a GPU builds its own tables.
+How: `runtime.tables.tiles`, i.e. `patterndsl.tiling`, the one tile builder the kernels and the analysis
+use too (a quad tree of interval reasoning over the block grid, then refinement of PARTIAL tiles). Time
+and memory grow with the tiles on the boundary of the allowed region and the listed blocks, never with
+N^2 / (block_q * block_k) unless the pattern is dense. Work happens on `device` (torch), so a GPU builds
+its own tables.
 
 The transposed tables (query blocks per key block) serve the backward pass (dK, dV by key block).
 Tables are cached per (predicate, N, block_q, block_k, device).

@@ -563,7 +563,7 @@ def compile(  # noqa: A001 (the verb users look for)
 
 
 # What a standalone module carries of patterndsl: the runtime and the two modules it reads expressions with.
-STANDALONE_FILES = ("expr.py", "intervals.py", "runtime/*.py")
+STANDALONE_FILES = ("expr.py", "intervals.py", "tiling.py", "runtime/*.py")
 _STANDALONE_INIT = '''"""The parts of patterndsl a standalone module needs (copied by `patc compile --standalone`)."""
 '''
 

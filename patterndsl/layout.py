@@ -27,7 +27,7 @@ speed, never meaning.
 
 Which layout: `choose` reads the pattern's structure (a top-level `(i - j) % d == 0` conjunct asks for
 residue classes; a neighborhood or grid `where` asks for tiles of its grid) and, for grids, scores tile
-shapes by the tiles they visit (`analysis.cost.tile_rects`), keeping the plain order when nothing beats it.
+shapes by the tiles they visit (`tiling.tiling`, the kernels' own tile builder), keeping the plain order when nothing beats it.
 """
 
 from __future__ import annotations
@@ -471,11 +471,11 @@ def candidates(grid: ir.Grid, dilation: tuple[int, ...], block_q: int, block_k: 
 
 def visited_tiles(pred: Expr, layout: Layout | None, n: int, block_q: int, block_k: int) -> int:
     """Tiles a kernel with this layout visits at length n (pred with N free or bound)."""
-    from .analysis.cost import tile_rects
+    from .analysis.limits import REFINE_PAIRS
+    from .tiling import tiling
 
     bound = E.bind_n(layout_predicate(pred, layout), n)
-    r = tile_rects(bound, E.evaluate_int(rows(layout), n), block_q, block_k)
-    return int(((r.q_hi - r.q_lo) * (r.k_hi - r.k_lo)).sum())
+    return tiling(bound, E.evaluate_int(rows(layout), n), block_q, block_k, refine_pairs=REFINE_PAIRS).visited
 
 
 def _cdiv_int(a: int, b: int) -> int:

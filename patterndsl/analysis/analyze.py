@@ -17,9 +17,10 @@ from .. import expr as E
 from .. import ir
 from ..selectors import Split, split
 from ..source import PatternError
+from ..tiling import block_form
 from . import cost as C
 from .bound import Bound, Value, jsonable, make, ratio, upper
-from .count import block_form, bound_predicate
+from .count import bound_predicate
 from .decode_cost import decode_figures
 from .figures import block_rows, exact_pairs, row_figures, tile_figures
 from .limits import ARRAY_LIMIT, ARRAY_WORK, Budget, OverBudget

@@ -26,6 +26,7 @@ from ..intervals import ALL, SOME, classify
 from ..mask import eval_numpy
 from ..semantics import _neighborhood_axis, predicate, random_keys
 from ..source import PatternError
+from ..tiling import block_form, is_plain_random
 from .limits import Budget, check_arithmetic, check_n
 
 LEAF = 16  # quad-tree rectangles this small are evaluated pair by pair
@@ -93,13 +94,13 @@ def predicate_stats(pred: Expr, n: int, budget: Budget | None = None) -> RowStat
     if blocked is not None:
         return _block_stats(blocked[0], blocked[1], n, budget)
     if isinstance(pred, E.Or):
-        sparse = [a for a in pred.args if _is_plain_random(a)]
+        sparse = [a for a in pred.args if is_plain_random(a)]
         if sparse:
             return _random_union(E.disj(*(a for a in pred.args if a not in sparse)), sparse, n, budget)
         banded = [a for a in pred.args if offset_form(a) is not None]
         if banded and len(banded) < len(pred.args):
             return _union(E.disj(*banded), E.disj(*(a for a in pred.args if a not in banded)), n, budget)
-    if _is_plain_random(pred):
+    if is_plain_random(pred):
         return _random_union(E.FALSE, [pred], n, budget)
     return _quadtree(pred, n, budget)
 
@@ -200,72 +201,7 @@ def _union(a: Expr, b: Expr, n: int, budget: Budget | None) -> RowStats:
     return RowStats(n, counts, np.minimum(sa.first, sb.first), np.maximum(sa.last, sb.last), method)
 
 
-# --- block form: predicates of i // b and j // b -----------------------------------------------------
-
-
-def block_form(e: Expr) -> tuple[int, Expr] | None:
-    """(b, predicate over block indices) when i and j only appear as i // b and j // b."""
-    b = _find_block(e)
-    if b is None or b < 2:
-        return None
-    out = _unblock(e, b)
-    return None if out is None else (b, out)
-
-
-def _find_block(e: Expr) -> int | None:
-    match e:
-        case E.Arith("//", E.Var("i" | "j"), E.Const(b)):
-            return int(b)
-        case E.Arith(_, a, b) | E.Cmp(_, a, b):
-            return _find_block(a) or _find_block(b)
-        case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
-            return _find_block(a)
-        case E.And(args) | E.Or(args):
-            for a in args:
-                found = _find_block(a)
-                if found:
-                    return found
-        case E.IfElse(c, t, o):
-            return _find_block(c) or _find_block(t) or _find_block(o)
-        case E.RandomMember(row, col, _, _, _):
-            return _find_block(row) or _find_block(col)
-    return None
-
-
-def _unblock(e: Expr, b: int) -> Expr | None:
-    match e:
-        case E.Arith("//", E.Var("i" | "j") as v, E.Const(c)) if int(c) == b:
-            return v
-        case E.Var("i" | "j"):
-            return None
-        case E.Const() | E.Var():
-            return e
-        case E.Arith(op, x, y) | E.Cmp(op, x, y):
-            ux, uy = _unblock(x, b), _unblock(y, b)
-            if ux is None or uy is None:
-                return None
-            return E.Arith(op, ux, uy) if isinstance(e, E.Arith) else E.Cmp(op, ux, uy)  # type: ignore[arg-type]
-        case E.Abs(x) | E.Log2(x):
-            a = _unblock(x, b)
-            return None if a is None else type(e)(a)
-        case E.Not(x):
-            a = _unblock(x, b)
-            return None if a is None else E.Not(a)
-        case E.IsPow(x, base):
-            a = _unblock(x, b)
-            return None if a is None else E.IsPow(a, base)
-        case E.And(args) | E.Or(args):
-            xs = [_unblock(a, b) for a in args]
-            if any(x is None for x in xs):
-                return None
-            return E.And(tuple(xs)) if isinstance(e, E.And) else E.Or(tuple(xs))  # type: ignore[arg-type]
-        case E.IfElse(c, t, o):
-            xs3 = [_unblock(a, b) for a in (c, t, o)]
-            return None if any(x is None for x in xs3) else E.IfElse(*xs3)  # type: ignore[arg-type]
-        case E.RandomMember(row, col, nn, r, seed):
-            rr, cc = _unblock(row, b), _unblock(col, b)
-            return None if rr is None or cc is None else E.RandomMember(rr, cc, nn, r, seed)
-    return None
+# --- block form: predicates of i // b and j // b (found by `tiling.block_form`, which the tiles share) ---
 
 
 def _block_stats(b: int, inner: Expr, n: int, budget: Budget | None) -> RowStats:
@@ -283,10 +219,6 @@ def _block_stats(b: int, inner: Expr, n: int, budget: Budget | None) -> RowStats
 
 
 # --- union with random(r): count the rest, then the draws it misses -----------------------------------
-
-
-def _is_plain_random(e: Expr) -> bool:
-    return isinstance(e, E.RandomMember) and e.row == E.I and e.col == E.J
 
 
 def _random_union(rest: Expr, draws: list[Expr], n: int, budget: Budget | None) -> RowStats:

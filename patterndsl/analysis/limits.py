@@ -26,6 +26,7 @@ ARRAY_LIMIT = 1 << 22
 ARITH_LIMIT = 1 << 62
 WORK = 1 << 21  # interval classifications and point evaluations one structural analysis may spend
 ARRAY_WORK = 1 << 24  # the same for one enumeration of rows or tiles (about ten seconds on one core)
+REFINE_PAIRS = 1 << 23  # pairs of PARTIAL tiles one tiling settles (`tiling.refine`); the rest stay PARTIAL
 
 
 class OverBudget(Exception):

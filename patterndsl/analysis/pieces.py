@@ -34,7 +34,8 @@ from .. import ir
 from ..expr import Expr
 from ..intervals import ALL, SOME, classify
 from ..mask import eval_numpy
-from .count import block_form, classify_cost, draw_width, offset_form
+from ..tiling import block_form
+from .count import classify_cost, draw_width, offset_form
 from .limits import ARRAY_LIMIT, Budget, OverBudget
 
 LEAF_1D = 64  # intervals this narrow are evaluated point by point

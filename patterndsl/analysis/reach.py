@@ -27,7 +27,8 @@ from .. import ir
 from ..intervals import ALL, classify
 from ..mask import dense_mask, eval_numpy
 from ..semantics import _neighborhood_axis
-from .cost import tile_rects
+from ..tiling import full_tiles
+from .cost import tiles_of
 from .count import DRAW_BITS, bound_predicate, draw_width, offset_form, predicate_stats, row_stats
 from .limits import ARRAY_LIMIT, ARRAY_WORK, Budget, OverBudget
 from .pieces import merge_runs, runs_1d
@@ -91,18 +92,14 @@ def token_adjacency(body: ir.Body, n: int) -> Adjacency:
 
 
 def block_adjacency(body: ir.Body, n: int, g: int) -> Adjacency:
-    r = tile_rects(_body_predicate(body, n), n, g, g)
+    t = tiles_of(_body_predicate(body, n), n, g, g)
     units = -(-n // g)
-    width = r.k_hi - r.k_lo
-    sizes = (r.q_hi - r.q_lo) * width
-    rect = np.repeat(np.arange(sizes.size), sizes)
-    offset = np.arange(rect.size, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    q = r.q_lo[rect] + offset // width[rect]
-    k = r.k_lo[rect] + offset % width[rect]
-    f = r.full[rect]
+    fq, fk = full_tiles(t)
+    q, k = np.concatenate([fq, t.part_q]), np.concatenate([fk, t.part_k])
+    f = np.arange(q.size) < fq.size
     order = np.lexsort((k, q))
     q, k, f = q[order], k[order], f[order]
-    # A tile classified twice (FULL and PARTIAL) cannot happen: the quad tree visits each tile once.
+    # No tile is listed twice (FULL and PARTIAL): the builder decides each tile once.
     indptr = np.concatenate([[0], np.cumsum(np.bincount(q, minlength=units))]).astype(np.int64)
     return Adjacency(indptr, k, f)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..expr import Expr
-from .count import block_form
+from ..tiling import block_form
 from .limits import Budget, OverBudget
 from .pieces import MAX_PIECES, Structure, Zone, merge_runs, structure
 

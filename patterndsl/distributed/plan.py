@@ -1,7 +1,7 @@
 """Who needs which keys: the exchange of a context-parallel run, derived from the pattern's tiles.
 
 A rank's queries need the keys of every tile they visit. The tiles come from the analyser's quad tree
-(`analysis.cost.tile_rects`: rectangles of FULL tiles and single PARTIAL ones, never an N x N array), in
+(`analysis.cost.tiles_of`: rectangles of FULL tiles and single PARTIAL ones, never an N x N array), in
 tokens; each rectangle's query rows and key columns are cut by the placement's runs, and where a run of
 queries and a run of keys belong to different ranks the keys' owner sends that run's part of the
 rectangle's columns. Exact at tile granularity; per (receiver, sender) the intervals are merged, so a
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import expr as E
-from ..analysis.cost import tile_rects
+from ..analysis.cost import tiles_of
 from ..analysis.count import predicate_stats
 from .placement import Placement
 
@@ -59,8 +59,10 @@ def _row_counts(expr: E.Expr, n: int) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def _rects(expr: E.Expr, n: int, block: int) -> tuple[np.ndarray, ...]:
-    r = tile_rects(E.bind_n(expr, n), n, block, block)
-    return (r.q_lo * block, np.minimum(r.q_hi * block, n), r.k_lo * block, np.minimum(r.k_hi * block, n))
+    t = tiles_of(E.bind_n(expr, n), n, block, block)
+    q_lo, q_hi = np.concatenate([t.q_lo, t.part_q]), np.concatenate([t.q_hi, t.part_q + 1])
+    k_lo, k_hi = np.concatenate([t.k_lo, t.part_k]), np.concatenate([t.k_hi, t.part_k + 1])
+    return (q_lo * block, np.minimum(q_hi * block, n), k_lo * block, np.minimum(k_hi * block, n))
 
 
 def row_costs(terms: Terms, n: int, docs: tuple[int, ...] | None = None) -> np.ndarray:

@@ -133,13 +133,6 @@ def _descriptors(mode: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
             _descriptor(out, block_m, d_pad))
 
 
-def _partition(code: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """Positions where `code` == c, ascending, for c in range(k): a stable sort and one read of the k counts
-    (one host sync, where k boolean masks take one each)."""
-    order = torch.argsort(code, stable=True)
-    return torch.split(order, (code[:, None] == torch.arange(k, device=code.device)).sum(0).tolist())
-
-
 def _csr(rows: torch.Tensor, cols: torch.Tensor, nrows: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(rows * ncols + cols)
     rows, cols = rows[order], cols[order]

@@ -1,12 +1,9 @@
 """Block tables: per query block the key blocks a kernel visits, FULL (no mask) or PARTIAL (masked).
 
-The one builder of tables in patterndsl: the kernels' tables here, `patterndsl.blocks` (the analysis's
-and the tests' view) and the selectors' candidate blocks all come from `tiles`. How: every query block
-starts with the range of all key blocks; `intervals.classify` judges all (query block, key range)
-rectangles at once; NONE ranges are dropped, ALL ranges become FULL blocks wholesale, SOME ranges are halved
-until one block wide (PARTIAL). `refine` then splits PARTIAL tiles until one part is seen ALL and one NONE
-(bounded work), promoting some to FULL and dropping empty ones. Time and memory grow with the listed blocks
-times log2(key blocks), never with N^2 unless the pattern is dense. Work happens on the tensors' device.
+The tiles come from `patterndsl.tiling`, the one tile builder (the analyser's block counts and
+`patterndsl.blocks` use it too), run here with torch on the tables' device; this module lays them out as
+the kernels read them (CSR per query block and transposed, work lists, padded rows) and caches them. Time
+and memory grow with the listed blocks, never with N^2 unless the pattern is dense.
 """
 
 from __future__ import annotations
@@ -17,8 +14,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from .. import expr as E
-from ..intervals import ALL, NONE, SOME, classify
-from .common import _csr, _partition, _sm_count
+from ..tiling import expand, full_rows, full_tiles, tiling
+from ..tiling import refine as refine  # the varlen tables settle their tiles with it
+from .common import _csr, _sm_count
 
 if TYPE_CHECKING:
     from ..expr import Expr
@@ -32,9 +30,9 @@ def tiles(pred: Expr, n: int, extent: int, bq: int, bk: int,
           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(full_q, full_k, partial_q, partial_k) int64: every tile of `pred` (at sequence length n; rows and
     columns 0 .. extent - 1) that holds an allowed pair, FULL where all its pairs are allowed."""
-    fq, fk, pq, pk = _subdivide(pred, n, extent, bq, bk, device)
-    pq, pk, promoted = refine(pred, n, extent, bq, bk, pq, pk)
-    return torch.cat([fq, pq[promoted]]), torch.cat([fk, pk[promoted]]), pq[~promoted], pk[~promoted]
+    t = tiling(pred, extent, bq, bk, n=n, xp=torch, device=device)
+    fq, fk = full_tiles(t, torch, device)
+    return fq, fk, t.part_q, t.part_k
 
 
 def _layout(spec: PatternSpec, pat: int) -> TokenLayout | None:
@@ -57,85 +55,6 @@ def _extent(spec: PatternSpec, pat: int, n: int, layout: bool) -> tuple[int, Exp
     return n, spec.predicates[pat].expr
 
 
-def _subdivide(pred: Expr, n: int, extent: int, bq: int, bk: int,
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per query block the key-block ranges, halved until ALL / NONE / one PARTIAL block."""
-    fq_all, flo_all, fhi_all, pq, pk = ranges(pred, n, extent, bq, bk, device)
-    i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
-    width = fhi_all - flo_all
-    size = int(width.sum())  # explicit output sizes: repeat_interleave without one is slow on CPU, a sync on GPU
-    fq2 = torch.repeat_interleave(fq_all, width, output_size=size)
-    fk = torch.repeat_interleave(flo_all - (torch.cumsum(width, 0) - width), width, output_size=size) + torch.arange(size, **i64)
-    return fq2, fk, pq, pk
-
-
-def ranges(pred: Expr, n: int, extent: int, bq: int, bk: int, device: torch.device | str
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(full_q, full_lo, full_hi, partial_q, partial_k) int64: the halving's verdicts, FULL ones as ranges
-    (query block full_q, key blocks full_lo .. full_hi - 1, every pair allowed), PARTIAL ones unrefined. Its
-    size grows with the ranges, not the blocks (about log2(key blocks) per query block for causal)."""
-    qn, kn = -(-extent // bq), -(-extent // bk)
-    i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
-    q, lo, hi = torch.arange(qn, **i64), torch.zeros(qn, **i64), torch.full((qn,), kn, **i64)
-    fq: list[torch.Tensor] = []
-    flo: list[torch.Tensor] = []
-    fhi: list[torch.Tensor] = []
-    pq: list[torch.Tensor] = []
-    pk: list[torch.Tensor] = []
-    while q.numel():
-        verdict = classify(pred, q * bq, torch.clamp((q + 1) * bq, max=extent) - 1, lo * bk,
-                           torch.clamp(hi * bk, max=extent) - 1, torch, n)
-        is_all, some = verdict == ALL, verdict == SOME
-        fq.append(q[is_all])
-        flo.append(lo[is_all])
-        fhi.append(hi[is_all])
-        single = some & (hi - lo == 1)
-        pq.append(q[single])
-        pk.append(lo[single])
-        split = some & (hi - lo > 1)
-        sq, slo, shi = q[split], lo[split], hi[split]
-        mid = (slo + shi) // 2
-        q, lo, hi = torch.cat([sq, sq]), torch.cat([slo, mid]), torch.cat([mid, shi])
-    return torch.cat(fq), torch.cat(flo), torch.cat(fhi), torch.cat(pq), torch.cat(pk)
-
-
-def refine(pred: Expr, n: int | torch.Tensor, extent: int | torch.Tensor, bq: int, bk: int, pq: torch.Tensor,
-           pk: torch.Tensor, tag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Settle PARTIAL tiles by splitting them until one part is seen ALL and one NONE (bounded work).
-
-    `n` is N, or per tile its document's length (a tensor like pq); `tag`, if given, is returned in pq's place.
-    One host sync per round of splitting, and one at the end."""
-    tiles, dev = pq.numel(), pq.device
-    seen_true = torch.zeros(tiles, dtype=torch.int32, device=dev)  # counts: index_put_ accumulates repeated tiles
-    seen_false = torch.zeros_like(seen_true)
-    unsettled = torch.zeros(tiles, dtype=torch.bool, device=dev)
-    t = torch.arange(tiles, dtype=torch.int64, device=dev)
-    i_lo, i_hi = pq * bq, torch.clamp((pq + 1) * bq, max=extent) - 1
-    j_lo, j_hi = pk * bk, torch.clamp((pk + 1) * bk, max=extent) - 1
-    budget = 8 * tiles + (1 << 16)
-    while t.numel():
-        if t.numel() > budget:
-            unsettled[t] = True
-            break
-        verdict = classify(pred, i_lo, i_hi, j_lo, j_hi, torch, n[t] if torch.is_tensor(n) else n)
-        seen_true.index_put_((t,), (verdict == ALL).int(), accumulate=True)
-        seen_false.index_put_((t,), (verdict == NONE).int(), accumulate=True)
-        keep = (verdict == SOME) & ~((seen_true[t] > 0) & (seen_false[t] > 0))
-        single = (i_hi == i_lo) & (j_hi == j_lo)
-        _, one, more = _partition(torch.where(keep, torch.where(single, 1, 2), 0), 3)
-        unsettled[t[one]] = True
-        t, i_lo, i_hi, j_lo, j_hi = (x[more] for x in (t, i_lo, i_hi, j_lo, j_hi))
-        rows = (i_hi - i_lo) >= (j_hi - j_lo)
-        i_mid, j_mid = (i_lo + i_hi) // 2, (j_lo + j_hi) // 2
-        t = torch.cat([t, t])
-        i_lo, i_hi = torch.cat([i_lo, torch.where(rows, i_mid + 1, i_lo)]), torch.cat([torch.where(rows, i_mid, i_hi), i_hi])
-        j_lo, j_hi = torch.cat([j_lo, torch.where(rows, j_lo, j_mid + 1)]), torch.cat([torch.where(rows, j_hi, j_mid), j_hi])
-    seen_true, seen_false = seen_true > 0, seen_false > 0
-    keep = torch.nonzero(seen_true | unsettled).squeeze(1)
-    promoted = ~seen_false & ~unsettled & seen_true
-    return (pq if tag is None else tag)[keep], pk[keep], promoted[keep]
-
-
 _TABLES: dict[tuple[Any, ...], Tables] = {}
 _RUNS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
 
@@ -151,10 +70,11 @@ def run_tables(spec: PatternSpec, pat: int, n: int, block_m: int, block_n: int,
     hit = _RUNS.get(key)
     if hit is None:
         extent, pred = _extent(spec, pat, n, False)
-        fq, flo, fhi, pq, pk = ranges(pred, n, extent, block_m, block_n, device)
-        pq, pk, promoted = refine(pred, n, extent, block_m, block_n, pq, pk)
+        t = tiling(pred, extent, block_m, block_n, n=n, xp=torch, device=device)
+        fq, flo, fhi = full_rows(t, torch, device)
+        pq, pk = t.part_q, t.part_k
         q, lo = torch.cat([fq, pq]), torch.cat([flo, pk])
-        hi, part = torch.cat([fhi, pk + 1]), torch.cat([torch.zeros_like(fq), (~promoted).long()])
+        hi, part = torch.cat([fhi, pk + 1]), torch.cat([torch.zeros_like(fq), torch.ones_like(pq)])
         kn = -(-extent // block_n)
         order = torch.argsort(q * kn + lo)
         q, lo, hi, part = q[order], lo[order], hi[order], part[order]
@@ -193,11 +113,15 @@ def block_tables(spec: PatternSpec, n: int, block_m: int, block_n: int, device: 
     hit = _TABLES.get(key)
     if hit is None:
         extent, pred = _extent(spec, pat, n, layout)
-        fq, fk, pq, pk = tiles(pred, n, extent, block_m, block_n, device)
-        ragged = (fk + 1) * block_n > extent
-        pq, pk = torch.cat([pq, fq[ragged]]), torch.cat([pk, fk[ragged]])
-        fq, fk = fq[~ragged], fk[~ragged]
         qn, kn = -(-extent // block_m), -(-extent // block_n)
+        t = tiling(pred, extent, block_m, block_n, n=n, xp=torch, device=device)
+        row, lo, hi = full_rows(t, torch, device)
+        pq, pk = t.part_q, t.part_k
+        if extent % block_n:  # the ragged last key block goes PARTIAL: the FULL stage needs no bounds check
+            cut = hi == kn
+            moved = row[torch.nonzero(cut).squeeze(1)]
+            pq, pk, hi = torch.cat([pq, moved]), torch.cat([pk, torch.full_like(moved, kn - 1)]), hi - cut.long()
+        fq, fk = expand(row, lo, hi, torch, device)
         hit = (*_csr(fq, fk, qn, kn), *_csr(pq, pk, qn, kn))
         if len(_TABLES) >= 64:
             _TABLES.pop(next(iter(_TABLES)))

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ..intervals import ALL, SOME, classify
-from .common import _INTERPRET, _csr, _partition, _pow2
+from ..tiling import partition as _partition
+from .common import _INTERPRET, _csr, _pow2
 from .tables import block_tables, refine
 
 if TYPE_CHECKING:

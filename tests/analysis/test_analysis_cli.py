@@ -153,3 +153,18 @@ def test_neighborhood_at_a_million_tokens_is_fast(capsys: pytest.CaptureFixture[
     )
     assert r["patterns"][0]["pairs"] == 49 * (1 << 20) - 2 * 0  # every query has exactly 7 x 7 neighbours
     assert r["patterns"][0]["nnz"]["closed_form"] == "49*N"
+
+
+def test_analysis_runs_without_torch() -> None:
+    """torch is an optional extra: the analyser, its tile builder and `patc analyze` never import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import patterndsl.analysis.analyze, patterndsl.tiling, patterndsl.layout\n"
+        "from patterndsl.cli import main\n"
+        f"assert main(['analyze', {str(LIBRARY / 'longformer.pat')!r}, '-p', 'longformer', '-N', '5000', '--json']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -153,24 +153,6 @@ def test_offset_structure_reaches_a_million_tokens_exactly() -> None:
     assert r.depth == 4096 and len(r.coverage) == 4096
 
 
-@given(
-    st.sampled_from([*SRCS, "where((q + k) % 3 == 0)", "window(1) | random(3, seed=1)", "~causal | sink(3)"]),
-    st.integers(1, 90),
-    st.sampled_from([(4, 4), (8, 4), (4, 16), (16, 16), (16, 8)]),
-)
-def test_tile_counts_agree_with_the_kernels_block_tables(src: str, n: int, blocks: tuple[int, int]) -> None:
-    """The analyser's own (faster) tile classifier lists the tiles `blocks.block_tables` gives the kernel."""
-    pytest.importorskip("torch")
-    from patterndsl.blocks import block_tables
-
-    bq, bk = blocks
-    p = pattern(src)
-    ours = block_counts(bound_predicate(p, n), n, bq, bk)
-    theirs = block_tables(p, n, bq, bk)
-    assert ours.full.tolist() == theirs.full.counts.tolist()
-    assert ours.partial.tolist() == theirs.partial.counts.tolist()
-
-
 @pytest.mark.parametrize(
     "name, defines",
     [("nat.pat", {"height": 9, "width": 11, "kernel": 3}), ("dinat.pat", {"kernel": 3}), ("", {})],

@@ -12,7 +12,7 @@ from strategies import exact_retention_patterns, expressions
 from patterndsl import loads, pattern
 from patterndsl.analysis.retention import decode_consistent, inconsistent_patterns, retention
 
-HORIZON = 24  # future queries looked at by brute force: past every reach exact_retention_patterns draws
+HORIZON = 64  # future queries brute force looks at: past every reach the strategies draw (x3 under blockwise)
 
 
 def _needed(src: str, n: int) -> np.ndarray:

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from patterndsl import tiling  # noqa: E402
 from patterndsl.runtime import backward, cpu, forward, tables, varlen  # noqa: E402 (they import torch)
 from patterndsl.runtime.spec import PatternSpec  # noqa: E402
 
@@ -397,9 +398,9 @@ def test_n_free_tables_match_a_brute_force_assembly_bit_for_bit() -> None:
 
 def test_per_document_classifier_reads_the_device_once_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
     """Predicates that read N classify every tile at its own N, in rounds of halving key ranges (then of
-    splitting PARTIAL tiles, `tables.refine`): each round may read the device once (its outcomes' sizes,
+    splitting PARTIAL tiles, `tiling.refine`): each round may read the device once (its outcomes' sizes,
     `_partition`), never once per boolean mask. Counted by dispatch: boolean-mask indexing, nonzero, item,
-    bincount; the rounds by spies on `classify` and `_partition` where varlen.py and tables.py call them."""
+    bincount; the rounds by spies on `classify` and the partitions where varlen.py and tiling.py call them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Reads(TorchDispatchMode):
@@ -426,9 +427,9 @@ def test_per_document_classifier_reads_the_device_once_per_round(monkeypatch: py
 
         return f
 
-    for where in (varlen, tables):
-        for x in calls:
-            monkeypatch.setattr(where, x, counted(x, getattr(where, x)))
+    for where, names in ((varlen, ("classify", "_partition")), (tiling, ("classify", "partition"))):
+        for x, key in zip(names, calls, strict=True):
+            monkeypatch.setattr(where, x, counted(key, getattr(where, x)))
     with Reads() as reads:
         built = varlen._varlen_tables(sp, cu_of(lengths), lengths, 16, 16)
     assert built[0].numel() == 2 * sum(-(-n // 16) for n in lengths)
