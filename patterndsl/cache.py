@@ -24,17 +24,10 @@ from typing import Any
 import torch
 
 from . import ir
-from .analysis.retention import Retention, decode_consistent, merge_intervals, retention
+from .analysis.retention import decode_consistent, merge_intervals, retention
 
 DEFAULT_PAGE = 64
 _FIRST_PAGES = 16  # pages per sequence to start with when the retained set grows with the context
-
-
-def default_page_size(r: Retention) -> int:
-    """A page holds whole blocks of the pattern's grid (blockwise), near DEFAULT_PAGE tokens, so a page
-    is retained or evicted with its block."""
-    a = r.alignment()
-    return a * max(1, DEFAULT_PAGE // a)
 
 
 class PatternKVCache:
@@ -71,9 +64,8 @@ class PatternKVCache:
             _positive(name, value)
         self.pattern = pattern
         self.retention = retention(pattern)
-        self.page_size = _positive("page_size", page_size) if page_size is not None else default_page_size(
-            self.retention
-        )
+        self.page_size = (_positive("page_size", page_size) if page_size is not None
+                          else self.retention.page_size(DEFAULT_PAGE))
         self.max_append = _positive("max_append", max_append) if max_append is not None else self.page_size
         self.max_seqlen = _positive("max_seqlen", max_seqlen) if max_seqlen is not None else None
         self.batch, self.kv_heads = batch, kv_heads

@@ -30,7 +30,6 @@ def decode_figures(
 ) -> dict[str, Any]:
     """Decode consistency and retention of p; per size in `sizes`, the step's keys and the cache's size
     (bytes per KV head and sequence: keys and values of `head_dim` elements of `elem_bytes` each)."""
-    from ..cache import default_page_size
 
     ok, why = decode_consistent(p)
     out: dict[str, Any] = {"consistent": ok, "reason": why}
@@ -40,7 +39,7 @@ def decode_figures(
     out["retained"] = r.text()
     if not sizes:
         return out
-    page = default_page_size(r)
+    page = r.page_size()
     per_key = 2 * head_dim * elem_bytes
     steps = []
     for n in (m for m in sizes if m <= ARRAY_LIMIT):

@@ -229,6 +229,12 @@ class Retention:
         """The block grid the retained keys follow (1 without blockwise)."""
         return math.lcm(1, *(tail.align for t in self.terms for tail in t.tails))
 
+    def page_size(self, near: int = 64) -> int:
+        """A cache page's default size: whole blocks of the pattern's grid (blockwise), about `near` tokens,
+        so a page is retained or evicted with its block (PatternKVCache's pages, `--decode`'s figures)."""
+        a = self.alignment()
+        return a * max(1, near // a)
+
     def text(self) -> str:
         if not self.terms:
             return "nothing"
