@@ -373,6 +373,10 @@ def plot(bars: list[tuple[str, str, float]], path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if any(a.startswith("-") for a in argv) or len(argv) > 2 or (argv and not Path(argv[0]).is_dir()):
+        print("usage: python benchmarks/report.py [RESULTS_DIR [PAGE.md]]  (RESULTS_DIR: a folder of *_h100.json)",
+              file=sys.stderr)
+        return 2
     results = Path(argv[0]) if argv else ROOT / "benchmarks/results"
     page = Path(argv[1]) if len(argv) > 1 else ROOT / "docs/performance.md"
     picture = page.parent / "img" / "benchmarks.png"
