@@ -112,7 +112,7 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
 def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> None:
     """The selection kernels of pattern 0's selector, as `_selection` / `_dynamic_tables` launch them with the
     kernel options `opts`."""
-    kind, n, blk, given, _, _ = spec.selectors[0]
+    kind, n, blk, given = spec.selectors[0][:4]
     names = ("NB", "NH", "H", "HKV", "GROUP", "HQ", "HK", "NQT", "NKT", "NQB", "W", "WS", "K1N", "ROWS")
     ints = {x: "i32" for x in names} | {x: "*i32" for x in ("SPAN", "SEL", "ST_KT", "CNT", "OFF", "FIDX", "PIDX")}
     pool = dict(BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=d, D_PAD=d_pad)
