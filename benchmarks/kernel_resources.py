@@ -20,6 +20,7 @@ found too few registers to keep several warpgroup MMAs in flight (its C7512 note
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
+`--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch).
 
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
         --fwd 128,64,8,3 --bwd 32,64,64,32,8,3 --bwd 64,128,128,64,8,3
@@ -41,7 +42,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import patterndsl as P  # noqa: E402
-from patterndsl.runtime import bwd_kernels, fwd_kernels, selection, varlen  # noqa: E402
+from patterndsl.runtime import bwd_kernels, decode_kernels, fwd_kernels, selection, varlen  # noqa: E402
 from patterndsl.runtime.backward import _bwd_config  # noqa: E402
 from patterndsl.runtime.options import Options  # noqa: E402
 
@@ -109,6 +110,24 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             f"{blocks} blocks/SM")  # fmt: skip
 
 
+def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, paged: int) -> None:
+    """The decode step's two kernels as `runtime.decode` launches them: the split over runs of key blocks
+    (scalars the host passes as ints, the run tables and head packs int32) and the log-sum-exp merge."""
+    nq_pad = triton.next_power_of_2(nq)
+    m = max(16, triton.next_power_of_2(g * nq_pad))
+    ints = {x: "i32" for x in ("NQ", "NNEW", "CAP", "PAGE", "GROUP", "SPLITS", "s_ptb", "s_lb", "s_lh")}
+    tables = {x: "*i32" for x in ("PT", "SEQ", "HEADS", "RUN_OFF", "RUNS", "COUNT")}
+    ws = {"WS_O": "*fp32", "WS_L": "*fp32", "LSE": "*fp32"}
+    shapes = dict(G=g, NQ_PAD=nq_pad, M=m, DV=d, DV_PAD=d_pad)
+    split = resources(decode_kernels._decode_split, dtype, dict(
+        shapes, PRED=spec.predicates[0].kernel, TABLE_M=block, BLOCK_N=block, DQK=d, DQK_PAD=d_pad,
+        PAGED=bool(paged), DOT_PREC="ieee" if dtype == "fp32" else "tf32", IDX64=spec.idx64, INTERPRET=False),
+        4, 3, {**ints, **tables, **ws})  # fmt: skip
+    merge = resources(decode_kernels._decode_merge, dtype, shapes, 4, 1, {**ints, **tables, **ws})
+    print(f"decode G={g} Nq={nq} block={block} {'paged' if paged else 'contiguous'}: split {split} | merge {merge}",
+          flush=True)
+
+
 def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> None:
     """The selection kernels of pattern 0's selector, as `_selection` / `_dynamic_tables` launch them with the
     kernel options `opts`."""
@@ -159,6 +178,9 @@ def main() -> None:
         default=[],
         help="BM1,BN1,BM2,BN2,warps,stages (both kernels) or BM1,BN1,BM2,BN2,warps1,stages1,warps2,stages2",
     )
+    ap.add_argument("--decode", action="append", default=[],
+                    help="G,NQ,BLOCK,paged: the decode kernels (split and merge) for G query heads per KV head, NQ "
+                         "queries, key blocks of BLOCK, a paged cache (1) or not (0)")
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
     ap.add_argument("--tables", action="store_true", help="the packed-document table kernels (cu_seqlens)")
     ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the topk_rows option)")
@@ -189,11 +211,13 @@ def main() -> None:
         name = cfg + (" tma" if a.tma else "")
         fast = resources(fwd_kernels._attn_fwd_fast, a.dtype, c, w, s, t, cap[0] if cap else 0)
         print(f"fast {name:20s} {fast}", flush=True)
+    for cfg in a.decode:
+        decode(spec, a.dtype, a.d, d_pad, *(int(x) for x in cfg.split(",")))
     if a.sel:
         selection_kernels(spec, opts, a.dtype, a.d, d_pad)
     if a.tables:
         tables()
-    asked = a.fwd or a.fast or a.sel or a.tables  # the backward's default tiles when nothing else is asked
+    asked = a.fwd or a.fast or a.sel or a.tables or a.decode  # the backward's default tiles when nothing else is asked
     for cfg in a.bwd or ([] if asked else [",".join(map(str, _bwd_config(spec, d_pad)))]):
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])

@@ -52,3 +52,17 @@ def test_a_predicate_of_one_index_compiles_for_sm90(src: str, kernel: str) -> No
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src", src, kernel,
                           "64,64,4,2"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert out.returncode == 0 and re.search(r"KiB smem, \d+ regs", out.stdout), out.stderr[-2000:]
+
+
+@pytest.mark.slow  # two kernels, twice, for sm_90 in a child process: about 10 s
+def test_the_decode_kernels_compile_for_sm90_contiguous_and_paged() -> None:
+    """The decode kernels loop over runs read from tables (`while` bounds loaded from memory) and branch on
+    PAGED: paths the interpreter runs without type-checking them the way triton's compiler does for sm_90.
+    Both cache kinds compile, and the split kernel keeps its accumulators in registers (no spills)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src",
+                          "causal & (window(1023) | sink(4))", "--decode", "4,1,64,0", "--decode", "4,4,64,1"],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = re.findall(r"decode G=4 Nq=(\d) block=64 (\w+): split .* spill st/ld 0/0 B.* \| merge .* KiB smem", out.stdout)
+    assert rows == [("1", "contiguous"), ("4", "paged")], out.stdout
