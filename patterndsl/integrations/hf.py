@@ -96,9 +96,6 @@ class _Bridge:
         if spec.model_layers is not None:
             self._check_depth(module, layer)
         n_q, n_k = query.shape[2], key.shape[2]
-        if n_q != n_k and not hasattr(self.attn, "decode"):
-            raise ValueError(f"{n_q} queries against {n_k} cached keys: generation with a KV cache needs "
-                             f"patterndsl's decode path, not available yet (generate with use_cache=False)")
         longest = getattr(getattr(module, "config", None), "max_position_embeddings", None)
         at = longest if isinstance(longest, int) else int(n_k)
         if n_q != n_k:  # over a KV cache (a sliding layer's holds only its window); a branch, not a tensor
