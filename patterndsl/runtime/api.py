@@ -179,10 +179,6 @@ class Attention:
         if any(sel is not None for sel in spec.selectors) and Nq < Nk:
             raise ValueError("fewer queries than keys is not supported for dynamic selectors yet")
         shape = (B, H, Nq, Dv)
-        for name, t, want, dtype in (("out", out, shape, q.dtype), ("lse", lse, shape[:3], torch.float32)):
-            if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != want or t.dtype != dtype
-                                  or t.device != q.device):
-                raise ValueError(f"{name} must be a tensor of shape {list(want)}, {dtype}, on {q.device}")
         scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
         if Nq == 0:
             o = q.new_zeros(shape)
@@ -198,11 +194,7 @@ class Attention:
             o, lse_all = self._call(pad(q, (0, D - Dqk, Nk - Nq, 0)), pad(k, (0, D - Dqk)), pad(v, (0, D - Dv)),
                                     None, None, layer, scale, scores, None, None)
             got = o[:, :, Nk - Nq:, :Dv], lse_all[:, :, Nk - Nq:]
-        if out is not None:
-            out.copy_(got[0])
-        if lse is not None:
-            lse.copy_(got[1])
-        return (got[0] if out is None else out), (got[1] if lse is None else lse)
+        return _into(out, lse, *got)
 
     def _chunks(self, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_seqlen: Any, layer: Any, scale: Any,
                 out: Any, lse: Any) -> tuple[Any, Any]:
@@ -249,13 +241,7 @@ class Attention:
             o, l_all = self._call(rows, pad(k3, (0, D - Dqk)), pad(v3, (0, D - Dv)), cu_k, max_seqlen, layer,
                                   scale, None, None, None)
             o, got_l = o[at, :, :Dv], l_all[:, at]
-        got = (o, got_l) if packed else (o.transpose(0, 1)[None], got_l[None])
-        for name, t, x in (("out", out, got[0]), ("lse", lse, got[1])):
-            if t is not None:
-                if not torch.is_tensor(t) or t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
-                    raise ValueError(f"{name} must be a tensor of shape {list(x.shape)}, {x.dtype}, on {x.device}")
-                t.copy_(x)
-        return (got[0] if out is None else out), (got[1] if lse is None else lse)
+        return _into(out, lse, *((o, got_l) if packed else (o.transpose(0, 1)[None], got_l[None])))
 
     def _suffix_decode(self, q: Any, k: Any, v: Any, layer: Any, scale: float) -> tuple[Any, Any]:
         """A few queries without gradients: the decode kernel, k and v as a full contiguous cache (its run
@@ -512,6 +498,20 @@ def _suffix_rows(q: Any, k: Any, v: Any) -> bool:
     if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v) and q.dim() == k.dim() == v.dim() == 4):
         return False
     return q.shape[2] != k.shape[2] or k.shape[2] == 0 or v.shape[3] != k.shape[3]
+
+
+def _into(out: Any, lse: Any, o: Any, o_lse: Any) -> tuple[Any, Any]:
+    """The results (o, o_lse), copied into the caller's `out=` / `lse=` where given, each checked against
+    the result's shape, dtype and device first."""
+    for name, t, x in (("out", out, o), ("lse", lse, o_lse)):
+        if t is not None and (not torch.is_tensor(t) or t.shape != x.shape or t.dtype != x.dtype
+                              or t.device != x.device):
+            raise ValueError(f"{name} must be a tensor of shape {list(x.shape)}, {x.dtype}, on {x.device}")
+    if out is not None:
+        out.copy_(o)
+    if lse is not None:
+        lse.copy_(o_lse)
+    return (o if out is None else out), (o_lse if lse is None else lse)
 
 
 def _outputs(q: Any, out: Any, lse: Any, lse_shape: tuple[int, ...]) -> bool:

@@ -304,3 +304,21 @@ def test_chunked_prefill_misuse() -> None:
         attn(torch.randn(6, 2, 8), k, k, cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 6, 6], dtype=torch.int32))
     with pytest.raises(ValueError, match="come together"):
         attn(q, k, k, cu_seqlens_q=cu)
+
+
+def test_fewer_queries_and_chunks_write_into_out_and_lse() -> None:
+    """`out=` / `lse=` for fewer queries than keys and for chunked prefill: NaN-filled tensors come back
+    filled with the results (every element written) and are the tensors returned; a wrong one is one
+    sentence."""
+    attn = _attn("causal & (window(5) | sink(2))")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 11, 8, generator=g), torch.randn(1, 2, 11, 4, generator=g)
+    cu_q, cu_k = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 5, 11], dtype=torch.int32)
+    for args, kw in (((q, k, v), {}), ((q, k, v), {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k})):
+        want, want_lse = attn(*args, return_lse=True, **kw)
+        out, lse = torch.full_like(want, float("nan")), torch.full_like(want_lse, float("nan"))
+        got, got_lse = attn(*args, return_lse=True, out=out, lse=lse, **kw)
+        assert got is out and got_lse is lse
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        with pytest.raises(ValueError, match=r"out must be a tensor of shape \[1, 4, 3, 4\]"):
+            attn(*args, out=torch.empty(1, 4, 3, 8), **kw)
