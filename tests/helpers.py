@@ -111,16 +111,19 @@ def poisoned(attn: Any, q: Any, k: Any, v: Any, **kwargs: Any) -> tuple[Any, Any
     return got, got_lse
 
 
+def _random_qkv(b: int, h: int, hkv: int, n: int, d: int, dtype: Any, seed: int) -> tuple[Any, ...]:
+    """(generator, q, k, v): standard normal inputs drawn in that order from `seed`, so a check's further
+    draws (dO, dlse) continue the same stream."""
+    g = torch.Generator().manual_seed(seed)
+    return (g, *(torch.randn(b, heads, n, d, generator=g).to(dtype) for heads in (h, hkv, hkv)))
+
+
 def check_attention(attn: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int | None = None, d: int = 32,
                     dtype: Any = None, scale: float | None = None, seed: int = 0) -> None:  # fmt: skip
     """A poisoned forward of random q, k, v against `attention_reference` (dtype: float32 by default)."""
     dtype = dtype or torch.float32
     n = mask.shape[-1]
-    g = torch.Generator().manual_seed(seed)
-    hkv = hkv or h
-    q = torch.randn(b, h, n, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, n, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    _, q, k, v = _random_qkv(b, h, hkv or h, n, d, dtype, seed)
     out, lse = poisoned(attn, q, k, v, scale=scale)
     want, want_lse = attention_reference(q, k, v, mask, d**-0.5 if scale is None else scale)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, n)
@@ -186,11 +189,7 @@ def check_grads(attn: Any, mask: np.ndarray, b: int = 1, h: int = 2, hkv: int | 
     not on every case)."""
     dtype = dtype or torch.float32
     n = mask.shape[-1]
-    g = torch.Generator().manual_seed(seed)
-    hkv = hkv or h
-    q = torch.randn(b, h, n, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, n, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    g, q, k, v = _random_qkv(b, h, hkv or h, n, d, dtype, seed)
     do = torch.randn(b, h, n, d, generator=g).to(dtype)
     dlse = torch.randn(b, h, n, generator=g) if with_lse else None
     want = reference_grads(q, k, v, mask, d**-0.5 if scale is None else scale, do, dlse)
