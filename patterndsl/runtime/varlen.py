@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 def _doc_subdivide(spec: PatternSpec, pat: int, qb: torch.Tensor, n: torch.Tensor, bq: int,
                    bk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_subdivide over the tiles of many documents at once: tile t is query block qb[t] at N = n[t]."""
+    """Per query block (of many documents at once: tile t is query block qb[t] at N = n[t]) the key-block
+    ranges, halved until ALL / NONE / one PARTIAL block. The one tile builder (`tiling.py`) takes one N per
+    call; this keeps the older per-row bisection because each tile here has its own document's N."""
     dev = qb.device
     t = torch.arange(qb.numel(), dtype=torch.int64, device=dev)
     lo, hi = torch.zeros_like(t), (n + bk - 1) // bk
