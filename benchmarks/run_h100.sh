@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/patterndsl-h100}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PATTERNDSL_CACHE_DIR=${PATTERNDSL_CACHE_DIR:-/tmp/patterndsl-cache} PATTERNDSL_FAILURE_LOG=$OUT/failures.txt
 log="$OUT/run.log"
 {
@@ -64,4 +64,19 @@ if [ -n "${GRAPHS:-}" ]; then TAIL=15 stage bench_graphs "${T_GRAPHS:-280}" pyth
 if [ -n "${LAYOUTS:-}" ]; then TAIL=20 stage bench_layouts "${T_LAYOUTS:-200}" env BENCH_BWD=1 python3 benchmarks/bench_layouts.py "$OUT"; fi
 # VIDEO_DIT=1 (issue 23: 226 text tokens before a 16 x 32 x 32 latent, vs Flex with its mask build and dense SDPA)
 if [ -n "${VIDEO_DIT:-}" ]; then TAIL=10 stage bench_video_dit "${T_VIDEO_DIT:-240}" python3 benchmarks/bench_video_dit.py "$OUT/video_dit_h100.json"; fi
+# COMPARE=OLD_TREE (issue 20: this checkout against an older one, kernel for kernel; see compare_runtime.py)
+if [ -n "${COMPARE:-}" ]; then TAIL=30 stage compare_runtime "${T_COMPARE:-200}" python3 benchmarks/compare_runtime.py "$COMPARE" "$OUT/compare_runtime.json"; fi
+# FLEX_MASK=1 (issue 22: to_flex_block_mask against create_block_mask up to 1M tokens)
+if [ -n "${FLEX_MASK:-}" ]; then TAIL=20 stage bench_flex_mask "${T_FLEX_MASK:-90}" python3 benchmarks/bench_flex_mask.py "$OUT/flex_mask_h100.json"; fi
+# DECODE=1 (issue 21: decode steps against FlashAttention-style peers), PATTERN_CACHE=1 (the retaining cache)
+if [ -n "${DECODE:-}" ]; then TAIL=20 stage bench_decode "${T_DECODE:-240}" env BENCH_DEADLINE=$(( ${T_DECODE:-240} - 30 )) \
+  python3 benchmarks/bench_decode.py "$OUT/decode_h100.json"; fi
+if [ -n "${PATTERN_CACHE:-}" ]; then TAIL=20 stage bench_pattern_cache "${T_PATTERN_CACHE:-90}" python3 benchmarks/bench_pattern_cache.py "$OUT/pattern_cache_h100.json"; fi
+# NSA=1 (issue 23: the NSA-like model's branches)
+if [ -n "${NSA:-}" ]; then TAIL=20 stage bench_nsa "${T_NSA:-150}" python3 benchmarks/bench_nsa.py "$OUT/nsa_h100.json"; fi
+# HF=1 (issue 22: a Llama-style model's training step and generation; carry .whlhf/ with transformers' wheels)
+if [ -n "${HF:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlhf/*.whl >> "$log" 2>&1
+  TAIL=20 stage bench_hf "${T_HF:-240}" env BENCH_DEADLINE=$(( ${T_HF:-240} - 30 )) python3 benchmarks/bench_hf.py "$OUT/hf_h100.json"
+fi
 ls -la "$OUT" >> "$log"
