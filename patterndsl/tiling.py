@@ -146,41 +146,63 @@ def tiling(pred: Expr, extent: int, bq: int, bk: int, *, n: int | None = None, x
 def _quad_tree(pred: Expr, extent: int, bq: int, bk: int, n: int | None, ops: _Ops,
                spend: Spend | None) -> tuple[Any, ...]:
     """(FULL rectangles q_lo, q_hi, k_lo, k_hi; PARTIAL tiles q, k) by quad-tree subdivision of the grid."""
-    nq, nk = -(-extent // bq), -(-extent // bk)
-    size = 1 << max(0, (max(nq, nk) - 1).bit_length())
-    qb, kb = ops.full(1, 0), ops.full(1, 0)
+    return _quad_trees(pred, extent, extent, bq, bk, n, ops, spend)[:6]
+
+
+def _quad_trees(pred: Expr, extent: Any, longest: int, bq: int, bk: int, n: Any, ops: _Ops,
+                spend: Spend | None) -> tuple[Any, ...]:
+    """`_quad_tree` over several grids at once: `extent` and `n` are ints (one grid) or arrays with one entry
+    per document (packed documents: each its own grid, its own N), `longest` the largest extent. Returns
+    the FULL rectangles and PARTIAL tiles as `_quad_tree` does, then each one's document (FULL, PARTIAL;
+    empty for one grid, whose cells carry no document)."""
+    per_doc = not isinstance(extent, int)
+    docs = int(extent.shape[0]) if per_doc else 1
+    nq_all, nk_all = (extent + bq - 1) // bq, (extent + bk - 1) // bk
+    size = 1 << max(0, (max(-(-longest // bq), -(-longest // bk)) - 1).bit_length())
+    cells = (ops.full(docs, 0), ops.full(docs, 0)) + ((ops.arange(docs),) if per_doc else ())  # qb, kb[, doc]
     full: list[tuple[Any, ...]] = []
-    part: list[tuple[Any, Any]] = []
-    while qb.shape[0]:
+    part: list[tuple[Any, ...]] = []
+    while cells[0].shape[0]:
+        qb, kb = cells[0], cells[1]
+        ext, nq, nk, nn = (a[cells[2]] if per_doc else a for a in (extent, nq_all, nk_all, n))
         q_hi, k_hi = ops.cap(qb + size, nq), ops.cap(kb + size, nk)  # exclusive, in blocks
         if spend is not None:
             spend(int(qb.shape[0]), pred)
-        verdict = classify(pred, qb * bq, ops.cap(q_hi * bq, extent) - 1, kb * bk, ops.cap(k_hi * bk, extent) - 1,
-                           ops.xp, n)
+        verdict = classify(pred, qb * bq, ops.cap(q_hi * bq, ext) - 1, kb * bk, ops.cap(k_hi * bk, ext) - 1,
+                           ops.xp, nn)
         if size == 1:
             _, p, f = partition(verdict, 3)  # NONE, SOME, ALL
-            full.append((qb[f], q_hi[f], kb[f], k_hi[f]))
-            part.append((qb[p], kb[p]))
+            full.append((qb[f], q_hi[f], kb[f], k_hi[f], *(c[f] for c in cells[2:])))
+            part.append(tuple(c[p] for c in cells))
             break
         half = size // 2
         # 0: drop, 1: FULL, 2 + s: split, s telling which children lie inside the grid (1: the lower ones, 2: the right)
         split = 2 + (qb + half < nq) * 1 + (kb + half < nk) * 2
         groups = partition(ops.xp.where(verdict == ALL, 1, ops.xp.where(verdict == SOME, split, 0)), 6)
         f = groups[1]
-        full.append((qb[f], q_hi[f], kb[f], k_hi[f]))
-        kids_q: list[Any] = []
-        kids_k: list[Any] = []
+        full.append((qb[f], q_hi[f], kb[f], k_hi[f], *(c[f] for c in cells[2:])))
+        kids: list[tuple[Any, ...]] = []
         for s, g in enumerate(groups[2:]):
-            q0, k0 = qb[g], kb[g]
+            q0, k0, *d0 = (c[g] for c in cells)
             for dq, dk in ((0, 0), (half, 0), (0, half), (half, half)):
                 if (not dq or s & 1) and (not dk or s & 2):
-                    kids_q.append(q0 + dq)
-                    kids_k.append(k0 + dk)
-        qb, kb, size = ops.cat(kids_q), ops.cat(kids_k), half
+                    kids.append((q0 + dq, k0 + dk, *d0))
+        cells = tuple(ops.cat(list(c)) for c in zip(*kids, strict=True)) if kids else tuple(c[:0] for c in cells)
+        size = half
     empty = ops.full(0, 0)
-    fq_lo, fq_hi, fk_lo, fk_hi = (ops.cat([empty, *c]) for c in zip(*full, strict=True)) if full else (empty,) * 4
-    pq, pk = part[0] if part else (empty, empty)
-    return fq_lo, fq_hi, fk_lo, fk_hi, pq, pk
+    fq_lo, fq_hi, fk_lo, fk_hi, *fd = (ops.cat([empty, *c]) for c in zip(*full, strict=True)) if full else (empty,) * (4 + per_doc)
+    pq, pk, *pd = part[0] if part else (empty,) * (2 + per_doc)
+    return fq_lo, fq_hi, fk_lo, fk_hi, pq, pk, fd[0] if fd else empty, pd[0] if pd else empty
+
+
+def doc_tiles(pred: Expr, lengths: Any, longest: int, bq: int, bk: int) -> tuple[Any, ...]:
+    """The tiles of packed documents (torch, on `lengths`' device): each document of lengths[d] tokens is
+    its own grid with N = lengths[d]. Returns (FULL rectangles q_lo, q_hi, k_lo, k_hi and their documents;
+    PARTIAL tiles q, k and their documents), block indices counted from each document's start. PARTIAL
+    tiles are not refined here: the caller refines them with its own per-tile N (`refine`)."""
+    ops = _Ops(_torch(), lengths.device)
+    fq_lo, fq_hi, fk_lo, fk_hi, pq, pk, fd, pd = _quad_trees(pred, lengths, longest, bq, bk, lengths, ops, None)
+    return fq_lo, fq_hi, fk_lo, fk_hi, fd, pq, pk, pd
 
 
 def _with_draws(pred: Expr, draws: list[E.RandomMember], extent: int, bq: int, bk: int, n: int | None, ops: _Ops,
@@ -275,8 +297,15 @@ def expand(row: Any, lo: Any, hi: Any, xp: Any = np, device: Any = None) -> tupl
 
 
 def full_tiles(t: Tiling, xp: Any = np, device: Any = None) -> tuple[Any, Any]:
-    """(q, k) of every tile of the FULL rectangles."""
-    return expand(*full_rows(t, xp, device), xp, device)
+    """(q, k) of every tile of the FULL rectangles, row-major within each rectangle (one host sync on torch)."""
+    ops = _Ops(xp, device)
+    width = t.k_hi - t.k_lo
+    area = (t.q_hi - t.q_lo) * width
+    total = int(area.sum())
+    rect = ops.repeat(ops.arange(int(area.shape[0])), area, total)
+    at = ops.arange(total) - (ops.xp.cumsum(area, 0) - area)[rect]  # the tile's place in its rectangle
+    w = width[rect]
+    return t.q_lo[rect] + at // w, t.k_lo[rect] + at % w
 
 
 def is_plain_random(e: Expr) -> bool:

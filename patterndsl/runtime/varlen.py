@@ -5,7 +5,7 @@ the pattern's tables at the document's length apply unchanged. A predicate that 
 table for every length: the tiles' rows are cut out of the (cached) table at a power of two >= the
 longest document (`_free_tables`: per document shape, row templates kept on the device; per call a small
 descriptor from the host, then a sort and three kernels on the device, no host sync). Otherwise all tiles
-are classified together, each with its own N.
+are classified together by the one tile builder (`tiling.doc_tiles`), each document a grid with its own N.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..intervals import ALL, SOME, classify
+from ..tiling import Tiling, doc_tiles, full_tiles
 from ..tiling import partition as _partition
 from .common import _INTERPRET, _csr, _pow2
 from .tables import block_tables, refine
@@ -30,38 +30,6 @@ if TYPE_CHECKING:
     # one orientation of _free_source: (offsets, keys, cols, rows, cols, start in src)
     Side = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]
     Store = dict[str, Any]  # _free_plan's row templates of one orientation
-
-
-def _doc_subdivide(spec: PatternSpec, pat: int, qb: torch.Tensor, n: torch.Tensor, bq: int,
-                   bk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per query block (of many documents at once: tile t is query block qb[t] at N = n[t]) the key-block
-    ranges, halved until ALL / NONE / one PARTIAL block. The one tile builder (`tiling.py`) takes one N per
-    call; this keeps the older per-row bisection because each tile here has its own document's N."""
-    dev = qb.device
-    t = torch.arange(qb.numel(), dtype=torch.int64, device=dev)
-    lo, hi = torch.zeros_like(t), (n + bk - 1) // bk
-    ft, flo, fhi, pt, pk = ([t[:0]] for _ in range(5))  # no tiles (every document empty): empty lists
-    while t.numel():
-        nt, qt = n[t], qb[t]
-        verdict = classify(spec.predicates[pat].expr, qt * bq, torch.minimum((qt + 1) * bq, nt) - 1, lo * bk,
-                           torch.minimum(hi * bk, nt) - 1, torch, nt)
-        width = hi - lo  # ALL: listed; SOME: one block PARTIAL, wider ranges halved; NONE: dropped
-        code = torch.where(verdict == ALL, 1, torch.where(verdict == SOME, torch.where(width == 1, 2, 3 * (width > 1)), 0))
-        _, is_all, single, split = _partition(code, 4)  # the round's one host sync
-        ft.append(t[is_all])
-        flo.append(lo[is_all])
-        fhi.append(hi[is_all])
-        pt.append(t[single])
-        pk.append(lo[single])
-        st, slo, shi = t[split], lo[split], hi[split]
-        mid = (slo + shi) // 2
-        t, lo, hi = torch.cat([st, st]), torch.cat([slo, mid]), torch.cat([mid, shi])
-    ft_all, flo_all, fhi_all = torch.cat(ft), torch.cat(flo), torch.cat(fhi)
-    width = fhi_all - flo_all
-    size = int(width.sum())
-    ft2 = torch.repeat_interleave(ft_all, width, output_size=size)
-    fk = torch.repeat_interleave(flo_all - (torch.cumsum(width, 0) - width), width, output_size=size) + torch.arange(size, dtype=torch.int64, device=dev)
-    return ft2, fk, torch.cat(pt), torch.cat(pk)
 
 
 _VARLEN: dict[tuple[Any, ...], VarlenTables] = {}
@@ -360,9 +328,13 @@ def _varlen_tables(spec: PatternSpec, cu_seqlens: torch.Tensor, lengths: Sequenc
     qt = (lens + block_m - 1) // block_m
     tiles = sum(-(-x // block_m) for x in lengths)
     doc = torch.repeat_interleave(torch.arange(lens.numel(), **i64), qt, output_size=tiles)
-    qb = torch.arange(tiles, **i64) - (torch.cumsum(qt, 0) - qt)[doc]
+    first = torch.cumsum(qt, 0) - qt  # each document's first tile
+    qb = torch.arange(tiles, **i64) - first[doc]
     n = lens[doc]
-    fq, fk, pq, pk = _doc_subdivide(spec, pat, qb, n, block_m, block_n)
+    fq_lo, fq_hi, fk_lo, fk_hi, fd, pq, pk, pd = doc_tiles(spec.predicates[pat].expr, lens, longest, block_m, block_n)
+    empty = fq_lo[:0]
+    fq, fk = full_tiles(Tiling(fq_lo + first[fd], fq_hi + first[fd], fk_lo, fk_hi, empty, empty), torch, dev)
+    pq = pq + first[pd]
     pq, pk, promoted = refine(spec.predicates[pat].expr, n[pq], n[pq], block_m, block_n, qb[pq], pk, tag=pq)
     ragged = (fk + 1) * block_n > n[fq]  # a document's ragged last key block needs bounds: PARTIAL
     ragged_p = (pk + 1) * block_n > n[pq]

@@ -397,9 +397,9 @@ def test_n_free_tables_match_a_brute_force_assembly_bit_for_bit() -> None:
 
 
 def test_per_document_classifier_reads_the_device_once_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Predicates that read N classify every tile at its own N, in rounds of halving key ranges (then of
+    """Predicates that read N classify every document at its own N, in rounds of the quad tree (then of
     splitting PARTIAL tiles, `tiling.refine`): each round may read the device once (its outcomes' sizes,
-    `_partition`), never once per boolean mask. Counted by dispatch: boolean-mask indexing, nonzero, item,
+    `partition`), never once per boolean mask. Counted by dispatch: boolean-mask indexing, nonzero, item,
     bincount; the rounds by spies on `classify` and the partitions where varlen.py and tiling.py call them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -427,9 +427,9 @@ def test_per_document_classifier_reads_the_device_once_per_round(monkeypatch: py
 
         return f
 
-    for where, names in ((varlen, ("classify", "_partition")), (tiling, ("classify", "partition"))):
-        for x, key in zip(names, calls, strict=True):
-            monkeypatch.setattr(where, x, counted(key, getattr(where, x)))
+    monkeypatch.setattr(varlen, "_partition", counted("_partition", varlen._partition))
+    for x, key in zip(("classify", "partition"), calls, strict=True):
+        monkeypatch.setattr(tiling, x, counted(key, getattr(tiling, x)))
     with Reads() as reads:
         built = varlen._varlen_tables(sp, cu_of(lengths), lengths, 16, 16)
     assert built[0].numel() == 2 * sum(-(-n // 16) for n in lengths)
