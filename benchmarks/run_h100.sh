@@ -79,4 +79,10 @@ if [ -n "${HF:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlhf/*.whl >> "$log" 2>&1
   TAIL=20 stage bench_hf "${T_HF:-240}" env BENCH_DEADLINE=$(( ${T_HF:-240} - 30 )) python3 benchmarks/bench_hf.py "$OUT/hf_h100.json"
 fi
+# PEERS=1 (issue 24: ours vs FA4, Flex FLASH, Flex Triton and SDPA; FA4 where benchmarks/fa4_carry.sh installed it)
+if [ -n "${PEERS:-}" ]; then
+  fa4=(); [ -d /tmp/fa4site ] && fa4=(PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH)
+  TAIL=60 stage bench_peers "${T_PEERS:-400}" env "${fa4[@]}" BENCH_DEADLINE=$(( ${T_PEERS:-400} - 60 )) \
+    python3 benchmarks/bench_peers.py "$OUT/peers_h100.json" ${PEERS_ARGS:-}
+fi
 ls -la "$OUT" >> "$log"
