@@ -215,8 +215,10 @@ def _with_draws(pred: Expr, draws: list[E.RandomMember], extent: int, bq: int, b
     rows = np.arange(extent, dtype=np.int64)
     keys = np.concatenate([random_keys(rows, extent, E.evaluate_int(d.r, n), d.seed) for d in draws], axis=1)
     nk = -(-extent // bk)
-    drawn = np.sort((rows[:, None] // bq * nk + keys // bk).reshape(-1))  # sorted, then distinct:
-    drawn = drawn[np.concatenate([[True], drawn[1:] != drawn[:-1]])]  # far faster than np.unique's hashing
+    drawn = np.sort((rows[:, None] // bq * nk + keys // bk).reshape(-1))
+    first = np.ones(drawn.shape, dtype=bool)  # sorted, then distinct: far faster than np.unique's hashing
+    first[1:] = drawn[1:] != drawn[:-1]  # (no draws at all where r is 0)
+    drawn = drawn[first]
     tq, tk = ops.asarray(drawn // nk), ops.asarray(drawn % nk)
     verdict = classify(rest, tq * bq, ops.cap((tq + 1) * bq, extent) - 1, tk * bk, ops.cap((tk + 1) * bk, extent) - 1,
                        ops.xp, n)
