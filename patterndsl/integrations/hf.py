@@ -11,10 +11,12 @@ honour is refused with one sentence on the first call that meets it, never run w
 - a pattern that lets a query see a later key: the model is a causal language model;
 - attention dropout in training, learned sink logits (`s_aux`), score soft-capping (`softcap`);
 - a padding mask with holes, or a mask the model builds from its own overlays (image tokens);
-- over a KV cache: padding, or a sliding layer whose pattern reads absolute positions (its cache holds the
-  window only).
+- over transformers' KV cache: padding, or a sliding layer whose pattern reads absolute positions (its
+  cache holds the window only).
 
 Generation steps (fewer queries than keys) run bottom-right aligned: the queries are the last rows.
+`pattern_cache(model)` is a cache for `generate` that keeps only the keys each layer's pattern can still
+read, and steps through the decode path over its pages (`hf_cache`; padding allowed).
 
 Padding (left or right) and packed sequences (position ids restarting, as transformers' flattening collator
 writes them, or its `cu_seq_lens_q` keyword) run as packed documents (`cu_seqlens`): the pattern applies
