@@ -31,11 +31,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .. import ir
 from ..analysis.retention import decode_consistent, retention
-from ..cache import PatternKVCache
+from ..cache import PatternKVCache, _positive
 
 MARK = "_patterndsl_layer"  # the attribute of the new keys `update` returns: the PatternLayer they belong to
 
@@ -185,12 +185,19 @@ class PatternCache(Cache):
 def pattern_cache(model: Any, bridge: Any, bodies: list[ir.Body], *, page_size: int | None = None,
                   max_append: int | None = None, max_length: int | None = None) -> PatternCache:
     """The cache for `model`, whose layer l runs `bodies[l]` (hf.pattern_cache checks the model first)."""
+    for name, value in (("page_size", page_size), ("max_append", max_append), ("max_length", max_length)):
+        if value is not None:
+            _positive(name, value)  # now, not at the first step of generate
     config = model.config.get_text_config(decoder=True)
     theirs = DynamicCache(config=config).layers
+    if len(theirs) != len(bodies):
+        raise ValueError(f"transformers' cache for this config has {len(theirs)} layers but the model has "
+                         f"{len(bodies)} (num_hidden_layers): the pattern cache cannot pair them")
     layers: list[Any] = []
     for i, body in enumerate(bodies):
         keeps_less = decode_consistent(body)[0] and not retention(body).keeps_all
-        if keeps_less:
+        attention = type(theirs[i]) in (DynamicLayer, DynamicSlidingWindowLayer)
+        if keeps_less and attention:  # not a layer of linear attention, a shared or an indexed cache
             layers.append(PatternLayer(body, bridge, page_size=page_size, max_append=max_append,
                                        max_length=max_length))
         else:

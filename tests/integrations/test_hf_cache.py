@@ -129,6 +129,8 @@ def test_what_the_pattern_cache_cannot_do_is_one_sentence() -> None:
     with pytest.raises(ValueError, match="registered by patterndsl.integrations.hf.register, got 'sdpa'"):
         hf.pattern_cache(_model(config, "sdpa"))
     ours = _model(config, "pd_cache_refuse")
+    with pytest.raises(ValueError, match="page_size must be a positive integer, got 0"):
+        hf.pattern_cache(ours, page_size=0)
     with pytest.raises(ValueError, match="beam search"):
         _greedy(ours, _tokens(1, 5), 3, num_beams=2, cache=hf.pattern_cache(ours))
     cache = hf.pattern_cache(ours)
