@@ -20,15 +20,6 @@ SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidd
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny matrices: one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(config: Any, name: str) -> Any:
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name,
