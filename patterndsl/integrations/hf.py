@@ -38,6 +38,8 @@ from .. import ir
 
 __all__ = ["pattern_cache", "register"]
 
+MARK = "_patterndsl_layer"  # the attribute of the keys a pattern cache's update returns: their PatternLayer
+
 
 def register(name: str, source: str | Path | ir.Program | ir.Pattern, pattern: str | None = None,
              defines: Mapping[str, str | int | float] | None = None) -> Any:
@@ -142,7 +144,7 @@ class _Bridge:
         layer = getattr(module, "layer_idx", None) if spec.model_layers is not None else None
         if spec.model_layers is not None:
             self._check_depth(module, layer)
-        mine = getattr(key, "_patterndsl_layer", None)  # a pattern cache's layer: it holds true positions
+        mine = getattr(key, MARK, None)  # a pattern cache's layer (hf_cache): it holds true positions
         if mine is not None and mine.bridge is not self:
             raise ValueError("this pattern cache was made for another attention implementation: build it with "
                              "pattern_cache(model) for the model that uses it")

@@ -36,8 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from .. import ir
 from ..analysis.retention import decode_consistent, retention
 from ..cache import PatternKVCache, _positive
-
-MARK = "_patterndsl_layer"  # the attribute of the new keys `update` returns: the PatternLayer they belong to
+from .hf import MARK
 
 
 class PatternLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
