@@ -4,8 +4,8 @@
 whose `attn_implementation` was registered by `hf.register`: each layer whose pattern retains less than
 every key (a window, sinks, a `model` schedule's sliding layers; `heads { }`: the union of its heads) gets a
 `PatternLayer` backed by a `PatternKVCache`; the others keep transformers' own layer (the one
-`DynamicCache(config=...)` would make). Pass it to `model.generate(..., cache=...)` (`past_key_values=`
-before transformers renamed it): transformers has no hook through which an attention implementation chooses
+`DynamicCache(config=...)` would make). Pass it to `model.generate(..., cache=...)` (or `past_key_values=`,
+the keyword's old name): transformers has no hook through which an attention implementation chooses
 the cache `generate` makes, so without it generation runs over transformers' cache (same tokens, more
 memory).
 
