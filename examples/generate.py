@@ -9,8 +9,8 @@ with a sliding window plus attention sinks (StreamingLLM's pattern), three ways:
 - patterndsl over transformers' own cache (every key kept; each step reads only the keys it allows);
 - transformers' `sdpa` (full causal attention, every key kept and read).
 
-The script says whether the two patterndsl runs generated the same tokens (in float32 on the CPU they must). Decode rate: the tokens after
-the first over the time past the first (the prompt's forward is timed apart).
+The script says whether the two patterndsl runs generated the same tokens (in float32 on the CPU they must).
+Decode rate: the tokens after the first over the time after the first (the prompt's forward is timed apart).
 
     python examples/generate.py                   # CPU, tiny
     python examples/generate.py --gpu             # a larger model and a 32k-token prompt on a CUDA GPU
@@ -34,23 +34,28 @@ def cache_bytes(cache: Any) -> int:
                if torch.is_tensor(t))
 
 
-def run(model: Any, prompt: torch.Tensor, new: int, make_cache: Any) -> tuple[torch.Tensor, float, float, int]:
-    """(tokens, prompt-and-first-token seconds, decode tokens per second, cache bytes) of a greedy run."""
+def run(model: Any, prompt: torch.Tensor, new: int, cache: Any) -> tuple[torch.Tensor, float, float, int]:
+    """(tokens, prompt-and-first-token seconds, decode tokens per second, cache bytes) of a greedy run: a
+    stopping criterion reads the clock as each token comes out, so the decode rate is the tokens after the
+    first over the time after the first."""
+    from transformers import StoppingCriteriaList
+
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    seconds, out = {}, None
+    clock: list[float] = []
+
+    def tick(input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        sync()
+        clock.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    extra = {} if cache is None else {"cache": cache}
     with torch.no_grad():
-        for k in (1, new):
-            cache = make_cache()
-            extra = {} if cache is None else {"cache": cache}
-            sync()
-            start = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                                 return_dict_in_generate=True, **extra)
-            sync()
-            seconds[k] = time.perf_counter() - start
-    assert out is not None
-    rate = (new - 1) / max(seconds[new] - seconds[1], 1e-9)
-    return out.sequences, seconds[1], rate, cache_bytes(out.cache)
+        sync()
+        start = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([tick]), **extra)
+    rate = (len(clock) - 1) / (clock[-1] - clock[0]) if len(clock) > 1 else float("nan")
+    return out.sequences, clock[0] - start, rate, cache_bytes(out.cache)
 
 
 def main() -> None:
@@ -93,8 +98,9 @@ def main() -> None:
             ("sdpa, transformers' cache", models["sdpa"], lambda: None))
     tokens = []
     for label, model, make_cache in runs:
-        model.generate(prompt[:, :8], max_new_tokens=2, do_sample=False)  # warm up (kernels, tables)
-        got, first, rate, held = run(model, prompt, new, make_cache)
+        warm = make_cache()  # warm up the kernels each run steps through (the paged decode kernel, tables)
+        model.generate(prompt[:, :8], max_new_tokens=4, do_sample=False, **({} if warm is None else {"cache": warm}))
+        got, first, rate, held = run(model, prompt, new, make_cache())
         tokens.append(got)
         print(f"{label:>32}: {rate:9.1f} tokens/s decoding, prompt {first:7.3f} s, cache {held / 2**20:8.2f} MiB")
     differ = (tokens[0] != tokens[1]).flatten().nonzero()
