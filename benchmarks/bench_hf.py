@@ -14,8 +14,9 @@ implementations take turns step by step (interleaved, after warm-up), so drift h
 Per implementation: training tokens/s (median step), peak memory, and the attention's own time in a
 step (forward and backward): CUDA events around each attention call and around its backward (an
 identity autograd node on each side), summed over layers, in separate profiled steps.
-Generation: greedy decoding tokens/s after a 32k prompt with window + sinks against sdpa (transformers'
-KV cache; patterndsl's steps through its decode path), if the runtime has one; else the JSON says so. `BENCH_SMOKE=1`: tiny sizes on CPU (checks the script, no Flex).
+Generation: greedy decoding tokens/s after a 32k prompt with window + sinks, at batch 1 and `GEN_BATCH` (8):
+patterndsl over `hf.pattern_cache` (only the window's and sinks' pages kept) and over transformers' cache,
+against sdpa. `BENCH_SMOKE=1`: tiny sizes on CPU (checks the script, no Flex).
 
     python benchmarks/bench_hf.py OUT.json
 """
@@ -145,42 +146,70 @@ def attention_ms(impl: str, model: Any, opt: Any, tokens: torch.Tensor) -> dict[
 
 
 def generation(hf: Any) -> dict[str, Any]:
-    """Greedy decoding tokens/s after a GEN_N-token prompt: a Llama-style model of the same size (no
-    sliding_window: transformers keeps the whole cache) with `causal & (window(4095) | sink(4))` against
-    sdpa's full causal attention. Decode rate = (new - 1) tokens over the time past the first token."""
+    """Greedy decoding tokens/s after a GEN_N-token prompt, at batch 1 and GEN_BATCH: a Llama-style model of the
+    same size (no sliding_window: transformers keeps the whole cache) with `causal & (window(4095) | sink(4))`
+    over `hf.pattern_cache` (the retained pages only, patterndsl's decode path) and over transformers' cache,
+    against sdpa's full causal attention. Decode rate = (new - 1) tokens over the time past the first token;
+    cache memory as each cache holds it after the run."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     n = 256 if SMOKE else 32768
     new = 4 if SMOKE else 64
-    window = WINDOW - 1
-    hf.register("patterndsl_streaming", f"pattern streaming = causal & (window({window}) | sink(4))")
+    batches = (1, 2) if SMOKE else (1, int(os.environ.get("GEN_BATCH", "8")))
+    pattern = f"causal & (window({WINDOW - 1}) | sink(4))"
+    hf.register("patterndsl_streaming", f"pattern streaming = {pattern}")
     cfg = LlamaConfig(**SIZE, max_position_embeddings=n + new, tie_word_embeddings=False)
-    prompt = torch.randint(0, SIZE["vocab_size"], (1, n), generator=torch.Generator().manual_seed(2)).to(DEV)
-    out: dict[str, Any] = {"prompt": n, "new_tokens": new, "pattern": f"causal & (window({window}) | sink(4))"}
-    for impl in ("patterndsl_streaming", "sdpa"):
-        if time.perf_counter() - START > DEADLINE:
-            out["note"] = "stopped at the deadline"
-            break
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl, dtype=DT).to(DEV).eval()
-        seconds = {}
-        with torch.no_grad():
-            model.generate(prompt[:, :64], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-            for k in (1, new):
-                sync()
-                t = time.perf_counter()
-                model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False)
-                sync()
-                seconds[k] = time.perf_counter() - t
-        out[impl] = {"prefill_and_first_s": seconds[1], "total_s": seconds[new],
-                     "decode_tokens_per_s": (new - 1) / max(seconds[new] - seconds[1], 1e-9)}
-        del model
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
-    if "sdpa" in out:
-        out["decode_speedup_vs_sdpa"] = (out["patterndsl_streaming"]["decode_tokens_per_s"]
-                                         / out["sdpa"]["decode_tokens_per_s"])
+    out: dict[str, Any] = {"prompt": n, "new_tokens": new, "pattern": pattern, "batches": {}}
+    runs = (("patterndsl_pattern_cache", "patterndsl_streaming", True),
+            ("patterndsl_transformers_cache", "patterndsl_streaming", False), ("sdpa", "sdpa", False))
+    for batch in batches:
+        prompt = torch.randint(0, SIZE["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(2)).to(DEV)
+        given = {"attention_mask": torch.ones_like(prompt), "pad_token_id": 0, "do_sample": False}
+        got: dict[str, Any] = {}
+        for label, impl, ours in runs:
+            if time.perf_counter() - START > DEADLINE:
+                out["note"] = "stopped at the deadline"
+                break
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl,
+                                                     dtype=DT).to(DEV).eval()
+            seconds, held = {}, 0
+            with torch.no_grad():
+                model.generate(prompt[:, :64], max_new_tokens=4, min_new_tokens=4, attention_mask=given["attention_mask"][:, :64],
+                               pad_token_id=0, do_sample=False, **_cache_kwargs(hf, model, ours, n + new))
+                for k in (1, new):
+                    extra = _cache_kwargs(hf, model, ours, n + new)
+                    sync()
+                    t = time.perf_counter()
+                    result = model.generate(prompt, max_new_tokens=k, min_new_tokens=k, return_dict_in_generate=True,
+                                            **given, **extra)
+                    sync()
+                    seconds[k] = time.perf_counter() - t
+                    held = _cache_bytes(result.cache)
+                    del result, extra
+            got[label] = {"prefill_and_first_s": seconds[1], "total_s": seconds[new], "cache_bytes": held,
+                          "decode_tokens_per_s": batch * (new - 1) / max(seconds[new] - seconds[1], 1e-9)}
+            del model
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        for label in ("patterndsl_pattern_cache", "patterndsl_transformers_cache"):
+            if label in got and "sdpa" in got:
+                got[f"{label}_speedup_vs_sdpa"] = (got[label]["decode_tokens_per_s"]
+                                                   / got["sdpa"]["decode_tokens_per_s"])
+        out["batches"][str(batch)] = got
     return out
+
+
+def _cache_kwargs(hf: Any, model: Any, ours: bool, length: int) -> dict[str, Any]:
+    """generate's keyword for a fresh pattern cache (none: transformers makes its own)."""
+    return {"cache": hf.pattern_cache(model, max_length=length)} if ours else {}
+
+
+def _cache_bytes(cache: Any) -> int:
+    """Bytes of a cache's keys and values (a pattern cache counts its pages)."""
+    if hasattr(cache, "memory_bytes"):
+        return int(cache.memory_bytes())
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if torch.is_tensor(t))
 
 
 def main() -> None:
@@ -207,7 +236,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = pattern_source(cfg, Path(tmp))
         result["setup"]["pattern"] = source.read_text()
-        attn = hf.register("patterndsl", source, "ministral")
+        hf.register("patterndsl", source, "ministral")
     models = {impl: build(impl, cfg) for impl in IMPLS}
     result["setup"]["parameters"] = sum(p.numel() for p in models[IMPLS[0]][0].parameters())
     tokens = torch.randint(0, SIZE["vocab_size"], (1, N), generator=torch.Generator().manual_seed(1)).to(DEV)
@@ -242,10 +271,7 @@ def main() -> None:
             "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
             "attention_speedup": (theirs["attention_ms"] / ours["attention_ms"]) if "attention_ms" in ours else None}
     del models
-    if not hasattr(attn, "decode"):
-        result["generation"] = {"skipped": "patterndsl's runtime has no decode path (queries fewer than keys) yet"}
-    else:
-        result["generation"] = generation(hf)
+    result["generation"] = generation(hf)
     save()
     print(json.dumps(result["training"], indent=1))
     print(f"wrote {out_path}")

@@ -160,6 +160,13 @@ def _requirements(p: ir.Pattern, n: E.Expr = E.N) -> Iterator[tuple[E.Expr, int,
         yield from _requirements(child, n)
 
 
+def source_path(source: str | Path) -> Path | None:
+    """The `.pat` file `compile` reads for `source`, or None when `source` is the file's text."""
+    if isinstance(source, Path) or ("\n" not in source and (source.endswith(".pat") or Path(source).is_file())):
+        return Path(source)
+    return None
+
+
 def compile_source(
     source: str | Path | ir.Program | ir.PatternDef | ir.Model | ir.Pattern,
     pattern: str | None = None,
@@ -192,15 +199,14 @@ def compile_source(
             raise TypeError(f"compile takes a .pat path or text, a Program or a pattern, got {type(source).__name__}")
         checked = ir.PatternDef(pattern or "pattern", source)
         text = f"# {checked.name}: built in Python, allowed(i, j) = {E.to_source(predicate(source)) if not ir.is_dynamic(source) else 'dynamic'}\n"
-    elif isinstance(source, Path) or ("\n" not in source and (source.endswith(".pat") or Path(source).is_file())):
-        p = Path(source)
+    elif (p := source_path(source)) is not None:
         try:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise PatternError(f"{p}: {e.strerror or 'cannot read'}") from None
         path = path or str(p)
     else:
-        text = source
+        text = str(source)
     path = path or "<string>"
     clean_defines = {safe_name(str(k)): str(v) for k, v in sorted((defines or {}).items())}
     item = checked if checked is not None else _select(loads(text, path, clean_defines), pattern)

@@ -11,10 +11,12 @@ honour is refused with one sentence on the first call that meets it, never run w
 - a pattern that lets a query see a later key: the model is a causal language model;
 - attention dropout in training, learned sink logits (`s_aux`), score soft-capping (`softcap`);
 - a padding mask with holes, or a mask the model builds from its own overlays (image tokens);
-- over a KV cache: padding, or a sliding layer whose pattern reads absolute positions (its cache holds the
-  window only).
+- over transformers' KV cache: padding, or a sliding layer whose pattern reads absolute positions (its
+  cache holds the window only).
 
 Generation steps (fewer queries than keys) run bottom-right aligned: the queries are the last rows.
+`pattern_cache(model)` is a cache for `generate` that keeps only the keys each layer's pattern can still
+read, and steps through the decode path over its pages (`hf_cache`; padding allowed).
 
 Padding (left or right) and packed sequences (position ids restarting, as transformers' flattening collator
 writes them, or its `cu_seq_lens_q` keyword) run as packed documents (`cu_seqlens`): the pattern applies
@@ -34,7 +36,9 @@ import torch
 from .. import expr as E
 from .. import ir
 
-__all__ = ["register"]
+__all__ = ["pattern_cache", "register"]
+
+MARK = "_patterndsl_layer"  # the attribute of the keys a pattern cache's update returns: their PatternLayer
 
 
 def register(name: str, source: str | Path | ir.Program | ir.Pattern, pattern: str | None = None,
@@ -45,22 +49,67 @@ def register(name: str, source: str | Path | ir.Program | ir.Pattern, pattern: s
     from transformers.masking_utils import AttentionMaskInterface
 
     from .. import compile as compile_pattern
+    from .. import load, loads
+    from ..cli.common import select
+    from ..compile import source_path
 
     if not isinstance(name, str) or not name or name in AttentionInterface._global_mapping \
             and not isinstance(getattr(AttentionInterface._global_mapping[name], "__self__", None), _Bridge):
         raise ValueError(f"attention implementation name must be a new non-empty string, got {name!r}")
-    bridge = _Bridge(compile_pattern(source, pattern, defines))
+    program: ir.Program | ir.Pattern  # checked here once: the cache reads each layer's pattern from it
+    if isinstance(source, ir.Program) or not isinstance(source, str | Path):
+        program = source
+    else:
+        path = source_path(source)
+        program = load(path, defines) if path is not None else loads(str(source), "<string>", defines)
+    item = select(program, pattern) if isinstance(program, ir.Program) else ir.PatternDef(pattern or "pattern", program)
+    bridge = _Bridge(compile_pattern(program, pattern), item)
     AttentionInterface.register(name, bridge.attention)
     AttentionMaskInterface.register(name, bridge.mask)
     return bridge.attn
 
 
+def pattern_cache(model: Any, *, page_size: int | None = None, max_append: int | None = None,
+                  max_length: int | None = None) -> Any:
+    """A transformers `Cache` for `model.generate(..., cache=pattern_cache(model))` that keeps, per layer, only
+    the keys its pattern can still read (a window's ring of pages, sinks for ever), so a window with sinks
+    generates in memory that does not grow with the context; layers whose pattern keeps every key keep
+    transformers' own cache layer. `model` runs an attention implementation made by `register`. `page_size`:
+    tokens per page (default: about 64, whole blocks of a blockwise pattern); `max_append`: the most tokens
+    one step after the prompt adds (default: a page); `max_length`: the longest context (fixes the page
+    table's width; without it the table doubles as needed). `memory_bytes()` says what it holds. See
+    `hf_cache` for how a step runs."""
+    from transformers import AttentionInterface
+
+    from . import hf_cache
+
+    config = model.config.get_text_config(decoder=True)
+    name = getattr(config, "_attn_implementation", None)
+    bridge = getattr(AttentionInterface._global_mapping.get(str(name)), "__self__", None)
+    if not isinstance(bridge, _Bridge):
+        raise ValueError(f"pattern_cache needs a model whose attn_implementation was registered by "
+                         f"patterndsl.integrations.hf.register, got {name!r}")
+    depth = config.num_hidden_layers
+    match bridge.item:
+        case ir.Model(_, schedule) if len(schedule) != depth:
+            raise ValueError(f"model pattern '{bridge.item.name}' has {len(schedule)} layers but the model has "
+                             f"{depth} (num_hidden_layers)")
+        case ir.Model(_, schedule):
+            bodies = list(schedule)
+        case ir.PatternDef(_, body):
+            bodies = [body] * depth
+    return hf_cache.pattern_cache(model, bridge, bodies, page_size=page_size, max_append=max_append,
+                                  max_length=max_length)
+
+
 @dataclass
 class _Bridge:
-    """One registered pattern: the attention and mask functions transformers calls, and the checks already
-    passed (per layer, window and length), so each is paid once."""
+    """One registered pattern: the attention and mask functions transformers calls, the checked pattern or
+    model it compiles (for `pattern_cache`), and the checks already passed (per layer, window and length),
+    so each is paid once."""
 
     attn: Any
+    item: ir.PatternDef | ir.Model
     checked: set[tuple[Any, ...]] = field(default_factory=set)
 
     def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -95,32 +144,47 @@ class _Bridge:
         layer = getattr(module, "layer_idx", None) if spec.model_layers is not None else None
         if spec.model_layers is not None:
             self._check_depth(module, layer)
-        n_q, n_k = query.shape[2], key.shape[2]
+        mine = getattr(key, MARK, None)  # a pattern cache's layer (hf_cache): it holds true positions
+        if mine is not None and mine.bridge is not self:
+            raise ValueError("this pattern cache was made for another attention implementation: build it with "
+                             "pattern_cache(model) for the model that uses it")
+        n_q = query.shape[2]
+        n_k = key.shape[2] if mine is None else mine.length
         longest = getattr(getattr(module, "config", None), "max_position_embeddings", None)
         at = longest if isinstance(longest, int) else int(n_k)
-        if n_q != n_k:  # over a KV cache (a sliding layer's holds only its window); a branch, not a tensor
+        if n_q != n_k and mine is None:  # over transformers' KV cache (a sliding layer's holds only its window)
             problem = self._reach_problem(layer, sliding_window, at, True)
         else:
             problem = self._reach_problem(layer, sliding_window, at, False)
         if not problem and not torch.compiler.is_compiling() and not all(spec.n_free):
-            problem = self._reach_problem(layer, sliding_window, n_k, n_q != n_k)
+            problem = self._reach_problem(layer, sliding_window, n_k, n_q != n_k and mine is None)
         if problem:
             raise ValueError(problem)
-        if n_q != n_k:  # a step over a KV cache: the queries are the last rows (bottom-right aligned)
+        if mine is not None:  # the prompt over its own keys, then steps through attn.decode over the pages
+            out = mine.attend(query, key, value, attention_mask, layer, scaling,
+                              lambda: self._whole(query, key, value, attention_mask, layer, scaling, position_ids,
+                                                  kwargs))
+        elif n_q != n_k:  # a step over a KV cache: the queries are the last rows (bottom-right aligned)
             if attention_mask is not None:
                 raise ValueError("a padding mask with a KV cache is not supported by patterndsl attention: "
-                                 "generate unpadded sequences (one at a time, or of one length)")
+                                 "generate unpadded sequences (one at a time, or of one length), or pass "
+                                 "cache=patterndsl.integrations.hf.pattern_cache(model)")
             out = self.attn(query, key, value, layer=layer, scale=scaling)
-        elif attention_mask is not None:
-            out = self._padded(query, key, value, attention_mask, layer, scaling)
         else:
-            cu = _documents(query, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
-            if cu is None:
-                out = self.attn(query, key, value, layer=layer, scale=scaling)
-            else:
-                out = _flat(self.attn(*(_pack(t) for t in (query, key, value)), cu_seqlens=cu, layer=layer,
-                                      scale=scaling), query.shape)
+            out = self._whole(query, key, value, attention_mask, layer, scaling, position_ids, kwargs)
         return out.transpose(1, 2), None
+
+    def _whole(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+               layer: int | None, scaling: float | None, position_ids: torch.Tensor | None,
+               kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """As many queries as keys: padding and packed sequences as documents, else one call."""
+        if attention_mask is not None:
+            return self._padded(query, key, value, attention_mask, layer, scaling)
+        cu = _documents(query, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+        if cu is None:
+            return self.attn(query, key, value, layer=layer, scale=scaling)  # type: ignore[no-any-return]
+        return _flat(self.attn(*(_pack(t) for t in (query, key, value)), cu_seqlens=cu, layer=layer, scale=scaling),
+                     query.shape)
 
     def _check_depth(self, module: torch.nn.Module, layer: Any) -> None:
         spec = self.attn.spec

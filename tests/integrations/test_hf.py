@@ -22,15 +22,6 @@ SMALL = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidd
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny matrices: one intra-op thread (several threads on a busy 2-core box cost 100x in waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pair(config: Any, name: str, other: str = "sdpa", dtype: Any = torch.float32) -> tuple[Any, Any]:
     """The same random model twice: with attention `name` and with transformers' `other`. float32 runs the
     Triton kernels (in the interpreter here), float64 the CPU path (quicker, for the longer tests)."""

@@ -39,11 +39,14 @@ def test_train_tiny_writes_its_loss_curves(tmp_path: Path) -> None:
 
 def test_generate_prints_its_rates() -> None:
     text = _run(ROOT / "examples" / "generate.py", "--prompt", "12", "--new", "3", "--window", "3")
-    assert "patterndsl_streaming:" in text and "sdpa:" in text and "tokens/s" in text
+    assert "pattern cache:" in text and "sdpa, transformers' cache:" in text and "tokens/s" in text
+    assert "generated the same tokens" in text
 
 
 def test_bench_hf_smoke_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     _run(ROOT / "benchmarks" / "bench_hf.py", str(out), BENCH_SMOKE="1")
     result = json.loads(out.read_text())
-    assert result["training"]["patterndsl"]["tokens_per_s"] > 0 and "generation" in result
+    assert result["training"]["patterndsl"]["tokens_per_s"] > 0
+    steps = result["generation"]["batches"]["1"]
+    assert steps["patterndsl_pattern_cache"]["decode_tokens_per_s"] > 0 and "sdpa" in steps
