@@ -6,7 +6,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/patterndsl-h100}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# .whlhf/ (transformers and its dependencies), where carried, serves the HF tests and bench_hf.py
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  $(ls .whlhf/*.whl 2>/dev/null)
 export PYTHONPATH=/tmp/site:$PWD PATTERNDSL_CACHE_DIR=${PATTERNDSL_CACHE_DIR:-/tmp/patterndsl-cache} PATTERNDSL_FAILURE_LOG=$OUT/failures.txt
 log="$OUT/run.log"
 {
@@ -76,7 +78,6 @@ if [ -n "${PATTERN_CACHE:-}" ]; then TAIL=20 stage bench_pattern_cache "${T_PATT
 if [ -n "${NSA:-}" ]; then TAIL=20 stage bench_nsa "${T_NSA:-150}" python3 benchmarks/bench_nsa.py "$OUT/nsa_h100.json"; fi
 # HF=1 (issue 22: a Llama-style model's training step and generation; carry .whlhf/ with transformers' wheels)
 if [ -n "${HF:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlhf/*.whl >> "$log" 2>&1
   TAIL=20 stage bench_hf "${T_HF:-240}" env BENCH_DEADLINE=$(( ${T_HF:-240} - 30 )) python3 benchmarks/bench_hf.py "$OUT/hf_h100.json"
 fi
 # PEERS=1 (issue 24: ours vs FA4, Flex FLASH, Flex Triton and SDPA; FA4 where benchmarks/fa4_carry.sh installed it)
