@@ -5,6 +5,8 @@ The caller passes, with each call, a permutation `perm` that maps every segment 
 the last segment may be shorter). Position `r` of the permuted sequence holds the caller's token
 `perm[r]`, and the call means attention with pattern `P` on `q[perm]`, `k[perm]`, `v[perm]`, its rows
 put back in the caller's order: `allowed(i, j) = P(rank(i), rank(j))` with `rank` the inverse of `perm`.
+A pair (queries' order, keys' order) permutes q by the first and k, v by the second (PBS-Attn permutes
+keys only): `allowed(i, j) = P(rank_q(i), rank_k(j))`.
 
 The permutation is applied around the kernels, as a token layout given as data: q, k and v are gathered
 into the permuted order (`take_along_dim`, whose index broadcasts over head_dim, so the extra memory is
@@ -106,10 +108,18 @@ def permuted(attn: Any, q: Any, k: Any, v: Any, perm: Any, *, cu_seqlens: Any, m
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
     _head_patterns(spec, layer)
     starts = _check_docs(spec, q4, cu_seqlens, max_seqlen)[0] if cu_seqlens is not None else None
-    p, inverse = check_permutation(spec, perm, B, H, N, q4.device, starts)
-    if p.shape[1] > 1 and hkv < H:  # per-head orders: each query head reads its own copy of its KV head
+    if isinstance(perm, tuple | list):
+        if len(perm) != 2:
+            raise ValueError(f"permutation must be one tensor or a pair (queries' order, keys' order), got "
+                             f"{len(perm)} items")
+        p, inverse = check_permutation(spec, perm[0], B, H, N, q4.device, starts)
+        pk = check_permutation(spec, perm[1], B, H, N, q4.device, starts)[0]
+    else:
+        p, inverse = check_permutation(spec, perm, B, H, N, q4.device, starts)
+        pk = p
+    if pk.shape[1] > 1 and hkv < H:  # per-head orders: each query head reads its own copy of its KV head
         k4, v4 = (t.repeat_interleave(H // hkv, dim=1) for t in (k4, v4))
-    qp, kp, vp = (gather_rows(t, p) for t in (q4, k4, v4))
+    qp, kp, vp = gather_rows(q4, p), gather_rows(k4, pk), gather_rows(v4, pk)
     if packed:
         qp, kp, vp = (t[0].transpose(0, 1) for t in (qp, kp, vp))
     o, lse = run(qp, kp, vp)
