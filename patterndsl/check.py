@@ -24,10 +24,11 @@ PRIMITIVES = frozenset(
     {
         "full", "none", "causal", "window", "stride", "sink", "global", "rows", "cols", "hops",
         "blockwise", "where", "random", "neighborhood", "grid", "topk", "threshold",
-        "min", "max", "abs", "log2", "true", "false", "given", "N", "permute",
+        "min", "max", "abs", "log2", "true", "false", "given", "N",
     }
 )  # fmt: skip
-RESERVED = KEYWORDS | PRIMITIVES
+STATEMENT_FORMS = frozenset({"permute"})  # whole right sides of `pattern NAME =`, never values
+RESERVED = KEYWORDS | PRIMITIVES | STATEMENT_FORMS
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
 MAX_GRID_AXES = 16  # a tile-major 3-D order takes 6 axes; the cap keeps layout search and messages small
 SCORE_RULES = ("mean", "max", "quest", "compressed")  # topk's score=... (runtime/selection.py: _rule_scores)

@@ -145,8 +145,8 @@ class Attention:
         def run(qp: Any, kp: Any, vp: Any) -> tuple[Any, Any]:
             return self._tiled(qp, kp, vp, block_mask, cu_seqlens, max_seqlen, layer, scale, scores, None, None)
 
-        got = _into(out, lse, *permuted(self, q, k, v, permutation, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                        layer=layer, run=run))
+        got = _into(out, lse, *permuted(self.spec, q, k, v, permutation, cu_seqlens=cu_seqlens,
+                                        max_seqlen=max_seqlen, layer=layer, run=run))
         return got if return_lse else got[0]
 
     def attention(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
@@ -395,9 +395,15 @@ class Attention:
                        capacity, out, lse)
         return (out, lse) if return_lse else out
 
-    def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None) -> Any:
+    def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None,
+                        permutation: Any = None) -> Any:
         """The blocks the selectors pick, as a dense bool tensor [B, H, blocks, blocks] (heads with a static
-        pattern: all False), for inspection and tests."""
+        pattern: all False), for inspection and tests. A `permute(...)` pattern takes its `permutation` and
+        gives blocks of the permuted order."""
+        if permutation is not None or self.spec.permute is not None:
+            from .permutation import permuted_qk
+
+            q, k = permuted_qk(self.spec, q, k, permutation)
         return _selected_blocks(self.spec, q, k, scores=scores, layer=layer)
 
     def to_flex_block_mask(self, n: int, *, device: Any = "cpu", layer: int | None = None,

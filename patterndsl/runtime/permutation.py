@@ -25,7 +25,7 @@ from .checks import _check_docs
 from .common import _head_patterns
 from .spec import PatternSpec
 
-__all__ = ["check_permutation", "gather_rows", "permuted"]
+__all__ = ["check_permutation", "gather_rows", "permuted", "permuted_qk"]
 
 
 def check_permutation(spec: PatternSpec, perm: Any, batch: int, heads: int, n: int, device: torch.device,
@@ -80,11 +80,29 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, idx, dim=2)
 
 
-def permuted(attn: Any, q: Any, k: Any, v: Any, perm: Any, *, cu_seqlens: Any, max_seqlen: Any, layer: Any,
-             run: Any) -> tuple[Any, Any]:
+def permuted(spec: PatternSpec, q: Any, k: Any, v: Any, perm: Any, *, cu_seqlens: Any, max_seqlen: Any,
+             layer: Any, run: Any) -> tuple[Any, Any]:
     """(out, lse) of a permuted pattern in the caller's order: `run(q, k, v)` is the unpermuted call on the
     permuted tensors (same options, `cu_seqlens` included), returning (out, lse)."""
-    spec = attn.spec
+    _head_patterns(spec, layer)
+    packed, (qp, kp, vp), inverse = _gathered(spec, q, k, v, perm, cu_seqlens, max_seqlen)
+    o, lse = run(qp, kp, vp)
+    o4 = o.transpose(0, 1)[None] if packed else o
+    l3 = lse[None] if packed else lse
+    o4, l3 = gather_rows(o4, inverse), gather_rows(l3, inverse)
+    return (o4[0].transpose(0, 1), l3[0]) if packed else (o4, l3)
+
+
+def permuted_qk(spec: PatternSpec, q: Any, k: Any, perm: Any) -> tuple[Any, Any]:
+    """q and k [B, H, N, D] in the permuted order (what a permuted pattern's selectors score)."""
+    qp, kp, _ = _gathered(spec, q, k, k, perm, None, None)[1]
+    return qp, kp
+
+
+def _gathered(spec: PatternSpec, q: Any, k: Any, v: Any, perm: Any, cu_seqlens: Any,
+              max_seqlen: Any) -> tuple[bool, tuple[Any, Any, Any], torch.Tensor]:
+    """(packed, q, k and v in the permuted order, the queries' inverse permutation), after checking the
+    inputs' shapes and the permutation (one tensor, or a pair: queries' order, keys' order)."""
     if spec.permute is None:
         raise ValueError(f"pattern '{spec.name}' has no permute(...): it takes no permutation")
     if perm is None:
@@ -106,7 +124,6 @@ def permuted(attn: Any, q: Any, k: Any, v: Any, perm: Any, *, cu_seqlens: Any, m
     if hkv < 1 or H % hkv or k4.shape[0] != B or v4.shape[:2] != k4.shape[:2]:
         raise ValueError(f"k, v must be [{B}, kv_heads, {N}, head_dim] with kv_heads dividing {H}, got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
-    _head_patterns(spec, layer)
     starts = _check_docs(spec, q4, cu_seqlens, max_seqlen)[0] if cu_seqlens is not None else None
     if isinstance(perm, tuple | list):
         if len(perm) != 2:
@@ -119,11 +136,7 @@ def permuted(attn: Any, q: Any, k: Any, v: Any, perm: Any, *, cu_seqlens: Any, m
         pk = p
     if pk.shape[1] > 1 and hkv < H:  # per-head orders: each query head reads its own copy of its KV head
         k4, v4 = (t.repeat_interleave(H // hkv, dim=1) for t in (k4, v4))
-    qp, kp, vp = gather_rows(q4, p), gather_rows(k4, pk), gather_rows(v4, pk)
+    got = gather_rows(q4, p), gather_rows(k4, pk), gather_rows(v4, pk)
     if packed:
-        qp, kp, vp = (t[0].transpose(0, 1) for t in (qp, kp, vp))
-    o, lse = run(qp, kp, vp)
-    o4 = o.transpose(0, 1)[None] if packed else o
-    l3 = lse[None] if packed else lse
-    o4, l3 = gather_rows(o4, inverse), gather_rows(l3, inverse)
-    return (o4[0].transpose(0, 1), l3[0]) if packed else (o4, l3)
+        got = tuple(t[0].transpose(0, 1) for t in got)  # type: ignore[assignment]
+    return packed, got, inverse

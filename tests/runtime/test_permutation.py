@@ -148,7 +148,8 @@ def test_pbs_library_patterns_merged_are_pbs_attn() -> None:
     pk = segment_permutation((1,), n, 32, 12)
     inner = P.load(LIBRARY / "pbs_attn.pat", defines).get("pbs").body  # type: ignore[union-attr]
     kp = k[:, :, pk[0]]
-    far_p, _ = dynamic_mask(inner, q.numpy(), kp.numpy())  # rows: queries in order; columns: permuted keys
+    far_p, picked = dynamic_mask(inner, q.numpy(), kp.numpy())  # rows: queries in order; columns: permuted keys
+    assert np.array_equal(far.selected_blocks(q, k, permutation=(ident, pk)).numpy(), picked)
     mask = permuted_mask(far_p, ident.numpy(), pk.numpy()) | reference_mask(P.pattern("causal & blockwise(32, window(0))"), n)
     want = reference_grads(q, k, v, mask, 8**-0.5, do)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
