@@ -105,7 +105,7 @@ class Attention:
         A query with no allowed key gets zeros and log-sum-exp -inf. `cu_seqlens_q` with `cu_seqlens_k`
         (chunked prefill): document d's queries are the last rows of its keys' pattern (q packed by
         cu_seqlens_q, k and v by cu_seqlens_k). `permutation` (`permute(...)` patterns only): int [B or 1,
-        (H or 1,) N] mapping each segment onto itself, or a pair (queries' order, keys' order); the pattern
+        (H or Hkv or 1,) N] mapping each segment onto itself, or a pair (queries' order, keys' order); the pattern
         applies in the permuted order and the results come back in the caller's order (`runtime.permutation`)."""
         if permutation is not None or self.spec.permute is not None:
             return self._permuted(q, k, v, permutation, block_mask, return_lse, cu_seqlens, max_seqlen, layer,

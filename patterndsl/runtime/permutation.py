@@ -6,7 +6,9 @@ the last segment may be shorter). Position `r` of the permuted sequence holds th
 `perm[r]`, and the call means attention with pattern `P` on `q[perm]`, `k[perm]`, `v[perm]`, its rows
 put back in the caller's order: `allowed(i, j) = P(rank(i), rank(j))` with `rank` the inverse of `perm`.
 A pair (queries' order, keys' order) permutes q by the first and k, v by the second (PBS-Attn permutes
-keys only): `allowed(i, j) = P(rank_q(i), rank_k(j))`.
+keys only): `allowed(i, j) = P(rank_q(i), rank_k(j))`. An order may be shared, per batch element, per KV
+head (the query heads of a group share it: k and v are gathered once) or per query head (each query head
+gathers its own copy of its KV head's k and v).
 
 The permutation is applied around the kernels, as a token layout given as data: q, k and v are gathered
 into the permuted order (`take_along_dim`, whose index broadcasts over head_dim, so the extra memory is
@@ -29,21 +31,23 @@ __all__ = ["check_permutation", "gather_rows", "permuted", "permuted_qk"]
 
 
 def check_permutation(spec: PatternSpec, perm: Any, batch: int, heads: int, n: int, device: torch.device,
-                      starts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perm, inverse) as int64 [batch or 1, heads or 1, n], after checking that `perm` is an int tensor
-    [batch or 1, n] or [batch or 1, heads or 1, n] on `device` that maps each segment onto itself
-    (segments counted from each of `starts`, the documents' first tokens; default: the sequence's)."""
+                      starts: list[int] | None = None, kv_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, inverse) as int64 [batch or 1, heads or kv_heads or 1, n], after checking that `perm` is an int
+    tensor [batch or 1, n] or [batch or 1, heads or kv_heads or 1, n] (one order per query head, per KV head
+    or shared) on `device` that maps each segment onto itself (segments counted from each of `starts`, the
+    documents' first tokens; default: the sequence's)."""
     seg = spec.permute
     assert seg is not None
     if not torch.is_tensor(perm):
         raise TypeError(f"permutation must be a torch.Tensor, got {type(perm).__name__}")
-    want = f"[{batch} or 1, {n}] or [{batch} or 1, {heads} or 1, {n}]"
+    per_head = " or ".join(str(x) for x in dict.fromkeys((heads, kv_heads or heads, 1)))
+    want = f"[{batch} or 1, {n}] or [{batch} or 1, {per_head}, {n}]"
     if perm.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"permutation must be an int32 or int64 tensor {want}, got {perm.dtype}")
     if perm.device != device:
         raise ValueError(f"permutation must be on q's device ({device}), got {perm.device}")
     p = perm[:, None] if perm.dim() == 2 else perm
-    if p.dim() != 3 or p.shape[0] not in (1, batch) or p.shape[1] not in (1, heads) or p.shape[2] != n:
+    if p.dim() != 3 or p.shape[0] not in (1, batch) or p.shape[1] not in (1, heads, kv_heads) or p.shape[2] != n:
         raise ValueError(f"permutation must have shape {want}, got {list(perm.shape)}")
     p = p.long()
     pos = torch.arange(n, device=device)
@@ -107,7 +111,7 @@ def _gathered(spec: PatternSpec, q: Any, k: Any, v: Any, perm: Any, cu_seqlens: 
         raise ValueError(f"pattern '{spec.name}' has no permute(...): it takes no permutation")
     if perm is None:
         raise ValueError(f"pattern '{spec.name}' permutes tokens within segments of {spec.permute}: pass "
-                         f"permutation=perm, an int tensor [batch or 1, (heads or 1,) N]")
+                         f"permutation=perm, an int tensor [batch or 1, (heads or kv_heads or 1,) N]")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not torch.is_tensor(t):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,12 +133,14 @@ def _gathered(spec: PatternSpec, q: Any, k: Any, v: Any, perm: Any, cu_seqlens: 
         if len(perm) != 2:
             raise ValueError(f"permutation must be one tensor or a pair (queries' order, keys' order), got "
                              f"{len(perm)} items")
-        p, inverse = check_permutation(spec, perm[0], B, H, N, q4.device, starts)
-        pk = check_permutation(spec, perm[1], B, H, N, q4.device, starts)[0]
+        p, inverse = check_permutation(spec, perm[0], B, H, N, q4.device, starts, hkv)
+        pk = check_permutation(spec, perm[1], B, H, N, q4.device, starts, hkv)[0]
     else:
-        p, inverse = check_permutation(spec, perm, B, H, N, q4.device, starts)
+        p, inverse = check_permutation(spec, perm, B, H, N, q4.device, starts, hkv)
         pk = p
-    if pk.shape[1] > 1 and hkv < H:  # per-head orders: each query head reads its own copy of its KV head
+    if p.shape[1] == hkv < H:  # an order per KV head: its query heads share it
+        p, inverse = (t.repeat_interleave(H // hkv, dim=1) for t in (p, inverse))
+    if pk.shape[1] == H > hkv:  # an order per query head: each reads its own copy of its KV head
         k4, v4 = (t.repeat_interleave(H // hkv, dim=1) for t in (k4, v4))
     got = gather_rows(q4, p), gather_rows(k4, pk), gather_rows(v4, pk)
     if packed:

@@ -62,15 +62,17 @@ def test_pbs_library_patterns_merged_are_pbs_attn() -> None:
     g = torch.Generator().manual_seed(2)
     q, k = (torch.randint(-2, 3, (1, h, n, d), generator=g).to(dtype) for h in (4, 2))
     v, do = (torch.randn(1, h, n, d, generator=g).to(dtype) for h in (2, 4))
-    pk = segment_permutation((1,), n, seg, 3)
+    pk = segment_permutation((1, 2), n, seg, 3)  # an order per KV head, shared by its two query heads
     ident = torch.arange(n)[None]
     inner = program.get("pbs").body  # type: ignore[union-attr]
     sel = inner.b.b  # blockwise(...) & (sink(b) | threshold(...)): the threshold
     ctx = dense_mask(P.pattern(f"blockwise({seg}, causal - window(0))"), n)
-    picked = selection(sel, ctx, q.float().numpy(), k[:, :, pk[0]].float().numpy())
+    kp = torch.stack([k[0, x, pk[0, x]] for x in range(2)])[None]
+    picked = selection(sel, ctx, q.float().numpy(), kp.float().numpy())
     blocks = np.arange(n) // sel.block
     far_p = ctx & (dense_mask(P.pattern("sink(64)"), n) | picked[:, :, blocks][:, :, :, blocks])
-    mask = permuted_mask(far_p, ident.numpy(), pk.numpy()) | dense_mask(P.pattern("causal & blockwise(256, window(0))"), n)
+    mask = permuted_mask(far_p, ident.numpy()[:, None], pk.numpy().repeat(2, axis=1)) | dense_mask(
+        P.pattern("causal & blockwise(256, window(0))"), n)
     want = reference_grads(q, k, v, mask, d**-0.5, do)
     qg, kg, vg = (t.cuda().requires_grad_() for t in (q, k, v))
     out, lse = merge([far(qg, kg, vg, permutation=(ident.cuda(), pk.cuda()), return_lse=True),

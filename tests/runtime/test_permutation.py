@@ -72,20 +72,25 @@ def _check(attn: Any, mask: np.ndarray, q: Any, k: Any, v: Any, do: Any, perm: A
 
 @settings(max_examples=8, deadline=None)
 @given(body=st.sampled_from(BODIES), n=st.integers(1, 33), segment=st.sampled_from([1, 7, 16, 45]), seed=st.integers(0, 99),
-       heads=st.sampled_from([(2, 2, "shared"), (4, 2, "per-head"), (2, 1, "pair")]), batch=st.sampled_from([1, 2]))
+       heads=st.sampled_from([(2, 2, "shared"), (4, 2, "per-head"), (4, 2, "per-kv-head"), (2, 1, "pair")]),
+       batch=st.sampled_from([1, 2]))
 def test_outputs_and_gradients_follow_the_definition(body: str, n: int, segment: int, seed: int,
                                                      heads: tuple[int, int, str], batch: int) -> None:
-    # float64 on CPU tensors: the PyTorch path, exact; the permutation is shared, per batch and head, or a
-    # pair of orders (queries', keys')
+    # float64 on CPU tensors: the PyTorch path, exact; the permutation is shared, per batch element and per
+    # query head or KV head, or a pair of orders (queries', keys')
     h, hkv, kind = heads
     q, k, v, do = _qkv(batch, h, hkv, n, 8, torch.float64, seed)
     inner = reference_mask(P.pattern(body), n)
-    shape = (batch, h) if kind == "per-head" else (batch,)
+    shape = {"per-head": (batch, h), "per-kv-head": (batch, hkv)}.get(kind, (batch,))
     perm = segment_permutation(shape, n, segment, seed)
     pk = segment_permutation(shape, n, segment, seed + 1) if kind == "pair" else perm
-    per = perm.numpy()[:, :, None] if kind == "per-head" else perm.numpy()[:, None, None]
-    per_k = pk.numpy()[:, :, None] if kind == "per-head" else pk.numpy()[:, None, None]
-    mask = permuted_mask(inner, per[..., 0, :], per_k[..., 0, :])
+
+    def by_query_head(x: Any) -> np.ndarray:  # [batch, query heads or 1, N]: a group's heads share its order
+        if kind == "per-kv-head":
+            return x.numpy().repeat(h // hkv, axis=1)
+        return x.numpy() if kind == "per-head" else x.numpy()[:, None]
+
+    mask = permuted_mask(inner, by_query_head(perm), by_query_head(pk))
     given_perm = (perm, pk) if kind == "pair" else perm
     _check(_permuted(body, segment), mask, q, k, v, do, given_perm, grad_tolerance(torch.float64))
 
