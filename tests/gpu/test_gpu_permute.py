@@ -53,6 +53,31 @@ def test_permuted_static_pattern_per_head_gqa(dtype: Any) -> None:
     _compare(out.detach(), lse.detach(), grads, want, dtype)
 
 
+def test_permuted_packed_documents() -> None:
+    # segments of 128 start again at each document; gradients through the packed-documents kernels
+    body, seg, lengths, d, dtype = "causal & window(63)", 128, [300, 0, 1000, 77], 64, torch.float16
+    n = sum(lengths)
+    cu = torch.tensor(np.cumsum([0, *lengths]))
+    starts = tuple(int(x) for x in cu[:-1])
+    attn = P.compile(f"pattern p = permute({body}, segment={seg}, by=given)\n")
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(1, h, n, d, generator=g).to(dtype) for h in (4, 2, 2, 4))
+    perm = segment_permutation((1, 2), n, seg, 5, starts=starts)  # per KV head
+    rank = torch.argsort(perm, dim=-1).repeat_interleave(2, dim=1)[0].numpy()  # per query head
+    mask = np.zeros((4, n, n), dtype=bool)
+    for a, e in zip(starts, [*starts[1:], n], strict=True):
+        if e > a:
+            inner = dense_mask(P.pattern(body), e - a)
+            for h in range(4):
+                r = rank[h, a:e] - a
+                mask[h, a:e, a:e] = inner[r[:, None], r[None, :]]
+    want = reference_grads(q, k, v, mask, d**-0.5, do)
+    qg, kg, vg = (t.cuda().requires_grad_() for t in (q, k, v))
+    out, lse = attn(qg, kg, vg, cu_seqlens=cu.cuda(), permutation=perm.cuda(), return_lse=True)
+    grads = torch.autograd.grad((out * do.cuda()).sum(), (qg, kg, vg))
+    _compare(out.detach(), lse.detach(), grads, want, dtype)
+
+
 def test_pbs_library_patterns_merged_are_pbs_attn() -> None:
     # keys permuted within segments of 256 (queries in order), selection over earlier segments in the
     # permuted order, the own segment causal in the caller's order
