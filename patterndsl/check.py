@@ -27,7 +27,8 @@ PRIMITIVES = frozenset(
         "min", "max", "abs", "log2", "true", "false", "given", "N",
     }
 )  # fmt: skip
-RESERVED = KEYWORDS | PRIMITIVES
+STATEMENT_FORMS = frozenset({"permute"})  # whole right sides of `pattern NAME =`, never values
+RESERVED = KEYWORDS | PRIMITIVES | STATEMENT_FORMS
 MAX_INT = 1 << 62  # every integer a pattern folds to stays below this, so backends never overflow int64
 MAX_GRID_AXES = 16  # a tile-major 3-D order takes 6 axes; the cap keeps layout search and messages small
 SCORE_RULES = ("mean", "max", "quest", "compressed")  # topk's score=... (runtime/selection.py: _rule_scores)
@@ -134,6 +135,7 @@ class _Checker:
         self.values: dict[str, Value] = {}
         self.later = {s.name: s for s in module.statements}
         self.bodies: dict[str, ir.Heads] = {}
+        self.permuted: set[str] = set()  # patterns written as permute(...): compiled only on their own
 
     # statements
 
@@ -155,6 +157,10 @@ class _Checker:
                     grid = self._layout(name, value)
                     layouts.append(grid)
                     self.values[name] = LayoutV(grid)
+                case T.PatternStmt(name, T.Call("permute") as call):
+                    inner, perm = _permute_body(self, call)
+                    self.permuted.add(name)
+                    patterns.append(ir.PatternDef(name, inner, stmt.span, perm))
                 case T.PatternStmt(name, body):
                     b = self._body(body, f"the right side of 'pattern {name} ='")
                     if isinstance(b, ir.Heads):
@@ -425,6 +431,11 @@ class _Checker:
             return self.values[name]
         if name in self.bodies:
             raise PatternError(f"'{name}' is a heads pattern and cannot be combined with others", span)
+        if name in self.permuted:
+            raise PatternError(
+                f"'{name}' is a permuted pattern and cannot be used in another pattern or a model", span,
+                "its permutation comes with each call: compile it on its own, or name its body with a let",
+            )  # fmt: skip
         if name in self.later:
             raise PatternError(
                 f"'{name}' is used before it is defined (line {self.later[name].span.line})",
@@ -864,6 +875,29 @@ def _call_grid(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     raise PatternError("grid(...) defines a layout", node.span, "write: layout name = grid(...)")
 
 
+def _call_permute(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
+    raise PatternError(
+        "permute(...) must be the whole right side of a pattern", node.span,
+        "write: pattern name = permute(P, segment=256, by=given)",
+    )  # fmt: skip
+
+
+def _permute_body(c: _Checker, node: T.Call) -> tuple[ir.Pattern, ir.Permute]:
+    """`permute(P, segment=s, by=given)`: the body P and its segment (a constant of at least 1)."""
+    args = _bind(node, ("pattern",), 1, ("segment", "by"))
+    for needed in ("segment", "by"):
+        if needed not in args:
+            raise PatternError(f"permute needs {needed}=...", node.span, "e.g. permute(P, segment=256, by=given)")
+    if not isinstance(c.value(args["by"], None), GivenV):
+        raise PatternError(
+            "permute's by can only be 'given' (the caller passes the permutation at run time)", args["by"].span,
+            "write by=given and call attn(q, k, v, permutation=perm)",
+        )  # fmt: skip
+    segment = c._const_int(args["segment"], None, "permute's segment", minimum=1)
+    inner = c.pattern(args["pattern"], None, "permute's first argument")
+    return inner, ir.Permute(segment, node.span)
+
+
 _CALLS: dict[str, Callable[[_Checker, T.Call, WhereScope | None], Value]] = {
     "window": _call_window,
     "stride": _call_one_int(ir.Stride, "step"),
@@ -883,6 +917,7 @@ _CALLS: dict[str, Callable[[_Checker, T.Call, WhereScope | None], Value]] = {
     "abs": _call_abs,
     "log2": _call_log2,
     "grid": _call_grid,
+    "permute": _call_permute,
 }
 
 _KEYWORD_HINTS = {
@@ -920,6 +955,7 @@ _CALL_ONLY = {
     "abs": "abs(q - k)",
     "log2": "log2(abs(q - k))",
     "grid": "layout image = grid(64, 64)",
+    "permute": "pattern p = permute(causal, segment=256, by=given)",
 }
 
 

@@ -342,6 +342,11 @@ def compile_source(
         for v, d in enumerate(variants, 1):
             case = E.to_source(preds[d]) if d >= 0 else "false"
             pattern_doc += f"  P_{{{', '.join(f'S{m + 1}' for m in range(len(sp.selectors)) if v >> m & 1)}}} = {case}\n"
+    if isinstance(item, ir.PatternDef) and item.permute:
+        pattern_doc += (
+            f"\nEach call passes `permutation=`, a permutation of every segment of {item.permute.segment} tokens; "
+            "i and j above are\npositions in the permuted order, and outputs come back in the caller's order.\n"
+        )
     for c, (_, distinct, _) in enumerate(cases):
         if len(distinct) > 1:  # the kernels' predicate for a selected tile, by the rank of its case
             calls = f"allowed_{distinct[-1]}(i, j, N)"
@@ -404,6 +409,7 @@ def compile_source(
         "autotune": "False" if explicit else "True",
         "bwd_autotune": "False" if bwd_config is not None else "True",
         "key_repr": repr(_KEY_MARK),
+        "permute": safe_int(item.permute.segment) if isinstance(item, ir.PatternDef) and item.permute else "None",
     }
     module = Template(codegen_template("module.py.tmpl")).substitute(fields)
     # the key names the pattern in caches and the autotuning file: a hash of the module's text without its

@@ -255,10 +255,20 @@ Body: TypeAlias = Pattern | Heads
 
 
 @dataclass(frozen=True, slots=True)
+class Permute:
+    """`permute(P, segment=s, by=given)`: the caller passes a permutation of each segment of `s` tokens at run
+    time and the body is the pattern in the permuted order (docs/language.md, permuted tokens)."""
+
+    segment: int
+    span: Span | None = _span
+
+
+@dataclass(frozen=True, slots=True)
 class PatternDef:
     name: str
     body: Body
     span: Span | None = _span
+    permute: Permute | None = None  # the body applies to tokens permuted within segments at run time
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,6 +243,20 @@ def cu_of(lengths: list[int]) -> Any:
     return torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
 
 
+def segment_permutation(shape: tuple[int, ...], n: int, segment: int, seed: int, starts: tuple[int, ...] = (0,)) -> Any:
+    """int64 [*shape, n]: independent random permutations of every segment of `segment` tokens, counted from
+    each of `starts` (the documents' first tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty((*shape, n), dtype=torch.int64)
+    ends = [*starts[1:], n]
+    for idx in np.ndindex(*shape):
+        for s0, e0 in zip(starts, ends, strict=True):
+            for a in range(s0, e0, segment):
+                b = min(a + segment, e0)
+                out[idx][a:b] = a + torch.randperm(b - a, generator=g)
+    return out
+
+
 # --- block tables and masks ---------------------------------------------------------------------------------
 
 

@@ -294,3 +294,20 @@ def dynamic_mask(
     for s in picked.values():
         some = s if some is None else some | s
     return np.ascontiguousarray(mask), some
+
+
+# --- permuted tokens, read off docs/language.md literally ----------------------------------------
+
+
+def permuted_mask(inner: np.ndarray, perm_q: np.ndarray, perm_k: np.ndarray) -> np.ndarray:
+    """`permute(B, ...)` in the caller's order: allowed(i, j) = B(rank_q[i], rank_k[j]), rank the inverse of
+    each permutation (perm[r] is the caller's token at permuted position r). `inner` [..., N, N] is B's mask
+    over permuted positions and the permutations [..., N] broadcast against its leading dimensions."""
+    n = inner.shape[-1]
+    lead = np.broadcast_shapes(inner.shape[:-2], perm_q.shape[:-1], perm_k.shape[:-1])
+    pq, pk = np.broadcast_to(perm_q, (*lead, n)), np.broadcast_to(perm_k, (*lead, n))
+    m = np.broadcast_to(inner, (*lead, n, n))
+    out = np.zeros((*lead, n, n), dtype=bool)
+    for idx in np.ndindex(*lead):  # the permuted pair (r, c) is the caller's pair (perm_q[r], perm_k[c])
+        out[idx][np.ix_(pq[idx], pk[idx])] = m[idx]
+    return out

@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     # user errors first, in the words every command uses, before any GPU work
     item = select_pattern(load_program(args), args.pattern, "bench")
     kernel_limits(item)
+    if isinstance(item, ir.PatternDef) and item.permute is not None:
+        raise PatternError(f"'{item.name}' takes a permutation with each call; patc bench times patterns without one",
+                           item.span, "bench its body as a pattern of its own: the kernels are the same")
     heads = heads_given(item, args.heads) or 16
     pats = ir.body_patterns(item.body)
     for n in args.n:

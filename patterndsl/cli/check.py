@@ -61,6 +61,8 @@ def _summary(program: ir.Program) -> str:
             tags.append(f"{p.body.count} heads")
         if any(ir.is_dynamic(x) for x in ir.body_patterns(p.body)):
             tags.append("dynamic")
+        if p.permute is not None:
+            tags.append(f"permuted in segments of {p.permute.segment}")
         parts.append(p.name + (f" ({', '.join(tags)})" if tags else ""))
     parts += [f"{m.name} (model, {m.layers} layers)" for m in program.models]
     return ", ".join(parts) or "no patterns"

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         # Cell densities are built a chunk of queries at a time: no N x N mask, whatever N.
         cells = cell_density(body, n, rows, cols)
         density = _overall_density(cells, n, rows, cols)
-        drawn.append((f"{item.name}{' ' + label if label else ''}  N={n}  density {density:.2%}", cells))
+        order = "  (in the permuted order)" if isinstance(item, ir.PatternDef) and item.permute else ""
+        drawn.append((f"{item.name}{' ' + label if label else ''}  N={n}  density {density:.2%}{order}", cells))
     for k, (title, cells) in enumerate(drawn):
         if args.output:
             save_figure(picture(cells, n, n, f"{program.path}: {title}"), paths[k], fmt)

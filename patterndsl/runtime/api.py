@@ -96,7 +96,7 @@ class Attention:
     def __call__(self, q: Any, k: Any, v: Any, *, block_mask: BlockMask | None = None, return_lse: bool = False,
                  cu_seqlens: Any = None, max_seqlen: int | None = None, layer: int | None = None,
                  scale: float | None = None, scores: Any = None, out: Any = None, lse: Any = None,
-                 cu_seqlens_q: Any = None, cu_seqlens_k: Any = None) -> Any:
+                 cu_seqlens_q: Any = None, cu_seqlens_k: Any = None, permutation: Any = None) -> Any:
         """Attention with this pattern. `return_lse`: also the log-sum-exp [B, H, N] (float32, natural log).
         `layer` (models only): which layer's pattern applies. `scores`: the caller's block scores of a
         `topk(..., score=given)`. `cu_seqlens` (packed documents, FlashAttention's convention): q, k, v
@@ -104,21 +104,49 @@ class Attention:
         the results into (no autograd). `block_mask`: tables built by `block_mask()`, launched with its tiles.
         A query with no allowed key gets zeros and log-sum-exp -inf. `cu_seqlens_q` with `cu_seqlens_k`
         (chunked prefill): document d's queries are the last rows of its keys' pattern (q packed by
-        cu_seqlens_q, k and v by cu_seqlens_k)."""
+        cu_seqlens_q, k and v by cu_seqlens_k). `permutation` (`permute(...)` patterns only): int [B or 1,
+        (H or Hkv or 1,) N] mapping each segment onto itself, or a pair (queries' order, keys' order); the pattern
+        applies in the permuted order and the results come back in the caller's order (`runtime.permutation`)."""
+        if permutation is not None or self.spec.permute is not None:
+            return self._permuted(q, k, v, permutation, block_mask, return_lse, cu_seqlens, max_seqlen, layer,
+                                  scale, scores, out, lse, cu_seqlens_q, cu_seqlens_k)
         if cu_seqlens_q is not None or cu_seqlens_k is not None:
             if block_mask is not None or cu_seqlens is not None:
                 raise ValueError("cu_seqlens_q and cu_seqlens_k take neither cu_seqlens nor block_mask")
             got = self._chunks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen, layer, scale, out, lse)
             return got if return_lse else got[0]
-        if block_mask is not None:
-            if not isinstance(block_mask, BlockMask):
-                raise TypeError(f"block_mask must come from attn.block_mask(...), got {type(block_mask).__name__}")
-            if torch.is_tensor(q) and q.dim() == 4 and q.shape[2] != block_mask.n:
-                raise ValueError(f"block_mask was built for N = {block_mask.n}, got N = {q.shape[2]}")
-            with _options(tiles=(block_mask.block_m, block_mask.block_n)):
-                got = self._call(q, k, v, cu_seqlens, max_seqlen, layer, scale, scores, out, lse)
-        else:
-            got = self._call(q, k, v, cu_seqlens, max_seqlen, layer, scale, scores, out, lse)
+        got = self._tiled(q, k, v, block_mask, cu_seqlens, max_seqlen, layer, scale, scores, out, lse)
+        return got if return_lse else got[0]
+
+    def _tiled(self, q: Any, k: Any, v: Any, block_mask: Any, cu_seqlens: Any, max_seqlen: Any, layer: Any,
+               scale: Any, scores: Any, out: Any, lse: Any) -> tuple[Any, Any]:
+        """(out, lse) of one call, launched with `block_mask`'s tiles where given."""
+        if block_mask is None:
+            return self._call(q, k, v, cu_seqlens, max_seqlen, layer, scale, scores, out, lse)
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must come from attn.block_mask(...), got {type(block_mask).__name__}")
+        if torch.is_tensor(q) and q.dim() == 4 and q.shape[2] != block_mask.n:
+            raise ValueError(f"block_mask was built for N = {block_mask.n}, got N = {q.shape[2]}")
+        with _options(tiles=(block_mask.block_m, block_mask.block_n)):
+            return self._call(q, k, v, cu_seqlens, max_seqlen, layer, scale, scores, out, lse)
+
+    def _permuted(self, q: Any, k: Any, v: Any, permutation: Any, block_mask: Any, return_lse: bool,
+                  cu_seqlens: Any, max_seqlen: Any, layer: Any, scale: Any, scores: Any, out: Any, lse: Any,
+                  cu_seqlens_q: Any, cu_seqlens_k: Any) -> Any:
+        """A call of a `permute(...)` pattern: the plain call on q, k, v gathered into the permuted order."""
+        from .permutation import permuted
+
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError("a permuted pattern takes neither cu_seqlens_q nor cu_seqlens_k")
+        if (out is not None or lse is not None) and all(torch.is_tensor(t) for t in (q, k, v)) \
+                and autograd.differentiable(q, k, v):
+            raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
+
+        def run(qp: Any, kp: Any, vp: Any) -> tuple[Any, Any]:
+            return self._tiled(qp, kp, vp, block_mask, cu_seqlens, max_seqlen, layer, scale, scores, None, None)
+
+        got = _into(out, lse, *permuted(self.spec, q, k, v, permutation, cu_seqlens=cu_seqlens,
+                                        max_seqlen=max_seqlen, layer=layer, run=run))
         return got if return_lse else got[0]
 
     def attention(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
@@ -299,6 +327,7 @@ class Attention:
         `cu_seqlens`: packed documents over the whole sequence (batch 1)."""
         from ..distributed.context_parallel import context_parallel
 
+        _no_permute(self.spec, "context_parallel()")
         return context_parallel(self, q, k, v, group, placement=placement, return_lse=return_lse,
                                 cu_seqlens=cu_seqlens, layer=layer, scale=scale, block=block)
 
@@ -309,6 +338,7 @@ class Attention:
         for callers that write their own autograd. dq, dk, dv: tensors to write into (contiguous, the inputs'
         shapes and dtypes). Static patterns only (a selector's picks live in its forward's autograd)."""
         spec = self.spec
+        _no_permute(spec, "backward()")
         if any(sel is not None for sel in spec.selectors):
             raise ValueError("backward() serves static patterns; a selector's gradients come through autograd")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -341,6 +371,7 @@ class Attention:
         from . import decode as dec
 
         spec = self.spec
+        _no_permute(spec, "decode()")
         patterns = _head_patterns(spec, layer)
         group, capacity = dec.check_decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, k_new, v_new,
                                            scale, patterns)
@@ -364,9 +395,15 @@ class Attention:
                        capacity, out, lse)
         return (out, lse) if return_lse else out
 
-    def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None) -> Any:
+    def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None,
+                        permutation: Any = None) -> Any:
         """The blocks the selectors pick, as a dense bool tensor [B, H, blocks, blocks] (heads with a static
-        pattern: all False), for inspection and tests."""
+        pattern: all False), for inspection and tests. A `permute(...)` pattern takes its `permutation` and
+        gives blocks of the permuted order."""
+        if permutation is not None or self.spec.permute is not None:
+            from .permutation import permuted_qk
+
+            q, k = permuted_qk(self.spec, q, k, permutation)
         return _selected_blocks(self.spec, q, k, scores=scores, layer=layer)
 
     def to_flex_block_mask(self, n: int, *, device: Any = "cpu", layer: int | None = None,
@@ -498,6 +535,13 @@ def _suffix_rows(q: Any, k: Any, v: Any) -> bool:
     if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v) and q.dim() == k.dim() == v.dim() == 4):
         return False
     return q.shape[2] != k.shape[2] or k.shape[2] == 0 or v.shape[3] != k.shape[3]
+
+
+def _no_permute(spec: PatternSpec, what: str) -> None:
+    """Calls that take no permutation refuse a `permute(...)` pattern (its meaning needs one)."""
+    if spec.permute is not None:
+        raise ValueError(f"{what} does not take permuted patterns: '{spec.name}' needs a permutation per call, "
+                         "given to attn(q, k, v, permutation=...)")
 
 
 def _into(out: Any, lse: Any, o: Any, o_lse: Any) -> tuple[Any, Any]:

@@ -120,6 +120,7 @@ class PatternSpec:
     bwd_tune_configs: TuneConfigs
     autotune: bool = True
     bwd_autotune: bool = True
+    permute: int | None = None  # permute(..., segment=s, by=given): s; each call passes the permutation
 
     @property
     def n_free(self) -> tuple[bool, ...]:

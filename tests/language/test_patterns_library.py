@@ -146,6 +146,9 @@ def test_file_is_canonical(path: Path, capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize("file,name", _cases())
 def test_pattern_builds_a_mask_without_empty_rows(file: str, name: str) -> None:
     path = LIBRARY / file
+    item = _load(path, small=True).get(name)
+    if isinstance(item, ir.PatternDef) and item.permute is not None:
+        pytest.skip("a permuted pattern: PBS-Attn's far part, whose rows pbs_diagonal completes (test_permutation.py)")
     body = dict(_bodies(_load(path, small=True)))[name]
     sizes = _layout_sizes(body)
     assert len(sizes) <= 1, f"{name} mixes layouts of sizes {sizes}"
