@@ -86,4 +86,6 @@ if [ -n "${PEERS:-}" ]; then
   TAIL=60 stage bench_peers "${T_PEERS:-400}" env "${fa4[@]}" BENCH_DEADLINE=$(( ${T_PEERS:-400} - 60 )) \
     python3 benchmarks/bench_peers.py "$OUT/peers_h100.json" ${PEERS_ARGS:-}
 fi
+# PERMUTE=1 (issue 23: a run-time token order, PBS-Attn's patterns, against the same patterns unpermuted)
+if [ -n "${PERMUTE:-}" ]; then TAIL=20 stage bench_permute "${T_PERMUTE:-90}" python3 benchmarks/bench_permute.py "$OUT/permute_h100.json"; fi
 ls -la "$OUT" >> "$log"
