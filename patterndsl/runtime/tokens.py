@@ -50,49 +50,54 @@ def _top(score: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(picked, dim=-1).values
 
 
-def token_scores(q: torch.Tensor, k: torch.Tensor, context: Any, last: int, scale: float,
-                 group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(column scores, diagonal scores), each [B, H, N] (float64 for float64 inputs, else float32): the
-    softmax of the last `last` query rows over the keys `context` (an index expression) allows, summed per
-    key column and per offset d = i - j in [0, N). Memory O(heads at a time * last * N)."""
-    B, H, N, D = q.shape
+def token_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, group: int, context: Any, last: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column scores, diagonal scores), each [B, len(heads), N] (float64 for float64 inputs, else float32):
+    for query head heads[x] (against KV head heads[x] // group), the softmax of the last `last` rows over
+    the keys `context` (an index expression) allows, summed per key column and per offset d = i - j in
+    [0, N). One KV head at a time, its query heads' rows stacked: memory O(group * last * N)."""
+    B, _, N, D = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     L = min(last, N)
     r0 = N - L
     i = torch.arange(r0, N, device=q.device)[:, None]
     j = torch.arange(N, device=q.device)[None, :]
     ok = torch.broadcast_to(torch.as_tensor(evaluate(context, i, j, N), device=q.device), (L, N))
-    cols = torch.zeros((B, H, N), dtype=work, device=q.device)
-    diags = torch.zeros((B, H, N), dtype=work, device=q.device)
-    step = max(1, (1 << 26) // max(1, B * L * (N + L)))
-    for h0 in range(0, H, step):
-        h1 = min(H, h0 + step)
-        kh = k[:, torch.arange(h0, h1, device=q.device) // group].to(work)
-        s = torch.matmul(q[:, h0:h1, r0:].to(work), kh.transpose(-1, -2)) * scale
-        s = s.masked_fill(~ok, float("-inf"))
+    nh = heads.numel()
+    cols = torch.zeros((B, nh, N), dtype=work, device=q.device)
+    diags = torch.zeros((B, nh, N), dtype=work, device=q.device)
+    for kvh in torch.unique(heads // group).tolist():
+        mine = torch.nonzero(heads // group == kvh).squeeze(1)
+        g = mine.numel()
+        s = torch.matmul(q[:, heads[mine], r0:].to(work).reshape(B, g * L, D), k[:, kvh].to(work).transpose(-1, -2))
+        s = (s * scale).view(B, g, L, N).masked_fill(~ok, float("-inf"))
         mx = s.amax(-1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isinf(mx), 0.0, mx))
         p = p / torch.clamp(p.sum(-1, keepdim=True), min=torch.finfo(work).tiny)
-        cols[:, h0:h1] = p.sum(-2)
+        cols[:, mine] = p.sum(-2)
         # rows last first, keys reversed, each row shifted left by its rank: column d holds offset d
         z = torch.nn.functional.pad(p.flip(-2).flip(-1), (0, L)).contiguous()
-        skew = z.as_strided((B, h1 - h0, L, N), (z.stride(0), z.stride(1), N + L + 1, 1))
-        diags[:, h0:h1] = skew.sum(-2)
+        skew = z.as_strided((B, g, L, N), (z.stride(0), z.stride(1), N + L + 1, 1))
+        diags[:, mine] = skew.sum(-2)
     return cols, diags
 
 
-def select_tokens(sel: TokenSelection, spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, scale: float,
-                  group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(columns [B, H, n_v], offsets [B, H, n_s]): each sorted ascending, int64 (empty where absent)."""
-    B, H, N, _ = q.shape
+def select_tokens(sel: TokenSelection, spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor,
+                  scale: float, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns, offsets) the selectors keep for query heads `heads`: [B, len(heads), n] each, ascending,
+    int64 (n = 0 where the selector is absent). Scores are shared where both selectors score alike."""
+    B, _, N, _ = q.shape
+    wants = ((sel.vertical, sel.last_vertical, sel.contexts[0]), (sel.slash, sel.last_slash, sel.contexts[1]))
+    memo: dict[tuple[int, Any], tuple[torch.Tensor, torch.Tensor]] = {}
     out = []
-    for count, last, ctx, pick in ((sel.vertical, sel.last_vertical, sel.contexts[0], 0),
-                                   (sel.slash, sel.last_slash, sel.contexts[1], 1)):
+    for pick, (count, last, ctx) in enumerate(wants):
         if count == 0:
-            out.append(torch.zeros((B, H, 0), dtype=torch.int64, device=q.device))
+            out.append(torch.zeros((B, heads.numel(), 0), dtype=torch.int64, device=q.device))
             continue
-        score = token_scores(q, k, spec.predicates[ctx].expr, last, scale, group)[pick]
-        out.append(_top(score, count))
+        key = (min(last, N), spec.predicates[ctx].expr)
+        if key not in memo:
+            memo[key] = token_scores(q, k, heads, group, spec.predicates[ctx].expr, last, scale)
+        out.append(_top(memo[key][pick], count))
     return out[0], out[1]
 
 
@@ -145,22 +150,57 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
         ptr = cols[:, None].to(tl.int64) * s_dn + offs_d[None, :]
         tl.atomic_add(dk_base + ptr, dk, mask=kok[:, None] & dmask)
         tl.atomic_add(dv_base + ptr, dv, mask=kok[:, None] & dmask)
-        return acc, l_i, m_i
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_new = m_i
+    else:
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, kt, offs_m, offs_n, offs_d,  # type: ignore[no-untyped-def]
+          qok, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+          DOT_PREC: tl.constexpr, BWD: tl.constexpr):
+    """Pass B's key tile kt (none when kt < 0): every pair by its case v = [j in V] + 2 [i - j in S]."""
+    if kt >= 0:
+        cols = kt * BLOCK + offs_n
+        kok = cols < N
+        in_v = (tl.load(mem + cols, mask=kok, other=0) != 0).to(tl.int32)
+        off = offs_m[:, None] - cols[None, :]
+        in_s = (tl.load(mem + N + off, mask=(off >= 0) & (off < N), other=0) != 0).to(tl.int32)
+        ok = PRED(offs_m[:, None], cols[None, :], N, in_v[None, :] + 2 * in_s) & kok[None, :] & qok[:, None]
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok,
+                              s_kn, s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD)
+    return acc, l_i, m_i
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, col_list, c, c_hi, diag, pid_m,  # type: ignore[no-untyped-def]
+              NKT, offs_m, offs_n, offs_d, qok, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr,
+              BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BWD: tl.constexpr):
+    """Pass C: the selected columns c .. c + BLOCK (below c_hi) whose tile pass B does not visit, by P_1."""
+    idx = c + offs_n
+    valid = idx < c_hi
+    cols = tl.load(col_list + idx, mask=valid, other=0)
+    dt = pid_m - cols // BLOCK
+    on_b = tl.load(diag + dt, mask=valid & (dt >= 0) & (dt < NKT), other=0) != 0
+    one = tl.full([BLOCK, BLOCK], 1, dtype=tl.int32)
+    ok = PRED(offs_m[:, None], cols[None, :], N, one) & (valid & ~on_b & (cols < N))[None, :] & qok[:, None]
+    return _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, s_kn, s_vn,
+                 HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, P_OFF, P_IDX,  # type: ignore[no-untyped-def]  # noqa: E741
                 COLS, CRANGE, MEMBER, DIAG, DLIST, DCOUNT, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                 N, H, HKV, NH, GROUP, NV, NKT, qk_scale, sm_scale, PRED: tl.constexpr, BLOCK: tl.constexpr,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, BWD: tl.constexpr):
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, BWD: tl.constexpr,
+                INTERPRET: tl.constexpr):
     """Program (query tile, batch * head of this pattern): passes A, B, C of the module's docstring.
     O, DO, DQ: [B, H, N, D] contiguous; DK, DV: float32 [B, HKV, N, D] contiguous; LSE, DELTA [B, H, N];
     MEMBER int8 [B * NH, 2, N]; DIAG int8 [B * NH, NKT] (a selected diagonal touches tile diagonal d);
@@ -224,33 +264,35 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
             t += 1
     # B: the tiles a selected diagonal touches, every pair by its case
     nd = tl.load(DCOUNT + pid_bh)
-    t = 0
-    while t < nd:
-        kt = pid_m - tl.load(DLIST + pid_bh.to(tl.int64) * NKT + t)
-        if kt >= 0:
-            cols = kt * BLOCK + offs_n
-            kok = cols < N
-            in_v = (tl.load(mem + cols, mask=kok, other=0) != 0).to(tl.int32)
-            off = offs_m[:, None] - cols[None, :]
-            in_s = (tl.load(mem + N + off, mask=(off >= 0) & (off < N), other=0) != 0).to(tl.int32)
-            var = in_v[None, :] + 2 * in_s
-            ok = PRED(offs_m[:, None], cols[None, :], N, var) & kok[None, :] & qok[:, None]
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok,
-                                  s_kn, s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD)
-        t += 1
+    dl = DLIST + pid_bh.to(tl.int64) * NKT
+    if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
+        t = 0
+        while t < nd:
+            acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem,
+                                  pid_m - tl.load(dl + t), offs_m, offs_n, offs_d, qok, N, s_kn, s_vn, qk_scale,
+                                  sm_scale, PRED, BLOCK, HEAD_DIM, DOT_PREC, BWD)
+            t += 1
+    else:
+        for t in range(0, nd):
+            acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem,
+                                  pid_m - tl.load(dl + t), offs_m, offs_n, offs_d, qok, N, s_kn, s_vn, qk_scale,
+                                  sm_scale, PRED, BLOCK, HEAD_DIM, DOT_PREC, BWD)
     # C: the selected columns outside B's tiles, gathered
-    c = tl.load(CRANGE + (pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_m) * 2)
+    c_lo = tl.load(CRANGE + (pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_m) * 2)
     c_hi = tl.load(CRANGE + (pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_m) * 2 + 1)
-    while c < c_hi:
-        idx = c + offs_n
-        valid = idx < c_hi
-        cols = tl.load(COLS + pid_bh.to(tl.int64) * NV + idx, mask=valid, other=0)
-        dt = pid_m - cols // BLOCK
-        on_b = tl.load(diag + dt, mask=valid & (dt >= 0) & (dt < NKT), other=0) != 0
-        ok = PRED(offs_m[:, None], cols[None, :], N, zero + 1) & (valid & ~on_b & (cols < N))[None, :] & qok[:, None]
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok,
-                              s_kn, s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD)
-        c += BLOCK
+    col_list = COLS + pid_bh.to(tl.int64) * NV
+    if INTERPRET:
+        c = c_lo
+        while c < c_hi:
+            acc, l_i, m_i = _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, col_list,
+                                      c, c_hi, diag, pid_m, NKT, offs_m, offs_n, offs_d, qok, N, s_kn, s_vn,
+                                      qk_scale, sm_scale, PRED, BLOCK, HEAD_DIM, DOT_PREC, BWD)
+            c += BLOCK
+    else:
+        for c in range(c_lo, c_hi, BLOCK):
+            acc, l_i, m_i = _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, col_list,
+                                      c, c_hi, diag, pid_m, NKT, offs_m, offs_n, offs_d, qok, N, s_kn, s_vn,
+                                      qk_scale, sm_scale, PRED, BLOCK, HEAD_DIM, DOT_PREC, BWD)
     if BWD:
         tl.store(DQ + o_ptr, acc.to(DQ.dtype.element_ty), mask=qmask)
     else:
@@ -287,8 +329,21 @@ def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n
     return f_off, f_idx, p_off, p_idx, cols, crange, member, diag, dlist.contiguous(), dcount
 
 
+_SPANS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _key_span(spec: PatternSpec, pred: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query tile the key tiles [lo, hi) holding every pair predicate `pred` allows (lo = hi: none)."""
+    """Per query tile the key tiles [lo, hi) holding every pair predicate `pred` allows (lo = hi: none).
+    Cached per argument."""
+    key = (spec.key, pred, n, str(device))
+    if key not in _SPANS:
+        if len(_SPANS) >= 16:
+            _SPANS.pop(next(iter(_SPANS)))
+        _SPANS[key] = _key_span_of(spec, pred, n, device)
+    return _SPANS[key]
+
+
+def _key_span_of(spec: PatternSpec, pred: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     f_off, f_idx, p_off, p_idx = block_tables(spec, n, TILE, TILE, device, pred, layout=False)
     nqt = f_off.numel() - 1
     lo = torch.full((nqt,), n, dtype=torch.int64, device=device)
@@ -318,8 +373,9 @@ def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: to
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         N, H, k.shape[1], nh, group, walk[4].shape[1], walk[7].shape[1], scale * _LOG2E, scale,
         PRED=sel.dispatch, BLOCK=TILE, HEAD_DIM=D, D_PAD=_d_pad(D), DOT_PREC=prec, BWD=grads is not None,
-        num_warps=4, num_stages=1 if _INTERPRET else 2,
-    )
+        INTERPRET=_INTERPRET,
+        num_warps=8 if grads is not None else 4, num_stages=1 if grads is not None or _INTERPRET else 2,
+    )  # sm_90, D = 128 (benchmarks/kernel_resources.py): the forward fits 2 blocks per SM, the backward spills least
 
 
 def token_picks(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, scale: float,
@@ -327,8 +383,7 @@ def token_picks(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, h
     """The columns and offsets pattern `pat` keeps for the query heads `heads`: [B, len(heads), n] each."""
     sel = spec.token_selection(pat)
     assert sel is not None
-    # GQA: each query head scores against its KV head
-    return select_tokens(sel, spec, q[:, heads], k[:, heads // group], scale, 1)
+    return select_tokens(sel, spec, q, k, heads, scale, group)
 
 
 def token_forward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

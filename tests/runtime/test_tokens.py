@@ -39,8 +39,14 @@ def _expected(src: str, q: Any, k: Any) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+KERNEL_FAST = ("minference", "vertical_only")  # the interpreter's cases in the fast tier; the others are slow
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [(name, "float64") for name in CASES]
+    + [pytest.param(name, "float32", marks=() if name in KERNEL_FAST else pytest.mark.slow) for name in CASES],
+)
 def test_forward_matches_definition(name: str, dtype: str) -> None:
     src = CASES[name]
     n = 70 if dtype == "float64" else 80  # ragged last tile; float32 runs the kernel (tile 64)
@@ -119,6 +125,7 @@ def test_unsupported_calls_say_so() -> None:
         attn.block_mask(64)
 
 
+@pytest.mark.slow  # the interpreter over 4 tiles x 2 heads: about 2 s
 def test_kernel_walk_over_several_tiles() -> None:
     """N = 200 (four tiles, the last ragged): static tiles off the diagonals, diagonal tiles and gathered
     columns outside them all occur (one or two diagonals cannot touch every tile diagonal)."""
@@ -140,7 +147,7 @@ HEADS = """pattern p = heads {
 """
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 def test_heads_mix_token_and_block_selectors(dtype: str) -> None:
     """Heads of a token-selector pattern beside static and topk heads, forward and gradients."""
     n = 48
