@@ -414,57 +414,34 @@ def token_backward(spec: PatternSpec, pat: int, do: torch.Tensor, q: torch.Tenso
             (do.contiguous(), delta, dq, dk, dv))
 
 
-def _chunks(q: torch.Tensor, nh: int) -> int:
-    B, _, N, _ = q.shape
-    return max(1, (1 << 24) // max(1, B * nh * N))
+def _only(pat: int, heads: torch.Tensor, H: int) -> tuple[int, ...]:
+    """Per head: `pat` for `heads`, -1 (no pattern: not run) for the others."""
+    mine = set(heads.tolist())
+    return tuple(pat if h in mine else -1 for h in range(H))
 
 
 def _cpu(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
          picks: tuple[torch.Tensor, torch.Tensor], scale: float, group: int, out: torch.Tensor,
          lse: torch.Tensor) -> None:
-    """The PyTorch path: masks of a chunk of rows at a time from the membership (memory O(chunk * N))."""
-    from .cpu import masked_softmax
+    """The PyTorch path (`cpu._attention_cpu`) for `heads`, its masks from the membership."""
+    from .cpu import _attention_cpu
 
-    B, H, N, D = q.shape
-    nh = heads.numel()
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    member = membership(*picks, N)
-    kh, vh = k[:, heads // group].to(work), v[:, heads // group].to(work)
-    j = torch.arange(N, device=q.device)[None, :]
-    step = _chunks(q, nh)
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        i = torch.arange(r0, r1, device=q.device)[:, None]
-        ok = token_cases(spec, pat, member, i, j, N).view(B, nh, r1 - r0, N)
-        o, rows_lse = masked_softmax(torch.matmul(q[:, heads, r0:r1].to(work), kh.transpose(-1, -2)) * scale, ok, vh)
-        out[:, heads, r0:r1] = o.to(out.dtype)
-        lse[:, heads, r0:r1] = rows_lse
+    member = {pat: membership(*picks, q.shape[2])}
+    _attention_cpu(spec, q, k, v, scale, group, _only(pat, heads, q.shape[1]), out, lse, picks=member)
 
 
 def _cpu_bwd(spec: PatternSpec, pat: int, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              lse: torch.Tensor, delta: torch.Tensor, heads: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor],
              scale: float, group: int, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    B, H, N, D = q.shape
-    nh = heads.numel()
-    work = dk.dtype
-    member = membership(*picks, N)
-    kh, vh = k[:, heads // group].to(work), v[:, heads // group].to(work)
-    dkh, dvh = torch.zeros_like(kh), torch.zeros_like(vh)
-    lse = torch.where(lse == float("-inf"), float("inf"), lse.to(work))
-    j = torch.arange(N, device=q.device)[None, :]
-    step = _chunks(q, nh)
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        i = torch.arange(r0, r1, device=q.device)[:, None]
-        ok = token_cases(spec, pat, member, i, j, N).view(B, nh, r1 - r0, N)
-        qc, doc = q[:, heads, r0:r1].to(work), do[:, heads, r0:r1].to(work)
-        p = torch.exp(torch.matmul(qc, kh.transpose(-1, -2)) * scale - lse[:, heads, r0:r1, None]).masked_fill(~ok, 0.0)
-        ds = p * (torch.matmul(doc, vh.transpose(-1, -2)) - delta[:, heads, r0:r1, None].to(work))
-        dq[:, heads, r0:r1] = (torch.matmul(ds, kh) * scale).to(dq.dtype)
-        dkh += torch.matmul(ds.transpose(-1, -2), qc) * scale
-        dvh += torch.matmul(p.transpose(-1, -2), doc)
-    dk.index_add_(1, heads // group, dkh)
-    dv.index_add_(1, heads // group, dvh)
+    """`cpu._attention_cpu_bwd` for `heads`: dq written there, dk and dv added to."""
+    from .cpu import _attention_cpu_bwd
+
+    member = {pat: membership(*picks, q.shape[2])}
+    gq, gk, gv = _attention_cpu_bwd(spec, do, q, k, v, lse, delta, scale, group, _only(pat, heads, q.shape[1]),
+                                    member)
+    dq[:, heads] = gq[:, heads]
+    dk += gk
+    dv += gv
 
 
 def token_patterns(spec: PatternSpec, patterns: int | tuple[int, ...], H: int,
