@@ -134,8 +134,17 @@ def main() -> None:
     sparsity = selection_figures(cols, offs)
     density = float(bm.kv_num_blocks.sum()) / (H * (N // FLEX_BLOCK) * (N // FLEX_BLOCK + 1) / 2)
     timings: dict[str, list[float]] = {}
+    def ours(warps: int, stages: int) -> Any:
+        def run() -> Any:
+            with attn.options(token_warps=warps, token_stages=stages):
+                return attn.attention(q, k, v)
+
+        return run
+
     methods = {
         "ours_ms": lambda: attn.attention(q, k, v),
+        "ours_8warps_ms": ours(8, 2),
+        "ours_4warps_3stages_ms": ours(4, 3),
         "selection_ms": lambda: attn.selected_tokens(q, k),
         "flex_mask_build_ms": lambda: flex_block_mask(cols, offs),
         "flex_kernel_ms": lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),

@@ -5,7 +5,8 @@
 # by those queries' softmax summed per column and per diagonal); "block-sparse": the top-n key blocks of
 # 64 tokens by mean-pooled q . k, which is exactly topk's score. MInference also always keeps the first
 # 30 columns and the last 100 diagonals: here the sinks and the local window. AnchorAttention (Zhang et
-# al., 2025) is the same shape with its columns picked against an anchor score: its stripes are vertical.
+# al., 2025) keeps key stripes (columns) whose scores come near an anchor (the row's largest score);
+# simplification: written as vertical lines with MInference's scores and a fixed count.
 param sinks = 64
 param w = 1024
 param n = 100

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads, _torch_path
 from .evaluate import evaluate
+from .options import current_options
 from .selection import _ordered_keys
 from .tables import block_tables
 
@@ -166,17 +167,15 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
 def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, kt, offs_m, offs_n, offs_d,  # type: ignore[no-untyped-def]
           qok, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
           DOT_PREC: tl.constexpr, BWD: tl.constexpr):
-    """Pass B's key tile kt (none when kt < 0): every pair by its case v = [j in V] + 2 [i - j in S]."""
-    if kt >= 0:
-        cols = kt * BLOCK + offs_n
-        kok = cols < N
-        in_v = (tl.load(mem + cols, mask=kok, other=0) != 0).to(tl.int32)
-        off = offs_m[:, None] - cols[None, :]
-        in_s = (tl.load(mem + N + off, mask=(off >= 0) & (off < N), other=0) != 0).to(tl.int32)
-        ok = PRED(offs_m[:, None], cols[None, :], N, in_v[None, :] + 2 * in_s) & kok[None, :] & qok[:, None]
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok,
-                              s_kn, s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD)
-    return acc, l_i, m_i
+    """Pass B's key tile kt (>= 0): every pair by its case v = [j in V] + 2 [i - j in S]."""
+    cols = kt * BLOCK + offs_n
+    kok = cols < N
+    in_v = (tl.load(mem + cols, mask=kok, other=0) != 0).to(tl.int32)
+    off = offs_m[:, None] - cols[None, :]
+    in_s = (tl.load(mem + N + off, mask=(off >= 0) & (off < N), other=0) != 0).to(tl.int32)
+    ok = PRED(offs_m[:, None], cols[None, :], N, in_v[None, :] + 2 * in_s) & kok[None, :] & qok[:, None]
+    return _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, s_kn, s_vn,
+                 HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -204,8 +203,8 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
     """Program (query tile, batch * head of this pattern): passes A, B, C of the module's docstring.
     O, DO, DQ: [B, H, N, D] contiguous; DK, DV: float32 [B, HKV, N, D] contiguous; LSE, DELTA [B, H, N];
     MEMBER int8 [B * NH, 2, N]; DIAG int8 [B * NH, NKT] (a selected diagonal touches tile diagonal d);
-    DLIST int32 [B * NH, NKT] those d ascending, DCOUNT [B * NH] how many; COLS int32 [B * NH, NV] ascending,
-    CRANGE int32 [B * NH, query tiles, 2] the columns P_1 may allow for the tile."""
+    DLIST int32 [B * NH, NKT] those d ascending, DCOUNT [B * NH, query tiles] how many are <= the tile;
+    COLS int32 [B * NH, NV] ascending, CRANGE int32 [B * NH, query tiles, 2] the columns P_1 may allow."""
     pid_m = tl.cdiv(N, BLOCK) - 1 - tl.program_id(0)  # heavy (late) query tiles first
     pid_bh = tl.program_id(1)
     b = (pid_bh // NH).to(tl.int64)
@@ -263,7 +262,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
                                       s_kn, s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD)
             t += 1
     # B: the tiles a selected diagonal touches, every pair by its case
-    nd = tl.load(DCOUNT + pid_bh)
+    nd = tl.load(DCOUNT + pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_m)  # those d <= pid_m: kt >= 0
     dl = DLIST + pid_bh.to(tl.int64) * NKT
     if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
         t = 0
@@ -319,14 +318,16 @@ def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n
     diag.scatter_(1, torch.where(offs % TILE != 0, offs // TILE + 1, nkt), 1)
     diag = diag[:, :nkt].contiguous()
     dlist = torch.sort(torch.where(diag != 0, torch.arange(nkt, device=device), nkt), 1).values.to(torch.int32)
-    dcount = (diag != 0).sum(1).to(torch.int32)
+    # per query tile qt, how many of them are <= qt (their key tile qt - d exists)
+    tiles = torch.arange(nqt, device=device, dtype=torch.int32).expand(rows, -1).contiguous()
+    dcount = torch.searchsorted(dlist.contiguous(), tiles, right=True).to(torch.int32)
     cols = cols.reshape(rows, -1).to(torch.int32).contiguous()
     crange = torch.zeros((rows, nqt, 2), dtype=torch.int32, device=device)
     if sel.cases[1] >= 0 and cols.shape[1]:
         lo_t, hi_t = _key_span(spec, sel.cases[1], n, device)
         crange[..., 0] = torch.searchsorted(cols, (lo_t * TILE).to(torch.int32).expand(rows, -1).contiguous())
         crange[..., 1] = torch.searchsorted(cols, (hi_t * TILE).to(torch.int32).expand(rows, -1).contiguous())
-    return f_off, f_idx, p_off, p_idx, cols, crange, member, diag, dlist.contiguous(), dcount
+    return f_off, f_idx, p_off, p_idx, cols, crange, member, diag, dlist.contiguous(), dcount.contiguous()
 
 
 _SPANS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -368,14 +369,16 @@ def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: to
     walk = _walk(spec, pat, picks[0], picks[1], N, q.device)
     do, delta, dq, dk, dv = grads if grads is not None else (out, lse, out, lse, lse)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    opts = current_options()
     _token_attn[(-(-N // TILE), B * nh)](
         q, k, v, out, lse, do, delta, dq, dk, dv, heads, *walk,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         N, H, k.shape[1], nh, group, walk[4].shape[1], walk[7].shape[1], scale * _LOG2E, scale,
         PRED=sel.dispatch, BLOCK=TILE, HEAD_DIM=D, D_PAD=_d_pad(D), DOT_PREC=prec, BWD=grads is not None,
         INTERPRET=_INTERPRET,
-        num_warps=8 if grads is not None else 4, num_stages=1 if grads is not None or _INTERPRET else 2,
-    )  # sm_90, D = 128 (benchmarks/kernel_resources.py): the forward fits 2 blocks per SM, the backward spills least
+        num_warps=8 if grads is not None else opts.token_warps,
+        num_stages=1 if grads is not None or _INTERPRET else opts.token_stages,
+    )  # sm_90, D = 128 (benchmarks/kernel_resources.py): the backward spills least at 8 warps, 1 stage
 
 
 def token_picks(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, scale: float,
