@@ -24,6 +24,7 @@ PRIMITIVES = frozenset(
     {
         "full", "none", "causal", "window", "stride", "sink", "global", "rows", "cols", "hops",
         "blockwise", "where", "random", "neighborhood", "grid", "topk", "threshold",
+        "vertical", "slash",
         "min", "max", "abs", "log2", "true", "false", "given", "N",
     }
 )  # fmt: skip
@@ -670,7 +671,7 @@ def _call_blockwise(c: _Checker, node: T.Call, scope: WhereScope | None) -> Valu
     block = c.integer(args["block"], None, "blockwise's block size")
     inner = c.pattern(args["pattern"], None, "blockwise's second argument")
     for sub in ir.walk(inner):
-        if isinstance(sub, ir.TopK | ir.Threshold):
+        if isinstance(sub, ir.TopK | ir.Threshold | ir.Vertical | ir.Slash):
             raise PatternError(f"{type(sub).__name__.lower()} cannot be used inside blockwise", sub.span,
                                "selectors already work on blocks: give them block=...")  # fmt: skip
         if isinstance(sub, ir.Neighborhood) or isinstance(sub, ir.Where) and sub.layout is not None:
@@ -849,6 +850,26 @@ def _call_threshold(c: _Checker, node: T.Call, scope: WhereScope | None) -> Valu
     return PatV(ir.Threshold(mass, block, node.span, key_block))
 
 
+LAST_ROWS = 64  # vertical's and slash's default: MInference scores from the last 64 queries
+
+
+def _call_token_selector(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
+    """`vertical(n, last=r)` / `slash(n, last=r)`: n key columns / diagonals scored from the last r queries."""
+    args = _bind(node, ("count", "last"), 1, ("last",))
+    what = node.func
+    cv = c.value(args["count"], None)
+    if isinstance(cv, IntV) and E.free_vars(cv.expr):
+        raise PatternError(f"{what}'s count must be a number once params are set, not a function of N",
+                           args["count"].span, f"e.g. {what}(1000)")  # fmt: skip
+    if isinstance(cv, FloatV):
+        raise PatternError(f"{what}'s count is a whole number of {'columns' if what == 'vertical' else 'diagonals'}, "
+                           f"got {_as_float(cv)}", args["count"].span, f"e.g. {what}(1000)")  # fmt: skip
+    count = c._const_int(args["count"], None, f"{what}'s count", minimum=1)
+    last = c._const_int(args["last"], None, f"{what}'s last", minimum=1) if "last" in args else LAST_ROWS
+    cls = ir.Vertical if what == "vertical" else ir.Slash
+    return PatV(cls(count, last, node.span))
+
+
 def _call_minmax(c: _Checker, node: T.Call, scope: WhereScope | None) -> Value:
     if node.keywords:
         raise PatternError(f"{node.func} takes no keyword arguments", node.keywords[0].span)
@@ -912,6 +933,8 @@ _CALLS: dict[str, Callable[[_Checker, T.Call, WhereScope | None], Value]] = {
     "neighborhood": _call_neighborhood,
     "topk": _call_topk,
     "threshold": _call_threshold,
+    "vertical": _call_token_selector,
+    "slash": _call_token_selector,
     "min": _call_minmax,
     "max": _call_minmax,
     "abs": _call_abs,
@@ -950,6 +973,8 @@ _CALL_ONLY = {
     "neighborhood": "neighborhood(image, kernel=7)",
     "topk": "topk(16, block=64)",
     "threshold": "threshold(0.9, block=128)",
+    "vertical": "vertical(1000, last=64)",
+    "slash": "slash(1000, last=64)",
     "min": "min(a, b)",
     "max": "max(a, b)",
     "abs": "abs(q - k)",
@@ -1053,7 +1078,7 @@ def kernel_limits(item: ir.PatternDef | ir.Model) -> None:
 def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
     from .codegen import RANDOM_UNROLL_MAX
     from .mask import magnitude_bound
-    from .selectors import split
+    from .selectors import split, token_split
     from .semantics import predicate
 
     for node in ir.walk(p):
@@ -1072,8 +1097,11 @@ def _kernel_limits(p: ir.Pattern, where: Span | None) -> None:
             )  # fmt: skip
 
     _selector_limits(p)
+    _token_selector_limits(p)
 
     def too_wide(x: ir.Pattern) -> bool:
+        if ir.token_selectors(x):
+            return any(too_wide(part) for part in (*token_split(x).cases, *token_split(x).contexts))
         if ir.is_dynamic(x):
             sp = split(x)
             return any(too_wide(part) for part in (sp.static, *sp.variants, *sp.contexts))
@@ -1109,6 +1137,28 @@ def _selector_limits(p: ir.Pattern) -> None:
             f"a compiled pattern holds at most {MAX_SELECTORS} selectors, this one {len(sels)}",
             sels[MAX_SELECTORS].span, "give different heads different selectors with heads { ... }",
         )  # fmt: skip
+
+
+def _token_selector_limits(p: ir.Pattern) -> None:
+    """vertical and slash compile alone: one of each per pattern (the kernel holds one column set and one
+    offset set per head), beside no block selector (their tiles are blocks, these are tokens)."""
+    toks = ir.token_selectors(p)
+    if not toks:
+        return
+    block = next((n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)), None)
+    if block is not None:
+        raise PatternError(
+            f"{type(block).__name__.lower()} and {type(toks[0]).__name__.lower()} cannot share a pattern to compile",
+            block.span, "give them different heads with heads { ... }",
+        )  # fmt: skip
+    for kind in (ir.Vertical, ir.Slash):
+        same = [t for t in toks if isinstance(t, kind)]
+        if len(same) > 1:
+            name = kind.__name__.lower()
+            raise PatternError(
+                f"a compiled pattern holds at most one {name}(...) (one selection per head), this one {len(same)}",
+                same[1].span, f"name one with let and use it wherever it applies: let v = {name}({same[0].count})",
+            )  # fmt: skip
 
 
 # --- checks that need N ---------------------------------------------------------------------------

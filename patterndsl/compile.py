@@ -29,7 +29,7 @@ from .layout import rows as layout_rows
 from .layout import valid as layout_valid
 from .mask import magnitude_bound
 from .resources import codegen_template
-from .selectors import Split, split
+from .selectors import Split, TokenSplit, split, token_split
 from .semantics import predicate
 from .source import PatternError
 
@@ -213,10 +213,16 @@ def compile_source(
     kernel_limits(item)  # what a kernel cannot do, pointed at in the source (the checker's one copy)
     name = safe_name(item.name)
     pats, head_pattern, model_layers = _distinct(item)
-    splits: list[Split | None] = [split(p, name) if ir.is_dynamic(p) else None for p in pats]
+    tsplits = [token_split(p) if ir.token_selectors(p) else None for p in pats]
+    splits: list[Split | None] = [
+        split(p, name) if ir.is_dynamic(p) and ts is None else None for p, ts in zip(pats, tsplits, strict=True)
+    ]
     # predicates 0..len(pats)-1: each head pattern's static part; then, per dynamic pattern, its distinct
     # selection cases P_v (the pattern where the selectors in v are full) and each selector's context
-    preds = [predicate(p if sp is None else sp.static) for p, sp in zip(pats, splits, strict=True)]
+    preds = [
+        predicate(ts.static if ts is not None else p if sp is None else sp.static)
+        for p, sp, ts in zip(pats, splits, tsplits, strict=True)
+    ]
     selectors: list[str] = []
     cases: list[tuple[list[int], list[int], list[int]]] = []  # per dynamic pattern: variants, distinct, contexts
     for sp in splits:
@@ -243,6 +249,7 @@ def compile_source(
             more = "".join(e + "), " for e in entries[1:])
             cases_text = "".join(f"{safe_int(v)}, " for v in variants)
             selectors.append(f"{entries[0]}, more=({more}), variants=({cases_text}), dispatch={dispatch})")
+    tokens, token_docs, token_cases = _token_entries(tsplits, preds)
     max_n, idx64 = _index_width(preds)
     grid_pattern = layout is not False and any(isinstance(x, ir.Neighborhood) for p in pats for x in ir.walk(p))
     configs = GRID_CONFIGS if grid_pattern else DEFAULT_CONFIGS
@@ -259,13 +266,16 @@ def compile_source(
         if cfg[0] < 16 or cfg[1] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] & (cfg[1] - 1):
             raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16, got {cfg[0]} and {cfg[1]}")
 
-    statics = tuple(p if sp is None else sp.static for p, sp in zip(pats, splits, strict=True))
+    statics = tuple(
+        ts.static if ts is not None else p if sp is None else sp.static
+        for p, sp, ts in zip(pats, splits, tsplits, strict=True)
+    )
     if isinstance(layout, Layout):
         layouts: list[Layout | None] = [layout] * len(pats)
     else:
         layouts = _layouts(statics, configs) if layout else [None] * len(pats)
     # dynamic patterns run in token order (their per-(batch, head) tables are of logical blocks)
-    layouts = [None if sp is not None else lay for lay, sp in zip(layouts, splits, strict=True)]
+    layouts = [None if sp is not None or ts is not None else lay for lay, sp, ts in zip(layouts, splits, tsplits, strict=True)]
 
     width = (1 << 63) - 1 if idx64 else INT32_MAX
     functions: list[str] = []
@@ -317,6 +327,9 @@ def compile_source(
     pattern_doc = ""
     for k in range(len(pats)):
         sp = splits[k]
+        if tsplits[k] is not None:
+            pattern_doc += f"\nPattern {k} ({_users(head_pattern, model_layers, k)}) is dynamic: " + token_docs[k]
+            continue
         if sp is None:
             pattern_doc += (
                 f"\nPredicate {k} ({_users(head_pattern, model_layers, k)}): allowed(i, j) = {E.to_source(preds[k])}\n"
@@ -353,6 +366,12 @@ def compile_source(
             for d in range(len(distinct) - 2, -1, -1):
                 calls = f"tl.where(var == {d}, allowed_{distinct[d]}(i, j, N), {calls})"
             functions.append(f"@triton.jit\ndef selected_{c}(i, j, N, var):\n    return {calls}\n")
+    for k, idx in enumerate(token_cases):
+        if idx:  # the kernels' predicate per pair: P_v, v = [j in V] + 2 [i - j in S]
+            calls = _case_call(idx[3])
+            for v in (2, 1, 0):
+                calls = f"tl.where(var == {v}, {_case_call(idx[v])}, {calls})"
+            functions.append(f"@triton.jit\ndef tokens_{k}(i, j, N, var):\n    return {calls}\n")
     body = "\n\n".join(functions)
     helpers = sorted({h for h in ("fdiv", "fmod", "rdraw", "rkey") if re.search(rf"\b{h}\(", body)})
     root = "._patterndsl" if standalone else "patterndsl"
@@ -366,6 +385,8 @@ def compile_source(
         spec_names.append("Requirement")
     if any(x != "None" for x in selectors):
         spec_names.append("Selector")
+    if any(x != "None" for x in tokens):
+        spec_names.append("TokenSelection")
     imports.append(f"from {root}.runtime import {', '.join(sorted(spec_names))}")
     if helpers:
         imports.append(f"from {root}.runtime.index import {', '.join(helpers)}")
@@ -410,6 +431,7 @@ def compile_source(
         "bwd_autotune": "False" if bwd_config is not None else "True",
         "key_repr": repr(_KEY_MARK),
         "permute": safe_int(item.permute.segment) if isinstance(item, ir.PatternDef) and item.permute else "None",
+        "tokens": "(" + "".join(x + ", " for x in tokens) + ")" if any(x != "None" for x in tokens) else "()",
     }
     module = Template(codegen_template("module.py.tmpl")).substitute(fields)
     # the key names the pattern in caches and the autotuning file: a hash of the module's text without its
@@ -480,6 +502,49 @@ def _choice(value: str, allowed: tuple[str, ...]) -> str:
 
 def _dyn_rank(splits: list[Split | None], k: int) -> int:
     return sum(1 for sp in splits[:k] if sp is not None)
+
+
+def _token_entries(tsplits: list[TokenSplit | None],
+                   preds: list[E.Expr]) -> tuple[list[str], list[str], list[list[int]]]:
+    """Each pattern's `TokenSelection(...)` text ("None" without vertical/slash), docstring lines and case
+    predicates; the cases P_1 .. P_3 and the two contexts are appended to `preds` (P_0 is the pattern's own
+    predicate)."""
+    entries: list[str] = []
+    docs: list[str] = []
+    cases: list[list[int]] = []
+    for k, ts in enumerate(tsplits):
+        if ts is None:
+            entries.append("None")
+            docs.append("")
+            cases.append([])
+            continue
+        idx = [k]
+        for case in ts.cases[1:]:
+            e = predicate(case)
+            idx.append(-1 if e == E.FALSE else len(preds))
+            if e != E.FALSE:
+                preds.append(e)
+        ctx = [len(preds), len(preds) + 1]
+        preds += [predicate(c) for c in ts.contexts]
+        v, sl = ts.vertical, ts.slash
+        entries.append(
+            f"TokenSelection({safe_int(v.count if v else 0)}, {safe_int(sl.count if sl else 0)}, "
+            f"{safe_int(v.last if v else 1)}, {safe_int(sl.last if sl else 1)}, "
+            f"({', '.join(map(safe_int, idx))}), ({safe_int(ctx[0])}, {safe_int(ctx[1])}), tokens_{safe_int(k)})"
+        )
+        names = [f"V = vertical({v.count}, last={v.last}) among C_V" if v else "V empty",
+                 f"S = slash({sl.count}, last={sl.last}) among C_S" if sl else "S empty"]
+        text = f"allowed(i, j) = P_v(i, j), v = [j in V] + 2 [i - j in S]; {'; '.join(names)}.\n"
+        for m in range(4):
+            text += f"  P_{m} = {E.to_source(preds[idx[m]]) if idx[m] >= 0 else 'false'}\n"
+        text += f"  C_V = {E.to_source(preds[ctx[0]])}\n  C_S = {E.to_source(preds[ctx[1]])}\n"
+        docs.append(text)
+        cases.append(idx)
+    return entries, docs, cases
+
+
+def _case_call(index: int) -> str:
+    return "(i < 0) & (i >= 0)" if index < 0 else f"allowed_{index}(i, j, N)"
 
 
 def _selector_entry(sel: ir.TopK | ir.Threshold, selected: int, context: int) -> str:

@@ -186,6 +186,26 @@ class Threshold:
 
 
 @dataclass(frozen=True, slots=True)
+class Vertical:
+    """`vertical(n, last=r)`: the n key columns of highest column score, one choice per (batch, head) for
+    every query (MInference's vertical lines). The score and the tie rule: docs/language.md."""
+
+    count: int
+    last: int
+    span: Span | None = _span
+
+
+@dataclass(frozen=True, slots=True)
+class Slash:
+    """`slash(n, last=r)`: the n diagonals (offsets i - j in [0, N)) of highest slash score, one choice per
+    (batch, head) for every query (MInference's slash lines)."""
+
+    count: int
+    last: int
+    span: Span | None = _span
+
+
+@dataclass(frozen=True, slots=True)
 class Union:
     a: Pattern
     b: Pattern
@@ -219,12 +239,15 @@ Pattern: TypeAlias = (
     | Blockwise
     | TopK
     | Threshold
+    | Vertical
+    | Slash
     | Union
     | Inter
     | Complement
 )
 
 Selector: TypeAlias = TopK | Threshold
+TokenSelector: TypeAlias = Vertical | Slash  # token-level: key columns and diagonals, not blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,13 +358,18 @@ def is_pattern(x: object) -> bool:
     return isinstance(
         x,
         Full | Empty | Causal | Window | Stride | Sink | Global | Rows | Cols | Hops | Random | Neighborhood | Where
-        | Blockwise | TopK | Threshold | Union | Inter | Complement,
+        | Blockwise | TopK | Threshold | Vertical | Slash | Union | Inter | Complement,
     )
 
 
 def is_dynamic(p: Pattern) -> bool:
     """True when the pattern needs q and k at run time (it holds a selector)."""
-    return any(isinstance(n, TopK | Threshold) for n in walk(p))
+    return any(isinstance(n, TopK | Threshold | Vertical | Slash) for n in walk(p))
+
+
+def token_selectors(p: Pattern) -> tuple[TokenSelector, ...]:
+    """The pattern's token-level selectors (vertical, slash) in source order, each once."""
+    return tuple(dict.fromkeys(n for n in walk(p) if isinstance(n, Vertical | Slash)))
 
 
 def body_patterns(body: Body) -> tuple[Pattern, ...]:

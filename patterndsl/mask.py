@@ -91,7 +91,7 @@ def _static_predicate(p: ir.Pattern, n: int) -> Expr:
     if n < 1:
         raise PatternError(f"N must be at least 1, got {n}")
     if ir.is_dynamic(p):
-        raise PatternError("this pattern holds a dynamic selector (topk/threshold): its mask depends on q and k")
+        raise PatternError("this pattern holds a dynamic selector (topk, threshold, vertical, slash): its mask depends on q and k")
     check.validate(p, n)
     return E.bind_n(predicate(p), n)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from . import ir
 
-__all__ = ["Split", "split", "variant"]
+__all__ = ["Split", "TokenSplit", "split", "static_part", "token_split", "variant"]
 
 MAX_SELECTORS = 6  # 2**6 - 1 selection cases per tile, each a predicate of the generated module
 
@@ -58,10 +58,10 @@ class Split:
         return self.contexts[0]
 
 
-def variant(p: ir.Pattern, picked: frozenset[ir.TopK | ir.Threshold]) -> ir.Pattern:
+def variant(p: ir.Pattern, picked: frozenset[ir.Pattern]) -> ir.Pattern:
     """The pattern where the selectors in `picked` are full and every other selector none."""
     match p:
-        case ir.TopK() | ir.Threshold():
+        case ir.TopK() | ir.Threshold() | ir.Vertical() | ir.Slash():
             return ir.Full() if p in picked else ir.Empty()
         case ir.Union(a, b):
             return _simplify(ir.Union(variant(a, picked), variant(b, picked)))
@@ -87,10 +87,10 @@ def _simplify(p: ir.Pattern) -> ir.Pattern:
     return p
 
 
-def _contexts(p: ir.Pattern, acc: ir.Pattern, out: dict[ir.TopK | ir.Threshold, ir.Pattern]) -> None:
+def _contexts(p: ir.Pattern, acc: ir.Pattern, out: dict[ir.Pattern, ir.Pattern]) -> None:
     """Each selector's context: `acc` is the conjunction of the static operands above `p`."""
     match p:
-        case ir.TopK() | ir.Threshold():
+        case ir.TopK() | ir.Threshold() | ir.Vertical() | ir.Slash():
             out[p] = acc if p not in out else _simplify(ir.Union(out[p], acc))
         case ir.Union(a, b):
             _contexts(a, acc, out)
@@ -107,9 +107,49 @@ def split(p: ir.Pattern, name: str = "pattern") -> Split:
     sels = tuple(dict.fromkeys(n for n in ir.walk(p) if isinstance(n, ir.TopK | ir.Threshold)))
     if not sels:
         raise ValueError("not a dynamic pattern")
-    ctx: dict[ir.TopK | ir.Threshold, ir.Pattern] = {}
+    ctx: dict[ir.Pattern, ir.Pattern] = {}
     _contexts(p, ir.Full(), ctx)
     cases = tuple(
         variant(p, frozenset(s for m, s in enumerate(sels) if v >> m & 1)) for v in range(1, 1 << min(len(sels), MAX_SELECTORS))
     )
     return Split(sels, variant(p, frozenset()), cases, tuple(ctx[s] for s in sels))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSplit:
+    """A pattern with token-level selectors (at most one `vertical` and one `slash`, no block selector).
+
+    Once the data is seen, `vertical` is the key set V and `slash` the offset set S, so by Shannon's
+    expansion `allowed(i, j) = P_v(i, j)` with `v = [j in V] + 2 [i - j in S]`: `cases[v]` is P_v (P_0
+    the static part, a selector absent from the pattern never holds). Scores are taken where the selector's
+    context allows the pair (the same rule as for block selectors)."""
+
+    vertical: ir.Vertical | None
+    slash: ir.Slash | None
+    cases: tuple[ir.Pattern, ir.Pattern, ir.Pattern, ir.Pattern]
+    contexts: tuple[ir.Pattern, ir.Pattern]  # vertical's, slash's (full where absent)
+
+    @property
+    def static(self) -> ir.Pattern:
+        return self.cases[0]
+
+
+def token_split(p: ir.Pattern) -> TokenSplit:
+    """The static cases P_0 .. P_3 and the contexts of a pattern's vertical and slash selectors."""
+    sels = ir.token_selectors(p)
+    vert = next((s for s in sels if isinstance(s, ir.Vertical)), None)
+    slash = next((s for s in sels if isinstance(s, ir.Slash)), None)
+    if vert is None and slash is None:
+        raise ValueError("no vertical or slash selector")
+    ctx: dict[ir.Pattern, ir.Pattern] = {}
+    _contexts(p, ir.Full(), ctx)
+    on = (vert, slash)
+    cases = tuple(variant(p, frozenset(s for m, s in enumerate(on) if v >> m & 1 and s is not None)) for v in range(4))
+    return TokenSplit(vert, slash, cases, tuple(ctx.get(s, ir.Full()) if s is not None else ir.Full() for s in on))  # type: ignore[arg-type]
+
+
+def static_part(p: ir.Pattern) -> ir.Pattern:
+    """What a pattern allows whatever its selectors pick (every selector none); a static pattern itself."""
+    if ir.token_selectors(p):
+        return token_split(p).static
+    return split(p).static if ir.is_dynamic(p) else p

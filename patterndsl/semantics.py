@@ -78,9 +78,9 @@ def predicate(p: ir.Pattern) -> Expr:
             return E.conj(predicate(a), predicate(b))
         case ir.Complement(a):
             return E.negate(predicate(a))
-        case ir.TopK() | ir.Threshold():
+        case ir.TopK() | ir.Threshold() | ir.Vertical() | ir.Slash():
             raise PatternError(
-                "a dynamic selector has no static predicate: its blocks are chosen from q and k at run time",
+                "a dynamic selector has no static predicate: what it keeps is chosen from q and k at run time",
                 getattr(p, "span", None),
             )
     raise TypeError(f"not a pattern: {p!r}")

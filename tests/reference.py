@@ -245,11 +245,37 @@ def selection(
     return out
 
 
+def token_selection(sel: ir.Vertical | ir.Slash, context: np.ndarray, q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """[B, H, N] bool: the key columns (vertical) or offsets i - j (slash) kept, in float64. The last
+    `sel.last` query rows' softmax over the keys `context` allows, scale 1/sqrt(D), summed per column or
+    per offset in [0, N); the `sel.count` highest, ties to the lower index."""
+    bsz, heads, n, d = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros((bsz, heads, n), dtype=bool)
+    for bi in range(bsz):
+        for h in range(heads):
+            score = [0.0] * n
+            for i in range(max(0, n - sel.last), n):
+                z = {j: float(q[bi, h, i].astype(np.float64) @ k[bi, h // group, j].astype(np.float64)) / np.sqrt(d)
+                     for j in range(n) if context[i, j]}  # fmt: skip
+                if not z:
+                    continue
+                top = max(z.values())
+                total = sum(np.exp(v - top) for v in z.values())
+                for j, v in z.items():
+                    at = j if isinstance(sel, ir.Vertical) else i - j
+                    if at >= 0:
+                        score[at] += np.exp(v - top) / total
+            for x in sorted(range(n), key=lambda x: (-score[x], x))[: sel.count]:
+                out[bi, h, x] = True
+    return out
+
+
 def dynamic_mask(
     p: ir.Pattern, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """([B, H, N, N] allowed pairs, [B, H, nb, nb] blocks some selector picked) of a pattern with any
-    number of selectors, evaluated as sets node by node. A selector's candidates are where the static
+    """([B, H, N, N] allowed pairs, [B, H, nb, nb] blocks some block selector picked) of a pattern with any
+    number of selectors (vertical and slash: token_selection), evaluated as sets node by node. A selector's candidates are where the static
     operands of the intersections above it allow a pair (`a - b` is `a & ~b`; a complement passes its
     context through); a selector written twice is one selection, over the union of its contexts."""
     bsz, heads, n, _ = q.shape
@@ -259,7 +285,7 @@ def dynamic_mask(
         return np.array([[allowed(x, i, j, n) for j in range(n)] for i in range(n)], dtype=bool)
 
     def collect(x: ir.Pattern, ctx: np.ndarray) -> None:
-        if isinstance(x, ir.TopK | ir.Threshold):
+        if isinstance(x, ir.TopK | ir.Threshold | ir.Vertical | ir.Slash):
             contexts[x] = contexts.get(x, np.zeros_like(ctx)) | ctx
         elif isinstance(x, ir.Union):
             collect(x.a, ctx)
@@ -273,12 +299,18 @@ def dynamic_mask(
     collect(p, np.ones((n, n), dtype=bool))
     picked = {
         x: selection(x, c, q, k, given if isinstance(x, ir.TopK) and x.given else None)  # type: ignore[arg-type]
-        for x, c in contexts.items()
+        for x, c in contexts.items() if isinstance(x, ir.TopK | ir.Threshold)
     }
+    kept = {x: token_selection(x, c, q, k) for x, c in contexts.items() if isinstance(x, ir.Vertical | ir.Slash)}
+    offset = np.arange(n)[:, None] - np.arange(n)[None, :]
 
     def go(x: ir.Pattern) -> np.ndarray:
         if not ir.is_dynamic(x):
             return np.broadcast_to(static(x), (bsz, heads, n, n))
+        if isinstance(x, ir.Vertical):  # j in V
+            return np.broadcast_to(kept[x][:, :, None, :], (bsz, heads, n, n))
+        if isinstance(x, ir.Slash):  # i - j in S
+            return kept[x][:, :, np.clip(offset, 0, n - 1)] & (offset >= 0)
         if isinstance(x, ir.TopK | ir.Threshold):
             rows, cols = np.arange(n) // x.block, np.arange(n) // (x.key_block or x.block)
             return picked[x][:, :, rows][:, :, :, cols]

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import expr as E
 from .. import ir
-from ..selectors import Split, split
+from ..selectors import Split, TokenSplit, split, static_part, token_split
 from ..source import PatternError
 from ..tiling import block_form
 from . import cost as C
@@ -195,6 +195,8 @@ def _text(p: ir.Pattern, outer: int) -> str:
             rule = ", score=given" if given else f", score={score}" if score != "mean" else ""
             size = block if sel_kb is None else f"({block}, {sel_kb})"
             return f"topk({n}, block={size}{rule}{', share=kv' if share else ''})"
+        case ir.Vertical(count, last) | ir.Slash(count, last):
+            return f"{type(p).__name__.lower()}({count}{'' if last == 64 else f', last={last}'})"
         case ir.Threshold(mass, block, _, sel_kb):
             return f"threshold({mass}, block={block if sel_kb is None else (block, sel_kb)})"
         case ir.Union(a, b):
@@ -248,8 +250,9 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
     causal_flags: list[bool] = []
     for use in uses:
         p = use.pattern
-        sp = split(p, item.name) if ir.is_dynamic(p) else None
-        p = p if sp is None else sp.static  # a dynamic pattern's figures: its static part, plus "selector"
+        tokens = token_split(p) if ir.token_selectors(p) else None
+        sp = split(p, item.name) if ir.is_dynamic(p) and tokens is None else None
+        p = static_part(p)  # a dynamic pattern's figures: its static part, plus "selector"
         nnz_figures, closed_pairs = _symbolic(p, n)
         fig = row_figures(p, n, closed_pairs)
         pred = bound_predicate(p, n)
@@ -287,6 +290,8 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         if not (fig.exact and tiles.exact):
             entry["bounded"] = _bounded_note(fig.exact, tiles.exact, n)
             warnings.append(f"{entry['used_by']}: {entry['bounded']}")
+        if tokens is not None:
+            entry["selector"] = _token_selector_cost(tokens, n, use.heads, opts, c.fwd_flops)
         if sp is not None:
             entry["selector"] = _selector_cost(sp, n, use.heads, opts, c.fwd_flops)
             for key in ("extra_fwd_flops_max", "scoring_flops"):
@@ -441,7 +446,25 @@ def _static_body(body: ir.Body) -> ir.Body:
     """The body with every dynamic pattern replaced by its static part (what holds whatever is picked)."""
     if isinstance(body, ir.Heads):
         return ir.Heads(tuple(ir.HeadRange(r.start, r.stop, _static_body(r.pattern)) for r in body.ranges))  # type: ignore[arg-type]
-    return split(body).static if ir.is_dynamic(body) else body
+    return static_part(body)
+
+
+def _token_selector_cost(ts: TokenSplit, n: int, heads: int, opts: Options, static_fwd: Value) -> dict[str, Any]:
+    """Bounds for vertical and slash: each row gains at most n_v keys (the selected columns) and n_s (one
+    per selected diagonal) beyond the static part; scoring costs a dot product per (scoring row, key) and
+    selector, `last` rows each."""
+    picked = [s for s in (ts.vertical, ts.slash) if s is not None]
+    per_row = sum(min(s.count, n) for s in picked)
+    extra = 4 * opts.head_dim * heads * opts.batch * n * per_row
+    scoring = sum(2 * min(s.last, n) * n * opts.head_dim * heads * opts.batch for s in picked)
+    return {
+        "selector": " and ".join(_pattern_text(s) for s in picked),
+        "extra_keys_per_row_max": per_row,
+        "extra_pairs_max": n * per_row,
+        "extra_fwd_flops_max": extra,
+        "scoring_flops": scoring,
+        "fwd_flops_max": static_fwd + extra + scoring,
+    }
 
 
 def _selector_cost(sp: Split, n: int, heads: int, opts: Options, static_fwd: Value) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def bound_predicate(p: ir.Pattern, n: int) -> Expr:
     check_n(n)
     if ir.is_dynamic(p):
         raise PatternError(
-            "this pattern holds a dynamic selector (topk/threshold): its pairs depend on q and k",
+            "this pattern holds a dynamic selector (topk, threshold, vertical, slash): its pairs depend on q and k",
             None,
             "analyse its static part, e.g. the pattern without the topk/threshold term",
         )

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import ir
 from ..mask import evaluate_mask
-from ..selectors import split
+from ..selectors import split, token_split
 from .count import bound_predicate
 from .limits import ARRAY_LIMIT
 from .retention import decode_consistent, retention
@@ -72,6 +72,10 @@ def _row(p: ir.Pattern, n: int) -> np.ndarray:
     if not ir.is_dynamic(p):
         row: np.ndarray = evaluate_mask(bound_predicate(p, n), n, slice(n - 1, n))[0]
         return row
+    if ir.token_selectors(p):  # at most every key some column or diagonal could add
+        ts = token_split(p)
+        bound: np.ndarray = _row(ts.static, n) | _row(ts.cases[3], n)
+        return bound
     sp = split(p)
     static, reach = _row(sp.static, n), _row(sp.selected, n)
     if isinstance(sp.selector, ir.TopK):

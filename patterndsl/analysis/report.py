@@ -100,8 +100,11 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
             return lambda e: f(e["selector"]) if "selector" in e else "-"
 
         row("selector (figures above: static part)", sel(lambda s: s["selector"]))
-        row("candidate blocks per query block", sel(lambda s: _stats(s["candidates_per_query_block"])))
-        row("kept per query block (K)", sel(lambda s: f"{s['selected_per_query_block'] or 'all'} ({s['assumed']})"))
+        row("candidate blocks per query block",
+            sel(lambda s: _stats(s["candidates_per_query_block"]) if "assumed" in s else "-"))
+        row("kept per query block (K)",
+            sel(lambda s: f"{s['selected_per_query_block'] or 'all'} ({s['assumed']})" if "assumed" in s else "-"))
+        row("selected keys per row (at most)", sel(lambda s: _fmt(s.get("extra_keys_per_row_max"), ",")))
         row("selected pairs (at most)", sel(lambda s: _fmt(s["extra_pairs_max"], ",")))
         row("selected fwd FLOPs (at most)", sel(lambda s: _si(s["extra_fwd_flops_max"])))
         row("scoring FLOPs (block means)", sel(lambda s: _si(s["scoring_flops"])))

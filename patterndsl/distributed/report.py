@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .. import ir
 from ..analysis.analyze import _head_count, _uses
-from ..selectors import split
+from ..selectors import static_part
 from ..semantics import predicate
 from ..source import PatternError
 from .placement import Placement
@@ -28,7 +28,7 @@ def terms_of(item: ir.PatternDef | ir.Model, heads: int | None) -> Terms:
     """The terms of a pattern or model (a model: every layer's heads, one placement for all layers)."""
     uses = _uses(item, _head_count(item, heads))
     dynamic = any(ir.is_dynamic(u.pattern) for u in uses)
-    preds = tuple((predicate(split(u.pattern, item.name).static if ir.is_dynamic(u.pattern) else u.pattern),
+    preds = tuple((predicate(static_part(u.pattern)),
                    u.heads) for u in uses)
     return Terms(preds, dynamic)
 

@@ -22,6 +22,13 @@ from .forward import _choose, _config, _forward, _varlen_forward
 from .options import options as _options
 from .selection import selected_blocks as _selected_blocks
 from .spec import PatternSpec
+from .tokens import apply_tokens
+
+
+def _no_tokens(spec: PatternSpec, what: str) -> None:
+    """Refuse what token-level selectors (vertical, slash) do not support yet, in one sentence."""
+    if spec.tokens and any(t is not None for t in spec.tokens):
+        raise ValueError(f"'{spec.name}' selects columns and diagonals (vertical/slash): {what} not supported for it yet")
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,8 @@ class Attention:
         patterns = _head_patterns(spec, layer)
         dynamic = any(sel is not None for sel in spec.selectors)
         code = -1 if layer is None else layer
+        if spec.tokens and (cu_seqlens is not None or _suffix_rows(q, k, v)):
+            _no_tokens(spec, "packed documents and fewer queries than keys are")
         if cu_seqlens is not None:
             if dynamic:
                 raise ValueError("packed documents (cu_seqlens) are not supported for dynamic selectors yet")
@@ -179,9 +188,12 @@ class Attention:
             if given:
                 raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
             if dynamic:
-                return autograd.DynamicAttention.apply(q, k, v, scale, code, scores, spec.key)  # type: ignore[no-untyped-call, no-any-return]
-            return autograd.static_attention(q, k, v, scale, code, spec.key)
-        return _forward(spec, q, k, v, scale, group, patterns, scores, None, out, lse)
+                o, ls = autograd.DynamicAttention.apply(q, k, v, scale, code, scores, spec.key)  # type: ignore[no-untyped-call]
+            else:
+                o, ls = autograd.static_attention(q, k, v, scale, code, spec.key)
+            return apply_tokens(spec, q, k, v, o, ls, scale, patterns, True) if spec.tokens else (o, ls)
+        o, ls = _forward(spec, q, k, v, scale, group, patterns, scores, None, out, lse)
+        return apply_tokens(spec, q, k, v, o, ls, scale, patterns, False) if spec.tokens else (o, ls)
 
     def _suffix(self, q: Any, k: Any, v: Any, layer: Any, scale: Any, scores: Any, out: Any,
                 lse: Any) -> tuple[Any, Any]:
@@ -229,6 +241,7 @@ class Attention:
         """Packed documents with fewer queries than keys: the packed-documents path at the keys' lengths, on
         queries scattered to the last rows of their documents (zeros elsewhere) and head dims zero-padded
         to the wider one, as `_suffix` does for one sequence."""
+        _no_tokens(self.spec, 'chunked prefill (cu_seqlens_q, cu_seqlens_k) is')
         if cu_q is None or cu_k is None:
             raise ValueError("cu_seqlens_q and cu_seqlens_k come together")
         for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
@@ -325,6 +338,7 @@ class Attention:
         (`x.tensor_split(world, dim=2)`), else as `placement` (`patterndsl.distributed.Placement`) holds.
         Each rank receives exactly the key rows its queries need (tiles of `block`), with gradients.
         `cu_seqlens`: packed documents over the whole sequence (batch 1)."""
+        _no_tokens(self.spec, 'context parallelism is')
         from ..distributed.context_parallel import context_parallel
 
         _no_permute(self.spec, "context_parallel()")
@@ -337,6 +351,7 @@ class Attention:
         """(dq, dk, dv) for the output gradient `do` (and `dlse`) of a forward call that returned out, lse:
         for callers that write their own autograd. dq, dk, dv: tensors to write into (contiguous, the inputs'
         shapes and dtypes). Static patterns only (a selector's picks live in its forward's autograd)."""
+        _no_tokens(self.spec, 'the explicit backward() is (use autograd)')
         spec = self.spec
         _no_permute(spec, "backward()")
         if any(sel is not None for sel in spec.selectors):
@@ -368,6 +383,7 @@ class Attention:
         `k_new`, `v_new` [B, Hkv, n, D] are written at cache_seqlens first, then seqlen = cache_seqlens + n.
         No host synchronisation: a step is CUDA-graph capturable (after one warm-up call). Returns
         [B, H, Nq, Dv] (and the log-sum-exp [B, H, Nq] with `return_lse`). No autograd."""
+        _no_tokens(self.spec, 'decoding is')
         from . import decode as dec
 
         spec = self.spec
@@ -406,10 +422,18 @@ class Attention:
             q, k = permuted_qk(self.spec, q, k, permutation)
         return _selected_blocks(self.spec, q, k, scores=scores, layer=layer)
 
+    def selected_tokens(self, q: Any, k: Any, *, scale: float | None = None, layer: int | None = None) -> Any:
+        """{pattern: (columns, offsets)} of the vertical/slash patterns some head runs: each [B, the
+        pattern's heads, n] int64, ascending, as the forward picks them (for inspection and tests)."""
+        from .tokens import selected_tokens
+
+        return selected_tokens(self.spec, q, k, scale, layer)
+
     def to_flex_block_mask(self, n: int, *, device: Any = "cpu", layer: int | None = None,
                            block_size: int = 128) -> Any:
         """FlexAttention's `BlockMask` for this pattern at length n, from the analytic tables (see
         `to_flex_block_mask` in this module)."""
+        _no_tokens(self.spec, 'a FlexAttention block mask is')
         return to_flex_block_mask(self, n, device=device, layer=layer, block_size=block_size)
 
     def config(self, q: Any, k: Any, v: Any, *, layer: int | None = None) -> tuple[int, ...]:
@@ -425,6 +449,7 @@ class Attention:
         """The block tables at sequence length n, built now on `device` (reused by later calls and safe to
         capture in a CUDA graph): for tiles `block_size` (BLOCK_M, BLOCK_N), by default the configured tiles
         for `head_dim` and `dtype`. Static patterns only."""
+        _no_tokens(self.spec, 'prebuilt block tables are')
         spec = self.spec
         check_n(spec, n)
         if any(sel is not None for sel in spec.selectors):

@@ -129,7 +129,11 @@ def _attention_cpu_bwd(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: 
 def _dynamic_ok(spec: PatternSpec, pat: int, i: torch.Tensor, j: torch.Tensor, N: int, B: int, nh: int,
                 picks: dict[int, torch.Tensor] | None, rows: int) -> torch.Tensor:
     """The CPU paths' mask rows: the pattern's predicate, or for a dynamic pattern P0 or (picked and P1),
-    [B, nh, rows, N] (picks[pat]: `_selection`'s picks)."""
+    [B, nh, rows, N] (picks[pat]: `_selection`'s picks, or for vertical / slash `tokens.membership`)."""
+    if picks and pat in picks and spec.token_selection(pat) is not None:  # vertical / slash: their membership
+        from .tokens import token_cases
+
+        return token_cases(spec, pat, picks[pat], i, j, N).view(B, nh, rows, N)
     ok = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[pat].expr, i, j, N)), (rows, N))
     sel = spec.selectors[pat]
     if sel is None:

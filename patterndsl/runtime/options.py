@@ -30,7 +30,8 @@ class Options:
     tiles: a forward config (BLOCK_M, BLOCK_N[, warps, stages[, tma, one_loop, maxnreg]]) to launch, no tuning.
     bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning.
     decode_block: the decode kernel's key block (a power of two >= 16; 0: by head_dim).
-    decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs)."""
+    decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs).
+    token_warps, token_stages: the vertical/slash forward kernel's warps and pipeline stages."""
 
     tma_mode: int = 1
     fold: bool = True
@@ -50,6 +51,8 @@ class Options:
     bwd_tiles: tuple[int, ...] | None = None
     decode_block: int = 0
     decode_splits: int = 0
+    token_warps: int = 4
+    token_stages: int = 2
 
 
 _CURRENT: ContextVar[Options] = ContextVar("patterndsl_options", default=Options())  # noqa: B039 (frozen)

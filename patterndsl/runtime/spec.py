@@ -84,6 +84,22 @@ class Selector(NamedTuple):
         return self.variants or (self.selected,)
 
 
+class TokenSelection(NamedTuple):
+    """A pattern's token-level selectors (patterndsl.selectors.TokenSplit): `vertical` keeps that many key
+    columns and `slash` that many diagonals (0: absent), each scored from its last `last_*` query rows
+    where its context (a predicate index) allows the pair. `cases[v]` is the predicate index of P_v,
+    v = [j in V] + 2 [i - j in S] (cases[0] is the pattern's own: the static part; -1 allows nothing), and
+    `dispatch` the @triton.jit `(i, j, N, v)` that applies P_v with v a tile of cases."""
+
+    vertical: int
+    slash: int
+    last_vertical: int
+    last_slash: int
+    cases: tuple[int, int, int, int]
+    contexts: tuple[int, int]
+    dispatch: Any
+
+
 class Requirement(NamedTuple):
     """`value(N) >= minimum` (or `== minimum` when `exact`) must hold for the pattern to run at N."""
 
@@ -121,6 +137,11 @@ class PatternSpec:
     autotune: bool = True
     bwd_autotune: bool = True
     permute: int | None = None  # permute(..., segment=s, by=given): s; each call passes the permutation
+    tokens: tuple[TokenSelection | None, ...] = ()  # per head pattern: its vertical/slash selection, if any
+
+    def token_selection(self, pat: int) -> TokenSelection | None:
+        """Pattern `pat`'s vertical/slash selection (None: it has none)."""
+        return self.tokens[pat] if pat < len(self.tokens) else None
 
     @property
     def n_free(self) -> tuple[bool, ...]:

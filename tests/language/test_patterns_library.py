@@ -66,7 +66,7 @@ def _has_local(body: ir.Body) -> bool:
 def _static_part(p: ir.Pattern) -> ir.Pattern:
     """The pattern with every selector replaced by `none`: what it allows before looking at the data."""
     match p:
-        case ir.TopK() | ir.Threshold():
+        case ir.TopK() | ir.Threshold() | ir.Vertical() | ir.Slash():
             return ir.Empty()
         case ir.Union(a, b):
             return ir.Union(_static_part(a), _static_part(b))

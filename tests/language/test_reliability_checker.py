@@ -152,6 +152,14 @@ COMPILE_RULES = {
         "model m = layers(3) {\n    0:1 => heads {\n        0:4 => causal\n    }\n    else => heads {\n        0:2 => full\n    }\n}",
         (5, 13, 7), "model 'm' has heads blocks of 4 and 2 heads; its layers must agree", "same head count",
     ),
+    "two_verticals": (
+        "pattern p = causal & (vertical(3) | vertical(4))", (1, 37, 11),
+        "a compiled pattern holds at most one vertical(...) (one selection per head), this one 2", "let v = vertical(3)",
+    ),
+    "slash_beside_topk": (
+        "pattern p = causal & (slash(3) | topk(4, block=64))", (1, 34, 17),
+        "topk and slash cannot share a pattern to compile", "heads",
+    ),
     # kernel limits: masks and the analysis take these, `patc check` and `patc compile` do not
     "random_of_n": (
         "pattern p = blockwise(4, random(N // 2))", (1, 26, 14),

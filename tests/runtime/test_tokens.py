@@ -1,0 +1,172 @@
+"""Token-level selectors (`vertical`, `slash`: MInference's vertical-slash pattern) against LANGUAGE.md's
+definition read literally (`reference.dynamic_mask` with `reference.token_selection`: float64, ties to the
+lower index). The PyTorch path runs float64 inputs; float32 ones run the Triton kernel in the CPU
+interpreter (conftest.py), outputs poisoned (NaN) before each run so an unwritten element shows."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import reference as R
+from helpers import LIBRARY, attention_reference, poisoned, reference_grads
+
+import patterndsl as P
+
+pytestmark = pytest.mark.interpreter
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+CASES = {
+    "minference": "causal & (vertical(6, last=8) | slash(5, last=8) | window(3))",
+    "vertical_only": "causal & (vertical(4, last=5) | sink(2))",
+    "slash_minus_window": "causal & (slash(7) - window(1)) | sink(1)",
+    "both_cases": "(causal & vertical(3, last=4)) | (window(20) & slash(4, last=4))",
+}
+
+
+def _inputs(n: int, dtype: Any, seed: int = 0, b: int = 1, h: int = 2, hkv: int = 1, d: int = 16) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, x, n, d, generator=g).to(dtype) for x in (h, hkv, hkv))
+
+
+def _expected(src: str, q: Any, k: Any) -> np.ndarray:
+    pattern = P.pattern(src)
+    mask, _ = R.dynamic_mask(pattern, q.double().numpy(), k.double().numpy())
+    return mask
+
+
+KERNEL_FAST = ("minference", "vertical_only")  # the interpreter's cases in the fast tier; the others are slow
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [(name, "float64") for name in CASES]
+    + [pytest.param(name, "float32", marks=() if name in KERNEL_FAST else pytest.mark.slow) for name in CASES],
+)
+def test_forward_matches_definition(name: str, dtype: str) -> None:
+    src = CASES[name]
+    n = 70 if dtype == "float64" else 80  # ragged last tile; float32 runs the kernel (tile 64)
+    q, k, v = _inputs(n, getattr(torch, dtype))
+    attn = P.compile(f"pattern p = {src}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, lse = poisoned(attn, q, k, v)
+    mask = _expected(src, q, k)
+    want, want_lse = attention_reference(q, k, v, mask, q.shape[-1] ** -0.5)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    tol = 1e-12 if dtype == "float64" else 2e-5
+    assert (out.double() - want).abs().max().item() < tol
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+
+
+def test_selection_is_the_definition() -> None:
+    src = CASES["minference"]
+    q, k, _ = _inputs(40, torch.float64, seed=3)
+    attn = P.compile(f"pattern p = {src}\n")
+    cols, offs = attn.selected_tokens(q, k)[0]
+    pattern = P.pattern(src)
+    causal = np.tril(np.ones((40, 40), dtype=bool))
+    vert, slash = (x for x in _selectors(pattern))
+    want_v = R.token_selection(vert, causal, q.numpy(), k.numpy())
+    want_s = R.token_selection(slash, causal, q.numpy(), k.numpy())
+    got_v = np.zeros_like(want_v)
+    got_s = np.zeros_like(want_s)
+    for h in range(2):
+        got_v[0, h, cols[0, h].numpy()] = True
+        got_s[0, h, offs[0, h].numpy()] = True
+    assert (got_v == want_v).all() and (got_s == want_s).all()
+
+
+def _selectors(p: Any) -> list[Any]:
+    from patterndsl import ir
+
+    return sorted(ir.token_selectors(p), key=lambda s: type(s).__name__ != "Vertical")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gradients_match_definition(dtype: str) -> None:
+    src = CASES["minference"]
+    n = 70
+    q, k, v = (t.requires_grad_() for t in _inputs(n, getattr(torch, dtype), seed=1, h=2, hkv=1))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
+    attn = P.compile(f"pattern p = {src}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = attn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    mask = _expected(src, q.detach(), k.detach())
+    want = reference_grads(q, k, v, mask, q.shape[-1] ** -0.5, do)
+    tol = 1e-6 if dtype == "float64" else 1e-4  # the log-sum-exp is float32 by contract
+    for got, ref in zip(grads, want[2:], strict=True):
+        assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+
+
+def test_library_pattern() -> None:
+    """patterns/minference.pat's vertical-slash heads against the definition (float64, PyTorch path)."""
+    attn = P.compile(LIBRARY / "minference.pat", "vertical_slash", {"v": 5, "s": 4, "last": 8, "w": 4})
+    q, k, v = _inputs(48, torch.float64, seed=5, h=1, hkv=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, _ = poisoned(attn, q, k, v)
+    prog = P.load(LIBRARY / "minference.pat", defines={"v": 5, "s": 4, "last": 8, "w": 4})
+    mask, _ = R.dynamic_mask(prog.get("vertical_slash").body, q.numpy(), k.numpy())
+    want, _ = attention_reference(q, k, v, mask, q.shape[-1] ** -0.5)
+    assert (out - want).abs().max().item() < 1e-12
+
+
+def test_unsupported_calls_say_so() -> None:
+    attn = P.compile(f"pattern p = {CASES['minference']}\n")
+    with pytest.raises(ValueError, match="vertical/slash"):
+        attn.block_mask(64)
+
+
+@pytest.mark.slow  # the interpreter over 4 tiles x 2 heads: about 2 s
+def test_kernel_walk_over_several_tiles() -> None:
+    """N = 200 (four tiles, the last ragged): static tiles off the diagonals, diagonal tiles and gathered
+    columns outside them all occur (one or two diagonals cannot touch every tile diagonal)."""
+    src = "causal & (vertical(9, last=16) | slash(2, last=16) | window(5) | sink(3))"
+    q, k, v = _inputs(200, torch.float32, seed=7, h=2, hkv=2)
+    attn = P.compile(f"pattern p = {src}\n")
+    out, lse = poisoned(attn, q, k, v)
+    mask = _expected(src, q, k)
+    want, _ = attention_reference(q, k, v, mask, q.shape[-1] ** -0.5)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out.double() - want).abs().max().item() < 2e-5
+
+
+HEADS = """pattern p = heads {
+    0:1 => causal & window(3)
+    1:2 => causal & (vertical(3, last=6) | slash(2, last=6))
+    2:4 => causal & (topk(1, block=16) | sink(2))
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
+def test_heads_mix_token_and_block_selectors(dtype: str) -> None:
+    """Heads of a token-selector pattern beside static and topk heads, forward and gradients."""
+    n = 48
+    q, k, v = (t.requires_grad_() for t in _inputs(n, getattr(torch, dtype), seed=2, h=4, hkv=2))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(q.dtype)
+    attn = P.compile(HEADS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = attn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    body = P.loads(HEADS).get("p").body
+    qd, kd = q.detach().double().numpy(), k.detach().double().numpy()
+    masks = []
+    for h in range(4):
+        m, _ = R.dynamic_mask(body.pattern_for(h), qd[:, h:h + 1], kd[:, h // 2:h // 2 + 1])
+        masks.append(m[0, 0])
+    mask = np.stack(masks)
+    want = reference_grads(q, k, v, mask, q.shape[-1] ** -0.5, do)
+    tol = 1e-6 if dtype == "float64" else 1e-4
+    assert (out.detach().double() - want[0]).abs().max().item() < tol
+    for got, ref in zip(grads, want[2:], strict=True):
+        assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
