@@ -5,15 +5,20 @@ sets merge by log-sum-exp into the single call's. Against the brute-force masked
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
-from helpers import attention_reference, compiled
-from hypothesis import given, settings
+from helpers import attention_reference, compiled, grad_tolerance, reference_grads, spy_launches
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference import reference_mask
 from reference_varlen import doc_mask
+from strategies import document_splits, expressions
 
 import patterndsl as P
-from patterndsl.runtime.positions import Positions, attention_at, attention_at_backward, merge
+from patterndsl import ir
+from patterndsl.runtime import forward
+from patterndsl.runtime.positions import Positions, Spans, attention_at, attention_at_backward, merge
+from patterndsl.source import PatternError
 
 SOURCES = ["causal & window(4) | global(-1:)", "heads {\n 0:1 => causal\n 1:2 => window(2, dilation=2) | cols(5:7)\n}"]
 
@@ -72,3 +77,84 @@ def test_a_query_with_no_key_gets_zeros() -> None:
     assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
     merged, merged_lse = merge([(out, lse), (out, lse)])
     assert torch.equal(merged, out) and torch.isinf(merged_lse).all()
+
+
+
+# --- the kernels (TRITON_INTERPRET=1): buffers holding runs of the sequence (`Spans`) ------------------------
+
+
+def _runs(n: int, g: torch.Generator) -> list[tuple[int, int]]:
+    """[0, n) cut at up to four random points into runs, in a random order."""
+    count = int(torch.randint(0, 5, (1,), generator=g))
+    edges = [0, *sorted(set(torch.randint(1, n, (count,), generator=g).tolist())), n] if n > 1 else [0, n]
+    runs = list(zip(edges[:-1], edges[1:], strict=True))
+    return [runs[i] for i in torch.randperm(len(runs), generator=g).tolist()]
+
+
+def _rows(runs: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b) for a, b in runs] or [torch.zeros(0, dtype=torch.int64)])
+
+
+def check_spans(src: str, lengths: list[int], h: int, hkv: int, seed: int) -> None:
+    """Some runs of the queries against the keys cut into two sets of runs (all in random orders): the
+    kernels (float32) and the PyTorch path at positions (float64) equal the brute-force reference, forward
+    and gradients (of the output and of the log-sum-exp), after merging the two key sets; the float32
+    calls launch the kernels unless the pattern has a token layout."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    docs = None if len(lengths) == 1 else tuple(np.cumsum([0, *lengths]).tolist())
+    q, do = (torch.randn(1, h, n, 8, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, hkv, n, 8, generator=g) for _ in range(2))
+    q_runs = _runs(n, g)[: int(torch.randint(1, 4, (1,), generator=g))]
+    k_runs = _runs(n, g)
+    cut = int(torch.randint(0, len(k_runs) + 1, (1,), generator=g))
+    key_sets = [tuple(k_runs[:cut]), tuple(k_runs[cut:])]
+    rows = _rows(q_runs)
+    picked = torch.zeros(1, h, n)
+    picked[:, :, rows] = 1.0  # the loss reads the runs' rows only
+    dlse = torch.randn(1, h, n, generator=g) * picked
+    want = reference_grads(q, k, v, _mask(src, n, None if docs is None else lengths), 8**-0.5, do * picked[..., None], dlse)
+    attn = compiled(src)
+    launches: list[bool] = []
+    with pytest.MonkeyPatch.context() as mp:
+        spy_launches(mp, forward, "_attn_fwd", launches, lambda kw: kw.get("QSEG") is not None)
+        for dtype, tol in ((torch.float32, 2e-4), (torch.float64, 1e-6)):
+            qr, kk, vv, dd = (t.to(dtype) for t in (q[:, :, rows], k, v, do[:, :, rows]))
+            sets = [(_rows(list(ks)), Spans(tuple(q_runs), ks, n, docs)) for ks in key_sets]
+            out, lse = merge([attention_at(attn.spec, qr, kk[:, :, j], vv[:, :, j], at) for j, at in sets])
+            torch.testing.assert_close(out.double(), want[0][:, :, rows], atol=tol, rtol=tol)
+            assert torch.equal(torch.isinf(lse), torch.isinf(want[1][:, :, rows])), src
+            torch.testing.assert_close(lse.double().nan_to_num(0, 0, 0), want[1][:, :, rows].nan_to_num(0, 0, 0),
+                                       atol=tol, rtol=tol)
+            grads = [torch.zeros_like(t, dtype=dtype) for t in (q, k, v)]
+            for j, at in sets:
+                gq, gk, gv = attention_at_backward(attn.spec, dd, qr, kk[:, :, j], vv[:, :, j], out, lse, at,
+                                                   dlse[:, :, rows])
+                grads[0][:, :, rows] += gq
+                grads[1][:, :, j] += gk
+                grads[2][:, :, j] += gv
+            for name, got, ref in zip(("dq", "dk", "dv"), grads, want[2:], strict=True):
+                err = float((got.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+                assert err <= 10 * grad_tolerance(dtype), (src, dtype, name, err)
+    layout = attn.spec.layouts[0] is not None
+    assert bool(launches and all(launches)) != layout, (src, launches)
+
+
+@pytest.mark.interpreter
+def test_kernels_at_spans_packed_documents_gqa() -> None:
+    check_spans("causal & window(6) | global(0:2)", [20, 1, 0, 26], 2, 1, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(src=expressions(max_leaves=3), lengths=document_splits, seed=st.integers(0, 2**31), gqa=st.booleans())
+def test_kernels_at_spans_random_patterns(src: str, lengths: list[int], seed: int, gqa: bool) -> None:
+    body = P.pattern(src)
+    assume(not any(ir.is_dynamic(x) for x in ir.walk(body)) and sum(lengths) > 0)
+    try:
+        _mask(src, sum(lengths), None if len(lengths) == 1 else lengths)
+        compiled(src)
+    except (PatternError, ValueError, ZeroDivisionError):  # invalid at these lengths, or refused by the compiler
+        assume(False)
+    check_spans(src, lengths, 2, 1 if gqa else 2, seed)
