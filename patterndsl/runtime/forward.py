@@ -211,8 +211,9 @@ def _varlen_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torc
 def _spans_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: tuple[tuple[int, int], ...],
                    k_runs: tuple[tuple[int, int], ...], n: int, docs: tuple[int, ...] | None, scale: float,
                    patterns: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries and keys that are runs of a longer sequence (`positions.Spans`), on the GPU kernel: (out, lse).
-    Static patterns without a token layout; every query row is written (zeros, lse -inf without a key)."""
+    """Queries and keys that are runs of a longer sequence (`positions.Spans`), on the general kernel: (out,
+    lse). Static patterns, in token order (a token layout is left aside); every query row is written (zeros,
+    lse -inf without a key)."""
     B, H, Nq, D = q.shape
     group = H // k.shape[1]
     out = torch.zeros_like(q)

@@ -55,14 +55,14 @@ class Positions:
 
     def allowed(self, pred: Expr, r0: int, r1: int) -> torch.Tensor:
         """[r1 - r0, keys] bool: query rows r0 .. r1 - 1 against every key row."""
-        i, n = self.q[r0:r1, None], self.q_len[r0:r1, None]
+        i, lens = self.q[r0:r1, None], self.q_len[r0:r1]
         same = self.q_doc[r0:r1, None] == self.k_doc[None, :]
-        lens = torch.unique(self.q_len[r0:r1])
-        if lens.numel() == 1:  # one length: N is a plain integer, as every expression expects
-            ok = evaluate(pred, i, self.k[None, :], int(lens[0]))
-        else:
-            ok = evaluate(pred, i, self.k[None, :], n)  # type: ignore[arg-type]  # lengths broadcast as N does
-        return torch.broadcast_to(torch.as_tensor(ok, device=same.device), same.shape) & same
+        out = torch.zeros_like(same)
+        for n in torch.unique(lens).tolist():  # per document length: N a plain integer, as every expression expects
+            rows = lens == n
+            ok = evaluate(pred, i[rows], self.k[None, :], int(n))
+            out[rows] = torch.broadcast_to(torch.as_tensor(ok, device=same.device), (int(rows.sum()), same.shape[1]))
+        return out & same
 
 
 Runs = tuple[tuple[int, int], ...]
@@ -90,16 +90,15 @@ class Spans:
         return sum(b - a for a, b in self.q), sum(b - a for a, b in self.k)
 
 
-def _kernel(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, at: Positions | Spans,
-            patterns: int | tuple[int, ...]) -> bool:
-    """Whether the Triton kernels serve this call: runs (`Spans`) off the CPU path, no token layout."""
+def _kernel(q: torch.Tensor, k: torch.Tensor, at: Positions | Spans) -> bool:
+    """Whether the Triton kernels serve this call: runs (`Spans`) off the CPU path. (A pattern's token
+    layout, a reordering for the single call's tiles, is left aside: segments keep the token order.)"""
     if not isinstance(at, Spans):
         return False
     if at.rows() != (q.shape[2], k.shape[2]):
         raise ValueError(f"the spans hold {at.rows()[0]} query and {at.rows()[1]} key rows; q has {q.shape[2]} "
                          f"and k {k.shape[2]}")
-    used = {patterns} if isinstance(patterns, int) else set(patterns)
-    return not _torch_path(q) and all(spec.layouts[p] is None for p in used)
+    return not _torch_path(q)
 
 
 def _static(spec: PatternSpec) -> None:
@@ -117,7 +116,7 @@ def attention_at(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.T
     B, H, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     patterns = _head_patterns(spec, layer)
-    if _kernel(spec, q, k, at, patterns):
+    if _kernel(q, k, at):
         assert isinstance(at, Spans)
         return _spans_forward(spec, q, k, v, at.q, at.k, at.n, at.docs, scale, patterns)
     if k.shape[2] == 0:  # no key at all: every row is empty
@@ -138,7 +137,7 @@ def attention_at_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, 
     _static(spec)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     patterns = _head_patterns(spec, layer)
-    if _kernel(spec, q, k, at, patterns):
+    if _kernel(q, k, at):
         assert isinstance(at, Spans)
         return _spans_backward(spec, do, q, k, v, out, lse, dlse, at.q, at.k, at.n, at.docs, scale, patterns)
     if k.shape[2] == 0:

@@ -340,7 +340,7 @@ def span_tables(spec: PatternSpec, pat: int, q_runs: tuple[tuple[int, int], ...]
 
     qs, ks = segments(q_runs, n, docs, block_m), segments(k_runs, n, docs, block_n)
     on: dict[str, Any] = dict(dtype=torch.int64, device=device)
-    kn = int(ks[:, 5].max()) + 1 if ks.size else 1
+    kn = -(-n // block_n) + 1  # more than any document's key blocks: (document, block) -> one number
     kkey = ks[:, 4] * kn + ks[:, 5]
     korder = np.argsort(kkey, kind="stable")
     kkey_t, korder_t = torch.tensor(kkey[korder], **on), torch.tensor(korder, **on)
