@@ -303,6 +303,13 @@ def _transpose_dynamic(tables: Sequence[torch.Tensor], rows_bh: int, nqt: int, n
     return tuple(out)
 
 
+def _kernel_layout(rows: Sequence[torch.Tensor], lse: torch.Tensor,
+                   dlse: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """What the kernels read: rows of unit stride, a contiguous lse and a contiguous float32 dlse."""
+    rows = [t if t.stride(-1) == 1 else t.contiguous() for t in rows]
+    return rows, lse.contiguous(), None if dlse is None else dlse.to(torch.float32).contiguous()
+
+
 @_on_device_of
 def _varlen_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
                      cu_seqlens: torch.Tensor, scale: float, layer: int,
@@ -330,9 +337,7 @@ def _varlen_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: to
                                        lse[:, :, part], delta[:, :, part], scale, group, patterns)
                 dq4[:, :, part], dk4[:, :, part], dv4[:, :, part] = g
         return dq, dk, dv
-    q4, k4, v4, o4, do4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4, o4, do4))
-    lse = lse.contiguous()
-    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    (q4, k4, v4, o4, do4), lse, dlse = _kernel_layout((q4, k4, v4, o4, do4), lse, dlse)
     d_pad = _d_pad(D)
     bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -384,9 +389,7 @@ def _spans_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: tor
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if Nq == 0 or Nk == 0:
         return dq, dk, dv
-    q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
-    lse = lse.contiguous()
-    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    (q, k, v, o, do), lse, dlse = _kernel_layout((q, k, v, o, do), lse, dlse)
     d_pad = _d_pad(D)
     bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
     prec = "ieee" if q.dtype == torch.float32 else "tf32"

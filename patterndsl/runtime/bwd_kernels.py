@@ -7,7 +7,7 @@ The pattern's predicate, token layout and selected-block predicate arrive as in 
 import triton
 import triton.language as tl
 
-from .fwd_kernels import _allowed_at, _pair_ok, _segment
+from .fwd_kernels import _allowed_at, _block, _pair_ok, _segment_program
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -48,15 +48,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, off
                  v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0, VAR=None, KSEG=None):
     # MASKED: a PARTIAL block (the predicate per pair), else FULL; VAR: a selection case's rank (_allowed_at)
     # KSEG: key segments, kb one of them (as in _attn_tile)
-    if KSEG is not None:
-        cols, kok, krows = _segment(KSEG, kb, offs_n)
-    else:
-        cols = kb * BLOCK_N + offs_n
-        if LAYOUT is not None:  # the key tile's physical rows -> the caller's tokens (patterndsl.layout)
-            cols, kok = LAYOUT(cols, N)
-        else:
-            kok = cols < N
-        krows = cols
+    cols, kok, krows = _block(KSEG, kb, offs_n, N, BLOCK_N, LAYOUT)  # a token layout: physical rows -> tokens
     if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
         kT = tl.trans(k_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
         vT = tl.trans(v_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
@@ -101,10 +93,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
         N = tl.load(CU + doc + 1) - tl.load(CU + doc)
         lse_n = LSE_N
     elif QSEG is not None:  # rows at given positions: program r is query segment r, as in _attn_fwd
-        row = tl.program_id(0)
-        pid_m = 0
-        start = tl.load(QSEG + 4 * row).to(tl.int64)
-        N = tl.load(QSEG + 4 * row + 3)
+        row, start, N = _segment_program(QSEG)
+        pid_m = row
         lse_n = LSE_N
     elif LAYOUT is not None:
         pid_m = tl.cdiv(NP, BLOCK_M) - 1 - tl.program_id(0)
@@ -122,13 +112,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
     b = (pid_bh // NH).to(tl.int64)
     h = tl.load(HEAD_IDS + pid_bh % NH).to(tl.int64)
     kvh = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if QSEG is not None:
-        offs_m, rows, _ = _segment(QSEG, row, tl.arange(0, BLOCK_M))
-    elif LAYOUT is not None:  # the query tile's physical rows -> the caller's tokens
-        offs_m, rows = LAYOUT(offs_m, N)
-    else:
-        rows = offs_m < N
+    offs_m, rows, _ = _block(QSEG, pid_m, tl.arange(0, BLOCK_M), N, BLOCK_M, LAYOUT)  # (a layout: -> tokens)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     qmask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -144,12 +128,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
     else:
         lse2 = tl.load(LSE2 + at, mask=rows, other=float("inf"))
         delta = tl.load(DELTA + at, mask=rows, other=0.0)
+    kstart = start
     if QSEG is not None:  # each key segment has its own offset (_bwd_dq_tile)
-        k_base = K + b * s_kb + kvh * s_kh
-        v_base = V + b * s_vb + kvh * s_vh
-    else:
-        k_base = K + b * s_kb + kvh * s_kh + start * s_kn
-        v_base = V + b * s_vb + kvh * s_vh + start * s_vn
+        kstart = 0
+    k_base = K + b * s_kb + kvh * s_kh + kstart * s_kn
+    v_base = V + b * s_vb + kvh * s_vh + kstart * s_vn
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for stage in tl.static_range(2):  # 0: FULL key blocks, 1: PARTIAL
         if stage == 0:
@@ -202,15 +185,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs
     # rows past N (a ragged last query block, FULL or not) load q = dO = 0 and lse2 = +inf: P = 0 there;
     # with LAYOUT the query tile's physical rows map to the caller's tokens (padding rows: as past N);
     # QSEG: query segments, mb one of them (as in _attn_tile), its rows read at `at`
-    if QSEG is not None:
-        rows, in_n, at = _segment(QSEG, mb, offs_m)
-    else:
-        rows = mb * BLOCK_M + offs_m
-        if LAYOUT is not None:
-            rows, in_n = LAYOUT(rows, N)
-        else:
-            in_n = rows < N
-        at = rows
+    rows, in_n, at = _block(QSEG, mb, offs_m, N, BLOCK_M, LAYOUT)
     if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
         qT = tl.trans(q_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD))
         do = do_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD)
@@ -252,10 +227,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
         N = tl.load(CU + doc + 1) - tl.load(CU + doc)
         lse_n = LSE_N
     elif KSEG is not None:  # rows at given positions: program r is key segment r, its query blocks query segments
-        row = tl.program_id(0)
-        pid_n = 0
-        start = tl.load(KSEG + 4 * row).to(tl.int64)
-        N = tl.load(KSEG + 4 * row + 3)
+        row, start, N = _segment_program(KSEG)
+        pid_n = row
         lse_n = LSE_N
     else:
         pid_n = tl.program_id(0)
@@ -266,13 +239,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
     b = (pid_bh // NKV).to(tl.int64)
     slot = pid_bh % NKV
     kvh = tl.load(KV_IDS + slot).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if KSEG is not None:
-        offs_n, kok, _ = _segment(KSEG, row, tl.arange(0, BLOCK_N))
-    elif LAYOUT is not None:  # the key tile's physical rows -> the caller's tokens (patterndsl.layout)
-        offs_n, kok = LAYOUT(offs_n, N)
-    else:
-        kok = offs_n < N
+    offs_n, kok, _ = _block(KSEG, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT)  # (a layout: -> tokens)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     kvmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)

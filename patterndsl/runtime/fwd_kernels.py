@@ -23,15 +23,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_k
     # VAR: None, or the selection case's rank that a dispatching PRED(i, j, N, VAR) takes
     # KSEG: None, or key segments (row - position, position, rows, N) and kb one of them: its rows are read
     # at cols + (row - position)
-    if KSEG is not None:
-        cols, kok, krows = _segment(KSEG, kb, offs_n)
-    else:
-        cols = kb * BLOCK_N + offs_n
-        if LAYOUT is not None:
-            cols, kok = LAYOUT(cols, N)
-        else:
-            kok = cols < N
-        krows = cols
+    cols, kok, krows = _block(KSEG, kb, offs_n, N, BLOCK_N, LAYOUT)
     if MASKED:
         kmask = kok[None, :] & (offs_d[:, None] < HEAD_DIM)
         vmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -65,6 +57,30 @@ def _segment(SEG, s, offs):
     return pos, offs < tl.load(SEG + 4 * s + 2), pos + shift
 
 
+@triton.jit
+def _block(SEG, blk, offs, N, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
+    """Block blk of a tile's rows (offs: arange(BLOCK)): their positions, which of them exist, and their rows
+    in the buffer. Segment blk of SEG, or rows blk * BLOCK + offs (through the token layout, if any)."""
+    if SEG is not None:
+        pos, ok, rows = _segment(SEG, blk, offs)
+    else:
+        pos = blk * BLOCK + offs
+        if LAYOUT is not None:
+            pos, ok = LAYOUT(pos, N)
+        else:
+            ok = pos < N
+        rows = pos
+    return pos, ok, rows
+
+
+@triton.jit
+def _segment_program(SEG):
+    """A launch over segments: this program's segment, its rows' offset from their positions and its
+    document's length."""
+    row = tl.program_id(0)
+    return row, tl.load(SEG + 4 * row).to(tl.int64), tl.load(SEG + 4 * row + 3)
+
+
 @triton.jit(do_not_specialize=["N", "LSE_N", "NP"])
 def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX, CU, TILES,
               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
@@ -88,10 +104,8 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
     elif QSEG is not None:
         # rows at given positions: program r is query segment r (heaviest first), its key blocks key segments
         # (`tables.span_tables`); start: its rows' offset from their positions, N: its document's length
-        row = tl.program_id(0)
-        pid_m = 0
-        start = tl.load(QSEG + 4 * row).to(tl.int64)
-        N = tl.load(QSEG + 4 * row + 3)
+        row, start, N = _segment_program(QSEG)
+        pid_m = row
     else:
         # heavy query blocks (late rows of causal patterns) start first
         pid_m = tl.cdiv(NP, BLOCK_M) - 1 - tl.program_id(0)
@@ -103,24 +117,18 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
     b = (pid_bh // NH).to(tl.int64)
     h = tl.load(HEAD_IDS + pid_bh % NH).to(tl.int64)
     kvh = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if QSEG is not None:
-        offs_m, qok, _ = _segment(QSEG, row, tl.arange(0, BLOCK_M))
-    elif LAYOUT is not None:  # rows of the tile -> the caller's tokens (a gather; q, k, v, out keep their order)
-        offs_m, qok = LAYOUT(offs_m, N)
-    else:
-        qok = offs_m < N
+    # the tile's tokens (a token layout's gather: q, k, v, out keep their order; a segment's positions)
+    offs_m, qok, _ = _block(QSEG, pid_m, tl.arange(0, BLOCK_M), N, BLOCK_M, LAYOUT)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     qmask = qok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q_base = Q + b * s_qb + h * s_qh + start * s_qn
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_qn + offs_d[None, :], mask=qmask, other=0.0)
+    kstart = start
     if QSEG is not None:  # each key segment has its own offset (_attn_tile)
-        k_base = K + b * s_kb + kvh * s_kh
-        v_base = V + b * s_vb + kvh * s_vh
-    else:
-        k_base = K + b * s_kb + kvh * s_kh + start * s_kn
-        v_base = V + b * s_vb + kvh * s_vh + start * s_vn
+        kstart = 0
+    k_base = K + b * s_kb + kvh * s_kh + kstart * s_kn
+    v_base = V + b * s_vb + kvh * s_vh + kstart * s_vn
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
