@@ -386,15 +386,16 @@ def _spans_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: tor
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     group = H // k.shape[1]
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if Nq == 0 or Nk == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     (q, k, v, o, do), lse, dlse = _kernel_layout((q, k, v, o, do), lse, dlse)
     d_pad = _d_pad(D)
     bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     delta, lse2, pre = _delta_pass(o, do, lse, dlse, d_pad)
     accum = not isinstance(patterns, int) and len(set(patterns)) > 1  # a heads { } group mixing predicates
+    # every segment's program writes its rows (dK/dV: added up over the predicates of a key head's group)
+    dq, dk, dv = torch.empty_like(q), *((torch.zeros_like if accum else torch.empty_like)(t) for t in (k, v))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     for pat in range(spec.patterns):
         heads = _heads(pat, patterns, H, q.device)

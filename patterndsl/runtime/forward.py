@@ -216,8 +216,10 @@ def _spans_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
     lse -inf without a key)."""
     B, H, Nq, D = q.shape
     group = H // k.shape[1]
-    out = torch.zeros_like(q)
-    lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    if k.shape[2] == 0:  # no key: every row is empty
+        return torch.zeros_like(q), torch.full((B, H, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)  # every query segment's program writes its rows, for every head
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     d_pad = _d_pad(D)
     block_m, block_n, warps, stages = _config(spec, d_pad, q.element_size())
@@ -225,7 +227,7 @@ def _spans_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
     for pat in range(spec.patterns):
         heads = _heads(pat, patterns, H, q.device)
         nh = heads.numel()
-        if nh == 0 or Nq == 0 or k.shape[2] == 0:
+        if nh == 0 or Nq == 0:
             continue
         qseg, kseg, f_off, f_idx, p_off, p_idx = tables.span_tables(spec, pat, q_runs, k_runs, n, docs, block_m,
                                                                     block_n, q.device)
