@@ -1,6 +1,6 @@
 """Attention at given positions: query rows and key rows that are any subset of a longer sequence.
 
-The kernels read a row's position from its index in q or k. A rank of a context-parallel run holds its
+The single call's kernels read a row's position from its index in q or k. A rank of a context-parallel run holds its
 queries and the keys it gathered from other ranks in buffers whose row order is not the sequence's, so
 the predicate must see each row's own position: `Positions` carries them (and, for packed documents,
 each row's document), and the PyTorch path evaluates the pattern there. Buffers whose rows are runs of
