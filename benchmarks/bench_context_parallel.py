@@ -5,15 +5,17 @@ forward and forward+backward, and the bytes each rank sends measured against `pa
 
     torchrun --nproc-per-node=G benchmarks/bench_context_parallel.py OUT.json
 
-Run it once per GPU count (1, 2, 4, 8: the efficiency is t(1) / t(G)); every run writes its own JSON.
+Run it once per GPU count (1, 2, 4, 8: the efficiency is t(1) / t(G)); every run writes its own JSON. With
+one GPU the rows also time the single call on the whole sequence (`single`: the fast kernel), which the
+one-rank context-parallel call (the kernels at spans, no transfer) should stay close to.
 BENCH_TOKENS (per GPU, default 262144), BENCH_HEADS (16), BENCH_DIM (128), BENCH_ONLY (pattern names),
 BENCH_REPEAT (timed repetitions, 5), BENCH_RING=0 skips torch's ring. NCCL with NVLink multicast off
 (NCCL_NVLS_ENABLE=0, set here). A dry run on CPUs: BENCH_DEVICE=cpu BENCH_TOKENS=256 BENCH_HEADS=2
 BENCH_DIM=16 torchrun --nproc-per-node=2 ... (gloo, float32).
 
-Ours attends through the runtime's positions path (`patterndsl.runtime.positions`: PyTorch operations,
-chunks of rows against every gathered key), not the Triton kernels: its times measure that path. The JSON
-says which path ran (`ours_path`).
+Ours attends through the Triton kernels at spans (`patterndsl.runtime.positions.Spans`: each rank's rows
+against its own keys, then against the received ones, merged by log-sum-exp) on CUDA; the CPU dry run takes
+the PyTorch path at positions unless TRITON_INTERPRET=1. The JSON says which path ran (`ours_path`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ def ours(src: str, rank: int, world: int) -> dict[str, Any]:
     row["fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(attn.context_parallel(*leaves, placement=pl), leaves, do))
     tokens = plan(Terms.of_spec(attn.spec), pl, 128).tokens_sent()
     row["bytes_sent_analysis"] = (tokens * 2 * H * D * q.element_size()).tolist()
+    if world == 1:  # the same sequence through the single call
+        with torch.no_grad():
+            row["single_fwd_ms"] = timed(lambda: attn(q, k, v))
+        row["single_fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(attn(*leaves), leaves, do))
     return row
 
 
@@ -130,7 +136,8 @@ def main() -> None:
 
     result: dict[str, Any] = {"run": run_info(), "gpus": world, "tokens_per_gpu": TOKENS, "heads": H, "head_dim": D,
                               "dtype": str(DT), "rows": [],
-                              "ours_path": "runtime.positions (PyTorch operations, not the Triton kernels)"}
+                              "ours_path": "Triton kernels at spans" if DEV == "cuda" or os.environ.get(
+                                  "TRITON_INTERPRET") == "1" else "PyTorch path at positions"}
     for name, src in PATTERNS:
         if ONLY and name not in ONLY:
             continue

@@ -21,6 +21,7 @@ found too few registers to keep several warpgroup MMAs in flight (its C7512 note
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
 `--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch).
+`--spans` builds --fwd and --bwd reading their tiles from segment tables (`runtime/positions.py`'s `Spans`).
 
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
         --fwd 128,64,8,3 --bwd 32,64,64,32,8,3 --bwd 64,128,128,64,8,3
@@ -60,6 +61,7 @@ INT32_TABLES = {
     "QH_RANK",
 }
 FP32_BUFFERS = {"LSE", "LSE2", "DELTA", "DLSE"}
+SEGMENTS = {"QSEG", "KSEG"}  # rows at given positions (`tables.span_tables`): a path taken when passed, off here
 INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
@@ -76,7 +78,7 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             sig[p.name] = "i32"
         elif p.name in ("qk_scale", "scale"):
             sig[p.name] = "fp32"
-        elif p.name.endswith("_desc"):  # pointer loads: the descriptor arguments are unused
+        elif p.name.endswith("_desc") or p.name in SEGMENTS:  # pointer loads, no segments: unused, None
             sig[p.name] = "constexpr"
         else:
             sig[p.name] = "*i32" if p.name in INT32_TABLES else "*fp32" if p.name in FP32_BUFFERS else f"*{dtype}"
@@ -187,7 +189,10 @@ def main() -> None:
     ap.add_argument("--topk-warps", type=int, help="its warps (topk_warps)")
     ap.add_argument("--topk-keys", type=int, help="its key blocks per tile (topk_keys)")
     ap.add_argument("--topk-fill", type=int, choices=[0, 1], help="its first tile by a bitonic top-k (topk_fill)")
+    ap.add_argument("--spans", action="store_true",
+                    help="--fwd and --bwd with segment tables (rows at given positions: context parallelism)")
     a = ap.parse_args()
+    spans = {x: "*i32" for x in SEGMENTS} if a.spans else None
     spec = P.compile(f"pattern p = {a.src}\n").spec
     given = {"topk_rows": a.topk_rows, "topk_warps": a.topk_warps, "topk_keys": a.topk_keys,
              "topk_fill": None if a.topk_fill is None else bool(a.topk_fill)}  # fmt: skip
@@ -200,7 +205,7 @@ def main() -> None:
     for cfg in a.fwd:
         bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
         c = dict(common, BLOCK_M=bm, BLOCK_N=bn)
-        fwd = resources(fwd_kernels._attn_fwd, a.dtype, c, w, s, maxnreg=cap[0] if cap else 0)
+        fwd = resources(fwd_kernels._attn_fwd, a.dtype, c, w, s, spans, maxnreg=cap[0] if cap else 0)
         print(f"fwd  {cfg:20s} {fwd}", flush=True)
     for cfg in a.fast:
         bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
@@ -221,8 +226,8 @@ def main() -> None:
     for cfg in a.bwd or ([] if asked else [",".join(map(str, _bwd_config(spec, d_pad)))]):
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])
-        dq = resources(bwd_kernels._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w2, s2)
-        dkdv = resources(bwd_kernels._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w1, s1)
+        dq = resources(bwd_kernels._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w2, s2, spans)
+        dkdv = resources(bwd_kernels._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w1, s1, spans)
         print(f"bwd  {cfg:20s} dK/dV: {dkdv} | dQ: {dq}", flush=True)
 
 

@@ -332,28 +332,31 @@ def spy_launches(
 
 def emulate_ranks(attn: Any, q: Any, k: Any, v: Any, do: Any, placement: Any, block: int, docs: Any = None) -> tuple[Any, ...]:
     """(out, lse, dq, dk, dv) over the whole sequence, assembled from what each rank of `placement` computes:
-    its rows against its own keys and against the keys the plan sends it, merged by log-sum-exp, and the
-    gradients of both key sets (what `attn.context_parallel` runs, without the transfers)."""
+    its rows against its own keys and against the keys the plan sends it (`Spans`: the kernels on a GPU),
+    merged by log-sum-exp, and the gradients of both key sets (what `attn.context_parallel` runs, without
+    the transfers)."""
     from patterndsl.distributed import Terms, plan
-    from patterndsl.runtime.positions import Positions, attention_at, attention_at_backward, merge
+    from patterndsl.runtime.positions import Spans, attention_at, attention_at_backward, merge
 
     n, dev = q.shape[2], q.device
-    pieces = plan(Terms.of_spec(attn.spec), placement, block, None if docs is None else tuple(docs))
-    cu = None if docs is None else torch.tensor(docs, device=dev)
+    docs = None if docs is None else tuple(int(x) for x in docs)
+    pieces = plan(Terms.of_spec(attn.spec), placement, block, docs)
     out, dq = torch.zeros_like(q), torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=dev)
     for r in range(placement.world):
+        mine = placement.runs[r]
         rows = placement.positions(r, dev)
-        recv = [torch.arange(a, b, device=dev) for row in pieces.recv[r] for a, b in row.tolist()]
-        key_sets = [rows] + ([torch.cat(recv)] if recv else [])
-        parts = [attention_at(attn.spec, q[:, :, rows], k[:, :, ks], v[:, :, ks], Positions.of(rows, ks, n, cu))
+        got = tuple((int(a), int(b)) for row in pieces.recv[r] for a, b in row.tolist())
+        key_sets = [mine] + ([got] if got else [])
+        spans = [(torch.cat([torch.arange(a, b, device=dev) for a, b in ks]), Spans(mine, ks, n, docs))
                  for ks in key_sets]
+        parts = [attention_at(attn.spec, q[:, :, rows], k[:, :, j], v[:, :, j], at) for j, at in spans]
         out[:, :, rows], lse[:, :, rows] = merge(parts)
-        for ks in key_sets:
-            g = attention_at_backward(attn.spec, do[:, :, rows], q[:, :, rows], k[:, :, ks], v[:, :, ks],
-                                      out[:, :, rows], lse[:, :, rows], Positions.of(rows, ks, n, cu))
+        for j, at in spans:
+            g = attention_at_backward(attn.spec, do[:, :, rows], q[:, :, rows], k[:, :, j], v[:, :, j],
+                                      out[:, :, rows], lse[:, :, rows], at)
             dq[:, :, rows] += g[0]
-            dk[:, :, ks] += g[1]
-            dv[:, :, ks] += g[2]
+            dk[:, :, j] += g[1]
+            dv[:, :, j] += g[2]
     return out, lse, dq, dk, dv

@@ -4,7 +4,9 @@ Each rank holds the rows of its placement (`Placement`) of q, k and v. The forwa
 the key/value rows its queries need (`plan.plan`), attends its queries to its own keys while they travel,
 then to the received keys, and merges the two partial results by log-sum-exp. The backward computes the
 gradients of the received rows and sends them back to their owners, who add them to their own. Attention
-runs where each row's position is given (`runtime.positions`), so the predicate sees global positions.
+runs where each row's position is given (`runtime.positions.Spans`: the shard's runs, the received
+intervals), so the predicate sees global positions: the Triton kernels on a GPU or under
+TRITON_INTERPRET=1, the PyTorch path on CPU tensors otherwise.
 A pattern with a selector gathers every rank's q, k and v (its blocks may come from anywhere).
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..runtime.positions import Positions, attention_at, attention_at_backward, merge
+from ..runtime.positions import Spans, attention_at, attention_at_backward, merge
 from ..runtime.spec import PatternSpec
 from . import exchange
 from .placement import Placement, _docs
@@ -29,23 +31,14 @@ _PLANS: dict[tuple[Any, ...], RankPlan] = {}
 
 @dataclass(frozen=True)
 class RankPlan:
-    """One rank's part of a plan, as tensors on its device: its rows' positions, the local rows each
-    peer receives from it (`send`), and per peer the positions of the rows it receives (`recv`)."""
+    """One rank's part of a plan: the local rows each peer receives from it (`send`, tensors on its device),
+    how many rows it receives from each peer (`recv`), and where its queries and keys lie in the sequence:
+    its own rows against its own keys (`local`), against the received ones in peer order (`remote`)."""
 
-    n: int
-    docs: tuple[int, ...] | None
-    positions: torch.Tensor
     send: dict[int, torch.Tensor]
-    recv: dict[int, torch.Tensor]
-
-    def local(self) -> Positions:
-        cu = None if self.docs is None else torch.tensor(self.docs, device=self.positions.device)
-        return Positions.of(self.positions, self.positions, self.n, cu)
-
-    def remote(self) -> Positions:
-        cu = None if self.docs is None else torch.tensor(self.docs, device=self.positions.device)
-        keys = torch.cat([self.recv[s] for s in sorted(self.recv)])
-        return Positions.of(self.positions, keys, self.n, cu)
+    recv: dict[int, int]
+    local: Spans
+    remote: Spans
 
 
 def _rows(iv: np.ndarray) -> np.ndarray:
@@ -77,9 +70,11 @@ def rank_plan(spec: PatternSpec, placement: Placement, rank: int, block: int, do
         on = dict(dtype=torch.int64, device=device)
         send = {r: torch.tensor(_local_index(placement, rank, _rows(full.recv[r][rank])), **on)  # type: ignore[arg-type]
                 for r in range(placement.world) if full.recv[r][rank].size}
-        recv = {s: torch.tensor(_rows(full.recv[rank][s]), **on)  # type: ignore[arg-type]
-                for s in range(placement.world) if full.recv[rank][s].size}
-        hit = RankPlan(placement.n, docs, placement.positions(rank, device), send, recv)
+        peers = [s for s in range(placement.world) if full.recv[rank][s].size]
+        recv = {s: int((full.recv[rank][s][:, 1] - full.recv[rank][s][:, 0]).sum()) for s in peers}
+        mine = placement.runs[rank]
+        got = tuple((int(a), int(b)) for s in peers for a, b in full.recv[rank][s])
+        hit = RankPlan(send, recv, Spans(mine, mine, placement.n, docs), Spans(mine, got, placement.n, docs))
         if len(_PLANS) >= 64:
             _PLANS.pop(next(iter(_PLANS)))
         _PLANS[key] = hit
@@ -96,13 +91,13 @@ class ContextParallel(torch.autograd.Function):
         kv = torch.stack([k, v])
         shape = list(kv.shape)
         sends = {p: kv.index_select(3, idx) for p, idx in rp.send.items()}
-        receives = {p: kv.new_empty([*shape[:3], pos.numel(), shape[4]]) for p, pos in rp.recv.items()}
+        receives = {p: kv.new_empty([*shape[:3], m, shape[4]]) for p, m in rp.recv.items()}
         pending = exchange.start(sends, receives, group)
-        parts = [attention_at(spec, q, k, v, rp.local(), scale, layer)]  # own keys while the rest travel
+        parts = [attention_at(spec, q, k, v, rp.local, scale, layer)]  # own keys while the rest travel
         got = pending.wait()
         remote = torch.cat([got[p] for p in sorted(got)], 3) if got else kv[:, :, :, :0]
         if got:
-            parts.append(attention_at(spec, q, remote[0], remote[1], rp.remote(), scale, layer))
+            parts.append(attention_at(spec, q, remote[0], remote[1], rp.remote, scale, layer))
         out, lse = merge(parts) if len(parts) > 1 else parts[0]
         ctx.save_for_backward(q, k, v, remote, out, lse)
         ctx.rp, ctx.spec, ctx.scale, ctx.layer, ctx.group = rp, spec, scale, layer, group
@@ -116,18 +111,18 @@ class ContextParallel(torch.autograd.Function):
         sends: dict[int, torch.Tensor] = {}
         dq_remote = None
         if rp.recv:
-            dq_remote, dk_r, dv_r = attention_at_backward(spec, do, q, remote[0], remote[1], out, lse, rp.remote(),
+            dq_remote, dk_r, dv_r = attention_at_backward(spec, do, q, remote[0], remote[1], out, lse, rp.remote,
                                                           dlse, scale, layer)
             dkv = torch.stack([dk_r, dv_r])
             at = 0
             for p in sorted(rp.recv):
-                m = rp.recv[p].numel()
+                m = rp.recv[p]
                 sends[p] = dkv[:, :, :, at:at + m]
                 at += m
         shape = [2, *k.shape]
         receives = {p: k.new_empty([*shape[:3], idx.numel(), shape[4]]) for p, idx in rp.send.items()}
         pending = exchange.start(sends, receives, ctx.group)
-        dq, dk, dv = attention_at_backward(spec, do, q, k, v, out, lse, rp.local(), dlse, scale, layer)
+        dq, dk, dv = attention_at_backward(spec, do, q, k, v, out, lse, rp.local, dlse, scale, layer)
         if dq_remote is not None:
             dq = dq + dq_remote
         for p, g in pending.wait().items():

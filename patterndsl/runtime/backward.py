@@ -303,6 +303,13 @@ def _transpose_dynamic(tables: Sequence[torch.Tensor], rows_bh: int, nqt: int, n
     return tuple(out)
 
 
+def _kernel_layout(rows: Sequence[torch.Tensor], lse: torch.Tensor,
+                   dlse: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """What the kernels read: rows of unit stride, a contiguous lse and a contiguous float32 dlse."""
+    rows = [t if t.stride(-1) == 1 else t.contiguous() for t in rows]
+    return rows, lse.contiguous(), None if dlse is None else dlse.to(torch.float32).contiguous()
+
+
 @_on_device_of
 def _varlen_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
                      cu_seqlens: torch.Tensor, scale: float, layer: int,
@@ -330,9 +337,7 @@ def _varlen_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: to
                                        lse[:, :, part], delta[:, :, part], scale, group, patterns)
                 dq4[:, :, part], dk4[:, :, part], dv4[:, :, part] = g
         return dq, dk, dv
-    q4, k4, v4, o4, do4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4, o4, do4))
-    lse = lse.contiguous()
-    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    (q4, k4, v4, o4, do4), lse, dlse = _kernel_layout((q4, k4, v4, o4, do4), lse, dlse)
     d_pad = _d_pad(D)
     bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -366,6 +371,55 @@ def _varlen_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: to
             total, H, kv_ids.numel(), scale * _LOG2E, scale,
             PRED=pred_kernel(spec, pat), BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
             IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, CU=cu, TILES=table, LSE_N=total, VARLEN=True,
+            num_warps=w1, num_stages=s1,
+        )
+    return dq, dk, dv
+
+
+@_on_device_of
+def _spans_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, dlse: torch.Tensor | None, q_runs: tuple[tuple[int, int], ...],
+                    k_runs: tuple[tuple[int, int], ...], n: int, docs: tuple[int, ...] | None, scale: float,
+                    patterns: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `forward._spans_forward`'s queries and keys, given the queries' final out and lse
+    (merged over every key set, so each key set's share comes out on its own)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    group = H // k.shape[1]
+    if Nq == 0 or Nk == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    (q, k, v, o, do), lse, dlse = _kernel_layout((q, k, v, o, do), lse, dlse)
+    d_pad = _d_pad(D)
+    bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    delta, lse2, pre = _delta_pass(o, do, lse, dlse, d_pad)
+    accum = not isinstance(patterns, int) and len(set(patterns)) > 1  # a heads { } group mixing predicates
+    # every segment's program writes its rows (dK/dV: added up over the predicates of a key head's group)
+    dq, dk, dv = torch.empty_like(q), *((torch.zeros_like if accum else torch.empty_like)(t) for t in (k, v))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    for pat in range(spec.patterns):
+        heads = _heads(pat, patterns, H, q.device)
+        nh = heads.numel()
+        if nh == 0:
+            continue
+        qseg, kseg, f_off, f_idx, p_off, p_idx = tables.span_tables(spec, pat, q_runs, k_runs, n, docs, bm2, bn2,
+                                                                    q.device)
+        _attn_bwd_dq[(qseg.shape[0], B * nh)](
+            q, k, v, do, dq, lse2, delta, heads, f_off, f_idx, p_off, p_idx, *strides, *dq.stride()[:3],
+            Nq, H, nh, group, scale * _LOG2E, scale,
+            PRED=pred_kernel(spec, pat), BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+            IDX64=spec.idx64, INTERPRET=_INTERPRET, LSE_N=Nq, QSEG=qseg, KSEG=kseg,
+            num_warps=w2, num_stages=s2, **pre,
+        )
+        kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
+        kseg, qseg, f_off, f_idx, p_off, p_idx = tables.span_tables(spec, pat, q_runs, k_runs, n, docs, bm1, bn1,
+                                                                    q.device, transpose=True)
+        _attn_bwd_dkdv[(kseg.shape[0], B * kv_ids.numel())](
+            q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, f_off, f_idx, p_off, p_idx,
+            *strides, *dk.stride()[:3], *dv.stride()[:3],
+            Nq, H, kv_ids.numel(), scale * _LOG2E, scale,
+            PRED=pred_kernel(spec, pat), BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
+            IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, LSE_N=Nq, QSEG=qseg, KSEG=kseg,
             num_warps=w1, num_stages=s1,
         )
     return dq, dk, dv

@@ -7,7 +7,7 @@ The pattern's predicate, token layout and selected-block predicate arrive as in 
 import triton
 import triton.language as tl
 
-from .fwd_kernels import _allowed_at, _pair_ok
+from .fwd_kernels import _allowed_at, _block, _pair_ok, _segment_program
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -45,13 +45,10 @@ def _delta_lse2(o, do, LSE, DLSE, at, rows, HAS_DLSE: tl.constexpr):
 def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn, N, qk_scale,
                  PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None, k_desc=None,
-                 v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0, VAR=None):
+                 v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0, VAR=None, KSEG=None):
     # MASKED: a PARTIAL block (the predicate per pair), else FULL; VAR: a selection case's rank (_allowed_at)
-    cols = kb * BLOCK_N + offs_n
-    if LAYOUT is not None:  # the key tile's physical rows -> the caller's tokens (patterndsl.layout)
-        cols, kok = LAYOUT(cols, N)
-    else:
-        kok = cols < N
+    # KSEG: key segments, kb one of them (as in _attn_tile)
+    cols, kok, krows = _block(KSEG, kb, offs_n, N, BLOCK_N, LAYOUT)  # a token layout: physical rows -> tokens
     if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
         kT = tl.trans(k_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
         vT = tl.trans(v_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
@@ -60,8 +57,8 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, off
             kmask = kok[None, :] & (offs_d[:, None] < HEAD_DIM)
         else:
             kmask = offs_d[:, None] < HEAD_DIM
-        kT = tl.load(k_base + cols[None, :].to(tl.int64) * s_kn + offs_d[:, None], mask=kmask, other=0.0)
-        vT = tl.load(v_base + cols[None, :].to(tl.int64) * s_vn + offs_d[:, None], mask=kmask, other=0.0)
+        kT = tl.load(k_base + krows[None, :].to(tl.int64) * s_kn + offs_d[:, None], mask=kmask, other=0.0)
+        vT = tl.load(v_base + krows[None, :].to(tl.int64) * s_vn + offs_d[:, None], mask=kmask, other=0.0)
     s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
@@ -82,7 +79,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
                  CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
                  LAYOUT: tl.constexpr = None, k_desc=None, v_desc=None, TMA: tl.constexpr = 0,
                  O=None, LSE=None, DLSE=None, s_ob=0, s_oh=0, s_on=0,
-                 PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False):
+                 PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False, QSEG=None, KSEG=None):
     # SEL_PRED is not None: a dynamic pattern's per-(batch, head) tables, as in _attn_fwd
     # PRE: this tile's rows' delta and lse2 computed here (from O, dO, LSE, DLSE) and stored for the dK/dV
     # kernel launched after it, instead of by _attn_bwd_pre (BWD_FUSE_PRE)
@@ -94,6 +91,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
         pid_m = tl.load(TILES + 2 * row + 1)
         start = tl.load(CU + doc).to(tl.int64)
         N = tl.load(CU + doc + 1) - tl.load(CU + doc)
+        lse_n = LSE_N
+    elif QSEG is not None:  # rows at given positions: program r is query segment r, as in _attn_fwd
+        row, start, N = _segment_program(QSEG)
+        pid_m = row
         lse_n = LSE_N
     elif LAYOUT is not None:
         pid_m = tl.cdiv(NP, BLOCK_M) - 1 - tl.program_id(0)
@@ -111,11 +112,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
     b = (pid_bh // NH).to(tl.int64)
     h = tl.load(HEAD_IDS + pid_bh % NH).to(tl.int64)
     kvh = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if LAYOUT is not None:  # the query tile's physical rows -> the caller's tokens
-        offs_m, rows = LAYOUT(offs_m, N)
-    else:
-        rows = offs_m < N
+    offs_m, rows, _ = _block(QSEG, pid_m, tl.arange(0, BLOCK_M), N, BLOCK_M, LAYOUT)  # (a layout: -> tokens)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     qmask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -131,8 +128,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
     else:
         lse2 = tl.load(LSE2 + at, mask=rows, other=float("inf"))
         delta = tl.load(DELTA + at, mask=rows, other=0.0)
-    k_base = K + b * s_kb + kvh * s_kh + start * s_kn
-    v_base = V + b * s_vb + kvh * s_vh + start * s_vn
+    kstart = start
+    if QSEG is not None:  # each key segment has its own offset (_bwd_dq_tile)
+        kstart = 0
+    k_base = K + b * s_kb + kvh * s_kh + kstart * s_kn
+    v_base = V + b * s_vb + kvh * s_vh + kstart * s_vn
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for stage in tl.static_range(2):  # 0: FULL key blocks, 1: PARTIAL
         if stage == 0:
@@ -164,14 +164,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
                 kb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
                 dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
                                   N, qk_scale, PRED, stage == 1, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64, LAYOUT, k_desc,
-                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA)
+                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA, KSEG=KSEG)
                 t += 1
         else:
             for t in range(lo, hi):
                 kb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
                 dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
                                   N, qk_scale, PRED, stage == 1, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64, LAYOUT, k_desc,
-                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA)
+                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA, KSEG=KSEG)
     dq *= scale
     tl.store(DQ + b * s_gb + h * s_gh + row_off * s_gn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
 
@@ -181,24 +181,21 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs
                    N, qk_scale, PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None,
                    q_desc=None, do_desc=None, b=0, h=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0,
-                   VAR=None):
+                   VAR=None, QSEG=None):
     # rows past N (a ragged last query block, FULL or not) load q = dO = 0 and lse2 = +inf: P = 0 there;
-    # with LAYOUT the query tile's physical rows map to the caller's tokens (padding rows: as past N)
-    rows = mb * BLOCK_M + offs_m
-    if LAYOUT is not None:
-        rows, in_n = LAYOUT(rows, N)
-    else:
-        in_n = rows < N
+    # with LAYOUT the query tile's physical rows map to the caller's tokens (padding rows: as past N);
+    # QSEG: query segments, mb one of them (as in _attn_tile), its rows read at `at`
+    rows, in_n, at = _block(QSEG, mb, offs_m, N, BLOCK_M, LAYOUT)
     if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
         qT = tl.trans(q_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD))
         do = do_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD)
     else:
-        qT = tl.load(q_base + rows[None, :].to(tl.int64) * s_qn + offs_d[:, None],
+        qT = tl.load(q_base + at[None, :].to(tl.int64) * s_qn + offs_d[:, None],
                      mask=in_n[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        do = tl.load(do_base + rows[:, None].to(tl.int64) * s_dn + offs_d[None, :],
+        do = tl.load(do_base + at[:, None].to(tl.int64) * s_dn + offs_d[None, :],
                      mask=in_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    lse2 = tl.load(lse_base + rows, mask=in_n, other=float("inf"))
-    delta = tl.load(delta_base + rows, mask=in_n, other=0.0)
+    lse2 = tl.load(lse_base + at, mask=in_n, other=float("inf"))
+    delta = tl.load(delta_base + at, mask=in_n, other=0.0)
     sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N keys, BLOCK_M queries]
     pT = tl.math.exp2(sT - lse2[None, :])
     if MASKED:
@@ -219,7 +216,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                    D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, ACCUM: tl.constexpr,
                    INTERPRET: tl.constexpr, CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False,
                    QH_RANK=None, NH_SEL=0, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
-                   LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0):
+                   LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0, QSEG=None, KSEG=None):
     # SEL_PRED is not None: per-(batch, head) transposed tables, row (batch * NH_SEL + head's rank) * key blocks + key
     # block (QH_RANK: each listed query head's rank among the pattern's heads); bit 30 marks selected blocks
     if VARLEN:  # packed documents: program r is key tile r (document, key block), indices local to it
@@ -228,6 +225,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
         pid_n = tl.load(TILES + 2 * row + 1)
         start = tl.load(CU + doc).to(tl.int64)
         N = tl.load(CU + doc + 1) - tl.load(CU + doc)
+        lse_n = LSE_N
+    elif KSEG is not None:  # rows at given positions: program r is key segment r, its query blocks query segments
+        row, start, N = _segment_program(KSEG)
+        pid_n = row
         lse_n = LSE_N
     else:
         pid_n = tl.program_id(0)
@@ -238,11 +239,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
     b = (pid_bh // NKV).to(tl.int64)
     slot = pid_bh % NKV
     kvh = tl.load(KV_IDS + slot).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if LAYOUT is not None:  # the key tile's physical rows -> the caller's tokens (patterndsl.layout)
-        offs_n, kok = LAYOUT(offs_n, N)
-    else:
-        kok = offs_n < N
+    offs_n, kok, _ = _block(KSEG, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT)  # (a layout: -> tokens)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     kvmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -256,10 +253,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
     th = h_lo
     while th < h_hi:  # the query heads of this key/value head's group that use predicate PRED
         h = tl.load(QH_IDX + th).to(tl.int64)
-        q_base = Q + b * s_qb + h * s_qh + start * s_qn
-        do_base = DO + b * s_db + h * s_dh + start * s_dn
-        lse_base = LSE2 + (b * H + h) * lse_n + start
-        delta_base = DELTA + (b * H + h) * lse_n + start
+        qstart = start
+        if KSEG is not None:  # each query segment has its own offset (_bwd_dkdv_tile)
+            qstart = 0
+        q_base = Q + b * s_qb + h * s_qh + qstart * s_qn
+        do_base = DO + b * s_db + h * s_dh + qstart * s_dn
+        lse_base = LSE2 + (b * H + h) * lse_n + qstart
+        delta_base = DELTA + (b * H + h) * lse_n + qstart
         trow = row
         if SEL_PRED is not None:
             trow = ((pid_bh // NKV) * NH_SEL + tl.load(QH_RANK + th)) * tl.cdiv(N, BLOCK_N) + pid_n
@@ -295,7 +295,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                     dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
                                             offs_d, s_qn, s_dn, N, qk_scale, PRED, stage == 1, BLOCK_M, HEAD_DIM,
                                             DOT_PREC, IDX64, LAYOUT, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
-                                            D_PAD, TMA)
+                                            D_PAD, TMA, QSEG=QSEG)
                     t += 1
             else:
                 for t in range(lo, hi):
@@ -303,7 +303,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                     dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
                                             offs_d, s_qn, s_dn, N, qk_scale, PRED, stage == 1, BLOCK_M, HEAD_DIM,
                                             DOT_PREC, IDX64, LAYOUT, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
-                                            D_PAD, TMA)
+                                            D_PAD, TMA, QSEG=QSEG)
         th += 1
     dk *= scale
     dk_ptr = DK + b * s_gb + kvh * s_gh + row_off * s_gn + offs_d[None, :]

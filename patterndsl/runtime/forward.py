@@ -205,3 +205,38 @@ def _varlen_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torc
             num_warps=warps, num_stages=stages,
         )
     return out, lse
+
+
+@_on_device_of
+def _spans_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: tuple[tuple[int, int], ...],
+                   k_runs: tuple[tuple[int, int], ...], n: int, docs: tuple[int, ...] | None, scale: float,
+                   patterns: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys that are runs of a longer sequence (`positions.Spans`), on the general kernel: (out,
+    lse). Static patterns, in token order (a token layout is left aside); every query row is written (zeros,
+    lse -inf without a key)."""
+    B, H, Nq, D = q.shape
+    group = H // k.shape[1]
+    if k.shape[2] == 0:  # no key: every row is empty
+        return torch.zeros_like(q), torch.full((B, H, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)  # every query segment's program writes its rows, for every head
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    d_pad = _d_pad(D)
+    block_m, block_n, warps, stages = _config(spec, d_pad, q.element_size())
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    for pat in range(spec.patterns):
+        heads = _heads(pat, patterns, H, q.device)
+        nh = heads.numel()
+        if nh == 0 or Nq == 0:
+            continue
+        qseg, kseg, f_off, f_idx, p_off, p_idx = tables.span_tables(spec, pat, q_runs, k_runs, n, docs, block_m,
+                                                                    block_n, q.device)
+        _attn_fwd[(qseg.shape[0], B * nh)](
+            q, k, v, out, lse, heads, f_off, f_idx, p_off, p_idx, f_off, f_off,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            Nq, H, nh, group, scale * _LOG2E, Nq, Nq,
+            PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad,
+            DOT_PREC=prec, IDX64=spec.idx64, INTERPRET=_INTERPRET, QSEG=qseg, KSEG=kseg,
+            num_warps=warps, num_stages=stages,
+        )
+    return out, lse

@@ -17,21 +17,20 @@ import triton.language as tl
 @triton.jit
 def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn, N, qk_scale,
                PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr, VAR=None):
+               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr, VAR=None,
+               KSEG=None):
     # offs_m: the query tile's logical tokens; cols: the key tile's physical rows, read at logical tokens
     # VAR: None, or the selection case's rank that a dispatching PRED(i, j, N, VAR) takes
-    cols = kb * BLOCK_N + offs_n
-    if LAYOUT is not None:
-        cols, kok = LAYOUT(cols, N)
-    else:
-        kok = cols < N
+    # KSEG: None, or key segments (row - position, position, rows, N) and kb one of them: its rows are read
+    # at cols + (row - position)
+    cols, kok, krows = _block(KSEG, kb, offs_n, N, BLOCK_N, LAYOUT)
     if MASKED:
         kmask = kok[None, :] & (offs_d[:, None] < HEAD_DIM)
         vmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)
     else:
         kmask = offs_d[:, None] < HEAD_DIM
         vmask = offs_d[None, :] < HEAD_DIM
-    k = tl.load(k_base + cols[None, :].to(tl.int64) * s_kn + offs_d[:, None], mask=kmask, other=0.0)
+    k = tl.load(k_base + krows[None, :].to(tl.int64) * s_kn + offs_d[:, None], mask=kmask, other=0.0)
     s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
     if MASKED:  # key bounds from kok (a token layout's padding too), query rows >= 0
         ok = _pair_ok(offs_m, cols, N, PRED, IDX64, True, VAR) & kok[None, :] & (offs_m >= 0)[:, None]
@@ -44,9 +43,42 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_k
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + cols[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=vmask, other=0.0)
+    v = tl.load(v_base + krows[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=vmask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _segment(SEG, s, offs):
+    """Segment s of a buffer whose rows are runs of a longer sequence (`tables.segments`): its tile's
+    positions (in its document), which of them it holds, and their rows in the buffer."""
+    shift = tl.load(SEG + 4 * s).to(tl.int64)
+    pos = tl.load(SEG + 4 * s + 1) + offs
+    return pos, offs < tl.load(SEG + 4 * s + 2), pos + shift
+
+
+@triton.jit
+def _block(SEG, blk, offs, N, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
+    """Block blk of a tile's rows (offs: arange(BLOCK)): their positions, which of them exist, and their rows
+    in the buffer. Segment blk of SEG, or rows blk * BLOCK + offs (through the token layout, if any)."""
+    if SEG is not None:
+        pos, ok, rows = _segment(SEG, blk, offs)
+    else:
+        pos = blk * BLOCK + offs
+        if LAYOUT is not None:
+            pos, ok = LAYOUT(pos, N)
+        else:
+            ok = pos < N
+        rows = pos
+    return pos, ok, rows
+
+
+@triton.jit
+def _segment_program(SEG):
+    """A launch over segments: this program's segment, its rows' offset from their positions and its
+    document's length."""
+    row = tl.program_id(0)
+    return row, tl.load(SEG + 4 * row).to(tl.int64), tl.load(SEG + 4 * row + 3)
 
 
 @triton.jit(do_not_specialize=["N", "LSE_N", "NP"])
@@ -56,7 +88,7 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
               PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
               VARLEN: tl.constexpr = False, LAYOUT: tl.constexpr = None, SEL_PRED: tl.constexpr = None,
-              SEL_VARS: tl.constexpr = False):
+              SEL_VARS: tl.constexpr = False, QSEG=None, KSEG=None):
     # NP: rows the kernel tiles (N, or with LAYOUT N padded to whole tiles of the pattern's token layout)
     # SEL_PRED is not None (a dynamic pattern): the tables are per (batch, head), rows pid_bh * query blocks +
     # pid_m, and PARTIAL entries with bit 30 set are selected blocks masked with predicate SEL_PRED; with
@@ -69,6 +101,11 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
         pid_m = tl.load(TILES + 2 * row + 1)
         start = tl.load(CU + doc).to(tl.int64)
         N = tl.load(CU + doc + 1) - tl.load(CU + doc)
+    elif QSEG is not None:
+        # rows at given positions: program r is query segment r (heaviest first), its key blocks key segments
+        # (`tables.span_tables`); start: its rows' offset from their positions, N: its document's length
+        row, start, N = _segment_program(QSEG)
+        pid_m = row
     else:
         # heavy query blocks (late rows of causal patterns) start first
         pid_m = tl.cdiv(NP, BLOCK_M) - 1 - tl.program_id(0)
@@ -80,18 +117,18 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
     b = (pid_bh // NH).to(tl.int64)
     h = tl.load(HEAD_IDS + pid_bh % NH).to(tl.int64)
     kvh = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if LAYOUT is not None:  # rows of the tile -> the caller's tokens (a gather; q, k, v, out keep their order)
-        offs_m, qok = LAYOUT(offs_m, N)
-    else:
-        qok = offs_m < N
+    # the tile's tokens (a token layout's gather: q, k, v, out keep their order; a segment's positions)
+    offs_m, qok, _ = _block(QSEG, pid_m, tl.arange(0, BLOCK_M), N, BLOCK_M, LAYOUT)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     qmask = qok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q_base = Q + b * s_qb + h * s_qh + start * s_qn
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_qn + offs_d[None, :], mask=qmask, other=0.0)
-    k_base = K + b * s_kb + kvh * s_kh + start * s_kn
-    v_base = V + b * s_vb + kvh * s_vh + start * s_vn
+    kstart = start
+    if QSEG is not None:  # each key segment has its own offset (_attn_tile)
+        kstart = 0
+    k_base = K + b * s_kb + kvh * s_kh + kstart * s_kn
+    v_base = V + b * s_vb + kvh * s_vh + kstart * s_vn
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -103,13 +140,13 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
         while t < hi:
             kb = tl.load(FULL_IDX + t)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
-                                       N, qk_scale, PRED, False, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT)
+                                       N, qk_scale, PRED, False, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT, KSEG=KSEG)
             t += 1
     else:
         for t in range(lo, hi):
             kb = tl.load(FULL_IDX + t)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
-                                       N, qk_scale, PRED, False, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT)
+                                       N, qk_scale, PRED, False, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT, KSEG=KSEG)
     # stage 2: PARTIAL key blocks, the pattern's predicate per pair
     lo = tl.load(PART_OFF + row)
     hi = tl.load(PART_OFF + row + 1)
@@ -136,13 +173,13 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
         while t < hi:
             kb = tl.load(PART_IDX + t)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
-                                       N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT)
+                                       N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT, KSEG=KSEG)
             t += 1
     else:
         for t in range(lo, hi):
             kb = tl.load(PART_IDX + t)
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
-                                       N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT)
+                                       N, qk_scale, PRED, True, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT, KSEG=KSEG)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)

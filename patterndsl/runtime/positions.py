@@ -1,9 +1,13 @@
 """Attention at given positions: query rows and key rows that are any subset of a longer sequence.
 
-The kernels read a row's position from its index in q or k. A rank of a context-parallel run holds its
+The single call's kernels read a row's position from its index in q or k. A rank of a context-parallel run holds its
 queries and the keys it gathered from other ranks in buffers whose row order is not the sequence's, so
 the predicate must see each row's own position: `Positions` carries them (and, for packed documents,
-each row's document), and the PyTorch path evaluates the pattern there. Static patterns only.
+each row's document), and the PyTorch path evaluates the pattern there. Buffers whose rows are runs of
+consecutive tokens (`Spans`: a rank's shard, the keys it received) take the Triton kernels on a GPU or
+under TRITON_INTERPRET=1: cut into segments of at most a block, each inside one block of the sequence,
+whose tiles in the sequence's block tables say which segments meet (`tables.span_tables`). Static
+patterns only.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from ..expr import Expr
-from .common import _head_patterns
+from .backward import _spans_backward
+from .common import _head_patterns, _torch_path
 from .cpu import _attention_cpu, _attention_cpu_bwd
 from .evaluate import evaluate
+from .forward import _spans_forward
 from .spec import PatternSpec
 
 
@@ -49,14 +55,50 @@ class Positions:
 
     def allowed(self, pred: Expr, r0: int, r1: int) -> torch.Tensor:
         """[r1 - r0, keys] bool: query rows r0 .. r1 - 1 against every key row."""
-        i, n = self.q[r0:r1, None], self.q_len[r0:r1, None]
+        i, lens = self.q[r0:r1, None], self.q_len[r0:r1]
         same = self.q_doc[r0:r1, None] == self.k_doc[None, :]
-        lens = torch.unique(self.q_len[r0:r1])
-        if lens.numel() == 1:  # one length: N is a plain integer, as every expression expects
-            ok = evaluate(pred, i, self.k[None, :], int(lens[0]))
-        else:
-            ok = evaluate(pred, i, self.k[None, :], n)  # type: ignore[arg-type]  # lengths broadcast as N does
-        return torch.broadcast_to(torch.as_tensor(ok, device=same.device), same.shape) & same
+        out = torch.zeros_like(same)
+        for n in torch.unique(lens).tolist():  # per document length: N a plain integer, as every expression expects
+            rows = lens == n
+            ok = evaluate(pred, i[rows], self.k[None, :], int(n))
+            out[rows] = torch.broadcast_to(torch.as_tensor(ok, device=same.device), (int(rows.sum()), same.shape[1]))
+        return out & same
+
+
+Runs = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Spans:
+    """The tokens a query buffer's rows and a key buffer's rows hold: runs (start, stop) of global positions,
+    one after another, in a sequence of n tokens or in packed documents (`docs`: their cu_seqlens
+    boundaries; the pattern applies inside each document)."""
+
+    q: Runs
+    k: Runs
+    n: int
+    docs: tuple[int, ...] | None = None
+
+    def positions(self, device: torch.device | str) -> Positions:
+        """Every row's position, for the PyTorch path."""
+        rows = [torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in runs] or [torch.zeros(0, dtype=torch.int64)])
+                for runs in (self.q, self.k)]
+        cu = None if self.docs is None else torch.tensor(self.docs, dtype=torch.int64)
+        return Positions.of(rows[0].to(device), rows[1].to(device), self.n, cu)
+
+    def rows(self) -> tuple[int, int]:
+        return sum(b - a for a, b in self.q), sum(b - a for a, b in self.k)
+
+
+def _kernel(q: torch.Tensor, k: torch.Tensor, at: Positions | Spans) -> bool:
+    """Whether the Triton kernels serve this call: runs (`Spans`) off the CPU path. (A pattern's token
+    layout, a reordering for the single call's tiles, is left aside: segments keep the token order.)"""
+    if not isinstance(at, Spans):
+        return False
+    if at.rows() != (q.shape[2], k.shape[2]):
+        raise ValueError(f"the spans hold {at.rows()[0]} query and {at.rows()[1]} key rows; q has {q.shape[2]} "
+                         f"and k {k.shape[2]}")
+    return not _torch_path(q)
 
 
 def _static(spec: PatternSpec) -> None:
@@ -65,7 +107,7 @@ def _static(spec: PatternSpec) -> None:
                          "the whole sequence)")
 
 
-def attention_at(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions,
+def attention_at(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions | Spans,
                  scale: float | None = None, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of queries q [B, H, Nq, D] against keys k, v [B, Hkv, Nk, D] whose positions `at` gives.
     A query with no allowed key among these gets zeros and lse -inf, so partial results over disjoint key
@@ -73,29 +115,40 @@ def attention_at(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.T
     _static(spec)
     B, H, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    patterns = _head_patterns(spec, layer)
+    if _kernel(q, k, at):
+        assert isinstance(at, Spans)
+        return _spans_forward(spec, q, k, v, at.q, at.k, at.n, at.docs, scale, patterns)
     if k.shape[2] == 0:  # no key at all: every row is empty
         return torch.zeros_like(q), torch.full((B, H, Nq), float("-inf"), device=q.device)
+    if isinstance(at, Spans):
+        at = at.positions(q.device)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    return _attention_cpu(spec, q, k, v, scale, H // k.shape[1], _head_patterns(spec, layer), out, lse, at=at)
+    return _attention_cpu(spec, q, k, v, scale, H // k.shape[1], patterns, out, lse, at=at)
 
 
 def attention_at_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          out: torch.Tensor, lse: torch.Tensor, at: Positions, dlse: torch.Tensor | None = None,
+                          out: torch.Tensor, lse: torch.Tensor, at: Positions | Spans, dlse: torch.Tensor | None = None,
                           scale: float | None = None,
                           layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `attention_at`. `out` and `lse` are the final ones of the queries (merged over every
     key set), so the key sets' dk, dv may be computed one set at a time and dq summed."""
     _static(spec)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    patterns = _head_patterns(spec, layer)
+    if _kernel(q, k, at):
+        assert isinstance(at, Spans)
+        return _spans_backward(spec, do, q, k, v, out, lse, dlse, at.q, at.k, at.n, at.docs, scale, patterns)
     if k.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if isinstance(at, Spans):
+        at = at.positions(q.device)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     delta = (do.to(work) * out.to(work)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(work)
-    return _attention_cpu_bwd(spec, do, q, k, v, lse, delta, scale, q.shape[1] // k.shape[1],
-                              _head_patterns(spec, layer), at=at)
+    return _attention_cpu_bwd(spec, do, q, k, v, lse, delta, scale, q.shape[1] // k.shape[1], patterns, at=at)
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

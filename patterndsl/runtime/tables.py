@@ -274,3 +274,112 @@ def _sorted_tiles(spec: PatternSpec, pat: int, n: int, bm: int, bn: int,
             _ROWS.pop(next(iter(_ROWS)))
         _ROWS[key] = hit
     return hit
+
+
+# --- buffers whose rows are runs of a longer sequence (attention at given positions, context parallelism)
+# A buffer holds the tokens of `runs` (global (start, stop) intervals) one after another. Cut at documents'
+# edges and at multiples of the block inside each document, its rows fall into segments of at most one
+# block, each inside one block of its document's tiling: the kernels read a segment's rows at its own
+# positions, and the tiles of the document's block tables say which segments meet.
+
+Segments = Any  # numpy int64 [S, 6] per segment: (row - position, position in its document, rows, document
+# length, document, block of the document)
+
+
+def segments(runs: tuple[tuple[int, int], ...], n: int, docs: tuple[int, ...] | None, block: int) -> Segments:
+    """The segments of a buffer holding `runs` of a sequence of n tokens (packed documents: `docs`, their
+    cu_seqlens boundaries), in buffer order. Host work grows with the segments (one per block held, plus
+    two per run)."""
+    import numpy as np
+
+    iv = np.array(runs, dtype=np.int64).reshape(-1, 2)
+    iv = iv[iv[:, 1] > iv[:, 0]]
+    cu = np.array((0, n) if docs is None else docs, dtype=np.int64)
+    starts, lens = cu[:-1], cu[1:] - cu[:-1]
+    cuts = np.unique(np.concatenate([cu, *(s + np.arange(0, m, block) for s, m in zip(starts, lens, strict=True) if m)]))
+    first = np.searchsorted(cuts, iv[:, 0], side="right")  # the cuts strictly inside each run
+    last = np.searchsorted(cuts, iv[:, 1], side="left")
+    pieces = last - first + 1
+    run = np.repeat(np.arange(iv.shape[0]), pieces)
+    k = np.arange(run.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    lo = np.where(k == 0, iv[run, 0], cuts[np.minimum(first[run] + k - 1, cuts.size - 1)])
+    hi = np.where(k == pieces[run] - 1, iv[run, 1], cuts[np.minimum(first[run] + k, cuts.size - 1)])
+    doc = np.searchsorted(cu, lo, side="right") - 1
+    pos = lo - cu[doc]
+    size = hi - lo
+    row = np.cumsum(size) - size
+    return np.stack([row - pos, pos, size, lens[doc], doc, pos // block], 1)
+
+
+_SPANS: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+
+
+def _seg4(segs: Segments, device: torch.device | str) -> torch.Tensor:
+    """The kernels' columns of `segments` (row - position, position, rows, document length), int32."""
+    return torch.tensor(segs[:, :4], dtype=torch.int32, device=device).reshape(-1, 4)
+
+
+def span_tables(spec: PatternSpec, pat: int, q_runs: tuple[tuple[int, int], ...], k_runs: tuple[tuple[int, int], ...],
+                n: int, docs: tuple[int, ...] | None, block_m: int, block_n: int, device: torch.device | str,
+                transpose: bool = False) -> tuple[torch.Tensor, ...]:
+    """Block tables between a query buffer holding `q_runs` and a key buffer holding `k_runs` of one sequence
+    (`segments`): (rows, cols, full_offsets, full_index, partial_offsets, partial_index), int32. `rows`
+    [R, 4] and `cols` [C, 4]: segments (row - position, position, rows, document length), the kernel's
+    programs (query segments, heaviest first; with `transpose`, key segments) and the blocks they list.
+
+    Query segment s and key segment t meet where their documents' tile (block of s, block of t) is listed
+    in `block_tables` at the document's length (one table at the longest length when the predicate does
+    not read N: its tiles inside a shorter document are the same or, at the document's end, PARTIAL where
+    they must be). FULL stays FULL only for whole key segments (a shorter one needs the bounds the PARTIAL
+    stage checks). Cached."""
+    key = (spec.key, pat, q_runs, k_runs, n, docs, block_m, block_n, str(device), transpose)
+    hit = _SPANS.get(key)
+    if hit is not None:
+        return hit
+    import numpy as np
+
+    qs, ks = segments(q_runs, n, docs, block_m), segments(k_runs, n, docs, block_n)
+    on: dict[str, Any] = dict(dtype=torch.int64, device=device)
+    kn = -(-n // block_n) + 1  # more than any document's key blocks: (document, block) -> one number
+    kkey = ks[:, 4] * kn + ks[:, 5]
+    korder = np.argsort(kkey, kind="stable")
+    kkey_t, korder_t = torch.tensor(kkey[korder], **on), torch.tensor(korder, **on)
+    klen = torch.tensor(ks[:, 2], **on)
+    lens = qs[:, 3]
+    if spec.n_free[pat] and qs.size:
+        lens = np.full_like(lens, max(int(qs[:, 3].max()), int(ks[:, 3].max()) if ks.size else 0))
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (query segment, key segment, PARTIAL?)
+    for length in np.unique(lens).tolist():
+        sel = np.nonzero(lens == length)[0]
+        qi, g = torch.tensor(sel, **on), torch.tensor(qs[sel, 5], **on)
+        doc = torch.tensor(qs[sel, 4], **on)
+        tabs = block_tables(spec, int(length), block_m, block_n, device, pat, layout=False)
+        for (off, idx), partial in (((tabs[0], tabs[1]), 0), ((tabs[2], tabs[3]), 1)):
+            off = off.long()
+            count = off[g + 1] - off[g]
+            total = int(count.sum())
+            rows = torch.repeat_interleave(torch.arange(qi.numel(), **on), count, output_size=total)
+            at = torch.arange(total, **on) - (torch.cumsum(count, 0) - count)[rows] + off[g][rows]
+            want = doc[rows] * kn + idx.long()[at]
+            a = torch.searchsorted(kkey_t, want)
+            m = torch.searchsorted(kkey_t, want, right=True) - a
+            hits = int(m.sum())
+            e = torch.repeat_interleave(torch.arange(rows.numel(), **on), m, output_size=hits)
+            t = korder_t[a[e] + torch.arange(hits, **on) - (torch.cumsum(m, 0) - m)[e]]
+            part = torch.full_like(t, partial) | (klen[t] < block_n).long()
+            pairs.append((qi[rows[e]], t, part))
+    s, t, part = (torch.cat([p[i] for p in pairs]) if pairs else torch.zeros(0, **on) for i in range(3))
+    row_seg, col_seg = (ks, qs) if transpose else (qs, ks)
+    r, c = (t, s) if transpose else (s, t)
+    nr, nc = row_seg.shape[0], col_seg.shape[0]
+    work = torch.zeros(nr, **on).index_add_(0, r, torch.ones_like(r))
+    order = torch.argsort(work, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(nr, **on)
+    full = part == 0
+    hit = (_seg4(row_seg, device)[order].contiguous(), _seg4(col_seg, device), *_csr(rank[r[full]], c[full], nr, nc),
+           *_csr(rank[r[~full]], c[~full], nr, nc))
+    if len(_SPANS) >= 64:
+        _SPANS.pop(next(iter(_SPANS)))
+    _SPANS[key] = hit
+    return hit

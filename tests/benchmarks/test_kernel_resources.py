@@ -66,3 +66,15 @@ def test_the_decode_kernels_compile_for_sm90_contiguous_and_paged() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     rows = re.findall(r"decode G=4 Nq=(\d) block=64 (\w+): split .* spill st/ld 0/0 B.* \| merge .* KiB smem", out.stdout)
     assert rows == [("1", "contiguous"), ("4", "paged")], out.stdout
+
+
+@pytest.mark.slow  # a forward and a backward, for sm_90 in a child process: about 8 s
+def test_the_kernels_at_spans_compile_for_sm90() -> None:
+    """Rows at given positions (context parallelism): the forward, dQ and dK/dV kernels read their tiles
+    from segment tables, a path the interpreter runs without type-checking it as triton's compiler does."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src",
+                          "causal & window(255) | global(0:4)", "--spans", "--fwd", "64,64,4,2", "--bwd",
+                          "64,64,64,64,4,2"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"fwd .* KiB smem", out.stdout) and re.search(r"dK/dV: .* \| dQ: .* KiB smem", out.stdout), out

@@ -1,6 +1,7 @@
 """Context parallelism over gloo: 2 and 4 processes spawned here, each comparing its shard of the output,
-the log-sum-exp and the gradients with the single-process call on the whole sequence (float64, CPU path),
-and counting the bytes its forward sends against the plan's analysis."""
+the log-sum-exp and the gradients with the single-process call on the whole sequence (float64: the CPU
+path; float32 under the interpreter: the ranks' attention on the kernels at spans), and counting the bytes
+its forward sends against the plan's analysis."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 from helpers import compiled
 
 from patterndsl.distributed import Placement, Terms, plan
+from patterndsl.runtime import positions
 
 # (pattern source, N, heads, kv heads, cu_seqlens or None, placement: None (tensor_split) or "choose")
 FAST = [("causal & window(5) | global(0:2)", 37, 2, 1, None, None)]
@@ -32,6 +34,7 @@ SLOW_2 = [
     ("causal & window(9) | global(0:3)", 45, 2, 1, None, "choose", "float32"),  # the single call: Triton's kernel
     ("causal & topk(1, block=16) | causal & window(8)", 40, 2, 2, None, None),
     ("blockwise(4, window(1)) | global(0:1)", 29, 2, 1, None, "choose"),
+    ("causal & window(6) | global(0:1)", 58, 2, 1, (0, 11, 30, 31, 58), None, "float32"),  # kernels at spans
 ]
 
 
@@ -69,9 +72,18 @@ def _case(rank: int, world: int, attn: Any, n: int, h: int, hkv: int, docs: Any,
     ((o * do).sum() + (lse * dlse).sum()).backward()
     pl = Placement.contiguous(n, world) if how is None else Placement.choose(attn, n, world, cu_seqlens=cu, block=8)
     mine = [pl.shard(t, rank).clone().requires_grad_() for t in (q, k, v)]
-    got, got_lse = attn.context_parallel(*mine, placement=None if how is None else pl, return_lse=True,
-                                         cu_seqlens=cu, block=8)
-    ((got * pl.shard(do, rank)).sum() + (got_lse * pl.shard(dlse, rank, dim=2)).sum()).backward()
+    kernels: list[str] = []  # float32 under the interpreter: the ranks' attention takes the kernels
+    real_fwd, real_bwd = positions._spans_forward, positions._spans_backward
+    positions._spans_forward = lambda *a: kernels.append("fwd") or real_fwd(*a)
+    positions._spans_backward = lambda *a: kernels.append("bwd") or real_bwd(*a)
+    try:
+        got, got_lse = attn.context_parallel(*mine, placement=None if how is None else pl, return_lse=True,
+                                             cu_seqlens=cu, block=8)
+        ((got * pl.shard(do, rank)).sum() + (got_lse * pl.shard(dlse, rank, dim=2)).sum()).backward()
+    finally:
+        positions._spans_forward, positions._spans_backward = real_fwd, real_bwd
+    if "topk" not in src:
+        assert set(kernels) == ({"fwd", "bwd"} if dt == torch.float32 else set()), kernels
     where = f"{src!r} N={n} rank {rank}/{world} placement {pl.strategy}"
     tol = 1e-5 if dt == torch.float64 else 2e-4
     _close(got, pl.shard(o.detach(), rank), f"{where}: out", tol)

@@ -1,7 +1,8 @@
 """Context parallelism on CUDA: one GPU checks the local pieces (each rank's rows against its own and its
-received keys at their global positions, merged by log-sum-exp, with gradients) against the single-call
-kernel on the whole sequence; two or more GPUs run `attn.context_parallel` over NCCL (NVLink multicast
-off: NCCL_NVLS_ENABLE=0) against the single-GPU call.
+received keys at their global positions on the kernels at spans, merged by log-sum-exp, with gradients)
+against the single-call kernel on the whole sequence, and the segment tables of the whole sequence
+against its block tables; two or more GPUs run `attn.context_parallel` over NCCL (NVLink multicast off:
+NCCL_NVLS_ENABLE=0) against the single-GPU call.
 
 Run with `pytest -m gpu tests/gpu/test_gpu_distributed.py` on a machine with CUDA; skipped elsewhere.
 """
@@ -13,10 +14,12 @@ import socket
 from typing import Any
 
 import pytest
-from helpers import emulate_ranks
+from helpers import emulate_ranks, spy_launches
 
 import patterndsl as P
 from patterndsl.distributed import Placement
+from patterndsl.runtime import forward, tables
+from patterndsl.runtime.positions import Spans, attention_at
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
@@ -48,19 +51,40 @@ def _rel(a: Any, b: Any) -> float:
 
 
 @pytest.mark.parametrize("src, docs", CASES)
-def test_rank_pieces_match_the_single_call(src: str, docs: Any) -> None:
+def test_rank_pieces_match_the_single_call(src: str, docs: Any, monkeypatch: Any) -> None:
     n, world, block = 4000, 4, 128
     attn = P.compile(f"pattern p = {src}\n")
     q, k, v, do = _inputs(n, 0, "cuda")
     want = _single(attn, q, k, v, do, docs)
     pl = Placement.choose(attn, n, world, cu_seqlens=docs, block=block)
+    launches: list[bool] = []
+    spy_launches(monkeypatch, forward, "_attn_fwd", launches, lambda kw: kw.get("QSEG") is not None)
     got = emulate_ranks(attn, q, k, v, do, pl, block, docs)
+    assert launches and all(launches), "the ranks' attention must take the kernels at spans"
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
         if name == "lse":
             finite = torch.isfinite(b)
             assert torch.equal(torch.isfinite(a), finite) and (a[finite] - b[finite]).abs().max() < 1e-3, src
         else:
             assert _rel(a, b) < 2e-3, (src, name)
+
+
+@pytest.mark.parametrize("src, docs", CASES)
+def test_spans_of_the_whole_sequence_match_the_single_call(src: str, docs: Any) -> None:
+    """One run of the whole sequence (bfloat16): the kernels at spans give the single call's output, and the
+    segment tables list the block tables' tiles."""
+    n = 4000
+    attn = P.compile(f"pattern p = {src}\n")
+    q, k, v, _ = _inputs(n, 2, "cuda", torch.bfloat16)
+    kwargs = {} if docs is None else {"cu_seqlens": torch.tensor(docs, dtype=torch.int32, device="cuda")}
+    want, want_lse = attn(q, k, v, return_lse=True, **kwargs)
+    got, got_lse = attention_at(attn.spec, q, k, v, Spans(((0, n),), ((0, n),), n, docs))
+    assert _rel(got, want) < 1e-2 and (got_lse - want_lse).abs().max() < 1e-2, src
+    if docs is None:
+        rows, _, f_off, _, p_off, _ = tables.span_tables(attn.spec, 0, ((0, n),), ((0, n),), n, None, 64, 64, "cuda")
+        w_off = tables.block_tables(attn.spec, n, 64, 64, "cuda", 0, layout=False)
+        assert int(f_off[-1]) == int(w_off[0][-1]) and int(p_off[-1]) == int(w_off[2][-1]), src
+        assert rows.shape[0] == -(-n // 64)
 
 
 # --- several GPUs: NCCL ------------------------------------------------------------------------------------
