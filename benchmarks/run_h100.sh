@@ -88,4 +88,10 @@ if [ -n "${PEERS:-}" ]; then
 fi
 # PERMUTE=1 (issue 23: a run-time token order, PBS-Attn's patterns, against the same patterns unpermuted)
 if [ -n "${PERMUTE:-}" ]; then TAIL=20 stage bench_permute "${T_PERMUTE:-90}" python3 benchmarks/bench_permute.py "$OUT/permute_h100.json"; fi
+# MINFERENCE=1 (issue 23: vertical-slash prefill at 128k against Flex with the same selection, and SDPA)
+if [ -n "${MINFERENCE:-}" ]; then TAIL=20 stage bench_minference "${T_MINFERENCE:-300}" env BENCH_DEADLINE=$(( ${T_MINFERENCE:-300} - 40 )) \
+  python3 benchmarks/bench_minference.py "$OUT/minference_h100.json"; fi
+# CP=1 (issue 25: context parallelism on this one GPU, the rank's spans path against the single call)
+if [ -n "${CP:-}" ]; then TAIL=20 stage bench_context_parallel "${T_CP:-150}" torchrun --nproc-per-node=1 \
+  benchmarks/bench_context_parallel.py "$OUT/context_parallel_h100.json"; fi
 ls -la "$OUT" >> "$log"
