@@ -31,6 +31,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import patterndsl as P
 from patterndsl.analysis.count import row_stats
+from patterndsl.cli.bench import _step as step
 from patterndsl.cli.bench import interleaved
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -86,16 +87,6 @@ def peers(src: str, attn: Any, n: int, window: tuple[int, int] | None, is_causal
         mask = torch.as_tensor(P.dense_mask(P.loads(src).patterns[0].body, n)).to(dev)  # the hand-written mask a user would pass
         out["sdpa_mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out
-
-
-def step(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         grad: torch.Tensor | None) -> Callable[[], None]:
-    def run() -> None:
-        o = fn(q, k, v)
-        if grad is not None:
-            o.backward(grad)
-
-    return run
 
 
 def time_one(fn: Callable[[], None]) -> float:
