@@ -19,6 +19,7 @@ with the context (dense, strided, hops), its pages; a window's and sinks' pages 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -217,3 +218,80 @@ def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int
         if cur < hi:
             out.append((cur, hi))
     return out
+
+
+@dataclass(frozen=True)
+class KeySummaries:
+    """Per key block of a cache, the element-wise min, max and mean of its keys (Quest's page bounds and the
+    mean key): what a decode step scores a `topk` / `threshold` selector's key blocks with, instead of reading
+    the keys. `lo`, `hi`, `mean` are [B, Hkv, blocks, D] (float32; float64 for a float64 cache) over the keys
+    below each sequence's length; a block with no key yet holds zeros. The caller keeps one object per
+    layer between steps (`attn.decode(..., summaries=s)` updates it when k_new is appended); `update` after
+    a write of its own. Updating recomputes only the blocks the new tokens touch, from the cache, with the
+    code that builds them from scratch, so incremental and from-scratch summaries are the same numbers.
+    Every shape is fixed and no value is read back: a step stays CUDA-graph capturable."""
+
+    block: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+    mean: torch.Tensor
+
+    @classmethod
+    def build(cls, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block: int, *,
+              page_table: torch.Tensor | None = None, chunk: int = 256) -> KeySummaries:
+        """The summaries of every block of an existing cache (contiguous [B, Hkv, max_seqlen, D], or paged
+        [pages, page_size, Hkv, D] with `page_table`), over the keys below `cache_seqlens`; `chunk` key
+        blocks at a time (the gather's memory)."""
+        _positive("block", block)
+        b, hkv, cap, d = _cache_dims(k_cache, cache_seqlens, page_table)
+        work = torch.float64 if k_cache.dtype == torch.float64 else torch.float32
+        nb = -(-cap // block)
+        out = [torch.zeros((b, hkv, nb, d), dtype=work, device=k_cache.device) for _ in range(3)]
+        s = cls(block, *out)
+        for b0 in range(0, nb, chunk):
+            ids = torch.arange(b0, min(nb, b0 + chunk), device=k_cache.device).expand(b, -1)
+            s._write(k_cache, cache_seqlens, page_table, ids)
+        return s
+
+    def update(self, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, *,
+               page_table: torch.Tensor | None = None) -> None:
+        """After `n_new` keys were written at positions cache_seqlens .. + n_new - 1 (`cache_seqlens` the
+        lengths before the write), recompute the blocks they fall in (a fixed number: a graph replays it)."""
+        if n_new <= 0:
+            return
+        touched = (n_new + self.block - 2) // self.block + 1
+        first = cache_seqlens.long() // self.block
+        ids = first[:, None] + torch.arange(touched, device=cache_seqlens.device)
+        self._write(k_cache, cache_seqlens + n_new, page_table, ids.clamp(max=self.lo.shape[2] - 1))
+
+    def _write(self, k_cache: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None,
+               ids: torch.Tensor) -> None:
+        """Summaries of key blocks ids [B, T] over the keys below `lengths` [B], written in place."""
+        b, hkv, cap, d = _cache_dims(k_cache, lengths, page_table)
+        blk, t = self.block, ids.shape[1]
+        pos = ids[:, :, None] * blk + torch.arange(blk, device=ids.device)  # [B, T, blk]
+        here = (pos < lengths.long()[:, None, None]) & (pos < cap)
+        at = pos.clamp(max=cap - 1)
+        if page_table is None:
+            keys = torch.gather(k_cache, 2, at.reshape(b, 1, t * blk, 1).expand(b, hkv, t * blk, d))
+        else:
+            size = k_cache.shape[1]
+            page = torch.gather(page_table.long(), 1, (at // size).reshape(b, t * blk))
+            keys = k_cache[page, (at % size).reshape(b, t * blk)].permute(0, 2, 1, 3)  # [B, Hkv, T * blk, D]
+        keys = keys.to(self.mean.dtype).reshape(b, hkv, t, blk, d)
+        ok = here[:, None, :, :, None]
+        count = here.sum(-1).to(keys.dtype)[:, None, :, None]  # [B, 1, T, 1]
+        some = count > 0
+        lo = torch.where(ok, keys, float("inf")).amin(3)
+        hi = torch.where(ok, keys, float("-inf")).amax(3)
+        mean = torch.where(ok, keys, 0.0).sum(3) / count.clamp(min=1)
+        idx = ids[:, None, :, None].expand(b, hkv, t, d)
+        for dst, src in ((self.lo, lo), (self.hi, hi), (self.mean, mean)):
+            dst.scatter_(2, idx, torch.where(some, src, 0.0))
+
+
+def _cache_dims(k_cache: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(batch, kv heads, capacity, head_dim) of a contiguous or paged cache."""
+    if page_table is None:
+        return k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    return page_table.shape[0], k_cache.shape[2], page_table.shape[1] * k_cache.shape[1], k_cache.shape[3]

@@ -15,24 +15,25 @@ loaded (masked loads): a paged cache's unreachable pages may point anywhere.
 import triton
 import triton.language as tl
 
-from .fwd_kernels import _merge_part, _online_softmax
+from .fwd_kernels import _allowed_at, _merge_part, _online_softmax
 
 
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, seqlen, offs_n, offs_dk, offs_dv,
                  s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, PRED: tl.constexpr,
                  BLOCK_N: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr,
-                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
+                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr, PICK=None, prow=None, SEL_KB: tl.constexpr = 1,
+                 VAR=None):
     """Key block kb into the running softmax of the rows `rows_ok` (query positions ii); `partial`: the
-    predicate decides per pair, else every pair of the block (inside the sequence) is allowed."""
+    predicate decides per pair, else every pair of the block (inside the sequence) is allowed. PICK (a
+    dynamic pattern's static part): rows whose selection picked the tile's selector key block skip it (the
+    selected loop takes it). VAR: a dispatching PRED's per-row case rank [rows, 1]."""
+    if PICK is not None:
+        picked = tl.load(PICK + prow + kb * BLOCK_N // SEL_KB, mask=rows_ok, other=0)
+        rows_ok = rows_ok & (picked == 0)
     cols = kb * BLOCK_N + offs_n
-    ci = cols
-    qi = ii
-    if IDX64:
-        ci = ci.to(tl.int64)
-        qi = qi.to(tl.int64)
     ok = rows_ok[:, None] & (cols < seqlen)[None, :]
-    ok = ok & (PRED(qi[:, None], ci[None, :], seqlen) | (partial == 0))
+    ok = ok & (_allowed_at(ii[:, None], cols[None, :], seqlen, PRED, IDX64, True, VAR) | (partial == 0))
     col_ok = tl.max(ok.to(tl.int32), 0) > 0  # some row attends to this key: only those are read
     if PAGED:
         page = tl.load(PT + b * s_ptb + cols // PAGE, mask=col_ok, other=0).to(tl.int64)
@@ -50,14 +51,22 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS"])
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS", "H", "SQB", "SNK", "SL"])
 def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
                   s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb,
                   NQ, NNEW, CAP, PAGE, GROUP, SPLITS, qk_scale,
                   PRED: tl.constexpr, G: tl.constexpr, NQ_PAD: tl.constexpr, M: tl.constexpr,
                   TABLE_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, DQK_PAD: tl.constexpr,
                   DV: tl.constexpr, DV_PAD: tl.constexpr, PAGED: tl.constexpr, DOT_PREC: tl.constexpr,
-                  IDX64: tl.constexpr, INTERPRET: tl.constexpr):
+                  IDX64: tl.constexpr, INTERPRET: tl.constexpr,
+                  PICK=None, VD=None, SLIST=None, SCOUNT=None, H=1, SQB=1, SNK=1, SL=1,
+                  SEL_PRED: tl.constexpr = None, SEL_VARS: tl.constexpr = False, SEL_B: tl.constexpr = 1,
+                  SEL_KB: tl.constexpr = 1):
+    # SEL_PRED is not None (a dynamic pattern): PICK [B, H, SQB, SNK] int8 is each head's selection case per
+    # (query block of the step, selector key block of SEL_KB keys), 0: not picked; the static part's tiles
+    # skip the rows that picked them, and after them (numbered on) come the SCOUNT [B, packs] key blocks of
+    # SLIST [B, packs, SL] that some row of the pack picked, each SEL_KB // BLOCK_N tiles masked per row with
+    # its case's predicate SEL_PRED (rank VD[v - 1], -1: the case allows nothing)
     # rows r: head slot r // NQ_PAD of the pack, query t = r % NQ_PAD at position seqlen - NQ + t
     pack = tl.program_id(0)
     b32 = tl.program_id(1)
@@ -88,6 +97,12 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
     while qb <= qb_hi:
         total += tl.load(COUNT + qb)
         qb += 1
+    static_total = total
+    prow = r.to(tl.int64) * 0  # per row, its selection's offset in PICK (dynamic patterns)
+    if SEL_PRED is not None:
+        total += tl.load(SCOUNT + b32 * packs + pack) * (SEL_KB // BLOCK_N)
+        rel = ii // SEL_B - tl.maximum(seqlen - NQ, 0) // SEL_B
+        prow = ((b * H + head) * SQB + rel).to(tl.int64) * SNK
     share = tl.cdiv(total, SPLITS)
     lo = split * share
     hi = tl.minimum(lo + share, total)
@@ -110,17 +125,36 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 DOT_PREC, IDX64)
+                                                 DOT_PREC, IDX64, PICK, prow, SEL_KB)
                     x += 1
             else:
                 for x in range(a, e):
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 DOT_PREC, IDX64)
+                                                 DOT_PREC, IDX64, PICK, prow, SEL_KB)
             run += 1
         seen += tl.load(COUNT + qb)
         qb += 1
+    if SEL_PRED is not None:  # the selected key blocks, each with the case of the row that picked it
+        TPK: tl.constexpr = SEL_KB // BLOCK_N
+        x = tl.maximum(lo, static_total)
+        while x < hi:
+            kb_sel = tl.load(SLIST + (b32 * packs + pack).to(tl.int64) * SL + (x - static_total) // TPK)
+            v = tl.load(PICK + prow + kb_sel, mask=rows, other=0).to(tl.int32)
+            rank = tl.load(VD + tl.maximum(v - 1, 0), mask=v > 0, other=-1)
+            kb = kb_sel * TPK + (x - static_total) % TPK
+            if SEL_VARS:
+                acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii,
+                                             seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                                             s_ptb, PAGE, qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, DOT_PREC,
+                                             IDX64, VAR=rank[:, None])
+            else:
+                acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii,
+                                             seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                                             s_ptb, PAGE, qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, DOT_PREC,
+                                             IDX64)
+            x += 1
     # this split's partial result: rows normalised, log2-sum-exp (-inf where it saw no allowed key)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

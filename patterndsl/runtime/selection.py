@@ -394,22 +394,40 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
                 kt = k[:, kvh].to(work)
                 hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
                 lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
-                s = torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
+                s = quest_bound(qm, lo, hi)
             case _:  # compressed
                 km = _pool_torch(k, kblk, work)[:, kvh]
                 t0, t1 = q0 * blk, min(N, (q0 + rows) * blk)
-                z = torch.matmul(q[:, hl, t0:t1].to(work), km.transpose(-1, -2)) / math.sqrt(D)
-                ok = cand[torch.arange(t1 - t0, device=q.device) // blk]
-                z = z.masked_fill(~ok, float("-inf"))
-                top = z.amax(-1, keepdim=True)
-                e = torch.exp(z - torch.where(torch.isinf(top), 0.0, top))
-                p = e / torch.clamp(e.sum(-1, keepdim=True), min=torch.finfo(work).tiny)
+                p = compressed_weights(q[:, hl, t0:t1].to(work), km, cand[torch.arange(t1 - t0, device=q.device) // blk])
                 p = torch.nn.functional.pad(p, (0, 0, 0, rows * blk - (t1 - t0)))
                 s = p.view(B, hl.numel(), rows, blk, nb).sum(3)
     if rule.share:
-        total = torch.zeros((B, k.shape[1], rows, nb), dtype=s.dtype, device=s.device).index_add_(1, kvh, s)
-        s = total[:, kvh]
+        s = share_kv(s, kvh, k.shape[1])
     return torch.where(cand, s, float("nan")).reshape(B * hl.numel(), rows, nb)
+
+
+def quest_bound(qm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Quest's score: sum over d of max(q_d * max_j k_jd, q_d * min_j k_jd), an upper bound on q . k_j over
+    a key block, from the block's element-wise min `lo` and max `hi` [..., blocks, D]; qm [..., rows, D]."""
+    return torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
+
+
+def compressed_weights(q: torch.Tensor, km: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """The compressed rule's per-query part: each query's softmax (scale 1 / sqrt(head_dim)) over the mean
+    keys km [..., blocks, D] of its candidates `ok` [..., rows, blocks]: [..., rows, blocks], zeros for a
+    query without candidates (the caller sums it over a query block)."""
+    z = torch.matmul(q, km.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    z = z.masked_fill(~ok, float("-inf"))
+    top = z.amax(-1, keepdim=True)
+    e = torch.exp(z - torch.where(torch.isinf(top), 0.0, top))
+    return e / torch.clamp(e.sum(-1, keepdim=True), min=torch.finfo(q.dtype).tiny)
+
+
+def share_kv(s: torch.Tensor, kvh: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """share=kv: each head's scores [B, heads, ...] replaced by the sum over the heads of its KV head
+    (`kvh`: each head's KV head), so that the heads of a KV head pick the same blocks."""
+    total = torch.zeros((s.shape[0], kv_heads, *s.shape[2:]), dtype=s.dtype, device=s.device).index_add_(1, kvh, s)
+    return total[:, kvh]
 
 
 def _score_prec(q: torch.Tensor) -> str:
@@ -645,7 +663,7 @@ def _case_tiles(spec: PatternSpec, sel: Selector, n: int, bm: int, bn: int,
             k1, c1 = _sorted_tiles(spec, pred, n, bm, bn, device)
             keys.append(k1 + d * nqt * nkt)
             flags.append(torch.where(c1 == 0, 0, (1 << 30) + (d << 24 if sel.dispatch is not None else 0)).to(torch.int32))
-        vd = [distinct.index(c) if c >= 0 else -1 for c in sel.cases]
+        vd = case_ranks(sel)
         k_all, f_all = torch.cat(keys), torch.cat(flags)
         if not k_all.numel():  # (a pointer for the kernel; K1N = 0 reads nothing)
             k_all, f_all = torch.full((1,), -1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int32, device=device)
@@ -654,6 +672,13 @@ def _case_tiles(spec: PatternSpec, sel: Selector, n: int, bm: int, bn: int,
             _CANDIDATES.pop(next(iter(_CANDIDATES)))
         _CANDIDATES[key] = hit
     return hit
+
+
+def case_ranks(sel: Selector) -> list[int]:
+    """Per selection case v = 1 .. 2**k - 1, the rank of its predicate among the distinct ones (ascending
+    index; what a dispatching predicate takes), -1 where the case allows nothing."""
+    distinct = sorted({c for c in sel.cases if c >= 0})
+    return [distinct.index(c) if c >= 0 else -1 for c in sel.cases]
 
 
 def sel_kernel(spec: PatternSpec, pat: int) -> tuple[Any, bool]:

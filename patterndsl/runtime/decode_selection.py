@@ -1,0 +1,132 @@
+"""Dynamic selectors at decode: a step's rows score the cache's key blocks from their summaries and pick.
+
+A decode step's rows are positions seqlen - Nq .. seqlen - 1. The query block of row i is i // b, as in
+prefill; the step's rows that fall in one query block stand for it, since the earlier rows' queries are not
+cached: q-bar is their mean (one row: its query), the candidates are the key blocks where the selector's
+context allows a pair (i, j) for one of them and a key j < seqlen, and the key blocks' mean, min and max are
+over their keys below seqlen (`patterndsl.cache.KeySummaries`). When the step's rows are a whole query
+block, this is prefill's selection at N = seqlen. The budgets are prefill's (`selection._pick`), the rules'
+formulas too (`selection.quest_bound`, `compressed_weights`, `share_kv`).
+
+Everything is device tensors of shapes fixed by the arguments (no value read back), so a step with
+selectors stays CUDA-graph capturable. The selection reaches the decode kernel as a per-(batch, head,
+query block of the step, key block) byte (the selection case v, 0: not picked) and, per (batch, head
+pack), the sorted list of key blocks some row of the pack picked and its length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .evaluate import evaluate
+from .selection import _combine, _pick, _sel_dense, compressed_weights, quest_bound, share_kv
+
+if TYPE_CHECKING:
+    from ..cache import KeySummaries
+    from .spec import PatternSpec, Selector
+
+
+def query_blocks(nq: int, block: int) -> int:
+    """How many query blocks of `block` rows a step of nq consecutive rows may touch."""
+    return (nq + block - 2) // block + 1
+
+
+def step_rows(seqlen: torch.Tensor, nq: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions [B, nq] int64, valid [B, nq], one-hot [B, nq, query blocks] of each row's query block
+    among the step's, counted from the block of max(seqlen - nq, 0))."""
+    pos = seqlen.long()[:, None] - nq + torch.arange(nq, device=seqlen.device)
+    valid = pos >= 0
+    rel = pos.clamp(min=0) // block - (seqlen.long()[:, None] - nq).clamp(min=0) // block
+    qb = query_blocks(nq, block)
+    hot = (rel[:, :, None] == torch.arange(qb, device=seqlen.device)) & valid[:, :, None]
+    return pos, valid, hot
+
+
+def candidates(spec: PatternSpec, rule: Selector, pos: torch.Tensor, valid: torch.Tensor, hot: torch.Tensor,
+               seqlen: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B, query blocks, key blocks] bool: the key blocks where the context allows a pair (i, j) for a row i
+    of the query block (of the step) and a key j < seqlen. The context is decode-consistent, so its
+    predicate at N = capacity is its predicate at N = seqlen."""
+    kb = rule.kblock
+    nk = -(-capacity // kb)
+    j = torch.arange(nk * kb, device=pos.device)
+    ok = torch.as_tensor(evaluate(spec.predicates[rule.context].expr, pos[:, :, None], j[None, None, :], capacity),
+                         device=pos.device)
+    ok = ok & valid[:, :, None] & (j < seqlen.long()[:, None, None])
+    rows = ok.view(*pos.shape, nk, kb).any(-1)
+    return torch.einsum("btr,btk->brk", hot.to(torch.float32), rows.to(torch.float32)) > 0
+
+
+def scores(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot: torch.Tensor,
+           blocks: torch.Tensor, summaries: KeySummaries | None, given: Any,
+           kv_heads: int) -> torch.Tensor:
+    """[B, heads, query blocks, key blocks] scores of the rule (NaN: not a candidate), float32 (float64 for
+    float64 inputs). q-bar: the mean of the step's rows in each query block."""
+    hl = heads.long()
+    kvh = hl // group
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if rule.given:
+        s = given[:, hl].to(work)
+    else:
+        assert summaries is not None
+        qs = q[:, hl].to(work)
+        km = summaries.mean[:, kvh].to(work)
+        count = hot.sum(1).to(work).clamp(min=1)  # [B, query blocks]
+        qm = torch.einsum("bhtd,btr->bhrd", qs, hot.to(work)) / count[:, None, :, None]
+        match rule.score:
+            case "mean":
+                s = torch.matmul(qm, km.transpose(-1, -2))
+            case "quest":
+                s = quest_bound(qm, summaries.lo[:, kvh].to(work), summaries.hi[:, kvh].to(work))
+            case "compressed":
+                ok = torch.einsum("btr,brk->btk", hot.to(torch.float32), blocks.to(torch.float32)) > 0  # its block's
+                s = torch.einsum("bhtk,btr->bhrk", compressed_weights(qs, km, ok[:, None]), hot.to(work))
+            case _:
+                raise AssertionError(rule.score)  # refused by `check_selectors`
+    if rule.share:
+        s = share_kv(s, kvh, kv_heads)
+    return torch.where(blocks[:, None], s, float("nan"))
+
+
+def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, group: int, seqlen: torch.Tensor,
+           capacity: int, summaries: KeySummaries | None, given: Any, kv_heads: int) -> list[torch.Tensor]:
+    """Per selector of predicate `pat`, its picks for `heads`: int32 [B, nh, query blocks, width], key block
+    ids, -1 padding (topk: width min(n, key blocks); fraction and threshold: every key block)."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    B, _, nq, D = q.shape
+    pos, valid, hot = step_rows(seqlen, nq, sel.block)
+    out = []
+    for rule in sel.all:
+        cand = candidates(spec, rule, pos, valid, hot, seqlen, capacity)
+        s = scores(rule, q, heads, group, hot, cand, summaries, given, kv_heads)
+        count = rule.param if rule.kind == "topk" else None
+        picked = _pick(rule, s.reshape(-1, s.shape[-1]), 1.0 / math.sqrt(D), count)  # type: ignore[arg-type]
+        out.append(picked.view(*s.shape[:3], -1).to(torch.int32))
+    return out
+
+
+def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int) -> torch.Tensor:
+    """int8 [B, H, query blocks, key blocks]: per head's row the selection case v of each key block (bit m:
+    selector m picked it; 0: none), from the picks [B, H, query blocks, width] of `select` (heads of other
+    patterns: -1, so 0), what the kernel and the CPU path read."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    nk = -(-capacity // sel.kblock)
+    B, H, qb, _ = picks[0].shape
+    merged = picks[0] if len(picks) == 1 else _combine(picks)
+    return _sel_dense(merged.reshape(B * H, qb, -1), nk, cases=True).reshape(B, H, qb, nk).contiguous()
+
+
+def pack_lists(pick: torch.Tensor, packs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, head pack) the key blocks some row of the pack picked, ascending: int32 [B, packs, L]
+    (-1 padding, L = min(key blocks, width)) and their number int32 [B, packs]."""
+    B, _, _, nk = pick.shape
+    members = packs.long().clamp(min=0)
+    hit = ((pick[:, members] != 0) & (packs >= 0)[None, :, :, None, None]).any(3).any(2)  # [B, packs, nk]
+    kb = torch.arange(nk, device=pick.device)
+    top = torch.topk(torch.where(hit, nk - kb, 0), min(nk, max(1, width)), dim=-1).values
+    return torch.where(top > 0, nk - top, -1).to(torch.int32).contiguous(), hit.sum(-1).to(torch.int32).contiguous()
