@@ -73,22 +73,33 @@ def scores(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot
     else:
         assert summaries is not None
         qs = q[:, hl].to(work)
-        km = summaries.mean[:, kvh].to(work)
         count = hot.sum(1).to(work).clamp(min=1)  # [B, query blocks]
         qm = torch.einsum("bhtd,btr->bhrd", qs, hot.to(work)) / count[:, None, :, None]
         match rule.score:
             case "mean":
-                s = torch.matmul(qm, km.transpose(-1, -2))
+                s = _by_kv(lambda x: torch.matmul(x, summaries.mean.transpose(-1, -2)), qm, hl, group, kv_heads)
             case "quest":
-                s = quest_bound(qm, summaries.lo[:, kvh].to(work), summaries.hi[:, kvh].to(work))
+                s = _by_kv(lambda x: quest_bound(x, summaries.lo, summaries.hi), qm, hl, group, kv_heads)
             case "compressed":
                 ok = torch.einsum("btr,brk->btk", hot.to(torch.float32), blocks.to(torch.float32)) > 0  # its block's
-                s = torch.einsum("bhtk,btr->bhrk", compressed_weights(qs, km, ok[:, None]), hot.to(work))
+                w = _by_kv(lambda x: compressed_weights(x, summaries.mean, ok[:, None].repeat(1, 1, group, 1)),
+                           qs, hl, group, kv_heads)
+                s = torch.einsum("bhtk,btr->bhrk", w, hot.to(work))
             case _:
                 raise AssertionError(rule.score)  # refused by `check_selectors`
     if rule.share:
         s = share_kv(s, kvh, kv_heads)
     return torch.where(blocks[:, None], s, float("nan"))
+
+
+def _by_kv(fn: Any, x: torch.Tensor, hl: torch.Tensor, group: int, kv_heads: int) -> torch.Tensor:
+    """fn applied to the rows x [B, nh, R, D] of heads `hl` grouped by KV head ([B, Hkv, group * R, D]), so
+    that it reads each KV head's summaries once instead of a copy per query head: [B, nh, R, ...]."""
+    B, _, R, D = x.shape
+    full = torch.zeros((B, kv_heads * group, R, D), dtype=x.dtype, device=x.device)
+    full[:, hl] = x
+    out = fn(full.view(B, kv_heads, group * R, D))
+    return out.view(B, kv_heads * group, R, *out.shape[3:])[:, hl]
 
 
 def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, group: int, seqlen: torch.Tensor,
