@@ -17,6 +17,7 @@ pack), the sorted list of key blocks some row of the pack picked and its length.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -92,7 +93,7 @@ def scores(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot
     return torch.where(blocks[:, None], s, float("nan"))
 
 
-def _by_kv(fn: Any, x: torch.Tensor, hl: torch.Tensor, group: int, kv_heads: int) -> torch.Tensor:
+def _by_kv(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, hl: torch.Tensor, group: int, kv_heads: int) -> torch.Tensor:
     """fn applied to the rows x [B, nh, R, D] of heads `hl` grouped by KV head ([B, Hkv, group * R, D]), so
     that it reads each KV head's summaries once instead of a copy per query head: [B, nh, R, ...]."""
     B, _, R, D = x.shape
