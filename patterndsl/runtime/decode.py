@@ -213,7 +213,7 @@ def selections(spec: PatternSpec, q: torch.Tensor, seqlen: torch.Tensor, group: 
         if selected is not None:
             out[pat] = list(selected)
             continue
-        heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64, device=q.device)
+        heads = _ints(tuple(_heads_of(patterns, pat, H)), q.device)
         picks = dsel.select(spec, pat, q, heads, group, seqlen, capacity, summaries, scores, kv_heads)
         full = []
         for p in picks:
@@ -271,7 +271,7 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             p = pick[pat]
             width = g * p.shape[2] * sum(int(t.shape[-1]) for t in (picks or {})[pat])
             slist, scount = dsel.pack_lists(p, heads, width)
-            dyn = dict(PICK=p, VD=torch.tensor(case_ranks(sel), dtype=torch.int32, device=q.device), SLIST=slist,
+            dyn = dict(PICK=p, VD=_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
                        SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
                        SEL_KB=sel.kblock)
             pred, dispatch = sel_kernel(spec, pat)
@@ -304,6 +304,17 @@ def _splits(blocks: int, programs: int, device: torch.device) -> int:
 
 
 _PACKS: dict[tuple[Any, ...], torch.Tensor] = {}
+_INTS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _ints(values: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small constant index tensor on the device, cached: a host-to-device copy per step would break a
+    CUDA graph's capture."""
+    key = (values, str(device), dtype)
+    hit = _INTS.get(key)
+    if hit is None:
+        hit = _INTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return hit
 
 
 def _packs(patterns: int | tuple[int, ...], pat: int, H: int, group: int, device: torch.device) -> torch.Tensor:

@@ -54,9 +54,8 @@ def candidates(spec: PatternSpec, rule: Selector, pos: torch.Tensor, valid: torc
     kb = rule.kblock
     nk = -(-capacity // kb)
     j = torch.arange(nk * kb, device=pos.device)
-    ok = torch.as_tensor(evaluate(spec.predicates[rule.context].expr, pos[:, :, None], j[None, None, :], capacity),
-                         device=pos.device)
-    ok = ok & valid[:, :, None] & (j < seqlen.long()[:, None, None])
+    ok = evaluate(spec.predicates[rule.context].expr, pos[:, :, None], j[None, None, :], capacity)
+    ok = (j < seqlen.long()[:, None, None]) & valid[:, :, None] & ok  # (a constant context: a Python bool)
     rows = ok.view(*pos.shape, nk, kb).any(-1)
     return torch.einsum("btr,btk->brk", hot.to(torch.float32), rows.to(torch.float32)) > 0
 
