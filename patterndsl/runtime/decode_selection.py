@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .common import _d_pad, _pow2, _torch_path
 from .evaluate import evaluate
-from .selection import _combine, _pick, _sel_dense, compressed_weights, quest_bound, share_kv
+from .options import current_options
+from .selection import _combine, _pick, _score_prec, _sel_dense, _topk_kernel, compressed_weights, quest_bound, share_kv
 
 if TYPE_CHECKING:
     from ..cache import KeySummaries
@@ -113,11 +115,47 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, gr
     out = []
     for rule in sel.all:
         cand = candidates(spec, rule, pos, valid, hot, seqlen, capacity)
+        fused = _fused(rule, q, heads, group, hot, cand, summaries, kv_heads)
+        if fused is not None:
+            out.append(fused)
+            continue
         s = scores(rule, q, heads, group, hot, cand, summaries, given, kv_heads)
         count = rule.param if rule.kind == "topk" else None
         picked = _pick(rule, s.reshape(-1, s.shape[-1]), 1.0 / math.sqrt(D), count)  # type: ignore[arg-type]
+        if isinstance(count, int):  # width n whatever the blocks, as the fused selection's
+            picked = torch.nn.functional.pad(picked, (0, count - picked.shape[-1]), value=-1)
         out.append(picked.view(*s.shape[:3], -1).to(torch.int32))
     return out
+
+
+def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot: torch.Tensor,
+           blocks: torch.Tensor, summaries: KeySummaries | None, kv_heads: int) -> torch.Tensor | None:
+    """topk(n <= 64) by the mean rule in one launch of prefill's fused selection (`_topk_kernel`: scores
+    from the step's mean queries against the summaries' mean keys, the running top n in registers), the
+    candidates as a byte per (batch entry, query block, key block); None where it does not apply (the
+    PyTorch path, other rules, share=kv, a head_dim that is not a power of two of at least 16)."""
+    n = rule.param
+    if (_torch_path(q) or rule.kind != "topk" or rule.score != "mean" or rule.share or rule.given
+            or not isinstance(n, int) or n > 64 or summaries is None or summaries.mean.dtype != torch.float32):
+        return None
+    B, H, _, D = q.shape
+    if _d_pad(D) != D:
+        return None
+    qb, nk, nh = hot.shape[2], blocks.shape[-1], heads.numel()
+    count = hot.sum(1).to(torch.float32).clamp(min=1)
+    qm = (torch.einsum("bhtd,btr->bhrd", q.float(), hot.to(torch.float32)) / count[:, None, :, None]).contiguous()
+    opts = current_options()
+    bq, np2 = opts.topk_rows, _pow2(n)
+    bk = 16 if D > 128 else 32
+    sel = torch.empty((B * nh, qb, np2), dtype=torch.int32, device=q.device)
+    span = torch.zeros((2 * -(-qb // bq),), dtype=torch.int32, device=q.device)
+    span[1::2] = nk
+    _topk_kernel[(-(-qb // bq), B * nh)](
+        qm, summaries.mean, qm, blocks.to(torch.uint8).contiguous(), span, sel, heads, nk, nh, H, kv_heads, group,
+        0, 0, 0, qb, qb * D, nk * D, qb * nk, N_SEL=n, NP=np2, BQ=bq, BK=bk, D_PAD=D, DOT_PREC=_score_prec(q),
+        RANGES=False, GIVEN=False, FILL=opts.topk_fill and np2 <= bk, num_warps=opts.topk_warps,
+    )
+    return sel.view(B, nh, qb, np2)[..., :n]
 
 
 def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int) -> torch.Tensor:

@@ -277,4 +277,4 @@ def test_selected_reuse_and_misuse() -> None:
 def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
     """The Triton decode kernel (interpreter): the static part's tiles and the selected ones split and
     merged, GQA packs whose heads pick different blocks, several selectors (cases), against the reference."""
-    _check_step(src, torch.float32, [70, 41], 2, 1, 2, 2, page, 3, decode_block=16, decode_splits=3)
+    _check_step(src, torch.float32, [70, 41], 2, 1, 2, 2, page, 3, d=16, decode_block=16, decode_splits=3)
