@@ -41,6 +41,30 @@ def _paged(kc: Any, vc: Any, page: int, seed: int) -> tuple[Any, Any, Any]:
     return kp, vp, table
 
 
+def _sequence(kc: Any, vc: Any, table: Any, b: int, n: int) -> tuple[Any, Any]:
+    """Sequence b's first n keys and values [Hkv, n, D] of a contiguous or paged cache."""
+    if table is None:
+        return kc[b, :, :n], vc[b, :, :n]
+    page = kc.shape[1]
+    pos = torch.arange(n, device=kc.device)
+    pg = table[b].long()[pos // page]
+    return kc[pg, pos % page].transpose(0, 1), vc[pg, pos % page].transpose(0, 1)
+
+
+def _captured(step: Any) -> tuple[Any, Any]:
+    """(the graph, its output): `step` warmed up on a side stream (compiles and tables outside the
+    capture), then captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 @pytest.mark.parametrize("src", CASES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("paged", [False, True])
@@ -60,12 +84,7 @@ def test_decode_matches_reference(src: str, dtype: str, paged: bool) -> None:
     got, lse = attn.decode(q, kc, vc, seqlens, page_table=table, return_lse=True)
     for b, n in enumerate(lengths):
         mask = _rows_mask(src, range(n - Nq, n), n)
-        if table is None:
-            k, v = kc[b, :, :n], vc[b, :, :n]
-        else:
-            pos = torch.arange(n, device="cuda")
-            pg = table[b].long()[pos // 16]
-            k, v = kc[pg, pos % 16].transpose(0, 1), vc[pg, pos % 16].transpose(0, 1)
+        k, v = _sequence(kc, vc, table, b, n)
         want, want_lse = attention_reference(q[b:b + 1].cpu(), k[None].cpu(), v[None].cpu(), mask, D**-0.5)
         err = (got[b].double().cpu() - want[0]).abs().max().item()
         assert err < TOL[dtype] * max(1.0, want.abs().max().item()), f"b={b}: max |out - ref| = {err}"
@@ -113,14 +132,7 @@ def test_decode_step_replays_with_new_lengths(paged: bool) -> None:
     def step() -> Any:
         return attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up: compiles and run tables, outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = _captured(step)
     for lengths in ([7, 1023, 4096, 8190], [0, 1, 2, 3000]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         for t in (q, kn, vn):
@@ -193,12 +205,7 @@ def test_decode_selectors_match_reference(src: str, static: str, selected: str, 
     got, sel = attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn, summaries=summaries,
                            return_selected=True)
     for b, n in enumerate(lengths):
-        if table is None:
-            k, v = kc[b, :, :n], vc[b, :, :n]
-        else:
-            pos = torch.arange(n, device="cuda")
-            pg = table[b].long()[pos // 64]
-            k, v = kc[pg, pos % 64].transpose(0, 1), vc[pg, pos % 64].transpose(0, 1)
+        k, v = _sequence(kc, vc, table, b, n)
         picked, clear = _ref_selection(rule, q[b].cpu(), k.cpu(), n, 64, 8)
         mine = torch.zeros_like(picked)
         for h in range(H):
@@ -233,14 +240,7 @@ def test_decode_selector_step_replays_with_new_lengths() -> None:
     def step() -> Any:
         return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=s)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = _captured(step)
     for lengths in ([100, 16000], [5000, 64]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         for t in (q, kn, vn):

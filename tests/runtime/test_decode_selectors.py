@@ -16,6 +16,7 @@ from helpers import attention_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import dynamic_mask
+from strategies import decode_steps
 
 import patterndsl as P
 from patterndsl import ir
@@ -169,17 +170,8 @@ def _check_step(src: str, dtype: Any, lengths: list[int], nq: int, n_new: int, h
                     assert mine == ref, f"sequence {b}, head {h}, query block {first + r}"
 
 
-@st.composite
-def _steps(draw: st.DrawFn) -> dict[str, Any]:
-    nq = draw(st.integers(1, 5))
-    return dict(src=draw(st.sampled_from(PATTERNS)), nq=nq, n_new=draw(st.integers(0, nq)),
-                lengths=draw(st.lists(st.integers(nq, 56), min_size=1, max_size=2)),
-                hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3])),
-                page=draw(st.sampled_from([None, 3, 4, 8])), seed=draw(st.integers(0, 2**16)))
-
-
 @settings(max_examples=12, deadline=None)
-@given(_steps())
+@given(decode_steps(PATTERNS, 56, [None, 3, 4, 8]))
 def test_decode_with_selectors_equals_reference_cpu(case: dict[str, Any]) -> None:
     """float64 on the CPU path: every scoring rule and budget, several selectors, share=kv, per-head
     patterns, contiguous and shuffled paged caches, GQA, k_new appended (summaries updated): decode rows and
