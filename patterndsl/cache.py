@@ -266,9 +266,24 @@ class KeySummaries:
 
     def _write(self, k_cache: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None,
                ids: torch.Tensor) -> None:
-        """Summaries of key blocks ids [B, T] over the keys below `lengths` [B], written in place."""
+        """Summaries of key blocks ids [B, T] over the keys below `lengths` [B], written in place: one Triton
+        launch (`runtime.decode_kernels._summary_kernel`), or PyTorch on the CPU path and for float64."""
+        from .runtime.common import _d_pad, _torch_path
+
         b, hkv, cap, d = _cache_dims(k_cache, lengths, page_table)
         blk, t = self.block, ids.shape[1]
+        if not _torch_path(k_cache) and self.mean.dtype == torch.float32:
+            from .runtime.decode_kernels import _summary_kernel
+
+            paged = page_table is not None
+            strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)) if paged else k_cache.stride()[:3]
+            _summary_kernel[(t, b * hkv)](
+                k_cache, page_table if paged else lengths, lengths.contiguous(), ids.contiguous(), self.lo, self.hi,
+                self.mean, *strides, page_table.stride(0) if paged else 0, t, self.lo.shape[2], hkv, cap,  # type: ignore[union-attr]
+                k_cache.shape[1] if paged else 1, BLK=blk, CH=min(64, blk & -blk), D=d, D_PAD=_d_pad(d),
+                PAGED=paged,
+            )
+            return
         pos = ids[:, :, None] * blk + torch.arange(blk, device=ids.device)  # [B, T, blk]
         here = (pos < lengths.long()[:, None, None]) & (pos < cap)
         at = pos.clamp(max=cap - 1)

@@ -196,3 +196,42 @@ def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, S
     tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=rows[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b * s_lb + h * s_lh + t, lse, mask=rows)
+
+
+@triton.jit(do_not_specialize=["T", "NB", "CAP", "PAGE"])
+def _summary_kernel(K, PT, LEN, IDS, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, T, NB, HKV, CAP, PAGE,
+                    BLK: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGED: tl.constexpr):
+    """Key summaries (`patterndsl.cache.KeySummaries`): per (batch entry, KV head) program row and key block
+    IDS[b, t] of BLK keys, the element-wise min, max and mean (float32) of its keys below LEN[b], written to
+    LO, HI, MEAN [B, HKV, NB, D] (zeros for a block with no key yet). A paged cache's positions past the
+    length are never loaded."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    blk = tl.load(IDS + b * T + t).to(tl.int64)
+    n = tl.minimum(tl.load(LEN + b), CAP)
+    offs_d = tl.arange(0, D_PAD)
+    lo = tl.full([D_PAD], float("inf"), dtype=tl.float32)
+    hi = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for c0 in range(0, BLK, CH):
+        pos = blk * BLK + c0 + tl.arange(0, CH)
+        ok = pos < n
+        if PAGED:
+            page = tl.load(PT + b * s_ptb + pos // PAGE, mask=ok, other=0).to(tl.int64)
+            rows = page * s_kb + (pos % PAGE) * s_kn + h * s_kh
+        else:
+            rows = b * s_kb + h * s_kh + pos * s_kn
+        m = ok[:, None] & (offs_d[None, :] < D)
+        x = tl.load(K + rows[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        lo = tl.minimum(lo, tl.min(tl.where(m, x, float("inf")), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(m, x, float("-inf")), 0))
+        acc += tl.sum(x, 0)
+    count = tl.minimum(tl.maximum(n - blk * BLK, 0), BLK)
+    some = count > 0
+    out = ((b * HKV + h) * NB + blk) * D + offs_d
+    keep = offs_d < D
+    tl.store(LO + out, tl.where(some, lo, 0.0), mask=keep)
+    tl.store(HI + out, tl.where(some, hi, 0.0), mask=keep)
+    tl.store(MEAN + out, tl.where(some, acc / tl.maximum(count, 1).to(tl.float32), 0.0), mask=keep)

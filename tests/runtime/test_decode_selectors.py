@@ -170,7 +170,7 @@ def _check_step(src: str, dtype: Any, lengths: list[int], nq: int, n_new: int, h
                     assert mine == ref, f"sequence {b}, head {h}, query block {first + r}"
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(decode_steps(PATTERNS, 56, [None, 3, 4, 8]))
 def test_decode_with_selectors_equals_reference_cpu(case: dict[str, Any]) -> None:
     """float64 on the CPU path: every scoring rule and budget, several selectors, share=kv, per-head
@@ -197,18 +197,30 @@ def test_whole_query_block_equals_prefill() -> None:
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.integers(1, 6), st.sampled_from([None, 2, 4]), st.lists(st.integers(0, 7), min_size=1, max_size=5),
+@given(st.integers(1, 12), st.sampled_from([None, 2, 4]), st.lists(st.integers(0, 7), min_size=1, max_size=5),
        st.integers(0, 2**16))
 def test_incremental_summaries_equal_recomputed(block: int, page: int | None, appends: list[int], seed: int) -> None:
     """Summaries updated block by block on every append equal the ones built from scratch (contiguous and
-    paged caches, appends that cross blocks or add nothing)."""
+    paged caches, appends that cross blocks or add nothing; float64: PyTorch), and the definition on the
+    first block."""
+    _check_summaries(block, page, appends, seed, "float64")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("block, page", [(6, 4), pytest.param(16, None, marks=pytest.mark.slow)])
+def test_incremental_summaries_kernel(block: int, page: int | None) -> None:
+    """The same through the Triton summary kernel (float32, in the interpreter)."""
+    _check_summaries(block, page, [5, 7, 0, 13], 7, "float32")
+
+
+def _check_summaries(block: int, page: int | None, appends: list[int], seed: int, dtype: str) -> None:
     g = torch.Generator().manual_seed(seed)
     B, hkv, d, cap = 2, 2, 4, 40
-    keys = torch.randn(B, hkv, cap, d, generator=g)
+    keys = torch.randn(B, hkv, cap, d, generator=g, dtype=getattr(torch, dtype))
     unit = page or 1
     table = None if page is None else torch.tensor(np.random.default_rng(seed).permutation(B * cap // unit)
                                                    .reshape(B, cap // unit), dtype=torch.int32)
-    kc = torch.full((B, hkv, cap, d) if page is None else (B * cap // unit, unit, hkv, d), float("nan"))
+    kc = torch.full((B, hkv, cap, d) if page is None else (B * cap // unit, unit, hkv, d), float("nan"), dtype=keys.dtype)
     seqlens = torch.zeros(B, dtype=torch.int32)
     s = KeySummaries.build(kc, seqlens, block, page_table=table)
     from patterndsl.runtime.decode import append
@@ -224,8 +236,9 @@ def test_incremental_summaries_equal_recomputed(block: int, page: int | None, ap
         assert torch.equal(getattr(s, name), getattr(fresh, name)), name
     full = keys[:, :, :int(seqlens[0])]
     if full.shape[2] >= block:  # against the definition: the first block's keys
-        assert torch.allclose(s.mean[:, :, 0], full[:, :, :block].mean(2))
-        assert torch.equal(s.lo[:, :, 0], full[:, :, :block].amin(2))
+        assert torch.allclose(s.mean[:, :, 0].double(), full[:, :, :block].double().mean(2), atol=1e-6)
+        assert torch.equal(s.lo[:, :, 0], full[:, :, :block].amin(2).to(s.lo.dtype))
+        assert torch.equal(s.hi[:, :, 0], full[:, :, :block].amax(2).to(s.hi.dtype))
 
 
 def test_selected_reuse_and_misuse() -> None:
