@@ -137,13 +137,12 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
         seen += tl.load(COUNT + qb)
         qb += 1
     if SEL_PRED is not None:  # the selected key blocks, each with the case of the row that picked it
-        TPK: tl.constexpr = SEL_KB // BLOCK_N
         x = tl.maximum(lo, static_total)
         while x < hi:
-            kb_sel = tl.load(SLIST + (b32 * packs + pack).to(tl.int64) * SL + (x - static_total) // TPK)
+            kb_sel = tl.load(SLIST + (b32 * packs + pack).to(tl.int64) * SL + (x - static_total) // (SEL_KB // BLOCK_N))
             v = tl.load(PICK + prow + kb_sel, mask=rows, other=0).to(tl.int32)
             rank = tl.load(VD + tl.maximum(v - 1, 0), mask=v > 0, other=-1)
-            kb = kb_sel * TPK + (x - static_total) % TPK
+            kb = kb_sel * (SEL_KB // BLOCK_N) + (x - static_total) % (SEL_KB // BLOCK_N)
             if SEL_VARS:
                 acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii,
                                              seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
