@@ -22,9 +22,10 @@ from .checks import check_dtypes, check_n
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads_of, _on_device_of, _pow2, _sm_count, _torch_path, pred_kernel
 from .cpu import masked_softmax
 from .decode_kernels import _decode_merge, _decode_split
+from .decode_kernels import _pick_tables as _pick_tables_kernel
 from .evaluate import evaluate
 from .options import current_options
-from .selection import case_ranks, sel_kernel
+from .selection import _combine, case_ranks, sel_kernel
 
 if TYPE_CHECKING:
     from .spec import PatternSpec
@@ -234,8 +235,8 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if q.shape[2] == 0:
         return out, lse
     B, H, Nq, D = q.shape
-    pick = {pat: dsel.dense(spec, pat, p, capacity) for pat, p in (picks or {}).items()}
     if _torch_path(q):
+        pick = {pat: dsel.dense(spec, pat, p, capacity) for pat, p in (picks or {}).items()}
         return _decode_cpu(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
                            capacity, out, lse, pick)
     Dv = v_cache.shape[-1]
@@ -268,9 +269,7 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         off, runs, count, most = tables.run_tables(spec, pat, capacity, block, bn, q.device)
         dyn: dict[str, Any] = {}
         if sel is not None:
-            p = pick[pat]
-            width = g * p.shape[2] * sum(int(t.shape[-1]) for t in (picks or {})[pat])
-            slist, scount = dsel.pack_lists(p, heads, width)
+            p, slist, scount = _pick_tables(spec, pat, (picks or {})[pat], heads, capacity)
             dyn = dict(PICK=p, VD=_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
                        SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
                        SEL_KB=sel.kblock)
@@ -294,6 +293,29 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             G=g, NQ_PAD=nq_pad, M=m, DV=Dv, DV_PAD=dv_pad, num_warps=4,
         )
     return out, lse
+
+
+def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: torch.Tensor,
+                 capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(PICK, SLIST, SCOUNT) for `_decode_split` from the selectors' picks: one `_pick_tables` launch where a
+    pack's picks are few (topk), else `decode_selection.dense` and `pack_lists` in PyTorch."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    B, H, qb, _ = picks[0].shape
+    g = packs.shape[1]
+    merged = picks[0] if len(picks) == 1 else _combine(picks)
+    width = merged.shape[-1]
+    entries = _pow2(g * qb * width)
+    if entries > 256:
+        pick = dsel.dense(spec, pat, picks, capacity)
+        return (pick, *dsel.pack_lists(pick, packs, g * qb * width))
+    nk = -(-capacity // sel.kblock)
+    pick = torch.zeros((B, H, qb, nk), dtype=torch.int8, device=merged.device)
+    slist = torch.full((B, packs.shape[0], min(nk, g * qb * width)), -1, dtype=torch.int32, device=merged.device)
+    scount = torch.empty((B, packs.shape[0]), dtype=torch.int32, device=merged.device)
+    _pick_tables_kernel[(packs.shape[0], B)](merged.contiguous(), packs, pick, slist, scount, H, qb, width, nk,
+                                             slist.shape[-1], G=g, E_PAD=entries, num_warps=4)
+    return pick, slist, scount
 
 
 def _splits(blocks: int, programs: int, device: torch.device) -> int:

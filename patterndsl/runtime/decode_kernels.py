@@ -234,3 +234,31 @@ def _summary_kernel(K, PT, LEN, IDS, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, T, N
     tl.store(LO + out, tl.where(some, lo, 0.0), mask=keep)
     tl.store(HI + out, tl.where(some, hi, 0.0), mask=keep)
     tl.store(MEAN + out, tl.where(some, acc / tl.maximum(count, 1).to(tl.float32), 0.0), mask=keep)
+
+
+@triton.jit(do_not_specialize=["H", "QB", "W", "NK", "SL"])
+def _pick_tables(SEL, HEADS, PICK, SLIST, SCOUNT, H, QB, W, NK, SL, G: tl.constexpr, E_PAD: tl.constexpr):
+    """What `_decode_split` reads of a selection, for one (head pack, batch entry): the pack's picks SEL
+    [B, H, QB, W] (int32, `block | (v - 1) << 24`, -1 padding) scattered into PICK [B, H, QB, NK] (int8,
+    the case v; zeroed before), and the distinct key blocks among them into SLIST [B, packs, SL] (-1 filled
+    before) with their number SCOUNT [B, packs]. An entry is listed where no earlier entry of the pack
+    holds the same block."""
+    pack = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    packs = tl.num_programs(0)
+    e = tl.arange(0, E_PAD)
+    per = QB * W
+    slot = e // per
+    head = tl.load(HEADS + pack * G + slot, mask=(slot < G) & (e < G * per), other=-1).to(tl.int64)
+    at = ((b * H + head) * QB + (e // W) % QB) * W + e % W
+    val = tl.load(SEL + at, mask=head >= 0, other=-1)
+    ok = val >= 0
+    blk = val & 0xFFFFFF
+    tl.store(PICK + ((b * H + head) * QB + (e // W) % QB) * NK + blk, ((val >> 24) + 1).to(tl.int8), mask=ok)
+    key = tl.where(ok, blk, -1)
+    earlier = (key[:, None] == key[None, :]) & (e[None, :] < e[:, None])
+    first = ok & (tl.max(earlier.to(tl.int32), 1) == 0)
+    rank = tl.cumsum(first.to(tl.int32), 0) - 1
+    row = (b * packs + pack) * SL
+    tl.store(SLIST + row + rank, blk, mask=first)
+    tl.store(SCOUNT + b * packs + pack, tl.sum(first.to(tl.int32), 0))

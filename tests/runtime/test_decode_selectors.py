@@ -283,3 +283,36 @@ def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
     """The Triton decode kernel (interpreter): the static part's tiles and the selected ones split and
     merged, GQA packs whose heads pick different blocks, several selectors (cases), against the reference."""
     _check_step(src, torch.float32, [70, 41], 2, 1, 2, 2, page, 3, d=16, decode_block=16, decode_splits=3)
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_pick_tables_kernel_equals_pytorch() -> None:
+    """The kernel's per-row cases and per-pack block lists (`_pick_tables`) equal the PyTorch build the
+    CPU path and large selections use: picks with padding, duplicates across a pack's heads and query
+    blocks, several selectors' case bits, a pack with a padded head slot."""
+    from patterndsl.runtime import decode as dec
+    from patterndsl.runtime import decode_selection as dsel
+
+    spec = _attn("causal & (topk(3, block=16) - topk(2, block=16, score=given))").spec
+    g = torch.Generator().manual_seed(4)
+    B, H, qb, cap = 2, 6, 2, 16 * 9
+    picks = [torch.randint(-1, 9, (B, H, qb, w), generator=g, dtype=torch.int32) for w in (3, 2)]
+    picks = [torch.where(p >= 0, p, -1) for p in picks]
+    for p in picks:  # a selector picks a block once per row
+        for idx in np.ndindex(*p.shape[:3]):
+            seen: set[int] = set()
+            for w in range(p.shape[3]):
+                if int(p[idx][w]) in seen:
+                    p[idx][w] = -1
+                seen.add(int(p[idx][w]))
+    packs = torch.tensor([[0, 1, 2], [3, 4, -1], [5, -1, -1]], dtype=torch.int32)
+    pick, slist, scount = dec._pick_tables(spec, 0, picks, packs, cap)
+    want = dsel.dense(spec, 0, picks, cap)
+    assert torch.equal(pick, want)
+    lists, counts = dsel.pack_lists(want, packs, 3 * qb * 5)
+    assert torch.equal(scount, counts)
+    for b in range(B):
+        for p in range(packs.shape[0]):
+            got = sorted(int(x) for x in slist[b, p] if x >= 0)
+            assert got == [int(x) for x in lists[b, p] if x >= 0]
