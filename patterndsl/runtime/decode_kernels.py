@@ -262,3 +262,29 @@ def _pick_tables(SEL, HEADS, PICK, SLIST, SCOUNT, H, QB, W, NK, SL, G: tl.conste
     row = (b * packs + pack) * SL
     tl.store(SLIST + row + rank, blk, mask=first)
     tl.store(SCOUNT + b * packs + pack, tl.sum(first.to(tl.int32), 0))
+
+
+@triton.jit(do_not_specialize=["NQ", "CAP", "NK", "QB"])
+def _decode_candidates(SEQ, CAND, NQ, CAP, NK, QB, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr,
+                       BK: tl.constexpr, CH: tl.constexpr, IDX64: tl.constexpr):
+    """A decode step's selector candidates (`decode_selection.candidates`): CAND [B, QB, NK] (uint8, zeroed
+    before) gets 1 where the context PRED allows a pair (i, j) for a row i of the step in that query block
+    of SEL_B rows and a key j < seqlen of that key block of KB keys. One program per (BK key blocks, batch
+    entry); the context is decode-consistent, so PRED is evaluated at N = CAP."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seqlen = tl.load(SEQ + b)
+    kbs = pid * BK + tl.arange(0, BK)
+    base = tl.maximum(seqlen - NQ, 0) // SEL_B
+    t = seqlen * 0
+    while t < NQ:
+        i = seqlen - NQ + t
+        if i >= 0:
+            hit = tl.zeros([BK], dtype=tl.int32)
+            for c in range(0, KB, CH):
+                j = kbs[:, None] * KB + c + tl.arange(0, CH)[None, :]
+                ok = (j < seqlen) & _allowed_at(i, j, CAP, PRED, IDX64, True)
+                hit = tl.maximum(hit, tl.max(ok.to(tl.int32), 1))
+            row = (b * QB + i // SEL_B - base) * NK
+            tl.store(CAND + row + kbs, tl.full([BK], 1, tl.uint8), mask=(hit > 0) & (kbs < NK))
+        t += 1

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .common import _d_pad, _pow2, _torch_path
+from .decode_kernels import _decode_candidates
 from .evaluate import evaluate
 from .options import current_options
 from .selection import _combine, _pick, _score_prec, _sel_dense, _topk_kernel, compressed_weights, quest_bound, share_kv
@@ -107,18 +108,26 @@ def _by_kv(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, hl: torc
 def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, group: int, seqlen: torch.Tensor,
            capacity: int, summaries: KeySummaries | None, given: Any, kv_heads: int) -> list[torch.Tensor]:
     """Per selector of predicate `pat`, its picks for `heads`: int32 [B, nh, query blocks, width], key block
-    ids, -1 padding (topk: width min(n, key blocks); fraction and threshold: every key block)."""
+    ids, -1 padding (topk: width n; fraction and threshold: every key block).
+
+    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches: the candidates
+    (`_decode_candidates`, the context's kernel predicate) and prefill's fused selection (`_topk_kernel`);
+    the other rules score and pick with PyTorch (`candidates`, `scores`, prefill's `_pick`)."""
     sel = spec.selectors[pat]
     assert sel is not None
     B, _, nq, D = q.shape
-    pos, valid, hot = step_rows(seqlen, nq, sel.block)
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     out = []
     for rule in sel.all:
-        cand = candidates(spec, rule, pos, valid, hot, seqlen, capacity)
-        fused = _fused(rule, q, heads, group, hot, cand, summaries, kv_heads)
-        if fused is not None:
-            out.append(fused)
+        if _fusable(rule, q, summaries):
+            assert summaries is not None
+            cand = _kernel_candidates(spec, rule, seqlen, nq, capacity)
+            hot = None if nq == 1 else (rows or step_rows(seqlen, nq, sel.block))[2]
+            out.append(_fused(rule, q, heads, group, hot, cand, summaries, kv_heads))
             continue
+        rows = rows or step_rows(seqlen, nq, sel.block)
+        pos, valid, hot = rows
+        cand = candidates(spec, rule, pos, valid, hot, seqlen, capacity)
         s = scores(rule, q, heads, group, hot, cand, summaries, given, kv_heads)
         count = rule.param if rule.kind == "topk" else None
         picked = _pick(rule, s.reshape(-1, s.shape[-1]), 1.0 / math.sqrt(D), count)  # type: ignore[arg-type]
@@ -128,22 +137,43 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, gr
     return out
 
 
-def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot: torch.Tensor,
-           blocks: torch.Tensor, summaries: KeySummaries | None, kv_heads: int) -> torch.Tensor | None:
-    """topk(n <= 64) by the mean rule in one launch of prefill's fused selection (`_topk_kernel`: scores
-    from the step's mean queries against the summaries' mean keys, the running top n in registers), the
-    candidates as a byte per (batch entry, query block, key block); None where it does not apply (the
-    PyTorch path, other rules, share=kv, a head_dim that is not a power of two of at least 16)."""
+def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) -> bool:
+    """The fused selection applies: off the PyTorch path, topk(n <= 64) by the mean rule without share=kv,
+    float32 summaries, a head_dim that is a power of two of at least 16."""
     n = rule.param
-    if (_torch_path(q) or rule.kind != "topk" or rule.score != "mean" or rule.share or rule.given
-            or not isinstance(n, int) or n > 64 or summaries is None or summaries.mean.dtype != torch.float32):
-        return None
+    return (not _torch_path(q) and rule.kind == "topk" and rule.score == "mean" and not rule.share
+            and not rule.given and isinstance(n, int) and n <= 64 and summaries is not None
+            and summaries.mean.dtype == torch.float32 and _d_pad(q.shape[-1]) == q.shape[-1])
+
+
+def _kernel_candidates(spec: PatternSpec, rule: Selector, seqlen: torch.Tensor, nq: int, capacity: int) -> torch.Tensor:
+    """`candidates` as uint8 [B, query blocks, key blocks] by one `_decode_candidates` launch."""
+    nk = -(-capacity // rule.kblock)
+    qb = query_blocks(nq, rule.block)
+    B = seqlen.shape[0]
+    cand = torch.zeros((B, qb, nk), dtype=torch.uint8, device=seqlen.device)
+    bk = 16
+    _decode_candidates[(-(-nk // bk), B)](
+        seqlen.contiguous(), cand, nq, capacity, nk, qb, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block,
+        KB=rule.kblock, BK=bk, CH=min(64, rule.kblock & -rule.kblock), IDX64=spec.idx64, num_warps=4,
+    )
+    return cand
+
+
+def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot: torch.Tensor | None,
+           cand: torch.Tensor, summaries: KeySummaries, kv_heads: int) -> torch.Tensor:
+    """topk(n) by the mean rule in one launch of prefill's fused selection (`_topk_kernel`: scores from the
+    step's mean queries against the summaries' mean keys, the running top n in registers); `cand` the
+    candidates uint8 [B, query blocks, key blocks]; `hot` the rows' query blocks (None: one row)."""
+    n = rule.param
+    assert isinstance(n, int)
     B, H, _, D = q.shape
-    if _d_pad(D) != D:
-        return None
-    qb, nk, nh = hot.shape[2], blocks.shape[-1], heads.numel()
-    count = hot.sum(1).to(torch.float32).clamp(min=1)
-    qm = (torch.einsum("bhtd,btr->bhrd", q.float(), hot.to(torch.float32)) / count[:, None, :, None]).contiguous()
+    qb, nk, nh = cand.shape[1], cand.shape[2], heads.numel()
+    if hot is None:  # one row: its query is the mean
+        qm = q.float().contiguous()
+    else:
+        count = hot.sum(1).to(torch.float32).clamp(min=1)
+        qm = (torch.einsum("bhtd,btr->bhrd", q.float(), hot.to(torch.float32)) / count[:, None, :, None]).contiguous()
     opts = current_options()
     bq, np2 = opts.topk_rows, _pow2(n)
     bk = 16 if D > 128 else 32
@@ -151,7 +181,7 @@ def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot
     span = torch.zeros((2 * -(-qb // bq),), dtype=torch.int32, device=q.device)
     span[1::2] = nk
     _topk_kernel[(-(-qb // bq), B * nh)](
-        qm, summaries.mean, qm, blocks.to(torch.uint8).contiguous(), span, sel, heads, nk, nh, H, kv_heads, group,
+        qm, summaries.mean, qm, cand, span, sel, heads, nk, nh, H, kv_heads, group,
         0, 0, 0, qb, qb * D, nk * D, qb * nk, N_SEL=n, NP=np2, BQ=bq, BK=bk, D_PAD=D, DOT_PREC=_score_prec(q),
         RANGES=False, GIVEN=False, FILL=opts.topk_fill and np2 <= bk, num_warps=opts.topk_warps,
     )
