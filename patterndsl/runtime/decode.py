@@ -216,6 +216,9 @@ def selections(spec: PatternSpec, q: torch.Tensor, seqlen: torch.Tensor, group: 
             continue
         heads = _ints(tuple(_heads_of(patterns, pat, H)), q.device)
         picks = dsel.select(spec, pat, q, heads, group, seqlen, capacity, summaries, scores, kv_heads)
+        if heads.numel() == H:  # every head runs the pattern (heads ascending)
+            out[pat] = picks
+            continue
         full = []
         for p in picks:
             f = torch.full((p.shape[0], H, *p.shape[2:]), -1, dtype=torch.int32, device=q.device)

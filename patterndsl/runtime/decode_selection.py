@@ -178,14 +178,26 @@ def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot
     bq, np2 = opts.topk_rows, _pow2(n)
     bk = 16 if D > 128 else 32
     sel = torch.empty((B * nh, qb, np2), dtype=torch.int32, device=q.device)
-    span = torch.zeros((2 * -(-qb // bq),), dtype=torch.int32, device=q.device)
-    span[1::2] = nk
+    span = _span(-(-qb // bq), nk, q.device)
     _topk_kernel[(-(-qb // bq), B * nh)](
         qm, summaries.mean, qm, cand, span, sel, heads, nk, nh, H, kv_heads, group,
         0, 0, 0, qb, qb * D, nk * D, qb * nk, N_SEL=n, NP=np2, BQ=bq, BK=bk, D_PAD=D, DOT_PREC=_score_prec(q),
         RANGES=False, GIVEN=False, FILL=opts.topk_fill and np2 <= bk, num_warps=opts.topk_warps,
     )
     return sel.view(B, nh, qb, np2)[..., :n]
+
+
+_SPANS: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _span(groups: int, nk: int, device: torch.device) -> torch.Tensor:
+    """`_topk_kernel`'s SPAN for a decode step: every program's rows look at key blocks [0, nk) (cached, so
+    that a step creates no tensor from the host)."""
+    key = (groups, nk, str(device))
+    hit = _SPANS.get(key)
+    if hit is None:
+        hit = _SPANS[key] = torch.tensor([0, nk] * groups, dtype=torch.int32, device=device)
+    return hit
 
 
 def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int) -> torch.Tensor:
