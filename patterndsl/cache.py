@@ -15,6 +15,9 @@ arithmetic on a few intervals and the device only sees writes: `append` never re
 (no synchronisation). A step's decode call sees tensors of fixed shape; without `max_seqlen` they are
 reallocated (doubled) when the context outgrows the page table, or, for a pattern whose retained set grows
 with the context (dense, strided, hops), its pages; a window's and sinks' pages never are.
+
+A pattern with selectors (`topk`, `threshold`) also keeps `summaries`, the per-block min, max and mean of
+its keys (`KeySummaries`) that `attn.decode(..., summaries=cache.summaries)` scores key blocks with.
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ class PatternKVCache:
         self._resident: dict[int, int] = {}  # logical page -> slot within its sequence's share
         self._free = list(range(slots - 1, -1, -1))
         self._live: list[tuple[int, int]] = []  # pages that may be resident, as [first, stop)
+        # a pattern with selectors: its key blocks' summaries, kept with the keys (`attn.decode(summaries=)`)
+        self.summaries: KeySummaries | None = None
+        sels = [x for p in _patterns(pattern) for x in ir.walk(p) if isinstance(x, ir.TopK | ir.Threshold)]
+        if sels:
+            self.summaries = KeySummaries.build(self.k_pages, self.cache_seqlens, sels[0].key_block or sels[0].block,
+                                                page_table=self.page_table)
 
     @property
     def length(self) -> int:
@@ -136,6 +145,8 @@ class PatternKVCache:
         off = (pos % p)[None, :]
         self.k_pages[phys, off] = k_new.transpose(1, 2)
         self.v_pages[phys, off] = v_new.transpose(1, 2)
+        if self.summaries is not None:
+            self.summaries.update(self.k_pages, self.cache_seqlens, t, page_table=self.page_table)
         self._length = n + t
         self.cache_seqlens.fill_(self._length)
 
@@ -146,6 +157,8 @@ class PatternKVCache:
             wider = torch.zeros(self.batch, 2 * lp + 1, dtype=torch.int32, device=self.device)
             wider[:, : self.page_table.shape[1]] = self.page_table
             self.page_table = wider
+            if self.summaries is not None:  # as many key blocks as the wider table holds
+                self.summaries = self.summaries.widened(-(-wider.shape[1] * self.page_size // self.summaries.block))
         if not self._free:
             if self._bounded:  # max_pages is an upper bound on what is ever live: this is a bug
                 raise RuntimeError("PatternKVCache ran out of pages its retention bound promised")
@@ -253,6 +266,14 @@ class KeySummaries:
             s._write(k_cache, cache_seqlens, page_table, ids)
         return s
 
+    def widened(self, blocks: int) -> KeySummaries:
+        """The same summaries over `blocks` key blocks (a cache that grew), the new ones zeros."""
+        grown = [torch.zeros((*x.shape[:2], blocks, x.shape[3]), dtype=x.dtype, device=x.device) for x in
+                 (self.lo, self.hi, self.mean)]
+        for new, old in zip(grown, (self.lo, self.hi, self.mean), strict=True):
+            new[:, :, :old.shape[2]] = old
+        return KeySummaries(self.block, *grown)
+
     def update(self, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, *,
                page_table: torch.Tensor | None = None) -> None:
         """After `n_new` keys were written at positions cache_seqlens .. + n_new - 1 (`cache_seqlens` the
@@ -303,6 +324,10 @@ class KeySummaries:
         idx = ids[:, None, :, None].expand(b, hkv, t, d)
         for dst, src in ((self.lo, lo), (self.hi, hi), (self.mean, mean)):
             dst.scatter_(2, idx, torch.where(some, src, 0.0))
+
+
+def _patterns(body: ir.Body) -> list[ir.Pattern]:
+    return [r.pattern for r in body.ranges] if isinstance(body, ir.Heads) else [body]
 
 
 def _cache_dims(k_cache: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None) -> tuple[int, int, int, int]:

@@ -319,3 +319,24 @@ def test_pick_tables_kernel_equals_pytorch() -> None:
         for p in range(packs.shape[0]):
             got = sorted(int(x) for x in slist[b, p] if x >= 0)
             assert got == [int(x) for x in lists[b, p] if x >= 0]
+
+
+def test_pattern_cache_keeps_summaries() -> None:
+    """`PatternKVCache` of a pattern with a selector keeps its key summaries through appends and a page
+    table that widens: they equal the ones built from its pages, and a generation step reads them."""
+    from patterndsl.cache import PatternKVCache
+
+    src = PATTERNS[0]
+    cache = PatternKVCache(src, batch=2, kv_heads=2, head_dim=8, page_size=4, max_append=8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    for t in (5, 8, 1, 8, 8, 8, 8, 8, 8, 8, 3):  # past the first table's 64 positions
+        kv = torch.randn(2, 2, t, 8, generator=g, dtype=torch.float64)
+        cache.append(kv, kv)
+    assert cache.summaries is not None and cache.page_table.shape[1] * 4 > 64
+    fresh = KeySummaries.build(cache.k_pages, cache.cache_seqlens, 16, page_table=cache.page_table)
+    for name in ("lo", "hi", "mean"):
+        assert torch.equal(getattr(cache.summaries, name), getattr(fresh, name)), name
+    q = torch.randn(2, 4, 1, 8, generator=g, dtype=torch.float64)
+    out = _attn(src).decode(q, cache.k_pages, cache.v_pages, cache.cache_seqlens, page_table=cache.page_table,
+                            summaries=cache.summaries)
+    assert out.shape == (2, 4, 1, 8) and not torch.isnan(out).any()
