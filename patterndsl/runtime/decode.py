@@ -8,6 +8,10 @@ graph and replayed with new lengths (warm up once first: the run tables are buil
 
 Only decode-consistent patterns decode: a row's allowed keys must not depend on the final length (no
 predicate reads N), so that one table, built at the cache's capacity, serves every length.
+
+Dynamic selectors: `selections` picks key blocks per (batch, head, query block of the step) from the
+cache's key summaries (`decode_selection`), and the kernel visits the static part's tiles plus the picked
+blocks (`_pick_tables`: per row the selection case of each key block, per head pack the blocks picked).
 """
 
 from __future__ import annotations
