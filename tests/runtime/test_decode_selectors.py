@@ -33,6 +33,7 @@ PATTERNS = [
     "causal & topk(2, block=16, score=given)",
     "causal & (topk(2, block=16) - topk(1, block=16, score=given))",
     "causal - topk(1, block=16)",
+    "window(3) | topk(1, block=16)",  # keys after the row, up to the sequence's end
     "heads {\n    0:1 => causal & window(3)\n    1:2 => causal & topk(1, block=16, score=quest)\n}",
 ]
 _compiled: dict[str, Any] = {}
