@@ -11,7 +11,7 @@ formulas too (`selection.quest_bound`, `compressed_weights`, `share_kv`).
 Everything is device tensors of shapes fixed by the arguments (no value read back), so a step with
 selectors stays CUDA-graph capturable. The selection reaches the decode kernel as a per-(batch, head,
 query block of the step, key block) byte (the selection case v, 0: not picked) and, per (batch, head
-pack), the sorted list of key blocks some row of the pack picked and its length.
+pack), the list of key blocks some row of the pack picked and its length (`decode._pick_tables`).
 """
 
 from __future__ import annotations
