@@ -218,7 +218,7 @@ def selections(spec: PatternSpec, q: torch.Tensor, seqlen: torch.Tensor, group: 
         if selected is not None:
             out[pat] = list(selected)
             continue
-        heads = _ints(tuple(_heads_of(patterns, pat, H)), q.device)
+        heads = dsel.device_ints(tuple(_heads_of(patterns, pat, H)), q.device)
         picks = dsel.select(spec, pat, q, heads, group, seqlen, capacity, summaries, scores, kv_heads)
         if heads.numel() == H:  # every head runs the pattern (heads ascending)
             out[pat] = picks
@@ -277,7 +277,7 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         dyn: dict[str, Any] = {}
         if sel is not None:
             p, slist, scount = _pick_tables(spec, pat, (picks or {})[pat], heads, capacity)
-            dyn = dict(PICK=p, VD=_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
+            dyn = dict(PICK=p, VD=dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
                        SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
                        SEL_KB=sel.kblock)
             pred, dispatch = sel_kernel(spec, pat)
@@ -333,17 +333,6 @@ def _splits(blocks: int, programs: int, device: torch.device) -> int:
 
 
 _PACKS: dict[tuple[Any, ...], torch.Tensor] = {}
-_INTS: dict[tuple[Any, ...], torch.Tensor] = {}
-
-
-def _ints(values: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A small constant index tensor on the device, cached: a host-to-device copy per step would break a
-    CUDA graph's capture."""
-    key = (values, str(device), dtype)
-    hit = _INTS.get(key)
-    if hit is None:
-        hit = _INTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return hit
 
 
 def _packs(patterns: int | tuple[int, ...], pat: int, H: int, group: int, device: torch.device) -> torch.Tensor:

@@ -175,29 +175,34 @@ def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot
         count = hot.sum(1).to(torch.float32).clamp(min=1)
         qm = (torch.einsum("bhtd,btr->bhrd", q.float(), hot.to(torch.float32)) / count[:, None, :, None]).contiguous()
     opts = current_options()
-    bq, np2 = opts.topk_rows, _pow2(n)
+    np2 = _pow2(n)
     bk = 16 if D > 128 else 32
+    bq = min(opts.topk_rows, max(16, _pow2(qb)))  # (a step's query blocks are few)
     sel = torch.empty((B * nh, qb, np2), dtype=torch.int32, device=q.device)
-    span = _span(-(-qb // bq), nk, q.device)
     _topk_kernel[(-(-qb // bq), B * nh)](
-        qm, summaries.mean, qm, cand, span, sel, heads, nk, nh, H, kv_heads, group,
+        qm, summaries.mean, qm, cand, _span(-(-qb // bq), nk, q.device), sel, heads, nk, nh, H, kv_heads, group,
         0, 0, 0, qb, qb * D, nk * D, qb * nk, N_SEL=n, NP=np2, BQ=bq, BK=bk, D_PAD=D, DOT_PREC=_score_prec(q),
         RANGES=False, GIVEN=False, FILL=opts.topk_fill and np2 <= bk, num_warps=opts.topk_warps,
     )
     return sel.view(B, nh, qb, np2)[..., :n]
 
 
-_SPANS: dict[tuple[int, int, str], torch.Tensor] = {}
+_CONSTS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def device_ints(values: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small constant integer tensor on the device, cached: a step creates none from the host (a CUDA
+    graph's capture could not copy it)."""
+    key = (values, str(device), dtype)
+    hit = _CONSTS.get(key)
+    if hit is None:
+        hit = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return hit
 
 
 def _span(groups: int, nk: int, device: torch.device) -> torch.Tensor:
-    """`_topk_kernel`'s SPAN for a decode step: every program's rows look at key blocks [0, nk) (cached, so
-    that a step creates no tensor from the host)."""
-    key = (groups, nk, str(device))
-    hit = _SPANS.get(key)
-    if hit is None:
-        hit = _SPANS[key] = torch.tensor([0, nk] * groups, dtype=torch.int32, device=device)
-    return hit
+    """`_topk_kernel`'s SPAN for a decode step: every program's rows look at key blocks [0, nk)."""
+    return device_ints((0, nk) * groups, device, torch.int32)
 
 
 def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int) -> torch.Tensor:

@@ -341,3 +341,12 @@ def test_pattern_cache_keeps_summaries() -> None:
     out = _attn(src).decode(q, cache.k_pages, cache.v_pages, cache.cache_seqlens, page_table=cache.page_table,
                             summaries=cache.summaries)
     assert out.shape == (2, 4, 1, 8) and not torch.isnan(out).any()
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_decode_kernel_rows_in_two_query_blocks() -> None:
+    """A step whose rows straddle a query block boundary: each block of rows selects for itself (the fused
+    selection's second row, the kernel's per-row cases)."""
+    _check_step("causal & (window(5) | topk(2, block=16))", torch.float32, [65, 49], 3, 1, 2, 2, None, 3, d=16,
+                decode_block=16)
