@@ -373,8 +373,8 @@ class Attention:
                 n_new = k_new.shape[2]
                 if summaries is not None:
                     summaries.update(k_cache, cache_seqlens, n_new, page_table=page_table)
-            picks = dec.selections(spec, q, (cache_seqlens + n_new).clamp(max=capacity), group, patterns, capacity,
-                                   q.shape[1] // group, scores, summaries, selected)
+            picks = dec.selections(spec, q, cache_seqlens, n_new, group, patterns, capacity, q.shape[1] // group,
+                                   scores, summaries, selected)
             dec.decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
                        capacity, out, lse, picks)
         result = (out, lse) if return_lse else (out,)

@@ -205,13 +205,17 @@ def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Te
         v_cache.index_put_((page, pos % size), vn)
 
 
-def selections(spec: PatternSpec, q: torch.Tensor, seqlen: torch.Tensor, group: int, patterns: int | tuple[int, ...],
-               capacity: int, kv_heads: int, scores: Any = None, summaries: Any = None,
+def selections(spec: PatternSpec, q: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, group: int,
+               patterns: int | tuple[int, ...], capacity: int, kv_heads: int, scores: Any = None, summaries: Any = None,
                selected: Any = None) -> dict[int, list[torch.Tensor]]:
     """{dynamic pattern: per selector its picks int32 [B, H, query blocks of the step, width]} (heads of other
-    patterns: -1), scored from the summaries (or the caller's scores), or `selected` reused."""
+    patterns: -1), scored from the summaries (or the caller's scores), or `selected` reused; {} for static
+    patterns (no launch)."""
     H = q.shape[1]
     out: dict[int, list[torch.Tensor]] = {}
+    if all(spec.selectors[p] is None for p in _used(patterns)):
+        return out
+    seqlen = (cache_seqlens + n_new).clamp(max=capacity)
     for pat in _used(patterns):
         if spec.selectors[pat] is None:
             continue
