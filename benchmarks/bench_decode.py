@@ -9,7 +9,9 @@ where the cache fits (at most CACHE_GB). Each row: median time over interleaved 
 bandwidth, bytes of K and V the pattern lets the step read (its allowed keys, counted from the predicate)
 over the time. Writes JSON to argv[1] (default benchmarks/results/decode.json) after every row, so a run cut
 short keeps what it measured; `BENCH_DEADLINE` (seconds, default 330) skips what would run past it.
-A sweep of the decode kernel's key block and splits at two cases starts the run.
+A sweep of the decode kernel's key block and splits at two cases starts the run, then the selector case
+(`selectors`): top-16 blocks of 64 plus a window of 512 at 128k, Nq = 1, batch 1 and 8, against dense
+decode (ours, causal, and SDPA over the whole cache), with the selection's share of the step.
 `BENCH_SMOKE=1`: tiny sizes on the CPU in the interpreter (checks the script, times nothing real).
 """
 
@@ -27,6 +29,7 @@ import triton
 from runinfo import run_info
 
 import patterndsl as P
+from patterndsl.cache import KeySummaries
 from patterndsl.cli.bench import interleaved
 from patterndsl.runtime.evaluate import evaluate
 
@@ -200,6 +203,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     sweep(res, save)  # first: short, and what settles the kernel's defaults
+    selectors(res, save)  # the selector case's done-criterion, before the long grid
     for name, (src, mask_mod) in PATTERNS.items():
         attn = P.compile(f"pattern p = {src}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
         for n in CONTEXTS:
@@ -213,8 +217,57 @@ def main() -> None:
                 measure(res, save, name, attn, mask_mod, n, B)
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
-    res["notes"].append("topk(16, block=64) | window(511) at decode: selectors do not decode yet (not measured)")
     save()
+
+
+SEL_SRC = "causal & (window(15) | topk(2, block=16))" if SMOKE else "causal & (window(511) | topk(16, block=64))"
+SEL_N = 256 if SMOKE else 131072
+
+
+def selectors(res: dict[str, Any], save: Any) -> None:
+    """A decode step with a selector (append one token, update its block's key summaries, score every key
+    block from the summaries, keep the top 16, attend to them and the window) against dense decode at the
+    same context, each replayed from a CUDA graph. `selection_ms`: the step's time minus the same step given
+    its selection (`selected=`), i.e. scoring and picking; `selection_share` of the step."""
+    res["selectors"] = []
+    attn = P.compile(f"pattern p = {SEL_SRC}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+    dense = P.compile("pattern p = causal\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+    block = attn.spec.selectors[0].kblock
+    n = SEL_N
+    for B in BATCHES[:2]:
+        if left() < 40:
+            res["notes"].append(f"selectors B={B}: deadline, skipped")
+            continue
+        kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
+        kn = torch.randn(B, HKV, 1, D, device=DEV, dtype=DT)
+        vn = torch.randn(B, HKV, 1, D, device=DEV, dtype=DT)
+        seqlens = torch.full((B,), n - 1, dtype=torch.int32, device=DEV)  # each replay writes position n - 1
+        summ = KeySummaries.build(kc, seqlens, block)
+        _, picked = attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ, return_selected=True)
+        steps: dict[str, Any] = {
+            "topk_window": lambda: attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ),
+            "topk_window_given_selection": lambda: attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn,
+                                                               selected=picked),
+            "dense_causal": lambda: dense.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn),
+        }
+        same = torch.equal(steps["topk_window"](), steps["topk_window_given_selection"]())
+        fns = {k: (f if SMOKE else captured(f)) for k, f in steps.items()}
+        fns["topk_window_eager"] = steps["topk_window"]
+        fns["sdpa_whole_cache"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+        times = {k: median(v) for k, v in interleaved(fns, med, rounds=5).items()}
+        step, given = times["topk_window"], times["topk_window_given_selection"]
+        row = {"pattern": SEL_SRC, "N": n, "B": B, "Nq": 1, "ms": times, "graph": not SMOKE,
+               "selection_ms": step - given, "selection_share": (step - given) / step,
+               "speedup_vs_dense_causal": times["dense_causal"] / step,
+               "speedup_vs_sdpa": times["sdpa_whole_cache"] / step, "selected_reuse_equal": same,
+               "done": times["dense_causal"] / step >= 5 and (step - given) / step < 0.25}
+        res["selectors"].append(row)
+        print(f"selectors N={n} B={B}: step {step:.3f} ms (selection {row['selection_share']:.0%}), dense "
+              f"{times['dense_causal']:.3f} ms ({row['speedup_vs_dense_causal']:.1f}x), SDPA "
+              f"{times['sdpa_whole_cache']:.3f} ms", flush=True)
+        save()
 
 
 SWEEP_AT = [("causal", 131072 if not SMOKE else 256, 8 if not SMOKE else 2), ("swa_sink", 131072 if not SMOKE else 256, 1)]

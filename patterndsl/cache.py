@@ -15,10 +15,14 @@ arithmetic on a few intervals and the device only sees writes: `append` never re
 (no synchronisation). A step's decode call sees tensors of fixed shape; without `max_seqlen` they are
 reallocated (doubled) when the context outgrows the page table, or, for a pattern whose retained set grows
 with the context (dense, strided, hops), its pages; a window's and sinks' pages never are.
+
+A pattern with selectors (`topk`, `threshold`) also keeps `summaries`, the per-block min, max and mean of
+its keys (`KeySummaries`) that `attn.decode(..., summaries=cache.summaries)` scores key blocks with.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,6 +93,12 @@ class PatternKVCache:
         self._resident: dict[int, int] = {}  # logical page -> slot within its sequence's share
         self._free = list(range(slots - 1, -1, -1))
         self._live: list[tuple[int, int]] = []  # pages that may be resident, as [first, stop)
+        # a pattern with selectors: its key blocks' summaries, kept with the keys (`attn.decode(summaries=)`)
+        self.summaries: KeySummaries | None = None
+        sels = [x for p in _patterns(pattern) for x in ir.walk(p) if isinstance(x, ir.TopK | ir.Threshold)]
+        if sels:
+            self.summaries = KeySummaries.build(self.k_pages, self.cache_seqlens, sels[0].key_block or sels[0].block,
+                                                page_table=self.page_table)
 
     @property
     def length(self) -> int:
@@ -135,6 +145,8 @@ class PatternKVCache:
         off = (pos % p)[None, :]
         self.k_pages[phys, off] = k_new.transpose(1, 2)
         self.v_pages[phys, off] = v_new.transpose(1, 2)
+        if self.summaries is not None:
+            self.summaries.update(self.k_pages, self.cache_seqlens, t, page_table=self.page_table)
         self._length = n + t
         self.cache_seqlens.fill_(self._length)
 
@@ -145,6 +157,8 @@ class PatternKVCache:
             wider = torch.zeros(self.batch, 2 * lp + 1, dtype=torch.int32, device=self.device)
             wider[:, : self.page_table.shape[1]] = self.page_table
             self.page_table = wider
+            if self.summaries is not None:  # as many key blocks as the wider table holds
+                self.summaries = self.summaries.widened(-(-wider.shape[1] * self.page_size // self.summaries.block))
         if not self._free:
             if self._bounded:  # max_pages is an upper bound on what is ever live: this is a bug
                 raise RuntimeError("PatternKVCache ran out of pages its retention bound promised")
@@ -217,3 +231,107 @@ def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int
         if cur < hi:
             out.append((cur, hi))
     return out
+
+
+@dataclass(frozen=True)
+class KeySummaries:
+    """Per key block of a cache, the element-wise min, max and mean of its keys (Quest's page bounds and the
+    mean key): what a decode step scores a `topk` / `threshold` selector's key blocks with, instead of reading
+    the keys. `lo`, `hi`, `mean` are [B, Hkv, blocks, D] (float32; float64 for a float64 cache) over the keys
+    below each sequence's length; a block with no key yet holds zeros. The caller keeps one object per
+    layer between steps (`attn.decode(..., summaries=s)` updates it when k_new is appended); `update` after
+    a write of its own. Updating recomputes only the blocks the new tokens touch, from the cache, with the
+    code that builds them from scratch, so incremental and from-scratch summaries are the same numbers.
+    Every shape is fixed and no value is read back: a step stays CUDA-graph capturable."""
+
+    block: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+    mean: torch.Tensor
+
+    @classmethod
+    def build(cls, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block: int, *,
+              page_table: torch.Tensor | None = None, chunk: int = 256) -> KeySummaries:
+        """The summaries of every block of an existing cache (contiguous [B, Hkv, max_seqlen, D], or paged
+        [pages, page_size, Hkv, D] with `page_table`), over the keys below `cache_seqlens`; `chunk` key
+        blocks at a time (the gather's memory)."""
+        _positive("block", block)
+        b, hkv, cap, d = _cache_dims(k_cache, cache_seqlens, page_table)
+        work = torch.float64 if k_cache.dtype == torch.float64 else torch.float32
+        nb = -(-cap // block)
+        out = [torch.zeros((b, hkv, nb, d), dtype=work, device=k_cache.device) for _ in range(3)]
+        s = cls(block, *out)
+        for b0 in range(0, nb, chunk):
+            ids = torch.arange(b0, min(nb, b0 + chunk), device=k_cache.device).expand(b, -1)
+            s._write(k_cache, cache_seqlens, page_table, ids)
+        return s
+
+    def widened(self, blocks: int) -> KeySummaries:
+        """The same summaries over `blocks` key blocks (a cache that grew), the new ones zeros."""
+        grown = [torch.zeros((*x.shape[:2], blocks, x.shape[3]), dtype=x.dtype, device=x.device) for x in
+                 (self.lo, self.hi, self.mean)]
+        for new, old in zip(grown, (self.lo, self.hi, self.mean), strict=True):
+            new[:, :, :old.shape[2]] = old
+        return KeySummaries(self.block, *grown)
+
+    def update(self, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, *,
+               page_table: torch.Tensor | None = None) -> None:
+        """After `n_new` keys were written at positions cache_seqlens .. + n_new - 1 (`cache_seqlens` the
+        lengths before the write), recompute the blocks they fall in (a fixed number: a graph replays it)."""
+        if n_new <= 0:
+            return
+        touched = (n_new + self.block - 2) // self.block + 1
+        first = cache_seqlens.long() // self.block
+        ids = first[:, None] + torch.arange(touched, device=cache_seqlens.device)
+        self._write(k_cache, cache_seqlens + n_new, page_table, ids.clamp(max=self.lo.shape[2] - 1))
+
+    def _write(self, k_cache: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None,
+               ids: torch.Tensor) -> None:
+        """Summaries of key blocks ids [B, T] over the keys below `lengths` [B], written in place: one Triton
+        launch (`runtime.decode_kernels._summary_kernel`), or PyTorch on the CPU path and for float64."""
+        from .runtime.common import _d_pad, _torch_path
+
+        b, hkv, cap, d = _cache_dims(k_cache, lengths, page_table)
+        blk, t = self.block, ids.shape[1]
+        if not _torch_path(k_cache) and self.mean.dtype == torch.float32:
+            from .runtime.decode_kernels import _summary_kernel
+
+            paged = page_table is not None
+            strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)) if paged else k_cache.stride()[:3]
+            _summary_kernel[(t, b * hkv)](
+                k_cache, page_table if paged else lengths, lengths.contiguous(), ids.contiguous(), self.lo, self.hi,
+                self.mean, *strides, page_table.stride(0) if paged else 0, t, self.lo.shape[2], hkv, cap,  # type: ignore[union-attr]
+                k_cache.shape[1] if paged else 1, BLK=blk, CH=min(64, blk & -blk), D=d, D_PAD=_d_pad(d),
+                PAGED=paged,
+            )
+            return
+        pos = ids[:, :, None] * blk + torch.arange(blk, device=ids.device)  # [B, T, blk]
+        here = (pos < lengths.long()[:, None, None]) & (pos < cap)
+        at = pos.clamp(max=cap - 1)
+        if page_table is None:
+            keys = torch.gather(k_cache, 2, at.reshape(b, 1, t * blk, 1).expand(b, hkv, t * blk, d))
+        else:
+            size = k_cache.shape[1]
+            page = torch.gather(page_table.long(), 1, (at // size).reshape(b, t * blk))
+            keys = k_cache[page, (at % size).reshape(b, t * blk)].permute(0, 2, 1, 3)  # [B, Hkv, T * blk, D]
+        keys = keys.to(self.mean.dtype).reshape(b, hkv, t, blk, d)
+        ok = here[:, None, :, :, None]
+        count = here.sum(-1).to(keys.dtype)[:, None, :, None]  # [B, 1, T, 1]
+        some = count > 0
+        lo = torch.where(ok, keys, float("inf")).amin(3)
+        hi = torch.where(ok, keys, float("-inf")).amax(3)
+        mean = torch.where(ok, keys, 0.0).sum(3) / count.clamp(min=1)
+        idx = ids[:, None, :, None].expand(b, hkv, t, d)
+        for dst, src in ((self.lo, lo), (self.hi, hi), (self.mean, mean)):
+            dst.scatter_(2, idx, torch.where(some, src, 0.0))
+
+
+def _patterns(body: ir.Body) -> list[ir.Pattern]:
+    return [r.pattern for r in body.ranges] if isinstance(body, ir.Heads) else [body]
+
+
+def _cache_dims(k_cache: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(batch, kv heads, capacity, head_dim) of a contiguous or paged cache."""
+    if page_table is None:
+        return k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    return page_table.shape[0], k_cache.shape[2], page_table.shape[1] * k_cache.shape[1], k_cache.shape[3]

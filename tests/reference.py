@@ -176,29 +176,34 @@ def reference_mask(body: ir.Body, n: int) -> np.ndarray:
 
 
 def selection(
-    sel: ir.TopK | ir.Threshold, context: np.ndarray, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
+    sel: ir.TopK | ir.Threshold, context: np.ndarray, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None,
+    present: np.ndarray | None = None,
 ) -> np.ndarray:
     """[B, H, query blocks, key blocks] bool: the key blocks the selector keeps per query block, in float64.
 
     q [B, H, N, D], k [B, Hkv, N, D] (query head h reads kv head h // (H / Hkv)); `context` [N, N] is the
     static part A of `A & sel` (only key blocks where A allows a pair are candidates); `given` the
-    caller's scores for score=given. Ties: the lower block index first (a stable sort on -score)."""
+    caller's scores for score=given. Ties: the lower block index first (a stable sort on -score).
+    `present` [N] bool: the query rows there are (a decode step's; default all): a query block is its
+    present rows (their mean query, their pairs of the context)."""
     bsz, heads, n, d = q.shape
     b = sel.block  # query blocks
     bk = sel.key_block or b  # key blocks
     nb, nk = -(-n // b), -(-n // bk)
     group = heads // k.shape[1]
+    here = np.ones(n, dtype=bool) if present is None else present
     out = np.zeros((bsz, heads, nb, nk), dtype=bool)
     cand = np.zeros((nb, nk), dtype=bool)
     for qb in range(nb):
         for kb in range(nk):
-            cand[qb, kb] = bool(context[qb * b : (qb + 1) * b, kb * bk : (kb + 1) * bk].any())
+            rows = context[qb * b : (qb + 1) * b][here[qb * b : (qb + 1) * b]]
+            cand[qb, kb] = bool(rows[:, kb * bk : (kb + 1) * bk].any())
     rule = sel.score if isinstance(sel, ir.TopK) else "mean"
 
     def score(bi: int, h: int, qb: int, kb: int) -> float:
         if given is not None:
             return float(given[bi, h, qb, kb])
-        qs = q[bi, h, qb * b : (qb + 1) * b].astype(np.float64)
+        qs = q[bi, h, qb * b : (qb + 1) * b][here[qb * b : (qb + 1) * b]].astype(np.float64)
         qbar = qs.mean(0)
         keys = k[bi, h // group, kb * bk : (kb + 1) * bk].astype(np.float64)
         if rule == "mean":
@@ -272,12 +277,13 @@ def token_selection(sel: ir.Vertical | ir.Slash, context: np.ndarray, q: np.ndar
 
 
 def dynamic_mask(
-    p: ir.Pattern, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None
+    p: ir.Pattern, q: np.ndarray, k: np.ndarray, given: np.ndarray | None = None, present: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """([B, H, N, N] allowed pairs, [B, H, nb, nb] blocks some block selector picked) of a pattern with any
     number of selectors (vertical and slash: token_selection), evaluated as sets node by node. A selector's candidates are where the static
     operands of the intersections above it allow a pair (`a - b` is `a & ~b`; a complement passes its
-    context through); a selector written twice is one selection, over the union of its contexts."""
+    context through); a selector written twice is one selection, over the union of its contexts.
+    `present`: the query rows there are, as `selection`'s."""
     bsz, heads, n, _ = q.shape
     contexts: dict[ir.Pattern, np.ndarray] = {}
 
@@ -298,7 +304,7 @@ def dynamic_mask(
 
     collect(p, np.ones((n, n), dtype=bool))
     picked = {
-        x: selection(x, c, q, k, given if isinstance(x, ir.TopK) and x.given else None)  # type: ignore[arg-type]
+        x: selection(x, c, q, k, given if isinstance(x, ir.TopK) and x.given else None, present)  # type: ignore[arg-type]
         for x, c in contexts.items() if isinstance(x, ir.TopK | ir.Threshold)
     }
     kept = {x: token_selection(x, c, q, k) for x, c in contexts.items() if isinstance(x, ir.Vertical | ir.Slash)}

@@ -266,3 +266,14 @@ def exact_retention_patterns(draw: st.DrawFn) -> str:
     if draw(st.integers(0, 3)) == 0:
         src = f"blockwise({draw(st.integers(2, 3))}, {src})"
     return src
+
+
+@st.composite
+def decode_steps(draw: st.DrawFn, patterns: list[str], longest: int, pages: list[int | None]) -> dict[str, Any]:
+    """One decode step's arguments: a pattern, Nq rows (of which n_new are appended first), per-sequence
+    final lengths of at least Nq, KV heads, a GQA group, a page size (None: contiguous) and a seed."""
+    nq = draw(st.integers(1, 4 if longest < 48 else 5))
+    return dict(src=draw(st.sampled_from(patterns)), nq=nq, n_new=draw(st.integers(0, nq)),
+                lengths=draw(st.lists(st.integers(nq, longest), min_size=1, max_size=3 if longest < 48 else 2)),
+                hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3])),
+                page=draw(st.sampled_from(pages)), seed=draw(st.integers(0, 2**16)))

@@ -375,14 +375,23 @@ class Attention:
 
     def decode(self, q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, *, page_table: Any = None,
                k_new: Any = None, v_new: Any = None, return_lse: bool = False, layer: int | None = None,
-               scale: float | None = None, out: Any = None, lse: Any = None) -> Any:
+               scale: float | None = None, out: Any = None, lse: Any = None, summaries: Any = None,
+               scores: Any = None, selected: Any = None, return_selected: bool = False) -> Any:
         """A decode step: q [B, H, Nq, D] at positions seqlen - Nq .. seqlen - 1 of each sequence against a
         contiguous cache k_cache [B, Hkv, max_seqlen, D], v_cache [B, Hkv, max_seqlen, Dv], or a paged one
         [pages, page_size, Hkv, D] with `page_table` [B, max_pages] int32 (logical page p of sequence b is
         physical page page_table[b, p]). `cache_seqlens` [B] int32 on the device: tokens in the cache;
         `k_new`, `v_new` [B, Hkv, n, D] are written at cache_seqlens first, then seqlen = cache_seqlens + n.
         No host synchronisation: a step is CUDA-graph capturable (after one warm-up call). Returns
-        [B, H, Nq, Dv] (and the log-sum-exp [B, H, Nq] with `return_lse`). No autograd."""
+        [B, H, Nq, Dv] (and the log-sum-exp [B, H, Nq] with `return_lse`). No autograd.
+
+        Selectors (topk, threshold) score the cache's key blocks from `summaries` (a
+        `patterndsl.cache.KeySummaries` of the selector's key blocks, kept by the caller between steps and
+        updated here when k_new is appended), or from `scores` [B, H, query blocks of the step, key blocks
+        of the cache] for score=given. `return_selected=True` also returns the selection (last): a tuple,
+        one int32 tensor [B, H, query blocks of the step, width] per selector, the key blocks each (batch,
+        head, query block) picked, -1 padding; `selected=` takes one from an earlier call (an earlier layer,
+        as TidalDecode) instead of scoring."""
         _no_tokens(self.spec, 'decoding is')
         from . import decode as dec
 
@@ -391,6 +400,8 @@ class Attention:
         patterns = _head_patterns(spec, layer)
         group, capacity = dec.check_decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, k_new, v_new,
                                            scale, patterns)
+        dec.check_selectors(spec, patterns, q, q.shape[1] // group, capacity, scores, summaries, selected,
+                            return_selected)
         B, H, Nq, D = q.shape
         shape = (B, H, Nq, v_cache.shape[-1])
         if out is None:
@@ -407,9 +418,16 @@ class Attention:
             if k_new is not None:
                 dec.append(k_cache, v_cache, cache_seqlens, page_table, k_new, v_new)
                 n_new = k_new.shape[2]
+                if summaries is not None:
+                    summaries.update(k_cache, cache_seqlens, n_new, page_table=page_table)
+            picks = dec.selections(spec, q, cache_seqlens, n_new, group, patterns, capacity, q.shape[1] // group,
+                                   scores, summaries, selected)
             dec.decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
-                       capacity, out, lse)
-        return (out, lse) if return_lse else out
+                       capacity, out, lse, picks)
+        result = (out, lse) if return_lse else (out,)
+        if return_selected:
+            result += (tuple(next(iter(picks.values()))),)
+        return result if len(result) > 1 else out
 
     def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None,
                         permutation: Any = None) -> Any:

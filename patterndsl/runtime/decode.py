@@ -8,6 +8,10 @@ graph and replayed with new lengths (warm up once first: the run tables are buil
 
 Only decode-consistent patterns decode: a row's allowed keys must not depend on the final length (no
 predicate reads N), so that one table, built at the cache's capacity, serves every length.
+
+Dynamic selectors: `selections` picks key blocks per (batch, head, query block of the step) from the
+cache's key summaries (`decode_selection`), and the kernel visits the static part's tiles plus the picked
+blocks (`_pick_tables`: per row the selection case of each key block, per head pack the blocks picked).
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import decode_selection as dsel
 from . import tables
 from .checks import check_dtypes, check_n
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads_of, _on_device_of, _pow2, _sm_count, _torch_path, pred_kernel
 from .cpu import masked_softmax
 from .decode_kernels import _decode_merge, _decode_split
+from .decode_kernels import _pick_tables as _pick_tables_kernel
 from .evaluate import evaluate
 from .options import current_options
+from .selection import _combine, case_ranks, sel_kernel
 
 if TYPE_CHECKING:
     from .spec import PatternSpec
@@ -49,8 +56,6 @@ def _used(patterns: int | tuple[int, ...]) -> list[int]:
 def check_decode(spec: PatternSpec, q: Any, k_cache: Any, v_cache: Any, cache_seqlens: Any, page_table: Any,
                  k_new: Any, v_new: Any, scale: Any, patterns: int | tuple[int, ...]) -> tuple[int, int]:
     """(group, capacity) after checking a decode call's arguments; each misuse is one sentence."""
-    if any(spec.selectors[p] is not None for p in _used(patterns)):
-        raise ValueError("decode() serves static patterns; dynamic selectors (topk, threshold) do not decode yet")
     why = _why_not(spec, patterns)
     if why is not None:
         raise ValueError(f"'{spec.name}' is not decode-consistent ({why}): a row's allowed keys depend on the "
@@ -111,6 +116,77 @@ def check_decode(spec: PatternSpec, q: Any, k_cache: Any, v_cache: Any, cache_se
     return H // hkv, capacity
 
 
+def check_selectors(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, kv_heads: int,
+                    capacity: int, scores: Any, summaries: Any, selected: Any, return_selected: bool) -> None:
+    """A decode call's selector arguments (after `check_decode`); each misuse is one sentence."""
+    from ..cache import KeySummaries
+
+    dynamic = [p for p in _used(patterns) if spec.selectors[p] is not None]
+    if not dynamic:
+        for name, x in (("scores", scores), ("summaries", summaries), ("selected", selected)):
+            if x is not None:
+                raise ValueError(f"{name}= serves patterns with selectors (topk, threshold); this one has none")
+        if return_selected:
+            raise ValueError("return_selected=True serves patterns with selectors (topk, threshold); this one has none")
+        return
+    if (selected is not None or return_selected) and len(dynamic) > 1:
+        raise ValueError("selected= and return_selected=True serve calls whose heads run one pattern with selectors")
+    B, H, nq, D = q.shape
+    want: tuple[int, ...]
+    for p in dynamic:
+        for rule in spec.selectors[p].all:  # type: ignore[union-attr]
+            if rule.kind == "topk" and not isinstance(rule.param, int):
+                raise ValueError(f"'{spec.name}': a topk count that grows with N does not decode (a step's count "
+                                 "would need the length on the host); give a constant count or a fraction")
+            if rule.score == "max" and selected is None:
+                raise ValueError(f"'{spec.name}': score=max reads every key of every block, which a decode step "
+                                 "does not; decoding scores key blocks from their summaries: use score=quest "
+                                 "(Quest's upper bound on the same max)")
+    rules = [r for p in dynamic for r in spec.selectors[p].all]  # type: ignore[union-attr]
+    if selected is not None:
+        sel = spec.selectors[dynamic[0]]
+        assert sel is not None
+        if not isinstance(selected, tuple | list) or len(selected) != len(sel.all):
+            raise ValueError(f"selected= takes what return_selected=True returned: a tuple of {len(sel.all)} "
+                             "tensor(s), one per selector")
+        for m, (t, rule) in enumerate(zip(selected, sel.all, strict=True)):
+            want = (B, H, dsel.query_blocks(nq, rule.block))
+            if (not torch.is_tensor(t) or t.dim() != 4 or tuple(t.shape[:3]) != want or t.dtype != torch.int32
+                    or t.device != q.device):
+                raise ValueError(f"selected[{m}] must be an int32 tensor [{', '.join(map(str, want))}, width] on "
+                                 f"q's device, got {_describe(t)}")
+        return
+    given = [r for r in rules if r.given]
+    if given and scores is None:
+        r = given[0]
+        raise ValueError(f"this pattern's topk has score=given: pass scores=[batch, heads, "
+                         f"{dsel.query_blocks(nq, r.block)}, ceil(capacity / {r.kblock})]")
+    if not given and scores is not None:
+        raise ValueError("this pattern takes no scores (no topk(..., score=given))")
+    for r in given:
+        want = (B, H, dsel.query_blocks(nq, r.block), -(-capacity // r.kblock))
+        if not torch.is_tensor(scores) or tuple(scores.shape) != want or not scores.is_floating_point() \
+                or scores.device != q.device:
+            raise ValueError(f"scores must be a floating tensor {list(want)} on q's device (per query block of the "
+                             f"step, each key block of the cache), got {_describe(scores)}")
+    reads = [r for r in rules if not r.given]
+    if reads:
+        kb = reads[0].kblock
+        want = (B, kv_heads, -(-capacity // kb), D)
+        if not isinstance(summaries, KeySummaries):
+            raise ValueError(f"'{spec.name}' scores key blocks from their summaries: pass "
+                             f"summaries=KeySummaries.build(k_cache, cache_seqlens, {kb}, page_table=...) and "
+                             "keep it between steps")
+        if summaries.block != kb or tuple(summaries.mean.shape) != want or summaries.mean.device != q.device:
+            raise ValueError(f"summaries must be of blocks of {kb} keys, [{', '.join(map(str, want))}] on q's "
+                             f"device, got blocks of {summaries.block}, {list(summaries.mean.shape)} on "
+                             f"{summaries.mean.device}")
+
+
+def _describe(t: Any) -> str:
+    return f"{list(t.shape)}, {t.dtype}, on {t.device}" if torch.is_tensor(t) else type(t).__name__
+
+
 def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, page_table: torch.Tensor | None,
            k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     """Write k_new, v_new [B, Hkv, n, D] at positions cache_seqlens[b] .. + n - 1 of each sequence (device
@@ -129,18 +205,51 @@ def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Te
         v_cache.index_put_((page, pos % size), vn)
 
 
+def selections(spec: PatternSpec, q: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, group: int,
+               patterns: int | tuple[int, ...], capacity: int, kv_heads: int, scores: Any = None, summaries: Any = None,
+               selected: Any = None) -> dict[int, list[torch.Tensor]]:
+    """{dynamic pattern: per selector its picks int32 [B, H, query blocks of the step, width]} (heads of other
+    patterns: -1), scored from the summaries (or the caller's scores), or `selected` reused; {} for static
+    patterns (no launch)."""
+    H = q.shape[1]
+    out: dict[int, list[torch.Tensor]] = {}
+    if all(spec.selectors[p] is None for p in _used(patterns)):
+        return out
+    seqlen = (cache_seqlens + n_new).clamp(max=capacity)
+    for pat in _used(patterns):
+        if spec.selectors[pat] is None:
+            continue
+        if selected is not None:
+            out[pat] = list(selected)
+            continue
+        heads = dsel.device_ints(tuple(_heads_of(patterns, pat, H)), q.device)
+        picks = dsel.select(spec, pat, q, heads, group, seqlen, capacity, summaries, scores, kv_heads)
+        if heads.numel() == H:  # every head runs the pattern (heads ascending)
+            out[pat] = picks
+            continue
+        full = []
+        for p in picks:
+            f = torch.full((p.shape[0], H, *p.shape[2:]), -1, dtype=torch.int32, device=q.device)
+            f[:, heads] = p
+            full.append(f)
+        out[pat] = full
+    return out
+
+
 @_on_device_of
 def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            cache_seqlens: torch.Tensor, page_table: torch.Tensor | None, n_new: int, scale: float, group: int,
            patterns: int | tuple[int, ...], capacity: int, out: torch.Tensor,
-           lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode step into `out` [B, H, Nq, Dv] and `lse` [B, H, Nq] (arguments checked, k_new appended)."""
+           lse: torch.Tensor, picks: dict[int, list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode step into `out` [B, H, Nq, Dv] and `lse` [B, H, Nq] (arguments checked, k_new appended;
+    `picks`: `selections`' for the dynamic patterns)."""
     if q.shape[2] == 0:
         return out, lse
-    if _torch_path(q):
-        return _decode_cpu(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
-                           capacity, out, lse)
     B, H, Nq, D = q.shape
+    if _torch_path(q):
+        pick = {pat: dsel.dense(spec, pat, p, capacity) for pat, p in (picks or {}).items()}
+        return _decode_cpu(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
+                           capacity, out, lse, pick)
     Dv = v_cache.shape[-1]
     opts = current_options()
     block = opts.decode_block or (64 if max(D, Dv) <= 128 else 32)
@@ -161,13 +270,24 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         s_k, s_v = k_cache.stride()[:3], v_cache.stride()[:3]
         page, s_pt = 1, 0
     nq_pad = _pow2(Nq)
-    span = (Nq + block - 2) // block + 1  # query blocks the rows of one step may fall in
+    span = dsel.query_blocks(Nq, block)  # query blocks the rows of one step may fall in
     for pat in _used(patterns):
         heads = _packs(patterns, pat, H, group, q.device)
         packs, g = heads.shape
         m = max(16, _pow2(g * nq_pad))
-        off, runs, count, most = tables.run_tables(spec, pat, capacity, block, block, q.device)
-        splits = opts.decode_splits or _splits(most * span, packs * B, q.device)
+        sel = spec.selectors[pat]
+        bn = block if sel is None else min(block, sel.kblock & -sel.kblock)  # tiles divide the key blocks
+        off, runs, count, most = tables.run_tables(spec, pat, capacity, block, bn, q.device)
+        dyn: dict[str, Any] = {}
+        if sel is not None:
+            p, slist, scount = _pick_tables(spec, pat, (picks or {})[pat], heads, capacity)
+            dyn = dict(PICK=p, VD=dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
+                       SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
+                       SEL_KB=sel.kblock)
+            pred, dispatch = sel_kernel(spec, pat)
+            dyn.update(SEL_PRED=pred, SEL_VARS=dispatch)
+        blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
+        splits = opts.decode_splits or _splits(blocks, packs * B, q.device)
         dv_pad = _d_pad(Dv)
         ws_o = torch.empty(B * packs * splits * m * dv_pad, dtype=torch.float32, device=q.device)
         ws_l = torch.empty(B * packs * splits * m, dtype=torch.float32, device=q.device)
@@ -175,15 +295,38 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count, ws_o, ws_l,
             *q.stride()[:3], *s_k, *s_v, s_pt,
             Nq, n_new, capacity, page, group, splits, scale * _LOG2E,
-            PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=block, DQK=D,
+            PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
             DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, DOT_PREC="ieee" if q.dtype == torch.float32
-            else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET, num_warps=4,
+            else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET, num_warps=4, **dyn,
         )
         _decode_merge[(packs, B)](
             out, lse, heads, ws_o, ws_l, *out.stride()[:3], *lse.stride()[:2], Nq, splits,
             G=g, NQ_PAD=nq_pad, M=m, DV=Dv, DV_PAD=dv_pad, num_warps=4,
         )
     return out, lse
+
+
+def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: torch.Tensor,
+                 capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(PICK, SLIST, SCOUNT) for `_decode_split` from the selectors' picks: one `_pick_tables` launch where a
+    pack's picks are few (topk), else `decode_selection.dense` and `pack_lists` in PyTorch."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    B, H, qb, _ = picks[0].shape
+    g = packs.shape[1]
+    merged = picks[0] if len(picks) == 1 else _combine(picks)
+    width = merged.shape[-1]
+    entries = _pow2(g * qb * width)
+    if entries > 256:
+        pick = dsel.dense(spec, pat, picks, capacity)
+        return (pick, *dsel.pack_lists(pick, packs, g * qb * width))
+    nk = -(-capacity // sel.kblock)
+    pick = torch.zeros((B, H, qb, nk), dtype=torch.int8, device=merged.device)
+    slist = torch.full((B, packs.shape[0], min(nk, g * qb * width)), -1, dtype=torch.int32, device=merged.device)
+    scount = torch.empty((B, packs.shape[0]), dtype=torch.int32, device=merged.device)
+    _pick_tables_kernel[(packs.shape[0], B)](merged.contiguous(), packs, pick, slist, scount, H, qb, width, nk,
+                                             slist.shape[-1], G=g, E_PAD=entries, num_warps=4)
+    return pick, slist, scount
 
 
 def _splits(blocks: int, programs: int, device: torch.device) -> int:
@@ -214,7 +357,7 @@ def _packs(patterns: int | tuple[int, ...], pat: int, H: int, group: int, device
 def _decode_cpu(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 cache_seqlens: torch.Tensor, page_table: torch.Tensor | None, n_new: int, scale: float, group: int,
                 patterns: int | tuple[int, ...], capacity: int, out: torch.Tensor,
-                lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                lse: torch.Tensor, pick: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU path: per sequence, only the positions some query row may attend to are gathered."""
     B, H, Nq, _ = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -224,8 +367,13 @@ def _decode_cpu(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cac
         for pat in _used(patterns):
             heads = torch.tensor(_heads_of(patterns, pat, H), dtype=torch.int64)
             ok = torch.broadcast_to(torch.as_tensor(evaluate(spec.predicates[pat].expr, i, j, length)), (Nq, length))
+            if pat in pick:
+                ok = _selected_pairs(spec, pat, pick[pat][b, heads], ok, i, j, length)
             ok = ok & (i >= 0)
-            at = torch.nonzero(ok.any(0)).flatten()  # the reachable positions: nothing else is read
+            at = torch.nonzero(ok.reshape(-1, length).any(0)).flatten()  # the reachable positions: nothing else is read
+            if at.numel() == 0:  # no row attends to anything: zeros, lse -inf
+                out[b, heads], lse[b, heads] = 0, float("-inf")
+                continue
             if page_table is None:
                 k, v = k_cache[b][:, at], v_cache[b][:, at]
             else:
@@ -234,8 +382,24 @@ def _decode_cpu(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cac
                 k, v = k_cache[page, at % size].transpose(0, 1), v_cache[page, at % size].transpose(0, 1)
             kv = heads // group
             s = torch.matmul(q[b, heads].to(work), k[kv].to(work).transpose(-1, -2)) * scale
-            o, rows_lse = masked_softmax(s, ok[:, at], v[kv].to(work))
+            o, rows_lse = masked_softmax(s, ok[..., at], v[kv].to(work))
             out[b, heads] = o.to(out.dtype)
             lse[b, heads] = rows_lse
     return out, lse
 
+
+
+def _selected_pairs(spec: PatternSpec, pat: int, pick: torch.Tensor, static: torch.Tensor, i: torch.Tensor,
+                    j: torch.Tensor, length: int) -> torch.Tensor:
+    """[heads, Nq, length]: the pairs a dynamic pattern allows, P_v(i, j) with v the case of the block (the
+    row's query block of the step, j's key block) in `pick` [heads, query blocks, key blocks] (0: the static
+    part P_0)."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    rel = i.clamp(min=0) // sel.block - max(length - i.shape[0], 0) // sel.block  # [Nq, 1]
+    v = pick[:, rel.clamp(0, pick.shape[1] - 1), j // sel.kblock].long()  # [heads, Nq, length]
+    ok = torch.where(v == 0, static, False)
+    for case, p in enumerate(sel.cases, 1):
+        if p >= 0:
+            ok = ok | ((v == case) & torch.as_tensor(evaluate(spec.predicates[p].expr, i, j, length)))
+    return ok

@@ -15,24 +15,25 @@ loaded (masked loads): a paged cache's unreachable pages may point anywhere.
 import triton
 import triton.language as tl
 
-from .fwd_kernels import _merge_part, _online_softmax
+from .fwd_kernels import _allowed_at, _merge_part, _online_softmax
 
 
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, seqlen, offs_n, offs_dk, offs_dv,
                  s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, PRED: tl.constexpr,
                  BLOCK_N: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr,
-                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
+                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr, PICK=None, prow=None, SEL_KB: tl.constexpr = 1,
+                 VAR=None):
     """Key block kb into the running softmax of the rows `rows_ok` (query positions ii); `partial`: the
-    predicate decides per pair, else every pair of the block (inside the sequence) is allowed."""
+    predicate decides per pair, else every pair of the block (inside the sequence) is allowed. PICK (a
+    dynamic pattern's static part): rows whose selection picked the tile's selector key block skip it (the
+    selected loop takes it). VAR: a dispatching PRED's per-row case rank [rows, 1]."""
+    if PICK is not None:
+        picked = tl.load(PICK + prow + kb * BLOCK_N // SEL_KB, mask=rows_ok, other=0)
+        rows_ok = rows_ok & (picked == 0)
     cols = kb * BLOCK_N + offs_n
-    ci = cols
-    qi = ii
-    if IDX64:
-        ci = ci.to(tl.int64)
-        qi = qi.to(tl.int64)
     ok = rows_ok[:, None] & (cols < seqlen)[None, :]
-    ok = ok & (PRED(qi[:, None], ci[None, :], seqlen) | (partial == 0))
+    ok = ok & (_allowed_at(ii[:, None], cols[None, :], seqlen, PRED, IDX64, True, VAR) | (partial == 0))
     col_ok = tl.max(ok.to(tl.int32), 0) > 0  # some row attends to this key: only those are read
     if PAGED:
         page = tl.load(PT + b * s_ptb + cols // PAGE, mask=col_ok, other=0).to(tl.int64)
@@ -50,14 +51,22 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS"])
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS", "H", "SQB", "SNK", "SL"])
 def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
                   s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb,
                   NQ, NNEW, CAP, PAGE, GROUP, SPLITS, qk_scale,
                   PRED: tl.constexpr, G: tl.constexpr, NQ_PAD: tl.constexpr, M: tl.constexpr,
                   TABLE_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, DQK_PAD: tl.constexpr,
                   DV: tl.constexpr, DV_PAD: tl.constexpr, PAGED: tl.constexpr, DOT_PREC: tl.constexpr,
-                  IDX64: tl.constexpr, INTERPRET: tl.constexpr):
+                  IDX64: tl.constexpr, INTERPRET: tl.constexpr,
+                  PICK=None, VD=None, SLIST=None, SCOUNT=None, H=1, SQB=1, SNK=1, SL=1,
+                  SEL_PRED: tl.constexpr = None, SEL_VARS: tl.constexpr = False, SEL_B: tl.constexpr = 1,
+                  SEL_KB: tl.constexpr = 1):
+    # SEL_PRED is not None (a dynamic pattern): PICK [B, H, SQB, SNK] int8 is each head's selection case per
+    # (query block of the step, selector key block of SEL_KB keys), 0: not picked; the static part's tiles
+    # skip the rows that picked them, and after them (numbered on) come the SCOUNT [B, packs] key blocks of
+    # SLIST [B, packs, SL] that some row of the pack picked, each SEL_KB // BLOCK_N tiles masked per row with
+    # its case's predicate SEL_PRED (rank VD[v - 1], -1: the case allows nothing)
     # rows r: head slot r // NQ_PAD of the pack, query t = r % NQ_PAD at position seqlen - NQ + t
     pack = tl.program_id(0)
     b32 = tl.program_id(1)
@@ -88,6 +97,12 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
     while qb <= qb_hi:
         total += tl.load(COUNT + qb)
         qb += 1
+    static_total = total
+    prow = r.to(tl.int64) * 0  # per row, its selection's offset in PICK (dynamic patterns)
+    if SEL_PRED is not None:
+        total += tl.load(SCOUNT + b32 * packs + pack) * (SEL_KB // BLOCK_N)
+        rel = ii // SEL_B - tl.maximum(seqlen - NQ, 0) // SEL_B
+        prow = ((b * H + head) * SQB + rel).to(tl.int64) * SNK
     share = tl.cdiv(total, SPLITS)
     lo = split * share
     hi = tl.minimum(lo + share, total)
@@ -110,17 +125,35 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 DOT_PREC, IDX64)
+                                                 DOT_PREC, IDX64, PICK, prow, SEL_KB)
                     x += 1
             else:
                 for x in range(a, e):
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 DOT_PREC, IDX64)
+                                                 DOT_PREC, IDX64, PICK, prow, SEL_KB)
             run += 1
         seen += tl.load(COUNT + qb)
         qb += 1
+    if SEL_PRED is not None:  # the selected key blocks, each with the case of the row that picked it
+        x = tl.maximum(lo, static_total)
+        while x < hi:
+            kb_sel = tl.load(SLIST + (b32 * packs + pack).to(tl.int64) * SL + (x - static_total) // (SEL_KB // BLOCK_N))
+            v = tl.load(PICK + prow + kb_sel, mask=rows, other=0).to(tl.int32)
+            rank = tl.load(VD + tl.maximum(v - 1, 0), mask=v > 0, other=-1)
+            kb = kb_sel * (SEL_KB // BLOCK_N) + (x - static_total) % (SEL_KB // BLOCK_N)
+            if SEL_VARS:
+                acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii,
+                                             seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                                             s_ptb, PAGE, qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, DOT_PREC,
+                                             IDX64, VAR=rank[:, None])
+            else:
+                acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii,
+                                             seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                                             s_ptb, PAGE, qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, DOT_PREC,
+                                             IDX64)
+            x += 1
     # this split's partial result: rows normalised, log2-sum-exp (-inf where it saw no allowed key)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -162,3 +195,96 @@ def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, S
     tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=rows[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b * s_lb + h * s_lh + t, lse, mask=rows)
+
+
+@triton.jit(do_not_specialize=["T", "NB", "CAP", "PAGE"])
+def _summary_kernel(K, PT, LEN, IDS, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, T, NB, HKV, CAP, PAGE,
+                    BLK: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGED: tl.constexpr):
+    """Key summaries (`patterndsl.cache.KeySummaries`): per (batch entry, KV head) program row and key block
+    IDS[b, t] of BLK keys, the element-wise min, max and mean (float32) of its keys below LEN[b], written to
+    LO, HI, MEAN [B, HKV, NB, D] (zeros for a block with no key yet). A paged cache's positions past the
+    length are never loaded."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    blk = tl.load(IDS + b * T + t).to(tl.int64)
+    n = tl.minimum(tl.load(LEN + b), CAP)
+    offs_d = tl.arange(0, D_PAD)
+    lo = tl.full([D_PAD], float("inf"), dtype=tl.float32)
+    hi = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for c0 in range(0, BLK, CH):
+        pos = blk * BLK + c0 + tl.arange(0, CH)
+        ok = pos < n
+        if PAGED:
+            page = tl.load(PT + b * s_ptb + pos // PAGE, mask=ok, other=0).to(tl.int64)
+            rows = page * s_kb + (pos % PAGE) * s_kn + h * s_kh
+        else:
+            rows = b * s_kb + h * s_kh + pos * s_kn
+        m = ok[:, None] & (offs_d[None, :] < D)
+        x = tl.load(K + rows[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        lo = tl.minimum(lo, tl.min(tl.where(m, x, float("inf")), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(m, x, float("-inf")), 0))
+        acc += tl.sum(x, 0)
+    count = tl.minimum(tl.maximum(n - blk * BLK, 0), BLK)
+    some = count > 0
+    out = ((b * HKV + h) * NB + blk) * D + offs_d
+    keep = offs_d < D
+    tl.store(LO + out, tl.where(some, lo, 0.0), mask=keep)
+    tl.store(HI + out, tl.where(some, hi, 0.0), mask=keep)
+    tl.store(MEAN + out, tl.where(some, acc / tl.maximum(count, 1).to(tl.float32), 0.0), mask=keep)
+
+
+@triton.jit(do_not_specialize=["H", "QB", "W", "NK", "SL"])
+def _pick_tables(SEL, HEADS, PICK, SLIST, SCOUNT, H, QB, W, NK, SL, G: tl.constexpr, E_PAD: tl.constexpr):
+    """What `_decode_split` reads of a selection, for one (head pack, batch entry): the pack's picks SEL
+    [B, H, QB, W] (int32, `block | (v - 1) << 24`, -1 padding) scattered into PICK [B, H, QB, NK] (int8,
+    the case v; zeroed before), and the distinct key blocks among them into SLIST [B, packs, SL] (-1 filled
+    before) with their number SCOUNT [B, packs]. An entry is listed where no earlier entry of the pack
+    holds the same block."""
+    pack = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    packs = tl.num_programs(0)
+    e = tl.arange(0, E_PAD)
+    per = QB * W
+    slot = e // per
+    head = tl.load(HEADS + pack * G + slot, mask=(slot < G) & (e < G * per), other=-1).to(tl.int64)
+    at = ((b * H + head) * QB + (e // W) % QB) * W + e % W
+    val = tl.load(SEL + at, mask=head >= 0, other=-1)
+    ok = val >= 0
+    blk = val & 0xFFFFFF
+    tl.store(PICK + ((b * H + head) * QB + (e // W) % QB) * NK + blk, ((val >> 24) + 1).to(tl.int8), mask=ok)
+    key = tl.where(ok, blk, -1)
+    earlier = (key[:, None] == key[None, :]) & (e[None, :] < e[:, None])
+    first = ok & (tl.max(earlier.to(tl.int32), 1) == 0)
+    rank = tl.cumsum(first.to(tl.int32), 0) - 1
+    row = (b * packs + pack) * SL
+    tl.store(SLIST + row + rank, blk, mask=first)
+    tl.store(SCOUNT + b * packs + pack, tl.sum(first.to(tl.int32), 0))
+
+
+@triton.jit(do_not_specialize=["NQ", "CAP", "NK", "QB"])
+def _decode_candidates(SEQ, CAND, NQ, CAP, NK, QB, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr,
+                       BK: tl.constexpr, CH: tl.constexpr, IDX64: tl.constexpr):
+    """A decode step's selector candidates (`decode_selection.candidates`): CAND [B, QB, NK] (uint8, zeroed
+    before) gets 1 where the context PRED allows a pair (i, j) for a row i of the step in that query block
+    of SEL_B rows and a key j < seqlen of that key block of KB keys. One program per (BK key blocks, batch
+    entry); the context is decode-consistent, so PRED is evaluated at N = CAP."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seqlen = tl.load(SEQ + b)
+    kbs = pid * BK + tl.arange(0, BK)
+    base = tl.maximum(seqlen - NQ, 0) // SEL_B
+    t = seqlen * 0
+    while t < NQ:
+        i = seqlen - NQ + t
+        if i >= 0:
+            hit = tl.zeros([BK], dtype=tl.int32)
+            for c in range(0, KB, CH):
+                j = kbs[:, None] * KB + c + tl.arange(0, CH)[None, :]
+                ok = (j < seqlen) & _allowed_at(i, j, CAP, PRED, IDX64, True)
+                hit = tl.maximum(hit, tl.max(ok.to(tl.int32), 1))
+            row = (b * QB + i // SEL_B - base) * NK
+            tl.store(CAND + row + kbs, tl.full([BK], 1, tl.uint8), mask=(hit > 0) & (kbs < NK))
+        t += 1

@@ -41,6 +41,30 @@ def _paged(kc: Any, vc: Any, page: int, seed: int) -> tuple[Any, Any, Any]:
     return kp, vp, table
 
 
+def _sequence(kc: Any, vc: Any, table: Any, b: int, n: int) -> tuple[Any, Any]:
+    """Sequence b's first n keys and values [Hkv, n, D] of a contiguous or paged cache."""
+    if table is None:
+        return kc[b, :, :n], vc[b, :, :n]
+    page = kc.shape[1]
+    pos = torch.arange(n, device=kc.device)
+    pg = table[b].long()[pos // page]
+    return kc[pg, pos % page].transpose(0, 1), vc[pg, pos % page].transpose(0, 1)
+
+
+def _captured(step: Any) -> tuple[Any, Any]:
+    """(the graph, its output): `step` warmed up on a side stream (compiles and tables outside the
+    capture), then captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 @pytest.mark.parametrize("src", CASES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("paged", [False, True])
@@ -60,12 +84,7 @@ def test_decode_matches_reference(src: str, dtype: str, paged: bool) -> None:
     got, lse = attn.decode(q, kc, vc, seqlens, page_table=table, return_lse=True)
     for b, n in enumerate(lengths):
         mask = _rows_mask(src, range(n - Nq, n), n)
-        if table is None:
-            k, v = kc[b, :, :n], vc[b, :, :n]
-        else:
-            pos = torch.arange(n, device="cuda")
-            pg = table[b].long()[pos // 16]
-            k, v = kc[pg, pos % 16].transpose(0, 1), vc[pg, pos % 16].transpose(0, 1)
+        k, v = _sequence(kc, vc, table, b, n)
         want, want_lse = attention_reference(q[b:b + 1].cpu(), k[None].cpu(), v[None].cpu(), mask, D**-0.5)
         err = (got[b].double().cpu() - want[0]).abs().max().item()
         assert err < TOL[dtype] * max(1.0, want.abs().max().item()), f"b={b}: max |out - ref| = {err}"
@@ -113,14 +132,7 @@ def test_decode_step_replays_with_new_lengths(paged: bool) -> None:
     def step() -> Any:
         return attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up: compiles and run tables, outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = _captured(step)
     for lengths in ([7, 1023, 4096, 8190], [0, 1, 2, 3000]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         for t in (q, kn, vn):
@@ -133,3 +145,110 @@ def test_decode_step_replays_with_new_lengths(paged: bool) -> None:
         vc.copy_(v0)
         want = step()
         assert torch.equal(replayed, want), f"lengths {lengths}: replay differs from an eager step"
+
+
+# --- dynamic selectors at decode -----------------------------------------------------------------------------
+
+SELECTOR_CASES = [  # (pattern, its static part P_0, the selected blocks' P_1, rule)
+    ("causal & (window(255) | topk(8, block=64))", "causal & window(255)", "causal", "mean"),
+    ("causal & topk(8, block=64, score=quest)", "none", "causal", "quest"),
+]
+
+
+def _ref_selection(rule: str, q: Any, k: Any, n: int, block: int, count: int) -> tuple[Any, Any]:
+    """float64 per head: (picked key blocks [H, blocks] bool, whether the pick is clear of a near tie [H])
+    for the step's rows (one query block: their mean query) against the causal candidates below n."""
+    H, nq, _ = q.shape
+    group = H // k.shape[0]
+    qbar = q.double().mean(1)  # [H, D]
+    nk = -(-n // block)
+    keys = torch.nn.functional.pad(k[:, :n].double(), (0, 0, 0, nk * block - n))  # [Hkv, nk * block, D]
+    here = (torch.arange(nk * block) < n).view(nk, block)
+    blocks = keys.view(k.shape[0], nk, block, -1)
+    if rule == "mean":
+        kbar = blocks.sum(2) / here.sum(1)[None, :, None]
+        s = torch.einsum("hd,hkd->hk", qbar, kbar.repeat_interleave(group, 0))
+    else:
+        hi = torch.where(here[None, :, :, None], blocks, float("-inf")).amax(2).repeat_interleave(group, 0)
+        lo = torch.where(here[None, :, :, None], blocks, float("inf")).amin(2).repeat_interleave(group, 0)
+        s = torch.maximum(qbar[:, None] * hi, qbar[:, None] * lo).sum(-1)
+    top = torch.sort(s, -1, descending=True)
+    picked = torch.zeros_like(s, dtype=torch.bool)
+    picked.scatter_(1, top.indices[:, :count], True)
+    if nk <= count:  # every candidate kept
+        return picked, torch.ones(H, dtype=torch.bool)
+    clear = (top.values[:, count - 1] - top.values[:, count]).abs() > 1e-2 * top.values.abs().amax(-1)
+    return picked, clear
+
+
+@pytest.mark.parametrize("src, static, selected, rule", SELECTOR_CASES)
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_selectors_match_reference(src: str, static: str, selected: str, rule: str, paged: bool) -> None:
+    """bf16 steps with a selector (k_new appended, the summaries updated): the returned selection equals a
+    float64 selection by the rule (heads without a near tie), and the rows equal float64 attention over the
+    static part plus the selected blocks."""
+    from patterndsl.cache import KeySummaries
+
+    attn = P.compile(f"pattern p = {src}\n")
+    B, H, Hkv, D, nmax, nq = 3, 8, 2, 128, 4096, 1
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g).to(torch.bfloat16)
+    q = torch.randn(B, H, nq, D, device="cuda", generator=g).to(torch.bfloat16)
+    kn, vn = kc[:, :, :1].clone().normal_(), vc[:, :, :1].clone().normal_()
+    lengths = [70, 1500, 4095]
+    seqlens = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device="cuda")
+    table = None
+    if paged:
+        kc, vc, table = _paged(kc, vc, 64, 3)
+    summaries = KeySummaries.build(kc, seqlens, 64, page_table=table)
+    got, sel = attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn, summaries=summaries,
+                           return_selected=True)
+    for b, n in enumerate(lengths):
+        k, v = _sequence(kc, vc, table, b, n)
+        picked, clear = _ref_selection(rule, q[b].cpu(), k.cpu(), n, 64, 8)
+        mine = torch.zeros_like(picked)
+        for h in range(H):
+            ids = sel[0][b, h, 0].cpu()
+            mine[h, ids[ids >= 0].long()] = True
+            if clear[h]:
+                assert torch.equal(mine[h], picked[h]), f"b={b} h={h}: selection differs from the float64 rule"
+        rows = range(n - nq, n)
+        p0, p1 = _rows_mask(static, rows, n), _rows_mask(selected, rows, n)
+        chosen = mine[:, torch.arange(n) // 64].numpy()[:, None, :]  # [H, 1, n]
+        mask = np.where(chosen, p1[None], p0[None])
+        want, _ = attention_reference(q[b:b + 1].cpu(), k[None].cpu(), v[None].cpu(), mask, D**-0.5)
+        err = (got[b].double().cpu() - want[0]).abs().max().item()
+        assert err < 3e-2 * max(1.0, want.abs().max().item()), f"b={b}: max |out - ref| = {err}"
+
+
+def test_decode_selector_step_replays_with_new_lengths() -> None:
+    """A selector step (append, summaries update, scoring, selection, attention) captured in a CUDA graph
+    replays with new lengths and equals an eager step on a copy of the cache and summaries."""
+    from patterndsl.cache import KeySummaries
+
+    attn = P.compile("pattern p = causal & (window(511) | topk(16, block=64))\n")
+    B, H, Hkv, D, nmax = 2, 32, 8, 128, 16384
+    g = torch.Generator(device="cuda").manual_seed(1)
+    kc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    vc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    q = torch.randn(B, H, 1, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    kn, vn = kc[:, :, :1].clone(), vc[:, :, :1].clone()
+    seqlens = torch.tensor([3000, 9000], dtype=torch.int32, device="cuda")
+    s = KeySummaries.build(kc, torch.full_like(seqlens, nmax), 64)
+
+    def step() -> Any:
+        return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=s)
+
+    graph, out = _captured(step)
+    for lengths in ([100, 16000], [5000, 64]):
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        for t in (q, kn, vn):
+            t.normal_()
+        saved = [t.clone() for t in (kc, vc, s.lo, s.hi, s.mean)]
+        out.fill_(float("nan"))
+        graph.replay()
+        replayed = out.clone()
+        for t, x in zip((kc, vc, s.lo, s.hi, s.mean), saved, strict=True):
+            t.copy_(x)
+        assert torch.equal(replayed, step()), f"lengths {lengths}: replay differs from an eager step"

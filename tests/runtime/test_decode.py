@@ -17,6 +17,7 @@ from helpers import attention_reference, reference_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import allowed
+from strategies import decode_steps
 
 import patterndsl as P
 from patterndsl import ir
@@ -141,13 +142,8 @@ def _check_step(src: str, dtype: Any, lengths: list[int], Nq: int, n_new: int, h
         assert (got_lse.double()[finite] - want_lse[finite]).abs().max().item() < 1e-5
 
 
-@st.composite
-def _steps(draw: st.DrawFn) -> dict[str, Any]:
-    Nq = draw(st.integers(1, 4))
-    return dict(src=draw(st.sampled_from(PATTERNS)), Nq=Nq, n_new=draw(st.integers(0, Nq)),
-                lengths=draw(st.lists(st.integers(Nq, 40), min_size=1, max_size=3)),
-                hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3])),
-                page=draw(st.sampled_from([None, 1, 3, 4, 8])), seed=draw(st.integers(0, 2**16)))
+def _steps() -> st.SearchStrategy[dict[str, Any]]:
+    return decode_steps(PATTERNS, 40, [None, 1, 3, 4, 8]).map(lambda c: {("Nq" if k == "nq" else k): v for k, v in c.items()})
 
 
 @settings(max_examples=10)

@@ -1,0 +1,228 @@
+"""Dynamic selectors at decode: a step's rows score the cache's key blocks from their summaries and pick.
+
+A decode step's rows are positions seqlen - Nq .. seqlen - 1. The query block of row i is i // b, as in
+prefill; the step's rows that fall in one query block stand for it, since the earlier rows' queries are not
+cached: q-bar is their mean (one row: its query), the candidates are the key blocks where the selector's
+context allows a pair (i, j) for one of them and a key j < seqlen, and the key blocks' mean, min and max are
+over their keys below seqlen (`patterndsl.cache.KeySummaries`). When the step's rows are a whole query
+block, this is prefill's selection at N = seqlen. The budgets are prefill's (`selection._pick`), the rules'
+formulas too (`selection.quest_bound`, `compressed_weights`, `share_kv`).
+
+Everything is device tensors of shapes fixed by the arguments (no value read back), so a step with
+selectors stays CUDA-graph capturable. The selection reaches the decode kernel as a per-(batch, head,
+query block of the step, key block) byte (the selection case v, 0: not picked) and, per (batch, head
+pack), the list of key blocks some row of the pack picked and its length (`decode._pick_tables`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .common import _d_pad, _pow2, _torch_path
+from .decode_kernels import _decode_candidates
+from .evaluate import evaluate
+from .options import current_options
+from .selection import _combine, _pick, _score_prec, _sel_dense, _topk_kernel, compressed_weights, quest_bound, share_kv
+
+if TYPE_CHECKING:
+    from ..cache import KeySummaries
+    from .spec import PatternSpec, Selector
+
+
+def query_blocks(nq: int, block: int) -> int:
+    """How many query blocks of `block` rows a step of nq consecutive rows may touch."""
+    return (nq + block - 2) // block + 1
+
+
+def step_rows(seqlen: torch.Tensor, nq: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions [B, nq] int64, valid [B, nq], one-hot [B, nq, query blocks] of each row's query block
+    among the step's, counted from the block of max(seqlen - nq, 0))."""
+    pos = seqlen.long()[:, None] - nq + torch.arange(nq, device=seqlen.device)
+    valid = pos >= 0
+    rel = pos.clamp(min=0) // block - (seqlen.long()[:, None] - nq).clamp(min=0) // block
+    qb = query_blocks(nq, block)
+    hot = (rel[:, :, None] == torch.arange(qb, device=seqlen.device)) & valid[:, :, None]
+    return pos, valid, hot
+
+
+def candidates(spec: PatternSpec, rule: Selector, pos: torch.Tensor, valid: torch.Tensor, hot: torch.Tensor,
+               seqlen: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B, query blocks, key blocks] bool: the key blocks where the context allows a pair (i, j) for a row i
+    of the query block (of the step) and a key j < seqlen. The context is decode-consistent, so its
+    predicate at N = capacity is its predicate at N = seqlen."""
+    kb = rule.kblock
+    nk = -(-capacity // kb)
+    j = torch.arange(nk * kb, device=pos.device)
+    ok = evaluate(spec.predicates[rule.context].expr, pos[:, :, None], j[None, None, :], capacity)
+    ok = (j < seqlen.long()[:, None, None]) & valid[:, :, None] & ok  # (a constant context: a Python bool)
+    rows = ok.view(*pos.shape, nk, kb).any(-1)
+    return torch.einsum("btr,btk->brk", hot.to(torch.float32), rows.to(torch.float32)) > 0
+
+
+def scores(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot: torch.Tensor,
+           blocks: torch.Tensor, summaries: KeySummaries | None, given: Any,
+           kv_heads: int) -> torch.Tensor:
+    """[B, heads, query blocks, key blocks] scores of the rule (NaN: not a candidate), float32 (float64 for
+    float64 inputs). q-bar: the mean of the step's rows in each query block."""
+    hl = heads.long()
+    kvh = hl // group
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if rule.given:
+        s = given[:, hl].to(work)
+    else:
+        assert summaries is not None
+        qs = q[:, hl].to(work)
+        count = hot.sum(1).to(work).clamp(min=1)  # [B, query blocks]
+        qm = torch.einsum("bhtd,btr->bhrd", qs, hot.to(work)) / count[:, None, :, None]
+        match rule.score:
+            case "mean":
+                s = _by_kv(lambda x: torch.matmul(x, summaries.mean.transpose(-1, -2)), qm, hl, group, kv_heads)
+            case "quest":
+                s = _by_kv(lambda x: quest_bound(x, summaries.lo, summaries.hi), qm, hl, group, kv_heads)
+            case "compressed":
+                ok = torch.einsum("btr,brk->btk", hot.to(torch.float32), blocks.to(torch.float32)) > 0  # its block's
+                w = _by_kv(lambda x: compressed_weights(x, summaries.mean, ok[:, None].repeat(1, 1, group, 1)),
+                           qs, hl, group, kv_heads)
+                s = torch.einsum("bhtk,btr->bhrk", w, hot.to(work))
+            case _:
+                raise AssertionError(rule.score)  # refused by `check_selectors`
+    if rule.share:
+        s = share_kv(s, kvh, kv_heads)
+    return torch.where(blocks[:, None], s, float("nan"))
+
+
+def _by_kv(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, hl: torch.Tensor, group: int, kv_heads: int) -> torch.Tensor:
+    """fn applied to the rows x [B, nh, R, D] of heads `hl` grouped by KV head ([B, Hkv, group * R, D]), so
+    that it reads each KV head's summaries once instead of a copy per query head: [B, nh, R, ...]."""
+    B, _, R, D = x.shape
+    full = torch.zeros((B, kv_heads * group, R, D), dtype=x.dtype, device=x.device)
+    full[:, hl] = x
+    out = fn(full.view(B, kv_heads, group * R, D))
+    return out.view(B, kv_heads * group, R, *out.shape[3:])[:, hl]
+
+
+def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, group: int, seqlen: torch.Tensor,
+           capacity: int, summaries: KeySummaries | None, given: Any, kv_heads: int) -> list[torch.Tensor]:
+    """Per selector of predicate `pat`, its picks for `heads`: int32 [B, nh, query blocks, width], key block
+    ids, -1 padding (topk: width n; fraction and threshold: every key block).
+
+    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches: the candidates
+    (`_decode_candidates`, the context's kernel predicate) and prefill's fused selection (`_topk_kernel`);
+    the other rules score and pick with PyTorch (`candidates`, `scores`, prefill's `_pick`)."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    B, _, nq, D = q.shape
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    out = []
+    for rule in sel.all:
+        if _fusable(rule, q, summaries):
+            assert summaries is not None
+            cand = _kernel_candidates(spec, rule, seqlen, nq, capacity)
+            hot = None if nq == 1 else (rows or step_rows(seqlen, nq, sel.block))[2]
+            out.append(_fused(rule, q, heads, group, hot, cand, summaries, kv_heads))
+            continue
+        rows = rows or step_rows(seqlen, nq, sel.block)
+        pos, valid, hot = rows
+        cand = candidates(spec, rule, pos, valid, hot, seqlen, capacity)
+        s = scores(rule, q, heads, group, hot, cand, summaries, given, kv_heads)
+        count = rule.param if rule.kind == "topk" else None
+        picked = _pick(rule, s.reshape(-1, s.shape[-1]), 1.0 / math.sqrt(D), count)  # type: ignore[arg-type]
+        if isinstance(count, int):  # width n whatever the blocks, as the fused selection's
+            picked = torch.nn.functional.pad(picked, (0, count - picked.shape[-1]), value=-1)
+        out.append(picked.view(*s.shape[:3], -1).to(torch.int32))
+    return out
+
+
+def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) -> bool:
+    """The fused selection applies: off the PyTorch path, topk(n <= 64) by the mean rule without share=kv,
+    float32 summaries, a head_dim that is a power of two of at least 16."""
+    n = rule.param
+    return (not _torch_path(q) and rule.kind == "topk" and rule.score == "mean" and not rule.share
+            and not rule.given and isinstance(n, int) and n <= 64 and summaries is not None
+            and summaries.mean.dtype == torch.float32 and _d_pad(q.shape[-1]) == q.shape[-1])
+
+
+def _kernel_candidates(spec: PatternSpec, rule: Selector, seqlen: torch.Tensor, nq: int, capacity: int) -> torch.Tensor:
+    """`candidates` as uint8 [B, query blocks, key blocks] by one `_decode_candidates` launch."""
+    nk = -(-capacity // rule.kblock)
+    qb = query_blocks(nq, rule.block)
+    B = seqlen.shape[0]
+    cand = torch.zeros((B, qb, nk), dtype=torch.uint8, device=seqlen.device)
+    bk = 16
+    _decode_candidates[(-(-nk // bk), B)](
+        seqlen.contiguous(), cand, nq, capacity, nk, qb, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block,
+        KB=rule.kblock, BK=bk, CH=min(64, rule.kblock & -rule.kblock), IDX64=spec.idx64, num_warps=4,
+    )
+    return cand
+
+
+def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot: torch.Tensor | None,
+           cand: torch.Tensor, summaries: KeySummaries, kv_heads: int) -> torch.Tensor:
+    """topk(n) by the mean rule in one launch of prefill's fused selection (`_topk_kernel`: scores from the
+    step's mean queries against the summaries' mean keys, the running top n in registers); `cand` the
+    candidates uint8 [B, query blocks, key blocks]; `hot` the rows' query blocks (None: one row)."""
+    n = rule.param
+    assert isinstance(n, int)
+    B, H, _, D = q.shape
+    qb, nk, nh = cand.shape[1], cand.shape[2], heads.numel()
+    if hot is None:  # one row: its query is the mean
+        qm = q.float().contiguous()
+    else:
+        count = hot.sum(1).to(torch.float32).clamp(min=1)
+        qm = (torch.einsum("bhtd,btr->bhrd", q.float(), hot.to(torch.float32)) / count[:, None, :, None]).contiguous()
+    opts = current_options()
+    np2 = _pow2(n)
+    bk = 16 if D > 128 else 32
+    bq = min(opts.topk_rows, max(16, _pow2(qb)))  # (a step's query blocks are few)
+    sel = torch.empty((B * nh, qb, np2), dtype=torch.int32, device=q.device)
+    _topk_kernel[(-(-qb // bq), B * nh)](
+        qm, summaries.mean, qm, cand, _span(-(-qb // bq), nk, q.device), sel, heads, nk, nh, H, kv_heads, group,
+        0, 0, 0, qb, qb * D, nk * D, qb * nk, N_SEL=n, NP=np2, BQ=bq, BK=bk, D_PAD=D, DOT_PREC=_score_prec(q),
+        RANGES=False, GIVEN=False, FILL=opts.topk_fill and np2 <= bk, num_warps=opts.topk_warps,
+    )
+    return sel.view(B, nh, qb, np2)[..., :n]
+
+
+_CONSTS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def device_ints(values: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small constant integer tensor on the device, cached: a step creates none from the host (a CUDA
+    graph's capture could not copy it)."""
+    key = (values, str(device), dtype)
+    hit = _CONSTS.get(key)
+    if hit is None:
+        hit = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return hit
+
+
+def _span(groups: int, nk: int, device: torch.device) -> torch.Tensor:
+    """`_topk_kernel`'s SPAN for a decode step: every program's rows look at key blocks [0, nk)."""
+    return device_ints((0, nk) * groups, device, torch.int32)
+
+
+def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int) -> torch.Tensor:
+    """int8 [B, H, query blocks, key blocks]: per head's row the selection case v of each key block (bit m:
+    selector m picked it; 0: none), from the picks [B, H, query blocks, width] of `select` (heads of other
+    patterns: -1, so 0), what the kernel and the CPU path read."""
+    sel = spec.selectors[pat]
+    assert sel is not None
+    nk = -(-capacity // sel.kblock)
+    B, H, qb, _ = picks[0].shape
+    merged = picks[0] if len(picks) == 1 else _combine(picks)
+    return _sel_dense(merged.reshape(B * H, qb, -1), nk, cases=True).reshape(B, H, qb, nk).contiguous()
+
+
+def pack_lists(pick: torch.Tensor, packs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, head pack) the key blocks some row of the pack picked, ascending: int32 [B, packs, L]
+    (-1 padding, L = min(key blocks, width)) and their number int32 [B, packs]."""
+    B, _, _, nk = pick.shape
+    members = packs.long().clamp(min=0)
+    hit = ((pick[:, members] != 0) & (packs >= 0)[None, :, :, None, None]).any(3).any(2)  # [B, packs, nk]
+    kb = torch.arange(nk, device=pick.device)
+    top = torch.topk(torch.where(hit, nk - kb, 0), min(nk, max(1, width)), dim=-1).values
+    return torch.where(top > 0, nk - top, -1).to(torch.int32).contiguous(), hit.sum(-1).to(torch.int32).contiguous()
