@@ -31,7 +31,10 @@ class Options:
     bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning.
     decode_block: the decode kernel's key block (a power of two >= 16; 0: by head_dim).
     decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs).
-    token_warps, token_stages: the vertical/slash forward kernel's warps and pipeline stages."""
+    token_warps, token_stages: the vertical/slash forward kernel's warps and pipeline stages.
+    async_checks: checks that need the device's values (a run-time permutation maps each segment onto
+    itself) become device-side assertions: no host synchronisation, so a call can be captured in a CUDA
+    graph; a violation then fails at the next synchronisation, naming the check, instead of at the call."""
 
     tma_mode: int = 1
     fold: bool = True
@@ -53,6 +56,7 @@ class Options:
     decode_splits: int = 0
     token_warps: int = 4
     token_stages: int = 2
+    async_checks: bool = False
 
 
 _CURRENT: ContextVar[Options] = ContextVar("patterndsl_options", default=Options())  # noqa: B039 (frozen)

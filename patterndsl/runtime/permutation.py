@@ -25,6 +25,7 @@ import torch
 
 from .checks import _check_docs
 from .common import _head_patterns
+from .options import current_options
 from .spec import PatternSpec
 
 __all__ = ["check_permutation", "gather_rows", "permuted", "permuted_qk"]
@@ -60,6 +61,9 @@ def check_permutation(spec: PatternSpec, perm: Any, batch: int, heads: int, n: i
     same = inside & (segment_of[p.clamp(0, max(n - 1, 0))] == segment_of)
     inverse = torch.zeros_like(p).scatter_(2, torch.where(same, p, pos), pos.expand_as(p))
     onto = same & (torch.gather(p, 2, inverse) == pos)
+    if current_options().async_checks:  # the caller asked for no host synchronisation
+        torch._assert_async(onto.all(), f"permutation must map each segment of {seg} tokens onto itself")
+        return p, inverse
     if n and not bool(onto.all()):
         b, h, r = (int(x) for x in torch.nonzero(~onto)[0])
         where = f"(batch {b}, head {h}) " if p.shape[0] * p.shape[1] > 1 else ""

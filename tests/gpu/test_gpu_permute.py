@@ -104,3 +104,21 @@ def test_pbs_library_patterns_merged_are_pbs_attn() -> None:
                       near(qg, kg, vg, return_lse=True)])
     grads = torch.autograd.grad((out * do.cuda()).sum(), (qg, kg, vg))
     _compare(out.detach(), lse.detach(), grads, want, dtype)
+
+
+def test_a_permuted_call_replays_in_a_cuda_graph_with_async_checks() -> None:
+    """With async_checks the permutation's check reads nothing back, so a forward is captured in a CUDA
+    graph; replayed with a new order written into the same tensor, it equals an eager call with that order."""
+    attn = P.compile("pattern p = permute(causal & window(7), segment=16, by=given)\n")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 64, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    perm = segment_permutation((1,), 64, 16, 0).to("cuda")
+    with attn.options(async_checks=True):
+        attn(q, k, v, permutation=perm)  # tables and compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attn(q, k, v, permutation=perm)
+    perm.copy_(segment_permutation((1,), 64, 16, 1).to("cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, attn(q, k, v, permutation=perm))

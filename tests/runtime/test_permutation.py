@@ -211,6 +211,19 @@ def test_a_wrong_permutation_is_one_sentence(perm: Any, message: str) -> None:
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_async_checks_keep_the_result_and_still_refuse_a_wrong_permutation() -> None:
+    """With async_checks the validity check is a device-side assertion (no host read): a valid order gives
+    the same output, a wrong one still fails (on the CPU at once, on a GPU at the next synchronisation)."""
+    q, k, v = _misuse_inputs()
+    attn = _permuted("causal", 4)
+    perm = torch.tensor([[1, 0, 3, 2, 4, 7, 6, 5, 9, 8]])
+    with attn.options(async_checks=True):
+        got = attn(q, k, v, permutation=perm)
+        with pytest.raises(RuntimeError, match="onto itself"):
+            attn(q, k, v, permutation=torch.tensor([[4, 0, 3, 2, 1, 7, 6, 5, 9, 8]]))
+    assert torch.equal(got, attn(q, k, v, permutation=perm))
+
+
 def test_calls_that_take_no_permutation_say_so() -> None:
     q, k, v = _misuse_inputs()
     attn = _permuted("causal", 4)
