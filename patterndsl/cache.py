@@ -150,6 +150,39 @@ class PatternKVCache:
         self._length = n + t
         self.cache_seqlens.fill_(self._length)
 
+    def append_attended(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add T tokens whose queries have already attended (a prompt run through the forward pass), `[B,
+        Hkv, T, D]`, at positions length .. length + T - 1: only the keys a query from length + T on can read
+        are written, so a long prompt costs the pages it leaves behind, not T / max_append appends. T is not
+        bounded by max_append."""
+        t = self._check(k, v, bounded=False)
+        if t == 0:
+            return
+        n, p = self._length, self.page_size
+        end = n + t
+        live = self.retention.pages(end, p)
+        for first, stop in _minus(self._live, live):
+            for lp in range(first, stop):
+                slot = self._resident.pop(lp, None)
+                if slot is not None:
+                    self._free.append(slot)
+        self._live = live
+        for first, stop in live:
+            a, b = max(first * p, n), min(stop * p, end)  # the new tokens this run of live pages holds
+            if a >= b:
+                continue
+            for lp in range(a // p, -(-b // p)):
+                if lp not in self._resident:
+                    self._place(lp)
+            pos = torch.arange(a, b, device=self.device)
+            phys = self.page_table[:, pos // p].long()
+            self.k_pages[phys, (pos % p)[None, :]] = k[:, :, a - n:b - n].transpose(1, 2)
+            self.v_pages[phys, (pos % p)[None, :]] = v[:, :, a - n:b - n].transpose(1, 2)
+        if self.summaries is not None:
+            self.summaries.update(self.k_pages, self.cache_seqlens, t, page_table=self.page_table)
+        self._length = end
+        self.cache_seqlens.fill_(end)
+
     def _place(self, lp: int) -> None:
         if lp >= self.page_table.shape[1]:
             if self.max_seqlen is not None:
@@ -181,7 +214,7 @@ class PatternKVCache:
         self._free.extend(range(new - 1, old - 1, -1))
         self._slots = new
 
-    def _check(self, k: torch.Tensor, v: torch.Tensor) -> int:
+    def _check(self, k: torch.Tensor, v: torch.Tensor, bounded: bool = True) -> int:
         for name, x, d in (("k_new", k, self.head_dim), ("v_new", v, self.value_dim)):
             if not torch.is_tensor(x) or x.dim() != 4:
                 raise ValueError(f"{name} must be a 4-d tensor [B, Hkv, T, D], got {_shape(x)}")
@@ -197,7 +230,7 @@ class PatternKVCache:
         if k.shape[2] != v.shape[2]:
             raise ValueError(f"k_new has {k.shape[2]} tokens but v_new has {v.shape[2]}")
         t = int(k.shape[2])
-        if t > self.max_append:
+        if bounded and t > self.max_append:
             raise ValueError(
                 f"append adds at most max_append = {self.max_append} tokens at a time, got {t} "
                 "(append in chunks, or build the cache with a larger max_append)"

@@ -14,8 +14,8 @@ function, which alone sees the padding mask. So `update` only counts the tokens 
 marked with their layer; the attention function (`hf._Bridge`) gives them back to `PatternLayer.attend`:
 
 - the prompt (the cache is empty): attention over the prompt's own keys (the pattern's ordinary forward,
-  padding as documents), then the keys go into the pages in chunks, each chunk evicting what no later query
-  reads, so the prompt never occupies more than the retained pages;
+  padding as documents), then only the keys a later query reads go into the pages
+  (`PatternKVCache.append_attended`), so the prompt never occupies more than the retained pages;
 - each later step (T <= `max_append` new tokens): append, then `attn.decode` over the pages with the page
   table. A page holds consecutive positions and the table maps each logical page to its physical one, so the
   kernel reads every retained key at its true position; evicted positions are never reached by the pattern,
@@ -101,10 +101,11 @@ class PatternLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         return torch.cat(outs)
 
     def _fill(self, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Store the prompt's keys (each row's real tokens when left-padded), chunk by chunk."""
+        """Store the prompt's keys (each row's real tokens when left-padded): its queries attended in the
+        forward pass, so only the keys later queries read are written (`append_attended`)."""
         if mask is None:
             self.store = self._new(key, value, key.shape[0])
-            _append(self.store, key, value)
+            self.store.append_attended(key, value)
             return
         real = mask.bool()
         count = real.sum(1)
@@ -115,7 +116,7 @@ class PatternLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         self.pads = (real.shape[1] - count).tolist()
         self.rows = [self._new(key, value, 1) for _ in self.pads]
         for b, (store, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
-            _append(store, key[b:b + 1, :, pad:], value[b:b + 1, :, pad:])
+            store.append_attended(key[b:b + 1, :, pad:], value[b:b + 1, :, pad:])
 
     def _check_padding(self, mask: torch.Tensor | None) -> None:
         zeros = [0] * len(self.pads) if mask is None else (mask.shape[1] - mask.bool().sum(1)).tolist()
@@ -202,11 +203,6 @@ def pattern_cache(model: Any, bridge: Any, bodies: list[ir.Body], *, page_size: 
         else:
             layers.append(theirs[i])
     return PatternCache(layers=layers)
-
-
-def _append(store: PatternKVCache, key: torch.Tensor, value: torch.Tensor) -> None:
-    for at in range(0, key.shape[2], store.max_append):
-        store.append(key[:, :, at:at + store.max_append], value[:, :, at:at + store.max_append])
 
 
 def _decode(attn: Any, query: torch.Tensor, store: PatternKVCache, layer: int | None,

@@ -36,10 +36,11 @@ def _gathered(cache: PatternKVCache, pages: torch.Tensor, n: int) -> torch.Tenso
     return pages[phys, (pos % cache.page_size)[None, :]].transpose(1, 2).numpy()
 
 
-def _generate(src: str, steps: list[int], page_size: int | None, seed: int) -> None:
-    """Append `steps` tokens at a time; after each append, every new query attends through the page table
-    and must get what the whole context gives (the pattern's row at N = tokens so far)."""
-    total = sum(steps)
+def _generate(src: str, steps: list[int], page_size: int | None, seed: int, prompt: int = 0) -> None:
+    """Add a prompt of `prompt` tokens whose queries attended already (`append_attended`), then append
+    `steps` tokens at a time; after each append, every new query attends through the page table and must
+    get what the whole context gives (the pattern's row at N = tokens so far)."""
+    total = prompt + sum(steps)
     mask = reference_mask(pattern(src), total)  # decode-consistent: rows at N = n are these rows' prefixes
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, HKV, total, D, generator=g, dtype=torch.float64)
@@ -48,7 +49,9 @@ def _generate(src: str, steps: list[int], page_size: int | None, seed: int) -> N
     kn, vn = k.numpy(), v.numpy()
     cache = PatternKVCache(src, batch=B, kv_heads=HKV, head_dim=D, page_size=page_size, max_append=max(steps),
                            dtype=torch.float64)  # fmt: skip
-    n = 0
+    cache.append_attended(k[:, :, :prompt], v[:, :, :prompt])
+    n = prompt
+    assert cache.length == n
     for t in steps:
         cache.append(k[:, :, n : n + t], v[:, :, n : n + t])
         n += t
@@ -72,6 +75,27 @@ _PAGES = st.sampled_from([None, 1, 2, 3, 4])
 @given(_DECODE_PATTERNS, _STEPS, _PAGES)
 def test_generation_with_the_pattern_cache_equals_the_full_cache(src: str, steps: list[int], page: int | None) -> None:
     _generate(src, steps, page, seed=len(steps))
+
+
+@settings(max_examples=10)
+@given(_DECODE_PATTERNS, st.integers(0, 40), _STEPS, _PAGES)
+def test_a_prompt_added_as_attended_keeps_what_later_queries_read(src: str, prompt: int, steps: list[int],
+                                                                   page: int | None) -> None:
+    _generate(src, steps, page, seed=prompt, prompt=prompt)
+
+
+def test_a_long_prompt_added_as_attended_takes_no_more_memory() -> None:
+    """StreamingLLM's cache after a prompt of 2000 tokens holds what a fresh one does: only the window's and
+    the sinks' pages are ever written, and the last queries still read every key they need."""
+    src = "causal & (window(15) | sink(4))"
+    fresh = PatternKVCache(src, batch=1, kv_heads=1, head_dim=4, dtype=torch.float64)
+    cache = PatternKVCache(src, batch=1, kv_heads=1, head_dim=4, dtype=torch.float64)
+    k = torch.arange(2000, dtype=torch.float64).reshape(1, 1, 2000, 1).expand(1, 1, 2000, 4)
+    cache.append_attended(k, k)
+    assert cache.memory_bytes() == fresh.memory_bytes() and cache.length == 2000
+    held = [x for a, b in cache.resident_positions() for x in range(a, b)]
+    assert set(range(4)) | set(range(2000 - 16, 2000)) <= set(held)
+    assert np.array_equal(_gathered(cache, cache.k_pages, 2000)[0, 0, 1990:, 0], np.arange(1990, 2000))
 
 
 @pytest.mark.slow
