@@ -130,13 +130,7 @@ class PatternKVCache:
         if t == 0:
             return
         n, p = self._length, self.page_size
-        live = merge_intervals([*self.retention.pages(n, p), (n // p, -(-(n + t) // p))])
-        for first, stop in _minus(self._live, live):
-            for lp in range(first, stop):
-                slot = self._resident.pop(lp, None)
-                if slot is not None:
-                    self._free.append(slot)
-        self._live = live
+        self._keep(merge_intervals([*self.retention.pages(n, p), (n // p, -(-(n + t) // p))]))
         for lp in range(n // p, -(-(n + t) // p)):
             if lp not in self._resident:
                 self._place(lp)
@@ -161,12 +155,7 @@ class PatternKVCache:
         n, p = self._length, self.page_size
         end = n + t
         live = self.retention.pages(end, p)
-        for first, stop in _minus(self._live, live):
-            for lp in range(first, stop):
-                slot = self._resident.pop(lp, None)
-                if slot is not None:
-                    self._free.append(slot)
-        self._live = live
+        self._keep(live)
         for first, stop in live:
             a, b = max(first * p, n), min(stop * p, end)  # the new tokens this run of live pages holds
             if a >= b:
@@ -182,6 +171,15 @@ class PatternKVCache:
             self.summaries.update(self.k_pages, self.cache_seqlens, t, page_table=self.page_table)
         self._length = end
         self.cache_seqlens.fill_(end)
+
+    def _keep(self, live: list[tuple[int, int]]) -> None:
+        """Free the pages outside `live` (sorted [first, stop) runs of logical pages); they become `_live`."""
+        for first, stop in _minus(self._live, live):
+            for lp in range(first, stop):
+                slot = self._resident.pop(lp, None)
+                if slot is not None:
+                    self._free.append(slot)
+        self._live = live
 
     def _place(self, lp: int) -> None:
         if lp >= self.page_table.shape[1]:
