@@ -71,7 +71,7 @@ def check_permutation(spec: PatternSpec, perm: Any, batch: int, heads: int, n: i
             t = int(p[b, h, r])
             raise ValueError(f"permutation must map each segment of {seg} tokens onto itself, but position {r} "
                              f"{where}holds token {t}, outside the segment {int(segment_of[r])}:"
-                             f"{min(int(segment_of[r]) + seg, n if not starts else _doc_end(starts, n, r))}")
+                             f"{min(int(segment_of[r]) + seg, _doc_end(starts or [], n, r))}")
         raise ValueError(f"permutation must map each segment of {seg} tokens onto itself, but token {r} {where}"
                          "is not reached (another token appears twice)")
     return p, inverse
@@ -103,14 +103,18 @@ def permuted(spec: PatternSpec, q: Any, k: Any, v: Any, perm: Any, *, cu_seqlens
 
 def permuted_qk(spec: PatternSpec, q: Any, k: Any, perm: Any) -> tuple[Any, Any]:
     """q and k [B, H, N, D] in the permuted order (what a permuted pattern's selectors score)."""
-    qp, kp, _ = _gathered(spec, q, k, k, perm, None, None)[1]
+    qp, kp, _ = _gathered(spec, q, k, None, perm, None, None)[1]
     return qp, kp
 
 
 def _gathered(spec: PatternSpec, q: Any, k: Any, v: Any, perm: Any, cu_seqlens: Any,
               max_seqlen: Any) -> tuple[bool, tuple[Any, Any, Any], torch.Tensor]:
     """(packed, q, k and v in the permuted order, the queries' inverse permutation), after checking the
-    inputs' shapes and the permutation (one tensor, or a pair: queries' order, keys' order)."""
+    inputs' shapes and the permutation (one tensor, or a pair: queries' order, keys' order). v None (what
+    selectors score needs no values): none is gathered, None comes back in its place."""
+    if v is None:
+        packed, (qp, kp, _), inverse = _gathered(spec, q, k, k[..., :0], perm, cu_seqlens, max_seqlen)
+        return packed, (qp, kp, None), inverse
     if spec.permute is None:
         raise ValueError(f"pattern '{spec.name}' has no permute(...): it takes no permutation")
     if perm is None:
