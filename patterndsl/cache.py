@@ -311,7 +311,9 @@ class KeySummaries:
         lengths before the write), recompute the blocks they fall in (a fixed number: a graph replays it)."""
         if n_new <= 0:
             return
-        touched = (n_new + self.block - 2) // self.block + 1
+        from .runtime.decode_selection import query_blocks
+
+        touched = query_blocks(n_new, self.block)  # the blocks n_new consecutive positions may touch
         first = cache_seqlens.long() // self.block
         ids = first[:, None] + torch.arange(touched, device=cache_seqlens.device)
         self._write(k_cache, cache_seqlens + n_new, page_table, ids.clamp(max=self.lo.shape[2] - 1))

@@ -110,7 +110,7 @@ def split(p: ir.Pattern, name: str = "pattern") -> Split:
     ctx: dict[ir.Pattern, ir.Pattern] = {}
     _contexts(p, ir.Full(), ctx)
     cases = tuple(
-        variant(p, frozenset(s for m, s in enumerate(sels) if v >> m & 1)) for v in range(1, 1 << min(len(sels), MAX_SELECTORS))
+        variant(p, frozenset(s for m, s in enumerate(sels) if v >> m & 1)) for v in range(1, 1 << len(sels))
     )
     return Split(sels, variant(p, frozenset()), cases, tuple(ctx[s] for s in sels))
 

@@ -89,9 +89,8 @@ class ContextParallel(torch.autograd.Function):
                 scale: float, layer: int | None, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
         kv = torch.stack([k, v])
-        shape = list(kv.shape)
         sends = {p: kv.index_select(3, idx) for p, idx in rp.send.items()}
-        receives = {p: kv.new_empty([*shape[:3], m, shape[4]]) for p, m in rp.recv.items()}
+        receives = {p: kv.new_empty([*kv.shape[:3], m, kv.shape[4]]) for p, m in rp.recv.items()}
         pending = exchange.start(sends, receives, group)
         parts = [attention_at(spec, q, k, v, rp.local, scale, layer)]  # own keys while the rest travel
         got = pending.wait()
@@ -119,8 +118,7 @@ class ContextParallel(torch.autograd.Function):
                 m = rp.recv[p]
                 sends[p] = dkv[:, :, :, at:at + m]
                 at += m
-        shape = [2, *k.shape]
-        receives = {p: k.new_empty([*shape[:3], idx.numel(), shape[4]]) for p, idx in rp.send.items()}
+        receives = {p: k.new_empty([2, *k.shape[:2], idx.numel(), k.shape[3]]) for p, idx in rp.send.items()}
         pending = exchange.start(sends, receives, ctx.group)
         dq, dk, dv = attention_at_backward(spec, do, q, k, v, out, lse, rp.local, dlse, scale, layer)
         if dq_remote is not None:

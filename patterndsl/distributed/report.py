@@ -58,7 +58,7 @@ def parse_docs(text: str, n: int, seed: int) -> tuple[int, ...]:
     return (0, *np.cumsum(values).tolist())
 
 
-def _side(terms: Terms, placement: Placement, cost: np.ndarray, sent_tokens: np.ndarray, row_bytes: int) -> dict[str, Any]:
+def _side(placement: Placement, cost: np.ndarray, sent_tokens: np.ndarray, row_bytes: int) -> dict[str, Any]:
     pairs = rank_costs(placement, cost)
     sent = sent_tokens * row_bytes
     return {
@@ -81,8 +81,8 @@ def ranks_report(terms: Terms, n: int, ranks: int, docs: tuple[int, ...] | None,
     mine = plan(terms, ours, block, docs)
     ring = Placement.head_tail(n, ranks, 1)
     ring_sent = np.array([(ranks - 1) * ring.length(r) for r in range(ranks)], dtype=np.int64)
-    a = _side(terms, ours, cost, mine.tokens_sent(), row_bytes)
-    b = _side(terms, ring, cost, ring_sent, row_bytes)
+    a = _side(ours, cost, mine.tokens_sent(), row_bytes)
+    b = _side(ring, cost, ring_sent, row_bytes)
     b["placement"] = "head-tail ring (torch context_parallel)"
     return {
         "ranks": ranks,

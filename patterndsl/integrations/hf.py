@@ -141,8 +141,9 @@ class _Bridge:
             raise ValueError("learned sink logits (s_aux) are not supported by patterndsl attention; a pattern's "
                              "sink(n) keeps the first n keys instead")
         spec = self.attn.spec
-        layer = getattr(module, "layer_idx", None) if spec.model_layers is not None else None
+        layer = None
         if spec.model_layers is not None:
+            layer = getattr(module, "layer_idx", None)
             self._check_depth(module, layer)
         mine = getattr(key, MARK, None)  # a pattern cache's layer (hf_cache): it holds true positions
         if mine is not None and mine.bridge is not self:
@@ -152,6 +153,8 @@ class _Bridge:
         n_k = key.shape[2] if mine is None else mine.length
         longest = getattr(getattr(module, "config", None), "max_position_embeddings", None)
         at = longest if isinstance(longest, int) else int(n_k)
+        # `stepping` is passed as a literal: under torch.compile with dynamic shapes n_q != n_k is symbolic,
+        # and _reach_problem (a constant to the tracer) takes only constants
         if n_q != n_k and mine is None:  # over transformers' KV cache (a sliding layer's holds only its window)
             problem = self._reach_problem(layer, sliding_window, at, True)
         else:

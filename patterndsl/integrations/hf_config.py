@@ -121,14 +121,13 @@ def model_source(att: HFAttention, origin: str) -> str:
         lines += [f"# transformers' sliding_window = {att.sliding_window}: a sliding layer's query sees itself "
                   f"and the {att.sliding_window - 1} keys before it", f"param w = {att.sliding_window}"]
     lines += [f"# note: {note}" for note in att.notes]
-    kinds = {FULL: FULL, SLIDING: SLIDING}
     used = [t for t in (FULL, SLIDING) if t in att.layer_types]
     if FULL in used:
         lines.append(f"pattern {FULL} = causal")
     if SLIDING in used:
         lines.append(f"pattern {SLIDING} = causal & window(w - 1)")
     lines.append(f"model {name} = layers({len(att.layer_types)}) {{")
-    lines += [f"    {entry}" for entry in _entries([kinds[t] for t in att.layer_types])]
+    lines += [f"    {entry}" for entry in _entries(list(att.layer_types))]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
