@@ -324,7 +324,8 @@ def test_pick_tables_kernel_equals_pytorch() -> None:
 
 def test_pattern_cache_keeps_summaries() -> None:
     """`PatternKVCache` of a pattern with a selector keeps its key summaries through appends and a page
-    table that widens: they equal the ones built from its pages, and a generation step reads them."""
+    table that widens: they equal the ones built from its pages, and a decode step over them equals the
+    float64 reference over the keys the pages hold."""
     from patterndsl.cache import PatternKVCache
 
     src = PATTERNS[0]
@@ -340,7 +341,12 @@ def test_pattern_cache_keeps_summaries() -> None:
     q = torch.randn(2, 4, 1, 8, generator=g, dtype=torch.float64)
     out = _attn(src).decode(q, cache.k_pages, cache.v_pages, cache.cache_seqlens, page_table=cache.page_table,
                             summaries=cache.summaries)
-    assert out.shape == (2, 4, 1, 8) and not torch.isnan(out).any()
+    n = cache.length
+    phys = cache.page_table[:, torch.arange(n) // 4].long()  # every key, gathered in position order
+    keys = cache.k_pages[phys, (torch.arange(n) % 4)[None, :]].permute(0, 2, 1, 3)
+    for b in range(2):  # the float64 reference of the step over the keys the pages hold
+        want = _reference(_body(src), q[b], keys[b], keys[b], n, None, 8**-0.5)[0]
+        assert (out[b] - want).abs().max().item() < 1e-9, f"sequence {b}"
 
 
 @pytest.mark.interpreter
