@@ -318,7 +318,7 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
     width = merged.shape[-1]
     entries = _pow2(g * qb * width)
     if entries > 256:
-        pick = dsel.dense(spec, pat, picks, capacity)
+        pick = dsel.dense(spec, pat, picks, capacity, merged)
         return (pick, *dsel.pack_lists(pick, packs, g * qb * width))
     nk = -(-capacity // sel.kblock)
     pick = torch.zeros((B, H, qb, nk), dtype=torch.int8, device=merged.device)

@@ -205,15 +205,18 @@ def _span(groups: int, nk: int, device: torch.device) -> torch.Tensor:
     return device_ints((0, nk) * groups, device, torch.int32)
 
 
-def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int) -> torch.Tensor:
+def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int,
+          merged: torch.Tensor | None = None) -> torch.Tensor:
     """int8 [B, H, query blocks, key blocks]: per head's row the selection case v of each key block (bit m:
     selector m picked it; 0: none), from the picks [B, H, query blocks, width] of `select` (heads of other
-    patterns: -1, so 0), what the kernel and the CPU path read."""
+    patterns: -1, so 0), what the kernel and the CPU path read. `merged`: the picks already combined, where
+    the caller has them."""
     sel = spec.selectors[pat]
     assert sel is not None
     nk = -(-capacity // sel.kblock)
     B, H, qb, _ = picks[0].shape
-    merged = picks[0] if len(picks) == 1 else _combine(picks)
+    if merged is None:
+        merged = picks[0] if len(picks) == 1 else _combine(picks)
     return _sel_dense(merged.reshape(B * H, qb, -1), nk, cases=True).reshape(B, H, qb, nk).contiguous()
 
 
