@@ -194,7 +194,8 @@ def main() -> None:
                     help="--fwd and --bwd with segment tables (rows at given positions: context parallelism)")
     a = ap.parse_args()
     spans = {x: "*i32" for x in SEGMENTS} if a.spans else None
-    spec = P.compile(f"pattern p = {a.src}\n").spec
+    # a whole program (layouts, params) where --src holds one; else a bare expression named p
+    spec = P.compile(a.src if "pattern " in a.src else f"pattern p = {a.src}\n").spec
     given = {"topk_rows": a.topk_rows, "topk_warps": a.topk_warps, "topk_keys": a.topk_keys,
              "topk_fill": None if a.topk_fill is None else bool(a.topk_fill)}  # fmt: skip
     opts = dataclasses.replace(Options(), **{k: v for k, v in given.items() if v is not None})  # the defaults, and these
@@ -203,6 +204,7 @@ def main() -> None:
     common = dict(PRED=spec.predicates[0].kernel, HEAD_DIM=a.d, D_PAD=d_pad,
                   DOT_PREC="ieee" if a.dtype == "fp32" else "tf32", IDX64=spec.idx64, INTERPRET=False, ACCUM=False,
                   SEL_PRED=None if sel is None else spec.predicates[sel.selected].kernel)  # fmt: skip
+    common["LAYOUT"] = spec.layouts[0].kernel if spec.layouts[0] is not None else None  # a token layout's rows
     for cfg in a.fwd:
         bm, bn, w, s, *cap = (int(x) for x in cfg.split(","))
         c = dict(common, BLOCK_M=bm, BLOCK_N=bn)
