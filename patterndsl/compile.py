@@ -290,7 +290,9 @@ def compile_source(
                 continue
             lines_i, res_i = render_triton(logical_index(lay), width)
             lines_v, res_v = render_triton(layout_valid(lay), width)
-            both = lines_i + [_rename_ssa(line) for line in lines_v]  # a second SSA namespace
+            # validity in a second SSA namespace, emitted before the index: the template kernels' order, which
+            # ptxas allocates fewer registers for in the layout forward (docs/decisions.md, layout order)
+            both = [_rename_ssa(line) for line in lines_v] + lines_i
             functions.append(
                 f"@triton.jit\ndef layout_{k}(i, N):\n{indent(both + [f'return {res_i}, {_rename_ssa(res_v)}'], 4)}\n"
             )
