@@ -27,6 +27,16 @@ SECTIONS = (
     ("varlen", "Packed documents"),
     ("scaling", "Scaling in N and head_dim, 1-D patterns"),
     ("graphs", "Short sequences: eager and as a CUDA graph"),
+    ("compare_runtime", "The runtime package against the template modules"),
+    ("decode", "Decoding against a KV cache"),
+    ("pattern_cache", "The retaining KV cache"),
+    ("hf", "Inside a Hugging Face model"),
+    ("nsa", "NSA's three branches"),
+    ("minference", "MInference vertical-slash prefill"),
+    ("video_dit", "Video DiT: text tokens before a 3-D latent"),
+    ("permute", "Run-time token orders"),
+    ("context_parallel", "Context parallelism, one GPU"),
+    ("flex_mask", "Building Flex's BlockMask"),
 )
 TITLES = dict(SECTIONS)
 
@@ -42,9 +52,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def _meta(d: dict[str, Any]) -> dict[str, Any]:
+    """A file's run info, wherever its benchmark put it (`meta`, `run` or the top level)."""
+    meta = d.get("meta") or d.get("run") or d
+    return dict(meta, machine=meta.get("machine") or meta.get("gpu") or meta.get("device") or d.get("device"))
+
+
 def _stamp(d: dict[str, Any]) -> str:
-    meta = d.get("meta", d)
-    return f"{meta.get('machine') or meta.get('gpu')}, {meta.get('date', '?')}, torch {meta.get('torch')}, triton {meta.get('triton')}"
+    meta = _meta(d)
+    return f"{meta['machine']}, {meta.get('date', '?')}, torch {meta.get('torch')}, triton {meta.get('triton')}"
 
 
 def _section(title: str, context: str, header: list[str], rows: list[list[str]]) -> list[str]:
@@ -154,7 +170,151 @@ def sections(results: Path) -> tuple[list[str], list[tuple[str, str, float]]]:
         out += _scaling(sc, TITLES["scaling"])
     if gr := _load(results, "graphs"):
         out += graphs_section(gr)
+    for name, section in LATER_SECTIONS:
+        if d := _load(results, name):
+            out += section(d)
     return out, bars
+
+
+def _ms(x: Any, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, int | float) and x > 0 else "-"
+
+
+def compare_runtime_section(d: dict[str, Any]) -> list[str]:
+    rows = [[r["pattern"], str(r["N"]), _ms(r["old_fwd_ms"]), _ms(r["new_fwd_ms"]), f"{r['fwd_new_over_old']:.3f}",
+             _ms(r["old_fwd_bwd_ms"]), _ms(r["new_fwd_bwd_ms"]), f"{r['fwd_bwd_new_over_old']:.3f}",
+             "yes" if r["outputs_equal"] else "NO", "yes" if r["kernels_equal"] else "no"] for r in d["results"]]  # fmt: skip
+    context = (f"{_stamp(d)}; benchmarks/compare_runtime.py: the template-era generated modules and "
+               "`patterndsl.runtime` in one process, configured tiles, five interleaved rounds. `kernels equal`: "
+               "the same registers, spills and shared memory for every kernel launched.")  # fmt: skip
+    header = ["pattern", "N", "old fwd ms", "new fwd ms", "new / old", "old fwd+bwd ms", "new fwd+bwd ms", "new / old",
+              "outputs equal", "kernels equal"]  # fmt: skip
+    return _section(TITLES["compare_runtime"], context, header, rows)
+
+
+def decode_section(d: dict[str, Any]) -> list[str]:
+    s = d["shape"]
+    rows = [[r["pattern"], str(r["N"]), str(r["B"]), str(r["Nq"]), _ms(r["ms"].get("ours")), _ms(r["ms"].get("ours_graph")),
+             _ms(r["ms"].get("ours_paged")), _ms(r["ms"].get("flex_decode")), _ms(r["ms"].get("sdpa_whole_cache")),
+             f"{r['GBps']['ours_graph']:.0f}"] for r in d["rows"]]  # fmt: skip
+    context = (f"{_stamp(d)}; H={s['H']} Hkv={s['Hkv']} D={s['D']} {s['dtype']}, pages of {s['page']}. One step of Nq "
+               "new queries per sequence; `graph`: the step replayed from a CUDA graph; SDPA reads the whole cache; "
+               "GB/s: KV bytes the step must read over the graph time." + "".join(f" {n}." for n in d.get("notes", [])))  # fmt: skip
+    header = ["pattern", "context", "B", "Nq", "ours ms", "ours graph ms", "ours paged ms", "Flex decode ms", "SDPA ms",
+              "ours GB/s"]  # fmt: skip
+    out = _section(TITLES["decode"], context, header, rows)
+    sel = [[r["pattern"], str(r["N"]), str(r["B"]), _ms(r["ms"]["topk_window"]), _ms(r["ms"]["topk_window_given_selection"]),
+            f"{r['selection_share']:.0%}", _ms(r["ms"]["dense_causal"]), f"{r['speedup_vs_dense_causal']:.2f}x",
+            _ms(r["ms"]["sdpa_whole_cache"])] for r in d.get("selectors", [])]  # fmt: skip
+    header = ["pattern", "context", "B", "ours ms", "selection given ms", "selection share", "dense causal ms",
+              "vs dense", "SDPA ms"]  # fmt: skip
+    return out + _table(header, sel) + [""] if sel else out
+
+
+def pattern_cache_section(d: dict[str, Any]) -> list[str]:
+    rows = [[r["pattern"], str(r["context"]), f"{r['memory_bytes'] / 2**20:.1f}", f"{r['table_bytes'] / 2**10:.1f}",
+             r["retained"], _ms(r["append_1_host_ms"]), _ms(r["decode_step_ms"])] for r in d["rows"]]  # fmt: skip
+    context = (f"{_stamp(d)}; B={d['B']} H={d['H']} Hkv={d['Hkv']} D={d['D']}. `PatternKVCache` keeps only the keys "
+               "a later query can read: its memory for a window and sinks does not grow with the context.")  # fmt: skip
+    header = ["pattern", "context", "cache MiB", "tables KiB", "retained", "append host ms", "decode step ms"]
+    return _section(TITLES["pattern_cache"], context, header, rows)
+
+
+def hf_section(d: dict[str, Any]) -> list[str]:
+    t = d["training"]
+    rows = [[who, _ms(t[who]["median_step_ms"], 1), f"{t[who]['tokens_per_s']:.0f}", _ms(t[who].get("attention_ms"), 1),
+             f"{t[who]['peak_memory_gib']:.1f}"] for who in ("patterndsl", "flex_attention", "sdpa") if who in t]  # fmt: skip
+    s = d["setup"]
+    context = (f"{_stamp(d)}; a {s['num_hidden_layers']}-layer model ({s['parameters'] / 1e6:.0f}M parameters) with "
+               f"sliding layers of window {s['window']}, N={s['N']}, bf16: a training step (forward, backward, "
+               "optimizer), its attention time profiled.")  # fmt: skip
+    out = _section(TITLES["hf"], context, ["attention", "step ms", "tokens/s", "attention ms", "peak GiB"], rows)
+    g = d.get("generation", {})
+    gen = [[str(b), who, _ms(r.get("prefill_and_first_s"), 2), f"{r['decode_tokens_per_s']:.0f}",
+            f"{r['cache_bytes'] / 2**20:.0f}"] for b, per in g.get("batches", {}).items()
+           for who, r in per.items() if isinstance(r, dict)]  # fmt: skip
+    if gen:
+        out += [f"Generation: a {g['prompt']}-token prompt, {g['new_tokens']} new tokens, `{g['pattern']}`.", "",
+                *_table(["batch", "attention and cache", "prefill s", "decode tokens/s", "cache MiB"], gen), ""]  # fmt: skip
+    return out
+
+
+def nsa_section(d: dict[str, Any]) -> list[str]:
+    m = d["meta"]
+    rows = [[str(r["N"]), _ms(r["nsa_fwd_ms"], 1), _ms(r["nsa_fwd_bwd_ms"], 1), _ms(r["sdpa_fwd_ms"], 1),
+             _ms(r["sdpa_fwd_bwd_ms"], 1), _ms(r.get("compressed_fwd_ms"), 1), _ms(r.get("selected_fwd_ms"), 1),
+             _ms(r.get("window_fwd_ms"), 1), f"{r['speedup_fwd']:.2f}x", f"{r['speedup_fwd_bwd']:.2f}x"]
+            for r in d["rows"]]  # fmt: skip
+    context = (f"{_stamp(d)}; B={m['B']}, {m['HQ']} query over {m['HKV']} KV heads, D={m['D']}: compressed "
+               f"attention, `{m['selected']}` and `{m['window']}` with per-head gates, against dense causal SDPA.")
+    header = ["N", "NSA fwd ms", "NSA fwd+bwd ms", "SDPA fwd ms", "SDPA fwd+bwd ms", "compressed ms", "selected ms",
+              "window ms", "fwd vs SDPA", "fwd+bwd vs SDPA"]  # fmt: skip
+    return _section(TITLES["nsa"], context, header, rows)
+
+
+def minference_section(d: dict[str, Any]) -> list[str]:
+    s = d["shape"]
+    rows = [["ours", _ms(d["ours_ms"], 1), _ms(d["selection_ms"], 1)],
+            ["Flex, the same selection", _ms(d["flex_total_ms"], 1), _ms(d["flex_mask_build_ms"], 1)],
+            ["SDPA causal", _ms(d["sdpa_causal_ms"], 1), "-"]]  # fmt: skip
+    context = (f"{_stamp(d)}; `{d['pattern']}` with {d['defines']}, B={s['B']} H={s['H']} HKV={s['HKV']} N={s['N']} "
+               f"D={s['D']}; Flex's mask keeps {d['flex_block_density_of_causal']:.0%} of the causal blocks. ours / Flex "
+               f"{d['speedup_vs_flex']:.2f}x, ours vs SDPA {d['speedup_vs_sdpa']:.2f}x.")  # fmt: skip
+    return _section(TITLES["minference"], context, ["", "total ms", "selection or mask ms"], rows)
+
+
+def video_dit_section(d: dict[str, Any]) -> list[str]:
+    s, o, fb = d["shape"], d["ours_best"], d.get("fwd_bwd", {})
+    rows = [["forward", _ms(o["ms"]), _ms(d["flex_ms"]), _ms(d["flex_with_mask_build_ms"]), _ms(d["sdpa_dense_ms"]),
+             f"{d['speedup_vs_flex']:.2f}x", f"{d['speedup_vs_flex_with_mask_build']:.2f}x"],
+            ["forward + backward", _ms(fb.get("ours_ms")), _ms(fb.get("flex_ms")), "-", _ms(fb.get("sdpa_ms")),
+             f"{fb['speedup_vs_flex']:.2f}x" if fb else "-", "-"]]  # fmt: skip
+    context = (f"{_stamp(d)}; `{d['pattern']}`: {s['text']} text tokens before a {s['grid']} latent, kernel "
+               f"{s['kernel']}, B={s['B']} H={s['H']} N={s['N']} D={s['D']}, density {d['density']:.3f}; ours with "
+               f"{o['layout']} ({o['tile_efficiency']:.0%} tile efficiency).")  # fmt: skip
+    header = ["pass", "ours ms", "Flex ms", "Flex + mask build ms", "SDPA ms", "ours / Flex", "ours / (Flex + build)"]
+    return _section(TITLES["video_dit"], context, header, rows)
+
+
+def permute_section(d: dict[str, Any]) -> list[str]:
+    s = d["shape"]
+    rows = [[r["case"], _ms(r["fwd_ms"]), _ms(r["fwd_bwd_ms"])] for r in d["rows"]]
+    context = (f"{_stamp(d)}; B={s['B']} H={s['H']} Hkv={s['Hkv']} N={s['N']} D={s['D']}, segments of {s['segment']}; "
+               f"PBS-Attn's selection keeps {d['pbs_selected_block_fraction']:.0%} of the blocks.")
+    return _section(TITLES["permute"], context, ["case", "fwd ms", "fwd+bwd ms"], rows)
+
+
+def context_parallel_section(d: dict[str, Any]) -> list[str]:
+    rows = [[r["pattern"], str(r["N"]), r["ours"]["placement"], _ms(r["ours"]["fwd_ms"], 2), _ms(r["ours"]["single_fwd_ms"], 2),
+             _ms(r["ours"]["fwd_bwd_ms"], 2), _ms(r["ours"]["single_fwd_bwd_ms"], 2)] for r in d["rows"]]  # fmt: skip
+    context = (f"{_stamp(d)}; {d['gpus']} GPU, {d['tokens_per_gpu']} tokens per GPU, H={d['heads']} D={d['head_dim']}: "
+               "the rank's path (kernels reading segment tables) against one call on the whole sequence.")
+    header = ["pattern", "N", "placement", "rank path fwd ms", "single call fwd ms", "rank path fwd+bwd ms",
+              "single call fwd+bwd ms"]  # fmt: skip
+    return _section(TITLES["context_parallel"], context, header, rows)
+
+
+def flex_mask_section(d: dict[str, Any]) -> list[str]:
+    rows = [[r["pattern"], str(r["n"]), _ms(r["ours_ms"], 1), _ms(r["create_block_mask_ms"], 1), f"{r['speedup']:.2f}x",
+             f"{r['ours_index_bytes'] / 2**20:.1f}"] for r in d["rows"]]  # fmt: skip
+    context = (f"{_stamp(d)}; `attn.to_flex_block_mask(N)` against Flex's compiled `create_block_mask`, blocks of 128, "
+               "from empty caches." + (f" {d['note'][0].upper()}{d['note'][1:]}." if d.get("note") else ""))
+    header = ["pattern", "N", "ours ms", "create_block_mask ms", "ours faster by", "our index MiB"]
+    return _section(TITLES["flex_mask"], context, header, rows)
+
+
+LATER_SECTIONS = (
+    ("compare_runtime", compare_runtime_section),
+    ("decode", decode_section),
+    ("pattern_cache", pattern_cache_section),
+    ("hf", hf_section),
+    ("nsa", nsa_section),
+    ("minference", minference_section),
+    ("video_dit", video_dit_section),
+    ("permute", permute_section),
+    ("context_parallel", context_parallel_section),
+    ("flex_mask", flex_mask_section),
+)
 
 
 def graphs_section(gr: dict[str, Any]) -> list[str]:
@@ -248,7 +408,7 @@ def method(results: Path) -> list[str]:
 
 def _measured(d: dict[str, Any]) -> str:
     """When a file's numbers were taken: its run's date, or the span of its rows' own dates."""
-    meta = d.get("meta", d)
+    meta = _meta(d)
     dates = sorted({r["date"][:16].replace("T", " ") for r in _rows(d) if isinstance(r.get("date"), str)})
     if len(dates) > 1:
         return f"{dates[0]} to {dates[-1]} UTC"
@@ -263,8 +423,8 @@ def environment(results: Path) -> list[str]:
         d = _load(results, name)
         if d is None:
             continue
-        meta = d.get("meta", d)
-        rows.append([title, str(meta.get("machine") or meta.get("gpu") or "not recorded"), str(meta.get("torch")),
+        meta = _meta(d)
+        rows.append([title, str(meta["machine"] or "not recorded"), str(meta.get("torch")),
                      str(meta.get("triton")), _measured(d)])  # fmt: skip
     context = "Where each section's numbers come from, as its benchmark recorded it."
     return _section("Environment", context, ["section", "card", "torch", "triton", "measured"], rows)
@@ -333,6 +493,48 @@ def comparisons(results: Path) -> list[Comparison]:
             out += _pairs(TITLES["graphs"], f"{case} eager", r.get("ours_ms"), [("FlexAttention", r.get("flex_ms"))])
             out += _pairs(TITLES["graphs"], f"{case} graph", r.get("ours_graph_ms"),
                           [("FlexAttention", r.get("flex_graph_ms"))])  # fmt: skip
+    return out + later_comparisons(results)
+
+
+def later_comparisons(results: Path) -> list[Comparison]:
+    """The ours-against-a-peer pairs of the decode, model and new-pattern benchmarks."""
+    out: list[Comparison] = []
+    if d := _load(results, "decode"):
+        for r in d["rows"]:
+            case, ms = f"{r['pattern']} context {r['N']} B={r['B']} Nq={r['Nq']}", r["ms"]
+            out += _pairs(TITLES["decode"], case, ms.get("ours"),  # eager against eager peers
+                          [("SDPA", ms.get("sdpa_whole_cache")), ("Flex decode", ms.get("flex_decode"))])  # fmt: skip
+        for r in d.get("selectors", []):
+            out += _pairs(TITLES["decode"], f"{r['pattern']} context {r['N']} B={r['B']}", r["ms"]["topk_window"],
+                          [("dense causal (ours)", r["ms"]["dense_causal"]), ("SDPA", r["ms"]["sdpa_whole_cache"])])  # fmt: skip
+    if d := _load(results, "hf"):
+        t = d["training"]
+        for peer in ("flex_attention", "sdpa"):
+            if peer in t:
+                out += _pairs(TITLES["hf"], "training step", t["patterndsl"]["median_step_ms"], [(peer, t[peer]["median_step_ms"])])
+    if d := _load(results, "nsa"):
+        for r in d["rows"]:
+            out += _pairs(TITLES["nsa"], f"N={r['N']} fwd", r["nsa_fwd_ms"], [("SDPA causal", r["sdpa_fwd_ms"])])
+            out += _pairs(TITLES["nsa"], f"N={r['N']} fwd+bwd", r["nsa_fwd_bwd_ms"], [("SDPA causal", r["sdpa_fwd_bwd_ms"])])
+    if d := _load(results, "minference"):
+        out += _pairs(TITLES["minference"], "prefill", d["ours_ms"],
+                      [("FlexAttention", d["flex_total_ms"]), ("SDPA causal", d["sdpa_causal_ms"])])  # fmt: skip
+    if d := _load(results, "video_dit"):
+        out += _pairs(TITLES["video_dit"], "fwd", d["ours_best"]["ms"],
+                      [("FlexAttention", d["flex_ms"]), ("SDPA", d["sdpa_dense_ms"])])  # fmt: skip
+        if fb := d.get("fwd_bwd"):
+            out += _pairs(TITLES["video_dit"], "fwd+bwd", fb["ours_ms"],
+                          [("FlexAttention", fb["flex_ms"]), ("SDPA", fb["sdpa_ms"])])  # fmt: skip
+    if d := _load(results, "context_parallel"):
+        for r in d["rows"]:
+            o = r["ours"]
+            out += _pairs(TITLES["context_parallel"], f"{r['pattern']} fwd", o["fwd_ms"], [("single call", o["single_fwd_ms"])])
+            out += _pairs(TITLES["context_parallel"], f"{r['pattern']} fwd+bwd", o["fwd_bwd_ms"],
+                          [("single call", o["single_fwd_bwd_ms"])])  # fmt: skip
+    if d := _load(results, "flex_mask"):
+        for r in d["rows"]:
+            out += _pairs(TITLES["flex_mask"], f"{r['pattern']} N={r['n']}", r["ours_ms"],
+                          [("create_block_mask", r["create_block_mask_ms"])])  # fmt: skip
     return out
 
 
