@@ -3,6 +3,7 @@
 # the forward+backward benchmarks (ours vs FlexAttention vs SDPA, side by side). Each stage has a time
 # box so a slow one cannot starve the next; results are written as they come, under $OUT.
 #   run: bash benchmarks/run_h100.sh   (carry .whl/ with the lark wheel: that machine has no network)
+# GPU_TESTS=paths narrows the gpu tests, COMPARE_ONLY=case,case the runtime comparison (a short call's re-check)
 set -uo pipefail
 OUT=${OUT:-/tmp/patterndsl-h100}
 mkdir -p "$OUT"
@@ -38,7 +39,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time box, keep the tail of it
 # a stage whose box is 0 (T_BWD=0, ...) is skipped
 if [ -z "${ONLY_EXTRA:-}" ]; then
   if [ "${T_TESTS:-240}" != 0 ]; then
-    TAIL=80 stage gpu_tests "${T_TESTS:-240}" python3 -m pytest -q -m gpu tests/gpu/ -n "${WORKERS:-5}" --maxfail=5 \
+    TAIL=80 stage gpu_tests "${T_TESTS:-240}" python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/gpu/} -n "${WORKERS:-5}" --maxfail=5 \
       --tb=short -rfE -p no:cacheprovider -p no:benchmark
   fi
   if [ "${T_FWD:-150}" != 0 ]; then stage bench_forward "${T_FWD:-150}" python3 benchmarks/bench_forward.py "$OUT"; fi
@@ -67,7 +68,7 @@ if [ -n "${LAYOUTS:-}" ]; then TAIL=20 stage bench_layouts "${T_LAYOUTS:-200}" e
 # VIDEO_DIT=1 (issue 23: 226 text tokens before a 16 x 32 x 32 latent, vs Flex with its mask build and dense SDPA)
 if [ -n "${VIDEO_DIT:-}" ]; then TAIL=10 stage bench_video_dit "${T_VIDEO_DIT:-240}" python3 benchmarks/bench_video_dit.py "$OUT/video_dit_h100.json"; fi
 # COMPARE=OLD_TREE (issue 20: this checkout against an older one, kernel for kernel; see compare_runtime.py)
-if [ -n "${COMPARE:-}" ]; then TAIL=30 stage compare_runtime "${T_COMPARE:-200}" python3 benchmarks/compare_runtime.py "$COMPARE" "$OUT/compare_runtime.json"; fi
+if [ -n "${COMPARE:-}" ]; then TAIL=30 stage compare_runtime "${T_COMPARE:-200}" python3 benchmarks/compare_runtime.py "$COMPARE" "$OUT/compare_runtime.json" ${COMPARE_ONLY:+--only "$COMPARE_ONLY"}; fi
 # FLEX_MASK=1 (issue 22: to_flex_block_mask against create_block_mask up to 1M tokens)
 if [ -n "${FLEX_MASK:-}" ]; then TAIL=20 stage bench_flex_mask "${T_FLEX_MASK:-90}" python3 benchmarks/bench_flex_mask.py "$OUT/flex_mask_h100.json"; fi
 # DECODE=1 (issue 21: decode steps against FlashAttention-style peers), PATTERN_CACHE=1 (the retaining cache)
