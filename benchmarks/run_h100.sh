@@ -95,4 +95,7 @@ if [ -n "${MINFERENCE:-}" ]; then TAIL=20 stage bench_minference "${T_MINFERENCE
 # CP=1 (issue 25: context parallelism on this one GPU, the rank's spans path against the single call)
 if [ -n "${CP:-}" ]; then TAIL=20 stage bench_context_parallel "${T_CP:-150}" torchrun --nproc-per-node=1 \
   benchmarks/bench_context_parallel.py "$OUT/context_parallel_h100.json"; fi
+# LAYOUT_CHOICE=1: every library layout pattern with its token layout and in the plain order (about 3 minutes)
+if [ -n "${LAYOUT_CHOICE:-}" ]; then TAIL=20 stage bench_layout_choice "${T_LAYOUT_CHOICE:-200}" env BENCH_DEADLINE=$(( ${T_LAYOUT_CHOICE:-200} - 30 )) \
+  python3 benchmarks/bench_layout_choice.py "$OUT/layout_choice_h100.json"; fi
 ls -la "$OUT" >> "$log"
