@@ -415,11 +415,13 @@ def quest_bound(qm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.T
     return torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
 
 
-def compressed_weights(q: torch.Tensor, km: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+def compressed_weights(q: torch.Tensor, km: torch.Tensor, ok: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """The compressed rule's per-query part: each query's softmax (scale 1 / sqrt(head_dim)) over the mean
     keys km [..., blocks, D] of its candidates `ok` [..., rows, blocks]: [..., rows, blocks], zeros for a
-    query without candidates (the caller sums it over a query block)."""
-    z = torch.matmul(q, km.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    query without candidates (the caller sums it over a query block). `scale` (the attention call's) serves
+    the token selectors' scores, a softmax over single keys (`tokens.token_scores`)."""
+    z = torch.matmul(q, km.transpose(-1, -2))
+    z = z / math.sqrt(q.shape[-1]) if scale is None else z * scale
     z = z.masked_fill(~ok, float("-inf"))
     top = z.amax(-1, keepdim=True)
     e = torch.exp(z - torch.where(torch.isinf(top), 0.0, top))
