@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..runtime.positions import Spans, attention_at, attention_at_backward, merge
+from ..runtime.positions import Spans, attention_at, attention_at_backward, merge, run_positions
 from ..runtime.spec import PatternSpec
 from . import exchange
 from .placement import Placement, _docs
@@ -39,14 +39,6 @@ class RankPlan:
     recv: dict[int, int]
     local: Spans
     remote: Spans
-
-
-def _rows(iv: np.ndarray) -> np.ndarray:
-    """Every position of the intervals [m, 2], in order."""
-    lengths = iv[:, 1] - iv[:, 0]
-    size = int(lengths.sum())
-    rows: np.ndarray = np.repeat(iv[:, 0] - (np.cumsum(lengths) - lengths), lengths) + np.arange(size)
-    return rows
 
 
 def _local_index(placement: Placement, rank: int, g: np.ndarray) -> np.ndarray:
@@ -68,7 +60,7 @@ def rank_plan(spec: PatternSpec, placement: Placement, rank: int, block: int, do
     if hit is None:
         full = plan(Terms.of_spec(spec, layer), placement, block, docs)
         on = dict(dtype=torch.int64, device=device)
-        send = {r: torch.tensor(_local_index(placement, rank, _rows(full.recv[r][rank])), **on)  # type: ignore[arg-type]
+        send = {r: torch.tensor(_local_index(placement, rank, run_positions(full.recv[r][rank])), **on)  # type: ignore[arg-type]
                 for r in range(placement.world) if full.recv[r][rank].size}
         peers = [s for s in range(placement.world) if full.recv[rank][s].size]
         recv = {s: int((full.recv[rank][s][:, 1] - full.recv[rank][s][:, 0]).sum()) for s in peers}

@@ -54,8 +54,9 @@ class Placement:
         """The global positions of rank's shard rows, int64."""
         import torch
 
-        parts = [torch.arange(a, b, dtype=torch.int64, device=device) for a, b in self.runs[rank]]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+        from ..runtime.positions import run_positions
+
+        return torch.from_numpy(run_positions(self.runs[rank])).to(device)
 
     def shard(self, x: torch.Tensor, rank: int | None = None, dim: int = 2) -> torch.Tensor:
         """Rank's shard of the whole-sequence tensor x (sequence on `dim`; rank: this process's rank in

@@ -364,8 +364,34 @@ def _block_scores(spec: PatternSpec, sel: Selector, q: torch.Tensor, k: torch.Te
     return s
 
 
+def _rule_keys(rule: Selector, q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor,
+               group: int) -> tuple[torch.Tensor, ...]:
+    """What `_rule_scores` reads of the keys for `heads`, the same for every chunk of query blocks (so built
+    once per selection): k-bar (mean, compressed), k (max), the key blocks' element-wise (min, max) (quest);
+    nothing for given scores."""
+    if rule.given:
+        return ()
+    B, _, N, D = k.shape
+    kblk = rule.kblock
+    nb = -(-N // kblk)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kvh = heads.long() // group
+    match rule.score:
+        case "max":
+            return (k[:, kvh].to(work),)
+        case "quest":
+            kt = k[:, kvh].to(work)
+            pad = nb * kblk - N
+            hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
+            lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
+            return lo, hi
+        case _:  # mean, compressed
+            return (_pool_torch(k, kblk, work)[:, kvh],)
+
+
 def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
-                 heads: torch.Tensor, group: int, q0: int, rows: int) -> torch.Tensor:
+                 heads: torch.Tensor, group: int, q0: int, rows: int,
+                 keys: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Block scores of query blocks q0 .. q0 + rows by a named rule, for `heads`: [B * nh, rows, blocks],
     NaN off the context; float32 (float64 for float64 inputs). q-bar is a query block's mean query:
 
@@ -373,7 +399,8 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
     quest: sum over d of max(q-bar_d * max_j k_jd, q-bar_d * min_j k_jd), Quest's bound on q-bar . k_j;
     compressed: the attention the block's queries pay to the pooled key k-bar in a softmax over the
     candidate pooled keys (scale 1 / sqrt(head_dim)), summed over the block's queries (NSA). given: the
-    caller's. share=kv: each head scores with the sum over the heads of its KV head (among `heads`)."""
+    caller's. share=kv: each head scores with the sum over the heads of its KV head (among `heads`).
+    `keys`: `_rule_keys`' (built here when None)."""
     B, H, N, D = q.shape
     blk, kblk = rule.block, rule.kblock
     nb = -(-N // kblk)  # key blocks
@@ -381,6 +408,7 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
     hl = heads.long()
     kvh = hl // group
     cand = _candidates(spec, rule.context, N, blk, q.device, kblk)[q0:q0 + rows]
+    keys = _rule_keys(rule, q, k, heads, group) if keys is None else keys
     if rule.given:
         s = scores[:, hl, q0:q0 + rows].to(work)
     else:
@@ -388,20 +416,15 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
         pad = nb * kblk - N
         match rule.score:
             case "mean":
-                s = torch.matmul(qm, _pool_torch(k, kblk, work)[:, kvh].transpose(-1, -2))
+                s = torch.matmul(qm, keys[0].transpose(-1, -2))
             case "max":
-                kt = k[:, kvh].to(work)
-                logits = torch.nn.functional.pad(torch.matmul(qm, kt.transpose(-1, -2)), (0, pad), value=float("-inf"))
+                logits = torch.nn.functional.pad(torch.matmul(qm, keys[0].transpose(-1, -2)), (0, pad), value=float("-inf"))
                 s = logits.view(B, hl.numel(), rows, nb, kblk).amax(-1)
             case "quest":
-                kt = k[:, kvh].to(work)
-                hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
-                lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
-                s = quest_bound(qm, lo, hi)
+                s = quest_bound(qm, *keys)
             case _:  # compressed
-                km = _pool_torch(k, kblk, work)[:, kvh]
                 t0, t1 = q0 * blk, min(N, (q0 + rows) * blk)
-                p = compressed_weights(q[:, hl, t0:t1].to(work), km, cand[torch.arange(t1 - t0, device=q.device) // blk])
+                p = compressed_weights(q[:, hl, t0:t1].to(work), keys[0], cand[torch.arange(t1 - t0, device=q.device) // blk])
                 p = torch.nn.functional.pad(p, (0, 0, 0, rows * blk - (t1 - t0)))
                 s = p.view(B, hl.numel(), rows, blk, nb).sum(3)
     if rule.share:
@@ -415,11 +438,13 @@ def quest_bound(qm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.T
     return torch.matmul(qm.clamp(min=0), hi.transpose(-1, -2)) - torch.matmul((-qm).clamp(min=0), lo.transpose(-1, -2))
 
 
-def compressed_weights(q: torch.Tensor, km: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+def compressed_weights(q: torch.Tensor, km: torch.Tensor, ok: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """The compressed rule's per-query part: each query's softmax (scale 1 / sqrt(head_dim)) over the mean
     keys km [..., blocks, D] of its candidates `ok` [..., rows, blocks]: [..., rows, blocks], zeros for a
-    query without candidates (the caller sums it over a query block)."""
-    z = torch.matmul(q, km.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    query without candidates (the caller sums it over a query block). `scale` (the attention call's) serves
+    the token selectors' scores, a softmax over single keys (`tokens.token_scores`)."""
+    z = torch.matmul(q, km.transpose(-1, -2))
+    z = z / math.sqrt(q.shape[-1]) if scale is None else z * scale
     z = z.masked_fill(~ok, float("-inf"))
     top = z.amax(-1, keepdim=True)
     e = torch.exp(z - torch.where(torch.isinf(top), 0.0, top))
@@ -587,10 +612,11 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     chunk = max(1, (1 << 24) // max(1, B * nh * (nb if plain else max(nk, N))))
     out = []
     pooled = None if given or not plain else _pooled(q, k, blk)
+    keys = None if plain else _rule_keys(rule, q, k, heads, group)  # the key side, once for every chunk
     for q0 in range(0, nb, chunk):
         rows = min(chunk, nb - q0)
         if not plain:
-            s = _rule_scores(spec, rule, q, k, scores, heads, group, q0, rows)
+            s = _rule_scores(spec, rule, q, k, scores, heads, group, q0, rows, keys)
         elif given:
             cand = _candidates(spec, ctx, N, blk, q.device)[q0:q0 + rows]
             s = scores[:, heads.long(), q0:q0 + rows]

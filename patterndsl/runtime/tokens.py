@@ -14,7 +14,7 @@ O(N * n) (a membership byte per key and per offset, the sorted columns, a byte p
      d // tile and d // tile + 1 in every query tile), every pair by its case P_v;
   C. the selected columns outside B's tiles, gathered BLOCK at a time, by P_1 (vertical only).
 The same walk serves the forward (online softmax) and the backward (dQ in registers, dK and dV added
-atomically in float32).
+atomically in float32), over tables the forward builds once and keeps for the backward (`token_walk`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ import triton.language as tl
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads, _torch_path
 from .evaluate import evaluate
 from .options import current_options
-from .selection import _ordered_keys
+from .selection import _ordered_keys, _spans, compressed_weights
 from .tables import block_tables
 
 if TYPE_CHECKING:
     from .spec import PatternSpec, TokenSelection
 
 TILE = 64  # the kernel's square tile (query and key), also the unit of the tile diagonals
+Walk = tuple[torch.Tensor, ...]  # a pattern's tables for the kernel or the PyTorch path (`token_walk`)
 
 
 def _top(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -70,11 +71,8 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, group: i
     for kvh in torch.unique(heads // group).tolist():
         mine = torch.nonzero(heads // group == kvh).squeeze(1)
         g = mine.numel()
-        s = torch.matmul(q[:, heads[mine], r0:].to(work).reshape(B, g * L, D), k[:, kvh].to(work).transpose(-1, -2))
-        s = (s * scale).view(B, g, L, N).masked_fill(~ok, float("-inf"))
-        mx = s.amax(-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isinf(mx), 0.0, mx))
-        p = p / torch.clamp(p.sum(-1, keepdim=True), min=torch.finfo(work).tiny)
+        p = compressed_weights(q[:, heads[mine], r0:].to(work).reshape(B, g * L, D), k[:, kvh].to(work),
+                               ok.repeat(g, 1), scale=scale).view(B, g, L, N)
         cols[:, mine] = p.sum(-2)
         # rows last first, keys reversed, each row shifted left by its rank: column d holds offset d
         z = torch.nn.functional.pad(p.flip(-2).flip(-1), (0, L)).contiguous()
@@ -303,7 +301,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
 
 
 def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n: int,
-          device: torch.device) -> tuple[Any, ...]:
+          device: torch.device) -> Walk:
     """The kernel's tables for one pattern: P_0's tiles, the columns and per query tile the range of them
     P_1 may allow, membership bytes, the tile diagonals the selected offsets touch."""
     sel = spec.token_selection(pat)
@@ -324,49 +322,29 @@ def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n
     cols = cols.reshape(rows, -1).to(torch.int32).contiguous()
     crange = torch.zeros((rows, nqt, 2), dtype=torch.int32, device=device)
     if sel.cases[1] >= 0 and cols.shape[1]:
-        lo_t, hi_t = _key_span(spec, sel.cases[1], n, device)
-        crange[..., 0] = torch.searchsorted(cols, (lo_t * TILE).to(torch.int32).expand(rows, -1).contiguous())
-        crange[..., 1] = torch.searchsorted(cols, (hi_t * TILE).to(torch.int32).expand(rows, -1).contiguous())
+        span = _spans(spec, sel.cases[1], n, TILE, 1, device)[1]  # per query tile the key tiles [lo, hi) of P_1
+        for end in range(2):
+            crange[..., end] = torch.searchsorted(cols, (span[:, end] * TILE).expand(rows, -1).contiguous())
     return f_off, f_idx, p_off, p_idx, cols, crange, member, diag, dlist.contiguous(), dcount.contiguous()
 
 
-_SPANS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _key_span(spec: PatternSpec, pred: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query tile the key tiles [lo, hi) holding every pair predicate `pred` allows (lo = hi: none).
-    Cached per argument."""
-    key = (spec.key, pred, n, str(device))
-    if key not in _SPANS:
-        if len(_SPANS) >= 16:
-            _SPANS.pop(next(iter(_SPANS)))
-        _SPANS[key] = _key_span_of(spec, pred, n, device)
-    return _SPANS[key]
-
-
-def _key_span_of(spec: PatternSpec, pred: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    f_off, f_idx, p_off, p_idx = block_tables(spec, n, TILE, TILE, device, pred, layout=False)
-    nqt = f_off.numel() - 1
-    lo = torch.full((nqt,), n, dtype=torch.int64, device=device)
-    hi = torch.zeros((nqt,), dtype=torch.int64, device=device)
-    for off, idx in ((f_off, f_idx), (p_off, p_idx)):
-        if idx.numel():
-            r = torch.repeat_interleave(torch.arange(nqt, device=device), (off[1:] - off[:-1]).long())
-            lo.scatter_reduce_(0, r, idx.long(), "amin")
-            hi.scatter_reduce_(0, r, idx.long() + 1, "amax")
-    return torch.minimum(lo, hi), hi
+def token_walk(spec: PatternSpec, pat: int, q: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor]) -> Walk:
+    """What pattern `pat`'s forward and backward both read, built once from its picks and kept for the
+    backward: the kernel's tables (`_walk`), or on the PyTorch path the membership bytes alone (a 1-tuple)."""
+    if _torch_path(q):
+        return (membership(*picks, q.shape[2]),)
+    return _walk(spec, pat, picks[0], picks[1], q.shape[2], q.device)
 
 
 def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
-            picks: tuple[torch.Tensor, torch.Tensor], scale: float, group: int, out: torch.Tensor, lse: torch.Tensor,
+            walk: Walk, scale: float, group: int, out: torch.Tensor, lse: torch.Tensor,
             grads: tuple[torch.Tensor, ...] | None = None) -> None:
-    """One kernel launch over the heads `heads` of pattern `pat` (forward, or backward with `grads` =
-    (do, delta, dq, dk32, dv32))."""
+    """One kernel launch over the heads `heads` of pattern `pat` with its tables `walk` (forward, or
+    backward with `grads` = (do, delta, dq, dk32, dv32))."""
     sel = spec.token_selection(pat)
     assert sel is not None
     B, H, N, D = q.shape
     nh = heads.numel()
-    walk = _walk(spec, pat, picks[0], picks[1], N, q.device)
     do, delta, dq, dk, dv = grads if grads is not None else (out, lse, out, lse, lse)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     opts = current_options()
@@ -390,30 +368,32 @@ def token_picks(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, h
 
 
 def token_forward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  heads: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor], scale: float, group: int,
-                  out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Pattern `pat`'s heads `heads` into `out` and `lse` ([B, H, N, D] and [B, H, N], written in place)."""
+                  heads: torch.Tensor, walk: Walk, scale: float, group: int, out: torch.Tensor,
+                  lse: torch.Tensor) -> None:
+    """Pattern `pat`'s heads `heads` into `out` and `lse` ([B, H, N, D] and [B, H, N], written in place);
+    `walk`: `token_walk`'s."""
     B, H, N, D = q.shape
     if _torch_path(q):
-        _cpu(spec, pat, q, k, v, heads, picks, scale, group, out, lse)
+        _cpu(spec, pat, q, k, v, heads, walk[0], scale, group, out, lse)
         return
     o = out if out.is_contiguous() else torch.empty_like(out)
     ls = lse if lse.is_contiguous() else torch.empty_like(lse)
-    _launch(spec, pat, q, k, v, heads.to(torch.int32), picks, scale, group, o, ls)
+    _launch(spec, pat, q, k, v, heads.to(torch.int32), walk, scale, group, o, ls)
     if o is not out:
         out[:, heads] = o[:, heads]
         lse[:, heads] = ls[:, heads]
 
 
 def token_backward(spec: PatternSpec, pat: int, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   o: torch.Tensor, lse: torch.Tensor, heads: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor],
-                   scale: float, group: int, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    """Pattern `pat`'s gradients for the heads `heads`: dq written, dk and dv (float32) added to."""
+                   o: torch.Tensor, lse: torch.Tensor, heads: torch.Tensor, walk: Walk, scale: float, group: int,
+                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Pattern `pat`'s gradients for the heads `heads`: dq written, dk and dv (float32) added to; `walk`:
+    the forward's `token_walk`."""
     delta = (o.float() * do.float()).sum(-1).contiguous()
     if _torch_path(q):
-        _cpu_bwd(spec, pat, do, q, k, v, lse, delta, heads, picks, scale, group, dq, dk, dv)
+        _cpu_bwd(spec, pat, do, q, k, v, lse, delta, heads, walk[0], scale, group, dq, dk, dv)
         return
-    _launch(spec, pat, q, k, v, heads.to(torch.int32), picks, scale, group, o.contiguous(), lse.contiguous(),
+    _launch(spec, pat, q, k, v, heads.to(torch.int32), walk, scale, group, o.contiguous(), lse.contiguous(),
             (do.contiguous(), delta, dq, dk, dv))
 
 
@@ -424,24 +404,21 @@ def _only(pat: int, heads: torch.Tensor, H: int) -> tuple[int, ...]:
 
 
 def _cpu(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
-         picks: tuple[torch.Tensor, torch.Tensor], scale: float, group: int, out: torch.Tensor,
-         lse: torch.Tensor) -> None:
+         member: torch.Tensor, scale: float, group: int, out: torch.Tensor, lse: torch.Tensor) -> None:
     """The PyTorch path (`cpu._attention_cpu`) for `heads`, its masks from the membership."""
     from .cpu import _attention_cpu
 
-    member = {pat: membership(*picks, q.shape[2])}
-    _attention_cpu(spec, q, k, v, scale, group, _only(pat, heads, q.shape[1]), out, lse, picks=member)
+    _attention_cpu(spec, q, k, v, scale, group, _only(pat, heads, q.shape[1]), out, lse, picks={pat: member})
 
 
 def _cpu_bwd(spec: PatternSpec, pat: int, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             lse: torch.Tensor, delta: torch.Tensor, heads: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor],
-             scale: float, group: int, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+             lse: torch.Tensor, delta: torch.Tensor, heads: torch.Tensor, member: torch.Tensor, scale: float,
+             group: int, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     """`cpu._attention_cpu_bwd` for `heads`: dq written there, dk and dv added to."""
     from .cpu import _attention_cpu_bwd
 
-    member = {pat: membership(*picks, q.shape[2])}
     gq, gk, gv = _attention_cpu_bwd(spec, do, q, k, v, lse, delta, scale, group, _only(pat, heads, q.shape[1]),
-                                    member)
+                                    {pat: member})
     dq[:, heads] = gq[:, heads]
     dk += gk
     dv += gv
@@ -461,7 +438,8 @@ def token_patterns(spec: PatternSpec, patterns: int | tuple[int, ...], H: int,
 
 class TokenAttention(torch.autograd.Function):
     """Autograd for token-selector patterns: columns and diagonals are picked once in the forward (not
-    differentiated); heads of other patterns came in `out`/`lse` from the usual path and are passed through."""
+    differentiated) and the tables built from them (`token_walk`) kept for the backward; heads of other
+    patterns came in `out`/`lse` from the usual path and are passed through."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base_out: torch.Tensor,
@@ -470,11 +448,11 @@ class TokenAttention(torch.autograd.Function):
         group = q.shape[1] // k.shape[1]
         out, lse = base_out.clone(), base_lse.clone()
         uses = token_patterns(spec, patterns, q.shape[1], q.device)
-        picks = [token_picks(spec, pat, q, k, heads, scale, group) for pat, heads in uses]
-        for (pat, heads), pk in zip(uses, picks, strict=True):
-            token_forward(spec, pat, q, k, v, heads, pk, scale, group, out, lse)
+        walks = [token_walk(spec, pat, q, token_picks(spec, pat, q, k, heads, scale, group)) for pat, heads in uses]
+        for (pat, heads), walk in zip(uses, walks, strict=True):
+            token_forward(spec, pat, q, k, v, heads, walk, scale, group, out, lse)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.uses, ctx.picks, ctx.scale, ctx.spec = uses, picks, scale, spec
+        ctx.uses, ctx.walks, ctx.scale, ctx.spec = uses, walks, scale, spec
         return out, lse
 
     @staticmethod
@@ -490,8 +468,8 @@ class TokenAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=work, device=k.device)
         dv = torch.zeros(v.shape, dtype=work, device=v.device)
         mine = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
-        for (pat, heads), pk in zip(ctx.uses, ctx.picks, strict=True):
-            token_backward(ctx.spec, pat, do, q, k, v, o, lse, heads, pk, ctx.scale, group, dq, dk, dv)
+        for (pat, heads), walk in zip(ctx.uses, ctx.walks, strict=True):
+            token_backward(ctx.spec, pat, do, q, k, v, o, lse, heads, walk, ctx.scale, group, dq, dk, dv)
             mine[heads] = True
         # the other heads' gradients flow through base_out / base_lse
         d_out = do.masked_fill(mine[None, :, None, None], 0.0)
@@ -508,8 +486,8 @@ def apply_tokens(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return TokenAttention.apply(q, k, v, out, lse, scale, spec, patterns)  # type: ignore[no-untyped-call, no-any-return]
     group = q.shape[1] // k.shape[1]
     for pat, heads in token_patterns(spec, patterns, q.shape[1], q.device):
-        picks = token_picks(spec, pat, q, k, heads, scale, group)
-        token_forward(spec, pat, q, k, v, heads, picks, scale, group, out, lse)
+        walk = token_walk(spec, pat, q, token_picks(spec, pat, q, k, heads, scale, group))
+        token_forward(spec, pat, q, k, v, heads, walk, scale, group, out, lse)
     return out, lse
 
 

@@ -113,6 +113,7 @@ def test_placements_tile_and_shard_round_trip(n: int, world: int, block: int) ->
         assert [s.shape[2] for s in shards] == [pl.length(r) for r in range(world)]
         assert torch.equal(pl.unshard(shards), x)
         assert torch.equal(torch.cat([pl.positions(r) for r in range(world)]).sort().values, torch.arange(n))
+        assert all(torch.equal(pl.positions(r), s.flatten()) for r, s in enumerate(shards))  # row order
     assert [s.shape[2] for s in (Placement.contiguous(n, world).shard(x, r) for r in range(world))] == \
         [t.shape[2] for t in x.tensor_split(world, dim=2)]
 

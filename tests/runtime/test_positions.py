@@ -17,7 +17,7 @@ from strategies import document_splits, expressions
 import patterndsl as P
 from patterndsl import ir
 from patterndsl.runtime import forward, tables
-from patterndsl.runtime.positions import Positions, Spans, attention_at, attention_at_backward, merge
+from patterndsl.runtime.positions import Positions, Spans, attention_at, attention_at_backward, merge, run_positions
 from patterndsl.source import PatternError
 
 SOURCES = ["causal & window(4) | global(-1:)", "heads {\n 0:1 => causal\n 1:2 => window(2, dilation=2) | cols(5:7)\n}"]
@@ -67,6 +67,26 @@ def test_subsets_in_any_order_and_merge(src: str, n: int, seed: int, packed: boo
         dv[:, :, part] += gv
     for got, r in zip((dq, dk, dv), ref, strict=True):
         torch.testing.assert_close(got, r.grad, atol=1e-5, rtol=1e-5)
+
+
+runs_lists = st.lists(st.tuples(st.integers(0, 40), st.integers(-2, 9)).map(lambda t: (t[0], t[0] + t[1])), max_size=6)
+
+
+@settings(max_examples=60)
+@given(runs_lists, runs_lists, st.integers(1, 60))
+def test_runs_expand_to_their_positions(q_runs: list[tuple[int, int]], k_runs: list[tuple[int, int]], n: int) -> None:
+    """run_positions (runs as pairs or as an array [m, 2]) and the Spans' rows that go through it: each
+    run's tokens in turn, brute force (a run that stops before it starts holds none)."""
+    def brute(runs: list[tuple[int, int]]) -> list[int]:
+        return [p for a, b in runs for p in range(a, b)]
+
+    for runs in (q_runs, k_runs):
+        for given_as in (runs, tuple(runs), np.array(runs, dtype=np.int64).reshape(-1, 2)):
+            got = run_positions(given_as)
+            assert got.dtype == np.int64 and got.tolist() == brute(runs)
+    at = Spans(tuple(q_runs), tuple(k_runs), n).positions("cpu")
+    assert at.q.tolist() == brute(q_runs) and at.k.tolist() == brute(k_runs)
+    assert at.q.dtype == at.k.dtype == torch.int64
 
 
 def test_a_query_with_no_key_gets_zeros() -> None:

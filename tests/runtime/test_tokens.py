@@ -14,6 +14,7 @@ import reference as R
 from helpers import LIBRARY, attention_reference, poisoned, reference_grads
 
 import patterndsl as P
+from patterndsl.runtime import tokens
 
 pytestmark = pytest.mark.interpreter
 
@@ -89,16 +90,22 @@ def _selectors(p: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_gradients_match_definition(dtype: str) -> None:
+def test_gradients_match_definition(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: the backward reads the forward's tables, built once from the picks (the membership bytes,
+    which the kernel's tables hold too)."""
     src = CASES["minference"]
     n = 70
     q, k, v = (t.requires_grad_() for t in _inputs(n, getattr(torch, dtype), seed=1, h=2, hkv=1))
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
     attn = P.compile(f"pattern p = {src}\n")
+    built: list[int] = []
+    membership = tokens.membership
+    monkeypatch.setattr(tokens, "membership", lambda *a: built.append(1) or membership(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = attn(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), do)
+    assert len(built) == 1
     mask = _expected(src, q.detach(), k.detach())
     want = reference_grads(q, k, v, mask, q.shape[-1] ** -0.5, do)
     tol = 1e-6 if dtype == "float64" else 1e-4  # the log-sum-exp is float32 by contract
