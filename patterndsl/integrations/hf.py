@@ -113,10 +113,10 @@ class _Bridge:
     attn: Any
     item: ir.PatternDef | ir.Model
     checked: set[tuple[Any, ...]] = field(default_factory=set)
-    reads_n: bool = field(init=False)  # some predicate reads N: its reach is checked again at each new length
+    reads_n: frozenset[int] = field(init=False)  # predicates that read N: checked again at each new length
 
     def __post_init__(self) -> None:
-        self.reads_n = not all(self.attn.spec.n_free)
+        self.reads_n = frozenset(p for p, free in enumerate(self.attn.spec.n_free) if not free)
 
     def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
              mask_function: Any = None, attention_mask: torch.Tensor | None = None, use_vmap: bool = False,
@@ -165,7 +165,7 @@ class _Bridge:
             problem = self._reach_problem(layer, sliding_window, at, True)
         else:
             problem = self._reach_problem(layer, sliding_window, at, False)
-        if not problem and self.reads_n and not torch.compiler.is_compiling():
+        if not problem and self.reads_n and not torch.compiler.is_compiling() and self._reads_n(layer):
             problem = self._reach_problem(layer, sliding_window, n_k, n_q != n_k and mine is None)
         if problem:
             raise ValueError(problem)
@@ -199,6 +199,13 @@ class _Bridge:
             return self.attn(query, key, value, layer=layer, scale=scaling)  # type: ignore[no-any-return]
         return _flat(self.attn(*(_pack(t) for t in (query, key, value)), cu_seqlens=cu, layer=layer, scale=scaling),
                      query.shape)
+
+    def _reads_n(self, layer: int | None) -> bool:
+        """Some head of this layer reads N."""
+        from ..runtime.common import _head_patterns
+
+        pats = _head_patterns(self.attn.spec, layer)
+        return pats in self.reads_n if isinstance(pats, int) else not self.reads_n.isdisjoint(pats)
 
     def _check_depth(self, module: torch.nn.Module, layer: Any) -> None:
         spec = self.attn.spec
