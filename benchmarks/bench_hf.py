@@ -217,7 +217,7 @@ def timed_generate(model: Any, prompt: torch.Tensor, new: int, given: dict[str, 
             "decode_tokens_per_s": prompt.shape[0] * (new - 1) / decode_s if decode_s > 0 else float("nan")}
 
 
-def generation(hf: Any) -> dict[str, Any]:
+def generation(hf: Any, out: dict[str, Any], save: Any) -> None:
     """Greedy decoding tokens/s after a GEN_N-token prompt, at batch 1 and GEN_BATCH: a Llama-style model of the
     same size (no sliding_window: transformers keeps the whole cache) with `causal & (window(4095) | sink(4))`
     over `hf.pattern_cache` (the retained pages only, patterndsl's decode path) and over transformers' cache,
@@ -233,13 +233,13 @@ def generation(hf: Any) -> dict[str, Any]:
     pattern = f"causal & (window({WINDOW - 1}) | sink(4))"
     hf.register("patterndsl_streaming", f"pattern streaming = {pattern}")
     cfg = LlamaConfig(**SIZE, max_position_embeddings=n + new, tie_word_embeddings=False)
-    out: dict[str, Any] = {"prompt": n, "new_tokens": new, "pattern": pattern, "batches": {}}
+    out.update({"prompt": n, "new_tokens": new, "pattern": pattern, "batches": {}})
     runs = (("patterndsl_pattern_cache", "patterndsl_streaming", True),
             ("patterndsl_transformers_cache", "patterndsl_streaming", False), ("sdpa", "sdpa", False))
     for batch in batches:
         prompt = torch.randint(0, SIZE["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(2)).to(DEV)
         given = {"attention_mask": torch.ones_like(prompt), "pad_token_id": 0, "do_sample": False}
-        got: dict[str, Any] = {}
+        got: dict[str, Any] = out["batches"].setdefault(str(batch), {})
         for label, impl, ours in runs:
             if time.perf_counter() - START > DEADLINE:
                 out["note"] = "stopped at the deadline"
@@ -250,11 +250,10 @@ def generation(hf: Any) -> dict[str, Any]:
             with torch.no_grad():
                 timed_generate(model, prompt, min(4, new), given, _cache_kwargs(hf, model, ours, n + new))  # warm-up
                 got[label] = timed_generate(model, prompt, new, given, _cache_kwargs(hf, model, ours, n + new))
+            save()
             del model
             if DEV == "cuda":
                 torch.cuda.empty_cache()
-        out["batches"][str(batch)] = got
-    return out
 
 
 def _cache_kwargs(hf: Any, model: Any, ours: bool, length: int) -> dict[str, Any]:
@@ -346,9 +345,14 @@ def main() -> None:
                                         "layer_types": cfg.layer_types, "steps": STEPS, "warmup": WARMUP},
                               "training": {}, "notes": []}
 
-    def save() -> None:
+    def save() -> list[str]:
+        """Write the results so far, figures that cannot be measurements as null (see `insane`)."""
+        checked = copy.deepcopy(result)
+        problems = checked["invalid"] = insane(checked)
+        ratios(checked)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=1))
+        out_path.write_text(json.dumps(checked, indent=1))
+        return problems
 
     with tempfile.TemporaryDirectory() as tmp:
         source = pattern_source(cfg, Path(tmp))
@@ -367,10 +371,10 @@ def main() -> None:
         profiled_step(impl, *models[impl], tokens)
         sync()
     for _ in range(STEPS):
+        if time.perf_counter() - START > DEADLINE and all(times.values()):
+            result["notes"].append("timed fewer steps: the deadline")
+            break
         for impl in IMPLS:  # interleaved
-            if time.perf_counter() - START > DEADLINE:
-                result["notes"].append("stopped at the deadline")
-                break
             graphs = compiled_graphs()
             sync()
             t = time.perf_counter()
@@ -379,6 +383,9 @@ def main() -> None:
             times[impl].append(time.perf_counter() - t)
             compiled[impl] += compiled_graphs() - graphs
     for _ in range(PROFILED):  # as many profiled steps for each, interleaved
+        if time.perf_counter() - START > DEADLINE and all(profiles.values()):
+            result["notes"].append("profiled fewer steps: the deadline")
+            break
         for impl in IMPLS:
             graphs = compiled_graphs()
             if DEV == "cuda":
@@ -396,12 +403,14 @@ def main() -> None:
             "compiled_in_window": compiled[impl], **{f"profiled_{k}" if k == "step_ms" else k: v
                                                      for k, v in prof.items()}}
     del models
-    result["generation"] = generation(hf)
-    problems = insane(result)
-    ratios(result)
-    result["invalid"] = problems
     save()
-    print(json.dumps(result["training"], indent=1))
+    result["generation"] = {}
+    generation(hf, result["generation"], save)
+    problems = save()
+    checked = json.loads(out_path.read_text())
+    print(json.dumps({k: v for k, v in checked["training"].items() if k.startswith("patterndsl_vs_")}, indent=1))
+    print(json.dumps({b: {k: v for k, v in runs.items() if k.endswith("_vs_sdpa")}
+                      for b, runs in checked["generation"].get("batches", {}).items()}, indent=1))
     print(f"wrote {out_path}")
     if problems:
         print("figures refused (written as null):\n  " + "\n  ".join(problems), file=sys.stderr)
