@@ -300,8 +300,9 @@ def pad_counts(mask: torch.Tensor) -> list[int]:
 def _memo(t: torch.Tensor, key: Hashable, compute: Callable[[], _T]) -> _T:
     """`compute()`, remembered on `t` until t changes in place. transformers hands every layer of a forward
     pass the same mask and position ids, and what is read from them on the host (documents, padding) costs a
-    host sync, so it is read once per pass rather than once per layer. Under torch.compile: computed."""
-    if torch.compiler.is_compiling():
+    host sync, so it is read once per pass rather than once per layer. Under torch.compile, and for inference
+    tensors (which keep no version to tell a change by): computed."""
+    if torch.compiler.is_compiling() or t.is_inference():
         return compute()
     seen = t.__dict__.setdefault(MEMO, {})
     got = seen.get(key)

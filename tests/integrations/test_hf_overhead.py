@@ -100,6 +100,11 @@ def test_a_training_step_reads_the_device_once_whatever_the_depth(monkeypatch: p
         with _host_reads(monkeypatch) as mode:
             model(x, labels=x).loss.backward()
     assert mode.ops["read"] == 1  # the position ids: packed documents or not, for all 4 layers
+    with torch.inference_mode():  # inference tensors keep no version: read per layer, still right
+        mask = torch.ones(2, 24, dtype=torch.long)
+        mask[1, :4] = 0
+        rows = torch.stack([x[0], torch.cat([x[0, :4], x[0, :20]])])
+        assert (model(rows, attention_mask=mask).logits[1, 4:] - model(x[:, :20]).logits[0]).abs().max() < 1e-7
 
 
 def test_layers_sharing_a_pattern_share_its_reach_check() -> None:
