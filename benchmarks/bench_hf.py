@@ -8,7 +8,8 @@ batch 1, random initialisation. One training step is forward + backward + AdamW.
 implementations take turns step by step (interleaved, after warm-up), so drift hits all alike:
 
 - patterndsl: the config's `patc from-hf` model pattern, `patterndsl.integrations.hf.register`;
-- flex_attention: transformers' FlexAttention path (its BlockMask built by transformers each step);
+- flex_attention: transformers' FlexAttention path (its BlockMask built by transformers each step; with 12
+  query heads, not a power of two, transformers repeats k and v to 12 heads before calling Flex);
 - sdpa: transformers' SDPA path (a dense mask for the sliding layers, `is_causal` for the full ones).
 
 Every implementation is warmed up first (autotuning, Flex's torch.compile and BlockMask, the profiling
@@ -110,8 +111,10 @@ class _Stamp:
     def __init__(self) -> None:
         self.event = torch.cuda.Event(enable_timing=True) if DEV == "cuda" else None
         self.at = 0.0
+        self.recorded = False
 
     def record(self) -> _Stamp:
+        self.recorded = True
         if self.event is not None:
             self.event.record()
         else:
@@ -177,7 +180,7 @@ def profiled_step(impl: str, model: Any, opt: Any, tokens: torch.Tensor) -> dict
     finally:
         registries[0][impl], registries[1][impl] = inner
     f = sum(a.ms_until(b) for a, b in fwd)
-    b = sum(start.ms_until(ends[-1]) for start, ends in bwd if ends)  # the last of q's, k's, v's gradients
+    b = sum(start.ms_until(ends[-1]) for start, ends in bwd if start.recorded and ends)  # the last of q, k, v
     m = sum(a.ms_until(b) for a, b in masks)
     return {"step_ms": began.ms_until(done), "attention_fwd_ms": f, "attention_bwd_ms": b, "attention_ms": f + b,
             "mask_ms": m, "attention_and_mask_ms": f + b + m, "attention_calls": len(fwd), "backward_calls": len(bwd)}
