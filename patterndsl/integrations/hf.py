@@ -25,10 +25,10 @@ within each document, counted from its first token, and no dense mask is built.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from .. import ir
 __all__ = ["pattern_cache", "register"]
 
 MARK = "_patterndsl_layer"  # the attribute of the keys a pattern cache's update returns: their PatternLayer
+MEMO = "_patterndsl_memo"  # the attribute of a mask or position ids tensor: what was read from it (`_memo`)
+_T = TypeVar("_T")
 
 
 def register(name: str, source: str | Path | ir.Program | ir.Pattern, pattern: str | None = None,
@@ -111,6 +113,10 @@ class _Bridge:
     attn: Any
     item: ir.PatternDef | ir.Model
     checked: set[tuple[Any, ...]] = field(default_factory=set)
+    reads_n: frozenset[int] = field(init=False)  # predicates that read N: checked again at each new length
+
+    def __post_init__(self) -> None:
+        self.reads_n = frozenset(p for p, free in enumerate(self.attn.spec.n_free) if not free)
 
     def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
              mask_function: Any = None, attention_mask: torch.Tensor | None = None, use_vmap: bool = False,
@@ -122,9 +128,9 @@ class _Bridge:
         if attention_mask is None:
             return None
         padding = attention_mask[:, -kv_length:]
-        if padding.shape[1] == kv_length and bool(padding.all()):
+        if padding.shape[1] == kv_length and not any(pad_counts(padding)):
             return None
-        return padding
+        return padding  # its padding counts go with it: the layers' checks read them without a host sync
 
     def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, *, scaling: float | None = None, dropout: float = 0.0,
@@ -159,7 +165,7 @@ class _Bridge:
             problem = self._reach_problem(layer, sliding_window, at, True)
         else:
             problem = self._reach_problem(layer, sliding_window, at, False)
-        if not problem and not torch.compiler.is_compiling() and not all(spec.n_free):
+        if not problem and self.reads_n and not torch.compiler.is_compiling() and self._reads_n(layer):
             problem = self._reach_problem(layer, sliding_window, n_k, n_q != n_k and mine is None)
         if problem:
             raise ValueError(problem)
@@ -183,11 +189,23 @@ class _Bridge:
         """As many queries as keys: padding and packed sequences as documents, else one call."""
         if attention_mask is not None:
             return self._padded(query, key, value, attention_mask, layer, scaling)
-        cu = _documents(query, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if cu_q is None and position_ids is not None:  # every layer gets the same tensor: read once per pass
+            cu = _memo(position_ids, ("documents", query.shape[0], query.shape[2]),
+                       lambda: _documents(query, position_ids, None, None))
+        else:
+            cu = _documents(query, position_ids, cu_q, cu_k)
         if cu is None:
             return self.attn(query, key, value, layer=layer, scale=scaling)  # type: ignore[no-any-return]
         return _flat(self.attn(*(_pack(t) for t in (query, key, value)), cu_seqlens=cu, layer=layer, scale=scaling),
                      query.shape)
+
+    def _reads_n(self, layer: int | None) -> bool:
+        """Some head of this layer reads N."""
+        from ..runtime.common import _head_patterns
+
+        pats = _head_patterns(self.attn.spec, layer)
+        return pats in self.reads_n if isinstance(pats, int) else not self.reads_n.isdisjoint(pats)
 
     def _check_depth(self, module: torch.nn.Module, layer: Any) -> None:
         spec = self.attn.spec
@@ -207,14 +225,17 @@ class _Bridge:
         with N, so that check covers every shorter call; others are checked again at each new length
         (eagerly; under torch.compile only at the longest). `stepping` (a step over a KV cache): a sliding
         layer's cache holds only the window, its keys counted from the window's start, so the pattern must
-        read only i - j there. A constant to torch.compile: it runs while tracing, not in the graph."""
-        if (layer, window, n, stepping) in self.checked:
-            return ""
-        from ..analysis.count import offset_form, predicate_stats
+        read only i - j there. A constant to torch.compile: it runs while tracing, not in the graph. Passed
+        checks are remembered per (the layer's head patterns, window, n, stepping): layers that share a
+        pattern share its check."""
         from ..runtime.common import _head_patterns
 
         spec = self.attn.spec
         pats = _head_patterns(spec, layer)
+        if (pats, window, n, stepping) in self.checked:
+            return ""
+        from ..analysis.count import offset_form, predicate_stats
+
         where = "" if layer is None else f" in layer {layer}"
         for pat in sorted({pats} if isinstance(pats, int) else set(pats)):
             exprs = [spec.predicates[pat].expr]
@@ -237,7 +258,7 @@ class _Bridge:
                 return (f"the model's sliding_window{where} is {window} (each query sees {window - 1} keys back) "
                         f"but pattern '{spec.name}' lets query {i} see key {int(stats.first[i])} at N = {n}: "
                         f"widen or drop the config's sliding_window")
-        self.checked.add((layer, window, n, stepping))
+        self.checked.add((pats, window, n, stepping))
         return ""
 
     def _padded(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -246,21 +267,48 @@ class _Bridge:
         if mask.dim() != 2 or mask.shape != (query.shape[0], key.shape[2]):
             raise ValueError(f"patterndsl attention takes a 2-D padding mask [batch, keys] = "
                              f"{[query.shape[0], key.shape[2]]}, got shape {list(mask.shape)}")
-        mask = mask.bool()
         B, N = mask.shape
-        count = mask.sum(1)
-        first = torch.where(count > 0, mask.int().argmax(1), 0)
-        at = torch.arange(N, device=mask.device)
-        if not bool(torch.equal(mask, (at >= first[:, None]) & (at < (first + count)[:, None]))):
-            raise ValueError("the padding mask has gaps inside a row: patterndsl attention takes left or right "
-                             "padding (one run of real tokens per row)")
-        where = mask.reshape(-1).nonzero().squeeze(1)
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
-        cu[1:] = count.cumsum(0)
+        where, cu = _memo(mask, ("runs",), lambda: _runs(mask))
         q, k, v = ((t.transpose(1, 2).reshape(B * N, t.shape[1], t.shape[3]))[where] for t in (query, key, value))
         got = self.attn(q, k, v, cu_seqlens=cu, layer=layer, scale=scale)
         out = query.new_zeros((B * N, query.shape[1], query.shape[3])).index_copy(0, where, got)
         return out.view(B, N, query.shape[1], query.shape[3]).transpose(1, 2)
+
+
+def _runs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the real tokens' flat indices, cu_seqlens) of a 2-D padding mask whose rows are each one run of real
+    tokens; a mask with gaps is refused."""
+    mask = mask.bool()
+    B, N = mask.shape
+    count = mask.sum(1)
+    first = torch.where(count > 0, mask.int().argmax(1), 0)
+    at = torch.arange(N, device=mask.device)
+    if not bool(torch.equal(mask, (at >= first[:, None]) & (at < (first + count)[:, None]))):
+        raise ValueError("the padding mask has gaps inside a row: patterndsl attention takes left or right "
+                         "padding (one run of real tokens per row)")
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
+    cu[1:] = count.cumsum(0)
+    return mask.reshape(-1).nonzero().squeeze(1), cu
+
+
+def pad_counts(mask: torch.Tensor) -> list[int]:
+    """Padding tokens (zeros) per row of a 2-D mask [batch, keys]: read from the device once per mask tensor,
+    which the mask function and every layer's cache share."""
+    return _memo(mask, ("pads",), lambda: (mask.shape[1] - mask.bool().sum(1)).tolist())
+
+
+def _memo(t: torch.Tensor, key: Hashable, compute: Callable[[], _T]) -> _T:
+    """`compute()`, remembered on `t` until t changes in place. transformers hands every layer of a forward
+    pass the same mask and position ids, and what is read from them on the host (documents, padding) costs a
+    host sync, so it is read once per pass rather than once per layer. Under torch.compile, and for inference
+    tensors (which keep no version to tell a change by): computed."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return compute()
+    seen = t.__dict__.setdefault(MEMO, {})
+    got = seen.get(key)
+    if got is None or got[0] != t._version:
+        got = seen[key] = (t._version, compute())
+    return got[1]  # type: ignore[no-any-return]
 
 
 def _documents(query: torch.Tensor, position_ids: torch.Tensor | None, cu_q: torch.Tensor | None,

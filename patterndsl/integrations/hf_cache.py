@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from .. import ir
 from ..analysis.retention import decode_consistent, retention
 from ..cache import PatternKVCache, _positive
-from .hf import MARK
+from .hf import MARK, _memo, pad_counts
 
 
 class PatternLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
@@ -107,19 +107,15 @@ class PatternLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
             self.store = self._new(key, value, key.shape[0])
             self.store.append_attended(key, value)
             return
-        real = mask.bool()
-        count = real.sum(1)
-        at = torch.arange(real.shape[1], device=real.device)
-        if not bool(torch.equal(real, at >= (real.shape[1] - count)[:, None])):
-            raise ValueError("the pattern cache takes left padding (each row's real tokens at its end, as generate "
-                             "pads a batch of prompts), got a padding mask that is not")
-        self.pads = (real.shape[1] - count).tolist()
+        self.pads = _memo(mask, ("left",), lambda: _left_padding(mask))
         self.rows = [self._new(key, value, 1) for _ in self.pads]
         for b, (store, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
             store.append_attended(key[b:b + 1, :, pad:], value[b:b + 1, :, pad:])
 
     def _check_padding(self, mask: torch.Tensor | None) -> None:
-        zeros = [0] * len(self.pads) if mask is None else (mask.shape[1] - mask.bool().sum(1)).tolist()
+        """Later tokens are all real: the step's padding counts are the prompt's (read once per step: every
+        layer gets the same mask)."""
+        zeros = [0] * len(self.pads) if mask is None else pad_counts(mask)
         if zeros != self.pads:
             raise ValueError(f"the pattern cache was filled with left padding {self.pads} but this step's mask has "
                              f"{zeros} padding tokens per row: later tokens must all be real")
@@ -209,6 +205,17 @@ def _decode(attn: Any, query: torch.Tensor, store: PatternKVCache, layer: int | 
             scale: float | None) -> torch.Tensor:
     return attn.decode(query, store.k_pages, store.v_pages, store.cache_seqlens, page_table=store.page_table,  # type: ignore[no-any-return]
                        layer=layer, scale=scale)
+
+
+def _left_padding(mask: torch.Tensor) -> list[int]:
+    """Each row's padding tokens, after checking they all come before its real ones (left padding)."""
+    real = mask.bool()
+    count = real.sum(1)
+    at = torch.arange(real.shape[1], device=real.device)
+    if not bool(torch.equal(real, at >= (real.shape[1] - count)[:, None])):
+        raise ValueError("the pattern cache takes left padding (each row's real tokens at its end, as generate "
+                         "pads a batch of prompts), got a padding mask that is not")
+    return (real.shape[1] - count).tolist()
 
 
 def _refuse(what: str) -> None:

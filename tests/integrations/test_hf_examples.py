@@ -1,5 +1,5 @@
 """The transformers examples and benchmark run as written, at tiny sizes on CPU (slow: each trains or
-generates with a real transformers model)."""
+generates with a real transformers model); the benchmark refuses figures that cannot be measurements."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from helpers import ROOT
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:patterndsl .*not the fast")]
+pytestmark = pytest.mark.filterwarnings("ignore:patterndsl .*not the fast")
 
 
 def _run(script: Path, *args: str, **env: str) -> str:
@@ -28,6 +28,7 @@ def _run(script: Path, *args: str, **env: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_train_tiny_writes_its_loss_curves(tmp_path: Path) -> None:
     out, losses = tmp_path / "loss.png", tmp_path / "loss.json"
     _run(ROOT / "examples" / "train_tiny.py", "--steps", "2", "--patterns", "window", "causal",
@@ -37,16 +38,46 @@ def test_train_tiny_writes_its_loss_curves(tmp_path: Path) -> None:
     assert set(curves) == {"window", "causal"} and all(len(c) == 2 for c in curves.values())
 
 
+@pytest.mark.slow
 def test_generate_prints_its_rates() -> None:
     text = _run(ROOT / "examples" / "generate.py", "--prompt", "12", "--new", "3", "--window", "3")
     assert "pattern cache:" in text and "sdpa, transformers' cache:" in text and "tokens/s" in text
     assert "generated the same tokens" in text
 
 
+@pytest.mark.slow
 def test_bench_hf_smoke_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     _run(ROOT / "benchmarks" / "bench_hf.py", str(out), BENCH_SMOKE="1")
     result = json.loads(out.read_text())
-    assert result["training"]["patterndsl"]["tokens_per_s"] > 0
+    assert result["invalid"] == []
+    ours = result["training"]["patterndsl"]
+    assert ours["tokens_per_s"] > 0 and ours["compiled_in_window"] == 0
+    assert 0 < ours["attention_ms"] < ours["profiled_step_ms"] and ours["attention_calls"] == 4
     steps = result["generation"]["batches"]["1"]
-    assert steps["patterndsl_pattern_cache"]["decode_tokens_per_s"] > 0 and "sdpa" in steps
+    for label in ("patterndsl_pattern_cache", "sdpa"):
+        run = steps[label]
+        assert 0 < run["prefill_and_first_s"] < run["total_s"] and 0 < run["decode_s"] < run["total_s"]
+        assert run["decode_tokens_per_s"] == pytest.approx(3 / run["decode_s"])  # batch 1, 4 new tokens
+
+
+def test_bench_hf_refuses_figures_that_cannot_be_measurements() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_hf
+
+    step = {"median_step_ms": 100.0, "tokens_per_s": 1.6e5, "attention_fwd_ms": 7061.0, "attention_bwd_ms": 26.0,
+            "mask_ms": 1.0, "attention_ms": 7087.0, "attention_and_mask_ms": 7088.0, "compiled_in_window": 0}
+    fine = {**step, "attention_fwd_ms": 11.0, "attention_ms": 37.0, "attention_and_mask_ms": 38.0}
+    run = {"prefill_and_first_s": 5.45, "decode_s": 0.0, "total_s": 1.42, "decode_tokens_per_s": 6.3e10}
+    result = {"training": {"patterndsl": dict(fine), "flex_attention": step,
+                           "sdpa": {**fine, "compiled_in_window": 3}},
+              "generation": {"batches": {"1": {"patterndsl_pattern_cache": run, "sdpa": {
+                  "prefill_and_first_s": 0.5, "decode_s": 3.0, "total_s": 3.5, "decode_tokens_per_s": 21.0}}}}}
+    problems = bench_hf.insane(result)
+    bench_hf.ratios(result)
+    assert len(problems) == 6  # flex: fwd, attention, with masks; sdpa: compiled; prefill, decode_s
+    assert step["attention_fwd_ms"] is None and step["attention_and_mask_ms"] is None
+    assert result["training"]["sdpa"]["attention_ms"] is None and fine["attention_ms"] == 37.0
+    assert run["decode_tokens_per_s"] is None and run["prefill_and_first_s"] is None
+    assert result["training"]["patterndsl_vs_flex_attention"]["attention_and_mask_speedup"] is None
+    assert result["generation"]["batches"]["1"]["patterndsl_pattern_cache_speedup_vs_sdpa"] is None
