@@ -10,17 +10,35 @@ Meaning: block c's summary is the mean of k (and of v) over tokens c*b .. min(N,
 caller's pooled tensors (a learned compression); under `causal` query i sees summary c iff the whole block
 lies at or before it, (c + 1) * b - 1 <= i, so nothing from i's future leaks through a summary. A query
 that sees no block (the first b - 1 under `causal`) gets zeros and lse -inf. Grouped-query attention:
-query head h reads KV head h // (H / Hkv). Differentiable through autograd (PyTorch operations; memory
-O(chunk * N / b), never N^2).
+query head h reads KV head h // (H / Hkv). Differentiable through autograd.
+
+On a GPU (and in Triton's interpreter) the branch is the pattern `where(k * b + b - 1 <= q)` (without
+`causal`: `where(k * b < N)`) run by the block-table attention kernels over the block summaries: summary
+c stands at key index c, so that pattern's tables list exactly the summary tiles each query tile sees,
+FULL below the diagonal and PARTIAL on it, and the forward and backward kernels are the patterns' own
+(flash-style, O(N) memory, tensor cores, no [N, N / b] score matrix). The summaries are padded with zero
+rows to whole key tiles (a listed tile never reads past them) and repeated per query head, so that dK/dV
+runs one program per (summary tile, query head) instead of looping a KV head's whole group; their
+gradients are summed over the group afterwards. On the CPU path: PyTorch operations, memory
+O(chunk * N / b).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .backward import _bwd_config, _delta_pass, _kv_groups, _launch_dkdv, _launch_dq
+from .common import _d_pad, _tma_mode, _torch_path
+from .forward import _forward
+from .options import current_options
 from .selection import _pool_torch
+
+if TYPE_CHECKING:
+    from .spec import PatternSpec
 
 __all__ = ["compressed_attention"]
 
@@ -49,9 +67,12 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
         if km.shape != (B, hkv, nb, D) or vm.shape != (B, hkv, nb, D):
             raise ValueError(f"pooled keys and values must be [{B}, {hkv}, {nb}, {D}] each, got "
                              f"{list(km.shape)} and {list(vm.shape)}")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if not _torch_path(q):
+        out, lse = _KernelPath.apply(q, km.to(q.dtype), vm.to(q.dtype), _pattern(block, causal), scale)  # type: ignore[no-untyped-call]
+        return out, lse
     km = km.repeat_interleave(H // hkv, 1)
     vm = vm.repeat_interleave(H // hkv, 1)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     last = (torch.arange(nb, device=q.device) + 1) * block - 1  # each block's last token
     outs, lses = [], []
     for r0 in range(0, N, chunk):
@@ -64,3 +85,67 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
         outs.append(torch.matmul(p, vm))
         lses.append(lse)
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).float()
+
+
+@functools.lru_cache(maxsize=16)
+def _pattern(block: int, causal: bool) -> PatternSpec:
+    """The pattern whose pairs (query i, summary c) are the branch's: c's block ends at or before i (causal),
+    else c is a block of the sequence. Its predicate and block tables serve the attention kernels."""
+    from ..compile import compile as compile_pattern  # (the compiler imports the runtime)
+
+    rule = f"k * {block} + {block - 1} <= q" if causal else f"k * {block} < N"
+    spec: PatternSpec = compile_pattern(f"pattern compressed = where({rule})\n").spec
+    return spec
+
+
+_ROWS = 256  # summaries are padded to a multiple of this: every kernel tile (at most 256 rows) lies inside
+
+
+class _KernelPath(torch.autograd.Function):
+    """The branch on the attention kernels: (out, lse) of q over the summaries km, vm [B, Hkv, nb, D]."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, km: torch.Tensor, vm: torch.Tensor, spec: PatternSpec,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, N, D = q.shape
+        group, nb = H // km.shape[1], km.shape[2]
+        pad = -(-max(nb, 1) // _ROWS) * _ROWS - nb
+        kr, vr = (torch.nn.functional.pad(x, (0, 0, 0, pad)).repeat_interleave(group, 1) for x in (km, vm))
+        q = q.contiguous()
+        out, lse = _forward(spec, q, kr, vr, scale, 1, 0)
+        ctx.save_for_backward(q, kr, vr, out, lse)
+        ctx.spec, ctx.scale, ctx.group, ctx.nb = spec, scale, group, nb
+        ctx.options = current_options()
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor | None,
+                 dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q, kr, vr, out, lse = ctx.saved_tensors
+        do = torch.zeros_like(out) if do is None else do.contiguous()
+        dq, dk, dv = _backward(ctx.spec, q, kr, vr, out, lse, do, dlse, ctx.scale)
+        B, H, rows, D = dk.shape
+        dkm, dvm = (x.view(B, H // ctx.group, ctx.group, rows, D).sum(2)[:, :, :ctx.nb].to(q.dtype) for x in (dk, dv))
+        return dq, dkm, dvm, None, None
+
+
+def _backward(spec: PatternSpec, q: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) with dk, dv float32 per query head [B, H, padded summaries, D]: the patterns' dQ and
+    dK/dV kernels with their configured tiles, dK/dV over the summary tiles only."""
+    B, H, N, D = q.shape
+    d_pad = _d_pad(D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    delta, lse2, pre = _delta_pass(out, do, lse, None if dlse is None else dlse.float().contiguous(), d_pad)
+    cfg = _bwd_config(spec, d_pad, q.element_size())
+    tma = _tma_mode((q, kr, vr, do), d_pad, 1 if current_options().bwd_tma else 0)
+    kv_ids, qh_off, qh_idx = _kv_groups(0, 0, H, 1, q.device)
+    dq = torch.empty_like(q)
+    dk, dv = (torch.empty(tuple(kr.shape), dtype=torch.float32, device=q.device) for _ in range(2))
+    _launch_dq(spec, (cfg[2], cfg[3], cfg[6], cfg[7]), 0, N, False, tma, kv_ids, q, kr, vr, do, lse2, delta, 1,
+               scale, prec, d_pad, pre, dq)
+    # the key tiles the tables have (N's) that hold summaries; a multiple of _ROWS, or N, bounds their rows
+    _launch_dkdv(spec, (cfg[0], cfg[1], cfg[4], cfg[5]), 0, min(N, kr.shape[2]), False, tma, kv_ids, qh_off, qh_idx, q,
+                 kr, vr, do, lse2, delta, scale, False, prec, d_pad, dk, dv)
+    return dq, dk, dv

@@ -74,3 +74,34 @@ def test_caller_pooling_and_gradients() -> None:
 @pytest.mark.slow
 def test_nsa_model_example_runs() -> None:
     runpy.run_path(str(ROOT / "examples" / "nsa_model.py"), run_name="__main__")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("causal, n, b", [(True, 37, 8), (False, 37, 8), pytest.param(True, 300, 4, marks=pytest.mark.slow)])
+def test_kernel_path_matches_the_definition_and_its_gradients(causal: bool, n: int, b: int) -> None:
+    """The attention kernels' path (float32 in the interpreter): output and lse against the brute force,
+    gradients of q, k, v (through the block means) and of the caller's pooling against the float64 CPU path,
+    with a gradient on lse too. n = 300, b = 4: 75 summaries over five key tiles of the 300-query tables."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, n, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(1, 2, n, 16, generator=g).requires_grad_() for _ in range(2))
+    kp, vp = (torch.randn(1, 2, -(-n // b), 16, generator=g).requires_grad_() for _ in range(2))
+    do = torch.randn(1, 4, n, 16, generator=g)
+    dl = torch.randn(1, 4, n, generator=g)
+    for pooled in (None, (kp, vp)):
+        out, lse = compressed_attention(q, k, v, b, causal=causal, pooled=pooled)
+        want, want_lse = _reference(q.detach(), k.detach(), v.detach(), b, causal,
+                                    None if pooled is None else (kp.detach(), vp.detach()))
+        assert np.abs(out.detach().numpy() - want).max() < 1e-5
+        assert np.array_equal(np.isinf(lse.detach().numpy()), np.isinf(want_lse))
+        fin = np.isfinite(want_lse)
+        assert np.abs(lse.detach().numpy()[fin] - want_lse[fin]).max() < 1e-5
+        leaves = (q, k, v) if pooled is None else (q, kp, vp)
+        wide = tuple(x.detach().double().requires_grad_() for x in leaves)
+        o64, l64 = (compressed_attention(wide[0], k.detach().double(), v.detach().double(), b, causal=causal, pooled=wide[1:])
+                    if pooled is not None else compressed_attention(*wide, b, causal=causal))
+        loss = lambda o, s: (o * do.to(o.dtype)).sum() + (torch.where(torch.isinf(s), 0, s) * dl.to(s.dtype)).sum()  # noqa: E731
+        got = torch.autograd.grad(loss(out, lse), leaves)
+        ref = torch.autograd.grad(loss(o64, l64), wide)
+        for a, r in zip(got, ref, strict=True):
+            assert (a.double() - r).abs().max() < 1e-4
