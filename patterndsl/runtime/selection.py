@@ -279,6 +279,81 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, VD, CNT, OFF, FIDX, PIDX, NQT, NKT
         tl.store(CNT + two * (ROWS + 1), tl.zeros([2], dtype=tl.int32), mask=(two < 2) & (pid == 0) & (bh == 0))
 
 
+@triton.jit  # type: ignore[untyped-decorator]
+def _compressed_score_kernel(Q, KM, CAND, SPAN, S, HEADS, MEMBER, q0, ROWS, N, NK, NR, HKV, GROUP, s_qb, s_qh, s_qn, qk_scale,  # type: ignore[no-untyped-def]
+                             BLK: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, SHARE: tl.constexpr, RANGES: tl.constexpr):
+    """The compressed rule's scores of query block q0 + program 0 for selection row program 1 (b * NR + r):
+    per key block, the softmax weights (over the query block's candidate mean keys, 2**(qk_scale * q . k))
+    of the block's queries summed, and with SHARE summed over the query heads of KV head r (those MEMBER
+    marks), else of head HEADS[r] only. Two passes per (head, BQ rows): the rows' log-sum-exp, then their
+    weights, added into S [B * NR, ROWS, NK] float32 (zeroed). Only the key blocks [lo, hi) of SPAN are
+    read; RANGES: they are the candidates, else CAND [blocks, NK] bytes say which are."""
+    r = tl.program_id(0)
+    pid = tl.program_id(1)
+    qb = q0 + r
+    b = (pid // NR).to(tl.int64)
+    row = pid % NR
+    lo = tl.load(SPAN + 2 * qb)
+    hi = tl.load(SPAN + 2 * qb + 1)
+    offs_d = tl.arange(0, D_PAD)
+    offs_r = tl.arange(0, BQ)
+    out = S + (pid.to(tl.int64) * ROWS + r) * NK
+    kvh = row
+    if not SHARE:
+        kvh = tl.load(HEADS + row) // GROUP
+    km_base = KM + (b * HKV + kvh).to(tl.int64) * NK * D_PAD
+    g = 0
+    while g < (GROUP if SHARE else 1):  # (the CPU interpreter cannot take scalar arguments as range() bounds)
+        if SHARE:
+            h = (kvh * GROUP + g).to(tl.int64)
+            take = tl.load(MEMBER + h) != 0
+        else:
+            h = tl.load(HEADS + row).to(tl.int64)
+            take = True
+        if take:
+            r0 = 0
+            while r0 < BLK:
+                tok = qb * BLK + r0 + offs_r
+                rmask = (r0 + offs_r < BLK) & (tok < N)
+                q = tl.load(Q + b * s_qb + h * s_qh + tok[:, None].to(tl.int64) * s_qn + offs_d[None, :],
+                            mask=rmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+                m = tl.full([BQ], float("-inf"), dtype=tl.float32)
+                acc = tl.zeros([BQ], dtype=tl.float32)
+                k0 = lo
+                while k0 < hi:  # pass 1: each row's log-sum-exp over the candidates
+                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, D_PAD, DOT_PREC, RANGES)
+                    m_new = tl.maximum(m, tl.max(z, 1))
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    acc = acc * tl.math.exp2(m - m_use) + tl.sum(tl.math.exp2(z - m_use[:, None]), 1)
+                    m = m_new
+                    k0 += BK
+                lse = tl.where(rmask & (acc > 0), m + tl.math.log2(acc), float("inf"))  # +inf: weights 0
+                k0 = lo
+                while k0 < hi:  # pass 2: the weights, summed over the rows
+                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, D_PAD, DOT_PREC, RANGES)
+                    w = tl.sum(tl.math.exp2(z - lse[:, None]), 0)
+                    kb = k0 + tl.arange(0, BK)
+                    tl.store(out + kb, tl.load(out + kb, mask=kb < hi, other=0.0) + w, mask=kb < hi)
+                    k0 += BK
+                r0 += BQ
+        g += 1
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK: tl.constexpr,  # type: ignore[no-untyped-def]
+                       D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr):
+    """[rows, BK] base-2 logits of q against mean keys k0 .. k0 + BK (D_PAD-wide rows), -inf off the
+    candidates."""
+    kb = k0 + tl.arange(0, BK)
+    ok = kb < hi
+    if not RANGES:
+        ok = ok & (tl.load(CAND + qb.to(tl.int64) * NK + kb, mask=ok, other=0) != 0)
+    km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + offs_d[None, :], mask=ok[:, None], other=0.0)
+    z = tl.dot(q, tl.trans(km), input_precision=DOT_PREC) * qk_scale
+    return tl.where(ok[None, :], z, float("-inf"))
+
+
 _CANDIDATES: dict[tuple[Any, ...], Any] = {}  # _candidates' masks and _spans' triples
 
 
@@ -364,6 +439,12 @@ def _block_scores(spec: PatternSpec, sel: Selector, q: torch.Tensor, k: torch.Te
     return s
 
 
+def _fused(rule: Selector, q: torch.Tensor) -> bool:
+    """The compressed rule scores in `_compressed_score_kernel` (off the PyTorch path, square blocks): only
+    [rows, blocks] sums are stored, no query's weights."""
+    return rule.score == "compressed" and not rule.given and rule.kblock == rule.block and not _torch_path(q)
+
+
 def _rule_keys(rule: Selector, q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor,
                group: int) -> tuple[torch.Tensor, ...]:
     """What `_rule_scores` reads of the keys for `heads`, the same for every chunk of query blocks (so built
@@ -385,6 +466,8 @@ def _rule_keys(rule: Selector, q: torch.Tensor, k: torch.Tensor, heads: torch.Te
             hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
             lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
             return lo, hi
+        case "compressed" if _fused(rule, q):  # the scoring kernel reads each KV head's means
+            return (_pool_torch(k, kblk, work),)
         case _:  # mean, compressed
             return (_pool_torch(k, kblk, work)[:, kvh],)
 
@@ -392,14 +475,15 @@ def _rule_keys(rule: Selector, q: torch.Tensor, k: torch.Tensor, heads: torch.Te
 def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor, scores: Any,  # a tensor where given
                  heads: torch.Tensor, group: int, q0: int, rows: int,
                  keys: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """Block scores of query blocks q0 .. q0 + rows by a named rule, for `heads`: [B * nh, rows, blocks],
-    NaN off the context; float32 (float64 for float64 inputs). q-bar is a query block's mean query:
+    """Block scores of query blocks q0 .. q0 + rows by a named rule: [B * nh, rows, blocks] for `heads`, or
+    with share=kv [B * Hkv, rows, blocks] per KV head (a KV head none of `heads` reads: zeros), NaN off the
+    context; float32 (float64 for float64 inputs). q-bar is a query block's mean query:
 
     mean: q-bar . k-bar (k-bar the key block's mean key); max: the largest q-bar . k_j over the key block;
     quest: sum over d of max(q-bar_d * max_j k_jd, q-bar_d * min_j k_jd), Quest's bound on q-bar . k_j;
     compressed: the attention the block's queries pay to the pooled key k-bar in a softmax over the
     candidate pooled keys (scale 1 / sqrt(head_dim)), summed over the block's queries (NSA). given: the
-    caller's. share=kv: each head scores with the sum over the heads of its KV head (among `heads`).
+    caller's. share=kv: the sum over the heads of the KV head (among `heads`), which all its heads select by.
     `keys`: `_rule_keys`' (built here when None)."""
     B, H, N, D = q.shape
     blk, kblk = rule.block, rule.kblock
@@ -409,6 +493,9 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
     kvh = hl // group
     cand = _candidates(spec, rule.context, N, blk, q.device, kblk)[q0:q0 + rows]
     keys = _rule_keys(rule, q, k, heads, group) if keys is None else keys
+    if _fused(rule, q):
+        s = _compressed_scores(spec, rule, q, keys[0], heads, group, q0, rows)
+        return torch.where(cand, s.view(B, -1, rows, nb), float("nan")).reshape(-1, rows, nb)
     if rule.given:
         s = scores[:, hl, q0:q0 + rows].to(work)
     else:
@@ -428,8 +515,8 @@ def _rule_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Te
                 p = torch.nn.functional.pad(p, (0, 0, 0, rows * blk - (t1 - t0)))
                 s = p.view(B, hl.numel(), rows, blk, nb).sum(3)
     if rule.share:
-        s = share_kv(s, kvh, k.shape[1])
-    return torch.where(cand, s, float("nan")).reshape(B * hl.numel(), rows, nb)
+        s = _kv_sums(s, kvh, k.shape[1])
+    return torch.where(cand, s, float("nan")).reshape(-1, rows, nb)
 
 
 def quest_bound(qm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -454,8 +541,33 @@ def compressed_weights(q: torch.Tensor, km: torch.Tensor, ok: torch.Tensor, *, s
 def share_kv(s: torch.Tensor, kvh: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """share=kv: each head's scores [B, heads, ...] replaced by the sum over the heads of its KV head
     (`kvh`: each head's KV head), so that the heads of a KV head pick the same blocks."""
-    total = torch.zeros((s.shape[0], kv_heads, *s.shape[2:]), dtype=s.dtype, device=s.device).index_add_(1, kvh, s)
-    return total[:, kvh]
+    return _kv_sums(s, kvh, kv_heads)[:, kvh]
+
+
+def _kv_sums(s: torch.Tensor, kvh: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Scores [B, heads, ...] summed per KV head (`kvh`: each head's): [B, kv_heads, ...], zeros for a KV
+    head no listed head reads."""
+    return torch.zeros((s.shape[0], kv_heads, *s.shape[2:]), dtype=s.dtype, device=s.device).index_add_(1, kvh, s)
+
+
+def _compressed_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, km: torch.Tensor, heads: torch.Tensor,
+                       group: int, q0: int, rows: int) -> torch.Tensor:
+    """The compressed rule off the PyTorch path (`_compressed_score_kernel`): float32 [B * rows of the
+    selection, rows, key blocks], rows of the selection the KV heads with share=kv, else `heads`; no
+    per-query weight matrix is stored, only the sums. km: `_pooled`'s key means [B, Hkv, blocks, D_PAD]."""
+    B, H, N, D = q.shape
+    hkv, nk, d_pad = km.shape[1], km.shape[2], km.shape[3]
+    nr = hkv if rule.share else heads.numel()
+    cand, span, ranges = _spans(spec, rule.context, N, rule.block, 1, q.device)
+    member = torch.zeros(H, dtype=torch.int8, device=q.device).index_fill_(0, heads.long(), 1)
+    out = torch.zeros((B * nr, rows, nk), dtype=torch.float32, device=q.device)
+    bq = min(64, _pow2(rule.block))
+    _compressed_score_kernel[(rows, B * nr)](
+        q, km, cand, span, out, heads, member, q0, rows, N, nk, nr, hkv, group, *q.stride()[:3],
+        1.4426950408889634 / math.sqrt(D), BLK=rule.block, BQ=bq, BK=64 if d_pad <= 128 else 32, HEAD_DIM=D,
+        D_PAD=d_pad, DOT_PREC=_score_prec(q), SHARE=bool(rule.share), RANGES=ranges, num_warps=8 if bq >= 64 else 4,
+    )
+    return out
 
 
 def _score_prec(q: torch.Tensor) -> str:
@@ -609,7 +721,9 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
         )
         return sel
-    chunk = max(1, (1 << 24) // max(1, B * nh * (nb if plain else max(nk, N))))
+    # compressed off the PyTorch path keeps only [rows, blocks] sums; the other rules a row's pairs or weights
+    fused = _fused(rule, q)
+    chunk = max(1, (1 << 24) // max(1, B * (k.shape[1] if fused and rule.share else nh) * (nb if plain or fused else max(nk, N))))
     out = []
     pooled = None if given or not plain else _pooled(q, k, blk)
     keys = None if plain else _rule_keys(rule, q, k, heads, group)  # the key side, once for every chunk
@@ -623,8 +737,10 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             s = torch.where(cand, s if s.dtype == torch.float64 else s.float(), float("nan")).reshape(B * nh, rows, nb)
         else:
             s = _block_scores(spec, rule, q, k, pooled, heads, group, q0, rows)  # type: ignore[arg-type]  # not given: pooled
-        out.append(_pick(rule, s.reshape(B * nh * rows, nk), 1.0 / math.sqrt(D), count).view(B * nh, rows, -1))
+        out.append(_pick(rule, s.reshape(-1, nk), 1.0 / math.sqrt(D), count).view(s.shape[0], rows, -1))
     sel = torch.cat(out, 1)
+    if rule.share and not plain:  # picked once per KV head: each head takes its KV head's
+        sel = sel.view(B, k.shape[1], nb, -1)[:, heads.long() // group].reshape(B * nh, nb, -1)
     if kind != "topk":  # kept blocks come first in each row: cut the columns no row uses
         sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
     return sel.to(torch.int32).contiguous()

@@ -443,3 +443,26 @@ def test_library_selector_patterns_match_the_reference(file: str, name: str) -> 
     assert np.array_equal(m.selected_blocks(q, k, scores=scores).numpy(), picked)
     want, _ = _dense(q, k, v, mask, 16**-0.5)
     assert (m.attention(q, k, v, scores=scores).double() - want).abs().max().item() < 2e-5
+
+
+COMPRESSED = {
+    "shared": "causal & (window(3) | topk(2, block=16, score=compressed, share=kv))",
+    "per_head": "causal & (sink(16) | topk(3, block=16, score=compressed))",
+    "scattered": "where(k < q // 2 or k > q + 40) & topk(3, block=16, score=compressed, share=kv)",
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "shared" else [pytest.mark.slow]) for n in COMPRESSED])
+def test_compressed_scores_off_the_torch_path_pick_as_the_reference(name: str) -> None:
+    """The compressed rule's scoring kernel (float32, the interpreter; one selection per KV head with
+    share=kv, a context whose candidates are not one run of blocks in "scattered") picks the float64
+    reference's blocks on normal inputs (no near ties), and the heads of a KV head pick alike."""
+    src = COMPRESSED[name]
+    g = torch.Generator().manual_seed(31)
+    q, k = torch.randn(1, 4, 88, 16, generator=g), torch.randn(1, 2, 88, 16, generator=g)
+    _, picked = R.dynamic_mask(P.pattern(src), q.double().numpy(), k.double().numpy(), None)
+    got = _module(src).selected_blocks(q, k)
+    assert np.array_equal(got.numpy(), picked)
+    if "share=kv" in src:
+        assert torch.equal(got[:, 0::2], got[:, 1::2])
