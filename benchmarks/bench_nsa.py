@@ -5,9 +5,10 @@ B=1, N = 65536 (BENCH_NS), 64 query heads over 4 KV heads (GQA), D=128, bf16, ra
 Branches: `runtime.compressed_attention` (block means of 64 tokens), the selected branch
 `causal & (sink(64) | window(63) | topk(16, block=64, score=compressed, share=kv))` and the window
 `causal & window(511)`, mixed by per-head gates as examples/nsa_model.py does (the gates are inputs here,
-no projections). SDPA: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`. Median of
-`triton.testing.do_bench`. Writes JSON to argv[1] (default benchmarks/results/nsa.json) after every
-measurement; BENCH_BUDGET_S (default 300) skips what would start after that many seconds.
+no projections). SDPA: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`. Each branch is timed on
+its own too, forward and forward+backward (gradients of q, k, v). Median of `triton.testing.do_bench`. Writes
+JSON to argv[1] (default benchmarks/results/nsa.json) after every measurement; BENCH_BUDGET_S (default 90)
+skips a sequence length that would start after that many seconds.
 Run: python benchmarks/bench_nsa.py OUT.json
 """
 
@@ -32,7 +33,7 @@ NS = [int(x) for x in os.environ.get("BENCH_NS", "65536").split(",")]
 SELECTED = f"causal & (sink({BLK}) | window({BLK - 1}) | topk(16, block={BLK}, score=compressed, share=kv))"
 WINDOW = "causal & window(511)"
 T0 = time.perf_counter()
-BUDGET = float(os.environ.get("BENCH_BUDGET_S", "300"))
+BUDGET = float(os.environ.get("BENCH_BUDGET_S", "90"))
 
 
 def med(fn: Any) -> float:
@@ -61,10 +62,12 @@ def measure(n: int, slc: Any, win: Any) -> dict[str, Any]:
             row[f"{name}_fwd_ms"] = med(fn)
         row[f"{name}_fwd_bwd_ms"] = med(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), do))
         torch.cuda.empty_cache()
-    with torch.no_grad():
-        row["compressed_fwd_ms"] = med(lambda: compressed_attention(q, k, v, BLK))
-        row["selected_fwd_ms"] = med(lambda: slc.attention(q, k, v))
-        row["window_fwd_ms"] = med(lambda: win.attention(q, k, v))
+    branches = (("compressed", lambda: compressed_attention(q, k, v, BLK)[0]), ("selected", lambda: slc.attention(q, k, v)),
+                ("window", lambda: win.attention(q, k, v)))
+    for name, fn in branches:
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = med(fn)
+        row[f"{name}_fwd_bwd_ms"] = med(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), do))
     row["speedup_fwd"] = row["sdpa_fwd_ms"] / row["nsa_fwd_ms"]
     row["speedup_fwd_bwd"] = row["sdpa_fwd_bwd_ms"] / row["nsa_fwd_bwd_ms"]
     return row
