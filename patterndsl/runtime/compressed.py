@@ -34,7 +34,7 @@ import torch
 from .backward import _bwd_config, _delta_pass, _kv_groups, _launch_dkdv, _launch_dq
 from .common import _d_pad, _tma_mode, _torch_path
 from .forward import _forward
-from .options import current_options
+from .options import current_options, restored
 from .selection import _pool_torch
 
 if TYPE_CHECKING:
@@ -68,8 +68,9 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
             raise ValueError(f"pooled keys and values must be [{B}, {hkv}, {nb}, {D}] each, got "
                              f"{list(km.shape)} and {list(vm.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if not _torch_path(q):
-        out, lse = _KernelPath.apply(q, km.to(q.dtype), vm.to(q.dtype), _pattern(block, causal), scale)  # type: ignore[no-untyped-call]
+    spec = None if _torch_path(q) else _pattern(block, causal)
+    if spec is not None:
+        out, lse = _KernelPath.apply(q, km.to(q.dtype), vm.to(q.dtype), spec, scale)  # type: ignore[no-untyped-call]
         return out, lse
     km = km.repeat_interleave(H // hkv, 1)
     vm = vm.repeat_interleave(H // hkv, 1)
@@ -88,10 +89,14 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
 
 
 @functools.lru_cache(maxsize=16)
-def _pattern(block: int, causal: bool) -> PatternSpec:
+def _pattern(block: int, causal: bool) -> PatternSpec | None:
     """The pattern whose pairs (query i, summary c) are the branch's: c's block ends at or before i (causal),
-    else c is a block of the sequence. Its predicate and block tables serve the attention kernels."""
-    from ..compile import compile as compile_pattern  # (the compiler imports the runtime)
+    else c is a block of the sequence. Its predicate and block tables serve the attention kernels. None in a
+    standalone module's runtime, which has no compiler: the PyTorch operations run there."""
+    try:
+        from ..compile import compile as compile_pattern  # (the compiler imports the runtime)
+    except ImportError:
+        return None
 
     rule = f"k * {block} + {block - 1} <= q" if causal else f"k * {block} < N"
     spec: PatternSpec = compile_pattern(f"pattern compressed = where({rule})\n").spec
@@ -123,7 +128,8 @@ class _KernelPath(torch.autograd.Function):
                  dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, kr, vr, out, lse = ctx.saved_tensors
         do = torch.zeros_like(out) if do is None else do.contiguous()
-        dq, dk, dv = _backward(ctx.spec, q, kr, vr, out, lse, do, dlse, ctx.scale)
+        with restored(ctx.options):
+            dq, dk, dv = _backward(ctx.spec, q, kr, vr, out, lse, do, dlse, ctx.scale)
         B, H, rows, D = dk.shape
         dkm, dvm = (x.view(B, H // ctx.group, ctx.group, rows, D).sum(2)[:, :, :ctx.nb].to(q.dtype) for x in (dk, dv))
         return dq, dkm, dvm, None, None
