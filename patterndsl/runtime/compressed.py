@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .backward import _bwd_config, _delta_pass, _kv_groups, _launch_dkdv, _launch_dq
-from .common import _d_pad, _tma_mode, _torch_path
+from .backward import _bwd_tiles, _delta_pass, _kv_groups, _launch_dkdv, _launch_dq
+from .common import _d_pad, _pow2, _tma_mode, _torch_path
 from .forward import _forward
 from .options import current_options, restored
 from .selection import _pool_torch
@@ -139,19 +139,24 @@ def _backward(spec: PatternSpec, q: torch.Tensor, kr: torch.Tensor, vr: torch.Te
               lse: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None,
               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) with dk, dv float32 per query head [B, H, padded summaries, D]: the patterns' dQ and
-    dK/dV kernels with their configured tiles, dK/dV over the summary tiles only."""
+    dK/dV kernels with their tiles (configured, or tuned on a GPU as the patterns' are), dK/dV over the
+    key tiles that hold summaries only: those of N's tables (N of them at most) within the padding."""
     B, H, N, D = q.shape
     d_pad = _d_pad(D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     delta, lse2, pre = _delta_pass(out, do, lse, None if dlse is None else dlse.float().contiguous(), d_pad)
-    cfg = _bwd_config(spec, d_pad, q.element_size())
     tma = _tma_mode((q, kr, vr, do), d_pad, 1 if current_options().bwd_tma else 0)
-    kv_ids, qh_off, qh_idx = _kv_groups(0, 0, H, 1, q.device)
+    heads, qh_off, qh_idx = _kv_groups(0, 0, H, 1, q.device)  # one program per (key tile, query head)
     dq = torch.empty_like(q)
     dk, dv = (torch.empty(tuple(kr.shape), dtype=torch.float32, device=q.device) for _ in range(2))
-    _launch_dq(spec, (cfg[2], cfg[3], cfg[6], cfg[7]), 0, N, False, tma, kv_ids, q, kr, vr, do, lse2, delta, 1,
-               scale, prec, d_pad, pre, dq)
-    # the key tiles the tables have (N's) that hold summaries; a multiple of _ROWS, or N, bounds their rows
-    _launch_dkdv(spec, (cfg[0], cfg[1], cfg[4], cfg[5]), 0, min(N, kr.shape[2]), False, tma, kv_ids, qh_off, qh_idx, q,
-                 kr, vr, do, lse2, delta, scale, False, prec, d_pad, dk, dv)
+    dq_args = (0, N, False, tma, heads, q, kr, vr, do, lse2, delta, 1, scale, prec, d_pad, pre)
+    dkdv_args = (0, min(N, kr.shape[2]), False, tma, heads, qh_off, qh_idx, q, kr, vr, do, lse2, delta, scale, False,
+                 prec, d_pad)
+    dkdv_tile, dq_tile = _bwd_tiles(
+        spec, ("bwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), kr.shape[2]), q.element_size(),
+        lambda t: _launch_dq(spec, t, *dq_args, torch.empty_like(dq)),
+        lambda t: _launch_dkdv(spec, t, *dkdv_args, torch.empty_like(dk), torch.empty_like(dv)),
+    )
+    _launch_dq(spec, dq_tile, *dq_args, dq)
+    _launch_dkdv(spec, dkdv_tile, *dkdv_args, dk, dv)
     return dq, dk, dv
