@@ -302,7 +302,7 @@ def _compressed_score_kernel(Q, KM, CAND, SPAN, S, HEADS, MEMBER, q0, ROWS, N, N
     kvh = row
     if not SHARE:
         kvh = tl.load(HEADS + row) // GROUP
-    km_base = KM + (b * HKV + kvh).to(tl.int64) * NK * D_PAD
+    km_base = KM + (b * HKV + kvh).to(tl.int64) * NK * HEAD_DIM
     g = 0
     while g < (GROUP if SHARE else 1):  # (the CPU interpreter cannot take scalar arguments as range() bounds)
         if SHARE:
@@ -322,7 +322,7 @@ def _compressed_score_kernel(Q, KM, CAND, SPAN, S, HEADS, MEMBER, q0, ROWS, N, N
                 acc = tl.zeros([BQ], dtype=tl.float32)
                 k0 = lo
                 while k0 < hi:  # pass 1: each row's log-sum-exp over the candidates
-                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, D_PAD, DOT_PREC, RANGES)
+                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, HEAD_DIM, DOT_PREC, RANGES)
                     m_new = tl.maximum(m, tl.max(z, 1))
                     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                     acc = acc * tl.math.exp2(m - m_use) + tl.sum(tl.math.exp2(z - m_use[:, None]), 1)
@@ -331,7 +331,7 @@ def _compressed_score_kernel(Q, KM, CAND, SPAN, S, HEADS, MEMBER, q0, ROWS, N, N
                 lse = tl.where(rmask & (acc > 0), m + tl.math.log2(acc), float("inf"))  # +inf: weights 0
                 k0 = lo
                 while k0 < hi:  # pass 2: the weights, summed over the rows
-                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, D_PAD, DOT_PREC, RANGES)
+                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, HEAD_DIM, DOT_PREC, RANGES)
                     w = tl.sum(tl.math.exp2(z - lse[:, None]), 0)
                     kb = k0 + tl.arange(0, BK)
                     tl.store(out + kb, tl.load(out + kb, mask=kb < hi, other=0.0) + w, mask=kb < hi)
@@ -342,14 +342,15 @@ def _compressed_score_kernel(Q, KM, CAND, SPAN, S, HEADS, MEMBER, q0, ROWS, N, N
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK: tl.constexpr,  # type: ignore[no-untyped-def]
-                       D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr):
-    """[rows, BK] base-2 logits of q against mean keys k0 .. k0 + BK (D_PAD-wide rows), -inf off the
+                       HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr):
+    """[rows, BK] base-2 logits of q against mean keys k0 .. k0 + BK (rows of HEAD_DIM), -inf off the
     candidates."""
     kb = k0 + tl.arange(0, BK)
     ok = kb < hi
     if not RANGES:
         ok = ok & (tl.load(CAND + qb.to(tl.int64) * NK + kb, mask=ok, other=0) != 0)
-    km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + offs_d[None, :], mask=ok[:, None], other=0.0)
+    km = tl.load(km_base + kb[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                 mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     z = tl.dot(q, tl.trans(km), input_precision=DOT_PREC) * qk_scale
     return tl.where(ok[None, :], z, float("-inf"))
 
@@ -554,9 +555,9 @@ def _compressed_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, km: t
                        group: int, q0: int, rows: int) -> torch.Tensor:
     """The compressed rule off the PyTorch path (`_compressed_score_kernel`): float32 [B * rows of the
     selection, rows, key blocks], rows of the selection the KV heads with share=kv, else `heads`; no
-    per-query weight matrix is stored, only the sums. km: `_pooled`'s key means [B, Hkv, blocks, D_PAD]."""
+    per-query weight matrix is stored, only the sums. km: the key means [B, Hkv, blocks, D], contiguous."""
     B, H, N, D = q.shape
-    hkv, nk, d_pad = km.shape[1], km.shape[2], km.shape[3]
+    hkv, nk, d_pad = km.shape[1], km.shape[2], _d_pad(D)
     nr = hkv if rule.share else heads.numel()
     cand, span, ranges = _spans(spec, rule.context, N, rule.block, 1, q.device)
     member = torch.zeros(H, dtype=torch.int8, device=q.device).index_fill_(0, heads.long(), 1)
