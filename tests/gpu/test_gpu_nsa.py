@@ -1,0 +1,81 @@
+"""NSA's branches on a CUDA GPU (the lent H100): the compressed branch on the attention kernels and the
+compressed scoring kernel of `topk(..., score=compressed)`, against the float64 PyTorch path, which the CPU
+tests hold to the literal definitions (tests/runtime/test_compressed.py, reference.selection).
+
+Run with `pytest -m gpu tests/gpu/test_gpu_nsa.py` on a machine with CUDA; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import patterndsl as P
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
+
+from patterndsl.runtime import compressed_attention  # noqa: E402 (it imports torch)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 2e-3), ("bfloat16", 3e-2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_compressed_branch_and_gradients_match_the_float64_path(dtype: str, tol: float, causal: bool) -> None:
+    """1000 tokens (a ragged last block), blocks of 64, 8 query heads over 2 KV heads, head_dim 128: output,
+    lse (the first 63 queries: zeros and -inf under causal) and the gradients of q, k, v and of lse."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = getattr(torch, dtype)
+    q = torch.randn(1, 8, 1000, 128, device="cuda", generator=g).to(dt).requires_grad_()
+    k, v = (torch.randn(1, 2, 1000, 128, device="cuda", generator=g).to(dt).requires_grad_() for _ in range(2))
+    do = torch.randn(1, 8, 1000, 128, device="cuda", generator=g)
+    dl = torch.randn(1, 8, 1000, device="cuda", generator=g)
+    out, lse = compressed_attention(q, k, v, 64, causal=causal)
+    wide = tuple(x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    o64, l64 = compressed_attention(*wide, 64, causal=causal)
+    assert torch.equal(torch.isinf(lse).cpu(), torch.isinf(l64))
+    assert (out.detach().cpu().double() - o64).abs().max() < tol
+    fin = torch.isfinite(l64)
+    assert (lse.detach().cpu().double()[fin] - l64[fin]).abs().max() < tol
+    if causal:
+        assert not out[:, :, :63].any() and torch.isinf(lse[:, :, :63]).all()
+
+    def loss(o: Any, s: Any) -> Any:
+        return (o * do.to(o.device, o.dtype)).sum() + (torch.where(torch.isinf(s), 0, s) * dl.to(s.device, s.dtype)).sum()
+
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref = torch.autograd.grad(loss(o64, l64), wide)
+    for a, r in zip(got, ref, strict=True):
+        assert (a.cpu().double() - r).abs().max() < tol * max(1.0, float(r.abs().max()))
+
+
+def test_compressed_branch_at_64k_keeps_memory_linear() -> None:
+    """NSA's size on one KV head's group (16 query heads, N = 65536, bf16): forward and backward allocate
+    O(N) beyond the inputs (out, its gradient, dq: 768 MiB), where PyTorch autograd kept every query chunk's
+    [16, 4096, 1024] float32 weights, 4 GiB in all."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, 16, 65536, 128, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(1, 1, 65536, 128, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, _ = compressed_attention(q, k, v, 64)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert torch.cuda.max_memory_allocated() - base < 3 << 29
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_compressed_scores_pick_as_the_float64_path(share: bool) -> None:
+    """topk(16, block=64, score=compressed) at N = 4096, 8 query heads over 2 KV heads, float32 (IEEE
+    products): the scoring kernel's picks equal the float64 PyTorch path's block for block."""
+    src = f"causal & (sink(64) | window(63) | topk(16, block=64, score=compressed{', share=kv' if share else ''}))"
+    attn = P.compile(f"pattern p = {src}\n")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(1, 8, 4096, 128, device="cuda", generator=g)
+    k = torch.randn(1, 2, 4096, 128, device="cuda", generator=g)
+    got = attn.selected_blocks(q, k).cpu()
+    want = attn.selected_blocks(q.cpu().double(), k.cpu().double())
+    assert torch.equal(got, want), f"{int((got != want).sum())} blocks differ"
+    if share:
+        assert torch.equal(got[:, 0::4], got[:, 3::4])
