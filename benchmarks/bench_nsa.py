@@ -6,7 +6,8 @@ Branches: `runtime.compressed_attention` (block means of 64 tokens), the selecte
 `causal & (sink(64) | window(63) | topk(16, block=64, score=compressed, share=kv))` and the window
 `causal & window(511)`, mixed by per-head gates as examples/nsa_model.py does (the gates are inputs here,
 no projections). SDPA: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`. Each branch is timed on
-its own too, forward and forward+backward (gradients of q, k, v). Median of `triton.testing.do_bench`. Writes
+its own too, forward and forward+backward (gradients of q, k, v), and the selected branch's selection alone
+(`selected_blocks`: scores, picks and a dense block mask). Median of `triton.testing.do_bench`. Writes
 JSON to argv[1] (default benchmarks/results/nsa.json) after every measurement; BENCH_BUDGET_S (default 90)
 skips a sequence length that would start after that many seconds.
 Run: python benchmarks/bench_nsa.py OUT.json
@@ -61,6 +62,8 @@ def measure(n: int, slc: Any, win: Any) -> dict[str, Any]:
         with torch.no_grad():
             row[f"{name}_fwd_ms"] = med(fn)
         row[f"{name}_fwd_bwd_ms"] = med(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), do))
+    with torch.no_grad():  # the selected branch's scoring and picks alone (as a dense block mask)
+        row["selection_ms"] = med(lambda: slc.selected_blocks(q, k))
         torch.cuda.empty_cache()
     branches = (("compressed", lambda: compressed_attention(q, k, v, BLK)[0]), ("selected", lambda: slc.attention(q, k, v)),
                 ("window", lambda: win.attention(q, k, v)))
@@ -68,6 +71,8 @@ def measure(n: int, slc: Any, win: Any) -> dict[str, Any]:
         with torch.no_grad():
             row[f"{name}_fwd_ms"] = med(fn)
         row[f"{name}_fwd_bwd_ms"] = med(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), do))
+    with torch.no_grad():  # the selected branch's scoring and picks alone (as a dense block mask)
+        row["selection_ms"] = med(lambda: slc.selected_blocks(q, k))
     row["speedup_fwd"] = row["sdpa_fwd_ms"] / row["nsa_fwd_ms"]
     row["speedup_fwd_bwd"] = row["sdpa_fwd_bwd_ms"] / row["nsa_fwd_bwd_ms"]
     return row
