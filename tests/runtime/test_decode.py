@@ -155,10 +155,11 @@ def test_decode_rows_equal_full_attention_cpu(case: dict[str, Any]) -> None:
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("page", [pytest.param(None, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("page", [pytest.param(None, marks=pytest.mark.slow), 4, 32])
 def test_decode_kernel(page: int | None) -> None:
     """The Triton kernels: GQA packing, two queries straddling a query block, k_new appended, splits merged,
-    Dv != Dqk, and (paged) unreachable pages pointing at a NaN dummy."""
+    Dv != Dqk, and (paged) unreachable pages pointing at a NaN dummy: pages smaller than a key tile (each
+    key's page gathered) and pages holding whole tiles (one table entry per tile)."""
     _check_step("causal & (window(5) | sink(2))", torch.float32, [33], 2, 1, 2, 2, page, 0, dv=16,
                 decode_block=16, decode_splits=2)
 
