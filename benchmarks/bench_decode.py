@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import triton
-from runinfo import run_info
+from runinfo import host_ms, run_info
 
 import patterndsl as P
 from patterndsl.cache import KeySummaries
@@ -296,19 +296,6 @@ def kernels_of(fn: Any) -> list[tuple[str, int, float]]:
     return [(e.key[:80], e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
 
 
-def host_ms(fn: Any, calls: int = 200) -> float:
-    """The host's time per call of fn, the GPU kept busy by the calls themselves (no sync between them):
-    what an eager step costs when the launches, not the kernels, are the bottleneck."""
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    sync()
-    return (t1 - t0) / calls * 1e3
-
-
 def quick(res: dict[str, Any], save: Any) -> None:
     """Issue 21's open criteria in about 100 s: the selector case (`selectors`); a window + sinks step at
     batch 1, Nq = 1 from 8k to 512k, eager and replayed, with the host's time per eager call and the kernels
@@ -325,7 +312,7 @@ def quick(res: dict[str, Any], save: Any) -> None:
         step = functools.partial(attn.decode, q, kc, vc, seqlens)
         fns = {"eager": step, **({} if SMOKE else {"graph": captured(step)})}
         times = {k: median(v) for k, v in interleaved(fns, med, rounds=3).items()}
-        row = {"pattern": PATTERNS["swa_sink"][0], "N": n, "B": 1, "Nq": 1, "ms": times, "host_ms": host_ms(step),
+        row = {"pattern": PATTERNS["swa_sink"][0], "N": n, "B": 1, "Nq": 1, "ms": times, "host_ms": host_ms(step, sync),
                "kernels": kernels_of(step)}
         res["flat"].append(row)
         print(f"flat N={n:7d}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in times.items()) +
