@@ -147,7 +147,8 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
                  CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=prec, IDX64=spec.idx64)  # fmt: skip
         topk = resources(decode_kernels._decode_topk, dtype, c, 4, 1, t)
         m = dict(N_SEL=int(rule.param), QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=triton.next_power_of_2(g * qb_pad),
-                 NP=np2, SPLITS=32, SP=32)  # fmt: skip
+                 NP=np2, SPLITS=32, SP=32, E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
+        t.update(sel_t)  # the merge builds the decode kernel's tables too (one selector)
         print(f"decode selection: topk {topk} | merge {resources(decode_kernels._decode_topk_merge, dtype, m, 4, 1, t)}",
               flush=True)
     t = {"SEQ": "*i32", "PT": "*i32", **{x: "i32" for x in ("T", "CAP", "PAGE", "HKV")}}

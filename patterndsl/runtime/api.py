@@ -426,7 +426,7 @@ class Attention:
                        capacity, out, lse, picks)
         result = (out, lse) if return_lse else (out,)
         if return_selected:
-            result += (tuple(next(iter(picks.values()))),)
+            result += (tuple(next(iter(picks.values())).sel),)
         return result if len(result) > 1 else out
 
     def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None,

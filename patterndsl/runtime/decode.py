@@ -16,6 +16,7 @@ blocks (`_pick_tables`: per row the selection case of each key block, per head p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -221,36 +222,46 @@ def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Te
 
 def selections(spec: PatternSpec, q: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, group: int,
                patterns: int | tuple[int, ...], capacity: int, kv_heads: int, scores: Any = None, summaries: Any = None,
-               selected: Any = None) -> dict[int, list[torch.Tensor]]:
-    """{dynamic pattern: per selector its picks int32 [B, H, query blocks of the step, width]} (heads of other
-    patterns: -1), scored from the summaries (or the caller's scores), or `selected` reused; {} for static
-    patterns (no launch)."""
+               selected: Any = None) -> dict[int, Picks]:
+    """{dynamic pattern: its `Picks` (per selector int32 [B, H, query blocks of the step, width], heads of
+    other patterns -1)}, scored from the summaries (or the caller's scores), or `selected` reused; {} for
+    static patterns (no launch)."""
     H = q.shape[1]
-    out: dict[int, list[torch.Tensor]] = {}
+    out: dict[int, Picks] = {}
     for pat in _used(patterns):
         if spec.selectors[pat] is None:
             continue
         if selected is not None:
-            out[pat] = list(selected)
+            out[pat] = Picks(list(selected))
             continue
         heads = dsel.device_ints(tuple(_heads_of(patterns, pat, H)), q.device)
-        out[pat] = dsel.select(spec, pat, q, heads, _packs(patterns, pat, H, group, q.device), group, cache_seqlens,
-                               n_new, capacity, summaries, scores, kv_heads)
+        out[pat] = Picks(*dsel.select(spec, pat, q, heads, _packs(patterns, pat, H, group, q.device), group,
+                                      cache_seqlens, n_new, capacity, summaries, scores, kv_heads))
     return out
+
+
+@dataclass(frozen=True)
+class Picks:
+    """A dynamic pattern's selection at a step: per selector its picks int32 [B, H, query blocks, width]
+    (what return_selected=True returns), and the decode kernel's tables (PICK, SLIST, SCOUNT) where the
+    selection's last launch built them (else `_pick_tables` builds them from the picks)."""
+
+    sel: list[torch.Tensor]
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @_on_device_of
 def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            cache_seqlens: torch.Tensor, page_table: torch.Tensor | None, n_new: int, scale: float, group: int,
            patterns: int | tuple[int, ...], capacity: int, out: torch.Tensor,
-           lse: torch.Tensor, picks: dict[int, list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           lse: torch.Tensor, picks: dict[int, Picks] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode step into `out` [B, H, Nq, Dv] and `lse` [B, H, Nq] (arguments checked, k_new appended;
     `picks`: `selections`' for the dynamic patterns)."""
     if q.shape[2] == 0:
         return out, lse
     B, H, Nq, D = q.shape
     if _torch_path(q):
-        pick = {pat: dsel.dense(spec, pat, p, capacity) for pat, p in (picks or {}).items()}
+        pick = {pat: dsel.dense(spec, pat, p.sel, capacity) for pat, p in (picks or {}).items()}
         return _decode_cpu(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
                            capacity, out, lse, pick)
     Dv = v_cache.shape[-1]
@@ -275,7 +286,8 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         off, runs, count, most = tables.run_tables(spec, pat, capacity, block, bn, q.device)
         dyn: dict[str, Any] = {}
         if sel is not None:
-            p, slist, scount = _pick_tables(spec, pat, (picks or {})[pat], heads, capacity)
+            made = (picks or {})[pat]
+            p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
             dyn = dict(PICK=p, VD=dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
                        SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
                        SEL_KB=sel.kblock)
@@ -322,7 +334,7 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
     merged = picks[0] if len(picks) == 1 else _combine(picks)
     width = merged.shape[-1]
     entries = _pow2(g * qb * width)
-    if entries > 256:
+    if entries > dsel.TABLE_ENTRIES:
         pick = dsel.dense(spec, pat, picks, capacity, merged)
         return (pick, *dsel.pack_lists(pick, packs, g * qb * width))
     nk = -(-capacity // sel.kblock)

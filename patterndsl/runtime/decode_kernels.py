@@ -250,14 +250,19 @@ def _summary_kernel(K, PT, LEN, START, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, B0
 
 @triton.jit(do_not_specialize=["H", "QB", "W", "NK", "SL"])
 def _pick_tables(SEL, HEADS, PICK, SLIST, SCOUNT, H, QB, W, NK, SL, G: tl.constexpr, E_PAD: tl.constexpr):
+    """What `_decode_split` reads of a selection (`_tables_of`), program (head pack, batch entry)."""
+    _tables_of(SEL, HEADS, PICK, SLIST, SCOUNT, tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0),
+               H, QB, W, NK, SL, G, E_PAD)
+
+
+@triton.jit
+def _tables_of(SEL, HEADS, PICK, SLIST, SCOUNT, pack, b, packs, H, QB, W, NK, SL, G: tl.constexpr,
+               E_PAD: tl.constexpr):
     """What `_decode_split` reads of a selection, for one (head pack, batch entry): the pack's picks SEL
     [B, H, QB, W] (int32, `block | (v - 1) << 24`, -1 padding) scattered into PICK [B, H, QB, NK] (int8,
     the case v; zeroed before), and the distinct key blocks among them into SLIST [B, packs, SL] (-1 after
     them) with their number SCOUNT [B, packs]. An entry is listed where no earlier entry of the pack
     holds the same block."""
-    pack = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    packs = tl.num_programs(0)
     e = tl.arange(0, E_PAD)
     per = QB * W
     slot = e // per
@@ -408,13 +413,16 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, s_qb, s_qh, s_qn, NQ, NNE
     tl.store(WS + ws, best)
 
 
-@triton.jit(do_not_specialize=["NK"])
+@triton.jit(do_not_specialize=["NK", "SL"])
 def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, N_SEL: tl.constexpr, QB: tl.constexpr,
                        QB_PAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
-                       SPLITS: tl.constexpr, SP: tl.constexpr):
+                       SPLITS: tl.constexpr, SP: tl.constexpr, PICK=None, SLIST=None, SCOUNT=None, SL=1,
+                       E_PAD: tl.constexpr = 1):
     """`_decode_topk`'s second stage, program (batch entry and head pack): each of its RM first rows keeps
     the NP largest of its SPLITS * NP keys, and writes the N_SEL best as block ids into SEL [B, H, QB, N_SEL]
-    (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes them)."""
+    (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes them). PICK given (the
+    pattern's one selector): then the pack's tables for `_decode_split` (`_tables_of`) from what it wrote,
+    so that a step with a selection launches no `_pick_tables`."""
     bp = tl.program_id(0)
     b = (bp // PACKS).to(tl.int64)
     pack = bp % PACKS
@@ -434,3 +442,6 @@ def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, N_SEL: tl.constexpr, QB: tl
     blk = (NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
     out = ((b * H + head.to(tl.int64)) * QB + t)[:, None] * N_SEL + cols[None, :]
     tl.store(SEL + out, tl.where(valid, blk, -1), mask=((head >= 0) & (t < QB))[:, None] & (cols[None, :] < N_SEL))
+    if PICK is not None:
+        tl.debug_barrier()  # the CTA's stores of SEL are visible to all its threads
+        _tables_of(SEL, HEADS, PICK, SLIST, SCOUNT, pack, b, PACKS, H, QB, N_SEL, NK, SL, G, E_PAD)

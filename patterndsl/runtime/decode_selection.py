@@ -106,13 +106,18 @@ def _by_kv(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, hl: torc
     return out.view(B, kv_heads * group, R, *out.shape[3:])[:, hl]
 
 
+TABLE_ENTRIES = 256  # a pack's picks (heads x query blocks x width, a power of two) the tables kernel takes
+
+
 def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, packs: torch.Tensor, group: int,
            cache_seqlens: torch.Tensor, n_new: int, capacity: int, summaries: KeySummaries | None, given: Any,
-           kv_heads: int) -> list[torch.Tensor]:
+           kv_heads: int) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """Per selector of predicate `pat`, its picks: int32 [B, H, query blocks, width], key block ids, -1
-    padding and for the heads of other patterns (topk: width n; fraction and threshold: every key block).
-    `heads`: the heads of `pat` (ascending), `packs` them by KV head (`decode._packs`); the rows end at
-    seqlen = cache_seqlens + n_new (clamped to the capacity).
+    padding and for the heads of other patterns (topk: width n; fraction and threshold: every key block);
+    and where the selection's last launch also built them, the decode kernel's tables (PICK, SLIST,
+    SCOUNT, as `decode._pick_tables` makes them), else None. `heads`: the heads of `pat` (ascending),
+    `packs` them by KV head (`decode._packs`); the rows end at seqlen = cache_seqlens + n_new (clamped to
+    the capacity).
 
     Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches (`_fused`); the other rules
     score and pick with PyTorch (`candidates`, `scores`, prefill's `_pick`)."""
@@ -122,11 +127,14 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, pa
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     seqlen: torch.Tensor | None = None
     out = []
+    made = None
     for rule in sel.all:
         if _fusable(rule, q, summaries):
             assert summaries is not None
-            out.append(_fused(spec, rule, q, packs, group, cache_seqlens, n_new, capacity, summaries, kv_heads,
-                              heads.numel() == H))
+            entries = _pow2(packs.shape[1] * query_blocks(nq, rule.block) * int(rule.param))  # type: ignore[arg-type]
+            picked, made = _fused(spec, rule, q, packs, group, cache_seqlens, n_new, capacity, summaries, kv_heads,
+                                  heads.numel() == H, len(sel.all) == 1 and entries <= TABLE_ENTRIES)
+            out.append(picked)
             continue
         if seqlen is None:
             seqlen = (cache_seqlens + n_new).clamp(max=capacity)
@@ -144,7 +152,7 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, pa
             full[:, heads] = picked
             picked = full
         out.append(picked)
-    return out
+    return out, made
 
 
 def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) -> bool:
@@ -158,11 +166,12 @@ def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) ->
 
 def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tensor, group: int,
            cache_seqlens: torch.Tensor, n_new: int, capacity: int, summaries: KeySummaries, kv_heads: int,
-           every_head: bool) -> torch.Tensor:
+           every_head: bool, build: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """topk(n) by the mean rule in two launches: `_decode_topk` scores the summaries' mean keys in splits of
     the key blocks per (batch entry, KV head's pack of query heads, which share the summary loads) and keeps
     each split's best n per row, its candidates read off the context's run tables; `_decode_topk_merge`
-    keeps the best n of the splits. Nothing the size of the cache is built or read but the summaries."""
+    keeps the best n of the splits (and, `build`, builds the decode kernel's tables from them). Nothing the
+    size of the cache is built or read but the summaries. (picks, tables or None)."""
     n = rule.param
     assert isinstance(n, int)
     B, H, nq, D = q.shape
@@ -187,11 +196,19 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     )
     sel = (torch.empty if every_head else functools.partial(torch.full, fill_value=-1))(
         (B, H, qb, n), dtype=torch.int32, device=q.device)
+    made = None
+    extra: dict[str, Any] = {}
+    if build:
+        width = min(nk, g * qb * n)
+        made = (torch.zeros((B, H, qb, nk), dtype=torch.int8, device=q.device),
+                torch.empty((B, npacks, width), dtype=torch.int32, device=q.device),
+                torch.empty((B, npacks), dtype=torch.int32, device=q.device))
+        extra = dict(PICK=made[0], SLIST=made[1], SCOUNT=made[2], SL=width, E_PAD=_pow2(g * qb * n))
     _decode_topk_merge[(B * npacks,)](
         ws, packs, sel, nk, npacks, H, N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=_pow2(g * qb_pad), NP=np2,
-        SPLITS=splits, SP=_pow2(splits), num_warps=4,
+        SPLITS=splits, SP=_pow2(splits), num_warps=4, **extra,
     )
-    return sel
+    return sel, made
 
 
 _CONSTS: dict[tuple[Any, ...], torch.Tensor] = {}
