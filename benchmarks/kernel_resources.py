@@ -154,6 +154,12 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
     t = {"SEQ": "*i32", "PT": "*i32", **{x: "i32" for x in ("T", "CAP", "PAGE", "HKV")}}
     c = dict(CH=16 if nq > 1 else 1, DK=d, DK_PAD=d_pad, DV=d, DV_PAD=d_pad, PAGED=bool(paged))
     print(f"decode append: {resources(decode_kernels._append_kv, dtype, c, 4, 1, t)}", flush=True)
+    if sel is not None:  # with summaries the append is the summary update's (`KeySummaries.update`)
+        t = {"PT": "*i32", "LEN": "*i32", "START": "*i32", "LO": "*fp32", "HI": "*fp32", "MEAN": "*fp32",
+             **{x: "i32" for x in ("B0", "NNEW", "NB", "HKV", "CAP", "PAGE")}}
+        c = dict(BLK=sel.kblock, CH=min(64, sel.kblock & -sel.kblock), D=d, D_PAD=d_pad, PAGED=bool(paged), DV=d,
+                 DV_PAD=d_pad)
+        print(f"decode append + summaries: {resources(decode_kernels._summary_kernel, dtype, c, 4, 1, t)}", flush=True)
 
 
 def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> None:

@@ -308,16 +308,23 @@ class KeySummaries:
         return KeySummaries(self.block, *grown)
 
     def update(self, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, *,
-               page_table: torch.Tensor | None = None) -> None:
+               page_table: torch.Tensor | None = None,
+               append: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """After `n_new` keys were written at positions cache_seqlens .. + n_new - 1 (`cache_seqlens` the
         lengths before the write), recompute the blocks they fall in (a fixed number: a graph replays it;
-        one launch off the PyTorch path, the blocks found on the device)."""
+        one launch off the PyTorch path, the blocks found on the device). `append` = (k_new, v_new,
+        v_cache): the keys and values are not written yet; they are, in the same launch."""
         if n_new <= 0:
             return
         from .runtime.decode_selection import query_blocks
 
+        if append is not None and not self._kernel(k_cache):
+            from .runtime.decode import append as write
+
+            write(k_cache, append[2], cache_seqlens, page_table, append[0], append[1])
+            append = None
         touched = query_blocks(n_new, self.block)  # the blocks n_new consecutive positions may touch
-        self._write(k_cache, cache_seqlens, n_new, page_table, cache_seqlens, touched)
+        self._write(k_cache, cache_seqlens, n_new, page_table, cache_seqlens, touched, append)
 
     def _kernel(self, k_cache: torch.Tensor) -> bool:
         from .runtime.common import _torch_path
@@ -325,11 +332,12 @@ class KeySummaries:
         return not _torch_path(k_cache) and self.mean.dtype == torch.float32
 
     def _write(self, k_cache: torch.Tensor, lengths: torch.Tensor, n_new: int, page_table: torch.Tensor | None,
-               start: torch.Tensor | int, count: int) -> None:
+               start: torch.Tensor | int, count: int,
+               append: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Summaries over the keys below lengths + n_new ([B] lengths) of `count` key blocks per sequence from
         block `start` (an int, or per sequence the block of position start[b]; past the last block: the
-        last), written in place: one Triton launch (`runtime.decode_kernels._summary_kernel`), or PyTorch on
-        the CPU path and for float64."""
+        last), written in place: one Triton launch (`runtime.decode_kernels._summary_kernel`, which also
+        writes `append`'s keys and values at `lengths` first), or PyTorch on the CPU path and for float64."""
         from .runtime.common import _d_pad
 
         b, hkv, cap, d = _cache_dims(k_cache, lengths, page_table)
@@ -340,11 +348,19 @@ class KeySummaries:
             paged = page_table is not None
             strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)) if paged else k_cache.stride()[:3]
             lengths = lengths.contiguous()
+            new: dict[str, Any] = {}
+            if append is not None:
+                kn, vn, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in append)
+                dv = vn.shape[-1]
+                v_strides = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)) if paged else v_cache.stride()[:3]
+                new = dict(KN=kn, VN=vn, V=v_cache, s_knb=kn.stride(0), s_knh=kn.stride(1), s_knt=kn.stride(2),
+                           s_vnb=vn.stride(0), s_vnh=vn.stride(1), s_vnt=vn.stride(2), s_vb=v_strides[0],
+                           s_vh=v_strides[1], s_vn=v_strides[2], DV=dv, DV_PAD=_d_pad(dv))
             _summary_kernel[(count, b * hkv)](
                 k_cache, page_table if paged else lengths, lengths, start if torch.is_tensor(start) else None,
                 self.lo, self.hi, self.mean, *strides, page_table.stride(0) if paged else 0,  # type: ignore[union-attr]
                 0 if torch.is_tensor(start) else start, n_new, nb, hkv, cap, k_cache.shape[1] if paged else 1,
-                BLK=blk, CH=min(64, blk & -blk), D=d, D_PAD=_d_pad(d), PAGED=paged,
+                BLK=blk, CH=min(64, blk & -blk), D=d, D_PAD=_d_pad(d), PAGED=paged, **new,
             )
             return
         first = start.long()[:, None] // blk if torch.is_tensor(start) else torch.full((b, 1), start, device=k_cache.device)

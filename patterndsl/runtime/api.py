@@ -416,10 +416,8 @@ class Attention:
         with torch.no_grad():
             n_new = 0
             if k_new is not None:
-                dec.append(k_cache, v_cache, cache_seqlens, page_table, k_new, v_new)
+                dec.append(k_cache, v_cache, cache_seqlens, page_table, k_new, v_new, summaries)
                 n_new = k_new.shape[2]
-                if summaries is not None:
-                    summaries.update(k_cache, cache_seqlens, n_new, page_table=page_table)
             picks = dec.selections(spec, q, cache_seqlens, n_new, group, patterns, capacity, q.shape[1] // group,
                                    scores, summaries, selected)
             dec.decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,

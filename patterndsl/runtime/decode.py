@@ -33,6 +33,7 @@ from .options import current_options
 from .selection import _combine, case_ranks, sel_kernel
 
 if TYPE_CHECKING:
+    from ..cache import KeySummaries
     from .spec import PatternSpec
 
 
@@ -189,10 +190,14 @@ def _describe(t: Any) -> str:
 
 
 def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, page_table: torch.Tensor | None,
-           k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+           k_new: torch.Tensor, v_new: torch.Tensor, summaries: KeySummaries | None = None) -> None:
     """Write k_new, v_new [B, Hkv, n, D] at positions cache_seqlens[b] .. + n - 1 of each sequence (device
-    indices, no host sync): one `_append_kv` launch off the PyTorch path."""
+    indices, no host sync): one `_append_kv` launch off the PyTorch path; with `summaries`, they are
+    updated too, in the same launch (`KeySummaries.update`'s append)."""
     B, hkv, n, _ = k_new.shape
+    if summaries is not None:
+        summaries.update(k_cache, cache_seqlens, n, page_table=page_table, append=(k_new, v_new, v_cache))
+        return
     if not _torch_path(k_new):
         k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
         v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()

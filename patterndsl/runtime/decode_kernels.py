@@ -205,13 +205,17 @@ def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, S
 
 @triton.jit(do_not_specialize=["B0", "NNEW", "NB", "CAP", "PAGE"])
 def _summary_kernel(K, PT, LEN, START, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, B0, NNEW, NB, HKV, CAP, PAGE,
-                    BLK: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGED: tl.constexpr):
+                    BLK: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGED: tl.constexpr,
+                    KN=None, VN=None, V=None, s_knb=0, s_knh=0, s_knt=0, s_vnb=0, s_vnh=0, s_vnt=0, s_vb=0, s_vh=0,
+                    s_vn=0, DV: tl.constexpr = 1, DV_PAD: tl.constexpr = 1):
     """Key summaries (`patterndsl.cache.KeySummaries`): per (batch entry, KV head) program row and t-th key
     block of BLK keys from the first (block B0, or where START is given the block of position START[b]:
     the blocks an append touched, found here so that the host passes no index tensor), the element-wise
     min, max and mean (float32) of its keys below LEN[b] + NNEW, written to LO, HI, MEAN [B, HKV, NB, D]
     (zeros for a block with no key yet; a block past the last is the last). A paged cache's positions past
-    the length are never loaded."""
+    the length are never loaded. KN given: the step's new keys and values KN, VN [B, HKV, NNEW, D] go into
+    the cache at positions LEN[b] .. (each program writes those of its block, V too), and the block's
+    summary takes them from KN: a step's append and summary update are one launch."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -221,7 +225,8 @@ def _summary_kernel(K, PT, LEN, START, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, B0
     else:
         blk = (tl.load(START + b) // BLK + t).to(tl.int64)
     blk = tl.minimum(blk, NB - 1)
-    n = tl.minimum(tl.load(LEN + b) + NNEW, CAP)
+    old = tl.load(LEN + b)
+    n = tl.minimum(old + NNEW, CAP)
     offs_d = tl.arange(0, D_PAD)
     lo = tl.full([D_PAD], float("inf"), dtype=tl.float32)
     hi = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
@@ -235,7 +240,24 @@ def _summary_kernel(K, PT, LEN, START, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, B0
         else:
             rows = b * s_kb + h * s_kh + pos * s_kn
         m = ok[:, None] & (offs_d[None, :] < D)
-        x = tl.load(K + rows[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        if KN is None:
+            x = tl.load(K + rows[:, None] + offs_d[None, :], mask=m, other=0.0)
+        else:
+            new = ok & (pos >= old)
+            tn = (pos - old).to(tl.int64)[:, None]
+            mk = new[:, None] & (offs_d[None, :] < D)
+            x = tl.load(KN + b * s_knb + h * s_knh + tn * s_knt + offs_d[None, :], mask=mk, other=0.0)
+            tl.store(K + rows[:, None] + offs_d[None, :], x, mask=mk)
+            x = tl.where(mk, x, tl.load(K + rows[:, None] + offs_d[None, :], mask=m & ~mk, other=0.0))
+            offs_v = tl.arange(0, DV_PAD)
+            mv = new[:, None] & (offs_v[None, :] < DV)
+            if PAGED:
+                v_rows = page * s_vb + (pos % PAGE) * s_vn + h * s_vh
+            else:
+                v_rows = b * s_vb + h * s_vh + pos * s_vn
+            y = tl.load(VN + b * s_vnb + h * s_vnh + tn * s_vnt + offs_v[None, :], mask=mv)
+            tl.store(V + v_rows[:, None] + offs_v[None, :], y, mask=mv)
+        x = x.to(tl.float32)
         lo = tl.minimum(lo, tl.min(tl.where(m, x, float("inf")), 0))
         hi = tl.maximum(hi, tl.max(tl.where(m, x, float("-inf")), 0))
         acc += tl.sum(x, 0)
