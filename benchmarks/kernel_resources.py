@@ -141,13 +141,13 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
         qb_pad, np2 = triton.next_power_of_2(qb), triton.next_power_of_2(int(rule.param))
         r = max(16, triton.next_power_of_2(g * qb_pad))
         t = {"SEQ": "*i32", "HEADS": "*i32", "RUN_OFF": "*i32", "RUNS": "*i32", "WS": "*i64", "KM": "*fp32",
-             "SEL": "*i32", **{x: "i32" for x in ("NQ", "NNEW", "CAP", "NK", "PACKS", "HKV", "GROUP", "H")}}
+             "SEL": "*i32", **{x: "i32" for x in ("NQ", "NNEW", "CAP", "NK", "PACKS", "HKV", "GROUP", "H", "SPLITS")}}
         c = dict(PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb, QB_PAD=qb_pad,
-                 G=g, R=r, NP=np2, BK=max(np2, 32 if d_pad <= 128 else 16), SPLITS=32, D=d_pad,
+                 G=g, R=r, NP=np2, BK=max(np2, 32 if d_pad <= 128 else 16), D=d_pad,
                  CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=prec, IDX64=spec.idx64)  # fmt: skip
         topk = resources(decode_kernels._decode_topk, dtype, c, 4, 1, t)
         m = dict(N_SEL=int(rule.param), QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=triton.next_power_of_2(g * qb_pad),
-                 NP=np2, SPLITS=32, SP=32, E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
+                 NP=np2, SP=32, E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
         t.update(sel_t)  # the merge builds the decode kernel's tables too (one selector)
         print(f"decode selection: topk {topk} | merge {resources(decode_kernels._decode_topk_merge, dtype, m, 4, 1, t)}",
               flush=True)

@@ -378,11 +378,10 @@ def _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k0, PRED: tl.constex
     return hit
 
 
-@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK"])
-def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS, HKV, GROUP,
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK", "SPLITS"])
+def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS, HKV, GROUP, SPLITS,
                  PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr, QB_PAD: tl.constexpr,
-                 G: tl.constexpr, R: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
-                 D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
+                 G: tl.constexpr, R: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
     """A decode step's topk by the mean rule, first stage: program (split, batch entry and head pack) scores
     the key blocks of its split (NK in all, SPLITS ways) for the pack's rows (its G query heads, each of the
     QB query blocks of the step, R >= 16 rows for the dot; they share every summary load: one KV head's)
@@ -435,13 +434,13 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, s_qb, s_qh, s_qn, NQ, NNE
     tl.store(WS + ws, best)
 
 
-@triton.jit(do_not_specialize=["NK", "SL"])
-def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, N_SEL: tl.constexpr, QB: tl.constexpr,
+@triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
+def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
                        QB_PAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
-                       SPLITS: tl.constexpr, SP: tl.constexpr, PICK=None, SLIST=None, SCOUNT=None, SL=1,
+                       SP: tl.constexpr, PICK=None, SLIST=None, SCOUNT=None, SL=1,
                        E_PAD: tl.constexpr = 1):
     """`_decode_topk`'s second stage, program (batch entry and head pack): each of its RM first rows keeps
-    the NP largest of its SPLITS * NP keys, and writes the N_SEL best as block ids into SEL [B, H, QB, N_SEL]
+    the NP largest of its SPLITS * NP keys (SP: SPLITS, a power of two up), and writes the N_SEL best as block ids into SEL [B, H, QB, N_SEL]
     (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes them). PICK given (the
     pattern's one selector): then the pack's tables for `_decode_split` (`_tables_of`) from what it wrote,
     so that a step with a selection launches no `_pick_tables`."""

@@ -190,8 +190,8 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     seq = cache_seqlens.contiguous()
     _decode_topk[(splits, B * npacks)](
         q, summaries.mean, seq, packs, off, runs, ws, *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads,
-        group, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb, QB_PAD=qb_pad,
-        G=g, R=r, NP=np2, BK=bk, SPLITS=splits, D=D, CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q),
+        group, splits, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb,
+        QB_PAD=qb_pad, G=g, R=r, NP=np2, BK=bk, D=D, CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q),
         IDX64=spec.idx64, num_warps=4,
     )
     sel = (torch.empty if every_head else functools.partial(torch.full, fill_value=-1))(
@@ -205,8 +205,8 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
                 torch.empty((B, npacks), dtype=torch.int32, device=q.device))
         extra = dict(PICK=made[0], SLIST=made[1], SCOUNT=made[2], SL=width, E_PAD=_pow2(g * qb * n))
     _decode_topk_merge[(B * npacks,)](
-        ws, packs, sel, nk, npacks, H, N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=_pow2(g * qb_pad), NP=np2,
-        SPLITS=splits, SP=_pow2(splits), num_warps=4, **extra,
+        ws, packs, sel, nk, npacks, H, splits, N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=_pow2(g * qb_pad),
+        NP=np2, SP=_pow2(splits), num_warps=4, **extra,
     )
     return sel, made
 
