@@ -13,10 +13,15 @@ A sweep of the decode kernel's key block and splits at two cases starts the run,
 (`selectors`): top-16 blocks of 64 plus a window of 512 at 128k, Nq = 1, batch 1 and 8, against dense
 decode (ours, causal, and SDPA over the whole cache), with the selection's share of the step.
 `BENCH_SMOKE=1`: tiny sizes on the CPU in the interpreter (checks the script, times nothing real).
+`BENCH_QUICK=1` (about 100 s): only what issue 21's open criteria read (`quick`): the selector case, a
+window + sinks step eager and replayed from 8k to 512k with its host time per call and the kernels one
+eager step runs (from torch.profiler), and dense causal decode at 128k over a contiguous and a paged cache
+at batch 1, 8 and 32.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -26,7 +31,7 @@ from typing import Any
 
 import torch
 import triton
-from runinfo import run_info
+from runinfo import host_ms, run_info
 
 import patterndsl as P
 from patterndsl.cache import KeySummaries
@@ -202,6 +207,10 @@ def main() -> None:
             json.dump(res, f, indent=1)
 
     torch.manual_seed(0)
+    if os.environ.get("BENCH_QUICK") == "1":
+        quick(res, save)
+        save()
+        return
     sweep(res, save)  # first: short, and what settles the kernel's defaults
     selectors(res, save)  # the selector case's done-criterion, before the long grid
     for name, (src, mask_mod) in PATTERNS.items():
@@ -253,6 +262,7 @@ def selectors(res: dict[str, Any], save: Any) -> None:
             "dense_causal": lambda: dense.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn),
         }
         same = torch.equal(steps["topk_window"](), steps["topk_window_given_selection"]())
+        launches = {k: kernels_of(f) for k, f in steps.items()}
         fns = {k: (f if SMOKE else captured(f)) for k, f in steps.items()}
         fns["topk_window_eager"] = steps["topk_window"]
         fns["sdpa_whole_cache"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
@@ -262,12 +272,78 @@ def selectors(res: dict[str, Any], save: Any) -> None:
                "selection_ms": step - given, "selection_share": (step - given) / step,
                "speedup_vs_dense_causal": times["dense_causal"] / step,
                "speedup_vs_sdpa": times["sdpa_whole_cache"] / step, "selected_reuse_equal": same,
+               "launches": {k: sum(c for _, c, _ in v) for k, v in launches.items()}, "kernels": launches,
                "done": times["dense_causal"] / step >= 5 and (step - given) / step < 0.25}
         res["selectors"].append(row)
         print(f"selectors N={n} B={B}: step {step:.3f} ms (selection {row['selection_share']:.0%}), dense "
               f"{times['dense_causal']:.3f} ms ({row['speedup_vs_dense_causal']:.1f}x), SDPA "
-              f"{times['sdpa_whole_cache']:.3f} ms", flush=True)
+              f"{times['sdpa_whole_cache']:.3f} ms, launches {row['launches']['topk_window']}", flush=True)
         save()
+
+
+def kernels_of(fn: Any) -> list[tuple[str, int, float]]:
+    """The device kernels (and memsets / copies) one eager call of fn runs: (name, count, device µs), from
+    torch.profiler (empty on the CPU)."""
+    if DEV != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return [(e.key[:80], e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+
+
+def quick(res: dict[str, Any], save: Any) -> None:
+    """Issue 21's open criteria in about 100 s: the selector case (`selectors`); a window + sinks step at
+    batch 1, Nq = 1 from 8k to 512k, eager and replayed, with the host's time per eager call and the kernels
+    of one eager step (time flat in the context); dense causal at 128k over a contiguous and a paged cache
+    (shuffled pages) at batch 1, 8 and 32, each replayed from a CUDA graph and eager (paged within 1.1x)."""
+    selectors(res, save)
+    res["flat"], res["paged"] = [], []
+    attn = P.compile(f"pattern p = {PATTERNS['swa_sink'][0]}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+    for n in CONTEXTS[:1] + CONTEXTS[2:]:
+        kc = torch.randn(1, HKV, n, D, device=DEV, dtype=DT)
+        vc = torch.randn(1, HKV, n, D, device=DEV, dtype=DT)
+        q = torch.randn(1, H, 1, D, device=DEV, dtype=DT)
+        seqlens = torch.full((1,), n, dtype=torch.int32, device=DEV)
+        step = functools.partial(attn.decode, q, kc, vc, seqlens)
+        fns = {"eager": step, **({} if SMOKE else {"graph": captured(step)})}
+        times = {k: median(v) for k, v in interleaved(fns, med, rounds=3).items()}
+        row = {"pattern": PATTERNS["swa_sink"][0], "N": n, "B": 1, "Nq": 1, "ms": times, "host_ms": host_ms(step, sync),
+               "kernels": kernels_of(step)}
+        res["flat"].append(row)
+        print(f"flat N={n:7d}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in times.items()) +
+              f"  host {row['host_ms']:.3f} ms/call", flush=True)
+        save()
+    dense = P.compile("pattern p = causal\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+    n = CONTEXTS[2] if len(CONTEXTS) > 2 else CONTEXTS[0]
+    for B in (1, 8, 32) if not SMOKE else BATCHES:
+        if left() < 20:
+            res["notes"].append(f"paged B={B}: deadline, skipped")
+            continue
+        kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        kp, vp, table = paged(kc, vc)
+        q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
+        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        steps = {"contiguous": lambda: dense.decode(q, kc, vc, seqlens),
+                 "paged": lambda: dense.decode(q, kp, vp, seqlens, page_table=table)}
+        fns = {**{f"{k}_eager": f for k, f in steps.items()},
+               **({} if SMOKE else {f"{k}_graph": captured(f) for k, f in steps.items()})}
+        times = {k: median(v) for k, v in interleaved(fns, med, rounds=3).items()}
+        mode = "eager" if SMOKE else "graph"
+        row = {"pattern": "causal", "N": n, "B": B, "Nq": 1, "ms": times,
+               "paged_over_contiguous": times[f"paged_{mode}"] / times[f"contiguous_{mode}"],
+               "max_diff": (steps["paged"]().float() - steps["contiguous"]().float()).abs().max().item()}
+        res["paged"].append(row)
+        print(f"paged N={n} B={B:2d}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in times.items()) +
+              f"  paged/contiguous {row['paged_over_contiguous']:.2f}", flush=True)
+        save()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 SWEEP_AT = [("causal", 131072 if not SMOKE else 256, 8 if not SMOKE else 2), ("swa_sink", 131072 if not SMOKE else 256, 1)]

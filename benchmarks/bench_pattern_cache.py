@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import torch
-from runinfo import run_info
+from runinfo import host_ms, run_info
 
 import patterndsl as P
 from patterndsl.cache import PatternKVCache
@@ -39,15 +38,8 @@ def _allocated() -> int:
     return torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
 
 
-def _host_ms(fn: Any, reps: int = 200) -> float:
-    fn()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t1 = time.perf_counter()
-    _sync()
-    return (t1 - t0) * 1e3 / reps
+def _host_ms(fn: Any) -> float:
+    return host_ms(fn, _sync)
 
 
 def _syncs(fn: Any) -> list[str]:

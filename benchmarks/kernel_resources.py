@@ -20,7 +20,8 @@ found too few registers to keep several warpgroup MMAs in flight (its C7512 note
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
-`--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch).
+`--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch;
+PAGED 1: pages holding whole tiles, 2: smaller pages, gathered per key).
 `--spans` builds --fwd and --bwd reading their tiles from segment tables (`runtime/positions.py`'s `Spans`).
 
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
@@ -121,13 +122,44 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
     tables = {x: "*i32" for x in ("PT", "SEQ", "HEADS", "RUN_OFF", "RUNS", "COUNT")}
     ws = {"WS_O": "*fp32", "WS_L": "*fp32", "LSE": "*fp32"}
     shapes = dict(G=g, NQ_PAD=nq_pad, M=m, DV=d, DV_PAD=d_pad)
+    sel = spec.selectors[0]
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    pred, dispatch = (None, False) if sel is None else selection.sel_kernel(spec, 0)
+    dyn = {} if sel is None else dict(SEL_PRED=pred, SEL_VARS=dispatch, SEL_B=sel.block, SEL_KB=sel.kblock)
+    sel_t = {"PICK": "*i8", "VD": "*i32", "SLIST": "*i32", "SCOUNT": "*i32", **{x: "i32" for x in ("H", "SQB", "SNK", "SL")}}
     split = resources(decode_kernels._decode_split, dtype, dict(
         shapes, PRED=spec.predicates[0].kernel, TABLE_M=block, BLOCK_N=block, DQK=d, DQK_PAD=d_pad,
-        PAGED=bool(paged), DOT_PREC="ieee" if dtype == "fp32" else "tf32", IDX64=spec.idx64, INTERPRET=False),
-        4, 3, {**ints, **tables, **ws})  # fmt: skip
+        PAGED=bool(paged), PAGE_TILES=paged == 1, DOT_PREC=prec, IDX64=spec.idx64, INTERPRET=False, **dyn),
+        4, 3, {**ints, **tables, **ws, **sel_t})  # fmt: skip
     merge = resources(decode_kernels._decode_merge, dtype, shapes, 4, 1, {**ints, **tables, **ws})
-    print(f"decode G={g} Nq={nq} block={block} {'paged' if paged else 'contiguous'}: split {split} | merge {merge}",
+    kind = ("contiguous", "paged", "paged, pages smaller than a tile")[paged]
+    print(f"decode G={g} Nq={nq} block={block} {kind}: split {split} | merge {merge}",
           flush=True)
+    if sel is not None and sel.all[0].kind == "topk":  # the step's selection (`decode_selection._fused`)
+        rule = sel.all[0]
+        qb = (nq + rule.block - 2) // rule.block + 1
+        qb_pad, np2 = triton.next_power_of_2(qb), triton.next_power_of_2(int(rule.param))
+        r = max(16, triton.next_power_of_2(g * qb_pad))
+        t = {"SEQ": "*i32", "HEADS": "*i32", "RUN_OFF": "*i32", "RUNS": "*i32", "WS": "*i64", "KM": "*fp32",
+             "SEL": "*i32", **{x: "i32" for x in ("NQ", "NNEW", "CAP", "NK", "PACKS", "HKV", "GROUP", "H", "SPLITS")}}
+        c = dict(PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb, QB_PAD=qb_pad,
+                 G=g, R=r, NP=np2, BK=max(np2, 32 if d_pad <= 128 else 16), D=d_pad,
+                 CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=prec, IDX64=spec.idx64)  # fmt: skip
+        topk = resources(decode_kernels._decode_topk, dtype, c, 4, 1, t)
+        m = dict(N_SEL=int(rule.param), QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=triton.next_power_of_2(g * qb_pad),
+                 NP=np2, SP=32, E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
+        t.update(sel_t)  # the merge builds the decode kernel's tables too (one selector)
+        print(f"decode selection: topk {topk} | merge {resources(decode_kernels._decode_topk_merge, dtype, m, 4, 1, t)}",
+              flush=True)
+    t = {"SEQ": "*i32", "PT": "*i32", **{x: "i32" for x in ("T", "CAP", "PAGE", "HKV")}}
+    c = dict(CH=16 if nq > 1 else 1, DK=d, DK_PAD=d_pad, DV=d, DV_PAD=d_pad, PAGED=bool(paged))
+    print(f"decode append: {resources(decode_kernels._append_kv, dtype, c, 4, 1, t)}", flush=True)
+    if sel is not None:  # with summaries the append is the summary update's (`KeySummaries.update`)
+        t = {"PT": "*i32", "LEN": "*i32", "START": "*i32", "LO": "*fp32", "HI": "*fp32", "MEAN": "*fp32",
+             **{x: "i32" for x in ("B0", "NNEW", "NB", "HKV", "CAP", "PAGE")}}
+        c = dict(BLK=sel.kblock, CH=min(64, sel.kblock & -sel.kblock), D=d, D_PAD=d_pad, PAGED=bool(paged), DV=d,
+                 DV_PAD=d_pad)
+        print(f"decode append + summaries: {resources(decode_kernels._summary_kernel, dtype, c, 4, 1, t)}", flush=True)
 
 
 def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> None:

@@ -74,6 +74,9 @@ if [ -n "${FLEX_MASK:-}" ]; then TAIL=20 stage bench_flex_mask "${T_FLEX_MASK:-9
 # DECODE=1 (issue 21: decode steps against FlashAttention-style peers), PATTERN_CACHE=1 (the retaining cache)
 if [ -n "${DECODE:-}" ]; then TAIL=20 stage bench_decode "${T_DECODE:-240}" env BENCH_DEADLINE=$(( ${T_DECODE:-240} - 30 )) \
   python3 benchmarks/bench_decode.py "$OUT/decode_h100.json"; fi
+# DECODE_QUICK=1: only issue 21's open criteria (selector step, flat window + sinks, paged vs contiguous), ~100 s
+if [ -n "${DECODE_QUICK:-}" ]; then TAIL=20 stage bench_decode_quick "${T_DECODE_QUICK:-150}" env BENCH_QUICK=1 \
+  BENCH_DEADLINE=$(( ${T_DECODE_QUICK:-150} - 30 )) python3 benchmarks/bench_decode.py "$OUT/decode_quick_h100.json"; fi
 if [ -n "${PATTERN_CACHE:-}" ]; then TAIL=20 stage bench_pattern_cache "${T_PATTERN_CACHE:-90}" python3 benchmarks/bench_pattern_cache.py "$OUT/pattern_cache_h100.json"; fi
 # NSA=1 (issue 23: the NSA-like model's branches)
 if [ -n "${NSA:-}" ]; then TAIL=20 stage bench_nsa "${T_NSA:-150}" python3 benchmarks/bench_nsa.py "$OUT/nsa_h100.json"; fi

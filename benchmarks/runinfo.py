@@ -1,12 +1,14 @@
 """What every benchmark's JSON records about where it ran, so numbers from different runs are never mixed up;
-and what a call launched (the runtime keeps no record of its last launch: its kernels' arguments say)."""
+what a call launched (the runtime keeps no record of its last launch: its kernels' arguments say); and the
+host's time per call."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import platform
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,3 +63,16 @@ def backward_launches() -> Iterator[dict[str, Any]]:
             got["tiles"] = (a["BLOCK_M"], a["BLOCK_N"], b["BLOCK_M"], b["BLOCK_N"], a["num_warps"], a["num_stages"],
                             b["num_warps"], b["num_stages"])  # fmt: skip
             got["tma"] = int(b.get("TMA", 0))
+
+
+def host_ms(fn: Callable[[], Any], sync: Callable[[], None], reps: int = 200) -> float:
+    """The host's time per call of fn (ms), nothing waiting on the device between calls (`sync` only before
+    and after): what a call costs where the launches, not the kernels, are the bottleneck."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    sync()
+    return (t1 - t0) * 1e3 / reps

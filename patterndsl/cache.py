@@ -131,18 +131,8 @@ class PatternKVCache:
             return
         n, p = self._length, self.page_size
         self._keep(merge_intervals([*self.retention.pages(n, p), (n // p, -(-(n + t) // p))]))
-        for lp in range(n // p, -(-(n + t) // p)):
-            if lp not in self._resident:
-                self._place(lp)
-        pos = torch.arange(n, n + t, device=self.device)
-        phys = self.page_table[:, pos // p].long()  # [B, T]
-        off = (pos % p)[None, :]
-        self.k_pages[phys, off] = k_new.transpose(1, 2)
-        self.v_pages[phys, off] = v_new.transpose(1, 2)
-        if self.summaries is not None:
-            self.summaries.update(self.k_pages, self.cache_seqlens, t, page_table=self.page_table)
-        self._length = n + t
-        self.cache_seqlens.fill_(self._length)
+        self._write(k_new, v_new, n, n, n + t)
+        self._advance(t)
 
     def append_attended(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add T tokens whose queries have already attended (a prompt run through the forward pass), `[B,
@@ -156,21 +146,31 @@ class PatternKVCache:
         end = n + t
         live = self.retention.pages(end, p)
         self._keep(live)
-        for first, stop in live:
-            a, b = max(first * p, n), min(stop * p, end)  # the new tokens this run of live pages holds
-            if a >= b:
-                continue
-            for lp in range(a // p, -(-b // p)):
-                if lp not in self._resident:
-                    self._place(lp)
-            pos = torch.arange(a, b, device=self.device)
-            phys = self.page_table[:, pos // p].long()
-            self.k_pages[phys, (pos % p)[None, :]] = k[:, :, a - n:b - n].transpose(1, 2)
-            self.v_pages[phys, (pos % p)[None, :]] = v[:, :, a - n:b - n].transpose(1, 2)
+        for first, stop in live:  # the new tokens each run of live pages holds
+            self._write(k, v, n, max(first * p, n), min(stop * p, end))
+        self._advance(t)
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, n: int, a: int, b: int) -> None:
+        """Write positions a .. b - 1 of the tokens k, v [B, Hkv, T, D] that start at position n, placing
+        the pages they fall in first."""
+        if a >= b:
+            return
+        p = self.page_size
+        for lp in range(a // p, -(-b // p)):
+            if lp not in self._resident:
+                self._place(lp)
+        pos = torch.arange(a, b, device=self.device)
+        phys = self.page_table[:, pos // p].long()  # [B, b - a]
+        off = (pos % p)[None, :]
+        self.k_pages[phys, off] = k[:, :, a - n:b - n].transpose(1, 2)
+        self.v_pages[phys, off] = v[:, :, a - n:b - n].transpose(1, 2)
+
+    def _advance(self, t: int) -> None:
+        """After writing t tokens: the summaries of the blocks they touched, then the lengths."""
         if self.summaries is not None:
             self.summaries.update(self.k_pages, self.cache_seqlens, t, page_table=self.page_table)
-        self._length = end
-        self.cache_seqlens.fill_(end)
+        self._length += t
+        self.cache_seqlens.fill_(self._length)
 
     def _keep(self, live: list[tuple[int, int]]) -> None:
         """Free the pages outside `live` (sorted [first, stop) runs of logical pages); they become `_live`."""
@@ -292,9 +292,11 @@ class KeySummaries:
         nb = -(-cap // block)
         out = [torch.zeros((b, hkv, nb, d), dtype=work, device=k_cache.device) for _ in range(3)]
         s = cls(block, *out)
-        for b0 in range(0, nb, chunk):
-            ids = torch.arange(b0, min(nb, b0 + chunk), device=k_cache.device).expand(b, -1)
-            s._write(k_cache, cache_seqlens, page_table, ids)
+        if s._kernel(k_cache):  # one launch over every block
+            s._write(k_cache, cache_seqlens, 0, page_table, 0, nb)
+        else:
+            for b0 in range(0, nb, chunk):
+                s._write(k_cache, cache_seqlens, 0, page_table, b0, min(nb, b0 + chunk) - b0)
         return s
 
     def widened(self, blocks: int) -> KeySummaries:
@@ -306,38 +308,65 @@ class KeySummaries:
         return KeySummaries(self.block, *grown)
 
     def update(self, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, *,
-               page_table: torch.Tensor | None = None) -> None:
+               page_table: torch.Tensor | None = None,
+               append: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """After `n_new` keys were written at positions cache_seqlens .. + n_new - 1 (`cache_seqlens` the
-        lengths before the write), recompute the blocks they fall in (a fixed number: a graph replays it)."""
+        lengths before the write), recompute the blocks they fall in (a fixed number: a graph replays it;
+        one launch off the PyTorch path, the blocks found on the device). `append` = (k_new, v_new,
+        v_cache): the keys and values are not written yet; they are, in the same launch."""
         if n_new <= 0:
             return
         from .runtime.decode_selection import query_blocks
 
-        touched = query_blocks(n_new, self.block)  # the blocks n_new consecutive positions may touch
-        first = cache_seqlens.long() // self.block
-        ids = first[:, None] + torch.arange(touched, device=cache_seqlens.device)
-        self._write(k_cache, cache_seqlens + n_new, page_table, ids.clamp(max=self.lo.shape[2] - 1))
+        if append is not None and not self._kernel(k_cache):
+            from .runtime.decode import append as write
 
-    def _write(self, k_cache: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None,
-               ids: torch.Tensor) -> None:
-        """Summaries of key blocks ids [B, T] over the keys below `lengths` [B], written in place: one Triton
-        launch (`runtime.decode_kernels._summary_kernel`), or PyTorch on the CPU path and for float64."""
-        from .runtime.common import _d_pad, _torch_path
+            write(k_cache, append[2], cache_seqlens, page_table, append[0], append[1])
+            append = None
+        touched = query_blocks(n_new, self.block)  # the blocks n_new consecutive positions may touch
+        self._write(k_cache, cache_seqlens, n_new, page_table, cache_seqlens, touched, append)
+
+    def _kernel(self, k_cache: torch.Tensor) -> bool:
+        from .runtime.common import _torch_path
+
+        return not _torch_path(k_cache) and self.mean.dtype == torch.float32
+
+    def _write(self, k_cache: torch.Tensor, lengths: torch.Tensor, n_new: int, page_table: torch.Tensor | None,
+               start: torch.Tensor | int, count: int,
+               append: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Summaries over the keys below lengths + n_new ([B] lengths) of `count` key blocks per sequence from
+        block `start` (an int, or per sequence the block of position start[b]; past the last block: the
+        last), written in place: one Triton launch (`runtime.decode_kernels._summary_kernel`, which also
+        writes `append`'s keys and values at `lengths` first), or PyTorch on the CPU path and for float64."""
+        from .runtime.common import _d_pad
 
         b, hkv, cap, d = _cache_dims(k_cache, lengths, page_table)
-        blk, t = self.block, ids.shape[1]
-        if not _torch_path(k_cache) and self.mean.dtype == torch.float32:
+        blk, nb = self.block, self.lo.shape[2]
+        if self._kernel(k_cache):
             from .runtime.decode_kernels import _summary_kernel
 
             paged = page_table is not None
             strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)) if paged else k_cache.stride()[:3]
-            _summary_kernel[(t, b * hkv)](
-                k_cache, page_table if paged else lengths, lengths.contiguous(), ids.contiguous(), self.lo, self.hi,
-                self.mean, *strides, page_table.stride(0) if paged else 0, t, self.lo.shape[2], hkv, cap,  # type: ignore[union-attr]
-                k_cache.shape[1] if paged else 1, BLK=blk, CH=min(64, blk & -blk), D=d, D_PAD=_d_pad(d),
-                PAGED=paged,
+            lengths = lengths.contiguous()
+            new: dict[str, Any] = {}
+            if append is not None:
+                kn, vn, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in append)
+                dv = vn.shape[-1]
+                v_strides = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)) if paged else v_cache.stride()[:3]
+                new = dict(KN=kn, VN=vn, V=v_cache, s_knb=kn.stride(0), s_knh=kn.stride(1), s_knt=kn.stride(2),
+                           s_vnb=vn.stride(0), s_vnh=vn.stride(1), s_vnt=vn.stride(2), s_vb=v_strides[0],
+                           s_vh=v_strides[1], s_vn=v_strides[2], DV=dv, DV_PAD=_d_pad(dv))
+            _summary_kernel[(count, b * hkv)](
+                k_cache, page_table if paged else lengths, lengths, start if torch.is_tensor(start) else None,
+                self.lo, self.hi, self.mean, *strides, page_table.stride(0) if paged else 0,  # type: ignore[union-attr]
+                0 if torch.is_tensor(start) else start, n_new, nb, hkv, cap, k_cache.shape[1] if paged else 1,
+                BLK=blk, CH=min(64, blk & -blk), D=d, D_PAD=_d_pad(d), PAGED=paged, **new,
             )
             return
+        first = start.long()[:, None] // blk if torch.is_tensor(start) else torch.full((b, 1), start, device=k_cache.device)
+        ids = (first + torch.arange(count, device=k_cache.device)).clamp(max=nb - 1)  # [B, T]
+        t = count
+        lengths = lengths + n_new
         pos = ids[:, :, None] * blk + torch.arange(blk, device=ids.device)  # [B, T, blk]
         here = (pos < lengths.long()[:, None, None]) & (pos < cap)
         at = pos.clamp(max=cap - 1)
@@ -349,11 +378,11 @@ class KeySummaries:
             keys = k_cache[page, (at % size).reshape(b, t * blk)].permute(0, 2, 1, 3)  # [B, Hkv, T * blk, D]
         keys = keys.to(self.mean.dtype).reshape(b, hkv, t, blk, d)
         ok = here[:, None, :, :, None]
-        count = here.sum(-1).to(keys.dtype)[:, None, :, None]  # [B, 1, T, 1]
-        some = count > 0
+        count_k = here.sum(-1).to(keys.dtype)[:, None, :, None]  # [B, 1, T, 1]
+        some = count_k > 0
         lo = torch.where(ok, keys, float("inf")).amin(3)
         hi = torch.where(ok, keys, float("-inf")).amax(3)
-        mean = torch.where(ok, keys, 0.0).sum(3) / count.clamp(min=1)
+        mean = torch.where(ok, keys, 0.0).sum(3) / count_k.clamp(min=1)
         idx = ids[:, None, :, None].expand(b, hkv, t, d)
         for dst, src in ((self.lo, lo), (self.hi, hi), (self.mean, mean)):
             dst.scatter_(2, idx, torch.where(some, src, 0.0))

@@ -10,7 +10,7 @@ language), and in conftest.py's fixtures).
   `check_grads`, `assert_tables_match_mask`);
 - the library's patterns as pytest cases (`library_cases`) and what decides where they run (`has_selector`,
   `layout_n`);
-- a spy on a runtime kernel (`spy_launches`).
+- a spy on a runtime kernel (`spy_launches`), and a recorder of everything a call launches (`record_launches`).
 
 torch is imported if present: the language tests, which import this module for its paths, run without it.
 """
@@ -325,6 +325,47 @@ def spy_launches(
             return launch
 
     monkeypatch.setattr(module, name, Spy())
+
+
+# Torch ops that launch no kernel: allocation without a fill, and views.
+_NO_LAUNCH = {"empty", "empty_strided", "view", "_unsafe_view", "alias", "permute", "expand", "unsqueeze", "squeeze",
+              "slice", "select", "as_strided", "t", "transpose", "detach", "lift_fresh", "_reshape_alias"}
+
+
+def record_launches(monkeypatch: Any, kernel: Any, call: Callable[[], Any]) -> list[tuple[str, Any]]:
+    """What `call()` launches, in order: ("triton", (kernel name, grid)) per Triton kernel (every kernel of
+    `kernel`'s type: compiled or interpreted) and ("torch", (op, output shapes)) per PyTorch op that runs a
+    kernel (allocations without a fill and views are left out; the ops inside an interpreted kernel too).
+    Shapes show a step's allocations: two calls whose records are equal did the same host work."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    log: list[tuple[str, Any]] = []
+    inside = [False]
+    cls = type(kernel)
+    run = cls.run
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        log.append(("triton", (self.fn.__name__ if hasattr(self, "fn") else self.__name__, kwargs.get("grid"))))
+        inside[0] = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not inside[0] and name not in _NO_LAUNCH:
+                outs = out if isinstance(out, tuple | list) else (out,)
+                log.append(("torch", (name, [tuple(o.shape) for o in outs if torch.is_tensor(o)])))
+            return out
+
+    monkeypatch.setattr(cls, "run", spy)
+    with Ops():
+        call()
+    monkeypatch.setattr(cls, "run", run)
+    return log
 
 
 # --- context parallelism: every rank's share computed in one process ------------------------------------------

@@ -416,17 +416,15 @@ class Attention:
         with torch.no_grad():
             n_new = 0
             if k_new is not None:
-                dec.append(k_cache, v_cache, cache_seqlens, page_table, k_new, v_new)
+                dec.append(k_cache, v_cache, cache_seqlens, page_table, k_new, v_new, summaries)
                 n_new = k_new.shape[2]
-                if summaries is not None:
-                    summaries.update(k_cache, cache_seqlens, n_new, page_table=page_table)
             picks = dec.selections(spec, q, cache_seqlens, n_new, group, patterns, capacity, q.shape[1] // group,
                                    scores, summaries, selected)
             dec.decode(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
                        capacity, out, lse, picks)
         result = (out, lse) if return_lse else (out,)
         if return_selected:
-            result += (tuple(next(iter(picks.values()))),)
+            result += (tuple(next(iter(picks.values())).sel),)
         return result if len(result) > 1 else out
 
     def selected_blocks(self, q: Any, k: Any, *, scores: Any = None, layer: int | None = None,

@@ -16,6 +16,7 @@ blocks (`_pick_tables`: per row the selection case of each key block, per head p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,13 +26,14 @@ from . import tables
 from .checks import check_dtypes, check_n
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads_of, _on_device_of, _pow2, _sm_count, _torch_path, pred_kernel
 from .cpu import masked_softmax
-from .decode_kernels import _decode_merge, _decode_split
+from .decode_kernels import _append_kv, _decode_merge, _decode_split
 from .decode_kernels import _pick_tables as _pick_tables_kernel
 from .evaluate import evaluate
 from .options import current_options
 from .selection import _combine, case_ranks, sel_kernel
 
 if TYPE_CHECKING:
+    from ..cache import KeySummaries
     from .spec import PatternSpec
 
 
@@ -188,10 +190,28 @@ def _describe(t: Any) -> str:
 
 
 def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, page_table: torch.Tensor | None,
-           k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+           k_new: torch.Tensor, v_new: torch.Tensor, summaries: KeySummaries | None = None) -> None:
     """Write k_new, v_new [B, Hkv, n, D] at positions cache_seqlens[b] .. + n - 1 of each sequence (device
-    indices, no host sync)."""
-    B, _, n, _ = k_new.shape
+    indices, no host sync): one `_append_kv` launch off the PyTorch path; with `summaries`, they are
+    updated too, in the same launch (`KeySummaries.update`'s append)."""
+    B, hkv, n, _ = k_new.shape
+    if summaries is not None:
+        summaries.update(k_cache, cache_seqlens, n, page_table=page_table, append=(k_new, v_new, v_cache))
+        return
+    if not _torch_path(k_new):
+        k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
+        v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
+        paged = page_table is not None
+        s_k, s_v, unit, s_pt = _layout(k_cache, v_cache, page_table)
+        capacity = page_table.shape[1] * unit if paged else k_cache.shape[2]  # type: ignore[union-attr]
+        ch = min(16, _pow2(n))
+        dk, dv = k_new.shape[-1], v_new.shape[-1]
+        _append_kv[(-(-n // ch), B * hkv)](
+            k_new, v_new, k_cache, v_cache, page_table if paged else cache_seqlens, cache_seqlens.contiguous(),
+            *k_new.stride()[:3], *v_new.stride()[:3], *s_k, *s_v, s_pt,
+            n, capacity, unit, hkv, CH=ch, DK=dk, DK_PAD=_d_pad(dk), DV=dv, DV_PAD=_d_pad(dv), PAGED=paged,
+        )
+        return
     pos = cache_seqlens.long()[:, None] + torch.arange(n, device=k_new.device)  # [B, n]
     kn, vn = k_new.permute(0, 2, 1, 3), v_new.permute(0, 2, 1, 3)  # [B, n, Hkv, D]
     if page_table is None:
@@ -207,47 +227,46 @@ def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Te
 
 def selections(spec: PatternSpec, q: torch.Tensor, cache_seqlens: torch.Tensor, n_new: int, group: int,
                patterns: int | tuple[int, ...], capacity: int, kv_heads: int, scores: Any = None, summaries: Any = None,
-               selected: Any = None) -> dict[int, list[torch.Tensor]]:
-    """{dynamic pattern: per selector its picks int32 [B, H, query blocks of the step, width]} (heads of other
-    patterns: -1), scored from the summaries (or the caller's scores), or `selected` reused; {} for static
-    patterns (no launch)."""
+               selected: Any = None) -> dict[int, Picks]:
+    """{dynamic pattern: its `Picks` (per selector int32 [B, H, query blocks of the step, width], heads of
+    other patterns -1)}, scored from the summaries (or the caller's scores), or `selected` reused; {} for
+    static patterns (no launch)."""
     H = q.shape[1]
-    out: dict[int, list[torch.Tensor]] = {}
-    if all(spec.selectors[p] is None for p in _used(patterns)):
-        return out
-    seqlen = (cache_seqlens + n_new).clamp(max=capacity)
+    out: dict[int, Picks] = {}
     for pat in _used(patterns):
         if spec.selectors[pat] is None:
             continue
         if selected is not None:
-            out[pat] = list(selected)
+            out[pat] = Picks(list(selected))
             continue
         heads = dsel.device_ints(tuple(_heads_of(patterns, pat, H)), q.device)
-        picks = dsel.select(spec, pat, q, heads, group, seqlen, capacity, summaries, scores, kv_heads)
-        if heads.numel() == H:  # every head runs the pattern (heads ascending)
-            out[pat] = picks
-            continue
-        full = []
-        for p in picks:
-            f = torch.full((p.shape[0], H, *p.shape[2:]), -1, dtype=torch.int32, device=q.device)
-            f[:, heads] = p
-            full.append(f)
-        out[pat] = full
+        out[pat] = Picks(*dsel.select(spec, pat, q, heads, _packs(patterns, pat, H, group, q.device), group,
+                                      cache_seqlens, n_new, capacity, summaries, scores, kv_heads))
     return out
+
+
+@dataclass(frozen=True)
+class Picks:
+    """A dynamic pattern's selection at a step: per selector its picks int32 [B, H, query blocks, width]
+    (what return_selected=True returns), and the decode kernel's tables (PICK, SLIST, SCOUNT) where the
+    selection's last launch built them (else `_pick_tables` builds them from the picks)."""
+
+    sel: list[torch.Tensor]
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @_on_device_of
 def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            cache_seqlens: torch.Tensor, page_table: torch.Tensor | None, n_new: int, scale: float, group: int,
            patterns: int | tuple[int, ...], capacity: int, out: torch.Tensor,
-           lse: torch.Tensor, picks: dict[int, list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           lse: torch.Tensor, picks: dict[int, Picks] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode step into `out` [B, H, Nq, Dv] and `lse` [B, H, Nq] (arguments checked, k_new appended;
     `picks`: `selections`' for the dynamic patterns)."""
     if q.shape[2] == 0:
         return out, lse
     B, H, Nq, D = q.shape
     if _torch_path(q):
-        pick = {pat: dsel.dense(spec, pat, p, capacity) for pat, p in (picks or {}).items()}
+        pick = {pat: dsel.dense(spec, pat, p.sel, capacity) for pat, p in (picks or {}).items()}
         return _decode_cpu(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
                            capacity, out, lse, pick)
     Dv = v_cache.shape[-1]
@@ -260,15 +279,7 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     cache_seqlens = cache_seqlens.contiguous()  # the kernels index both with unit inner strides
     page_table = None if page_table is None else page_table.contiguous()
     pt = page_table if page_table is not None else cache_seqlens  # an unused pointer when contiguous
-    s_k: tuple[int, ...]
-    s_v: tuple[int, ...]
-    if paged:
-        s_k = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))  # (page, head, position in the page)
-        s_v = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
-        page, s_pt = k_cache.shape[1], page_table.stride(0)  # type: ignore[union-attr]
-    else:
-        s_k, s_v = k_cache.stride()[:3], v_cache.stride()[:3]
-        page, s_pt = 1, 0
+    s_k, s_v, page, s_pt = _layout(k_cache, v_cache, page_table)
     nq_pad = _pow2(Nq)
     span = dsel.query_blocks(Nq, block)  # query blocks the rows of one step may fall in
     for pat in _used(patterns):
@@ -280,7 +291,8 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         off, runs, count, most = tables.run_tables(spec, pat, capacity, block, bn, q.device)
         dyn: dict[str, Any] = {}
         if sel is not None:
-            p, slist, scount = _pick_tables(spec, pat, (picks or {})[pat], heads, capacity)
+            made = (picks or {})[pat]
+            p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
             dyn = dict(PICK=p, VD=dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
                        SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
                        SEL_KB=sel.kblock)
@@ -296,7 +308,7 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             *q.stride()[:3], *s_k, *s_v, s_pt,
             Nq, n_new, capacity, page, group, splits, scale * _LOG2E,
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
-            DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, DOT_PREC="ieee" if q.dtype == torch.float32
+            DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0, DOT_PREC="ieee" if q.dtype == torch.float32
             else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET, num_warps=4, **dyn,
         )
         _decode_merge[(packs, B)](
@@ -304,6 +316,16 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             G=g, NQ_PAD=nq_pad, M=m, DV=Dv, DV_PAD=dv_pad, num_warps=4,
         )
     return out, lse
+
+
+def _layout(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor | None
+            ) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
+    """(K's strides, V's strides, page size, page table's row stride) as the kernels take them: strides of
+    (sequence or page, head, position; a contiguous cache is one page of one position per sequence)."""
+    if page_table is None:
+        return k_cache.stride()[:3], v_cache.stride()[:3], 1, 0
+    return ((k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)),
+            (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)), k_cache.shape[1], page_table.stride(0))
 
 
 def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: torch.Tensor,
@@ -317,12 +339,12 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
     merged = picks[0] if len(picks) == 1 else _combine(picks)
     width = merged.shape[-1]
     entries = _pow2(g * qb * width)
-    if entries > 256:
+    if entries > dsel.TABLE_ENTRIES:
         pick = dsel.dense(spec, pat, picks, capacity, merged)
         return (pick, *dsel.pack_lists(pick, packs, g * qb * width))
     nk = -(-capacity // sel.kblock)
     pick = torch.zeros((B, H, qb, nk), dtype=torch.int8, device=merged.device)
-    slist = torch.full((B, packs.shape[0], min(nk, g * qb * width)), -1, dtype=torch.int32, device=merged.device)
+    slist = torch.empty((B, packs.shape[0], min(nk, g * qb * width)), dtype=torch.int32, device=merged.device)
     scount = torch.empty((B, packs.shape[0]), dtype=torch.int32, device=merged.device)
     _pick_tables_kernel[(packs.shape[0], B)](merged.contiguous(), packs, pick, slist, scount, H, qb, width, nk,
                                              slist.shape[-1], G=g, E_PAD=entries, num_warps=4)

@@ -16,18 +16,21 @@ import triton
 import triton.language as tl
 
 from .fwd_kernels import _allowed_at, _merge_part, _online_softmax
+from .selection import _rule_key
 
 
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, seqlen, offs_n, offs_dk, offs_dv,
                  s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, PRED: tl.constexpr,
                  BLOCK_N: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr,
-                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr, PICK=None, prow=None, SEL_KB: tl.constexpr = 1,
-                 VAR=None):
+                 PAGE_TILES: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, PICK=None, prow=None,
+                 SEL_KB: tl.constexpr = 1, VAR=None):
     """Key block kb into the running softmax of the rows `rows_ok` (query positions ii); `partial`: the
     predicate decides per pair, else every pair of the block (inside the sequence) is allowed. PICK (a
     dynamic pattern's static part): rows whose selection picked the tile's selector key block skip it (the
-    selected loop takes it). VAR: a dispatching PRED's per-row case rank [rows, 1]."""
+    selected loop takes it). VAR: a dispatching PRED's per-row case rank [rows, 1]. PAGE_TILES (a paged
+    cache whose page holds whole tiles): the tile's rows are one page's, found by one table load, so the
+    loads are addressed as a contiguous cache's (a per-key page gather costs registers and pipelining)."""
     if PICK is not None:
         picked = tl.load(PICK + prow + kb * BLOCK_N // SEL_KB, mask=rows_ok, other=0)
         rows_ok = rows_ok & (picked == 0)
@@ -35,18 +38,27 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
     ok = rows_ok[:, None] & (cols < seqlen)[None, :]
     ok = ok & (_allowed_at(ii[:, None], cols[None, :], seqlen, PRED, IDX64, True, VAR) | (partial == 0))
     col_ok = tl.max(ok.to(tl.int32), 0) > 0  # some row attends to this key: only those are read
-    if PAGED:
-        page = tl.load(PT + b * s_ptb + cols // PAGE, mask=col_ok, other=0).to(tl.int64)
-        k_rows = page * s_kb + (cols % PAGE).to(tl.int64) * s_kn + kvh * s_kh
-        v_rows = page * s_vb + (cols % PAGE).to(tl.int64) * s_vn + kvh * s_vh
+    if PAGED & PAGE_TILES:  # the tile lies in one page: one table entry, then in-page offsets (int32)
+        first = kb * BLOCK_N
+        page = tl.load(PT + b * s_ptb + tl.minimum(first, tl.maximum(seqlen - 1, 0)) // PAGE).to(tl.int64)
+        at = first % PAGE + offs_n
+        k_ptr = K + (page * s_kb + kvh * s_kh) + (at * s_kn)[:, None]
+        v_ptr = V + (page * s_vb + kvh * s_vh) + (at * s_vn)[:, None]
     else:
-        k_rows = b * s_kb + kvh * s_kh + cols.to(tl.int64) * s_kn
-        v_rows = b * s_vb + kvh * s_vh + cols.to(tl.int64) * s_vn
-    k = tl.load(K + k_rows[:, None] + offs_dk[None, :], mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+        if PAGED:
+            page = tl.load(PT + b * s_ptb + cols // PAGE, mask=col_ok, other=0).to(tl.int64)
+            k_rows = page * s_kb + (cols % PAGE).to(tl.int64) * s_kn + kvh * s_kh
+            v_rows = page * s_vb + (cols % PAGE).to(tl.int64) * s_vn + kvh * s_vh
+        else:
+            k_rows = b * s_kb + kvh * s_kh + cols.to(tl.int64) * s_kn
+            v_rows = b * s_vb + kvh * s_vh + cols.to(tl.int64) * s_vn
+        k_ptr = K + k_rows[:, None]
+        v_ptr = V + v_rows[:, None]
+    k = tl.load(k_ptr + offs_dk[None, :], mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     s = tl.where(ok, s, float("-inf"))
     p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, qk_scale, False, True)
-    v = tl.load(V + v_rows[:, None] + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    v = tl.load(v_ptr + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -57,8 +69,8 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
                   NQ, NNEW, CAP, PAGE, GROUP, SPLITS, qk_scale,
                   PRED: tl.constexpr, G: tl.constexpr, NQ_PAD: tl.constexpr, M: tl.constexpr,
                   TABLE_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, DQK_PAD: tl.constexpr,
-                  DV: tl.constexpr, DV_PAD: tl.constexpr, PAGED: tl.constexpr, DOT_PREC: tl.constexpr,
-                  IDX64: tl.constexpr, INTERPRET: tl.constexpr,
+                  DV: tl.constexpr, DV_PAD: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr,
+                  DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
                   PICK=None, VD=None, SLIST=None, SCOUNT=None, H=1, SQB=1, SNK=1, SL=1,
                   SEL_PRED: tl.constexpr = None, SEL_VARS: tl.constexpr = False, SEL_B: tl.constexpr = 1,
                   SEL_KB: tl.constexpr = 1):
@@ -125,14 +137,14 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 DOT_PREC, IDX64, PICK, prow, SEL_KB)
+                                                 PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB)
                     x += 1
             else:
                 for x in range(a, e):
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 DOT_PREC, IDX64, PICK, prow, SEL_KB)
+                                                 PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB)
             run += 1
         seen += tl.load(COUNT + qb)
         qb += 1
@@ -143,16 +155,10 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
             v = tl.load(PICK + prow + kb_sel, mask=rows, other=0).to(tl.int32)
             rank = tl.load(VD + tl.maximum(v - 1, 0), mask=v > 0, other=-1)
             kb = kb_sel * (SEL_KB // BLOCK_N) + (x - static_total) % (SEL_KB // BLOCK_N)
-            if SEL_VARS:
-                acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii,
-                                             seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                                             s_ptb, PAGE, qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, DOT_PREC,
-                                             IDX64, VAR=rank[:, None])
-            else:
-                acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii,
-                                             seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                                             s_ptb, PAGE, qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, DOT_PREC,
-                                             IDX64)
+            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii, seqlen,
+                                         offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE,
+                                         qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, PAGE_TILES, DOT_PREC, IDX64,
+                                         VAR=rank[:, None] if SEL_VARS else None)
             x += 1
     # this split's partial result: rows normalised, log2-sum-exp (-inf where it saw no allowed key)
     empty = l_i == 0.0
@@ -197,19 +203,30 @@ def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, S
     tl.store(LSE + b * s_lb + h * s_lh + t, lse, mask=rows)
 
 
-@triton.jit(do_not_specialize=["T", "NB", "CAP", "PAGE"])
-def _summary_kernel(K, PT, LEN, IDS, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, T, NB, HKV, CAP, PAGE,
-                    BLK: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGED: tl.constexpr):
-    """Key summaries (`patterndsl.cache.KeySummaries`): per (batch entry, KV head) program row and key block
-    IDS[b, t] of BLK keys, the element-wise min, max and mean (float32) of its keys below LEN[b], written to
-    LO, HI, MEAN [B, HKV, NB, D] (zeros for a block with no key yet). A paged cache's positions past the
-    length are never loaded."""
+@triton.jit(do_not_specialize=["B0", "NNEW", "NB", "CAP", "PAGE"])
+def _summary_kernel(K, PT, LEN, START, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, B0, NNEW, NB, HKV, CAP, PAGE,
+                    BLK: tl.constexpr, CH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGED: tl.constexpr,
+                    KN=None, VN=None, V=None, s_knb=0, s_knh=0, s_knt=0, s_vnb=0, s_vnh=0, s_vnt=0, s_vb=0, s_vh=0,
+                    s_vn=0, DV: tl.constexpr = 1, DV_PAD: tl.constexpr = 1):
+    """Key summaries (`patterndsl.cache.KeySummaries`): per (batch entry, KV head) program row and t-th key
+    block of BLK keys from the first (block B0, or where START is given the block of position START[b]:
+    the blocks an append touched, found here so that the host passes no index tensor), the element-wise
+    min, max and mean (float32) of its keys below LEN[b] + NNEW, written to LO, HI, MEAN [B, HKV, NB, D]
+    (zeros for a block with no key yet; a block past the last is the last). A paged cache's positions past
+    the length are never loaded. KN given: the step's new keys and values KN, VN [B, HKV, NNEW, D] go into
+    the cache at positions LEN[b] .. (each program writes those of its block, V too), and the block's
+    summary takes them from KN: a step's append and summary update are one launch."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
-    blk = tl.load(IDS + b * T + t).to(tl.int64)
-    n = tl.minimum(tl.load(LEN + b), CAP)
+    if START is None:
+        blk = (B0 + t).to(tl.int64)
+    else:
+        blk = (tl.load(START + b) // BLK + t).to(tl.int64)
+    blk = tl.minimum(blk, NB - 1)
+    old = tl.load(LEN + b)
+    n = tl.minimum(old + NNEW, CAP)
     offs_d = tl.arange(0, D_PAD)
     lo = tl.full([D_PAD], float("inf"), dtype=tl.float32)
     hi = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
@@ -223,7 +240,24 @@ def _summary_kernel(K, PT, LEN, IDS, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, T, N
         else:
             rows = b * s_kb + h * s_kh + pos * s_kn
         m = ok[:, None] & (offs_d[None, :] < D)
-        x = tl.load(K + rows[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        if KN is None:
+            x = tl.load(K + rows[:, None] + offs_d[None, :], mask=m, other=0.0)
+        else:
+            new = ok & (pos >= old)
+            tn = (pos - old).to(tl.int64)[:, None]
+            mk = new[:, None] & (offs_d[None, :] < D)
+            x = tl.load(KN + b * s_knb + h * s_knh + tn * s_knt + offs_d[None, :], mask=mk, other=0.0)
+            tl.store(K + rows[:, None] + offs_d[None, :], x, mask=mk)
+            x = tl.where(mk, x, tl.load(K + rows[:, None] + offs_d[None, :], mask=m & ~mk, other=0.0))
+            offs_v = tl.arange(0, DV_PAD)
+            mv = new[:, None] & (offs_v[None, :] < DV)
+            if PAGED:
+                v_rows = page * s_vb + (pos % PAGE) * s_vn + h * s_vh
+            else:
+                v_rows = b * s_vb + h * s_vh + pos * s_vn
+            y = tl.load(VN + b * s_vnb + h * s_vnh + tn * s_vnt + offs_v[None, :], mask=mv)
+            tl.store(V + v_rows[:, None] + offs_v[None, :], y, mask=mv)
+        x = x.to(tl.float32)
         lo = tl.minimum(lo, tl.min(tl.where(m, x, float("inf")), 0))
         hi = tl.maximum(hi, tl.max(tl.where(m, x, float("-inf")), 0))
         acc += tl.sum(x, 0)
@@ -238,14 +272,19 @@ def _summary_kernel(K, PT, LEN, IDS, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, T, N
 
 @triton.jit(do_not_specialize=["H", "QB", "W", "NK", "SL"])
 def _pick_tables(SEL, HEADS, PICK, SLIST, SCOUNT, H, QB, W, NK, SL, G: tl.constexpr, E_PAD: tl.constexpr):
+    """What `_decode_split` reads of a selection (`_tables_of`), program (head pack, batch entry)."""
+    _tables_of(SEL, HEADS, PICK, SLIST, SCOUNT, tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0),
+               H, QB, W, NK, SL, G, E_PAD)
+
+
+@triton.jit
+def _tables_of(SEL, HEADS, PICK, SLIST, SCOUNT, pack, b, packs, H, QB, W, NK, SL, G: tl.constexpr,
+               E_PAD: tl.constexpr):
     """What `_decode_split` reads of a selection, for one (head pack, batch entry): the pack's picks SEL
     [B, H, QB, W] (int32, `block | (v - 1) << 24`, -1 padding) scattered into PICK [B, H, QB, NK] (int8,
-    the case v; zeroed before), and the distinct key blocks among them into SLIST [B, packs, SL] (-1 filled
-    before) with their number SCOUNT [B, packs]. An entry is listed where no earlier entry of the pack
+    the case v; zeroed before), and the distinct key blocks among them into SLIST [B, packs, SL] (-1 after
+    them) with their number SCOUNT [B, packs]. An entry is listed where no earlier entry of the pack
     holds the same block."""
-    pack = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    packs = tl.num_programs(0)
     e = tl.arange(0, E_PAD)
     per = QB * W
     slot = e // per
@@ -261,30 +300,169 @@ def _pick_tables(SEL, HEADS, PICK, SLIST, SCOUNT, H, QB, W, NK, SL, G: tl.conste
     rank = tl.cumsum(first.to(tl.int32), 0) - 1
     row = (b * packs + pack) * SL
     tl.store(SLIST + row + rank, blk, mask=first)
-    tl.store(SCOUNT + b * packs + pack, tl.sum(first.to(tl.int32), 0))
+    count = tl.sum(first.to(tl.int32), 0)
+    tl.store(SLIST + row + e, tl.full([E_PAD], -1, tl.int32), mask=(e >= count) & (e < SL))  # the padding
+    tl.store(SCOUNT + b * packs + pack, count)
 
 
-@triton.jit(do_not_specialize=["NQ", "CAP", "NK", "QB"])
-def _decode_candidates(SEQ, CAND, NQ, CAP, NK, QB, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr,
-                       BK: tl.constexpr, CH: tl.constexpr, IDX64: tl.constexpr):
-    """A decode step's selector candidates (`decode_selection.candidates`): CAND [B, QB, NK] (uint8, zeroed
-    before) gets 1 where the context PRED allows a pair (i, j) for a row i of the step in that query block
-    of SEL_B rows and a key j < seqlen of that key block of KB keys. One program per (BK key blocks, batch
-    entry); the context is decode-consistent, so PRED is evaluated at N = CAP."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    seqlen = tl.load(SEQ + b)
-    kbs = pid * BK + tl.arange(0, BK)
-    base = tl.maximum(seqlen - NQ, 0) // SEL_B
-    t = seqlen * 0
-    while t < NQ:
-        i = seqlen - NQ + t
-        if i >= 0:
-            hit = tl.zeros([BK], dtype=tl.int32)
-            for c in range(0, KB, CH):
-                j = kbs[:, None] * KB + c + tl.arange(0, CH)[None, :]
-                ok = (j < seqlen) & _allowed_at(i, j, CAP, PRED, IDX64, True)
-                hit = tl.maximum(hit, tl.max(ok.to(tl.int32), 1))
-            row = (b * QB + i // SEL_B - base) * NK
-            tl.store(CAND + row + kbs, tl.full([BK], 1, tl.uint8), mask=(hit > 0) & (kbs < NK))
-        t += 1
+@triton.jit(do_not_specialize=["T", "CAP", "PAGE"])
+def _append_kv(KN, VN, K, V, PT, SEQ, s_knb, s_knh, s_knt, s_vnb, s_vnh, s_vnt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+               s_ptb, T, CAP, PAGE, HKV, CH: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr,
+               DV_PAD: tl.constexpr, PAGED: tl.constexpr):
+    """A decode step's k_new, v_new [B, HKV, T, D] (last dimension contiguous) written at positions SEQ[b] ..
+    SEQ[b] + T - 1 of a contiguous or paged cache, in one launch: program (CH tokens, batch entry and KV
+    head). The positions are read on the device, so a CUDA graph replays the write with new lengths;
+    positions past the capacity CAP are not written."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    t = c * CH + tl.arange(0, CH)
+    pos = tl.load(SEQ + b) + t
+    ok = (t < T) & (pos < CAP)
+    if PAGED:
+        page = tl.load(PT + b * s_ptb + pos // PAGE, mask=ok, other=0).to(tl.int64)
+        at = (pos % PAGE).to(tl.int64)
+        k_rows = page * s_kb + at * s_kn + h * s_kh
+        v_rows = page * s_vb + at * s_vn + h * s_vh
+    else:
+        k_rows = b * s_kb + h * s_kh + pos.to(tl.int64) * s_kn
+        v_rows = b * s_vb + h * s_vh + pos.to(tl.int64) * s_vn
+    t64 = t.to(tl.int64)
+    offs_k = tl.arange(0, DK_PAD)
+    mk = ok[:, None] & (offs_k[None, :] < DK)
+    x = tl.load(KN + b * s_knb + h * s_knh + t64[:, None] * s_knt + offs_k[None, :], mask=mk)
+    tl.store(K + k_rows[:, None] + offs_k[None, :], x, mask=mk)
+    offs_v = tl.arange(0, DV_PAD)
+    mv = ok[:, None] & (offs_v[None, :] < DV)
+    y = tl.load(VN + b * s_vnb + h * s_vnh + t64[:, None] * s_vnt + offs_v[None, :], mask=mv)
+    tl.store(V + v_rows[:, None] + offs_v[None, :], y, mask=mv)
+
+
+@triton.jit
+def _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k0, PRED: tl.constexpr, SEL_B: tl.constexpr,
+                     KB: tl.constexpr, QB: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
+                     IDX64: tl.constexpr):
+    """[R, BK]: key block kb is a candidate of row r's query block t of the step (`decode_selection.
+    candidates`): the context allows a pair (i, j), i a step row in that query block, j < seqlen in the
+    block. Read off the context's run tables (query blocks of SEL_B rows, key blocks of KB keys, at the
+    capacity): a FULL run's blocks below seqlen are candidates; only a PARTIAL run that meets the tile has
+    its pairs evaluated, so the work follows the runs, not the cache's length."""
+    hit = tl.zeros([R, BK], dtype=tl.int1)
+    first = tl.maximum(seqlen - NQ, 0)
+    for u in tl.static_range(QB):
+        qb = first // SEL_B + u
+        i_lo = tl.maximum(first, qb * SEL_B)
+        i_hi = tl.minimum(seqlen, qb * SEL_B + SEL_B)
+        h = tl.zeros([BK], dtype=tl.int1)
+        if i_lo < i_hi:
+            run = tl.load(RUN_OFF + qb)
+            run_end = tl.load(RUN_OFF + qb + 1)
+            while run < run_end:
+                lo = tl.load(RUNS + run * 4)
+                hi = tl.load(RUNS + run * 4 + 1)
+                inrun = (kb >= lo) & (kb < hi) & (kb * KB < seqlen)
+                if (tl.load(RUNS + run * 4 + 2) != 0) & (lo < k0 + BK) & (hi > k0):
+                    pairs = tl.zeros([BK], dtype=tl.int32)
+                    i = i_lo
+                    while i < i_hi:
+                        for c in tl.static_range(0, KB, CH):
+                            j = kb[:, None] * KB + c + tl.arange(0, CH)[None, :]
+                            ok = (j < seqlen) & _allowed_at(i, j, CAP, PRED, IDX64, True)
+                            pairs = tl.maximum(pairs, tl.max(ok.to(tl.int32), 1))
+                        i += 1
+                    inrun = inrun & (pairs > 0)
+                h = h | inrun
+                run += 1
+        hit = hit | ((t == u)[:, None] & h[None, :])
+    return hit
+
+
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK", "SPLITS"])
+def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS, HKV, GROUP, SPLITS,
+                 PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr, QB_PAD: tl.constexpr,
+                 G: tl.constexpr, R: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
+    """A decode step's topk by the mean rule, first stage: program (split, batch entry and head pack) scores
+    the key blocks of its split (NK in all, SPLITS ways) for the pack's rows (its G query heads, each of the
+    QB query blocks of the step, R >= 16 rows for the dot; they share every summary load: one KV head's)
+    and keeps each row's NP largest keys (`selection._rule_key`: the score's order, ties to the lower
+    block; the lowest key where the block is no candidate) in WS [B * packs, SPLITS, R, NP] int64. q-bar is
+    the mean of the row's step rows in its query block (float32), the score q-bar . mean(k) over the
+    summaries' means KM [B, HKV, NK, D]; `_decode_topk_merge` keeps the best NP of the splits."""
+    split = tl.program_id(0)
+    bp = tl.program_id(1)
+    b = (bp // PACKS).to(tl.int64)
+    pack = bp % PACKS
+    seqlen = tl.minimum(tl.load(SEQ + b) + NNEW, CAP)
+    r = tl.arange(0, R)
+    slot = r // QB_PAD
+    t = r % QB_PAD
+    head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
+    kvh = (tl.load(HEADS + pack * G) // GROUP).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    first = tl.maximum(seqlen - NQ, 0)
+    qm = tl.zeros([R, D], dtype=tl.float32)
+    count = tl.zeros([R], dtype=tl.float32)
+    u = seqlen * 0
+    while u < NQ:  # q-bar: the step's rows of each query block, summed, then divided by their number
+        i = seqlen - NQ + u
+        mine = (head >= 0) & (t < QB) & (i >= 0) & (i // SEL_B - first // SEL_B == t)
+        x = tl.load(Q + b * s_qb + head.to(tl.int64)[:, None] * s_qh + u * s_qn + offs_d[None, :],
+                    mask=mine[:, None], other=0.0)
+        qm += x.to(tl.float32)
+        count += mine.to(tl.float32)
+        u += 1
+    qm = qm / tl.maximum(count, 1.0)[:, None]
+    rows = count > 0
+    lowest = tl.full([R, NP], -9223372036854775807, tl.int64) - 1
+    best = lowest
+    share = tl.cdiv(NK, SPLITS)
+    k0 = split * share
+    k_end = tl.minimum(k0 + share, NK)
+    km_base = KM + (b * HKV + kvh) * NK * D
+    while k0 < k_end:
+        kb = k0 + tl.arange(0, BK)
+        kmask = kb < k_end
+        km = tl.load(km_base + kb[:, None].to(tl.int64) * D + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        s = tl.dot(qm, tl.trans(km), input_precision=DOT_PREC)
+        c = _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k0, PRED, SEL_B, KB, QB, BK, R, CH, IDX64)
+        key = _rule_key(s, kb, c & kmask[None, :] & rows[:, None], NK, R, BK)
+        both = tl.reshape(tl.join(best, tl.topk(key, NP, dim=1)), [R, 2 * NP])
+        best = tl.topk(both, NP, dim=1)
+        k0 += BK
+    ws = ((bp * SPLITS + split) * R + r[:, None]).to(tl.int64) * NP + tl.arange(0, NP)[None, :]
+    tl.store(WS + ws, best)
+
+
+@triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
+def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
+                       QB_PAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
+                       SP: tl.constexpr, PICK=None, SLIST=None, SCOUNT=None, SL=1,
+                       E_PAD: tl.constexpr = 1):
+    """`_decode_topk`'s second stage, program (batch entry and head pack): each of its RM first rows keeps
+    the NP largest of its SPLITS * NP keys (SP: SPLITS, a power of two up), and writes the N_SEL best as block ids into SEL [B, H, QB, N_SEL]
+    (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes them). PICK given (the
+    pattern's one selector): then the pack's tables for `_decode_split` (`_tables_of`) from what it wrote,
+    so that a step with a selection launches no `_pick_tables`."""
+    bp = tl.program_id(0)
+    b = (bp // PACKS).to(tl.int64)
+    pack = bp % PACKS
+    r = tl.arange(0, RM)
+    slot = r // QB_PAD
+    t = r % QB_PAD
+    head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
+    e = tl.arange(0, SP * NP)
+    at = ((bp * SPLITS + e[None, :] // NP) * R + r[:, None]).to(tl.int64) * NP + e[None, :] % NP
+    lowest = -9223372036854775807 - 1
+    keys = tl.load(WS + at, mask=(e[None, :] // NP < SPLITS) & (r[:, None] < R), other=lowest)
+    best = tl.topk(keys, NP, dim=1)
+    cols = tl.arange(0, NP)
+    hi = (best >> 32).to(tl.int32)
+    score = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    valid = (best != lowest) & (score == score)
+    blk = (NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+    out = ((b * H + head.to(tl.int64)) * QB + t)[:, None] * N_SEL + cols[None, :]
+    tl.store(SEL + out, tl.where(valid, blk, -1), mask=((head >= 0) & (t < QB))[:, None] & (cols[None, :] < N_SEL))
+    if PICK is not None:
+        tl.debug_barrier()  # the CTA's stores of SEL are visible to all its threads
+        _tables_of(SEL, HEADS, PICK, SLIST, SCOUNT, pack, b, PACKS, H, QB, N_SEL, NK, SL, G, E_PAD)

@@ -16,17 +16,18 @@ pack), the list of key blocks some row of the pack picked and its length (`decod
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .common import _d_pad, _pow2, _torch_path
-from .decode_kernels import _decode_candidates
+from . import tables
+from .common import _d_pad, _pow2, _sm_count, _torch_path
+from .decode_kernels import _decode_topk, _decode_topk_merge
 from .evaluate import evaluate
-from .options import current_options
-from .selection import _combine, _pick, _score_prec, _sel_dense, _topk_kernel, compressed_weights, quest_bound, share_kv
+from .selection import _combine, _pick, _score_prec, _sel_dense, compressed_weights, quest_bound, share_kv
 
 if TYPE_CHECKING:
     from ..cache import KeySummaries
@@ -105,26 +106,38 @@ def _by_kv(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, hl: torc
     return out.view(B, kv_heads * group, R, *out.shape[3:])[:, hl]
 
 
-def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, group: int, seqlen: torch.Tensor,
-           capacity: int, summaries: KeySummaries | None, given: Any, kv_heads: int) -> list[torch.Tensor]:
-    """Per selector of predicate `pat`, its picks for `heads`: int32 [B, nh, query blocks, width], key block
-    ids, -1 padding (topk: width n; fraction and threshold: every key block).
+TABLE_ENTRIES = 256  # a pack's picks (heads x query blocks x width, a power of two) the tables kernel takes
 
-    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches: the candidates
-    (`_decode_candidates`, the context's kernel predicate) and prefill's fused selection (`_topk_kernel`);
-    the other rules score and pick with PyTorch (`candidates`, `scores`, prefill's `_pick`)."""
+
+def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, packs: torch.Tensor, group: int,
+           cache_seqlens: torch.Tensor, n_new: int, capacity: int, summaries: KeySummaries | None, given: Any,
+           kv_heads: int) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """Per selector of predicate `pat`, its picks: int32 [B, H, query blocks, width], key block ids, -1
+    padding and for the heads of other patterns (topk: width n; fraction and threshold: every key block);
+    and where the selection's last launch also built them, the decode kernel's tables (PICK, SLIST,
+    SCOUNT, as `decode._pick_tables` makes them), else None. `heads`: the heads of `pat` (ascending),
+    `packs` them by KV head (`decode._packs`); the rows end at seqlen = cache_seqlens + n_new (clamped to
+    the capacity).
+
+    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches (`_fused`); the other rules
+    score and pick with PyTorch (`candidates`, `scores`, prefill's `_pick`)."""
     sel = spec.selectors[pat]
     assert sel is not None
-    B, _, nq, D = q.shape
+    B, H, nq, D = q.shape
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    seqlen: torch.Tensor | None = None
     out = []
+    made = None
     for rule in sel.all:
         if _fusable(rule, q, summaries):
             assert summaries is not None
-            cand = _kernel_candidates(spec, rule, seqlen, nq, capacity)
-            hot = None if nq == 1 else (rows or step_rows(seqlen, nq, sel.block))[2]
-            out.append(_fused(rule, q, heads, group, hot, cand, summaries, kv_heads))
+            entries = _pow2(packs.shape[1] * query_blocks(nq, rule.block) * int(rule.param))  # type: ignore[arg-type]
+            picked, made = _fused(spec, rule, q, packs, group, cache_seqlens, n_new, capacity, summaries, kv_heads,
+                                  heads.numel() == H, len(sel.all) == 1 and entries <= TABLE_ENTRIES)
+            out.append(picked)
             continue
+        if seqlen is None:
+            seqlen = (cache_seqlens + n_new).clamp(max=capacity)
         rows = rows or step_rows(seqlen, nq, sel.block)
         pos, valid, hot = rows
         cand = candidates(spec, rule, pos, valid, hot, seqlen, capacity)
@@ -133,8 +146,13 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, gr
         picked = _pick(rule, s.reshape(-1, s.shape[-1]), 1.0 / math.sqrt(D), count)  # type: ignore[arg-type]
         if isinstance(count, int):  # width n whatever the blocks, as the fused selection's
             picked = torch.nn.functional.pad(picked, (0, count - picked.shape[-1]), value=-1)
-        out.append(picked.view(*s.shape[:3], -1).to(torch.int32))
-    return out
+        picked = picked.view(*s.shape[:3], -1).to(torch.int32)
+        if heads.numel() < H:
+            full = torch.full((B, H, *picked.shape[2:]), -1, dtype=torch.int32, device=q.device)
+            full[:, heads] = picked
+            picked = full
+        out.append(picked)
+    return out, made
 
 
 def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) -> bool:
@@ -146,45 +164,51 @@ def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) ->
             and summaries.mean.dtype == torch.float32 and _d_pad(q.shape[-1]) == q.shape[-1])
 
 
-def _kernel_candidates(spec: PatternSpec, rule: Selector, seqlen: torch.Tensor, nq: int, capacity: int) -> torch.Tensor:
-    """`candidates` as uint8 [B, query blocks, key blocks] by one `_decode_candidates` launch."""
-    nk = -(-capacity // rule.kblock)
-    qb = query_blocks(nq, rule.block)
-    B = seqlen.shape[0]
-    cand = torch.zeros((B, qb, nk), dtype=torch.uint8, device=seqlen.device)
-    bk = 16
-    _decode_candidates[(-(-nk // bk), B)](
-        seqlen.contiguous(), cand, nq, capacity, nk, qb, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block,
-        KB=rule.kblock, BK=bk, CH=min(64, rule.kblock & -rule.kblock), IDX64=spec.idx64, num_warps=4,
-    )
-    return cand
-
-
-def _fused(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot: torch.Tensor | None,
-           cand: torch.Tensor, summaries: KeySummaries, kv_heads: int) -> torch.Tensor:
-    """topk(n) by the mean rule in one launch of prefill's fused selection (`_topk_kernel`: scores from the
-    step's mean queries against the summaries' mean keys, the running top n in registers); `cand` the
-    candidates uint8 [B, query blocks, key blocks]; `hot` the rows' query blocks (None: one row)."""
+def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tensor, group: int,
+           cache_seqlens: torch.Tensor, n_new: int, capacity: int, summaries: KeySummaries, kv_heads: int,
+           every_head: bool, build: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """topk(n) by the mean rule in two launches: `_decode_topk` scores the summaries' mean keys in splits of
+    the key blocks per (batch entry, KV head's pack of query heads, which share the summary loads) and keeps
+    each split's best n per row, its candidates read off the context's run tables; `_decode_topk_merge`
+    keeps the best n of the splits (and, `build`, builds the decode kernel's tables from them). Nothing the
+    size of the cache is built or read but the summaries. (picks, tables or None)."""
     n = rule.param
     assert isinstance(n, int)
-    B, H, _, D = q.shape
-    qb, nk, nh = cand.shape[1], cand.shape[2], heads.numel()
-    if hot is None:  # one row: its query is the mean
-        qm = q.float().contiguous()
-    else:
-        count = hot.sum(1).to(torch.float32).clamp(min=1)
-        qm = (torch.einsum("bhtd,btr->bhrd", q.float(), hot.to(torch.float32)) / count[:, None, :, None]).contiguous()
-    opts = current_options()
+    B, H, nq, D = q.shape
+    npacks, g = packs.shape
+    qb = query_blocks(nq, rule.block)
+    qb_pad = _pow2(qb)
+    nk = -(-capacity // rule.kblock)
     np2 = _pow2(n)
-    bk = 16 if D > 128 else 32
-    bq = min(opts.topk_rows, max(16, _pow2(qb)))  # (a step's query blocks are few)
-    sel = torch.empty((B * nh, qb, np2), dtype=torch.int32, device=q.device)
-    _topk_kernel[(-(-qb // bq), B * nh)](
-        qm, summaries.mean, qm, cand, _span(-(-qb // bq), nk, q.device), sel, heads, nk, nh, H, kv_heads, group,
-        0, 0, 0, qb, qb * D, nk * D, qb * nk, N_SEL=n, NP=np2, BQ=bq, BK=bk, D_PAD=D, DOT_PREC=_score_prec(q),
-        RANGES=False, GIVEN=False, FILL=opts.topk_fill and np2 <= bk, num_warps=opts.topk_warps,
+    bk = max(np2, 32 if D <= 128 else 16)  # (registers: no spills on sm_90 at D = 128, benchmarks/kernel_resources.py)
+    r = max(16, _pow2(g * qb_pad))
+    want = -(-2 * _sm_count(q.device, 8) // (B * npacks))
+    splits = max(1, min(want, -(-nk // bk), 1024 // np2))
+    off, runs, _, _ = tables.run_tables(spec, rule.context, capacity, rule.block, rule.kblock, q.device)
+    ws = torch.empty(B * npacks * splits * r * np2, dtype=torch.int64, device=q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    seq = cache_seqlens.contiguous()
+    _decode_topk[(splits, B * npacks)](
+        q, summaries.mean, seq, packs, off, runs, ws, *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads,
+        group, splits, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb,
+        QB_PAD=qb_pad, G=g, R=r, NP=np2, BK=bk, D=D, CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q),
+        IDX64=spec.idx64, num_warps=4,
     )
-    return sel.view(B, nh, qb, np2)[..., :n]
+    sel = (torch.empty if every_head else functools.partial(torch.full, fill_value=-1))(
+        (B, H, qb, n), dtype=torch.int32, device=q.device)
+    made = None
+    extra: dict[str, Any] = {}
+    if build:
+        width = min(nk, g * qb * n)
+        made = (torch.zeros((B, H, qb, nk), dtype=torch.int8, device=q.device),
+                torch.empty((B, npacks, width), dtype=torch.int32, device=q.device),
+                torch.empty((B, npacks), dtype=torch.int32, device=q.device))
+        extra = dict(PICK=made[0], SLIST=made[1], SCOUNT=made[2], SL=width, E_PAD=_pow2(g * qb * n))
+    _decode_topk_merge[(B * npacks,)](
+        ws, packs, sel, nk, npacks, H, splits, N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=_pow2(g * qb_pad),
+        NP=np2, SP=_pow2(splits), num_warps=4, **extra,
+    )
+    return sel, made
 
 
 _CONSTS: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -198,11 +222,6 @@ def device_ints(values: tuple[int, ...], device: torch.device, dtype: torch.dtyp
     if hit is None:
         hit = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
     return hit
-
-
-def _span(groups: int, nk: int, device: torch.device) -> torch.Tensor:
-    """`_topk_kernel`'s SPAN for a decode step: every program's rows look at key blocks [0, nk)."""
-    return device_ints((0, nk) * groups, device, torch.int32)
 
 
 def dense(spec: PatternSpec, pat: int, picks: list[torch.Tensor], capacity: int,

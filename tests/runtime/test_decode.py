@@ -9,11 +9,12 @@ kernels in the interpreter (a few small cases here, more under `slow`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import attention_reference, reference_grads
+from helpers import attention_reference, record_launches, reference_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import allowed
@@ -155,10 +156,11 @@ def test_decode_rows_equal_full_attention_cpu(case: dict[str, Any]) -> None:
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("page", [pytest.param(None, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("page", [pytest.param(None, marks=pytest.mark.slow), 4, 32])
 def test_decode_kernel(page: int | None) -> None:
     """The Triton kernels: GQA packing, two queries straddling a query block, k_new appended, splits merged,
-    Dv != Dqk, and (paged) unreachable pages pointing at a NaN dummy."""
+    Dv != Dqk, and (paged) unreachable pages pointing at a NaN dummy: pages smaller than a key tile (each
+    key's page gathered) and pages holding whole tiles (one table entry per tile)."""
     _check_step("causal & (window(5) | sink(2))", torch.float32, [33], 2, 1, 2, 2, page, 0, dv=16,
                 decode_block=16, decode_splits=2)
 
@@ -169,6 +171,33 @@ def test_decode_kernel(page: int | None) -> None:
 @given(_steps(), st.sampled_from([1, 2, 3]))
 def test_decode_kernel_hypothesis(case: dict[str, Any], splits: int) -> None:
     _check_step(dtype=torch.float32, decode_block=16, decode_splits=splits, **case)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("page", [None, 16])
+def test_step_host_work_does_not_grow_with_the_cache(monkeypatch: Any, page: int | None) -> None:
+    """A window + sinks step (k_new appended) does the same host work at a cache of 4k and of 32k positions:
+    the same launches (one for the append, the split and the merge kernels) with the same grids, the same
+    PyTorch ops allocating the same shapes. Nothing on the host or in a launch is sized by the context."""
+    from patterndsl.runtime import decode_kernels
+
+    attn = _attn("causal & (window(31) | sink(4))")
+    g = torch.Generator().manual_seed(0)
+    B, H, hkv, d = 2, 4, 2, 16
+    q, kn, vn = (torch.randn(B, h, 1, d, generator=g) for h in (H, hkv, hkv))
+    records = []
+    for cap in (4096, 32768):
+        if page is None:
+            kc, vc, table = torch.zeros(B, hkv, cap, d), torch.zeros(B, hkv, cap, d), None
+        else:
+            kc, vc = torch.zeros(B * cap // page, page, hkv, d), torch.zeros(B * cap // page, page, hkv, d)
+            table = torch.arange(B * cap // page, dtype=torch.int32).view(B, -1)
+        seqlens = torch.full((B,), cap - 1, dtype=torch.int32)
+        step = functools.partial(attn.decode, q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn)
+        step()  # the first call at a capacity builds its run tables (once)
+        records.append(record_launches(monkeypatch, decode_kernels._decode_split, step))
+    assert records[0] == records[1]
+    assert [x[1][0] for x in records[0]] == ["_append_kv", "_decode_split", "_decode_merge"], records[0]
 
 
 def test_decode_misuse_is_one_sentence() -> None:

@@ -8,11 +8,12 @@ each length, pages are shuffled, and the summaries are kept incrementally across
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import attention_reference
+from helpers import attention_reference, record_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import dynamic_mask
@@ -287,6 +288,40 @@ def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
     heads pick different blocks, several selectors (cases), against the reference."""
     _check_step(src, torch.float32, [70] if page == 16 else [70, 41], 2, 1, 2, 2, page, 3, d=16, decode_block=16,
                 decode_splits=3)
+
+
+@pytest.mark.interpreter
+def test_selection_over_many_key_blocks() -> None:
+    """A cache of 38 key blocks: the top-n's first stage splits them (two programs per pack, each keeping
+    its best n), the second keeps the best n of the splits; the step's rows, and the two tokens it appends
+    (written with their blocks' summaries, one program a block), straddle a block boundary; pages hold
+    whole key tiles. Outputs and the selection equal the float64 reference."""
+    _check_step(PATTERNS[0], torch.float32, [593], 2, 2, 2, 2, 32, 11, d=16, decode_block=16)
+
+
+@pytest.mark.interpreter
+def test_selection_step_launches_few_kernels(monkeypatch: Any) -> None:
+    """A topk step (k_new appended, its block's summary updated, the summaries scored, the top n kept, the
+    window and the picks attended) launches at most 6 kernels, the same ones at a cache of 512 and of 2k
+    positions (the top-n's splits grow with the key blocks up to the SMs' worth): no host sync, no launch
+    per key block, no index tensors built on the host."""
+    from patterndsl.runtime import decode_kernels
+
+    attn = _attn(PATTERNS[0])
+    g = torch.Generator().manual_seed(0)
+    B, H, hkv, d = 1, 4, 2, 16
+    q, kn, vn = (torch.randn(B, h, 1, d, generator=g) for h in (H, hkv, hkv))
+    logs = []
+    for cap in (512, 2048):
+        kc, vc = torch.randn(B, hkv, cap, d, generator=g), torch.randn(B, hkv, cap, d, generator=g)
+        seqlens = torch.full((B,), cap - 1, dtype=torch.int32)
+        means = torch.randn(B, hkv, cap // 16, d, generator=g)
+        summaries = KeySummaries(16, means.clone(), means.clone(), means)  # (values: any; the launches count)
+        step = functools.partial(attn.decode, q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summaries)
+        step()
+        logs.append(record_launches(monkeypatch, decode_kernels._decode_split, step))
+    kinds = [[(k, x[0]) for k, x in log] for log in logs]
+    assert kinds[0] == kinds[1] and len(logs[0]) <= 6, logs
 
 
 @pytest.mark.interpreter
