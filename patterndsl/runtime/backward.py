@@ -40,7 +40,7 @@ from .common import (
 from .cpu import _attention_cpu_bwd
 from .options import current_options
 from .selection import _dynamic_tables, _tiles, sel_kernel
-from .tables import block_tables, block_tables_t
+from .tables import block_tables, block_tables_t, heavy_first
 from .tuning import _tuned
 from .varlen import varlen_tables
 
@@ -140,7 +140,7 @@ def _launch_dq(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, la
         N, H, heads.numel(), group, scale * _LOG2E, scale,
         PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, INTERPRET=_INTERPRET, NP=rows, LAYOUT=layout_kernel(spec, pat) if layout else None,
-        k_desc=kd, v_desc=vd, TMA=tma,
+        k_desc=kd, v_desc=vd, TMA=tma, ORDER=heavy_first(spec, N, bm, bn, q.device, pat),
         num_warps=warps, num_stages=stages, **pre,
     )
 

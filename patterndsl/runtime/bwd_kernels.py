@@ -79,7 +79,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
                  CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
                  LAYOUT: tl.constexpr = None, k_desc=None, v_desc=None, TMA: tl.constexpr = 0,
                  O=None, LSE=None, DLSE=None, s_ob=0, s_oh=0, s_on=0,
-                 PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False, QSEG=None, KSEG=None):
+                 PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False, QSEG=None, KSEG=None, ORDER=None):
     # SEL_PRED is not None: a dynamic pattern's per-(batch, head) tables, as in _attn_fwd
     # PRE: this tile's rows' delta and lse2 computed here (from O, dO, LSE, DLSE) and stored for the dK/dV
     # kernel launched after it, instead of by _attn_bwd_pre (BWD_FUSE_PRE)
@@ -96,6 +96,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
         row, start, N = _segment_program(QSEG)
         pid_m = row
         lse_n = LSE_N
+    elif ORDER is not None:  # program r runs query block ORDER[r], as in _attn_fwd
+        pid_m = tl.load(ORDER + tl.program_id(0))
+        row = pid_m
+        start = 0
+        lse_n = N
     elif LAYOUT is not None:
         pid_m = tl.cdiv(NP, BLOCK_M) - 1 - tl.program_id(0)
         row = pid_m

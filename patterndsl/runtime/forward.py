@@ -30,7 +30,7 @@ from .cpu import _attention_cpu
 from .fwd_kernels import _attn_combine, _attn_fwd, _attn_fwd_fast
 from .options import current_options
 from .selection import _dynamic_tables, _selection, _tiles, sel_kernel
-from .tables import block_tables, work_list
+from .tables import block_tables, heavy_first, work_list
 from .tuning import _layout_candidates, _tune_candidates, _tuned
 from .varlen import varlen_tables
 
@@ -70,8 +70,10 @@ def _launch(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             sel_pred, sel_vars = None, False
             if spec.selectors[pat] is None:
                 f_off, f_idx, p_off, p_idx = block_tables(spec, N, bm, bn, q.device, pat)
+                order = heavy_first(spec, N, bm, bn, q.device, pat)
             else:
                 sel_pred, sel_vars = sel_kernel(spec, pat)
+                order = None
                 picked = picks[pat] if picks else _selection(spec, pat, q, k, scores, heads, group)
                 f_off, f_idx, p_off, p_idx = _dynamic_tables(spec, pat, picked, B, nh, N, bm, bn, q.device)
             rows = tables.rows(spec, pat, N)
@@ -82,7 +84,7 @@ def _launch(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 N, H, nh, group, qk_scale, N, rows,
                 PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
                 IDX64=spec.idx64, INTERPRET=_INTERPRET, LAYOUT=layout_kernel(spec, pat), SEL_PRED=sel_pred,
-                SEL_VARS=sel_vars, num_warps=cw if bm >= 128 else min(cw, 4), num_stages=cs,
+                SEL_VARS=sel_vars, ORDER=order, num_warps=cw if bm >= 128 else min(cw, 4), num_stages=cs,
             )
             continue
         if descs is None:

@@ -88,7 +88,7 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
               PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
               VARLEN: tl.constexpr = False, LAYOUT: tl.constexpr = None, SEL_PRED: tl.constexpr = None,
-              SEL_VARS: tl.constexpr = False, QSEG=None, KSEG=None):
+              SEL_VARS: tl.constexpr = False, QSEG=None, KSEG=None, ORDER=None):
     # NP: rows the kernel tiles (N, or with LAYOUT N padded to whole tiles of the pattern's token layout)
     # SEL_PRED is not None (a dynamic pattern): the tables are per (batch, head), rows pid_bh * query blocks +
     # pid_m, and PARTIAL entries with bit 30 set are selected blocks masked with predicate SEL_PRED; with
@@ -106,6 +106,10 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
         # (`tables.span_tables`); start: its rows' offset from their positions, N: its document's length
         row, start, N = _segment_program(QSEG)
         pid_m = row
+    elif ORDER is not None:  # program r runs query block ORDER[r]: far heavier blocks first (`tables.heavy_first`)
+        pid_m = tl.load(ORDER + tl.program_id(0))
+        row = pid_m
+        start = 0
     else:
         # heavy query blocks (late rows of causal patterns) start first
         pid_m = tl.cdiv(NP, BLOCK_M) - 1 - tl.program_id(0)

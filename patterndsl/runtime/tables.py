@@ -155,6 +155,37 @@ def block_tables_t(spec: PatternSpec, n: int, block_m: int, block_n: int, device
     return hit
 
 
+_ORDER: dict[tuple[Any, ...], torch.Tensor | None] = {}
+HEAVY = 4  # a query block with this many times the mean tiles is far heavier (a global row)
+
+
+def heavy_first(spec: PatternSpec, n: int, block_m: int, block_n: int, device: torch.device | str,
+                pat: int = 0) -> torch.Tensor | None:
+    """Program -> query block for the pointer-load kernels (`_attn_fwd`, `_attn_bwd_dq`), int32, or None where
+    their own order serves. They run the last query block first, so that the heavy late rows of a causal
+    pattern start first; a far heavier block elsewhere (a global row at the start: a DiT's text tokens) would
+    then start last and finish alone, long after the rest. Such blocks start first, heaviest first, and the
+    others keep the kernels' order. Cached; one read of the tables' offsets when built."""
+    device = torch.device(device)
+    key = (spec.key, pat, n, block_m, block_n, str(device))
+    if key in _ORDER:
+        return _ORDER[key]
+    f_off, _, p_off, _ = block_tables(spec, n, block_m, block_n, device, pat)
+    count = torch.diff(f_off.long()) + torch.diff(p_off.long())
+    heavy = torch.nonzero(count > HEAVY * count.float().mean()).squeeze(1).cpu()
+    order = None
+    if heavy.numel():
+        rank = torch.argsort(count[heavy.to(count.device)].cpu(), descending=True, stable=True)
+        rest = torch.ones(count.numel(), dtype=torch.bool)
+        rest[heavy] = False
+        last_first = torch.arange(count.numel() - 1, -1, -1)
+        order = torch.cat([heavy[rank], last_first[rest[last_first]]]).to(device=device, dtype=torch.int32)
+    if len(_ORDER) >= 64:
+        _ORDER.pop(next(iter(_ORDER)))
+    _ORDER[key] = order
+    return order
+
+
 _WORK: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, int, bool]] = {}
 
 

@@ -32,6 +32,9 @@ CASES: dict[str, tuple[str, str, dict[str, int], int]] = {
     "video_dit": ("video_dit.pat", "video_dit", {"text": 7, "frames": 3, "height": 4, "width": 5, "kt": 2, "ks": 3},
                   7 + 60),  # fmt: skip
     "radial": ("radial.pat", "radial_causal", {"frames": 4, "tokens": 12, "w0": 4}, 48),
+    # 16 text tokens that see everything before an 8 x 8 x 8 latent: a text block far heavier than the rest
+    "heavy_dit": ("video_dit.pat", "video_dit", {"text": 16, "frames": 8, "height": 8, "width": 8, "kt": 2, "ks": 3},
+                  16 + 512),  # fmt: skip
     "sta_3d": ("sta.pat", "sta_3d", {"tiles_t": 3, "tiles_h3": 3, "tiles_w3": 3, "tt": 1, "th": 2, "tw": 2,
                                      "tiles_h": 3, "tiles_w": 3}, 108),  # fmt: skip
 }
@@ -80,3 +83,33 @@ def test_video_dit_tiles_its_cells_and_keeps_the_text_contiguous() -> None:
     assert L.describe(lay).startswith("226 tokens before the grid, tiles ")
     pred = L.predicate(item.body)
     assert L.visited_tiles(pred, lay, 16610, 128, 64) < L.visited_tiles(pred, None, 16610, 128, 64)
+
+
+
+def test_heavy_query_blocks_start_first_and_the_rest_keep_the_kernels_order() -> None:
+    """Global rows at the start visit every key block: they launch first, heaviest first; the other blocks
+    keep the kernels' own order (the last first), and patterns without such rows keep it whole."""
+    from patterndsl.runtime import tables
+
+    n, spec = 512, P.compile("pattern p = window(2) | global(0:4)\n", **SMALL).spec
+    order = tables.heavy_first(spec, n, 16, 16, "cpu")
+    f_off, _, p_off, _ = tables.block_tables(spec, n, 16, 16, "cpu")
+    count = torch.diff(f_off.long()) + torch.diff(p_off.long())
+    assert order is not None and sorted(order.tolist()) == list(range(count.numel()))
+    heavy = [r for r in range(count.numel()) if count[r] > tables.HEAVY * count.float().mean()]
+    assert heavy == [0] and order[:1].tolist() == heavy
+    assert order[1:].tolist() == list(range(count.numel() - 1, 0, -1))
+    for src in ("causal", "causal & window(5) | sink(2)"):
+        plain = P.compile(f"pattern p = {src}\n", **SMALL)
+        assert tables.heavy_first(plain.spec, n, 16, 16, "cpu") is None  # their own order serves
+
+
+@pytest.mark.slow  # about 15 s in the interpreter
+def test_heavy_first_kernels_match_float64() -> None:
+    """A DiT whose text block visits several times the mean key blocks: the token-layout forward and dQ,
+    launched in tables.heavy_first's order, give the reference's outputs and gradients."""
+    from patterndsl.runtime import tables
+
+    attn, mask, n = _case("heavy_dit")
+    assert tables.heavy_first(attn.spec, n, 16, 16, "cpu") is not None
+    check_grads(attn, mask, h=2, hkv=1, with_lse=True)
