@@ -29,6 +29,7 @@ SECTIONS = (
     ("graphs", "Short sequences: eager and as a CUDA graph"),
     ("compare_runtime", "The runtime package against the template modules"),
     ("decode", "Decoding against a KV cache"),
+    ("decode_quick", "Decoding: flat steps and paged caches"),
     ("pattern_cache", "The retaining KV cache"),
     ("hf", "Inside a Hugging Face model"),
     ("nsa", "NSA's three branches"),
@@ -37,6 +38,7 @@ SECTIONS = (
     ("permute", "Run-time token orders"),
     ("context_parallel", "Context parallelism, one GPU"),
     ("flex_mask", "Building Flex's BlockMask"),
+    ("layout_choice", "Token layout or plain order"),
 )
 TITLES = dict(SECTIONS)
 
@@ -303,9 +305,34 @@ def flex_mask_section(d: dict[str, Any]) -> list[str]:
     return _section(TITLES["flex_mask"], context, header, rows)
 
 
+def decode_quick_section(d: dict[str, Any]) -> list[str]:
+    rows = [["window + sinks", str(r["N"]), str(r["B"]), _ms(r["ms"]["eager"]), _ms(r["ms"]["graph"]), _ms(r["host_ms"]), "-"]
+            for r in d.get("flat", [])]  # fmt: skip
+    rows += [[r["pattern"], str(r["N"]), str(r["B"]), _ms(r["ms"]["contiguous_eager"]), _ms(r["ms"]["contiguous_graph"]),
+              "-", f"{_ms(r['ms']['paged_graph'])} ({r['paged_over_contiguous']:.2f}x)"] for r in d.get("paged", [])]  # fmt: skip
+    context = (f"{_stamp(d)}; `causal & (window(1023) | sink(4))` from 8k to 512k tokens of context (B=1), and dense "
+               "causal with a contiguous and a paged cache." + "".join(f" {n}." for n in d.get("notes", [])))  # fmt: skip
+    header = ["pattern", "context", "B", "eager ms", "graph ms", "host ms per call", "paged graph ms"]
+    return _section(TITLES["decode_quick"], context, header, rows)
+
+
+def layout_choice_section(d: dict[str, Any]) -> list[str]:
+    rows = [[r["pattern"], str(r["N"]), r["layout"], _ms(r["ms"]["layout_fwd"]), _ms(r["ms"]["plain_fwd"]),
+             _ms(r["ms"]["layout_fwd_bwd"]), _ms(r["ms"]["plain_fwd_bwd"]),
+             f"{r['layout_visited_pairs'] / r['plain_visited_pairs']:.2f}", f"{r['per_pair_cost_ratio_fwd']:.2f}"]
+            for r in d["rows"]]  # fmt: skip
+    s = d["shape"]
+    context = (f"{_stamp(d)}; B={s['B']} H={s['H']} D={s['D']}, configured tiles: each library pattern with a token "
+               "layout in that layout (pointer-load kernel) and in the plain order (grid kernel), interleaved rounds.")
+    header = ["pattern", "N", "layout", "layout fwd ms", "plain fwd ms", "layout fwd+bwd ms", "plain fwd+bwd ms",
+              "visited pairs layout / plain", "cost per pair layout / plain"]  # fmt: skip
+    return _section(TITLES["layout_choice"], context, header, rows)
+
+
 LATER_SECTIONS = (
     ("compare_runtime", compare_runtime_section),
     ("decode", decode_section),
+    ("decode_quick", decode_quick_section),
     ("pattern_cache", pattern_cache_section),
     ("hf", hf_section),
     ("nsa", nsa_section),
@@ -314,6 +341,7 @@ LATER_SECTIONS = (
     ("permute", permute_section),
     ("context_parallel", context_parallel_section),
     ("flex_mask", flex_mask_section),
+    ("layout_choice", layout_choice_section),
 )
 
 
