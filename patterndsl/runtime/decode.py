@@ -352,9 +352,11 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
 
 
 def _splits(blocks: int, programs: int, device: torch.device) -> int:
-    """Splits per row: about two programs per SM over the batch and head packs, but at least four key
-    blocks per split (a split's fixed cost, and the merge, outweigh fewer)."""
-    want = -(-2 * _sm_count(device, 8) // max(1, programs))
+    """Splits per row: as many as keep the programs over the batch and head packs within two per SM, so
+    that they spread evenly (rounding up left some SMs a third program to finish alone: docs/decisions.md,
+    decode splits), but at least four key blocks per split (a split's fixed cost, and the merge, outweigh
+    fewer)."""
+    want = 2 * _sm_count(device, 8) // max(1, programs)
     return max(1, min(want, -(-blocks // 4), 256))
 
 

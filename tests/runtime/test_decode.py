@@ -347,3 +347,18 @@ def test_fewer_queries_and_chunks_write_into_out_and_lse() -> None:
         assert torch.equal(out, want) and torch.equal(lse, want_lse)
         with pytest.raises(ValueError, match=r"out must be a tensor of shape \[1, 4, 3, 4\]"):
             attn(*args, out=torch.empty(1, 4, 3, 8), **kw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=st.integers(1, 1 << 16), programs=st.integers(1, 4096), sms=st.integers(1, 256))
+def test_splits_spread_evenly_over_the_sms(blocks: int, programs: int, sms: int) -> None:
+    """A row's split count keeps the programs within two per SM (none waits for a partial extra round),
+    never gives a split fewer than four key blocks unless it is the only one, and is at least one."""
+    from patterndsl.runtime import decode as D
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(D, "_sm_count", lambda device, default: sms)
+        s = D._splits(blocks, programs, torch.device("cpu"))
+    assert 1 <= s <= 256
+    assert s == 1 or programs * s <= 2 * sms
+    assert s == 1 or blocks >= 4 * (s - 1) + 1
