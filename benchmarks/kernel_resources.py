@@ -167,8 +167,7 @@ def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> No
     """The selection kernels of pattern 0's selector, as `_selection` / `_dynamic_tables` launch them with the
     kernel options `opts`."""
     kind, n, blk, given = spec.selectors[0][:4]
-    names = ("NB", "NH", "H", "HKV", "GROUP", "HQ", "HK", "NQT", "NKT", "NQB", "W", "WS", "K1N", "ROWS", "s_qm", "s_km",
-             "s_cb")
+    names = ("NB", "NH", "H", "HKV", "GROUP", "HQ", "HK", "NQT", "NKT", "NQB", "W", "WS", "K1N", "ROWS")
     ints = {x: "i32" for x in names} | {x: "*i32" for x in ("SPAN", "SEL", "ST_KT", "CNT", "OFF", "FIDX", "PIDX")}
     pool = dict(BLK=blk, CH=min(64, blk & -blk), HEAD_DIM=d, D_PAD=d_pad)
     pool_kernel = resources(selection._pool_kernel, dtype, pool, opts.pool_warps, 3, dict(ints, QM="*fp32", KM="*fp32"))

@@ -68,14 +68,14 @@ def _rule_key(s, kb, c, NB, BQ: tl.constexpr, BK: tl.constexpr):  # type: ignore
 @triton.jit  # type: ignore[untyped-decorator]
 def _topk_keys(QM, KM, CAND, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ: tl.constexpr, BK: tl.constexpr,  # type: ignore[no-untyped-def]
                D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr, GIVEN: tl.constexpr, c_lo, c_hi):
-    """The int64 keys of key blocks k0 .. k0 + BK for the program's rows (the lowest key off the context);
-    KM and CAND point at the program's (batch, KV head) and batch entry."""
+    """The int64 keys of key blocks k0 .. k0 + BK for the program's rows (the lowest key off the context)."""
     kb = k0 + tl.arange(0, BK)
     kmask = kb < NB
     if GIVEN:
         s = tl.load(s_row + kb[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
     else:
-        km = tl.load(KM + kb[:, None].to(tl.int64) * D_PAD + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        km = tl.load(KM + ((b * HKV + kvh) * NB + kb[:, None]).to(tl.int64) * D_PAD + offs_d[None, :],
+                     mask=kmask[:, None], other=0.0)
         s = tl.dot(qm, tl.trans(km), input_precision=DOT_PREC)
     if RANGES:  # each row's candidates are the key blocks [lo, hi) of CAND [NB, 2]
         c = (kb[None, :] >= c_lo[:, None]) & (kb[None, :] < c_hi[:, None])
@@ -89,7 +89,7 @@ def _topk_keys(QM, KM, CAND, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, N
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _topk_kernel(QM, KM, SCORES, CAND, SPAN, SEL, HEAD_IDS, NB, NH, H, HKV, GROUP, s_sb, s_sh, s_sq,  # type: ignore[no-untyped-def]
-                 NQB, s_qm, s_km, s_cb, N_SEL: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, D_PAD: tl.constexpr,
+                 N_SEL: tl.constexpr, NP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, D_PAD: tl.constexpr,
                  DOT_PREC: tl.constexpr, RANGES: tl.constexpr, GIVEN: tl.constexpr, FILL: tl.constexpr = False):
     """topk's selection fused with its scores: per query block the N_SEL key blocks of highest score
     mean(q) . mean(k) among the candidates, ties to the lower block. Scores become int64 keys that order like
@@ -101,23 +101,20 @@ def _topk_kernel(QM, KM, SCORES, CAND, SPAN, SEL, HEAD_IDS, NB, NH, H, HKV, GROU
     CAND: per row [lo, hi) (RANGES) or the byte matrix of candidates (see `_spans`). With RANGES nothing
     but the dot fixes the tiles' register layout, so the rounds run without layout conversions.
     GIVEN: the scores are the caller's SCORES [B, H, NB, NB] (last stride 1) instead, NaN ones not candidates
-    (as `_ordered_keys` has it). NQB query blocks (NB at prefill; a decode step's few), QM's rows s_qm apart
-    per (batch, head), KM's s_km per (batch, KV head), CAND s_cb per batch entry (0: shared)."""
+    (as `_ordered_keys` has it)."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // NH
     h = tl.load(HEAD_IDS + pid_bh % NH)
     kvh = h // GROUP
     qb = pid_q * BQ + tl.arange(0, BQ)
-    rmask = qb < NQB
+    rmask = qb < NB
     offs_d = tl.arange(0, D_PAD)
-    km_base = KM + (b * HKV + kvh).to(tl.int64) * s_km
-    cand = CAND + b.to(tl.int64) * s_cb
     if GIVEN:
         s_row = SCORES + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + qb[:, None].to(tl.int64) * s_sq
         qm = s_row  # (unused)
     else:
-        qm = tl.load(QM + (b * H + h).to(tl.int64) * s_qm + qb[:, None].to(tl.int64) * D_PAD + offs_d[None, :],
+        qm = tl.load(QM + ((b * H + h) * NB + qb[:, None]).to(tl.int64) * D_PAD + offs_d[None, :],
                      mask=rmask[:, None], other=0.0)
         s_row = SCORES  # (unused)
     cols = tl.arange(0, NP)
@@ -127,18 +124,18 @@ def _topk_kernel(QM, KM, SCORES, CAND, SPAN, SEL, HEAD_IDS, NB, NH, H, HKV, GROU
     c_lo = 0  # (unused without RANGES)
     c_hi = 0
     if RANGES:
-        c_lo = tl.load(cand + 2 * qb, mask=rmask, other=0)
-        c_hi = tl.load(cand + 2 * qb + 1, mask=rmask, other=0)
+        c_lo = tl.load(CAND + 2 * qb, mask=rmask, other=0)
+        c_hi = tl.load(CAND + 2 * qb + 1, mask=rmask, other=0)
     k0 = tl.load(SPAN + 2 * pid_q)
     k1 = tl.load(SPAN + 2 * pid_q + 1)
     if FILL:  # the first tile fills every row by a bitonic top-NP (its largest keys, descending) in one go
         if k0 < k1:
-            key = _topk_keys(QM, km_base, cand, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ, BK, D_PAD,
+            key = _topk_keys(QM, KM, CAND, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ, BK, D_PAD,
                              DOT_PREC, RANGES, GIVEN, c_lo, c_hi)
             best = tl.where(cols[None, :] < N_SEL, tl.topk(key, NP, dim=1), best)
             k0 += BK
     while k0 < k1:  # (the CPU interpreter cannot take loaded scalars as range() bounds)
-        key = _topk_keys(QM, km_base, cand, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ, BK, D_PAD,
+        key = _topk_keys(QM, KM, CAND, qm, s_row, qb, rmask, offs_d, k0, b, H, HKV, kvh, NB, BQ, BK, D_PAD,
                          DOT_PREC, RANGES, GIVEN, c_lo, c_hi)
         low = tl.min(best, 1)
         top = tl.max(key, 1)
@@ -155,7 +152,7 @@ def _topk_kernel(QM, KM, SCORES, CAND, SPAN, SEL, HEAD_IDS, NB, NH, H, HKV, GROU
     score = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
     valid = (best != lowest) & (score == score) & (cols[None, :] < N_SEL)
     blk = (NB - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
-    tl.store(SEL + (pid_bh * NQB + qb[:, None]).to(tl.int64) * NP + cols[None, :], tl.where(valid, blk, -1),
+    tl.store(SEL + (pid_bh * NB + qb[:, None]).to(tl.int64) * NP + cols[None, :], tl.where(valid, blk, -1),
              mask=rmask[:, None])
 
 
@@ -718,7 +715,7 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
         bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
         _topk_kernel[(-(-nb // bq), B * nh)](
             qm, km, scores if given else qm, cand, span, sel, heads, nb, nh, H, k.shape[1], group, *strides,
-            nb, nb * d_pad, nb * d_pad, 0, N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
+            N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
             GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
         )
         return sel
