@@ -7,7 +7,7 @@ The pattern's predicate, token layout and selected-block predicate arrive as in 
 import triton
 import triton.language as tl
 
-from .fwd_kernels import _allowed_at, _block, _pair_ok, _segment_program
+from .fwd_kernels import _allowed_at, _block, _pair_ok, _segment_program, _stage_range
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -140,12 +140,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
     v_base = V + b * s_vb + kvh * s_vh + kstart * s_vn
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for stage in tl.static_range(2):  # 0: FULL key blocks, 1: PARTIAL
-        if stage == 0:
-            lo = tl.load(FULL_OFF + row)
-            hi = tl.load(FULL_OFF + row + 1)
-        else:
-            lo = tl.load(PART_OFF + row)
-            hi = tl.load(PART_OFF + row + 1)
+        lo, hi = _stage_range(FULL_OFF, PART_OFF, row, stage)
         if stage == 1 and SEL_PRED is not None:  # selected blocks (bit 30) take the predicate SEL_PRED
             t = lo
             while t < hi:
@@ -269,12 +264,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
         if SEL_PRED is not None:
             trow = ((pid_bh // NKV) * NH_SEL + tl.load(QH_RANK + th)) * tl.cdiv(N, BLOCK_N) + pid_n
         for stage in tl.static_range(2):  # 0: FULL query blocks, 1: PARTIAL
-            if stage == 0:
-                lo = tl.load(FULL_OFF + trow)
-                hi = tl.load(FULL_OFF + trow + 1)
-            else:
-                lo = tl.load(PART_OFF + trow)
-                hi = tl.load(PART_OFF + trow + 1)
+            lo, hi = _stage_range(FULL_OFF, PART_OFF, trow, stage)
             if stage == 1 and SEL_PRED is not None:  # selected blocks (bit 30) take the predicate SEL_PRED
                 t = lo
                 while t < hi:

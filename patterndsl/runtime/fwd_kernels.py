@@ -81,6 +81,18 @@ def _segment_program(SEG):
     return row, tl.load(SEG + 4 * row).to(tl.int64), tl.load(SEG + 4 * row + 3)
 
 
+@triton.jit
+def _stage_range(FULL_OFF, PART_OFF, row, STAGE: tl.constexpr):
+    """[lo, hi): where block `row`'s entries lie in its FULL (STAGE 0) or PARTIAL (STAGE 1) table."""
+    if STAGE == 0:
+        lo = tl.load(FULL_OFF + row)
+        hi = tl.load(FULL_OFF + row + 1)
+    else:
+        lo = tl.load(PART_OFF + row)
+        hi = tl.load(PART_OFF + row + 1)
+    return lo, hi
+
+
 @triton.jit(do_not_specialize=["N", "LSE_N", "NP"])
 def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX, CU, TILES,
               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
@@ -137,8 +149,7 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     # stage 1: FULL key blocks, no predicate, no bounds (ragged blocks are listed PARTIAL)
-    lo = tl.load(FULL_OFF + row)
-    hi = tl.load(FULL_OFF + row + 1)
+    lo, hi = _stage_range(FULL_OFF, PART_OFF, row, 0)
     if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
         t = lo
         while t < hi:
@@ -152,8 +163,7 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
                                        N, qk_scale, PRED, False, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, LAYOUT, KSEG=KSEG)
     # stage 2: PARTIAL key blocks, the pattern's predicate per pair
-    lo = tl.load(PART_OFF + row)
-    hi = tl.load(PART_OFF + row + 1)
+    lo, hi = _stage_range(FULL_OFF, PART_OFF, row, 1)
     if SEL_PRED is not None:  # stage 2': dynamic patterns, the static part's PARTIAL blocks and the selected ones
         t = lo
         while t < hi:

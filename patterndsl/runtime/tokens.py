@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads, _torch_path
 from .evaluate import evaluate
+from .fwd_kernels import _stage_range
 from .options import current_options
 from .selection import _ordered_keys, _spans, compressed_weights
 from .tables import block_tables
@@ -238,12 +239,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
     zero = tl.zeros([BLOCK, BLOCK], dtype=tl.int32)
     # A: the static part's tiles off the selected diagonals, without the selected columns
     for stage in tl.static_range(2):
-        if stage == 0:
-            lo = tl.load(F_OFF + pid_m)
-            hi = tl.load(F_OFF + pid_m + 1)
-        else:
-            lo = tl.load(P_OFF + pid_m)
-            hi = tl.load(P_OFF + pid_m + 1)
+        lo, hi = _stage_range(F_OFF, P_OFF, pid_m, stage)
         t = lo
         while t < hi:  # (the CPU interpreter cannot take loaded scalars as range() bounds)
             if stage == 0:
