@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import triton
-from runinfo import host_ms, run_info
+from runinfo import captured, host_ms, run_info
 
 import patterndsl as P
 from patterndsl.cache import KeySummaries
@@ -131,19 +131,6 @@ def fa4_step(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, table: torch.T
                                           max_seqlen_q=nq, causal=True, window_size=win)
 
 
-def captured(step: Any) -> Any:
-    """A replay of `step` captured in a CUDA graph (warmed up on a side stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def measure(res: dict[str, Any], save: Any, name: str, attn: Any, mask_mod: Any, n: int, B: int) -> None:
     """The rows of one (pattern, context, batch): a cache of n tokens per sequence, each Nq timed."""
     kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
@@ -159,7 +146,7 @@ def measure(res: dict[str, Any], save: Any, name: str, attn: Any, mask_mod: Any,
                 q, kc, vc, enable_gqa=True),
         }
         if not SMOKE:  # the step replayed from a CUDA graph: the kernels' time without the host's
-            fns["ours_graph"] = captured(lambda: attn.decode(q, kc, vc, seqlens))
+            fns["ours_graph"] = captured(lambda: attn.decode(q, kc, vc, seqlens)).replay
         row: dict[str, Any] = {"pattern": name, "N": n, "B": B, "Nq": nq, "ms": {}, "all_ms": {}}
         ref = attn.decode(q, kc, vc, seqlens).float()
         row["paged_max_diff"] = (attn.decode(q, kp, vp, seqlens, page_table=table).float()
@@ -263,7 +250,7 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         }
         same = torch.equal(steps["topk_window"](), steps["topk_window_given_selection"]())
         launches = {k: kernels_of(f) for k, f in steps.items()}
-        fns = {k: (f if SMOKE else captured(f)) for k, f in steps.items()}
+        fns = {k: (f if SMOKE else captured(f).replay) for k, f in steps.items()}
         fns["topk_window_eager"] = steps["topk_window"]
         fns["sdpa_whole_cache"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
         times = {k: median(v) for k, v in interleaved(fns, med, rounds=5).items()}
@@ -312,7 +299,7 @@ def quick(res: dict[str, Any], save: Any) -> None:
         q = torch.randn(1, H, 1, D, device=DEV, dtype=DT)
         seqlens = torch.full((1,), n, dtype=torch.int32, device=DEV)
         step = functools.partial(attn.decode, q, kc, vc, seqlens)
-        fns = {"eager": step, **({} if SMOKE else {"graph": captured(step)})}
+        fns = {"eager": step, **({} if SMOKE else {"graph": captured(step).replay})}
         times = {k: median(v) for k, v in interleaved(fns, med, rounds=3).items()}
         row = {"pattern": PATTERNS["swa_sink"][0], "N": n, "B": 1, "Nq": 1, "ms": times, "host_ms": host_ms(step, sync),
                "kernels": kernels_of(step)}
@@ -334,7 +321,7 @@ def quick(res: dict[str, Any], save: Any) -> None:
         steps = {"contiguous": lambda: dense.decode(q, kc, vc, seqlens),
                  "paged": lambda: dense.decode(q, kp, vp, seqlens, page_table=table)}
         fns = {**{f"{k}_eager": f for k, f in steps.items()},
-               **({} if SMOKE else {f"{k}_graph": captured(f) for k, f in steps.items()}),
+               **({} if SMOKE else {f"{k}_graph": captured(f).replay for k, f in steps.items()}),
                # dense decode's other criterion: at least SDPA's speed over the same whole cache
                "sdpa_whole_cache": lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)}
         times = {k: median(v) for k, v in interleaved(fns, med, rounds=3).items()}
@@ -374,7 +361,7 @@ def sweep(res: dict[str, Any], save: Any) -> None:
                     with attn.options(decode_block=block, decode_splits=splits):
                         return attn.decode(q, kc, vc, seqlens)
                 try:
-                    fns[f"block{block}_splits{splits}"] = step if SMOKE else captured(step)
+                    fns[f"block{block}_splits{splits}"] = step if SMOKE else captured(step).replay
                 except Exception as e:  # noqa: BLE001  (a block too large for shared memory, say)
                     res["notes"].append(f"sweep {name} block {block} splits {splits}: {type(e).__name__}: {str(e)[:120]}")
         times = interleaved(fns, med, rounds=3)

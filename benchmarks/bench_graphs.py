@@ -18,27 +18,13 @@ from statistics import median
 import torch
 from bench_forward import PATTERNS, side_by_side
 from report import graphs_section
-from runinfo import run_info
+from runinfo import captured, run_info
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import patterndsl as P
 
 B, H = 1, 16
 DT = torch.bfloat16
-
-
-def captured(step, static):
-    """A CUDA graph of `step(*static)`, after warm-up on a side stream (tuning and compiles stay outside)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(*static)
-    return graph
 
 
 def cell(name: str, src: str, mm, n: int, d: int, flex) -> dict:
@@ -57,7 +43,7 @@ def cell(name: str, src: str, mm, n: int, d: int, flex) -> dict:
     fns = {"ours": lambda: ours(*qkv, do), "flex": lambda: theirs(*qkv, do)}
     for who, step in (("ours", ours), ("flex", theirs)):
         try:
-            graph = captured(step, [*qkv, do])
+            graph = captured(lambda step=step: step(*qkv, do), warmups=3)
             fns[f"{who}_graph"] = graph.replay
         except Exception as e:  # noqa: BLE001 (a peer that cannot be captured is reported, not fatal)
             row[f"{who}_graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"

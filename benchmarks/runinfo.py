@@ -76,3 +76,18 @@ def host_ms(fn: Callable[[], Any], sync: Callable[[], None], reps: int = 200) ->
     t1 = time.perf_counter()
     sync()
     return (t1 - t0) * 1e3 / reps
+
+
+def captured(step: Any, warmups: int = 1) -> Any:
+    """A CUDA graph of `step()`, after `warmups` calls on a side stream (tuning, tables and compiles stay
+    outside the capture); `.replay()` reruns it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import attention_reference, reference_grads
+from helpers import attention_reference, cuda_graph, reference_grads
 from reference import allowed
 
 import patterndsl as P
@@ -49,20 +49,6 @@ def _sequence(kc: Any, vc: Any, table: Any, b: int, n: int) -> tuple[Any, Any]:
     pos = torch.arange(n, device=kc.device)
     pg = table[b].long()[pos // page]
     return kc[pg, pos % page].transpose(0, 1), vc[pg, pos % page].transpose(0, 1)
-
-
-def _captured(step: Any) -> tuple[Any, Any]:
-    """(the graph, its output): `step` warmed up on a side stream (compiles and tables outside the
-    capture), then captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
 
 
 @pytest.mark.parametrize("src", CASES)
@@ -132,7 +118,7 @@ def test_decode_step_replays_with_new_lengths(paged: bool) -> None:
     def step() -> Any:
         return attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn)
 
-    graph, out = _captured(step)
+    graph, out = cuda_graph(step)
     for lengths in ([7, 1023, 4096, 8190], [0, 1, 2, 3000]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         for t in (q, kn, vn):
@@ -243,7 +229,7 @@ def test_decode_selector_step_replays_with_new_lengths() -> None:
     def step() -> Any:
         return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=s)
 
-    graph, out = _captured(step)
+    graph, out = cuda_graph(step)
     for lengths in ([100, 16000], [5000, 64]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         for t in (q, kn, vn):
