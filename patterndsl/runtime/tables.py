@@ -171,11 +171,11 @@ def heavy_first(spec: PatternSpec, n: int, block_m: int, block_n: int, device: t
     if key in _ORDER:
         return _ORDER[key]
     f_off, _, p_off, _ = block_tables(spec, n, block_m, block_n, device, pat)
-    count = torch.diff(f_off.long()) + torch.diff(p_off.long())
-    heavy = torch.nonzero(count > HEAVY * count.float().mean()).squeeze(1).cpu()
+    count = (torch.diff(f_off.long()) + torch.diff(p_off.long())).cpu()
+    heavy = torch.nonzero(count > HEAVY * count.float().mean()).squeeze(1)
     order = None
     if heavy.numel():
-        rank = torch.argsort(count[heavy.to(count.device)].cpu(), descending=True, stable=True)
+        rank = torch.argsort(count[heavy], descending=True, stable=True)
         rest = torch.ones(count.numel(), dtype=torch.bool)
         rest[heavy] = False
         last_first = torch.arange(count.numel() - 1, -1, -1)
