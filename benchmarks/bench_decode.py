@@ -336,6 +336,53 @@ def quick(res: dict[str, Any], save: Any) -> None:
         save()
         if DEV == "cuda":
             torch.cuda.empty_cache()
+    tune_dense(res, save)
+
+
+def tune_dense(res: dict[str, Any], save: Any) -> None:
+    """Dense causal decode at 128k, batch 1, 8 and 32, over the kernel's key block, splits, warps and stages
+    (`decode_*` options; 0: the defaults), graph-replayed beside SDPA over the whole cache: what settles the
+    defaults where dense decode must reach SDPA's speed. Skipped per batch when the deadline is near."""
+    res["tune_dense"] = []
+    dense = P.compile("pattern p = causal\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
+    n = CONTEXTS[2] if len(CONTEXTS) > 2 else CONTEXTS[0]
+    grid = [(64, 0, 0, 0)] if SMOKE else [
+        (block, splits, warps, stages) for block in (64, 128) for splits in (0, 1, 2, 4, 8, 16, 32)
+        for warps in (4, 8) for stages in (0, 2, 4)]
+    for B in BATCHES if SMOKE else (8, 32, 1):
+        if left() < 30:
+            res["notes"].append(f"tune_dense B={B}: deadline, skipped")
+            continue
+        kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+        q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
+        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        want = dense.decode(q, kc, vc, seqlens).float()
+        fns: dict[str, Any] = {"sdpa_whole_cache": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, kc, vc, enable_gqa=True)}
+        for block, splits, warps, stages in grid:
+            def step(block: int = block, splits: int = splits, warps: int = warps, stages: int = stages) -> Any:
+                with dense.options(decode_block=block, decode_splits=splits, decode_warps=warps, decode_stages=stages):
+                    return dense.decode(q, kc, vc, seqlens)
+            name = f"b{block}_s{splits}_w{warps}_st{stages}"
+            try:
+                if (step().float() - want).abs().max().item() > 2e-2:
+                    res["notes"].append(f"tune_dense B={B} {name}: output differs from the default's")
+                    continue
+                fns[name] = step if SMOKE else captured(step).replay
+            except Exception as e:  # noqa: BLE001  (shared memory exceeded, say)
+                res["notes"].append(f"tune_dense B={B} {name}: {type(e).__name__}: {str(e)[:120]}")
+        times = {k: median(v) for k, v in interleaved(fns, med, rounds=3).items()}
+        best = min((k for k in times if k != "sdpa_whole_cache"), key=times.__getitem__)
+        reads = B * HKV * n * D * 2 * torch.empty((), dtype=DT).element_size()
+        res["tune_dense"].append({"N": n, "B": B, "bytes_kv": reads, "ms": times, "best": best,
+                                  "default": times.get("b64_s0_w4_st0"),
+                                  "best_over_sdpa": times["sdpa_whole_cache"] / times[best]})
+        print(f"tune_dense B={B}: best {best} {times[best]:.3f} ms ({reads / times[best] / 1e6:.0f} GB/s), default "
+              f"{times.get('b64_s0_w4_st0', float('nan')):.3f}, SDPA {times['sdpa_whole_cache']:.3f}", flush=True)
+        save()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 SWEEP_AT = [("causal", 131072 if not SMOKE else 256, 8 if not SMOKE else 2), ("swa_sink", 131072 if not SMOKE else 256, 1)]

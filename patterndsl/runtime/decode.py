@@ -308,8 +308,10 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             *q.stride()[:3], *s_k, *s_v, s_pt,
             Nq, n_new, capacity, page, group, splits, scale * _LOG2E,
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
-            DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0, DOT_PREC="ieee" if q.dtype == torch.float32
-            else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET, num_warps=4, **dyn,
+            DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET,
+            num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
+            **dyn,
         )
         _decode_merge[(packs, B)](
             out, lse, heads, ws_o, ws_l, *out.stride()[:3], *lse.stride()[:2], Nq, splits,

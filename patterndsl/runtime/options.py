@@ -31,6 +31,7 @@ class Options:
     bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning.
     decode_block: the decode kernel's key block (a power of two >= 16; 0: by head_dim).
     decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs).
+    decode_warps, decode_stages: the decode kernel's warps and pipeline stages (0: 4 warps, Triton's stages).
     token_warps, token_stages: the vertical/slash forward kernel's warps and pipeline stages.
     async_checks: checks that need the device's values (a run-time permutation maps each segment onto
     itself) become device-side assertions: no host synchronisation, so a call can be captured in a CUDA
@@ -54,6 +55,8 @@ class Options:
     bwd_tiles: tuple[int, ...] | None = None
     decode_block: int = 0
     decode_splits: int = 0
+    decode_warps: int = 0
+    decode_stages: int = 0
     token_warps: int = 4
     token_stages: int = 2
     async_checks: bool = False
