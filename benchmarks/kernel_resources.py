@@ -115,12 +115,12 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
 
 
 def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, paged: int) -> None:
-    """The decode step's two kernels as `runtime.decode` launches them: the split over runs of key blocks
-    (scalars the host passes as ints, the run tables and head packs int32) and the log-sum-exp merge."""
+    """The decode step's kernel as `runtime.decode` launches it: the split over runs of key blocks, whose
+    last program merges (scalars the host passes as ints, the run tables and head packs int32)."""
     nq_pad = triton.next_power_of_2(nq)
     m = max(16, triton.next_power_of_2(g * nq_pad))
     ints = {x: "i32" for x in ("NQ", "NNEW", "CAP", "PAGE", "GROUP", "SPLITS", "s_ptb", "s_lb", "s_lh")}
-    tables = {x: "*i32" for x in ("PT", "SEQ", "HEADS", "RUN_OFF", "RUNS", "COUNT")}
+    tables = {x: "*i32" for x in ("PT", "SEQ", "HEADS", "RUN_OFF", "RUNS", "COUNT", "LOCK")}
     ws = {"WS_O": "*fp32", "WS_L": "*fp32", "LSE": "*fp32"}
     shapes = dict(G=g, NQ_PAD=nq_pad, M=m, DV=d, DV_PAD=d_pad)
     sel = spec.selectors[0]
@@ -132,10 +132,8 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
         shapes, PRED=spec.predicates[0].kernel, TABLE_M=block, BLOCK_N=block, DQK=d, DQK_PAD=d_pad,
         PAGED=bool(paged), PAGE_TILES=paged == 1, DOT_PREC=prec, IDX64=spec.idx64, INTERPRET=False, **dyn),
         4, 3, {**ints, **tables, **ws, **sel_t})  # fmt: skip
-    merge = resources(decode_kernels._decode_merge, dtype, shapes, 4, 1, {**ints, **tables, **ws})
     kind = ("contiguous", "paged", "paged, pages smaller than a tile")[paged]
-    print(f"decode G={g} Nq={nq} block={block} {kind}: split {split} | merge {merge}",
-          flush=True)
+    print(f"decode G={g} Nq={nq} block={block} {kind}: split {split}", flush=True)
     if sel is not None and sel.all[0].kind == "topk":  # the step's selection (`decode_selection._fused`)
         rule = sel.all[0]
         qb = (nq + rule.block - 2) // rule.block + 1
@@ -223,7 +221,7 @@ def main() -> None:
         help="BM1,BN1,BM2,BN2,warps,stages (both kernels) or BM1,BN1,BM2,BN2,warps1,stages1,warps2,stages2",
     )
     ap.add_argument("--decode", action="append", default=[],
-                    help="G,NQ,BLOCK,paged: the decode kernels (split and merge) for G query heads per KV head, NQ "
+                    help="G,NQ,BLOCK,paged: the decode kernel (split, merging) for G query heads per KV head, NQ "
                          "queries, key blocks of BLOCK, a paged cache (1) or not (0)")
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
     ap.add_argument("--tables", action="store_true", help="the packed-document table kernels (cu_seqlens)")

@@ -26,7 +26,7 @@ from . import tables
 from .checks import check_dtypes, check_n
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads_of, _on_device_of, _pow2, _sm_count, _torch_path, pred_kernel
 from .cpu import masked_softmax
-from .decode_kernels import _append_kv, _decode_merge, _decode_split
+from .decode_kernels import _append_kv, _decode_split
 from .decode_kernels import _pick_tables as _pick_tables_kernel
 from .evaluate import evaluate
 from .options import current_options
@@ -301,11 +301,13 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
         splits = opts.decode_splits or _splits(blocks, packs * B, q.device)
         dv_pad = _d_pad(Dv)
-        ws_o = torch.empty(B * packs * splits * m * dv_pad, dtype=torch.float32, device=q.device)
-        ws_l = torch.empty(B * packs * splits * m, dtype=torch.float32, device=q.device)
+        ws_o = ws_l = lse  # unused with one split
+        if splits > 1:
+            ws_o = torch.empty(B * packs * splits * m * dv_pad, dtype=torch.float32, device=q.device)
+            ws_l = torch.empty(B * packs * splits * m, dtype=torch.float32, device=q.device)
         _decode_split[(packs, B, splits)](
-            q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count, ws_o, ws_l,
-            *q.stride()[:3], *s_k, *s_v, s_pt,
+            q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count, ws_o, ws_l, out, lse,
+            _locks(B * packs, q.device), *q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3], *lse.stride()[:2],
             Nq, n_new, capacity, page, group, splits, scale * _LOG2E,
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
             DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
@@ -313,11 +315,21 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
             **dyn,
         )
-        _decode_merge[(packs, B)](
-            out, lse, heads, ws_o, ws_l, *out.stride()[:3], *lse.stride()[:2], Nq, splits,
-            G=g, NQ_PAD=nq_pad, M=m, DV=Dv, DV_PAD=dv_pad, num_warps=4,
-        )
     return out, lse
+
+
+_LOCKS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _locks(n: int, device: torch.device) -> torch.Tensor:
+    """At least n int32 arrival counters, zero between launches (the last split of each pack resets its
+    own), one buffer per device and stream: a step on one stream never shares counters with a step running
+    at the same time on another (a CUDA graph keeps the buffer of the stream it was captured on)."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    hit = _LOCKS.get(key)
+    if hit is None or hit.numel() < n:
+        hit = _LOCKS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return hit
 
 
 def _layout(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor | None
@@ -354,11 +366,10 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
 
 
 def _splits(blocks: int, programs: int, device: torch.device) -> int:
-    """Splits per row: as many as keep the programs over the batch and head packs within two per SM, so
-    that they spread evenly (rounding up left some SMs a third program to finish alone: docs/decisions.md,
-    decode splits), but at least four key blocks per split (a split's fixed cost, and the merge, outweigh
-    fewer)."""
-    want = 2 * _sm_count(device, 8) // max(1, programs)
+    """Splits per row: as many as keep the programs over the batch and head packs within one per SM (one
+    program streams as fast as two: docs/decisions.md, decode splits), but at least four key blocks per
+    split (a split's fixed cost, and the merge, outweigh fewer)."""
+    want = _sm_count(device, 8) // max(1, programs)
     return max(1, min(want, -(-blocks // 4), 256))
 
 

@@ -5,7 +5,8 @@ that share a predicate (GQA: their rows share every K and V load), times the Nq 
 key blocks come from the pattern's run tables (`tables.run_tables`, built once at the cache's capacity):
 the query block of row i lists them, so the kernel reads a handful of runs, never the whole context. The
 blocks a row's query block lists are numbered 0 .. T - 1 and split `SPLITS` ways; each program writes its
-slice's partial softmax to a workspace and `_decode_merge` merges the slices by log-sum-exp.
+slice's partial softmax to a workspace and counts itself in on the pack's lock, and the last to arrive
+merges the slices by log-sum-exp into the output (one launch per step; one split writes it directly).
 
 The sequence length is read on the device (`SEQ[b] + NNEW`), so a launch's grid and arguments stay fixed
 while lengths change (a CUDA graph replays it). Positions no row of the program may attend to are never
@@ -64,8 +65,8 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
 
 
 @triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS", "H", "SQB", "SNK", "SL"])
-def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
-                  s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb,
+def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, LSE, LOCK,
+                  s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, s_ob, s_oh, s_on, s_lb, s_lh,
                   NQ, NNEW, CAP, PAGE, GROUP, SPLITS, qk_scale,
                   PRED: tl.constexpr, G: tl.constexpr, NQ_PAD: tl.constexpr, M: tl.constexpr,
                   TABLE_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, DQK_PAD: tl.constexpr,
@@ -164,43 +165,50 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    ws = ((b * packs + pack) * SPLITS + split) * M
-    tl.store(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], out)
-    tl.store(WS_L + ws + r, lse2)
+    if SPLITS == 1:
+        _store_rows(O, LSE, b, head, t, NQ, out, lse2, s_ob, s_oh, s_on, s_lb, s_lh, offs_dv, DV)
+    else:  # the last split of the (pack, batch entry) to finish merges them all: no second launch
+        ws = ((b * packs + pack) * SPLITS + split) * M
+        tl.store(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], out)
+        tl.store(WS_L + ws + r, lse2)
+        tl.debug_barrier()  # every thread's partial stored before the (releasing) arrival below
+        lock = LOCK + b32 * packs + pack
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            out, lse2 = _merge_splits(WS_O, WS_L, ((b * packs + pack) * SPLITS) * M, SPLITS, r, offs_dv, M, DV_PAD)
+            tl.atomic_xchg(lock, 0)  # ready for the next launch (a replayed graph's too)
+            _store_rows(O, LSE, b, head, t, NQ, out, lse2, s_ob, s_oh, s_on, s_lb, s_lh, offs_dv, DV)
 
 
-@triton.jit(do_not_specialize=["NQ", "SPLITS"])
-def _decode_merge(O, LSE, HEADS, WS_O, WS_L, s_ob, s_oh, s_on, s_lb, s_lh, NQ, SPLITS,
-                  G: tl.constexpr, NQ_PAD: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr):
-    """Merge a (pack, batch entry)'s splits by log-sum-exp into O [B, H, NQ, DV] and LSE [B, H, NQ]
-    (natural log; zeros and -inf for a row that no split saw a key for)."""
-    pack = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    packs = tl.num_programs(0)
-    r = tl.arange(0, M)
-    offs_dv = tl.arange(0, DV_PAD)
-    slot = r // NQ_PAD
-    t = r % NQ_PAD
-    head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
-    rows = (head >= 0) & (t < NQ)
+@triton.jit
+def _merge_splits(WS_O, WS_L, first, SPLITS, r, offs_dv, M: tl.constexpr, DV_PAD: tl.constexpr):
+    """The SPLITS partial results from workspace row `first` on, merged by log-sum-exp: (rows normalised,
+    log2-sum-exp, -inf for a row no split saw a key for). Read through L2 (.cg): the other splits' programs
+    wrote them on other SMs during this launch."""
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
     acc = tl.zeros([M, DV_PAD], dtype=tl.float32)
-    s = pack * 0  # an int32 scalar (loop-carried)
+    s = SPLITS * 0  # an int32 scalar (loop-carried)
     while s < SPLITS:
-        ws = ((b * packs + pack) * SPLITS + s) * M
-        ls = tl.load(WS_L + ws + r)
-        o = tl.load(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :])
+        ws = first + s * M
+        ls = tl.load(WS_L + ws + r, cache_modifier=".cg")
+        o = tl.load(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], cache_modifier=".cg")
         acc, l_i, m_i = _merge_part(acc, l_i, m_i, o, ls)
         s += 1
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    return out, tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+
+
+@triton.jit
+def _store_rows(O, LSE, b, head, t, NQ, out, lse2, s_ob, s_oh, s_on, s_lb, s_lh, offs_dv, DV: tl.constexpr):
+    """A pack's finished rows into O [B, H, NQ, DV] and LSE [B, H, NQ] (natural log; a row that saw no key:
+    zeros and -inf)."""
+    rows = (head >= 0) & (t < NQ)
     h = head.to(tl.int64)
     o_rows = b * s_ob + h * s_oh + t.to(tl.int64) * s_on
     tl.store(O + o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=rows[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + b * s_lb + h * s_lh + t, lse, mask=rows)
+    tl.store(LSE + b * s_lb + h * s_lh + t, lse2 / 1.4426950408889634, mask=rows)
 
 
 @triton.jit(do_not_specialize=["B0", "NNEW", "NB", "CAP", "PAGE"])
