@@ -24,6 +24,7 @@ patterndsl over `hf.pattern_cache` (only the window's and sinks' pages kept) and
 against sdpa; each warmed up by a generation after a prompt of the full length, the decode rate over the
 decode steps alone. Figures that cannot be measurements (negative, a part longer than its whole, a
 compilation while timing) are written as null, listed under "invalid", and the script exits with 1.
+`BENCH_PARTS=training` or `generation`: only that part (default both).
 `BENCH_SMOKE=1`: tiny sizes on CPU (checks the script, no Flex; clock times instead of CUDA events).
 
     python benchmarks/bench_hf.py OUT.json
@@ -61,6 +62,7 @@ SIZE = (dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
 IMPLS = ("patterndsl", "sdpa") if SMOKE else ("patterndsl", "flex_attention", "sdpa")
 START = time.perf_counter()
 DEADLINE = float(os.environ.get("BENCH_DEADLINE", "330"))
+PARTS = os.environ.get("BENCH_PARTS", "training,generation").split(",")  # either or both
 
 
 def sync() -> None:
@@ -277,8 +279,8 @@ def ratios(result: dict[str, Any]) -> None:
         return a / b if isinstance(a, float) and isinstance(b, float) and a > 0 and b > 0 else None
 
     training = result["training"]
-    ours = training["patterndsl"]
-    for other in IMPLS[1:]:
+    ours = training.get("patterndsl", {})
+    for other in IMPLS[1:] if ours else ():
         theirs = training[other]
         training[f"patterndsl_vs_{other}"] = {
             "tokens_per_s_ratio": ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
@@ -361,59 +363,61 @@ def main() -> None:
         source = pattern_source(cfg, Path(tmp))
         result["setup"]["pattern"] = source.read_text()
         hf.register("patterndsl", source, "ministral")
-    models = {impl: build(impl, cfg) for impl in IMPLS}
-    result["setup"]["parameters"] = sum(p.numel() for p in models[IMPLS[0]][0].parameters())
-    tokens = torch.randint(0, SIZE["vocab_size"], (1, N), generator=torch.Generator().manual_seed(1)).to(DEV)
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    profiles: dict[str, list[dict[str, float]]] = {impl: [] for impl in IMPLS}
-    compiled = dict.fromkeys(IMPLS, 0)  # graphs torch.compile made inside the timed and profiled steps
-    peak = dict.fromkeys(IMPLS, 0.0)
-    for impl in IMPLS:  # warm-up: autotuning, Flex's compilation and block masks, the profiled step's wrappers
-        for _ in range(WARMUP):
-            step(*models[impl], tokens)
-        profiled_step(impl, *models[impl], tokens)
-        sync()
-    for _ in range(STEPS):
-        if time.perf_counter() - START > DEADLINE and all(times.values()):
-            result["notes"].append("timed fewer steps: the deadline")
-            break
-        for impl in IMPLS:  # interleaved
-            graphs = compiled_graphs()
+    if "training" in PARTS:
+        models = {impl: build(impl, cfg) for impl in IMPLS}
+        result["setup"]["parameters"] = sum(p.numel() for p in models[IMPLS[0]][0].parameters())
+        tokens = torch.randint(0, SIZE["vocab_size"], (1, N), generator=torch.Generator().manual_seed(1)).to(DEV)
+        times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+        profiles: dict[str, list[dict[str, float]]] = {impl: [] for impl in IMPLS}
+        compiled = dict.fromkeys(IMPLS, 0)  # graphs torch.compile made inside the timed and profiled steps
+        peak = dict.fromkeys(IMPLS, 0.0)
+        for impl in IMPLS:  # warm-up: autotuning, Flex's compilation and block masks, the profiled step's wrappers
+            for _ in range(WARMUP):
+                step(*models[impl], tokens)
+            profiled_step(impl, *models[impl], tokens)
             sync()
-            t = time.perf_counter()
-            step(*models[impl], tokens)
-            sync()
-            times[impl].append(time.perf_counter() - t)
-            compiled[impl] += compiled_graphs() - graphs
-    for _ in range(PROFILED):  # as many profiled steps for each, interleaved
-        if time.perf_counter() - START > DEADLINE and all(profiles.values()):
-            result["notes"].append("profiled fewer steps: the deadline")
-            break
+        for _ in range(STEPS):
+            if time.perf_counter() - START > DEADLINE and all(times.values()):
+                result["notes"].append("timed fewer steps: the deadline")
+                break
+            for impl in IMPLS:  # interleaved
+                graphs = compiled_graphs()
+                sync()
+                t = time.perf_counter()
+                step(*models[impl], tokens)
+                sync()
+                times[impl].append(time.perf_counter() - t)
+                compiled[impl] += compiled_graphs() - graphs
+        for _ in range(PROFILED):  # as many profiled steps for each, interleaved
+            if time.perf_counter() - START > DEADLINE and all(profiles.values()):
+                result["notes"].append("profiled fewer steps: the deadline")
+                break
+            for impl in IMPLS:
+                graphs = compiled_graphs()
+                if DEV == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                profiles[impl].append(profiled_step(impl, *models[impl], tokens))
+                compiled[impl] += compiled_graphs() - graphs
+                if DEV == "cuda":
+                    peak[impl] = max(peak[impl], torch.cuda.max_memory_allocated() / 2**30)
         for impl in IMPLS:
-            graphs = compiled_graphs()
-            if DEV == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            profiles[impl].append(profiled_step(impl, *models[impl], tokens))
-            compiled[impl] += compiled_graphs() - graphs
-            if DEV == "cuda":
-                peak[impl] = max(peak[impl], torch.cuda.max_memory_allocated() / 2**30)
-    for impl in IMPLS:
-        step_s = statistics.median(times[impl]) if times[impl] else float("nan")
-        prof = {key: statistics.median(p[key] for p in profiles[impl]) for key in profiles[impl][0]}
-        result["training"][impl] = {
-            "step_ms": [1e3 * t for t in times[impl]], "median_step_ms": 1e3 * step_s, "tokens_per_s": N / step_s,
-            "peak_memory_gib": peak[impl] if DEV == "cuda" else None, "profiled_steps": len(profiles[impl]),
-            "compiled_in_window": compiled[impl], **{f"profiled_{k}" if k == "step_ms" else k: v
-                                                     for k, v in prof.items()}}
-    del models
-    save()
-    result["generation"] = {}
-    generation(hf, result["generation"], save)
+            step_s = statistics.median(times[impl]) if times[impl] else float("nan")
+            prof = {key: statistics.median(p[key] for p in profiles[impl]) for key in profiles[impl][0]}
+            result["training"][impl] = {
+                "step_ms": [1e3 * t for t in times[impl]], "median_step_ms": 1e3 * step_s, "tokens_per_s": N / step_s,
+                "peak_memory_gib": peak[impl] if DEV == "cuda" else None, "profiled_steps": len(profiles[impl]),
+                "compiled_in_window": compiled[impl], **{f"profiled_{k}" if k == "step_ms" else k: v
+                                                         for k, v in prof.items()}}
+        del models
+        save()
+    if "generation" in PARTS:
+        result["generation"] = {}
+        generation(hf, result["generation"], save)
     problems = save()
     checked = json.loads(out_path.read_text())
     print(json.dumps({k: v for k, v in checked["training"].items() if k.startswith("patterndsl_vs_")}, indent=1))
     print(json.dumps({b: {k: v for k, v in runs.items() if k.endswith("_vs_sdpa")}
-                      for b, runs in checked["generation"].get("batches", {}).items()}, indent=1))
+                      for b, runs in checked.get("generation", {}).get("batches", {}).items()}, indent=1))
     print(f"wrote {out_path}")
     if problems:
         print("figures refused (written as null):\n  " + "\n  ".join(problems), file=sys.stderr)

@@ -82,7 +82,8 @@ if [ -n "${PATTERN_CACHE:-}" ]; then TAIL=20 stage bench_pattern_cache "${T_PATT
 if [ -n "${NSA:-}" ]; then TAIL=20 stage bench_nsa "${T_NSA:-150}" python3 benchmarks/bench_nsa.py "$OUT/nsa_h100.json"; fi
 # HF=1 (issue 22: a Llama-style model's training step and generation; carry .whlhf/ with transformers' wheels)
 if [ -n "${HF:-}" ]; then
-  TAIL=20 stage bench_hf "${T_HF:-240}" env BENCH_DEADLINE=$(( ${T_HF:-240} - 30 )) python3 benchmarks/bench_hf.py "$OUT/hf_h100.json"
+  TAIL=20 stage bench_hf "${T_HF:-240}" env BENCH_DEADLINE=$(( ${T_HF:-240} - 30 )) BENCH_PARTS=${HF_PARTS:-training,generation} \
+    python3 benchmarks/bench_hf.py "$OUT/hf_h100.json"
 fi
 # PEERS=1 (issue 24: ours vs FA4, Flex FLASH, Flex Triton and SDPA; FA4 where benchmarks/fa4_carry.sh installed it)
 if [ -n "${PEERS:-}" ]; then

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.25")  # the hf extra's floor
 
 from patterndsl.integrations import hf  # noqa: E402
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.25")  # the hf extra's floor
 
 from patterndsl.cli import main  # noqa: E402
 from patterndsl.integrations import hf  # noqa: E402

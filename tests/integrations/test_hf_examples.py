@@ -13,7 +13,7 @@ import pytest
 from helpers import ROOT
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5.25")  # the hf extra's floor
 
 pytestmark = pytest.mark.filterwarnings("ignore:patterndsl .*not the fast")
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.25")  # the hf extra's floor
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 

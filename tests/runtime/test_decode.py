@@ -350,15 +350,15 @@ def test_fewer_queries_and_chunks_write_into_out_and_lse() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(blocks=st.integers(1, 1 << 16), programs=st.integers(1, 4096), sms=st.integers(1, 256))
-def test_splits_spread_evenly_over_the_sms(blocks: int, programs: int, sms: int) -> None:
-    """A row's split count keeps the programs within one per SM (none waits for a partial extra round),
-    never gives a split fewer than four key blocks unless it is the only one, and is at least one."""
+@given(blocks=st.integers(1, 1 << 16), programs=st.integers(1, 4096), sms=st.integers(1, 256), per_sm=st.sampled_from([1, 2]))
+def test_splits_spread_evenly_over_the_sms(blocks: int, programs: int, sms: int, per_sm: int) -> None:
+    """A row's split count keeps the programs within `per_sm` per SM (none waits for a partial extra
+    round), never gives a split fewer than four key blocks unless it is the only one, and is at least one."""
     from patterndsl.runtime import decode as D
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(D, "_sm_count", lambda device, default: sms)
-        s = D._splits(blocks, programs, torch.device("cpu"))
+        s = D._splits(blocks, programs, torch.device("cpu"), per_sm)
     assert 1 <= s <= 256
-    assert s == 1 or programs * s <= sms
+    assert s == 1 or programs * s <= per_sm * sms
     assert s == 1 or blocks >= 4 * (s - 1) + 1
