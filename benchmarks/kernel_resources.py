@@ -44,7 +44,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import patterndsl as P  # noqa: E402
-from patterndsl.runtime import bwd_kernels, decode_kernels, fwd_kernels, selection, varlen  # noqa: E402
+from patterndsl.runtime import bwd_kernels, decode_kernels, decode_selection, fwd_kernels, selection, varlen  # noqa: E402
 from patterndsl.runtime.backward import _bwd_config  # noqa: E402
 from patterndsl.runtime.options import Options  # noqa: E402
 
@@ -140,13 +140,16 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
         qb_pad, np2 = triton.next_power_of_2(qb), triton.next_power_of_2(int(rule.param))
         r = max(16, triton.next_power_of_2(g * qb_pad))
         t = {"SEQ": "*i32", "HEADS": "*i32", "RUN_OFF": "*i32", "RUNS": "*i32", "WS": "*i64", "KM": "*fp32",
-             "SEL": "*i32", **{x: "i32" for x in ("NQ", "NNEW", "CAP", "NK", "PACKS", "HKV", "GROUP", "H", "SPLITS")}}
+             "SC": "*i32", "SEL": "*i32",
+             **{x: "i32" for x in ("NQ", "NNEW", "CAP", "NK", "PACKS", "HKV", "GROUP", "H", "SPLITS")}}
+        bk, rm = max(np2, 32 if d_pad <= 128 else 16), triton.next_power_of_2(g * qb_pad)
+        bs, splits = decode_selection._split_blocks(2048, bk, rm)  # a 128k cache of blocks of 64
         c = dict(PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb, QB_PAD=qb_pad,
-                 G=g, R=r, NP=np2, BK=max(np2, 32 if d_pad <= 128 else 16), D=d_pad,
-                 CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=prec, IDX64=spec.idx64)  # fmt: skip
+                 G=g, R=r, RM=rm, NP=np2, BK=bk, BS=bs, D=d_pad, CH=min(64, rule.kblock & -rule.kblock),
+                 DOT_PREC=prec, IDX64=spec.idx64)  # fmt: skip
         topk = resources(decode_kernels._decode_topk, dtype, c, 4, 1, t)
-        m = dict(N_SEL=int(rule.param), QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=triton.next_power_of_2(g * qb_pad),
-                 NP=np2, SP=32, E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
+        m = dict(N_SEL=int(rule.param), QB=qb, QB_PAD=qb_pad, G=g, RM=rm, NP=np2, SP=triton.next_power_of_2(splits),
+                 E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
         t.update(sel_t)  # the merge builds the decode kernel's tables too (one selector)
         print(f"decode selection: topk {topk} | merge {resources(decode_kernels._decode_topk_merge, dtype, m, 4, 1, t)}",
               flush=True)

@@ -299,7 +299,7 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             pred, dispatch = sel_kernel(spec, pat)
             dyn.update(SEL_PRED=pred, SEL_VARS=dispatch)
         blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
-        splits = opts.decode_splits or _splits(blocks, packs * B, q.device, 2 if paged else 1)
+        splits = opts.decode_splits or _splits(blocks, packs * B, q.device, 2 if paged or blocks < LONG_ROW else 1)
         dv_pad = _d_pad(Dv)
         ws_o = ws_l = lse  # unused with one split
         if splits > 1:
@@ -365,11 +365,14 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
     return pick, slist, scount
 
 
+LONG_ROW = 256  # key blocks from which a row's step streams the cache (bandwidth-bound), not waits on it
+
+
 def _splits(blocks: int, programs: int, device: torch.device, per_sm: int = 1) -> int:
     """Splits per row: as many as keep the programs over the batch and head packs within `per_sm` per SM
-    (a contiguous cache streams as fast with one as with two; a paged one, whose loads wait on a page-table
-    entry, needs two: docs/decisions.md, decode splits), but at least four key blocks per split (a split's
-    fixed cost, and the merge, outweigh fewer)."""
+    (a long row over a contiguous cache streams as fast with one as with two; a paged one, whose loads wait
+    on a page-table entry, and a short row, whose step is latency, gain from two: docs/decisions.md, decode
+    splits), but at least four key blocks per split (a split's fixed cost, and the merge, outweigh fewer)."""
     want = per_sm * _sm_count(device, 8) // max(1, programs)
     return max(1, min(want, -(-blocks // 4), 256))
 

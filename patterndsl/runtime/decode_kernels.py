@@ -387,16 +387,21 @@ def _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k0, PRED: tl.constex
 
 
 @triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK", "SPLITS"])
-def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS, HKV, GROUP, SPLITS,
-                 PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr, QB_PAD: tl.constexpr,
-                 G: tl.constexpr, R: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
+def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS, HKV, GROUP,
+                 SPLITS, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr,
+                 QB_PAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
+                 BK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr,
+                 IDX64: tl.constexpr):
     """A decode step's topk by the mean rule, first stage: program (split, batch entry and head pack) scores
-    the key blocks of its split (NK in all, SPLITS ways) for the pack's rows (its G query heads, each of the
-    QB query blocks of the step, R >= 16 rows for the dot; they share every summary load: one KV head's)
-    and keeps each row's NP largest keys (`selection._rule_key`: the score's order, ties to the lower
-    block; the lowest key where the block is no candidate) in WS [B * packs, SPLITS, R, NP] int64. q-bar is
-    the mean of the row's step rows in its query block (float32), the score q-bar . mean(k) over the
-    summaries' means KM [B, HKV, NK, D]; `_decode_topk_merge` keeps the best NP of the splits."""
+    the BS key blocks of its split for the pack's rows (its G query heads, each of the QB query blocks of
+    the step: RM rows, padded to R >= 16 for the dot; they share every summary load: one KV head's) and
+    writes each row's NP largest keys (`selection._rule_key`: the score's order, ties to the lower block;
+    the lowest key after a row's candidates run out) to WS [B * packs, SPLITS, RM, NP] int64. q-bar is the
+    mean of the row's step rows in its query block (float32), the score q-bar . mean(k) over the summaries'
+    means KM [B, HKV, NK, D]. The scores go through the program's scratch rows of SC (int32, the score's
+    order-preserving bits) so that one selection (`_top_rows`) sees all BS at once: a bitonic top-k per
+    tile of keys cost more than the whole split's scoring. `_decode_topk_merge` keeps the best NP of the
+    splits."""
     split = tl.program_id(0)
     bp = tl.program_id(1)
     b = (bp // PACKS).to(tl.int64)
@@ -422,33 +427,58 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, s_qb, s_qh, s_qn, NQ, NNE
         u += 1
     qm = qm / tl.maximum(count, 1.0)[:, None]
     rows = count > 0
-    lowest = tl.full([R, NP], -9223372036854775807, tl.int64) - 1
-    best = lowest
-    share = tl.cdiv(NK, SPLITS)
-    k0 = split * share
-    k_end = tl.minimum(k0 + share, NK)
+    k_first = split * BS
     km_base = KM + (b * HKV + kvh) * NK * D
-    while k0 < k_end:
-        kb = k0 + tl.arange(0, BK)
-        kmask = kb < k_end
+    sc = SC + (bp * SPLITS + split).to(tl.int64) * RM * BS
+    for c in tl.static_range(0, BS, BK):
+        kb = k_first + c + tl.arange(0, BK)
+        kmask = kb < NK
         km = tl.load(km_base + kb[:, None].to(tl.int64) * D + offs_d[None, :], mask=kmask[:, None], other=0.0)
         s = tl.dot(qm, tl.trans(km), input_precision=DOT_PREC)
-        c = _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k0, PRED, SEL_B, KB, QB, BK, R, CH, IDX64)
-        key = _rule_key(s, kb, c & kmask[None, :] & rows[:, None], NK, R, BK)
-        both = tl.reshape(tl.join(best, tl.topk(key, NP, dim=1)), [R, 2 * NP])
-        best = tl.topk(both, NP, dim=1)
-        k0 += BK
-    ws = ((bp * SPLITS + split) * R + r[:, None]).to(tl.int64) * NP + tl.arange(0, NP)[None, :]
-    tl.store(WS + ws, best)
+        cand = _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k_first + c, PRED, SEL_B, KB, QB, BK, R, CH,
+                                IDX64)
+        hi = (_rule_key(s, kb, cand & kmask[None, :] & rows[:, None], NK, R, BK) >> 32).to(tl.int32)
+        tl.store(sc + r[:, None] * BS + c + tl.arange(0, BK)[None, :], hi, mask=(r < RM)[:, None])
+    tl.debug_barrier()  # the scratch rows are the whole program's
+    rr = tl.arange(0, RM)
+    cols = tl.arange(0, BS)
+    hi = tl.load(sc + rr[:, None] * BS + cols[None, :])
+    pick = _top_rows(hi, NP)
+    key = (hi.to(tl.int64) << 32) | (NK - 1 - (k_first + cols)).to(tl.int64)[None, :]
+    out = WS + ((bp * SPLITS + split) * RM + rr[:, None]).to(tl.int64) * NP
+    tl.store(out + tl.cumsum(pick.to(tl.int32), 1) - 1, key, mask=pick)
+    taken = tl.sum(pick.to(tl.int32), 1)
+    slots = tl.arange(0, NP)[None, :]
+    tl.store(out + slots, tl.full([RM, NP], -9223372036854775807, tl.int64) - 1, mask=slots >= taken[:, None])
+
+
+@triton.jit
+def _top_rows(hi, NP: tl.constexpr):
+    """bool [rows, cols]: each row's NP largest of the int32 keys `hi` (signed order; INT32_MIN: not a
+    candidate, never taken), ties to the lower column; every candidate of a row that has at most NP. A
+    radix select: the NP-th largest found bit by bit from the top (one count per bit), then the ties at it
+    ranked by column."""
+    valid = hi != -2147483648
+    u = (hi ^ -2147483648).to(tl.uint32, bitcast=True)  # the signed order as an unsigned one
+    t = tl.zeros([hi.shape[0]], dtype=tl.uint32)
+    for bit in tl.static_range(31, -1, -1):
+        cand = t | (tl.full([hi.shape[0]], 1, tl.uint32) << bit)
+        above = tl.sum((valid & (u >= cand[:, None])).to(tl.int32), 1)
+        t = tl.where(above >= NP, cand, t)
+    gt = valid & (u > t[:, None])
+    eq = valid & (u == t[:, None])
+    need = NP - tl.sum(gt.to(tl.int32), 1)
+    return gt | (eq & (tl.cumsum(eq.to(tl.int32), 1) <= need[:, None]))
 
 
 @triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
 def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
-                       QB_PAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
+                       QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
                        SP: tl.constexpr, PICK=None, SLIST=None, SCOUNT=None, SL=1,
                        E_PAD: tl.constexpr = 1):
-    """`_decode_topk`'s second stage, program (batch entry and head pack): each of its RM first rows keeps
-    the NP largest of its SPLITS * NP keys (SP: SPLITS, a power of two up), and writes the N_SEL best as block ids into SEL [B, H, QB, N_SEL]
+    """`_decode_topk`'s second stage, program (batch entry and head pack): each of its RM rows keeps the NP
+    largest of its SPLITS * NP keys (SP: SPLITS, a power of two up), and writes the N_SEL best as block ids
+    into SEL [B, H, QB, N_SEL]
     (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes them). PICK given (the
     pattern's one selector): then the pack's tables for `_decode_split` (`_tables_of`) from what it wrote,
     so that a step with a selection launches no `_pick_tables`."""
@@ -460,9 +490,9 @@ def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr
     t = r % QB_PAD
     head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
     e = tl.arange(0, SP * NP)
-    at = ((bp * SPLITS + e[None, :] // NP) * R + r[:, None]).to(tl.int64) * NP + e[None, :] % NP
+    at = ((bp * SPLITS + e[None, :] // NP) * RM + r[:, None]).to(tl.int64) * NP + e[None, :] % NP
     lowest = -9223372036854775807 - 1
-    keys = tl.load(WS + at, mask=(e[None, :] // NP < SPLITS) & (r[:, None] < R), other=lowest)
+    keys = tl.load(WS + at, mask=e[None, :] // NP < SPLITS, other=lowest)
     best = tl.topk(keys, NP, dim=1)
     cols = tl.arange(0, NP)
     hi = (best >> 32).to(tl.int32)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import tables
-from .common import _d_pad, _pow2, _sm_count, _torch_path
+from .common import _d_pad, _pow2, _torch_path
 from .decode_kernels import _decode_topk, _decode_topk_merge
 from .evaluate import evaluate
 from .selection import _combine, _pick, _score_prec, _sel_dense, compressed_weights, quest_bound, share_kv
@@ -182,17 +182,18 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     np2 = _pow2(n)
     bk = max(np2, 32 if D <= 128 else 16)  # (registers: no spills on sm_90 at D = 128, benchmarks/kernel_resources.py)
     r = max(16, _pow2(g * qb_pad))
-    want = -(-2 * _sm_count(q.device, 8) // (B * npacks))
-    splits = max(1, min(want, -(-nk // bk), 1024 // np2))
+    rm = _pow2(g * qb_pad)
+    bs, splits = _split_blocks(nk, bk, rm)
     off, runs, _, _ = tables.run_tables(spec, rule.context, capacity, rule.block, rule.kblock, q.device)
-    ws = torch.empty(B * npacks * splits * r * np2, dtype=torch.int64, device=q.device)
+    ws = torch.empty(B * npacks * splits * rm * np2, dtype=torch.int64, device=q.device)
+    scratch = torch.empty(B * npacks * splits * rm * bs, dtype=torch.int32, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     seq = cache_seqlens.contiguous()
     _decode_topk[(splits, B * npacks)](
-        q, summaries.mean, seq, packs, off, runs, ws, *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads,
-        group, splits, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb,
-        QB_PAD=qb_pad, G=g, R=r, NP=np2, BK=bk, D=D, CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q),
-        IDX64=spec.idx64, num_warps=4,
+        q, summaries.mean, seq, packs, off, runs, ws, scratch, *q.stride()[:3], nq, n_new, capacity, nk, npacks,
+        kv_heads, group, splits, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb,
+        QB_PAD=qb_pad, G=g, R=r, RM=rm, NP=np2, BK=bk, BS=bs, D=D, CH=min(64, rule.kblock & -rule.kblock),
+        DOT_PREC=_score_prec(q), IDX64=spec.idx64, num_warps=4,
     )
     sel = (torch.empty if every_head else functools.partial(torch.full, fill_value=-1))(
         (B, H, qb, n), dtype=torch.int32, device=q.device)
@@ -205,10 +206,23 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
                 torch.empty((B, npacks), dtype=torch.int32, device=q.device))
         extra = dict(PICK=made[0], SLIST=made[1], SCOUNT=made[2], SL=width, E_PAD=_pow2(g * qb * n))
     _decode_topk_merge[(B * npacks,)](
-        ws, packs, sel, nk, npacks, H, splits, N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, R=r, RM=_pow2(g * qb_pad),
-        NP=np2, SP=_pow2(splits), num_warps=4, **extra,
+        ws, packs, sel, nk, npacks, H, splits, N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, RM=rm, NP=np2, SP=_pow2(splits),
+        num_warps=4, **extra,
     )
     return sel, made
+
+
+SELECT_SPLITS = 16  # a step's selection splits the key blocks at most this many ways (the merge's inputs)
+SELECT_ROWS_BLOCKS = 8192  # a split's rows x key blocks, selected at once in registers
+
+
+def _split_blocks(nk: int, bk: int, rows: int) -> tuple[int, int]:
+    """(key blocks per split, splits) for `_decode_topk`: a power of two of at least one scoring tile (bk),
+    large enough that at most SELECT_SPLITS splits cover the nk key blocks, so the merge's bitonic top-k
+    stays small, and small enough that a split's rows x blocks fit its registers."""
+    most = max(bk, SELECT_ROWS_BLOCKS // rows)
+    bs = min(max(bk, _pow2(-(-nk // SELECT_SPLITS))), most)
+    return bs, -(-nk // bs)
 
 
 _CONSTS: dict[tuple[Any, ...], torch.Tensor] = {}

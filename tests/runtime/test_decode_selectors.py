@@ -24,6 +24,10 @@ from patterndsl import ir
 from patterndsl.cache import KeySummaries
 
 torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from patterndsl.runtime.decode_kernels import _top_rows  # noqa: E402
 
 PATTERNS = [
     "causal & (window(3) | topk(2, block=16))",
@@ -38,6 +42,13 @@ PATTERNS = [
     "heads {\n    0:1 => causal & window(3)\n    1:2 => causal & topk(1, block=16, score=quest)\n}",
 ]
 _compiled: dict[str, Any] = {}
+
+
+@triton.jit
+def _probe_top_rows(X, OUT, NP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """`_top_rows` of a [ROWS, COLS] int32 tensor, written as int8 (one program)."""
+    at = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    tl.store(OUT + at, _top_rows(tl.load(X + at), NP).to(tl.int8))
 
 
 def _attn(src: str) -> Any:
@@ -303,7 +314,7 @@ def test_selection_over_many_key_blocks() -> None:
 def test_selection_step_launches_few_kernels(monkeypatch: Any) -> None:
     """A topk step (k_new appended, its block's summary updated, the summaries scored, the top n kept, the
     window and the picks attended) launches at most 6 kernels, the same ones at a cache of 512 and of 2k
-    positions (the top-n's splits grow with the key blocks up to the SMs' worth): no host sync, no launch
+    positions (the top-n's splits grow with the key blocks, up to `decode_selection.SELECT_SPLITS`): no host sync, no launch
     per key block, no index tensors built on the host."""
     from patterndsl.runtime import decode_kernels
 
@@ -391,3 +402,25 @@ def test_decode_kernel_rows_in_two_query_blocks() -> None:
     selection's second row, the kernel's per-row cases)."""
     _check_step("causal & (window(5) | topk(2, block=16))", torch.float32, [65, 49], 3, 1, 2, 2, None, 3, d=16,
                 decode_block=16)
+
+
+@pytest.mark.interpreter
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_radix_select_equals_sorting(data: Any) -> None:
+    """The top-n's in-register selection (`decode_kernels._top_rows`) against a sort: per row the n largest
+    keys, ties to the lower column, never a non-candidate (INT32_MIN), every candidate where a row has at
+    most n; keys drawn from a few values (many ties), the extremes included."""
+    rows, cols = data.draw(st.sampled_from([1, 4])), data.draw(st.sampled_from([8, 32]))
+    n = data.draw(st.sampled_from([1, 2, 4, 8]))
+    pool = [-2**31, -2**31 + 1, -7, -1, 0, 1, 5, 2**31 - 1]
+    x = torch.tensor(data.draw(st.lists(st.sampled_from(pool), min_size=rows * cols, max_size=rows * cols)),
+                     dtype=torch.int32).view(rows, cols)
+    got = torch.zeros(rows, cols, dtype=torch.int8)
+    _probe_top_rows[(1,)](x, got, NP=n, ROWS=rows, COLS=cols)
+    want = torch.zeros(rows, cols, dtype=torch.int8)
+    for r in range(rows):
+        ranked = sorted((c for c in range(cols) if x[r, c] != -2**31), key=lambda c: (-int(x[r, c]), c))
+        want[r, ranked[:n]] = 1
+    assert torch.equal(got, want), (x, got, want)
+
