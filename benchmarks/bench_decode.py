@@ -250,6 +250,11 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         }
         same = torch.equal(steps["topk_window"](), steps["topk_window_given_selection"]())
         launches = {k: kernels_of(f) for k, f in steps.items()}
+        for splits in (2, 8, 16, 32):  # the static and picked tiles' split count (a short row: latency)
+            def with_splits(splits: int = splits) -> Any:
+                with attn.options(decode_splits=splits):
+                    return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, selected=picked)
+            steps[f"given_selection_splits{splits}"] = with_splits
         fns = {k: (f if SMOKE else captured(f).replay) for k, f in steps.items()}
         fns["topk_window_eager"] = steps["topk_window"]
         fns["sdpa_whole_cache"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
@@ -264,7 +269,9 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         res["selectors"].append(row)
         print(f"selectors N={n} B={B}: step {step:.3f} ms (selection {row['selection_share']:.0%}), dense "
               f"{times['dense_causal']:.3f} ms ({row['speedup_vs_dense_causal']:.1f}x), SDPA "
-              f"{times['sdpa_whole_cache']:.3f} ms, launches {row['launches']['topk_window']}", flush=True)
+              f"{times['sdpa_whole_cache']:.3f} ms, launches {row['launches']['topk_window']}; given selection "
+              f"{given:.3f} ms, by splits " + " ".join(f"{k[22:]}:{v:.3f}" for k, v in times.items()
+                                                       if k.startswith("given_selection_splits")), flush=True)
         save()
 
 
@@ -307,6 +314,8 @@ def quick(res: dict[str, Any], save: Any) -> None:
         print(f"flat N={n:7d}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in times.items()) +
               f"  host {row['host_ms']:.3f} ms/call", flush=True)
         save()
+    res["host_profile"] = host_profile(step)  # the last context's step: where an eager call's host time goes
+    save()
     dense = P.compile("pattern p = causal\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
     n = CONTEXTS[2] if len(CONTEXTS) > 2 else CONTEXTS[0]
     for B in (1, 8, 32) if not SMOKE else BATCHES:
@@ -337,6 +346,25 @@ def quick(res: dict[str, Any], save: Any) -> None:
         if DEV == "cuda":
             torch.cuda.empty_cache()
     tune_dense(res, save)
+
+
+def host_profile(step: Any, calls: int = 300) -> list[list[Any]]:
+    """cProfile of `calls` eager steps (no sync between them): the 25 functions with the most own time, as
+    [function, calls, own seconds per step, cumulative seconds per step]."""
+    import cProfile
+    import pstats
+
+    step()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    sync()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = [[f"{f[0].rsplit('/', 2)[-1]}:{f[1]}:{f[2]}", v[1], v[2] / calls, v[3] / calls] for f, v in stats.items()]
+    return sorted(rows, key=lambda r: -r[2])[:25]
 
 
 def tune_dense(res: dict[str, Any], save: Any) -> None:
