@@ -16,6 +16,9 @@ blocks (`_pick_tables`: per row the selection case of each key block, per head p
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,7 @@ from .decode_kernels import _pick_tables as _pick_tables_kernel
 from .evaluate import evaluate
 from .options import current_options
 from .selection import _combine, case_ranks, sel_kernel
+from .tuning import _tuned
 
 if TYPE_CHECKING:
     from ..cache import KeySummaries
@@ -299,23 +303,33 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             pred, dispatch = sel_kernel(spec, pat)
             dyn.update(SEL_PRED=pred, SEL_VARS=dispatch)
         blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
-        splits = opts.decode_splits or _splits(blocks, packs * B, q.device, 2 if paged or blocks < LONG_ROW else 1)
         dv_pad = _d_pad(Dv)
-        ws_o = ws_l = lse  # unused with one split
-        if splits > 1:
-            ws_o = torch.empty(B * packs * splits * m * dv_pad, dtype=torch.float32, device=q.device)
-            ws_l = torch.empty(B * packs * splits * m, dtype=torch.float32, device=q.device)
-        _decode_split[(packs, B, splits)](
-            q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count, ws_o, ws_l, out, lse,
-            _locks(B * packs, q.device), *q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3], *lse.stride()[:2],
-            Nq, n_new, capacity, page, group, splits, scale * _LOG2E,
+        tables_args = (q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count)
+        outputs = (out, lse, _locks(B * packs, q.device), *q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3],
+                   *lse.stride()[:2], Nq, n_new, capacity, page, group)
+        consts = dict(
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
             DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET,
             num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
             **dyn,
         )
+        launch = functools.partial(_launch_split, (packs, B), B * packs * m * dv_pad, B * packs * m, tables_args,
+                                   outputs, scale * _LOG2E, consts)
+        fields = (pat, B, H, Nq, Dv, group, paged, page, block, blocks)
+        launch(opts.decode_splits or _tuned_splits(spec, q, fields, blocks, packs * B, capacity, launch))
     return out, lse
+
+
+def _launch_split(grid: tuple[int, int], ws_values: int, ws_rows: int, tables_args: tuple[Any, ...],
+                  outputs: tuple[Any, ...], qk_scale: float, consts: dict[str, Any], splits: int) -> None:
+    """One `_decode_split` launch of `splits` splits per row, with its workspace (none for one split)."""
+    lse = outputs[1]
+    ws_o = ws_l = lse  # unused with one split
+    if splits > 1:
+        ws_o = torch.empty(ws_values * splits, dtype=torch.float32, device=lse.device)
+        ws_l = torch.empty(ws_rows * splits, dtype=torch.float32, device=lse.device)
+    _decode_split[(*grid, splits)](*tables_args, ws_o, ws_l, *outputs, splits, qk_scale, **consts)
 
 
 _LOCKS: dict[tuple[str, int], torch.Tensor] = {}
@@ -368,13 +382,35 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
 LONG_ROW = 256  # key blocks from which a row's step streams the cache (bandwidth-bound), not waits on it
 
 
-def _splits(blocks: int, programs: int, device: torch.device, per_sm: int = 1) -> int:
+def _tuned_splits(spec: PatternSpec, q: torch.Tensor, fields: tuple[Any, ...], blocks: int, programs: int,
+                  capacity: int, launch: Callable[[int], object]) -> int:
+    """The split count of a step: on the first step of a shape (and cache capacity), the fastest of the
+    heuristics' counts (`_splits`: one or two programs per SM, at least four or one key block per split),
+    timed by the autotuner (`tuning._tuned`, remembered on disk like the forward's tiles); where tuning is
+    off (the interpreter, `autotune=False`, PATTERNDSL_AUTOTUNE=0), the heuristic's own. Launching a step
+    again is harmless: k_new lands at the same positions, out and lse are overwritten."""
+    paged, long_row = fields[6], blocks >= LONG_ROW
+    rule = _splits(blocks, programs, q.device, 2 if paged or not long_row else 1)
+    if (_INTERPRET or q.device.type != "cuda" or not spec.autotune or not current_options().autotune
+            or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
+        return rule
+
+    def candidates() -> list[tuple[int]]:
+        counts = [rule] + [_splits(blocks, programs, q.device, per_sm, floor) for per_sm in (1, 2) for floor in (4, 1)]
+        return [(c,) for c in dict.fromkeys(counts)]
+
+    key = ("decode", _d_pad(q.shape[-1]), q.dtype, 0, q.device, _pow2(capacity), fields)
+    return _tuned(spec, key, candidates, lambda cfg: launch(cfg[0]), (rule,))[0]
+
+
+def _splits(blocks: int, programs: int, device: torch.device, per_sm: int = 1, floor: int = 4) -> int:
     """Splits per row: as many as keep the programs over the batch and head packs within `per_sm` per SM
     (a long row over a contiguous cache streams as fast with one as with two; a paged one, whose loads wait
     on a page-table entry, and a short row, whose step is latency, gain from two: docs/decisions.md, decode
-    splits), but at least four key blocks per split (a split's fixed cost, and the merge, outweigh fewer)."""
+    splits), but at least `floor` key blocks per split (a split's fixed cost, and the merge, outweigh
+    fewer)."""
     want = per_sm * _sm_count(device, 8) // max(1, programs)
-    return max(1, min(want, -(-blocks // 4), 256))
+    return max(1, min(want, -(-blocks // floor), 256))
 
 
 _PACKS: dict[tuple[Any, ...], torch.Tensor] = {}

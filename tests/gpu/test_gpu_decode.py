@@ -241,3 +241,44 @@ def test_decode_selector_step_replays_with_new_lengths() -> None:
         for t, x in zip((kc, vc, s.lo, s.hi, s.mean), saved, strict=True):
             t.copy_(x)
         assert torch.equal(replayed, step()), f"lengths {lengths}: replay differs from an eager step"
+
+
+@pytest.mark.autotune
+@pytest.mark.parametrize("src", ["causal", "causal & (window(511) | topk(4, block=64))"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_tuned_splits_equal_the_heuristic(src: str, paged: bool, monkeypatch: Any,
+                                          tmp_path: Any) -> None:
+    """The first step of a shape times its split counts (launching the step several times, k_new appended
+    each time at the same positions); its output, log-sum-exp and cache equal those of the heuristic's step
+    (autotuning off), and a second step reuses the pick (no tuning record added)."""
+    from patterndsl.cache import KeySummaries
+    from patterndsl.runtime import tuning
+
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    attn = P.compile(f"pattern p = {src}\n")
+    B, H, Hkv, D, nmax = 2, 8, 2, 128, 8192
+    g = torch.Generator(device="cuda").manual_seed(3)
+    kc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g).to(torch.bfloat16)
+    q = torch.randn(B, H, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+    kn = torch.randn(B, Hkv, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+    vn = torch.randn(B, Hkv, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+    seqlens = torch.tensor([4000, 8191], dtype=torch.int32, device="cuda")
+    table = None
+    if paged:
+        kc, vc, table = _paged(kc, vc, 64, 2)
+    outs = []
+    for tune in (False, True, True):
+        k, v = kc.clone(), vc.clone()
+        extra = {}
+        if attn.spec.selectors[0] is not None:
+            extra["summaries"] = KeySummaries.build(k, seqlens, 64, page_table=table)
+        before = len(tuning.records())
+        with attn.options(autotune=tune):
+            o, lse = attn.decode(q, k, v, seqlens, page_table=table, k_new=kn, v_new=vn, return_lse=True, **extra)
+        outs.append((o, lse, k, v, len(tuning.records()) - before))
+    for o, lse, k, v, _ in outs[1:]:
+        assert torch.equal(o, outs[0][0]) or (o.float() - outs[0][0].float()).abs().max().item() < 2e-2
+        assert torch.allclose(lse, outs[0][1], atol=1e-3, rtol=1e-3)
+        assert torch.equal(k, outs[0][2]) and torch.equal(v, outs[0][3])
+    assert outs[2][4] == 0  # the second tuned step found the pick
