@@ -27,7 +27,19 @@ import torch
 from . import decode_selection as dsel
 from . import tables
 from .checks import check_dtypes, check_n
-from .common import _INTERPRET, _LOG2E, _d_pad, _heads_of, _on_device_of, _pow2, _sm_count, _torch_path, pred_kernel
+from .common import (
+    _INTERPRET,
+    _LOG2E,
+    _d_pad,
+    _descriptor,
+    _heads_of,
+    _on_device_of,
+    _pow2,
+    _sm_count,
+    _tma_mode,
+    _torch_path,
+    pred_kernel,
+)
 from .cpu import masked_softmax
 from .decode_kernels import _append_kv, _decode_split
 from .decode_kernels import _pick_tables as _pick_tables_kernel
@@ -314,22 +326,35 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
             **dyn,
         )
+        tma = not paged and _tma_mode([k_cache, v_cache], max(_d_pad(D), dv_pad)) == 1
+        descs = functools.partial(_cache_descriptors, k_cache, v_cache, bn, _d_pad(D), dv_pad) if tma else None
         launch = functools.partial(_launch_split, (packs, B), B * packs * m * dv_pad, B * packs * m, tables_args,
-                                   outputs, scale * _LOG2E, consts)
-        fields = (pat, B, H, Nq, Dv, group, paged, page, block, blocks)
-        launch(opts.decode_splits or _tuned_splits(spec, q, fields, blocks, packs * B, capacity, launch))
+                                   outputs, scale * _LOG2E, consts, descs)
+        fields = (pat, B, H, Nq, Dv, group, paged, page, block, blocks, tma)
+        launch(_tuned_launch(spec, q, fields, blocks, packs * B, capacity, launch))
     return out, lse
 
 
 def _launch_split(grid: tuple[int, int], ws_values: int, ws_rows: int, tables_args: tuple[Any, ...],
-                  outputs: tuple[Any, ...], qk_scale: float, consts: dict[str, Any], splits: int) -> None:
-    """One `_decode_split` launch of `splits` splits per row, with its workspace (none for one split)."""
+                  outputs: tuple[Any, ...], qk_scale: float, consts: dict[str, Any],
+                  descs: Callable[[], tuple[Any, Any]] | None, cfg: tuple[int, ...]) -> None:
+    """One `_decode_split` launch: cfg = (splits per row, TMA loads (1) or pointer loads (0)), with its
+    workspace (none for one split)."""
+    splits, tma = cfg
     lse = outputs[1]
     ws_o = ws_l = lse  # unused with one split
     if splits > 1:
         ws_o = torch.empty(ws_values * splits, dtype=torch.float32, device=lse.device)
         ws_l = torch.empty(ws_rows * splits, dtype=torch.float32, device=lse.device)
+    if tma and descs is not None:
+        consts = {**consts, **dict(zip(("K_DESC", "V_DESC"), descs(), strict=True))}
     _decode_split[(*grid, splits)](*tables_args, ws_o, ws_l, *outputs, splits, qk_scale, **consts)
+
+
+def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block: int, dk_pad: int,
+                       dv_pad: int) -> tuple[Any, Any]:
+    """Host TMA descriptors of a contiguous cache's K and V ([B, HKV, CAP, D], boxes of `block` rows)."""
+    return _descriptor(k_cache, block, dk_pad), _descriptor(v_cache, block, dv_pad)
 
 
 _LOCKS: dict[tuple[str, int], torch.Tensor] = {}
@@ -382,25 +407,32 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
 LONG_ROW = 256  # key blocks from which a row's step streams the cache (bandwidth-bound), not waits on it
 
 
-def _tuned_splits(spec: PatternSpec, q: torch.Tensor, fields: tuple[Any, ...], blocks: int, programs: int,
-                  capacity: int, launch: Callable[[int], object]) -> int:
-    """The split count of a step: on the first step of a shape (and cache capacity), the fastest of the
-    heuristics' counts (`_splits`: one or two programs per SM, at least four or one key block per split),
-    timed by the autotuner (`tuning._tuned`, remembered on disk like the forward's tiles); where tuning is
-    off (the interpreter, `autotune=False`, PATTERNDSL_AUTOTUNE=0), the heuristic's own. Launching a step
-    again is harmless: k_new lands at the same positions, out and lse are overwritten."""
-    paged, long_row = fields[6], blocks >= LONG_ROW
-    rule = _splits(blocks, programs, q.device, 2 if paged or not long_row else 1)
-    if (_INTERPRET or q.device.type != "cuda" or not spec.autotune or not current_options().autotune
-            or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
-        return rule
+def _tuned_launch(spec: PatternSpec, q: torch.Tensor, fields: tuple[Any, ...], blocks: int, programs: int,
+                  capacity: int, launch: Callable[[tuple[int, ...]], object]) -> tuple[int, int]:
+    """(splits, TMA) of a step: on the first step of a shape (and cache capacity), the fastest of the
+    heuristics' split counts (`_splits`: one or two programs per SM, at least four or one key block per
+    split), each with pointer loads and, for a contiguous cache that allows it, TMA, timed by the autotuner
+    (`tuning._tuned`, remembered on disk like the forward's tiles); where tuning is off (the interpreter,
+    `autotune=False`, PATTERNDSL_AUTOTUNE=0), the rule's count with pointer loads. The `decode_splits` and
+    `decode_tma` options fix either. Launching a step again is harmless: k_new lands at the same positions,
+    out and lse are overwritten."""
+    opts = current_options()
+    paged, long_row, tma = fields[6], blocks >= LONG_ROW, fields[-1]
+    loads = ((0, 1) if tma else (0,)) if opts.decode_tma < 0 else (int(opts.decode_tma == 1 and tma),)
+    rule = opts.decode_splits or _splits(blocks, programs, q.device, 2 if paged or not long_row else 1)
+    tuning = not (_INTERPRET or q.device.type != "cuda" or not spec.autotune or not opts.autotune
+                  or os.environ.get("PATTERNDSL_AUTOTUNE") == "0")
+    if not tuning or (opts.decode_splits and len(loads) == 1):
+        return rule, loads[0]
 
-    def candidates() -> list[tuple[int]]:
-        counts = [rule] + [_splits(blocks, programs, q.device, per_sm, floor) for per_sm in (1, 2) for floor in (4, 1)]
-        return [(c,) for c in dict.fromkeys(counts)]
+    def candidates() -> list[tuple[int, int]]:
+        counts = [rule] if opts.decode_splits else [rule] + [
+            _splits(blocks, programs, q.device, per_sm, floor) for per_sm in (1, 2) for floor in (4, 1)]
+        return [(c, t) for c in dict.fromkeys(counts) for t in loads]
 
-    key = ("decode", _d_pad(q.shape[-1]), q.dtype, 0, q.device, _pow2(capacity), fields)
-    return _tuned(spec, key, candidates, lambda cfg: launch(cfg[0]), (rule,))[0]
+    key = ("decode", _d_pad(q.shape[-1]), q.dtype, loads, q.device, _pow2(capacity), (*fields, opts.decode_splits))
+    best = _tuned(spec, key, candidates, launch, (rule, 0))
+    return best[0], best[1]
 
 
 def _splits(blocks: int, programs: int, device: torch.device, per_sm: int = 1, floor: int = 4) -> int:

@@ -25,13 +25,15 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
                  s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, PRED: tl.constexpr,
                  BLOCK_N: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr,
                  PAGE_TILES: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, PICK=None, prow=None,
-                 SEL_KB: tl.constexpr = 1, VAR=None):
+                 SEL_KB: tl.constexpr = 1, VAR=None, K_DESC=None, V_DESC=None):
     """Key block kb into the running softmax of the rows `rows_ok` (query positions ii); `partial`: the
     predicate decides per pair, else every pair of the block (inside the sequence) is allowed. PICK (a
     dynamic pattern's static part): rows whose selection picked the tile's selector key block skip it (the
     selected loop takes it). VAR: a dispatching PRED's per-row case rank [rows, 1]. PAGE_TILES (a paged
     cache whose page holds whole tiles): the tile's rows are one page's, found by one table load, so the
-    loads are addressed as a contiguous cache's (a per-key page gather costs registers and pipelining)."""
+    loads are addressed as a contiguous cache's (a per-key page gather costs registers and pipelining).
+    K_DESC, V_DESC (a contiguous cache [B, HKV, CAP, D]): the tiles come whole through TMA, and the value
+    rows no row attends to are zeroed after the load (past the length they may hold anything)."""
     if PICK is not None:
         picked = tl.load(PICK + prow + kb * BLOCK_N // SEL_KB, mask=rows_ok, other=0)
         rows_ok = rows_ok & (picked == 0)
@@ -39,7 +41,10 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
     ok = rows_ok[:, None] & (cols < seqlen)[None, :]
     ok = ok & (_allowed_at(ii[:, None], cols[None, :], seqlen, PRED, IDX64, True, VAR) | (partial == 0))
     col_ok = tl.max(ok.to(tl.int32), 0) > 0  # some row attends to this key: only those are read
-    if PAGED & PAGE_TILES:  # the tile lies in one page: one table entry, then in-page offsets (int32)
+    if K_DESC is not None:
+        box = [b.to(tl.int32), kvh.to(tl.int32), kb * BLOCK_N, 0]
+        k = K_DESC.load(box).reshape(BLOCK_N, offs_dk.shape[0])
+    elif PAGED & PAGE_TILES:  # the tile lies in one page: one table entry, then in-page offsets (int32)
         first = kb * BLOCK_N
         page = tl.load(PT + b * s_ptb + tl.minimum(first, tl.maximum(seqlen - 1, 0)) // PAGE).to(tl.int64)
         at = first % PAGE + offs_n
@@ -55,11 +60,15 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
             v_rows = b * s_vb + kvh * s_vh + cols.to(tl.int64) * s_vn
         k_ptr = K + k_rows[:, None]
         v_ptr = V + v_rows[:, None]
-    k = tl.load(k_ptr + offs_dk[None, :], mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    if K_DESC is None:
+        k = tl.load(k_ptr + offs_dk[None, :], mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     s = tl.where(ok, s, float("-inf"))
     p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, qk_scale, False, True)
-    v = tl.load(v_ptr + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if V_DESC is not None:
+        v = tl.where(col_ok[:, None], V_DESC.load(box).reshape(BLOCK_N, offs_dv.shape[0]), 0.0)
+    else:
+        v = tl.load(v_ptr + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -74,7 +83,7 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
                   DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
                   PICK=None, VD=None, SLIST=None, SCOUNT=None, H=1, SQB=1, SNK=1, SL=1,
                   SEL_PRED: tl.constexpr = None, SEL_VARS: tl.constexpr = False, SEL_B: tl.constexpr = 1,
-                  SEL_KB: tl.constexpr = 1):
+                  SEL_KB: tl.constexpr = 1, K_DESC=None, V_DESC=None):
     # SEL_PRED is not None (a dynamic pattern): PICK [B, H, SQB, SNK] int8 is each head's selection case per
     # (query block of the step, selector key block of SEL_KB keys), 0: not picked; the static part's tiles
     # skip the rows that picked them, and after them (numbered on) come the SCOUNT [B, packs] key blocks of
@@ -138,14 +147,16 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB)
+                                                 PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB, K_DESC=K_DESC,
+                                                 V_DESC=V_DESC)
                     x += 1
             else:
                 for x in range(a, e):
                     acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, k0 + x - at, partial, in_qb, ii,
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
-                                                 PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB)
+                                                 PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB, K_DESC=K_DESC,
+                                                 V_DESC=V_DESC)
             run += 1
         seen += tl.load(COUNT + qb)
         qb += 1
@@ -159,7 +170,7 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii, seqlen,
                                          offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE,
                                          qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, PAGE_TILES, DOT_PREC, IDX64,
-                                         VAR=rank[:, None] if SEL_VARS else None)
+                                         VAR=rank[:, None] if SEL_VARS else None, K_DESC=K_DESC, V_DESC=V_DESC)
             x += 1
     # this split's partial result: rows normalised, log2-sum-exp (-inf where it saw no allowed key)
     empty = l_i == 0.0

@@ -53,8 +53,9 @@ def _sequence(kc: Any, vc: Any, table: Any, b: int, n: int) -> tuple[Any, Any]:
 
 @pytest.mark.parametrize("src", CASES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("paged", [False, True])
-def test_decode_matches_reference(src: str, dtype: str, paged: bool) -> None:
+@pytest.mark.parametrize("paged, tma", [(False, 0), (False, 1), (True, 0)])
+def test_decode_matches_reference(src: str, dtype: str, paged: bool, tma: int) -> None:
+    """Pointer loads (contiguous and paged caches) and TMA tiles (contiguous) against the reference."""
     attn = P.compile(f"pattern p = {src}\n")
     dt = getattr(torch, dtype)
     B, H, Hkv, D, Dv, nmax, Nq = 3, 8, 2, 192, 128, 2048, 3
@@ -67,7 +68,8 @@ def test_decode_matches_reference(src: str, dtype: str, paged: bool) -> None:
     table = None
     if paged:
         kc, vc, table = _paged(kc, vc, 16, 1)
-    got, lse = attn.decode(q, kc, vc, seqlens, page_table=table, return_lse=True)
+    with attn.options(decode_tma=tma):
+        got, lse = attn.decode(q, kc, vc, seqlens, page_table=table, return_lse=True)
     for b, n in enumerate(lengths):
         mask = _rows_mask(src, range(n - Nq, n), n)
         k, v = _sequence(kc, vc, table, b, n)

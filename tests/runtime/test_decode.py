@@ -166,6 +166,16 @@ def test_decode_kernel(page: int | None) -> None:
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("src", ["causal & (window(5) | sink(2))", "causal & window(9, dilation=2)"])
+def test_decode_kernel_tma(src: str) -> None:
+    """A contiguous cache's tiles through TMA descriptors (`decode_tma=1`): whole tiles, the cache NaN past
+    each length, so a value row no query row attends to must be zeroed after its load; GQA, Dv != Dqk,
+    k_new appended, splits merged."""
+    _check_step(src, torch.float32, [33, 7], 2, 1, 2, 2, None, 4, dv=16, decode_block=16, decode_splits=2,
+                decode_tma=1)
+
+
+@pytest.mark.interpreter
 @pytest.mark.slow
 @settings(max_examples=15)
 @given(_steps(), st.sampled_from([1, 2, 3]))

@@ -302,6 +302,14 @@ def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
 
 
 @pytest.mark.interpreter
+def test_decode_kernel_with_selectors_tma() -> None:
+    """The static part's tiles and the picked ones through TMA descriptors (a contiguous cache, NaN past each
+    length), against the reference."""
+    _check_step(PATTERNS[0], torch.float32, [70, 41], 2, 1, 2, 2, None, 5, d=16, decode_block=16, decode_splits=3,
+                decode_tma=1)
+
+
+@pytest.mark.interpreter
 def test_selection_over_many_key_blocks() -> None:
     """A cache of 38 key blocks: the top-n's first stage splits them (two programs per pack, each keeping
     its best n), the second keeps the best n of the splits; the step's rows, and the two tokens it appends
