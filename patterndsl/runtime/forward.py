@@ -189,7 +189,8 @@ def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     fields = ("fwd-pointer" if pointer else "fwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), patterns)
     run = lambda cfg: _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)  # noqa: E731
     if any(_fast(spec, p) for p in used):
-        return _tuned(spec, fields, lambda: _tune_candidates(spec, d_pad, tma, q.element_size()), run, default)
+        first = default if any(spec.layouts[p] is not None for p in used) else None  # a layout's own tiles too
+        return _tuned(spec, fields, lambda: _tune_candidates(spec, d_pad, tma, q.element_size(), first), run, default)
     return _tuned(spec, fields, lambda: _layout_candidates(spec, d_pad, q.element_size(), default), run, default)
 
 

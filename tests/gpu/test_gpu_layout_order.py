@@ -152,7 +152,8 @@ def test_gpu_gathered_forward_and_unchanged_backward_match_float64(file: str, na
 @pytest.mark.autotune
 def test_gpu_tuner_times_the_kernel_that_runs(tmp_path: Path, monkeypatch: Any) -> None:
     """With the gather on, a layout pattern is tuned over the fast kernel's candidates (BLOCK_M, BLOCK_N, warps,
-    stages, tma, one_loop, maxnreg); with it off, over the pointer-load kernel's, under a key of their own."""
+    stages, tma, one_loop, maxnreg), its configured tiles among them; with it off, over the pointer-load
+    kernel's, under a key of their own."""
     from patterndsl.runtime import tuning
     from patterndsl.runtime.common import _d_pad
 
@@ -167,8 +168,8 @@ def test_gpu_tuner_times_the_kernel_that_runs(tmp_path: Path, monkeypatch: Any) 
     with attn.options(layout_gather=False):
         attn(q, k, v)
     fast, pointer = tuning.records()[before:]
-    assert fast.rounds and set(fast.rounds) <= set(tuning._tune_candidates(spec, _d_pad(128), 1))
+    default = (*tuning._by_width(spec.configs, 128, 2), 1, 0, 0)  # the tiles its layout was chosen for
+    assert default in fast.rounds and set(fast.rounds) <= set(tuning._tune_candidates(spec, _d_pad(128), 1, 2, default))
     assert fast.choice in fast.rounds and "fwd-pointer" not in fast.key
-    default = (*tuning._by_width(spec.configs, 128, 2), 1, 0, 0)
     assert pointer.rounds and set(pointer.rounds) <= set(tuning._layout_candidates(spec, 128, 2, default))
     assert "fwd-pointer" in pointer.key

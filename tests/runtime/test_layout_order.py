@@ -144,3 +144,17 @@ def test_rows_and_tokens_are_one_bijection_and_full_tiles_hold_no_padding(name: 
             qrows = valid[qb * bm:(qb + 1) * bm]
             for kb in f_idx[f_off[qb]:f_off[qb + 1]].tolist():
                 assert qrows.all() and valid[kb * bn:(kb + 1) * bn].all(), (name, bm, bn, qb, kb)
+
+
+def test_gathered_layouts_are_tuned_over_the_fast_kernels_candidates_their_tiles_first() -> None:
+    """With the gather on, a layout pattern's candidates are the fast kernel's configs (BLOCK_M, BLOCK_N, warps,
+    stages, tma, one_loop, maxnreg), led by its configured tiles (those its layout was chosen for)."""
+    from patterndsl.runtime import forward, tuning
+
+    attn, _ = _case("dilated_1d")
+    spec = attn.spec
+    default = (*forward._config(spec, 128), 1, 0, 0)
+    rows = tuning._tune_candidates(spec, 128, 1)
+    cands = tuning._tune_candidates(spec, 128, 1, 2, default)
+    assert cands[0] == default and cands[1:] == [c for c in rows if c != default]
+    assert all(len(c) == 7 for c in cands) and forward._fast(spec, 0)
