@@ -1,13 +1,15 @@
 # ruff: noqa: B023  (the timing lambdas run inside their loop iteration)
 """A video DiT with its text prompt in the sequence, on the GPU, one run: patterns/video_dit.pat (226 text
 tokens before a 16 x 32 x 32 latent; text global, video tokens in a 3 x 9 x 9 neighborhood) run by
-patterndsl with its chosen token layout (text contiguous before boxes of cells) and in the plain order, vs
+patterndsl with its chosen token layout (text contiguous before boxes of cells; gathered into that order for
+the fast kernel, `layout_gather=True`, and read in place by the pointer-load kernel, `layout_gather=False`,
+timed in interleaved rounds of the same run) and in the plain order, vs
 torch.compile'd FlexAttention (the same rule as a mask_mod, written here from the pattern's meaning) with
 its block mask built in the timed call and prebuilt, vs dense SDPA.
 
 B=1, H=16, D=128, bf16, N = 226 + 16384 = 16610. Median of `triton.testing.do_bench`. Effective TFLOP/s = 4 *
 allowed pairs * D * H * B / time (pairs counted exactly by patterndsl.analysis). Also forward + backward
-(ours, Flex with a prebuilt mask, SDPA). Writes JSON to argv[1] (default
+(ours both ways, Flex with a prebuilt mask, SDPA). Writes JSON to argv[1] (default
 benchmarks/results/video_dit_h100.json). About two minutes on an H100, most of it Flex's compiles.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,6 +48,12 @@ def mask_mod():  # type: ignore[no-untyped-def]
     return dit
 
 
+def under(mod, gather: bool, step):  # type: ignore[no-untyped-def]
+    """step() with the `layout_gather` option at `gather` (a backward in it runs under its forward's)."""
+    with mod.options(layout_gather=gather):
+        return step()
+
+
 def main() -> None:
     import torch
     import triton
@@ -54,10 +63,19 @@ def main() -> None:
     import patterndsl as P
     from patterndsl import layout as L
     from patterndsl.analysis.count import row_stats
+    from patterndsl.cli.bench import interleaved
     from patterndsl.semantics import predicate
 
     def med(fn, grads=None) -> float:  # type: ignore[no-untyped-def]
         return float(triton.testing.do_bench(fn, warmup=10, rep=100, grad_to_none=grads, return_mode="median"))
+
+    def gather_or_not(mod, step, grads=None):  # type: ignore[no-untyped-def]
+        """Medians of step() with layout_gather True and False, timed in interleaved rounds (same clocks)."""
+        fns = {g: lambda g=g: under(mod, g, step) for g in (True, False)}
+        for fn in fns.values():  # compiled before the first timed round
+            fn()
+        rounds = interleaved(fns, lambda fn: med(fn, grads))
+        return statistics.median(rounds[True]), statistics.median(rounds[False]), rounds
 
     path = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "benchmarks" / "results" / "video_dit_h100.json")
     source = ROOT / "patterns" / "video_dit.pat"
@@ -74,11 +92,19 @@ def main() -> None:
             mod = P.compile(source, "video_dit", block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
                             layout=layout)  # fmt: skip
             out = mod.attention(q, k, v)
-            t = med(lambda: mod.attention(q, k, v))
             lay = L.choose(body, cfg[0], cfg[1]) if layout else None
             visited = L.visited_tiles(pred, lay, N, cfg[0], cfg[1])
+            extra = {}
+            if layout:  # the layout both ways: gathered for the fast kernel (the default) and read in place
+                t, t_in_place, rounds = gather_or_not(mod, lambda: mod.attention(q, k, v))
+                in_place = under(mod, False, lambda: mod.attention(q, k, v))
+                extra = {"ms_in_place": t_in_place, "in_place_over_gather": t_in_place / t,
+                         "max_abs_diff_in_place": float((out.float() - in_place.float()).abs().max()),
+                         "rounds_ms": {"gather": rounds[True], "in_place": rounds[False]}}  # fmt: skip
+            else:
+                t = med(lambda: mod.attention(q, k, v))
             rec = {"config": list(cfg), "layout": L.describe(lay), "ms": t, "tflops": flops / t / 1e9,
-                   "tile_efficiency": pairs / (visited * cfg[0] * cfg[1])}  # fmt: skip
+                   "tile_efficiency": pairs / (visited * cfg[0] * cfg[1]), **extra}  # fmt: skip
             ours.append(rec)
             print("ours", rec, flush=True)
             if layout and (best is None or t < best[0]["ms"]):
@@ -97,7 +123,7 @@ def main() -> None:
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     do = torch.randn_like(q)
     mod = best[2]
-    t_fb = med(lambda: mod.attention(qg, kg, vg).backward(do), [qg, kg, vg])
+    t_fb, t_fb_in_place, _ = gather_or_not(mod, lambda: mod.attention(qg, kg, vg).backward(do), [qg, kg, vg])
     t_flex_fb = med(lambda: flex(qg, kg, vg, block_mask=bm).backward(do), [qg, kg, vg])
     t_sdpa_fb = med(lambda: torch.nn.functional.scaled_dot_product_attention(qg, kg, vg).backward(do), [qg, kg, vg])
     result = {
@@ -116,8 +142,8 @@ def main() -> None:
         "speedup_vs_flex_with_mask_build": t_flex_total / best[0]["ms"],
         "speedup_vs_sdpa": t_sdpa / best[0]["ms"],
         "rel_err_vs_flex": err,
-        "fwd_bwd": {"ours_ms": t_fb, "flex_ms": t_flex_fb, "sdpa_ms": t_sdpa_fb, "speedup_vs_flex": t_flex_fb / t_fb,
-                    "speedup_vs_sdpa": t_sdpa_fb / t_fb},  # fmt: skip
+        "fwd_bwd": {"ours_ms": t_fb, "ours_in_place_ms": t_fb_in_place, "flex_ms": t_flex_fb, "sdpa_ms": t_sdpa_fb,
+                    "speedup_vs_flex": t_flex_fb / t_fb, "speedup_vs_sdpa": t_sdpa_fb / t_fb},  # fmt: skip
     }
     print(
         f"video_dit N={N}: ours {best[0]['ms']:.3f} ms ({best[0]['layout']}) | Flex {t_flex:.3f} ms, with mask build "

@@ -75,6 +75,8 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             sig[p.name] = types[p.name]
         elif p.is_constexpr:
             sig[p.name] = "constexpr"
+        elif p.name == "NTOK":  # the token count beside a token layout's rows; without a layout, absent
+            sig[p.name] = "i32" if constexprs.get("LAYOUT") is not None else "constexpr"
         elif p.name in INTS or p.name.startswith("s_"):
             sig[p.name] = "i32"
         elif p.name in ("qk_scale", "scale"):

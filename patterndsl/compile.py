@@ -50,8 +50,9 @@ GRID_CONFIGS: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
     (256, (64, 32, 8, 2)),
 )
 # The candidates autotuning times on a first call per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA
-# 0/1[, one loop 0/1[, maxnreg]]). Token-layout patterns time their own kernel over the default tiles and these
-# candidates' tiles, warps and stages; selectors keep the default tiles. The register cap lets two 8-warp
+# 0/1[, one loop 0/1[, maxnreg]]). Token-layout patterns time their default tiles too (read in place, with the
+# layout_gather option off, their own kernel over those and these candidates' tiles, warps and stages);
+# selectors keep the default tiles. The register cap lets two 8-warp
 # blocks share an SM; the tuner keeps any candidate only where it is faster (docs/decisions.md).
 TUNE_CONFIGS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (64, ((128, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 0), (64, 64, 4, 2, 1),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import tables
+from . import layout_order, tables
+from .backward import _kv_groups
 from .common import (
     _INTERPRET,
     _LOG2E,
@@ -47,76 +48,123 @@ def _launch(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             scores: torch.Tensor | None = None, picks: dict[int, torch.Tensor] | None = None) -> None:
     """Every pattern's kernel: the fast one with `cfg` = (BLOCK_M, BLOCK_N, warps, stages, tma, one_loop,
     maxnreg) (one_loop: FULL and PARTIAL blocks in one loop, as the `one_loop` option; maxnreg: a cap on
-    registers per thread, as the `maxnreg` option, so that two blocks share an SM); patterns with a token
-    layout take `_attn_fwd` with cfg's tiles, warps and stages, those with a selector `_attn_fwd` with the
-    configured tiles."""
+    registers per thread, as the `maxnreg` option, so that two blocks share an SM), for patterns with a
+    token layout on buffers gathered into its order (the `layout_gather` option; off, they take `_attn_fwd`
+    with cfg's tiles, warps and stages); those with a selector `_attn_fwd` with the configured tiles."""
     B, H, N, D = q.shape
+    descs = None
+    for pat in range(spec.patterns):
+        heads = _heads(pat, patterns, H, q.device)
+        if heads.numel() == 0:
+            continue
+        if not _fast(spec, pat):
+            _launch_general(spec, pat, q, k, v, out, lse, heads, cfg, scale, group, scores, picks)
+        elif spec.layouts[pat] is not None:
+            _launch_gathered(spec, pat, q, k, v, out, lse, heads, cfg, scale, group, patterns)
+        else:
+            if descs is None:
+                descs = _descriptors(cfg[4], q, k, v, out, cfg[0], cfg[1], _d_pad(D))
+            _launch_fast(spec, pat, q, k, v, out, lse, descs, heads, cfg, scale, group, N)
+
+
+def _launch_general(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, heads: torch.Tensor, cfg: tuple[int, ...], scale: float, group: int,
+                    scores: torch.Tensor | None, picks: dict[int, torch.Tensor] | None) -> None:
+    """Pattern `pat` on `_attn_fwd`: a token layout read in place (cfg's tiles), or a selector's blocks (the
+    configured tiles, divided to its blocks)."""
+    B, H, N, D = q.shape
+    nh = heads.numel()
+    d_pad = _d_pad(D)
+    cm, cn, cw, cs = cfg[:4] if spec.selectors[pat] is None else _config(spec, d_pad, q.element_size())
+    bm, bn = _tiles(spec, pat, cm, cn)
+    sel_pred, sel_vars = None, False
+    if spec.selectors[pat] is None:
+        f_off, f_idx, p_off, p_idx = block_tables(spec, N, bm, bn, q.device, pat)
+        order = heavy_first(spec, N, bm, bn, q.device, pat)
+    else:
+        sel_pred, sel_vars = sel_kernel(spec, pat)
+        order = None
+        picked = picks[pat] if picks else _selection(spec, pat, q, k, scores, heads, group)
+        f_off, f_idx, p_off, p_idx = _dynamic_tables(spec, pat, picked, B, nh, N, bm, bn, q.device)
+    rows = tables.rows(spec, pat, N)
+    _attn_fwd[(-(-rows // bm), B * nh)](
+        q, k, v, out, lse, heads, f_off, f_idx, p_off, p_idx, f_off, f_off,
+        *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *out.stride()[:3],
+        N, H, nh, group, scale * _LOG2E, N, rows,
+        PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_prec(q),
+        IDX64=spec.idx64, INTERPRET=_INTERPRET, LAYOUT=layout_kernel(spec, pat), SEL_PRED=sel_pred,
+        SEL_VARS=sel_vars, ORDER=order, num_warps=cw if bm >= 128 else min(cw, 4), num_stages=cs,
+    )
+
+
+def _launch_gathered(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, heads: torch.Tensor, cfg: tuple[int, ...], scale: float,
+                     group: int, patterns: int | tuple[int, ...]) -> None:
+    """Pattern `pat`, which has a token layout, on the fast kernel: q, k, v gathered into the layout's row
+    order, the kernel over those buffers, its output rows and log-sum-exp gathered back to token order
+    (`layout_order`)."""
+    B, H, N, D = q.shape
+    kv_heads = _kv_groups(pat, patterns, H, group, q.device)[0]
+    qr, kr, vr = layout_order.to_rows(spec, pat, heads, kv_heads, q, k, v)
+    out_r = torch.empty_like(qr)
+    lse_r = torch.empty(qr.shape[:3], dtype=torch.float32, device=q.device)
+    descs = _descriptors(cfg[4], qr, kr, vr, out_r, cfg[0], cfg[1], _d_pad(D))
+    _launch_fast(spec, pat, qr, kr, vr, out_r, lse_r, descs, heads, cfg, scale, group, N)
+    layout_order.to_tokens(spec, pat, heads, out_r, lse_r, out, lse)
+
+
+def _launch_fast(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, descs: tuple[Any, ...], heads: torch.Tensor, cfg: tuple[int, ...], scale: float,
+                 group: int, n: int) -> None:
+    """Pattern `pat` on `_attn_fwd_fast` over tensors of q.shape[2] rows: the tokens (n of them), or with
+    the pattern's token layout its rows (`layout_order`'s buffers, the kernel mapping rows to tokens in
+    PARTIAL tiles). Heavy query blocks may be sliced (`_attn_combine` merges the slices)."""
+    B, H, R, D = q.shape
     block_m, block_n, warps, stages, tma, one_loop, maxnreg = cfg
     opts = current_options()
     cap = {"maxnreg": maxnreg or opts.maxnreg} if maxnreg or opts.maxnreg else {}
     d_pad = _d_pad(D)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
     qk_scale = scale * _LOG2E
-    descs = None
-    off32 = (N + max(block_m, block_n)) * max(q.stride(2), k.stride(2), v.stride(2)) + d_pad < 2**31
-    for pat in range(spec.patterns):
-        heads = _heads(pat, patterns, H, q.device)
-        nh = heads.numel()
-        if nh == 0:
-            continue
-        if not _fast(spec, pat):
-            cm, cn, cw, cs = cfg[:4] if spec.selectors[pat] is None else _config(spec, d_pad, q.element_size())
-            bm, bn = _tiles(spec, pat, cm, cn)
-            sel_pred, sel_vars = None, False
-            if spec.selectors[pat] is None:
-                f_off, f_idx, p_off, p_idx = block_tables(spec, N, bm, bn, q.device, pat)
-                order = heavy_first(spec, N, bm, bn, q.device, pat)
-            else:
-                sel_pred, sel_vars = sel_kernel(spec, pat)
-                order = None
-                picked = picks[pat] if picks else _selection(spec, pat, q, k, scores, heads, group)
-                f_off, f_idx, p_off, p_idx = _dynamic_tables(spec, pat, picked, B, nh, N, bm, bn, q.device)
-            rows = tables.rows(spec, pat, N)
-            _attn_fwd[(-(-rows // bm), B * nh)](
-                q, k, v, out, lse, heads, f_off, f_idx, p_off, p_idx, f_off, f_off,
-                *q.stride()[:3], *k.stride()[:3],
-                *v.stride()[:3], *out.stride()[:3],
-                N, H, nh, group, qk_scale, N, rows,
-                PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
-                IDX64=spec.idx64, INTERPRET=_INTERPRET, LAYOUT=layout_kernel(spec, pat), SEL_PRED=sel_pred,
-                SEL_VARS=sel_vars, ORDER=order, num_warps=cw if bm >= 128 else min(cw, 4), num_stages=cs,
-            )
-            continue
-        if descs is None:
-            descs = _descriptors(tma, q, k, v, out, block_m, block_n, d_pad)
-        q_desc, k_desc, v_desc, o_desc = descs
-        f_off, f_idx, p_off, p_idx = block_tables(spec, N, block_m, block_n, q.device, pat)
-        work, splits, slots, contig = work_list(spec, N, block_m, block_n, q.device, pat, opts.split_tiles, B * nh)
-        ws_o = ws_l = lse
-        if slots:
-            ws_o = torch.empty(B * nh * slots * block_m * d_pad, dtype=torch.float32, device=q.device)
-            ws_l = torch.empty(B * nh * slots * block_m, dtype=torch.float32, device=q.device)
-        bhn = B * nh
-        _attn_fwd_fast[(work.shape[0] * bhn,)](
-            q, k, v, out, lse, q_desc, k_desc, v_desc, o_desc, ws_o, ws_l, heads, work, f_idx, p_idx,
-            *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], *out.stride()[:3],
-            N, H, nh, bhn, group, max(slots, 1), qk_scale,
-            PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
-            IDX64=spec.idx64, EVEN=N % block_n == 0, FOLD=opts.fold and qk_scale > 0, OFF32=off32,
-            CONTIG=opts.contig and contig, TMA=tma, INTERPRET=_INTERPRET, ONE_LOOP=bool(one_loop or opts.one_loop),
-            num_warps=warps, num_stages=stages, **cap,
+    off32 = (R + max(block_m, block_n)) * max(q.stride(2), k.stride(2), v.stride(2)) + d_pad < 2**31
+    layout = layout_kernel(spec, pat)
+    nh = heads.numel()
+    q_desc, k_desc, v_desc, o_desc = descs
+    _, f_idx, _, p_idx = block_tables(spec, n, block_m, block_n, q.device, pat)
+    work, splits, slots, contig = work_list(spec, n, block_m, block_n, q.device, pat, opts.split_tiles, B * nh)
+    ws_o = ws_l = lse
+    if slots:
+        ws_o = torch.empty(B * nh * slots * block_m * d_pad, dtype=torch.float32, device=q.device)
+        ws_l = torch.empty(B * nh * slots * block_m, dtype=torch.float32, device=q.device)
+    bhn = B * nh
+    _attn_fwd_fast[(work.shape[0] * bhn,)](
+        q, k, v, out, lse, q_desc, k_desc, v_desc, o_desc, ws_o, ws_l, heads, work, f_idx, p_idx,
+        *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *out.stride()[:3],
+        R, H, nh, bhn, group, max(slots, 1), qk_scale,
+        PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_prec(q),
+        IDX64=spec.idx64, EVEN=R % block_n == 0, FOLD=opts.fold and qk_scale > 0, OFF32=off32,
+        CONTIG=opts.contig and contig, TMA=tma, INTERPRET=_INTERPRET, ONE_LOOP=bool(one_loop or opts.one_loop),
+        num_warps=warps, num_stages=stages, **cap, **({} if layout is None else dict(LAYOUT=layout, NTOK=n)),
+    )
+    if slots:
+        _attn_combine[(splits.shape[0] * bhn,)](
+            out, lse, ws_o, ws_l, heads, splits, *out.stride()[:3],
+            R, H, nh, bhn, slots, BLOCK_M=block_m, HEAD_DIM=D, D_PAD=d_pad, num_warps=4,
         )
-        if slots:
-            _attn_combine[(splits.shape[0] * bhn,)](
-                out, lse, ws_o, ws_l, heads, splits, *out.stride()[:3],
-                N, H, nh, bhn, slots, BLOCK_M=block_m, HEAD_DIM=D, D_PAD=d_pad, num_warps=4,
-            )
+
+
+def _prec(q: torch.Tensor) -> str:
+    """The kernels' tl.dot input precision: exact for float32 inputs, tensor cores otherwise."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _fast(spec: PatternSpec, pat: int) -> bool:
-    """The fast kernel serves this pattern: no token layout, no selector."""
-    return spec.layouts[pat] is None and spec.selectors[pat] is None
+    """The fast kernel serves this pattern: no selector, and no token layout unless the `layout_gather` option
+    (on by default) runs it on buffers gathered into the layout's order."""
+    if spec.selectors[pat] is not None:
+        return False
+    return spec.layouts[pat] is None or current_options().layout_gather
 
 
 def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -136,10 +184,13 @@ def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             or not current_options().autotune or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
         return default
     N = q.shape[2]
-    fields = ("fwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), patterns)
+    # a token layout's pattern runs on another kernel without the `layout_gather` option: its own tuning
+    pointer = any(spec.layouts[p] is not None for p in used) and not current_options().layout_gather
+    fields = ("fwd-pointer" if pointer else "fwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), patterns)
     run = lambda cfg: _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)  # noqa: E731
     if any(_fast(spec, p) for p in used):
-        return _tuned(spec, fields, lambda: _tune_candidates(spec, d_pad, tma, q.element_size()), run, default)
+        first = default if any(spec.layouts[p] is not None for p in used) else None  # a layout's own tiles too
+        return _tuned(spec, fields, lambda: _tune_candidates(spec, d_pad, tma, q.element_size(), first), run, default)
     return _tuned(spec, fields, lambda: _layout_candidates(spec, d_pad, q.element_size(), default), run, default)
 
 
@@ -188,7 +239,7 @@ def _varlen_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torc
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
     d_pad = _d_pad(D)
     block_m, block_n, warps, stages = _config(spec, d_pad, q.element_size())
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _prec(q)
     cu = cu_seqlens.to(torch.int32)
     for pat in range(spec.patterns):
         heads = _heads(pat, patterns, H, q.device)
@@ -225,7 +276,7 @@ def _spans_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     d_pad = _d_pad(D)
     block_m, block_n, warps, stages = _config(spec, d_pad, q.element_size())
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _prec(q)
     for pat in range(spec.patterns):
         heads = _heads(pat, patterns, H, q.device)
         nh = heads.numel()

@@ -5,9 +5,11 @@ defined in the pattern's generated module (Triton specialises the kernel on it);
 `LAYOUT`, a constexpr function `(rows, N) -> (tokens, valid)`, or None; a selector's selected blocks as
 `SEL_PRED`, or None. Heads with different predicates take one launch each.
 
-Two kernels: `_attn_fwd`, the general one (token layouts, packed documents, selectors), and
+Two kernels: `_attn_fwd`, the general one (token layouts read in place, packed documents, selectors), and
 `_attn_fwd_fast` (contiguous rows, whole sequences): a work list of query blocks, heaviest first, with
-tensor-descriptor (TMA) loads, optionally slicing heavy query blocks (`_attn_combine` merges the slices).
+tensor-descriptor (TMA) loads, optionally slicing heavy query blocks (`_attn_combine` merges the slices). A
+token layout reaches the fast kernel as buffers gathered into its order (`layout_order`) and `LAYOUT`, which
+only its PARTIAL tiles evaluate.
 """
 
 import triton
@@ -202,8 +204,8 @@ def _attn_fwd(Q, K, V, O, LSE, HEAD_IDS, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
     tl.store(LSE + (b * H + h) * LSE_N + start + offs_m, lse, mask=qok)
 
 
-# --- the fast kernel (patterns without a token layout, whole sequences): a work list of query blocks,
-# heaviest first, with tensor-descriptor (TMA) loads.
+# --- the fast kernel (whole sequences: contiguous rows, or a token layout's gathered buffers): a work list of
+# query blocks, heaviest first, with tensor-descriptor (TMA) loads.
 # Launch-time switches (all tl.constexpr): EVEN (N % BLOCK_N == 0: no key bounds), FOLD (the softmax scale
 # folded into one multiply-add, scale > 0), OFF32 (in-head offsets fit int32), CONTIG (every work item's
 # FULL key blocks are one run: no index load per tile), TMA (0 pointer loads, 1 host tensor descriptors,
@@ -254,6 +256,22 @@ def _pair_ok(offs_m, cols, N, PRED: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.
 
 
 @triton.jit
+def _masked(s, offs_m, qok, cols, N, NTOK, PRED: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr,
+            LAYOUT: tl.constexpr):
+    """Scores s of a PARTIAL tile with the pairs the pattern forbids at -inf. Without LAYOUT, offs_m and cols
+    are the tokens. With it, rows of buffers gathered into the layout's order (`layout_order`): offs_m holds
+    the query rows' tokens (qok: the row is no padding), the key rows' tokens come from LAYOUT here, and a
+    pair is kept iff both rows hold a token and PRED allows them at the token count NTOK (padding rows,
+    those past the buffer's N rows included, are never valid: no separate bound)."""
+    if LAYOUT is None:
+        ok = _pair_ok(offs_m, cols, N, PRED, IDX64, EVEN)
+    else:
+        ktok, kok = LAYOUT(cols, NTOK)
+        ok = _pair_ok(offs_m, ktok, NTOK, PRED, IDX64, True) & qok[:, None] & kok[None, :]
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
 def _online_softmax(s, m_i, l_i, qk_scale, FOLD: tl.constexpr, GUARD: tl.constexpr):
     """One key tile into the running softmax: (p, the old accumulator's rescale, l, m). FOLD: `s` is unscaled
     and the scale rides in the exponent's multiply-add. GUARD: a row may have no key yet (m = -inf), whose
@@ -278,9 +296,11 @@ def _online_softmax(s, m_i, l_i, qk_scale, FOLD: tl.constexpr, GUARD: tl.constex
 def _fast_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kb, partial, offs_m, offs_n, offs_d,
                s_kn, s_vn, N, qk_scale, PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-               EVEN: tl.constexpr, FOLD: tl.constexpr, OFF32: tl.constexpr, TMA: tl.constexpr):
+               EVEN: tl.constexpr, FOLD: tl.constexpr, OFF32: tl.constexpr, TMA: tl.constexpr, qok=None, NTOK=None,
+               LAYOUT: tl.constexpr = None):
     """Key block kb into the running softmax. MASKED 0: a FULL block (no predicate, no bounds); 1: PARTIAL
-    (the pattern's predicate per pair); 2: either, the run-time `partial` deciding (ONE_LOOP)."""
+    (the pattern's predicate per pair); 2: either, the run-time `partial` deciding (ONE_LOOP). offs_m: the
+    query rows' indices as the predicate reads them (with LAYOUT, their tokens; qok: which rows hold one)."""
     cols = kb * BLOCK_N + offs_n
     bounds: tl.constexpr = MASKED > 0 and not EVEN
     k = _load_rows(k_base, k_desc, b, kvh, kb * BLOCK_N, cols, offs_d, s_kn, N, BLOCK_N, HEAD_DIM, D_PAD,
@@ -289,10 +309,10 @@ def _fast_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kb, par
     if not FOLD:
         s = s * qk_scale
     if MASKED == 1:
-        s = tl.where(_pair_ok(offs_m, cols, N, PRED, IDX64, EVEN), s, float("-inf"))
+        s = _masked(s, offs_m, qok, cols, N, NTOK, PRED, IDX64, EVEN, LAYOUT)
     elif MASKED == 2:
         if partial:
-            s = tl.where(_pair_ok(offs_m, cols, N, PRED, IDX64, EVEN), s, float("-inf"))
+            s = _masked(s, offs_m, qok, cols, N, NTOK, PRED, IDX64, EVEN, LAYOUT)
     p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i, qk_scale, FOLD, MASKED > 0)
     v = _load_rows(v_base, v_desc, b, kvh, kb * BLOCK_N, cols, offs_d, s_vn, N, BLOCK_N, HEAD_DIM, D_PAD,
                    bounds, OFF32, TMA)
@@ -305,8 +325,9 @@ def _attn_stage(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, IDX, l
                 s_kn, s_vn, N, qk_scale, PRED: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
                 IDX64: tl.constexpr, EVEN: tl.constexpr, FOLD: tl.constexpr, OFF32: tl.constexpr,
-                TMA: tl.constexpr, INTERPRET: tl.constexpr):
-    """Key blocks IDX[lo:hi] (or kb0 .. kb0 + hi - lo when CONTIG) into the running softmax; MASKED 0 or 1."""
+                TMA: tl.constexpr, INTERPRET: tl.constexpr, qok=None, NTOK=None, LAYOUT: tl.constexpr = None):
+    """Key blocks IDX[lo:hi] (or kb0 .. kb0 + hi - lo when CONTIG) into the running softmax; MASKED 0 or 1
+    (qok, NTOK, LAYOUT: `_masked`'s, for buffers in a token layout's order)."""
     if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
         t = lo
         while t < hi:
@@ -316,19 +337,19 @@ def _attn_stage(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, IDX, l
                 kb = tl.load(IDX + t)
             acc, l_i, m_i = _fast_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kb, MASKED, offs_m,
                                        offs_n, offs_d, s_kn, s_vn, N, qk_scale, PRED, MASKED, BLOCK_N, HEAD_DIM,
-                                       D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA)
+                                       D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA, qok, NTOK, LAYOUT)
             t += 1
     elif CONTIG:
         for kb in range(kb0, kb0 + hi - lo):
             acc, l_i, m_i = _fast_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kb, MASKED, offs_m,
                                        offs_n, offs_d, s_kn, s_vn, N, qk_scale, PRED, MASKED, BLOCK_N, HEAD_DIM,
-                                       D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA)
+                                       D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA, qok, NTOK, LAYOUT)
     else:
         for t in range(lo, hi):
             kb = tl.load(IDX + t)
             acc, l_i, m_i = _fast_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kb, MASKED, offs_m,
                                        offs_n, offs_d, s_kn, s_vn, N, qk_scale, PRED, MASKED, BLOCK_N, HEAD_DIM,
-                                       D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA)
+                                       D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA, qok, NTOK, LAYOUT)
     return acc, l_i, m_i
 
 
@@ -337,7 +358,7 @@ def _attn_one_loop(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, w, 
                    offs_d, s_kn, s_vn, N, qk_scale, PRED: tl.constexpr, CONTIG: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
                    EVEN: tl.constexpr, FOLD: tl.constexpr, OFF32: tl.constexpr, TMA: tl.constexpr,
-                   INTERPRET: tl.constexpr):
+                   INTERPRET: tl.constexpr, qok=None, NTOK=None, LAYOUT: tl.constexpr = None):
     """Work item w's FULL then PARTIAL key blocks as one loop (step t < nf: FULL block, else PARTIAL), so a
     row of few tiles pays one pipeline fill, not one per stage; the predicate runs under a run-time `if`."""
     flo = tl.load(w + 1)
@@ -351,14 +372,14 @@ def _attn_one_loop(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, w, 
             kb, partial = _one_loop_block(t, nf, flo, kb0, plo, FULL_IDX, PART_IDX, CONTIG)
             acc, l_i, m_i = _fast_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kb, partial, offs_m,
                                        offs_n, offs_d, s_kn, s_vn, N, qk_scale, PRED, 2, BLOCK_N, HEAD_DIM, D_PAD,
-                                       DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA)
+                                       DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA, qok, NTOK, LAYOUT)
             t += 1
     else:
         for t in range(0, n):
             kb, partial = _one_loop_block(t, nf, flo, kb0, plo, FULL_IDX, PART_IDX, CONTIG)
             acc, l_i, m_i = _fast_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kb, partial, offs_m,
                                        offs_n, offs_d, s_kn, s_vn, N, qk_scale, PRED, 2, BLOCK_N, HEAD_DIM, D_PAD,
-                                       DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA)
+                                       DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA, qok, NTOK, LAYOUT)
     return acc, l_i, m_i
 
 
@@ -375,16 +396,18 @@ def _one_loop_block(t, nf, flo, kb0, plo, FULL_IDX, PART_IDX, CONTIG: tl.constex
     return tl.where(partial, kp, kf), partial
 
 
-@triton.jit(do_not_specialize=["N", "SLOTS"])
+@triton.jit(do_not_specialize=["N", "SLOTS", "NTOK"])
 def _attn_fwd_fast(Q, K, V, O, LSE, q_desc, k_desc, v_desc, o_desc, WS_O, WS_L, HEAD_IDS, WORK, FULL_IDX, PART_IDX,
               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
               N, H, NH, BHN, GROUP, SLOTS, qk_scale,
               PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr,
               FOLD: tl.constexpr, OFF32: tl.constexpr, CONTIG: tl.constexpr, TMA: tl.constexpr,
-              INTERPRET: tl.constexpr, ONE_LOOP: tl.constexpr):
+              INTERPRET: tl.constexpr, ONE_LOOP: tl.constexpr, LAYOUT: tl.constexpr = None, NTOK=None):
     # one work item: a query block (or a slice of its key blocks: `slot` >= 0), heaviest items first,
     # each for every (batch, head) before the next item starts
+    # LAYOUT (with NTOK tokens): Q, K, V, O, LSE are buffers of N rows in the token layout's order
+    # (`layout_order`); only PARTIAL tiles map rows to tokens (`_masked`), FULL tiles hold no padding row
     pid = tl.program_id(0)
     pid_bh = pid % BHN
     w = WORK + (pid // BHN) * 7
@@ -410,21 +433,26 @@ def _attn_fwd_fast(Q, K, V, O, LSE, q_desc, k_desc, v_desc, o_desc, WS_O, WS_L, 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    qtok = offs_m  # the query rows as the predicate reads them
+    qok = None
+    if LAYOUT is not None:  # once per program: the rows' tokens
+        qtok, qok = LAYOUT(offs_m, NTOK)
     if ONE_LOOP:  # FULL then PARTIAL blocks in one pipelined loop: no second prologue for a short row's tail
         acc, l_i, m_i = _attn_one_loop(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b32, kvh32, w, FULL_IDX,
-                                       PART_IDX, offs_m, offs_n, offs_d, s_kn, s_vn, N, qk_scale, PRED, CONTIG,
-                                       BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA, INTERPRET)
+                                       PART_IDX, qtok, offs_n, offs_d, s_kn, s_vn, N, qk_scale, PRED, CONTIG,
+                                       BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, EVEN, FOLD, OFF32, TMA, INTERPRET,
+                                       qok, NTOK, LAYOUT)
     else:
         # stage 1: FULL key blocks, no predicate, no bounds (ragged blocks are listed PARTIAL)
         acc, l_i, m_i = _attn_stage(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b32, kvh32, FULL_IDX,
-                                    tl.load(w + 1), tl.load(w + 2), tl.load(w + 3), offs_m, offs_n, offs_d, s_kn,
+                                    tl.load(w + 1), tl.load(w + 2), tl.load(w + 3), qtok, offs_n, offs_d, s_kn,
                                     s_vn, N, qk_scale, PRED, 0, CONTIG, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64,
-                                    EVEN, FOLD, OFF32, TMA, INTERPRET)
+                                    EVEN, FOLD, OFF32, TMA, INTERPRET, qok, NTOK, LAYOUT)
         # stage 2: PARTIAL key blocks, the pattern's predicate per pair
         acc, l_i, m_i = _attn_stage(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b32, kvh32, PART_IDX,
-                                    tl.load(w + 4), tl.load(w + 5), 0, offs_m, offs_n, offs_d, s_kn, s_vn,
+                                    tl.load(w + 4), tl.load(w + 5), 0, qtok, offs_n, offs_d, s_kn, s_vn,
                                     N, qk_scale, PRED, 1, False, BLOCK_N, HEAD_DIM, D_PAD, DOT_PREC, IDX64, EVEN,
-                                    FOLD, OFF32, TMA, INTERPRET)
+                                    FOLD, OFF32, TMA, INTERPRET, qok, NTOK, LAYOUT)
     _store_item(acc, l_i, m_i, tl.load(w + 6), O, LSE, o_desc, WS_O, WS_L, b32, h32, pid_bh, pid_m, offs_m, offs_d,
                 s_ob, s_oh, s_on, N, H, SLOTS, BLOCK_M, HEAD_DIM, D_PAD, TMA)
 
@@ -497,3 +525,36 @@ def _merge_part(acc, l_i, m_i, o, ls):
     alpha = tl.math.exp2(m_i - m_use)
     wt = tl.math.exp2(ls - m_use)
     return acc * alpha[:, None] + o * wt[:, None], l_i * alpha + wt, m_new
+
+
+# --- a token layout as a permutation (`layout_order`): the rows <-> tokens index and the gathers
+@triton.jit
+def _layout_index(ROW_TOKEN, TOKEN_ROW, NP, N, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
+    """ROW_TOKEN[r]: row r's token, -1 for a padding row; TOKEN_ROW[t]: token t's row."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tok, ok = LAYOUT(r, N)
+    ok = ok & (r < NP)
+    tl.store(ROW_TOKEN + r, tl.where(ok, tok, -1), mask=r < NP)
+    tl.store(TOKEN_ROW + tok, r, mask=ok)
+
+
+@triton.jit
+def _gather_rows(SRC, DST, INDEX, HEADS, s_sb, s_sh, s_sn, s_db, s_dh, s_dn, ROWS, NH, HEAD_DIM: tl.constexpr,
+                 D_PAD: tl.constexpr, BLOCK: tl.constexpr, LSE_SRC=None, LSE_DST=None, H=0, SRC_ROWS=0):
+    """DST[b, h, r] = SRC[b, h, INDEX[r]] for rows r < ROWS of heads HEADS (every batch), zeros where
+    INDEX[r] < 0. With LSE_SRC, also LSE_DST[b, h, r] = LSE_SRC[b, h, INDEX[r]] (both contiguous [B, H, *],
+    SRC_ROWS and ROWS rows)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    h = tl.load(HEADS + pid_bh % NH).to(tl.int64)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = r < ROWS
+    src = tl.load(INDEX + r, mask=inside, other=-1)
+    d = tl.arange(0, D_PAD)
+    cols = (d < HEAD_DIM)[None, :]
+    x = tl.load(SRC + b * s_sb + h * s_sh + src[:, None].to(tl.int64) * s_sn + d[None, :],
+                mask=(src >= 0)[:, None] & cols, other=0.0)
+    tl.store(DST + b * s_db + h * s_dh + r[:, None].to(tl.int64) * s_dn + d[None, :], x, mask=inside[:, None] & cols)
+    if LSE_SRC is not None:
+        lse = tl.load(LSE_SRC + (b * H + h) * SRC_ROWS + src, mask=src >= 0, other=float("-inf"))
+        tl.store(LSE_DST + (b * H + h) * ROWS + r, lse, mask=inside)

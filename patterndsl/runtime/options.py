@@ -26,6 +26,8 @@ class Options:
     topk_rows, topk_warps, topk_keys, topk_fill, pool_warps: the fused top-k and block-mean kernels' shape.
     bwd_fuse_pre: the dQ kernel computes delta and lse2 (one launch less).
     bwd_tma: static patterns without a token layout read Q, dO and K, V tiles through TMA descriptors.
+    layout_gather: patterns with a token layout run the fast kernel on q, k, v gathered into the layout's
+    order (`runtime.layout_order`); False reads them in place on the pointer-load kernel `_attn_fwd`.
     autotune: False launches the configured tiles (as PATTERNDSL_AUTOTUNE=0 does).
     tiles: a forward config (BLOCK_M, BLOCK_N[, warps, stages[, tma, one_loop, maxnreg]]) to launch, no tuning.
     bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning.
@@ -51,6 +53,7 @@ class Options:
     pool_warps: int = 4
     bwd_fuse_pre: bool = True
     bwd_tma: bool = True
+    layout_gather: bool = True
     autotune: bool = True
     tiles: tuple[int, ...] | None = None
     bwd_tiles: tuple[int, ...] | None = None

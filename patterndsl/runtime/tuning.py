@@ -121,10 +121,12 @@ def _fastest(runs: dict[tuple[int, ...], Callable[[], object]], batch_ms: float 
     return min(order, key=lambda cfg: sum(times[cfg])), times
 
 
-def _tune_candidates(spec: PatternSpec, d_pad: int, tma: int, itemsize: int = 2) -> list[tuple[int, ...]]:
-    """Candidate (BLOCK_M, BLOCK_N, warps, stages, tma, one_loop, maxnreg) for this head_dim; TMA only where
-    allowed."""
-    out: list[tuple[int, ...]] = []
+def _tune_candidates(spec: PatternSpec, d_pad: int, tma: int, itemsize: int = 2,
+                     first: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+    """Candidate (BLOCK_M, BLOCK_N, warps, stages, tma, one_loop, maxnreg) for the fast kernel at this head_dim;
+    TMA only where allowed. `first`: a config timed before the tuning rows (a token layout's configured tiles,
+    those its layout was chosen for)."""
+    out: list[tuple[int, ...]] = [] if first is None else [tuple(first)]
     for c in _by_width(spec.tune_configs, d_pad, itemsize):
         cand = (*c[:4], tma if c[4] else 0, c[5] if len(c) > 5 else 0, c[6] if len(c) > 6 else 0)
         if cand not in out:
@@ -134,9 +136,9 @@ def _tune_candidates(spec: PatternSpec, d_pad: int, tma: int, itemsize: int = 2)
 
 def _layout_candidates(spec: PatternSpec, d_pad: int, itemsize: int,
                        default: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Candidates for patterns with a token layout (`_attn_fwd`: pointer loads, FULL and PARTIAL blocks
-    apart, no register cap): the configured tiles, then the tuning candidates' distinct tiles, warps and
-    stages."""
+    """Candidates for patterns with a token layout read in place (`layout_gather=False`; `_attn_fwd`: pointer
+    loads, FULL and PARTIAL blocks apart, no register cap): the configured tiles, then the tuning candidates'
+    distinct tiles, warps and stages."""
     tiles = [default[:4], *(tuple(c[:4]) for c in _by_width(spec.tune_configs, d_pad, itemsize))]
     return [(*t, default[4], 0, 0) for t in dict.fromkeys(tiles)]
 

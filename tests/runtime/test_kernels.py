@@ -431,34 +431,36 @@ def test_tuner_interleaves_its_rounds_and_picks_the_lowest_total(monkeypatch: An
 
 
 def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeypatch: Any) -> None:
-    """A pattern with a token layout (the dilated window) is tuned over its own candidates (the configured
-    tiles first, then the tuning configs' distinct tiles, warps, stages), and its kernel launches the tiles it
-    is given: the interpreter's output with tiles other than the configured ones matches the float64
-    reference."""
+    """A pattern with a token layout (the dilated window) read in place (`layout_gather=False`) is tuned over
+    its own candidates (the configured tiles first, then the tuning configs' distinct tiles, warps, stages),
+    and its kernel launches the tiles it is given: the interpreter's output with tiles other than the
+    configured ones matches the float64 reference."""
     from patterndsl.runtime import forward, tuning
 
     src = "causal & window(40, dilation=4)"
     attn = P.compile(f"pattern p = {src}\n", **SMALL)
     spec = attn.spec
-    assert spec.layouts[0] is not None and not forward._fast(spec, 0)
-    default = (*forward._config(spec, 128), 1, 0, 0)
-    cands = tuning._layout_candidates(spec, 128, 2, default)
-    assert cands[0] == default and len(cands) == len(set(c[:4] for c in cands)) >= 3
-    assert {c[:4] for c in cands} == {default[:4]} | {tuple(c[:4]) for c in dict(spec.tune_configs)[128]}
-    launched: list[Any] = []
-    spy_launches(monkeypatch, forward, "_attn_fwd", launched,
-                 lambda kw: (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))  # fmt: skip
-    n, d = 77, 32
-    mask = P.dense_mask(src, n)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, d, generator=g) for _ in range(3))
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((1, 2, n), float("nan"))
-    forward._launch(spec, q, k, v, out, lse, (32, 32, 4, 1, 0, 0, 0), d**-0.5, 1, 0)  # what the tuner runs
-    assert launched == [(32, 32, 4, 1)]
-    want, want_lse = attention_reference(q, k, v, mask, d**-0.5)
-    assert (out.double() - want).abs().max().item() < 2e-5
-    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
+    assert spec.layouts[0] is not None and forward._fast(spec, 0)
+    with attn.options(layout_gather=False):
+        assert not forward._fast(spec, 0)
+        default = (*forward._config(spec, 128), 1, 0, 0)
+        cands = tuning._layout_candidates(spec, 128, 2, default)
+        assert cands[0] == default and len(cands) == len(set(c[:4] for c in cands)) >= 3
+        assert {c[:4] for c in cands} == {default[:4]} | {tuple(c[:4]) for c in dict(spec.tune_configs)[128]}
+        launched: list[Any] = []
+        spy_launches(monkeypatch, forward, "_attn_fwd", launched,
+                     lambda kw: (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))  # fmt: skip
+        n, d = 77, 32
+        mask = P.dense_mask(src, n)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, n, d, generator=g) for _ in range(3))
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((1, 2, n), float("nan"))
+        forward._launch(spec, q, k, v, out, lse, (32, 32, 4, 1, 0, 0, 0), d**-0.5, 1, 0)  # what the tuner runs
+        assert launched == [(32, 32, 4, 1)]
+        want, want_lse = attention_reference(q, k, v, mask, d**-0.5)
+        assert (out.double() - want).abs().max().item() < 2e-5
+        assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
 
 
 def test_backward_autotune_times_each_kernel_on_its_own(tmp_path: Path, monkeypatch: Any) -> None:
