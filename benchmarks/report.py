@@ -236,7 +236,9 @@ def hf_section(d: dict[str, Any]) -> list[str]:
             f"{r['cache_bytes'] / 2**20:.0f}"] for b, per in g.get("batches", {}).items()
            for who, r in per.items() if isinstance(r, dict)]  # fmt: skip
     if gen:
-        out += [f"Generation: a {g['prompt']}-token prompt, {g['new_tokens']} new tokens, `{g['pattern']}`.", "",
+        when = d.get("generation_run", {}).get("date", "")
+        out += [f"Generation: a {g['prompt']}-token prompt, {g['new_tokens']} new tokens, `{g['pattern']}`"
+                + (f" (measured {when[:16].replace('T', ' ')} UTC)" if when else "") + ".", "",
                 *_table(["batch", "attention and cache", "prefill s", "decode tokens/s", "cache MiB"], gen), ""]  # fmt: skip
     return out
 
@@ -310,10 +312,28 @@ def decode_quick_section(d: dict[str, Any]) -> list[str]:
             for r in d.get("flat", [])]  # fmt: skip
     rows += [[r["pattern"], str(r["N"]), str(r["B"]), _ms(r["ms"]["contiguous_eager"]), _ms(r["ms"]["contiguous_graph"]),
               "-", f"{_ms(r['ms']['paged_graph'])} ({r['paged_over_contiguous']:.2f}x)"] for r in d.get("paged", [])]  # fmt: skip
-    context = (f"{_stamp(d)}; `causal & (window(1023) | sink(4))` from 8k to 512k tokens of context (B=1), and dense "
-               "causal with a contiguous and a paged cache." + "".join(f" {n}." for n in d.get("notes", [])))  # fmt: skip
+    rows += [["top-16 of 64 + window 512", str(r["N"]), str(r["B"]), _ms(r["ms"].get("topk_window_eager")),
+              _ms(r["ms"]["topk_window"]), "-", "-"] for r in d.get("selectors", [])]  # fmt: skip
+    context = (f"{_stamp(d)}; `causal & (window(1023) | sink(4))` from 8k to 512k tokens of context (B=1), dense "
+               "causal with a contiguous and a paged cache, and a selector step (32 query over 8 KV heads, D=128, "
+               "bf16)." + "".join(f" {n}." for n in d.get("notes", [])))  # fmt: skip
     header = ["pattern", "context", "B", "eager ms", "graph ms", "host ms per call", "paged graph ms"]
-    return _section(TITLES["decode_quick"], context, header, rows)
+    out = _section(TITLES["decode_quick"], context, header, rows)
+    sel = [[str(r["B"]), _ms(r["ms"]["topk_window"]), _ms(r["ms"]["topk_window_given_selection"]),
+            f"{r['selection_share']:.0%}", _ms(r["ms"]["dense_causal"]), f"{r['speedup_vs_dense_causal']:.1f}x",
+            _ms(r["ms"]["sdpa_whole_cache"])] for r in d.get("selectors", [])]  # fmt: skip
+    if sel:
+        out += ["The selector step (graph-replayed), its selection's share, against dense causal decode and SDPA over "
+                "the whole cache at the same context:", "",
+                *_table(["B", "step ms", "given its selection ms", "selection share", "dense ms", "step vs dense",
+                         "SDPA ms"], sel), ""]  # fmt: skip
+    dense = [[str(r["B"]), _ms(r["ms"]["default"]), r["best"], _ms(r["ms"][r["best"]]), _ms(r["ms"]["sdpa_whole_cache"]),
+              f"{r['bytes_kv'] / r['ms']['default'] / 1e6:.0f}"] for r in d.get("tune_dense", []) if "default" in r["ms"]]  # fmt: skip
+    if dense:
+        out += ["Dense causal decode at 128k (graph-replayed): the tuned step, the best fixed configuration of the sweep "
+                "(key block, splits, warps, stages, TMA), SDPA in the same rounds:", "",
+                *_table(["B", "tuned ms", "best of sweep", "its ms", "SDPA ms", "tuned GB/s"], dense), ""]  # fmt: skip
+    return out
 
 
 def layout_choice_section(d: dict[str, Any]) -> list[str]:
