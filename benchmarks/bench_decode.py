@@ -82,6 +82,15 @@ def keys_read(attn: Any, n: int, nq: int) -> int:
     return int(ok.any(0).sum())
 
 
+def full_cache(B: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's inputs at a cache of n tokens per sequence, all of them in use: (k_cache, v_cache, q with one
+    row, cache_seqlens)."""
+    kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+    vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
+    q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
+    return kc, vc, q, torch.full((B,), n, dtype=torch.int32, device=DEV)
+
+
 def paged(kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The contiguous cache [B, Hkv, N, D] as shuffled pages [pages, PAGE, Hkv, D] and its page table."""
     B, hkv, n, d = kc.shape
@@ -382,10 +391,7 @@ def tune_dense(res: dict[str, Any], save: Any) -> None:
         if left() < 30:
             res["notes"].append(f"tune_dense B={B}: deadline, skipped")
             continue
-        kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
-        vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
-        q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
-        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        kc, vc, q, seqlens = full_cache(B, n)
         want = dense.decode(q, kc, vc, seqlens).float()
         fns: dict[str, Any] = {"sdpa_whole_cache": lambda: torch.nn.functional.scaled_dot_product_attention(
             q, kc, vc, enable_gqa=True)}
@@ -431,10 +437,7 @@ def sweep(res: dict[str, Any], save: Any) -> None:
             res["notes"].append(f"sweep {name}: deadline, skipped")
             continue
         attn = P.compile(f"pattern p = {PATTERNS[name][0]}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
-        kc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
-        vc = torch.randn(B, HKV, n, D, device=DEV, dtype=DT)
-        q = torch.randn(B, H, 1, D, device=DEV, dtype=DT)
-        seqlens = torch.full((B,), n, dtype=torch.int32, device=DEV)
+        kc, vc, q, seqlens = full_cache(B, n)
         fns: dict[str, Any] = {}
         for block in (32, 64, 128) if not SMOKE else (16,):
             for splits in (0, 1, 2, 4, 8, 16, 32, 64) if not SMOKE else (0, 2):
