@@ -81,7 +81,7 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             sig[p.name] = "i32"
         elif p.name in ("qk_scale", "scale"):
             sig[p.name] = "fp32"
-        elif p.name.endswith("_desc") or p.name in SEGMENTS or p.name == "ORDER":  # pointer loads, no segments,
+        elif p.name.lower().endswith("_desc") or p.name in SEGMENTS or p.name == "ORDER":  # pointer loads, no segments,
             # the kernels' own order of query blocks: unused, None
             sig[p.name] = "constexpr"
         else:
