@@ -258,7 +258,12 @@ def selectors(res: dict[str, Any], save: Any) -> None:
             "dense_causal": lambda: dense.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn),
         }
         same = torch.equal(steps["topk_window"](), steps["topk_window_given_selection"]())
-        launches = {k: kernels_of(f) for k, f in steps.items()}
+        launches = {k: kernels_of(f) for k, f in steps.items()}  # (the three steps above)
+
+        def merge_last() -> Any:  # the top-n's merge in its last program: one launch less
+            with attn.options(select_merge_last=True):
+                return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ)
+        steps["topk_window_merge_last"] = merge_last
         for splits in (2, 8, 16, 32):  # the static and picked tiles' split count (a short row: latency)
             def with_splits(splits: int = splits) -> Any:
                 with attn.options(decode_splits=splits):
@@ -270,6 +275,7 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         times = {k: median(v) for k, v in interleaved(fns, med, rounds=5).items()}
         step, given = times["topk_window"], times["topk_window_given_selection"]
         row = {"pattern": SEL_SRC, "N": n, "B": B, "Nq": 1, "ms": times, "graph": not SMOKE,
+               "selection_merge_last_ms": times["topk_window_merge_last"] - given,
                "selection_ms": step - given, "selection_share": (step - given) / step,
                "speedup_vs_dense_causal": times["dense_causal"] / step,
                "speedup_vs_sdpa": times["sdpa_whole_cache"] / step, "selected_reuse_equal": same,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -178,3 +179,31 @@ def _docs(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
 
 def _torch_path(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and (not _INTERPRET or q.dtype == torch.float64)
+
+
+_ARRIVALS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+@contextlib.contextmanager
+def counted(n: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """`arrivals(n, device)` for a launch: a launch that raises (the interpreter stops a program midway) may
+    leave counters set, so they are zeroed again before the error propagates."""
+    counters = arrivals(n, device)
+    try:
+        yield counters
+    except BaseException:
+        counters.zero_()
+        raise
+
+
+def arrivals(n: int, device: torch.device) -> torch.Tensor:
+    """At least n int32 arrival counters, zero between launches (a kernel's last program to arrive on one
+    resets it), so that the last of a group of programs finishes their work without a second launch (the
+    decode step's split merge, the selection's top-n merge). One buffer per device and stream: launches
+    running at the same time on other streams never share it (a CUDA graph keeps the buffer of the stream
+    it was captured on)."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    hit = _ARRIVALS.get(key)
+    if hit is None or hit.numel() < n:
+        hit = _ARRIVALS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return hit

@@ -38,6 +38,7 @@ from .common import (
     _sm_count,
     _tma_mode,
     _torch_path,
+    counted,
     pred_kernel,
 )
 from .cpu import masked_softmax
@@ -317,8 +318,8 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
         dv_pad = _d_pad(Dv)
         tables_args = (q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count)
-        outputs = (out, lse, _locks(B * packs, q.device), *q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3],
-                   *lse.stride()[:2], Nq, n_new, capacity, page, group)
+        outputs = (out, lse, B * packs, *q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3],
+                   *lse.stride()[:2], Nq, n_new, capacity, page, group)  # (B * packs: the arrival counters)
         consts = dict(
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
             DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
@@ -348,7 +349,9 @@ def _launch_split(grid: tuple[int, int], ws_values: int, ws_rows: int, tables_ar
         ws_l = torch.empty(ws_rows * splits, dtype=torch.float32, device=lse.device)
     if tma and descs is not None:
         consts = {**consts, **dict(zip(("K_DESC", "V_DESC"), descs(), strict=True))}
-    _decode_split[(*grid, splits)](*tables_args, ws_o, ws_l, *outputs, splits, qk_scale, **consts)
+    with counted(outputs[2], lse.device) as counters:
+        _decode_split[(*grid, splits)](*tables_args, ws_o, ws_l, *outputs[:2], counters, *outputs[3:], splits, qk_scale,
+                                       **consts)
 
 
 def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block: int, dk_pad: int,
@@ -357,18 +360,6 @@ def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block: int,
     return _descriptor(k_cache, block, dk_pad), _descriptor(v_cache, block, dv_pad)
 
 
-_LOCKS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _locks(n: int, device: torch.device) -> torch.Tensor:
-    """At least n int32 arrival counters, zero between launches (the last split of each pack resets its
-    own), one buffer per device and stream: a step on one stream never shares counters with a step running
-    at the same time on another (a CUDA graph keeps the buffer of the stream it was captured on)."""
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    hit = _LOCKS.get(key)
-    if hit is None or hit.numel() < n:
-        hit = _LOCKS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return hit
 
 
 def _layout(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor | None

@@ -397,12 +397,13 @@ def _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k0, PRED: tl.constex
     return hit
 
 
-@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK", "SPLITS"])
-def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS, HKV, GROUP,
-                 SPLITS, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr,
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK", "SPLITS", "SL"])
+def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, LOCK, SEL, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS,
+                 HKV, GROUP, H, SPLITS, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr,
                  QB_PAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
                  BK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr,
-                 IDX64: tl.constexpr):
+                 IDX64: tl.constexpr, N_SEL: tl.constexpr, SP: tl.constexpr, MERGE: tl.constexpr, PICK=None,
+                 SLIST=None, SCOUNT=None, SL=1, E_PAD: tl.constexpr = 1):
     """A decode step's topk by the mean rule, first stage: program (split, batch entry and head pack) scores
     the BS key blocks of its split for the pack's rows (its G query heads, each of the QB query blocks of
     the step: RM rows, padded to R >= 16 for the dot; they share every summary load: one KV head's) and
@@ -411,8 +412,9 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ,
     mean of the row's step rows in its query block (float32), the score q-bar . mean(k) over the summaries'
     means KM [B, HKV, NK, D]. The scores go through the program's scratch rows of SC (int32, the score's
     order-preserving bits) so that one selection (`_top_rows`) sees all BS at once: a bitonic top-k per
-    tile of keys cost more than the whole split's scoring. `_decode_topk_merge` keeps the best NP of the
-    splits."""
+    tile of keys cost more than the whole split's scoring. MERGE: the last split of the pack to finish (its
+    arrival counted on LOCK) keeps the best NP of the splits (`_merge_topk`), one launch per selection;
+    else `_decode_topk_merge` does, launched after (the merge's registers then stay out of this kernel)."""
     split = tl.program_id(0)
     bp = tl.program_id(1)
     b = (bp // PACKS).to(tl.int64)
@@ -461,6 +463,22 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ,
     taken = tl.sum(pick.to(tl.int32), 1)
     slots = tl.arange(0, NP)[None, :]
     tl.store(out + slots, tl.full([RM, NP], -9223372036854775807, tl.int64) - 1, mask=slots >= taken[:, None])
+    if MERGE:
+        tl.debug_barrier()  # every thread's keys stored before the (releasing) arrival below
+        lock = LOCK + bp
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            _merge_topk(WS, HEADS, SEL, NK, PACKS, H, SPLITS, bp, N_SEL, QB, QB_PAD, G, RM, NP, SP, PICK, SLIST,
+                        SCOUNT, SL, E_PAD)
+            tl.atomic_xchg(lock, 0)  # ready for the next launch (a replayed graph's too)
+
+
+@triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
+def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
+                       QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr,
+                       PICK=None, SLIST=None, SCOUNT=None, SL=1, E_PAD: tl.constexpr = 1):
+    """`_merge_topk` as a launch of its own, program (batch entry and head pack)."""
+    _merge_topk(WS, HEADS, SEL, NK, PACKS, H, SPLITS, tl.program_id(0), N_SEL, QB, QB_PAD, G, RM, NP, SP, PICK, SLIST,
+                SCOUNT, SL, E_PAD)
 
 
 @triton.jit
@@ -482,28 +500,27 @@ def _top_rows(hi, NP: tl.constexpr):
     return gt | (eq & (tl.cumsum(eq.to(tl.int32), 1) <= need[:, None]))
 
 
-@triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
-def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
-                       QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
-                       SP: tl.constexpr, PICK=None, SLIST=None, SCOUNT=None, SL=1,
-                       E_PAD: tl.constexpr = 1):
-    """`_decode_topk`'s second stage, program (batch entry and head pack): each of its RM rows keeps the NP
-    largest of its SPLITS * NP keys (SP: SPLITS, a power of two up), and writes the N_SEL best as block ids
-    into SEL [B, H, QB, N_SEL]
-    (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes them). PICK given (the
-    pattern's one selector): then the pack's tables for `_decode_split` (`_tables_of`) from what it wrote,
-    so that a step with a selection launches no `_pick_tables`."""
-    bp = tl.program_id(0)
+@triton.jit
+def _merge_topk(WS, HEADS, SEL, NK, PACKS, H, SPLITS, bp, N_SEL: tl.constexpr, QB: tl.constexpr,
+                QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr,
+                PICK, SLIST, SCOUNT, SL, E_PAD: tl.constexpr):
+    """`_decode_topk`'s second stage for (batch entry, head pack) `bp`, by its last split to finish or by a
+    launch of its own: each of the pack's RM rows keeps the NP largest of its SPLITS * NP keys (SP: SPLITS, a power of two up; read
+    through L2, the other splits wrote them from other SMs), and writes the N_SEL best as block ids into SEL
+    [B, H, QB, N_SEL] (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes
+    them). PICK given (the pattern's one selector): then the pack's tables for `_decode_split`
+    (`_tables_of`), its PICK rows zeroed first, so that a step with a selection launches no table kernel."""
     b = (bp // PACKS).to(tl.int64)
     pack = bp % PACKS
     r = tl.arange(0, RM)
     slot = r // QB_PAD
     t = r % QB_PAD
     head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
+    mine = (head >= 0) & (t < QB)
     e = tl.arange(0, SP * NP)
     at = ((bp * SPLITS + e[None, :] // NP) * RM + r[:, None]).to(tl.int64) * NP + e[None, :] % NP
     lowest = -9223372036854775807 - 1
-    keys = tl.load(WS + at, mask=e[None, :] // NP < SPLITS, other=lowest)
+    keys = tl.load(WS + at, mask=e[None, :] // NP < SPLITS, other=lowest, cache_modifier=".cg")
     best = tl.topk(keys, NP, dim=1)
     cols = tl.arange(0, NP)
     hi = (best >> 32).to(tl.int32)
@@ -511,7 +528,14 @@ def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr
     valid = (best != lowest) & (score == score)
     blk = (NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
     out = ((b * H + head.to(tl.int64)) * QB + t)[:, None] * N_SEL + cols[None, :]
-    tl.store(SEL + out, tl.where(valid, blk, -1), mask=((head >= 0) & (t < QB))[:, None] & (cols[None, :] < N_SEL))
+    tl.store(SEL + out, tl.where(valid, blk, -1), mask=mine[:, None] & (cols[None, :] < N_SEL))
     if PICK is not None:
-        tl.debug_barrier()  # the CTA's stores of SEL are visible to all its threads
+        row = ((b * H + head.to(tl.int64)) * QB + t) * NK
+        zch = tl.arange(0, 256)
+        c0 = NK * 0  # a scalar bound the interpreter takes too (a while loop: no range over a run-time scalar)
+        while c0 < NK:
+            tl.store(PICK + row[:, None] + c0 + zch[None, :], tl.zeros([RM, 256], dtype=tl.int8),
+                     mask=mine[:, None] & (c0 + zch[None, :] < NK))
+            c0 += 256
+        tl.debug_barrier()  # the CTA's stores of SEL and the zeroed rows are visible to all its threads
         _tables_of(SEL, HEADS, PICK, SLIST, SCOUNT, pack, b, PACKS, H, QB, N_SEL, NK, SL, G, E_PAD)

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import tables
-from .common import _d_pad, _pow2, _torch_path
+from .common import _d_pad, _pow2, _torch_path, counted
 from .decode_kernels import _decode_topk, _decode_topk_merge
 from .evaluate import evaluate
+from .options import current_options
 from .selection import _combine, _pick, _score_prec, _sel_dense, compressed_weights, quest_bound, share_kv
 
 if TYPE_CHECKING:
@@ -167,11 +168,12 @@ def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) ->
 def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tensor, group: int,
            cache_seqlens: torch.Tensor, n_new: int, capacity: int, summaries: KeySummaries, kv_heads: int,
            every_head: bool, build: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """topk(n) by the mean rule in two launches: `_decode_topk` scores the summaries' mean keys in splits of
-    the key blocks per (batch entry, KV head's pack of query heads, which share the summary loads) and keeps
-    each split's best n per row, its candidates read off the context's run tables; `_decode_topk_merge`
-    keeps the best n of the splits (and, `build`, builds the decode kernel's tables from them). Nothing the
-    size of the cache is built or read but the summaries. (picks, tables or None)."""
+    """topk(n) by the mean rule: `_decode_topk` scores the summaries' mean keys in splits of the key blocks
+    per (batch entry, KV head's pack of query heads, which share the summary loads) and keeps each split's
+    best n per row, its candidates read off the context's run tables; `_merge_topk` keeps the best n of the
+    splits (and, `build`, builds the decode kernel's tables from them), in a launch of its own or, with the
+    `select_merge_last` option, in the last split of each pack to finish. Nothing the size of the cache is
+    built or read but the summaries. (picks, tables or None)."""
     n = rule.param
     assert isinstance(n, int)
     B, H, nq, D = q.shape
@@ -188,27 +190,28 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     ws = torch.empty(B * npacks * splits * rm * np2, dtype=torch.int64, device=q.device)
     scratch = torch.empty(B * npacks * splits * rm * bs, dtype=torch.int32, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    seq = cache_seqlens.contiguous()
-    _decode_topk[(splits, B * npacks)](
-        q, summaries.mean, seq, packs, off, runs, ws, scratch, *q.stride()[:3], nq, n_new, capacity, nk, npacks,
-        kv_heads, group, splits, PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb,
-        QB_PAD=qb_pad, G=g, R=r, RM=rm, NP=np2, BK=bk, BS=bs, D=D, CH=min(64, rule.kblock & -rule.kblock),
-        DOT_PREC=_score_prec(q), IDX64=spec.idx64, num_warps=4,
-    )
     sel = (torch.empty if every_head else functools.partial(torch.full, fill_value=-1))(
         (B, H, qb, n), dtype=torch.int32, device=q.device)
     made = None
     extra: dict[str, Any] = {}
-    if build:
+    if build:  # PICK's rows of the pattern's heads are zeroed by the kernel; no other head's are read
         width = min(nk, g * qb * n)
-        made = (torch.zeros((B, H, qb, nk), dtype=torch.int8, device=q.device),
+        made = (torch.empty((B, H, qb, nk), dtype=torch.int8, device=q.device),
                 torch.empty((B, npacks, width), dtype=torch.int32, device=q.device),
                 torch.empty((B, npacks), dtype=torch.int32, device=q.device))
         extra = dict(PICK=made[0], SLIST=made[1], SCOUNT=made[2], SL=width, E_PAD=_pow2(g * qb * n))
-    _decode_topk_merge[(B * npacks,)](
-        ws, packs, sel, nk, npacks, H, splits, N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, RM=rm, NP=np2, SP=_pow2(splits),
-        num_warps=4, **extra,
-    )
+    merge = current_options().select_merge_last
+    shapes = dict(N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, RM=rm, NP=np2, SP=_pow2(splits))
+    with counted(B * npacks, q.device) as counters:
+        _decode_topk[(splits, B * npacks)](
+            q, summaries.mean, cache_seqlens.contiguous(), packs, off, runs, ws, scratch, counters, sel,
+            *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads, group, H, splits,
+            PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, R=r, BK=bk, BS=bs, D=D,
+            CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q), IDX64=spec.idx64, MERGE=merge,
+            num_warps=4, **shapes, **(extra if merge else {}),
+        )
+    if not merge:
+        _decode_topk_merge[(B * npacks,)](ws, packs, sel, nk, npacks, H, splits, num_warps=4, **shapes, **extra)
     return sel, made
 
 

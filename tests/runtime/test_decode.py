@@ -372,3 +372,15 @@ def test_splits_spread_evenly_over_the_sms(blocks: int, programs: int, sms: int,
     assert 1 <= s <= 256
     assert s == 1 or programs * s <= per_sm * sms
     assert s == 1 or blocks >= 4 * (s - 1) + 1
+
+
+def test_counters_are_zeroed_when_a_launch_raises() -> None:
+    """A launch that stops midway (the interpreter raising inside a program) leaves no arrival counter set:
+    the next launch's last program must find all of them at zero."""
+    from patterndsl.runtime.common import arrivals, counted
+
+    cpu = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="midway"), counted(4, cpu) as counters:
+        counters[:4] = 3
+        raise RuntimeError("a program stopped midway")
+    assert not arrivals(4, cpu).any()
