@@ -120,8 +120,9 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, pa
     `packs` them by KV head (`decode._packs`); the rows end at seqlen = cache_seqlens + n_new (clamped to
     the capacity).
 
-    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches (`_fused`); the other rules
-    score and pick with PyTorch (`candidates`, `scores`, prefill's `_pick`)."""
+    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches, or one with the
+    `select_merge_last` option (`_fused`); the other rules score and pick with PyTorch (`candidates`,
+    `scores`, prefill's `_pick`)."""
     sel = spec.selectors[pat]
     assert sel is not None
     B, H, nq, D = q.shape
