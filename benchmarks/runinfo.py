@@ -79,15 +79,8 @@ def host_ms(fn: Callable[[], Any], sync: Callable[[], None], reps: int = 200) ->
 
 
 def captured(step: Any, warmups: int = 1) -> Any:
-    """A CUDA graph of `step()`, after `warmups` calls on a side stream (tuning, tables and compiles stay
-    outside the capture); `.replay()` reruns it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmups):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+    """A CUDA graph of `step()` (`patterndsl.runtime.capture`: warm-ups outside the capture); `.replay()`
+    reruns it."""
+    from patterndsl.runtime import capture
+
+    return capture(step, warmups)[0]

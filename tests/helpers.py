@@ -404,17 +404,7 @@ def emulate_ranks(attn: Any, q: Any, k: Any, v: Any, do: Any, placement: Any, bl
 
 
 def cuda_graph(step: Callable[[], Any], warmups: int = 1) -> tuple[Any, Any]:
-    """(the graph, its output): `step` run `warmups` times on a side stream (tuning, tables and triton's
-    compiles happen there, outside the capture), then captured in a CUDA graph."""
-    import torch
+    """(the graph, its output): `patterndsl.runtime.capture` (warm-ups on a side stream, outside the capture)."""
+    from patterndsl.runtime import capture
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmups):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
+    return capture(step, warmups)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["Attention", "BlockMask", "Options", "PatternSpec", "Predicate", "Requirement", "Selector",
-           "TokenLayout", "TokenSelection", "compressed_attention"]
+           "TokenLayout", "TokenSelection", "capture", "compressed_attention"]
 
 _WHERE = {
     "Attention": "api", "BlockMask": "api", "Options": "options", "PatternSpec": "spec",
     "Predicate": "spec", "Requirement": "spec", "Selector": "spec", "TokenLayout": "spec",
     "TokenSelection": "spec",
-    "compressed_attention": "compressed",
+    "capture": "graphs", "compressed_attention": "compressed",
 }
 
 
