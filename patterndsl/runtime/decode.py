@@ -318,8 +318,8 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
         dv_pad = _d_pad(Dv)
         tables_args = (q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count)
-        outputs = (out, lse, B * packs, *q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3],
-                   *lse.stride()[:2], Nq, n_new, capacity, page, group)  # (B * packs: the arrival counters)
+        scalars = (*q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3], *lse.stride()[:2], Nq, n_new, capacity,
+                   page, group)
         consts = dict(
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
             DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
@@ -327,39 +327,42 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
             **dyn,
         )
-        tma = not paged and _tma_mode([k_cache, v_cache], max(_d_pad(D), dv_pad)) == 1
-        descs = functools.partial(_cache_descriptors, k_cache, v_cache, bn, _d_pad(D), dv_pad) if tma else None
+        descs = None if paged else functools.partial(_cache_descriptors, k_cache, v_cache, bn, _d_pad(D), dv_pad)
         launch = functools.partial(_launch_split, (packs, B), B * packs * m * dv_pad, B * packs * m, tables_args,
-                                   outputs, scale * _LOG2E, consts, descs)
-        fields = (pat, B, H, Nq, Dv, group, paged, page, block, blocks, tma)
-        launch(_tuned_launch(spec, q, fields, blocks, packs * B, capacity, launch))
+                                   (out, lse), scalars, scale * _LOG2E, consts, descs)
+        fields = (pat, B, H, Nq, Dv, group, paged, page, block, blocks)
+        launch(_tuned_launch(spec, q, fields, paged, blocks, packs * B, capacity, launch, descs))
     return out, lse
 
 
 def _launch_split(grid: tuple[int, int], ws_values: int, ws_rows: int, tables_args: tuple[Any, ...],
-                  outputs: tuple[Any, ...], qk_scale: float, consts: dict[str, Any],
-                  descs: Callable[[], tuple[Any, Any]] | None, cfg: tuple[int, ...]) -> None:
-    """One `_decode_split` launch: cfg = (splits per row, TMA loads (1) or pointer loads (0)), with its
-    workspace (none for one split)."""
+                  outputs: tuple[torch.Tensor, torch.Tensor], scalars: tuple[int, ...], qk_scale: float,
+                  consts: dict[str, Any], descs: Callable[[], tuple[Any, Any] | None] | None,
+                  cfg: tuple[int, ...]) -> None:
+    """One `_decode_split` launch into outputs = (out, lse): cfg = (splits per row, TMA loads (1, where
+    `descs` gives descriptors for these tensors) or pointer loads (0)), with its workspace (none for one
+    split) and an arrival counter per (batch entry, head pack)."""
     splits, tma = cfg
     lse = outputs[1]
     ws_o = ws_l = lse  # unused with one split
     if splits > 1:
         ws_o = torch.empty(ws_values * splits, dtype=torch.float32, device=lse.device)
         ws_l = torch.empty(ws_rows * splits, dtype=torch.float32, device=lse.device)
-    if tma and descs is not None:
-        consts = {**consts, **dict(zip(("K_DESC", "V_DESC"), descs(), strict=True))}
-    with counted(outputs[2], lse.device) as counters:
-        _decode_split[(*grid, splits)](*tables_args, ws_o, ws_l, *outputs[:2], counters, *outputs[3:], splits, qk_scale,
+    made = descs() if tma and descs is not None else None
+    if made is not None:
+        consts = {**consts, "K_DESC": made[0], "V_DESC": made[1]}
+    with counted(grid[0] * grid[1], lse.device) as counters:
+        _decode_split[(*grid, splits)](*tables_args, ws_o, ws_l, *outputs, counters, *scalars, splits, qk_scale,
                                        **consts)
 
 
 def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block: int, dk_pad: int,
-                       dv_pad: int) -> tuple[Any, Any]:
-    """Host TMA descriptors of a contiguous cache's K and V ([B, HKV, CAP, D], boxes of `block` rows)."""
+                       dv_pad: int) -> tuple[Any, Any] | None:
+    """Host TMA descriptors of a contiguous cache's K and V ([B, HKV, CAP, D], boxes of `block` rows), or
+    None where the GPU or the tensors' alignment does not allow TMA."""
+    if _tma_mode([k_cache, v_cache], max(dk_pad, dv_pad)) != 1:
+        return None
     return _descriptor(k_cache, block, dk_pad), _descriptor(v_cache, block, dv_pad)
-
-
 
 
 def _layout(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor | None
@@ -398,28 +401,30 @@ def _pick_tables(spec: PatternSpec, pat: int, picks: list[torch.Tensor], packs: 
 LONG_ROW = 256  # key blocks from which a row's step streams the cache (bandwidth-bound), not waits on it
 
 
-def _tuned_launch(spec: PatternSpec, q: torch.Tensor, fields: tuple[Any, ...], blocks: int, programs: int,
-                  capacity: int, launch: Callable[[tuple[int, ...]], object]) -> tuple[int, int]:
+def _tuned_launch(spec: PatternSpec, q: torch.Tensor, fields: tuple[Any, ...], paged: bool, blocks: int,
+                  programs: int, capacity: int, launch: Callable[[tuple[int, ...]], object],
+                  descs: Callable[[], tuple[Any, Any] | None] | None) -> tuple[int, int]:
     """(splits, TMA) of a step: on the first step of a shape (and cache capacity), the fastest of the
     heuristics' split counts (`_splits`: one or two programs per SM, at least four or one key block per
-    split), each with pointer loads and, for a contiguous cache that allows it, TMA, timed by the autotuner
-    (`tuning._tuned`, remembered on disk like the forward's tiles); where tuning is off (the interpreter,
-    `autotune=False`, PATTERNDSL_AUTOTUNE=0), the rule's count with pointer loads. The `decode_splits` and
-    `decode_tma` options fix either. Launching a step again is harmless: k_new lands at the same positions,
-    out and lse are overwritten."""
+    split), each with pointer loads and, for a contiguous cache whose tensors allow it, TMA, timed by the
+    autotuner (`tuning._tuned`, remembered on disk like the forward's tiles); where tuning is off (the
+    interpreter, `autotune=False`, PATTERNDSL_AUTOTUNE=0), the rule's count with pointer loads. The
+    `decode_splits` and `decode_tma` options fix either (a launch whose tensors do not allow TMA takes
+    pointer loads). Launching a step again is harmless: k_new lands at the same positions, out and lse are
+    overwritten."""
     opts = current_options()
-    paged, long_row, tma = fields[6], blocks >= LONG_ROW, fields[-1]
-    loads = ((0, 1) if tma else (0,)) if opts.decode_tma < 0 else (int(opts.decode_tma == 1 and tma),)
-    rule = opts.decode_splits or _splits(blocks, programs, q.device, 2 if paged or not long_row else 1)
+    loads = (0, 1) if opts.decode_tma < 0 else (int(opts.decode_tma == 1),)
+    rule = opts.decode_splits or _splits(blocks, programs, q.device, 2 if paged or blocks < LONG_ROW else 1)
     tuning = not (_INTERPRET or q.device.type != "cuda" or not spec.autotune or not opts.autotune
                   or os.environ.get("PATTERNDSL_AUTOTUNE") == "0")
     if not tuning or (opts.decode_splits and len(loads) == 1):
-        return rule, loads[0]
+        return rule, loads[0] if opts.decode_tma >= 0 else 0
 
     def candidates() -> list[tuple[int, int]]:
         counts = [rule] if opts.decode_splits else [rule] + [
             _splits(blocks, programs, q.device, per_sm, floor) for per_sm in (1, 2) for floor in (4, 1)]
-        return [(c, t) for c in dict.fromkeys(counts) for t in loads]
+        tma = descs is not None and descs() is not None
+        return [(c, t) for c in dict.fromkeys(counts) for t in loads if t == 0 or tma]
 
     key = ("decode", _d_pad(q.shape[-1]), q.dtype, loads, q.device, _pow2(capacity), (*fields, opts.decode_splits))
     best = _tuned(spec, key, candidates, launch, (rule, 0))
