@@ -333,6 +333,57 @@ def insane(result: dict[str, Any]) -> list[str]:
     return problems
 
 
+def training(cfg: Any, notes: list[str]) -> tuple[int, dict[str, Any]]:
+    """(parameters, per implementation its training figures): warm-up, timed steps interleaved, then as many
+    profiled steps for each, interleaved (see the module's docstring); what the deadline cut goes to `notes`."""
+    models = {impl: build(impl, cfg) for impl in IMPLS}
+    parameters = sum(p.numel() for p in models[IMPLS[0]][0].parameters())
+    tokens = torch.randint(0, SIZE["vocab_size"], (1, N), generator=torch.Generator().manual_seed(1)).to(DEV)
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    profiles: dict[str, list[dict[str, float]]] = {impl: [] for impl in IMPLS}
+    compiled = dict.fromkeys(IMPLS, 0)  # graphs torch.compile made inside the timed and profiled steps
+    peak = dict.fromkeys(IMPLS, 0.0)
+    for impl in IMPLS:  # warm-up: autotuning, Flex's compilation and block masks, the profiled step's wrappers
+        for _ in range(WARMUP):
+            step(*models[impl], tokens)
+        profiled_step(impl, *models[impl], tokens)
+        sync()
+    for _ in range(STEPS):
+        if time.perf_counter() - START > DEADLINE and all(times.values()):
+            notes.append("timed fewer steps: the deadline")
+            break
+        for impl in IMPLS:  # interleaved
+            graphs = compiled_graphs()
+            sync()
+            t = time.perf_counter()
+            step(*models[impl], tokens)
+            sync()
+            times[impl].append(time.perf_counter() - t)
+            compiled[impl] += compiled_graphs() - graphs
+    for _ in range(PROFILED):  # as many profiled steps for each, interleaved
+        if time.perf_counter() - START > DEADLINE and all(profiles.values()):
+            notes.append("profiled fewer steps: the deadline")
+            break
+        for impl in IMPLS:
+            graphs = compiled_graphs()
+            if DEV == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            profiles[impl].append(profiled_step(impl, *models[impl], tokens))
+            compiled[impl] += compiled_graphs() - graphs
+            if DEV == "cuda":
+                peak[impl] = max(peak[impl], torch.cuda.max_memory_allocated() / 2**30)
+    figures: dict[str, Any] = {}
+    for impl in IMPLS:
+        step_s = statistics.median(times[impl]) if times[impl] else float("nan")
+        prof = {key: statistics.median(p[key] for p in profiles[impl]) for key in profiles[impl][0]}
+        figures[impl] = {
+            "step_ms": [1e3 * t for t in times[impl]], "median_step_ms": 1e3 * step_s, "tokens_per_s": N / step_s,
+            "peak_memory_gib": peak[impl] if DEV == "cuda" else None, "profiled_steps": len(profiles[impl]),
+            "compiled_in_window": compiled[impl], **{f"profiled_{k}" if k == "step_ms" else k: v
+                                                     for k, v in prof.items()}}
+    return parameters, figures
+
+
 def main() -> None:
     out_path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results/hf_h100.json")
     warnings.filterwarnings("ignore", message="patterndsl .*not the fast")
@@ -364,51 +415,7 @@ def main() -> None:
         result["setup"]["pattern"] = source.read_text()
         hf.register("patterndsl", source, "ministral")
     if "training" in PARTS:
-        models = {impl: build(impl, cfg) for impl in IMPLS}
-        result["setup"]["parameters"] = sum(p.numel() for p in models[IMPLS[0]][0].parameters())
-        tokens = torch.randint(0, SIZE["vocab_size"], (1, N), generator=torch.Generator().manual_seed(1)).to(DEV)
-        times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-        profiles: dict[str, list[dict[str, float]]] = {impl: [] for impl in IMPLS}
-        compiled = dict.fromkeys(IMPLS, 0)  # graphs torch.compile made inside the timed and profiled steps
-        peak = dict.fromkeys(IMPLS, 0.0)
-        for impl in IMPLS:  # warm-up: autotuning, Flex's compilation and block masks, the profiled step's wrappers
-            for _ in range(WARMUP):
-                step(*models[impl], tokens)
-            profiled_step(impl, *models[impl], tokens)
-            sync()
-        for _ in range(STEPS):
-            if time.perf_counter() - START > DEADLINE and all(times.values()):
-                result["notes"].append("timed fewer steps: the deadline")
-                break
-            for impl in IMPLS:  # interleaved
-                graphs = compiled_graphs()
-                sync()
-                t = time.perf_counter()
-                step(*models[impl], tokens)
-                sync()
-                times[impl].append(time.perf_counter() - t)
-                compiled[impl] += compiled_graphs() - graphs
-        for _ in range(PROFILED):  # as many profiled steps for each, interleaved
-            if time.perf_counter() - START > DEADLINE and all(profiles.values()):
-                result["notes"].append("profiled fewer steps: the deadline")
-                break
-            for impl in IMPLS:
-                graphs = compiled_graphs()
-                if DEV == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                profiles[impl].append(profiled_step(impl, *models[impl], tokens))
-                compiled[impl] += compiled_graphs() - graphs
-                if DEV == "cuda":
-                    peak[impl] = max(peak[impl], torch.cuda.max_memory_allocated() / 2**30)
-        for impl in IMPLS:
-            step_s = statistics.median(times[impl]) if times[impl] else float("nan")
-            prof = {key: statistics.median(p[key] for p in profiles[impl]) for key in profiles[impl][0]}
-            result["training"][impl] = {
-                "step_ms": [1e3 * t for t in times[impl]], "median_step_ms": 1e3 * step_s, "tokens_per_s": N / step_s,
-                "peak_memory_gib": peak[impl] if DEV == "cuda" else None, "profiled_steps": len(profiles[impl]),
-                "compiled_in_window": compiled[impl], **{f"profiled_{k}" if k == "step_ms" else k: v
-                                                         for k, v in prof.items()}}
-        del models
+        result["setup"]["parameters"], result["training"] = training(cfg, result["notes"])
         save()
     if "generation" in PARTS:
         result["generation"] = {}

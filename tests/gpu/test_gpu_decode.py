@@ -253,7 +253,7 @@ def test_tuned_splits_equal_the_heuristic(src: str, paged: bool, monkeypatch: An
                                           tmp_path: Any) -> None:
     """The first step of a shape times its split counts (launching the step several times, k_new appended
     each time at the same positions); its output, log-sum-exp and cache equal those of the heuristic's step
-    (autotuning off), and a second step reuses the pick (no tuning record added)."""
+    (autotuning off); the first tuned step adds one tuning record and a second reuses the pick."""
     from patterndsl.cache import KeySummaries
     from patterndsl.runtime import tuning
 
@@ -284,4 +284,4 @@ def test_tuned_splits_equal_the_heuristic(src: str, paged: bool, monkeypatch: An
         assert torch.equal(o, outs[0][0]) or (o.float() - outs[0][0].float()).abs().max().item() < 2e-2
         assert torch.allclose(lse, outs[0][1], atol=1e-3, rtol=1e-3)
         assert torch.equal(k, outs[0][2]) and torch.equal(v, outs[0][3])
-    assert outs[2][4] == 0  # the second tuned step found the pick
+    assert outs[1][4] == 1 and outs[2][4] == 0  # the first tuned step timed its candidates, the second reused them
