@@ -264,6 +264,9 @@ def selectors(res: dict[str, Any], save: Any) -> None:
             with attn.options(select_merge_last=True):
                 return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ)
         steps["topk_window_merge_last"] = merge_last
+        summ32 = KeySummaries.build(kc, seqlens, block, dtype=torch.float32)  # (the default: the cache's dtype)
+        steps["topk_window_float32_summaries"] = lambda: attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn,
+                                                                     summaries=summ32)
         for splits in (2, 8, 16, 32):  # the static and picked tiles' split count (a short row: latency)
             def with_splits(splits: int = splits) -> Any:
                 with attn.options(decode_splits=splits):
@@ -276,6 +279,8 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         step, given = times["topk_window"], times["topk_window_given_selection"]
         row = {"pattern": SEL_SRC, "N": n, "B": B, "Nq": 1, "ms": times, "graph": not SMOKE,
                "selection_merge_last_ms": times["topk_window_merge_last"] - given,
+               "selection_float32_summaries_ms": times["topk_window_float32_summaries"] - given,
+               "summaries_dtype": str(summ.mean.dtype),
                "selection_ms": step - given, "selection_share": (step - given) / step,
                "speedup_vs_dense_causal": times["dense_causal"] / step,
                "speedup_vs_sdpa": times["sdpa_whole_cache"] / step, "selected_reuse_equal": same,

@@ -268,8 +268,10 @@ def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int
 class KeySummaries:
     """Per key block of a cache, the element-wise min, max and mean of its keys (Quest's page bounds and the
     mean key): what a decode step scores a `topk` / `threshold` selector's key blocks with, instead of reading
-    the keys. `lo`, `hi`, `mean` are [B, Hkv, blocks, D] (float32; float64 for a float64 cache) over the keys
-    below each sequence's length; a block with no key yet holds zeros. The caller keeps one object per
+    the keys. `lo`, `hi`, `mean` are [B, Hkv, blocks, D] over the keys below each sequence's length; a block
+    with no key yet holds zeros. They are stored in the cache's dtype for a 16-bit cache (min and max exactly,
+    the mean rounded once from its float32 sum: the scoring reads half the bytes), else in float32 (float64
+    for a float64 cache); `build(dtype=torch.float32)` keeps a 16-bit cache's means unrounded. The caller keeps one object per
     layer between steps (`attn.decode(..., summaries=s)` updates it when k_new is appended); `update` after
     a write of its own. Updating recomputes only the blocks the new tokens touch, from the cache, with the
     code that builds them from scratch, so incremental and from-scratch summaries are the same numbers.
@@ -282,15 +284,19 @@ class KeySummaries:
 
     @classmethod
     def build(cls, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block: int, *,
-              page_table: torch.Tensor | None = None, chunk: int = 256) -> KeySummaries:
+              page_table: torch.Tensor | None = None, chunk: int = 256, dtype: torch.dtype | None = None) -> KeySummaries:
         """The summaries of every block of an existing cache (contiguous [B, Hkv, max_seqlen, D], or paged
         [pages, page_size, Hkv, D] with `page_table`), over the keys below `cache_seqlens`; `chunk` key
-        blocks at a time (the gather's memory)."""
+        blocks at a time (the gather's memory). `dtype`: how they are stored (default: the class's rule;
+        float16, bfloat16, float32 or float64)."""
         _positive("block", block)
         b, hkv, cap, d = _cache_dims(k_cache, cache_seqlens, page_table)
-        work = torch.float64 if k_cache.dtype == torch.float64 else torch.float32
+        store = dtype or (k_cache.dtype if k_cache.dtype in _HALF else
+                          torch.float64 if k_cache.dtype == torch.float64 else torch.float32)
+        if store not in (*_HALF, torch.float32, torch.float64):
+            raise ValueError(f"summaries are stored in float16, bfloat16, float32 or float64, got {store}")
         nb = -(-cap // block)
-        out = [torch.zeros((b, hkv, nb, d), dtype=work, device=k_cache.device) for _ in range(3)]
+        out = [torch.zeros((b, hkv, nb, d), dtype=store, device=k_cache.device) for _ in range(3)]
         s = cls(block, *out)
         if s._kernel(k_cache):  # one launch over every block
             s._write(k_cache, cache_seqlens, 0, page_table, 0, nb)
@@ -329,7 +335,7 @@ class KeySummaries:
     def _kernel(self, k_cache: torch.Tensor) -> bool:
         from .runtime.common import _torch_path
 
-        return not _torch_path(k_cache) and self.mean.dtype == torch.float32
+        return not _torch_path(k_cache) and self.mean.dtype != torch.float64
 
     def _write(self, k_cache: torch.Tensor, lengths: torch.Tensor, n_new: int, page_table: torch.Tensor | None,
                start: torch.Tensor | int, count: int,
@@ -376,7 +382,8 @@ class KeySummaries:
             size = k_cache.shape[1]
             page = torch.gather(page_table.long(), 1, (at // size).reshape(b, t * blk))
             keys = k_cache[page, (at % size).reshape(b, t * blk)].permute(0, 2, 1, 3)  # [B, Hkv, T * blk, D]
-        keys = keys.to(self.mean.dtype).reshape(b, hkv, t, blk, d)
+        work = torch.float64 if self.mean.dtype == torch.float64 else torch.float32
+        keys = keys.to(work).reshape(b, hkv, t, blk, d)
         ok = here[:, None, :, :, None]
         count_k = here.sum(-1).to(keys.dtype)[:, None, :, None]  # [B, 1, T, 1]
         some = count_k > 0
@@ -385,7 +392,10 @@ class KeySummaries:
         mean = torch.where(ok, keys, 0.0).sum(3) / count_k.clamp(min=1)
         idx = ids[:, None, :, None].expand(b, hkv, t, d)
         for dst, src in ((self.lo, lo), (self.hi, hi), (self.mean, mean)):
-            dst.scatter_(2, idx, torch.where(some, src, 0.0))
+            dst.scatter_(2, idx, torch.where(some, src, 0.0).to(dst.dtype))
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _patterns(body: ir.Body) -> list[ir.Pattern]:

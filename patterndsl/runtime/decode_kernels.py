@@ -230,7 +230,7 @@ def _summary_kernel(K, PT, LEN, START, LO, HI, MEAN, s_kb, s_kh, s_kn, s_ptb, B0
     """Key summaries (`patterndsl.cache.KeySummaries`): per (batch entry, KV head) program row and t-th key
     block of BLK keys from the first (block B0, or where START is given the block of position START[b]:
     the blocks an append touched, found here so that the host passes no index tensor), the element-wise
-    min, max and mean (float32) of its keys below LEN[b] + NNEW, written to LO, HI, MEAN [B, HKV, NB, D]
+    min, max and mean (in float32) of its keys below LEN[b] + NNEW, written to LO, HI, MEAN [B, HKV, NB, D]
     (zeros for a block with no key yet; a block past the last is the last). A paged cache's positions past
     the length are never loaded. KN given: the step's new keys and values KN, VN [B, HKV, NNEW, D] go into
     the cache at positions LEN[b] .. (each program writes those of its block, V too), and the block's
@@ -410,7 +410,7 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, LOCK, SEL, s_qb, s_qh
     writes each row's NP largest keys (`selection._rule_key`: the score's order, ties to the lower block;
     the lowest key after a row's candidates run out) to WS [B * packs, SPLITS, RM, NP] int64. q-bar is the
     mean of the row's step rows in its query block (float32), the score q-bar . mean(k) over the summaries'
-    means KM [B, HKV, NK, D]. The scores go through the program's scratch rows of SC (int32, the score's
+    means KM [B, HKV, NK, D] (float32 or 16-bit, widened to float32). The scores go through the program's scratch rows of SC (int32, the score's
     order-preserving bits) so that one selection (`_top_rows`) sees all BS at once: a bitonic top-k per
     tile of keys cost more than the whole split's scoring. MERGE: the last split of the pack to finish (its
     arrival counted on LOCK) keeps the best NP of the splits (`_merge_topk`), one launch per selection;
@@ -447,7 +447,7 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, LOCK, SEL, s_qb, s_qh
         kb = k_first + c + tl.arange(0, BK)
         kmask = kb < NK
         km = tl.load(km_base + kb[:, None].to(tl.int64) * D + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        s = tl.dot(qm, tl.trans(km), input_precision=DOT_PREC)
+        s = tl.dot(qm, tl.trans(km.to(tl.float32)), input_precision=DOT_PREC)
         cand = _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k_first + c, PRED, SEL_B, KB, QB, BK, R, CH,
                                 IDX64)
         hi = (_rule_key(s, kb, cand & kmask[None, :] & rows[:, None], NK, R, BK) >> 32).to(tl.int32)

@@ -80,14 +80,15 @@ def scores(rule: Selector, q: torch.Tensor, heads: torch.Tensor, group: int, hot
         qs = q[:, hl].to(work)
         count = hot.sum(1).to(work).clamp(min=1)  # [B, query blocks]
         qm = torch.einsum("bhtd,btr->bhrd", qs, hot.to(work)) / count[:, None, :, None]
+        lo, hi, mean = summaries.lo, summaries.hi, summaries.mean  # (16-bit ones widened where read)
         match rule.score:
             case "mean":
-                s = _by_kv(lambda x: torch.matmul(x, summaries.mean.transpose(-1, -2)), qm, hl, group, kv_heads)
+                s = _by_kv(lambda x: torch.matmul(x, mean.to(work).transpose(-1, -2)), qm, hl, group, kv_heads)
             case "quest":
-                s = _by_kv(lambda x: quest_bound(x, summaries.lo, summaries.hi), qm, hl, group, kv_heads)
+                s = _by_kv(lambda x: quest_bound(x, lo.to(work), hi.to(work)), qm, hl, group, kv_heads)
             case "compressed":
                 ok = torch.einsum("btr,brk->btk", hot.to(torch.float32), blocks.to(torch.float32)) > 0  # its block's
-                w = _by_kv(lambda x: compressed_weights(x, summaries.mean, ok[:, None].repeat(1, 1, group, 1)),
+                w = _by_kv(lambda x: compressed_weights(x, mean.to(work), ok[:, None].repeat(1, 1, group, 1)),
                            qs, hl, group, kv_heads)
                 s = torch.einsum("bhtk,btr->bhrk", w, hot.to(work))
             case _:
@@ -159,11 +160,11 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, pa
 
 def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) -> bool:
     """The fused selection applies: off the PyTorch path, topk(n <= 64) by the mean rule without share=kv,
-    float32 summaries, a head_dim that is a power of two of at least 16."""
+    float32 or 16-bit summaries, a head_dim that is a power of two of at least 16."""
     n = rule.param
     return (not _torch_path(q) and rule.kind == "topk" and rule.score == "mean" and not rule.share
             and not rule.given and isinstance(n, int) and n <= 64 and summaries is not None
-            and summaries.mean.dtype == torch.float32 and _d_pad(q.shape[-1]) == q.shape[-1])
+            and summaries.mean.dtype != torch.float64 and _d_pad(q.shape[-1]) == q.shape[-1])
 
 
 def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tensor, group: int,

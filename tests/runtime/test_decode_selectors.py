@@ -255,6 +255,46 @@ def _check_summaries(block: int, page: int | None, appends: list[int], seed: int
         assert torch.equal(s.hi[:, :, 0], full[:, :, :block].amax(2).to(s.hi.dtype))
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("page", [None, 8])
+def test_half_cache_summaries(page: int | None) -> None:
+    """A bfloat16 cache keeps bfloat16 summaries: min and max exactly, the mean its float32 mean rounded
+    (within a bfloat16 step; the summary kernel, appended to, equals a build from scratch); `dtype=torch.float32` keeps
+    them unrounded. The fused top-n widens them: it picks what it picks from float32 summaries holding the
+    same values, which is what the PyTorch rule over them picks (float64)."""
+    from patterndsl.runtime.decode import append
+    from patterndsl.runtime.decode_selection import _pick
+
+    g = torch.Generator().manual_seed(2)
+    B, H, hkv, d, cap, blk = 2, 4, 2, 16, 96, 16
+    keys = torch.randn(B, hkv, cap, d, generator=g).to(torch.bfloat16)
+    kc, vc, table = _cache(list(keys), list(keys), cap, page, 2)
+    seqlens = torch.tensor([cap - 13, cap - 40], dtype=torch.int32)
+    grown = KeySummaries.build(kc, seqlens - 5, blk, page_table=table)
+    new = torch.stack([keys[b, :, n - 5:n] for b, n in enumerate(seqlens.tolist())])
+    append(kc, vc, seqlens - 5, table, new, new)
+    grown.update(kc, seqlens - 5, 5, page_table=table)
+    s = KeySummaries.build(kc, seqlens, blk, page_table=table)
+    wide = KeySummaries.build(kc, seqlens, blk, page_table=table, dtype=torch.float32)
+    assert s.mean.dtype == torch.bfloat16 and wide.mean.dtype == torch.float32
+    for name in ("lo", "hi", "mean"):
+        assert torch.equal(getattr(grown, name), getattr(s, name)), name
+    assert torch.equal(s.lo.float(), wide.lo) and torch.equal(s.hi.float(), wide.hi)
+    assert ((s.mean.float() - wide.mean).abs() <= wide.mean.abs() * 2.0**-7).all()  # one bfloat16 step
+    attn = _attn("causal & (window(3) | topk(2, block=16))")
+    q = torch.randn(B, H, 1, d, generator=g).to(torch.bfloat16)
+    same = KeySummaries(blk, s.lo.float(), s.hi.float(), s.mean.float())
+    _, half = attn.decode(q, kc, vc, seqlens, page_table=table, summaries=s, return_selected=True)
+    _, full = attn.decode(q, kc, vc, seqlens, page_table=table, summaries=same, return_selected=True)
+    assert torch.equal(half[0], full[0])
+    for b, n in enumerate(seqlens.tolist()):
+        nk = -(-n // blk)
+        score = torch.einsum("hd,hkd->hk", q[b, :, 0].double(), s.mean[b, :, :nk].double().repeat_interleave(H // hkv, 0))
+        want = _pick(attn.spec.selectors[0].all[0], score, d**-0.5, 2)  # type: ignore[union-attr]
+        for h in range(H):
+            assert {int(x) for x in half[0][b, h, 0] if x >= 0} == {int(x) for x in want[h] if x >= 0}, (b, h)
+
+
 def test_selected_reuse_and_misuse() -> None:
     """`selected=` takes what `return_selected=True` gave (an earlier layer's): the same outputs without
     scoring, on another pattern with the same selector too; misuse is one sentence."""
