@@ -72,8 +72,11 @@ if [ -n "${COMPARE:-}" ]; then TAIL=30 stage compare_runtime "${T_COMPARE:-200}"
 # FLEX_MASK=1 (issue 22: to_flex_block_mask against create_block_mask up to 1M tokens)
 if [ -n "${FLEX_MASK:-}" ]; then TAIL=20 stage bench_flex_mask "${T_FLEX_MASK:-90}" python3 benchmarks/bench_flex_mask.py "$OUT/flex_mask_h100.json"; fi
 # DECODE=1 (issue 21: decode steps against FlashAttention-style peers), PATTERN_CACHE=1 (the retaining cache)
-if [ -n "${DECODE:-}" ]; then TAIL=20 stage bench_decode "${T_DECODE:-240}" env BENCH_DEADLINE=$(( ${T_DECODE:-240} - 30 )) \
-  python3 benchmarks/bench_decode.py "$OUT/decode_h100.json"; fi
+if [ -n "${DECODE:-}" ]; then
+  fa4=(); [ -d /tmp/fa4site ] && fa4=(PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH)
+  TAIL=20 stage bench_decode "${T_DECODE:-240}" env "${fa4[@]}" BENCH_DEADLINE=$(( ${T_DECODE:-240} - 30 )) \
+    python3 benchmarks/bench_decode.py "$OUT/decode_h100.json"
+fi
 # DECODE_QUICK=1: only issue 21's open criteria (selector step, flat window + sinks, paged vs contiguous), ~100 s
 if [ -n "${DECODE_QUICK:-}" ]; then TAIL=20 stage bench_decode_quick "${T_DECODE_QUICK:-150}" env BENCH_QUICK=1 \
   BENCH_DEADLINE=$(( ${T_DECODE_QUICK:-150} - 30 )) python3 benchmarks/bench_decode.py "$OUT/decode_quick_h100.json"; fi
