@@ -3,7 +3,9 @@
 dS = P * (dP - delta) with delta = rowsum(dO * O) (- dlse when the log-sum-exp has a gradient too);
 dQ = scale * dS K per query block over FULL then PARTIAL key blocks; dK = scale * dS^T Q and dV = P^T dO
 per key block over the transposed tables (query blocks per key block), summed inside the program over
-the query heads that share the key/value head (GQA/MQA): no atomics, no [B, H, N, D] float32 buffers.
+the query heads that share the key/value head (GQA/MQA): no atomics, no [B, H, N, D] float32 buffers. A key
+block far heavier than the rest is the exception: its pieces run in several programs that add into float32
+workspace rows (`_static_split`, `_dynamic_split`), at most [B, kv heads, N, D].
 A row with no allowed key has lse = -inf; the preprocessing stores +inf there, so P = exp2(S - inf) = 0.
 Backward tiles per head_dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2, stages2):
 dK/dV use BLOCK_N1 keys x BLOCK_M1 queries, dQ BLOCK_M2 queries x BLOCK_N2 keys.
