@@ -5,7 +5,7 @@ dQ = scale * dS K per query block over FULL then PARTIAL key blocks; dK = scale 
 per key block over the transposed tables (query blocks per key block), summed inside the program over
 the query heads that share the key/value head (GQA/MQA): no atomics, no [B, H, N, D] float32 buffers. A key
 block far heavier than the rest is the exception: its pieces run in several programs that add into float32
-workspace rows (`_static_split`, `_dynamic_split`), at most [B, kv heads, N, D].
+workspace rows (`_static_split`, `_dynamic_split`), at most an eighth of [B, kv heads, N, D].
 A row with no allowed key has lse = -inf; the preprocessing stores +inf there, so P = exp2(S - inf) = 0.
 Backward tiles per head_dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2, stages2):
 dK/dV use BLOCK_N1 keys x BLOCK_M1 queries, dQ BLOCK_M2 queries x BLOCK_N2 keys.
@@ -288,6 +288,7 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
 
 _SPLIT_MIN = 32  # tile iterations: a lighter piece is not worth its workspace round trip
 _SPLIT_CAP = 64  # programs per key block at most: a heavier row takes longer pieces
+_SPLIT_ROWS = 8  # at most one row in 8 split (automatic): the rest wait for at most 8 times the mean row
 # (slots [batch * kv slots * key blocks] int32, workspace rows, tile iterations per piece, programs per key block)
 Split = tuple[torch.Tensor, int, int, int]
 
@@ -303,11 +304,22 @@ def _split_chunk(mean: float, top: int) -> int:
     return chunk if top > chunk else 0
 
 
-def _slots(work: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Each row's workspace slot (rows: `work` flattened, (batch, kv slot, key block)), numbered in order
-    among the rows with more than `chunk` tile iterations; -1 for the others (they run whole). int32."""
-    heavy = work.flatten() > chunk
-    return torch.where(heavy, torch.cumsum(heavy, 0) - 1, -1).to(torch.int32)
+def _slot_cap(rows: int) -> int:
+    """How many of `rows` dK/dV rows may be split: all where `bwd_split` asks, else one in _SPLIT_ROWS. Were
+    more rows heavy, the others (run whole) hold at most _SPLIT_ROWS times the mean work (the heaviest
+    rows are split first), and the workspace stays an eighth of a float32 dK/dV at most."""
+    return rows if current_options().bwd_split is not None else max(1, rows // _SPLIT_ROWS)
+
+
+def _slots(work: torch.Tensor, chunk: int, cap: int) -> torch.Tensor:
+    """Each row's workspace slot (rows: `work` flattened, (batch, kv slot, key block)) where it holds more
+    than `chunk` tile iterations and is among the `cap` heaviest: its rank by work, heaviest first (so the
+    slots run 0 .. split rows - 1); -1 for the others (they run whole). int32."""
+    flat = work.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(flat.numel(), device=flat.device)
+    return torch.where((flat > chunk) & (rank < cap), rank, -1).to(torch.int32)
 
 
 def _group_sizes(pat: int, patterns: int | tuple[int, ...], H: int, group: int) -> list[int]:
@@ -336,7 +348,7 @@ def _static_split(spec: PatternSpec, pat: int, n: int, bm: int, bn: int, nkt: in
     chunk = _split_chunk(float(work.float().mean()) if work.numel() else 0.0, top)
     hit = None
     if chunk > 0 and top > chunk:
-        slots = _slots(work.expand(B, -1, -1), chunk)
+        slots = _slots(work.expand(B, -1, -1), chunk, _slot_cap(B * work.numel()))
         hit = (slots.to(device), int((slots >= 0).sum()), chunk, min(_SPLIT_CAP, -(-top // chunk)))
     if len(_SPLITS) >= 64:
         _SPLITS.pop(next(iter(_SPLITS)))
@@ -349,7 +361,7 @@ def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nk
     """The split of a dynamic pattern's dK/dV rows, without reading the device: the tables' sizes bound
     the mean work (their index arrays hold at most every entry) and a row lists each query block at most
     once per head; the rows to split are numbered on the device. Workspace rows: no more than the entries
-    allow, (entries) / (chunk + 1), and never more than [B, kv heads, N] rows."""
+    allow, (entries) / (chunk + 1), nor than `_slot_cap`."""
     f_off, f_idx, p_off, p_idx = tables
     nkv = len(sizes)
     rows = B * nkv * nkt
@@ -362,8 +374,8 @@ def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nk
     kv_of = torch.repeat_interleave(torch.arange(nkv, device=device), torch.tensor(sizes, device=device),
                                     output_size=qh_rank.numel())
     work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=device).index_add_(1, kv_of, count[:, qh_rank.long()])
-    return (_slots(work, chunk), min(rows, (f_idx.numel() + p_idx.numel()) // (chunk + 1)), chunk,
-            min(_SPLIT_CAP, -(-top // chunk)))
+    cap = min(_slot_cap(rows), (f_idx.numel() + p_idx.numel()) // (chunk + 1))  # heavy rows: at most that
+    return _slots(work, chunk, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk))
 
 
 def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int,
