@@ -265,7 +265,8 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
                                 16777215 if sel_vars else 1073741823)
     kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
     qh_rank = _qh_rank(pat, patterns, H, group, q.device)
-    split = _dynamic_split(tables, B, nh, nqt, nkt, qh_rank, _group_sizes(pat, patterns, H, group), q.device)
+    split = _dynamic_split(tables, B, nh, nqt, nkt, qh_rank, _group_sizes(pat, patterns, H, group),
+                           _kv_slot_of(pat, patterns, H, group, q.device))
     extra, chunks = _split_args(split, nkt, bn1, d_pad, q.device)
     _attn_bwd_dkdv[(nkt * chunks, B * kv_ids.numel())](
         q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, *tables,
@@ -357,7 +358,7 @@ def _static_split(spec: PatternSpec, pat: int, n: int, bm: int, bn: int, nkt: in
 
 
 def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nkt: int, qh_rank: torch.Tensor,
-                   sizes: list[int], device: torch.device) -> Split | None:
+                   sizes: list[int], kv_of: torch.Tensor) -> Split | None:
     """The split of a dynamic pattern's dK/dV rows, without reading the device: the tables' sizes bound
     the mean work (their index arrays hold at most every entry) and a row lists each query block at most
     once per head; the rows to split are numbered on the device. Workspace rows: no more than the entries
@@ -371,9 +372,8 @@ def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nk
         return None
     per = B * nh * nkt
     count = (f_off[1:per + 1] - f_off[:per] + p_off[1:per + 1] - p_off[:per]).view(B, nh, nkt)
-    kv_of = torch.repeat_interleave(torch.arange(nkv, device=device), torch.tensor(sizes, device=device),
-                                    output_size=qh_rank.numel())
-    work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=device).index_add_(1, kv_of, count[:, qh_rank.long()])
+    work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=count.device)
+    work.index_add_(1, kv_of, count[:, qh_rank.long()])  # summed over each kv slot's query heads
     cap = min(_slot_cap(rows), (f_idx.numel() + p_idx.numel()) // (chunk + 1))  # heavy rows: at most that
     return _slots(work, chunk, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk))
 
@@ -408,6 +408,17 @@ def _qh_rank(pat: int, patterns: int | tuple[int, ...], H: int, group: int, devi
         heads = _heads_of(patterns, pat, H)
         ranks = [r for g in range(H // group) for r, h in enumerate(heads) if h // group == g]
         hit = _KV_GROUPS[key] = torch.tensor(ranks, dtype=torch.int32, device=device)
+    return hit
+
+
+def _kv_slot_of(pat: int, patterns: int | tuple[int, ...], H: int, group: int,
+                device: torch.device | str) -> torch.Tensor:
+    """Per entry of `_kv_groups`' query heads, its kv slot (int64, cached: no copy from the host per call)."""
+    key = ("slot", pat, patterns, H, group, str(device))
+    hit: torch.Tensor | None = _KV_GROUPS.get(key)
+    if hit is None:
+        sizes = _group_sizes(pat, patterns, H, group)
+        hit = _KV_GROUPS[key] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
     return hit
 
 
