@@ -2,7 +2,7 @@
 forward+backward with the automatic split (the default) against `bwd_split=0` (every key block in one
 program), in one run on one card.
 
-B=1, N = 65536 (BENCH_NS), D=128, bf16, random normal inputs. Cases: NSA's selected branch (64 query heads
+B=1, N = 16384 and 65536 (BENCH_NS), D=128, bf16, random normal inputs. Cases: NSA's selected branch (64 query heads
 over 4 KV heads, `causal & (sink(64) | window(63) | topk(16, block=64, score=compressed, share=kv))`), its
 static part alone (the sink's key block read by every query block of 16 heads), and Longformer (16 heads,
 `window(256) | global(0:16)`). Per case and setting: the medians of `triton.testing.do_bench` and, from
@@ -28,7 +28,7 @@ from runinfo import run_info
 import patterndsl as P
 
 D = 128
-NS = [int(x) for x in os.environ.get("BENCH_NS", "65536").split(",")]
+NS = [int(x) for x in os.environ.get("BENCH_NS", "16384,65536").split(",")]
 CASES = {
     "nsa_selected": ("causal & (sink(64) | window(63) | topk(16, block=64, score=compressed, share=kv))", 64, 4),
     "sink_window": ("causal & (window(63) | sink(64))", 64, 4),

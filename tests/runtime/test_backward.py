@@ -281,12 +281,12 @@ def test_broadcast_output_gradient_takes_pointer_loads() -> None:
         assert not torch.isnan(y).any() and ((y.double() - ref).norm() / ref.norm()).item() < 1e-4, name
 
 
-@pytest.mark.parametrize("case", ["sinks gqa", "mixed heads"])
+@pytest.mark.parametrize("case", ["sinks gqa", "mixed heads", "layout"])
 def test_split_dkdv_rows_give_the_reference_gradients(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`bwd_split=3` cuts every key block's dK/dV work over 3 tile iterations (its query blocks times the
     group's query heads) into pieces that several programs add into a float32 workspace, which the merge
-    kernel writes out: a sink's blocks with four query heads per KV head, and a group mixing predicates (the
-    merge adds each launch's share)."""
+    kernel writes out: a sink's blocks with four query heads per KV head, a group mixing predicates (the
+    merge adds each launch's share) and a token layout (the merge writes its physical rows' tokens)."""
     from patterndsl.runtime import backward
 
     merged: list[Any] = []
@@ -294,6 +294,9 @@ def test_split_dkdv_rows_give_the_reference_gradients(case: str, monkeypatch: py
     if case == "mixed heads":
         text = "pattern m = heads {\n  0:1 => causal & window(5)\n  1:4 => sink(7) | window(0)\n}\n"
         attn, mask, kw = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 37, 4), dict(h=4, hkv=2)
+    elif case == "layout":
+        text = "layout g = grid(5, 7)\npattern p = neighborhood(g, kernel=3)\n"
+        attn, mask, kw = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 35), dict(h=4, hkv=2)
     else:
         attn, mask, kw = P.compile(STREAM, **SMALL), P.dense_mask(STREAM_SRC, 61), dict(b=2, h=4, hkv=1)
     with attn.options(bwd_split=3):
