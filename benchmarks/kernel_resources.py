@@ -23,6 +23,8 @@ packed-document table kernels (`_free_tables`).
 `--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch;
 PAGED 1: pages holding whole tiles, 2: smaller pages, gathered per key).
 `--spans` builds --fwd and --bwd reading their tiles from segment tables (`runtime/positions.py`'s `Spans`).
+`--bwd-split` builds --bwd's dK/dV kernel with its heavy rows split into pieces (SPLIT: a float32 workspace)
+and the kernel merging them (`_attn_bwd_dkdv_merge`).
 
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
         --fwd 128,64,8,3 --bwd 32,64,64,32,8,3 --bwd 64,128,128,64,8,3
@@ -60,10 +62,11 @@ INT32_TABLES = {
     "QH_OFF",
     "QH_IDX",
     "QH_RANK",
+    "SLOTS",
 }
-FP32_BUFFERS = {"LSE", "LSE2", "DELTA", "DLSE"}
+FP32_BUFFERS = {"LSE", "LSE2", "DELTA", "DLSE", "WS_K", "WS_V"}
 SEGMENTS = {"QSEG", "KSEG"}  # rows at given positions (`tables.span_tables`): a path taken when passed, off here
-INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL"}
+INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL", "NKT", "CHUNK", "CHUNKS"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
@@ -238,6 +241,8 @@ def main() -> None:
     ap.add_argument("--topk-fill", type=int, choices=[0, 1], help="its first tile by a bitonic top-k (topk_fill)")
     ap.add_argument("--spans", action="store_true",
                     help="--fwd and --bwd with segment tables (rows at given positions: context parallelism)")
+    ap.add_argument("--bwd-split", action="store_true",
+                    help="--bwd's dK/dV kernel splitting heavy rows (SPLIT), and the merge kernel")
     a = ap.parse_args()
     spans = {x: "*i32" for x in SEGMENTS} if a.spans else None
     # a whole program (layouts, params) where --src holds one; else a bare expression named p
@@ -276,8 +281,12 @@ def main() -> None:
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])
         dq = resources(bwd_kernels._attn_bwd_dq, a.dtype, dict(common, BLOCK_M=bm2, BLOCK_N=bn2), w2, s2, spans)
-        dkdv = resources(bwd_kernels._attn_bwd_dkdv, a.dtype, dict(common, BLOCK_M=bm1, BLOCK_N=bn1), w1, s1, spans)
-        print(f"bwd  {cfg:20s} dK/dV: {dkdv} | dQ: {dq}", flush=True)
+        c1 = dict(common, BLOCK_M=bm1, BLOCK_N=bn1, SPLIT=a.bwd_split)
+        dkdv = resources(bwd_kernels._attn_bwd_dkdv, a.dtype, c1, w1, s1, spans)
+        print(f"bwd  {cfg:20s} dK/dV{' split' if a.bwd_split else ''}: {dkdv} | dQ: {dq}", flush=True)
+        if a.bwd_split:
+            merge = resources(bwd_kernels._attn_bwd_dkdv_merge, a.dtype, dict(common, BLOCK_N=bn1), 4, 1)
+            print(f"merge {cfg:19s} {merge}", flush=True)
 
 
 if __name__ == "__main__":

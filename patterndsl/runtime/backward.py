@@ -3,7 +3,9 @@
 dS = P * (dP - delta) with delta = rowsum(dO * O) (- dlse when the log-sum-exp has a gradient too);
 dQ = scale * dS K per query block over FULL then PARTIAL key blocks; dK = scale * dS^T Q and dV = P^T dO
 per key block over the transposed tables (query blocks per key block), summed inside the program over
-the query heads that share the key/value head (GQA/MQA): no atomics, no [B, H, N, D] float32 buffers.
+the query heads that share the key/value head (GQA/MQA): no atomics, no [B, H, N, D] float32 buffers. A key
+block far heavier than the rest is the exception: its pieces run in several programs that add into float32
+workspace rows (`_static_split`, `_dynamic_split`), at most an eighth of [B, kv heads, N, D].
 A row with no allowed key has lse = -inf; the preprocessing stores +inf there, so P = exp2(S - inf) = 0.
 Backward tiles per head_dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2, stages2):
 dK/dV use BLOCK_N1 keys x BLOCK_M1 queries, dQ BLOCK_M2 queries x BLOCK_N2 keys.
@@ -11,6 +13,7 @@ dK/dV use BLOCK_N1 keys x BLOCK_M1 queries, dQ BLOCK_M2 queries x BLOCK_N2 keys.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import tables
-from .bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_pre
+from .bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dkdv_merge, _attn_bwd_dq, _attn_bwd_pre
 from .common import (
     _INTERPRET,
     _LOG2E,
@@ -40,7 +43,7 @@ from .common import (
 from .cpu import _attention_cpu_bwd
 from .options import current_options
 from .selection import _dynamic_tables, _tiles, sel_kernel
-from .tables import block_tables, block_tables_t, heavy_first
+from .tables import HEAVY, block_tables, block_tables_t, heavy_first
 from .tuning import _tuned
 from .varlen import varlen_tables
 
@@ -146,7 +149,7 @@ def _launch_dq(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, la
 
 
 def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, kv_ids: torch.Tensor,
-                 qh_off: torch.Tensor, qh_idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, scale: float,
+                 qh_off: torch.Tensor, qh_idx: torch.Tensor, sizes: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, scale: float,
                  accum: bool, prec: str, d_pad: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
     B, H, N, D = q.shape
     bm, bn, warps, stages = tile
@@ -154,7 +157,11 @@ def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, 
     qd = dod = None
     if tma:  # dK/dV walks Q/dO tiles of BLOCK_M rows
         qd, dod = _descriptor(q, bm, d_pad), _descriptor(do, bm, d_pad)
-    _attn_bwd_dkdv[(-(-rows // bn), B * kv_ids.numel())](
+    nkt = -(-rows // bn)
+    split = _static_split(spec, pat, N, bm, bn, nkt, q.device, B, sizes)
+    lay = layout_kernel(spec, pat) if layout else None
+    extra, chunks = _split_args(split, nkt, bn, d_pad, q.device)
+    _attn_bwd_dkdv[(nkt * chunks, B * kv_ids.numel())](
         q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, f_off, f_idx, p_off, p_idx,
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3],
@@ -162,9 +169,10 @@ def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, 
         N, H, kv_ids.numel(), scale * _LOG2E, scale,
         PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, NP=rows,
-        LAYOUT=layout_kernel(spec, pat) if layout else None, q_desc=qd, do_desc=dod, TMA=tma,
-        num_warps=warps, num_stages=stages,
+        LAYOUT=lay, q_desc=qd, do_desc=dod, TMA=tma,
+        num_warps=warps, num_stages=stages, **extra,
     )
+    _merge_split(extra, kv_ids, dk, dv, N, scale, bn, D, d_pad, accum, lay)
 
 
 @_on_device_of
@@ -218,7 +226,8 @@ def _backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Ten
         tma = 0 if layout else _tma_mode((q, k, v, do), d_pad, 1 if current_options().bwd_tma else 0)
         kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
         dq_args = (pat, rows, layout, tma, heads, q, k, v, do, lse2, delta, group, scale, prec, d_pad, pre)
-        dkdv_args = (pat, rows, layout, tma, kv_ids, qh_off, qh_idx, q, k, v, do, lse2, delta, scale, accum, prec,
+        sizes = tuple(_group_sizes(pat, patterns, H, group))
+        dkdv_args = (pat, rows, layout, tma, kv_ids, qh_off, qh_idx, sizes, q, k, v, do, lse2, delta, scale, accum, prec,
                      d_pad)
         dkdv_tile, dq_tile = _bwd_tiles(
             spec, ("bwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), (pat, patterns)), q.element_size(),
@@ -256,7 +265,10 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
                                 16777215 if sel_vars else 1073741823)
     kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
     qh_rank = _qh_rank(pat, patterns, H, group, q.device)
-    _attn_bwd_dkdv[(nkt, B * kv_ids.numel())](
+    split = _dynamic_split(tables, B, nh, nqt, nkt, qh_rank, _group_sizes(pat, patterns, H, group),
+                           _kv_slot_of(pat, patterns, H, group, q.device))
+    extra, chunks = _split_args(split, nkt, bn1, d_pad, q.device)
+    _attn_bwd_dkdv[(nkt * chunks, B * kv_ids.numel())](
         q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, *tables,
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3],
@@ -265,7 +277,126 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
         PRED=pred_kernel(spec, pat), BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, QH_RANK=qh_rank, NH_SEL=nh,
         SEL_PRED=sel_pred, SEL_VARS=sel_vars,
-        num_warps=w1, num_stages=s1,
+        num_warps=w1, num_stages=s1, **extra,
+    )
+    _merge_split(extra, kv_ids, dk, dv, N, scale, bn1, D, d_pad, accum)
+
+
+# --- dK/dV rows split into pieces: a key block read by every query block (a sink's, a global token's, a
+# block every query selects), times the group's query heads, would run in one program long after the rest;
+# its pieces run in several programs, started first, adding into float32 workspace rows that
+# `_attn_bwd_dkdv_merge` writes out. Other rows run whole and write dK/dV themselves, as without splitting.
+
+_SPLIT_MIN = 32  # tile iterations: a lighter piece is not worth its workspace round trip
+_SPLIT_CAP = 64  # programs per key block at most: a heavier row takes longer pieces
+_SPLIT_ROWS = 8  # at most one row in 8 split (automatic): the rest wait for at most 8 times the mean row
+# (slots [batch * kv slots * key blocks] int32, workspace rows, tile iterations per piece, programs per key block)
+Split = tuple[torch.Tensor, int, int, int]
+
+
+def _split_chunk(mean: float, top: int) -> int:
+    """Tile iterations per piece of a split row (0: no row is split), for rows of `mean` work on average and
+    at most `top`: the `bwd_split` option, else HEAVY times the mean (at least _SPLIT_MIN), where a row may
+    hold more than that: such a row alone would end the launch long after the others."""
+    fixed = current_options().bwd_split
+    if fixed is not None:
+        return max(0, int(fixed))
+    chunk = max(_SPLIT_MIN, math.ceil(HEAVY * mean))
+    return chunk if top > chunk else 0
+
+
+def _slot_cap(rows: int) -> int:
+    """How many of `rows` dK/dV rows may be split: all where `bwd_split` asks, else one in _SPLIT_ROWS. Were
+    more rows heavy, the others (run whole) hold at most _SPLIT_ROWS times the mean work (the heaviest
+    rows are split first), and the workspace stays an eighth of a float32 dK/dV at most."""
+    return rows if current_options().bwd_split is not None else max(1, rows // _SPLIT_ROWS)
+
+
+def _slots(work: torch.Tensor, chunk: int, cap: int) -> torch.Tensor:
+    """Each row's workspace slot (rows: `work` flattened, (batch, kv slot, key block)) where it holds more
+    than `chunk` tile iterations and is among the `cap` heaviest: its rank by work, heaviest first (so the
+    slots run 0 .. split rows - 1); -1 for the others (they run whole). int32."""
+    flat = work.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(flat.numel(), device=flat.device)
+    return torch.where((flat > chunk) & (rank < cap), rank, -1).to(torch.int32)
+
+
+def _group_sizes(pat: int, patterns: int | tuple[int, ...], H: int, group: int) -> list[int]:
+    """Query heads using `pat` per kv slot of `_kv_groups` (the kv heads with at least one)."""
+    per = [0] * (H // group)
+    for h in _heads_of(patterns, pat, H):
+        per[h // group] += 1
+    return [c for c in per if c]
+
+
+_SPLITS: dict[tuple[Any, ...], Split | None] = {}
+
+
+def _static_split(spec: PatternSpec, pat: int, n: int, bm: int, bn: int, nkt: int, device: torch.device, B: int,
+                  sizes: tuple[int, ...]) -> Split | None:
+    """The split of a static pattern's dK/dV rows, the first `nkt` key blocks' (None: none is split). Its
+    tables give every key block's query blocks on the host (read once; cached): a row's work is those times
+    the kv slot's query heads (`sizes`)."""
+    key = (spec.key, pat, n, bm, bn, nkt, str(device), B, sizes, current_options().bwd_split)
+    if key in _SPLITS:
+        return _SPLITS[key]
+    f_off, _, p_off, _ = block_tables_t(spec, n, bm, bn, device, pat)
+    count = (torch.diff(f_off.long()) + torch.diff(p_off.long())).cpu()[:nkt]
+    work = torch.tensor(sizes, dtype=torch.int64)[:, None] * count[None, :]  # [kv slots, key blocks]
+    top = int(work.max()) if work.numel() else 0
+    chunk = _split_chunk(float(work.float().mean()) if work.numel() else 0.0, top)
+    hit = None
+    if chunk > 0 and top > chunk:
+        slots = _slots(work.expand(B, -1, -1), chunk, _slot_cap(B * work.numel()))
+        hit = (slots.to(device), int((slots >= 0).sum()), chunk, min(_SPLIT_CAP, -(-top // chunk)))
+    if len(_SPLITS) >= 64:
+        _SPLITS.pop(next(iter(_SPLITS)))
+    _SPLITS[key] = hit
+    return hit
+
+
+def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nkt: int, qh_rank: torch.Tensor,
+                   sizes: list[int], kv_of: torch.Tensor) -> Split | None:
+    """The split of a dynamic pattern's dK/dV rows, without reading the device: the tables' sizes bound
+    the mean work (their index arrays hold at most every entry) and a row lists each query block at most
+    once per head; the rows to split are numbered on the device. Workspace rows: no more than the entries
+    allow, (entries) / (chunk + 1), nor than `_slot_cap`."""
+    f_off, f_idx, p_off, p_idx = tables
+    nkv = len(sizes)
+    rows = B * nkv * nkt
+    top = max(sizes, default=0) * nqt
+    chunk = _split_chunk(max(f_idx.numel(), p_idx.numel()) / max(1, rows), top)
+    if chunk == 0 or top <= chunk:
+        return None
+    per = B * nh * nkt
+    count = (f_off[1:per + 1] - f_off[:per] + p_off[1:per + 1] - p_off[:per]).view(B, nh, nkt)
+    work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=count.device)
+    work.index_add_(1, kv_of, count[:, qh_rank.long()])  # summed over each kv slot's query heads
+    cap = min(_slot_cap(rows), (f_idx.numel() + p_idx.numel()) // (chunk + 1))  # heavy rows: at most that
+    return _slots(work, chunk, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk))
+
+
+def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int,
+                device: torch.device) -> tuple[dict[str, Any], int]:
+    """(`_attn_bwd_dkdv`'s split arguments, its programs per key block): none and 1 without a split."""
+    if split is None:
+        return {}, 1
+    slots, used, chunk, chunks = split
+    ws_k, ws_v = (torch.zeros((max(1, used), bn, d_pad), dtype=torch.float32, device=device) for _ in range(2))
+    return dict(SPLIT=True, SLOTS=slots, WS_K=ws_k, WS_V=ws_v, NKT=nkt, CHUNK=chunk, CHUNKS=chunks), chunks
+
+
+def _merge_split(extra: dict[str, Any], kv_ids: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, n: int,
+                 scale: float, bn: int, d: int, d_pad: int, accum: bool, layout: Any = None) -> None:
+    """Write the split rows' dK/dV from their workspace rows (nothing without a split)."""
+    if not extra:
+        return
+    nkt = extra["NKT"]
+    _attn_bwd_dkdv_merge[(nkt, extra["SLOTS"].numel() // nkt)](
+        dk, dv, extra["WS_K"], extra["WS_V"], extra["SLOTS"], kv_ids, *dk.stride()[:3], *dv.stride()[:3],
+        n, kv_ids.numel(), nkt, scale, BLOCK_N=bn, HEAD_DIM=d, D_PAD=d_pad, ACCUM=accum, LAYOUT=layout,
     )
 
 
@@ -277,6 +408,17 @@ def _qh_rank(pat: int, patterns: int | tuple[int, ...], H: int, group: int, devi
         heads = _heads_of(patterns, pat, H)
         ranks = [r for g in range(H // group) for r, h in enumerate(heads) if h // group == g]
         hit = _KV_GROUPS[key] = torch.tensor(ranks, dtype=torch.int32, device=device)
+    return hit
+
+
+def _kv_slot_of(pat: int, patterns: int | tuple[int, ...], H: int, group: int,
+                device: torch.device | str) -> torch.Tensor:
+    """Per entry of `_kv_groups`' query heads, its kv slot (int64, cached: no copy from the host per call)."""
+    key = ("slot", pat, patterns, H, group, str(device))
+    hit: torch.Tensor | None = _KV_GROUPS.get(key)
+    if hit is None:
+        sizes = _group_sizes(pat, patterns, H, group)
+        hit = _KV_GROUPS[key] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
     return hit
 
 

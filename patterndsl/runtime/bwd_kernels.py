@@ -207,7 +207,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["N", "LSE_N", "NP"])
+@triton.jit(do_not_specialize=["N", "LSE_N", "NP", "NKT", "CHUNK", "CHUNKS"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
                    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
                    s_gb, s_gh, s_gn, s_wb, s_wh, s_wn,
@@ -216,9 +216,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                    D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, ACCUM: tl.constexpr,
                    INTERPRET: tl.constexpr, CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False,
                    QH_RANK=None, NH_SEL=0, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
-                   LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0, QSEG=None, KSEG=None):
+                   LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0, QSEG=None, KSEG=None,
+                   SPLIT: tl.constexpr = False, SLOTS=None, WS_K=None, WS_V=None, NKT=0, CHUNK=0, CHUNKS=1):
     # SEL_PRED is not None: per-(batch, head) transposed tables, row (batch * NH_SEL + head's rank) * key blocks + key
     # block (QH_RANK: each listed query head's rank among the pattern's heads); bit 30 marks selected blocks
+    # SPLIT: CHUNKS programs per key block (NKT of them; piece CHUNKS - 1 first, so a heavy row's pieces start
+    # before the rest). SLOTS[(batch, kv slot) * NKT + key block] >= 0 marks a split row: its work (query
+    # blocks times the group's heads, in loop order) is cut into pieces of max(CHUNK, work / CHUNKS), each
+    # added into float32 workspace rows WS_K/WS_V[slot] (`_attn_bwd_dkdv_merge` writes dK/dV); other rows run
+    # whole in piece 0 and write dK/dV themselves, their other pieces exit at once
     if VARLEN:  # packed documents: program r is key tile r (document, key block), indices local to it
         row = tl.program_id(0)
         doc = tl.load(TILES + 2 * row)
@@ -232,13 +238,40 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
         lse_n = LSE_N
     else:
         pid_n = tl.program_id(0)
+        if SPLIT:
+            pid_n = tl.program_id(0) % NKT
         row = pid_n
         start = 0
         lse_n = N
     pid_bh = tl.program_id(1)
+    if SPLIT:
+        piece = CHUNKS - 1 - tl.program_id(0) // NKT
+        ws = tl.load(SLOTS + pid_bh * NKT + pid_n)
+        if (ws < 0) & (piece > 0):  # a row run whole (by piece 0)
+            return
     b = (pid_bh // NKV).to(tl.int64)
     slot = pid_bh % NKV
     kvh = tl.load(KV_IDS + slot).to(tl.int64)
+    h_lo = tl.load(QH_OFF + slot)
+    h_hi = tl.load(QH_OFF + slot + 1)
+    if SPLIT:  # this program's share of the row's work: [a, e) in loop order (heads, FULL then PARTIAL blocks)
+        a = h_lo * 0
+        e = a + 2147483647
+        pos = a
+        if ws >= 0:
+            total = h_lo * 0
+            th = h_lo
+            while th < h_hi:
+                trow = _dkdv_row(row, th, pid_bh, pid_n, N, NKV, NH_SEL, QH_RANK, BLOCK_N, SEL_PRED)
+                for stage in tl.static_range(2):
+                    lo, hi = _stage_range(FULL_OFF, PART_OFF, trow, stage)
+                    total += hi - lo
+                th += 1
+            size = tl.maximum(tl.cdiv(total, CHUNKS), CHUNK)
+            a = piece * size
+            e = tl.minimum(a + size, total)
+        if a >= e:  # a split row's piece past its end
+            return
     offs_n, kok, _ = _block(KSEG, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT)  # (a layout: -> tokens)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -248,8 +281,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
     v = tl.load(V + b * s_vb + kvh * s_vh + row_off * s_vn + offs_d[None, :], mask=kvmask, other=0.0)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    h_lo = tl.load(QH_OFF + slot)
-    h_hi = tl.load(QH_OFF + slot + 1)
     th = h_lo
     while th < h_hi:  # the query heads of this key/value head's group that use predicate PRED
         h = tl.load(QH_IDX + th).to(tl.int64)
@@ -260,11 +291,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
         do_base = DO + b * s_db + h * s_dh + qstart * s_dn
         lse_base = LSE2 + (b * H + h) * lse_n + qstart
         delta_base = DELTA + (b * H + h) * lse_n + qstart
-        trow = row
-        if SEL_PRED is not None:
-            trow = ((pid_bh // NKV) * NH_SEL + tl.load(QH_RANK + th)) * tl.cdiv(N, BLOCK_N) + pid_n
+        trow = _dkdv_row(row, th, pid_bh, pid_n, N, NKV, NH_SEL, QH_RANK, BLOCK_N, SEL_PRED)
         for stage in tl.static_range(2):  # 0: FULL query blocks, 1: PARTIAL
             lo, hi = _stage_range(FULL_OFF, PART_OFF, trow, stage)
+            if SPLIT:  # the part of [lo, hi) inside [a, e)
+                n = hi - lo
+                lo, hi, pos = lo + tl.minimum(tl.maximum(a - pos, 0), n), lo + tl.minimum(tl.maximum(e - pos, 0), n), pos + n
             if stage == 1 and SEL_PRED is not None:  # selected blocks (bit 30) take the predicate SEL_PRED
                 t = lo
                 while t < hi:
@@ -300,11 +332,57 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                                             DOT_PREC, IDX64, LAYOUT, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
                                             D_PAD, TMA, QSEG=QSEG)
         th += 1
-    dk *= scale
     dk_ptr = DK + b * s_gb + kvh * s_gh + row_off * s_gn + offs_d[None, :]
     dv_ptr = DV + b * s_wb + kvh * s_wh + row_off * s_wn + offs_d[None, :]
-    if ACCUM:  # a heads { } pattern whose group mixes predicates: one launch per predicate adds its share
+    if SPLIT:
+        if ws >= 0:  # a piece: its partial sums into the row's float32 workspace
+            at = ws.to(tl.int64) * (BLOCK_N * D_PAD) + tl.arange(0, BLOCK_N)[:, None] * D_PAD + offs_d[None, :]
+            tl.atomic_add(WS_K + at, dk, sem="relaxed")
+            tl.atomic_add(WS_V + at, dv, sem="relaxed")
+        else:
+            _dkdv_store(dk, dv, dk_ptr, dv_ptr, kvmask, scale, ACCUM)
+    else:
+        _dkdv_store(dk, dv, dk_ptr, dv_ptr, kvmask, scale, ACCUM)
+
+
+@triton.jit
+def _dkdv_row(row, th, pid_bh, pid_n, N, NKV, NH_SEL, QH_RANK, BLOCK_N: tl.constexpr, SEL_PRED: tl.constexpr):
+    """The transposed table's row of listed query head `th`: the key block's own (static tables, shared by the
+    heads), or with SEL_PRED the (batch, head)'s row of the per-head tables."""
+    if SEL_PRED is not None:
+        return ((pid_bh // NKV) * NH_SEL + tl.load(QH_RANK + th)) * tl.cdiv(N, BLOCK_N) + pid_n
+    return row
+
+
+@triton.jit
+def _dkdv_store(dk, dv, dk_ptr, dv_ptr, kvmask, scale, ACCUM: tl.constexpr):
+    """dK = scale * dk and dV = dv into the outputs' dtype; with ACCUM added to what they hold (a heads { }
+    pattern whose group mixes predicates: one launch per predicate adds its share)."""
+    dk *= scale
+    if ACCUM:
         dk += tl.load(dk_ptr, mask=kvmask, other=0.0).to(tl.float32)
         dv += tl.load(dv_ptr, mask=kvmask, other=0.0).to(tl.float32)
-    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kvmask)
-    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kvmask)
+    tl.store(dk_ptr, dk.to(dk_ptr.dtype.element_ty), mask=kvmask)
+    tl.store(dv_ptr, dv.to(dv_ptr.dtype.element_ty), mask=kvmask)
+
+
+@triton.jit(do_not_specialize=["N", "NKT"])
+def _attn_bwd_dkdv_merge(DK, DV, WS_K, WS_V, SLOTS, KV_IDS, s_gb, s_gh, s_gn, s_wb, s_wh, s_wn, N, NKV, NKT, scale,
+                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACCUM: tl.constexpr,
+                         LAYOUT: tl.constexpr = None):
+    """dK/dV of the split rows of `_attn_bwd_dkdv` (SPLIT) from their float32 workspace rows; program
+    (key block, batch * kv slot), other rows exit at once."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    ws = tl.load(SLOTS + pid_bh * NKT + pid_n)
+    if ws < 0:
+        return
+    b = (pid_bh // NKV).to(tl.int64)
+    kvh = tl.load(KV_IDS + pid_bh % NKV).to(tl.int64)
+    offs_n, kok, _ = _block(None, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT)
+    offs_d = tl.arange(0, D_PAD)
+    kvmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    at = ws.to(tl.int64) * (BLOCK_N * D_PAD) + tl.arange(0, BLOCK_N)[:, None] * D_PAD + offs_d[None, :]
+    row_off = offs_n[:, None].to(tl.int64)
+    _dkdv_store(tl.load(WS_K + at), tl.load(WS_V + at), DK + b * s_gb + kvh * s_gh + row_off * s_gn + offs_d[None, :],
+                DV + b * s_wb + kvh * s_wh + row_off * s_wn + offs_d[None, :], kvmask, scale, ACCUM)

@@ -30,6 +30,9 @@ class Options:
     order (`runtime.layout_order`); False reads them in place on the pointer-load kernel `_attn_fwd`.
     autotune: False launches the configured tiles (as PATTERNDSL_AUTOTUNE=0 does).
     tiles: a forward config (BLOCK_M, BLOCK_N[, warps, stages[, tma, one_loop, maxnreg]]) to launch, no tuning.
+    bwd_split: None cuts a key block's dK/dV work (its query blocks times the group's query heads) into pieces
+    for several programs only where it would finish last by far (a sink's, a global token's); 0 never; k:
+    every row with more than k tile iterations, in pieces of at least k.
     bwd_tiles: a backward config (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), no tuning.
     decode_block: the decode kernel's key block (a power of two >= 16; 0: by head_dim).
     decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs).
@@ -59,6 +62,7 @@ class Options:
     autotune: bool = True
     tiles: tuple[int, ...] | None = None
     bwd_tiles: tuple[int, ...] | None = None
+    bwd_split: int | None = None
     decode_block: int = 0
     decode_splits: int = 0
     decode_warps: int = 0

@@ -98,3 +98,57 @@ def test_gpu_empty_rows_zero_gradients() -> None:
     src = "where(q >= 100) & causal & window(300)"
     errs = _grads(src, 1000, torch.bfloat16, 128)
     assert max(errs.values()) < TOL[torch.bfloat16], errs
+
+
+SINK = "causal & (window(63) | sink(64))"
+NSA_SEL = "causal & (sink(64) | window(63) | topk(4, block=64, share=kv))"
+
+
+@pytest.mark.parametrize("split", [None, 0], ids=["split", "whole"])
+def test_gpu_sink_rows_split_over_programs(split: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """N = 8192, 8 query heads over one KV head, bf16: the sink's key block (every query block of every head,
+    far above the mean row) runs in pieces merged from a float32 workspace by default (`bwd_split=None`),
+    whole with `bwd_split=0`; both against float64 autograd."""
+    from patterndsl.runtime import backward
+
+    merged: list[Any] = []
+    spy_launches(monkeypatch, backward, "_attn_bwd_dkdv_merge", merged, lambda kw: kw["BLOCK_N"])
+    errs = _grads(SINK, 8192, torch.bfloat16, 128, h=8, hkv=1, b=1, options={"bwd_split": split})
+    assert max(errs.values()) < TOL[torch.bfloat16], errs
+    assert bool(merged) == (split is None), merged
+
+
+@pytest.mark.parametrize("split", [None, 0], ids=["split", "whole"])
+def test_gpu_selected_rows_split_over_programs(split: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NSA's selected branch at N = 8192 (sink, window, top-4 blocks shared by a KV head's 8 query heads),
+    bf16: the rows to split are numbered on the device (the sink's, and blocks many queries pick); gradients
+    against float64 autograd over the blocks the kernels picked."""
+    import numpy as np
+
+    from patterndsl.runtime import backward
+    from patterndsl.selectors import split as split_pattern
+
+    merged: list[Any] = []
+    spy_launches(monkeypatch, backward, "_attn_bwd_dkdv_merge", merged, lambda kw: kw["BLOCK_N"])
+    sp = split_pattern(P.pattern(NSA_SEL))
+    attn = P.compile(f"pattern p = {NSA_SEL}\n")
+    n, d, h, hkv = 8192, 128, 8, 1
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k = (torch.randint(-2, 3, (1, x, n, d), device="cuda", generator=g).to(torch.bfloat16) for x in (h, hkv))
+    v = torch.randn(1, hkv, n, d, device="cuda", generator=g).to(torch.bfloat16)
+    with attn.options(bwd_split=split):
+        sel = attn.selected_blocks(q, k).cpu().numpy()
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        w = torch.randn(q.shape, device="cuda", dtype=torch.float64, generator=g)
+        (attn.attention(qs, ks, vs).double() * w).sum().backward()
+    assert bool(merged) == (split is None), merged
+    blk = np.arange(n) // sp.block
+    mask = dense_mask(sp.static, n)[None, None] | (sel[:, :, blk][:, :, :, blk] & dense_mask(sp.selected, n))
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = qd @ kd.repeat_interleave(h // hkv, 1).transpose(-1, -2) * d**-0.5
+    s = s.masked_fill(~torch.from_numpy(mask).cuda(), float("-inf"))
+    (torch.softmax(s, -1) @ vd.repeat_interleave(h // hkv, 1) * w).sum().backward()
+    for got, want in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and want is not None
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < TOL[torch.bfloat16], err

@@ -279,3 +279,43 @@ def test_broadcast_output_gradient_takes_pointer_loads() -> None:
     for name, x, y, ref in zip(("dq", "dk", "dv"), got, again, want, strict=True):
         assert ((x.double() - ref).norm() / ref.norm()).item() < 1e-4, name
         assert not torch.isnan(y).any() and ((y.double() - ref).norm() / ref.norm()).item() < 1e-4, name
+
+
+@pytest.mark.parametrize("case", ["sinks gqa", "mixed heads", "layout"])
+def test_split_dkdv_rows_give_the_reference_gradients(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bwd_split=3` cuts every key block's dK/dV work over 3 tile iterations (its query blocks times the
+    group's query heads) into pieces that several programs add into a float32 workspace, which the merge
+    kernel writes out: a sink's blocks with four query heads per KV head, a group mixing predicates (the
+    merge adds each launch's share) and a token layout (the merge writes its physical rows' tokens)."""
+    from patterndsl.runtime import backward
+
+    merged: list[Any] = []
+    spy_launches(monkeypatch, backward, "_attn_bwd_dkdv_merge", merged, lambda kw: kw["ACCUM"])
+    if case == "mixed heads":
+        text = "pattern m = heads {\n  0:1 => causal & window(5)\n  1:4 => sink(7) | window(0)\n}\n"
+        attn, mask, kw = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 37, 4), dict(h=4, hkv=2)
+    elif case == "layout":
+        text = "layout g = grid(5, 7)\npattern p = neighborhood(g, kernel=3)\n"
+        attn, mask, kw = P.compile(text, **SMALL), dense_mask(P.loads(text).patterns[0].body, 35), dict(h=4, hkv=2)
+    else:
+        attn, mask, kw = P.compile(STREAM, **SMALL), P.dense_mask(STREAM_SRC, 61), dict(b=2, h=4, hkv=1)
+    with attn.options(bwd_split=3):
+        check_grads(attn, mask, with_lse=True, **kw)
+    assert merged and all(merged) == (case == "mixed heads")
+
+
+def test_split_plan_bounds_the_heaviest_program() -> None:
+    """Automatic splitting at NSA's shape (N = 65536, 16 query heads per KV head, 64 x 64 tiles): the sink's key
+    block, read by all 1024 query blocks of 16 heads (16384 tile iterations, the mean row 48), is cut into
+    pieces of four times the mean or, past 64 pieces, a 64th of the row; causal attention (the first key
+    block twice the mean) and `bwd_split=0` split nothing."""
+    from patterndsl.runtime.backward import _static_split
+
+    cpu = torch.device("cpu")
+    spec = P.compile("pattern p = causal & (window(63) | sink(64))\n").spec
+    slots, used, chunk, chunks = _static_split(spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4) or (None, 0, 0, 0)
+    assert used == 4 and slots.view(4, 1024)[:, 0].tolist() == [0, 1, 2, 3] and (slots.view(4, 1024)[:, 1:] < 0).all()
+    assert (chunk, chunks) == (4 * 48, 64)  # 16384 / 64 = 256 tile iterations in the heaviest program
+    assert _static_split(P.compile("pattern p = causal\n").spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4) is None
+    with P.compile("pattern p = causal & (window(63) | sink(64))\n").options(bwd_split=0):
+        assert _static_split(spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4) is None

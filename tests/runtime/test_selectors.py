@@ -466,3 +466,30 @@ def test_compressed_scores_off_the_torch_path_pick_as_the_reference(name: str) -
     assert np.array_equal(got.numpy(), picked)
     if "share=kv" in src:
         assert torch.equal(got[:, 0::2], got[:, 1::2])
+
+
+def test_split_dkdv_rows_of_a_shared_selection_give_the_reference_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bwd_split=3`: the dK/dV rows of a selector's per-(batch, head) tables with more than 3 tile iterations
+    (their query blocks times the KV head's four query heads; which rows, the device decides) run in pieces
+    adding into a float32 workspace; gradients against float64 autograd over the reference mask."""
+    from helpers import spy_launches
+
+    from patterndsl.runtime import backward
+
+    src = "causal & (window(15) | topk(2, block=16, share=kv) | sink(16))"
+    merged: list[Any] = []
+    spy_launches(monkeypatch, backward, "_attn_bwd_dkdv_merge", merged, lambda kw: kw["BLOCK_N"])
+    q, k, v = _inputs(80, h=4, hkv=1, b=2, seed=5)
+    v = torch.randn_like(v)
+    mask, _ = R.dynamic_mask(P.pattern(src), q.double().numpy(), k.double().numpy())
+    m = _module(src)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    with m.options(bwd_split=3), poisoned():
+        (m.attention(qs, ks, vs).double() * w).sum().backward()
+    assert merged
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    (_dense(qd, kd, vd, mask, 16**-0.5)[0] * w).sum().backward()
+    for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
+        assert got is not None and ref is not None and not torch.isnan(got).any()
+        assert (got.double() - ref).abs().max().item() < 2e-4 * max(1.0, ref.abs().max().item())
