@@ -188,14 +188,19 @@ def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> No
             topk = resources(selection._topk_kernel, dtype, c, opts.topk_warps, 3, t)
             print(f"topk {'ranges' if ranges else 'bytes':20s} {topk}")
     if spec.selectors[0].score == "compressed" and spec.selectors[0].kblock == blk:  # as `_compressed_scores`
-        bq = min(64, triton.next_power_of_2(blk))
+        m, bk, warps, stages = opts.compressed_tiles  # (NSA's shapes: 16 heads of a KV head, 1024 key blocks)
+        if d_pad > 128:
+            m, bk = max(16, m // 2), max(16, bk // 2)
+        m = max(16, min(m, triton.next_power_of_2(16 * blk)))
         for ranges in (True, False):
-            c = dict(BLK=blk, BQ=bq, BK=64 if d_pad <= 128 else 32, HEAD_DIM=d, D_PAD=d_pad, SHARE=spec.selectors[0].share,
-                     DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges)  # fmt: skip
-            t = {x: "i32" for x in ("q0", "ROWS", "NK", "NR")} | dict(ints, KM="*fp32", S="*fp32", HEADS="*i32",
-                                                                       MEMBER="*i8", CAND="*i32" if ranges else "*u8")  # fmt: skip
-            score = resources(selection._compressed_score_kernel, dtype, c, 8 if bq >= 64 else 4, 1, t)
-            print(f"compressed {'ranges' if ranges else 'bytes':14s} {score}")
+            c = dict(BLK=blk, GMAX=16, M=m, BK=bk, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+                     RANGES=ranges, STAGES=stages, INTERPRET=False)  # fmt: skip
+            t = {x: "i32" for x in ("q0", "ROWS", "NK", "NR")} | dict(ints, KM=f"*{dtype}", LSE="*fp32", S="*fp32",
+                                                                       HLIST="*i32", HCOUNT="*i32", KVH="*i32",
+                                                                       CAND="*i32" if ranges else "*u8")  # fmt: skip
+            lse = resources(selection._compressed_lse_kernel, dtype, c, warps, stages, t)
+            score = resources(selection._compressed_score_kernel, dtype, c, warps, stages, t)
+            print(f"compressed {'ranges' if ranges else 'bytes':14s} lse {lse} | sums {score}")
     t = dict(ints, ST_CLS="*i8", K1="*i64", C1="*i8")
     for write in (False, True):
         c = dict(RQ=1, RK=1, BR=16, SC=16, WC=16, LOG=20, WRITE=write)
