@@ -766,8 +766,10 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     """The blocks one selector picks for `heads`, as `_selection` (one selector).
 
     topk (n <= 64) on the GPU and in the interpreter: one pooling launch (none for score=given) and
-    `_topk_kernel`, no host round trip. Otherwise (PyTorch path, float64 given scores, threshold, larger n) scores are chunked over query blocks (at most ~2**24 at
-    once) and `_pick` applies the rule; threshold reads its widest row back to size the result."""
+    `_topk_kernel`, no host round trip; score=compressed likewise picks from its kernels' sums (where they
+    fit one chunk). Otherwise (PyTorch path, float64 given scores, threshold, larger n) scores are chunked
+    over query blocks (at most ~2**24 at once) and `_pick` applies the rule; threshold reads its widest row
+    back to size the result."""
     kind, param, blk, given, ctx = rule.kind, rule.param, rule.block, rule.given, rule.context
     B, H, N, D = q.shape
     nk = -(-N // rule.kblock)  # key blocks (nb: query blocks)
@@ -788,21 +790,20 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             qm, km = _pooled(q, k, blk)
             d_pad = qm.shape[-1]
             strides = (0, 0, 0)
-        bq = current_options().topk_rows
-        np2 = _pow2(count)
-        sel = torch.empty((B * nh, nb, np2), dtype=torch.int32, device=q.device)
-        cand, span, ranges = _spans(spec, ctx, N, blk, bq, q.device)
-        # key blocks per tile: register pressure (ptxas sm_90: no spills with these)
-        bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
-        _topk_kernel[(-(-nb // bq), B * nh)](
-            qm, km, scores if given else qm, cand, span, sel, heads, nb, nh, H, k.shape[1], group, *strides,
-            N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
-            GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
-        )
-        return sel
+        return _fused_topk(spec, ctx, N, blk, count, qm, km, scores if given else qm, strides, heads, H, k.shape[1],
+                           group, d_pad, _score_prec(q), bool(given))
     # compressed off the PyTorch path keeps only [rows, blocks] sums; the other rules a row's pairs or weights
     fused = _fused(rule, q)
     chunk = max(1, (1 << 24) // max(1, B * (k.shape[1] if fused and rule.share else nh) * (nb if plain or fused else max(nk, N))))
+    if fused and count is not None and count <= 64 and chunk >= nb:  # the sums in one go, picked by `_topk_kernel`
+        s = _compressed_scores(spec, rule, q, _rule_keys(rule, q, k, heads, group)[0], heads, group, 0, nb)
+        nr = s.shape[0] // B
+        rows_of = torch.arange(nr, dtype=torch.int32, device=q.device)
+        s = s.view(B, nr, nb, nk)
+        sel = _fused_topk(spec, ctx, N, blk, count, s, s, s, s.stride()[:3], rows_of, nr, nr, 1, 16, "ieee", True)
+        if rule.share:  # picked once per KV head: each head takes its KV head's
+            sel = sel.view(B, nr, nb, -1)[:, heads.long() // group].reshape(B * nh, nb, -1).contiguous()
+        return sel
     out = []
     pooled = None if given or not plain else _pooled(q, k, blk)
     keys = None if plain else _rule_keys(rule, q, k, heads, group)  # the key side, once for every chunk
@@ -823,6 +824,27 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     if kind != "topk":  # kept blocks come first in each row: cut the columns no row uses
         sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
     return sel.to(torch.int32).contiguous()
+
+
+def _fused_topk(spec: PatternSpec, ctx: int, N: int, blk: int, count: int, qm: torch.Tensor, km: torch.Tensor,
+                scores: torch.Tensor, strides: tuple[int, ...], heads: torch.Tensor, H: int, hkv: int, group: int,
+                d_pad: int, prec: str, given: bool) -> torch.Tensor:
+    """`_topk_kernel`'s picks (int32 [B * heads, query blocks, pow2(count)], -1 padding) of the block means
+    qm, km [B, heads, blocks, d_pad] (given False) or of the scores [B, H, blocks, blocks] at `strides`
+    (given True; NaN: not a candidate), for the rows `heads` of H, among the candidates of context `ctx`."""
+    B, nb = scores.shape[0], -(-N // blk)
+    bq = current_options().topk_rows
+    np2 = _pow2(count)
+    sel = torch.empty((B * heads.numel(), nb, np2), dtype=torch.int32, device=scores.device)
+    cand, span, ranges = _spans(spec, ctx, N, blk, bq, scores.device)
+    # key blocks per tile: register pressure (ptxas sm_90: no spills with these)
+    bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
+    _topk_kernel[(-(-nb // bq), B * heads.numel())](
+        qm, km, scores, cand, span, sel, heads, nb, heads.numel(), H, hkv, group, *strides,
+        N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=prec, RANGES=ranges, GIVEN=given,
+        FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
+    )
+    return sel
 
 
 def _sel_dense(sel: torch.Tensor, nb: int, cases: bool = False) -> torch.Tensor:

@@ -449,6 +449,7 @@ COMPRESSED = {
     "shared": "causal & (window(3) | topk(2, block=16, score=compressed, share=kv))",
     "per_head": "causal & (sink(16) | topk(3, block=16, score=compressed))",
     "scattered": "where(k < q // 2 or k > q + 40) & topk(3, block=16, score=compressed, share=kv)",
+    "fraction": "causal & (window(3) | topk(0.4, block=16, score=compressed))",  # picked by `_pick`
 }
 
 
