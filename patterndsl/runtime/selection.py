@@ -604,25 +604,36 @@ def _compressed_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, km: t
     candidates (`_compressed_lse_kernel`, O(queries) floats kept), then per run of key blocks the weights
     summed over the block's queries of every head of the selection row at once (`_compressed_score_kernel`);
     16-bit operands with float32 sums on tensor cores, IEEE float32 for float32 inputs."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
     B, H, N, D = q.shape
     hkv, nk, d_pad = km.shape[1], km.shape[2], km.shape[3]
     cand, span, ranges = _spans(spec, rule.context, N, rule.block, 1, q.device)
     hlist, hcount, kvh = _score_rows(heads, H, hkv, group, bool(rule.share))
     nr, gmax = hlist.shape
     blk = rule.block
-    m, bk, warps, stages = current_options().compressed_tiles
-    if d_pad > 128:  # (registers)
-        m, bk = max(16, m // 2), max(16, bk // 2)
-    m, bk = max(16, min(m, _pow2(gmax * blk))), max(16, min(bk, _pow2(nk)))
+    opts = current_options()
     lse = torch.empty((B * nr, rows, gmax * blk), dtype=torch.float32, device=q.device)
     out = torch.zeros((B * nr, rows, nk), dtype=torch.float32, device=q.device)
     args = (q, km, cand, span)
     tail = (hlist, hcount, kvh, q0, rows, N, nk, nr, hkv, *q.stride()[:3], 1.4426950408889634 / math.sqrt(D))
-    meta = dict(BLK=blk, GMAX=gmax, M=m, BK=bk, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
-                STAGES=stages, INTERPRET=_INTERPRET, num_warps=warps)
-    _compressed_lse_kernel[(-(-gmax * blk // m), rows, B * nr)](*args, lse, *tail, **meta)
-    _compressed_score_kernel[(-(-nk // bk), rows, B * nr)](*args, lse, out, *tail, **meta)
+    meta = dict(BLK=blk, GMAX=gmax, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges, INTERPRET=_INTERPRET)
+    m, bk, warps, stages = score_tiles(opts.compressed_lse_tiles, d_pad, gmax * blk, nk)
+    _compressed_lse_kernel[(-(-gmax * blk // m), rows, B * nr)](*args, lse, *tail, M=m, BK=bk, STAGES=stages,
+                                                                 num_warps=warps, **meta)
+    m, bk, warps, stages = score_tiles(opts.compressed_sum_tiles, d_pad, gmax * blk, nk)
+    _compressed_score_kernel[(-(-nk // bk), rows, B * nr)](*args, lse, out, *tail, M=m, BK=bk, STAGES=stages,
+                                                           num_warps=warps, **meta)
     return out
+
+
+def score_tiles(tiles: tuple[int, int, int, int], d_pad: int, rows: int, keys: int) -> tuple[int, int, int, int]:
+    """A compressed scoring kernel's (query rows, key blocks, warps, stages) per tile from an option's: halved
+    past head_dim 128 (registers), no larger than the rows of a selection row or the key blocks (powers of
+    two, at least 16: the dot's smallest)."""
+    m, bk, warps, stages = tiles
+    if d_pad > 128:
+        m, bk = m // 2, bk // 2
+    return max(16, min(m, _pow2(rows))), max(16, min(bk, _pow2(keys))), warps, stages
 
 
 def _score_rows(heads: torch.Tensor, H: int, hkv: int, group: int,

@@ -491,7 +491,7 @@ def test_compressed_score_sums_equal_the_float64_path(context: str, share: bool,
     g = torch.Generator().manual_seed(37)
     q, k = (torch.randn(1, h, 300, 16, generator=g).to(getattr(torch, dtype)) for h in (4, 2))
     hs, nb = torch.tensor(heads, dtype=torch.int32), -(-300 // 16)
-    with m.options(compressed_tiles=(16, 16, 4, 1)):
+    with m.options(compressed_lse_tiles=(16, 16, 4, 1), compressed_sum_tiles=(16, 16, 4, 1)):
         got = selection._rule_scores(m.spec, rule, q, k, None, hs, 2, 0, nb)
     want = selection._rule_scores(m.spec, rule, q.double(), k.double(), None, hs, 2, 0, nb)
     assert got.shape == want.shape and torch.equal(torch.isnan(got), torch.isnan(want))
