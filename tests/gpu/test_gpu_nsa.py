@@ -85,9 +85,10 @@ def test_compressed_scores_pick_as_the_float64_path(share: bool) -> None:
 def test_compressed_scores_in_bf16_match_the_float64_path(share: bool) -> None:
     """NSA's scoring in bfloat16 (16-bit queries and mean keys on tensor cores, float32 sums) at N = 16384,
     16 query heads over 2 KV heads, head_dim 128, blocks of 64 (several tiles of packed heads and several
-    runs of key blocks per query block): every candidate's score within 1% + 1e-3 of the float64 PyTorch
-    path's (the same bf16 inputs, widened), and the picks as the float64 scores rank them but where two
-    blocks' float64 scores lie within that tolerance of the 16th (a near tie that bf16 may order either way)."""
+    runs of key blocks per query block): every candidate's score within 0.5% + 1e-3 of the float64 PyTorch
+    path's on the same bf16 inputs, widened (the mean keys' rounding to bf16 moves them by up to about
+    0.2%, while they lie 5 to 10% from a uniform softmax's), and the picks as the float64 scores rank them
+    but for blocks within twice that of the 16th (near ties that bf16 may order either way)."""
     from patterndsl.runtime import selection
 
     src = f"causal & (sink(64) | window(63) | topk(16, block=64, score=compressed{', share=kv' if share else ''}))"
@@ -96,7 +97,8 @@ def test_compressed_scores_in_bf16_match_the_float64_path(share: bool) -> None:
     g = torch.Generator(device="cuda").manual_seed(3)
     n, h, hkv, nb = 16384, 16, 2, 256
     q = torch.randn(1, h, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-    k = torch.randn(1, hkv, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, n, 128, device="cuda", generator=g)  # a part shared by a block: means far apart
+    k = (k + torch.randn(1, hkv, nb, 128, device="cuda", generator=g).repeat_interleave(64, 2)).bfloat16()
     heads = torch.arange(h, dtype=torch.int32, device="cuda")
     got = selection._rule_scores(attn.spec, rule, q, k, None, heads, h // hkv, 0, nb).cpu().double()
     wide = (q.cpu().double(), k.cpu().double())
@@ -104,7 +106,7 @@ def test_compressed_scores_in_bf16_match_the_float64_path(share: bool) -> None:
                       for r0 in range(0, nb, 32)], 1)  # fmt: skip
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     ok = ~torch.isnan(want)
-    tol = 1e-2 * want.abs() + 1e-3
+    tol = 5e-3 * want.abs() + 1e-3
     assert ((got - want).abs() <= tol)[ok].all(), float((got - want).abs()[ok].max())
     picked = attn.selected_blocks(q, k).cpu()  # [1, h, nb, nb]
     rows = torch.arange(h) // (h // hkv) if share else torch.arange(h)
