@@ -315,34 +315,48 @@ def _compressed_lse_kernel(Q, KM, CAND, SPAN, LSE, HLIST, HCOUNT, KVH, q0, ROWS,
         km_base = KM + (b * HKV + tl.load(KVH + row)) * NK * D_PAD
         lo = tl.load(SPAN + 2 * qb)
         hi = tl.load(SPAN + 2 * qb + 1)
-        m = tl.full([M], float("-inf"), dtype=tl.float32)
+        m = tl.full([M], float("-inf"), dtype=tl.float32)  # the running max of q . k-bar (unscaled)
         acc = tl.zeros([M], dtype=tl.float32)
+        # with RANGES only the last tile of keys can hold non-candidates (past hi): the others go unmasked
+        full = lo + (hi - lo) // BK * BK if RANGES else lo
         if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
             k0 = lo
+            while k0 < full:
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, False, False)
+                k0 += BK
             while k0 < hi:
-                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, RANGES)
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, True, RANGES)
                 k0 += BK
         else:
-            for k0 in tl.range(lo, hi, BK, num_stages=STAGES):
-                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, RANGES)
+            for k0 in tl.range(lo, full, BK, num_stages=STAGES):
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, False, False)
+            for k0 in tl.range(full, hi, BK, num_stages=STAGES):  # (RANGES: one tile at most)
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, True, RANGES)
         f = f0 + tl.arange(0, M)
-        lse = tl.where(ok & (acc > 0), m + tl.math.log2(acc), float("inf"))
+        lse = tl.where(ok & (acc > 0), m * qk_scale + tl.math.log2(acc), float("inf"))
         tl.store(LSE + (pid.to(tl.int64) * ROWS + r) * (GMAX * BLK) + f, lse, mask=f < GMAX * BLK)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK: tl.constexpr, D_PAD: tl.constexpr,  # type: ignore[no-untyped-def]
-              DOT_PREC: tl.constexpr, RANGES: tl.constexpr):
-    """The running (max, sum of 2**(z - max)) of each row after the mean keys k0 .. k0 + BK (online softmax)."""
+              DOT_PREC: tl.constexpr, MASK: tl.constexpr, RANGES: tl.constexpr):
+    """The running (max of s = q . k-bar, sum of 2**(qk_scale * (s - max))) of each row after the mean keys
+    k0 .. k0 + BK (online softmax; qk_scale > 0, so the max of s gives that of the logits, and each exponent
+    is one multiply-add). MASK: keys past hi or (not RANGES) off CAND are no candidates."""
     kb = k0 + tl.arange(0, BK)
-    ok = kb < hi
-    if not RANGES:
-        ok = ok & (tl.load(CAND + qb.to(tl.int64) * NK + kb, mask=ok, other=0) != 0)
-    km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :], mask=ok[:, None], other=0.0)
-    z = tl.where(ok[None, :], tl.dot(q, tl.trans(km), input_precision=DOT_PREC) * qk_scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(z, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    acc = acc * tl.math.exp2(m - m_use) + tl.sum(tl.math.exp2(z - m_use[:, None]), 1)
+    if MASK:
+        ok = kb < hi
+        if not RANGES:
+            ok = ok & (tl.load(CAND + qb.to(tl.int64) * NK + kb, mask=ok, other=0) != 0)
+        km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :], mask=ok[:, None],
+                     other=0.0)
+        s = tl.where(ok[None, :], tl.dot(q, tl.trans(km), input_precision=DOT_PREC), float("-inf"))
+    else:
+        km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :])
+        s = tl.dot(q, tl.trans(km), input_precision=DOT_PREC)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+    acc = acc * tl.math.exp2(m * qk_scale - m_use) + tl.sum(tl.math.exp2(s * qk_scale - m_use[:, None]), 1)
     return m_new, acc
 
 
