@@ -468,11 +468,15 @@ def _spans(spec: PatternSpec, ctx: int, n: int, blk: int, rows: int,
 
 
 def _pool_torch(x: torch.Tensor, blk: int, work: torch.dtype) -> torch.Tensor:
+    """Block means of x [B, H, N, D] in `work`: [B, H, ceil(N / blk), D], the last block maybe shorter.
+    Summed in `work` as read, no widened or padded copy of x (NSA's compressed branch pools K and V of
+    64k tokens each call); differentiable."""
     B, H, N, D = x.shape
-    nb = -(-N // blk)
-    pad = torch.zeros((B, H, nb * blk - N, D), dtype=work, device=x.device)
-    sums = torch.cat([x.to(work), pad], 2).view(B, H, nb, blk, D).sum(3)
-    counts = torch.clamp(N - torch.arange(nb, device=x.device) * blk, max=blk).to(work)
+    full = N // blk
+    sums = x[:, :, :full * blk].reshape(B, H, full, blk, D).sum(3, dtype=work)
+    if N > full * blk:
+        sums = torch.cat([sums, x[:, :, full * blk:].sum(2, keepdim=True, dtype=work)], 2)
+    counts = torch.clamp(N - torch.arange(sums.shape[2], device=x.device) * blk, max=blk).to(work)
     return sums / counts[:, None]
 
 
