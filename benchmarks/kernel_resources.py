@@ -198,7 +198,7 @@ def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> No
                 # NSA's shapes: the 16 query heads of a KV head, 1024 key blocks
                 m, bk, warps, stages = selection.score_tiles(tiles, d_pad, 16 * blk, 1024)
                 c = dict(BLK=blk, GMAX=16, M=m, BK=bk, HEAD_DIM=d, D_PAD=d_pad, RANGES=ranges, STAGES=stages,
-                         DOT_PREC="ieee" if dtype == "fp32" else "tf32", INTERPRET=False)  # fmt: skip
+                         DOT_PREC="ieee" if dtype == "fp32" else "tf32", INTERPRET=False, CONSEC=True)  # fmt: skip
                 built.append(resources(kernel, dtype, c, warps, stages, t))
             print(f"compressed {'ranges' if ranges else 'bytes':14s} lse {built[0]} | sums {built[1]}")
     t = dict(ints, ST_CLS="*i8", K1="*i64", C1="*i8")

@@ -277,16 +277,19 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, VD, CNT, OFF, FIDX, PIDX, NQT, NKT
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _group_rows(Q, HLIST, row, n, b, qb, f0, N, s_qb, s_qh, s_qn, BLK: tl.constexpr, GMAX: tl.constexpr,  # type: ignore[no-untyped-def]
-                M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+def _group_rows(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, BLK: tl.constexpr, GMAX: tl.constexpr,  # type: ignore[no-untyped-def]
+                M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSEC: tl.constexpr):
     """Rows f0 .. f0 + M of a selection row's query block, its heads' queries stacked (GQA packing): row f is
-    token qb * BLK + f % BLK of head HLIST[row, f // BLK] (n heads listed). (q [M, D_PAD] in Q's dtype, zeros
-    past the heads, N or HEAD_DIM; the rows' mask)."""
+    token qb * BLK + f % BLK of head HLIST[row, f // BLK] (n heads listed; CONSEC: they are h0, h0 + 1, ...,
+    no table read). (q [M, D_PAD] in Q's dtype, zeros past the heads, N or HEAD_DIM; the rows' mask)."""
     f = f0 + tl.arange(0, M)
     j = f // BLK
     tok = qb * BLK + f % BLK
     ok = (j < n) & (tok < N)
-    h = tl.load(HLIST + row * GMAX + j, mask=j < n, other=0).to(tl.int64)
+    if CONSEC:
+        h = (h0 + j).to(tl.int64)
+    else:
+        h = tl.load(HLIST + row * GMAX + j, mask=j < n, other=0).to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + tok[:, None].to(tl.int64) * s_qn + offs_d[None, :],
                 mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -297,7 +300,7 @@ def _group_rows(Q, HLIST, row, n, b, qb, f0, N, s_qb, s_qh, s_qn, BLK: tl.conste
 def _compressed_lse_kernel(Q, KM, CAND, SPAN, LSE, HLIST, HCOUNT, KVH, q0, ROWS, N, NK, NR, HKV, s_qb, s_qh, s_qn,  # type: ignore[no-untyped-def]
                            qk_scale, BLK: tl.constexpr, GMAX: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
                            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr,
-                           STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+                           STAGES: tl.constexpr, INTERPRET: tl.constexpr, CONSEC: tl.constexpr):
     """The compressed rule's first pass: each query's base-2 log-sum-exp of qk_scale * q . k-bar over its query
     block's candidate mean keys KM [B, HKV, NK, D_PAD] (Q's dtype), +inf for a query past N (its weights: 0).
     Program (M rows of `_group_rows`, query block q0 + ROWS - 1 - program 1: the latest, under causal the
@@ -311,7 +314,8 @@ def _compressed_lse_kernel(Q, KM, CAND, SPAN, LSE, HLIST, HCOUNT, KVH, q0, ROWS,
     n = tl.load(HCOUNT + row)
     f0 = tl.program_id(0) * M
     if f0 < n * BLK:
-        q, ok = _group_rows(Q, HLIST, row, n, b, qb, f0, N, s_qb, s_qh, s_qn, BLK, GMAX, M, HEAD_DIM, D_PAD)
+        q, ok = _group_rows(Q, HLIST, row, n, tl.load(HLIST + row * GMAX), b, qb, f0, N, s_qb, s_qh, s_qn, BLK, GMAX, M,
+                            HEAD_DIM, D_PAD, CONSEC)
         km_base = KM + (b * HKV + tl.load(KVH + row)) * NK * D_PAD
         lo = tl.load(SPAN + 2 * qb)
         hi = tl.load(SPAN + 2 * qb + 1)
@@ -364,7 +368,8 @@ def _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK: tl.constex
 def _compressed_score_kernel(Q, KM, CAND, SPAN, LSE, S, HLIST, HCOUNT, KVH, q0, ROWS, N, NK, NR, HKV, s_qb, s_qh,  # type: ignore[no-untyped-def]
                              s_qn, qk_scale, BLK: tl.constexpr, GMAX: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
                              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                             RANGES: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+                             RANGES: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+                             CONSEC: tl.constexpr):
     """The compressed rule's second pass: per candidate key block, the softmax weights 2**(qk_scale * q . k-bar
     - lse) (`_compressed_lse_kernel`'s) summed over the selection row's queries of the block: with share=kv
     the query heads of a KV head, else one head. Program (BK key blocks from the query block's first
@@ -389,25 +394,27 @@ def _compressed_score_kernel(Q, KM, CAND, SPAN, LSE, S, HLIST, HCOUNT, KVH, q0, 
         km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :], mask=ok[:, None],
                      other=0.0)
         lse_base = LSE + (pid.to(tl.int64) * ROWS + r) * (GMAX * BLK)
+        h0 = tl.load(HLIST + row * GMAX)
         acc = tl.zeros([BK], dtype=tl.float32)
         if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
             f0 = 0
             while f0 < n * BLK:
-                acc += _weight_step(Q, HLIST, row, n, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale, BLK,
-                                    GMAX, M, HEAD_DIM, D_PAD, DOT_PREC)
+                acc += _weight_step(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale,
+                                    BLK, GMAX, M, HEAD_DIM, D_PAD, DOT_PREC, CONSEC)
                 f0 += M
         else:
             for f0 in tl.range(0, n * BLK, M, num_stages=STAGES):
-                acc += _weight_step(Q, HLIST, row, n, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale, BLK,
-                                    GMAX, M, HEAD_DIM, D_PAD, DOT_PREC)
+                acc += _weight_step(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale,
+                                    BLK, GMAX, M, HEAD_DIM, D_PAD, DOT_PREC, CONSEC)
         tl.store(S + (pid.to(tl.int64) * ROWS + r) * NK + kb, tl.where(ok, acc, 0.0), mask=kb < hi)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _weight_step(Q, HLIST, row, n, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale, BLK: tl.constexpr,  # type: ignore[no-untyped-def]
-                 GMAX: tl.constexpr, M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+def _weight_step(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale, BLK: tl.constexpr,  # type: ignore[no-untyped-def]
+                 GMAX: tl.constexpr, M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                 CONSEC: tl.constexpr):
     """[BK]: the weights of rows f0 .. f0 + M (`_group_rows`) on the mean keys km [BK, D_PAD], summed."""
-    q, _ = _group_rows(Q, HLIST, row, n, b, qb, f0, N, s_qb, s_qh, s_qn, BLK, GMAX, M, HEAD_DIM, D_PAD)
+    q, _ = _group_rows(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, BLK, GMAX, M, HEAD_DIM, D_PAD, CONSEC)
     f = f0 + tl.arange(0, M)
     lse = tl.load(lse_base + f, mask=f < n * BLK, other=float("inf"))
     z = tl.dot(km, tl.trans(q), input_precision=DOT_PREC) * qk_scale
@@ -634,7 +641,9 @@ def _compressed_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, km: t
     out = torch.zeros((B * nr, rows, nk), dtype=torch.float32, device=q.device)
     args = (q, km, cand, span)
     tail = (hlist, hcount, kvh, q0, rows, N, nk, nr, hkv, *q.stride()[:3], 1.4426950408889634 / math.sqrt(D))
-    meta = dict(BLK=blk, GMAX=gmax, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges, INTERPRET=_INTERPRET)
+    consec = not rule.share or heads.numel() == H  # each row's heads h0, h0 + 1, ... (`_score_rows`)
+    meta = dict(BLK=blk, GMAX=gmax, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges, INTERPRET=_INTERPRET,
+                CONSEC=consec)
     m, bk, warps, stages = score_tiles(opts.compressed_lse_tiles, d_pad, gmax * blk, nk)
     _compressed_lse_kernel[(-(-gmax * blk // m), rows, B * nr)](*args, lse, *tail, M=m, BK=bk, STAGES=stages,
                                                                  num_warps=warps, **meta)

@@ -476,6 +476,7 @@ SCORED = {"ranges": "causal & (sink(16) | topk(3, block=16, score=compressed{}))
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize(("context", "share", "heads", "dtype"), [
+    ("ranges", True, [0, 1, 2, 3], "float32"),  # each KV head's heads one after the other (no table read)
     ("ranges", True, [0, 2, 3], "float32"),  # one KV head's two heads, the other's one
     ("bytes", True, [1], "float32"),  # a KV head that no head reads: zeros
     ("ranges", False, [0, 1, 3], "float32"),
