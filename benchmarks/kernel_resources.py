@@ -191,14 +191,19 @@ def selection_kernels(spec, opts: Options, dtype: str, d: int, d_pad: int) -> No
             topk = resources(selection._topk_kernel, dtype, c, opts.topk_warps, 3, t)
             print(f"topk {'ranges' if ranges else 'bytes':20s} {topk}")
     if spec.selectors[0].score == "compressed" and spec.selectors[0].kblock == blk:  # as `_compressed_scores`
-        bq = min(64, triton.next_power_of_2(blk))
         for ranges in (True, False):
-            c = dict(BLK=blk, BQ=bq, BK=64 if d_pad <= 128 else 32, HEAD_DIM=d, D_PAD=d_pad, SHARE=spec.selectors[0].share,
-                     DOT_PREC="ieee" if dtype == "fp32" else "tf32", RANGES=ranges)  # fmt: skip
-            t = {x: "i32" for x in ("q0", "ROWS", "NK", "NR")} | dict(ints, KM="*fp32", S="*fp32", HEADS="*i32",
-                                                                       MEMBER="*i8", CAND="*i32" if ranges else "*u8")  # fmt: skip
-            score = resources(selection._compressed_score_kernel, dtype, c, 8 if bq >= 64 else 4, 1, t)
-            print(f"compressed {'ranges' if ranges else 'bytes':14s} {score}")
+            t = {x: "i32" for x in ("q0", "ROWS", "NK", "NR")} | dict(ints, KM=f"*{dtype}", LSE="*fp32", S="*fp32",
+                                                                       HLIST="*i32", HCOUNT="*i32", KVH="*i32",
+                                                                       CAND="*i32" if ranges else "*u8")  # fmt: skip
+            built = []
+            for kernel, tiles in ((selection._compressed_lse_kernel, opts.compressed_lse_tiles),
+                                  (selection._compressed_score_kernel, opts.compressed_sum_tiles)):
+                # NSA's shapes: the 16 query heads of a KV head, 1024 key blocks
+                m, bk, warps, stages = selection.score_tiles(tiles, d_pad, 16 * blk, 1024)
+                c = dict(BLK=blk, GMAX=16, M=m, BK=bk, HEAD_DIM=d, D_PAD=d_pad, RANGES=ranges, STAGES=stages,
+                         DOT_PREC="ieee" if dtype == "fp32" else "tf32", INTERPRET=False, CONSEC=True)  # fmt: skip
+                built.append(resources(kernel, dtype, c, warps, stages, t))
+            print(f"compressed {'ranges' if ranges else 'bytes':14s} lse {built[0]} | sums {built[1]}")
     t = dict(ints, ST_CLS="*i8", K1="*i64", C1="*i8")
     for write in (False, True):
         c = dict(RQ=1, RK=1, BR=16, SC=16, WC=16, LOG=20, WRITE=write)
@@ -239,6 +244,8 @@ def main() -> None:
     ap.add_argument("--topk-warps", type=int, help="its warps (topk_warps)")
     ap.add_argument("--topk-keys", type=int, help="its key blocks per tile (topk_keys)")
     ap.add_argument("--topk-fill", type=int, choices=[0, 1], help="its first tile by a bitonic top-k (topk_fill)")
+    ap.add_argument("--lse-tiles", help="rows,keys,warps,stages: the compressed log-sum-exp pass (compressed_lse_tiles)")
+    ap.add_argument("--sum-tiles", help="rows,keys,warps,stages: the compressed weight sums (compressed_sum_tiles)")
     ap.add_argument("--spans", action="store_true",
                     help="--fwd and --bwd with segment tables (rows at given positions: context parallelism)")
     ap.add_argument("--bwd-split", action="store_true",
@@ -248,7 +255,9 @@ def main() -> None:
     # a whole program (layouts, params) where --src holds one; else a bare expression named p
     spec = P.compile(a.src if "pattern " in a.src else f"pattern p = {a.src}\n").spec
     given = {"topk_rows": a.topk_rows, "topk_warps": a.topk_warps, "topk_keys": a.topk_keys,
-             "topk_fill": None if a.topk_fill is None else bool(a.topk_fill)}  # fmt: skip
+             "topk_fill": None if a.topk_fill is None else bool(a.topk_fill),
+             "compressed_lse_tiles": a.lse_tiles and tuple(int(x) for x in a.lse_tiles.split(",")),
+             "compressed_sum_tiles": a.sum_tiles and tuple(int(x) for x in a.sum_tiles.split(","))}  # fmt: skip
     opts = dataclasses.replace(Options(), **{k: v for k, v in given.items() if v is not None})  # the defaults, and these
     d_pad = max(16, triton.next_power_of_2(a.d))
     sel = spec.selectors[0]  # a dynamic pattern's kernels also mask its selected blocks (SEL_PRED)

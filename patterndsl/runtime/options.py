@@ -24,6 +24,8 @@ class Options:
     maxnreg: > 0 caps the fast kernel's registers per thread (ptxas .maxnreg).
     split_tiles: None splits a query block only when it would finish last by far; 0 never; k: slices of k tiles.
     topk_rows, topk_warps, topk_keys, topk_fill, pool_warps: the fused top-k and block-mean kernels' shape.
+    compressed_lse_tiles, compressed_sum_tiles: the compressed rule's two scoring kernels' tiles (query rows,
+    key blocks, warps, pipeline stages): its log-sum-exp pass and its weight sums.
     bwd_fuse_pre: the dQ kernel computes delta and lse2 (one launch less).
     bwd_tma: static patterns without a token layout read Q, dO and K, V tiles through TMA descriptors.
     layout_gather: patterns with a token layout run the fast kernel on q, k, v gathered into the layout's
@@ -56,6 +58,8 @@ class Options:
     topk_keys: int = 64
     topk_fill: bool = True
     pool_warps: int = 4
+    compressed_lse_tiles: tuple[int, int, int, int] = (128, 128, 8, 2)
+    compressed_sum_tiles: tuple[int, int, int, int] = (128, 128, 8, 2)
     bwd_fuse_pre: bool = True
     bwd_tma: bool = True
     layout_gather: bool = True

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..expr import evaluate_int
 from .checks import _check, _need_scores
-from .common import _d_pad, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
+from .common import _INTERPRET, _d_pad, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
 from .options import current_options
 from .tables import _sorted_tiles, _static_rows, block_tables
 
@@ -277,79 +277,148 @@ def _merge_kernel(SEL, ST_KT, ST_CLS, K1, C1, VD, CNT, OFF, FIDX, PIDX, NQT, NKT
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _compressed_score_kernel(Q, KM, CAND, SPAN, S, HEADS, MEMBER, q0, ROWS, N, NK, NR, HKV, GROUP, s_qb, s_qh, s_qn, qk_scale,  # type: ignore[no-untyped-def]
-                             BLK: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, SHARE: tl.constexpr, RANGES: tl.constexpr):
-    """The compressed rule's scores of query block q0 + program 0 for selection row program 1 (b * NR + r):
-    per key block, the softmax weights (over the query block's candidate mean keys, 2**(qk_scale * q . k))
-    of the block's queries summed, and with SHARE summed over the query heads of KV head r (those MEMBER
-    marks), else of head HEADS[r] only. Two passes per (head, BQ rows): the rows' log-sum-exp, then their
-    weights, added into S [B * NR, ROWS, NK] float32 (zeroed). Only the key blocks [lo, hi) of SPAN are
-    read; RANGES: they are the candidates, else CAND [blocks, NK] bytes say which are."""
-    r = tl.program_id(0)
-    pid = tl.program_id(1)
-    qb = q0 + r
-    b = (pid // NR).to(tl.int64)
-    row = pid % NR
-    lo = tl.load(SPAN + 2 * qb)
-    hi = tl.load(SPAN + 2 * qb + 1)
+def _group_rows(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, BLK: tl.constexpr, GMAX: tl.constexpr,  # type: ignore[no-untyped-def]
+                M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CONSEC: tl.constexpr):
+    """Rows f0 .. f0 + M of a selection row's query block, its heads' queries stacked (GQA packing): row f is
+    token qb * BLK + f % BLK of head HLIST[row, f // BLK] (n heads listed; CONSEC: they are h0, h0 + 1, ...,
+    no table read). (q [M, D_PAD] in Q's dtype, zeros past the heads, N or HEAD_DIM; the rows' mask)."""
+    f = f0 + tl.arange(0, M)
+    j = f // BLK
+    tok = qb * BLK + f % BLK
+    ok = (j < n) & (tok < N)
+    if CONSEC:
+        h = (h0 + j).to(tl.int64)
+    else:
+        h = tl.load(HLIST + row * GMAX + j, mask=j < n, other=0).to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
-    offs_r = tl.arange(0, BQ)
-    out = S + (pid.to(tl.int64) * ROWS + r) * NK
-    kvh = row
-    if not SHARE:
-        kvh = tl.load(HEADS + row) // GROUP
-    km_base = KM + (b * HKV + kvh).to(tl.int64) * NK * HEAD_DIM
-    g = 0
-    while g < (GROUP if SHARE else 1):  # (the CPU interpreter cannot take scalar arguments as range() bounds)
-        if SHARE:
-            h = (kvh * GROUP + g).to(tl.int64)
-            take = tl.load(MEMBER + h) != 0
-        else:
-            h = tl.load(HEADS + row).to(tl.int64)
-            take = True
-        if take:
-            r0 = 0
-            while r0 < BLK:
-                tok = qb * BLK + r0 + offs_r
-                rmask = (r0 + offs_r < BLK) & (tok < N)
-                q = tl.load(Q + b * s_qb + h * s_qh + tok[:, None].to(tl.int64) * s_qn + offs_d[None, :],
-                            mask=rmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-                m = tl.full([BQ], float("-inf"), dtype=tl.float32)
-                acc = tl.zeros([BQ], dtype=tl.float32)
-                k0 = lo
-                while k0 < hi:  # pass 1: each row's log-sum-exp over the candidates
-                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, HEAD_DIM, DOT_PREC, RANGES)
-                    m_new = tl.maximum(m, tl.max(z, 1))
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    acc = acc * tl.math.exp2(m - m_use) + tl.sum(tl.math.exp2(z - m_use[:, None]), 1)
-                    m = m_new
-                    k0 += BK
-                lse = tl.where(rmask & (acc > 0), m + tl.math.log2(acc), float("inf"))  # +inf: weights 0
-                k0 = lo
-                while k0 < hi:  # pass 2: the weights, summed over the rows
-                    z = _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK, HEAD_DIM, DOT_PREC, RANGES)
-                    w = tl.sum(tl.math.exp2(z - lse[:, None]), 0)
-                    kb = k0 + tl.arange(0, BK)
-                    tl.store(out + kb, tl.load(out + kb, mask=kb < hi, other=0.0) + w, mask=kb < hi)
-                    k0 += BK
-                r0 += BQ
-        g += 1
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + tok[:, None].to(tl.int64) * s_qn + offs_d[None, :],
+                mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    return q, ok
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _compressed_logits(q, km_base, CAND, qb, k0, hi, NK, offs_d, qk_scale, BK: tl.constexpr,  # type: ignore[no-untyped-def]
-                       HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr):
-    """[rows, BK] base-2 logits of q against mean keys k0 .. k0 + BK (rows of HEAD_DIM), -inf off the
-    candidates."""
+def _compressed_lse_kernel(Q, KM, CAND, SPAN, LSE, HLIST, HCOUNT, KVH, q0, ROWS, N, NK, NR, HKV, s_qb, s_qh, s_qn,  # type: ignore[no-untyped-def]
+                           qk_scale, BLK: tl.constexpr, GMAX: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANGES: tl.constexpr,
+                           STAGES: tl.constexpr, INTERPRET: tl.constexpr, CONSEC: tl.constexpr):
+    """The compressed rule's first pass: each query's base-2 log-sum-exp of qk_scale * q . k-bar over its query
+    block's candidate mean keys KM [B, HKV, NK, D_PAD] (Q's dtype), +inf for a query past N (its weights: 0).
+    Program (M rows of `_group_rows`, query block q0 + ROWS - 1 - program 1: the latest, under causal the
+    longest, first, selection row b * NR + row); LSE [B * NR, ROWS, GMAX * BLK] float32. Only the key blocks
+    [lo, hi) of SPAN are read; RANGES: they are the candidates, else CAND [blocks, NK] bytes say which are."""
+    r = ROWS - 1 - tl.program_id(1)
+    pid = tl.program_id(2)
+    qb = q0 + r
+    b = (pid // NR).to(tl.int64)
+    row = pid % NR
+    n = tl.load(HCOUNT + row)
+    f0 = tl.program_id(0) * M
+    if f0 < n * BLK:
+        q, ok = _group_rows(Q, HLIST, row, n, tl.load(HLIST + row * GMAX), b, qb, f0, N, s_qb, s_qh, s_qn, BLK, GMAX, M,
+                            HEAD_DIM, D_PAD, CONSEC)
+        km_base = KM + (b * HKV + tl.load(KVH + row)) * NK * D_PAD
+        lo = tl.load(SPAN + 2 * qb)
+        hi = tl.load(SPAN + 2 * qb + 1)
+        m = tl.full([M], float("-inf"), dtype=tl.float32)  # the running max of q . k-bar (unscaled)
+        acc = tl.zeros([M], dtype=tl.float32)
+        # with RANGES only the last tile of keys can hold non-candidates (past hi): the others go unmasked
+        full = lo + (hi - lo) // BK * BK if RANGES else lo
+        if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
+            k0 = lo
+            while k0 < full:
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, False, False)
+                k0 += BK
+            while k0 < hi:
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, True, RANGES)
+                k0 += BK
+        else:
+            for k0 in tl.range(lo, full, BK, num_stages=STAGES):
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, False, False)
+            for k0 in tl.range(full, hi, BK, num_stages=STAGES):  # (RANGES: one tile at most)
+                m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, True, RANGES)
+        f = f0 + tl.arange(0, M)
+        lse = tl.where(ok & (acc > 0), m * qk_scale + tl.math.log2(acc), float("inf"))
+        tl.store(LSE + (pid.to(tl.int64) * ROWS + r) * (GMAX * BLK) + f, lse, mask=f < GMAX * BLK)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK: tl.constexpr, D_PAD: tl.constexpr,  # type: ignore[no-untyped-def]
+              DOT_PREC: tl.constexpr, MASK: tl.constexpr, RANGES: tl.constexpr):
+    """The running (max of s = q . k-bar, sum of 2**(qk_scale * (s - max))) of each row after the mean keys
+    k0 .. k0 + BK (online softmax; qk_scale > 0, so the max of s gives that of the logits, and each exponent
+    is one multiply-add). MASK: keys past hi or (not RANGES) off CAND are no candidates."""
     kb = k0 + tl.arange(0, BK)
-    ok = kb < hi
-    if not RANGES:
-        ok = ok & (tl.load(CAND + qb.to(tl.int64) * NK + kb, mask=ok, other=0) != 0)
-    km = tl.load(km_base + kb[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
-                 mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    z = tl.dot(q, tl.trans(km), input_precision=DOT_PREC) * qk_scale
-    return tl.where(ok[None, :], z, float("-inf"))
+    if MASK:
+        ok = kb < hi
+        if not RANGES:
+            ok = ok & (tl.load(CAND + qb.to(tl.int64) * NK + kb, mask=ok, other=0) != 0)
+        km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :], mask=ok[:, None],
+                     other=0.0)
+        s = tl.where(ok[None, :], tl.dot(q, tl.trans(km), input_precision=DOT_PREC), float("-inf"))
+    else:
+        km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :])
+        s = tl.dot(q, tl.trans(km), input_precision=DOT_PREC)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+    acc = acc * tl.math.exp2(m * qk_scale - m_use) + tl.sum(tl.math.exp2(s * qk_scale - m_use[:, None]), 1)
+    return m_new, acc
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _compressed_score_kernel(Q, KM, CAND, SPAN, LSE, S, HLIST, HCOUNT, KVH, q0, ROWS, N, NK, NR, HKV, s_qb, s_qh,  # type: ignore[no-untyped-def]
+                             s_qn, qk_scale, BLK: tl.constexpr, GMAX: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                             RANGES: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+                             CONSEC: tl.constexpr):
+    """The compressed rule's second pass: per candidate key block, the softmax weights 2**(qk_scale * q . k-bar
+    - lse) (`_compressed_lse_kernel`'s) summed over the selection row's queries of the block: with share=kv
+    the query heads of a KV head, else one head. Program (BK key blocks from the query block's first
+    candidate, query block q0 + program 1, selection row b * NR + row): the key blocks' mean keys stay, the
+    rows go by M (transposed, [BK, M]: the sum over queries is along a tile row), one store;
+    S [B * NR, ROWS, NK] float32, zeros where no candidate."""
+    r = tl.program_id(1)
+    pid = tl.program_id(2)
+    qb = q0 + r
+    b = (pid // NR).to(tl.int64)
+    row = pid % NR
+    n = tl.load(HCOUNT + row)
+    lo = tl.load(SPAN + 2 * qb)
+    hi = tl.load(SPAN + 2 * qb + 1)
+    k0 = lo + tl.program_id(0) * BK
+    if k0 < hi:
+        kb = k0 + tl.arange(0, BK)
+        ok = kb < hi
+        if not RANGES:
+            ok = ok & (tl.load(CAND + qb.to(tl.int64) * NK + kb, mask=ok, other=0) != 0)
+        km_base = KM + (b * HKV + tl.load(KVH + row)) * NK * D_PAD
+        km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :], mask=ok[:, None],
+                     other=0.0)
+        lse_base = LSE + (pid.to(tl.int64) * ROWS + r) * (GMAX * BLK)
+        h0 = tl.load(HLIST + row * GMAX)
+        acc = tl.zeros([BK], dtype=tl.float32)
+        if INTERPRET:  # the CPU interpreter cannot take loaded scalars as range() bounds
+            f0 = 0
+            while f0 < n * BLK:
+                acc += _weight_step(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale,
+                                    BLK, GMAX, M, HEAD_DIM, D_PAD, DOT_PREC, CONSEC)
+                f0 += M
+        else:
+            for f0 in tl.range(0, n * BLK, M, num_stages=STAGES):
+                acc += _weight_step(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale,
+                                    BLK, GMAX, M, HEAD_DIM, D_PAD, DOT_PREC, CONSEC)
+        tl.store(S + (pid.to(tl.int64) * ROWS + r) * NK + kb, tl.where(ok, acc, 0.0), mask=kb < hi)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _weight_step(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, km, lse_base, qk_scale, BLK: tl.constexpr,  # type: ignore[no-untyped-def]
+                 GMAX: tl.constexpr, M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                 CONSEC: tl.constexpr):
+    """[BK]: the weights of rows f0 .. f0 + M (`_group_rows`) on the mean keys km [BK, D_PAD], summed."""
+    q, _ = _group_rows(Q, HLIST, row, n, h0, b, qb, f0, N, s_qb, s_qh, s_qn, BLK, GMAX, M, HEAD_DIM, D_PAD, CONSEC)
+    f = f0 + tl.arange(0, M)
+    lse = tl.load(lse_base + f, mask=f < n * BLK, other=float("inf"))
+    z = tl.dot(km, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    return tl.sum(tl.math.exp2(z - lse[None, :]), 1)
 
 
 _CANDIDATES: dict[tuple[Any, ...], Any] = {}  # _candidates' masks and _spans' triples
@@ -406,11 +475,15 @@ def _spans(spec: PatternSpec, ctx: int, n: int, blk: int, rows: int,
 
 
 def _pool_torch(x: torch.Tensor, blk: int, work: torch.dtype) -> torch.Tensor:
+    """Block means of x [B, H, N, D] in `work`: [B, H, ceil(N / blk), D], the last block maybe shorter.
+    Summed in `work` as read, no widened or padded copy of x (NSA's compressed branch pools K and V of
+    64k tokens each call); differentiable."""
     B, H, N, D = x.shape
-    nb = -(-N // blk)
-    pad = torch.zeros((B, H, nb * blk - N, D), dtype=work, device=x.device)
-    sums = torch.cat([x.to(work), pad], 2).view(B, H, nb, blk, D).sum(3)
-    counts = torch.clamp(N - torch.arange(nb, device=x.device) * blk, max=blk).to(work)
+    full = N // blk
+    sums = x[:, :, :full * blk].reshape(B, H, full, blk, D).sum(3, dtype=work)
+    if N > full * blk:
+        sums = torch.cat([sums, x[:, :, full * blk:].sum(2, keepdim=True, dtype=work)], 2)
+    counts = torch.clamp(N - torch.arange(sums.shape[2], device=x.device) * blk, max=blk).to(work)
     return sums / counts[:, None]
 
 
@@ -464,8 +537,8 @@ def _rule_keys(rule: Selector, q: torch.Tensor, k: torch.Tensor, heads: torch.Te
             hi = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("-inf")).view(B, -1, nb, kblk, D).amax(3)
             lo = torch.nn.functional.pad(kt, (0, 0, 0, pad), value=float("inf")).view(B, -1, nb, kblk, D).amin(3)
             return lo, hi
-        case "compressed" if _fused(rule, q):  # the scoring kernel reads each KV head's means
-            return (_pool_torch(k, kblk, work),)
+        case "compressed" if _fused(rule, q):  # the scoring kernels read each KV head's means, in q's dtype
+            return (_key_means(k, kblk).to(q.dtype),)
         case _:  # mean, compressed
             return (_pool_torch(k, kblk, work)[:, kvh],)
 
@@ -550,22 +623,68 @@ def _kv_sums(s: torch.Tensor, kvh: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 def _compressed_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, km: torch.Tensor, heads: torch.Tensor,
                        group: int, q0: int, rows: int) -> torch.Tensor:
-    """The compressed rule off the PyTorch path (`_compressed_score_kernel`): float32 [B * rows of the
-    selection, rows, key blocks], rows of the selection the KV heads with share=kv, else `heads`; no
-    per-query weight matrix is stored, only the sums. km: the key means [B, Hkv, blocks, D], contiguous."""
+    """The compressed rule off the PyTorch path: float32 [B * rows of the selection, rows, key blocks], rows of
+    the selection the KV heads with share=kv, else `heads`; zeros off the candidates. km: the key means
+    [B, Hkv, blocks, D_PAD] in q's dtype (`_key_means`). Two launches: each query's log-sum-exp over its
+    candidates (`_compressed_lse_kernel`, O(queries) floats kept), then per run of key blocks the weights
+    summed over the block's queries of every head of the selection row at once (`_compressed_score_kernel`);
+    16-bit operands with float32 sums on tensor cores, IEEE float32 for float32 inputs."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
     B, H, N, D = q.shape
-    hkv, nk, d_pad = km.shape[1], km.shape[2], _d_pad(D)
-    nr = hkv if rule.share else heads.numel()
+    hkv, nk, d_pad = km.shape[1], km.shape[2], km.shape[3]
     cand, span, ranges = _spans(spec, rule.context, N, rule.block, 1, q.device)
-    member = torch.zeros(H, dtype=torch.int8, device=q.device).index_fill_(0, heads.long(), 1)
+    hlist, hcount, kvh = _score_rows(heads, H, hkv, group, bool(rule.share))
+    nr, gmax = hlist.shape
+    blk = rule.block
+    opts = current_options()
+    lse = torch.empty((B * nr, rows, gmax * blk), dtype=torch.float32, device=q.device)
     out = torch.zeros((B * nr, rows, nk), dtype=torch.float32, device=q.device)
-    bq = min(64, _pow2(rule.block))
-    _compressed_score_kernel[(rows, B * nr)](
-        q, km, cand, span, out, heads, member, q0, rows, N, nk, nr, hkv, group, *q.stride()[:3],
-        1.4426950408889634 / math.sqrt(D), BLK=rule.block, BQ=bq, BK=64 if d_pad <= 128 else 32, HEAD_DIM=D,
-        D_PAD=d_pad, DOT_PREC=_score_prec(q), SHARE=bool(rule.share), RANGES=ranges, num_warps=8 if bq >= 64 else 4,
-    )
+    args = (q, km, cand, span)
+    tail = (hlist, hcount, kvh, q0, rows, N, nk, nr, hkv, *q.stride()[:3], 1.4426950408889634 / math.sqrt(D))
+    consec = not rule.share or heads.numel() == H  # each row's heads h0, h0 + 1, ... (`_score_rows`)
+    meta = dict(BLK=blk, GMAX=gmax, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges, INTERPRET=_INTERPRET,
+                CONSEC=consec)
+    m, bk, warps, stages = score_tiles(opts.compressed_lse_tiles, d_pad, gmax * blk, nk)
+    _compressed_lse_kernel[(-(-gmax * blk // m), rows, B * nr)](*args, lse, *tail, M=m, BK=bk, STAGES=stages,
+                                                                 num_warps=warps, **meta)
+    m, bk, warps, stages = score_tiles(opts.compressed_sum_tiles, d_pad, gmax * blk, nk)
+    _compressed_score_kernel[(-(-nk // bk), rows, B * nr)](*args, lse, out, *tail, M=m, BK=bk, STAGES=stages,
+                                                           num_warps=warps, **meta)
     return out
+
+
+def score_tiles(tiles: tuple[int, int, int, int], d_pad: int, rows: int, keys: int) -> tuple[int, int, int, int]:
+    """A compressed scoring kernel's (query rows, key blocks, warps, stages) per tile from an option's: halved
+    past head_dim 128 (registers), no larger than the rows of a selection row or the key blocks (powers of
+    two, at least 16: the dot's smallest)."""
+    m, bk, warps, stages = tiles
+    if d_pad > 128:
+        m, bk = m // 2, bk // 2
+    return max(16, min(m, _pow2(rows))), max(16, min(bk, _pow2(keys))), warps, stages
+
+
+def _score_rows(heads: torch.Tensor, H: int, hkv: int, group: int,
+                share: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query heads of each row of a compressed selection (int32, built on the device): with share=kv per
+    KV head its heads among `heads`, listed first in [hkv, group], their count and the KV head; else one
+    row per head of `heads`."""
+    if not share:
+        return heads.view(-1, 1).int(), torch.ones_like(heads, dtype=torch.int32), (heads // group).int()
+    member = torch.zeros(H, dtype=torch.bool, device=heads.device).index_fill_(0, heads.long(), True).view(hkv, group)
+    first = torch.sort((~member).to(torch.int8), dim=1, stable=True).indices  # members first, in head order
+    base = torch.arange(hkv, device=heads.device)[:, None] * group
+    return (base + first).int().contiguous(), member.sum(1).int(), torch.arange(hkv, dtype=torch.int32, device=heads.device)
+
+
+def _key_means(k: torch.Tensor, blk: int) -> torch.Tensor:
+    """Block means of k: float32 [B, Hkv, blocks, D_PAD], zero columns past D (one `_pool_kernel` launch)."""
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    B, hk, N, D = k.shape
+    nb = -(-N // blk)
+    km = torch.empty((B, hk, nb, _d_pad(D)), dtype=torch.float32, device=k.device)
+    _pool_kernel[(nb, B * hk)](k, k, km, km, *k.stride()[:3], *k.stride()[:3], N, nb, 0, hk, BLK=blk,
+                               CH=min(64, blk & -blk), HEAD_DIM=D, D_PAD=km.shape[-1], num_warps=current_options().pool_warps)
+    return km
 
 
 def _score_prec(q: torch.Tensor) -> str:
@@ -685,8 +804,10 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     """The blocks one selector picks for `heads`, as `_selection` (one selector).
 
     topk (n <= 64) on the GPU and in the interpreter: one pooling launch (none for score=given) and
-    `_topk_kernel`, no host round trip. Otherwise (PyTorch path, float64 given scores, threshold, larger n) scores are chunked over query blocks (at most ~2**24 at
-    once) and `_pick` applies the rule; threshold reads its widest row back to size the result."""
+    `_topk_kernel`, no host round trip; score=compressed likewise picks from its kernels' sums (where they
+    fit one chunk). Otherwise (PyTorch path, float64 given scores, threshold, larger n) scores are chunked
+    over query blocks (at most ~2**24 at once) and `_pick` applies the rule; threshold reads its widest row
+    back to size the result."""
     kind, param, blk, given, ctx = rule.kind, rule.param, rule.block, rule.given, rule.context
     B, H, N, D = q.shape
     nk = -(-N // rule.kblock)  # key blocks (nb: query blocks)
@@ -707,21 +828,20 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             qm, km = _pooled(q, k, blk)
             d_pad = qm.shape[-1]
             strides = (0, 0, 0)
-        bq = current_options().topk_rows
-        np2 = _pow2(count)
-        sel = torch.empty((B * nh, nb, np2), dtype=torch.int32, device=q.device)
-        cand, span, ranges = _spans(spec, ctx, N, blk, bq, q.device)
-        # key blocks per tile: register pressure (ptxas sm_90: no spills with these)
-        bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
-        _topk_kernel[(-(-nb // bq), B * nh)](
-            qm, km, scores if given else qm, cand, span, sel, heads, nb, nh, H, k.shape[1], group, *strides,
-            N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges,
-            GIVEN=bool(given), FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
-        )
-        return sel
+        return _fused_topk(spec, ctx, N, blk, count, qm, km, scores if given else qm, strides, heads, H, k.shape[1],
+                           group, d_pad, _score_prec(q), bool(given))
     # compressed off the PyTorch path keeps only [rows, blocks] sums; the other rules a row's pairs or weights
     fused = _fused(rule, q)
     chunk = max(1, (1 << 24) // max(1, B * (k.shape[1] if fused and rule.share else nh) * (nb if plain or fused else max(nk, N))))
+    if fused and count is not None and count <= 64 and chunk >= nb:  # the sums in one go, picked by `_topk_kernel`
+        s = _compressed_scores(spec, rule, q, _rule_keys(rule, q, k, heads, group)[0], heads, group, 0, nb)
+        nr = s.shape[0] // B
+        rows_of = torch.arange(nr, dtype=torch.int32, device=q.device)
+        s = s.view(B, nr, nb, nk)
+        sel = _fused_topk(spec, ctx, N, blk, count, s, s, s, s.stride()[:3], rows_of, nr, nr, 1, 16, "ieee", True)
+        if rule.share:  # picked once per KV head: each head takes its KV head's
+            sel = sel.view(B, nr, nb, -1)[:, heads.long() // group].reshape(B * nh, nb, -1).contiguous()
+        return sel
     out = []
     pooled = None if given or not plain else _pooled(q, k, blk)
     keys = None if plain else _rule_keys(rule, q, k, heads, group)  # the key side, once for every chunk
@@ -742,6 +862,27 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     if kind != "topk":  # kept blocks come first in each row: cut the columns no row uses
         sel = sel[..., :max(1, int((sel >= 0).sum(-1).max()))]
     return sel.to(torch.int32).contiguous()
+
+
+def _fused_topk(spec: PatternSpec, ctx: int, N: int, blk: int, count: int, qm: torch.Tensor, km: torch.Tensor,
+                scores: torch.Tensor, strides: tuple[int, ...], heads: torch.Tensor, H: int, hkv: int, group: int,
+                d_pad: int, prec: str, given: bool) -> torch.Tensor:
+    """`_topk_kernel`'s picks (int32 [B * heads, query blocks, pow2(count)], -1 padding) of the block means
+    qm, km [B, heads, blocks, d_pad] (given False) or of the scores [B, H, blocks, blocks] at `strides`
+    (given True; NaN: not a candidate), for the rows `heads` of H, among the candidates of context `ctx`."""
+    B, nb = scores.shape[0], -(-N // blk)
+    bq = current_options().topk_rows
+    np2 = _pow2(count)
+    sel = torch.empty((B * heads.numel(), nb, np2), dtype=torch.int32, device=scores.device)
+    cand, span, ranges = _spans(spec, ctx, N, blk, bq, scores.device)
+    # key blocks per tile: register pressure (ptxas sm_90: no spills with these)
+    bk = 16 if d_pad > 128 else current_options().topk_keys if ranges else 32
+    _topk_kernel[(-(-nb // bq), B * heads.numel())](
+        qm, km, scores, cand, span, sel, heads, nb, heads.numel(), H, hkv, group, *strides,
+        N_SEL=count, NP=np2, BQ=bq, BK=bk, D_PAD=d_pad, DOT_PREC=prec, RANGES=ranges, GIVEN=given,
+        FILL=current_options().topk_fill and np2 <= bk, num_warps=current_options().topk_warps,
+    )
+    return sel
 
 
 def _sel_dense(sel: torch.Tensor, nb: int, cases: bool = False) -> torch.Tensor:

@@ -86,14 +86,14 @@ def test_the_kernels_at_spans_compile_for_sm90() -> None:
 
 @pytest.mark.slow  # the selection kernels of one pattern, for sm_90 in a child process: about 3 s
 def test_the_compressed_scoring_kernel_compiles_for_sm90_without_spills() -> None:
-    """NSA's selector: `--sel` builds the compressed rule's scoring kernel for both forms of the context, and
-    at head_dim 128 its query and key tiles stay in registers."""
+    """NSA's selector: `--sel` builds the compressed rule's two scoring kernels for both forms of the context,
+    and at head_dim 128 their tiles stay in registers, on warpgroup MMAs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--src",
                           "causal & (window(63) | topk(16, block=64, score=compressed, share=kv))", "--sel"],
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = re.findall(r"compressed (\w+)\s+.* spill st/ld 0/0 B", out.stdout)
+    rows = re.findall(r"compressed (\w+)\s+lse [^|]* spill st/ld 0/0 B, wgmma,[^|]*\| sums .* spill st/ld 0/0 B, wgmma,", out.stdout)
     assert rows == ["ranges", "bytes"], out.stdout
 
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from patterndsl.runtime import autograd, cpu  # noqa: E402 (they import torch)
+from patterndsl.runtime import autograd, cpu, selection  # noqa: E402 (they import torch)
 
 SMALL = dict(block_m=16, block_n=16)
 
@@ -449,6 +449,7 @@ COMPRESSED = {
     "shared": "causal & (window(3) | topk(2, block=16, score=compressed, share=kv))",
     "per_head": "causal & (sink(16) | topk(3, block=16, score=compressed))",
     "scattered": "where(k < q // 2 or k > q + 40) & topk(3, block=16, score=compressed, share=kv)",
+    "fraction": "causal & (window(3) | topk(0.4, block=16, score=compressed))",  # picked by `_pick`
 }
 
 
@@ -493,3 +494,34 @@ def test_split_dkdv_rows_of_a_shared_selection_give_the_reference_gradients(monk
     for got, ref in ((qs.grad, qd.grad), (ks.grad, kd.grad), (vs.grad, vd.grad)):
         assert got is not None and ref is not None and not torch.isnan(got).any()
         assert (got.double() - ref).abs().max().item() < 2e-4 * max(1.0, ref.abs().max().item())
+
+
+# the context's candidates as one run of key blocks per query block (ranges) or as bytes (`_spans`)
+SCORED = {"ranges": "causal & (sink(16) | topk(3, block=16, score=compressed{}))",
+          "bytes": "where(k < q // 2 or k > q + 40) & topk(3, block=16, score=compressed{})"}  # fmt: skip
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(("context", "share", "heads", "dtype"), [
+    ("ranges", True, [0, 1, 2, 3], "float32"),  # each KV head's heads one after the other (no table read)
+    ("ranges", True, [0, 2, 3], "float32"),  # one KV head's two heads, the other's one
+    ("bytes", True, [1], "float32"),  # a KV head that no head reads: zeros
+    ("ranges", False, [0, 1, 3], "float32"),
+    ("bytes", False, [0, 1, 2, 3], "float16"),
+])  # fmt: skip
+def test_compressed_score_sums_equal_the_float64_path(context: str, share: bool, heads: list[int], dtype: str) -> None:
+    """The scoring kernels' sums on tiles of 16 rows and 16 key blocks (several tiles of packed query heads,
+    several runs of key blocks per query block, a ragged last block) against the float64 PyTorch path's
+    (held to the literal reference above), NaN off the candidates: float32 within 1e-5, float16 (16-bit
+    mean keys and products, float32 sums) within 2e-2."""
+    m = _module(SCORED[context].format(", share=kv" if share else ""))
+    rule = m.spec.selectors[0].all[0]
+    g = torch.Generator().manual_seed(37)
+    q, k = (torch.randn(1, h, 270, 16, generator=g).to(getattr(torch, dtype)) for h in (4, 2))
+    hs, nb = torch.tensor(heads, dtype=torch.int32), -(-270 // 16)
+    with m.options(compressed_lse_tiles=(16, 16, 4, 1), compressed_sum_tiles=(16, 16, 4, 1)):
+        got = selection._rule_scores(m.spec, rule, q, k, None, hs, 2, 0, nb)
+    want = selection._rule_scores(m.spec, rule, q.double(), k.double(), None, hs, 2, 0, nb)
+    assert got.shape == want.shape and torch.equal(torch.isnan(got), torch.isnan(want))
+    ok = ~torch.isnan(want)
+    assert (got.double()[ok] - want[ok]).abs().max() < (1e-5 if dtype == "float32" else 2e-2)
