@@ -81,6 +81,8 @@ fi
 if [ -n "${DECODE_QUICK:-}" ]; then TAIL=20 stage bench_decode_quick "${T_DECODE_QUICK:-150}" env BENCH_QUICK=1 \
   BENCH_DEADLINE=$(( ${T_DECODE_QUICK:-150} - 30 )) python3 benchmarks/bench_decode.py "$OUT/decode_quick_h100.json"; fi
 if [ -n "${PATTERN_CACHE:-}" ]; then TAIL=20 stage bench_pattern_cache "${T_PATTERN_CACHE:-90}" python3 benchmarks/bench_pattern_cache.py "$OUT/pattern_cache_h100.json"; fi
+# BWD_SPLIT=1 (the dK/dV rows split over programs, automatic against bwd_split=0, NSA / sinks / Longformer)
+if [ -n "${BWD_SPLIT:-}" ]; then TAIL=20 stage bench_bwd_split "${T_BWD_SPLIT:-150}" python3 benchmarks/bench_bwd_split.py "$OUT/bwd_split_h100.json"; fi
 # NSA=1 (issue 23: the NSA-like model's branches)
 if [ -n "${NSA:-}" ]; then TAIL=20 stage bench_nsa "${T_NSA:-150}" python3 benchmarks/bench_nsa.py "$OUT/nsa_h100.json"; fi
 # HF=1 (issue 22: a Llama-style model's training step and generation; carry .whlhf/ with transformers' wheels)
