@@ -141,7 +141,8 @@ class KernelWalk(NamedTuple):
     allow; `member` the membership bytes; `diag` [rows, tiles + block_m // TILE - 1] a byte per tile
     diagonal e (counted from the program's last query tile) some selected diagonal touches in some of the
     program's query tiles, `dlist` those e ascending and `dcount` [rows, programs] how many leave a key
-    tile >= 0; `sbits` int64 [rows, tiles]: bit b of word w says whether offset 64 w + b is selected."""
+    tile >= 0; `sbits` int64 [rows, tiles]: bit b of word w says whether offset 64 w + b is selected;
+    `offs` the selected offsets, int64 [rows, n] (another block_m's tables are built from them)."""
 
     f_off: torch.Tensor
     f_idx: torch.Tensor
@@ -154,7 +155,14 @@ class KernelWalk(NamedTuple):
     dlist: torch.Tensor
     dcount: torch.Tensor
     sbits: torch.Tensor
+    offs: torch.Tensor
     block_m: int
+
+    @property
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """What the kernel reads, in its arguments' order (F_OFF ... SBITS)."""
+        return (self.f_off, self.f_idx, self.p_off, self.p_idx, self.cols, self.crange, self.member, self.diag,
+                self.dlist, self.dcount, self.sbits)
 
 
 Walk = KernelWalk | tuple[torch.Tensor]  # a pattern's tables for the kernel or the PyTorch path (`token_walk`)
@@ -201,12 +209,17 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, diag, kt, top, NDIAG,  # type: ignore[no-untyped-def]
-            offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr, FULL: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-            BWD: tl.constexpr, EARLY_KV: tl.constexpr):
-    """Pass A's key tile kt, unless a selected diagonal touches it (tile diagonal e = top - kt): P_0 without
-    the selected columns. FULL (a FULL tile of P_0's tables): P_0 holds on every pair, not evaluated."""
+def _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, diag, F_IDX, P_IDX, t, top,  # type: ignore[no-untyped-def]
+            NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr,
+            FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+            DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr):
+    """Pass A's key tile kt, entry t of P_0's FULL (FULL) or PARTIAL table, unless a selected diagonal
+    touches it (tile diagonal e = top - kt): P_0 without the selected columns. In a FULL tile P_0 holds on
+    every pair, not evaluated."""
+    if FULL:
+        kt = tl.load(F_IDX + t)
+    else:
+        kt = tl.load(P_IDX + t)
     e = top - kt
     if tl.load(diag + e, mask=(e >= 0) & (e < NDIAG), other=0) == 0:
         cols = kt * BLOCK_N + offs_n
@@ -223,23 +236,33 @@ def _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base,
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, sbits, kt, b, widx, shift,  # type: ignore[no-untyped-def]
-          offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr, BLOCK_M: tl.constexpr,
+def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, sbits, kt, b, offs_m, offs_n,  # type: ignore[no-untyped-def]
+          offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BWD: tl.constexpr,
           EARLY_KV: tl.constexpr, SLASH_BITS: tl.constexpr):
     """Pass B's key tile kt (>= 0): every pair by its case v = [j in V] + 2 [i - j in S]. The program's
     first query tile lies b tile diagonals above kt. SLASH_BITS: [i - j in S] from the bit words of
-    offsets 64 (b - 1) ... 64 (b + BLOCK_M // 64) (the pair's word `widx` in that range and its bit
-    `shift`, both fixed per program); else a byte per pair from the membership."""
+    offsets 64 (b - 1) ... 64 (b + BLOCK_M // 64 + 1) (64-bit work per row, 32-bit per pair); else a byte
+    per pair from the membership."""
     cols = kt * BLOCK_N + offs_n
     kok = cols < N
     in_v = (tl.load(mem + cols, mask=kok, other=0) != 0).to(tl.int32)
     if SLASH_BITS:
-        word = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int64) + tl.load(sbits + b - 1, mask=b >= 1, other=0)
-        for w in tl.static_range(1, BLOCK_M // BLOCK_N + 1):
+        # row r's 64 offsets from p = 64 (b - 1) + r + 1 up: a funnel shift of two words (per row, cheap);
+        # pair (r, c) is offset p + 63 - c: bit 63 - c, a 32-bit shift per pair
+        r1 = tl.arange(0, BLOCK_M) + 1
+        first = r1 // 64
+        at_bit = (r1 % 64).to(tl.uint64)
+        lo = tl.zeros([BLOCK_M], dtype=tl.uint64)
+        hi = tl.zeros([BLOCK_M], dtype=tl.uint64)
+        for w in tl.static_range(BLOCK_M // 64 + 2):
             at = b - 1 + w
-            word = tl.where(widx == w, tl.load(sbits + at, mask=(at >= 0) & (at < tl.cdiv(N, BLOCK_N)), other=0), word)
-        in_s = ((word >> shift) & 1).to(tl.int32)
+            word = tl.load(sbits + at, mask=(at >= 0) & (at < tl.cdiv(N, 64)), other=0).to(tl.uint64, bitcast=True)
+            lo = tl.where(first == w, word, lo)
+            hi = tl.where(first + 1 == w, word, hi)
+        x = (lo >> at_bit) | ((hi << (63 - at_bit)) << 1)
+        half = tl.where(offs_n[None, :] < 32, (x >> 32).to(tl.uint32)[:, None], x.to(tl.uint32)[:, None])
+        in_s = ((half >> ((31 - offs_n) & 31).to(tl.uint32)[None, :]) & 1).to(tl.int32)
     else:
         off = offs_m[:, None] - cols[None, :]
         in_s = (tl.load(mem + N + off, mask=(off >= 0) & (off < N), other=0) != 0).to(tl.int32)
@@ -319,20 +342,17 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
             t = lo
             while t < hi:
                 acc, l_i, m_i = _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem,
-                                        diag, tl.load(F_IDX + t) if stage == 0 else tl.load(P_IDX + t), top, NDIAG,
-                                        offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED, stage == 0,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
+                                        diag, F_IDX, P_IDX, t, top, NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn,
+                                        qk_scale, sm_scale, PRED, stage == 0, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC,
+                                        BWD, EARLY_KV)
                 t += 1
         else:
             for t in range(lo, hi):
                 acc, l_i, m_i = _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem,
-                                        diag, tl.load(F_IDX + t) if stage == 0 else tl.load(P_IDX + t), top, NDIAG,
-                                        offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED, stage == 0,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
+                                        diag, F_IDX, P_IDX, t, top, NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn,
+                                        qk_scale, sm_scale, PRED, stage == 0, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC,
+                                        BWD, EARLY_KV)
     # B: the tiles a selected diagonal touches, every pair by its case
-    rel = tl.arange(0, BLOCK_M)[:, None] - offs_n[None, :] + BLOCK_N  # i - j + 64 - 64 b in [1, BLOCK_M + 63]
-    widx = rel // BLOCK_N
-    shift = rel % BLOCK_N
     nd = tl.load(DCOUNT + row_p)  # the tile diagonals e <= top: key tile top - e >= 0
     dl = DLIST + pid_bh.to(tl.int64) * NDIAG
     if INTERPRET:
@@ -340,7 +360,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
         while t < nd:
             kt = top - tl.load(dl + t)
             acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, sbits,
-                                  kt, pid_m * (BLOCK_M // BLOCK_N) - kt, widx, shift, offs_m, offs_n, offs_d, N,
+                                  kt, pid_m * (BLOCK_M // BLOCK_N) - kt, offs_m, offs_n, offs_d, N,
                                   s_kn, s_vn, qk_scale, sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD,
                                   EARLY_KV, SLASH_BITS)
             t += 1
@@ -348,7 +368,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
         for t in range(0, nd):
             kt = top - tl.load(dl + t)
             acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, sbits,
-                                  kt, pid_m * (BLOCK_M // BLOCK_N) - kt, widx, shift, offs_m, offs_n, offs_d, N,
+                                  kt, pid_m * (BLOCK_M // BLOCK_N) - kt, offs_m, offs_n, offs_d, N,
                                   s_kn, s_vn, qk_scale, sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD,
                                   EARLY_KV, SLASH_BITS)
     # C: the selected columns outside B's tiles, gathered
@@ -385,8 +405,9 @@ def slash_bits(offs: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n: int, device: torch.device,
-          block_m: int) -> KernelWalk:
-    """The kernel's tables for one pattern and query rows `block_m` per program (`KernelWalk`)."""
+          block_m: int, member: torch.Tensor | None = None) -> KernelWalk:
+    """The kernel's tables for one pattern and query rows `block_m` per program (`KernelWalk`); `member`:
+    the picks' membership bytes where already built."""
     sel = spec.token_selection(pat)
     assert sel is not None
     rows = cols.shape[0] * cols.shape[1]
@@ -394,7 +415,7 @@ def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n
     nkt = -(-n // TILE)
     nprog = -(-n // block_m)
     f_off, f_idx, p_off, p_idx = block_tables(spec, n, block_m, TILE, device, pat, layout=False)
-    member = membership(cols, offs, n)
+    member = membership(cols, offs, n) if member is None else member
     offs = offs.reshape(rows, -1)
     # a diagonal d touches tile diagonals d // TILE and d // TILE + 1 of every query tile (index nkt: none)
     touched = torch.zeros((rows, nkt + 1), dtype=torch.int8, device=device)
@@ -418,7 +439,7 @@ def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n
         for end in range(2):
             crange[..., end] = torch.searchsorted(cols, (bounds[:, end] * TILE).expand(rows, -1).contiguous())
     return KernelWalk(f_off, f_idx, p_off, p_idx, cols, crange, member, diag.contiguous(), dlist,
-                      dcount.contiguous(), slash_bits(offs, n), block_m)
+                      dcount.contiguous(), slash_bits(offs, n), offs, block_m)
 
 
 def token_walk(spec: PatternSpec, pat: int, q: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor]) -> Walk:
@@ -444,7 +465,7 @@ def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: to
     opts = current_options()
     bm = walk.block_m
     _token_attn[(-(-N // bm), B * nh)](
-        q, k, v, out, lse, do, delta, dq, dk, dv, heads, *walk[:-1],
+        q, k, v, out, lse, do, delta, dq, dk, dv, heads, *walk.tables,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         N, H, k.shape[1], nh, group, walk.cols.shape[1], walk.diag.shape[1], scale * _LOG2E, scale,
         PRED=sel.dispatch, BLOCK_M=bm, BLOCK_N=TILE, HEAD_DIM=D, D_PAD=_d_pad(D), DOT_PREC=prec,
@@ -484,12 +505,14 @@ def token_backward(spec: PatternSpec, pat: int, do: torch.Tensor, q: torch.Tenso
                    o: torch.Tensor, lse: torch.Tensor, heads: torch.Tensor, walk: Walk, scale: float, group: int,
                    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     """Pattern `pat`'s gradients for the heads `heads`: dq written, dk and dv (float32) added to; `walk`:
-    the forward's `token_walk`."""
+    the forward's `token_walk` (its tables for 64 query rows per program built from it where it has 128)."""
     delta = (o.float() * do.float()).sum(-1).contiguous()
     if _torch_path(q):
         _cpu_bwd(spec, pat, do, q, k, v, lse, delta, heads, walk[0], scale, group, dq, dk, dv)
         return
     assert isinstance(walk, KernelWalk)
+    if walk.block_m != TILE:  # 64 query rows per program: 128 spill more (benchmarks/kernel_resources.py)
+        walk = _walk(spec, pat, walk.cols[None], walk.offs[None], q.shape[2], q.device, TILE, walk.member)
     _launch(spec, pat, q, k, v, heads.to(torch.int32), walk, scale, group, o.contiguous(), lse.contiguous(),
             (do.contiguous(), delta, dq, dk, dv))
 
