@@ -34,7 +34,7 @@ import triton.language as tl
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads, _torch_path
 from .evaluate import evaluate
 from .fwd_kernels import _stage_range
-from .options import current_options
+from .options import current_options, restored
 from .selection import _ordered_keys, _spans, compressed_weights
 from .tables import block_tables
 
@@ -573,6 +573,7 @@ class TokenAttention(torch.autograd.Function):
             token_forward(spec, pat, q, k, v, heads, walk, scale, group, out, lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.uses, ctx.walks, ctx.scale, ctx.spec = uses, walks, scale, spec
+        ctx.options = current_options()  # the backward runs under them, maybe on autograd's own thread
         return out, lse
 
     @staticmethod
@@ -588,9 +589,10 @@ class TokenAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=work, device=k.device)
         dv = torch.zeros(v.shape, dtype=work, device=v.device)
         mine = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
-        for (pat, heads), walk in zip(ctx.uses, ctx.walks, strict=True):
-            token_backward(ctx.spec, pat, do, q, k, v, o, lse, heads, walk, ctx.scale, group, dq, dk, dv)
-            mine[heads] = True
+        with restored(ctx.options):
+            for (pat, heads), walk in zip(ctx.uses, ctx.walks, strict=True):
+                token_backward(ctx.spec, pat, do, q, k, v, o, lse, heads, walk, ctx.scale, group, dq, dk, dv)
+                mine[heads] = True
         # the other heads' gradients flow through base_out / base_lse
         d_out = do.masked_fill(mine[None, :, None, None], 0.0)
         d_lse = None if dlse is None else dlse.masked_fill(mine[None, :, None], 0.0)
