@@ -448,7 +448,10 @@ def token_walk(spec: PatternSpec, pat: int, q: torch.Tensor, picks: tuple[torch.
     the PyTorch path the membership bytes alone (a 1-tuple)."""
     if _torch_path(q):
         return (membership(*picks, q.shape[2]),)
-    return _walk(spec, pat, picks[0], picks[1], q.shape[2], q.device, current_options().token_rows)
+    rows = current_options().token_rows
+    if rows not in (TILE, 2 * TILE):
+        raise ValueError(f"token_rows must be {TILE} or {2 * TILE}, got {rows}")
+    return _walk(spec, pat, picks[0], picks[1], q.shape[2], q.device, rows)
 
 
 def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,

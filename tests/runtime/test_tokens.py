@@ -132,6 +132,9 @@ def test_unsupported_calls_say_so() -> None:
     attn = P.compile(f"pattern p = {CASES['minference']}\n")
     with pytest.raises(ValueError, match="vertical/slash"):
         attn.block_mask(64)
+    q, k, v = _inputs(16, torch.float32)
+    with attn.options(token_rows=96), pytest.raises(ValueError, match="token_rows must be 64 or 128, got 96"):
+        attn(q, k, v)
 
 
 @pytest.mark.slow  # the interpreter over 4 tiles x 2 heads: about 2 s
