@@ -150,9 +150,9 @@ def main() -> None:
         "ours_rows64_ms": {"token_rows": 64},
         "ours_rows128_3stages_ms": {"token_stages": 3},
         "ours_rows128_1stage_ms": {"token_stages": 1},
-        "ours_byte_slash_ms": {"token_slash_bits": False},
+        "ours_bytes_ms": {"token_bits": False},
         "ours_late_kv_ms": {"token_early_kv": False},
-        "ours_first_kernel_ms": {"token_rows": 64, "token_early_kv": False, "token_slash_bits": False},
+        "ours_first_kernel_ms": {"token_rows": 64, "token_early_kv": False, "token_bits": False},
     }
     with torch.no_grad():
         variant_err = {name: ((ours(**o)().float() - fo.float()).norm() / fo.float().norm()).item()

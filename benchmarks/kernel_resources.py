@@ -22,7 +22,7 @@ context, table merge) with the arguments `_selection` and `_dynamic_tables` give
 packed-document table kernels (`_free_tables`).
 `--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch;
 PAGED 1: pages holding whole tiles, 2: smaller pages, gathered per key).
-`--tokens ROWS,WARPS,STAGES,EARLY_KV,SLASH_BITS,BWD` builds the vertical/slash kernel (`runtime/tokens.py`).
+`--tokens ROWS,WARPS,STAGES,EARLY_KV,BITS,BWD` builds the vertical/slash kernel (`runtime/tokens.py`).
 `--spans` builds --fwd and --bwd reading their tiles from segment tables (`runtime/positions.py`'s `Spans`).
 
     python benchmarks/kernel_resources.py --src "causal & window(1023)" --d 128 --dtype bf16 \
@@ -216,17 +216,17 @@ def tables() -> None:
 
 def token_kernel(spec, dtype: str, d: int, d_pad: int, cfg: str) -> None:
     """`runtime/tokens.py`'s `_token_attn` of the pattern's first head pattern (vertical/slash), as `_launch`
-    gives it its tables; cfg: ROWS,WARPS,STAGES,EARLY_KV,SLASH_BITS,BWD (0/1 switches)."""
+    gives it its tables; cfg: ROWS,WARPS,STAGES,EARLY_KV,BITS,BWD (0/1 switches)."""
     rows, warps, stages, early, bits, bwd = (int(x) for x in cfg.split(","))
     sel = spec.token_selection(0)
     small = {"COLS", "CRANGE", "DLIST", "DCOUNT"}
-    t = {**{x: "*i8" for x in ("MEMBER", "DIAG")}, **{x: "*i32" for x in small}, "SBITS": "*i64",
+    t = {**{x: "*i8" for x in ("MEMBER", "DIAG")}, **{x: "*i32" for x in small}, "MBITS": "*i64",
          **{x: "*fp32" for x in ("DK", "DV")}, **{x: "i32" for x in ("HKV", "NV", "NDIAG")},
          **{x: "fp32" for x in ("qk_scale", "sm_scale")}, "F_OFF": "*i32", "F_IDX": "*i32", "P_OFF": "*i32",
          "P_IDX": "*i32"}  # fmt: skip
     c = dict(PRED=sel.dispatch, BLOCK_M=rows, BLOCK_N=tokens.TILE, HEAD_DIM=d, D_PAD=d_pad,
              DOT_PREC="ieee" if dtype == "fp32" else "tf32", BWD=bool(bwd), EARLY_KV=bool(early),
-             SLASH_BITS=bool(bits), INTERPRET=False)  # fmt: skip
+             BITS=bool(bits), INTERPRET=False)  # fmt: skip
     print(f"tokens {cfg:20s} {resources(tokens._token_attn, dtype, c, warps, stages, t)}", flush=True)
 
 
@@ -248,7 +248,7 @@ def main() -> None:
                     help="G,NQ,BLOCK,paged: the decode kernel (split, merging) for G query heads per KV head, NQ "
                          "queries, key blocks of BLOCK, a paged cache (1) or not (0)")
     ap.add_argument("--tokens", action="append", default=[],
-                    help="ROWS,WARPS,STAGES,EARLY_KV,SLASH_BITS,BWD: the vertical/slash kernel (options token_*)")
+                    help="ROWS,WARPS,STAGES,EARLY_KV,BITS,BWD: the vertical/slash kernel (options token_*)")
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
     ap.add_argument("--tables", action="store_true", help="the packed-document table kernels (cu_seqlens)")
     ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the topk_rows option)")

@@ -41,7 +41,8 @@ class Options:
     pipeline stages.
     token_rows: the vertical/slash kernel's query rows per program (64 or 128: two 64-row tiles sharing the
     key tiles either visits). token_early_kv: it loads K and V tiles without waiting on the pairs' mask.
-    token_slash_bits: it reads a tile's diagonal membership from bit-packed words, not a byte per pair.
+    token_bits: it reads a tile's kept columns and diagonals from bit-packed words, not bytes per key and
+    per pair.
     async_checks: checks that need the device's values (a run-time permutation maps each segment onto
     itself) become device-side assertions: no host synchronisation, so a call can be captured in a CUDA
     graph; a violation then fails at the next synchronisation, naming the check, instead of at the call."""
@@ -73,7 +74,7 @@ class Options:
     token_stages: int = 2
     token_rows: int = 128
     token_early_kv: bool = True
-    token_slash_bits: bool = True
+    token_bits: bool = True
     async_checks: bool = False
 
 

@@ -18,8 +18,8 @@ columns, a byte per tile diagonal):
 The same walk serves the forward (online softmax) and the backward (dQ in registers, dK and dV added
 atomically in float32), over tables the forward builds once and keeps for the backward (`token_walk`).
 A tile's work is its two products and the softmax: its K and V loads wait on nothing but the key tile's
-index (`token_early_kv`), and pass B's case comes from a few words of diagonal bits per tile shifted per
-pair (`token_slash_bits`), not a byte gathered per pair.
+index (`token_early_kv`), and pass B's case comes from a few words of membership bits per tile (which the
+pipeline prefetches with K and V) shifted per pair (`token_bits`), not bytes loaded per key and per pair.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class KernelWalk(NamedTuple):
     allow; `member` the membership bytes; `diag` [rows, tiles + block_m // TILE - 1] a byte per tile
     diagonal e (counted from the program's last query tile) some selected diagonal touches in some of the
     program's query tiles, `dlist` those e ascending and `dcount` [rows, programs] how many leave a key
-    tile >= 0; `sbits` int64 [rows, tiles]: bit b of word w says whether offset 64 w + b is selected;
+    tile >= 0; `bits` int64 [rows, 2, tiles] (`member_bits`): the membership as bits;
     `offs` the selected offsets, int64 [rows, n] (another block_m's tables are built from them)."""
 
     f_off: torch.Tensor
@@ -154,15 +154,15 @@ class KernelWalk(NamedTuple):
     diag: torch.Tensor
     dlist: torch.Tensor
     dcount: torch.Tensor
-    sbits: torch.Tensor
+    bits: torch.Tensor
     offs: torch.Tensor
     block_m: int
 
     @property
     def tables(self) -> tuple[torch.Tensor, ...]:
-        """What the kernel reads, in its arguments' order (F_OFF ... SBITS)."""
+        """What the kernel reads, in its arguments' order (F_OFF ... MBITS)."""
         return (self.f_off, self.f_idx, self.p_off, self.p_idx, self.cols, self.crange, self.member, self.diag,
-                self.dlist, self.dcount, self.sbits)
+                self.dlist, self.dcount, self.bits)
 
 
 Walk = KernelWalk | tuple[torch.Tensor]  # a pattern's tables for the kernel or the PyTorch path (`token_walk`)
@@ -236,18 +236,20 @@ def _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base,
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, sbits, kt, b, offs_m, offs_n,  # type: ignore[no-untyped-def]
+def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, bits, kt, b, offs_m, offs_n,  # type: ignore[no-untyped-def]
           offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BWD: tl.constexpr,
-          EARLY_KV: tl.constexpr, SLASH_BITS: tl.constexpr):
+          EARLY_KV: tl.constexpr, BITS: tl.constexpr):
     """Pass B's key tile kt (>= 0): every pair by its case v = [j in V] + 2 [i - j in S]. The program's
-    first query tile lies b tile diagonals above kt. SLASH_BITS: [i - j in S] from the bit words of
-    offsets 64 (b - 1) ... 64 (b + BLOCK_M // 64 + 1) (64-bit work per row, 32-bit per pair); else a byte
-    per pair from the membership."""
+    first query tile lies b tile diagonals above kt. BITS: [j in V] from word kt of the column bits,
+    [i - j in S] from the offset bits' words b - 1 ... b + BLOCK_M // 64 (64-bit work per row, 32-bit per
+    pair); else bytes from the membership, one per key and one per pair."""
     cols = kt * BLOCK_N + offs_n
     kok = cols < N
-    in_v = (tl.load(mem + cols, mask=kok, other=0) != 0).to(tl.int32)
-    if SLASH_BITS:
+    if BITS:
+        nw = tl.cdiv(N, 64)
+        v_word = tl.load(bits + kt, mask=kt < nw, other=0).to(tl.uint64, bitcast=True)
+        in_v = ((v_word >> offs_n.to(tl.uint64)) & 1).to(tl.int32)
         # row r's 64 offsets from p = 64 (b - 1) + r + 1 up: a funnel shift of two words (per row, cheap);
         # pair (r, c) is offset p + 63 - c: bit 63 - c, a 32-bit shift per pair
         r1 = tl.arange(0, BLOCK_M) + 1
@@ -257,13 +259,15 @@ def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, m
         hi = tl.zeros([BLOCK_M], dtype=tl.uint64)
         for w in tl.static_range(BLOCK_M // 64 + 2):
             at = b - 1 + w
-            word = tl.load(sbits + at, mask=(at >= 0) & (at < tl.cdiv(N, 64)), other=0).to(tl.uint64, bitcast=True)
+            word = tl.load(bits + nw + at, mask=(at >= 0) & (at < nw), other=0)
+            word = word.to(tl.uint64, bitcast=True)
             lo = tl.where(first == w, word, lo)
             hi = tl.where(first + 1 == w, word, hi)
         x = (lo >> at_bit) | ((hi << (63 - at_bit)) << 1)
         half = tl.where(offs_n[None, :] < 32, (x >> 32).to(tl.uint32)[:, None], x.to(tl.uint32)[:, None])
         in_s = ((half >> ((31 - offs_n) & 31).to(tl.uint32)[None, :]) & 1).to(tl.int32)
     else:
+        in_v = (tl.load(mem + cols, mask=kok, other=0) != 0).to(tl.int32)
         off = offs_m[:, None] - cols[None, :]
         in_s = (tl.load(mem + N + off, mask=(off >= 0) & (off < N), other=0) != 0).to(tl.int32)
     ok = PRED(offs_m[:, None], cols[None, :], N, in_v[None, :] + 2 * in_s) & kok[None, :]
@@ -290,10 +294,10 @@ def _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_bas
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, P_OFF, P_IDX,  # type: ignore[no-untyped-def]  # noqa: E741
-                COLS, CRANGE, MEMBER, DIAG, DLIST, DCOUNT, SBITS, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh,
+                COLS, CRANGE, MEMBER, DIAG, DLIST, DCOUNT, MBITS, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh,
                 s_vn, N, H, HKV, NH, GROUP, NV, NDIAG, qk_scale, sm_scale, PRED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr, SLASH_BITS: tl.constexpr,
+                DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr, BITS: tl.constexpr,
                 INTERPRET: tl.constexpr):
     """Program (query rows BLOCK_M at a time, batch * head of this pattern): passes A, B, C of the module's
     docstring over `KernelWalk`'s tables (BLOCK_N = TILE, BLOCK_M a multiple of it; with BLOCK_M > TILE the
@@ -333,7 +337,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
         delta = tl.load(DELTA + row_o + offs_m, mask=qok, other=0.0)
     mem = MEMBER + pid_bh.to(tl.int64) * 2 * N
     diag = DIAG + pid_bh.to(tl.int64) * NDIAG
-    sbits = SBITS + pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK_N)
+    bits = MBITS + pid_bh.to(tl.int64) * 2 * tl.cdiv(N, BLOCK_N)
     row_p = pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK_M) + pid_m  # this program's row of DCOUNT and CRANGE
     # A: the static part's tiles off the selected diagonals, without the selected columns
     for stage in tl.static_range(2):
@@ -359,18 +363,18 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
         t = 0
         while t < nd:
             kt = top - tl.load(dl + t)
-            acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, sbits,
+            acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, bits,
                                   kt, pid_m * (BLOCK_M // BLOCK_N) - kt, offs_m, offs_n, offs_d, N,
                                   s_kn, s_vn, qk_scale, sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD,
-                                  EARLY_KV, SLASH_BITS)
+                                  EARLY_KV, BITS)
             t += 1
     else:
         for t in range(0, nd):
             kt = top - tl.load(dl + t)
-            acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, sbits,
+            acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, bits,
                                   kt, pid_m * (BLOCK_M // BLOCK_N) - kt, offs_m, offs_n, offs_d, N,
                                   s_kn, s_vn, qk_scale, sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD,
-                                  EARLY_KV, SLASH_BITS)
+                                  EARLY_KV, BITS)
     # C: the selected columns outside B's tiles, gathered
     c_lo = tl.load(CRANGE + row_p * 2)
     c_hi = tl.load(CRANGE + row_p * 2 + 1)
@@ -397,11 +401,14 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
         tl.store(LSE + row_o + offs_m, lse, mask=qok)
 
 
-def slash_bits(offs: torch.Tensor, n: int) -> torch.Tensor:
-    """int64 [rows, ceil(n / 64)]: bit b of word w set where offset 64 w + b is among a row's offsets
-    `offs` [rows, k] (distinct per row, so adding their bits is or-ing them)."""
-    words = torch.zeros((offs.shape[0], -(-n // 64)), dtype=torch.int64, device=offs.device)
-    return words.scatter_add_(1, offs // 64, torch.bitwise_left_shift(torch.ones_like(offs), offs % 64))
+def member_bits(cols: torch.Tensor, offs: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [rows, 2, ceil(n / 64)]: bit b of word w of [:, 0] set where key 64 w + b is among a row's
+    columns `cols`, of [:, 1] where offset 64 w + b is among its offsets `offs` (each [rows, k], distinct
+    per row, so adding their bits is or-ing them)."""
+    words = torch.zeros((offs.shape[0], 2, -(-n // 64)), dtype=torch.int64, device=offs.device)
+    for side, picked in enumerate((cols.long(), offs)):
+        words[:, side].scatter_add_(1, picked // 64, torch.bitwise_left_shift(torch.ones_like(picked), picked % 64))
+    return words
 
 
 def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n: int, device: torch.device,
@@ -439,7 +446,7 @@ def _walk(spec: PatternSpec, pat: int, cols: torch.Tensor, offs: torch.Tensor, n
         for end in range(2):
             crange[..., end] = torch.searchsorted(cols, (bounds[:, end] * TILE).expand(rows, -1).contiguous())
     return KernelWalk(f_off, f_idx, p_off, p_idx, cols, crange, member, diag.contiguous(), dlist,
-                      dcount.contiguous(), slash_bits(offs, n), offs, block_m)
+                      dcount.contiguous(), member_bits(cols, offs, n), offs, block_m)
 
 
 def token_walk(spec: PatternSpec, pat: int, q: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor]) -> Walk:
@@ -472,7 +479,7 @@ def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: to
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         N, H, k.shape[1], nh, group, walk.cols.shape[1], walk.diag.shape[1], scale * _LOG2E, scale,
         PRED=sel.dispatch, BLOCK_M=bm, BLOCK_N=TILE, HEAD_DIM=D, D_PAD=_d_pad(D), DOT_PREC=prec,
-        BWD=grads is not None, EARLY_KV=opts.token_early_kv, SLASH_BITS=opts.token_slash_bits, INTERPRET=_INTERPRET,
+        BWD=grads is not None, EARLY_KV=opts.token_early_kv, BITS=opts.token_bits, INTERPRET=_INTERPRET,
         num_warps=8 if grads is not None else opts.token_warps or 4 * (bm // TILE),
         num_stages=1 if grads is not None or _INTERPRET else opts.token_stages,
     )  # sm_90, D = 128 (benchmarks/kernel_resources.py): the backward spills least at 8 warps, 1 stage

@@ -101,9 +101,9 @@ VARIANTS = {
     "rows64_8warps": {"token_rows": 64, "token_warps": 8},
     "rows128_3stages": {"token_stages": 3},
     "rows128_1stage": {"token_stages": 1},
-    "byte_slash": {"token_slash_bits": False},
+    "bytes": {"token_bits": False},
     "late_kv": {"token_early_kv": False},
-    "first_kernel": {"token_rows": 64, "token_early_kv": False, "token_slash_bits": False},
+    "first_kernel": {"token_rows": 64, "token_early_kv": False, "token_bits": False},
 }
 
 
@@ -124,7 +124,7 @@ def test_variants_forward(variant: str) -> None:
     assert (out.double() - want).abs().max().item() < 2e-2
 
 
-@pytest.mark.parametrize("variant", ["default", "byte_slash", "late_kv", "first_kernel"])
+@pytest.mark.parametrize("variant", ["default", "bytes", "late_kv", "first_kernel"])
 def test_variants_gradients(variant: str) -> None:
     """The backward (64 query rows per program whatever the forward's) after each variant's forward."""
     n = 1000

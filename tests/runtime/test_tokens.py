@@ -190,8 +190,8 @@ def test_heads_mix_token_and_block_selectors(dtype: str) -> None:
 VARIANTS = {
     "rows128": {},
     "rows64": {"token_rows": 64},
-    "byte_slash": {"token_slash_bits": False},
-    "late_kv": {"token_rows": 64, "token_early_kv": False, "token_slash_bits": False},
+    "bytes": {"token_bits": False},
+    "late_kv": {"token_rows": 64, "token_early_kv": False, "token_bits": False},
 }
 # a source and its mask given the picked columns V and offsets S, [i in V] and [i - j in S] per pair,
 # read from the language's definition: allowed(i, j) = P_v(i, j), v = [j in V] + 2 [i - j in S]
@@ -253,7 +253,7 @@ def _check_picks(name: str, n: int, cols: list[list[int]], offs: list[list[int]]
             assert (g.double() - r).abs().max().item() < 1e-4 * max(1.0, r.abs().max().item())
 
 
-@pytest.mark.parametrize("variant", ["rows64", "byte_slash"])
+@pytest.mark.parametrize("variant", ["rows64", "bytes"])
 def test_kernel_variants_fixed_picks(variant: str) -> None:
     """Two query tiles, a diagonal on each side of a tile diagonal's edge, a column in either tile: the
     variants other than the default (which the tests above run) forward and backward."""
@@ -273,14 +273,14 @@ def test_kernel_variants_over_picks(name: str, variant: str, picks: tuple[int, l
     _check_picks(name, n, cols, offs, variant, grad=n % 3 == 0)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(picks=S.token_picks(max_n=400, heads=3))
-def test_slash_bits_are_the_membership(picks: tuple[int, list[list[int]], list[list[int]]]) -> None:
-    """Bit b of word w of a row's diagonal bits is set exactly where offset 64 w + b is picked, 0 <= it < n."""
+def test_member_bits_are_the_membership(picks: tuple[int, list[list[int]], list[list[int]]]) -> None:
+    """Bit b of word w of a row's column (offset) bits is set exactly where key (offset) 64 w + b is picked."""
     n, cols, offs = picks
-    bits = tokens.slash_bits(torch.tensor(offs, dtype=torch.int64).view(3, -1), n)
-    assert bits.shape == (3, -(-n // 64))
-    d = torch.arange(bits.shape[1] * 64)
-    got = (bits[:, d // 64] >> (d % 64)) & 1
-    want = torch.tensor([[x in o for x in range(bits.shape[1] * 64)] for o in offs])
+    bits = tokens.member_bits(*(torch.tensor(x, dtype=torch.int64).view(3, -1) for x in (cols, offs)), n)
+    assert bits.shape == (3, 2, -(-n // 64))
+    d = torch.arange(bits.shape[2] * 64)
+    got = (bits[:, :, d // 64] >> (d % 64)) & 1
+    want = torch.tensor([[[x in p for x in range(bits.shape[2] * 64)] for p in pair] for pair in zip(cols, offs, strict=True)])
     assert torch.equal(got.bool(), want)
