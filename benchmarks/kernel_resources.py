@@ -16,7 +16,8 @@ tensors specialises them: without that mark the loads are not vectorised (16-bit
 instead of 128-bit asynchronous copies), and the registers and spills differ from what the GPU runs (this
 tool's earliest figures lacked the mark). A fifth field of --fwd / --fast caps registers per thread
 (maxnreg). `blocks/SM` is what registers, shared memory and threads allow on an H100. `wgmma serialized`: ptxas
-found too few registers to keep several warpgroup MMAs in flight (its C7512 note) and waits on each one.
+found too few registers to keep several warpgroup MMAs in flight (its C7512 note), or other instructions
+writing an accumulator while its MMA runs (C7515), and waits on each one.
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
@@ -108,7 +109,9 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     mma = "wgmma" if "wgmma" in built.asm["ptx"] else "mma.sync"  # Hopper's warpgroup MMA, or the Ampere one
-    if "C7512" in log:  # too few registers for wgmma's pipeline: ptxas waits on each wgmma before the next
+    # too few registers for wgmma's pipeline (C7512), or other instructions writing a wgmma's accumulator
+    # while it runs (C7515, e.g. an accumulator through a branch): ptxas waits on each wgmma before the next
+    if "C7512" in log or "C7515" in log:
         mma += " serialized"
     n_regs = int(regs.group(1)) if regs else 255
     blocks = min(227 * 1024 // max(built.metadata.shared, 1), 65536 // (n_regs * 32 * warps), 64 // warps)

@@ -213,26 +213,27 @@ def _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base,
             NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr,
             FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
             DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr):
-    """Pass A's key tile kt, entry t of P_0's FULL (FULL) or PARTIAL table, unless a selected diagonal
-    touches it (tile diagonal e = top - kt): P_0 without the selected columns. In a FULL tile P_0 holds on
-    every pair, not evaluated."""
+    """Pass A's key tile kt, entry t of P_0's FULL (FULL) or PARTIAL table: P_0 without the selected
+    columns, none where a selected diagonal touches the tile (tile diagonal e = top - kt: pass B's). In a
+    FULL tile P_0 holds on every pair, not evaluated. A tile pass B takes is computed here with no pair
+    rather than skipped by a branch: an accumulator through a branch makes ptxas wait on every warpgroup
+    MMA of the kernel (its C7515), and few of pass A's tiles are pass B's."""
     if FULL:
         kt = tl.load(F_IDX + t)
     else:
         kt = tl.load(P_IDX + t)
     e = top - kt
-    if tl.load(diag + e, mask=(e >= 0) & (e < NDIAG), other=0) == 0:
-        cols = kt * BLOCK_N + offs_n
-        kok = cols < N
-        keep = kok & (tl.load(mem + cols, mask=kok, other=0) == 0)
-        if FULL:
-            ok = tl.broadcast_to(keep[None, :], [BLOCK_M, BLOCK_N])
-        else:
-            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-            ok = PRED(offs_m[:, None], cols[None, :], N, zero) & keep[None, :]
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, kok,
-                              s_kn, s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
-    return acc, l_i, m_i
+    off_b = tl.load(diag + e, mask=(e >= 0) & (e < NDIAG), other=0) == 0
+    cols = kt * BLOCK_N + offs_n
+    kok = cols < N
+    keep = kok & (tl.load(mem + cols, mask=kok, other=0) == 0) & off_b
+    if FULL:
+        ok = tl.broadcast_to(keep[None, :], [BLOCK_M, BLOCK_N])
+    else:
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        ok = PRED(offs_m[:, None], cols[None, :], N, zero) & keep[None, :]
+    return _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, kok & off_b, s_kn,
+                 s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
