@@ -142,8 +142,8 @@ def main() -> None:
 
         return run
 
-    # the kernel's variants (Options.token_*; the defaults: 128 query rows per program, 8 warps, 2 stages,
-    # early K/V loads, diagonal bits); the two 64-row keys keep their first meaning
+    # the kernel's variants (Options.token_* and fold; the defaults: 128 query rows per program, 8 warps,
+    # 2 stages, early K/V loads, membership bits, the scale folded); the two 64-row keys keep their meaning
     variants = {
         "ours_8warps_ms": {"token_rows": 64, "token_warps": 8, "token_stages": 2},
         "ours_4warps_3stages_ms": {"token_rows": 64, "token_warps": 4, "token_stages": 3},
@@ -152,6 +152,7 @@ def main() -> None:
         "ours_rows128_1stage_ms": {"token_stages": 1},
         "ours_bytes_ms": {"token_bits": False},
         "ours_late_kv_ms": {"token_early_kv": False},
+        "ours_nofold_ms": {"fold": False},
         "ours_first_kernel_ms": {"token_rows": 64, "token_early_kv": False, "token_bits": False},
     }
     with torch.no_grad():

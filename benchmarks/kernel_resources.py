@@ -229,7 +229,7 @@ def token_kernel(spec, dtype: str, d: int, d_pad: int, cfg: str) -> None:
          "P_IDX": "*i32"}  # fmt: skip
     c = dict(PRED=sel.dispatch, BLOCK_M=rows, BLOCK_N=tokens.TILE, HEAD_DIM=d, D_PAD=d_pad,
              DOT_PREC="ieee" if dtype == "fp32" else "tf32", BWD=bool(bwd), EARLY_KV=bool(early),
-             BITS=bool(bits), INTERPRET=False)  # fmt: skip
+             BITS=bool(bits), FOLD=True, INTERPRET=False)  # fmt: skip
     print(f"tokens {cfg:20s} {resources(tokens._token_attn, dtype, c, warps, stages, t)}", flush=True)
 
 

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .common import _INTERPRET, _LOG2E, _d_pad, _heads, _torch_path
 from .evaluate import evaluate
-from .fwd_kernels import _stage_range
+from .fwd_kernels import _online_softmax, _stage_range
 from .options import current_options, restored
 from .selection import _ordered_keys, _spans, compressed_weights
 from .tables import block_tables
@@ -171,11 +171,12 @@ Walk = KernelWalk | tuple[torch.Tensor]  # a pattern's tables for the kernel or 
 @triton.jit  # type: ignore[untyped-decorator]
 def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, lok, s_kn, s_vn, s_dn,  # type: ignore[no-untyped-def]
           qk_scale, sm_scale, offs_d, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BWD: tl.constexpr,
-          EARLY_KV: tl.constexpr):
+          EARLY_KV: tl.constexpr, FOLD: tl.constexpr):
     """One tile of keys `cols` (gathered rows) for the program's queries, pairs `ok` only; `lok`: the
     columns that exist. Forward: the online softmax (acc, l_i, m_i in base 2). Backward: acc is dQ; dK and
     dV are added atomically. EARLY_KV loads K and V by `lok` alone, so the loads need not wait on the
-    pairs' reduction over the rows (a column no pair takes is read for nothing); else by that reduction."""
+    pairs' reduction over the rows (a column no pair takes is read for nothing); else by that reduction.
+    FOLD (forward, qk_scale > 0): the scale rides in the exponent's multiply-add (`_online_softmax`)."""
     dmask = offs_d[None, :] < HEAD_DIM
     rows = cols[:, None].to(tl.int64)
     if EARLY_KV:
@@ -184,9 +185,9 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
         lmask = (tl.max(ok.to(tl.int32), 0) > 0)[:, None] & dmask
     k = tl.load(k_base + rows * s_kn + offs_d[None, :], mask=lmask, other=0.0)
     v = tl.load(v_base + rows * s_vn + offs_d[None, :], mask=lmask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if BWD:
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None]) * sm_scale
@@ -198,12 +199,9 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
         tl.atomic_add(dv_base + ptr, dv, mask=kok)
         m_new = m_i
     else:
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if not FOLD:
+            s = s * qk_scale
+        p, alpha, l_i, m_new = _online_softmax(tl.where(ok, s, float("-inf")), m_i, l_i, qk_scale, FOLD, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -212,7 +210,7 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
 def _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, diag, F_IDX, P_IDX, t, top,  # type: ignore[no-untyped-def]
             NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr,
             FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr):
+            DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr, FOLD: tl.constexpr):
     """Pass A's key tile kt, entry t of P_0's FULL (FULL) or PARTIAL table: P_0 without the selected
     columns, none where a selected diagonal touches the tile (tile diagonal e = top - kt: pass B's). In a
     FULL tile P_0 holds on every pair, not evaluated. A tile pass B takes is computed here with no pair
@@ -233,14 +231,14 @@ def _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base,
         zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         ok = PRED(offs_m[:, None], cols[None, :], N, zero) & keep[None, :]
     return _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, kok & off_b, s_kn,
-                 s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
+                 s_vn, HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV, FOLD)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, bits, kt, b, offs_m, offs_n,  # type: ignore[no-untyped-def]
           offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BWD: tl.constexpr,
-          EARLY_KV: tl.constexpr, BITS: tl.constexpr):
+          EARLY_KV: tl.constexpr, BITS: tl.constexpr, FOLD: tl.constexpr):
     """Pass B's key tile kt (>= 0): every pair by its case v = [j in V] + 2 [i - j in S]. The program's
     first query tile lies b tile diagonals above kt. BITS: [j in V] from word kt of the column bits,
     [i - j in S] from the offset bits' words b - 1 ... b + BLOCK_M // 64 (64-bit work per row, 32-bit per
@@ -273,14 +271,14 @@ def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, m
         in_s = (tl.load(mem + N + off, mask=(off >= 0) & (off < N), other=0) != 0).to(tl.int32)
     ok = PRED(offs_m[:, None], cols[None, :], N, in_v[None, :] + 2 * in_s) & kok[None, :]
     return _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, kok, s_kn, s_vn,
-                 HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
+                 HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV, FOLD)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, col_list, c, c_hi, diag, top,  # type: ignore[no-untyped-def]
               NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale, sm_scale, PRED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-              BWD: tl.constexpr, EARLY_KV: tl.constexpr):
+              BWD: tl.constexpr, EARLY_KV: tl.constexpr, FOLD: tl.constexpr):
     """Pass C: the selected columns c .. c + BLOCK_N (below c_hi) whose tile pass B does not visit, by P_1."""
     idx = c + offs_n
     valid = idx < c_hi
@@ -290,7 +288,7 @@ def _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_bas
     one = tl.full([BLOCK_M, BLOCK_N], 1, dtype=tl.int32)
     ok = PRED(offs_m[:, None], cols[None, :], N, one) & (valid & ~on_b & (cols < N))[None, :]
     return _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, cols, ok, valid, s_kn, s_vn,
-                 HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
+                 HEAD_DIM, qk_scale, sm_scale, offs_d, HEAD_DIM, DOT_PREC, BWD, EARLY_KV, FOLD)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -298,7 +296,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
                 COLS, CRANGE, MEMBER, DIAG, DLIST, DCOUNT, MBITS, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh,
                 s_vn, N, H, HKV, NH, GROUP, NV, NDIAG, qk_scale, sm_scale, PRED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr, BITS: tl.constexpr,
+                DOT_PREC: tl.constexpr, BWD: tl.constexpr, EARLY_KV: tl.constexpr, BITS: tl.constexpr, FOLD: tl.constexpr,
                 INTERPRET: tl.constexpr):
     """Program (query rows BLOCK_M at a time, batch * head of this pattern): passes A, B, C of the module's
     docstring over `KernelWalk`'s tables (BLOCK_N = TILE, BLOCK_M a multiple of it; with BLOCK_M > TILE the
@@ -349,14 +347,14 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
                 acc, l_i, m_i = _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem,
                                         diag, F_IDX, P_IDX, t, top, NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn,
                                         qk_scale, sm_scale, PRED, stage == 0, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC,
-                                        BWD, EARLY_KV)
+                                        BWD, EARLY_KV, FOLD)
                 t += 1
         else:
             for t in range(lo, hi):
                 acc, l_i, m_i = _static(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem,
                                         diag, F_IDX, P_IDX, t, top, NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn,
                                         qk_scale, sm_scale, PRED, stage == 0, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC,
-                                        BWD, EARLY_KV)
+                                        BWD, EARLY_KV, FOLD)
     # B: the tiles a selected diagonal touches, every pair by its case
     nd = tl.load(DCOUNT + row_p)  # the tile diagonals e <= top: key tile top - e >= 0
     dl = DLIST + pid_bh.to(tl.int64) * NDIAG
@@ -367,7 +365,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
             acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, bits,
                                   kt, pid_m * (BLOCK_M // BLOCK_N) - kt, offs_m, offs_n, offs_d, N,
                                   s_kn, s_vn, qk_scale, sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD,
-                                  EARLY_KV, BITS)
+                                  EARLY_KV, BITS, FOLD)
             t += 1
     else:
         for t in range(0, nd):
@@ -375,7 +373,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
             acc, l_i, m_i = _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, mem, bits,
                                   kt, pid_m * (BLOCK_M // BLOCK_N) - kt, offs_m, offs_n, offs_d, N,
                                   s_kn, s_vn, qk_scale, sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD,
-                                  EARLY_KV, BITS)
+                                  EARLY_KV, BITS, FOLD)
     # C: the selected columns outside B's tiles, gathered
     c_lo = tl.load(CRANGE + row_p * 2)
     c_hi = tl.load(CRANGE + row_p * 2 + 1)
@@ -385,13 +383,13 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
         while c < c_hi:
             acc, l_i, m_i = _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, col_list,
                                       c, c_hi, diag, top, NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale,
-                                      sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
+                                      sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD, EARLY_KV, FOLD)
             c += BLOCK_N
     else:
         for c in range(c_lo, c_hi, BLOCK_N):
             acc, l_i, m_i = _gathered(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, col_list,
                                       c, c_hi, diag, top, NDIAG, offs_m, offs_n, offs_d, N, s_kn, s_vn, qk_scale,
-                                      sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD, EARLY_KV)
+                                      sm_scale, PRED, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_PREC, BWD, EARLY_KV, FOLD)
     if BWD:
         tl.store(DQ + o_ptr, acc.to(DQ.dtype.element_ty), mask=qmask)
     else:
@@ -480,7 +478,8 @@ def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: to
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         N, H, k.shape[1], nh, group, walk.cols.shape[1], walk.diag.shape[1], scale * _LOG2E, scale,
         PRED=sel.dispatch, BLOCK_M=bm, BLOCK_N=TILE, HEAD_DIM=D, D_PAD=_d_pad(D), DOT_PREC=prec,
-        BWD=grads is not None, EARLY_KV=opts.token_early_kv, BITS=opts.token_bits, INTERPRET=_INTERPRET,
+        BWD=grads is not None, EARLY_KV=opts.token_early_kv, BITS=opts.token_bits, FOLD=opts.fold and scale > 0,
+        INTERPRET=_INTERPRET,
         num_warps=8 if grads is not None else opts.token_warps or 4 * (bm // TILE),
         num_stages=1 if grads is not None or _INTERPRET else opts.token_stages,
     )  # sm_90, D = 128 (benchmarks/kernel_resources.py): the backward spills least at 8 warps, 1 stage

@@ -94,7 +94,7 @@ def test_gradients() -> None:
         assert (got.double() - ref).abs().max().item() < 5e-3 * max(1.0, ref.abs().max().item())
 
 
-# the kernel's variants (Options.token_*), as benchmarks/bench_minference.py times them
+# the kernel's variants (Options.token_* and fold), as benchmarks/bench_minference.py times them
 VARIANTS = {
     "default": {},
     "rows64": {"token_rows": 64},
@@ -103,6 +103,7 @@ VARIANTS = {
     "rows128_1stage": {"token_stages": 1},
     "bytes": {"token_bits": False},
     "late_kv": {"token_early_kv": False},
+    "nofold": {"fold": False},
     "first_kernel": {"token_rows": 64, "token_early_kv": False, "token_bits": False},
 }
 
