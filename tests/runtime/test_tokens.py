@@ -273,7 +273,7 @@ def test_kernel_variants_over_picks(name: str, variant: str, picks: tuple[int, l
     _check_picks(name, n, cols, offs, variant, grad=n % 3 == 0)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(picks=S.token_picks(max_n=400, heads=3))
 def test_member_bits_are_the_membership(picks: tuple[int, list[list[int]], list[list[int]]]) -> None:
     """Bit b of word w of a row's column (offset) bits is set exactly where key (offset) 64 w + b is picked."""
