@@ -72,7 +72,7 @@ class Options:
     select_merge_last: bool = False
     token_warps: int = 0
     token_stages: int = 2
-    token_rows: int = 128
+    token_rows: int = 64
     token_early_kv: bool = True
     token_bits: bool = True
     async_checks: bool = False

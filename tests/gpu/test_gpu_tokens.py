@@ -97,14 +97,15 @@ def test_gradients() -> None:
 # the kernel's variants (Options.token_* and fold), as benchmarks/bench_minference.py times them
 VARIANTS = {
     "default": {},
-    "rows64": {"token_rows": 64},
-    "rows64_8warps": {"token_rows": 64, "token_warps": 8},
-    "rows128_3stages": {"token_stages": 3},
-    "rows128_1stage": {"token_stages": 1},
+    "8warps": {"token_warps": 8},
+    "3stages": {"token_stages": 3},
+    "1stage": {"token_stages": 1},
+    "rows128": {"token_rows": 128},
+    "rows128_3stages": {"token_rows": 128, "token_stages": 3},
     "bytes": {"token_bits": False},
     "late_kv": {"token_early_kv": False},
     "nofold": {"fold": False},
-    "first_kernel": {"token_rows": 64, "token_early_kv": False, "token_bits": False},
+    "first_kernel": {"token_early_kv": False, "token_bits": False},
 }
 
 
@@ -125,7 +126,7 @@ def test_variants_forward(variant: str) -> None:
     assert (out.double() - want).abs().max().item() < 2e-2
 
 
-@pytest.mark.parametrize("variant", ["default", "bytes", "late_kv", "first_kernel"])
+@pytest.mark.parametrize("variant", ["default", "rows128", "bytes", "late_kv", "first_kernel"])
 def test_variants_gradients(variant: str) -> None:
     """The backward (64 query rows per program whatever the forward's) after each variant's forward."""
     n = 1000

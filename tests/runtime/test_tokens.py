@@ -186,12 +186,12 @@ def test_heads_mix_token_and_block_selectors(dtype: str) -> None:
 
 # --- the kernel's variants over arbitrary picks --------------------------------------------------------------
 
-# the options the kernel's variants take (`Options.token_*`); the defaults are "rows128"
+# the options the kernel's variants take (`Options.token_*`); the defaults are "rows64"
 VARIANTS = {
-    "rows128": {},
-    "rows64": {"token_rows": 64},
+    "rows64": {},
+    "rows128": {"token_rows": 128},
     "bytes": {"token_bits": False},
-    "late_kv": {"token_rows": 64, "token_early_kv": False, "token_bits": False},
+    "late_kv": {"token_rows": 128, "token_early_kv": False, "token_bits": False},
 }
 # a source and its mask given the picked columns V and offsets S, [i in V] and [i - j in S] per pair,
 # read from the language's definition: allowed(i, j) = P_v(i, j), v = [j in V] + 2 [i - j in S]
@@ -253,7 +253,7 @@ def _check_picks(name: str, n: int, cols: list[list[int]], offs: list[list[int]]
             assert (g.double() - r).abs().max().item() < 1e-4 * max(1.0, r.abs().max().item())
 
 
-@pytest.mark.parametrize("variant", ["rows64", "bytes"])
+@pytest.mark.parametrize("variant", ["rows128", "bytes"])
 def test_kernel_variants_fixed_picks(variant: str) -> None:
     """Two query tiles, a diagonal on each side of a tile diagonal's edge, a column in either tile: the
     variants other than the default (which the tests above run) forward and backward."""
