@@ -8,11 +8,12 @@ timed) and dense causal SDPA.
 B=1, H=32 query heads over 8 KV heads (GQA), D=128, bf16, N = 131072 (BENCH_N). Inputs (`inputs`): local
 attention with far lines and spread heavy columns, as a language model's vertical-slash heads have them
 (uniform random q, k spread the kept diagonals over every tile and make any sparse kernel dense); the
-JSON records how sparse the selection came out. Rounds interleave the methods; each figure is the median over rounds of
-`triton.testing.do_bench` medians. Ours is timed whole (scoring, selection, tables, kernel); Flex as the
-same selection (timed separately, it is ours) + its mask build + its kernel. Writes JSON to argv[1]
-(default benchmarks/results/minference.json) after every round; BENCH_DEADLINE (seconds, default 420)
-skips what would start after it.
+JSON records how sparse the selection came out. The kernel's variants run beside it as `ours_<variant>_ms`
+(their options in `variant_options`, their error against Flex in `variant_rel_err_vs_flex`). Rounds
+interleave the methods; each figure is the median over rounds of `triton.testing.do_bench` medians. Ours
+is timed whole (scoring, selection, tables, kernel); Flex as the same selection (timed separately, it is
+ours) + its mask build + its kernel. Writes JSON to argv[1] (default benchmarks/results/minference.json)
+after every round; BENCH_DEADLINE (seconds, default 420) skips what would start after it.
 Run: python benchmarks/bench_minference.py OUT.json
 """
 
@@ -134,17 +135,32 @@ def main() -> None:
     sparsity = selection_figures(cols, offs)
     density = float(bm.kv_num_blocks.sum()) / (H * (N // FLEX_BLOCK) * (N // FLEX_BLOCK + 1) / 2)
     timings: dict[str, list[float]] = {}
-    def ours(warps: int, stages: int) -> Any:
+    def ours(**opts: Any) -> Any:
         def run() -> Any:
-            with attn.options(token_warps=warps, token_stages=stages):
+            with attn.options(**opts):
                 return attn.attention(q, k, v)
 
         return run
 
+    # the kernel's variants (Options.token_* and fold; the defaults: 64 query rows per program, 4 warps,
+    # 2 stages, early K/V loads, membership bits, the scale folded)
+    variants = {
+        "ours_8warps_ms": {"token_warps": 8, "token_stages": 2},
+        "ours_4warps_3stages_ms": {"token_warps": 4, "token_stages": 3},
+        "ours_1stage_ms": {"token_stages": 1},
+        "ours_rows128_ms": {"token_rows": 128},
+        "ours_rows128_3stages_ms": {"token_rows": 128, "token_stages": 3},
+        "ours_bytes_ms": {"token_bits": False},
+        "ours_late_kv_ms": {"token_early_kv": False},
+        "ours_nofold_ms": {"fold": False},
+        "ours_first_kernel_ms": {"token_early_kv": False, "token_bits": False},
+    }
+    with torch.no_grad():
+        variant_err = {name: ((ours(**o)().float() - fo.float()).norm() / fo.float().norm()).item()
+                       for name, o in variants.items()}
     methods = {
         "ours_ms": lambda: attn.attention(q, k, v),
-        "ours_8warps_ms": ours(8, 2),
-        "ours_4warps_3stages_ms": ours(4, 3),
+        **{name: ours(**o) for name, o in variants.items()},
         "selection_ms": lambda: attn.selected_tokens(q, k),
         "flex_mask_build_ms": lambda: flex_block_mask(cols, offs),
         "flex_kernel_ms": lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),
@@ -176,6 +192,8 @@ def main() -> None:
             "flex_block": FLEX_BLOCK,
             "flex_block_density_of_causal": density,
             "rel_err_vs_flex": err,
+            "variant_rel_err_vs_flex": variant_err,
+            "variant_options": variants,
             "rounds": {name: ts for name, ts in timings.items()},
             **medians,
             **({"skipped": result["skipped"]} if "skipped" in result else {}),

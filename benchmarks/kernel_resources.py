@@ -16,12 +16,14 @@ tensors specialises them: without that mark the loads are not vectorised (16-bit
 instead of 128-bit asynchronous copies), and the registers and spills differ from what the GPU runs (this
 tool's earliest figures lacked the mark). A fifth field of --fwd / --fast caps registers per thread
 (maxnreg). `blocks/SM` is what registers, shared memory and threads allow on an H100. `wgmma serialized`: ptxas
-found too few registers to keep several warpgroup MMAs in flight (its C7512 note) and waits on each one.
+found too few registers to keep several warpgroup MMAs in flight (its C7512 note), or other instructions
+writing an accumulator while its MMA runs (C7515), and waits on each one.
 `--sel` builds a dynamic pattern's selection kernels (block means, fused top-k with both forms of the
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
 `--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch;
 PAGED 1: pages holding whole tiles, 2: smaller pages, gathered per key).
+`--tokens ROWS,WARPS,STAGES,EARLY_KV,BITS,BWD` builds the vertical/slash kernel (`runtime/tokens.py`).
 `--spans` builds --fwd and --bwd reading their tiles from segment tables (`runtime/positions.py`'s `Spans`).
 `--bwd-split` builds --bwd's dK/dV kernel with its heavy rows split into pieces (SPLIT: a float32 workspace)
 and the kernel merging them (`_attn_bwd_dkdv_merge`).
@@ -46,7 +48,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import patterndsl as P  # noqa: E402
-from patterndsl.runtime import bwd_kernels, decode_kernels, decode_selection, fwd_kernels, selection, varlen  # noqa: E402
+from patterndsl.runtime import bwd_kernels, decode_kernels, decode_selection, fwd_kernels, selection, tokens, varlen  # noqa: E402
 from patterndsl.runtime.backward import _bwd_config  # noqa: E402
 from patterndsl.runtime.options import Options  # noqa: E402
 
@@ -110,7 +112,9 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     mma = "wgmma" if "wgmma" in built.asm["ptx"] else "mma.sync"  # Hopper's warpgroup MMA, or the Ampere one
-    if "C7512" in log:  # too few registers for wgmma's pipeline: ptxas waits on each wgmma before the next
+    # too few registers for wgmma's pipeline (C7512), or other instructions writing a wgmma's accumulator
+    # while it runs (C7515, e.g. an accumulator through a branch): ptxas waits on each wgmma before the next
+    if "C7512" in log or "C7515" in log:
         mma += " serialized"
     n_regs = int(regs.group(1)) if regs else 255
     blocks = min(227 * 1024 // max(built.metadata.shared, 1), 65536 // (n_regs * 32 * warps), 64 // warps)
@@ -221,6 +225,22 @@ def tables() -> None:
         print(f"{name:24s} {resources(getattr(varlen, name), 'i32', c, warps, 1, t)}", flush=True)
 
 
+def token_kernel(spec, dtype: str, d: int, d_pad: int, cfg: str) -> None:
+    """`runtime/tokens.py`'s `_token_attn` of the pattern's first head pattern (vertical/slash), as `_launch`
+    gives it its tables; cfg: ROWS,WARPS,STAGES,EARLY_KV,BITS,BWD (0/1 switches)."""
+    rows, warps, stages, early, bits, bwd = (int(x) for x in cfg.split(","))
+    sel = spec.token_selection(0)
+    small = {"COLS", "CRANGE", "DLIST", "DCOUNT"}
+    t = {**{x: "*i8" for x in ("MEMBER", "DIAG")}, **{x: "*i32" for x in small}, "MBITS": "*i64",
+         **{x: "*fp32" for x in ("DK", "DV")}, **{x: "i32" for x in ("HKV", "NV", "NDIAG")},
+         **{x: "fp32" for x in ("qk_scale", "sm_scale")}, "F_OFF": "*i32", "F_IDX": "*i32", "P_OFF": "*i32",
+         "P_IDX": "*i32"}  # fmt: skip
+    c = dict(PRED=sel.dispatch, BLOCK_M=rows, BLOCK_N=tokens.TILE, HEAD_DIM=d, D_PAD=d_pad,
+             DOT_PREC="ieee" if dtype == "fp32" else "tf32", BWD=bool(bwd), EARLY_KV=bool(early),
+             BITS=bool(bits), FOLD=True, INTERPRET=False)  # fmt: skip
+    print(f"tokens {cfg:20s} {resources(tokens._token_attn, dtype, c, warps, stages, t)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default="causal & window(1023)")
@@ -238,6 +258,8 @@ def main() -> None:
     ap.add_argument("--decode", action="append", default=[],
                     help="G,NQ,BLOCK,paged: the decode kernel (split, merging) for G query heads per KV head, NQ "
                          "queries, key blocks of BLOCK, a paged cache (1) or not (0)")
+    ap.add_argument("--tokens", action="append", default=[],
+                    help="ROWS,WARPS,STAGES,EARLY_KV,BITS,BWD: the vertical/slash kernel (options token_*)")
     ap.add_argument("--sel", action="store_true", help="the selection kernels of a dynamic pattern (topk)")
     ap.add_argument("--tables", action="store_true", help="the packed-document table kernels (cu_seqlens)")
     ap.add_argument("--topk-rows", type=int, help="query blocks per top-k program (the topk_rows option)")
@@ -281,11 +303,13 @@ def main() -> None:
         print(f"fast {name:20s} {fast}", flush=True)
     for cfg in a.decode:
         decode(spec, a.dtype, a.d, d_pad, *(int(x) for x in cfg.split(",")))
+    for cfg in a.tokens:
+        token_kernel(spec, a.dtype, a.d, d_pad, cfg)
     if a.sel:
         selection_kernels(spec, opts, a.dtype, a.d, d_pad)
     if a.tables:
         tables()
-    asked = a.fwd or a.fast or a.sel or a.tables or a.decode  # the backward's default tiles when nothing else is asked
+    asked = a.fwd or a.fast or a.sel or a.tables or a.decode or a.tokens  # the backward's default tiles when nothing else is asked
     for cfg in a.bwd or ([] if asked else [",".join(map(str, _bwd_config(spec, d_pad)))]):
         c = [int(x) for x in cfg.split(",")]
         bm1, bn1, bm2, bn2, w1, s1, w2, s2 = c if len(c) == 8 else (*c, *c[4:])

@@ -4,7 +4,7 @@ lengths.
 `expressions` draws static set expressions valid at every N in 1..MAX_N (the language, block-table, kernel
 and varlen tests draw from it); `neighborhoods` and `layout_wheres` draw programs over a grid layout;
 `analysis_patterns` draws the nested patterns the analyser's exact counts are held to; `document_splits`
-draws the lengths of packed documents.
+draws the lengths of packed documents; `token_picks` draws a token-selector pattern's columns and offsets.
 """
 
 from __future__ import annotations
@@ -277,3 +277,17 @@ def decode_steps(draw: st.DrawFn, patterns: list[str], longest: int, pages: list
                 lengths=draw(st.lists(st.integers(nq, longest), min_size=1, max_size=3 if longest < 48 else 2)),
                 hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3])),
                 page=draw(st.sampled_from(pages)), seed=draw(st.integers(0, 2**16)))
+
+
+@st.composite
+def token_picks(draw: st.DrawFn, max_n: int = 200, heads: int = 2) -> tuple[int, list[list[int]], list[list[int]]]:
+    """(n, columns, offsets): per head an ascending set of key columns and one of diagonal offsets in
+    [0, n), as many per head (a token-selector pattern's picks, here arbitrary rather than scored)."""
+    n = draw(st.integers(1, max_n))
+
+    def sets() -> list[list[int]]:
+        count = draw(st.integers(0, min(n, 12)))
+        one = st.lists(st.integers(0, n - 1), min_size=count, max_size=count, unique=True).map(sorted)
+        return [draw(one) for _ in range(heads)]
+
+    return n, sets(), sets()

@@ -42,7 +42,12 @@ class Options:
     decode_tma: a contiguous cache's tiles through TMA (1) or pointer loads (0); -1: the tuner's pick.
     select_merge_last: a decode step's top-n merges in the selection kernel's last program (one launch less,
     the merge's registers in every program) instead of a launch of its own.
-    token_warps, token_stages: the vertical/slash forward kernel's warps and pipeline stages.
+    token_warps, token_stages: the vertical/slash forward kernel's warps (0: 4 per 64 query rows) and
+    pipeline stages.
+    token_rows: the vertical/slash kernel's query rows per program (64 or 128: two 64-row tiles sharing the
+    key tiles either visits). token_early_kv: it loads K and V tiles without waiting on the pairs' mask.
+    token_bits: it reads a tile's kept columns and diagonals from bit-packed words, not bytes per key and
+    per pair.
     async_checks: checks that need the device's values (a run-time permutation maps each segment onto
     itself) become device-side assertions: no host synchronisation, so a call can be captured in a CUDA
     graph; a violation then fails at the next synchronisation, naming the check, instead of at the call."""
@@ -73,8 +78,11 @@ class Options:
     decode_stages: int = 0
     decode_tma: int = -1
     select_merge_last: bool = False
-    token_warps: int = 4
+    token_warps: int = 0
     token_stages: int = 2
+    token_rows: int = 64
+    token_early_kv: bool = True
+    token_bits: bool = True
     async_checks: bool = False
 
 

@@ -92,3 +92,51 @@ def test_gradients() -> None:
     want = torch.autograd.grad(_reference(qd, kd, vd, _mask(cols, offs, n)), (qd, kd, vd), do.double())
     for got, ref in zip(grads, want, strict=True):
         assert (got.double() - ref).abs().max().item() < 5e-3 * max(1.0, ref.abs().max().item())
+
+
+# the kernel's variants (Options.token_* and fold), as benchmarks/bench_minference.py times them
+VARIANTS = {
+    "default": {},
+    "8warps": {"token_warps": 8},
+    "3stages": {"token_stages": 3},
+    "1stage": {"token_stages": 1},
+    "rows128": {"token_rows": 128},
+    "rows128_3stages": {"token_rows": 128, "token_stages": 3},
+    "bytes": {"token_bits": False},
+    "late_kv": {"token_early_kv": False},
+    "nofold": {"fold": False},
+    "first_kernel": {"token_early_kv": False, "token_bits": False},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_forward(variant: str) -> None:
+    """Every variant at N = 4096 (bf16, 64 tiles) against the float64 reference over the mask of the call's
+    picks, into NaN-filled buffers."""
+    n = 4096
+    q, k, v = _inputs(n, torch.bfloat16)
+    attn = P.compile(f"pattern p = {SRC}\n")
+    cols, offs = attn.selected_tokens(q, k)[0]
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    with torch.no_grad(), attn.options(**VARIANTS[variant]):
+        attn.attention_lse(q, k, v, out=out, lse=lse)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    want = _reference(q, k, v, _mask(cols, offs, n))
+    assert (out.double() - want).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("variant", ["default", "rows128", "bytes", "late_kv", "first_kernel"])
+def test_variants_gradients(variant: str) -> None:
+    """The backward (64 query rows per program whatever the forward's) after each variant's forward."""
+    n = 1000
+    q, k, v = (t.requires_grad_() for t in _inputs(n, torch.float32))
+    attn = P.compile(f"pattern p = {SRC}\n")
+    cols, offs = attn.selected_tokens(q.detach(), k.detach())[0]
+    do = torch.randn_like(q)
+    with attn.options(**VARIANTS[variant]):
+        grads = torch.autograd.grad(attn(q, k, v), (q, k, v), do)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(_reference(qd, kd, vd, _mask(cols, offs, n)), (qd, kd, vd), do.double())
+    for got, ref in zip(grads, want, strict=True):
+        assert (got.double() - ref).abs().max().item() < 5e-3 * max(1.0, ref.abs().max().item())

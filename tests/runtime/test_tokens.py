@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 import reference as R
+import strategies as S
 from helpers import LIBRARY, attention_reference, poisoned, reference_grads
+from hypothesis import given, settings
 
 import patterndsl as P
 from patterndsl.runtime import tokens
@@ -130,6 +132,9 @@ def test_unsupported_calls_say_so() -> None:
     attn = P.compile(f"pattern p = {CASES['minference']}\n")
     with pytest.raises(ValueError, match="vertical/slash"):
         attn.block_mask(64)
+    q, k, v = _inputs(16, torch.float32)
+    with attn.options(token_rows=96), pytest.raises(ValueError, match="token_rows must be 64 or 128, got 96"):
+        attn(q, k, v)
 
 
 @pytest.mark.slow  # the interpreter over 4 tiles x 2 heads: about 2 s
@@ -177,3 +182,105 @@ def test_heads_mix_token_and_block_selectors(dtype: str) -> None:
     assert (out.detach().double() - want[0]).abs().max().item() < tol
     for got, ref in zip(grads, want[2:], strict=True):
         assert (got.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+
+
+# --- the kernel's variants over arbitrary picks --------------------------------------------------------------
+
+# the options the kernel's variants take (`Options.token_*`); the defaults are "rows64"
+VARIANTS = {
+    "rows64": {},
+    "rows128": {"token_rows": 128},
+    "bytes": {"token_bits": False},
+    "late_kv": {"token_rows": 128, "token_early_kv": False, "token_bits": False},
+}
+# a source and its mask given the picked columns V and offsets S, [i in V] and [i - j in S] per pair,
+# read from the language's definition: allowed(i, j) = P_v(i, j), v = [j in V] + 2 [i - j in S]
+PICKED = {
+    "minference": ("causal & (vertical(6, last=8) | slash(5, last=8) | window(3) | sink(2))",
+                   lambda i, j, v, s: (j <= i) & (v | s | (i - j <= 3) | (j < 2))),
+    "both_cases": ("(causal & vertical(3, last=4)) | (window(20) & slash(4, last=4))",
+                   lambda i, j, v, s: ((j <= i) & v) | ((abs(i - j) <= 20) & s)),
+}
+
+
+def _picked_mask(name: str, n: int, cols: list[list[int]], offs: list[list[int]]) -> np.ndarray:
+    """[heads, n, n] by brute force over (i, j)."""
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    out = []
+    for c, o in zip(cols, offs, strict=True):
+        v = np.isin(j, c)
+        s = (i - j >= 0) & np.isin(i - j, o)
+        out.append(PICKED[name][1](i, j, v, s))
+    return np.stack(out)
+
+
+def _run_picks(name: str, n: int, cols: list[list[int]], offs: list[list[int]], variant: str,
+               grad: bool) -> tuple[Any, ...]:
+    """The kernel over the given picks (float32, the interpreter): (out, lse) and with `grad` (dq, dk, dv)
+    of a random dO, all into NaN-filled buffers (dk, dv: zeros, the kernel adds to them)."""
+    from patterndsl.runtime.options import options
+
+    attn = P.compile(f"pattern p = {PICKED[name][0]}\n")
+    q, k, v = _inputs(n, torch.float32, seed=n, h=2, hkv=1)
+    heads = torch.arange(2)
+    picks = tuple(torch.tensor(x, dtype=torch.int64).view(1, 2, -1) for x in (cols, offs))
+    scale = q.shape[-1] ** -0.5
+    out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:3], float("nan"))
+    with options(**VARIANTS[variant]):
+        walk = tokens.token_walk(attn.spec, 0, q, picks)
+        tokens.token_forward(attn.spec, 0, q, k, v, heads, walk, scale, 2, out, lse)
+        if not grad:
+            return out, lse
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+        dq = torch.full_like(q, float("nan"))
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        tokens.token_backward(attn.spec, 0, do, q, k, v, out, lse, heads, walk, scale, 2, dq, dk, dv)
+    return out, lse, dq, dk, dv, do
+
+
+def _check_picks(name: str, n: int, cols: list[list[int]], offs: list[list[int]], variant: str,
+                 grad: bool) -> None:
+    got = _run_picks(name, n, cols, offs, variant, grad)
+    q, k, v = _inputs(n, torch.float64, seed=n, h=2, hkv=1)
+    mask = _picked_mask(name, n, cols, offs)
+    want, want_lse = attention_reference(q, k, v, mask, q.shape[-1] ** -0.5)
+    assert not torch.isnan(got[0]).any() and not torch.isnan(got[1]).any()
+    assert (got[0].double() - want).abs().max().item() < 2e-5
+    assert torch.equal(torch.isfinite(got[1]), torch.isfinite(want_lse))
+    if grad:
+        ref = reference_grads(q.float(), k.float(), v.float(), mask, q.shape[-1] ** -0.5, got[5])
+        for g, r in zip(got[2:5], ref[2:], strict=True):
+            assert (g.double() - r).abs().max().item() < 1e-4 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", ["rows128", "bytes"])
+def test_kernel_variants_fixed_picks(variant: str) -> None:
+    """Two query tiles, a diagonal on each side of a tile diagonal's edge, a column in either tile: the
+    variants other than the default (which the tests above run) forward and backward."""
+    _check_picks("minference", 100, [[5, 40, 70, 99], [0, 63, 64, 80]], [[1, 63, 64, 90], [10, 20, 65, 99]],
+                 variant, grad=True)
+
+
+@pytest.mark.slow  # the interpreter, 4 variants x 6 examples x 2 sources: about 20 s
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(PICKED))
+@settings(max_examples=6, deadline=None)
+@given(picks=S.token_picks())
+def test_kernel_variants_over_picks(name: str, variant: str, picks: tuple[int, list[list[int]], list[list[int]]]) -> None:
+    """Every variant of the kernel over arbitrary columns and offsets, against the mask they mean; the
+    backward on a third of the draws."""
+    n, cols, offs = picks
+    _check_picks(name, n, cols, offs, variant, grad=n % 3 == 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(picks=S.token_picks(max_n=400, heads=3))
+def test_member_bits_are_the_membership(picks: tuple[int, list[list[int]], list[list[int]]]) -> None:
+    """Bit b of word w of a row's column (offset) bits is set exactly where key (offset) 64 w + b is picked."""
+    n, cols, offs = picks
+    bits = tokens.member_bits(*(torch.tensor(x, dtype=torch.int64).view(3, -1) for x in (cols, offs)), n)
+    assert bits.shape == (3, 2, -(-n // 64))
+    d = torch.arange(bits.shape[2] * 64)
+    got = (bits[:, :, d // 64] >> (d % 64)) & 1
+    want = torch.tensor([[[x in p for x in range(bits.shape[2] * 64)] for p in pair] for pair in zip(cols, offs, strict=True)])
+    assert torch.equal(got.bool(), want)
