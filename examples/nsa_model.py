@@ -42,7 +42,7 @@ class NSAAttention(nn.Module):
         o_slc = self.selected.attention(q, k, v)
         o_win = self.window.attention(q, k, v)
         g = torch.sigmoid(self.gate(x)).view(B, N, 3, self.heads).permute(2, 0, 3, 1)[..., None]
-        o = g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
+        o = torch.addcmul(torch.addcmul(g[0] * o_cmp, g[1], o_slc), g[2], o_win)  # three kernels, not five
         return self.out(o.transpose(1, 2).reshape(B, N, -1))
 
 
