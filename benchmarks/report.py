@@ -206,7 +206,7 @@ def decode_section(d: dict[str, Any]) -> list[str]:
               "ours GB/s"]  # fmt: skip
     out = _section(TITLES["decode"], context, header, rows)
     sel = [[r["pattern"], str(r["N"]), str(r["B"]), _ms(r["ms"]["topk_window"]), _ms(r["ms"]["topk_window_given_selection"]),
-            f"{r['selection_share']:.0%}", _ms(r["ms"]["dense_causal"]), f"{r['speedup_vs_dense_causal']:.2f}x",
+            f"{r['selection_share']:.1%}", _ms(r["ms"]["dense_causal"]), f"{r['speedup_vs_dense_causal']:.2f}x",
             _ms(r["ms"]["sdpa_whole_cache"])] for r in d.get("selectors", [])]  # fmt: skip
     header = ["pattern", "context", "B", "ours ms", "selection given ms", "selection share", "dense causal ms",
               "vs dense", "SDPA ms"]  # fmt: skip
@@ -320,7 +320,7 @@ def decode_quick_section(d: dict[str, Any]) -> list[str]:
     header = ["pattern", "context", "B", "eager ms", "graph ms", "host ms per call", "paged graph ms"]
     out = _section(TITLES["decode_quick"], context, header, rows)
     sel = [[str(r["B"]), _ms(r["ms"]["topk_window"]), _ms(r["ms"]["topk_window_given_selection"]),
-            f"{r['selection_share']:.0%}", _ms(r["ms"]["dense_causal"]), f"{r['speedup_vs_dense_causal']:.1f}x",
+            f"{r['selection_share']:.1%}", _ms(r["ms"]["dense_causal"]), f"{r['speedup_vs_dense_causal']:.1f}x",
             _ms(r["ms"]["sdpa_whole_cache"])] for r in d.get("selectors", [])]  # fmt: skip
     if sel:
         out += ["The selector step (graph-replayed), its selection's share, against dense causal decode and SDPA over "
