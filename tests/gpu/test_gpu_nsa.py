@@ -84,7 +84,8 @@ def test_compressed_scores_pick_as_the_float64_path(share: bool) -> None:
 # the scoring kernels' tiles other than the defaults: (query rows, key blocks, warps, stages)
 OTHER_TILES = [dict(compressed_lse_tiles=(256, 64, 8, 2), compressed_sum_tiles=(64, 256, 8, 2)),
                dict(compressed_lse_tiles=(128, 64, 8, 2), compressed_sum_tiles=(128, 256, 16, 2)),
-               dict(compressed_lse_tiles=(256, 128, 16, 2), compressed_sum_tiles=(64, 64, 4, 3))]  # fmt: skip
+               dict(compressed_lse_tiles=(256, 128, 16, 2), compressed_sum_tiles=(64, 64, 4, 3)),
+               dict(compressed_lse_tiles=(128, 64, 8, 2), compressed_sum_tiles=(64, 128, 4, 2))]  # fmt: skip
 
 
 @pytest.mark.parametrize("share", [True, False])
