@@ -260,10 +260,6 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         same = torch.equal(steps["topk_window"](), steps["topk_window_given_selection"]())
         launches = {k: kernels_of(f) for k, f in steps.items()}  # (the three steps above)
 
-        def merge_last() -> Any:  # the top-n's merge in its last program: one launch less
-            with attn.options(select_merge_last=True):
-                return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ)
-        steps["topk_window_merge_last"] = merge_last
         summ32 = KeySummaries.build(kc, seqlens, block, dtype=torch.float32)  # (the default: the cache's dtype)
         steps["topk_window_float32_summaries"] = lambda: attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn,
                                                                      summaries=summ32)
@@ -278,7 +274,6 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         times = {k: median(v) for k, v in interleaved(fns, med, rounds=5).items()}
         step, given = times["topk_window"], times["topk_window_given_selection"]
         row = {"pattern": SEL_SRC, "N": n, "B": B, "Nq": 1, "ms": times, "graph": not SMOKE,
-               "selection_merge_last_ms": times["topk_window_merge_last"] - given,
                "selection_float32_summaries_ms": times["topk_window_float32_summaries"] - given,
                "summaries_dtype": str(summ.mean.dtype),
                "selection_ms": step - given, "selection_share": (step - given) / step,

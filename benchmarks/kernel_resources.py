@@ -149,7 +149,7 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
         qb_pad, np2 = triton.next_power_of_2(qb), triton.next_power_of_2(int(rule.param))
         r = max(16, triton.next_power_of_2(g * qb_pad))
         t = {"SEQ": "*i32", "HEADS": "*i32", "RUN_OFF": "*i32", "RUNS": "*i32", "WS": "*i64", "KM": "*fp32",
-             "SC": "*i32", "SEL": "*i32", "LOCK": "*i32", "PICK": "*i8", "SLIST": "*i32", "SCOUNT": "*i32", "SL": "i32",
+             "SC": "*i32", "SEL": "*i32", "PICK": "*i8", "SLIST": "*i32", "SCOUNT": "*i32", "SL": "i32",
              **{x: "i32" for x in ("NQ", "NNEW", "CAP", "NK", "PACKS", "HKV", "GROUP", "H", "SPLITS")}}
         bk, rm = max(np2, 32 if d_pad <= 128 else 16), triton.next_power_of_2(g * qb_pad)
         bs, splits = decode_selection._split_blocks(2048, bk, rm)  # a 128k cache of blocks of 64
@@ -157,13 +157,13 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
                  G=g, R=r, RM=rm, NP=np2, BK=bk, BS=bs, D=d_pad, CH=min(64, rule.kblock & -rule.kblock),
                  DOT_PREC=prec, IDX64=spec.idx64, N_SEL=int(rule.param), SP=triton.next_power_of_2(splits),
                  E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
-        alone = resources(decode_kernels._decode_topk, dtype, {**c, "MERGE": False}, 4, 1,
-                          {k: v for k, v in t.items() if k not in ("PICK", "SLIST", "SCOUNT", "SL")})
-        merged = resources(decode_kernels._decode_topk, dtype, {**c, "MERGE": True}, 4, 1, t)
-        m = {k: c[k] for k in ("N_SEL", "QB", "QB_PAD", "G", "RM", "NP", "SP", "E_PAD")}
+        m = {k: c.pop(k) for k in ("N_SEL", "SP", "E_PAD")}
+        alone = resources(decode_kernels._decode_topk, dtype, c, 4, 1,
+                          {k: v for k, v in t.items() if k not in ("PICK", "SLIST", "SCOUNT", "SL", "SEL", "H")})
+        m |= {k: c[k] for k in ("QB", "QB_PAD", "G", "RM", "NP")}
         merge = resources(decode_kernels._decode_topk_merge, dtype, m, 4, 1, t)
-        # the merge builds the decode kernel's tables (one selector), in a launch of its own or the last split
-        print(f"decode selection: topk {alone} | merge {merge} | topk merging last {merged}", flush=True)
+        # the merge builds the decode kernel's tables (one selector), in a launch of its own
+        print(f"decode selection: topk {alone} | merge {merge}", flush=True)
     t = {"SEQ": "*i32", "PT": "*i32", **{x: "i32" for x in ("T", "CAP", "PAGE", "HKV")}}
     c = dict(CH=16 if nq > 1 else 1, DK=d, DK_PAD=d_pad, DV=d, DV_PAD=d_pad, PAGED=bool(paged))
     print(f"decode append: {resources(decode_kernels._append_kv, dtype, c, 4, 1, t)}", flush=True)

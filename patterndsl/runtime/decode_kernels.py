@@ -397,13 +397,12 @@ def _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k0, PRED: tl.constex
     return hit
 
 
-@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK", "SPLITS", "SL"])
-def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, LOCK, SEL, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS,
-                 HKV, GROUP, H, SPLITS, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr,
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "NK", "SPLITS"])
+def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ, NNEW, CAP, NK, PACKS,
+                 HKV, GROUP, SPLITS, PRED: tl.constexpr, SEL_B: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr,
                  QB_PAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr,
                  BK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr,
-                 IDX64: tl.constexpr, N_SEL: tl.constexpr, SP: tl.constexpr, MERGE: tl.constexpr, PICK=None,
-                 SLIST=None, SCOUNT=None, SL=1, E_PAD: tl.constexpr = 1):
+                 IDX64: tl.constexpr):
     """A decode step's topk by the mean rule, first stage: program (split, batch entry and head pack) scores
     the BS key blocks of its split for the pack's rows (its G query heads, each of the QB query blocks of
     the step: RM rows, padded to R >= 16 for the dot; they share every summary load: one KV head's) and
@@ -412,9 +411,9 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, LOCK, SEL, s_qb, s_qh
     mean of the row's step rows in its query block (float32), the score q-bar . mean(k) over the summaries'
     means KM [B, HKV, NK, D] (float32 or 16-bit, widened to float32). The scores go through the program's scratch rows of SC (int32, the score's
     order-preserving bits) so that one selection (`_top_rows`) sees all BS at once: a bitonic top-k per
-    tile of keys cost more than the whole split's scoring. MERGE: the last split of the pack to finish (its
-    arrival counted on LOCK) keeps the best NP of the splits (`_merge_topk`), one launch per selection;
-    else `_decode_topk_merge` does, launched after (the merge's registers then stay out of this kernel)."""
+    tile of keys cost more than the whole split's scoring. `_decode_topk_merge`, launched after, keeps the
+    best NP of the splits (merging in this kernel's last program instead raised it from 162 to 222
+    registers on sm_90 and made the selection slower)."""
     split = tl.program_id(0)
     bp = tl.program_id(1)
     b = (bp // PACKS).to(tl.int64)
@@ -463,13 +462,6 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, LOCK, SEL, s_qb, s_qh
     taken = tl.sum(pick.to(tl.int32), 1)
     slots = tl.arange(0, NP)[None, :]
     tl.store(out + slots, tl.full([RM, NP], -9223372036854775807, tl.int64) - 1, mask=slots >= taken[:, None])
-    if MERGE:
-        tl.debug_barrier()  # every thread's keys stored before the (releasing) arrival below
-        lock = LOCK + bp
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            _merge_topk(WS, HEADS, SEL, NK, PACKS, H, SPLITS, bp, N_SEL, QB, QB_PAD, G, RM, NP, SP, PICK, SLIST,
-                        SCOUNT, SL, E_PAD)
-            tl.atomic_xchg(lock, 0)  # ready for the next launch (a replayed graph's too)
 
 
 @triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])

@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import tables
-from .common import _d_pad, _pow2, _torch_path, counted
+from .common import _d_pad, _pow2, _torch_path
 from .decode_kernels import _decode_topk, _decode_topk_merge
 from .evaluate import evaluate
-from .options import current_options
 from .selection import _combine, _pick, _score_prec, _sel_dense, compressed_weights, quest_bound, share_kv
 
 if TYPE_CHECKING:
@@ -121,8 +120,7 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, pa
     `packs` them by KV head (`decode._packs`); the rows end at seqlen = cache_seqlens + n_new (clamped to
     the capacity).
 
-    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches, or one with the
-    `select_merge_last` option (`_fused`); the other rules score and pick with PyTorch (`candidates`,
+    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches (`_fused`); the other rules score and pick with PyTorch (`candidates`,
     `scores`, prefill's `_pick`)."""
     sel = spec.selectors[pat]
     assert sel is not None
@@ -173,9 +171,8 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     """topk(n) by the mean rule: `_decode_topk` scores the summaries' mean keys in splits of the key blocks
     per (batch entry, KV head's pack of query heads, which share the summary loads) and keeps each split's
     best n per row, its candidates read off the context's run tables; `_merge_topk` keeps the best n of the
-    splits (and, `build`, builds the decode kernel's tables from them), in a launch of its own or, with the
-    `select_merge_last` option, in the last split of each pack to finish. Nothing the size of the cache is
-    built or read but the summaries. (picks, tables or None)."""
+    splits (and, `build`, builds the decode kernel's tables from them) in a launch of its own. Nothing the
+    size of the cache is built or read but the summaries. (picks, tables or None)."""
     n = rule.param
     assert isinstance(n, int)
     B, H, nq, D = q.shape
@@ -202,18 +199,15 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
                 torch.empty((B, npacks, width), dtype=torch.int32, device=q.device),
                 torch.empty((B, npacks), dtype=torch.int32, device=q.device))
         extra = dict(PICK=made[0], SLIST=made[1], SCOUNT=made[2], SL=width, E_PAD=_pow2(g * qb * n))
-    merge = current_options().select_merge_last
-    shapes = dict(N_SEL=n, QB=qb, QB_PAD=qb_pad, G=g, RM=rm, NP=np2, SP=_pow2(splits))
-    with counted(B * npacks, q.device) as counters:
-        _decode_topk[(splits, B * npacks)](
-            q, summaries.mean, cache_seqlens.contiguous(), packs, off, runs, ws, scratch, counters, sel,
-            *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads, group, H, splits,
-            PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, R=r, BK=bk, BS=bs, D=D,
-            CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q), IDX64=spec.idx64, MERGE=merge,
-            num_warps=4, **shapes, **(extra if merge else {}),
-        )
-    if not merge:
-        _decode_topk_merge[(B * npacks,)](ws, packs, sel, nk, npacks, H, splits, num_warps=4, **shapes, **extra)
+    shapes = dict(QB=qb, QB_PAD=qb_pad, G=g, RM=rm, NP=np2)
+    _decode_topk[(splits, B * npacks)](
+        q, summaries.mean, cache_seqlens.contiguous(), packs, off, runs, ws, scratch,
+        *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads, group, splits,
+        PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, R=r, BK=bk, BS=bs, D=D,
+        CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q), IDX64=spec.idx64, num_warps=4, **shapes,
+    )
+    _decode_topk_merge[(B * npacks,)](ws, packs, sel, nk, npacks, H, splits, N_SEL=n, SP=_pow2(splits), num_warps=4,
+                                      **shapes, **extra)
     return sel, made
 
 

@@ -40,8 +40,6 @@ class Options:
     decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs).
     decode_warps, decode_stages: the decode kernel's warps and pipeline stages (0: 4 warps, Triton's stages).
     decode_tma: a contiguous cache's tiles through TMA (1) or pointer loads (0); -1: the tuner's pick.
-    select_merge_last: a decode step's top-n merges in the selection kernel's last program (one launch less,
-    the merge's registers in every program) instead of a launch of its own.
     token_warps, token_stages: the vertical/slash forward kernel's warps (0: 4 per 64 query rows) and
     pipeline stages.
     token_rows: the vertical/slash kernel's query rows per program (64 or 128: two 64-row tiles sharing the
@@ -77,7 +75,6 @@ class Options:
     decode_warps: int = 0
     decode_stages: int = 0
     decode_tma: int = -1
-    select_merge_last: bool = False
     token_warps: int = 0
     token_stages: int = 2
     token_rows: int = 64

@@ -171,13 +171,13 @@ def _ref_selection(rule: str, q: Any, k: Any, n: int, block: int, count: int) ->
 
 @pytest.mark.parametrize("src, static, selected, rule", SELECTOR_CASES)
 @pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("nmax, merge_last", [(4096, False), (65536, False), (65536, True)])
+@pytest.mark.parametrize("nmax", [4096, 65536])
 def test_decode_selectors_match_reference(src: str, static: str, selected: str, rule: str, paged: bool,
-                                          nmax: int, merge_last: bool) -> None:
+                                          nmax: int) -> None:
     """bf16 steps with a selector (k_new appended, the summaries updated): the returned selection equals a
     float64 selection by the rule (heads without a near tie), and the rows equal float64 attention over the
     static part plus the selected blocks. At 64k the mean rule's top-n splits 1024 key blocks over many
-    programs and merges them (in a launch of its own, or in the last split of each pack: `merge_last`)."""
+    programs and merges them in a launch of its own."""
     from patterndsl.cache import KeySummaries
 
     attn = P.compile(f"pattern p = {src}\n")
@@ -193,9 +193,8 @@ def test_decode_selectors_match_reference(src: str, static: str, selected: str, 
     if paged:
         kc, vc, table = _paged(kc, vc, 64, 3)
     summaries = KeySummaries.build(kc, seqlens, 64, page_table=table)
-    with attn.options(select_merge_last=merge_last):
-        got, sel = attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn, summaries=summaries,
-                               return_selected=True)
+    got, sel = attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn, summaries=summaries,
+                           return_selected=True)
     for b, n in enumerate(lengths):
         k, v = _sequence(kc, vc, table, b, n)
         picked, clear = _ref_selection(rule, q[b].cpu(), k.cpu(), n, 64, 8)

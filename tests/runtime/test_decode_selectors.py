@@ -350,29 +350,19 @@ def test_decode_kernel_with_selectors_tma() -> None:
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("merge_last", [False, True])
-def test_selection_over_many_key_blocks(merge_last: bool) -> None:
+def test_selection_over_many_key_blocks() -> None:
     """A cache of 38 key blocks: the top-n's first stage splits them (two programs per pack, each keeping
-    its best n), the second keeps the best n of the splits (a launch of its own, or the last of the two
-    programs to finish); the step's rows, and the two tokens it appends (written with their blocks'
+    its best n), the second keeps the best n of the splits; the step's rows, and the two tokens it appends (written with their blocks'
     summaries, one program a block), straddle a block boundary; pages hold whole key tiles. Outputs and the
     selection equal the float64 reference."""
-    _check_step(PATTERNS[0], torch.float32, [593], 2, 2, 2, 2, 32, 11, d=16, decode_block=16,
-                select_merge_last=merge_last)
-
-
-def _with_options(attn: Any, opts: dict[str, Any], fn: Any, *args: Any, **kwargs: Any) -> Any:
-    with attn.options(**opts):
-        return fn(*args, **kwargs)
+    _check_step(PATTERNS[0], torch.float32, [593], 2, 2, 2, 2, 32, 11, d=16, decode_block=16)
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("merge_last", [False, True])
-def test_selection_step_launches_few_kernels(monkeypatch: Any, merge_last: bool) -> None:
+def test_selection_step_launches_few_kernels(monkeypatch: Any) -> None:
     """A topk step (k_new appended, its block's summary updated, the summaries scored, the top n kept, the
     window and the picks attended) launches 4 kernels (the append with the summary update, the selection,
-    its merge with the tables, the split with its merge), 3 with `select_merge_last` (the selection's last
-    program merges), the same ones at a cache of 512 and of 2k
+    its merge with the tables, the split with its merge), the same ones at a cache of 512 and of 2k
     positions (the top-n's splits grow with the key blocks, up to `decode_selection.SELECT_SPLITS`): no host sync, no launch
     per key block, no index tensors built on the host."""
     from patterndsl.runtime import decode_kernels
@@ -387,12 +377,11 @@ def test_selection_step_launches_few_kernels(monkeypatch: Any, merge_last: bool)
         seqlens = torch.full((B,), cap - 1, dtype=torch.int32)
         means = torch.randn(B, hkv, cap // 16, d, generator=g)
         summaries = KeySummaries(16, means.clone(), means.clone(), means)  # (values: any; the launches count)
-        step = functools.partial(_with_options, attn, {"select_merge_last": merge_last}, attn.decode, q, kc, vc,
-                                 seqlens, k_new=kn, v_new=vn, summaries=summaries)
+        step = functools.partial(attn.decode, q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summaries)
         step()
         logs.append(record_launches(monkeypatch, decode_kernels._decode_split, step))
     kinds = [[(k, x[0]) for k, x in log] for log in logs]
-    assert kinds[0] == kinds[1] and len(logs[0]) == (3 if merge_last else 4), logs
+    assert kinds[0] == kinds[1] and len(logs[0]) == 4, logs
 
 
 @pytest.mark.interpreter
