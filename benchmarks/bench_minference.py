@@ -46,6 +46,19 @@ ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()
 DEADLINE = float(os.environ.get("BENCH_DEADLINE", "420"))
 FLEX_BLOCK = 128
+# the kernel's variants (Options.token_* and fold; the defaults: 64 query rows per program, 4 warps, 2 stages,
+# early K/V loads, membership bits, the scale folded), timed here and checked by tests/gpu/test_gpu_tokens.py
+VARIANTS: dict[str, dict[str, Any]] = {
+    "8warps": {"token_warps": 8, "token_stages": 2},
+    "4warps_3stages": {"token_warps": 4, "token_stages": 3},
+    "1stage": {"token_stages": 1},
+    "rows128": {"token_rows": 128},
+    "rows128_3stages": {"token_rows": 128, "token_stages": 3},
+    "bytes": {"token_bits": False},
+    "late_kv": {"token_early_kv": False},
+    "nofold": {"fold": False},
+    "first_kernel": {"token_early_kv": False, "token_bits": False},
+}
 
 
 def med(fn: Any) -> float:
@@ -142,19 +155,7 @@ def main() -> None:
 
         return run
 
-    # the kernel's variants (Options.token_* and fold; the defaults: 64 query rows per program, 4 warps,
-    # 2 stages, early K/V loads, membership bits, the scale folded)
-    variants = {
-        "ours_8warps_ms": {"token_warps": 8, "token_stages": 2},
-        "ours_4warps_3stages_ms": {"token_warps": 4, "token_stages": 3},
-        "ours_1stage_ms": {"token_stages": 1},
-        "ours_rows128_ms": {"token_rows": 128},
-        "ours_rows128_3stages_ms": {"token_rows": 128, "token_stages": 3},
-        "ours_bytes_ms": {"token_bits": False},
-        "ours_late_kv_ms": {"token_early_kv": False},
-        "ours_nofold_ms": {"fold": False},
-        "ours_first_kernel_ms": {"token_early_kv": False, "token_bits": False},
-    }
+    variants = {f"ours_{name}_ms": o for name, o in VARIANTS.items()}
     with torch.no_grad():
         variant_err = {name: ((ours(**o)().float() - fo.float()).norm() / fo.float().norm()).item()
                        for name, o in variants.items()}

@@ -271,8 +271,8 @@ class KeySummaries:
     the keys. `lo`, `hi`, `mean` are [B, Hkv, blocks, D] over the keys below each sequence's length; a block
     with no key yet holds zeros. They are stored in the cache's dtype for a 16-bit cache (min and max exactly,
     the mean rounded once from its float32 sum: the scoring reads half the bytes), else in float32 (float64
-    for a float64 cache); `build(dtype=torch.float32)` keeps a 16-bit cache's means unrounded. The caller keeps one object per
-    layer between steps (`attn.decode(..., summaries=s)` updates it when k_new is appended); `update` after
+    for a float64 cache); `build(dtype=torch.float32)` keeps a 16-bit cache's means unrounded. The caller
+    keeps one object per layer between steps (`attn.decode(..., summaries=s)` updates it when k_new is appended); `update` after
     a write of its own. Updating recomputes only the blocks the new tokens touch, from the cache, with the
     code that builds them from scratch, so incremental and from-scratch summaries are the same numbers.
     Every shape is fixed and no value is read back: a step stays CUDA-graph capturable."""

@@ -199,7 +199,7 @@ def counted(n: int, device: torch.device) -> Iterator[torch.Tensor]:
 def arrivals(n: int, device: torch.device) -> torch.Tensor:
     """At least n int32 arrival counters, zero between launches (a kernel's last program to arrive on one
     resets it), so that the last of a group of programs finishes their work without a second launch (the
-    decode step's split merge, the selection's top-n merge). One buffer per device and stream: launches
+    decode step's split merge). One buffer per device and stream: launches
     running at the same time on other streams never share it (a CUDA graph keeps the buffer of the stream
     it was captured on)."""
     key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)

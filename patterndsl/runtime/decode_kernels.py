@@ -404,16 +404,16 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ,
                  BK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, DOT_PREC: tl.constexpr,
                  IDX64: tl.constexpr):
     """A decode step's topk by the mean rule, first stage: program (split, batch entry and head pack) scores
-    the BS key blocks of its split for the pack's rows (its G query heads, each of the QB query blocks of
-    the step: RM rows, padded to R >= 16 for the dot; they share every summary load: one KV head's) and
-    writes each row's NP largest keys (`selection._rule_key`: the score's order, ties to the lower block;
-    the lowest key after a row's candidates run out) to WS [B * packs, SPLITS, RM, NP] int64. q-bar is the
-    mean of the row's step rows in its query block (float32), the score q-bar . mean(k) over the summaries'
-    means KM [B, HKV, NK, D] (float32 or 16-bit, widened to float32). The scores go through the program's scratch rows of SC (int32, the score's
-    order-preserving bits) so that one selection (`_top_rows`) sees all BS at once: a bitonic top-k per
-    tile of keys cost more than the whole split's scoring. `_decode_topk_merge`, launched after, keeps the
-    best NP of the splits (merging in this kernel's last program instead raised it from 162 to 222
-    registers on sm_90 and made the selection slower)."""
+    the BS key blocks of its split for the pack's rows (its G query heads, each of the QB query blocks of the
+    step: RM rows, padded to R >= 16 for the dot; they share every summary load: one KV head's) and writes
+    each row's NP largest keys (`selection._rule_key`: the score's order, ties to the lower block; the lowest
+    key after a row's candidates run out) to WS [B * packs, SPLITS, RM, NP] int64. q-bar is the mean of the
+    row's step rows in its query block (float32), the score q-bar . mean(k) over the summaries' means
+    KM [B, HKV, NK, D] (float32 or 16-bit, widened to float32). The scores go through the program's scratch rows of
+    SC (int32, the score's order-preserving bits) so that one selection (`_top_rows`) sees all BS at once: a
+    bitonic top-k per tile of keys cost more than the whole split's scoring. `_decode_topk_merge`, launched
+    after, keeps the best NP of the splits (merging in this kernel's last program costs every program the
+    merge's registers: docs/decisions.md)."""
     split = tl.program_id(0)
     bp = tl.program_id(1)
     b = (bp // PACKS).to(tl.int64)

@@ -120,8 +120,8 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, pa
     `packs` them by KV head (`decode._packs`); the rows end at seqlen = cache_seqlens + n_new (clamped to
     the capacity).
 
-    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches (`_fused`); the other rules score and pick with PyTorch (`candidates`,
-    `scores`, prefill's `_pick`)."""
+    Off the PyTorch path, topk(n <= 64) by the mean rule takes two launches (`_fused`); the other rules
+    score and pick with PyTorch (`candidates`, `scores`, prefill's `_pick`)."""
     sel = spec.selectors[pat]
     assert sel is not None
     B, H, nq, D = q.shape
@@ -170,8 +170,8 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
            every_head: bool, build: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """topk(n) by the mean rule: `_decode_topk` scores the summaries' mean keys in splits of the key blocks
     per (batch entry, KV head's pack of query heads, which share the summary loads) and keeps each split's
-    best n per row, its candidates read off the context's run tables; `_merge_topk` keeps the best n of the
-    splits (and, `build`, builds the decode kernel's tables from them) in a launch of its own. Nothing the
+    best n per row, its candidates read off the context's run tables; `_decode_topk_merge` keeps the best n of
+    the splits (and, `build`, builds the decode kernel's tables from them) in a launch of its own. Nothing the
     size of the cache is built or read but the summaries. (picks, tables or None)."""
     n = rule.param
     assert isinstance(n, int)

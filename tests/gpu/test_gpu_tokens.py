@@ -9,13 +9,19 @@ forward writes into NaN-filled `out=` and `lse=`: an element the kernel leaves u
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
+from helpers import ROOT
 
 import patterndsl as P
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_minference  # noqa: E402  (the variant table it times)
+
 pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
 
 SRC = "causal & (vertical(96, last=64) | slash(40, last=64) | sink(16) | window(63))"
@@ -94,19 +100,8 @@ def test_gradients() -> None:
         assert (got.double() - ref).abs().max().item() < 5e-3 * max(1.0, ref.abs().max().item())
 
 
-# the kernel's variants (Options.token_* and fold), as benchmarks/bench_minference.py times them
-VARIANTS = {
-    "default": {},
-    "8warps": {"token_warps": 8},
-    "3stages": {"token_stages": 3},
-    "1stage": {"token_stages": 1},
-    "rows128": {"token_rows": 128},
-    "rows128_3stages": {"token_rows": 128, "token_stages": 3},
-    "bytes": {"token_bits": False},
-    "late_kv": {"token_early_kv": False},
-    "nofold": {"fold": False},
-    "first_kernel": {"token_early_kv": False, "token_bits": False},
-}
+# the kernel's variants (Options.token_* and fold), the ones benchmarks/bench_minference.py times
+VARIANTS = {"default": {}, **bench_minference.VARIANTS}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
