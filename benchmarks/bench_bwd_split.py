@@ -43,17 +43,20 @@ def med(fn: Any) -> float:
 @contextlib.contextmanager
 def split_work() -> Iterator[list[dict[str, Any]]]:
     """Inside the block, each dK/dV launch's row work as the split saw it: heaviest row, mean row, chunk
-    (tile iterations per piece), programs per key block and the heaviest program (one device read per
-    launch: not for timing). With `bwd_split=0` only the bound the split was decided on."""
+    (tile iterations per piece), programs per key block and the bound on the heaviest program, the larger
+    of the chunk and the heaviest row over its programs (computed, not timed; one device read per launch).
+    With `bwd_split=0` only the bound the split was decided on. The static splits' cache is emptied first,
+    so that they are planned again in the block."""
     from patterndsl.runtime import backward
 
     log: list[dict[str, Any]] = []
     real_slots, real_chunk, real_args = backward._slots, backward._split_chunk, backward._split_args
+    backward._SPLITS.clear()
 
-    def slots(work: torch.Tensor, chunk: int) -> torch.Tensor:
+    def slots(work: torch.Tensor, chunk: int, cap: int) -> torch.Tensor:
         top = int(work.max())
-        log.append({"top": top, "mean": float(work.float().mean()), "chunk": chunk})
-        return real_slots(work, chunk)
+        log.append({"top": top, "mean": float(work.float().mean()), "chunk": chunk, "cap": cap})
+        return real_slots(work, chunk, cap)
 
     def chunk_of(mean: float, top: int) -> int:
         got = real_chunk(mean, top)
@@ -63,8 +66,8 @@ def split_work() -> Iterator[list[dict[str, Any]]]:
 
     def args(split: Any, *rest: Any) -> Any:
         if split is not None and log:  # the heaviest program: a piece of max(chunk, top / programs per row)
-            log[-1]["programs_per_row"] = split[3]
-            log[-1]["heaviest_piece"] = max(split[2], -(-log[-1]["top"] // split[3]))
+            log[-1]["programs_per_row"] = split.chunks
+            log[-1]["heaviest_piece_bound"] = max(split.chunk, -(-log[-1]["top"] // split.chunks))
         return real_args(split, *rest)
 
     backward._slots, backward._split_chunk, backward._split_args = slots, chunk_of, args

@@ -11,7 +11,7 @@ its own too, forward and forward+backward (gradients of q, k, v), and the select
 other tiles `scoring_tiles_ms`). Median of `triton.testing.do_bench`. Writes
 JSON to argv[1] (default benchmarks/results/nsa.json) after every measurement; BENCH_BUDGET_S (default 90)
 skips a sequence length that would start after that many seconds; BENCH_SCORING_ONLY=1 measures the
-selection and the scoring kernels only.
+selection and the scoring kernels only, BENCH_LAYER_ONLY=1 the layer and SDPA only.
 Run: python benchmarks/bench_nsa.py OUT.json
 """
 
@@ -76,12 +76,11 @@ def measure(n: int, slc: Any, win: Any) -> dict[str, Any]:
         with torch.no_grad():
             row[f"{name}_fwd_ms"] = med(fn)
         row[f"{name}_fwd_bwd_ms"] = med(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), do))
+    row["speedup_fwd"] = row["sdpa_fwd_ms"] / row["nsa_fwd_ms"]
+    row["speedup_fwd_bwd"] = row["sdpa_fwd_bwd_ms"] / row["nsa_fwd_bwd_ms"]
     if LAYER_ONLY:
-        return {**row, "speedup_fwd": row["sdpa_fwd_ms"] / row["nsa_fwd_ms"],
-                "speedup_fwd_bwd": row["sdpa_fwd_bwd_ms"] / row["nsa_fwd_bwd_ms"]}
-    with torch.no_grad():  # the selected branch's scoring and picks alone (as a dense block mask)
-        row["selection_ms"] = med(lambda: slc.selected_blocks(q, k))
-        torch.cuda.empty_cache()
+        return row
+    torch.cuda.empty_cache()
     branches = (("compressed", lambda: compressed_attention(q, k, v, BLK)[0]), ("selected", lambda: slc.attention(q, k, v)),
                 ("window", lambda: win.attention(q, k, v)))
     for name, fn in branches:
@@ -91,13 +90,12 @@ def measure(n: int, slc: Any, win: Any) -> dict[str, Any]:
     with torch.no_grad():  # the selected branch's scoring and picks alone (as a dense block mask)
         row["selection_ms"] = med(lambda: slc.selected_blocks(q, k))
     row.update(scoring(slc, q.detach(), k.detach()))
-    row["speedup_fwd"] = row["sdpa_fwd_ms"] / row["nsa_fwd_ms"]
-    row["speedup_fwd_bwd"] = row["sdpa_fwd_bwd_ms"] / row["nsa_fwd_bwd_ms"]
     return row
 
 
 def scoring(slc: Any, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
-    """The selector's compressed scores alone (key means and the two scoring kernels, no picks) for every query
+    """The selector's compressed scores alone (key means, the two scoring kernels and the NaN fill off the
+    candidates, no picks) for every query
     block: `scoring_ms` with the default tiles, `scoring_tiles_ms` with one kernel's tiles changed ("option=rows,
     key blocks,warps,stages")."""
     rule = slc.spec.selectors[0].all[0]

@@ -5,7 +5,7 @@ dQ = scale * dS K per query block over FULL then PARTIAL key blocks; dK = scale 
 per key block over the transposed tables (query blocks per key block), summed inside the program over
 the query heads that share the key/value head (GQA/MQA): no atomics, no [B, H, N, D] float32 buffers. A key
 block far heavier than the rest is the exception: its pieces run in several programs that add into float32
-workspace rows (`_static_split`, `_dynamic_split`), at most an eighth of [B, kv heads, N, D].
+workspace rows (`_static_split`, `_dynamic_split`), at most an eighth of [B, kv heads, N, D] (automatic).
 A row with no allowed key has lse = -inf; the preprocessing stores +inf there, so P = exp2(S - inf) = 0.
 Backward tiles per head_dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps1, stages1, warps2, stages2):
 dK/dV use BLOCK_N1 keys x BLOCK_M1 queries, dQ BLOCK_M2 queries x BLOCK_N2 keys.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -290,8 +290,15 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
 _SPLIT_MIN = 32  # tile iterations: a lighter piece is not worth its workspace round trip
 _SPLIT_CAP = 64  # programs per key block at most: a heavier row takes longer pieces
 _SPLIT_ROWS = 8  # at most one row in 8 split (automatic): the rest wait for at most 8 times the mean row
-# (slots [batch * kv slots * key blocks] int32, workspace rows, tile iterations per piece, programs per key block)
-Split = tuple[torch.Tensor, int, int, int]
+
+
+class Split(NamedTuple):
+    """How a dK/dV launch splits its heavy rows."""
+
+    slots: torch.Tensor  # per (batch, kv slot, key block) row its workspace row, -1: run whole (int32)
+    used: int  # workspace rows
+    chunk: int  # tile iterations per piece
+    chunks: int  # programs per key block
 
 
 def _split_chunk(mean: float, top: int) -> int:
@@ -299,16 +306,14 @@ def _split_chunk(mean: float, top: int) -> int:
     at most `top`: the `bwd_split` option, else HEAVY times the mean (at least _SPLIT_MIN), where a row may
     hold more than that: such a row alone would end the launch long after the others."""
     fixed = current_options().bwd_split
-    if fixed is not None:
-        return max(0, int(fixed))
-    chunk = max(_SPLIT_MIN, math.ceil(HEAVY * mean))
+    chunk = max(0, fixed) if fixed is not None else max(_SPLIT_MIN, math.ceil(HEAVY * mean))
     return chunk if top > chunk else 0
 
 
 def _slot_cap(rows: int) -> int:
     """How many of `rows` dK/dV rows may be split: all where `bwd_split` asks, else one in _SPLIT_ROWS. Were
     more rows heavy, the others (run whole) hold at most _SPLIT_ROWS times the mean work (the heaviest
-    rows are split first), and the workspace stays an eighth of a float32 dK/dV at most."""
+    rows are split first), and the workspace stays an eighth of a float32 dK/dV at most (automatic)."""
     return rows if current_options().bwd_split is not None else max(1, rows // _SPLIT_ROWS)
 
 
@@ -345,12 +350,12 @@ def _static_split(spec: PatternSpec, pat: int, n: int, bm: int, bn: int, nkt: in
     f_off, _, p_off, _ = block_tables_t(spec, n, bm, bn, device, pat)
     count = (torch.diff(f_off.long()) + torch.diff(p_off.long())).cpu()[:nkt]
     work = torch.tensor(sizes, dtype=torch.int64)[:, None] * count[None, :]  # [kv slots, key blocks]
-    top = int(work.max()) if work.numel() else 0
-    chunk = _split_chunk(float(work.float().mean()) if work.numel() else 0.0, top)
+    top = int(work.max())
+    chunk = _split_chunk(float(work.float().mean()), top)
     hit = None
-    if chunk > 0 and top > chunk:
+    if chunk:
         slots = _slots(work.expand(B, -1, -1), chunk, _slot_cap(B * work.numel()))
-        hit = (slots.to(device), int((slots >= 0).sum()), chunk, min(_SPLIT_CAP, -(-top // chunk)))
+        hit = Split(slots.to(device), int((slots >= 0).sum()), chunk, min(_SPLIT_CAP, -(-top // chunk)))
     if len(_SPLITS) >= 64:
         _SPLITS.pop(next(iter(_SPLITS)))
     _SPLITS[key] = hit
@@ -368,14 +373,14 @@ def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nk
     rows = B * nkv * nkt
     top = max(sizes, default=0) * nqt
     chunk = _split_chunk(max(f_idx.numel(), p_idx.numel()) / max(1, rows), top)
-    if chunk == 0 or top <= chunk:
+    if not chunk:
         return None
     per = B * nh * nkt
     count = (f_off[1:per + 1] - f_off[:per] + p_off[1:per + 1] - p_off[:per]).view(B, nh, nkt)
     work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=count.device)
     work.index_add_(1, kv_of, count[:, qh_rank.long()])  # summed over each kv slot's query heads
     cap = min(_slot_cap(rows), (f_idx.numel() + p_idx.numel()) // (chunk + 1))  # heavy rows: at most that
-    return _slots(work, chunk, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk))
+    return Split(_slots(work, chunk, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk)))
 
 
 def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int,
@@ -383,9 +388,9 @@ def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int,
     """(`_attn_bwd_dkdv`'s split arguments, its programs per key block): none and 1 without a split."""
     if split is None:
         return {}, 1
-    slots, used, chunk, chunks = split
-    ws_k, ws_v = (torch.zeros((max(1, used), bn, d_pad), dtype=torch.float32, device=device) for _ in range(2))
-    return dict(SPLIT=True, SLOTS=slots, WS_K=ws_k, WS_V=ws_v, NKT=nkt, CHUNK=chunk, CHUNKS=chunks), chunks
+    ws = torch.zeros((2, max(1, split.used), bn, d_pad), dtype=torch.float32, device=device)  # dK's, dV's
+    return dict(SPLIT=True, SLOTS=split.slots, WS_K=ws[0], WS_V=ws[1], NKT=nkt, CHUNK=split.chunk,
+                CHUNKS=split.chunks), split.chunks
 
 
 def _merge_split(extra: dict[str, Any], kv_ids: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, n: int,

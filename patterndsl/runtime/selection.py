@@ -836,7 +836,7 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
     if fused and count is not None and count <= 64 and chunk >= nb:  # the sums in one go, picked by `_topk_kernel`
         s = _compressed_scores(spec, rule, q, _rule_keys(rule, q, k, heads, group)[0], heads, group, 0, nb)
         nr = s.shape[0] // B
-        rows_of = torch.arange(nr, dtype=torch.int32, device=q.device)
+        rows_of = _heads(0, 0, nr, q.device)  # (0 .. nr - 1, cached)
         s = s.view(B, nr, nb, nk)
         sel = _fused_topk(spec, ctx, N, blk, count, s, s, s, s.stride()[:3], rows_of, nr, nr, 1, 16, "ieee", True)
         if rule.share:  # picked once per KV head: each head takes its KV head's

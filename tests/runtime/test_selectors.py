@@ -503,10 +503,10 @@ SCORED = {"ranges": "causal & (sink(16) | topk(3, block=16, score=compressed{}))
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize(("context", "share", "heads", "dtype"), [
-    ("ranges", True, [0, 1, 2, 3], "float32"),  # each KV head's heads one after the other (no table read)
+    pytest.param("ranges", True, [0, 1, 2, 3], "float32", marks=pytest.mark.slow),  # consecutive heads (no table)
     ("ranges", True, [0, 2, 3], "float32"),  # one KV head's two heads, the other's one
-    ("bytes", True, [1], "float32"),  # a KV head that no head reads: zeros
-    ("ranges", False, [0, 1, 3], "float32"),
+    pytest.param("bytes", True, [1], "float32", marks=pytest.mark.slow),  # a KV head no head reads: zeros
+    pytest.param("ranges", False, [0, 1, 3], "float32", marks=pytest.mark.slow),
     ("bytes", False, [0, 1, 2, 3], "float16"),
 ])  # fmt: skip
 def test_compressed_score_sums_equal_the_float64_path(context: str, share: bool, heads: list[int], dtype: str) -> None:
