@@ -29,6 +29,7 @@ from .common import (
     _d_pad,
     _descriptor,
     _docs,
+    _dot_prec,
     _head_patterns,
     _heads,
     _heads_of,
@@ -200,7 +201,7 @@ def _backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Ten
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
     d_pad = _d_pad(D)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _dot_prec(q)
     delta, lse2, pre = _delta_pass(o, do, lse, dlse, d_pad)
     accum = not isinstance(patterns, int) and len(set(patterns)) > 1
     if grads is None:
@@ -487,7 +488,7 @@ def _varlen_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: to
     (q4, k4, v4, o4, do4), lse, dlse = _kernel_layout((q4, k4, v4, o4, do4), lse, dlse)
     d_pad = _d_pad(D)
     bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _dot_prec(q)
     delta, lse2, pre = _delta_pass(o4, do4, lse, dlse, d_pad)
     accum = not isinstance(patterns, int) and len(set(patterns)) > 1
     if accum:
@@ -538,7 +539,7 @@ def _spans_backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: tor
     (q, k, v, o, do), lse, dlse = _kernel_layout((q, k, v, o, do), lse, dlse)
     d_pad = _d_pad(D)
     bm1, bn1, bm2, bn2, w1, s1, w2, s2 = _bwd_config(spec, d_pad, q.element_size())
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _dot_prec(q)
     delta, lse2, pre = _delta_pass(o, do, lse, dlse, d_pad)
     accum = not isinstance(patterns, int) and len(set(patterns)) > 1  # a heads { } group mixing predicates
     # every segment's program writes its rows (dK/dV: added up over the predicates of a key head's group)

@@ -181,6 +181,11 @@ def _torch_path(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and (not _INTERPRET or q.dtype == torch.float64)
 
 
+def _dot_prec(q: torch.Tensor) -> str:
+    """The kernels' tl.dot input precision: exact for float32 inputs, tensor cores otherwise."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 _ARRIVALS: dict[tuple[str, int], torch.Tensor] = {}
 
 

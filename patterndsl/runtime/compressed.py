@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .backward import _bwd_tiles, _delta_pass, _kv_groups, _launch_dkdv, _launch_dq
-from .common import _d_pad, _pow2, _tma_mode, _torch_path
+from .common import _d_pad, _dot_prec, _pow2, _tma_mode, _torch_path
 from .forward import _forward
 from .options import current_options, restored
 from .selection import _pool_torch
@@ -143,7 +143,7 @@ def _backward(spec: PatternSpec, q: torch.Tensor, kr: torch.Tensor, vr: torch.Te
     key tiles that hold summaries only: those of N's tables (N of them at most) within the padding."""
     B, H, N, D = q.shape
     d_pad = _d_pad(D)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _dot_prec(q)
     delta, lse2, pre = _delta_pass(out, do, lse, None if dlse is None else dlse.float().contiguous(), d_pad)
     tma = _tma_mode((q, kr, vr, do), d_pad, 1 if current_options().bwd_tma else 0)
     heads, qh_off, qh_idx = _kv_groups(0, 0, H, 1, q.device)  # one program per (key tile, query head)

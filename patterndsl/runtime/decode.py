@@ -32,6 +32,7 @@ from .common import (
     _LOG2E,
     _d_pad,
     _descriptor,
+    _dot_prec,
     _heads_of,
     _on_device_of,
     _pow2,
@@ -323,7 +324,7 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         consts = dict(
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
             DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", IDX64=spec.idx64, INTERPRET=_INTERPRET,
+            DOT_PREC=_dot_prec(q), IDX64=spec.idx64, INTERPRET=_INTERPRET,
             num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
             **dyn,
         )

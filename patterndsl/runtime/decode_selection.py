@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import tables
-from .common import _d_pad, _pow2, _torch_path
+from .common import _d_pad, _dot_prec, _pow2, _torch_path
 from .decode_kernels import _decode_topk, _decode_topk_merge
 from .evaluate import evaluate
-from .selection import _combine, _pick, _score_prec, _sel_dense, compressed_weights, quest_bound, share_kv
+from .selection import _combine, _pick, _sel_dense, compressed_weights, quest_bound, share_kv
 
 if TYPE_CHECKING:
     from ..cache import KeySummaries
@@ -204,7 +204,7 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
         q, summaries.mean, cache_seqlens.contiguous(), packs, off, runs, ws, scratch,
         *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads, group, splits,
         PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, R=r, BK=bk, BS=bs, D=D,
-        CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_score_prec(q), IDX64=spec.idx64, num_warps=4, **shapes,
+        CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_dot_prec(q), IDX64=spec.idx64, num_warps=4, **shapes,
     )
     _decode_topk_merge[(B * npacks,)](ws, packs, sel, nk, npacks, H, splits, N_SEL=n, SP=_pow2(splits), num_warps=4,
                                       **shapes, **extra)

@@ -18,6 +18,7 @@ from .common import (
     _d_pad,
     _descriptors,
     _docs,
+    _dot_prec,
     _heads,
     _layout4,
     _on_device_of,
@@ -92,7 +93,7 @@ def _launch_general(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tenso
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *out.stride()[:3],
         N, H, nh, group, scale * _LOG2E, N, rows,
-        PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_prec(q),
+        PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_dot_prec(q),
         IDX64=spec.idx64, INTERPRET=_INTERPRET, LAYOUT=layout_kernel(spec, pat), SEL_PRED=sel_pred,
         SEL_VARS=sel_vars, ORDER=order, num_warps=cw if bm >= 128 else min(cw, 4), num_stages=cs,
     )
@@ -142,7 +143,7 @@ def _launch_fast(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, 
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *out.stride()[:3],
         R, H, nh, bhn, group, max(slots, 1), qk_scale,
-        PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_prec(q),
+        PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_dot_prec(q),
         IDX64=spec.idx64, EVEN=R % block_n == 0, FOLD=opts.fold and qk_scale > 0, OFF32=off32,
         CONTIG=opts.contig and contig, TMA=tma, INTERPRET=_INTERPRET, ONE_LOOP=bool(one_loop or opts.one_loop),
         num_warps=warps, num_stages=stages, **cap, **({} if layout is None else dict(LAYOUT=layout, NTOK=n)),
@@ -152,11 +153,6 @@ def _launch_fast(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, 
             out, lse, ws_o, ws_l, heads, splits, *out.stride()[:3],
             R, H, nh, bhn, slots, BLOCK_M=block_m, HEAD_DIM=D, D_PAD=d_pad, num_warps=4,
         )
-
-
-def _prec(q: torch.Tensor) -> str:
-    """The kernels' tl.dot input precision: exact for float32 inputs, tensor cores otherwise."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _fast(spec: PatternSpec, pat: int) -> bool:
@@ -185,11 +181,12 @@ def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return default
     N = q.shape[2]
     # a token layout's pattern runs on another kernel without the `layout_gather` option: its own tuning
-    pointer = any(spec.layouts[p] is not None for p in used) and not current_options().layout_gather
+    layout = any(spec.layouts[p] is not None for p in used)
+    pointer = layout and not current_options().layout_gather
     fields = ("fwd-pointer" if pointer else "fwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), patterns)
     run = lambda cfg: _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)  # noqa: E731
     if any(_fast(spec, p) for p in used):
-        first = default if any(spec.layouts[p] is not None for p in used) else None  # a layout's own tiles too
+        first = default if layout else None  # a layout's own tiles too
         return _tuned(spec, fields, lambda: _tune_candidates(spec, d_pad, tma, q.element_size(), first), run, default)
     return _tuned(spec, fields, lambda: _layout_candidates(spec, d_pad, q.element_size(), default), run, default)
 
@@ -239,7 +236,7 @@ def _varlen_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torc
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
     d_pad = _d_pad(D)
     block_m, block_n, warps, stages = _config(spec, d_pad, q.element_size())
-    prec = _prec(q)
+    prec = _dot_prec(q)
     cu = cu_seqlens.to(torch.int32)
     for pat in range(spec.patterns):
         heads = _heads(pat, patterns, H, q.device)
@@ -276,7 +273,7 @@ def _spans_forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     d_pad = _d_pad(D)
     block_m, block_n, warps, stages = _config(spec, d_pad, q.element_size())
-    prec = _prec(q)
+    prec = _dot_prec(q)
     for pat in range(spec.patterns):
         heads = _heads(pat, patterns, H, q.device)
         nh = heads.numel()

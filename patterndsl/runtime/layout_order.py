@@ -8,7 +8,8 @@ layout's block tables (which are over rows already), and its output rows and log
 to token order: the caller gets what `_attn_fwd` gives, so the backward, which reads the layout in place,
 is unchanged. The index between rows and tokens comes from the layout's own @triton.jit function (the one
 definition the kernels use), evaluated once per (pattern, N, device) and cached: O(N) memory, one extra
-copy of q, k, v and the output.
+copy of q, k, v and the output. The gather is a kernel of its own rather than `permutation.gather_rows`
+because it copies only the pattern's heads and brings the log-sum-exp back in the same launch.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..expr import evaluate_int
 from .checks import _check, _need_scores
-from .common import _INTERPRET, _d_pad, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
+from .common import _INTERPRET, _d_pad, _dot_prec, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
 from .options import current_options
 from .tables import _sorted_tiles, _static_rows, block_tables
 
@@ -505,7 +505,7 @@ def _block_scores(spec: PatternSpec, sel: Selector, q: torch.Tensor, k: torch.Te
     bq = 32 if d_pad <= 128 else 16
     _score_kernel[(-(-rows // bq), B * nh)](
         qm, km, cand.view(torch.uint8), s, heads, q0, rows, nb, nh, H, k.shape[1], group,
-        BQ=bq, BK=64, D_PAD=d_pad, DOT_PREC=_score_prec(q),
+        BQ=bq, BK=64, D_PAD=d_pad, DOT_PREC=_dot_prec(q),
     )
     return s
 
@@ -642,7 +642,7 @@ def _compressed_scores(spec: PatternSpec, rule: Selector, q: torch.Tensor, km: t
     args = (q, km, cand, span)
     tail = (hlist, hcount, kvh, q0, rows, N, nk, nr, hkv, *q.stride()[:3], 1.4426950408889634 / math.sqrt(D))
     consec = not rule.share or heads.numel() == H  # each row's heads h0, h0 + 1, ... (`_score_rows`)
-    meta = dict(BLK=blk, GMAX=gmax, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_score_prec(q), RANGES=ranges, INTERPRET=_INTERPRET,
+    meta = dict(BLK=blk, GMAX=gmax, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_dot_prec(q), RANGES=ranges, INTERPRET=_INTERPRET,
                 CONSEC=consec)
     m, bk, warps, stages = score_tiles(opts.compressed_lse_tiles, d_pad, gmax * blk, nk)
     _compressed_lse_kernel[(-(-gmax * blk // m), rows, B * nr)](*args, lse, *tail, M=m, BK=bk, STAGES=stages,
@@ -685,10 +685,6 @@ def _key_means(k: torch.Tensor, blk: int) -> torch.Tensor:
     _pool_kernel[(nb, B * hk)](k, k, km, km, *k.stride()[:3], *k.stride()[:3], N, nb, 0, hk, BLK=blk,
                                CH=min(64, blk & -blk), HEAD_DIM=D, D_PAD=km.shape[-1], num_warps=current_options().pool_warps)
     return km
-
-
-def _score_prec(q: torch.Tensor) -> str:
-    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _pooled(q: torch.Tensor, k: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -829,7 +825,7 @@ def _select(spec: PatternSpec, rule: Selector, q: torch.Tensor, k: torch.Tensor,
             d_pad = qm.shape[-1]
             strides = (0, 0, 0)
         return _fused_topk(spec, ctx, N, blk, count, qm, km, scores if given else qm, strides, heads, H, k.shape[1],
-                           group, d_pad, _score_prec(q), bool(given))
+                           group, d_pad, _dot_prec(q), bool(given))
     # compressed off the PyTorch path keeps only [rows, blocks] sums; the other rules a row's pairs or weights
     fused = _fused(rule, q)
     chunk = max(1, (1 << 24) // max(1, B * (k.shape[1] if fused and rule.share else nh) * (nb if plain or fused else max(nk, N))))

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _INTERPRET, _LOG2E, _d_pad, _heads, _torch_path
+from .common import _INTERPRET, _LOG2E, _d_pad, _dot_prec, _heads, _torch_path
 from .evaluate import evaluate
 from .fwd_kernels import _online_softmax, _stage_range
 from .options import current_options, restored
@@ -179,10 +179,12 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
     FOLD (forward, qk_scale > 0): the scale rides in the exponent's multiply-add (`_online_softmax`)."""
     dmask = offs_d[None, :] < HEAD_DIM
     rows = cols[:, None].to(tl.int64)
+    if BWD or not EARLY_KV:  # the keys some row of the tile may use (a reduction over the mask)
+        reached = (tl.max(ok.to(tl.int32), 0) > 0)[:, None] & dmask
     if EARLY_KV:
         lmask = lok[:, None] & dmask
     else:
-        lmask = (tl.max(ok.to(tl.int32), 0) > 0)[:, None] & dmask
+        lmask = reached
     k = tl.load(k_base + rows * s_kn + offs_d[None, :], mask=lmask, other=0.0)
     v = tl.load(v_base + rows * s_vn + offs_d[None, :], mask=lmask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -194,9 +196,8 @@ def _tile(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, c
         acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
         ptr = rows * s_dn + offs_d[None, :]
-        kok = (tl.max(ok.to(tl.int32), 0) > 0)[:, None] & dmask
-        tl.atomic_add(dk_base + ptr, dk, mask=kok)
-        tl.atomic_add(dv_base + ptr, dv, mask=kok)
+        tl.atomic_add(dk_base + ptr, dk, mask=reached)
+        tl.atomic_add(dv_base + ptr, dv, mask=reached)
         m_new = m_i
     else:
         if not FOLD:
@@ -246,6 +247,7 @@ def _band(acc, l_i, m_i, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, m
     cols = kt * BLOCK_N + offs_n
     kok = cols < N
     if BITS:
+        tl.static_assert(BLOCK_N == 64, "a key tile is one 64-bit word of the column bits")
         nw = tl.cdiv(N, 64)
         v_word = tl.load(bits + kt, mask=kt < nw, other=0).to(tl.uint64, bitcast=True)
         in_v = ((v_word >> offs_n.to(tl.uint64)) & 1).to(tl.int32)
@@ -336,7 +338,7 @@ def _token_attn(Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, HEAD_IDS, F_OFF, F_IDX, 
         delta = tl.load(DELTA + row_o + offs_m, mask=qok, other=0.0)
     mem = MEMBER + pid_bh.to(tl.int64) * 2 * N
     diag = DIAG + pid_bh.to(tl.int64) * NDIAG
-    bits = MBITS + pid_bh.to(tl.int64) * 2 * tl.cdiv(N, BLOCK_N)
+    bits = MBITS + pid_bh.to(tl.int64) * 2 * tl.cdiv(N, 64)  # (64-bit words)
     row_p = pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK_M) + pid_m  # this program's row of DCOUNT and CRANGE
     # A: the static part's tiles off the selected diagonals, without the selected columns
     for stage in tl.static_range(2):
@@ -470,7 +472,7 @@ def _launch(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: to
     B, H, N, D = q.shape
     nh = heads.numel()
     do, delta, dq, dk, dv = grads if grads is not None else (out, lse, out, lse, lse)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _dot_prec(q)
     opts = current_options()
     bm = walk.block_m
     _token_attn[(-(-N // bm), B * nh)](

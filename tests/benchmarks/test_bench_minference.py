@@ -23,5 +23,7 @@ def test_dry_run_measures_and_agrees_with_flex(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(out.read_text())
     assert got["rel_err_vs_flex"] < 1e-4
+    assert max(got["variant_rel_err_vs_flex"].values()) < 1e-4  # every kernel variant it times agrees too
+    assert all(got[name] > 0 for name in got["variant_options"]), got["variant_options"]
     for key in ("ours_ms", "selection_ms", "flex_mask_build_ms", "flex_kernel_ms", "sdpa_causal_ms", "speedup_vs_flex"):
         assert got[key] > 0, key
