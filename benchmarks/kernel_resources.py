@@ -148,13 +148,13 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
         qb = (nq + rule.block - 2) // rule.block + 1
         qb_pad, np2 = triton.next_power_of_2(qb), triton.next_power_of_2(int(rule.param))
         r = max(16, triton.next_power_of_2(g * qb_pad))
-        t = {"SEQ": "*i32", "HEADS": "*i32", "RUN_OFF": "*i32", "RUNS": "*i32", "WS": "*i64", "KM": "*fp32",
+        t = {"SEQ": "*i32", "HEADS": "*i32", "RUN_OFF": "*i32", "RUNS": "*i32", "WS": "*i64", "KM": "*bf16",
              "SC": "*i32", "SEL": "*i32", "PICK": "*i8", "SLIST": "*i32", "SCOUNT": "*i32", "SL": "i32",
              **{x: "i32" for x in ("NQ", "NNEW", "CAP", "NK", "PACKS", "HKV", "GROUP", "H", "SPLITS")}}
         bk, rm = max(np2, 32 if d_pad <= 128 else 16), triton.next_power_of_2(g * qb_pad)
         bs, splits = decode_selection._split_blocks(2048, bk, rm)  # a 128k cache of blocks of 64
         c = dict(PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, QB=qb, QB_PAD=qb_pad,
-                 G=g, R=r, RM=rm, NP=np2, BK=bk, BS=bs, D=d_pad, CH=min(64, rule.kblock & -rule.kblock),
+                 G=g, R=r, RM=rm, NP=np2, BK=bk, BS=bs, D=d_pad, CH=min(16, rule.kblock & -rule.kblock),
                  DOT_PREC=prec, IDX64=spec.idx64, N_SEL=int(rule.param), SP=triton.next_power_of_2(splits),
                  E_PAD=triton.next_power_of_2(g * qb * int(rule.param)))  # fmt: skip
         m = {k: c.pop(k) for k in ("N_SEL", "SP", "E_PAD")}

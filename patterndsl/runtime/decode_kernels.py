@@ -447,14 +447,16 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ,
         kmask = kb < NK
         km = tl.load(km_base + kb[:, None].to(tl.int64) * D + offs_d[None, :], mask=kmask[:, None], other=0.0)
         s = tl.dot(qm, tl.trans(km.to(tl.float32)), input_precision=DOT_PREC)
-        cand = _step_candidates(RUN_OFF, RUNS, kb, t, seqlen, NQ, CAP, k_first + c, PRED, SEL_B, KB, QB, BK, R, CH,
-                                IDX64)
-        hi = (_rule_key(s, kb, cand & kmask[None, :] & rows[:, None], NK, R, BK) >> 32).to(tl.int32)
+        hi = (_rule_key(s, kb, kmask[None, :] & rows[:, None], NK, R, BK) >> 32).to(tl.int32)
         tl.store(sc + r[:, None] * BS + c + tl.arange(0, BK)[None, :], hi, mask=(r < RM)[:, None])
     tl.debug_barrier()  # the scratch rows are the whole program's
     rr = tl.arange(0, RM)
     cols = tl.arange(0, BS)
-    hi = tl.load(sc + rr[:, None] * BS + cols[None, :])
+    # the context's candidates once for the whole split, after the scores: one walk of the run tables (a chain
+    # of dependent loads) per program, not one per scoring tile
+    cand = _step_candidates(RUN_OFF, RUNS, k_first + cols, rr % QB_PAD, seqlen, NQ, CAP, k_first, PRED, SEL_B, KB, QB,
+                            BS, RM, CH, IDX64)
+    hi = tl.where(cand, tl.load(sc + rr[:, None] * BS + cols[None, :]), -2147483648)
     pick = _top_rows(hi, NP)
     key = (hi.to(tl.int64) << 32) | (NK - 1 - (k_first + cols)).to(tl.int64)[None, :]
     out = WS + ((bp * SPLITS + split) * RM + rr[:, None]).to(tl.int64) * NP

@@ -204,7 +204,7 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
         q, summaries.mean, cache_seqlens.contiguous(), packs, off, runs, ws, scratch,
         *q.stride()[:3], nq, n_new, capacity, nk, npacks, kv_heads, group, splits,
         PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, R=r, BK=bk, BS=bs, D=D,
-        CH=min(64, rule.kblock & -rule.kblock), DOT_PREC=_dot_prec(q), IDX64=spec.idx64, num_warps=4, **shapes,
+        CH=min(16, rule.kblock & -rule.kblock), DOT_PREC=_dot_prec(q), IDX64=spec.idx64, num_warps=4, **shapes,
     )
     _decode_topk_merge[(B * npacks,)](ws, packs, sel, nk, npacks, H, splits, N_SEL=n, SP=_pow2(splits), num_warps=4,
                                       **shapes, **extra)
