@@ -197,13 +197,15 @@ def compare_runtime_section(d: dict[str, Any]) -> list[str]:
 def decode_section(d: dict[str, Any]) -> list[str]:
     s = d["shape"]
     rows = [[r["pattern"], str(r["N"]), str(r["B"]), str(r["Nq"]), _ms(r["ms"].get("ours")), _ms(r["ms"].get("ours_graph")),
-             _ms(r["ms"].get("ours_paged")), _ms(r["ms"].get("flex_decode")), _ms(r["ms"].get("sdpa_whole_cache")),
-             f"{r['GBps']['ours_graph']:.0f}"] for r in d["rows"]]  # fmt: skip
+             _ms(r["ms"].get("ours_paged")), _ms(r["ms"].get("flex_decode")), _ms(_fa4_decode(r["ms"])),
+             _ms(r["ms"].get("sdpa_whole_cache")), f"{r['GBps']['ours_graph']:.0f}"] for r in d["rows"]]  # fmt: skip
     context = (f"{_stamp(d)}; H={s['H']} Hkv={s['Hkv']} D={s['D']} {s['dtype']}, pages of {s['page']}. One step of Nq "
                "new queries per sequence; `graph`: the step replayed from a CUDA graph; SDPA reads the whole cache; "
-               "GB/s: KV bytes the step must read over the graph time." + "".join(f" {n}." for n in d.get("notes", [])))  # fmt: skip
-    header = ["pattern", "context", "B", "Nq", "ours ms", "ours graph ms", "ours paged ms", "Flex decode ms", "SDPA ms",
-              "ours GB/s"]  # fmt: skip
+               "GB/s: KV bytes the step must read over the graph time; FA4: `flash_attn_varlen_func` over the paged "
+               "cache, eager (for window + sinks it runs the window alone: it has no sinks)."
+               + "".join(f" {n}." for n in d.get("notes", [])))  # fmt: skip
+    header = ["pattern", "context", "B", "Nq", "ours ms", "ours graph ms", "ours paged ms", "Flex decode ms",
+              "FA4 paged ms", "SDPA ms", "ours GB/s"]  # fmt: skip
     out = _section(TITLES["decode"], context, header, rows)
     sel = [[r["pattern"], str(r["N"]), str(r["B"]), _ms(r["ms"]["topk_window"]), _ms(r["ms"]["topk_window_given_selection"]),
             f"{r['selection_share']:.1%}", _ms(r["ms"]["dense_causal"]), f"{r['speedup_vs_dense_causal']:.2f}x",
@@ -211,6 +213,11 @@ def decode_section(d: dict[str, Any]) -> list[str]:
     header = ["pattern", "context", "B", "ours ms", "selection given ms", "selection share", "dense causal ms",
               "vs dense", "SDPA ms"]  # fmt: skip
     return out + _table(header, sel) + [""] if sel else out
+
+
+def _fa4_decode(ms: dict[str, float]) -> float | None:
+    """FA4's paged decode time of a row: the same pattern, or the window alone where the pattern has sinks."""
+    return ms.get("fa4_paged", ms.get("fa4_paged_window_no_sink"))
 
 
 def pattern_cache_section(d: dict[str, Any]) -> list[str]:
@@ -551,7 +558,9 @@ def later_comparisons(results: Path) -> list[Comparison]:
         for r in d["rows"]:
             case, ms = f"{r['pattern']} context {r['N']} B={r['B']} Nq={r['Nq']}", r["ms"]
             out += _pairs(TITLES["decode"], case, ms.get("ours"),  # eager against eager peers
-                          [("SDPA", ms.get("sdpa_whole_cache")), ("Flex decode", ms.get("flex_decode"))])  # fmt: skip
+                          [("SDPA", ms.get("sdpa_whole_cache")), ("Flex decode", ms.get("flex_decode")),
+                           ("FA4 paged", ms.get("fa4_paged")),
+                           ("FA4 paged, the window without sinks", ms.get("fa4_paged_window_no_sink"))])  # fmt: skip
         for r in d.get("selectors", []):
             out += _pairs(TITLES["decode"], f"{r['pattern']} context {r['N']} B={r['B']}", r["ms"]["topk_window"],
                           [("dense causal (ours)", r["ms"]["dense_causal"]), ("SDPA", r["ms"]["sdpa_whole_cache"])])  # fmt: skip
