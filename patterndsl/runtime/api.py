@@ -492,10 +492,10 @@ def to_flex_block_mask(attn: Attention, n: int, *, device: Any = "cpu", layer: i
     """FlexAttention's `BlockMask` for this pattern at length n, built from the analytic tables (no mask_mod
     evaluated per block, as `create_block_mask` does), with a mask_mod that evaluates the pattern's predicate
     for PARTIAL blocks. Both directions (key blocks per query block, and the query blocks per key block that
-    Flex's backward reads) come from our tables, each index array as wide as its longest row, so time and
-    memory follow the non-empty blocks, not (n / block_size)**2 as `BlockMask.from_kv_blocks`' dense
-    transpose does. One batch entry (broadcast); one head (broadcast) unless the pattern gives heads their
-    own predicates."""
+    Flex's backward reads) come from our tables, so the time follows the non-empty blocks, not the
+    (n / block_size)**2 evaluations of `create_block_mask` or `BlockMask.from_kv_blocks`' dense transpose;
+    the index arrays themselves are Flex's format, (n / block_size)**2 int32s each. One batch entry
+    (broadcast); one head (broadcast) unless the pattern gives heads their own predicates."""
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
     from .evaluate import evaluate
@@ -548,12 +548,12 @@ def _stacked(lists: list[Any]) -> Any:
 
 
 def _flex_lists(off: Any, idx: Any, rows: int) -> tuple[Any, Any]:
-    """A CSR table as Flex's (counts [rows] int32, indices [rows, width] int32, listed first, the rest 0),
-    `width` the longest row's count (at least 1): Flex's kernels read a row's first `count` entries through
-    the array's strides, so the array need not span every block."""
+    """A CSR table as Flex's (counts [rows] int32, indices [rows, rows] int32, listed first, the rest 0).
+    The index arrays span every block, as Flex's BlockMask defines them: Flex reads the mask's extent off
+    their width (a narrower array made its compiled kernels refuse the mask on the CPU and compute wrong
+    outputs on the GPU)."""
     counts = (off[1:] - off[:-1]).to(torch.int32)
-    width = max(1, int(counts.max())) if counts.numel() else 1
-    out = torch.zeros((rows, width), dtype=torch.int32, device=off.device)
+    out = torch.zeros((rows, max(1, rows)), dtype=torch.int32, device=off.device)
     if idx.numel():
         r = torch.repeat_interleave(torch.arange(rows, device=off.device), counts.long(), output_size=idx.numel())
         at = torch.arange(idx.numel(), device=off.device) - off[:-1].long()[r]

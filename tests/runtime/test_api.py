@@ -178,7 +178,7 @@ def test_flex_block_mask_from_the_tables_equals_create_block_mask(src: str, head
     for side in ("kv", "full_kv", "q", "full_q"):
         counts, indices = (getattr(ours, f"{side}_{what}") for what in ("num_blocks", "indices"))
         assert rows(counts, indices) == rows(*(getattr(theirs, f"{side}_{what}") for what in ("num_blocks", "indices")))
-        assert indices.shape[-1] == max(1, int(counts.max()))  # as wide as the longest row, not every block
+        assert indices.shape[-1] == n // bs  # Flex's format: every block (it reads the mask's extent off it)
 
 
 def test_flex_attention_with_the_block_mask_equals_ours() -> None:
@@ -188,5 +188,19 @@ def test_flex_attention_with_the_block_mask_equals_ours() -> None:
     bm = attn.to_flex_block_mask(256, block_size=32)
     q, k, v = _qkv(n=256, h=1, d=16)
     assert torch.allclose(flex_attention(q, k, v, block_mask=bm), attn(q, k, v), atol=1e-12)
+    assert bm.to_dense().shape[-1] == 256 // 32  # Flex's own helpers take the mask
     with pytest.raises(ValueError, match="selector"):
         P.compile("pattern s = causal & topk(2, block=16)\n").to_flex_block_mask(64)
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_with_the_block_mask_equals_ours() -> None:
+    """Compiled Flex (Inductor's kernel, as a GPU user runs it) reads the mask's extent off its arrays."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attn = P.compile("pattern p = causal\n")
+    n = 512
+    q, k, v = (x.float() for x in _qkv(n=n, h=1, d=16))
+    flex = torch.compile(flex_attention, dynamic=False)
+    out = flex(q, k, v, block_mask=attn.to_flex_block_mask(n, block_size=128))
+    assert torch.allclose(out, attn(q, k, v), atol=1e-5)
