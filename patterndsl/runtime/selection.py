@@ -20,6 +20,7 @@ import triton.language as tl
 from ..expr import evaluate_int
 from .checks import _check, _need_scores
 from .common import _INTERPRET, _d_pad, _dot_prec, _head_patterns, _heads, _on_device_of, _pow2, _torch_path
+from .fwd_kernels import _online_softmax
 from .options import current_options
 from .tables import _sorted_tiles, _static_rows, block_tables
 
@@ -319,7 +320,7 @@ def _compressed_lse_kernel(Q, KM, CAND, SPAN, LSE, HLIST, HCOUNT, KVH, q0, ROWS,
         km_base = KM + (b * HKV + tl.load(KVH + row)) * NK * D_PAD
         lo = tl.load(SPAN + 2 * qb)
         hi = tl.load(SPAN + 2 * qb + 1)
-        m = tl.full([M], float("-inf"), dtype=tl.float32)  # the running max of q . k-bar (unscaled)
+        m = tl.full([M], float("-inf"), dtype=tl.float32)  # the running max of the scaled logits
         acc = tl.zeros([M], dtype=tl.float32)
         # with RANGES only the last tile of keys can hold non-candidates (past hi): the others go unmasked
         full = lo + (hi - lo) // BK * BK if RANGES else lo
@@ -337,16 +338,16 @@ def _compressed_lse_kernel(Q, KM, CAND, SPAN, LSE, HLIST, HCOUNT, KVH, q0, ROWS,
             for k0 in tl.range(full, hi, BK, num_stages=STAGES):  # (RANGES: one tile at most)
                 m, acc = _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK, D_PAD, DOT_PREC, True, RANGES)
         f = f0 + tl.arange(0, M)
-        lse = tl.where(ok & (acc > 0), m * qk_scale + tl.math.log2(acc), float("inf"))
+        lse = tl.where(ok & (acc > 0), m + tl.math.log2(acc), float("inf"))
         tl.store(LSE + (pid.to(tl.int64) * ROWS + r) * (GMAX * BLK) + f, lse, mask=f < GMAX * BLK)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK: tl.constexpr, D_PAD: tl.constexpr,  # type: ignore[no-untyped-def]
               DOT_PREC: tl.constexpr, MASK: tl.constexpr, RANGES: tl.constexpr):
-    """The running (max of s = q . k-bar, sum of 2**(qk_scale * (s - max))) of each row after the mean keys
-    k0 .. k0 + BK (online softmax; qk_scale > 0, so the max of s gives that of the logits, and each exponent
-    is one multiply-add). MASK: keys past hi or (not RANGES) off CAND are no candidates."""
+    """The running (max of qk_scale * s, sum of 2**(qk_scale * s - max)) of each row after the mean keys
+    k0 .. k0 + BK, s = q . k-bar: the forward's online softmax step with the scale folded into the exponent.
+    MASK: keys past hi or (not RANGES) off CAND are no candidates."""
     kb = k0 + tl.arange(0, BK)
     if MASK:
         ok = kb < hi
@@ -358,10 +359,8 @@ def _lse_step(m, acc, q, km_base, CAND, qb, k0, hi, NK, qk_scale, BK: tl.constex
     else:
         km = tl.load(km_base + kb[:, None].to(tl.int64) * D_PAD + tl.arange(0, D_PAD)[None, :])
         s = tl.dot(q, tl.trans(km), input_precision=DOT_PREC)
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
-    acc = acc * tl.math.exp2(m * qk_scale - m_use) + tl.sum(tl.math.exp2(s * qk_scale - m_use[:, None]), 1)
-    return m_new, acc
+    _, _, acc, m = _online_softmax(s, m, acc, qk_scale, True, True)
+    return m, acc
 
 
 @triton.jit  # type: ignore[untyped-decorator]
