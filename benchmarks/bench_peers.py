@@ -7,7 +7,7 @@ Triton backend (the same block mask, `attn.to_flex_block_mask`), and SDPA (is_ca
 B=1, H=16, N=16384 (each grid below holds N tokens), bf16; forward at every D (D=256 forward only) and
 forward+backward at the `--bwd-d` head dims. The median of interleaved rounds (each a quick `do_bench`
 median), with every round kept for the spread; effective TFLOP/s = 4 * allowed pairs * D * H * B / time
-(x 2.5 for forward+backward). A peer that cannot run a case is recorded with its error, not dropped.
+(x 3.5 for forward+backward). A peer that cannot run a case is recorded with its error, not dropped.
 JSON is rewritten after every case, so a run cut short keeps what it measured; `BENCH_DEADLINE` (seconds)
 skips the cases that would start past it.
 """
@@ -114,7 +114,7 @@ def case(name: str, src: str, window: tuple[int, int] | None, is_causal: bool, d
         except Exception as e:  # noqa: BLE001 (a peer that cannot run the case is recorded)
             errors[peer] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     times = interleaved(fns, time_one, rounds)
-    flops = 4 * pairs * d * H * B * (2.5 if bwd else 1.0)
+    flops = 4 * pairs * d * H * B * (3.5 if bwd else 1.0)
     rows = {p: {"ms": statistics.median(t), "rounds_ms": t, "tflops": flops / statistics.median(t) / 1e9}
             for p, t in times.items()}
     ours = rows.get("ours", {}).get("ms")

@@ -39,6 +39,7 @@ SECTIONS = (
     ("context_parallel", "Context parallelism, one GPU"),
     ("flex_mask", "Building Flex's BlockMask"),
     ("layout_choice", "Token layout or plain order"),
+    ("peers", "Every peer side by side"),
 )
 TITLES = dict(SECTIONS)
 
@@ -356,6 +357,35 @@ def layout_choice_section(d: dict[str, Any]) -> list[str]:
     return _section(TITLES["layout_choice"], context, header, rows)
 
 
+PEER_NAMES = (("fa4", "FA4"), ("flex_flash", "Flex FLASH"), ("flex_triton", "Flex Triton"), ("sdpa", "SDPA causal"),
+              ("sdpa_mask", "SDPA with a mask"))  # fmt: skip
+
+
+def peers_section(d: dict[str, Any]) -> list[str]:
+    """bench_peers.py: ours and every peer that can express the pattern, each peer's time and ours vs it."""
+    rows, failed = [], {}
+    for c in d["cases"]:
+        got = c.get("peers", {})
+        ours = got.get("ours", {}).get("ms")
+        if ours is None:
+            failed[f"{c['pattern']} D={c['d']} {c['pass']}"] = c.get("error") or c.get("skipped") or "not timed"
+            continue
+        flops = 4 * c["allowed_pairs"] * c["d"] * d["H"] * d["B"] * (3.5 if c["pass"] == "fwd+bwd" else 1.0)
+        cells = [f"{_ms(got[p]['ms'])} ({got[p]['ms'] / ours:.2f}x)" if p in got else "-" for p, _ in PEER_NAMES]
+        rows.append([c["pattern"], str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
+        for p, name in PEER_NAMES:
+            if p in c.get("errors", {}):
+                failed.setdefault(f"{name}: {c['errors'][p]}", "")
+    context = (f"{_stamp(d)}; B={d['B']} H={d['H']} {d['dtype']}, N={d['cases'][0].get('n', '?')} tokens in every case. "
+               "Each cell: the peer's median time, then ours vs it (its time over ours: above 1 ours is faster); ours "
+               "with its effective TFLOP/s. Every peer's output is checked against ours before it is timed.")  # fmt: skip
+    header = ["pattern", "D", "pass", "ours ms (TFLOP/s)", *(name + " ms" for _, name in PEER_NAMES)]
+    out = _section(TITLES["peers"], context, header, rows)
+    if failed:
+        out += ["Not timed:", "", *(f"- {k}{': ' + v if v else ''}" for k, v in failed.items()), ""]
+    return out
+
+
 LATER_SECTIONS = (
     ("compare_runtime", compare_runtime_section),
     ("decode", decode_section),
@@ -369,6 +399,7 @@ LATER_SECTIONS = (
     ("context_parallel", context_parallel_section),
     ("flex_mask", flex_mask_section),
     ("layout_choice", layout_choice_section),
+    ("peers", peers_section),
 )
 
 
@@ -588,6 +619,12 @@ def later_comparisons(results: Path) -> list[Comparison]:
             out += _pairs(TITLES["context_parallel"], f"{r['pattern']} fwd", o["fwd_ms"], [("single call", o["single_fwd_ms"])])
             out += _pairs(TITLES["context_parallel"], f"{r['pattern']} fwd+bwd", o["fwd_bwd_ms"],
                           [("single call", o["single_fwd_bwd_ms"])])  # fmt: skip
+    if d := _load(results, "peers"):
+        for c in d["cases"]:
+            got = c.get("peers", {})
+            if "ours" in got:
+                out += _pairs(TITLES["peers"], f"{c['pattern']} D={c['d']} {c['pass']}", got["ours"]["ms"],
+                              [(name, got[p]["ms"]) for p, name in PEER_NAMES if p in got])  # fmt: skip
     if d := _load(results, "flex_mask"):
         for r in d["rows"]:
             out += _pairs(TITLES["flex_mask"], f"{r['pattern']} N={r['n']}", r["ours_ms"],
