@@ -65,10 +65,11 @@ INT32_TABLES = {
     "QH_IDX",
     "QH_RANK",
     "SLOTS",
+    "SLOT_ROWS",
 }
 FP32_BUFFERS = {"LSE", "LSE2", "DELTA", "DLSE", "WS_K", "WS_V"}
 SEGMENTS = {"QSEG", "KSEG"}  # rows at given positions (`tables.span_tables`): a path taken when passed, off here
-INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL", "NKT", "CHUNK", "CHUNKS"}
+INTS = {"N", "H", "NH", "GROUP", "NKV", "LSE_N", "NP", "NH_SEL", "NKT", "CHUNK", "CHUNKS", "NSLOT"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 

@@ -161,8 +161,8 @@ def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, 
     nkt = -(-rows // bn)
     split = _static_split(spec, pat, N, bm, bn, nkt, q.device, B, sizes)
     lay = layout_kernel(spec, pat) if layout else None
-    extra, chunks = _split_args(split, nkt, bn, d_pad, q.device)
-    _attn_bwd_dkdv[(nkt * chunks, B * kv_ids.numel())](
+    extra, grid = _split_args(split, nkt, bn, d_pad, q.device, B * kv_ids.numel())
+    _attn_bwd_dkdv[grid](
         q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, f_off, f_idx, p_off, p_idx,
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3],
@@ -268,8 +268,8 @@ def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torc
     qh_rank = _qh_rank(pat, patterns, H, group, q.device)
     split = _dynamic_split(tables, B, nh, nqt, nkt, qh_rank, _group_sizes(pat, patterns, H, group),
                            _kv_slot_of(pat, patterns, H, group, q.device))
-    extra, chunks = _split_args(split, nkt, bn1, d_pad, q.device)
-    _attn_bwd_dkdv[(nkt * chunks, B * kv_ids.numel())](
+    extra, grid = _split_args(split, nkt, bn1, d_pad, q.device, B * kv_ids.numel())
+    _attn_bwd_dkdv[grid](
         q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, *tables,
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3],
@@ -297,6 +297,7 @@ class Split(NamedTuple):
     """How a dK/dV launch splits its heavy rows."""
 
     slots: torch.Tensor  # per (batch, kv slot, key block) row its workspace row, -1: run whole (int32)
+    rows: torch.Tensor  # per workspace row its row (the inverse of slots), -1: no row took it (int32)
     used: int  # workspace rows
     chunk: int  # tile iterations per piece
     chunks: int  # programs per key block
@@ -329,6 +330,15 @@ def _slots(work: torch.Tensor, chunk: int, cap: int) -> torch.Tensor:
     return torch.where((flat > chunk) & (rank < cap), rank, -1).to(torch.int32)
 
 
+def _slot_rows(slots: torch.Tensor, used: int) -> torch.Tensor:
+    """The inverse of `_slots`: per workspace slot 0 .. used - 1 its row, -1 where no row took it (int32,
+    at least one entry), built on the slots' device without reading it."""
+    out = torch.full((max(1, used) + 1,), -1, dtype=torch.int32, device=slots.device)
+    rows = torch.arange(slots.numel(), dtype=torch.int32, device=slots.device)
+    out.scatter_(0, torch.where(slots >= 0, slots, out.numel() - 1).long(), rows)  # unsplit rows: the spare entry
+    return out[:-1]
+
+
 def _group_sizes(pat: int, patterns: int | tuple[int, ...], H: int, group: int) -> list[int]:
     """Query heads using `pat` per kv slot of `_kv_groups` (the kv heads with at least one)."""
     per = [0] * (H // group)
@@ -356,7 +366,9 @@ def _static_split(spec: PatternSpec, pat: int, n: int, bm: int, bn: int, nkt: in
     hit = None
     if chunk:
         slots = _slots(work.expand(B, -1, -1), chunk, _slot_cap(B * work.numel()))
-        hit = Split(slots.to(device), int((slots >= 0).sum()), chunk, min(_SPLIT_CAP, -(-top // chunk)))
+        used = int((slots >= 0).sum())
+        hit = Split(slots.to(device), _slot_rows(slots, used).to(device), used, chunk,
+                    min(_SPLIT_CAP, -(-top // chunk)))
     if len(_SPLITS) >= 64:
         _SPLITS.pop(next(iter(_SPLITS)))
     _SPLITS[key] = hit
@@ -381,17 +393,21 @@ def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nk
     work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=count.device)
     work.index_add_(1, kv_of, count[:, qh_rank.long()])  # summed over each kv slot's query heads
     cap = min(_slot_cap(rows), (f_idx.numel() + p_idx.numel()) // (chunk + 1))  # heavy rows: at most that
-    return Split(_slots(work, chunk, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk)))
+    slots = _slots(work, chunk, cap)
+    return Split(slots, _slot_rows(slots, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk)))
 
 
-def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int,
-                device: torch.device) -> tuple[dict[str, Any], int]:
-    """(`_attn_bwd_dkdv`'s split arguments, its programs per key block): none and 1 without a split."""
+def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int, device: torch.device,
+                rows: int) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """(`_attn_bwd_dkdv`'s split arguments, its grid) for `rows` (batch * kv slots) of nkt key blocks: without
+    a split none and a program per (key block, row); with one a single axis, the split rows' pieces, then a
+    program per row (the split ones exit), so no program is launched for pieces no row has."""
     if split is None:
-        return {}, 1
-    ws = torch.zeros((2, max(1, split.used), bn, d_pad), dtype=torch.float32, device=device)  # dK's, dV's
-    return dict(SPLIT=True, SLOTS=split.slots, WS_K=ws[0], WS_V=ws[1], NKT=nkt, CHUNK=split.chunk,
-                CHUNKS=split.chunks), split.chunks
+        return {}, (nkt, rows)
+    slots = max(1, split.used)
+    ws = torch.zeros((2, slots, bn, d_pad), dtype=torch.float32, device=device)  # dK's, dV's
+    return (dict(SPLIT=True, SLOTS=split.slots, SLOT_ROWS=split.rows, NSLOT=slots, WS_K=ws[0], WS_V=ws[1], NKT=nkt,
+                 CHUNK=split.chunk, CHUNKS=split.chunks), (slots * split.chunks + nkt * rows,))
 
 
 def _merge_split(extra: dict[str, Any], kv_ids: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, n: int,
@@ -399,10 +415,9 @@ def _merge_split(extra: dict[str, Any], kv_ids: torch.Tensor, dk: torch.Tensor, 
     """Write the split rows' dK/dV from their workspace rows (nothing without a split)."""
     if not extra:
         return
-    nkt = extra["NKT"]
-    _attn_bwd_dkdv_merge[(nkt, extra["SLOTS"].numel() // nkt)](
-        dk, dv, extra["WS_K"], extra["WS_V"], extra["SLOTS"], kv_ids, *dk.stride()[:3], *dv.stride()[:3],
-        n, kv_ids.numel(), nkt, scale, BLOCK_N=bn, HEAD_DIM=d, D_PAD=d_pad, ACCUM=accum, LAYOUT=layout,
+    _attn_bwd_dkdv_merge[(extra["NSLOT"],)](
+        dk, dv, extra["WS_K"], extra["WS_V"], extra["SLOT_ROWS"], kv_ids, *dk.stride()[:3], *dv.stride()[:3],
+        n, kv_ids.numel(), extra["NKT"], scale, BLOCK_N=bn, HEAD_DIM=d, D_PAD=d_pad, ACCUM=accum, LAYOUT=layout,
     )
 
 

@@ -207,7 +207,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["N", "LSE_N", "NP", "NKT", "CHUNK", "CHUNKS"])
+@triton.jit(do_not_specialize=["N", "LSE_N", "NP", "NKT", "CHUNK", "CHUNKS", "NSLOT"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FULL_OFF, FULL_IDX, PART_OFF, PART_IDX,
                    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
                    s_gb, s_gh, s_gn, s_wb, s_wh, s_wn,
@@ -217,14 +217,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                    INTERPRET: tl.constexpr, CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False,
                    QH_RANK=None, NH_SEL=0, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
                    LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0, QSEG=None, KSEG=None,
-                   SPLIT: tl.constexpr = False, SLOTS=None, WS_K=None, WS_V=None, NKT=0, CHUNK=0, CHUNKS=1):
+                   SPLIT: tl.constexpr = False, SLOTS=None, SLOT_ROWS=None, NSLOT=1, WS_K=None, WS_V=None, NKT=0,
+                   CHUNK=0, CHUNKS=1):
     # SEL_PRED is not None: per-(batch, head) transposed tables, row (batch * NH_SEL + head's rank) * key blocks + key
     # block (QH_RANK: each listed query head's rank among the pattern's heads); bit 30 marks selected blocks
-    # SPLIT: CHUNKS programs per key block (NKT of them; piece CHUNKS - 1 first, so a heavy row's pieces start
-    # before the rest). SLOTS[(batch, kv slot) * NKT + key block] >= 0 marks a split row: its work (query
-    # blocks times the group's heads, in loop order) is cut into pieces of max(CHUNK, work / CHUNKS), each
-    # added into float32 workspace rows WS_K/WS_V[slot] (`_attn_bwd_dkdv_merge` writes dK/dV); other rows run
-    # whole in piece 0 and write dK/dV themselves, their other pieces exit at once
+    # SPLIT: one axis of programs, the NSLOT * CHUNKS pieces of the split rows first (every slot's last piece
+    # first, so the heavy rows start before the rest), then one program per row. SLOTS[(batch, kv slot) * NKT
+    # + key block] >= 0 marks a split row (its workspace slot; SLOT_ROWS is the inverse, -1 for a slot no row
+    # took): its work (query blocks times the group's heads, in loop order) is cut into pieces of
+    # max(CHUNK, work / CHUNKS), each added into float32 workspace rows WS_K/WS_V[slot]
+    # (`_attn_bwd_dkdv_merge` writes dK/dV); other rows run whole and write dK/dV themselves
     if VARLEN:  # packed documents: program r is key tile r (document, key block), indices local to it
         row = tl.program_id(0)
         doc = tl.load(TILES + 2 * row)
@@ -238,17 +240,26 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
         lse_n = LSE_N
     else:
         pid_n = tl.program_id(0)
-        if SPLIT:
-            pid_n = tl.program_id(0) % NKT
         row = pid_n
         start = 0
         lse_n = N
     pid_bh = tl.program_id(1)
     if SPLIT:
-        piece = CHUNKS - 1 - tl.program_id(0) // NKT
-        ws = tl.load(SLOTS + pid_bh * NKT + pid_n)
-        if (ws < 0) & (piece > 0):  # a row run whole (by piece 0)
+        p = tl.program_id(0)
+        pieces = NSLOT * CHUNKS
+        if p < pieces:  # a piece of a split row
+            ws = p % NSLOT
+            piece = CHUNKS - 1 - p // NSLOT
+            flat = tl.load(SLOT_ROWS + ws)
+        else:  # a whole row
+            flat = p - pieces
+            ws = tl.load(SLOTS + flat)
+            piece = p * 0
+        if (flat < 0) | ((p >= pieces) & (ws >= 0)):  # a slot no row took; a split row (its pieces run above)
             return
+        pid_bh = flat // NKT
+        pid_n = flat % NKT
+        row = pid_n
     b = (pid_bh // NKV).to(tl.int64)
     slot = pid_bh % NKV
     kvh = tl.load(KV_IDS + slot).to(tl.int64)
@@ -367,16 +378,17 @@ def _dkdv_store(dk, dv, dk_ptr, dv_ptr, kvmask, scale, ACCUM: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["N", "NKT"])
-def _attn_bwd_dkdv_merge(DK, DV, WS_K, WS_V, SLOTS, KV_IDS, s_gb, s_gh, s_gn, s_wb, s_wh, s_wn, N, NKV, NKT, scale,
-                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACCUM: tl.constexpr,
-                         LAYOUT: tl.constexpr = None):
-    """dK/dV of the split rows of `_attn_bwd_dkdv` (SPLIT) from their float32 workspace rows; program
-    (key block, batch * kv slot), other rows exit at once."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    ws = tl.load(SLOTS + pid_bh * NKT + pid_n)
-    if ws < 0:
+def _attn_bwd_dkdv_merge(DK, DV, WS_K, WS_V, SLOT_ROWS, KV_IDS, s_gb, s_gh, s_gn, s_wb, s_wh, s_wn, N, NKV, NKT,
+                         scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                         ACCUM: tl.constexpr, LAYOUT: tl.constexpr = None):
+    """dK/dV of the split rows of `_attn_bwd_dkdv` (SPLIT) from their float32 workspace rows; program: a
+    workspace slot (SLOT_ROWS: its row, (batch * kv slot) * NKT + key block; -1, no row took it: exits)."""
+    ws = tl.program_id(0)
+    flat = tl.load(SLOT_ROWS + ws)
+    if flat < 0:
         return
+    pid_bh = flat // NKT
+    pid_n = flat % NKT
     b = (pid_bh // NKV).to(tl.int64)
     kvh = tl.load(KV_IDS + pid_bh % NKV).to(tl.int64)
     offs_n, kok, _ = _block(None, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT)

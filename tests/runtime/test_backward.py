@@ -26,6 +26,8 @@ from helpers import (
     reference_grads,
     spy_launches,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import patterndsl as P
 from patterndsl import ir
@@ -313,9 +315,28 @@ def test_split_plan_bounds_the_heaviest_program() -> None:
 
     cpu = torch.device("cpu")
     spec = P.compile("pattern p = causal & (window(63) | sink(64))\n").spec
-    slots, used, chunk, chunks = _static_split(spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4) or (None, 0, 0, 0)
-    assert used == 4 and slots.view(4, 1024)[:, 0].tolist() == [0, 1, 2, 3] and (slots.view(4, 1024)[:, 1:] < 0).all()
-    assert (chunk, chunks) == (4 * 48, 64)  # 16384 / 64 = 256 tile iterations in the heaviest program
+    split = _static_split(spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4)
+    assert split is not None and split.used == 4
+    slots = split.slots.view(4, 1024)
+    assert slots[:, 0].tolist() == [0, 1, 2, 3] and (slots[:, 1:] < 0).all()
+    assert split.rows.tolist() == [0, 1024, 2048, 3072]  # each slot's row: the launch has no idle pieces
+    assert (split.chunk, split.chunks) == (4 * 48, 64)  # 16384 / 64 = 256 tile iterations in the heaviest program
     assert _static_split(P.compile("pattern p = causal\n").spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4) is None
     with P.compile("pattern p = causal & (window(63) | sink(64))\n").options(bwd_split=0):
         assert _static_split(spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4) is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=40), st.integers(1, 12), st.integers(1, 50))
+def test_slot_rows_invert_the_slots(work: list[int], chunk: int, cap: int) -> None:
+    """Each workspace slot names the row that holds it (the split launch's pieces find their rows so), and
+    the slots no row took name none."""
+    from patterndsl.runtime.backward import _slot_rows, _slots
+
+    slots = _slots(torch.tensor(work), chunk, cap)
+    rows = _slot_rows(slots, cap)
+    assert rows.shape == (cap,)
+    for r, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert rows[s] == r
+    assert int((rows >= 0).sum()) == int((slots >= 0).sum())
