@@ -1,6 +1,6 @@
 """Token layout or plain order, side by side on the GPU, for every library pattern that the compiler gives a
 token layout: the compiled default (its layout) run two ways, gathered into the layout's order on the fast
-kernel (`layout_gather=True`, the default) and read in place by the pointer-load kernel (`layout_gather=False`),
+kernel (`layout_gather=True`) and read in place by the pointer-load kernel (`layout_gather=False`),
 against the same pattern with `layout=False` (the plain order, run by the fast kernel with TMA at the default
 tiles).
 

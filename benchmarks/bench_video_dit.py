@@ -95,7 +95,7 @@ def main() -> None:
             lay = L.choose(body, cfg[0], cfg[1]) if layout else None
             visited = L.visited_tiles(pred, lay, N, cfg[0], cfg[1])
             extra = {}
-            if layout:  # the layout both ways: gathered for the fast kernel (the default) and read in place
+            if layout:  # the layout both ways (the default times both and keeps the faster): gathered, in place
                 t, t_in_place, rounds = gather_or_not(mod, lambda: mod.attention(q, k, v))
                 in_place = under(mod, False, lambda: mod.attention(q, k, v))
                 extra = {"ms_in_place": t_in_place, "in_place_over_gather": t_in_place / t,

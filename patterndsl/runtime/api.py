@@ -18,7 +18,7 @@ from . import autograd, tables
 from .backward import _backward, _varlen_backward
 from .checks import _check, _check_docs, _need_scores, check_dtypes, check_n
 from .common import _d_pad, _head_patterns, _on_device_of, _pow2, _tma_mode
-from .forward import _choose, _config, _forward, _varlen_forward
+from .forward import _choose, _config, _forward, _layout_way, _varlen_forward
 from .options import options as _options
 from .selection import selected_blocks as _selected_blocks
 from .spec import PatternSpec
@@ -568,7 +568,8 @@ def _config_for(spec: PatternSpec, q: Any, k: Any, v: Any, group: int, patterns:
     out = torch.empty_like(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     tma = _tma_mode((q, k, v, out), _d_pad(D))
-    return tuple(_choose(spec, q, k, v, out, lse, scale, group, patterns, tma))
+    with _layout_way(spec, q, k, v, out, lse, scale, group, patterns, tma):
+        return tuple(_choose(spec, q, k, v, out, lse, scale, group, patterns, tma))
 
 
 def _suffix_rows(q: Any, k: Any, v: Any) -> bool:

@@ -3,8 +3,9 @@ general kernel for token layouts, selectors and packed documents), with autotune
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +31,7 @@ from .common import (
 )
 from .cpu import _attention_cpu
 from .fwd_kernels import _attn_combine, _attn_fwd, _attn_fwd_fast
-from .options import current_options
+from .options import current_options, options
 from .selection import _dynamic_tables, _selection, _tiles, sel_kernel
 from .tables import block_tables, heavy_first, work_list
 from .tuning import _layout_candidates, _tune_candidates, _tuned
@@ -160,7 +161,41 @@ def _fast(spec: PatternSpec, pat: int) -> bool:
     (on by default) runs it on buffers gathered into the layout's order."""
     if spec.selectors[pat] is not None:
         return False
-    return spec.layouts[pat] is None or current_options().layout_gather
+    return spec.layouts[pat] is None or current_options().layout_gather is not False
+
+
+def _may_tune(spec: PatternSpec, q: torch.Tensor, used: set[int]) -> bool:
+    """A call may time candidates: compiled kernels on a CUDA GPU, tuning not switched off, and some pattern
+    without a selector (patterns with one keep their configured tiles)."""
+    return not (_INTERPRET or q.device.type != "cuda" or not spec.autotune
+                or all(spec.selectors[p] is not None for p in used) or not current_options().autotune
+                or os.environ.get("PATTERNDSL_AUTOTUNE") == "0")
+
+
+@contextlib.contextmanager
+def _layout_way(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, scale: float, group: int, patterns: int | tuple[int, ...], tma: int) -> Iterator[None]:
+    """Under the `layout_gather` option's default (None) a pattern with a token layout runs its forward the
+    faster way at this shape: gathered into the layout's order for the fast kernel, which pays two passes
+    over q, k, v and the output, or read in place by `_attn_fwd`, which visits more pairs per tile. The tuner
+    times the two, each with its own tuned tiles, at the first call and remembers the pick; where nothing is
+    tuned (fixed `tiles` included), gathered. The block runs under the way chosen."""
+    used = {patterns} if isinstance(patterns, int) else set(patterns)
+    opts = current_options()
+    if (opts.layout_gather is not None or opts.tiles is not None or not _may_tune(spec, q, used)
+            or all(spec.layouts[p] is None or spec.selectors[p] is not None for p in used)):
+        yield
+        return
+
+    def run(way: tuple[int, ...]) -> None:
+        with options(layout_gather=bool(way[0])):
+            cfg = _choose(spec, q, k, v, out, lse, scale, group, patterns, tma)
+            _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns)
+
+    fields = ("layout-way", _d_pad(q.shape[-1]), q.dtype, tma, q.device.index, _pow2(q.shape[2]), patterns)
+    way = _tuned(spec, fields, lambda: [(1,), (0,)], run, (1,))
+    with options(layout_gather=bool(way[0])):
+        yield
 
 
 def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -174,15 +209,13 @@ def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         base = _config(spec, d_pad, q.element_size())
         return (*fixed[:4], *base[len(fixed):4], *(fixed[4:7] if len(fixed) > 4 else (tma, 0, 0)))
     used = {patterns} if isinstance(patterns, int) else set(patterns)
-    tuned = any(spec.selectors[p] is None for p in used)  # patterns with a selector keep CONFIGS
     default = (*_config(spec, d_pad, q.element_size()), tma, 0, 0)
-    if (_INTERPRET or q.device.type != "cuda" or not spec.autotune or not tuned
-            or not current_options().autotune or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
+    if not _may_tune(spec, q, used):
         return default
     N = q.shape[2]
     # a token layout's pattern runs on another kernel without the `layout_gather` option: its own tuning
     layout = any(spec.layouts[p] is not None for p in used)
-    pointer = layout and not current_options().layout_gather
+    pointer = layout and current_options().layout_gather is False
     fields = ("fwd-pointer" if pointer else "fwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), patterns)
     run = lambda cfg: _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)  # noqa: E731
     if any(_fast(spec, p) for p in used):
@@ -206,8 +239,9 @@ def _forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     d_pad = _d_pad(D)
     tma = _tma_mode((q, k, v, out), d_pad)
-    cfg = _choose(spec, q, k, v, out, lse, scale, group, patterns, tma, scores, picks)
-    _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)
+    with _layout_way(spec, q, k, v, out, lse, scale, group, patterns, tma):
+        cfg = _choose(spec, q, k, v, out, lse, scale, group, patterns, tma, scores, picks)
+        _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)
     return out, lse
 
 

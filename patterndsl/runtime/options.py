@@ -29,7 +29,9 @@ class Options:
     bwd_fuse_pre: the dQ kernel computes delta and lse2 (one launch less).
     bwd_tma: static patterns without a token layout read Q, dO and K, V tiles through TMA descriptors.
     layout_gather: patterns with a token layout run the fast kernel on q, k, v gathered into the layout's
-    order (`runtime.layout_order`); False reads them in place on the pointer-load kernel `_attn_fwd`.
+    order (`runtime.layout_order`, True) or read them in place on the pointer-load kernel `_attn_fwd`
+    (False); None (the default) lets the tuner time both at the first call per shape (gathered where
+    nothing is tuned).
     autotune: False launches the configured tiles (as PATTERNDSL_AUTOTUNE=0 does).
     tiles: a forward config (BLOCK_M, BLOCK_N[, warps, stages[, tma, one_loop, maxnreg]]) to launch, no tuning.
     bwd_split: None cuts a key block's dK/dV work (its query blocks times the group's query heads) into pieces
@@ -65,7 +67,7 @@ class Options:
     compressed_sum_tiles: tuple[int, int, int, int] = (128, 128, 8, 2)
     bwd_fuse_pre: bool = True
     bwd_tma: bool = True
-    layout_gather: bool = True
+    layout_gather: bool | None = None
     autotune: bool = True
     tiles: tuple[int, ...] | None = None
     bwd_tiles: tuple[int, ...] | None = None

@@ -151,9 +151,10 @@ def test_gpu_gathered_forward_and_unchanged_backward_match_float64(file: str, na
 
 @pytest.mark.autotune
 def test_gpu_tuner_times_the_kernel_that_runs(tmp_path: Path, monkeypatch: Any) -> None:
-    """With the gather on, a layout pattern is tuned over the fast kernel's candidates (BLOCK_M, BLOCK_N, warps,
-    stages, tma, one_loop, maxnreg), its configured tiles among them; with it off, over the pointer-load
-    kernel's, under a key of their own."""
+    """By default a layout pattern is tuned both ways: gathered, over the fast kernel's candidates (BLOCK_M,
+    BLOCK_N, warps, stages, tma, one_loop, maxnreg), its configured tiles among them; read in place, over the
+    pointer-load kernel's, under a key of their own; then the two ways timed against each other. A later call
+    with the gather off reuses the in-place tuning."""
     from patterndsl.runtime import tuning
     from patterndsl.runtime.common import _d_pad
 
@@ -167,7 +168,8 @@ def test_gpu_tuner_times_the_kernel_that_runs(tmp_path: Path, monkeypatch: Any) 
     attn(q, k, v)
     with attn.options(layout_gather=False):
         attn(q, k, v)
-    fast, pointer = tuning.records()[before:]
+    fast, pointer, way = tuning.records()[before:]
+    assert "layout-way" in way.key and set(way.rounds) == {(1,), (0,)} and way.choice in way.rounds
     default = (*tuning._by_width(spec.configs, 128, 2), 1, 0, 0)  # the tiles its layout was chosen for
     assert default in fast.rounds and set(fast.rounds) <= set(tuning._tune_candidates(spec, _d_pad(128), 1, 2, default))
     assert fast.choice in fast.rounds and "fwd-pointer" not in fast.key

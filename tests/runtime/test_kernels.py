@@ -463,6 +463,44 @@ def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeyp
         assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
 
 
+@pytest.mark.parametrize("pick", [0, 1])
+def test_the_tuner_picks_how_a_token_layout_is_read(pick: int, monkeypatch: Any) -> None:
+    """Under the default `layout_gather=None` a pattern with a token layout is timed both ways where tuning
+    runs, gathered (the fast kernel) and read in place (`_attn_fwd`), and the call launches the way picked;
+    an explicit True or False, or a call that tunes nothing (the interpreter), times nothing and gathers
+    unless told False. The tuner is stood in for by one that runs each way once and picks `pick`."""
+    from patterndsl.runtime import forward
+
+    src = "causal & window(40, dilation=4)"
+    attn = P.compile(f"pattern p = {src}\n", **SMALL)
+    timed: list[tuple[int, ...]] = []
+
+    def tuned(spec: Any, fields: Any, candidates: Any, run: Any, fallback: Any) -> tuple[int, ...]:
+        if fields[0] == "layout-way":
+            for way in candidates():
+                timed.append(way)
+                run(way)
+            return (pick,)
+        return tuple(fallback)
+
+    monkeypatch.setattr(forward, "_tuned", tuned)
+    launched: list[str] = []
+    spy_launches(monkeypatch, forward, "_attn_fwd", launched, lambda kw: "in place")
+    spy_launches(monkeypatch, forward, "_attn_fwd_fast", launched, lambda kw: "gathered")
+    check_attention(attn, P.dense_mask(src, 77), h=2, hkv=1)
+    assert timed == [] and set(launched) == {"gathered"}  # the interpreter tunes nothing
+    monkeypatch.setattr(forward, "_may_tune", lambda spec, q, used: True)
+    for forced, way in ((True, "gathered"), (False, "in place")):
+        launched.clear()
+        with attn.options(layout_gather=forced):
+            check_attention(attn, P.dense_mask(src, 77), h=2, hkv=1)
+        assert timed == [] and set(launched) == {way}
+    launched.clear()
+    check_attention(attn, P.dense_mask(src, 77), h=2, hkv=1)
+    assert timed == [(1,), (0,)] and launched[:2] == ["gathered", "in place"]
+    assert set(launched[2:]) == {("gathered", "in place")[1 - pick]}
+
+
 def test_backward_autotune_times_each_kernel_on_its_own(tmp_path: Path, monkeypatch: Any) -> None:
     """dK/dV and dQ are tuned apart: each kernel's candidates (the default tile first, then the halves of
     the backward tuning configs) are timed once, the fastest of each is kept, also in another process through
