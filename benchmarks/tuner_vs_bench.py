@@ -60,8 +60,8 @@ def tune(attn, q, k, v) -> dict:
         attn(q, k, v)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    record = tuning.records()[-1]
-    assert record is not before, "the call tuned (an empty cache)"
+    assert tuning.records()[-1] is not before, "the call tuned (an empty cache)"
+    record = bf.last_tuning(attn)  # the tiles the call launches (not a token layout's two ways)
     rounds = {",".join(map(str, c)): list(t) for c, t in record.rounds.items()}
     return {"pick": list(attn.config(q, k, v)), "seconds": seconds, "rounds_ms": rounds}
 
@@ -69,8 +69,8 @@ def tune(attn, q, k, v) -> dict:
 def bench_rounds(attn, q, k, v, rounds: int = 3) -> dict:
     """do_bench medians of every candidate of the last tuning, launched through the pattern as users do (the
     tuned choice in memory set to each candidate in turn)."""
-    (fields,) = [x for x in tuning._TUNED if x[0] == attn.spec.key and x[1][0] == "fwd"]
-    cands = list(tuning.records()[-1].rounds)
+    (fields,) = [x for x in tuning._TUNED if x[0] == attn.spec.key and x[1][0] == bf.tile_kind(attn)]
+    cands = list(bf.last_tuning(attn).rounds)
     times: dict = {c: [] for c in cands}
     for r in range(rounds):
         for c in cands if r % 2 == 0 else reversed(cands):

@@ -386,13 +386,13 @@ def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nk
     rows = B * nkv * nkt
     top = max(sizes, default=0) * nqt
     chunk = _split_chunk(max(f_idx.numel(), p_idx.numel()) / max(1, rows), top)
-    if not chunk:
+    cap = min(_slot_cap(rows), (f_idx.numel() + p_idx.numel()) // (chunk + 1))  # heavy rows: at most that
+    if not chunk or not cap:  # (no entries for a heavy row: nothing to split, no workspace nor merge)
         return None
     per = B * nh * nkt
     count = (f_off[1:per + 1] - f_off[:per] + p_off[1:per + 1] - p_off[:per]).view(B, nh, nkt)
     work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=count.device)
     work.index_add_(1, kv_of, count[:, qh_rank.long()])  # summed over each kv slot's query heads
-    cap = min(_slot_cap(rows), (f_idx.numel() + p_idx.numel()) // (chunk + 1))  # heavy rows: at most that
     slots = _slots(work, chunk, cap)
     return Split(slots, _slot_rows(slots, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk)))
 

@@ -174,12 +174,14 @@ def _may_tune(spec: PatternSpec, q: torch.Tensor, used: set[int]) -> bool:
 
 @contextlib.contextmanager
 def _layout_way(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, scale: float, group: int, patterns: int | tuple[int, ...], tma: int) -> Iterator[None]:
+                lse: torch.Tensor, scale: float, group: int, patterns: int | tuple[int, ...], tma: int,
+                scores: torch.Tensor | None = None, picks: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Under the `layout_gather` option's default (None) a pattern with a token layout runs its forward the
     faster way at this shape: gathered into the layout's order for the fast kernel, which pays two passes
     over q, k, v and the output, or read in place by `_attn_fwd`, which visits more pairs per tile. The tuner
     times the two, each with its own tuned tiles, at the first call and remembers the pick; where nothing is
-    tuned (fixed `tiles` included), gathered. The block runs under the way chosen."""
+    tuned (fixed `tiles` included), gathered. The block runs under the way chosen. `scores` and `picks` go
+    to the timed launches as to the call's own: a `heads { }` pattern's selector heads run in them too."""
     used = {patterns} if isinstance(patterns, int) else set(patterns)
     opts = current_options()
     if (opts.layout_gather is not None or opts.tiles is not None or not _may_tune(spec, q, used)
@@ -189,8 +191,8 @@ def _layout_way(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     def run(way: tuple[int, ...]) -> None:
         with options(layout_gather=bool(way[0])):
-            cfg = _choose(spec, q, k, v, out, lse, scale, group, patterns, tma)
-            _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns)
+            cfg = _choose(spec, q, k, v, out, lse, scale, group, patterns, tma, scores, picks)
+            _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)
 
     fields = ("layout-way", _d_pad(q.shape[-1]), q.dtype, tma, q.device.index, _pow2(q.shape[2]), patterns)
     way = _tuned(spec, fields, lambda: [(1,), (0,)], run, (1,))
@@ -239,7 +241,7 @@ def _forward(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     d_pad = _d_pad(D)
     tma = _tma_mode((q, k, v, out), d_pad)
-    with _layout_way(spec, q, k, v, out, lse, scale, group, patterns, tma):
+    with _layout_way(spec, q, k, v, out, lse, scale, group, patterns, tma, scores, picks):
         cfg = _choose(spec, q, k, v, out, lse, scale, group, patterns, tma, scores, picks)
         _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)
     return out, lse

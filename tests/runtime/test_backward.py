@@ -340,3 +340,19 @@ def test_slot_rows_invert_the_slots(work: list[int], chunk: int, cap: int) -> No
         if s >= 0:
             assert rows[s] == r
     assert int((rows >= 0).sum()) == int((slots >= 0).sum())
+
+
+def test_a_dynamic_split_without_room_for_a_heavy_row_is_none() -> None:
+    """Tables whose entries cannot give a row more than `chunk` tile iterations split nothing: the launch
+    takes no workspace and no merge (rather than a split whose every piece exits)."""
+    from patterndsl.runtime.backward import _dynamic_split
+
+    nqt = nkt = 8
+    f_off, p_off = torch.zeros(nkt + 1, dtype=torch.int32), torch.tensor([0, 3, *[3] * (nkt - 1)], dtype=torch.int32)
+    tables = (f_off, torch.zeros(0, dtype=torch.int32), p_off, torch.arange(3, dtype=torch.int32))
+    args = (1, 1, nqt, nkt, torch.tensor([0], dtype=torch.int32), [1], torch.tensor([0]))
+    with P.compile("pattern p = causal\n").options(bwd_split=3):
+        assert _dynamic_split(tables, *args) is None  # 3 entries: no row above 3 tile iterations
+    with P.compile("pattern p = causal\n").options(bwd_split=2):
+        split = _dynamic_split(tables, *args)
+        assert split is not None and split.used == 1 and split.rows.tolist() == [0]

@@ -501,6 +501,36 @@ def test_the_tuner_picks_how_a_token_layout_is_read(pick: int, monkeypatch: Any)
     assert set(launched[2:]) == {("gathered", "in place")[1 - pick]}
 
 
+def test_the_layout_way_is_timed_with_the_calls_scores(monkeypatch: Any) -> None:
+    """A `heads { }` pattern with a token layout and a `score=given` selector: the two ways are timed with
+    the call's scores (the selector's heads run in every timed launch), and the pick computes what an
+    explicit `layout_gather` computes."""
+    from patterndsl.runtime import forward
+
+    text = ("pattern m = heads {\n  0:1 => causal & window(40, dilation=4)\n"
+            "  1:2 => causal & topk(2, block=16, score=given)\n}\n")
+    attn = P.compile(text, **SMALL)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    scores = torch.randn(1, 2, 4, 4, generator=g)
+    with attn.options(layout_gather=True):
+        want = attn(q, k, v, scores=scores)
+    timed: list[tuple[int, ...]] = []
+
+    def tuned(spec: Any, fields: Any, candidates: Any, run: Any, fallback: Any) -> tuple[int, ...]:
+        if fields[0] == "layout-way":
+            for way in candidates():
+                timed.append(way)
+                run(way)
+            return (0,)
+        return tuple(fallback)
+
+    monkeypatch.setattr(forward, "_tuned", tuned)
+    monkeypatch.setattr(forward, "_may_tune", lambda spec, q, used: True)
+    got = attn(q, k, v, scores=scores)
+    assert timed == [(1,), (0,)] and (got - want).abs().max().item() < 1e-5
+
+
 def test_backward_autotune_times_each_kernel_on_its_own(tmp_path: Path, monkeypatch: Any) -> None:
     """dK/dV and dQ are tuned apart: each kernel's candidates (the default tile first, then the halves of
     the backward tuning configs) are timed once, the fastest of each is kept, also in another process through
