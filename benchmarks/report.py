@@ -361,6 +361,12 @@ PEER_NAMES = (("fa4", "FA4"), ("flex_flash", "Flex FLASH"), ("flex_triton", "Fle
               ("sdpa_mask", "SDPA with a mask"))  # fmt: skip
 
 
+def _spread(peer: dict[str, Any], ours: dict[str, Any]) -> str:
+    """The lowest and highest per-round ratio of a peer's time to ours (rounds timed side by side)."""
+    ratios = [p / o for p, o in zip(peer["rounds_ms"], ours["rounds_ms"], strict=True)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def peers_section(d: dict[str, Any]) -> list[str]:
     """bench_peers.py: ours and every peer that can express the pattern, each peer's time and ours vs it."""
     rows, failed = [], {}
@@ -371,14 +377,16 @@ def peers_section(d: dict[str, Any]) -> list[str]:
             failed[f"{c['pattern']} D={c['d']} {c['pass']}"] = c.get("error") or c.get("skipped") or "not timed"
             continue
         flops = 4 * c["allowed_pairs"] * c["d"] * d["H"] * d["B"] * (3.5 if c["pass"] == "fwd+bwd" else 1.0)
-        cells = [f"{_ms(got[p]['ms'])} ({got[p]['ms'] / ours:.2f}x)" if p in got else "-" for p, _ in PEER_NAMES]
+        cells = [f"{_ms(got[p]['ms'])} ({got[p]['ms'] / ours:.2f}x, {_spread(got[p], got['ours'])})" if p in got
+                 else "-" for p, _ in PEER_NAMES]  # fmt: skip
         rows.append([c["pattern"], str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
         for p, name in PEER_NAMES:
             if p in c.get("errors", {}):
                 failed.setdefault(f"{name}: {c['errors'][p]}", "")
     context = (f"{_stamp(d)}; B={d['B']} H={d['H']} {d['dtype']}, N={d['cases'][0].get('n', '?')} tokens in every case. "
-               "Each cell: the peer's median time, then ours vs it (its time over ours: above 1 ours is faster); ours "
-               "with its effective TFLOP/s. Every peer's output is checked against ours before it is timed.")  # fmt: skip
+               "Each cell: the peer's median time, then ours vs it (its time over ours: above 1 ours is faster) and "
+               "the spread of that ratio over the interleaved rounds; ours with its effective TFLOP/s. Every peer's "
+               "output is checked against ours before it is timed.")  # fmt: skip
     header = ["pattern", "D", "pass", "ours ms (TFLOP/s)", *(name + " ms" for _, name in PEER_NAMES)]
     out = _section(TITLES["peers"], context, header, rows)
     if failed:
