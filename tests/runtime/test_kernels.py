@@ -463,6 +463,21 @@ def test_layout_patterns_are_tuned_over_tiles_and_launch_the_chosen_ones(monkeyp
         assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
 
 
+def _way_tuner(pick: int, timed: list[tuple[int, ...]]) -> Any:
+    """A stand-in for `tuning._tuned`: the layout-way choice runs each way once (logged in `timed`) and
+    picks way `pick`; every other choice keeps its fallback (the configured tiles)."""
+
+    def tuned(spec: Any, fields: Any, candidates: Any, run: Any, fallback: Any) -> tuple[int, ...]:
+        if fields[0] == "layout-way":
+            for way in candidates():
+                timed.append(way)
+                run(way)
+            return (pick,)
+        return tuple(fallback)
+
+    return tuned
+
+
 @pytest.mark.parametrize("pick", [0, 1])
 def test_the_tuner_picks_how_a_token_layout_is_read(pick: int, monkeypatch: Any) -> None:
     """Under the default `layout_gather=None` a pattern with a token layout is timed both ways where tuning
@@ -474,16 +489,7 @@ def test_the_tuner_picks_how_a_token_layout_is_read(pick: int, monkeypatch: Any)
     src = "causal & window(40, dilation=4)"
     attn = P.compile(f"pattern p = {src}\n", **SMALL)
     timed: list[tuple[int, ...]] = []
-
-    def tuned(spec: Any, fields: Any, candidates: Any, run: Any, fallback: Any) -> tuple[int, ...]:
-        if fields[0] == "layout-way":
-            for way in candidates():
-                timed.append(way)
-                run(way)
-            return (pick,)
-        return tuple(fallback)
-
-    monkeypatch.setattr(forward, "_tuned", tuned)
+    monkeypatch.setattr(forward, "_tuned", _way_tuner(pick, timed))
     launched: list[str] = []
     spy_launches(monkeypatch, forward, "_attn_fwd", launched, lambda kw: "in place")
     spy_launches(monkeypatch, forward, "_attn_fwd_fast", launched, lambda kw: "gathered")
@@ -516,16 +522,7 @@ def test_the_layout_way_is_timed_with_the_calls_scores(monkeypatch: Any) -> None
     with attn.options(layout_gather=True):
         want = attn(q, k, v, scores=scores)
     timed: list[tuple[int, ...]] = []
-
-    def tuned(spec: Any, fields: Any, candidates: Any, run: Any, fallback: Any) -> tuple[int, ...]:
-        if fields[0] == "layout-way":
-            for way in candidates():
-                timed.append(way)
-                run(way)
-            return (0,)
-        return tuple(fallback)
-
-    monkeypatch.setattr(forward, "_tuned", tuned)
+    monkeypatch.setattr(forward, "_tuned", _way_tuner(0, timed))
     monkeypatch.setattr(forward, "_may_tune", lambda spec, q, used: True)
     got = attn(q, k, v, scores=scores)
     assert timed == [(1,), (0,)] and (got - want).abs().max().item() < 1e-5
