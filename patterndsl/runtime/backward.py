@@ -13,6 +13,7 @@ dK/dV use BLOCK_N1 keys x BLOCK_M1 queries, dQ BLOCK_M2 queries x BLOCK_N2 keys.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -227,7 +228,7 @@ def _backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Ten
         tma = 0 if layout else _tma_mode((q, k, v, do), d_pad, 1 if current_options().bwd_tma else 0)
         kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
         dq_args = (pat, rows, layout, tma, heads, q, k, v, do, lse2, delta, group, scale, prec, d_pad, pre)
-        sizes = tuple(_group_sizes(pat, patterns, H, group))
+        sizes = _group_sizes(pat, patterns, H, group)
         dkdv_args = (pat, rows, layout, tma, kv_ids, qh_off, qh_idx, sizes, q, k, v, do, lse2, delta, scale, accum, prec,
                      d_pad)
         dkdv_tile, dq_tile = _bwd_tiles(
@@ -298,7 +299,6 @@ class Split(NamedTuple):
 
     slots: torch.Tensor  # per (batch, kv slot, key block) row its workspace row, -1: run whole (int32)
     rows: torch.Tensor  # per workspace row its row (the inverse of slots), -1: no row took it (int32)
-    used: int  # workspace rows
     chunk: int  # tile iterations per piece
     chunks: int  # programs per key block
 
@@ -331,20 +331,22 @@ def _slots(work: torch.Tensor, chunk: int, cap: int) -> torch.Tensor:
 
 
 def _slot_rows(slots: torch.Tensor, used: int) -> torch.Tensor:
-    """The inverse of `_slots`: per workspace slot 0 .. used - 1 its row, -1 where no row took it (int32,
-    at least one entry), built on the slots' device without reading it."""
-    out = torch.full((max(1, used) + 1,), -1, dtype=torch.int32, device=slots.device)
+    """The inverse of `_slots`: per workspace slot 0 .. used - 1 (used >= 1) its row, -1 where no row took
+    it (int32), built on the slots' device without reading it."""
+    out = torch.full((used + 1,), -1, dtype=torch.int32, device=slots.device)
     rows = torch.arange(slots.numel(), dtype=torch.int32, device=slots.device)
     out.scatter_(0, torch.where(slots >= 0, slots, out.numel() - 1).long(), rows)  # unsplit rows: the spare entry
     return out[:-1]
 
 
-def _group_sizes(pat: int, patterns: int | tuple[int, ...], H: int, group: int) -> list[int]:
-    """Query heads using `pat` per kv slot of `_kv_groups` (the kv heads with at least one)."""
+@functools.cache
+def _group_sizes(pat: int, patterns: int | tuple[int, ...], H: int, group: int) -> tuple[int, ...]:
+    """Query heads using `pat` per kv slot of `_kv_groups` (the kv heads with at least one); cached, as
+    every backward call asks."""
     per = [0] * (H // group)
     for h in _heads_of(patterns, pat, H):
         per[h // group] += 1
-    return [c for c in per if c]
+    return tuple(c for c in per if c)
 
 
 _SPLITS: dict[tuple[Any, ...], Split | None] = {}
@@ -366,8 +368,7 @@ def _static_split(spec: PatternSpec, pat: int, n: int, bm: int, bn: int, nkt: in
     hit = None
     if chunk:
         slots = _slots(work.expand(B, -1, -1), chunk, _slot_cap(B * work.numel()))
-        used = int((slots >= 0).sum())
-        hit = Split(slots.to(device), _slot_rows(slots, used).to(device), used, chunk,
+        hit = Split(slots.to(device), _slot_rows(slots, int((slots >= 0).sum())).to(device), chunk,
                     min(_SPLIT_CAP, -(-top // chunk)))
     if len(_SPLITS) >= 64:
         _SPLITS.pop(next(iter(_SPLITS)))
@@ -376,7 +377,7 @@ def _static_split(spec: PatternSpec, pat: int, n: int, bm: int, bn: int, nkt: in
 
 
 def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nkt: int, qh_rank: torch.Tensor,
-                   sizes: list[int], kv_of: torch.Tensor) -> Split | None:
+                   sizes: tuple[int, ...], kv_of: torch.Tensor) -> Split | None:
     """The split of a dynamic pattern's dK/dV rows, without reading the device: the tables' sizes bound
     the mean work (their index arrays hold at most every entry) and a row lists each query block at most
     once per head; the rows to split are numbered on the device. Workspace rows: no more than the entries
@@ -394,7 +395,7 @@ def _dynamic_split(tables: Sequence[torch.Tensor], B: int, nh: int, nqt: int, nk
     work = torch.zeros((B, nkv, nkt), dtype=torch.int32, device=count.device)
     work.index_add_(1, kv_of, count[:, qh_rank.long()])  # summed over each kv slot's query heads
     slots = _slots(work, chunk, cap)
-    return Split(slots, _slot_rows(slots, cap), cap, chunk, min(_SPLIT_CAP, -(-top // chunk)))
+    return Split(slots, _slot_rows(slots, cap), chunk, min(_SPLIT_CAP, -(-top // chunk)))
 
 
 def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int, device: torch.device,
@@ -404,7 +405,7 @@ def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int, device: torc
     program per row (the split ones exit), so no program is launched for pieces no row has."""
     if split is None:
         return {}, (nkt, rows)
-    slots = max(1, split.used)
+    slots = split.rows.numel()
     ws = torch.zeros((2, slots, bn, d_pad), dtype=torch.float32, device=device)  # dK's, dV's
     return (dict(SPLIT=True, SLOTS=split.slots, SLOT_ROWS=split.rows, NSLOT=slots, WS_K=ws[0], WS_V=ws[1], NKT=nkt,
                  CHUNK=split.chunk, CHUNKS=split.chunks), (slots * split.chunks + nkt * rows,))

@@ -316,7 +316,7 @@ def test_split_plan_bounds_the_heaviest_program() -> None:
     cpu = torch.device("cpu")
     spec = P.compile("pattern p = causal & (window(63) | sink(64))\n").spec
     split = _static_split(spec, 0, 65536, 64, 64, 1024, cpu, 1, (16,) * 4)
-    assert split is not None and split.used == 4
+    assert split is not None and split.rows.numel() == 4
     slots = split.slots.view(4, 1024)
     assert slots[:, 0].tolist() == [0, 1, 2, 3] and (slots[:, 1:] < 0).all()
     assert split.rows.tolist() == [0, 1024, 2048, 3072]  # each slot's row: the launch has no idle pieces
@@ -350,9 +350,9 @@ def test_a_dynamic_split_without_room_for_a_heavy_row_is_none() -> None:
     nqt = nkt = 8
     f_off, p_off = torch.zeros(nkt + 1, dtype=torch.int32), torch.tensor([0, 3, *[3] * (nkt - 1)], dtype=torch.int32)
     tables = (f_off, torch.zeros(0, dtype=torch.int32), p_off, torch.arange(3, dtype=torch.int32))
-    args = (1, 1, nqt, nkt, torch.tensor([0], dtype=torch.int32), [1], torch.tensor([0]))
+    args = (1, 1, nqt, nkt, torch.tensor([0], dtype=torch.int32), (1,), torch.tensor([0]))
     with P.compile("pattern p = causal\n").options(bwd_split=3):
         assert _dynamic_split(tables, *args) is None  # 3 entries: no row above 3 tile iterations
     with P.compile("pattern p = causal\n").options(bwd_split=2):
         split = _dynamic_split(tables, *args)
-        assert split is not None and split.used == 1 and split.rows.tolist() == [0]
+        assert split is not None and split.rows.tolist() == [0]
