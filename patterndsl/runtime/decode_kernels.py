@@ -466,15 +466,6 @@ def _decode_topk(Q, KM, SEQ, HEADS, RUN_OFF, RUNS, WS, SC, s_qb, s_qh, s_qn, NQ,
     tl.store(out + slots, tl.full([RM, NP], -9223372036854775807, tl.int64) - 1, mask=slots >= taken[:, None])
 
 
-@triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
-def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
-                       QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr,
-                       PICK=None, SLIST=None, SCOUNT=None, SL=1, E_PAD: tl.constexpr = 1):
-    """`_merge_topk` as a launch of its own, program (batch entry and head pack)."""
-    _merge_topk(WS, HEADS, SEL, NK, PACKS, H, SPLITS, tl.program_id(0), N_SEL, QB, QB_PAD, G, RM, NP, SP, PICK, SLIST,
-                SCOUNT, SL, E_PAD)
-
-
 @triton.jit
 def _top_rows(hi, NP: tl.constexpr):
     """bool [rows, cols]: each row's NP largest of the int32 keys `hi` (signed order; INT32_MIN: not a
@@ -494,16 +485,17 @@ def _top_rows(hi, NP: tl.constexpr):
     return gt | (eq & (tl.cumsum(eq.to(tl.int32), 1) <= need[:, None]))
 
 
-@triton.jit
-def _merge_topk(WS, HEADS, SEL, NK, PACKS, H, SPLITS, bp, N_SEL: tl.constexpr, QB: tl.constexpr,
-                QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr,
-                PICK, SLIST, SCOUNT, SL, E_PAD: tl.constexpr):
-    """`_decode_topk`'s second stage for (batch entry, head pack) `bp`, by its last split to finish or by a
-    launch of its own: each of the pack's RM rows keeps the NP largest of its SPLITS * NP keys (SP: SPLITS, a power of two up; read
-    through L2, the other splits wrote them from other SMs), and writes the N_SEL best as block ids into SEL
+@triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
+def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
+                       QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr,
+                       PICK=None, SLIST=None, SCOUNT=None, SL=1, E_PAD: tl.constexpr = 1):
+    """`_decode_topk`'s second stage, program (batch entry and head pack) bp: each of the pack's RM rows keeps
+    the NP largest of its SPLITS * NP keys (SP: SPLITS, a power of two up; read through L2, the splits wrote
+    them from other SMs), and writes the N_SEL best as block ids into SEL
     [B, H, QB, N_SEL] (int32, unordered; -1 where fewer candidates, as `selection._topk_kernel` writes
     them). PICK given (the pattern's one selector): then the pack's tables for `_decode_split`
     (`_tables_of`), its PICK rows zeroed first, so that a step with a selection launches no table kernel."""
+    bp = tl.program_id(0)
     b = (bp // PACKS).to(tl.int64)
     pack = bp % PACKS
     r = tl.arange(0, RM)
