@@ -157,8 +157,8 @@ def _launch_fast(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, 
 
 
 def _fast(spec: PatternSpec, pat: int) -> bool:
-    """The fast kernel serves this pattern: no selector, and no token layout unless the `layout_gather` option
-    (on by default) runs it on buffers gathered into the layout's order."""
+    """The fast kernel serves this pattern: no selector, and no token layout unless it runs on buffers
+    gathered into the layout's order (the `layout_gather` option not False)."""
     if spec.selectors[pat] is not None:
         return False
     return spec.layouts[pat] is None or current_options().layout_gather is not False
@@ -195,9 +195,11 @@ def _layout_way(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Te
             _launch(spec, q, k, v, out, lse, cfg, scale, group, patterns, scores, picks)
 
     fields = ("layout-way", _d_pad(q.shape[-1]), q.dtype, tma, q.device.index, _pow2(q.shape[2]), patterns)
-    way = _tuned(spec, fields, lambda: [(1,), (0,)], run, (1,))
-    with options(layout_gather=bool(way[0])):
-        yield
+    if _tuned(spec, fields, lambda: [(1,), (0,)], run, (1,))[0]:
+        yield  # gathered: what the option's None already means, so no options are set on the call's path
+    else:
+        with options(layout_gather=False):
+            yield
 
 
 def _choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
