@@ -1,6 +1,8 @@
-"""Every peer that can express a pattern, side by side in one process: patterndsl (autotuned), FlashAttention-4
-(`flash_attn.cute.flash_attn_func`, causal and windows only), FlexAttention with its FLASH backend and with its
-Triton backend (the same block mask, `attn.to_flex_block_mask`), and SDPA (is_causal, or a dense boolean mask).
+"""Every peer that can express a pattern, side by side in one process: patterndsl (autotuned: its Triton
+kernels, or FA4 where the pattern is a band and the tuner timed FA4 faster; `ours_triton` is the Triton kernels
+alone), FlashAttention-4 (`flash_attn.cute.flash_attn_func`, causal and windows only), FlexAttention with its
+FLASH backend and with its Triton backend (the same block mask, `attn.to_flex_block_mask`), and SDPA
+(is_causal, or a dense boolean mask).
 
     python benchmarks/bench_peers.py OUT.json [--d 64,128] [--only causal,...] [--bwd-d 64,128]
 
@@ -74,8 +76,13 @@ def peers(src: str, attn: Any, n: int, window: tuple[int, int] | None, is_causal
           dev: str) -> dict[str, Callable[..., torch.Tensor]]:
     bm = attn.to_flex_block_mask(n, device=dev)
     flex = torch.compile(flex_attention, dynamic=False)
+    def ours_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with attn.options(fa4=False):
+            return attn(q, k, v)  # type: ignore[no-any-return]
+
     out: dict[str, Callable[..., torch.Tensor]] = {
-        "ours": attn,
+        "ours": attn,  # the default: the tuner's pick between our Triton kernels and FA4 where FA4 can run it
+        "ours_triton": ours_triton,
         "flex_flash": lambda q, k, v: flex(q, k, v, block_mask=bm, kernel_options={"BACKEND": "FLASH"}),
         "flex_triton": lambda q, k, v: flex(q, k, v, block_mask=bm),
     }
@@ -121,7 +128,7 @@ def case(name: str, src: str, window: tuple[int, int] | None, is_causal: bool, d
     for r in rows.values():
         r["ours_speedup"] = r["ms"] / ours if ours else None
     return {"pattern": name, "d": d, "pass": "fwd+bwd" if bwd else "fwd", "n": n, "allowed_pairs": pairs,
-            "peers": rows, "errors": errors}
+            "ours_backend": attn.backend(q, k, v), "peers": rows, "errors": errors}
 
 
 def main() -> None:

@@ -357,7 +357,7 @@ def layout_choice_section(d: dict[str, Any]) -> list[str]:
     return _section(TITLES["layout_choice"], context, header, rows)
 
 
-PEER_NAMES = (("fa4", "FA4"), ("flex_flash", "Flex FLASH"), ("flex_triton", "Flex Triton"), ("sdpa", "SDPA causal"),
+PEER_NAMES = (("ours_triton", "ours, Triton kernels"), ("fa4", "FA4"), ("flex_flash", "Flex FLASH"), ("flex_triton", "Flex Triton"), ("sdpa", "SDPA causal"),
               ("sdpa_mask", "SDPA with a mask"))  # fmt: skip
 
 
@@ -379,14 +379,17 @@ def peers_section(d: dict[str, Any]) -> list[str]:
         flops = 4 * c["allowed_pairs"] * c["d"] * d["H"] * d["B"] * (3.5 if c["pass"] == "fwd+bwd" else 1.0)
         cells = [f"{_ms(got[p]['ms'])} ({got[p]['ms'] / ours:.2f}x, {_spread(got[p], got['ours'])})" if p in got
                  else "-" for p, _ in PEER_NAMES]  # fmt: skip
-        rows.append([c["pattern"], str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
+        backend = " (on FA4)" if c.get("ours_backend") == "fa4" else ""
+        rows.append([c["pattern"] + backend, str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
         for p, name in PEER_NAMES:
             if p in c.get("errors", {}):
                 failed.setdefault(f"{name}: {c['errors'][p]}", "")
     context = (f"{_stamp(d)}; B={d['B']} H={d['H']} {d['dtype']}, N={d['cases'][0].get('n', '?')} tokens in every case. "
                "Each cell: the peer's median time, then ours vs it (its time over ours: above 1 ours is faster) and "
                "the spread of that ratio over the interleaved rounds; ours with its effective TFLOP/s. Every peer's "
-               "output is checked against ours before it is timed.")  # fmt: skip
+               "output is checked against ours before it is timed. Ours is the default call: where the pattern is a band "
+               "that FlashAttention-4 can run and its tuner timed FA4's forward faster, the row says 'on FA4', and "
+               "the Triton kernels alone are the next column.")  # fmt: skip
     header = ["pattern", "D", "pass", "ours ms (TFLOP/s)", *(name + " ms" for _, name in PEER_NAMES)]
     out = _section(TITLES["peers"], context, header, rows)
     if failed:

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from . import autograd, tables
+from . import autograd, fa4, tables
 from .backward import _backward, _varlen_backward
 from .checks import _check, _check_docs, _need_scores, check_dtypes, check_n
-from .common import _d_pad, _head_patterns, _on_device_of, _pow2, _tma_mode
+from .common import _d_pad, _head_patterns, _on_device_of, _pow2, _tma_mode, _torch_path
 from .forward import _choose, _config, _forward, _layout_way, _varlen_forward
 from .options import options as _options
 from .selection import selected_blocks as _selected_blocks
@@ -184,9 +184,14 @@ class Attention:
         _need_scores(spec, q, scores)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         given = _outputs(q, out, lse, (*q.shape[:3],))
-        if autograd.differentiable(q, k, v):
-            if given:
-                raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
+        grad = autograd.differentiable(q, k, v)
+        if grad and given:
+            raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
+        on_fa4 = fa4.chosen(spec, patterns, q, k, v, scale,
+                            lambda: _forward(spec, q, k, v, scale, group, patterns, scores, None))
+        if on_fa4 is not None:
+            return _into(out, lse, *fa4.attention(q, k, v, scale, on_fa4))
+        if grad:
             if dynamic:
                 o, ls = autograd.DynamicAttention.apply(q, k, v, scale, code, scores, spec.key)  # type: ignore[no-untyped-call]
             else:
@@ -459,6 +464,17 @@ class Attention:
         patterns = _head_patterns(spec, layer)
         group = _check(spec, q, k, v, None, patterns)
         return _config_for(spec, q, k, v, group, patterns)
+
+    def backend(self, q: Any, k: Any, v: Any, *, layer: int | None = None) -> str:
+        """Which kernels `attn(q, k, v)` runs with these inputs: "fa4" (FlashAttention-4, `runtime.fa4`),
+        "triton" or "torch" (the CPU path), deciding first as a call would (the tuner may time both)."""
+        spec = self.spec
+        patterns = _head_patterns(spec, layer)
+        group = _check(spec, q, k, v, None, patterns)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if fa4.chosen(spec, patterns, q, k, v, scale, lambda: _forward(spec, q, k, v, scale, group, patterns)):
+            return "fa4"
+        return "torch" if _torch_path(q) else "triton"
 
     def block_mask(self, n: int, *, device: Any = "cpu", layer: int | None = None, block_size: tuple[int, int] |
                    None = None, head_dim: int = 128, dtype: Any = torch.bfloat16) -> BlockMask:

@@ -48,6 +48,10 @@ class Options:
     key tiles either visits). token_early_kv: it loads K and V tiles without waiting on the pairs' mask.
     token_bits: it reads a tile's kept columns and diagonals from bit-packed words, not bytes per key and
     per pair.
+    fa4: FlashAttention-4 (`runtime.fa4`) for patterns that are a band of offsets around the diagonal (no mask,
+    causal, sliding windows): None (the default) lets the tuner time it against the Triton kernels at the
+    first call per shape where its package imports and the GPU is sm90/sm100; True takes it wherever it can
+    run the call; False never. Everything FA4 cannot take runs on the Triton kernels.
     async_checks: checks that need the device's values (a run-time permutation maps each segment onto
     itself) become device-side assertions: no host synchronisation, so a call can be captured in a CUDA
     graph; a violation then fails at the next synchronisation, naming the check, instead of at the call."""
@@ -83,6 +87,7 @@ class Options:
     token_early_kv: bool = True
     token_bits: bool = True
     async_checks: bool = False
+    fa4: bool | None = None
 
 
 _CURRENT: ContextVar[Options] = ContextVar("patterndsl_options", default=Options())  # noqa: B039 (frozen)

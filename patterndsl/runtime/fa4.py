@@ -1,0 +1,207 @@
+"""FlashAttention-4 as a backend for the patterns it expresses natively: a band of key offsets around the
+diagonal (no mask, causal, a causal or two-sided sliding window).
+
+Its sm90 kernels are warp-specialised (a producer warp issuing TMA loads, two consumer warpgroups in
+ping-pong, softmax overlapped with the next tile's products), which the `tl` kernels are not; for a band
+there is nothing our tables add, so the call may go to FA4. The Triton kernels stay the reference and the
+default: FA4 is considered only where its package imports (the `fa4` extra), the GPU is sm90 or sm100, and
+the inputs are in its range; then the tuner times both forwards at the first call per shape and keeps the
+faster (the backward follows the forward's choice: FA4's autograd function, or ours). The `fa4` option
+forces either way; `attn.backend(q, k, v)` says which one a call takes.
+
+Which patterns are bands is derived from the predicate's meaning, not from its spelling: a predicate that
+reads i and j only through d = i - j (`analysis.count.offset_form`) is evaluated at every offset of the
+call's length, O(N) once per length, and is a band when its allowed offsets are one run holding d = 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .common import _INTERPRET, _pow2
+from .evaluate import evaluate
+from .options import current_options
+from .tuning import _tuned
+
+if TYPE_CHECKING:
+    from ..expr import Expr
+    from .spec import PatternSpec
+
+
+@dataclass(frozen=True)
+class Band:
+    """Keys j with i - left <= j <= i + right are allowed (FlashAttention's `window_size`); None: unbounded
+    on that side."""
+
+    left: int | None
+    right: int | None
+
+    @property
+    def causal(self) -> bool:
+        return self.left is None and self.right == 0
+
+    def keywords(self) -> dict[str, Any]:
+        """FA4's `flash_attn_func` arguments for this band."""
+        if self.causal:
+            return {"causal": True}
+        return {"causal": False, "window_size": (self.left, self.right)}
+
+
+@functools.lru_cache(maxsize=256)
+def band(pred: Expr, n: int) -> Band | None:
+    """The band that `pred` allows at length n, or None when it allows something else (or nothing)."""
+    from ..analysis.count import offset_form  # the compiler's rewrite; imported where a call needs it
+
+    form = offset_form(pred)
+    if form is None or n < 1:
+        return None
+    d = np.arange(-(n - 1), n, dtype=np.int64)
+    allowed = np.broadcast_to(evaluate(form, d, np.zeros(1, np.int64), n), d.shape).astype(bool)
+    at = np.flatnonzero(allowed)
+    if at.size == 0 or at[-1] - at[0] + 1 != at.size:
+        return None
+    lo, hi = int(d[at[0]]), int(d[at[-1]])
+    if lo > 0 or hi < 0:  # the diagonal outside: FA4's windows hold it
+        return None
+    return Band(None if hi >= n - 1 else hi, None if -lo >= n - 1 else -lo)
+
+
+_BANDS: dict[tuple[str, int, int], Band | None] = {}
+
+
+def _spec_band(spec: PatternSpec, pat: int, n: int) -> Band | None:
+    """`band` of the spec's pattern `pat`, looked up by the spec's key on every call (no expression hashed)."""
+    key = (spec.key, pat, n)
+    if key not in _BANDS:
+        if len(_BANDS) >= 4096:  # lengths that vary call after call: keep it bounded
+            _BANDS.clear()
+        _BANDS[key] = band(spec.predicates[pat].expr, n)
+    return _BANDS[key]
+
+
+@functools.cache
+def _function() -> Callable[..., Any] | None:
+    """FA4's `flash_attn_func`, or None where its package (or its CUDA pieces) does not import."""
+    try:
+        from flash_attn.cute import flash_attn_func  # type: ignore[import-not-found, unused-ignore]
+    except Exception:  # noqa: BLE001 (not installed, or installed without a usable CUDA DSL)
+        return None
+    return flash_attn_func  # type: ignore[no-any-return, unused-ignore]
+
+
+@functools.cache
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flash-attn-4")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)  # type: ignore[no-any-return, unused-ignore]
+
+
+def why_not(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor) -> str | None:
+    """Why FA4 cannot take this call (one sentence), or None when it can. The pattern is asked first, then
+    the inputs, then the device and the package, so every reason but the last two shows on any machine."""
+    if not isinstance(patterns, int):
+        return "its heads use different patterns"
+    if spec.layouts[patterns] is not None or spec.selectors[patterns] is not None \
+            or spec.token_selection(patterns) is not None or spec.permute is not None:
+        return "the pattern has a token layout, a selector or a permutation"
+    if _spec_band(spec, patterns, q.shape[2]) is None:
+        return "the pattern is not a band of offsets around the diagonal at this length"
+    if q.dtype not in (torch.bfloat16, torch.float16) or not q.dtype == k.dtype == v.dtype:
+        return "FA4 takes bfloat16 or float16 q, k, v"
+    d, dv = q.shape[-1], v.shape[-1]
+    if not (8 <= d <= 256 and 8 <= dv <= 256 and d % 8 == 0 and dv % 8 == 0):
+        return "FA4 takes head dims 8 to 256, multiples of 8"
+    if q.device.type != "cuda" or _INTERPRET:
+        return "FA4 runs on CUDA GPUs only"
+    major = _capability(q.device.index)[0]
+    if major not in (9, 10) or (major == 10 and not (max(d, dv) <= 128 or d == dv == 256)):
+        return "FA4's kernels here are for sm90 (and sm100 at head dims up to 128, or 256)"
+    if _function() is None:
+        return "flash-attn-4 is not installed (pip install 'patterndsl[fa4]')"
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              b: Band) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) by FA4 on [B, H, N, D] tensors: its [B, N, H, D] views, with its own autograd. The output
+    is a view in our layout of FA4's contiguous [B, N, H, D] result."""
+    fn = _function()
+    assert fn is not None  # why_not said it imports
+    o, lse = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, return_lse=True,
+                **b.keywords())
+    return o.transpose(1, 2), lse
+
+
+def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           scale: float, ours: Callable[[], object]) -> Band | None:
+    """The band to run on FA4, or None for the Triton kernels: the `fa4` option where set (True: wherever FA4
+    can take the call), else the tuner's pick between the two forwards (`ours()` launches ours) where
+    tuning is on; fixed tiles and torch.compile keep ours. An FA4 call that fails at its first launch is
+    reported once and the Triton kernels take the shape."""
+    opts = current_options()
+    if opts.fa4 is False or opts.tiles is not None or torch.compiler.is_compiling():
+        return None
+    if q.device.type != "cuda":
+        return None
+    if opts.fa4 is None and (not opts.autotune or not spec.autotune
+                             or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
+        return None
+    if why_not(spec, patterns, q, k, v) is not None:
+        return None
+    assert isinstance(patterns, int)
+    b = _spec_band(spec, patterns, q.shape[2])
+    assert b is not None
+    if not _launches(q, k, v, scale, b):
+        return None
+    if opts.fa4:
+        return b
+
+    def run(cfg: tuple[int, ...]) -> object:
+        with torch.no_grad():
+            return attention(q, k, v, scale, b) if cfg[0] else ours()
+
+    fields = ("fa4", q.shape[-1], q.dtype, v.shape[-1], q.device.index, _pow2(q.shape[2]),
+              (b.left, b.right, q.shape[1], k.shape[1], _version()))
+    return b if _tuned(spec, fields, lambda: [(0,), (1,)], run, (0,))[0] else None
+
+
+_FAILED: dict[tuple[Any, ...], str] = {}
+
+
+def _launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b: Band) -> bool:
+    """FA4 ran this shape once without an error (compiling it), or the failure's first report."""
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, b)
+    if key in _FAILED:
+        return False
+    if key in _LAUNCHED:
+        return True
+    try:
+        with torch.no_grad():
+            attention(q, k, v, scale, b)
+    except Exception as e:  # noqa: BLE001 (FA4 is an optional peer: its failure leaves ours in charge)
+        _FAILED[key] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"FlashAttention-4 failed at {tuple(q.shape)} ({_FAILED[key][:200]}); the Triton kernels "
+                      "run this shape", RuntimeWarning, stacklevel=3)
+        return False
+    _LAUNCHED.add(key)
+    return True
+
+
+_LAUNCHED: set[tuple[Any, ...]] = set()
