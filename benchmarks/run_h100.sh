@@ -10,7 +10,9 @@ mkdir -p "$OUT"
 # .whlhf/ (transformers and its dependencies), where carried, serves the HF tests and bench_hf.py
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   $(ls .whlhf/*.whl 2>/dev/null)
-export PYTHONPATH=/tmp/site:$PWD PATTERNDSL_CACHE_DIR=${PATTERNDSL_CACHE_DIR:-/tmp/patterndsl-cache} PATTERNDSL_FAILURE_LOG=$OUT/failures.txt
+# WITH_FA4=1: every stage sees FlashAttention-4 where benchmarks/fa4_carry.sh installed it (the fa4 backend's tests)
+fa4path=""; [ -n "${WITH_FA4:-}" ] && [ -d /tmp/fa4site ] && fa4path=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:
+export PYTHONPATH=$fa4path/tmp/site:$PWD PATTERNDSL_CACHE_DIR=${PATTERNDSL_CACHE_DIR:-/tmp/patterndsl-cache} PATTERNDSL_FAILURE_LOG=$OUT/failures.txt
 log="$OUT/run.log"
 {
   date -u +%FT%TZ
