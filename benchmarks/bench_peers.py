@@ -104,6 +104,9 @@ def case(name: str, src: str, window: tuple[int, int] | None, is_causal: bool, d
          dev: str) -> dict[str, Any]:
     attn = P.compile(src)
     n = N  # every grid above holds N tokens
+    # each case's Flex mask_mod is a new closure, one more recompile of the same function: past dynamo's limit
+    # (8) Flex falls back to its unfused path, 150 ms a call, so every case starts from a reset
+    torch._dynamo.reset()
     pairs = row_stats(P.loads(src).patterns[0].body, n).pairs  # exact (patterndsl.analysis)
     q, k, v = (torch.randn(B, H, n, d, device=dev, dtype=DT, requires_grad=bwd) for _ in range(3))
     grad = torch.randn(B, H, n, d, device=dev, dtype=DT) if bwd else None

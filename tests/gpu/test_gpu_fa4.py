@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
 
 BANDS = ["full", "causal", "causal & window(1023)", "causal & window(100)", "window(64)", "window(200, 17)"]
-SHAPES = [(1000, 64, 4, 4), (2048, 128, 8, 2), (4096, 128, 16, 16), (777, 256, 4, 1)]  # N, D, H, Hkv
+SHAPES = [(1000, 64, 4, 4), (2048, 128, 8, 2), (4096, 128, 4, 4), (777, 256, 4, 1)]  # N, D, H, Hkv (batch 2)
 needs_fa4 = pytest.mark.skipif(fa4._function() is None, reason="flash-attn-4 is not installed")
 
 
