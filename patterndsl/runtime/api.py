@@ -326,9 +326,18 @@ class Attention:
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         lse_shape = (q4.shape[1], q4.shape[2]) if packed else (1, q4.shape[1], q4.shape[2])
         given = _outputs(q, out, lse, lse_shape)
-        if autograd.differentiable(q, k, v):
-            if given:
-                raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
+        grad = autograd.differentiable(q, k, v)
+        if grad and given:
+            raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
+        longest = max(lengths)
+        docs = fa4.Docs(cu_seqlens.to(torch.int32), longest) if longest and q.device.type == "cuda" else None
+        on_fa4 = None if docs is None else fa4.chosen(
+            spec, patterns, q4, k4, v4, scale,
+            lambda: _varlen_forward(spec, q, k, v, cu_seqlens, scale, patterns, starts, lengths), docs)
+        if on_fa4 is not None:
+            o4, lse4 = fa4.attention(q4, k4, v4, scale, on_fa4, docs)
+            return _into(out, lse, o4[0].permute(1, 0, 2) if packed else o4, lse4[0] if packed else lse4)
+        if grad:
             o, lse_out = autograd.varlen_attention(q, k, v, cu_seqlens, scale, code, spec.key)
         else:
             l4 = None if lse is None else (lse[None] if packed else lse)

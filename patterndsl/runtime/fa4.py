@@ -88,13 +88,25 @@ def _spec_band(spec: PatternSpec, pat: int, n: int) -> Band | None:
 
 
 @functools.cache
-def _function() -> Callable[..., Any] | None:
-    """FA4's `flash_attn_func`, or None where its package (or its CUDA pieces) does not import."""
+def _function(varlen: bool = False) -> Callable[..., Any] | None:
+    """FA4's `flash_attn_func` (`flash_attn_varlen_func`), or None where its package (or its CUDA pieces) does
+    not import."""
     try:
-        from flash_attn.cute import flash_attn_func  # type: ignore[import-not-found, unused-ignore]
+        from flash_attn.cute import (  # type: ignore[import-not-found, unused-ignore]
+            flash_attn_func,
+            flash_attn_varlen_func,
+        )
     except Exception:  # noqa: BLE001 (not installed, or installed without a usable CUDA DSL)
         return None
-    return flash_attn_func  # type: ignore[no-any-return, unused-ignore]
+    return flash_attn_varlen_func if varlen else flash_attn_func  # type: ignore[no-any-return, unused-ignore]
+
+
+@dataclass(frozen=True)
+class Docs:
+    """Packed documents: FA4's int32 `cu_seqlens` and the longest document's length."""
+
+    cu_seqlens: torch.Tensor
+    longest: int
 
 
 @functools.cache
@@ -113,15 +125,19 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 
 def why_not(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor) -> str | None:
+            v: torch.Tensor, docs: Docs | None = None) -> str | None:
     """Why FA4 cannot take this call (one sentence), or None when it can. The pattern is asked first, then
-    the inputs, then the device and the package, so every reason but the last two shows on any machine."""
+    the inputs, then the device and the package, so every reason but the last two shows on any machine.
+    With `docs` (q, k, v [1, H, total, D]) the pattern must not read N: then its band at the longest
+    document's length, clipped to each document, is the band of every document."""
     if not isinstance(patterns, int):
         return "its heads use different patterns"
     if spec.layouts[patterns] is not None or spec.selectors[patterns] is not None \
             or spec.token_selection(patterns) is not None or spec.permute is not None:
         return "the pattern has a token layout, a selector or a permutation"
-    if _spec_band(spec, patterns, q.shape[2]) is None:
+    if docs is not None and not spec.predicates[patterns].n_free:
+        return "with packed documents FA4 needs a pattern that does not read N"
+    if _spec_band(spec, patterns, q.shape[2] if docs is None else docs.longest) is None:
         return "the pattern is not a band of offsets around the diagonal at this length"
     if q.dtype not in (torch.bfloat16, torch.float16) or not q.dtype == k.dtype == v.dtype:
         return "FA4 takes bfloat16 or float16 q, k, v"
@@ -133,28 +149,36 @@ def why_not(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor,
     major = _capability(q.device.index)[0]
     if major not in (9, 10) or (major == 10 and not (max(d, dv) <= 128 or d == dv == 256)):
         return "FA4's kernels here are for sm90 (and sm100 at head dims up to 128, or 256)"
-    if _function() is None:
+    if _function(docs is not None) is None:
         return "flash-attn-4 is not installed (pip install 'patterndsl[fa4]')"
     return None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              b: Band) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) by FA4 on [B, H, N, D] tensors: its [B, N, H, D] views, with its own autograd. The output
-    is a view in our layout of FA4's contiguous [B, N, H, D] result."""
-    fn = _function()
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b: Band,
+              docs: Docs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) by FA4 on [B, H, N, D] tensors (with `docs`, [1, H, total, D]): its [B, N, H, D] (or
+    [total, H, D]) views, with its own autograd. The output is a view in our layout of FA4's contiguous
+    result; the lse is [B, H, N] ([1, H, total])."""
+    fn = _function(docs is not None)
     assert fn is not None  # why_not said it imports
-    o, lse = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, return_lse=True,
-                **b.keywords())
-    return o.transpose(1, 2), lse
+    if docs is None:
+        o, lse = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                    return_lse=True, **b.keywords())
+        return o.transpose(1, 2), lse
+    cu, longest = docs.cu_seqlens, docs.longest
+    o, lse = fn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=cu,
+                cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, softmax_scale=scale,
+                return_lse=True, **b.keywords())
+    return o.transpose(0, 1)[None], lse[None]
 
 
 def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           scale: float, ours: Callable[[], object]) -> Band | None:
+           scale: float, ours: Callable[[], object], docs: Docs | None = None) -> Band | None:
     """The band to run on FA4, or None for the Triton kernels: the `fa4` option where set (True: wherever FA4
     can take the call), else the tuner's pick between the two forwards (`ours()` launches ours) where
     tuning is on; fixed tiles and torch.compile keep ours. An FA4 call that fails at its first launch is
-    reported once and the Triton kernels take the shape."""
+    reported once and the Triton kernels take the shape. `docs`: packed documents (q, k, v [1, H, total,
+    D]), timed at the longest document's length rounded up to a power of two."""
     opts = current_options()
     if opts.fa4 is False or opts.tiles is not None or torch.compiler.is_compiling():
         return None
@@ -163,21 +187,22 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
     if opts.fa4 is None and (not opts.autotune or not spec.autotune
                              or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
         return None
-    if why_not(spec, patterns, q, k, v) is not None:
+    if why_not(spec, patterns, q, k, v, docs) is not None:
         return None
     assert isinstance(patterns, int)
-    b = _spec_band(spec, patterns, q.shape[2])
+    n = q.shape[2] if docs is None else docs.longest
+    b = _spec_band(spec, patterns, n)
     assert b is not None
-    if not _launches(q, k, v, scale, b):
+    if not _launches(q, k, v, scale, b, docs):
         return None
     if opts.fa4:
         return b
 
     def run(cfg: tuple[int, ...]) -> object:
         with torch.no_grad():
-            return attention(q, k, v, scale, b) if cfg[0] else ours()
+            return attention(q, k, v, scale, b, docs) if cfg[0] else ours()
 
-    fields = ("fa4", q.shape[-1], q.dtype, v.shape[-1], q.device.index, _pow2(q.shape[2]),
+    fields = ("fa4" if docs is None else "fa4-docs", q.shape[-1], q.dtype, v.shape[-1], q.device.index, _pow2(n),
               (b.left, b.right, q.shape[1], k.shape[1], _version()))
     return b if _tuned(spec, fields, lambda: [(0,), (1,)], run, (0,))[0] else None
 
@@ -185,16 +210,16 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
 _FAILED: dict[tuple[Any, ...], str] = {}
 
 
-def _launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b: Band) -> bool:
+def _launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b: Band, docs: Docs | None) -> bool:
     """FA4 ran this shape once without an error (compiling it), or the failure's first report."""
-    key = (q.shape, k.shape, v.shape, q.dtype, q.device, b)
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, b, None if docs is None else docs.longest)
     if key in _FAILED:
         return False
     if key in _LAUNCHED:
         return True
     try:
         with torch.no_grad():
-            attention(q, k, v, scale, b)
+            attention(q, k, v, scale, b, docs)
     except Exception as e:  # noqa: BLE001 (FA4 is an optional peer: its failure leaves ours in charge)
         _FAILED[key] = f"{type(e).__name__}: {e}"
         warnings.warn(f"FlashAttention-4 failed at {tuple(q.shape)} ({_FAILED[key][:200]}); the Triton kernels "

@@ -15,7 +15,7 @@ from reference import reference_mask
 from strategies import expressions, render, small, trees
 
 import patterndsl as P
-from patterndsl.runtime.fa4 import Band, band, why_not
+from patterndsl.runtime.fa4 import Band, Docs, band, why_not
 from patterndsl.semantics import predicate
 
 BAND_ATOMS = st.one_of(
@@ -108,4 +108,23 @@ def test_a_call_fa4_cannot_take_runs_ours(fa4: bool | None) -> None:
     with attn.options(fa4=fa4):
         got = attn(q, k, v, return_lse=True)
         assert attn.backend(q, k, v) == "torch"
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_packed_documents_need_a_pattern_free_of_n() -> None:
+    """Per document the band must be the same rule at every length: a window of N // 4 is not."""
+    q, k, v = _qkv()
+    docs = Docs(torch.tensor([0, 20, 64], dtype=torch.int32), 44)
+    assert "does not read N" in (why_not(P.compile("pattern p = window(N // 4)\n").spec, 0, q, k, v, docs) or "")
+    assert "CUDA" in (why_not(P.compile("pattern p = causal & window(7)\n").spec, 0, q, k, v, docs) or "")
+
+
+@pytest.mark.filterwarnings("ignore:patterndsl .*not the fast")
+def test_packed_documents_fa4_cannot_take_run_ours() -> None:
+    attn = P.compile("pattern p = causal & window(5)\n")
+    q, k, v = (t[0].transpose(0, 1) for t in _qkv(n=40, dtype=torch.float64))
+    cu = torch.tensor([0, 0, 17, 40])
+    want = attn(q, k, v, cu_seqlens=cu, return_lse=True)
+    with attn.options(fa4=True):
+        got = attn(q, k, v, cu_seqlens=cu, return_lse=True)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
