@@ -77,6 +77,8 @@ def _bind(fn: Any, kernel: Any, grid: tuple[int, ...], params: dict[str, Any],
     if hasattr(kernel, "result"):  # compiled asynchronously
         kernel = kernel.result()
     bound, where = bound_args(caches[driver.active.get_current_device()][4], params, live)
+    for i in where:
+        bound[i] = None  # a cached plan holds no call's tensors
     return fn, kernel[grid], bound, where
 
 
@@ -106,4 +108,6 @@ def make(kernel: Any, grid: tuple[int, ...], args: Sequence[Any], kwargs: dict[s
     plan remembers whether this first call's live tensors were aligned."""
     params = {**dict(zip(kernel.arg_names, args, strict=False)), **kwargs}
     names = tuple(n if isinstance(n, str) else kernel.arg_names[n] for n in live)
-    return Plan(grid, params, names, _aligned([params.get(n) for n in names]))
+    aligned = _aligned([params.get(n) for n in names])
+    params.update(dict.fromkeys(names))  # a cached plan holds no call's tensors
+    return Plan(grid, params, names, aligned)
