@@ -79,7 +79,7 @@ def _bind(fn: Any, kernel: Any, grid: tuple[int, ...], params: dict[str, Any],
     bound, where = bound_args(caches[driver.active.get_current_device()][4], params, live)
     for i in where:
         bound[i] = None  # a cached plan holds no call's tensors
-    return fn, kernel[grid], bound, where
+    return fn, kernel[(*grid, 1, 1)[:3]], bound, where  # the launcher takes three grid sizes
 
 
 def bound_args(binder: Callable[..., Any], params: dict[str, Any], live: Sequence[str]) -> tuple[list[Any], tuple[int, ...]]:
