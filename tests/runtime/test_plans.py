@@ -35,7 +35,7 @@ CASES = [
 
 def _step(attn: Any, n: int, d: int, dtype: str, scale: float | None, opts: dict[str, Any]) -> tuple[Any, ...]:
     g = torch.Generator().manual_seed(n * 1000 + d)
-    q, k, v, do = (torch.randn(1, 2, n, d, generator=g).to(getattr(torch, dtype)) for _ in range(4))
+    q, k, v, do = (torch.randn(1, 1, n, d, generator=g).to(getattr(torch, dtype)) for _ in range(4))
     qkv = [t.requires_grad_() for t in (q, k, v)]
     with attn.options(**opts):
         o = attn(*qkv, scale=scale)
