@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from . import tables
+from . import bwd_kernels, plans, tables
 from .bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dkdv_merge, _attn_bwd_dq, _attn_bwd_pre
 from .common import (
     _INTERPRET,
@@ -131,50 +131,82 @@ def _delta_pass(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torc
 def _launch_dq(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, heads: torch.Tensor, q: torch.Tensor,
                k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, group: int, scale: float, prec: str, d_pad: int,
                pre: dict[str, Any], dq: torch.Tensor) -> None:
+    key = ("dq", spec.key, pat, tile, rows, layout, tma, heads.numel(), group, scale, q.shape, k.shape, q.stride(),
+           k.stride(), v.stride(), do.stride(), dq.stride(), q.dtype, q.device,
+           tuple(x for x in pre.items() if not isinstance(x[1], torch.Tensor)))
+    launch = plans.cached(key, lambda: _dq_plan(spec, tile, pat, rows, layout, tma, heads, q, k, v, do, lse2, delta,
+                                                group, scale, prec, d_pad, pre, dq))
+    kd = vd = None
+    if tma:  # dQ walks K/V tiles of BLOCK_N rows
+        kd, vd = _descriptor(k, tile[1], d_pad), _descriptor(v, tile[1], d_pad)
+    launch(_attn_bwd_dq, (q, k, v, do, dq, lse2, delta, heads, kd, vd, pre.get("O"), pre.get("LSE"), pre.get("DLSE")))
+
+
+def _dq_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, heads: torch.Tensor,
+             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor,
+             group: int, scale: float, prec: str, d_pad: int, pre: dict[str, Any], dq: torch.Tensor) -> plans.Plan:
     B, H, N, D = q.shape
     bm, bn, warps, stages = tile
     f_off, f_idx, p_off, p_idx = block_tables(spec, N, bm, bn, q.device, pat)
-    kd = vd = None
-    if tma:  # dQ walks K/V tiles of BLOCK_N rows
-        kd, vd = _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad)
-    _attn_bwd_dq[(-(-rows // bm), B * heads.numel())](
+    return plans.make(bwd_kernels._attn_bwd_dq, (-(-rows // bm), B * heads.numel()), (
         q, k, v, do, dq, lse2, delta, heads, f_off, f_idx, p_off, p_idx,
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3],
         N, H, heads.numel(), group, scale * _LOG2E, scale,
+    ), dict(
         PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, INTERPRET=_INTERPRET, NP=rows, LAYOUT=layout_kernel(spec, pat) if layout else None,
-        k_desc=kd, v_desc=vd, TMA=tma, ORDER=heavy_first(spec, N, bm, bn, q.device, pat),
+        TMA=tma, ORDER=heavy_first(spec, N, bm, bn, q.device, pat),
         num_warps=warps, num_stages=stages, **pre,
-    )
+    ), (*range(8), "k_desc", "v_desc", "O", "LSE", "DLSE"))
 
 
 def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, kv_ids: torch.Tensor,
                  qh_off: torch.Tensor, qh_idx: torch.Tensor, sizes: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, scale: float,
                  accum: bool, prec: str, d_pad: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    key = ("dkdv", spec.key, pat, tile, rows, layout, tma, kv_ids.numel(), sizes, scale, accum, q.shape, k.shape,
+           q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride(), q.dtype, q.device,
+           current_options().bwd_split)
+    launch, extra = plans.cached(key, lambda: _dkdv_plan(spec, tile, pat, rows, layout, tma, kv_ids, qh_off, qh_idx,
+                                                         sizes, q, k, v, do, lse2, delta, scale, accum, prec, d_pad,
+                                                         dk, dv))
+    qd = dod = None
+    if tma:  # dK/dV walks Q/dO tiles of BLOCK_M rows
+        qd, dod = _descriptor(q, tile[0], d_pad), _descriptor(do, tile[0], d_pad)
+    if extra:  # a workspace of the split rows' dK, dV per call
+        ws = torch.zeros((2, extra["NSLOT"], tile[1], d_pad), dtype=torch.float32, device=q.device)
+        extra = {**extra, "WS_K": ws[0], "WS_V": ws[1]}
+    launch(_attn_bwd_dkdv, (q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, qd, dod, *((extra["WS_K"], extra["WS_V"]) if extra else ())))
+    _merge_split(extra, kv_ids, dk, dv, q.shape[2], scale, tile[1], q.shape[3], d_pad, accum,
+                 layout_kernel(spec, pat) if layout else None)
+
+
+def _dkdv_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, kv_ids: torch.Tensor,
+               qh_off: torch.Tensor, qh_idx: torch.Tensor, sizes: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, scale: float, accum: bool, prec: str, d_pad: int,
+               dk: torch.Tensor, dv: torch.Tensor) -> tuple[plans.Plan, dict[str, Any]]:
+    """(the dK/dV kernel's plan, its split's arguments (their workspace is each call's), or {})."""
     B, H, N, D = q.shape
     bm, bn, warps, stages = tile
     f_off, f_idx, p_off, p_idx = block_tables_t(spec, N, bm, bn, q.device, pat)
-    qd = dod = None
-    if tma:  # dK/dV walks Q/dO tiles of BLOCK_M rows
-        qd, dod = _descriptor(q, bm, d_pad), _descriptor(do, bm, d_pad)
     nkt = -(-rows // bn)
     split = _static_split(spec, pat, N, bm, bn, nkt, q.device, B, sizes)
     lay = layout_kernel(spec, pat) if layout else None
     extra, grid = _split_args(split, nkt, bn, d_pad, q.device, B * kv_ids.numel())
-    _attn_bwd_dkdv[grid](
+    launch = plans.make(bwd_kernels._attn_bwd_dkdv, grid, (
         q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, f_off, f_idx, p_off, p_idx,
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3],
         N, H, kv_ids.numel(), scale * _LOG2E, scale,
+    ), dict(
         PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, NP=rows,
-        LAYOUT=lay, q_desc=qd, do_desc=dod, TMA=tma,
+        LAYOUT=lay, TMA=tma,
         num_warps=warps, num_stages=stages, **extra,
-    )
-    _merge_split(extra, kv_ids, dk, dv, N, scale, bn, D, d_pad, accum, lay)
+    ), (*range(11), "q_desc", "do_desc", *(("WS_K", "WS_V") if extra else ())))
+    return launch, extra
 
 
 @_on_device_of

@@ -118,12 +118,24 @@ def _tma_mode(tensors: Sequence[torch.Tensor], d_pad: int, mode: int | None = No
     return mode
 
 
+_CHECKED: set[tuple[Any, ...]] = set()  # (shape, strides, dtype, block, d_pad) that TensorDescriptor accepted
+
+
 def _descriptor(t: torch.Tensor, block: int, d_pad: int) -> Any:
     """A host TMA descriptor of a [B, H, N, D] tensor with [1, 1, block, d_pad] boxes: rows past N and
-    columns past D load as zeros."""
+    columns past D load as zeros. TensorDescriptor's checks depend on the shape, strides, dtype, box and the
+    base's alignment: once they passed for the first four, a descriptor of an aligned base is made without
+    them (they cost more than the launch on a short step's host path)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(t, [1, 1, block, d_pad])
+    key = (t.shape, t.stride(), t.dtype, block, d_pad)
+    if key not in _CHECKED or t.data_ptr() % 16:
+        desc = TensorDescriptor.from_tensor(t, [1, 1, block, d_pad])
+        _CHECKED.add(key)
+        return desc
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = t, t.shape, t.stride(), [1, 1, block, d_pad], "zero"
+    return desc
 
 
 def _descriptors(mode: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block_m: int,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import layout_order, tables
+from . import fwd_kernels, layout_order, plans, tables
 from .backward import _kv_groups
 from .common import (
     _INTERPRET,
@@ -31,7 +31,7 @@ from .common import (
 )
 from .cpu import _attention_cpu
 from .fwd_kernels import _attn_combine, _attn_fwd, _attn_fwd_fast
-from .options import current_options, options
+from .options import Options, current_options, options
 from .selection import _dynamic_tables, _selection, _tiles, sel_kernel
 from .tables import block_tables, heavy_first, work_list
 from .tuning import _layout_candidates, _tune_candidates, _tuned
@@ -122,38 +122,54 @@ def _launch_fast(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, 
     """Pattern `pat` on `_attn_fwd_fast` over tensors of q.shape[2] rows: the tokens (n of them), or with
     the pattern's token layout its rows (`layout_order`'s buffers, the kernel mapping rows to tokens in
     PARTIAL tiles). Heavy query blocks may be sliced (`_attn_combine` merges the slices)."""
+    opts = current_options()
+    key = ("fwd", spec.key, pat, n, cfg, scale, group, heads.numel(), q.shape, q.stride(), k.stride(), v.stride(),
+           out.stride(), q.dtype, q.device, opts)
+    fast, combine, slots = plans.cached(key, lambda: _fast_plans(spec, pat, q, k, v, out, lse, descs, heads, cfg,
+                                                                 scale, group, n, opts))
+    ws_o = ws_l = lse
+    if slots:
+        B, _, _, D = q.shape
+        bhn = B * heads.numel()
+        ws_o = torch.empty(bhn * slots * cfg[0] * _d_pad(D), dtype=torch.float32, device=q.device)
+        ws_l = torch.empty(bhn * slots * cfg[0], dtype=torch.float32, device=q.device)
+    fast(_attn_fwd_fast, (q, k, v, out, lse, *descs, ws_o, ws_l, heads))
+    if combine is not None:
+        combine(_attn_combine, (out, lse, ws_o, ws_l, heads))
+
+
+def _fast_plans(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, descs: tuple[Any, ...], heads: torch.Tensor, cfg: tuple[int, ...], scale: float,
+                group: int, n: int, opts: Options) -> tuple[plans.Plan, plans.Plan | None, int]:
+    """(`_launch_fast`'s kernel plan, its combine's or None, the workspace slots) for a call like this one."""
     B, H, R, D = q.shape
     block_m, block_n, warps, stages, tma, one_loop, maxnreg = cfg
-    opts = current_options()
     cap = {"maxnreg": maxnreg or opts.maxnreg} if maxnreg or opts.maxnreg else {}
     d_pad = _d_pad(D)
     qk_scale = scale * _LOG2E
     off32 = (R + max(block_m, block_n)) * max(q.stride(2), k.stride(2), v.stride(2)) + d_pad < 2**31
     layout = layout_kernel(spec, pat)
     nh = heads.numel()
-    q_desc, k_desc, v_desc, o_desc = descs
     _, f_idx, _, p_idx = block_tables(spec, n, block_m, block_n, q.device, pat)
     work, splits, slots, contig = work_list(spec, n, block_m, block_n, q.device, pat, opts.split_tiles, B * nh)
-    ws_o = ws_l = lse
-    if slots:
-        ws_o = torch.empty(B * nh * slots * block_m * d_pad, dtype=torch.float32, device=q.device)
-        ws_l = torch.empty(B * nh * slots * block_m, dtype=torch.float32, device=q.device)
     bhn = B * nh
-    _attn_fwd_fast[(work.shape[0] * bhn,)](
-        q, k, v, out, lse, q_desc, k_desc, v_desc, o_desc, ws_o, ws_l, heads, work, f_idx, p_idx,
+    fast = plans.make(fwd_kernels._attn_fwd_fast, (work.shape[0] * bhn,), (
+        q, k, v, out, lse, *descs, lse, lse, heads, work, f_idx, p_idx,
         *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *out.stride()[:3],
         R, H, nh, bhn, group, max(slots, 1), qk_scale,
+    ), dict(
         PRED=pred_kernel(spec, pat), BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=_dot_prec(q),
         IDX64=spec.idx64, EVEN=R % block_n == 0, FOLD=opts.fold and qk_scale > 0, OFF32=off32,
         CONTIG=opts.contig and contig, TMA=tma, INTERPRET=_INTERPRET, ONE_LOOP=bool(one_loop or opts.one_loop),
         num_warps=warps, num_stages=stages, **cap, **({} if layout is None else dict(LAYOUT=layout, NTOK=n)),
-    )
+    ), range(12))
+    combine = None
     if slots:
-        _attn_combine[(splits.shape[0] * bhn,)](
-            out, lse, ws_o, ws_l, heads, splits, *out.stride()[:3],
-            R, H, nh, bhn, slots, BLOCK_M=block_m, HEAD_DIM=D, D_PAD=d_pad, num_warps=4,
-        )
+        combine = plans.make(fwd_kernels._attn_combine, (splits.shape[0] * bhn,), (
+            out, lse, lse, lse, heads, splits, *out.stride()[:3], R, H, nh, bhn, slots,
+        ), dict(BLOCK_M=block_m, HEAD_DIM=D, D_PAD=d_pad, num_warps=4), range(5))
+    return fast, combine, slots
 
 
 def _fast(spec: PatternSpec, pat: int) -> bool:
