@@ -127,9 +127,9 @@ def _cache(ks: list[Any], vs: list[Any], capacity: int, page: int | None, seed: 
 
 
 def _check_step(src: str, dtype: Any, lengths: list[int], nq: int, n_new: int, hkv: int, group: int,
-                page: int | None, seed: int, d: int = 8, **opts: Any) -> None:
+                page: int | None, seed: int, d: int = 8, **opts: Any) -> tuple[Any, Any]:
     """A decode step with selectors (the last n_new tokens appended, the summaries updated) against the
-    reference: outputs, lse and, for one-selector patterns, the returned selection."""
+    reference: outputs, lse and, for one-selector patterns, the returned selection. Returns (out, lse)."""
     attn, body = _attn(src), _body(src)
     H = body.count if isinstance(body, ir.Heads) else hkv * group
     hkv = hkv if H % hkv == 0 else 1
@@ -181,6 +181,7 @@ def _check_step(src: str, dtype: Any, lengths: list[int], nq: int, n_new: int, h
                     mine = {int(x) for x in picked[0][b, h, r] if x >= 0}
                     ref = set(np.nonzero(some[0, 0, first + r])[0].tolist()) if first + r < some.shape[2] else set()
                     assert mine == ref, f"sequence {b}, head {h}, query block {first + r}"
+    return got, got_lse
 
 
 @settings(max_examples=8, deadline=None)
@@ -339,6 +340,23 @@ def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
     heads pick different blocks, several selectors (cases), against the reference."""
     _check_step(src, torch.float32, [70] if page == 16 else [70, 41], 2, 1, 2, 2, page, 3, d=16, decode_block=16,
                 decode_splits=3)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("src, page, variant", [
+    (PATTERNS[0], 16, dict(decode_merge_chunk=2, decode_pipelined_picks=True)),
+    pytest.param("causal & (topk(2, block=16, score=quest) - topk(1, block=16, score=given))", None,
+                 dict(decode_merge_chunk=4), marks=pytest.mark.slow),
+])
+def test_decode_kernel_variants_equal_default(src: str, page: int | None, variant: dict[str, Any]) -> None:
+    """The step's kernel options for short rows (`decode_merge_chunk`: the last split merges several splits'
+    partials per load, here over five splits, so the last chunk is partial; `decode_pipelined_picks`: the
+    interpreter walks the same while loop) equal the reference and the default kernel's step."""
+    args = (src, torch.float32, [70, 41], 2, 1, 2, 2, page, 3)
+    want, want_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5)
+    got, got_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5, **variant)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(got_lse, want_lse, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.interpreter
