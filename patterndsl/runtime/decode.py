@@ -267,10 +267,11 @@ def selections(spec: PatternSpec, q: torch.Tensor, cache_seqlens: torch.Tensor, 
 class Picks:
     """A dynamic pattern's selection at a step: per selector its picks int32 [B, H, query blocks, width]
     (what return_selected=True returns), and the decode kernel's tables (PICK, SLIST, SCOUNT) where the
-    selection's last launch built them (else `_pick_tables` builds them from the picks)."""
+    selection's last launch built them (else `_pick_tables` builds them from the picks), or the top-n's
+    unmerged splits (`decode_selection.Folded`): the decode kernel merges them and writes `sel`."""
 
     sel: list[torch.Tensor]
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    tables: dsel.Tables | dsel.Folded | None = None
 
 
 @_on_device_of
@@ -310,10 +311,15 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         dyn: dict[str, Any] = {}
         if sel is not None:
             made = (picks or {})[pat]
-            p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
-            dyn = dict(PICK=p, VD=dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
-                       SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
-                       SEL_KB=sel.kblock)
+            vd = dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32)
+            if isinstance(made.tables, dsel.Folded):  # the kernel merges the top-n's splits and writes the picks
+                f = made.tables
+                dyn = dict(VD=vd, TWS=f.ws, TSEL=made.sel[0], T_SPLITS=f.splits, H=H, SQB=made.sel[0].shape[2],
+                           SNK=-(-capacity // sel.kblock), SL=f.width, SEL_B=sel.block, SEL_KB=sel.kblock, **f.consts)
+            else:
+                p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
+                dyn = dict(PICK=p, VD=vd, SLIST=slist, SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3],
+                           SL=slist.shape[-1], SEL_B=sel.block, SEL_KB=sel.kblock)
             pred, dispatch = sel_kernel(spec, pat)
             dyn.update(SEL_PRED=pred, SEL_VARS=dispatch)
         blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
@@ -428,7 +434,7 @@ def _tuned_launch(spec: PatternSpec, q: torch.Tensor, fields: tuple[Any, ...], p
         tma = descs is not None and descs() is not None
         return [(c, t) for c in dict.fromkeys(counts) for t in loads if t == 0 or tma]
 
-    variant = (opts.decode_merge_chunk, opts.decode_pipelined_picks)  # (keyed where set: the defaults' keys stay)
+    variant = (opts.decode_merge_chunk, opts.decode_pipelined_picks, opts.decode_fold_merge)  # (keyed where set: the defaults' keys stay)
     key = ("decode", _d_pad(q.shape[-1]), q.dtype, loads, q.device, _pow2(capacity),
            (*fields, opts.decode_splits, *(variant if any(variant) else ())))
     best = _tuned(spec, key, candidates, launch, (rule, 0))

@@ -48,6 +48,9 @@ class Options:
     decode_pipelined_picks: the decode kernel walks a selector's picked tiles in a for loop, which Triton's
     pipeliner prefetches (the pick list, the rows' cases, K and V of the next tiles), instead of a while loop
     whose every tile waits on that chain of loads.
+    decode_fold_merge: a lone topk's selection at decode launches no merge of its splits: each decode kernel
+    program merges them itself (the pack's picks in registers) where a pack's rows x picks are few
+    (`decode_selection.FOLD_ENTRIES`): one launch less a step, a top-n merge more per program.
     token_warps, token_stages: the vertical/slash forward kernel's warps (0: 4 per 64 query rows) and
     pipeline stages.
     token_rows: the vertical/slash kernel's query rows per program (64 or 128: two 64-row tiles sharing the
@@ -85,6 +88,7 @@ class Options:
     decode_tma: int = -1
     decode_merge_chunk: int = 0
     decode_pipelined_picks: bool = False
+    decode_fold_merge: bool = False
     token_warps: int = 0
     token_stages: int = 2
     token_rows: int = 64

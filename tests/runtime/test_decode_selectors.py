@@ -344,14 +344,16 @@ def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("src, page, variant", [
-    (PATTERNS[0], 16, dict(decode_merge_chunk=2, decode_pipelined_picks=True)),
+    ("causal & (window(3) | topk(2, block=(16, 32)))", 16,
+     dict(decode_merge_chunk=2, decode_pipelined_picks=True, decode_fold_merge=True)),
     pytest.param("causal & (topk(2, block=16, score=quest) - topk(1, block=16, score=given))", None,
                  dict(decode_merge_chunk=4), marks=pytest.mark.slow),
 ])
 def test_decode_kernel_variants_equal_default(src: str, page: int | None, variant: dict[str, Any]) -> None:
     """The step's kernel options for short rows (`decode_merge_chunk`: the last split merges several splits'
     partials per load, here over five splits, so the last chunk is partial; `decode_pipelined_picks`: the
-    interpreter walks the same while loop) equal the reference and the default kernel's step."""
+    interpreter walks the same while loop; `decode_fold_merge`: the split kernel merges the top-n's splits
+    and writes the selection, key blocks of two tiles) equal the reference and the default kernel's step."""
     args = (src, torch.float32, [70, 41], 2, 1, 2, 2, page, 3)
     want, want_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5)
     got, got_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5, **variant)
@@ -382,7 +384,7 @@ def test_selection_step_launches_few_kernels(monkeypatch: Any) -> None:
     window and the picks attended) launches 4 kernels (the append with the summary update, the selection,
     its merge with the tables, the split with its merge), the same ones at a cache of 512 and of 2k
     positions (the top-n's splits grow with the key blocks, up to `decode_selection.SELECT_SPLITS`): no host sync, no launch
-    per key block, no index tensors built on the host."""
+    per key block, no index tensors built on the host. With `decode_fold_merge`, 3: no merge launch."""
     from patterndsl.runtime import decode_kernels
 
     attn = _attn(PATTERNS[0])
@@ -400,6 +402,9 @@ def test_selection_step_launches_few_kernels(monkeypatch: Any) -> None:
         logs.append(record_launches(monkeypatch, decode_kernels._decode_split, step))
     kinds = [[(k, x[0]) for k, x in log] for log in logs]
     assert kinds[0] == kinds[1] and len(logs[0]) == 4, logs
+    with attn.options(decode_fold_merge=True):  # the decode kernel merges the top-n's splits: no merge launch
+        folded = [x[0] for _, x in record_launches(monkeypatch, decode_kernels._decode_split, step)]
+    assert folded == [x[0] for _, x in logs[1] if x[0] != "_decode_topk_merge"] and len(folded) == 3, folded
 
 
 @pytest.mark.interpreter
