@@ -135,17 +135,17 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
                                                     T_QB_PAD, G, T_RM, T_NP, T_SP)
         sel_blk = tl.where(sel_mine[:, None], sel_blk, -1)
         cols = tl.arange(0, T_NP)
-        at = ((b * H + sel_head.to(tl.int64)) * SQB + rr % T_QB_PAD)[:, None] * N_SEL + cols[None, :]
-        tl.store(TSEL + at, sel_blk, mask=sel_mine[:, None] & (cols[None, :] < N_SEL) & (split == 0))
+        sel_at = ((b * H + sel_head.to(tl.int64)) * SQB + rr % T_QB_PAD)[:, None] * N_SEL + cols[None, :]
+        tl.store(TSEL + sel_at, sel_blk, mask=sel_mine[:, None] & (cols[None, :] < N_SEL) & (split == 0))
         # the rows' selection rows, and the distinct blocks some row picked (each at its first entry), numbered
         rel_t = ii // SEL_B - tl.maximum(seqlen - NQ, 0) // SEL_B
         owner = rows[:, None] & (rr[None, :] == (slot * T_QB_PAD + rel_t)[:, None])
         listed = tl.reshape(sel_blk, [T_RM * T_NP])
-        e = tl.arange(0, T_RM * T_NP)
-        earlier = (listed[:, None] == listed[None, :]) & (e[None, :] < e[:, None])
-        first = (listed >= 0) & (tl.max(earlier.to(tl.int32), 1) == 0)
-        order = tl.where(first, tl.cumsum(first.to(tl.int32), 0) - 1, -1)
-        picked = tl.sum(first.to(tl.int32), 0) * (SEL_KB // BLOCK_N)
+        ent = tl.arange(0, T_RM * T_NP)
+        earlier = (listed[:, None] == listed[None, :]) & (ent[None, :] < ent[:, None])
+        first_seen = (listed >= 0) & (tl.max(earlier.to(tl.int32), 1) == 0)
+        order = tl.where(first_seen, tl.cumsum(first_seen.to(tl.int32), 0) - 1, -1)
+        picked = tl.sum(first_seen.to(tl.int32), 0) * (SEL_KB // BLOCK_N)
     elif SEL_PRED is not None:
         picked = tl.load(SCOUNT + b32 * packs + pack) * (SEL_KB // BLOCK_N)
     total = qb_lo * 0  # an int32 scalar (loop-carried)
