@@ -234,6 +234,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # the selecting step's kernel options t
     "chunk4_pipelined": {"decode_merge_chunk": 4, "decode_pipelined_picks": True},
     "fold_merge": {"decode_fold_merge": True},
     "fold_chunk4_pipelined": {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True},
+    "select_keys128": {"decode_select_keys": 128},
+    "all": {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True,
+            "decode_select_keys": 128},
 }
 
 

@@ -205,7 +205,11 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     qb_pad = _pow2(qb)
     nk = -(-capacity // rule.kblock)
     np2 = _pow2(n)
-    bk = max(np2, 32 if D <= 128 else 16)  # (registers: no spills on sm_90 at D = 128, benchmarks/kernel_resources.py)
+    keys = current_options().decode_select_keys
+    if keys and (keys < 16 or keys & (keys - 1)):
+        raise ValueError(f"decode_select_keys must be 0 or a power of two of at least 16, got {keys}")
+    # (registers: no spills on sm_90 at D = 128 with 32, 64 or 128, benchmarks/kernel_resources.py)
+    bk = max(np2, keys or (32 if D <= 128 else 16))
     r = max(16, _pow2(g * qb_pad))
     rm = _pow2(g * qb_pad)
     bs, splits = _split_blocks(nk, bk, rm)

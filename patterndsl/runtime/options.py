@@ -51,6 +51,8 @@ class Options:
     decode_fold_merge: a lone topk's selection at decode launches no merge of its splits: each decode kernel
     program merges them itself (the pack's picks in registers) where a pack's rows x picks are few
     (`decode_selection.FOLD_ENTRIES`): one launch less a step, a top-n merge more per program.
+    decode_select_keys: the key blocks a decode step's top-n scores per tile (a power of two >= 16; 0: 32,
+    16 past head_dim 128); a split's tiles are loaded one after the other, so wider tiles wait on fewer loads.
     token_warps, token_stages: the vertical/slash forward kernel's warps (0: 4 per 64 query rows) and
     pipeline stages.
     token_rows: the vertical/slash kernel's query rows per program (64 or 128: two 64-row tiles sharing the
@@ -89,6 +91,7 @@ class Options:
     decode_merge_chunk: int = 0
     decode_pipelined_picks: bool = False
     decode_fold_merge: bool = False
+    decode_select_keys: int = 0
     token_warps: int = 0
     token_stages: int = 2
     token_rows: int = 64

@@ -183,8 +183,9 @@ def test_decode_selectors_match_reference(src: str, static: str, selected: str, 
 
 DECODE_VARIANTS = [{"decode_merge_chunk": 4}, {"decode_merge_chunk": 1}, {"decode_pipelined_picks": True},
                    {"decode_merge_chunk": 2, "decode_pipelined_picks": True, "decode_splits": 8},
-                   {"decode_fold_merge": True},
-                   {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True}]
+                   {"decode_fold_merge": True}, {"decode_select_keys": 128},
+                   {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True,
+                    "decode_select_keys": 128}]
 
 
 @pytest.mark.parametrize("variant", DECODE_VARIANTS)
@@ -194,7 +195,7 @@ def test_decode_variants_equal_default_and_reference(variant: dict[str, Any], pa
                                                      shape: tuple[int, int, int]) -> None:
     """The short-row kernel options (`Options.decode_merge_chunk`, `decode_pipelined_picks`, the
     interpreter cannot run the pipelined loop; `decode_fold_merge`, the split kernel merging the top-n and
-    writing the selection) on a selecting step at batch 1 (32 query and 8 KV heads)
+    writing the selection; `decode_select_keys`, the top-n's scoring tile) on a selecting step at batch 1 (32 query and 8 KV heads)
     and 3: the selection and rows equal the float64 reference and the default kernel's step; dense causal
     decode (the split merge alone) equals the default's too."""
     src, static, selected, rule = SELECTOR_CASES[0]

@@ -345,7 +345,7 @@ def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
 @pytest.mark.interpreter
 @pytest.mark.parametrize("src, page, variant", [
     ("causal & (window(3) | topk(2, block=(16, 32)))", 16,
-     dict(decode_merge_chunk=2, decode_pipelined_picks=True, decode_fold_merge=True)),
+     dict(decode_merge_chunk=2, decode_pipelined_picks=True, decode_fold_merge=True, decode_select_keys=64)),
     pytest.param("causal & (topk(2, block=16, score=quest) - topk(1, block=16, score=given))", None,
                  dict(decode_merge_chunk=4), marks=pytest.mark.slow),
 ])
@@ -353,7 +353,8 @@ def test_decode_kernel_variants_equal_default(src: str, page: int | None, varian
     """The step's kernel options for short rows (`decode_merge_chunk`: the last split merges several splits'
     partials per load, here over five splits, so the last chunk is partial; `decode_pipelined_picks`: the
     interpreter walks the same while loop; `decode_fold_merge`: the split kernel merges the top-n's splits
-    and writes the selection, key blocks of two tiles) equal the reference and the default kernel's step."""
+    and writes the selection, key blocks of two tiles; `decode_select_keys`: one scoring tile wider than the
+    cache's key blocks) equal the reference and the default kernel's step."""
     args = (src, torch.float32, [70, 41], 2, 1, 2, 2, page, 3)
     want, want_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5)
     got, got_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5, **variant)
