@@ -11,7 +11,8 @@ over the time. Writes JSON to argv[1] (default benchmarks/results/decode.json) a
 short keeps what it measured; `BENCH_DEADLINE` (seconds, default 330) skips what would run past it.
 A sweep of the decode kernel's key block and splits at two cases starts the run, then the selector case
 (`selectors`): top-16 blocks of 64 plus a window of 512 at 128k, Nq = 1, batch 1 and 8, against dense
-decode (ours, causal, and SDPA over the whole cache), with the selection's share of the step.
+decode (ours, causal, and SDPA over the whole cache), with the selection's share of the step; the same step
+under each of `VARIANTS` (decode kernel options for short rows) in the same rounds, with their kernels.
 `BENCH_SMOKE=1`: tiny sizes on the CPU in the interpreter (checks the script, times nothing real).
 `BENCH_QUICK=1` (about 100 s): only what issue 21's open criteria read (`quick`): the selector case, a
 window + sinks step eager and replayed from 8k to 512k with its host time per call and the kernels one
@@ -227,13 +228,33 @@ def main() -> None:
 
 SEL_SRC = "causal & (window(15) | topk(2, block=16))" if SMOKE else "causal & (window(511) | topk(16, block=64))"
 SEL_N = 256 if SMOKE else 131072
+VARIANTS: dict[str, dict[str, Any]] = {  # the selecting step's kernel options timed beside the defaults
+    "merge_chunk4": {"decode_merge_chunk": 4},
+    "pipelined_picks": {"decode_pipelined_picks": True},
+    "chunk4_pipelined": {"decode_merge_chunk": 4, "decode_pipelined_picks": True},
+    "fold_merge": {"decode_fold_merge": True},
+    "fold_chunk4_pipelined": {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True},
+    "select_keys128": {"decode_select_keys": 128},
+    "all": {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True,
+            "decode_select_keys": 128},
+}
+
+
+def with_options(attn: Any, opts: dict[str, Any], fn: Any) -> Any:
+    """fn run under the kernel options `opts` (a CUDA graph captures the launches they choose)."""
+    def step() -> Any:
+        with attn.options(**opts):
+            return fn()
+    return step
 
 
 def selectors(res: dict[str, Any], save: Any) -> None:
     """A decode step with a selector (append one token, update its block's key summaries, score every key
     block from the summaries, keep the top 16, attend to them and the window) against dense decode at the
     same context, each replayed from a CUDA graph. `selection_ms`: the step's time minus the same step given
-    its selection (`selected=`), i.e. scoring and picking; `selection_share` of the step."""
+    its selection (`selected=`), i.e. scoring and picking; `selection_share` of the step. `variants`: the
+    same figures for the step under each of `VARIANTS`' kernel options, timed in the same interleaved rounds
+    (per-kernel times in `kernels`), and its largest difference from the default step's output."""
     res["selectors"] = []
     attn = P.compile(f"pattern p = {SEL_SRC}\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
     dense = P.compile("pattern p = causal\n", **({"block_m": 16, "block_n": 16} if SMOKE else {}))
@@ -251,10 +272,11 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         seqlens = torch.full((B,), n - 1, dtype=torch.int32, device=DEV)  # each replay writes position n - 1
         summ = KeySummaries.build(kc, seqlens, block)
         _, picked = attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ, return_selected=True)
+        full_step = functools.partial(attn.decode, q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ)
+        given_step = functools.partial(attn.decode, q, kc, vc, seqlens, k_new=kn, v_new=vn, selected=picked)
         steps: dict[str, Any] = {
-            "topk_window": lambda: attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, summaries=summ),
-            "topk_window_given_selection": lambda: attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn,
-                                                               selected=picked),
+            "topk_window": full_step,
+            "topk_window_given_selection": given_step,
             "dense_causal": lambda: dense.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn),
         }
         same = torch.equal(steps["topk_window"](), steps["topk_window_given_selection"]())
@@ -264,10 +286,22 @@ def selectors(res: dict[str, Any], save: Any) -> None:
         steps["topk_window_float32_summaries"] = lambda: attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn,
                                                                      summaries=summ32)
         for splits in (2, 8, 16, 32):  # the static and picked tiles' split count (a short row: latency)
-            def with_splits(splits: int = splits) -> Any:
-                with attn.options(decode_splits=splits):
-                    return attn.decode(q, kc, vc, seqlens, k_new=kn, v_new=vn, selected=picked)
-            steps[f"given_selection_splits{splits}"] = with_splits
+            steps[f"given_selection_splits{splits}"] = with_options(attn, {"decode_splits": splits}, given_step)
+        diffs = {}
+        for v, opts in VARIANTS.items():  # each kernel variant's step and its step given the selection
+            try:
+                steps[f"topk_window_{v}"] = with_options(attn, opts, full_step)
+                steps[f"topk_window_given_selection_{v}"] = with_options(attn, opts, given_step)
+                diffs[v] = (steps[f"topk_window_{v}"]().float() - steps["topk_window"]().float()).abs().max().item()
+                launches[f"topk_window_{v}"] = kernels_of(steps[f"topk_window_{v}"])
+            except Exception as e:  # noqa: BLE001  (a variant that does not build here)
+                res["notes"].append(f"selectors B={B} {v}: {type(e).__name__}: {str(e)[:160]}")
+                steps.pop(f"topk_window_{v}", None)
+                steps.pop(f"topk_window_given_selection_{v}", None)
+        for splits in (8, 16):  # the variants' split counts (a pipelined row may want fewer, longer splits)
+            best = {**VARIANTS["chunk4_pipelined"], "decode_splits": splits}
+            if "topk_window_chunk4_pipelined" in steps:
+                steps[f"given_selection_splits{splits}_chunk4_pipelined"] = with_options(attn, best, given_step)
         fns = {k: (f if SMOKE else captured(f).replay) for k, f in steps.items()}
         fns["topk_window_eager"] = steps["topk_window"]
         fns["sdpa_whole_cache"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
@@ -280,13 +314,24 @@ def selectors(res: dict[str, Any], save: Any) -> None:
                "speedup_vs_dense_causal": times["dense_causal"] / step,
                "speedup_vs_sdpa": times["sdpa_whole_cache"] / step, "selected_reuse_equal": same,
                "launches": {k: sum(c for _, c, _ in v) for k, v in launches.items()}, "kernels": launches,
-               "done": times["dense_causal"] / step >= 5 and (step - given) / step < 0.25}
+               "done": times["dense_causal"] / step >= 5 and (step - given) / step < 0.25, "variants": {}}
+        for v, opts in VARIANTS.items():
+            if f"topk_window_{v}" not in times:
+                continue
+            vs, vg = times[f"topk_window_{v}"], times[f"topk_window_given_selection_{v}"]
+            row["variants"][v] = {"options": opts, "ms": vs, "given_selection_ms": vg, "selection_share": (vs - vg) / vs,
+                                  "speedup_vs_dense_causal": times["dense_causal"] / vs, "over_default": vs / step,
+                                  "max_diff_vs_default": diffs[v],
+                                  "done": times["dense_causal"] / vs >= 5 and (vs - vg) / vs < 0.25}
         res["selectors"].append(row)
         print(f"selectors N={n} B={B}: step {step:.3f} ms (selection {row['selection_share']:.0%}), dense "
               f"{times['dense_causal']:.3f} ms ({row['speedup_vs_dense_causal']:.1f}x), SDPA "
               f"{times['sdpa_whole_cache']:.3f} ms, launches {row['launches']['topk_window']}; given selection "
               f"{given:.3f} ms, by splits " + " ".join(f"{k[22:]}:{v:.3f}" for k, v in times.items()
                                                        if k.startswith("given_selection_splits")), flush=True)
+        for v, x in row["variants"].items():
+            print(f"  {v}: step {x['ms']:.3f} ms ({x['over_default']:.2f}x the default's, selection "
+                  f"{x['selection_share']:.0%}, {x['speedup_vs_dense_causal']:.1f}x dense), done {x['done']}", flush=True)
         save()
 
 

@@ -22,7 +22,8 @@ writing an accumulator while its MMA runs (C7515), and waits on each one.
 context, table merge) with the arguments `_selection` and `_dynamic_tables` give them; `--tables` the
 packed-document table kernels (`_free_tables`).
 `--decode G,NQ,BLOCK,PAGED` builds the decode step's split and merge kernels (`runtime/decode.py`'s launch;
-PAGED 1: pages holding whole tiles, 2: smaller pages, gathered per key).
+PAGED 1: pages holding whole tiles, 2: smaller pages, gathered per key), the split kernel also under each of
+`DECODE_VARIANTS` (the short-row options).
 `--tokens ROWS,WARPS,STAGES,EARLY_KV,BITS,BWD` builds the vertical/slash kernel (`runtime/tokens.py`).
 `--spans` builds --fwd and --bwd reading their tiles from segment tables (`runtime/positions.py`'s `Spans`).
 `--bwd-split` builds --bwd's dK/dV kernel with its heavy rows split into pieces (SPLIT: a float32 workspace)
@@ -124,6 +125,11 @@ def resources(kernel, dtype: str, constexprs: dict, warps: int, stages: int, typ
             f"{blocks} blocks/SM")  # fmt: skip
 
 
+DECODE_VARIANTS = {"merge_chunk4": {"decode_merge_chunk": 4}, "pipelined_picks": {"decode_pipelined_picks": True},
+                   "fold_merge": {"decode_fold_merge": True},
+                   "all three": {"decode_merge_chunk": 4, "decode_pipelined_picks": True, "decode_fold_merge": True}}
+
+
 def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, paged: int) -> None:
     """The decode step's kernel as `runtime.decode` launches it: the split over runs of key blocks, whose
     last program merges (scalars the host passes as ints, the run tables and head packs int32)."""
@@ -137,13 +143,26 @@ def decode(spec, dtype: str, d: int, d_pad: int, g: int, nq: int, block: int, pa
     prec = "ieee" if dtype == "fp32" else "tf32"
     pred, dispatch = (None, False) if sel is None else selection.sel_kernel(spec, 0)
     dyn = {} if sel is None else dict(SEL_PRED=pred, SEL_VARS=dispatch, SEL_B=sel.block, SEL_KB=sel.kblock)
-    sel_t = {"PICK": "*i8", "VD": "*i32", "SLIST": "*i32", "SCOUNT": "*i32", **{x: "i32" for x in ("H", "SQB", "SNK", "SL")}}
-    split = resources(decode_kernels._decode_split, dtype, dict(
-        shapes, PRED=spec.predicates[0].kernel, TABLE_M=block, BLOCK_N=block, DQK=d, DQK_PAD=d_pad,
-        PAGED=bool(paged), PAGE_TILES=paged == 1, DOT_PREC=prec, IDX64=spec.idx64, INTERPRET=False, **dyn),
-        4, 3, {**ints, **tables, **ws, **sel_t})  # fmt: skip
+    sel_t = {"PICK": "*i8", "VD": "*i32", "SLIST": "*i32", "SCOUNT": "*i32", "TWS": "constexpr", "TSEL": "constexpr",
+             **{x: "i32" for x in ("H", "SQB", "SNK", "SL", "T_SPLITS")}}
+    split_consts = dict(shapes, PRED=spec.predicates[0].kernel, TABLE_M=block, BLOCK_N=block, DQK=d, DQK_PAD=d_pad,
+                        PAGED=bool(paged), PAGE_TILES=paged == 1, DOT_PREC=prec, IDX64=spec.idx64, INTERPRET=False,
+                        **dyn)  # fmt: skip
+    split = resources(decode_kernels._decode_split, dtype, split_consts, 4, 3, {**ints, **tables, **ws, **sel_t})
     kind = ("contiguous", "paged", "paged, pages smaller than a tile")[paged]
     print(f"decode G={g} Nq={nq} block={block} {kind}: split {split}", flush=True)
+    for name, opts in DECODE_VARIANTS.items():  # the short-row options (`Options.decode_*`), as decode.py passes them
+        c, t = {**split_consts, "MERGE_CHUNK": opts.get("decode_merge_chunk", 0),
+                "PIPE_PICKS": opts.get("decode_pipelined_picks", False)}, {**ints, **tables, **ws, **sel_t}
+        if opts.get("decode_fold_merge"):
+            if sel is None or sel.all[0].kind != "topk":
+                continue
+            rule = sel.all[0]
+            qb = (nq + rule.block - 2) // rule.block + 1
+            np2, rm = triton.next_power_of_2(int(rule.param)), triton.next_power_of_2(g * triton.next_power_of_2(qb))
+            c |= dict(N_SEL=int(rule.param), T_QB_PAD=triton.next_power_of_2(qb), T_RM=rm, T_NP=np2, T_SP=16)
+            t |= {"PICK": "constexpr", "SLIST": "constexpr", "SCOUNT": "constexpr", "TWS": "*i64", "TSEL": "*i32"}
+        print(f"  split, {name}: {resources(decode_kernels._decode_split, dtype, c, 4, 3, t)}", flush=True)
     if sel is not None and sel.all[0].kind == "topk":  # the step's selection (`decode_selection._fused`)
         rule = sel.all[0]
         qb = (nq + rule.block - 2) // rule.block + 1

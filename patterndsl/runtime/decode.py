@@ -46,7 +46,7 @@ from .cpu import masked_softmax
 from .decode_kernels import _append_kv, _decode_split
 from .decode_kernels import _pick_tables as _pick_tables_kernel
 from .evaluate import evaluate
-from .options import current_options
+from .options import Options, current_options
 from .selection import _combine, case_ranks, sel_kernel
 from .tuning import _tuned
 
@@ -267,10 +267,11 @@ def selections(spec: PatternSpec, q: torch.Tensor, cache_seqlens: torch.Tensor, 
 class Picks:
     """A dynamic pattern's selection at a step: per selector its picks int32 [B, H, query blocks, width]
     (what return_selected=True returns), and the decode kernel's tables (PICK, SLIST, SCOUNT) where the
-    selection's last launch built them (else `_pick_tables` builds them from the picks)."""
+    selection's last launch built them (else `_pick_tables` builds them from the picks), or the top-n's
+    unmerged splits (`decode_selection.Folded`): the decode kernel merges them and writes `sel`."""
 
     sel: list[torch.Tensor]
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    tables: dsel.Tables | dsel.Folded | None = None
 
 
 @_on_device_of
@@ -310,10 +311,15 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         dyn: dict[str, Any] = {}
         if sel is not None:
             made = (picks or {})[pat]
-            p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
-            dyn = dict(PICK=p, VD=dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32), SLIST=slist,
-                       SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3], SL=slist.shape[-1], SEL_B=sel.block,
-                       SEL_KB=sel.kblock)
+            vd = dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32)
+            if isinstance(made.tables, dsel.Folded):  # the kernel merges the top-n's splits and writes the picks
+                f = made.tables
+                dyn = dict(VD=vd, TWS=f.ws, TSEL=made.sel[0], T_SPLITS=f.splits, H=H, SQB=made.sel[0].shape[2],
+                           SNK=-(-capacity // sel.kblock), SL=f.width, SEL_B=sel.block, SEL_KB=sel.kblock, **f.consts)
+            else:
+                p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
+                dyn = dict(PICK=p, VD=vd, SLIST=slist, SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3],
+                           SL=slist.shape[-1], SEL_B=sel.block, SEL_KB=sel.kblock)
             pred, dispatch = sel_kernel(spec, pat)
             dyn.update(SEL_PRED=pred, SEL_VARS=dispatch)
         blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
@@ -324,7 +330,8 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         consts = dict(
             PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
             DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
-            DOT_PREC=_dot_prec(q), IDX64=spec.idx64, INTERPRET=_INTERPRET,
+            DOT_PREC=_dot_prec(q), IDX64=spec.idx64, INTERPRET=_INTERPRET, MERGE_CHUNK=_merge_chunk(opts),
+            PIPE_PICKS=opts.decode_pipelined_picks,
             num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
             **dyn,
         )
@@ -427,9 +434,19 @@ def _tuned_launch(spec: PatternSpec, q: torch.Tensor, fields: tuple[Any, ...], p
         tma = descs is not None and descs() is not None
         return [(c, t) for c in dict.fromkeys(counts) for t in loads if t == 0 or tma]
 
-    key = ("decode", _d_pad(q.shape[-1]), q.dtype, loads, q.device, _pow2(capacity), (*fields, opts.decode_splits))
+    variant = (opts.decode_merge_chunk, opts.decode_pipelined_picks, opts.decode_fold_merge)  # (keyed where set: the defaults' keys stay)
+    key = ("decode", _d_pad(q.shape[-1]), q.dtype, loads, q.device, _pow2(capacity),
+           (*fields, opts.decode_splits, *(variant if any(variant) else ())))
     best = _tuned(spec, key, candidates, launch, (rule, 0))
     return best[0], best[1]
+
+
+def _merge_chunk(opts: Options) -> int:
+    """The split merge's splits per load (`Options.decode_merge_chunk`; 0: one at a time, every row)."""
+    chunk = opts.decode_merge_chunk
+    if chunk < 0 or chunk & (chunk - 1):
+        raise ValueError(f"decode_merge_chunk must be 0 or a power of two, got {chunk}")
+    return chunk
 
 
 def _splits(blocks: int, programs: int, device: torch.device, per_sm: int = 1, floor: int = 4) -> int:

@@ -25,7 +25,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
                  s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, PRED: tl.constexpr,
                  BLOCK_N: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr,
                  PAGE_TILES: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, PICK=None, prow=None,
-                 SEL_KB: tl.constexpr = 1, VAR=None, K_DESC=None, V_DESC=None):
+                 SEL_KB: tl.constexpr = 1, VAR=None, K_DESC=None, V_DESC=None, SEL_BLK=None, OWNER=None):
     """Key block kb into the running softmax of the rows `rows_ok` (query positions ii); `partial`: the
     predicate decides per pair, else every pair of the block (inside the sequence) is allowed. PICK (a
     dynamic pattern's static part): rows whose selection picked the tile's selector key block skip it (the
@@ -33,10 +33,13 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
     cache whose page holds whole tiles): the tile's rows are one page's, found by one table load, so the
     loads are addressed as a contiguous cache's (a per-key page gather costs registers and pipelining).
     K_DESC, V_DESC (a contiguous cache [B, HKV, CAP, D]): the tiles come whole through TMA, and the value
-    rows no row attends to are zeroed after the load (past the length they may hold anything)."""
+    rows no row attends to are zeroed after the load (past the length they may hold anything). SEL_BLK,
+    OWNER (the top-n merged in the program, `_picked_rows`): what PICK says, from registers."""
     if PICK is not None:
         picked = tl.load(PICK + prow + kb * BLOCK_N // SEL_KB, mask=rows_ok, other=0)
         rows_ok = rows_ok & (picked == 0)
+    if SEL_BLK is not None:
+        rows_ok = rows_ok & ~_picked_rows(SEL_BLK, OWNER, kb * BLOCK_N // SEL_KB)
     cols = kb * BLOCK_N + offs_n
     ok = rows_ok[:, None] & (cols < seqlen)[None, :]
     ok = ok & (_allowed_at(ii[:, None], cols[None, :], seqlen, PRED, IDX64, True, VAR) | (partial == 0))
@@ -73,7 +76,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, partial, rows_ok, ii, s
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS", "H", "SQB", "SNK", "SL"])
+@triton.jit(do_not_specialize=["NQ", "NNEW", "CAP", "PAGE", "SPLITS", "H", "SQB", "SNK", "SL", "T_SPLITS"])
 def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, LSE, LOCK,
                   s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, s_ob, s_oh, s_on, s_lb, s_lh,
                   NQ, NNEW, CAP, PAGE, GROUP, SPLITS, qk_scale,
@@ -83,13 +86,20 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
                   DOT_PREC: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
                   PICK=None, VD=None, SLIST=None, SCOUNT=None, H=1, SQB=1, SNK=1, SL=1,
                   SEL_PRED: tl.constexpr = None, SEL_VARS: tl.constexpr = False, SEL_B: tl.constexpr = 1,
-                  SEL_KB: tl.constexpr = 1, K_DESC=None, V_DESC=None):
+                  SEL_KB: tl.constexpr = 1, K_DESC=None, V_DESC=None, MERGE_CHUNK: tl.constexpr = 0,
+                  PIPE_PICKS: tl.constexpr = False, TWS=None, TSEL=None, T_SPLITS=1, N_SEL: tl.constexpr = 1,
+                  T_QB_PAD: tl.constexpr = 1, T_RM: tl.constexpr = 1, T_NP: tl.constexpr = 1,
+                  T_SP: tl.constexpr = 1):
     # SEL_PRED is not None (a dynamic pattern): PICK [B, H, SQB, SNK] int8 is each head's selection case per
     # (query block of the step, selector key block of SEL_KB keys), 0: not picked; the static part's tiles
     # skip the rows that picked them, and after them (numbered on) come the SCOUNT [B, packs] key blocks of
     # SLIST [B, packs, SL] that some row of the pack picked, each SEL_KB // BLOCK_N tiles masked per row with
     # its case's predicate SEL_PRED (rank VD[v - 1], -1: the case allows nothing)
     # rows r: head slot r // NQ_PAD of the pack, query t = r % NQ_PAD at position seqlen - NQ + t
+    # PIPE_PICKS: the selected tiles in a for loop (pipelined; the interpreter keeps the while loop);
+    # MERGE_CHUNK > 0: the last split merges the partials MERGE_CHUNK splits per load (`_merge_chunks`)
+    # TWS given (one topk, no PICK, SLIST, SCOUNT): `_decode_topk`'s T_SPLITS splits' keys, which each program
+    # merges itself (`_merged_picks`, as `_decode_topk_merge` would), split 0 writing the selection to TSEL
     pack = tl.program_id(0)
     b32 = tl.program_id(1)
     split = tl.program_id(2)
@@ -114,15 +124,39 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
     # the query blocks the rows fall in, and the key blocks they list: T in all, this split's share
     qb_lo = tl.maximum(seqlen - NQ, 0) // TABLE_M
     qb_hi = tl.maximum(seqlen - 1, 0) // TABLE_M
+    picked = qb_lo * 0  # the selected key blocks' tiles (dynamic patterns), loaded before the count's loop
+    sel_blk = None
+    owner = None
+    listed = None
+    order = None
+    if TWS is not None:  # the pack's top-n from the selection's splits, in registers
+        rr = tl.arange(0, T_RM)
+        sel_head, sel_mine, sel_blk = _merged_picks(TWS, HEADS, b32 * packs + pack, pack, T_SPLITS, SNK, SQB, N_SEL,
+                                                    T_QB_PAD, G, T_RM, T_NP, T_SP)
+        sel_blk = tl.where(sel_mine[:, None], sel_blk, -1)
+        cols = tl.arange(0, T_NP)
+        sel_at = ((b * H + sel_head.to(tl.int64)) * SQB + rr % T_QB_PAD)[:, None] * N_SEL + cols[None, :]
+        tl.store(TSEL + sel_at, sel_blk, mask=sel_mine[:, None] & (cols[None, :] < N_SEL) & (split == 0))
+        # the rows' selection rows, and the distinct blocks some row picked (each at its first entry), numbered
+        rel_t = ii // SEL_B - tl.maximum(seqlen - NQ, 0) // SEL_B
+        owner = rows[:, None] & (rr[None, :] == (slot * T_QB_PAD + rel_t)[:, None])
+        listed = tl.reshape(sel_blk, [T_RM * T_NP])
+        ent = tl.arange(0, T_RM * T_NP)
+        earlier = (listed[:, None] == listed[None, :]) & (ent[None, :] < ent[:, None])
+        first_seen = (listed >= 0) & (tl.max(earlier.to(tl.int32), 1) == 0)
+        order = tl.where(first_seen, tl.cumsum(first_seen.to(tl.int32), 0) - 1, -1)
+        picked = tl.sum(first_seen.to(tl.int32), 0) * (SEL_KB // BLOCK_N)
+    elif SEL_PRED is not None:
+        picked = tl.load(SCOUNT + b32 * packs + pack) * (SEL_KB // BLOCK_N)
     total = qb_lo * 0  # an int32 scalar (loop-carried)
     qb = qb_lo
     while qb <= qb_hi:
         total += tl.load(COUNT + qb)
         qb += 1
     static_total = total
+    total += picked
     prow = r.to(tl.int64) * 0  # per row, its selection's offset in PICK (dynamic patterns)
     if SEL_PRED is not None:
-        total += tl.load(SCOUNT + b32 * packs + pack) * (SEL_KB // BLOCK_N)
         rel = ii // SEL_B - tl.maximum(seqlen - NQ, 0) // SEL_B
         prow = ((b * H + head) * SQB + rel).to(tl.int64) * SNK
     share = tl.cdiv(total, SPLITS)
@@ -130,7 +164,8 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
     hi = tl.minimum(lo + share, total)
     seen = qb_lo * 0  # blocks of the earlier query blocks
     qb = qb_lo
-    while (qb <= qb_hi) & (seen < hi):
+    # (a split whose share starts past the static part's tiles walks no run table: nothing there is its)
+    while (qb <= qb_hi) & (seen < hi) & (lo < static_total):
         in_qb = rows & (ii // TABLE_M == qb)
         run = tl.load(RUN_OFF + qb)
         run_end = tl.load(RUN_OFF + qb + 1)
@@ -148,7 +183,7 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
                                                  PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB, K_DESC=K_DESC,
-                                                 V_DESC=V_DESC)
+                                                 V_DESC=V_DESC, SEL_BLK=sel_blk, OWNER=owner)
                     x += 1
             else:
                 for x in range(a, e):
@@ -156,22 +191,31 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
                                                  seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
                                                  s_vn, s_ptb, PAGE, qk_scale, PRED, BLOCK_N, DQK, DV, PAGED,
                                                  PAGE_TILES, DOT_PREC, IDX64, PICK, prow, SEL_KB, K_DESC=K_DESC,
-                                                 V_DESC=V_DESC)
+                                                 V_DESC=V_DESC, SEL_BLK=sel_blk, OWNER=owner)
             run += 1
         seen += tl.load(COUNT + qb)
         qb += 1
     if SEL_PRED is not None:  # the selected key blocks, each with the case of the row that picked it
-        x = tl.maximum(lo, static_total)
-        while x < hi:
-            kb_sel = tl.load(SLIST + (b32 * packs + pack).to(tl.int64) * SL + (x - static_total) // (SEL_KB // BLOCK_N))
-            v = tl.load(PICK + prow + kb_sel, mask=rows, other=0).to(tl.int32)
-            rank = tl.load(VD + tl.maximum(v - 1, 0), mask=v > 0, other=-1)
-            kb = kb_sel * (SEL_KB // BLOCK_N) + (x - static_total) % (SEL_KB // BLOCK_N)
-            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii, seqlen,
-                                         offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE,
-                                         qk_scale, SEL_PRED, BLOCK_N, DQK, DV, PAGED, PAGE_TILES, DOT_PREC, IDX64,
-                                         VAR=rank[:, None] if SEL_VARS else None, K_DESC=K_DESC, V_DESC=V_DESC)
-            x += 1
+        slist = SLIST  # (None where the program merged the top-n itself)
+        if TWS is None:
+            slist = SLIST + (b32 * packs + pack).to(tl.int64) * SL
+        x0 = tl.maximum(lo, static_total)
+        if INTERPRET or not PIPE_PICKS:
+            x = x0
+            while x < hi:
+                acc, l_i, m_i = _picked_tile(acc, l_i, m_i, q, K, V, PT, slist, PICK, VD, prow, b, kvh, x - static_total,
+                                             rows, ii, seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
+                                             s_vn, s_ptb, PAGE, qk_scale, SEL_PRED, SEL_VARS, SEL_KB, BLOCK_N, DQK, DV,
+                                             PAGED, PAGE_TILES, DOT_PREC, IDX64, K_DESC, V_DESC, sel_blk, owner,
+                                             listed, order)
+                x += 1
+        else:  # a for loop: Triton's pipeliner issues the next tiles' list, case and K, V loads early
+            for x in range(x0, hi):
+                acc, l_i, m_i = _picked_tile(acc, l_i, m_i, q, K, V, PT, slist, PICK, VD, prow, b, kvh, x - static_total,
+                                             rows, ii, seqlen, offs_n, offs_dk, offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh,
+                                             s_vn, s_ptb, PAGE, qk_scale, SEL_PRED, SEL_VARS, SEL_KB, BLOCK_N, DQK, DV,
+                                             PAGED, PAGE_TILES, DOT_PREC, IDX64, K_DESC, V_DESC, sel_blk, owner,
+                                             listed, order)
     # this split's partial result: rows normalised, log2-sum-exp (-inf where it saw no allowed key)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -180,12 +224,21 @@ def _decode_split(Q, K, V, PT, SEQ, HEADS, RUN_OFF, RUNS, COUNT, WS_O, WS_L, O, 
         _store_rows(O, LSE, b, head, t, NQ, out, lse2, s_ob, s_oh, s_on, s_lb, s_lh, offs_dv, DV)
     else:  # the last split of the (pack, batch entry) to finish merges them all: no second launch
         ws = ((b * packs + pack) * SPLITS + split) * M
-        tl.store(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], out)
-        tl.store(WS_L + ws + r, lse2)
+        live = (head >= 0) & (t < NQ)  # the rows the output has (MERGE_CHUNK > 0 moves no other)
+        if MERGE_CHUNK > 0:
+            tl.store(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], out, mask=live[:, None])
+            tl.store(WS_L + ws + r, lse2, mask=live)
+        else:
+            tl.store(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], out)
+            tl.store(WS_L + ws + r, lse2)
         tl.debug_barrier()  # every thread's partial stored before the (releasing) arrival below
         lock = LOCK + b32 * packs + pack
         if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            out, lse2 = _merge_splits(WS_O, WS_L, ((b * packs + pack) * SPLITS) * M, SPLITS, r, offs_dv, M, DV_PAD)
+            first = ((b * packs + pack) * SPLITS) * M
+            if MERGE_CHUNK > 0:
+                out, lse2 = _merge_chunks(WS_O, WS_L, first, SPLITS, r, live, offs_dv, M, DV_PAD, MERGE_CHUNK)
+            else:
+                out, lse2 = _merge_splits(WS_O, WS_L, first, SPLITS, r, offs_dv, M, DV_PAD)
             tl.atomic_xchg(lock, 0)  # ready for the next launch (a replayed graph's too)
             _store_rows(O, LSE, b, head, t, NQ, out, lse2, s_ob, s_oh, s_on, s_lb, s_lh, offs_dv, DV)
 
@@ -205,6 +258,60 @@ def _merge_splits(WS_O, WS_L, first, SPLITS, r, offs_dv, M: tl.constexpr, DV_PAD
         o = tl.load(WS_O + (ws + r[:, None]) * DV_PAD + offs_dv[None, :], cache_modifier=".cg")
         acc, l_i, m_i = _merge_part(acc, l_i, m_i, o, ls)
         s += 1
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    return out, tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+
+
+@triton.jit
+def _picked_tile(acc, l_i, m_i, q, K, V, PT, slist, PICK, VD, prow, b, kvh, x, rows, ii, seqlen, offs_n, offs_dk,
+                 offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, SEL_PRED: tl.constexpr,
+                 SEL_VARS: tl.constexpr, SEL_KB: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr,
+                 DV: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, DOT_PREC: tl.constexpr,
+                 IDX64: tl.constexpr, K_DESC, V_DESC, SEL_BLK=None, OWNER=None, listed=None, order=None):
+    """The x-th tile of the pack's selected key blocks (`slist`: the pack's row of SLIST) into the running
+    softmax, each row masked with the case it picked the block with (PICK, its rank in VD; not picked: no
+    pair). SEL_BLK given (the top-n merged in the program; one topk, one case): the blocks `listed` [E] in
+    `order` (-1: a repeat), the rows' picks from registers (`_picked_rows`)."""
+    if SEL_BLK is not None:
+        kb_sel = tl.sum(tl.where(order == x // (SEL_KB // BLOCK_N), listed, 0), 0)
+        rank = tl.where(_picked_rows(SEL_BLK, OWNER, kb_sel), tl.load(VD), -1)
+    else:
+        kb_sel = tl.load(slist + x // (SEL_KB // BLOCK_N))
+        v = tl.load(PICK + prow + kb_sel, mask=rows, other=0).to(tl.int32)
+        rank = tl.load(VD + tl.maximum(v - 1, 0), mask=v > 0, other=-1)
+    kb = kb_sel * (SEL_KB // BLOCK_N) + x % (SEL_KB // BLOCK_N)
+    return _decode_tile(acc, l_i, m_i, q, K, V, PT, b, kvh, kb, 1, rows & (rank >= 0), ii, seqlen, offs_n, offs_dk,
+                        offs_dv, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ptb, PAGE, qk_scale, SEL_PRED, BLOCK_N, DQK,
+                        DV, PAGED, PAGE_TILES, DOT_PREC, IDX64, VAR=rank[:, None] if SEL_VARS else None,
+                        K_DESC=K_DESC, V_DESC=V_DESC)
+
+
+@triton.jit
+def _merge_chunks(WS_O, WS_L, first, SPLITS, r, live, offs_dv, M: tl.constexpr, DV_PAD: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """`_merge_splits` reading CHUNK splits' partial results per load, of the `live` rows only: the merge
+    waits on ceil(SPLITS / CHUNK) round trips to L2 instead of SPLITS (each chunk's rows weighted against
+    the running maximum, as `fwd_kernels._merge_part` does one slice's)."""
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, DV_PAD], dtype=tl.float32)
+    c = tl.arange(0, CHUNK)
+    s = SPLITS * 0  # an int32 scalar (loop-carried)
+    while s < SPLITS:
+        ws = first + (s + c) * M  # [CHUNK]
+        ok = (s + c < SPLITS)[:, None] & live[None, :]  # [CHUNK, M]
+        ls = tl.load(WS_L + ws[:, None] + r[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+        at = ((ws[:, None] + r[None, :]) * DV_PAD)[:, :, None] + offs_dv[None, None, :]
+        o = tl.load(WS_O + at, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_i, tl.max(ls, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        wt = tl.math.exp2(ls - m_use[None, :])  # [CHUNK, M]: 0 for a split that saw no key
+        acc = acc * alpha[:, None] + tl.sum(o * wt[:, :, None], 0)
+        l_i = l_i * alpha + tl.sum(wt, 0)
+        m_i = m_new
+        s += CHUNK
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     return out, tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -485,6 +592,37 @@ def _top_rows(hi, NP: tl.constexpr):
     return gt | (eq & (tl.cumsum(eq.to(tl.int32), 1) <= need[:, None]))
 
 
+@triton.jit
+def _merged_picks(WS, HEADS, bp, pack, SPLITS, NK, QB, N_SEL, QB_PAD: tl.constexpr, G: tl.constexpr,
+                  RM: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
+    """The top-n of (batch entry and head pack) bp from `_decode_topk`'s SPLITS * NP keys per row of WS (SP:
+    SPLITS, a power of two up; read through L2, the splits wrote them from other SMs): (the rows' heads
+    [RM] (-1 padding), the rows the pack has [RM], each row's best N_SEL key blocks [RM, NP], unordered, -1
+    where fewer candidates and in the columns from N_SEL). Rows r: head slot r // QB_PAD, query block
+    r % QB_PAD of the step."""
+    r = tl.arange(0, RM)
+    slot = r // QB_PAD
+    head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
+    mine = (head >= 0) & (r % QB_PAD < QB)
+    e = tl.arange(0, SP * NP)
+    at = ((bp * SPLITS + e[None, :] // NP) * RM + r[:, None]).to(tl.int64) * NP + e[None, :] % NP
+    lowest = -9223372036854775807 - 1
+    keys = tl.load(WS + at, mask=e[None, :] // NP < SPLITS, other=lowest, cache_modifier=".cg")
+    best = tl.topk(keys, NP, dim=1)
+    hi = (best >> 32).to(tl.int32)
+    score = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    valid = (best != lowest) & (score == score) & (tl.arange(0, NP)[None, :] < N_SEL)
+    return head, mine, tl.where(valid, (NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32), -1)
+
+
+@triton.jit
+def _picked_rows(blk, owner, kb_sel):
+    """[M] bool: the rows whose selection row (`owner` [M, RM], one-hot; none for a row outside the step)
+    has key block kb_sel among its picks `blk` [RM, NP] (-1: none)."""
+    hit = tl.max((blk == kb_sel).to(tl.int32), 1)  # [RM]
+    return tl.max(owner.to(tl.int32) * hit[None, :], 1) > 0
+
+
 @triton.jit(do_not_specialize=["NK", "SPLITS", "SL"])
 def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr, QB: tl.constexpr,
                        QB_PAD: tl.constexpr, G: tl.constexpr, RM: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr,
@@ -499,22 +637,11 @@ def _decode_topk_merge(WS, HEADS, SEL, NK, PACKS, H, SPLITS, N_SEL: tl.constexpr
     b = (bp // PACKS).to(tl.int64)
     pack = bp % PACKS
     r = tl.arange(0, RM)
-    slot = r // QB_PAD
     t = r % QB_PAD
-    head = tl.load(HEADS + pack * G + slot, mask=slot < G, other=-1)
-    mine = (head >= 0) & (t < QB)
-    e = tl.arange(0, SP * NP)
-    at = ((bp * SPLITS + e[None, :] // NP) * RM + r[:, None]).to(tl.int64) * NP + e[None, :] % NP
-    lowest = -9223372036854775807 - 1
-    keys = tl.load(WS + at, mask=e[None, :] // NP < SPLITS, other=lowest, cache_modifier=".cg")
-    best = tl.topk(keys, NP, dim=1)
+    head, mine, blk = _merged_picks(WS, HEADS, bp, pack, SPLITS, NK, QB, N_SEL, QB_PAD, G, RM, NP, SP)
     cols = tl.arange(0, NP)
-    hi = (best >> 32).to(tl.int32)
-    score = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    valid = (best != lowest) & (score == score)
-    blk = (NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
     out = ((b * H + head.to(tl.int64)) * QB + t)[:, None] * N_SEL + cols[None, :]
-    tl.store(SEL + out, tl.where(valid, blk, -1), mask=mine[:, None] & (cols[None, :] < N_SEL))
+    tl.store(SEL + out, blk, mask=mine[:, None] & (cols[None, :] < N_SEL))
     if PICK is not None:
         row = ((b * H + head.to(tl.int64)) * QB + t) * NK
         zch = tl.arange(0, 256)

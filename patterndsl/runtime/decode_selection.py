@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,7 @@ from . import tables
 from .common import _d_pad, _dot_prec, _pow2, _torch_path
 from .decode_kernels import _decode_topk, _decode_topk_merge
 from .evaluate import evaluate
+from .options import current_options
 from .selection import _combine, _pick, _sel_dense, compressed_weights, quest_bound, share_kv
 
 if TYPE_CHECKING:
@@ -110,13 +112,33 @@ def _by_kv(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, hl: torc
 TABLE_ENTRIES = 256  # a pack's picks (heads x query blocks x width, a power of two) the tables kernel takes
 
 
+Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (PICK, SLIST, SCOUNT) of `decode._pick_tables`
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A topk's first stage (`_decode_topk`'s keys `ws`, of `splits` splits) left for the decode kernel's
+    programs to merge (`Options.decode_fold_merge`): its picks are written by that kernel. `width`: the
+    pack's list of picked blocks' width (what the split count reads); `consts`: the kernel's merge shapes."""
+
+    ws: torch.Tensor
+    splits: int
+    width: int
+    consts: dict[str, int]
+
+
+FOLD_ENTRIES = 128  # a pack's rows x picks (powers of two) the decode kernel merges in its own registers
+
+
 def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, packs: torch.Tensor, group: int,
            cache_seqlens: torch.Tensor, n_new: int, capacity: int, summaries: KeySummaries | None, given: Any,
-           kv_heads: int) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+           kv_heads: int) -> tuple[list[torch.Tensor], Tables | Folded | None]:
     """Per selector of predicate `pat`, its picks: int32 [B, H, query blocks, width], key block ids, -1
     padding and for the heads of other patterns (topk: width n; fraction and threshold: every key block);
     and where the selection's last launch also built them, the decode kernel's tables (PICK, SLIST,
-    SCOUNT, as `decode._pick_tables` makes them), else None. `heads`: the heads of `pat` (ascending),
+    SCOUNT, as `decode._pick_tables` makes them), else None; or, `Options.decode_fold_merge` on a lone
+    topk whose pack's picks are few, the first stage's keys (`Folded`): then the picks are written by the
+    decode kernel, which the step launches next. `heads`: the heads of `pat` (ascending),
     `packs` them by KV head (`decode._packs`); the rows end at seqlen = cache_seqlens + n_new (clamped to
     the capacity).
 
@@ -128,7 +150,7 @@ def select(spec: PatternSpec, pat: int, q: torch.Tensor, heads: torch.Tensor, pa
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     seqlen: torch.Tensor | None = None
     out = []
-    made = None
+    made: Tables | Folded | None = None
     for rule in sel.all:
         if _fusable(rule, q, summaries):
             assert summaries is not None
@@ -167,12 +189,14 @@ def _fusable(rule: Selector, q: torch.Tensor, summaries: KeySummaries | None) ->
 
 def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tensor, group: int,
            cache_seqlens: torch.Tensor, n_new: int, capacity: int, summaries: KeySummaries, kv_heads: int,
-           every_head: bool, build: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+           every_head: bool, build: bool) -> tuple[torch.Tensor, Tables | Folded | None]:
     """topk(n) by the mean rule: `_decode_topk` scores the summaries' mean keys in splits of the key blocks
     per (batch entry, KV head's pack of query heads, which share the summary loads) and keeps each split's
     best n per row, its candidates read off the context's run tables; `_decode_topk_merge` keeps the best n of
     the splits (and, `build`, builds the decode kernel's tables from them) in a launch of its own. Nothing the
-    size of the cache is built or read but the summaries. (picks, tables or None)."""
+    size of the cache is built or read but the summaries. (picks, tables or None); with
+    `Options.decode_fold_merge`, where `build` and a pack's rows x picks are at most FOLD_ENTRIES, no merge
+    launch: (picks to be written by the decode kernel, `Folded`)."""
     n = rule.param
     assert isinstance(n, int)
     B, H, nq, D = q.shape
@@ -181,7 +205,11 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     qb_pad = _pow2(qb)
     nk = -(-capacity // rule.kblock)
     np2 = _pow2(n)
-    bk = max(np2, 32 if D <= 128 else 16)  # (registers: no spills on sm_90 at D = 128, benchmarks/kernel_resources.py)
+    keys = current_options().decode_select_keys
+    if keys and (keys < 16 or keys & (keys - 1)):
+        raise ValueError(f"decode_select_keys must be 0 or a power of two of at least 16, got {keys}")
+    # (registers: no spills on sm_90 at D = 128 with 32, 64 or 128, benchmarks/kernel_resources.py)
+    bk = max(np2, keys or (32 if D <= 128 else 16))
     r = max(16, _pow2(g * qb_pad))
     rm = _pow2(g * qb_pad)
     bs, splits = _split_blocks(nk, bk, rm)
@@ -191,9 +219,12 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
     q = q if q.stride(-1) == 1 else q.contiguous()
     sel = (torch.empty if every_head else functools.partial(torch.full, fill_value=-1))(
         (B, H, qb, n), dtype=torch.int32, device=q.device)
-    made = None
+    made: Tables | Folded | None = None
     extra: dict[str, Any] = {}
-    if build:  # PICK's rows of the pattern's heads are zeroed by the kernel; no other head's are read
+    if build and current_options().decode_fold_merge and rm * np2 <= FOLD_ENTRIES:
+        made = Folded(ws, splits, min(nk, g * qb * n), dict(N_SEL=n, T_QB_PAD=qb_pad, T_RM=rm, T_NP=np2,
+                                                            T_SP=_pow2(splits)))
+    elif build:  # PICK's rows of the pattern's heads are zeroed by the kernel; no other head's are read
         width = min(nk, g * qb * n)
         made = (torch.empty((B, H, qb, nk), dtype=torch.int8, device=q.device),
                 torch.empty((B, npacks, width), dtype=torch.int32, device=q.device),
@@ -206,8 +237,9 @@ def _fused(spec: PatternSpec, rule: Selector, q: torch.Tensor, packs: torch.Tens
         PRED=spec.predicates[rule.context].kernel, SEL_B=rule.block, KB=rule.kblock, R=r, BK=bk, BS=bs, D=D,
         CH=min(16, rule.kblock & -rule.kblock), DOT_PREC=_dot_prec(q), IDX64=spec.idx64, num_warps=4, **shapes,
     )
-    _decode_topk_merge[(B * npacks,)](ws, packs, sel, nk, npacks, H, splits, N_SEL=n, SP=_pow2(splits), num_warps=4,
-                                      **shapes, **extra)
+    if not isinstance(made, Folded):
+        _decode_topk_merge[(B * npacks,)](ws, packs, sel, nk, npacks, H, splits, N_SEL=n, SP=_pow2(splits),
+                                          num_warps=4, **shapes, **extra)
     return sel, made
 
 

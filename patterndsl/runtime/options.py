@@ -42,6 +42,17 @@ class Options:
     decode_splits: the decode kernel's splits per row (0: from batch, heads and blocks against the SMs).
     decode_warps, decode_stages: the decode kernel's warps and pipeline stages (0: 4 warps, Triton's stages).
     decode_tma: a contiguous cache's tiles through TMA (1) or pointer loads (0); -1: the tuner's pick.
+    decode_merge_chunk: the decode split that finishes last merges the splits' partial results this many
+    splits per load (a power of two), of the rows the output has (0: one split at a time, every row: one
+    wait on L2 per split, which a selector's short rows at batch 1 feel).
+    decode_pipelined_picks: the decode kernel walks a selector's picked tiles in a for loop, which Triton's
+    pipeliner prefetches (the pick list, the rows' cases, K and V of the next tiles), instead of a while loop
+    whose every tile waits on that chain of loads.
+    decode_fold_merge: a lone topk's selection at decode launches no merge of its splits: each decode kernel
+    program merges them itself (the pack's picks in registers) where a pack's rows x picks are few
+    (`decode_selection.FOLD_ENTRIES`): one launch less a step, a top-n merge more per program.
+    decode_select_keys: the key blocks a decode step's top-n scores per tile (a power of two >= 16; 0: 32,
+    16 past head_dim 128); a split's tiles are loaded one after the other, so wider tiles wait on fewer loads.
     token_warps, token_stages: the vertical/slash forward kernel's warps (0: 4 per 64 query rows) and
     pipeline stages.
     token_rows: the vertical/slash kernel's query rows per program (64 or 128: two 64-row tiles sharing the
@@ -81,6 +92,10 @@ class Options:
     decode_warps: int = 0
     decode_stages: int = 0
     decode_tma: int = -1
+    decode_merge_chunk: int = 0
+    decode_pipelined_picks: bool = False
+    decode_fold_merge: bool = False
+    decode_select_keys: int = 0
     token_warps: int = 0
     token_stages: int = 2
     token_rows: int = 64

@@ -178,23 +178,71 @@ def test_decode_selectors_match_reference(src: str, static: str, selected: str, 
     float64 selection by the rule (heads without a near tie), and the rows equal float64 attention over the
     static part plus the selected blocks. At 64k the mean rule's top-n splits 1024 key blocks over many
     programs and merges them in a launch of its own."""
+    _selector_step_checked(src, static, selected, rule, paged, nmax, (3, 8, 2))
+
+
+DECODE_VARIANTS = [{"decode_merge_chunk": 4}, {"decode_merge_chunk": 1}, {"decode_pipelined_picks": True},
+                   {"decode_merge_chunk": 2, "decode_pipelined_picks": True, "decode_splits": 8},
+                   {"decode_fold_merge": True}, {"decode_select_keys": 128},
+                   {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True,
+                    "decode_select_keys": 128}]
+
+
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("shape", [(1, 32, 8), (3, 8, 2)])
+def test_decode_variants_equal_default_and_reference(variant: dict[str, Any], paged: bool,
+                                                     shape: tuple[int, int, int]) -> None:
+    """The short-row kernel options (`Options.decode_merge_chunk`, `decode_pipelined_picks`, the
+    interpreter cannot run the pipelined loop; `decode_fold_merge`, the split kernel merging the top-n and
+    writing the selection; `decode_select_keys`, the top-n's scoring tile) on a selecting step at batch 1 (32 query and 8 KV heads)
+    and 3: the selection and rows equal the float64 reference and the default kernel's step; dense causal
+    decode (the split merge alone) equals the default's too."""
+    src, static, selected, rule = SELECTOR_CASES[0]
+    want, sel = _selector_step_checked(src, static, selected, rule, paged, 16384, shape)
+    got, got_sel = _selector_step_checked(src, static, selected, rule, paged, 16384, shape, variant)
+    assert torch.equal(got_sel[0], sel[0])
+    assert (got.float() - want.float()).abs().max().item() < 2e-2
+    attn = P.compile("pattern p = causal\n")
+    B, H, Hkv = shape
+    g = torch.Generator(device="cuda").manual_seed(2)
+    kc, vc = (torch.randn(B, Hkv, 16384, 128, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, H, 1, 128, device="cuda", generator=g).to(torch.bfloat16)
+    seqlens = torch.tensor([16384 - 7 * b for b in range(B)], dtype=torch.int32, device="cuda")
+    table = None
+    if paged:
+        kc, vc, table = _paged(kc, vc, 64, 4)
+    with attn.options(decode_splits=variant.get("decode_splits", 16)):
+        base, base_lse = attn.decode(q, kc, vc, seqlens, page_table=table, return_lse=True)
+    with attn.options(**{"decode_splits": 16, **variant}):
+        o, lse = attn.decode(q, kc, vc, seqlens, page_table=table, return_lse=True)
+    assert (o.float() - base.float()).abs().max().item() < 1e-2
+    assert torch.allclose(lse, base_lse, atol=1e-4, rtol=1e-4)
+
+
+def _selector_step_checked(src: str, static: str, selected: str, rule: str, paged: bool, nmax: int,
+                           shape: tuple[int, int, int], opts: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """A bf16 selecting step (batch, heads, KV heads = shape; kernel options `opts`) checked against the
+    float64 selection by the rule and float64 attention over what it allows: (rows, selection)."""
     from patterndsl.cache import KeySummaries
 
     attn = P.compile(f"pattern p = {src}\n")
-    B, H, Hkv, D, nq = 3, 8, 2, 128, 1
+    B, H, Hkv = shape
+    D, nq = 128, 1
     g = torch.Generator(device="cuda").manual_seed(0)
     kc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g).to(torch.bfloat16)
     vc = torch.randn(B, Hkv, nmax, D, device="cuda", generator=g).to(torch.bfloat16)
     q = torch.randn(B, H, nq, D, device="cuda", generator=g).to(torch.bfloat16)
-    kn, vn = kc[:, :, :1].clone().normal_(), vc[:, :, :1].clone().normal_()
-    lengths = [70, nmax * 3 // 8 - 36, nmax - 1]
+    kn, vn = kc[:, :, :1].clone().normal_(generator=g), vc[:, :, :1].clone().normal_(generator=g)
+    lengths = [70, nmax * 3 // 8 - 36, nmax - 1][-B:]
     seqlens = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device="cuda")
     table = None
     if paged:
         kc, vc, table = _paged(kc, vc, 64, 3)
     summaries = KeySummaries.build(kc, seqlens, 64, page_table=table)
-    got, sel = attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn, summaries=summaries,
-                           return_selected=True)
+    with attn.options(**(opts or {})):
+        got, sel = attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn, summaries=summaries,
+                               return_selected=True)
     for b, n in enumerate(lengths):
         k, v = _sequence(kc, vc, table, b, n)
         picked, clear = _ref_selection(rule, q[b].cpu(), k.cpu(), n, 64, 8)
@@ -211,6 +259,7 @@ def test_decode_selectors_match_reference(src: str, static: str, selected: str, 
         want, _ = attention_reference(q[b:b + 1].cpu(), k[None].cpu(), v[None].cpu(), mask, D**-0.5)
         err = (got[b].double().cpu() - want[0]).abs().max().item()
         assert err < 3e-2 * max(1.0, want.abs().max().item()), f"b={b}: max |out - ref| = {err}"
+    return got, sel
 
 
 def test_decode_selector_step_replays_with_new_lengths() -> None:

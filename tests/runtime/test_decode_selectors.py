@@ -127,9 +127,9 @@ def _cache(ks: list[Any], vs: list[Any], capacity: int, page: int | None, seed: 
 
 
 def _check_step(src: str, dtype: Any, lengths: list[int], nq: int, n_new: int, hkv: int, group: int,
-                page: int | None, seed: int, d: int = 8, **opts: Any) -> None:
+                page: int | None, seed: int, d: int = 8, **opts: Any) -> tuple[Any, Any]:
     """A decode step with selectors (the last n_new tokens appended, the summaries updated) against the
-    reference: outputs, lse and, for one-selector patterns, the returned selection."""
+    reference: outputs, lse and, for one-selector patterns, the returned selection. Returns (out, lse)."""
     attn, body = _attn(src), _body(src)
     H = body.count if isinstance(body, ir.Heads) else hkv * group
     hkv = hkv if H % hkv == 0 else 1
@@ -181,6 +181,7 @@ def _check_step(src: str, dtype: Any, lengths: list[int], nq: int, n_new: int, h
                     mine = {int(x) for x in picked[0][b, h, r] if x >= 0}
                     ref = set(np.nonzero(some[0, 0, first + r])[0].tolist()) if first + r < some.shape[2] else set()
                     assert mine == ref, f"sequence {b}, head {h}, query block {first + r}"
+    return got, got_lse
 
 
 @settings(max_examples=8, deadline=None)
@@ -342,6 +343,26 @@ def test_decode_kernel_with_selectors(src: str, page: int | None) -> None:
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("src, page, variant", [
+    ("causal & (window(3) | topk(2, block=(16, 32)))", 16,
+     dict(decode_merge_chunk=2, decode_pipelined_picks=True, decode_fold_merge=True, decode_select_keys=64)),
+    pytest.param("causal & (topk(2, block=16, score=quest) - topk(1, block=16, score=given))", None,
+                 dict(decode_merge_chunk=4), marks=pytest.mark.slow),
+])
+def test_decode_kernel_variants_equal_default(src: str, page: int | None, variant: dict[str, Any]) -> None:
+    """The step's kernel options for short rows (`decode_merge_chunk`: the last split merges several splits'
+    partials per load, here over five splits, so the last chunk is partial; `decode_pipelined_picks`: the
+    interpreter walks the same while loop; `decode_fold_merge`: the split kernel merges the top-n's splits
+    and writes the selection, key blocks of two tiles; `decode_select_keys`: one scoring tile wider than the
+    cache's key blocks) equal the reference and the default kernel's step."""
+    args = (src, torch.float32, [70, 41], 2, 1, 2, 2, page, 3)
+    want, want_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5)
+    got, got_lse = _check_step(*args, d=16, decode_block=16, decode_splits=5, **variant)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(got_lse, want_lse, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.interpreter
 def test_decode_kernel_with_selectors_tma() -> None:
     """The static part's tiles and the picked ones through TMA descriptors (a contiguous cache, NaN past each
     length), against the reference."""
@@ -364,7 +385,7 @@ def test_selection_step_launches_few_kernels(monkeypatch: Any) -> None:
     window and the picks attended) launches 4 kernels (the append with the summary update, the selection,
     its merge with the tables, the split with its merge), the same ones at a cache of 512 and of 2k
     positions (the top-n's splits grow with the key blocks, up to `decode_selection.SELECT_SPLITS`): no host sync, no launch
-    per key block, no index tensors built on the host."""
+    per key block, no index tensors built on the host. With `decode_fold_merge`, 3: no merge launch."""
     from patterndsl.runtime import decode_kernels
 
     attn = _attn(PATTERNS[0])
@@ -382,6 +403,9 @@ def test_selection_step_launches_few_kernels(monkeypatch: Any) -> None:
         logs.append(record_launches(monkeypatch, decode_kernels._decode_split, step))
     kinds = [[(k, x[0]) for k, x in log] for log in logs]
     assert kinds[0] == kinds[1] and len(logs[0]) == 4, logs
+    with attn.options(decode_fold_merge=True):  # the decode kernel merges the top-n's splits: no merge launch
+        folded = [x[0] for _, x in record_launches(monkeypatch, decode_kernels._decode_split, step)]
+    assert folded == [x[0] for _, x in logs[1] if x[0] != "_decode_topk_merge"] and len(folded) == 3, folded
 
 
 @pytest.mark.interpreter
