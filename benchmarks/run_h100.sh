@@ -98,6 +98,8 @@ if [ -n "${PEERS:-}" ]; then
   TAIL=60 stage bench_peers "${T_PEERS:-400}" env "${fa4[@]}" BENCH_DEADLINE=$(( ${T_PEERS:-400} - 60 )) \
     python3 benchmarks/bench_peers.py "$OUT/peers_h100.json" ${PEERS_ARGS:-}
 fi
+# HOST=1 (issue 24: host time of an eager N = 4096 training step, ours vs Flex and SDPA)
+if [ -n "${HOST:-}" ]; then TAIL=12 stage bench_host "${T_HOST:-200}" python3 benchmarks/bench_host.py "$OUT/host_h100.json"; fi
 # PERMUTE=1 (issue 23: a run-time token order, PBS-Attn's patterns, against the same patterns unpermuted)
 if [ -n "${PERMUTE:-}" ]; then TAIL=20 stage bench_permute "${T_PERMUTE:-90}" python3 benchmarks/bench_permute.py "$OUT/permute_h100.json"; fi
 # MINFERENCE=1 (issue 23: vertical-slash prefill at 128k against Flex with the same selection, and SDPA)
