@@ -179,10 +179,10 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
     tuning is on; fixed tiles and torch.compile keep ours. An FA4 call that fails at its first launch is
     reported once and the Triton kernels take the shape. `docs`: packed documents (q, k, v [1, H, total,
     D]), timed at the longest document's length rounded up to a power of two."""
-    opts = current_options()
-    if opts.fa4 is False or opts.tiles is not None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.device.type != "cuda":  # first: dynamo cannot trace the options' read
         return None
-    if q.device.type != "cuda":
+    opts = current_options()
+    if opts.fa4 is False or opts.tiles is not None:
         return None
     if opts.fa4 is None and (not opts.autotune or not spec.autotune
                              or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
