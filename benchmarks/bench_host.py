@@ -2,7 +2,9 @@
 """Host time of a short eager training step, on the GPU, one run: forward + backward of `attn(q, k, v)` with
 q, k, v requiring gradients (the path users take) at N = 4096, B = 1, H = 16, D = 64 and 128, bf16, for
 causal and causal window 1023; ours beside torch.compile'd FlexAttention (its block mask built once) and
-SDPA (`is_causal`, or a dense boolean mask for the window).
+SDPA (`is_causal`, or a dense boolean mask for the window). `ours` is the default call, `ours_direct` the same
+with the `direct_launch` option (plans launched through the compiled kernels' own launchers), `ours_triton`
+the Triton kernels where FlashAttention-4 is installed and may take the band.
 
 Per step and per peer, in interleaved rounds (medians):
 - host_fwd_ms, host_bwd_ms, host_ms: how long the Python calls take to return while the GPU is kept busy by
@@ -68,8 +70,16 @@ def steps(name: str, d: int, flex: Any) -> dict[str, Step]:
     def bwd(o: Any) -> Any:
         return torch.autograd.grad(o, qkv, do)
 
-    return {"ours": (lambda: attn(*qkv), bwd), "flex": (lambda: flex(*qkv, block_mask=bm), bwd),
-            "sdpa": (sdpa, bwd)}
+    def direct() -> Any:
+        with attn.options(direct_launch=True):  # the backward runs under the forward's options
+            return attn(*qkv)
+
+    def triton_only() -> Any:
+        with attn.options(fa4=False):
+            return attn(*qkv)
+
+    return {"ours": (lambda: attn(*qkv), bwd), "ours_direct": (direct, bwd), "ours_triton": (triton_only, bwd),
+            "flex": (lambda: flex(*qkv, block_mask=bm), bwd), "sdpa": (sdpa, bwd)}
 
 
 def host_times(fwd: Callable[[], Any], bwd: Callable[[Any], Any]) -> tuple[list[float], list[float]]:

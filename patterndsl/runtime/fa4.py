@@ -178,15 +178,16 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
     can take the call), else the tuner's pick between the two forwards (`ours()` launches ours) where
     tuning is on; fixed tiles and torch.compile keep ours. An FA4 call that fails at its first launch is
     reported once and the Triton kernels take the shape. `docs`: packed documents (q, k, v [1, H, total,
-    D]), timed at the longest document's length rounded up to a power of two."""
+    D]), on FA4 only under fa4=True: the tuner does not offer FA4's varlen kernels until the GPU suite has
+    compared them with ours."""
     if torch.compiler.is_compiling() or q.device.type != "cuda":  # first: dynamo cannot trace the options' read
         return None
     opts = current_options()
     if opts.fa4 is False or opts.tiles is not None:
         return None
-    if opts.fa4 is None and (not opts.autotune or not spec.autotune
+    if opts.fa4 is None and (docs is not None or not opts.autotune or not spec.autotune
                              or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
-        return None
+        return None  # packed documents: FA4's varlen kernels only where asked for (fa4=True)
     if why_not(spec, patterns, q, k, v, docs) is not None:
         return None
     assert isinstance(patterns, int)
@@ -202,7 +203,7 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
         with torch.no_grad():
             return attention(q, k, v, scale, b, docs) if cfg[0] else ours()
 
-    fields = ("fa4" if docs is None else "fa4-docs", q.shape[-1], q.dtype, v.shape[-1], q.device.index, _pow2(n),
+    fields = ("fa4", q.shape[-1], q.dtype, v.shape[-1], q.device.index, _pow2(n),
               (b.left, b.right, q.shape[1], k.shape[1], _version()))
     return b if _tuned(spec, fields, lambda: [(0,), (1,)], run, (0,))[0] else None
 

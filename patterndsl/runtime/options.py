@@ -59,6 +59,9 @@ class Options:
     key tiles either visits). token_early_kv: it loads K and V tiles without waiting on the pairs' mask.
     token_bits: it reads a tile's kept columns and diagonals from bit-packed words, not bytes per key and
     per pair.
+    direct_launch: a launch plan's later launches go through the compiled kernel's own launcher with the
+    arguments Triton bound at its first launch (`runtime.plans`), skipping Triton's per-launch binding; off by
+    default until the GPU suite has covered it.
     fa4: FlashAttention-4 (`runtime.fa4`) for patterns that are a band of offsets around the diagonal (no mask,
     causal, sliding windows): None (the default) lets the tuner time it against the Triton kernels at the
     first call per shape where its package imports and the GPU is sm90/sm100; True takes it wherever it can
@@ -103,6 +106,7 @@ class Options:
     token_bits: bool = True
     async_checks: bool = False
     fa4: bool | None = None
+    direct_launch: bool = False
 
 
 _CURRENT: ContextVar[Options] = ContextVar("patterndsl_options", default=Options())  # noqa: B039 (frozen)

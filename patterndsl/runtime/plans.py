@@ -5,7 +5,8 @@ constexprs and table tensors, and Triton's `JITFunction.run` binds some sixty ar
 specialisation and a cache key. A plan keeps all of that for a key that determines it (the call site's
 shapes, strides, dtypes, device, tiles, options, pattern), so a call only fills in its tensors. On a GPU,
 after the plan's first launch (through `JITFunction.run`, which compiles), later ones go through the
-compiled kernel's own launcher (`CompiledKernel[grid]`) with the argument list Triton bound the first time;
+compiled kernel's own launcher (`CompiledKernel[grid]`) with the argument list Triton bound the first time
+(the `direct_launch` option, off by default until the GPU suite has run it);
 a tensor that Triton would specialise differently (a data pointer not 16-byte aligned where the first
 call's were) takes `JITFunction.run` again. Under the interpreter every launch takes `JITFunction.run`, on
 the same arguments, so the tests cover what a plan passes.
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from .common import _INTERPRET
+from .options import current_options
 
 _T = TypeVar("_T")
 _PLANS: dict[Hashable, Any] = {}
@@ -42,7 +44,8 @@ class Plan:
         """Launch `fn` (the call site's kernel, looked up at each call: one wrapped for a test or a profiler
         takes its own path) on `tensors`, the live entries in order."""
         direct = self.direct
-        if direct is not None and direct[0] is fn and (not self.aligned or _aligned(tensors)):
+        launcher = current_options().direct_launch
+        if launcher and direct is not None and direct[0] is fn and (not self.aligned or _aligned(tensors)):
             _, runner, bound, where = direct
             args = bound.copy()
             for i, t in zip(where, tensors, strict=True):
@@ -52,7 +55,8 @@ class Plan:
         params = self.params.copy()
         params.update(zip(self.live, tensors, strict=True))
         kernel = fn[self.grid](**params)
-        if direct is None and not _INTERPRET and kernel is not None and self.aligned == _aligned(tensors):
+        if launcher and direct is None and not _INTERPRET and kernel is not None \
+                and self.aligned == _aligned(tensors):
             self.direct = _bind(fn, kernel, self.grid, params, self.live)
 
 

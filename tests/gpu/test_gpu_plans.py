@@ -40,7 +40,7 @@ def _inputs(n: int, d: int, dtype: Any, offset: int = 0) -> tuple[Any, ...]:
 
 def _step(attn: Any, q: Any, k: Any, v: Any, do: Any, opts: dict[str, Any]) -> tuple[Any, ...]:
     qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-    with attn.options(**opts):
+    with attn.options(direct_launch=True, **opts):
         o = attn(*qkv)
         return (o.detach(), *torch.autograd.grad(o, qkv, do))
 
@@ -85,8 +85,9 @@ def test_direct_launches_replay_in_a_graph() -> None:
     qkv = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def step() -> Any:
-        o = attn(*qkv)
-        return (o, *torch.autograd.grad(o, qkv, do))
+        with attn.options(direct_launch=True):
+            o = attn(*qkv)
+            return (o, *torch.autograd.grad(o, qkv, do))
 
     want = [t.clone() for t in step()]
     graph, out = capture(step, warmups=2)

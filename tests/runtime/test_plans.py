@@ -14,6 +14,7 @@ from helpers import check_grads
 import patterndsl as P
 from patterndsl.mask import dense_mask
 from patterndsl.runtime import plans
+from patterndsl.runtime.options import options
 
 pytestmark = pytest.mark.interpreter  # Triton's CPU interpreter: on where there is no GPU (conftest.py)
 
@@ -125,6 +126,20 @@ def test_direct_launches_pass_what_jit_run_would(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(driver, "_active", Device())  # what `driver.active` returns (set_active, undone after)
     monkeypatch.setattr(plans, "_INTERPRET", False)
+    with options(direct_launch=False):  # the default: every launch takes JITFunction.run
+        kernel, args, kwargs, plan = made[0]
+        seen0: list[tuple[str, Any, list[Any]]] = []
+        named0 = {**dict(zip(kernel.arg_names, args, strict=False)), **kwargs}
+        jit0 = _recording(kernel, seen0)
+        plan.direct = None
+        for _ in range(2):
+            plan(jit0, [named0.get(n) for n in plan.live])
+        assert [s[0] for s in seen0] == ["run", "run"] and plan.direct is None
+    with options(direct_launch=True):
+        _direct_runs(made)
+
+
+def _direct_runs(made: list[Any]) -> None:
     for kernel, args, kwargs, plan in made:
         seen: list[tuple[str, Any, list[Any]]] = []
         named = {**dict(zip(kernel.arg_names, args, strict=False)), **kwargs}
