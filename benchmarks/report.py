@@ -380,7 +380,8 @@ def peers_section(d: dict[str, Any]) -> list[str]:
         cells = [f"{_ms(got[p]['ms'])} ({got[p]['ms'] / ours:.2f}x, {_spread(got[p], got['ours'])})" if p in got
                  else "-" for p, _ in PEER_NAMES]  # fmt: skip
         backend = " (on FA4)" if c.get("ours_backend") == "fa4" else ""
-        rows.append([c["pattern"] + backend, str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
+        earlier = f" (run of {c['earlier_run'][:16].replace('T', ' ')})" if c.get("earlier_run") else ""
+        rows.append([c["pattern"] + backend + earlier, str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
         for p, name in PEER_NAMES:
             if p in c.get("errors", {}):
                 failed.setdefault(f"{name}: {c['errors'][p]}", "")
@@ -389,7 +390,7 @@ def peers_section(d: dict[str, Any]) -> list[str]:
                "the spread of that ratio over the interleaved rounds; ours with its effective TFLOP/s. Every peer's "
                "output is checked against ours before it is timed. Ours is the default call: where the pattern is a band "
                "that FlashAttention-4 can run and its tuner timed FA4's forward faster, the row says 'on FA4', and "
-               "the Triton kernels alone are the next column.")  # fmt: skip
+               "the Triton kernels alone are the next column." + (f" {d['note']}" if d.get("note") else ""))  # fmt: skip
     header = ["pattern", "D", "pass", "ours ms (TFLOP/s)", *(name + " ms" for _, name in PEER_NAMES)]
     out = _section(TITLES["peers"], context, header, rows)
     if failed:
