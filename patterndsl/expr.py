@@ -425,3 +425,48 @@ def to_source(e: Expr) -> str:
         raise TypeError(f"not an index expression: {x!r}")
 
     return go(e, 0)
+
+
+# --- offset form: predicates of d = i - j --------------------------------------------------------
+
+
+_D = I  # in an offset form, the variable i stands for d = i - j
+
+
+def offset_form(e: Expr) -> Expr | None:
+    """The predicate rewritten over d = i - j alone (as the variable i), or None when it is not."""
+    match e:
+        case Const() | Var("N"):
+            return e
+        case Var():
+            return None
+        case Arith("-", Var("i"), Var("j")):
+            return _D
+        case Arith("-", Var("j"), Var("i")):
+            return sub(const(0), _D)
+        case Cmp(op, Var("j"), Var("i")):
+            return cmp(op, const(0), _D)
+        case Cmp(op, Var("i"), Var("j")):
+            return cmp(op, _D, const(0))
+        case Arith(op, a, b):
+            x, y = offset_form(a), offset_form(b)
+            return None if x is None or y is None else Arith(op, x, y)
+        case Cmp(op, a, b):
+            x, y = offset_form(a), offset_form(b)
+            return None if x is None or y is None else Cmp(op, x, y)
+        case Abs(a) | Log2(a) | Not(a) | IsPow(a, _):
+            x = offset_form(a)
+            if x is None:
+                return None
+            if isinstance(e, Abs | Log2):
+                return type(e)(x)
+            return Not(x) if isinstance(e, Not) else IsPow(x, e.base)
+        case And(args) | Or(args):
+            xs = [offset_form(a) for a in args]
+            if any(x is None for x in xs):
+                return None
+            return And(tuple(xs)) if isinstance(e, And) else Or(tuple(xs))  # type: ignore[arg-type]
+        case IfElse(c, t, o):
+            xs3 = [offset_form(a) for a in (c, t, o)]
+            return None if any(x is None for x in xs3) else IfElse(*xs3)  # type: ignore[arg-type]
+    return None

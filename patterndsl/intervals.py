@@ -316,3 +316,62 @@ def _random(row: Interval, col: Interval, n: int, r: int, seed: int, xp: Any) ->
         dev = row.lo.device if torch.is_tensor(row.lo) else col.lo.device
         return Truth(torch.from_numpy(out_t).to(dev), torch.from_numpy(out_f).to(dev))
     return Truth(out_t, out_f)
+
+
+# --- runs of a condition on one variable ------------------------------------------------------------
+
+LEAF_1D = 64  # intervals this narrow are evaluated point by point
+
+
+def runs(pred: Expr, var: str, lo: int, hi: int, n: int, spend: Any = None, cost: int = 1,
+         per_point: int = 1) -> np.ndarray:
+    """Maximal runs [a, b] (inclusive, an [R, 2] int64 array, ascending) of x in [lo, hi] where `pred`, a
+    condition on the one variable `var` ("i" or "j"; N bound to n), holds. Intervals the classifier answers
+    for are taken whole; the rest are halved until narrow, then evaluated point by point, so a condition
+    with few boundaries costs work logarithmic in the range. `spend(units)`, where given, is charged `cost`
+    per interval classified and `per_point` per point evaluated (it may raise to stop the search)."""
+    from .runtime.evaluate import evaluate
+
+    found: list[np.ndarray] = []
+    cur_lo = np.array([lo], dtype=np.int64)
+    cur_hi = np.array([hi], dtype=np.int64)
+    zero = np.zeros(1, dtype=np.int64)
+    while cur_lo.size and lo <= hi:
+        if spend is not None:
+            spend(int(cur_lo.size) * cost)
+        if var == "i":
+            verdict = classify(pred, cur_lo, cur_hi, zero, zero, n=n)
+        else:
+            verdict = classify(pred, zero, zero, cur_lo, cur_hi, n=n)
+        every = verdict == ALL
+        found.append(np.stack([cur_lo[every], cur_hi[every]], axis=1))
+        some = verdict == SOME
+        s_lo, s_hi = cur_lo[some], cur_hi[some]
+        narrow = s_hi - s_lo < LEAF_1D
+        if narrow.any():
+            a, b = s_lo[narrow], s_hi[narrow]
+            sizes = b - a + 1
+            if spend is not None:
+                spend(int(sizes.sum()) * per_point)
+            pts = np.repeat(a, sizes) + (np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+            vals = evaluate(pred, pts, zero, n) if var == "i" else evaluate(pred, zero, pts, n)
+            hit = pts[np.broadcast_to(np.asarray(vals, dtype=bool), pts.shape)]
+            found.append(np.stack([hit, hit], axis=1))
+        wide_lo, wide_hi = s_lo[~narrow], s_hi[~narrow]
+        mid = wide_lo + (wide_hi - wide_lo) // 2
+        cur_lo = np.concatenate([wide_lo, mid + 1])
+        cur_hi = np.concatenate([mid, wide_hi])
+    return merge_runs(np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64))
+
+
+def merge_runs(r: np.ndarray) -> np.ndarray:
+    """Sort inclusive intervals and merge those that overlap or touch."""
+    if r.shape[0] == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    r = r[np.argsort(r[:, 0], kind="stable")]
+    reach = np.maximum.accumulate(r[:, 1])
+    start = np.ones(r.shape[0], dtype=bool)
+    start[1:] = r[1:, 0] > reach[:-1] + 1
+    idx = np.flatnonzero(start)
+    ends = np.concatenate([idx[1:] - 1, [r.shape[0] - 1]])
+    return np.stack([r[idx, 0], reach[ends]], axis=1).astype(np.int64)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import check, ir
 from .. import expr as E
-from ..expr import Expr
+from ..expr import Expr, offset_form
 from ..intervals import ALL, SOME, classify
 from ..mask import eval_numpy
 from ..semantics import _neighborhood_axis, predicate, random_keys
@@ -133,48 +133,7 @@ def draw_width(e: Expr) -> int:
     return 0
 
 
-# --- offset form: predicates of d = i - j --------------------------------------------------------
-
-_D = E.I  # in an offset form, the variable i stands for d = i - j
-
-
-def offset_form(e: Expr) -> Expr | None:
-    """The predicate rewritten over d = i - j alone (as the variable i), or None when it is not."""
-    match e:
-        case E.Const() | E.Var("N"):
-            return e
-        case E.Var():
-            return None
-        case E.Arith("-", E.Var("i"), E.Var("j")):
-            return _D
-        case E.Arith("-", E.Var("j"), E.Var("i")):
-            return E.sub(E.const(0), _D)
-        case E.Cmp(op, E.Var("j"), E.Var("i")):
-            return E.cmp(op, E.const(0), _D)
-        case E.Cmp(op, E.Var("i"), E.Var("j")):
-            return E.cmp(op, _D, E.const(0))
-        case E.Arith(op, a, b):
-            x, y = offset_form(a), offset_form(b)
-            return None if x is None or y is None else E.Arith(op, x, y)
-        case E.Cmp(op, a, b):
-            x, y = offset_form(a), offset_form(b)
-            return None if x is None or y is None else E.Cmp(op, x, y)
-        case E.Abs(a) | E.Log2(a) | E.Not(a) | E.IsPow(a, _):
-            x = offset_form(a)
-            if x is None:
-                return None
-            if isinstance(e, E.Abs | E.Log2):
-                return type(e)(x)
-            return E.Not(x) if isinstance(e, E.Not) else E.IsPow(x, e.base)
-        case E.And(args) | E.Or(args):
-            xs = [offset_form(a) for a in args]
-            if any(x is None for x in xs):
-                return None
-            return E.And(tuple(xs)) if isinstance(e, E.And) else E.Or(tuple(xs))  # type: ignore[arg-type]
-        case E.IfElse(c, t, o):
-            xs3 = [offset_form(a) for a in (c, t, o)]
-            return None if any(x is None for x in xs3) else E.IfElse(*xs3)  # type: ignore[arg-type]
-    return None
+# --- offset form: predicates of d = i - j (the rewrite lives in expr.offset_form) ------------------
 
 
 def _offset_stats(form: Expr, n: int) -> RowStats:

@@ -30,15 +30,14 @@ from typing import Any
 import numpy as np
 
 from .. import expr as E
-from .. import ir
-from ..expr import Expr
-from ..intervals import ALL, SOME, classify
+from .. import intervals, ir
+from ..expr import Expr, offset_form
+from ..intervals import merge_runs
 from ..mask import eval_numpy
 from ..tiling import block_form
-from .count import classify_cost, draw_width, offset_form
+from .count import classify_cost, draw_width
 from .limits import ARRAY_LIMIT, Budget, OverBudget
 
-LEAF_1D = 64  # intervals this narrow are evaluated point by point
 MAX_PIECES = 1 << 15  # row pieces (and zone x run pairs) one analysis may hold
 
 
@@ -51,50 +50,10 @@ class NotSeparable(Exception):
 
 def runs_1d(pred: Expr, var: str, lo: int, hi: int, budget: Budget, n: int) -> np.ndarray:
     """Maximal runs [a, b] (inclusive, an [R, 2] int64 array, ascending) of x in [lo, hi] where `pred`,
-    a condition on the one variable `var` ("i" or "j"; N bound), holds."""
-    found: list[np.ndarray] = []
-    cur_lo = np.array([lo], dtype=np.int64)
-    cur_hi = np.array([hi], dtype=np.int64)
-    zero = np.zeros(1, dtype=np.int64)
+    a condition on the one variable `var` ("i" or "j"; N bound), holds: `intervals.runs` under the
+    analysis's budget."""
     per_point = max(1, draw_width(pred) // 64)  # a draw costs a bitmap row per point
-    cost = classify_cost(pred)
-    while cur_lo.size and lo <= hi:
-        budget.spend(int(cur_lo.size) * cost)
-        if var == "i":
-            verdict = classify(pred, cur_lo, cur_hi, zero, zero)
-        else:
-            verdict = classify(pred, zero, zero, cur_lo, cur_hi)
-        every = verdict == ALL
-        found.append(np.stack([cur_lo[every], cur_hi[every]], axis=1))
-        some = verdict == SOME
-        s_lo, s_hi = cur_lo[some], cur_hi[some]
-        narrow = s_hi - s_lo < LEAF_1D
-        if narrow.any():
-            a, b = s_lo[narrow], s_hi[narrow]
-            sizes = b - a + 1
-            budget.spend(int(sizes.sum()) * per_point)
-            pts = np.repeat(a, sizes) + (np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-            vals = eval_numpy(pred, pts, zero, n) if var == "i" else eval_numpy(pred, zero, pts, n)
-            hit = pts[np.broadcast_to(np.asarray(vals, dtype=bool), pts.shape)]
-            found.append(np.stack([hit, hit], axis=1))
-        wide_lo, wide_hi = s_lo[~narrow], s_hi[~narrow]
-        mid = wide_lo + (wide_hi - wide_lo) // 2
-        cur_lo = np.concatenate([wide_lo, mid + 1])
-        cur_hi = np.concatenate([mid, wide_hi])
-    return merge_runs(np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64))
-
-
-def merge_runs(r: np.ndarray) -> np.ndarray:
-    """Sort inclusive intervals and merge those that overlap or touch."""
-    if r.shape[0] == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    r = r[np.argsort(r[:, 0], kind="stable")]
-    reach = np.maximum.accumulate(r[:, 1])
-    start = np.ones(r.shape[0], dtype=bool)
-    start[1:] = r[1:, 0] > reach[:-1] + 1
-    idx = np.flatnonzero(start)
-    ends = np.concatenate([idx[1:] - 1, [r.shape[0] - 1]])
-    return np.stack([r[idx, 0], reach[ends]], axis=1).astype(np.int64)
+    return intervals.runs(pred, var, lo, hi, n, budget.spend, classify_cost(pred), per_point)
 
 
 # --- separable predicates ---------------------------------------------------------------------------

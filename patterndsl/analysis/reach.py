@@ -24,14 +24,14 @@ import numpy as np
 
 from .. import expr as E
 from .. import ir
-from ..intervals import ALL, classify
+from ..intervals import ALL, classify, merge_runs
 from ..mask import dense_mask, eval_numpy
 from ..semantics import _neighborhood_axis
 from ..tiling import full_tiles
 from .cost import tiles_of
-from .count import DRAW_BITS, bound_predicate, draw_width, offset_form, predicate_stats, row_stats
+from .count import DRAW_BITS, bound_predicate, draw_width, predicate_stats, row_stats
 from .limits import ARRAY_LIMIT, ARRAY_WORK, Budget, OverBudget
-from .pieces import merge_runs, runs_1d
+from .pieces import runs_1d
 
 TOKEN_LIMIT = 2048
 BLOCK_UNITS = 1024  # at most this many blocks per side at block granularity
@@ -298,7 +298,7 @@ RUN_WORK = 1 << 31  # element operations allowed for the run-by-run sumsets
 def _offset_runs(body: ir.Body, n: int) -> np.ndarray | None:
     """Runs [a, b] of allowed d = i - j in [-(n-1), n-1] when the body is a predicate of i - j alone
     (found by interval subdivision, in work that does not grow with N), else None."""
-    form = offset_form(_body_predicate(body, n))
+    form = E.offset_form(_body_predicate(body, n))
     if form is None:
         return None
     try:

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..expr import Expr
+from ..intervals import merge_runs
 from ..tiling import block_form
 from .limits import Budget, OverBudget
-from .pieces import MAX_PIECES, Structure, Zone, merge_runs, structure
+from .pieces import MAX_PIECES, Structure, Zone, structure
 
 
 def floor_sum(n: int, m: int, a: int, b: int) -> int:

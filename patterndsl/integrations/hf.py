@@ -234,7 +234,8 @@ class _Bridge:
         pats = _head_patterns(spec, layer)
         if (pats, window, n, stepping) in self.checked:
             return ""
-        from ..analysis.count import offset_form, predicate_stats
+        from ..analysis.count import predicate_stats
+        from ..expr import offset_form
 
         where = "" if layer is None else f" in layer {layer}"
         for pat in sorted({pats} if isinstance(pats, int) else set(pats)):

@@ -10,8 +10,8 @@ faster (the backward follows the forward's choice: FA4's autograd function, or o
 forces either way; `attn.backend(q, k, v)` says which one a call takes.
 
 Which patterns are bands is derived from the predicate's meaning, not from its spelling: a predicate that
-reads i and j only through d = i - j (`analysis.count.offset_form`) is evaluated at every offset of the
-call's length, O(N) once per length, and is a band when its allowed offsets are one run holding d = 0.
+reads i and j only through d = i - j (`expr.offset_form`) has its allowed offsets found as runs by interval
+subdivision (`intervals.runs`, work logarithmic in N), and is a band when they are one run holding d = 0.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from ..expr import offset_form
+from ..intervals import runs
 from .common import _INTERPRET, _pow2
-from .evaluate import evaluate
 from .options import current_options
 from .tuning import _tuned
 
@@ -55,20 +55,34 @@ class Band:
         return {"causal": False, "window_size": (self.left, self.right)}
 
 
+BAND_WORK = 1 << 16  # classifier and point evaluations one band reading may spend before it answers None
+
+
+class _OverBudget(Exception):
+    pass
+
+
 @functools.lru_cache(maxsize=256)
 def band(pred: Expr, n: int) -> Band | None:
-    """The band that `pred` allows at length n, or None when it allows something else (or nothing)."""
-    from ..analysis.count import offset_form  # the compiler's rewrite; imported where a call needs it
-
+    """The band that `pred` allows at length n, or None when it allows something else (or nothing, or its
+    offsets are too scattered to read within `BAND_WORK`: then it is no band)."""
     form = offset_form(pred)
     if form is None or n < 1:
         return None
-    d = np.arange(-(n - 1), n, dtype=np.int64)
-    allowed = np.broadcast_to(evaluate(form, d, np.zeros(1, np.int64), n), d.shape).astype(bool)
-    at = np.flatnonzero(allowed)
-    if at.size == 0 or at[-1] - at[0] + 1 != at.size:
+    spent = [0]
+
+    def spend(units: int) -> None:
+        spent[0] += units
+        if spent[0] > BAND_WORK:
+            raise _OverBudget
+
+    try:
+        found = runs(form, "i", -(n - 1), n - 1, n, spend)  # allowed offsets d = i - j, in work O(log N)
+    except _OverBudget:
         return None
-    lo, hi = int(d[at[0]]), int(d[at[-1]])
+    if found.shape[0] != 1:
+        return None
+    lo, hi = int(found[0, 0]), int(found[0, 1])
     if lo > 0 or hi < 0:  # the diagonal outside: FA4's windows hold it
         return None
     return Band(None if hi >= n - 1 else hi, None if -lo >= n - 1 else -lo)
@@ -181,6 +195,8 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
     D]), on FA4 only under fa4=True: the tuner does not offer FA4's varlen kernels until the GPU suite has
     compared them with ours."""
     if torch.compiler.is_compiling() or q.device.type != "cuda":  # first: dynamo cannot trace the options' read
+        return None
+    if _function(docs is not None) is None:  # before the band's O(N) reading: most installs have no FA4
         return None
     opts = current_options()
     if opts.fa4 is False or opts.tiles is not None:

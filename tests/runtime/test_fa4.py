@@ -66,6 +66,9 @@ def test_bands_of_the_usual_patterns() -> None:
     assert band(predicate(P.pattern("window(100)")), n) == Band(100, 100)
     assert band(predicate(P.pattern("full")), n) == Band(None, None)
     assert band(predicate(P.pattern("window(4095)")), n) == Band(None, None)
+    huge = 1 << 40  # found by interval subdivision: the work does not grow with N
+    assert band(predicate(P.pattern("causal & window(1023)")), huge) == Band(1023, 0)
+    assert band(predicate(P.pattern("causal & stride(3)")), huge) is None  # scattered offsets: given up early
     for src in ("window(256) | global(0:16)", "causal & window(1023, dilation=4)", "causal & (window(7) | sink(4))",
                 "causal & blockwise(64, window(1))", "window(5) - window(2)", "causal - window(0)"):
         assert band(predicate(P.pattern(src)), n) is None, src
