@@ -4,7 +4,7 @@ alone), FlashAttention-4 (`flash_attn.cute.flash_attn_func`, causal and windows 
 FLASH backend and with its Triton backend (the same block mask, `attn.to_flex_block_mask`), and SDPA
 (is_causal, or a dense boolean mask).
 
-    python benchmarks/bench_peers.py OUT.json [--d 64,128] [--only causal,...] [--bwd-d 64,128]
+    python benchmarks/bench_peers.py OUT.json [--d 64,128] [--only causal,...] [--bwd-d 64,128] [--bwd-first]
 
 B=1, H=16, N=16384 (each grid below holds N tokens), bf16; forward at every D (D=256 forward only) and
 forward+backward at the `--bwd-d` head dims. The median of interleaved rounds (each a quick `do_bench`
@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--bwd-d", default="64,128")
     ap.add_argument("--only", default="")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--bwd-first", action="store_true", help="forward+backward cases before the forwards")
     args = ap.parse_args()
     dev = "cuda"
     t0 = time.monotonic()
@@ -148,7 +149,8 @@ def main() -> None:
     result: dict[str, Any] = {"run": run_info(), "B": B, "H": H, "dtype": "bfloat16", "rounds": args.rounds,
                               "cases": []}
     plan = [(c, d, False) for d in map(int, args.d.split(",")) for c in CASES]
-    plan += [(c, d, True) for d in map(int, args.bwd_d.split(",")) for c in CASES]
+    backward = [(c, d, True) for d in map(int, args.bwd_d.split(",")) for c in CASES]
+    plan = backward + plan if args.bwd_first else plan + backward
     for (name, src, window, is_causal), d, bwd in plan:
         if only and name not in only:
             continue
