@@ -19,7 +19,8 @@ from patterndsl.runtime.options import options
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu  # skipped without a CUDA GPU (conftest.py)
 
-BANDS = ["full", "causal", "causal & window(1023)", "causal & window(100)", "window(64)", "window(200, 17)"]
+BANDS = ["full", "causal", "causal & window(1023)", "causal & window(100)", "window(64)", "window(200, 17)",
+         "causal | window(0, 5)", "~causal | window(7, 0)"]  # the last two: one side unbounded
 SHAPES = [(1000, 64, 4, 4), (2048, 128, 8, 2), (4096, 128, 4, 4), (777, 256, 4, 1)]  # N, D, H, Hkv (batch 2)
 needs_fa4 = pytest.mark.skipif(fa4._function() is None, reason="flash-attn-4 is not installed")
 
