@@ -330,7 +330,7 @@ class Attention:
         if grad and given:
             raise ValueError("out= and lse= take no gradients: call under torch.no_grad() or without them")
         longest = max(lengths)
-        docs = fa4.Docs(cu_seqlens.to(torch.int32), longest) if longest and q.device.type == "cuda" else None
+        docs = fa4.Docs(cu_seqlens, longest) if longest and q.device.type == "cuda" else None
         on_fa4 = None if docs is None else fa4.chosen(
             spec, patterns, q4, k4, v4, scale,
             lambda: _varlen_forward(spec, q, k, v, cu_seqlens, scale, patterns, starts, lengths), docs)

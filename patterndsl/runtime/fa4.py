@@ -17,7 +17,6 @@ subdivision (`intervals.runs`, work logarithmic in N), and is a band when they a
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from ..expr import offset_form
 from ..intervals import runs
 from .common import _INTERPRET, _pow2
+from .forward import _may_tune
 from .options import current_options
 from .tuning import _tuned
 
@@ -62,7 +62,6 @@ class _OverBudget(Exception):
     pass
 
 
-@functools.lru_cache(maxsize=256)
 def band(pred: Expr, n: int) -> Band | None:
     """The band that `pred` allows at length n, or None when it allows something else (or nothing, or its
     offsets are too scattered to read within `BAND_WORK`: then it is no band)."""
@@ -117,7 +116,7 @@ def _function(varlen: bool = False) -> Callable[..., Any] | None:
 
 @dataclass(frozen=True)
 class Docs:
-    """Packed documents: FA4's int32 `cu_seqlens` and the longest document's length."""
+    """Packed documents: the call's `cu_seqlens` (int32 or int64) and the longest document's length."""
 
     cu_seqlens: torch.Tensor
     longest: int
@@ -179,7 +178,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b
         o, lse = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                     return_lse=True, **b.keywords())
         return o.transpose(1, 2), lse
-    cu, longest = docs.cu_seqlens, docs.longest
+    cu, longest = docs.cu_seqlens.to(torch.int32), docs.longest
     o, lse = fn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=cu,
                 cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, softmax_scale=scale,
                 return_lse=True, **b.keywords())
@@ -196,13 +195,12 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
     compared them with ours."""
     if torch.compiler.is_compiling() or q.device.type != "cuda":  # first: dynamo cannot trace the options' read
         return None
-    if _function(docs is not None) is None:  # before the band's O(N) reading: most installs have no FA4
+    if _function(docs is not None) is None:  # first: most installs have no FA4
         return None
     opts = current_options()
     if opts.fa4 is False or opts.tiles is not None:
         return None
-    if opts.fa4 is None and (docs is not None or not opts.autotune or not spec.autotune
-                             or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
+    if opts.fa4 is None and (docs is not None or not isinstance(patterns, int) or not _may_tune(spec, q, {patterns})):
         return None  # packed documents: FA4's varlen kernels only where asked for (fa4=True)
     if why_not(spec, patterns, q, k, v, docs) is not None:
         return None
@@ -224,26 +222,19 @@ def chosen(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch.Tensor, 
     return b if _tuned(spec, fields, lambda: [(0,), (1,)], run, (0,))[0] else None
 
 
-_FAILED: dict[tuple[Any, ...], str] = {}
+_PROBED: dict[tuple[Any, ...], str | None] = {}  # per shape: None where FA4 ran, else its error
 
 
 def _launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b: Band, docs: Docs | None) -> bool:
-    """FA4 ran this shape once without an error (compiling it), or the failure's first report."""
+    """FA4 ran this shape once without an error (compiling it); a failure is reported once."""
     key = (q.shape, k.shape, v.shape, q.dtype, q.device, b, None if docs is None else docs.longest)
-    if key in _FAILED:
-        return False
-    if key in _LAUNCHED:
-        return True
-    try:
-        with torch.no_grad():
-            attention(q, k, v, scale, b, docs)
-    except Exception as e:  # noqa: BLE001 (FA4 is an optional peer: its failure leaves ours in charge)
-        _FAILED[key] = f"{type(e).__name__}: {e}"
-        warnings.warn(f"FlashAttention-4 failed at {tuple(q.shape)} ({_FAILED[key][:200]}); the Triton kernels "
-                      "run this shape", RuntimeWarning, stacklevel=3)
-        return False
-    _LAUNCHED.add(key)
-    return True
-
-
-_LAUNCHED: set[tuple[Any, ...]] = set()
+    if key not in _PROBED:
+        try:
+            with torch.no_grad():
+                attention(q, k, v, scale, b, docs)
+            _PROBED[key] = None
+        except Exception as e:  # noqa: BLE001 (FA4 is an optional peer: its failure leaves ours in charge)
+            _PROBED[key] = error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"FlashAttention-4 failed at {tuple(q.shape)} ({error[:200]}); the Triton "
+                          "kernels run this shape", RuntimeWarning, stacklevel=3)
+    return _PROBED[key] is None
