@@ -183,3 +183,22 @@ def _same(a: list[Any], b: list[Any]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x is y or (not torch.is_tensor(x) and not torch.is_tensor(y) and x == y), (x, y)
+
+
+def test_descriptors_made_without_checks_equal_checked_ones() -> None:
+    """`_descriptor` skips TensorDescriptor's checks once a (shape, strides, dtype, box) passed them: what it
+    makes then equals what `from_tensor` makes, and an unaligned base goes through the checks again."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from patterndsl.runtime.common import _descriptor
+
+    base = torch.zeros(2 * 64 * 64 + 8, dtype=torch.bfloat16)
+    for t in (base[: 2 * 64 * 64].view(1, 2, 64, 64), base[8:].view(1, 2, 64, 64)):  # two aligned bases
+        first, second = _descriptor(t, 32, 64), _descriptor(t, 32, 64)
+        assert first == second == TensorDescriptor.from_tensor(t, [1, 1, 32, 64])
+        assert second.base is t
+    shifted = base[1 : 1 + 2 * 64 * 64].view(1, 2, 64, 64)  # 2 bytes off: the checks run and refuse it
+    with pytest.raises(Exception) as want:
+        TensorDescriptor.from_tensor(shifted, [1, 1, 32, 64])
+    with pytest.raises(want.type):
+        _descriptor(shifted, 32, 64)
