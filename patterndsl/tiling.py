@@ -170,6 +170,8 @@ def _quad_trees(pred: Expr, extent: Any, longest: int, bq: int, bk: int, n: Any,
             spend(int(qb.shape[0]), pred)
         verdict = classify(pred, qb * bq, ops.cap(q_hi * bq, ext) - 1, kb * bk, ops.cap(k_hi * bk, ext) - 1,
                            ops.xp, nn)
+        if per_doc:  # an empty document's cell covers an empty range, which the classifier reads as one row
+            verdict = ops.xp.where(ext > 0, verdict, NONE)
         if size == 1:
             _, p, f = partition(verdict, 3)  # NONE, SOME, ALL
             full.append((qb[f], q_hi[f], kb[f], k_hi[f], *(c[f] for c in cells[2:])))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import VARLEN_PATTERNS, compiled, cu_of
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from reference import reference_mask
 from reference_varlen import doc_mask, packed_tables
@@ -92,6 +92,8 @@ def test_random_document_splits_match_block_diagonal_reference(name: str, length
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(src=expressions(max_leaves=3), lengths=document_splits)
+@example(src="window(1, 1, dilation=2) | global(-1)", lengths=[1, 0])  # empty documents took a neighbour's tiles
+@example(src="window(1, dilation=2) | global(-1)", lengths=[0, 17])
 def test_random_patterns_on_random_splits(src: str, lengths: list[int]) -> None:
     """Hypothesis-drawn patterns: a document at which the pattern is invalid must be a clear error."""
     body = P.pattern(src)
