@@ -206,7 +206,7 @@ def test_huge_n_figures_come_from_the_methods_tested_at_small_n(name: str, tmp_p
     assert (e["blocks"]["full"], e["blocks"]["partial"]) == (int(full.sum()), int((seen & ~full).sum()))
 
 
-@pytest.mark.parametrize("n", HUGE)
+@pytest.mark.parametrize("n", [HUGE[0], pytest.param(HUGE[1], marks=pytest.mark.slow)])  # about 6 s each
 def test_a_pattern_without_structure_gets_bounds_and_says_so(
     n: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -276,6 +276,7 @@ def _bounds_ordered(x: Any) -> bool:
     return True
 
 
+@pytest.mark.slow  # about 12 s
 @given(analysis_patterns(), st.integers(10**9, 2**60))
 @settings(max_examples=15, deadline=None)
 def test_any_pattern_at_any_n_is_served_and_consistent(src: str, n: int) -> None:

@@ -41,8 +41,9 @@ def test_pointer_loads_are_pipelined_and_a_register_cap_doubles_the_blocks_per_s
     assert re.search(r"fast 128,32,8,2 tma .* spill st/ld 0/0 B, wgmma, 2 blocks/SM", tma), tma
 
 
-@pytest.mark.parametrize("src, kernel", [("rows(0:100)", "--fast"), ("rows(0:100)", "--fwd"),
-                                         ("causal & threshold(0.9, block=128)", "--fwd")])  # fmt: skip
+@pytest.mark.parametrize("src, kernel", [("rows(0:100)", "--fast"),  # 3-4 s each: one in the fast tier
+                                         pytest.param("rows(0:100)", "--fwd", marks=pytest.mark.slow),
+                                         pytest.param("causal & threshold(0.9, block=128)", "--fwd", marks=pytest.mark.slow)])  # fmt: skip
 def test_a_predicate_of_one_index_compiles_for_sm90(src: str, kernel: str) -> None:
     """The interpreter does not type-check a jit function's returns; triton's compiler checks every return,
     also one after a constexpr branch's return. A predicate of the query alone ([BLOCK_M, 1]: `rows`, or a

@@ -103,7 +103,8 @@ def _tiles(offsets: Any, indices: Any) -> set[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("src, n", CASES)
+@pytest.mark.parametrize("src, n", [pytest.param(*c, marks=pytest.mark.slow) if i in (5, 7) else c  # 5-6 s each
+                                    for i, c in enumerate(CASES)])
 def test_kernel_with_layout_matches_reference_and_tables_are_sound(src: str, n: int) -> None:
     body = _body(src)
     want = reference_mask(body, n)
@@ -204,7 +205,8 @@ def test_analyze_reports_tile_efficiency_with_and_without_the_layout() -> None:
 
 
 # the kinds the gradient test covers: 1-D dilation not dividing N, 2-D dilation not dividing the axes, causal time
-BWD_CASES = [CASES[0], CASES[5], pytest.param(*CASES[7], marks=pytest.mark.slow)]  # the 3-D grid: about 5 s
+BWD_CASES = [CASES[0], pytest.param(*CASES[5], marks=pytest.mark.slow),  # about 9 s
+             pytest.param(*CASES[7], marks=pytest.mark.slow)]  # the 3-D grid: about 5 s
 
 
 @pytest.mark.parametrize("src, n", BWD_CASES)

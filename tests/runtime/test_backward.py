@@ -43,9 +43,11 @@ STREAM_SRC = "causal & (window(20) | sink(4))"
 STREAM = f"pattern p = {STREAM_SRC}\n"
 
 
-# sparse_transformer:strided_heads takes about 20 s in the interpreter (the other library patterns a second or
-# less): slow tier; the other heads patterns (fixed_heads, longnet_heads, moa, ...) keep heads in the fast tier
-@pytest.mark.parametrize("path, name", library_cases(slow=("patterns/sparse_transformer:strided_heads",)))
+# sparse_transformer:strided_heads takes about 20 s in the interpreter, longnet_heads and moa about 2 s (the
+# other library patterns a second or less): slow tier; the other heads patterns (fixed_heads, ...) keep heads in
+# the fast tier, and examples/model:moa is patterns/moa:moa
+@pytest.mark.parametrize("path, name", library_cases(slow=("patterns/sparse_transformer:strided_heads",
+                                                           "patterns/longnet:longnet_heads", "examples/model:moa")))
 def test_library_pattern_gradients(path: Path, name: str) -> None:
     body = P.load(path).get(name).body  # type: ignore[union-attr]
     if has_selector(body):
@@ -81,7 +83,7 @@ def test_tma_and_pointer_loads_give_the_reference_gradients(tma: bool, monkeypat
 
 
 @pytest.mark.parametrize("fuse_pre", [True, False], ids=["fused delta", "pre-pass"])
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", [True, pytest.param(False, marks=pytest.mark.slow)])  # pointers: test_tma_and_pointer_loads
 @pytest.mark.parametrize("case", ["ragged", "mixed heads", "empty rows", "layout"])
 def test_backward_delta_paths_give_the_reference_gradients(fuse_pre: bool, tma: bool, case: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +115,7 @@ def test_backward_delta_paths_give_the_reference_gradients(fuse_pre: bool, tma: 
             assert bool(pre) == (fuse_pre and name == "_attn_bwd_dq")
 
 
-@pytest.mark.parametrize("h, hkv", [(4, 2), (4, 1)])
+@pytest.mark.parametrize("h, hkv", [(4, 2), pytest.param(4, 1, marks=pytest.mark.slow)])
 def test_gqa_and_mqa_gradients_sum_over_the_group(h: int, hkv: int) -> None:
     check_grads(P.compile(STREAM, **SMALL), P.dense_mask(STREAM_SRC, 40), b=2, h=h, hkv=hkv, autograd=True)
 

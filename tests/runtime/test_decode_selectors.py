@@ -257,7 +257,7 @@ def _check_summaries(block: int, page: int | None, appends: list[int], seed: int
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("page", [None, 8])
+@pytest.mark.parametrize("page", [pytest.param(None, marks=pytest.mark.slow), 8])  # about 3 s each
 def test_half_cache_summaries(page: int | None) -> None:
     """A bfloat16 cache keeps bfloat16 summaries: min and max exactly, the mean its float32 mean rounded
     (within a bfloat16 step; the summary kernel, appended to, equals a build from scratch); `dtype=torch.float32` keeps

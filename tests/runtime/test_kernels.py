@@ -40,9 +40,11 @@ pytest.importorskip("triton")
 SMALL = dict(block_m=16, block_n=16)
 
 
-# sparse_transformer:strided_heads takes about 8 s in the interpreter (the other library patterns a second or
-# less): slow tier; the other heads patterns (fixed_heads, longnet_heads, moa, ...) keep heads in the fast tier
-@pytest.mark.parametrize("path, name", library_cases(slow=("patterns/sparse_transformer:strided_heads",)))
+# sparse_transformer:strided_heads takes about 8 s in the interpreter, longnet_heads and moa about 2 s (the
+# other library patterns a second or less): slow tier; the other heads patterns (fixed_heads, ...) keep heads in
+# the fast tier, and examples/model:moa is patterns/moa:moa
+@pytest.mark.parametrize("path, name", library_cases(slow=("patterns/sparse_transformer:strided_heads",
+                                                           "patterns/longnet:longnet_heads", "examples/model:moa")))
 def test_library_pattern_matches_dense_reference(path: Path, name: str) -> None:
     body = P.load(path).get(name).body  # type: ignore[union-attr]
     if has_selector(body):
@@ -179,7 +181,7 @@ RANDOM_CASES = [
 
 
 @pytest.mark.parametrize("src", RANDOM_CASES)
-@pytest.mark.parametrize("n", [1, 7, 50, 130])
+@pytest.mark.parametrize("n", [1, 7, 50, pytest.param(130, marks=pytest.mark.slow)])
 def test_random_is_compiled_from_the_same_draw(src: str, n: int) -> None:
     """The kernel redraws each row's keys from the counter hash; the mask draws them in numpy."""
     mask = dense_mask(P.pattern(src), n)
@@ -233,8 +235,8 @@ def test_model_module_needs_a_valid_layer_and_a_pattern_module_takes_none() -> N
 SWITCHES = [
     dict(tma_mode=0, fold=False, contig=False, split_tiles=0),
     dict(tma_mode=0, fold=True, contig=True, split_tiles=2),
-    dict(tma_mode=1, fold=True, contig=True, split_tiles=3),
-    dict(tma_mode=2, fold=True, contig=False, split_tiles=None),
+    pytest.param(dict(tma_mode=1, fold=True, contig=True, split_tiles=3), marks=pytest.mark.slow),
+    pytest.param(dict(tma_mode=2, fold=True, contig=False, split_tiles=None), marks=pytest.mark.slow),
     dict(tma_mode=0, fold=True, contig=True, split_tiles=2, one_loop=True),  # FULL and PARTIAL in one loop
     dict(tma_mode=1, fold=False, contig=False, split_tiles=0, one_loop=True),
 ]
@@ -253,6 +255,7 @@ def test_kernel_switches_match_reference(switches: dict[str, Any], src: str, n: 
         check_attention(attn, P.dense_mask(src, n), h=1, scale=-0.3)  # a negative scale cannot be folded
 
 
+@pytest.mark.slow  # about 6 s
 def test_a_tuned_candidates_loop_and_register_fields_reach_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuner's sixth field switches the grid kernel to one loop over FULL and PARTIAL blocks (without the
     one_loop option), its seventh caps registers per thread (ptxas maxnreg; the maxnreg option when 0);
@@ -478,6 +481,7 @@ def _way_tuner(pick: int, timed: list[tuple[int, ...]]) -> Any:
     return tuned
 
 
+@pytest.mark.slow  # about 5 s each
 @pytest.mark.parametrize("pick", [0, 1])
 def test_the_tuner_picks_how_a_token_layout_is_read(pick: int, monkeypatch: Any) -> None:
     """Under the default `layout_gather=None` a pattern with a token layout is timed both ways where tuning

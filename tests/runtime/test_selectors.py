@@ -123,7 +123,8 @@ def _block(src: str) -> int:
     return sel.block
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "nsa" else n  # nsa: about 10 s
+                                  for n in sorted(CASES)])
 def test_selection_and_attention_match_the_literal_reference(name: str) -> None:
     src = CASES[name]
     n = 100  # ragged last block of 4 tokens: its mean stays exact
@@ -165,6 +166,7 @@ def test_ties_go_to_the_lower_block_and_never_outside_the_context() -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.slow  # 7-9 s in the interpreter
 def test_topk_keeps_min_of_n_and_candidates_per_query_block() -> None:
     q, k, _ = _inputs(128, seed=5)
     m = _module("causal & topk(3, block=16)")
@@ -198,6 +200,7 @@ def test_heads_mix_static_and_dynamic_patterns() -> None:
     assert not picked[:, 0].any() and picked[:, 1].sum() == 5
 
 
+@pytest.mark.slow  # 7-9 s in the interpreter
 def test_half_precision_inputs_run_and_match() -> None:
     src = CASES["nsa"]
     q, k, v = _inputs(64, dtype=torch.float16, seed=7)
@@ -225,7 +228,9 @@ def test_scores_misuse_is_one_clear_sentence() -> None:
 
 
 @pytest.mark.parametrize("fuse_pre", [False, True])
-@pytest.mark.parametrize("name, dtype", [("nsa", "float32"), ("threshold", "float32"), ("given", "float64")])
+@pytest.mark.parametrize("name, dtype", [pytest.param("nsa", "float32", marks=pytest.mark.slow),  # 4-8 s each
+                                         pytest.param("threshold", "float32", marks=pytest.mark.slow),
+                                         ("given", "float64")])
 def test_gradients_flow_to_q_k_v_through_the_picked_blocks(name: str, dtype: str, fuse_pre: bool) -> None:
     """Gradients of out and lse against float64 autograd over the reference mask (the selection fixed); also
     with the dQ kernel computing delta and lse2 itself (bwd_fuse_pre)."""
@@ -420,7 +425,8 @@ def test_uncompilable_selectors_are_refused_plainly(tmp_path: Any) -> None:
     "file, name",
     [
         pytest.param("nsa.pat", "nsa", marks=pytest.mark.slow),  # about 5 s; CASES["nsa"] is its shape, fast tier
-        ("seer.pat", "seer_local"), ("flexprefill.pat", "prefill"), ("xattention.pat", "xattention"),
+        pytest.param("seer.pat", "seer_local", marks=pytest.mark.slow),  # about 8 s
+        pytest.param("flexprefill.pat", "prefill", marks=pytest.mark.slow), ("xattention.pat", "xattention"),
         pytest.param("nosa.pat", "nosa", marks=pytest.mark.slow),  # MULTI["nosa"] is its shape, fast tier
         pytest.param("sparsed.pat", "sparsed", marks=pytest.mark.slow),  # BUDGETS["fraction"], fast tier
         pytest.param("nsa.pat", "nsa_shared", marks=pytest.mark.slow),  # RULES["compressed_shared"], fast tier
@@ -469,6 +475,7 @@ def test_compressed_scores_off_the_torch_path_pick_as_the_reference(name: str) -
         assert torch.equal(got[:, 0::2], got[:, 1::2])
 
 
+@pytest.mark.slow  # 7-9 s in the interpreter
 def test_split_dkdv_rows_of_a_shared_selection_give_the_reference_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """`bwd_split=3`: the dK/dV rows of a selector's per-(batch, head) tables with more than 3 tile iterations
     (their query blocks times the KV head's four query heads; which rows, the device decides) run in pieces

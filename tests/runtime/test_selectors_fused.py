@@ -61,7 +61,8 @@ def _spy_topk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
         pytest.param(  # 140 blocks: 3 key tiles (about 6 s; the cases below span 2 key tiles in the fast tier)
             "causal & (window(15) | topk(5, block=16) | sink(16))", 16 * 140 - 5, marks=pytest.mark.slow
         ),
-        ("topk(20, block=16)", 16 * 70),  # no context, n not a power of two, more than a tile's worth
+        pytest.param("topk(20, block=16)", 16 * 70, marks=pytest.mark.slow),  # no context, n not a power of two,
+        # more than a tile's worth (the longest fast case: the two below keep the fused rule in the fast tier)
         ("causal & (window(8) | (where(k >= 40) & topk(2, block=16)))", 16 * 80),
         ("causal & (window(8) | (where(k % 64 < 16) & topk(3, block=16)))", 16 * 90),  # candidates not consecutive
     ],
@@ -87,7 +88,8 @@ def test_fused_topk_matches_the_float64_rule_ties_included(src: str, n: int) -> 
     assert not (srt[..., 1:] == srt[..., :-1]).any()
 
 
-@pytest.mark.parametrize(("rows", "fill", "keys"), [(64, False, 64), (16, False, 64), (64, True, 64), (64, True, 32)])
+@pytest.mark.parametrize(("rows", "fill", "keys"), [pytest.param(64, False, 64, marks=pytest.mark.slow), (16, False, 64),
+                                                    pytest.param(64, True, 64, marks=pytest.mark.slow), pytest.param(64, True, 32, marks=pytest.mark.slow)])
 def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bool, keys: int,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Options topk_rows, topk_fill, topk_keys: every variant picks what the sorting path picks."""
@@ -108,7 +110,8 @@ def test_fused_topk_equals_the_sorting_path_on_random_scores(rows: int, fill: bo
     assert torch.equal(selection._sel_dense(fused, nb), selection._sel_dense(sorting, nb))
 
 
-@pytest.mark.parametrize(("dtype", "fill"), [("float32", False), ("float16", False), ("float16", True)])
+@pytest.mark.parametrize(("dtype", "fill"), [("float32", False), ("float16", False),
+                                             pytest.param("float16", True, marks=pytest.mark.slow)])
 def test_fused_given_scores_equal_the_sorting_path(dtype: str, fill: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """score=given through `_topk_kernel`: ties (few distinct values, -0.0 beside 0.0) to the lower block,
     NaN scores never picked, as `_ordered_keys` + torch.topk over the same scores."""

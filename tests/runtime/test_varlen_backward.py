@@ -114,14 +114,15 @@ def check_grads(m: Any, src: str, lengths: list[int], h: int = 2, hkv: int | Non
 
 
 # bigbird (random keys drawn at each document's N) takes 4-9 s: slow tier; quarter keeps the per-document-N tables
-@pytest.mark.parametrize("name", ["swa_sink", "quarter", pytest.param("bigbird", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["swa_sink", pytest.param("quarter", marks=pytest.mark.slow),
+                                  pytest.param("bigbird", marks=pytest.mark.slow)])
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lengths=document_splits)
 def test_gradients_on_random_document_splits(name: str, lengths: list[int]) -> None:
     check_grads(module(VARLEN_PATTERNS[name]), VARLEN_PATTERNS[name], lengths)
 
 
-@pytest.mark.parametrize("fuse_pre", [False, True])
+@pytest.mark.parametrize("fuse_pre", [False, pytest.param(True, marks=pytest.mark.slow)])  # 5 s each
 def test_gradients_gqa_lse_four_d_and_float64(fuse_pre: bool) -> None:
     """Also with bwd_fuse_pre: the dQ kernel's tiles (documents' query blocks) fill delta and lse2."""
     src = VARLEN_PATTERNS["swa_sink"]
