@@ -85,6 +85,18 @@ class _Parts:
     offsets: set[int]  # every flipped offset of any offset atom
 
 
+_MAX_EXPANDED = 1 << 22  # offsets or tokens one term may list; wider terms have no closed form here
+
+
+def _span(start: int, stop: int, step: int, what: str) -> range:
+    """range(start, stop, step), refused before it is listed when it holds more than `_MAX_EXPANDED` values
+    (a window of 2**40 must not be enumerated to be counted)."""
+    r = range(start, stop, step)
+    if len(r) > _MAX_EXPANDED:
+        raise _Unsupported(f"{what} spans {len(r)} values, too many to expand")
+    return r
+
+
 def _tokens(t: ir.TokenSet) -> frozenset[int]:
     match t:
         case ir.TokenSlice(start, stop, step):
@@ -95,7 +107,7 @@ def _tokens(t: ir.TokenSet) -> frozenset[int]:
             s = _int(step, "a token slice step")
             if a < 0 or b < 0:
                 raise _Unsupported("a negative token bound counts from N")
-            return frozenset(range(a, b, s))
+            return frozenset(_span(a, b, s, "a token slice"))
         case ir.TokenList(items):
             vals = [_int(x, "a token") for x in items]
             if any(v < 0 for v in vals):
@@ -114,11 +126,11 @@ def _build(p: ir.Pattern, parts: _Parts) -> Member:
             return lambda i, j, d: d >= 0
         case ir.Window(before, after, dilation):
             a, b, s = _int(before, "window"), _int(after, "window"), _int(dilation, "dilation")
-            offs = frozenset(x for x in range(-b * s, a * s + 1) if x % s == 0)
+            offs = frozenset(_span(-b * s, a * s + 1, s, "the window"))
             parts.offsets |= offs
             return lambda i, j, d: d in offs
         case ir.Sink(count):
-            c = frozenset(range(_int(count, "sink")))
+            c = frozenset(_span(0, _int(count, "sink"), 1, "the sink"))
             parts.cols |= c
             return lambda i, j, d: j is not None and j in c
         case ir.Global(tokens):

@@ -85,3 +85,14 @@ def test_neighborhood_closed_form_is_kernel_area_times_n() -> None:
     body = prog.get("gna_video").body  # type: ignore[union-attr]
     s = nnz(body)  # type: ignore[arg-type]
     assert isinstance(s, Closed) and s.at(16 * 32 * 32) == row_stats(body, 16 * 32 * 32).pairs  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("src", ["causal & window(2**40 - 1)", "window(3) | sink(2**50)", "global(0:2**45)",
+                                 "window(2**41, dilation=3)"])
+def test_terms_too_wide_to_list_have_no_closed_form_and_cost_nothing(src: str) -> None:
+    """A window or token range of 2**40 is refused before it is listed (it used to be enumerated: hours and
+    tens of GB for `patc analyze`), and the exact count still comes from the run counter."""
+    s = nnz(pattern(src))
+    assert isinstance(s, NoClosed) and "too many to expand" in s.text(), s
+    p = pattern(src)
+    assert row_stats(p, 70).counts.tolist() == reference_rows(dense_mask(p, 70))[0].tolist()
