@@ -33,6 +33,7 @@ shapes by the tiles they visit (`tiling.tiling`, the kernels' own tile builder),
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -469,13 +470,51 @@ def candidates(grid: ir.Grid, dilation: tuple[int, ...], block_q: int, block_k: 
     return out
 
 
-def visited_tiles(pred: Expr, layout: Layout | None, n: int, block_q: int, block_k: int) -> int:
-    """Tiles a kernel with this layout visits at length n (pred with N free or bound)."""
+def visited_tiles(pred: Expr, layout: Layout | None, n: int, block_q: int, block_k: int,
+                  spend: Callable[[int, Expr], None] | None = None) -> int:
+    """Tiles a kernel with this layout visits at length n (pred with N free or bound); `spend` as `tiling`'s."""
     from .analysis.limits import REFINE_PAIRS
     from .tiling import tiling
 
     bound = E.bind_n(layout_predicate(pred, layout), n)
-    return tiling(bound, E.evaluate_int(rows(layout), n), block_q, block_k, refine_pairs=REFINE_PAIRS).visited
+    return tiling(bound, E.evaluate_int(rows(layout), n), block_q, block_k, spend=spend,
+                  refine_pairs=REFINE_PAIRS).visited
+
+
+_SCORED_AXIS = 1 << 13  # the longest axis whose neighborhood is scored per axis (an axis x axis mask)
+_EXACT_WORK = 1 << 22  # rectangles the exact counts of one choice may classify before bands are counted
+_BANDS = 8  # then: evenly spaced bands of query rows, each of _BAND_ROWS rows
+_BAND_ROWS = 1 << 12
+
+
+def _visit_scores(pred: Expr, layouts: list[Layout | None], n: int, block_q: int, block_k: int) -> list[int]:
+    """The tiles a kernel visits under each layout, to rank them: exact within `_EXACT_WORK`, else all of them
+    estimated from `_BANDS` bands of query rows spaced evenly through the rows (the exact counts' time and
+    memory grow with the tiles listed: minutes and gigabytes for grids of millions of tokens)."""
+    from .analysis.limits import Budget, OverBudget
+
+    budget = Budget(_EXACT_WORK)
+    try:
+        return [visited_tiles(pred, lay, n, block_q, block_k, spend=lambda k, _: budget.spend(k)) for lay in layouts]
+    except OverBudget:
+        return [_band_visits(pred, lay, n, block_q, block_k) for lay in layouts]
+
+
+def _band_visits(pred: Expr, layout: Layout | None, n: int, block_q: int, block_k: int) -> int:
+    """Tiles visited in `_BANDS` bands of query tiles, each in the middle of an equal share of the rows,
+    scaled to all the rows."""
+    from .analysis.limits import REFINE_PAIRS
+    from .tiling import tiling
+
+    extent = E.evaluate_int(rows(layout), n)
+    bound = E.bind_n(layout_predicate(pred, layout), n)
+    tiles, band = -(-extent // block_q), -(-_BAND_ROWS // block_q)
+    total = 0
+    for b in range(_BANDS):
+        start = tiles * (2 * b + 1) // (2 * _BANDS) * block_q
+        rows_in = E.conj(bound, E.cmp(">=", E.I, E.const(start)), E.cmp("<", E.I, E.const(start + band * block_q)))
+        total += tiling(rows_in, extent, block_q, block_k, refine_pairs=REFINE_PAIRS).visited
+    return total * tiles // (_BANDS * band)
 
 
 def _cdiv_int(a: int, b: int) -> int:
@@ -543,18 +582,15 @@ def _choose(p: ir.Pattern, block_q: int, block_k: int) -> Layout | None:
     n = g.size
     cands = candidates(g, dilation, block_q, block_k)
     cells = _cells_rule(p, g)
-    if cells is not None and block_q >= block_k:
+    if cells is not None and block_q >= block_k and max(g.dims) <= _SCORED_AXIS:
         # a product over axes: tiles visited = product of per-axis counts (exact, cheap); rank by it
         scored = sorted((_neighborhood_score(cells, lay), k) for k, lay in enumerate(cands))
         cands = [cands[k] for _, k in scored[:2]]
     else:
         cands = cands[:: max(1, len(cands) // 12)]
-    best: tuple[int, Layout | None] = (visited_tiles(pred, None, n, block_q, block_k), None)
-    for lay in cands:
-        v = visited_tiles(pred, lay, n, block_q, block_k)
-        if v < best[0]:
-            best = (v, lay)
-    return best[1]
+    layouts: list[Layout | None] = [None, *cands]
+    scores = _visit_scores(pred, layouts, n, block_q, block_k)
+    return layouts[min(range(len(layouts)), key=scores.__getitem__)]  # the first of the least: plain order on a tie
 
 
 def choose(p: ir.Pattern, block_q: int = 128, block_k: int = 64) -> Layout | None:

@@ -230,3 +230,41 @@ def test_grid_neighborhoods_get_smaller_tiles_and_windows_keep_the_defaults() ->
     assert _layout_of(attn) == L.describe(L.choose(_body(na), 64, 32))
     assert P.compile(na, layout=False).spec.configs == DEFAULT_CONFIGS
     assert P.compile("pattern p = causal & window(255, dilation=4)\n").spec.configs == DEFAULT_CONFIGS
+
+
+@pytest.mark.parametrize("src", [
+    "layout g = grid(64, 64)\npattern p = neighborhood(g, kernel=13)\n",
+    "layout g = grid(32, 48)\npattern p = where(g, qc0 == kc0) | where(g, qc1 == kc1)\n",
+    "layout g = grid(8, 16, 16)\npattern p = neighborhood(g, kernel=(3, 5, 5), causal=(true, false, false))\n",
+])  # fmt: skip
+def test_layouts_ranked_on_bands_of_rows_as_on_all_of_them(src: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the exact counts' budget the chooser ranks layouts on bands of query rows; the layout it picks
+    visits (exactly counted) as few tiles as the best, within 10% (near-ties may go either way)."""
+    body = _body(src)
+    pred, (grid, _) = predicate(body), L._grid_of(body)  # type: ignore[misc]
+    layouts: list[Any] = [None, *L.candidates(grid, (1,) * len(grid.dims), 64, 32)]
+    exact = L._visit_scores(pred, layouts, grid.size, 64, 32)
+    banded: list[int] = []
+    count = L._band_visits
+    monkeypatch.setattr(L, "_EXACT_WORK", 1)
+    monkeypatch.setattr(L, "_BAND_ROWS", 64)
+    monkeypatch.setattr(L, "_band_visits", lambda *a: banded.append(count(*a)) or banded[-1])
+    bands = L._visit_scores(pred, layouts, grid.size, 64, 32)
+    assert bands == banded and len(bands) == len(layouts)
+    assert exact[int(np.argmin(bands))] <= 1.1 * min(exact), (bands, exact)
+
+
+@pytest.mark.slow  # about 6 s
+def test_choosing_for_a_long_axis_takes_no_axis_by_axis_mask() -> None:
+    """A neighborhood on a grid with an axis of 2**15 positions: the per-axis score (an axis x axis mask,
+    a gigabyte here and 256 TiB at 2**24) is skipped and the layouts ranked on bands of rows."""
+    import tracemalloc
+
+    body = _body("layout g = grid(2**15, 32)\npattern p = neighborhood(g, kernel=3)\n")
+    tracemalloc.start()
+    try:
+        L.choose(body, 128, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 << 20, peak
