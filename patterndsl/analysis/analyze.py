@@ -65,7 +65,7 @@ def _uses(item: ir.PatternDef | ir.Model, heads: int) -> list[_Use]:
             use = out.setdefault(p, _Use(p, 0, [], []))
             use.heads += count
             assert use.layers is not None and use.head_ranges is not None
-            if layer not in use.layers:
+            if not use.layers or use.layers[-1] != layer:  # layers come in order: no search of the list
                 use.layers.append(layer)
             if label and label not in use.head_ranges:
                 use.head_ranges.append(label)
@@ -346,7 +346,8 @@ def analyze(item: ir.PatternDef | ir.Model, opts: Options) -> dict[str, Any]:
         schedule = list(item.schedule)
         if opts.layers is not None and opts.layers != len(schedule):
             warnings.append(f"--layers {opts.layers} ignored: the model '{item.name}' has {len(schedule)} layers")
-        reach = receptive_field([_static_body(b) for b in schedule], n, all_causal, repeat=False)
+        static = {b: _static_body(b) for b in dict.fromkeys(schedule)}  # a few bodies repeated over the layers
+        reach = receptive_field([static[b] for b in schedule], n, all_causal, repeat=False)
         closed = None
     else:
         assert isinstance(item, ir.PatternDef)

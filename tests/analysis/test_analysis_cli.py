@@ -95,6 +95,25 @@ def test_heads_and_models_sum_over_heads_and_layers(tmp_path: Path, capsys: pyte
     assert "defines 6 heads" in capsys.readouterr().err
 
 
+def test_a_model_of_many_layers_costs_its_distinct_bodies_not_its_depth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100000 layers (the most a model may have) of three bodies: each body's static part is derived once,
+    and the per-pattern layer lists are built without searching them (both were per layer: a minute)."""
+    from patterndsl.analysis import analyze as A
+
+    calls = []
+    real = A.static_part
+    monkeypatch.setattr(A, "static_part", lambda p: calls.append(p) or real(p))
+    path = write(tmp_path, "model m = layers(100000) {\n    1:3 => causal\n    7:8 => causal & window(3)\n"
+                           "    else => causal & topk(2, block=16)\n}\n")
+    r = run_json(capsys, path, "-N", "64")
+    assert len(calls) <= 3 + 3  # once per body in the schedule, once per pattern's figures
+    used = {u["pattern"]: (u["used_by"], u["head_layers"]) for u in r["patterns"]}
+    assert used["causal & window(3)"] == ("layers 7", 1), used
+    assert sum(h for _, h in used.values()) == 100000, used
+
+
 def test_warnings_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(
         tmp_path,
