@@ -35,13 +35,14 @@ class Closed:
     valid_from: int
     condition: str = ""
     derivation: str = ""
+    fixed: tuple[tuple[Any, int], ...] = ()  # symbols other than N and their values (a grid's axis lengths)
 
     def text(self) -> str:
         cond = f"N >= {self.valid_from}" + (f", {self.condition}" if self.condition else "")
         return f"{sympy.sstr(self.expr)}  ({cond})"
 
     def at(self, n: int) -> int:
-        return int(self.expr.subs(NSYM, n))
+        return int(self.expr.subs({NSYM: n, **dict(self.fixed)}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +300,7 @@ def _neighborhood(p: ir.Neighborhood) -> Closed:
         subs[na] = size
         if c and s > 1:
             raise _Unsupported("a causal axis with a stride")
-        axis = na * k - (d * k * (k - 1) / 2 if c else 0)
+        axis = na * k - (d * k * (k - 1) // 2 if c else 0)  # k (k - 1) is even: the count stays an integer
         conds.append(f"n{a} >= {k * d}")  # every dilation group holds a whole kernel
         if size < k * d:
             raise _Unsupported(f"axis {a} holds fewer than kernel*dilation = {k * d} tokens")
@@ -313,4 +314,5 @@ def _neighborhood(p: ir.Neighborhood) -> Closed:
         f"N fixed by the grid {'x'.join(map(str, p.layout.dims))}; " + ", ".join(conds),
         f"per axis: n*K{' - d*K*(K-1)/2 on causal axes' if any(p.causal) else ''}; multiplied over axes"
         + ("" if not any(p.causal) else f"; in axis lengths: {sympy.sstr(sympy.expand(total))}"),
+        tuple(subs.items()),
     )

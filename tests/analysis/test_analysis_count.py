@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import analysis_patterns
 
-from patterndsl import dense_mask, load, pattern
+from patterndsl import dense_mask, load, loads, pattern
 from patterndsl.analysis.count import row_stats
 from patterndsl.analysis.symbolic import Closed, NoClosed, nnz
 
@@ -96,3 +96,18 @@ def test_terms_too_wide_to_list_have_no_closed_form_and_cost_nothing(src: str) -
     assert isinstance(s, NoClosed) and "too many to expand" in s.text(), s
     p = pattern(src)
     assert row_stats(p, 70).counts.tolist() == reference_rows(dense_mask(p, 70))[0].tolist()
+
+
+@pytest.mark.parametrize("src", [
+    "layout g = grid(4, 12, 12)\npattern p = neighborhood(g, kernel=(3, 5, 5), causal=(true, false, false))\n",
+    "layout g = grid(10, 9)\npattern p = neighborhood(g, kernel=3, dilation=(2, 1), causal=(true, true))\n",
+    "layout g = grid(7, 11)\npattern p = neighborhood(g, kernel=(3, 5), causal=(false, true))\n",
+])  # fmt: skip
+def test_causal_neighborhood_closed_forms_evaluate_at_their_grid(src: str) -> None:
+    """A causal axis keeps the closed form in the axis lengths (n0, n1, ...): evaluating it substitutes the
+    grid's own lengths (it used to fail to convert, so `patc analyze` of video.pat's causal pattern crashed)."""
+    body = loads(src).patterns[0].body
+    s = nnz(body)
+    assert isinstance(s, Closed) and s.condition.startswith("N fixed"), s
+    n = s.valid_from
+    assert s.at(n) == int(dense_mask(body, n).sum()) == row_stats(body, n).pairs
