@@ -2,7 +2,7 @@
 # FlashAttention-4 on the lent GPU, which has no network: its wheels (flash-attn-4 and its CuTe DSL
 # dependencies, ~98 MB) exceed one call's carry, so they travel in two calls made while the machine stays
 # warm. Call 1 carries .fa4a/ (the small wheels and the first part of the libs-cu13 wheel), call 2 carries
-# .fa4b/ (the second part and its sha256); each call runs `bash benchmarks/fa4_carry.sh`, which keeps what
+# .fa4b/ (the second part and its sha256; benchmarks/fetch_wheels.sh makes both); each call runs `bash benchmarks/fa4_carry.sh`, which keeps what
 # came in /tmp/fa4dl and, once both parts are there, joins and installs them into /tmp/fa4site.
 # Then: export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
 # (`pip --target` does not run the package's .pth file, which would add dsl_packages).

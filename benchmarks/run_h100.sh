@@ -2,7 +2,8 @@
 # One H100 call (the `device` tool) that validates a version: the gpu-marked tests, then the forward and
 # the forward+backward benchmarks (ours vs FlexAttention vs SDPA, side by side). Each stage has a time
 # box so a slow one cannot starve the next; results are written as they come, under $OUT.
-#   run: bash benchmarks/run_h100.sh   (carry .whl/ with the lark wheel: that machine has no network)
+#   run: bash benchmarks/run_h100.sh   (carry .whl/ with the lark wheel, from benchmarks/fetch_wheels.sh: that
+#   machine has no network)
 # GPU_TESTS=paths narrows the gpu tests, COMPARE_ONLY=case,case the runtime comparison (a short call's re-check)
 set -uo pipefail
 OUT=${OUT:-/tmp/patterndsl-h100}
