@@ -396,7 +396,8 @@ class Attention:
         [pages, page_size, Hkv, D] with `page_table` [B, max_pages] int32 (logical page p of sequence b is
         physical page page_table[b, p]). `cache_seqlens` [B] int32 on the device: tokens in the cache;
         `k_new`, `v_new` [B, Hkv, n, D] are written at cache_seqlens first, then seqlen = cache_seqlens + n.
-        No host synchronisation: a step is CUDA-graph capturable (after one warm-up call). Returns
+        No host synchronisation: a step is CUDA-graph capturable (after one warm-up call), so on the GPU the
+        lengths and page numbers are the caller's to keep in range (CPU calls check them). Returns
         [B, H, Nq, Dv] (and the log-sum-exp [B, H, Nq] with `return_lse`). No autograd.
 
         Selectors (topk, threshold) score the cache's key blocks from `summaries` (a

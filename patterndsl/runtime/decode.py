@@ -125,6 +125,9 @@ def check_decode(spec: PatternSpec, q: Any, k_cache: Any, v_cache: Any, cache_se
             raise ValueError(f"k_new and v_new must hold as many tokens, got {k_new.shape[2]} and {v_new.shape[2]}")
     if Nq > capacity:
         raise ValueError(f"{Nq} queries do not fit a cache of {capacity} positions")
+    if _torch_path(q):  # values are read only on the host's PyTorch path, where that costs no synchronisation
+        _check_lengths(cache_seqlens, page_table, 0 if k_new is None else k_new.shape[2], capacity,
+                       k_cache.shape[0] if page_table is not None else 0, k_cache.shape[1])
     if q.device.type != "cpu" and max(D, Dv) > 256:
         raise ValueError(f"head_dim must be at most 256 on the GPU kernel, got {max(D, Dv)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -205,6 +208,24 @@ def check_selectors(spec: PatternSpec, patterns: int | tuple[int, ...], q: torch
 
 def _describe(t: Any) -> str:
     return f"{list(t.shape)}, {t.dtype}, on {t.device}" if torch.is_tensor(t) else type(t).__name__
+
+
+def _check_lengths(cache_seqlens: torch.Tensor, page_table: torch.Tensor | None, n_new: int, capacity: int,
+                   pages: int, page_size: int) -> None:
+    """Host tensors: every length within the cache after the append, and every page a sequence reaches a
+    physical page of the cache (entries past a sequence's length are never read, so any value may pad)."""
+    lengths = cache_seqlens.tolist()
+    for b, n in enumerate(lengths):
+        if n < 0 or n + n_new > capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {n} with {n_new} new tokens does not fit the cache's {capacity} "
+                             f"positions (0 <= cache_seqlens[b] <= {capacity - n_new})")
+    if page_table is None:
+        return
+    for b, n in enumerate(lengths):
+        used = page_table[b, :-(-(n + n_new) // page_size)]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= pages):
+            raise ValueError(f"page_table[{b}] names pages outside 0..{pages - 1} among the "
+                             f"{used.numel()} pages its {n + n_new} tokens use: {used.tolist()}")
 
 
 def append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, page_table: torch.Tensor | None,
@@ -485,6 +506,9 @@ def _decode_cpu(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     B, H, Nq, _ = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     for b, length in enumerate((cache_seqlens.long() + n_new).clamp(max=capacity).tolist()):
+        if length == 0:  # an empty sequence (a free slot of the batch): its rows have no key
+            out[b], lse[b] = 0, float("-inf")
+            continue
         i = torch.arange(length - Nq, length, dtype=torch.int64)[:, None]
         j = torch.arange(length, dtype=torch.int64)[None, :]
         for pat in _used(patterns):

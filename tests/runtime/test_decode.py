@@ -226,6 +226,39 @@ def test_decode_misuse_is_one_sentence() -> None:
         attn.decode(q, kc, kc, seqlens, k_new=kc[:, :, :1])
 
 
+def test_host_lengths_and_pages_out_of_range_are_one_sentence() -> None:
+    """On the host's PyTorch path the lengths and the pages they reach are read (free there): a length past the cache, a
+    negative one, or a page outside the cache is a sentence, not an IndexError from deep in a gather. Table
+    entries past a sequence's length are never read, so any value may pad them."""
+    attn = _attn("causal & (window(15) | sink(2))")
+    q, kc = torch.randn(2, 2, 1, 8, dtype=torch.float64), torch.randn(2, 2, 16, 8, dtype=torch.float64)
+    kn = torch.randn(2, 2, 2, 8, dtype=torch.float64)
+    for lengths, new, says in [([3, 15], True, r"cache_seqlens\[1\] = 15 with 2 new tokens does not fit"),
+                               ([-1, 0], False, r"cache_seqlens\[0\] = -1"),
+                               ([100, 0], False, r"cache_seqlens\[0\] = 100")]:
+        with pytest.raises(ValueError, match=says) as info:
+            attn.decode(q, kc, kc, torch.tensor(lengths, dtype=torch.int32), **(dict(k_new=kn, v_new=kn) if new else {}))
+        assert "\n" not in str(info.value)
+    pages = torch.randn(4, 4, 2, 8, dtype=torch.float64)
+    table = torch.tensor([[0, 1, -1, 9], [2, 7, 0, 0]], dtype=torch.int32)
+    attn.decode(q, pages, pages, torch.tensor([8, 3], dtype=torch.int32), page_table=table)  # padding unread
+    with pytest.raises(ValueError, match=r"page_table\[1\] names pages outside 0..3 among the 2 pages"):
+        attn.decode(q, pages, pages, torch.tensor([8, 5], dtype=torch.int32), page_table=table)
+
+
+@pytest.mark.parametrize("page", [None, 4])
+def test_an_empty_sequence_of_the_batch_returns_zeros(page: int | None) -> None:
+    """A free slot of a batch (cache_seqlens 0, nothing appended): its rows have no key, so zeros and a
+    log-sum-exp of -inf, while the other sequences attend as usual."""
+    attn = _attn("causal")
+    q = torch.randn(2, 2, 1, 8, dtype=torch.float64)
+    kc = torch.randn(2, 2, 16, 8, dtype=torch.float64) if page is None else torch.randn(8, 4, 2, 8, dtype=torch.float64)
+    table = None if page is None else torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    out, lse = attn.decode(q, kc, kc, torch.tensor([0, 5], dtype=torch.int32), page_table=table, return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    assert torch.isfinite(lse[1]).all() and out[1].abs().sum() > 0
+
+
 # --- fewer queries than keys ---------------------------------------------------------------------------------
 
 
