@@ -235,7 +235,8 @@ def test_grid_neighborhoods_get_smaller_tiles_and_windows_keep_the_defaults() ->
 @pytest.mark.parametrize("src", [
     "layout g = grid(64, 64)\npattern p = neighborhood(g, kernel=13)\n",
     "layout g = grid(32, 48)\npattern p = where(g, qc0 == kc0) | where(g, qc1 == kc1)\n",
-    "layout g = grid(8, 16, 16)\npattern p = neighborhood(g, kernel=(3, 5, 5), causal=(true, false, false))\n",
+    pytest.param("layout g = grid(8, 16, 16)\npattern p = neighborhood(g, kernel=(3, 5, 5), causal=(true, false, false))\n",
+                 marks=pytest.mark.slow, id="3-d"),  # about 16 s: every 3-D candidate counted twice
 ])  # fmt: skip
 def test_layouts_ranked_on_bands_of_rows_as_on_all_of_them(src: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the exact counts' budget the chooser ranks layouts on bands of query rows; the layout it picks
