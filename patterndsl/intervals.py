@@ -11,6 +11,7 @@ device the tensors live on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,8 +324,8 @@ def _random(row: Interval, col: Interval, n: int, r: int, seed: int, xp: Any) ->
 LEAF_1D = 64  # intervals this narrow are evaluated point by point
 
 
-def runs(pred: Expr, var: str, lo: int, hi: int, n: int, spend: Any = None, cost: int = 1,
-         per_point: int = 1) -> np.ndarray:
+def runs(pred: Expr, var: str, lo: int, hi: int, n: int, spend: Callable[[int], None] | None = None,
+         cost: int = 1, per_point: int = 1) -> np.ndarray:
     """Maximal runs [a, b] (inclusive, an [R, 2] int64 array, ascending) of x in [lo, hi] where `pred`, a
     condition on the one variable `var` ("i" or "j"; N bound to n), holds. Intervals the classifier answers
     for are taken whole; the rest are halved until narrow, then evaluated point by point, so a condition
