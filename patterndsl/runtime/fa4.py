@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..analysis.limits import Budget, OverBudget
 from ..expr import offset_form
 from ..intervals import runs
 from .common import _INTERPRET, _pow2
@@ -59,15 +58,26 @@ class Band:
 BAND_WORK = 1 << 16  # classifier and point evaluations one band reading may spend before it answers None
 
 
+class _OverBudget(Exception):
+    """The band reading's own stop (not analysis.limits.OverBudget: a standalone module's runtime has no analysis)."""
+
+
 def band(pred: Expr, n: int) -> Band | None:
     """The band that `pred` allows at length n, or None when it allows something else (or nothing, or its
     offsets are too scattered to read within `BAND_WORK`: then it is no band)."""
     form = offset_form(pred)
     if form is None or n < 1:
         return None
-    try:  # allowed offsets d = i - j, in work O(log N)
-        found = runs(form, "i", -(n - 1), n - 1, n, Budget(BAND_WORK).spend)
-    except OverBudget:
+    spent = [0]
+
+    def spend(units: int) -> None:
+        spent[0] += units
+        if spent[0] > BAND_WORK:
+            raise _OverBudget
+
+    try:
+        found = runs(form, "i", -(n - 1), n - 1, n, spend)  # allowed offsets d = i - j, in work O(log N)
+    except _OverBudget:
         return None
     if found.shape[0] != 1:
         return None
