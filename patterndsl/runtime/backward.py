@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from . import bwd_kernels, plans, tables
+from . import bwd_kernels, layout_order, plans, tables
 from .bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dkdv_merge, _attn_bwd_dq, _attn_bwd_pre
 from .common import (
     _INTERPRET,
@@ -128,24 +128,28 @@ def _delta_pass(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torc
     return delta, lse2, {}
 
 
-def _launch_dq(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, heads: torch.Tensor, q: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, group: int, scale: float, prec: str, d_pad: int,
+def _launch_dq(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, n: int, layout: bool, gathered: bool,
+               tma: int, heads: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+               lse2: torch.Tensor, delta: torch.Tensor, group: int, scale: float, prec: str, d_pad: int,
                pre: dict[str, Any], dq: torch.Tensor) -> None:
-    key = ("dq", spec.key, pat, tile, rows, layout, tma, heads.numel(), group, scale, q.shape, k.shape, q.stride(),
-           k.stride(), v.stride(), do.stride(), dq.stride(), q.dtype, q.device,
+    """The dQ kernel of pattern `pat` over n tokens: q.shape[2] == n, or with `gathered` the `rows` of its
+    token layout's order (`layout_order.backward_rows`)."""
+    key = ("dq", spec.key, pat, tile, rows, n, layout, gathered, tma, heads.numel(), group, scale, q.shape, k.shape,
+           q.stride(), k.stride(), v.stride(), do.stride(), dq.stride(), q.dtype, q.device,
            tuple(x for x in pre.items() if not isinstance(x[1], torch.Tensor)))
-    launch = plans.cached(key, lambda: _dq_plan(spec, tile, pat, rows, layout, tma, heads, q, k, v, do, lse2, delta,
-                                                group, scale, prec, d_pad, pre, dq))
+    launch = plans.cached(key, lambda: _dq_plan(spec, tile, pat, rows, n, layout, gathered, tma, heads, q, k, v, do,
+                                                lse2, delta, group, scale, prec, d_pad, pre, dq))
     kd = vd = None
     if tma:  # dQ walks K/V tiles of BLOCK_N rows
         kd, vd = _descriptor(k, tile[1], d_pad), _descriptor(v, tile[1], d_pad)
     launch(_attn_bwd_dq, (q, k, v, do, dq, lse2, delta, heads, kd, vd, pre.get("O"), pre.get("LSE"), pre.get("DLSE")))
 
 
-def _dq_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, heads: torch.Tensor,
-             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor,
-             group: int, scale: float, prec: str, d_pad: int, pre: dict[str, Any], dq: torch.Tensor) -> plans.Plan:
-    B, H, N, D = q.shape
+def _dq_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, N: int, layout: bool, gathered: bool,
+             tma: int, heads: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+             lse2: torch.Tensor, delta: torch.Tensor, group: int, scale: float, prec: str, d_pad: int,
+             pre: dict[str, Any], dq: torch.Tensor) -> plans.Plan:
+    B, H, _, D = q.shape
     bm, bn, warps, stages = tile
     f_off, f_idx, p_off, p_idx = block_tables(spec, N, bm, bn, q.device, pat)
     return plans.make(bwd_kernels._attn_bwd_dq, (-(-rows // bm), B * heads.numel()), (
@@ -157,20 +161,23 @@ def _dq_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layo
     ), dict(
         PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, INTERPRET=_INTERPRET, NP=rows, LAYOUT=layout_kernel(spec, pat) if layout else None,
-        TMA=tma, ORDER=heavy_first(spec, N, bm, bn, q.device, pat),
+        TMA=tma, ORDER=heavy_first(spec, N, bm, bn, q.device, pat), GATHERED=gathered,
         num_warps=warps, num_stages=stages, **pre,
     ), (*range(8), "k_desc", "v_desc", "O", "LSE", "DLSE"))
 
 
-def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, kv_ids: torch.Tensor,
-                 qh_off: torch.Tensor, qh_idx: torch.Tensor, sizes: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, scale: float,
-                 accum: bool, prec: str, d_pad: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    key = ("dkdv", spec.key, pat, tile, rows, layout, tma, kv_ids.numel(), sizes, scale, accum, q.shape, k.shape,
-           q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride(), q.dtype, q.device,
+def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, n: int, layout: bool, gathered: bool,
+                 tma: int, kv_ids: torch.Tensor, qh_off: torch.Tensor, qh_idx: torch.Tensor, sizes: tuple[int, ...],
+                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor,
+                 delta: torch.Tensor, scale: float, accum: bool, prec: str, d_pad: int, dk: torch.Tensor,
+                 dv: torch.Tensor) -> None:
+    """The dK/dV kernel of pattern `pat` (then the merge of its split rows), n and `gathered` as `_launch_dq`."""
+    key = ("dkdv", spec.key, pat, tile, rows, n, layout, gathered, tma, kv_ids.numel(), sizes, scale, accum, q.shape,
+           k.shape, q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride(), q.dtype, q.device,
            current_options().bwd_split)
-    launch, extra = plans.cached(key, lambda: _dkdv_plan(spec, tile, pat, rows, layout, tma, kv_ids, qh_off, qh_idx,
-                                                         sizes, q, k, v, do, lse2, delta, scale, accum, prec, d_pad,
-                                                         dk, dv))
+    launch, extra = plans.cached(key, lambda: _dkdv_plan(spec, tile, pat, rows, n, layout, gathered, tma, kv_ids,
+                                                         qh_off, qh_idx, sizes, q, k, v, do, lse2, delta, scale, accum,
+                                                         prec, d_pad, dk, dv))
     qd = dod = None
     if tma:  # dK/dV walks Q/dO tiles of BLOCK_M rows
         qd, dod = _descriptor(q, tile[0], d_pad), _descriptor(do, tile[0], d_pad)
@@ -178,16 +185,17 @@ def _launch_dkdv(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, 
         ws = torch.zeros((2, extra["NSLOT"], tile[1], d_pad), dtype=torch.float32, device=q.device)
         extra = {**extra, "WS_K": ws[0], "WS_V": ws[1]}
     launch(_attn_bwd_dkdv, (q, k, v, do, dk, dv, lse2, delta, kv_ids, qh_off, qh_idx, qd, dod, *((extra["WS_K"], extra["WS_V"]) if extra else ())))
-    _merge_split(extra, kv_ids, dk, dv, q.shape[2], scale, tile[1], q.shape[3], d_pad, accum,
-                 layout_kernel(spec, pat) if layout else None)
+    _merge_split(extra, kv_ids, dk, dv, n, scale, tile[1], q.shape[3], d_pad, accum,
+                 layout_kernel(spec, pat) if layout else None, gathered)
 
 
-def _dkdv_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, layout: bool, tma: int, kv_ids: torch.Tensor,
-               qh_off: torch.Tensor, qh_idx: torch.Tensor, sizes: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, scale: float, accum: bool, prec: str, d_pad: int,
-               dk: torch.Tensor, dv: torch.Tensor) -> tuple[plans.Plan, dict[str, Any]]:
+def _dkdv_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, N: int, layout: bool, gathered: bool,
+               tma: int, kv_ids: torch.Tensor, qh_off: torch.Tensor, qh_idx: torch.Tensor, sizes: tuple[int, ...],
+               q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor,
+               delta: torch.Tensor, scale: float, accum: bool, prec: str, d_pad: int, dk: torch.Tensor,
+               dv: torch.Tensor) -> tuple[plans.Plan, dict[str, Any]]:
     """(the dK/dV kernel's plan, its split's arguments (their workspace is each call's), or {})."""
-    B, H, N, D = q.shape
+    B, H, _, D = q.shape
     bm, bn, warps, stages = tile
     f_off, f_idx, p_off, p_idx = block_tables_t(spec, N, bm, bn, q.device, pat)
     nkt = -(-rows // bn)
@@ -203,7 +211,7 @@ def _dkdv_plan(spec: PatternSpec, tile: tuple[int, ...], pat: int, rows: int, la
     ), dict(
         PRED=pred_kernel(spec, pat), BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, D_PAD=d_pad, DOT_PREC=prec,
         IDX64=spec.idx64, ACCUM=accum, INTERPRET=_INTERPRET, NP=rows,
-        LAYOUT=lay, TMA=tma,
+        LAYOUT=lay, TMA=tma, GATHERED=gathered,
         num_warps=warps, num_stages=stages, **extra,
     ), (*range(11), "q_desc", "do_desc", *(("WS_K", "WS_V") if extra else ())))
     return launch, extra
@@ -256,21 +264,81 @@ def _backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Ten
             _dynamic_backward(spec, pat, picks[pat], q, k, v, do, dq, dk, dv, lse2, delta, heads, patterns, group, scale,  # type: ignore[index]
                               accum, prec, d_pad, _bwd_config(spec, d_pad, q.element_size()), pre)
             continue
-        rows, layout = tables.rows(spec, pat, N), spec.layouts[pat] is not None  # physical rows of its token layout
-        tma = 0 if layout else _tma_mode((q, k, v, do), d_pad, 1 if current_options().bwd_tma else 0)
-        kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
-        dq_args = (pat, rows, layout, tma, heads, q, k, v, do, lse2, delta, group, scale, prec, d_pad, pre)
-        sizes = _group_sizes(pat, patterns, H, group)
-        dkdv_args = (pat, rows, layout, tma, kv_ids, qh_off, qh_idx, sizes, q, k, v, do, lse2, delta, scale, accum, prec,
-                     d_pad)
-        dkdv_tile, dq_tile = _bwd_tiles(
-            spec, ("bwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), (pat, patterns)), q.element_size(),
-            lambda t, a=dq_args: _launch_dq(spec, t, *a, torch.empty_like(dq)),  # type: ignore[misc, call-arg]
-            lambda t, a=dkdv_args: _launch_dkdv(spec, t, *a, torch.empty_like(dk), torch.empty_like(dv)),  # type: ignore[misc, call-arg]
-        )
-        _launch_dq(spec, dq_tile, *dq_args, dq)
-        _launch_dkdv(spec, dkdv_tile, *dkdv_args, dk, dv)
+        if spec.layouts[pat] is None or accum:
+            _static_backward(spec, pat, False, q, k, v, do, lse2, delta, pre, (dq, dk, dv), heads, patterns, group,
+                             scale, accum, prec, d_pad)
+            continue
+        run = functools.partial(_layout_backward, spec, pat, q, k, v, o, do, lse, dlse, lse2, delta, pre, heads,
+                                patterns, group, scale, prec, d_pad)
+        scratch = lambda way, run=run: run(bool(way[0]), tuple(map(torch.empty_like, (dq, dk, dv))))  # noqa: E731
+        run(_gathers(spec, pat, q, patterns, scratch), (dq, dk, dv))
     return dq, dk, dv
+
+
+def _gathers(spec: PatternSpec, pat: int, q: torch.Tensor, patterns: int | tuple[int, ...],
+             run: Callable[[tuple[int, ...]], object]) -> bool:
+    """Whether pattern `pat`'s token layout runs its backward on buffers gathered into the layout's order:
+    the `layout_gather` option, else the faster way at this shape, timed (`run((1,))` gathered, `run((0,))`
+    in place, each with its own tuned tiles) at the first call where tuning is on; gathered where nothing
+    is tuned, as the forward."""
+    opts = current_options()
+    if opts.layout_gather is not None:
+        return opts.layout_gather
+    if (_INTERPRET or q.device.type != "cuda" or opts.bwd_tiles is not None or not spec.bwd_autotune
+            or not opts.autotune or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
+        return True
+    fields = ("bwd-layout-way", _d_pad(q.shape[-1]), q.dtype, 0, q.device.index, _pow2(q.shape[2]), (pat, patterns))
+    return bool(_tuned(spec, fields, lambda: [(1,), (0,)], run, (1,))[0])
+
+
+def _layout_backward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, lse2: torch.Tensor,
+                     delta: torch.Tensor, pre: dict[str, Any], heads: torch.Tensor, patterns: int | tuple[int, ...],
+                     group: int, scale: float, prec: str, d_pad: int, gathered: bool,
+                     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """Gradients of pattern `pat`, which has a token layout and alone writes its heads' dK/dV, into `grads`:
+    read in place, or on buffers gathered into the layout's row order (`layout_order`), where the kernels
+    take TMA tiles and map rows to tokens only for the predicate, the gradients gathered back after."""
+    if not gathered:
+        _static_backward(spec, pat, False, q, k, v, do, lse2, delta, pre, grads, heads, patterns, group, scale,
+                         False, prec, d_pad)
+        return
+    kv_heads = _kv_groups(pat, patterns, q.shape[1], group, q.device)[0]
+    qr, kr, vr, or_, dor, lse_r, dlse_r = layout_order.backward_rows(spec, pat, heads, kv_heads, q, k, v, o, do, lse,
+                                                                     dlse)
+    delta_r, lse2_r, pre_r = _delta_pass(or_, dor, lse_r, dlse_r, d_pad)
+    rows = (torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr))
+    _static_backward(spec, pat, True, qr, kr, vr, dor, lse2_r, delta_r, pre_r, rows, heads, patterns, group, scale,
+                     False, prec, d_pad, q.shape[2])
+    layout_order.grads_to_tokens(spec, pat, heads, kv_heads, rows, grads)
+
+
+def _static_backward(spec: PatternSpec, pat: int, gathered: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, pre: dict[str, Any],
+                     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads: torch.Tensor,
+                     patterns: int | tuple[int, ...], group: int, scale: float, accum: bool, prec: str, d_pad: int,
+                     n: int | None = None) -> None:
+    """dQ and dK/dV of static pattern `pat` over its block tables, with tuned tiles, into `grads`. Without
+    `gathered` the buffers are in token order (a token layout read in place through its function); with it
+    they hold the layout's rows (`layout_order.backward_rows`) for n tokens."""
+    dq, dk, dv = grads
+    B, H, N, D = q.shape
+    n = N if n is None else n
+    rows, layout = tables.rows(spec, pat, n), spec.layouts[pat] is not None  # physical rows of its token layout
+    tma = 0 if layout and not gathered else _tma_mode((q, k, v, do), d_pad, 1 if current_options().bwd_tma else 0)
+    kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
+    dq_args = (pat, rows, n, layout, gathered, tma, heads, q, k, v, do, lse2, delta, group, scale, prec, d_pad, pre)
+    sizes = _group_sizes(pat, patterns, H, group)
+    dkdv_args = (pat, rows, n, layout, gathered, tma, kv_ids, qh_off, qh_idx, sizes, q, k, v, do, lse2, delta, scale,
+                 accum, prec, d_pad)
+    dkdv_tile, dq_tile = _bwd_tiles(
+        spec, ("bwd", d_pad, q.dtype, tma, q.device.index, _pow2(n), (pat, patterns, *(("gathered",) if gathered else ()))),
+        q.element_size(),
+        lambda t, a=dq_args: _launch_dq(spec, t, *a, torch.empty_like(dq)),  # type: ignore[misc, call-arg]
+        lambda t, a=dkdv_args: _launch_dkdv(spec, t, *a, torch.empty_like(dk), torch.empty_like(dv)),  # type: ignore[misc, call-arg]
+    )
+    _launch_dq(spec, dq_tile, *dq_args, dq)
+    _launch_dkdv(spec, dkdv_tile, *dkdv_args, dk, dv)
 
 
 def _dynamic_backward(spec: PatternSpec, pat: int, picked: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
@@ -444,13 +512,15 @@ def _split_args(split: Split | None, nkt: int, bn: int, d_pad: int, device: torc
 
 
 def _merge_split(extra: dict[str, Any], kv_ids: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, n: int,
-                 scale: float, bn: int, d: int, d_pad: int, accum: bool, layout: Any = None) -> None:
+                 scale: float, bn: int, d: int, d_pad: int, accum: bool, layout: Any = None,
+                 gathered: bool = False) -> None:
     """Write the split rows' dK/dV from their workspace rows (nothing without a split)."""
     if not extra:
         return
     _attn_bwd_dkdv_merge[(extra["NSLOT"],)](
         dk, dv, extra["WS_K"], extra["WS_V"], extra["SLOT_ROWS"], kv_ids, *dk.stride()[:3], *dv.stride()[:3],
         n, kv_ids.numel(), extra["NKT"], scale, BLOCK_N=bn, HEAD_DIM=d, D_PAD=d_pad, ACCUM=accum, LAYOUT=layout,
+        GATHERED=gathered,
     )
 
 

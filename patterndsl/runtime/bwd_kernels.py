@@ -38,17 +38,21 @@ def _delta_lse2(o, do, LSE, DLSE, at, rows, HAS_DLSE: tl.constexpr):
     if HAS_DLSE:
         delta -= tl.load(DLSE + at, mask=rows, other=0.0)
     lse = tl.load(LSE + at, mask=rows, other=float("-inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+    # a row without a key has P = 0 whatever delta is, but 0 * inf is NaN: an infinite dlse (a padding row
+    # of a token layout's buffers) must not reach dS
+    empty = lse == float("-inf")
+    return tl.where(empty, float("inf"), lse * 1.4426950408889634), tl.where(empty, 0.0, delta)
 
 
 @triton.jit
 def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn, N, qk_scale,
                  PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None, k_desc=None,
-                 v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0, VAR=None, KSEG=None):
+                 v_desc=None, b=0, kvh=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0, VAR=None, KSEG=None,
+                 GATHERED: tl.constexpr = False):
     # MASKED: a PARTIAL block (the predicate per pair), else FULL; VAR: a selection case's rank (_allowed_at)
     # KSEG: key segments, kb one of them (as in _attn_tile)
-    cols, kok, krows = _block(KSEG, kb, offs_n, N, BLOCK_N, LAYOUT)  # a token layout: physical rows -> tokens
+    cols, kok, krows = _block(KSEG, kb, offs_n, N, BLOCK_N, LAYOUT, GATHERED)  # a token layout: rows -> tokens
     if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
         kT = tl.trans(k_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
         vT = tl.trans(v_desc.load([b, kvh, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
@@ -79,12 +83,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
                  CU=None, TILES=None, LSE_N=0, VARLEN: tl.constexpr = False, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
                  LAYOUT: tl.constexpr = None, k_desc=None, v_desc=None, TMA: tl.constexpr = 0,
                  O=None, LSE=None, DLSE=None, s_ob=0, s_oh=0, s_on=0,
-                 PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False, QSEG=None, KSEG=None, ORDER=None):
+                 PRE: tl.constexpr = False, HAS_DLSE: tl.constexpr = False, QSEG=None, KSEG=None, ORDER=None,
+                 GATHERED: tl.constexpr = False):
     # SEL_PRED is not None: a dynamic pattern's per-(batch, head) tables, as in _attn_fwd
     # PRE: this tile's rows' delta and lse2 computed here (from O, dO, LSE, DLSE) and stored for the dK/dV
     # kernel launched after it, instead of by _attn_bwd_pre (BWD_FUSE_PRE)
     # TMA = 1: K and V tiles through host tensor descriptors (plain path: no layout, no packed documents)
     # NP: with LAYOUT, the rows the tables tile (N padded to whole tiles of the pattern's token layout)
+    # GATHERED (with LAYOUT): every buffer, log-sum-exp and delta too, holds NP rows in the layout's order
     if VARLEN:  # packed documents, as in _attn_fwd: program r is tile r, indices local to its document
         row = tl.program_id(0)
         doc = tl.load(TILES + 2 * row)
@@ -117,14 +123,18 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
     b = (pid_bh // NH).to(tl.int64)
     h = tl.load(HEAD_IDS + pid_bh % NH).to(tl.int64)
     kvh = h // GROUP
-    offs_m, rows, _ = _block(QSEG, pid_m, tl.arange(0, BLOCK_M), N, BLOCK_M, LAYOUT)  # (a layout: -> tokens)
+    offs_m, rows, qrow = _block(QSEG, pid_m, tl.arange(0, BLOCK_M), N, BLOCK_M, LAYOUT, GATHERED)  # -> tokens
+    if GATHERED:  # rows read where they lie; offs_m, their tokens, for the predicate
+        lse_n = NP
+    else:
+        qrow = offs_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     qmask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
-    row_off = offs_m[:, None].to(tl.int64) + start
+    row_off = qrow[:, None].to(tl.int64) + start
     q = tl.load(Q + b * s_qb + h * s_qh + row_off * s_qn + offs_d[None, :], mask=qmask, other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + row_off * s_dn + offs_d[None, :], mask=qmask, other=0.0)
-    at = (b * H + h) * lse_n + start + offs_m
+    at = (b * H + h) * lse_n + start + qrow
     if PRE:
         o = tl.load(O + b * s_ob + h * s_oh + row_off * s_on + offs_d[None, :], mask=qmask, other=0.0)
         lse2, delta = _delta_lse2(o, do, LSE, DLSE, at, rows, HAS_DLSE)
@@ -164,14 +174,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE2, DELTA, HEAD_IDS, FULL_OFF, FULL_IDX, PAR
                 kb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
                 dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
                                   N, qk_scale, PRED, stage == 1, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64, LAYOUT, k_desc,
-                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA, KSEG=KSEG)
+                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA, KSEG=KSEG, GATHERED=GATHERED)
                 t += 1
         else:
             for t in range(lo, hi):
                 kb = tl.load((FULL_IDX if stage == 0 else PART_IDX) + t)
                 dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, s_kn, s_vn,
                                   N, qk_scale, PRED, stage == 1, BLOCK_N, HEAD_DIM, DOT_PREC, IDX64, LAYOUT, k_desc,
-                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA, KSEG=KSEG)
+                                  v_desc, b.to(tl.int32), kvh.to(tl.int32), D_PAD, TMA, KSEG=KSEG, GATHERED=GATHERED)
     dq *= scale
     tl.store(DQ + b * s_gb + h * s_gh + row_off * s_gn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
 
@@ -181,11 +191,11 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs
                    N, qk_scale, PRED: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, LAYOUT: tl.constexpr = None,
                    q_desc=None, do_desc=None, b=0, h=0, D_PAD: tl.constexpr = 16, TMA: tl.constexpr = 0,
-                   VAR=None, QSEG=None):
+                   VAR=None, QSEG=None, GATHERED: tl.constexpr = False):
     # rows past N (a ragged last query block, FULL or not) load q = dO = 0 and lse2 = +inf: P = 0 there;
     # with LAYOUT the query tile's physical rows map to the caller's tokens (padding rows: as past N);
     # QSEG: query segments, mb one of them (as in _attn_tile), its rows read at `at`
-    rows, in_n, at = _block(QSEG, mb, offs_m, N, BLOCK_M, LAYOUT)
+    rows, in_n, at = _block(QSEG, mb, offs_m, N, BLOCK_M, LAYOUT, GATHERED)
     if TMA == 1:  # [B, H, N, D] descriptors: rows past N and columns past HEAD_DIM arrive as zeros
         qT = tl.trans(q_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD))
         do = do_desc.load([b, h, mb * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD)
@@ -218,7 +228,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                    QH_RANK=None, NH_SEL=0, SEL_PRED: tl.constexpr = None, NP=0, SEL_VARS: tl.constexpr = False,
                    LAYOUT: tl.constexpr = None, q_desc=None, do_desc=None, TMA: tl.constexpr = 0, QSEG=None, KSEG=None,
                    SPLIT: tl.constexpr = False, SLOTS=None, SLOT_ROWS=None, NSLOT=1, WS_K=None, WS_V=None, NKT=0,
-                   CHUNK=0, CHUNKS=1):
+                   CHUNK=0, CHUNKS=1, GATHERED: tl.constexpr = False):
     # SEL_PRED is not None: per-(batch, head) transposed tables, row (batch * NH_SEL + head's rank) * key blocks + key
     # block (QH_RANK: each listed query head's rank among the pattern's heads); bit 30 marks selected blocks
     # SPLIT: one axis of programs, the NSLOT * CHUNKS pieces of the split rows first (every slot's last piece
@@ -283,11 +293,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
             e = tl.minimum(a + size, total)
         if a >= e:  # a split row's piece past its end
             return
-    offs_n, kok, _ = _block(KSEG, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT)  # (a layout: -> tokens)
+    offs_n, kok, krow = _block(KSEG, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT, GATHERED)  # -> tokens
+    if GATHERED:  # as in _attn_bwd_dq: buffers of NP rows in the layout's order
+        lse_n = NP
+    else:
+        krow = offs_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     kvmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    row_off = offs_n[:, None].to(tl.int64) + start
+    row_off = krow[:, None].to(tl.int64) + start
     k = tl.load(K + b * s_kb + kvh * s_kh + row_off * s_kn + offs_d[None, :], mask=kvmask, other=0.0)
     v = tl.load(V + b * s_vb + kvh * s_vh + row_off * s_vn + offs_d[None, :], mask=kvmask, other=0.0)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -333,7 +347,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                     dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
                                             offs_d, s_qn, s_dn, N, qk_scale, PRED, stage == 1, BLOCK_M, HEAD_DIM,
                                             DOT_PREC, IDX64, LAYOUT, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
-                                            D_PAD, TMA, QSEG=QSEG)
+                                            D_PAD, TMA, QSEG=QSEG, GATHERED=GATHERED)
                     t += 1
             else:
                 for t in range(lo, hi):
@@ -341,7 +355,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, KV_IDS, QH_OFF, QH_IDX, FUL
                     dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n,
                                             offs_d, s_qn, s_dn, N, qk_scale, PRED, stage == 1, BLOCK_M, HEAD_DIM,
                                             DOT_PREC, IDX64, LAYOUT, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
-                                            D_PAD, TMA, QSEG=QSEG)
+                                            D_PAD, TMA, QSEG=QSEG, GATHERED=GATHERED)
         th += 1
     dk_ptr = DK + b * s_gb + kvh * s_gh + row_off * s_gn + offs_d[None, :]
     dv_ptr = DV + b * s_wb + kvh * s_wh + row_off * s_wn + offs_d[None, :]
@@ -380,7 +394,7 @@ def _dkdv_store(dk, dv, dk_ptr, dv_ptr, kvmask, scale, ACCUM: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "NKT"])
 def _attn_bwd_dkdv_merge(DK, DV, WS_K, WS_V, SLOT_ROWS, KV_IDS, s_gb, s_gh, s_gn, s_wb, s_wh, s_wn, N, NKV, NKT,
                          scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                         ACCUM: tl.constexpr, LAYOUT: tl.constexpr = None):
+                         ACCUM: tl.constexpr, LAYOUT: tl.constexpr = None, GATHERED: tl.constexpr = False):
     """dK/dV of the split rows of `_attn_bwd_dkdv` (SPLIT) from their float32 workspace rows; program: a
     workspace slot (SLOT_ROWS: its row, (batch * kv slot) * NKT + key block; -1, no row took it: exits)."""
     ws = tl.program_id(0)
@@ -391,10 +405,10 @@ def _attn_bwd_dkdv_merge(DK, DV, WS_K, WS_V, SLOT_ROWS, KV_IDS, s_gb, s_gh, s_gn
     pid_n = flat % NKT
     b = (pid_bh // NKV).to(tl.int64)
     kvh = tl.load(KV_IDS + pid_bh % NKV).to(tl.int64)
-    offs_n, kok, _ = _block(None, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT)
+    _, kok, krow = _block(None, pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, LAYOUT, GATHERED)
     offs_d = tl.arange(0, D_PAD)
     kvmask = kok[:, None] & (offs_d[None, :] < HEAD_DIM)
     at = ws.to(tl.int64) * (BLOCK_N * D_PAD) + tl.arange(0, BLOCK_N)[:, None] * D_PAD + offs_d[None, :]
-    row_off = offs_n[:, None].to(tl.int64)
+    row_off = krow[:, None].to(tl.int64)
     _dkdv_store(tl.load(WS_K + at), tl.load(WS_V + at), DK + b * s_gb + kvh * s_gh + row_off * s_gn + offs_d[None, :],
                 DV + b * s_wb + kvh * s_wh + row_off * s_wn + offs_d[None, :], kvmask, scale, ACCUM)

@@ -149,8 +149,8 @@ def _backward(spec: PatternSpec, q: torch.Tensor, kr: torch.Tensor, vr: torch.Te
     heads, qh_off, qh_idx = _kv_groups(0, 0, H, 1, q.device)  # one program per (key tile, query head)
     dq = torch.empty_like(q)
     dk, dv = (torch.empty(tuple(kr.shape), dtype=torch.float32, device=q.device) for _ in range(2))
-    dq_args = (0, N, False, tma, heads, q, kr, vr, do, lse2, delta, 1, scale, prec, d_pad, pre)
-    dkdv_args = (0, min(N, kr.shape[2]), False, tma, heads, qh_off, qh_idx, (1,) * H, q, kr, vr, do, lse2, delta, scale, False,
+    dq_args = (0, N, N, False, False, tma, heads, q, kr, vr, do, lse2, delta, 1, scale, prec, d_pad, pre)
+    dkdv_args = (0, min(N, kr.shape[2]), N, False, False, tma, heads, qh_off, qh_idx, (1,) * H, q, kr, vr, do, lse2, delta, scale, False,
                  prec, d_pad)
     dkdv_tile, dq_tile = _bwd_tiles(
         spec, ("bwd", d_pad, q.dtype, tma, q.device.index, _pow2(N), kr.shape[2]), q.element_size(),

@@ -60,18 +60,21 @@ def _segment(SEG, s, offs):
 
 
 @triton.jit
-def _block(SEG, blk, offs, N, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
+def _block(SEG, blk, offs, N, BLOCK: tl.constexpr, LAYOUT: tl.constexpr, GATHERED: tl.constexpr = False):
     """Block blk of a tile's rows (offs: arange(BLOCK)): their positions, which of them exist, and their rows
-    in the buffer. Segment blk of SEG, or rows blk * BLOCK + offs (through the token layout, if any)."""
+    in the buffer. Segment blk of SEG, or rows blk * BLOCK + offs (through the token layout, if any: the
+    buffer is in token order and read at the tokens, or with GATHERED in the layout's row order)."""
     if SEG is not None:
         pos, ok, rows = _segment(SEG, blk, offs)
     else:
-        pos = blk * BLOCK + offs
+        rows = blk * BLOCK + offs
         if LAYOUT is not None:
-            pos, ok = LAYOUT(pos, N)
+            pos, ok = LAYOUT(rows, N)
+            if not GATHERED:
+                rows = pos
         else:
+            pos = rows
             ok = pos < N
-        rows = pos
     return pos, ok, rows
 
 

@@ -1,12 +1,12 @@
-"""A token layout as a physical permutation, for the fast forward kernel.
+"""A token layout as a physical permutation, for the fast kernels.
 
 `_attn_fwd` reads a token layout in place: every tile computes its rows' tokens and loads them by pointer,
 which costs far more per visited pair than the fast kernel's TMA tiles (docs/decisions.md, token layouts).
 Here q, k and v are instead gathered once into the layout's row order (buffers of `tables.rows` rows; row r
 holds token LAYOUT(r), a padding row zeros), the fast kernel runs on those contiguous buffers with the
 layout's block tables (which are over rows already), and its output rows and log-sum-exp are gathered back
-to token order: the caller gets what `_attn_fwd` gives, so the backward, which reads the layout in place,
-is unchanged. The index between rows and tokens comes from the layout's own @triton.jit function (the one
+to token order: the caller gets what `_attn_fwd` gives. The backward may do the same (`backward_rows`: q,
+k, v, the output and dO with their log-sum-exp; `grads_to_tokens`) or read the layout in place. The index between rows and tokens comes from the layout's own @triton.jit function (the one
 definition the kernels use), evaluated once per (pattern, N, device) and cached: O(N) memory, one extra
 copy of q, k, v and the output. The gather is a kernel of its own rather than `permutation.gather_rows`
 because it copies only the pattern's heads and brings the log-sum-exp back in the same launch.
@@ -73,6 +73,34 @@ def to_rows(spec: PatternSpec, pat: int, heads: torch.Tensor, kv_heads: torch.Te
         _gather(t, buf, row_token, hs)
         out.append(buf)
     return out[0], out[1], out[2]
+
+
+def backward_rows(spec: PatternSpec, pat: int, heads: torch.Tensor, kv_heads: torch.Tensor, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                  dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the backward reads, in the layout's row order: q, k, v (`to_rows`), the output, dO, lse and dlse
+    (None stays None). lse and dlse are contiguous float32 [B, H, N]; a padding row gets lse = dlse = -inf,
+    zeros elsewhere, so its P is 0."""
+    row_token, _ = layout_index(spec, pat, q.shape[2], q.device)
+    qr, kr, vr = to_rows(spec, pat, heads, kv_heads, q, k, v)
+    R = row_token.numel()
+    lse_r = lse.new_empty((*lse.shape[:2], R))
+    dlse_r = None if dlse is None else dlse.new_empty((*dlse.shape[:2], R))
+    or_ = o.new_empty((*o.shape[:2], R, o.shape[3]))
+    dor = do.new_empty((*do.shape[:2], R, do.shape[3]))
+    _gather(o, or_, row_token, heads, (lse, lse_r))
+    _gather(do, dor, row_token, heads, None if dlse is None or dlse_r is None else (dlse, dlse_r))
+    return qr, kr, vr, or_, dor, lse_r, dlse_r
+
+
+def grads_to_tokens(spec: PatternSpec, pat: int, heads: torch.Tensor, kv_heads: torch.Tensor,
+                    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """dq (query heads `heads`), dk and dv (`kv_heads`) computed in row order into `grads`, token order."""
+    _, token_row = layout_index(spec, pat, grads[0].shape[2], grads[0].device)
+    for src, dst, hs in zip(rows, grads, (heads, kv_heads, kv_heads), strict=True):
+        _gather(src, dst, token_row, hs)
 
 
 def to_tokens(spec: PatternSpec, pat: int, heads: torch.Tensor, out_rows: torch.Tensor, lse_rows: torch.Tensor,

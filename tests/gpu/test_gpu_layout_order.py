@@ -2,8 +2,9 @@
 with a token layout at their default sizes, gathered into the layout's order for `_attn_fwd_fast`
 (`layout_gather=True`) and read in place by `_attn_fwd` (`layout_gather=False`), each against a float64
 reference on a sample of query rows and against each other; the fast kernel's switches (tiles, one loop,
-sliced heavy blocks, pointer loads and device descriptors) under a layout; forward and backward in float32
-against the whole float64 reference; and the tuner timing the kernel that runs. Outputs are written into
+sliced heavy blocks, pointer loads and device descriptors) under a layout; the backward both ways, against
+each other at the library's sizes and in float32 against the whole float64 reference; and the tuner
+timing the kernels that run. Outputs are written into
 NaN-filled tensors.
 
 Run with `pytest -m gpu tests/gpu/test_gpu_layout_order.py` on a machine with CUDA; skipped elsewhere.
@@ -119,6 +120,30 @@ def test_gpu_gathered_dit_under_the_fast_kernels_switches(options: dict[str, Any
     _close(out, lse, *_sampled_reference(body, q, k, v, rows, d**-0.5), rows)
 
 
+@pytest.mark.parametrize("file, name, n", CASES, ids=IDS)
+def test_gpu_gathered_backward_matches_the_in_place_one(file: str, name: str, n: int, monkeypatch: Any) -> None:
+    """bf16 gradients at the library's sizes with the backward gathered into the layout's rows (TMA tiles,
+    rows mapped to tokens for the predicate only) and read in place: finite and the same within bf16."""
+    from patterndsl.runtime import backward
+
+    attn, _ = _compiled(file, name)
+    d = 128
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (4, 2, 2))
+    do = torch.randn(1, 4, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    grads = {}
+    for gather in (True, False):
+        seen: list[Any] = []
+        with monkeypatch.context() as m, attn.options(layout_gather=gather):
+            spy_launches(m, backward, "_attn_bwd_dkdv", seen, lambda kw: kw["GATHERED"])
+            grads[gather] = torch.autograd.grad(attn.attention(q, k, v), (q, k, v), do)
+        assert seen == [gather]
+    for name_, x, y in zip(("dq", "dk", "dv"), grads[True], grads[False], strict=True):
+        assert torch.isfinite(x).all(), name_
+        assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2, name_
+
+
 SMALL = [  # (file, pattern, defines, N): forward + backward against the whole float64 reference
     ("video_dit.pat", "video_dit", {"frames": 4, "height": 16, "width": 16}, 226 + 4 * 16 * 16),
     ("dinat.pat", "dinat", {}, 28 * 28),
@@ -126,7 +151,7 @@ SMALL = [  # (file, pattern, defines, N): forward + backward against the whole f
 
 
 @pytest.mark.parametrize("file, name, defines, n", SMALL, ids=[f"{c[0][:-4]}:{c[1]}" for c in SMALL])
-def test_gpu_gathered_forward_and_unchanged_backward_match_float64(file: str, name: str, defines: dict[str, int],
+def test_gpu_gathered_and_in_place_forward_and_backward_match_float64(file: str, name: str, defines: dict[str, int],
                                                                    n: int) -> None:  # fmt: skip
     program = P.load(LIBRARY / file, defines)
     body = program.get(name).body  # type: ignore[union-attr]
@@ -175,3 +200,25 @@ def test_gpu_tuner_times_the_kernel_that_runs(tmp_path: Path, monkeypatch: Any) 
     assert fast.choice in fast.rounds and "fwd-pointer" not in fast.key
     assert pointer.rounds and set(pointer.rounds) <= set(tuning._layout_candidates(spec, 128, 2, default))
     assert "fwd-pointer" in pointer.key
+
+
+@pytest.mark.autotune
+def test_gpu_backward_tuner_times_both_ways(tmp_path: Path, monkeypatch: Any) -> None:
+    """By default a layout pattern's backward is timed both ways (gathered and in place, each after tuning
+    its own tiles, under keys of their own) at the first call, and the pick is remembered."""
+    from patterndsl.runtime import tuning
+
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PATTERNDSL_AUTOTUNE", raising=False)
+    file, name, n = CASES[2]
+    attn, _ = _compiled(file, name)
+    q, k, v = (torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v)
+    before = len(tuning.records())
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    got = tuning.records()[before:]
+    way = [r for r in got if "bwd-layout-way" in r.key]
+    assert len(way) == 1 and set(way[0].rounds) == {(1,), (0,)} and way[0].choice in way[0].rounds
+    assert any("gathered" in r.key for r in got) and any("bwd-dq" in r.key and "gathered" not in r.key for r in got)
+    torch.autograd.grad(attn(q, k, v), (q, k, v), torch.randn_like(out))
+    assert not [r for r in tuning.records()[before + len(got):] if "bwd-layout-way" in r.key]

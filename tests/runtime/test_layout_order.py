@@ -119,9 +119,31 @@ def test_gathered_forward_returns_zeros_for_queries_without_keys(monkeypatch: An
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dilated_2d", "video_dit"])
 def test_gradients_after_a_gathered_forward_match_float64(name: str) -> None:
-    """The backward (which reads the layout in place) takes the gathered forward's out and lse unchanged."""
+    """The backward takes the gathered forward's out and lse unchanged."""
     attn, mask = _case(name)
     check_grads(attn, mask, h=2, hkv=1, with_lse=True)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("name", [pytest.param(c, marks=[] if c in FAST else [pytest.mark.slow]) for c in CASES])
+def test_backward_gathered_and_in_place_match_float64(name: str, gather: bool, monkeypatch: Any) -> None:
+    """The backward of a layout pattern on buffers gathered into the layout's rows (the kernels mapping rows
+    to tokens for the predicate only, padding rows with lse = dlse = -inf) and read in place, each into
+    poisoned gradients against float64, dlse included. `layout_gather` picks the way for the kernels of the
+    pattern with the layout, except in a `heads { }` pattern mixing predicates over one KV head, whose
+    dK/dV add up in place."""
+    from patterndsl.runtime import backward
+
+    attn, mask = _case(name)
+    seen: dict[str, list[Any]] = {"dq": [], "dkdv": []}
+    spy_launches(monkeypatch, backward, "_attn_bwd_dq", seen["dq"], lambda kw: (kw["LAYOUT"] is not None, kw["GATHERED"]))
+    spy_launches(monkeypatch, backward, "_attn_bwd_dkdv", seen["dkdv"],
+                 lambda kw: (kw["LAYOUT"] is not None, kw["GATHERED"]))
+    with attn.options(layout_gather=gather):
+        check_grads(attn, mask, h=2, hkv=1, with_lse=True)
+    want = gather and name != "heads"
+    for kind, log in seen.items():
+        assert (True, want) in log and (True, not want) not in log, (kind, log)
 
 
 @pytest.mark.parametrize("name", list(CASES))
