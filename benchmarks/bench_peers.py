@@ -1,6 +1,6 @@
 """Every peer that can express a pattern, side by side in one process: patterndsl (autotuned: its Triton
 kernels, or FA4 where the pattern is a band and the tuner timed FA4 faster; `ours_triton` is the Triton kernels
-alone), FlashAttention-4 (`flash_attn.cute.flash_attn_func`, causal and windows only), FlexAttention with its
+alone; for a token layout `ours_gathered` and `ours_in_place` are its two ways, forward and backward), FlashAttention-4 (`flash_attn.cute.flash_attn_func`, causal and windows only), FlexAttention with its
 FLASH backend and with its Triton backend (the same block mask, `attn.to_flex_block_mask`), and SDPA
 (is_causal, or a dense boolean mask).
 
@@ -86,6 +86,13 @@ def peers(src: str, attn: Any, n: int, window: tuple[int, int] | None, is_causal
         "flex_flash": lambda q, k, v: flex(q, k, v, block_mask=bm, kernel_options={"BACKEND": "FLASH"}),
         "flex_triton": lambda q, k, v: flex(q, k, v, block_mask=bm),
     }
+    if any(lay is not None for lay in attn.spec.layouts):  # the two ways the tuner chose between, apart
+        for way, gather in (("ours_gathered", True), ("ours_in_place", False)):
+            def one_way(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gather: bool = gather) -> torch.Tensor:
+                with attn.options(layout_gather=gather):
+                    return attn(q, k, v)  # type: ignore[no-any-return]
+
+            out[way] = one_way
     if window is not None and (run := fa4(window)) is not None:
         out["fa4"] = run
     if is_causal:
