@@ -6,7 +6,8 @@ specialisation and a cache key. A plan keeps all of that for a key that determin
 shapes, strides, dtypes, device, tiles, options, pattern), so a call only fills in its tensors. On a GPU,
 after the plan's first launch (through `JITFunction.run`, which compiles), later ones go through the
 compiled kernel's own launcher (`CompiledKernel[grid]`) with the argument list Triton bound the first time
-(the `direct_launch` option, off by default until the GPU suite has run it);
+(the `direct_launch` option, off by default until the GPU suite has run it; while a CUDA graph is
+captured, launches take `JITFunction.run`);
 a tensor that Triton would specialise differently (a data pointer not 16-byte aligned where the first
 call's were) takes `JITFunction.run` again. Under the interpreter every launch takes `JITFunction.run`, on
 the same arguments, so the tests cover what a plan passes.
@@ -45,7 +46,10 @@ class Plan:
         takes its own path) on `tensors`, the live entries in order."""
         direct = self.direct
         launcher = current_options().direct_launch
-        if launcher and direct is not None and direct[0] is fn and (not self.aligned or _aligned(tensors)):
+        # under CUDA graph capture the compiled launcher broke the capture on the H100 (the legacy stream made
+        # to wait on the capturing one); a captured launch costs no host time at replay anyway
+        if (launcher and direct is not None and direct[0] is fn and (not self.aligned or _aligned(tensors))
+                and not _capturing()):
             _, runner, bound, where = direct
             args = bound.copy()
             for i, t in zip(where, tensors, strict=True):
@@ -58,6 +62,11 @@ class Plan:
         if launcher and direct is None and not _INTERPRET and kernel is not None \
                 and self.aligned == _aligned(tensors):
             self.direct = _bind(fn, kernel, self.grid, params, self.live)
+
+
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (never on a build without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _aligned(tensors: Sequence[Any]) -> bool:

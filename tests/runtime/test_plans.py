@@ -139,6 +139,34 @@ def test_direct_launches_pass_what_jit_run_would(monkeypatch: pytest.MonkeyPatch
         _direct_runs(made)
 
 
+def test_direct_launches_take_jit_run_while_a_graph_is_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CUDA graph capture a bound plan launches through JITFunction.run, as on the H100 the compiled
+    launcher broke the capture; once the capture is over it takes the launcher again."""
+    from triton.runtime.driver import driver
+
+    made = _step_plans(monkeypatch)
+
+    class Device:
+        def get_current_device(self) -> int:
+            return 0
+
+    monkeypatch.setattr(driver, "_active", Device())
+    monkeypatch.setattr(plans, "_INTERPRET", False)
+    kernel, args, kwargs, plan = made[0]
+    seen: list[tuple[str, Any, list[Any]]] = []
+    named = {**dict(zip(kernel.arg_names, args, strict=False)), **kwargs}
+    jit = _recording(kernel, seen)
+    live = [named.get(n) for n in plan.live]
+    with options(direct_launch=True):
+        plan.direct = None
+        plan(jit, live)
+        monkeypatch.setattr(plans, "_capturing", lambda: True)
+        plan(jit, live)
+        monkeypatch.setattr(plans, "_capturing", lambda: False)
+        plan(jit, live)
+    assert [s[0] for s in seen] == ["run", "run", "direct"]
+
+
 def _direct_runs(made: list[Any]) -> None:
     for kernel, args, kwargs, plan in made:
         seen: list[tuple[str, Any, list[Any]]] = []
