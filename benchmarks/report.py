@@ -357,7 +357,8 @@ def layout_choice_section(d: dict[str, Any]) -> list[str]:
     return _section(TITLES["layout_choice"], context, header, rows)
 
 
-PEER_NAMES = (("ours_triton", "ours, Triton kernels"), ("fa4", "FA4"), ("flex_flash", "Flex FLASH"), ("flex_triton", "Flex Triton"), ("sdpa", "SDPA causal"),
+PEER_NAMES = (("ours_triton", "ours, Triton kernels"), ("ours_gathered", "ours, layout gathered"),
+              ("ours_in_place", "ours, layout in place"), ("fa4", "FA4"), ("flex_flash", "Flex FLASH"), ("flex_triton", "Flex Triton"), ("sdpa", "SDPA causal"),
               ("sdpa_mask", "SDPA with a mask"))  # fmt: skip
 
 
@@ -380,7 +381,8 @@ def peers_section(d: dict[str, Any]) -> list[str]:
         cells = [f"{_ms(got[p]['ms'])} ({got[p]['ms'] / ours:.2f}x, {_spread(got[p], got['ours'])})" if p in got
                  else "-" for p, _ in PEER_NAMES]  # fmt: skip
         backend = " (on FA4)" if c.get("ours_backend") == "fa4" else ""
-        earlier = f" (run of {c['earlier_run'][:16].replace('T', ' ')})" if c.get("earlier_run") else ""
+        when = c.get("earlier_run") or c.get("later_run")
+        earlier = f" (run of {when[:16].replace('T', ' ')})" if when else ""
         rows.append([c["pattern"] + backend + earlier, str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
         for p, name in PEER_NAMES:
             if p in c.get("errors", {}):

@@ -268,27 +268,9 @@ def _backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Ten
             _static_backward(spec, pat, False, q, k, v, do, lse2, delta, pre, (dq, dk, dv), heads, patterns, group,
                              scale, accum, prec, d_pad)
             continue
-        run = functools.partial(_layout_backward, spec, pat, q, k, v, o, do, lse, dlse, lse2, delta, pre, heads,
-                                patterns, group, scale, prec, d_pad)
-        scratch = lambda way, run=run: run(bool(way[0]), tuple(map(torch.empty_like, (dq, dk, dv))))  # noqa: E731
-        run(_gathers(spec, pat, q, patterns, scratch), (dq, dk, dv))
+        _layout_backward(spec, pat, q, k, v, o, do, lse, dlse, lse2, delta, pre, heads, patterns, group, scale, prec,
+                         d_pad, current_options().layout_gather is True, (dq, dk, dv))
     return dq, dk, dv
-
-
-def _gathers(spec: PatternSpec, pat: int, q: torch.Tensor, patterns: int | tuple[int, ...],
-             run: Callable[[tuple[int, ...]], object]) -> bool:
-    """Whether pattern `pat`'s token layout runs its backward on buffers gathered into the layout's order:
-    the `layout_gather` option, else the faster way at this shape, timed (`run((1,))` gathered, `run((0,))`
-    in place, each with its own tuned tiles) at the first call where tuning is on; gathered where nothing
-    is tuned, as the forward."""
-    opts = current_options()
-    if opts.layout_gather is not None:
-        return opts.layout_gather
-    if (_INTERPRET or q.device.type != "cuda" or opts.bwd_tiles is not None or not spec.bwd_autotune
-            or not opts.autotune or os.environ.get("PATTERNDSL_AUTOTUNE") == "0"):
-        return True
-    fields = ("bwd-layout-way", _d_pad(q.shape[-1]), q.dtype, 0, q.device.index, _pow2(q.shape[2]), (pat, patterns))
-    return bool(_tuned(spec, fields, lambda: [(1,), (0,)], run, (1,))[0])
 
 
 def _layout_backward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -297,8 +279,10 @@ def _layout_backward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tens
                      group: int, scale: float, prec: str, d_pad: int, gathered: bool,
                      grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """Gradients of pattern `pat`, which has a token layout and alone writes its heads' dK/dV, into `grads`:
-    read in place, or on buffers gathered into the layout's row order (`layout_order`), where the kernels
-    take TMA tiles and map rows to tokens only for the predicate, the gradients gathered back after."""
+    read in place, or (`layout_gather=True`) on buffers gathered into the layout's row order
+    (`layout_order`), where the kernels take TMA tiles and map rows to tokens only for the predicate, the
+    gradients gathered back after. In place is the default: the gathered way's eight passes over [B, H,
+    N, D] tensors cost more than its TMA tiles save (docs/decisions.md)."""
     if not gathered:
         _static_backward(spec, pat, False, q, k, v, do, lse2, delta, pre, grads, heads, patterns, group, scale,
                          False, prec, d_pad)

@@ -30,10 +30,10 @@ class Options:
     bwd_tma: static patterns without a token layout read Q, dO and K, V tiles through TMA descriptors.
     layout_gather: patterns with a token layout run the fast kernel on q, k, v gathered into the layout's
     order (`runtime.layout_order`, True) or read them in place on the pointer-load kernel `_attn_fwd`
-    (False), and their backward on q, k, v, the output and dO gathered so (TMA tiles) or read in place;
-    None (the default) lets the tuner time both ways, forward and backward apart, at the first call per
-    shape (gathered where nothing is tuned). A `heads { }` pattern whose KV head mixes predicates reads
-    its layout in place in the backward.
+    (False); None (the default) lets the tuner time both at the first call per shape (gathered where
+    nothing is tuned). The backward reads the layout in place unless this is True: then it runs on q, k,
+    v, the output and dO gathered so (TMA tiles), which was measured slower (docs/decisions.md); a
+    `heads { }` pattern whose KV head mixes predicates reads its layout in place either way.
     autotune: False launches the configured tiles (as PATTERNDSL_AUTOTUNE=0 does).
     tiles: a forward config (BLOCK_M, BLOCK_N[, warps, stages[, tma, one_loop, maxnreg]]) to launch, no tuning.
     bwd_split: None cuts a key block's dK/dV work (its query blocks times the group's query heads) into pieces
