@@ -1,6 +1,7 @@
 """Every peer that can express a pattern, side by side in one process: patterndsl (autotuned: its Triton
 kernels, or FA4 where the pattern is a band and the tuner timed FA4 faster; `ours_triton` is the Triton kernels
-alone; for a token layout `ours_gathered` and `ours_in_place` are its two ways, forward and backward), FlashAttention-4 (`flash_attn.cute.flash_attn_func`, causal and windows only), FlexAttention with its
+alone; for a token layout `ours_gathered` and `ours_in_place` are its two ways, forward and backward),
+FlashAttention-4 (`flash_attn.cute.flash_attn_func`, causal and windows only), FlexAttention with its
 FLASH backend and with its Triton backend (the same block mask, `attn.to_flex_block_mask`), and SDPA
 (is_causal, or a dense boolean mask).
 

@@ -381,9 +381,9 @@ def peers_section(d: dict[str, Any]) -> list[str]:
         cells = [f"{_ms(got[p]['ms'])} ({got[p]['ms'] / ours:.2f}x, {_spread(got[p], got['ours'])})" if p in got
                  else "-" for p, _ in PEER_NAMES]  # fmt: skip
         backend = " (on FA4)" if c.get("ours_backend") == "fa4" else ""
-        when = c.get("earlier_run") or c.get("later_run")
-        earlier = f" (run of {when[:16].replace('T', ' ')})" if when else ""
-        rows.append([c["pattern"] + backend + earlier, str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
+        when = c.get("earlier_run") or c.get("later_run")  # a case from another run than the file's
+        other_run = f" (run of {when[:16].replace('T', ' ')})" if when else ""
+        rows.append([c["pattern"] + backend + other_run, str(c["d"]), c["pass"], f"{_ms(ours)} ({flops / ours / 1e9:.0f})", *cells])
         for p, name in PEER_NAMES:
             if p in c.get("errors", {}):
                 failed.setdefault(f"{name}: {c['errors'][p]}", "")

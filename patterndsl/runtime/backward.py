@@ -264,50 +264,46 @@ def _backward(spec: PatternSpec, do: torch.Tensor, q: torch.Tensor, k: torch.Ten
             _dynamic_backward(spec, pat, picks[pat], q, k, v, do, dq, dk, dv, lse2, delta, heads, patterns, group, scale,  # type: ignore[index]
                               accum, prec, d_pad, _bwd_config(spec, d_pad, q.element_size()), pre)
             continue
-        if spec.layouts[pat] is None or accum:
-            _static_backward(spec, pat, False, q, k, v, do, lse2, delta, pre, (dq, dk, dv), heads, patterns, group,
-                             scale, accum, prec, d_pad)
-            continue
-        _layout_backward(spec, pat, q, k, v, o, do, lse, dlse, lse2, delta, pre, heads, patterns, group, scale, prec,
-                         d_pad, current_options().layout_gather is True, (dq, dk, dv))
+        if spec.layouts[pat] is not None and not accum and current_options().layout_gather is True:
+            _gathered_backward(spec, pat, q, k, v, o, do, lse, dlse, heads, patterns, group, scale, prec, d_pad,
+                               (dq, dk, dv))
+        else:
+            _static_backward(spec, pat, q, k, v, do, lse2, delta, pre, (dq, dk, dv), heads, patterns, group, scale,
+                             accum, prec, d_pad)
     return dq, dk, dv
 
 
-def _layout_backward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                     do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, lse2: torch.Tensor,
-                     delta: torch.Tensor, pre: dict[str, Any], heads: torch.Tensor, patterns: int | tuple[int, ...],
-                     group: int, scale: float, prec: str, d_pad: int, gathered: bool,
-                     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    """Gradients of pattern `pat`, which has a token layout and alone writes its heads' dK/dV, into `grads`:
-    read in place, or (`layout_gather=True`) on buffers gathered into the layout's row order
-    (`layout_order`), where the kernels take TMA tiles and map rows to tokens only for the predicate, the
-    gradients gathered back after. In place is the default: the gathered way's eight passes over [B, H,
-    N, D] tensors cost more than its TMA tiles save (docs/decisions.md)."""
-    if not gathered:
-        _static_backward(spec, pat, False, q, k, v, do, lse2, delta, pre, grads, heads, patterns, group, scale,
-                         False, prec, d_pad)
-        return
+def _gathered_backward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
+                       heads: torch.Tensor, patterns: int | tuple[int, ...], group: int, scale: float, prec: str,
+                       d_pad: int, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """Gradients of pattern `pat`, which has a token layout and alone writes its heads' dK/dV, into `grads`
+    (`layout_gather=True`): on buffers gathered into the layout's row order (`layout_order`), where the
+    kernels take TMA tiles and map rows to tokens only for the predicate, the gradients gathered back
+    after. Reading the layout in place is the default: the gathered way's eight passes over [B, H, N, D]
+    tensors cost more than its TMA tiles save (docs/decisions.md)."""
     kv_heads = _kv_groups(pat, patterns, q.shape[1], group, q.device)[0]
     qr, kr, vr, or_, dor, lse_r, dlse_r = layout_order.backward_rows(spec, pat, heads, kv_heads, q, k, v, o, do, lse,
                                                                      dlse)
     delta_r, lse2_r, pre_r = _delta_pass(or_, dor, lse_r, dlse_r, d_pad)
     rows = (torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr))
-    _static_backward(spec, pat, True, qr, kr, vr, dor, lse2_r, delta_r, pre_r, rows, heads, patterns, group, scale,
-                     False, prec, d_pad, q.shape[2])
+    _static_backward(spec, pat, qr, kr, vr, dor, lse2_r, delta_r, pre_r, rows, heads, patterns, group, scale, False,
+                     prec, d_pad, tokens=q.shape[2])
     layout_order.grads_to_tokens(spec, pat, heads, kv_heads, rows, grads)
 
 
-def _static_backward(spec: PatternSpec, pat: int, gathered: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _static_backward(spec: PatternSpec, pat: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      do: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor, pre: dict[str, Any],
                      grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads: torch.Tensor,
                      patterns: int | tuple[int, ...], group: int, scale: float, accum: bool, prec: str, d_pad: int,
-                     n: int | None = None) -> None:
-    """dQ and dK/dV of static pattern `pat` over its block tables, with tuned tiles, into `grads`. Without
-    `gathered` the buffers are in token order (a token layout read in place through its function); with it
-    they hold the layout's rows (`layout_order.backward_rows`) for n tokens."""
+                     tokens: int | None = None) -> None:
+    """dQ and dK/dV of static pattern `pat` over its block tables, with tuned tiles, into `grads`. The buffers
+    are in token order (a token layout read in place through its function), or with `tokens` they hold the
+    layout's rows for that many tokens (`layout_order.backward_rows`)."""
     dq, dk, dv = grads
     B, H, N, D = q.shape
-    n = N if n is None else n
+    gathered = tokens is not None
+    n = N if tokens is None else tokens
     rows, layout = tables.rows(spec, pat, n), spec.layouts[pat] is not None  # physical rows of its token layout
     tma = 0 if layout and not gathered else _tma_mode((q, k, v, do), d_pad, 1 if current_options().bwd_tma else 0)
     kv_ids, qh_off, qh_idx = _kv_groups(pat, patterns, H, group, q.device)
