@@ -4,7 +4,8 @@ and without TMA descriptors, forward + backward step timed, and each backward ke
 profiler, so dK/dV's and dQ's tiles can be chosen separately. Gradients are checked against the first
 candidate's (the pointer-load default).
 
-    python benchmarks/sweep_backward.py OUTDIR      (SWEEP_D=64 for head_dim 64; a dry run on CPU:
+    python benchmarks/sweep_backward.py OUTDIR      (SWEEP_D=64 for head_dim 64; SWEEP_SET=grid for the 2-D
+    neighborhoods on their token layouts, read in place; a dry run on CPU:
     BENCH_DEVICE=cpu TRITON_INTERPRET=1 SWEEP_N=80 SWEEP_H=2)
 
 Candidates are compiled first in parallel worker processes (Triton's on-disk cache), then timed one by one.
@@ -13,6 +14,7 @@ Candidates are compiled first in parallel worker processes (Triton's on-disk cac
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -30,7 +32,8 @@ D = int(os.environ.get("SWEEP_D", 128))
 H = int(os.environ.get("SWEEP_H", 16))
 N = int(os.environ.get("SWEEP_N", 16384))
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
-PATTERNS = [("causal", "causal"), ("sliding_window_1024", "causal & window(1023)")]
+GRID = os.environ.get("SWEEP_SET") == "grid"
+PATTERNS = [("causal", "pattern p = causal\n"), ("sliding_window_1024", "pattern p = causal & window(1023)\n")]
 # (BM1, BN1, BM2, BN2, warps1, stages1, warps2, stages2), TMA (the bwd_tma option)[, more kernel options]
 CANDIDATES: list[tuple] = [
     ((32, 64, 64, 32, 8, 3, 8, 3), False),  # the first pointer-load tiles (8 warps, 3 stages)
@@ -60,12 +63,29 @@ CANDIDATES: list[tuple] = [
     ((64, 64, 64, 32, 4, 2, 4, 3), True),
     ((64, 64, 128, 64, 4, 2, 8, 2), True),
 ]
+if GRID:  # N as a square grid (128 x 128 at 16384); pointer loads, as token layouts read in place
+    SIDE = math.isqrt(N)
+    PATTERNS = [
+        ("dilated_2d_k7_d4", f"layout g = grid({SIDE}, {SIDE})\npattern p = neighborhood(g, kernel=7, dilation=4)\n"),
+        ("neighborhood_2d_k13", f"layout g = grid({SIDE}, {SIDE})\npattern p = neighborhood(g, kernel=13)\n"),
+    ]
+    CANDIDATES = [
+        ((32, 64, 64, 64, 4, 2, 4, 2), False),  # the pointer default
+        ((64, 64, 64, 64, 4, 2, 4, 2), False),
+        ((64, 32, 64, 32, 4, 3, 4, 3), False),  # the grid tuning rows
+        ((32, 32, 32, 32, 4, 3, 4, 3), False),
+        # longer dK/dV rows and larger dQ tiles: fewer programs, each loading K/V (or Q/dO) once for more work
+        ((64, 128, 128, 64, 8, 2, 8, 2), False),
+        ((32, 128, 128, 32, 8, 2, 4, 3), False),
+        ((128, 64, 128, 128, 8, 2, 8, 2), False),
+        ((64, 128, 128, 64, 8, 3, 8, 3), False),
+    ]
 
 
 def build(src: str, cfg: tuple[int, ...], tma: bool, switches: dict | None = None) -> Variant:
     """The pattern compiled with backward tiles `cfg` (no backward tuning), launched with the bwd_tma option
     `tma` and `switches`, the other backward options at their defaults."""
-    attn = P.compile(f"pattern p = {src}\n", bwd_config=cfg)
+    attn = P.compile(src, bwd_config=cfg)
     return variant(attn, ("bwd_tma", "bwd_fuse_pre"), {"bwd_tma": tma, **(switches or {})})
 
 
@@ -111,6 +131,10 @@ def kernel_ms(fn) -> dict[str, float]:
     return out
 
 
+def _out_name() -> str:
+    return f"sweep_backward{'_grid' if GRID else ''}{'' if D == 128 else f'_d{D}'}_h100.json"
+
+
 def main() -> None:
     outdir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     os.makedirs(outdir, exist_ok=True)
@@ -147,7 +171,7 @@ def main() -> None:
                     row.update({f"{k}_ms": v for k, v in kernel_ms(lambda: step(var, qkv, do)).items()})
             rows.append(row)
             print(json.dumps(row), flush=True)
-            with open(os.path.join(outdir, "sweep_backward_h100.json" if D == 128 else f"sweep_backward_d{D}_h100.json"), "w") as f:
+            with open(os.path.join(outdir, _out_name()), "w") as f:
                 json.dump({**run_info(), "shape": {"B": B, "H": H, "N": N, "D": D, "dtype": str(DT)}, "rows": rows}, f, indent=1)
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
 
