@@ -64,9 +64,9 @@ def test_backward_sweep_variants_start_from_the_module_defaults(monkeypatch: pyt
     from patterndsl.runtime import backward
 
     cfg = (16, 16, 16, 16, 4, 1)
-    first = sweep_backward.build("causal & window(7)", cfg, False, {"bwd_fuse_pre": False})
+    first = sweep_backward.build("pattern p = causal & window(7)\n", cfg, False, {"bwd_fuse_pre": False})
     assert not first.options["bwd_fuse_pre"] and not first.options["bwd_tma"]
-    second = sweep_backward.build("causal & window(7)", cfg, True)
+    second = sweep_backward.build("pattern p = causal & window(7)\n", cfg, True)
     assert second.attn is first.attn
     assert (second.options["bwd_fuse_pre"], second.options["bwd_tma"]) == (True, True)
     pre = _record(monkeypatch, backward, "_attn_bwd_pre", ("BLOCK_M",))
