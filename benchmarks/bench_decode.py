@@ -232,6 +232,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # the selecting step's kernel options t
     "merge_chunk4": {"decode_merge_chunk": 4},
     "pipelined_picks": {"decode_pipelined_picks": True},
     "chunk4_pipelined": {"decode_merge_chunk": 4, "decode_pipelined_picks": True},
+    "chunk16_pipelined": {"decode_merge_chunk": 16, "decode_pipelined_picks": True},
     "fold_merge": {"decode_fold_merge": True},
     "fold_chunk4_pipelined": {"decode_fold_merge": True, "decode_merge_chunk": 4, "decode_pipelined_picks": True},
     "select_keys128": {"decode_select_keys": 128},
