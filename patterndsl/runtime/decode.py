@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import decode_selection as dsel
-from . import tables
+from . import plans, tables
 from .checks import check_dtypes, check_n
 from .common import (
     _INTERPRET,
@@ -301,88 +301,148 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
            patterns: int | tuple[int, ...], capacity: int, out: torch.Tensor,
            lse: torch.Tensor, picks: dict[int, Picks] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode step into `out` [B, H, Nq, Dv] and `lse` [B, H, Nq] (arguments checked, k_new appended;
-    `picks`: `selections`' for the dynamic patterns)."""
+    `picks`: `selections`' for the dynamic patterns). A static pattern's launch, but for the call's
+    tensors, is fixed by the shapes, strides, dtypes, options and lengths: it is built once per such key
+    (`_Step`, with the split count the tuner chose), since an eager decode step is bound by host time."""
     if q.shape[2] == 0:
         return out, lse
-    B, H, Nq, D = q.shape
     if _torch_path(q):
         pick = {pat: dsel.dense(spec, pat, p.sel, capacity) for pat, p in (picks or {}).items()}
         return _decode_cpu(spec, q, k_cache, v_cache, cache_seqlens, page_table, n_new, scale, group, patterns,
                            capacity, out, lse, pick)
-    Dv = v_cache.shape[-1]
     opts = current_options()
-    block = opts.decode_block or (64 if max(D, Dv) <= 128 else 32)
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"decode_block must be a power of two >= 16, got {block}")
     q = q if q.stride(-1) == 1 else q.contiguous()
-    paged = page_table is not None
     cache_seqlens = cache_seqlens.contiguous()  # the kernels index both with unit inner strides
     page_table = None if page_table is None else page_table.contiguous()
-    pt = page_table if page_table is not None else cache_seqlens  # an unused pointer when contiguous
-    s_k, s_v, page, s_pt = _layout(k_cache, v_cache, page_table)
-    nq_pad = _pow2(Nq)
-    span = dsel.query_blocks(Nq, block)  # query blocks the rows of one step may fall in
+    live = (q, k_cache, v_cache, page_table if page_table is not None else cache_seqlens, cache_seqlens)
     for pat in _used(patterns):
-        heads = _packs(patterns, pat, H, group, q.device)
-        packs, g = heads.shape
-        m = max(16, _pow2(g * nq_pad))
-        sel = spec.selectors[pat]
-        bn = block if sel is None else min(block, sel.kblock & -sel.kblock)  # tiles divide the key blocks
-        off, runs, count, most = tables.run_tables(spec, pat, capacity, block, bn, q.device)
-        dyn: dict[str, Any] = {}
-        if sel is not None:
-            made = (picks or {})[pat]
-            vd = dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32)
-            if isinstance(made.tables, dsel.Folded):  # the kernel merges the top-n's splits and writes the picks
-                f = made.tables
-                dyn = dict(VD=vd, TWS=f.ws, TSEL=made.sel[0], T_SPLITS=f.splits, H=H, SQB=made.sel[0].shape[2],
-                           SNK=-(-capacity // sel.kblock), SL=f.width, SEL_B=sel.block, SEL_KB=sel.kblock, **f.consts)
-            else:
-                p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
-                dyn = dict(PICK=p, VD=vd, SLIST=slist, SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3],
-                           SL=slist.shape[-1], SEL_B=sel.block, SEL_KB=sel.kblock)
-            pred, dispatch = sel_kernel(spec, pat)
-            dyn.update(SEL_PRED=pred, SEL_VARS=dispatch)
-        blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
-        dv_pad = _d_pad(Dv)
-        tables_args = (q, k_cache, v_cache, pt, cache_seqlens, heads, off, runs, count)
-        scalars = (*q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3], *lse.stride()[:2], Nq, n_new, capacity,
-                   page, group)
-        consts = dict(
-            PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
-            DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
-            DOT_PREC=_dot_prec(q), IDX64=spec.idx64, INTERPRET=_INTERPRET, MERGE_CHUNK=_merge_chunk(opts),
-            PIPE_PICKS=opts.decode_pipelined_picks,
-            num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
-            **dyn,
-        )
-        descs = None if paged else functools.partial(_cache_descriptors, k_cache, v_cache, bn, _d_pad(D), dv_pad)
-        launch = functools.partial(_launch_split, (packs, B), B * packs * m * dv_pad, B * packs * m, tables_args,
-                                   (out, lse), scalars, scale * _LOG2E, consts, descs)
-        fields = (pat, B, H, Nq, Dv, group, paged, page, block, blocks)
-        launch(_tuned_launch(spec, q, fields, paged, blocks, packs * B, capacity, launch, descs))
+        if spec.selectors[pat] is None:
+            key = ("decode", spec.key, pat, patterns, q.shape, q.stride(), k_cache.shape, k_cache.stride(),
+                   v_cache.shape, v_cache.stride(), None if page_table is None else (page_table.shape, page_table.stride()),
+                   out.stride(), lse.stride(), q.dtype, q.device, n_new, scale, group, capacity, opts,
+                   os.environ.get("PATTERNDSL_AUTOTUNE"))
+            step, cfg = plans.cached(key, functools.partial(_planned, spec, pat, q, k_cache, v_cache, page_table,
+                                                            n_new, scale, group, patterns, capacity, out, lse, opts,
+                                                            live))
+        else:
+            step = _step(spec, pat, q, k_cache, v_cache, page_table, n_new, scale, group, patterns, capacity, out,
+                         lse, opts, (picks or {})[pat])
+            cfg = _choose(spec, q, step, live, (out, lse), k_cache, v_cache)
+        _launch_split(step, live, (out, lse), k_cache, v_cache, cfg)
     return out, lse
 
 
-def _launch_split(grid: tuple[int, int], ws_values: int, ws_rows: int, tables_args: tuple[Any, ...],
-                  outputs: tuple[torch.Tensor, torch.Tensor], scalars: tuple[int, ...], qk_scale: float,
-                  consts: dict[str, Any], descs: Callable[[], tuple[Any, Any] | None] | None,
-                  cfg: tuple[int, ...]) -> None:
-    """One `_decode_split` launch into outputs = (out, lse): cfg = (splits per row, TMA loads (1, where
-    `descs` gives descriptors for these tensors) or pointer loads (0)), with its workspace (none for one
-    split) and an arrival counter per (batch entry, head pack)."""
+@dataclass(frozen=True)
+class _Step:
+    """One pattern's `_decode_split` launch but for the call's tensors: the grid's (head packs, batch), the
+    split workspace's sizes per split, the tables after the live tensors (head packs, run tables), the
+    integers and constexprs, the descriptor boxes of a contiguous cache (else None), and what the tuner
+    keys the split count on."""
+
+    grid: tuple[int, int]
+    ws_values: int
+    ws_rows: int
+    fixed: tuple[torch.Tensor, ...]
+    scalars: tuple[int, ...]
+    qk_scale: float
+    consts: dict[str, Any]
+    boxes: tuple[int, int, int] | None
+    fields: tuple[Any, ...]
+    blocks: int
+    capacity: int
+
+
+def _step(spec: PatternSpec, pat: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+          page_table: torch.Tensor | None, n_new: int, scale: float, group: int, patterns: int | tuple[int, ...],
+          capacity: int, out: torch.Tensor, lse: torch.Tensor, opts: Options, made: Picks | None) -> _Step:
+    """Pattern `pat`'s launch (`made`: a dynamic pattern's picks this step, None for a static pattern)."""
+    B, H, Nq, D = q.shape
+    Dv = v_cache.shape[-1]
+    block = opts.decode_block or (64 if max(D, Dv) <= 128 else 32)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"decode_block must be a power of two >= 16, got {block}")
+    paged = page_table is not None
+    s_k, s_v, page, s_pt = _layout(k_cache, v_cache, page_table)
+    nq_pad = _pow2(Nq)
+    span = dsel.query_blocks(Nq, block)  # query blocks the rows of one step may fall in
+    heads = _packs(patterns, pat, H, group, q.device)
+    packs, g = heads.shape
+    m = max(16, _pow2(g * nq_pad))
+    sel = spec.selectors[pat]
+    bn = block if sel is None else min(block, sel.kblock & -sel.kblock)  # tiles divide the key blocks
+    off, runs, count, most = tables.run_tables(spec, pat, capacity, block, bn, q.device)
+    dyn: dict[str, Any] = {}
+    if sel is not None:
+        assert made is not None
+        vd = dsel.device_ints(tuple(case_ranks(sel)), q.device, torch.int32)
+        if isinstance(made.tables, dsel.Folded):  # the kernel merges the top-n's splits and writes the picks
+            f = made.tables
+            dyn = dict(VD=vd, TWS=f.ws, TSEL=made.sel[0], T_SPLITS=f.splits, H=H, SQB=made.sel[0].shape[2],
+                       SNK=-(-capacity // sel.kblock), SL=f.width, SEL_B=sel.block, SEL_KB=sel.kblock, **f.consts)
+        else:
+            p, slist, scount = made.tables or _pick_tables(spec, pat, made.sel, heads, capacity)
+            dyn = dict(PICK=p, VD=vd, SLIST=slist, SCOUNT=scount, H=H, SQB=p.shape[2], SNK=p.shape[3],
+                       SL=slist.shape[-1], SEL_B=sel.block, SEL_KB=sel.kblock)
+        pred, dispatch = sel_kernel(spec, pat)
+        dyn.update(SEL_PRED=pred, SEL_VARS=dispatch)
+    blocks = most * span + (dyn["SL"] * (sel.kblock // bn) if sel is not None else 0)
+    dv_pad = _d_pad(Dv)
+    scalars = (*q.stride()[:3], *s_k, *s_v, s_pt, *out.stride()[:3], *lse.stride()[:2], Nq, n_new, capacity,
+               page, group)
+    consts = dict(
+        PRED=pred_kernel(spec, pat), G=g, NQ_PAD=nq_pad, M=m, TABLE_M=block, BLOCK_N=bn, DQK=D,
+        DQK_PAD=_d_pad(D), DV=Dv, DV_PAD=dv_pad, PAGED=paged, PAGE_TILES=paged and page % bn == 0,
+        DOT_PREC=_dot_prec(q), IDX64=spec.idx64, INTERPRET=_INTERPRET, MERGE_CHUNK=_merge_chunk(opts),
+        PIPE_PICKS=opts.decode_pipelined_picks,
+        num_warps=opts.decode_warps or 4, **({"num_stages": opts.decode_stages} if opts.decode_stages else {}),
+        **dyn,
+    )
+    return _Step((packs, B), B * packs * m * dv_pad, B * packs * m, (heads, off, runs, count), scalars,
+                 scale * _LOG2E, consts, None if paged else (bn, _d_pad(D), dv_pad),
+                 (pat, B, H, Nq, Dv, group, paged, page, block, blocks), blocks, capacity)
+
+
+def _planned(spec: PatternSpec, pat: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             page_table: torch.Tensor | None, n_new: int, scale: float, group: int, patterns: int | tuple[int, ...],
+             capacity: int, out: torch.Tensor, lse: torch.Tensor, opts: Options,
+             live: tuple[torch.Tensor, ...]) -> tuple[_Step, tuple[int, int]]:
+    """A static pattern's step and its (splits, TMA), chosen once per key (the tuner's first call launches)."""
+    step = _step(spec, pat, q, k_cache, v_cache, page_table, n_new, scale, group, patterns, capacity, out, lse,
+                 opts, None)
+    return step, _choose(spec, q, step, live, (out, lse), k_cache, v_cache)
+
+
+def _choose(spec: PatternSpec, q: torch.Tensor, step: _Step, live: tuple[torch.Tensor, ...],
+            outputs: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """(splits, TMA) of `step` (`_tuned_launch`; the tuner's candidates launch on this call's tensors; a
+    paged cache has no descriptor boxes)."""
+    boxes = step.boxes
+    descs = None if boxes is None else functools.partial(_cache_descriptors, k_cache, v_cache, *boxes)
+    launch = functools.partial(_launch_split, step, live, outputs, k_cache, v_cache)
+    return _tuned_launch(spec, q, step.fields, boxes is None, step.blocks, step.grid[0] * step.grid[1],
+                         step.capacity, launch, descs)
+
+
+def _launch_split(step: _Step, live: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, torch.Tensor],
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: tuple[int, ...]) -> None:
+    """One `_decode_split` launch of `step` on the call's tensors (`live`: q, the caches, the page table or
+    lengths, the lengths) into outputs = (out, lse): cfg = (splits per row, TMA loads (1, where the cache
+    allows descriptors) or pointer loads (0)), with its workspace (none for one split) and an arrival
+    counter per (batch entry, head pack)."""
     splits, tma = cfg
     lse = outputs[1]
     ws_o = ws_l = lse  # unused with one split
-    if splits > 1:
-        ws_o = torch.empty(ws_values * splits, dtype=torch.float32, device=lse.device)
-        ws_l = torch.empty(ws_rows * splits, dtype=torch.float32, device=lse.device)
-    made = descs() if tma and descs is not None else None
+    if splits > 1:  # one allocation: the partial outputs, then the partial log-sum-exps
+        ws = torch.empty((step.ws_values + step.ws_rows) * splits, dtype=torch.float32, device=lse.device)
+        ws_o, ws_l = ws[:step.ws_values * splits], ws[step.ws_values * splits:]
+    consts = step.consts
+    made = _cache_descriptors(k_cache, v_cache, *step.boxes) if tma and step.boxes is not None else None
     if made is not None:
         consts = {**consts, "K_DESC": made[0], "V_DESC": made[1]}
+    grid = step.grid
     with counted(grid[0] * grid[1], lse.device) as counters:
-        _decode_split[(*grid, splits)](*tables_args, ws_o, ws_l, *outputs, counters, *scalars, splits, qk_scale,
-                                       **consts)
+        _decode_split[(*grid, splits)](*live, *step.fixed, ws_o, ws_l, *outputs, counters, *step.scalars, splits,
+                                       step.qk_scale, **consts)
 
 
 def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block: int, dk_pad: int,

@@ -210,6 +210,21 @@ def test_step_host_work_does_not_grow_with_the_cache(monkeypatch: Any, page: int
     assert [x[1][0] for x in records[0]] == ["_append_kv", "_decode_split"], records[0]
 
 
+@pytest.mark.interpreter
+def test_planned_steps_follow_options_and_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A static pattern's launch is built once per key (shapes, strides, options, lengths of the append):
+    steps that change only an option, or only the lengths' values, each equal the reference, and a step
+    seen before builds nothing (a stale launch would keep the old split count or read the old lengths)."""
+    from patterndsl.runtime import plans
+
+    monkeypatch.setattr(plans, "_PLANS", {})
+    src = PATTERNS[0]
+    for splits, lengths in ((1, [37, 20]), (3, [37, 20]), (3, [20, 37]), (1, [37, 20])):
+        _check_step(src, torch.float32, lengths, 1, 1, 2, 2, None, 5, d=16, dv=16, decode_block=16,
+                    decode_splits=splits)
+    assert sum(1 for key in plans._PLANS if key[0] == "decode") == 2  # type: ignore[index]
+
+
 def test_decode_misuse_is_one_sentence() -> None:
     q, kc = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 16, 8)
     seqlens = torch.tensor([5], dtype=torch.int32)
