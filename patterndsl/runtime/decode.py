@@ -321,14 +321,14 @@ def decode(spec: PatternSpec, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                    v_cache.shape, v_cache.stride(), None if page_table is None else (page_table.shape, page_table.stride()),
                    out.stride(), lse.stride(), q.dtype, q.device, n_new, scale, group, capacity, opts,
                    os.environ.get("PATTERNDSL_AUTOTUNE"))
-            step, cfg = plans.cached(key, functools.partial(_planned, spec, pat, q, k_cache, v_cache, page_table,
-                                                            n_new, scale, group, patterns, capacity, out, lse, opts,
-                                                            live))
+            step, cfg, plan = plans.cached(key, functools.partial(_planned, spec, pat, q, k_cache, v_cache,
+                                                                  page_table, n_new, scale, group, patterns,
+                                                                  capacity, out, lse, opts, live))
         else:
             step = _step(spec, pat, q, k_cache, v_cache, page_table, n_new, scale, group, patterns, capacity, out,
                          lse, opts, (picks or {})[pat])
-            cfg = _choose(spec, q, step, live, (out, lse), k_cache, v_cache)
-        _launch_split(step, live, (out, lse), k_cache, v_cache, cfg)
+            cfg, plan = _choose(spec, q, step, live, (out, lse), k_cache, v_cache), None
+        _launch_split(step, live, (out, lse), k_cache, v_cache, cfg, plan)
     return out, lse
 
 
@@ -405,11 +405,19 @@ def _step(spec: PatternSpec, pat: int, q: torch.Tensor, k_cache: torch.Tensor, v
 def _planned(spec: PatternSpec, pat: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              page_table: torch.Tensor | None, n_new: int, scale: float, group: int, patterns: int | tuple[int, ...],
              capacity: int, out: torch.Tensor, lse: torch.Tensor, opts: Options,
-             live: tuple[torch.Tensor, ...]) -> tuple[_Step, tuple[int, int]]:
-    """A static pattern's step and its (splits, TMA), chosen once per key (the tuner's first call launches)."""
+             live: tuple[torch.Tensor, ...]) -> tuple[_Step, tuple[int, int], plans.Plan]:
+    """A static pattern's step, its (splits, TMA), chosen once per key (the tuner's first call launches),
+    and its launch plan (`runtime.plans`: with the `direct_launch` option, the compiled kernel's own
+    launcher takes later steps)."""
     step = _step(spec, pat, q, k_cache, v_cache, page_table, n_new, scale, group, patterns, capacity, out, lse,
                  opts, None)
-    return step, _choose(spec, q, step, live, (out, lse), k_cache, v_cache)
+    cfg = _choose(spec, q, step, live, (out, lse), k_cache, v_cache)
+    splits, tma = cfg
+    descs = ("K_DESC", "V_DESC") if tma and step.boxes is not None else ()
+    args = (*live, *step.fixed, None, None, *(out, lse), None, *step.scalars, splits, step.qk_scale)
+    plan = plans.make(_decode_split, (*step.grid, splits), args, {**step.consts, **dict.fromkeys(descs)},
+                      (*range(len(live)), *range(len(live) + 4, len(live) + 9), *descs))
+    return step, cfg, plan
 
 
 def _choose(spec: PatternSpec, q: torch.Tensor, step: _Step, live: tuple[torch.Tensor, ...],
@@ -424,11 +432,14 @@ def _choose(spec: PatternSpec, q: torch.Tensor, step: _Step, live: tuple[torch.T
 
 
 def _launch_split(step: _Step, live: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, torch.Tensor],
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: tuple[int, ...]) -> None:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: tuple[int, ...],
+                  plan: plans.Plan | None = None) -> None:
     """One `_decode_split` launch of `step` on the call's tensors (`live`: q, the caches, the page table or
     lengths, the lengths) into outputs = (out, lse): cfg = (splits per row, TMA loads (1, where the cache
     allows descriptors) or pointer loads (0)), with its workspace (none for one split) and an arrival
-    counter per (batch entry, head pack)."""
+    counter per (batch entry, head pack). With the `direct_launch` option, through `plan` where one was made
+    for these (descriptors as it expects: a cache whose alignment no longer allows them launches without);
+    otherwise the plan's keyword arguments would only add to JITFunction.run's binding."""
     splits, tma = cfg
     lse = outputs[1]
     ws_o = ws_l = lse  # unused with one split
@@ -441,6 +452,9 @@ def _launch_split(step: _Step, live: tuple[torch.Tensor, ...], outputs: tuple[to
         consts = {**consts, "K_DESC": made[0], "V_DESC": made[1]}
     grid = step.grid
     with counted(grid[0] * grid[1], lse.device) as counters:
+        if plan is not None and current_options().direct_launch and (made is not None) == ("K_DESC" in plan.live):
+            plan(_decode_split, (*live, ws_o, ws_l, *outputs, counters, *(made or ())))
+            return
         _decode_split[(*grid, splits)](*live, *step.fixed, ws_o, ws_l, *outputs, counters, *step.scalars, splits,
                                        step.qk_scale, **consts)
 

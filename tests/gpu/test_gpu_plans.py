@@ -97,3 +97,36 @@ def test_direct_launches_replay_in_a_graph() -> None:
     torch.cuda.synchronize()
     for a, b in zip(out, want, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_direct_decode_steps_match_jit_run(paged: bool) -> None:
+    """A static pattern's decode step (window + sinks, 32 query over 8 KV heads, a contiguous cache with its
+    TMA loads or a paged one, k_new appended) through the compiled launcher equals JITFunction.run's, bit for
+    bit, at new lengths too."""
+    attn = P.compile("pattern p = causal & (window(1023) | sink(4))\n")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, hkv, cap, d, page = 2, 8, 8192, 128, 64
+    q = torch.randn(B, 32, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    kn, vn = (torch.randn(B, hkv, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    kc, vc = (torch.randn(B, hkv, cap, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    table = None
+    if paged:
+        kc, vc = (t.view(B, hkv, cap // page, page, d).permute(0, 2, 3, 1, 4).reshape(-1, page, hkv, d)
+                  for t in (kc, vc))
+        table = torch.arange(B * cap // page, dtype=torch.int32, device="cuda").view(B, -1)
+
+    def step(lengths: list[int]) -> Any:
+        seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        with attn.options(direct_launch=True):
+            return attn.decode(q, kc, vc, seqlens, page_table=table, k_new=kn, v_new=vn, return_lse=True)
+
+    step([5000, 700])  # compiles, tunes
+    plans._PLANS.clear()
+    for lengths in ([5000, 700], [6001, 2]):
+        want = [t.clone() for t in step(lengths)]  # a new plan: JITFunction.run
+        assert _direct_plans() >= 1
+        for _ in range(2):
+            for a, b in zip(step(lengths), want, strict=True):  # the compiled launcher
+                assert torch.equal(a, b)
+        plans._PLANS.clear()

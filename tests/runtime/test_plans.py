@@ -66,7 +66,8 @@ def test_reused_plans_are_exact() -> None:
 
 
 def _step_plans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
-    """(kernel, args, kwargs, plan) of every plan a training step builds (in a cache of its own)."""
+    """(kernel, args, kwargs, plan) of every plan a training step and a decode step build (in a cache of their
+    own)."""
     made: list[tuple[Any, ...]] = []
     make = plans.make
 
@@ -77,8 +78,13 @@ def _step_plans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 
     monkeypatch.setattr(plans, "make", spy)
     monkeypatch.setattr(plans, "_PLANS", {})
-    _step(P.compile(SRC, **SMALL), *CASES[0])
-    assert len(made) >= 3
+    attn = P.compile(SRC, **SMALL)
+    _step(attn, *CASES[0])
+    g = torch.Generator().manual_seed(1)
+    kc, vc = (torch.randn(2, 1, 40, 16, generator=g) for _ in range(2))
+    with attn.options(decode_splits=2):  # a workspace among the live tensors
+        attn.decode(torch.randn(2, 2, 1, 16, generator=g), kc, vc, torch.tensor([33, 7], dtype=torch.int32))
+    assert len(made) >= 4 and made[-1][0].fn.__name__ == "_decode_split"
     return made
 
 
