@@ -160,7 +160,9 @@ def _decode_keeps(e: dict[str, Any]) -> str:
 
 
 def _render_decode(result: dict[str, Any], console: Console) -> None:
-    """`--decode`: per pattern and context length, one decode step's keys and the cache's size."""
+    """`--decode`: per pattern and context length, one decode step's keys and the cache's size. Rows name
+    their pattern as the table above does under its source (a column only when there are several), so a
+    long source does not wrap every row; a page size shared by all goes to the title."""
     for e in result["patterns"]:
         if not e["decode"]["consistent"]:
             console.print(f"{e['used_by']}: not decode-consistent: {e['decode']['reason']}")
@@ -168,21 +170,24 @@ def _render_decode(result: dict[str, Any], console: Console) -> None:
     if not entries:
         return
     d0 = entries[0]["decode"]
+    pages = {e["decode"]["page_size"] for e in entries}
+    several = len(entries) > 1
     t = Table(
         title=f"decode step and cache, per KV head and sequence (D={d0['head_dim']}, "
-        f"{d0['bytes_per_element']} B per element, key tiles of {d0['block']})",
+        f"{d0['bytes_per_element']} B per element, key tiles of {d0['block']}"
+        + (f", pages of {d0['page_size']})" if len(pages) == 1 else ")"),
         title_justify="left",
     )
-    for col in ("pattern", "N", "keys", "keys read", "bytes read", "keys kept", "cache bytes"):
+    for col in (("pattern",) if several else ()) + ("N", "keys", "keys read", "bytes read", "keys kept", "cache bytes"):
         t.add_column(col)
     for e in entries:
         d = e["decode"]
         bound = "<= " if d["upper_bounds"] else ""
         for s in d["steps"]:
             t.add_row(
-                e["pattern"], f"{s['N']:,}", f"{bound}{s['keys']:,}", f"{bound}{s['keys_read']:,}",
-                f"{bound}{_si(s['bytes_read'])}B", f"{s['retained_keys']:,}",
-                f"{_si(s['cache_bytes'])}B (pages of {d['page_size']})",
+                *((e["used_by"],) if several else ()), f"{s['N']:,}", f"{bound}{s['keys']:,}",
+                f"{bound}{s['keys_read']:,}", f"{bound}{_si(s['bytes_read'])}B", f"{s['retained_keys']:,}",
+                f"{_si(s['cache_bytes'])}B" + (f" (pages of {d['page_size']})" if len(pages) > 1 else ""),
             )  # fmt: skip
     console.print(t)
 

@@ -35,7 +35,8 @@ def test_analyze_decode_prints_cost_and_cache_as_the_context_grows(pat: str, cap
     assert main(["analyze", pat, "-p", "rolling", "-N", "512", "--decode", "--kv-dtype", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "decoding keeps" in out and "the first 4; the last 255" in out
-    assert "decode step and cache, per KV head and sequence (D=128, 4 B per element" in out
+    flat = " ".join(out.split())  # rich wraps the title at the table's width
+    assert "decode step and cache, per KV head and sequence (D=128, 4 B per element" in flat
     assert "4,194,304" in out
     assert main(["analyze", pat, "-p", "grows", "-N", "512", "--decode"]) == 0
     out = capsys.readouterr().out.replace("\n", " ")  # rich wraps long lines at spaces
@@ -51,3 +52,20 @@ def test_analyze_decode_json(pat: str, capsys: pytest.CaptureFixture[str]) -> No
                     "cache_bytes": 320 * 512}  # fmt: skip
     assert main(["analyze", pat, "-p", "rolling", "-N", "512", "--json"]) == 0
     assert "steps" not in json.loads(capsys.readouterr().out)["patterns"][0]["decode"]
+
+
+def test_analyze_decode_rows_name_their_heads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One pattern: no pattern column (its source would wrap every row); a heads { } pattern: each row names
+    its heads, and the shared page size is in the title, not in every cell."""
+    f = tmp_path / "h.pat"
+    f.write_text("pattern m = heads {\n    0:2 => causal & (window(63) | sink(4))\n    2:4 => causal & window(15)\n}\n")
+    assert main(["analyze", str(f), "-N", "512", "--decode"]) == 0
+    out = capsys.readouterr().out
+    assert "pages of 64)" in " ".join(out.split()) and "B (pages of" not in out
+    rows = [line for line in out.splitlines() if "4,194,304" in line]
+    assert len(rows) == 2 and "heads 0:2" in rows[0] and "heads 2:4" in rows[1]
+    f.write_text("pattern p = causal & (window(63) | sink(4))\n")
+    assert main(["analyze", str(f), "-N", "512", "--decode"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "4,194,304" in line]
+    assert len(rows) == 1 and "causal" not in rows[0]
