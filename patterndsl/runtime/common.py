@@ -84,6 +84,7 @@ def _sm_count(device: torch.device, otherwise: int) -> int:
 
 
 _CAPABILITY: dict[int | None, int] = {}
+_TMA_LAYOUTS: set[tuple[Any, ...]] = set()  # (shape, strides, dtype, d_pad) whose strides allow TMA
 
 
 def _tma_mode(tensors: Sequence[torch.Tensor], d_pad: int, mode: int | None = None) -> int:
@@ -99,8 +100,13 @@ def _tma_mode(tensors: Sequence[torch.Tensor], d_pad: int, mode: int | None = No
         if cap < 9:
             return 0
     for t in tensors:  # plain loops: this runs before every launch, on the step's critical path
-        size, strides = t.element_size(), t.stride()
-        if t.data_ptr() % 16 or d_pad * size < 16:
+        if t.data_ptr() % 16:
+            return 0
+        layout = (t.shape, t.stride(), t.dtype, d_pad)
+        if layout in _TMA_LAYOUTS:
+            continue
+        size, strides = t.element_size(), layout[1]
+        if d_pad * size < 16:
             return 0
         for s in strides[:-1]:
             if (s * size) % 16:
@@ -108,6 +114,7 @@ def _tma_mode(tensors: Sequence[torch.Tensor], d_pad: int, mode: int | None = No
         for s, n in zip(strides, t.shape, strict=True):
             if s == 0 and n > 1:
                 return 0  # a broadcast (expanded) tensor, e.g. the output gradient of out.sum(): pointer loads
+        _TMA_LAYOUTS.add(layout)  # only the base's alignment changes the verdict for this layout now
     if mode == 2:
         from triton.runtime import _allocation
 
@@ -121,20 +128,29 @@ def _tma_mode(tensors: Sequence[torch.Tensor], d_pad: int, mode: int | None = No
 _CHECKED: set[tuple[Any, ...]] = set()  # (shape, strides, dtype, block, d_pad) that TensorDescriptor accepted
 
 
+@functools.cache
+def _descriptor_class() -> Any:
+    """Triton's host TensorDescriptor, imported once (triton >= 3.2 is allowed; older ones lack it, and an
+    import statement on every launch costs about a microsecond)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor
+
+
 def _descriptor(t: torch.Tensor, block: int, d_pad: int) -> Any:
     """A host TMA descriptor of a [B, H, N, D] tensor with [1, 1, block, d_pad] boxes: rows past N and
     columns past D load as zeros. TensorDescriptor's checks depend on the shape, strides, dtype, box and the
     base's alignment: once they passed for the first four, a descriptor of an aligned base is made without
     them (they cost more than the launch on a short step's host path)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    key = (t.shape, t.stride(), t.dtype, block, d_pad)
+    cls = _descriptor_class()
+    shape, strides = t.shape, t.stride()
+    key = (shape, strides, t.dtype, block, d_pad)
     if key not in _CHECKED or t.data_ptr() % 16:
-        desc = TensorDescriptor.from_tensor(t, [1, 1, block, d_pad])
+        desc = cls.from_tensor(t, [1, 1, block, d_pad])
         _CHECKED.add(key)
         return desc
-    desc = object.__new__(TensorDescriptor)
-    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = t, t.shape, t.stride(), [1, 1, block, d_pad], "zero"
+    desc = object.__new__(cls)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = t, shape, strides, [1, 1, block, d_pad], "zero"
     return desc
 
 

@@ -236,3 +236,20 @@ def test_descriptors_made_without_checks_equal_checked_ones() -> None:
         TensorDescriptor.from_tensor(shifted, [1, 1, 32, 64])
     with pytest.raises(want.type):
         _descriptor(shifted, 32, 64)
+
+
+def test_tma_verdicts_remembered_per_layout_still_check_each_base() -> None:
+    """`_tma_mode` remembers a (shape, strides, dtype, head width) whose strides allow TMA, so later calls only
+    look at the base: an unaligned base of a remembered layout, a broadcast tensor and strides of odd bytes are
+    refused every time, and an aligned base of the layout is accepted again after them."""
+    from patterndsl.runtime.common import _tma_mode
+
+    base = torch.zeros(2 * 40 * 16 + 8, dtype=torch.bfloat16)
+    aligned, shifted = base[: 2 * 40 * 16].view(1, 2, 40, 16), base[1 : 1 + 2 * 40 * 16].view(1, 2, 40, 16)
+    odd = torch.zeros(1, 2, 40, 17, dtype=torch.bfloat16)[..., :16]  # rows 34 bytes apart
+    broadcast = torch.zeros(16, dtype=torch.bfloat16).expand(1, 2, 40, 16)
+    for _ in range(2):
+        assert _tma_mode((aligned,), 16, 1) == 1
+        assert _tma_mode((aligned, shifted), 16, 1) == 0
+        assert _tma_mode((odd,), 16, 1) == 0 and _tma_mode((broadcast,), 16, 1) == 0
+        assert _tma_mode((aligned,), 16, 0) == 0  # the mode asked for
