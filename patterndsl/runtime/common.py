@@ -111,7 +111,7 @@ def _tma_mode(tensors: Sequence[torch.Tensor], d_pad: int, mode: int | None = No
         for s in strides[:-1]:
             if (s * size) % 16:
                 return 0
-        for s, n in zip(strides, t.shape, strict=True):
+        for s, n in zip(strides, layout[0], strict=True):
             if s == 0 and n > 1:
                 return 0  # a broadcast (expanded) tensor, e.g. the output gradient of out.sum(): pointer loads
         _TMA_LAYOUTS.add(layout)  # only the base's alignment changes the verdict for this layout now

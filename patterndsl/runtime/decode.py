@@ -414,7 +414,7 @@ def _planned(spec: PatternSpec, pat: int, q: torch.Tensor, k_cache: torch.Tensor
     cfg = _choose(spec, q, step, live, (out, lse), k_cache, v_cache)
     splits, tma = cfg
     descs = ("K_DESC", "V_DESC") if tma and step.boxes is not None else ()
-    args = (*live, *step.fixed, None, None, *(out, lse), None, *step.scalars, splits, step.qk_scale)
+    args = (*live, *step.fixed, None, None, out, lse, None, *step.scalars, splits, step.qk_scale)
     plan = plans.make(_decode_split, (*step.grid, splits), args, {**step.consts, **dict.fromkeys(descs)},
                       (*range(len(live)), *range(len(live) + 4, len(live) + 9), *descs))
     return step, cfg, plan
@@ -437,9 +437,8 @@ def _launch_split(step: _Step, live: tuple[torch.Tensor, ...], outputs: tuple[to
     """One `_decode_split` launch of `step` on the call's tensors (`live`: q, the caches, the page table or
     lengths, the lengths) into outputs = (out, lse): cfg = (splits per row, TMA loads (1, where the cache
     allows descriptors) or pointer loads (0)), with its workspace (none for one split) and an arrival
-    counter per (batch entry, head pack). With the `direct_launch` option, through `plan` where one was made
-    for these (descriptors as it expects: a cache whose alignment no longer allows them launches without);
-    otherwise the plan's keyword arguments would only add to JITFunction.run's binding."""
+    counter per (batch entry, head pack); through `plan` where one was made for these (descriptors as it
+    expects: a cache whose alignment no longer allows them launches without)."""
     splits, tma = cfg
     lse = outputs[1]
     ws_o = ws_l = lse  # unused with one split
@@ -452,7 +451,7 @@ def _launch_split(step: _Step, live: tuple[torch.Tensor, ...], outputs: tuple[to
         consts = {**consts, "K_DESC": made[0], "V_DESC": made[1]}
     grid = step.grid
     with counted(grid[0] * grid[1], lse.device) as counters:
-        if plan is not None and current_options().direct_launch and (made is not None) == ("K_DESC" in plan.live):
+        if plan is not None and (made is not None) == ("K_DESC" in plan.live):
             plan(_decode_split, (*live, ws_o, ws_l, *outputs, counters, *(made or ())))
             return
         _decode_split[(*grid, splits)](*live, *step.fixed, ws_o, ws_l, *outputs, counters, *step.scalars, splits,

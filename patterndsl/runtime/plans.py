@@ -33,11 +33,17 @@ _MAX_PLANS = 256
 class Plan:
     """`fn[grid](**params)` with the entries named in `live` taken from each call. `direct`, once the first
     launch has compiled: the kernel it was bound for, the compiled kernel's launcher, Triton's bound argument
-    list, and where in it the live entries go."""
+    list, and where in it the live entries go. `positional` and `keywords` are `params` as the launch passes
+    them: the kernel's leading parameters in order, the rest by name (live entries left out), and `slots`
+    says where each live entry goes (an index into `positional`, or a name); copying a short list beats
+    rebuilding a dict of every parameter for each `JITFunction.run`."""
 
     grid: tuple[int, ...]
     params: dict[str, Any]
     live: tuple[str, ...]
+    positional: list[Any]
+    keywords: dict[str, Any]
+    slots: tuple[int | str, ...]
     aligned: bool = True
     direct: tuple[Any, Callable[..., None], list[Any], tuple[int, ...]] | None = field(default=None, repr=False)
 
@@ -56,11 +62,19 @@ class Plan:
                 args[i] = t
             runner(*args)
             return
-        params = self.params.copy()
-        params.update(zip(self.live, tensors, strict=True))
-        kernel = fn[self.grid](**params)
+        args = self.positional.copy()
+        named = self.keywords
+        for slot, t in zip(self.slots, tensors, strict=True):
+            if isinstance(slot, int):
+                args[slot] = t
+            else:
+                if named is self.keywords:
+                    named = named.copy()
+                named[slot] = t
+        kernel = fn[self.grid](*args, **named)
         if launcher and direct is None and not _INTERPRET and kernel is not None \
                 and self.aligned == _aligned(tensors):
+            params = {**self.params, **dict(zip(self.live, tensors, strict=True))}
             self.direct = _bind(fn, kernel, self.grid, params, self.live)
 
 
@@ -123,4 +137,10 @@ def make(kernel: Any, grid: tuple[int, ...], args: Sequence[Any], kwargs: dict[s
     names = tuple(n if isinstance(n, str) else kernel.arg_names[n] for n in live)
     aligned = _aligned([params.get(n) for n in names])
     params.update(dict.fromkeys(names))  # a cached plan holds no call's tensors
-    return Plan(grid, params, names, aligned)
+    lead = 0  # the kernel's leading parameters the call gives go positionally
+    while lead < len(kernel.arg_names) and kernel.arg_names[lead] in params:
+        lead += 1
+    order = kernel.arg_names[:lead]
+    keywords = {k: v for k, v in params.items() if k not in order and k not in names}
+    slots = tuple(order.index(n) if n in order else n for n in names)
+    return Plan(grid, params, names, [params[n] for n in order], keywords, slots, aligned)

@@ -190,7 +190,7 @@ def _direct_runs(made: list[Any]) -> None:
 
 
 def _recording(kernel: Any, seen: list[tuple[str, Any, list[Any]]]) -> Any:
-    """A stand-in of `kernel` off the interpreter: `[grid](**params)` appends ("run", the grid as the launcher
+    """A stand-in of `kernel` off the interpreter: `[grid](*args, **params)` appends ("run", the grid as the launcher
     takes it, what Triton's binder makes of params) and returns a compiled kernel whose `[grid](*args)`
     appends ("direct", grid, args)."""
     backend, binder = _binder(kernel)
@@ -204,8 +204,8 @@ def _recording(kernel: Any, seen: list[tuple[str, Any, list[Any]]]) -> Any:
         device_caches = {0: ({}, {}, None, backend, binder)}
 
         def __getitem__(self, grid: Any) -> Any:
-            def run(**params: Any) -> Any:
-                seen.append(("run", (*grid, 1, 1)[:3], list(binder(**params)[0].values())))
+            def run(*args: Any, **params: Any) -> Any:
+                seen.append(("run", (*grid, 1, 1)[:3], list(binder(*args, **params)[0].values())))
                 return Compiled()
 
             return run
