@@ -221,7 +221,7 @@ def test_planned_steps_follow_options_and_lengths(monkeypatch: pytest.MonkeyPatc
     src = PATTERNS[0]
     for splits, lengths, direct in ((1, [37, 20], False), (3, [37, 20], False), (3, [20, 37], False),
                                     (1, [37, 20], False), (3, [37, 20], True), (3, [20, 37], True)):
-        # direct_launch: the plan's launch (under the interpreter, JITFunction.run with the plan's arguments)
+        # direct_launch is part of the key; under the interpreter every plan launch takes JITFunction.run
         _check_step(src, torch.float32, lengths, 1, 1, 2, 2, None, 5, d=16, dv=16, decode_block=16,
                     decode_splits=splits, direct_launch=direct)
     assert sum(1 for key in plans._PLANS if isinstance(key, tuple) and key[0] == "decode") == 3
