@@ -33,10 +33,10 @@ _MAX_PLANS = 256
 class Plan:
     """`fn[grid](**params)` with the entries named in `live` taken from each call. `direct`, once the first
     launch has compiled: the kernel it was bound for, the compiled kernel's launcher, Triton's bound argument
-    list, and where in it the live entries go. `positional` and `keywords` are `params` as the launch passes
-    them: the kernel's leading parameters in order, the rest by name (live entries left out), and `slots`
-    says where each live entry goes (an index into `positional`, or a name); copying a short list beats
-    rebuilding a dict of every parameter for each `JITFunction.run`."""
+    list, and where in it the live entries go. `positional` and `keywords` are `params` as the call site
+    passed them (live entries left out), and `slots` says where each live entry goes (an index into
+    `positional`, or a name): copying the short list beats rebuilding a dict of every parameter and passing
+    them all by name for each `JITFunction.run`."""
 
     grid: tuple[int, ...]
     params: dict[str, Any]
@@ -137,10 +137,6 @@ def make(kernel: Any, grid: tuple[int, ...], args: Sequence[Any], kwargs: dict[s
     names = tuple(n if isinstance(n, str) else kernel.arg_names[n] for n in live)
     aligned = _aligned([params.get(n) for n in names])
     params.update(dict.fromkeys(names))  # a cached plan holds no call's tensors
-    lead = 0  # the kernel's leading parameters the call gives go positionally
-    while lead < len(kernel.arg_names) and kernel.arg_names[lead] in params:
-        lead += 1
-    order = kernel.arg_names[:lead]
-    keywords = {k: v for k, v in params.items() if k not in order and k not in names}
-    slots = tuple(order.index(n) if n in order else n for n in names)
-    return Plan(grid, params, names, [params[n] for n in order], keywords, slots, aligned)
+    positional = [None if i in live else a for i, a in enumerate(args)]  # the call site's own form
+    keywords = {k: v for k, v in kwargs.items() if k not in names}
+    return Plan(grid, params, names, positional, keywords, tuple(live), aligned)
